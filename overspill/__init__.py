@@ -1,0 +1,20 @@
+"""overspill: run Hugging Face causal LMs whose weights do not fit in GPU memory.
+
+`load` is imported lazily so that the pure planning modules (`overspill.spec`,
+`overspill.plan`) stay importable without torch.
+"""
+
+from typing import Any
+
+__all__ = ["load", "OverspillError"]
+__version__ = "0.1.0"
+
+from .errors import OverspillError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from .api import load
+
+        return load
+    raise AttributeError(f"module 'overspill' has no attribute {name!r}")

@@ -1,0 +1,152 @@
+"""`overspill.load`: a placed model and its tokenizer, usable with `generate` and `pipeline` unchanged."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointReader, RandomWeights
+from .errors import OverspillError
+from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize
+from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Workload, greedy_plan
+from .sources import ModelSource, resolve
+from .units import parse_budget
+
+DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+AUTO_MARGIN_BYTES = 1536 * 2**20  # CUDA context, cuBLAS workspaces, allocator fragmentation
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif str(dtype).lower() in DTYPES:
+        return DTYPES[str(dtype).lower()]
+    raise OverspillError(f"unsupported dtype {dtype!r}: use bfloat16, float16 or float32")
+
+
+def resolve_budget(gpu_memory: int | str | None, device: torch.device) -> int | None:
+    """Bytes of device memory the plan may use; None means no limit."""
+    budget = parse_budget(gpu_memory)
+    if budget == "auto":
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free - AUTO_MARGIN_BYTES
+        if budget <= 0:
+            raise OverspillError(f"GPU {device} has almost no free memory; free some or pass --gpu-memory")
+    if budget is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if budget > free:
+            raise OverspillError(
+                f"gpu_memory {budget / 2**30:.1f} GiB is more than the {free / 2**30:.1f} GiB free on {device}; "
+                f"pass a smaller --gpu-memory or 'auto'"
+            )
+    return budget
+
+
+def _load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        if source.config_dict is not None:
+            d = dict(source.config_dict)
+            return AutoConfig.for_model(d.pop("model_type"), **d)
+        return AutoConfig.from_pretrained(str(source.config_dir))
+    except (ValueError, KeyError) as exc:
+        raise OverspillError(f"cannot read the config of {source.name}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_tokenizer(source: ModelSource):
+    if source.config_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.config_dir))
+    except (OSError, ValueError):
+        return None
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    gpu_memory: int | str | None = "auto",
+    dtype: str | torch.dtype = "bfloat16",
+    *,
+    random_weights: bool = False,
+    depth: int = DEFAULT_DEPTH,
+    context: int = DEFAULT_CONTEXT,
+    batch: int = 1,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM with its layers split between GPU memory and pinned host memory.
+
+    Args:
+        model: a checkpoint directory, a Hugging Face id already in the local cache, a .gguf file,
+            a shipped config name (with `random_weights`), or None for the embedded SmolLM2-135M.
+        gpu_memory: device bytes the model may use: "6GiB", "auto" (free memory minus a margin),
+            an int, or None (no limit). Layers that do not fit stream from pinned host memory.
+        dtype: weight and compute dtype.
+        random_weights: build from the config alone with seeded random weights (benchmarks).
+        depth: how many layers ahead the ring copies.
+        context, batch: the workload whose KV cache and activations the budget must leave room for.
+        device: defaults to cuda:0 when CUDA is available, else the CPU (the same ring runs there).
+        seed: seed for random weights.
+        progress: show progress bars.
+
+    Returns:
+        (model, tokenizer): a `transformers` model that `generate` and `pipeline` accept, with the
+        placement at `model.overspill`; tokenizer is None for config-only models.
+    """
+    torch_dtype = parse_dtype(dtype)
+    dev = torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OverspillError("device cuda requested but no CUDA device is available; omit --device to run on CPU")
+    if context < 1 or batch < 1:
+        raise OverspillError(f"context and batch must be positive, got context={context} batch={batch}")
+    budget = resolve_budget(gpu_memory, dev)
+    source = resolve(model, random_weights=random_weights)
+    config = _load_config(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = build_skeleton(config, torch_dtype)
+    _, layers = decoder_layers(skeleton)
+    workload = Workload(context, batch) if dev.type == "cuda" else Workload(context, batch, activation_floor=0)
+    plan = greedy_plan(footprint(skeleton, layers, torch_dtype), budget, workload, depth)
+    if random_weights:
+        weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
+    else:
+        weights = CheckpointReader(source.weights_dir)
+    try:
+        placement = materialize(skeleton, plan, dev, weights, progress=progress)
+    finally:
+        if isinstance(weights, CheckpointReader):
+            weights.close()
+    _attach_generation_config(skeleton, source)
+    skeleton.overspill = placement
+    return skeleton, _load_tokenizer(source)
+
+
+def _attach_generation_config(model: torch.nn.Module, source: ModelSource) -> None:
+    if source.config_dir is None or not (source.config_dir / "generation_config.json").exists():
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(str(source.config_dir))
+
+
+def placement_of(model: torch.nn.Module) -> Placement:
+    """The `Placement` of a model returned by `load`."""
+    placement = getattr(model, "overspill", None)
+    if placement is None:
+        raise OverspillError("this model was not loaded by overspill.load")
+    return placement

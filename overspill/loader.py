@@ -1,0 +1,208 @@
+"""Build a model on the meta device and place each tensor straight into the tier its plan names.
+
+Resident tensors are allocated on the device and filled there; each streamed layer gets one flat
+pinned host buffer filled tensor by tensor, then its module is wrapped in a `StreamedLayer`. Peak
+host memory is the host tier plus one tensor in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointReader, RandomWeights
+from .errors import OverspillError
+from .executor import HostEmbedding, LayerRing, StreamedLayer
+from .layout import LayerLayout, host_bytes
+from .plan import Footprint, Plan, Tier
+from .streams import CudaCopier, HostCopier
+
+
+@dataclass
+class Placement:
+    """What `load` did: the plan, the ring that streams, and where things live. Attached to the model."""
+
+    plan: Plan
+    device: torch.device
+    ring: LayerRing | None
+    layers_path: str
+    host_bytes: int
+
+    def summary(self) -> str:
+        return self.plan.summary()
+
+
+def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The model with parameters on the meta device and real (small) buffers such as rotary tables."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise OverspillError(
+            f"transformers cannot build a causal LM for model_type {getattr(config, 'model_type', '?')!r}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The `ModuleList` of decoder blocks: the one as long as `num_hidden_layers`."""
+    text_config = model.config.get_text_config()
+    n = getattr(text_config, "num_hidden_layers", None)
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n)
+    ]
+    if not found:
+        raise OverspillError(
+            f"unsupported architecture {type(model).__name__}: no ModuleList of {n} decoder layers found; "
+            f"overspill supports decoder-only models whose blocks sit in one ModuleList (Llama, Mistral, Qwen, ...)"
+        )
+    return max(found, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Footprint:
+    """Byte sizes of the built model, for the planner."""
+    cfg = model.config.get_text_config()
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and head is not None
+    layer_bytes = tuple(_layout(layer).nbytes for layer in layers)  # as packed in ring slots
+    embed_bytes = _nbytes(embed.parameters())
+    head_bytes = 0 if tied or head is None else _nbytes(head.parameters())
+    total = _nbytes(model.parameters())
+    other = total - sum(_nbytes(layer.parameters()) for layer in layers) - embed_bytes - (head_bytes if not tied else 0)
+    if tied and head is not None and head.weight is not embed.weight:
+        other -= _nbytes(head.parameters())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    heads = getattr(cfg, "num_attention_heads", 1)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_per_token = 2 * kv_heads * head_dim * itemsize * len(layers)
+    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    act_per_token = (4 * cfg.hidden_size + 3 * inter) * itemsize
+    return Footprint(
+        layer_bytes=layer_bytes,
+        embed_bytes=embed_bytes,
+        head_bytes=head_bytes,
+        other_bytes=max(other, 0) + _nbytes(model.buffers()),
+        tied_embeddings=tied,
+        kv_bytes_per_token=kv_per_token,
+        activation_bytes_per_token=act_per_token,
+        host_embedding_ok=type(embed) is nn.Embedding,
+    )
+
+
+def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _fill_resident(module: nn.Module, prefix: str, source, device: torch.device) -> None:
+    for name, param in list(module.named_parameters(recurse=True)):
+        if param.device.type != "meta":
+            continue
+        value = torch.empty(param.shape, dtype=param.dtype, device=device)
+        source.fill(prefix + name, value)
+        _set_param(module, name, value)
+
+
+def _layout(layer: nn.Module) -> LayerLayout:
+    return LayerLayout.of([(name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters()])
+
+
+def _stream_layer(
+    layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool
+) -> tuple[StreamedLayer, int]:
+    layout = _layout(layer)
+    host = host_bytes(layout.nbytes, pinned)
+    for entry, view in zip(layout.entries, layout.views(host)):
+        source.fill(prefix + entry.name, view)
+    for entry, view in zip(layout.entries, ring.views(layout, 0)):
+        _set_param(layer, entry.name, view)
+    return StreamedLayer(layer, index, host, layout, ring), layout.nbytes
+
+
+def materialize(
+    model: nn.Module, plan: Plan, device: torch.device, source: CheckpointReader | RandomWeights, progress: bool = True
+) -> Placement:
+    """Fill every tensor of the meta `model` into the tier `plan` gives it; returns the `Placement`."""
+    layers_path, layers = decoder_layers(model)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(embed)]
+    on_cuda = device.type == "cuda"
+    if head is not None and _is_tied(model) and isinstance(source, CheckpointReader):
+        head_name = f"{names[id(head)]}.weight"
+        source.aliases.update({f"{embed_name}.weight": head_name, head_name: f"{embed_name}.weight"})
+
+    ring = None
+    if plan.streamed_layers:
+        slot_buffers = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
+        copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()
+        ring = LayerRing(slot_buffers, copier)
+
+    bar = tqdm(total=len(layers) + 2, desc="placing weights", unit="part", disable=not progress)
+    if plan.embed_tier is Tier.HOST:
+        weight = torch.empty(embed.weight.shape, dtype=embed.weight.dtype)
+        source.fill(f"{embed_name}.weight", weight)
+        host = HostEmbedding(weight, device, getattr(embed, "padding_idx", None))
+        model.set_input_embeddings(host)
+    else:
+        _fill_resident(embed, f"{embed_name}.", source, device)
+    bar.update(1)
+
+    host_total = 0
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_path}.{i}."
+        if plan.layer_tiers[i] is Tier.PINNED:
+            wrapped, nbytes = _stream_layer(layer, prefix, i, source, ring, pinned=on_cuda)
+            layers[i] = wrapped
+            host_total += nbytes
+        else:
+            _fill_resident(layer, prefix, source, device)
+        bar.update(1)
+
+    if head is not None and plan.embed_tier is not Tier.HOST and _is_tied(model):
+        head.weight = model.get_input_embeddings().weight
+    _fill_resident_leftovers(model, source, device, skip=layers_path)
+    _buffers_to(model, device)
+    bar.update(1)
+    bar.close()
+    model.requires_grad_(False)
+    return Placement(plan=plan, device=device, ring=ring, layers_path=layers_path, host_bytes=host_total)
+
+
+def _is_tied(model: nn.Module) -> bool:
+    return bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+
+
+def _fill_resident_leftovers(model: nn.Module, source, device: torch.device, skip: str) -> None:
+    """Everything still on meta outside the decoder layers: final norm, lm_head, extra heads."""
+    for name, param in list(model.named_parameters()):
+        if param.device.type == "meta" and not name.startswith(f"{skip}."):
+            value = torch.empty(param.shape, dtype=param.dtype, device=device)
+            source.fill(name, value)
+            _set_param(model, name, value)
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        if isinstance(module, HostEmbedding):
+            continue
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)

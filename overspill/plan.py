@@ -1,0 +1,245 @@
+"""Placement decisions as data: which layers stay on the GPU and which stream from pinned host memory.
+
+Pure Python (no torch): the loader measures a `Footprint`, this module returns a `Plan`, and the
+executor carries it out. Nothing below this module decides placement.
+
+The rule here is greedy and simple; it is written so the cost-model planner can replace
+`greedy_plan` without touching the loader or the executor:
+
+1. Everything resident if it fits (embeddings included).
+2. Else the input embedding moves to host memory (a row lookup per token costs nothing on the
+   link; its table can be ~1 GB for a 128k vocabulary) unless it is tied to the LM head.
+3. Else `depth + 1` ring slots are reserved (the layer computing plus `depth` being copied), and
+   as many decoder layers as fit stay resident: the *last* ones. Streaming the first layers means
+   the copy engine prefetches the next step's first layers while the GPU runs the resident tail,
+   the LM head and sampling, so the link never waits on the CPU between tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+
+from .errors import OverspillError
+from .units import format_bytes
+
+DEFAULT_DEPTH = 2
+DEFAULT_CONTEXT = 4096
+ACTIVATION_FLOOR_BYTES = 128 * 2**20
+
+
+class Tier(str, enum.Enum):
+    """Where a group of weights lives between uses."""
+
+    DEVICE = "device"  # resident in GPU memory
+    PINNED = "pinned"  # page-locked host memory, copied into a GPU ring slot before use
+    HOST = "host"  # host memory used by the host (embedding lookup), only activations cross the link
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Byte sizes the placement needs, measured from the model or computed from its config."""
+
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int
+    head_bytes: int  # 0 when tied to the embedding
+    other_bytes: int  # final norm, rotary tables, small buffers
+    tied_embeddings: bool
+    kv_bytes_per_token: int  # one sequence, all layers
+    activation_bytes_per_token: int  # peak activations per token in flight
+    host_embedding_ok: bool = True  # a plain lookup table (no scaling folded into the module)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the placed model must serve: longest sequence and concurrent sequences.
+
+    `activation_floor` is the least workspace kept free for activations and library workspaces
+    (cuBLAS, attention); the CPU path, which only emulates a GPU budget, sets it to zero.
+    """
+
+    context: int = DEFAULT_CONTEXT
+    batch: int = 1
+    activation_floor: int = ACTIVATION_FLOOR_BYTES
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement: one tier per decoder layer plus the ring that streams the pinned ones."""
+
+    layer_tiers: tuple[Tier, ...]
+    embed_tier: Tier
+    head_tier: Tier
+    depth: int
+    slots: int
+    slot_bytes: int
+    budget_bytes: int | None
+    workspace_bytes: int
+    device_weight_bytes: int
+    streamed_bytes_per_step: int
+    workload: Workload = field(default_factory=Workload)
+
+    @property
+    def streamed_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_tiers) if t is Tier.PINNED)
+
+    @property
+    def resident_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_tiers) if t is Tier.DEVICE)
+
+    @property
+    def device_bytes(self) -> int:
+        """Planned GPU bytes: resident weights, ring slots and the workspace reserve."""
+        return self.device_weight_bytes + self.slots * self.slot_bytes + self.workspace_bytes
+
+    def link_floor_seconds(self, h2d_bytes_per_second: float) -> float:
+        """Lower bound on one decode step: every streamed byte crosses the link once."""
+        return self.streamed_bytes_per_step / h2d_bytes_per_second
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["layer_tiers"] = [t.value for t in self.layer_tiers]
+        d["embed_tier"] = self.embed_tier.value
+        d["head_tier"] = self.head_tier.value
+        return json.dumps(d, indent=2)
+
+    def summary(self) -> str:
+        n = len(self.layer_tiers)
+        streamed = self.streamed_layers
+        lines = [
+            f"layers: {n - len(streamed)}/{n} resident, {len(streamed)} streamed from pinned host memory"
+            + (f" (layers {_ranges(streamed)})" if streamed else ""),
+            f"embeddings: {self.embed_tier.value}, lm_head: {self.head_tier.value}",
+        ]
+        if streamed:
+            lines.append(
+                f"ring: {self.slots} slots x {format_bytes(self.slot_bytes)}, prefetch depth {self.depth}"
+            )
+        lines.append(f"bytes over the link per decode step: {format_bytes(self.streamed_bytes_per_step)}")
+        budget = "unlimited" if self.budget_bytes is None else format_bytes(self.budget_bytes)
+        lines.append(
+            f"device memory planned: {format_bytes(self.device_bytes)} of {budget} "
+            f"(weights {format_bytes(self.device_weight_bytes)}, workspace {format_bytes(self.workspace_bytes)})"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """(0,1,2,5) -> '0-2, 5'."""
+    out: list[str] = []
+    start = prev = None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ", ".join(out)
+
+
+def workspace_bytes(fp: Footprint, workload: Workload) -> int:
+    """GPU bytes kept free for the KV cache and activations of the workload."""
+    kv = fp.kv_bytes_per_token * workload.context * workload.batch
+    act = fp.activation_bytes_per_token * min(workload.context, 2048) * workload.batch
+    return kv + max(act, workload.activation_floor)
+
+
+def greedy_plan(
+    fp: Footprint,
+    budget_bytes: int | None,
+    workload: Workload = Workload(),
+    depth: int = DEFAULT_DEPTH,
+) -> Plan:
+    """Place layers under `budget_bytes` of GPU memory (None: no limit, all resident).
+
+    Raises:
+        OverspillError: if the budget is below the minimum working set; the message gives it.
+    """
+    if depth < 1:
+        raise OverspillError(f"prefetch depth must be at least 1, got {depth}")
+    n = len(fp.layer_bytes)
+    ws = workspace_bytes(fp, workload)
+    head = fp.head_bytes
+    embed = fp.embed_bytes
+    layers_total = sum(fp.layer_bytes)
+
+    def plan(tiers: list[Tier], embed_tier: Tier, slots: int, slot_bytes: int) -> Plan:
+        device_w = head + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
+        if embed_tier is Tier.DEVICE:
+            device_w += embed
+        streamed = sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED)
+        return Plan(
+            layer_tiers=tuple(tiers),
+            embed_tier=embed_tier,
+            head_tier=Tier.DEVICE,
+            depth=depth if slots else 0,
+            slots=slots,
+            slot_bytes=slot_bytes,
+            budget_bytes=budget_bytes,
+            workspace_bytes=ws,
+            device_weight_bytes=device_w,
+            streamed_bytes_per_step=streamed,
+            workload=workload,
+        )
+
+    fixed = head + fp.other_bytes + ws
+    if budget_bytes is None or fixed + embed + layers_total <= budget_bytes:
+        return plan([Tier.DEVICE] * n, Tier.DEVICE, 0, 0)
+
+    embed_on_device = fp.tied_embeddings or not fp.host_embedding_ok
+    embed_tier = Tier.DEVICE if embed_on_device else Tier.HOST
+    if embed_on_device:
+        fixed += embed
+    if fixed + layers_total <= budget_bytes:
+        return plan([Tier.DEVICE] * n, embed_tier, 0, 0)
+
+    slots = min(depth + 1, n)
+    slot_bytes = max(fp.layer_bytes)
+    minimum = fixed + slots * slot_bytes
+    if budget_bytes < minimum:
+        parts = ", ".join(
+            f"{label} {format_bytes(b)}"
+            for label, b in (("lm_head", head), ("embeddings", embed if embed_on_device else 0))
+            if b
+        )
+        raise OverspillError(
+            f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
+            f"{format_bytes(minimum)} ({parts}, {slots} ring slots x {format_bytes(slot_bytes)}, "
+            f"workspace {format_bytes(ws)} for {workload.context} tokens x batch {workload.batch}); "
+            f"raise --gpu-memory to at least {format_bytes(minimum)} or lower --context"
+        )
+    free = budget_bytes - minimum
+    tiers = [Tier.PINNED] * n
+    for i in reversed(range(n)):
+        if fp.layer_bytes[i] > free:
+            break
+        tiers[i] = Tier.DEVICE
+        free -= fp.layer_bytes[i]
+    streamed = tiers.count(Tier.PINNED)
+    slots = min(slots, streamed)
+    slot_bytes = max(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED)
+    return plan(tiers, embed_tier, slots, slot_bytes)
+
+
+def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DEFAULT_DEPTH) -> int:
+    """The smallest budget under which `greedy_plan` keeps exactly `resident` decoder layers on the GPU.
+
+    Used by tests and benchmarks to ask for "k layers resident" instead of a byte count.
+    """
+    n = len(fp.layer_bytes)
+    ws = workspace_bytes(fp, workload)
+    if resident >= n:
+        return fp.head_bytes + fp.other_bytes + ws + fp.embed_bytes + sum(fp.layer_bytes)
+    embed = fp.embed_bytes if (fp.tied_embeddings or not fp.host_embedding_ok) else 0
+    kept = sum(fp.layer_bytes[n - resident :])
+    slots = min(depth + 1, n - resident)
+    slot_bytes = max(fp.layer_bytes[: n - resident])
+    return fp.head_bytes + fp.other_bytes + ws + embed + kept + slots * slot_bytes

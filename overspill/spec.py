@@ -1,0 +1,436 @@
+"""Byte-level shape of a causal LM, computed from its ``config.json`` alone.
+
+Planning (what fits on the GPU, what streams, how big the KV cache gets) must
+happen before any weights or heavy libraries are loaded, so this module is
+pure Python: it must never import torch or transformers, even indirectly.
+
+Byte counts reproduce the parameters transformers 5.x instantiates for the
+supported architectures exactly; other ``model_type`` values fall back to the
+Llama layout and are flagged ``approximate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DTYPE_BYTES",
+    "SUPPORTED_MODEL_TYPES",
+    "LayerSpec",
+    "ModelSpec",
+    "load_config",
+    "spec_from_config",
+]
+
+DTYPE_BYTES: dict[str, int] = {
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+}
+
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp8": "float8_e4m3fn",
+}
+
+_DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"})
+_MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "llama4_text"})
+SUPPORTED_MODEL_TYPES: frozenset[str] = _DENSE | _MOE
+
+_BASE_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_ARCH_REQUIRED: dict[str, tuple[str, ...]] = {
+    "mixtral": ("intermediate_size", "num_local_experts", "num_experts_per_tok"),
+    "qwen2_moe": (
+        "moe_intermediate_size",
+        "num_experts",
+        "num_experts_per_tok",
+        "shared_expert_intermediate_size",
+    ),
+    "qwen3_moe": ("moe_intermediate_size", "num_experts", "num_experts_per_tok"),
+    "llama4_text": ("intermediate_size", "num_local_experts", "num_experts_per_tok"),
+}
+_TIED_BY_DEFAULT = frozenset({"gemma2"})
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Bytes stored and touched by one decoder layer."""
+
+    index: int
+    attention_bytes: int
+    mlp_bytes: int
+    router_bytes: int
+    expert_bytes: int
+    num_experts: int
+    active_experts: int
+    norm_bytes: int
+    kv_bytes_per_token: int
+    sliding_window: int | None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the layer stores, i.e. what streaming it in costs."""
+        return (
+            self.attention_bytes
+            + self.mlp_bytes
+            + self.router_bytes
+            + self.norm_bytes
+            + self.num_experts * self.expert_bytes
+        )
+
+    @property
+    def active_bytes(self) -> int:
+        """Bytes read per token at batch 1: only the routed experts count."""
+        return (
+            self.attention_bytes
+            + self.mlp_bytes
+            + self.router_bytes
+            + self.norm_bytes
+            + self.active_experts * self.expert_bytes
+        )
+
+    def kv_bytes(self, tokens: int, batch: int = 1) -> int:
+        """KV cache bytes for ``batch`` sequences of ``tokens`` tokens."""
+        kept = tokens if self.sliding_window is None else min(tokens, self.sliding_window)
+        return self.kv_bytes_per_token * kept * batch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Byte-level description of a whole causal LM.
+
+    ``head_bytes`` is 0 when the lm_head is tied to the embedding (no extra
+    storage, same convention as ``overspill.plan.Footprint``); the logits then
+    read ``embed_bytes``.
+    """
+
+    model_type: str
+    dtype: str
+    dtype_bytes: int
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layers: tuple[LayerSpec, ...]
+    embed_bytes: int
+    head_bytes: int
+    final_norm_bytes: int
+    tied_embeddings: bool
+    approximate: bool = False
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(layer.total_bytes for layer in self.layers)
+
+    @property
+    def max_layer_bytes(self) -> int:
+        """Largest single layer: the minimum size of a streaming buffer."""
+        return max((layer.total_bytes for layer in self.layers), default=0)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.embed_bytes + self.head_bytes + self.final_norm_bytes + self.layer_bytes
+
+    @property
+    def num_params(self) -> int:
+        return self.total_bytes // self.dtype_bytes
+
+    @property
+    def active_bytes(self) -> int:
+        """Weights read per decoded token at batch 1.
+
+        The embedding lookup reads one row, not the table, so it is left out;
+        a tied head still reads the whole matrix for the logits.
+        """
+        head = self.embed_bytes if self.tied_embeddings else self.head_bytes
+        return sum(layer.active_bytes for layer in self.layers) + head + self.final_norm_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return sum(layer.kv_bytes_per_token for layer in self.layers)
+
+    def kv_bytes(self, tokens: int, batch: int = 1) -> int:
+        """KV cache bytes for ``batch`` sequences of ``tokens`` tokens each.
+
+        Sliding-window and chunked-attention layers keep at most their window.
+        """
+        if tokens < 0 or batch < 0:
+            raise ValueError(f"tokens and batch must be >= 0, got {tokens=}, {batch=}")
+        return sum(layer.kv_bytes(tokens, batch) for layer in self.layers)
+
+
+def load_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """Return a config dict from a dict, a config.json path, a directory
+    holding one, or the name of a config shipped in ``overspill.configs``."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"expected a dict, path or shipped name, got {type(config).__name__}")
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from .configs import SHIPPED, shipped_config, shipped_names
+
+    if isinstance(config, str) and config in SHIPPED:
+        return shipped_config(config)
+    raise ValueError(
+        f"{os.fspath(config)!r} is not a config.json, a directory containing one, "
+        f"or a shipped config name ({', '.join(shipped_names())})"
+    )
+
+
+def spec_from_config(
+    config: Mapping[str, Any] | str | os.PathLike[str], dtype: str | None = None
+) -> ModelSpec:
+    """Build a :class:`ModelSpec` from a Hugging Face config.
+
+    ``dtype`` overrides the config's ``dtype``/``torch_dtype`` (default
+    bfloat16). Unknown keys are ignored; a multimodal config's ``text_config``
+    is used when the top level has no decoder shape.
+    """
+    cfg = _text_config(load_config(config))
+    model_type = str(cfg.get("model_type") or "unknown")
+    approximate = model_type not in SUPPORTED_MODEL_TYPES
+    _require(cfg, model_type, _BASE_REQUIRED + _ARCH_REQUIRED.get(model_type, ("intermediate_size",)))
+
+    dtype_name = _dtype_name(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    nbytes = DTYPE_BYTES[dtype_name]
+    hidden = int(cfg["hidden_size"])
+    num_layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(_get(cfg, "num_key_value_heads", heads))
+    head_dim = int(_get(cfg, "head_dim", hidden // heads))
+    vocab = int(cfg["vocab_size"])
+
+    attention = _attention_params(cfg, model_type, hidden, heads, kv_heads, head_dim)
+    norms = _norm_params(model_type, hidden, head_dim)
+    ffns = _ffn_params(cfg, model_type, hidden, num_layers)
+    windows = _windows(cfg, model_type, num_layers)
+    kv_per_token = 2 * kv_heads * head_dim * nbytes
+
+    layers = tuple(
+        LayerSpec(
+            index=i,
+            attention_bytes=attention * nbytes,
+            mlp_bytes=ffn.mlp * nbytes,
+            router_bytes=ffn.router * nbytes,
+            expert_bytes=ffn.expert * nbytes,
+            num_experts=ffn.num_experts,
+            active_experts=ffn.active_experts,
+            norm_bytes=norms * nbytes,
+            kv_bytes_per_token=kv_per_token,
+            sliding_window=windows[i],
+        )
+        for i, ffn in enumerate(ffns)
+    )
+    tied = bool(_get(cfg, "tie_word_embeddings", model_type in _TIED_BY_DEFAULT))
+    return ModelSpec(
+        model_type=model_type,
+        dtype=dtype_name,
+        dtype_bytes=nbytes,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        num_layers=num_layers,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        layers=layers,
+        embed_bytes=vocab * hidden * nbytes,
+        head_bytes=0 if tied else vocab * hidden * nbytes,
+        final_norm_bytes=hidden * nbytes,
+        tied_embeddings=tied,
+        approximate=approximate,
+    )
+
+
+@dataclass(frozen=True)
+class _Ffn:
+    """Parameter counts (not bytes) of one layer's feed-forward block."""
+
+    mlp: int
+    router: int = 0
+    expert: int = 0
+    num_experts: int = 0
+    active_experts: int = 0
+
+
+def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Unwrap ``text_config`` of multimodal wrappers (e.g. ``llama4``)."""
+    text = cfg.get("text_config")
+    if "num_hidden_layers" in cfg or not isinstance(text, Mapping):
+        return cfg
+    merged = dict(text)
+    for key in ("tie_word_embeddings", "dtype", "torch_dtype"):
+        if merged.get(key) is None and cfg.get(key) is not None:
+            merged[key] = cfg[key]
+    return merged
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``cfg[key]``, treating an explicit ``null`` as absent like transformers does."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
+def _require(cfg: Mapping[str, Any], model_type: str, keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if cfg.get(key) is None]
+    if missing:
+        raise ValueError(f"{model_type} config is missing required keys: {', '.join(missing)}")
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unsupported dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    return name
+
+
+def _attention_params(
+    cfg: Mapping[str, Any], model_type: str, hidden: int, heads: int, kv_heads: int, head_dim: int
+) -> int:
+    """q, k, v, o projections (phi3's fused qkv_proj has the same size)."""
+    if model_type == "qwen2":
+        qkv_bias, o_bias = True, False
+    elif model_type == "qwen2_moe":
+        qkv_bias, o_bias = bool(_get(cfg, "qkv_bias", True)), False
+    elif model_type in ("mistral", "mixtral", "phi3"):
+        qkv_bias, o_bias = False, False
+    else:
+        qkv_bias = o_bias = bool(_get(cfg, "attention_bias", False))
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    params = hidden * (q_out + 2 * kv_out) + q_out * hidden
+    if qkv_bias:
+        params += q_out + 2 * kv_out
+    if o_bias:
+        params += hidden
+    return params
+
+
+def _norm_params(model_type: str, hidden: int, head_dim: int) -> int:
+    if model_type == "gemma2":
+        return 4 * hidden
+    if model_type in ("qwen3", "qwen3_moe"):
+        return 2 * hidden + 2 * head_dim
+    return 2 * hidden
+
+
+def _gated_mlp(hidden: int, intermediate: int, bias: bool = False) -> int:
+    """gate, up and down projections (phi3's fused gate_up_proj: same size)."""
+    params = 3 * hidden * intermediate
+    return params + 2 * intermediate + hidden if bias else params
+
+
+def _ffn_params(cfg: Mapping[str, Any], model_type: str, hidden: int, num_layers: int) -> list[_Ffn]:
+    if model_type == "mixtral":
+        experts = int(cfg["num_local_experts"])
+        routed = _Ffn(
+            mlp=0,
+            router=experts * hidden,
+            expert=_gated_mlp(hidden, int(cfg["intermediate_size"])),
+            num_experts=experts,
+            active_experts=int(cfg["num_experts_per_tok"]),
+        )
+        return [routed] * num_layers
+
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        experts = int(cfg["num_experts"])
+        step = int(_get(cfg, "decoder_sparse_step", 1))
+        dense_only = set(_get(cfg, "mlp_only_layers", []))
+        sparse = [
+            i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
+        ]
+        shared = (
+            _gated_mlp(hidden, int(cfg["shared_expert_intermediate_size"]))
+            if model_type == "qwen2_moe"
+            else 0
+        )
+        routed = _Ffn(
+            mlp=shared,
+            router=experts * hidden + (hidden if model_type == "qwen2_moe" else 0),
+            expert=_gated_mlp(hidden, int(cfg["moe_intermediate_size"])),
+            num_experts=experts,
+            active_experts=int(cfg["num_experts_per_tok"]),
+        )
+        if not all(sparse):
+            _require(cfg, model_type, ("intermediate_size",))
+        dense = _Ffn(mlp=_gated_mlp(hidden, int(_get(cfg, "intermediate_size", 0))))
+        return [routed if s else dense for s in sparse]
+
+    if model_type == "llama4_text":
+        step = int(_get(cfg, "interleave_moe_layer_step", 1))
+        moe_layers = set(_get(cfg, "moe_layers", range(step - 1, num_layers, step)))
+        experts = int(cfg["num_local_experts"])
+        expert = _gated_mlp(hidden, int(cfg["intermediate_size"]))
+        routed = _Ffn(
+            mlp=expert,
+            router=experts * hidden,
+            expert=expert,
+            num_experts=experts,
+            active_experts=int(cfg["num_experts_per_tok"]),
+        )
+        if len(moe_layers & set(range(num_layers))) < num_layers:
+            _require(cfg, model_type, ("intermediate_size_mlp",))
+        dense = _Ffn(mlp=_gated_mlp(hidden, int(_get(cfg, "intermediate_size_mlp", 0))))
+        return [routed if i in moe_layers else dense for i in range(num_layers)]
+
+    honors_mlp_bias = model_type == "llama" or model_type not in SUPPORTED_MODEL_TYPES
+    mlp_bias = honors_mlp_bias and bool(_get(cfg, "mlp_bias", False))
+    return [_Ffn(mlp=_gated_mlp(hidden, int(cfg["intermediate_size"]), mlp_bias))] * num_layers
+
+
+def _windows(cfg: Mapping[str, Any], model_type: str, num_layers: int) -> list[int | None]:
+    """Tokens of KV each layer keeps (None: all), mirroring transformers' layer_types."""
+    sliding = cfg.get("sliding_window")
+    chunk = cfg.get("attention_chunk_size")
+    per_type = {"sliding_attention": sliding, "chunked_attention": chunk}
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == num_layers:
+        return [per_type.get(t) for t in layer_types]
+
+    use_sliding = bool(_get(cfg, "use_sliding_window", False))
+    max_window_layers = int(_get(cfg, "max_window_layers", 28))
+    if model_type == "llama":
+        return [None] * num_layers
+    if model_type in ("qwen2", "qwen3"):
+        on = use_sliding and sliding is not None
+        return [sliding if on and i >= max_window_layers else None for i in range(num_layers)]
+    if model_type == "qwen2_moe":
+        on = use_sliding and sliding is not None
+        return [
+            sliding if on and (i + 1) % 2 and i < max_window_layers else None
+            for i in range(num_layers)
+        ]
+    if model_type == "qwen3_moe":
+        return [sliding if use_sliding else None] * num_layers
+    if model_type == "gemma2":
+        pattern = int(_get(cfg, "sliding_window_pattern", 2))
+        window = cfg.get("sliding_window", 4096)
+        return [window if (i + 1) % pattern else None for i in range(num_layers)]
+    if model_type == "llama4_text":
+        interval = int(_get(cfg, "no_rope_layer_interval", 4))
+        rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+        return [chunk if rope[i] else None for i in range(num_layers)]
+    if cfg.get("use_sliding_window") is False:
+        return [None] * num_layers
+    return [sliding] * num_layers
