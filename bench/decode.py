@@ -1,0 +1,252 @@
+"""Batch-1 decode speed: overspill vs accelerate device_map vs the link floor vs fully resident.
+
+One invocation runs the whole matrix (each case in its own process so GPU memory starts clean) and
+writes JSON + PNG under bench/results/. All cases use the same seeded random weights, so the
+generated tokens must agree; the JSON records whether they do.
+
+    python bench/decode.py --model llama-3-8b --budgets 6GiB 12GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _prompt(vocab: int, length: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (1, length), generator=gen)
+
+
+def _decode(model, ids, new_tokens: int) -> dict:
+    """Warm up, then time greedy generation token by token (prefill timed separately)."""
+    import torch
+
+    from overspill.run import TimingStreamer, timed_generate
+
+    mask = torch.ones_like(ids)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    streamer = TimingStreamer(None)
+    timing = timed_generate(model, ids, new_tokens, streamer, attention_mask=mask, pad_token_id=0)
+    return {
+        "new_tokens": timing.new_tokens,
+        "prefill_s": timing.prefill_seconds,
+        "decode_tok_s": timing.decode_tokens_per_second,
+        "tokens": streamer.tokens,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+    }
+
+
+def worker_overspill(args) -> dict:
+    import overspill
+    from overspill.api import placement_of
+
+    budget = None if args.budget == "none" else args.budget
+    model, _ = overspill.load(args.model, gpu_memory=budget, random_weights=True, depth=args.depth,
+                              context=args.context, progress=False)
+    plan = placement_of(model).plan
+    ids = _prompt(model.config.vocab_size, args.prompt_len).cuda()
+    out = _decode(model, ids, args.new_tokens)
+    out.update(
+        resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers),
+        streamed_bytes_per_token=plan.streamed_bytes_per_step, plan=json.loads(plan.to_json()),
+        ring_restarts=placement_of(model).ring.restarts if placement_of(model).ring else 0,
+    )
+    return out
+
+
+def worker_accelerate(args) -> dict:
+    """accelerate's big-model inference: weights on CPU (pageable), hooks copy each layer per forward."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from overspill.checkpoint import RandomWeights
+    from overspill.configs import shipped_config
+
+    d = dict(shipped_config(args.model))
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    source = RandomWeights(0, getattr(config, "initializer_range", 0.02), device=torch.device("cuda"))
+    for name, param in list(model.named_parameters()):
+        value = torch.empty(param.shape, dtype=param.dtype)
+        source.fill(name, value)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    model.eval()
+    device_map = infer_auto_device_map(
+        model, max_memory={0: args.budget, "cpu": "120GiB"}, no_split_module_classes=model._no_split_modules
+    )
+    model = dispatch_model(model, device_map=device_map)
+    ids = _prompt(config.vocab_size, args.prompt_len).cuda()
+    out = _decode(model, ids, args.accelerate_tokens)
+    out["gpu_layers"] = sum(1 for k, v in device_map.items() if ".layers." in k and v == 0)
+    out["device_map_cpu_entries"] = sum(1 for v in device_map.values() if v == "cpu")
+    return out
+
+
+def worker_bandwidth(args) -> dict:
+    import torch
+
+    from overspill.hardware import machine_facts, measure_h2d
+
+    dev = torch.device("cuda")
+    return {
+        "pinned_h2d_bytes_s": measure_h2d(dev, pinned=True),
+        "pageable_h2d_bytes_s": measure_h2d(dev, iters=3, pinned=False),
+        "machine": machine_facts(),
+    }
+
+
+WORKERS = {"overspill": worker_overspill, "accelerate": worker_accelerate, "bandwidth": worker_bandwidth}
+
+
+def run_case(kind: str, args, budget: str, log) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--budget", budget] + _common(args)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log.write(proc.stderr[-4000:])
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"  {kind} {budget}: FAILED (rc={proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
+        return {"kind": kind, "budget": budget, "error": proc.stderr[-2000:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result.update(kind=kind, budget=budget, wall_s=time.time() - t0)
+    print(f"  {kind:10s} {budget:6s} decode {result.get('decode_tok_s', 0):7.2f} tok/s", flush=True)
+    return result
+
+
+def _common(args) -> list[str]:
+    return ["--model", args.model, "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
+            "--depth", str(args.depth), "--context", str(args.context), "--accelerate-tokens", str(args.accelerate_tokens)]
+
+
+def _git_commit() -> str | None:
+    if os.environ.get("OVERSPILL_GIT_COMMIT"):
+        return os.environ["OVERSPILL_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def summarize(results: list[dict], bw: dict) -> list[dict]:
+    """One row per budget: the ratios the issue asks for, all from this run."""
+    resident = next((r for r in results if r["kind"] == "overspill" and r["budget"] == "none"), None)
+    rows = []
+    for r in results:
+        if r["kind"] != "overspill" or r["budget"] == "none" or "error" in r:
+            continue
+        acc = next((a for a in results if a["kind"] == "accelerate" and a["budget"] == r["budget"]), None)
+        floor = bw["pinned_h2d_bytes_s"] / r["streamed_bytes_per_token"] if r["streamed_bytes_per_token"] else None
+        row = {
+            "budget": r["budget"],
+            "resident_layers": r["resident_layers"],
+            "streamed_layers": r["streamed_layers"],
+            "overspill_tok_s": r["decode_tok_s"],
+            "link_floor_tok_s": floor,
+            "fraction_of_link_floor": r["decode_tok_s"] / floor if floor else None,
+            "achieved_link_GB_s": r["decode_tok_s"] * r["streamed_bytes_per_token"] / 1e9,
+        }
+        if acc and "error" not in acc:
+            row["accelerate_tok_s"] = acc["decode_tok_s"]
+            row["speedup_vs_accelerate"] = r["decode_tok_s"] / acc["decode_tok_s"]
+            n = min(len(acc["tokens"]), len(r["tokens"]))
+            row["tokens_match_accelerate"] = acc["tokens"][:n] == r["tokens"][:n]
+        if resident and "error" not in resident:
+            row["resident_tok_s"] = resident["decode_tok_s"]
+            row["fraction_of_resident"] = r["decode_tok_s"] / resident["decode_tok_s"]
+            row["tokens_match_resident"] = resident["tokens"] == r["tokens"]
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("accelerate_tok_s", "accelerate device_map"), ("overspill_tok_s", "overspill"),
+              ("link_floor_tok_s", "link floor"), ("resident_tok_s", "fully resident")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        xs = [i + j * width for i in range(len(rows))]
+        ys = [r.get(key) or 0 for r in rows]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f"{r['budget']}\n{r['resident_layers']} resident / {r['streamed_layers']} streamed" for r in rows])
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", help="shipped config name (random weights)")
+    p.add_argument("--budgets", nargs="+", default=["6GiB", "12GiB"], help="GPU budgets to compare")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens timed per overspill/resident case")
+    p.add_argument("--accelerate-tokens", type=int, default=8, help="tokens timed for accelerate (it is slow)")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--skip-accelerate", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--budget", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        return
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = open(out / f"decode-{args.model}-{stamp}.log", "w")
+    print("measuring link bandwidth", flush=True)
+    bw = run_case("bandwidth", args, "none", log)
+    results = [run_case("overspill", args, "none", log)]
+    for budget in args.budgets:
+        results.append(run_case("overspill", args, budget, log))
+        if not args.skip_accelerate:
+            results.append(run_case("accelerate", args, budget, log))
+    rows = summarize(results, bw)
+    record = {
+        "benchmark": "decode",
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "git_commit": _git_commit(),
+        "time": stamp,
+        "machine": bw.get("machine"),
+        "pinned_h2d_GB_s": bw.get("pinned_h2d_bytes_s", 0) / 1e9,
+        "pageable_h2d_GB_s": bw.get("pageable_h2d_bytes_s", 0) / 1e9,
+        "model": args.model,
+        "summary": rows,
+        "cases": results,
+    }
+    stem = out / f"decode-{args.model}-{stamp}"
+    Path(f"{stem}.json").write_text(json.dumps(record, indent=2))
+    plot(rows, Path(f"{stem}.png"), f"{args.model} bf16 batch-1 decode, pinned H2D {record['pinned_h2d_GB_s']:.1f} GB/s")
+    print(json.dumps(rows, indent=2))
+    print(f"wrote {stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
