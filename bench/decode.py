@@ -54,6 +54,8 @@ def worker_overspill(args) -> dict:
     from overspill.api import placement_of
 
     budget = None if args.budget == "none" else args.budget
+    if args.budget.startswith("stream:"):
+        budget = _budget_streaming(args, int(args.budget.split(":")[1]))
     model, _ = overspill.load(args.model, gpu_memory=budget, random_weights=True, depth=args.depth,
                               context=args.context, progress=False)
     plan = placement_of(model).plan
@@ -65,6 +67,21 @@ def worker_overspill(args) -> dict:
         ring_restarts=placement_of(model).ring.restarts if placement_of(model).ring else 0,
     )
     return out
+
+
+def _budget_streaming(args, streamed: int) -> int:
+    """The budget under which the plan streams exactly `streamed` layers."""
+    import torch
+    from transformers import AutoConfig
+
+    from overspill.configs import shipped_config
+    from overspill.loader import build_skeleton, decoder_layers, footprint
+    from overspill.plan import Workload, budget_for
+
+    d = dict(shipped_config(args.model))
+    skeleton = build_skeleton(AutoConfig.for_model(d.pop("model_type"), **d), torch.bfloat16)
+    layers = decoder_layers(skeleton)[1]
+    return budget_for(footprint(skeleton, layers, torch.bfloat16), Workload(args.context, 1), len(layers) - streamed, args.depth)
 
 
 def worker_accelerate(args) -> dict:
@@ -174,6 +191,20 @@ def summarize(results: list[dict], bw: dict) -> list[dict]:
     return rows
 
 
+def free_streaming(sweep: list[dict], resident: dict, bw: dict) -> dict:
+    """Streamed-layer counts whose decode stays within 3% of fully resident."""
+    if "error" in resident:
+        return {}
+    points = [
+        {"streamed_layers": r["streamed_layers"], "tok_s": r["decode_tok_s"],
+         "fraction_of_resident": r["decode_tok_s"] / resident["decode_tok_s"],
+         "link_floor_tok_s": bw["pinned_h2d_bytes_s"] / r["streamed_bytes_per_token"] if r["streamed_bytes_per_token"] else None}
+        for r in sweep if "error" not in r
+    ]
+    free = [p["streamed_layers"] for p in points if p["fraction_of_resident"] >= 0.97]
+    return {"resident_tok_s": resident["decode_tok_s"], "points": points, "max_free_streamed_layers": max(free, default=0)}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -208,6 +239,8 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--skip-accelerate", action="store_true")
+    p.add_argument("--free-sweep", nargs="*", type=int, default=[],
+                   help="also time plans streaming exactly these numbers of layers, to find how many stream at no cost")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
@@ -228,6 +261,7 @@ def main() -> None:
         results.append(run_case("overspill", args, budget, log))
         if not args.skip_accelerate:
             results.append(run_case("accelerate", args, budget, log))
+    sweep = [run_case("overspill", args, f"stream:{s}", log) for s in args.free_sweep]
     rows = summarize(results, bw)
     record = {
         "benchmark": "decode",
@@ -239,6 +273,7 @@ def main() -> None:
         "pageable_h2d_GB_s": bw.get("pageable_h2d_bytes_s", 0) / 1e9,
         "model": args.model,
         "summary": rows,
+        "free_streaming": free_streaming(sweep, results[0], bw),
         "cases": results,
     }
     stem = out / f"decode-{args.model}-{stamp}"
