@@ -28,23 +28,33 @@ def _prompt(vocab: int, length: int):
     return torch.randint(0, vocab, (1, length), generator=gen)
 
 
-def _decode(model, ids, new_tokens: int) -> dict:
-    """Warm up, then time greedy generation token by token (prefill timed separately)."""
+def _decode(model, ids, new_tokens: int, repeats: int) -> dict:
+    """Warm up, then time greedy generation `repeats` times; decode speed is the median run's.
+
+    Prefill is timed separately (time to the first new token). In the CPU-bound regime single runs
+    vary by tens of percent, hence the repeats.
+    """
+    import statistics
+
     import torch
 
     from overspill.run import TimingStreamer, timed_generate
 
     mask = torch.ones_like(ids)
-    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    streamer = TimingStreamer(None)
-    timing = timed_generate(model, ids, new_tokens, streamer, attention_mask=mask, pad_token_id=0)
+    runs, tokens = [], None
+    for _ in range(repeats):
+        streamer = TimingStreamer(None)
+        runs.append(timed_generate(model, ids, new_tokens, streamer, attention_mask=mask, pad_token_id=0))
+        tokens = tokens or streamer.tokens
     return {
-        "new_tokens": timing.new_tokens,
-        "prefill_s": timing.prefill_seconds,
-        "decode_tok_s": timing.decode_tokens_per_second,
-        "tokens": streamer.tokens,
+        "new_tokens": runs[0].new_tokens,
+        "prefill_s": statistics.median(r.prefill_seconds for r in runs),
+        "decode_tok_s": statistics.median(r.decode_tokens_per_second for r in runs),
+        "decode_tok_s_runs": [r.decode_tokens_per_second for r in runs],
+        "tokens": tokens,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
     }
 
@@ -54,13 +64,12 @@ def worker_overspill(args) -> dict:
     from overspill.api import placement_of
 
     budget = None if args.budget == "none" else args.budget
-    if args.budget.startswith("stream:"):
-        budget = _budget_streaming(args, int(args.budget.split(":")[1]))
-    model, _ = overspill.load(args.model, gpu_memory=budget, random_weights=True, depth=args.depth,
-                              context=args.context, progress=False)
+    plan = _plan_streaming(args, int(args.budget.split(":")[1])) if args.budget.startswith("stream:") else None
+    model, _ = overspill.load(args.model, gpu_memory=budget if plan is None else None, random_weights=True,
+                              depth=args.depth, context=args.context, progress=False, plan=plan)
     plan = placement_of(model).plan
     ids = _prompt(model.config.vocab_size, args.prompt_len).cuda()
-    out = _decode(model, ids, args.new_tokens)
+    out = _decode(model, ids, args.new_tokens, args.repeats)
     out.update(
         resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers),
         streamed_bytes_per_token=plan.streamed_bytes_per_step, plan=json.loads(plan.to_json()),
@@ -69,19 +78,20 @@ def worker_overspill(args) -> dict:
     return out
 
 
-def _budget_streaming(args, streamed: int) -> int:
-    """The budget under which the plan streams exactly `streamed` layers."""
+def _plan_streaming(args, streamed: int):
+    """A plan streaming exactly the first `streamed` layers (the greedy rule never streams fewer
+    layers than it has ring slots; the free-streaming sweep needs those counts too)."""
     import torch
     from transformers import AutoConfig
 
     from overspill.configs import shipped_config
     from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, budget_for
+    from overspill.plan import Workload, streaming_plan
 
     d = dict(shipped_config(args.model))
     skeleton = build_skeleton(AutoConfig.for_model(d.pop("model_type"), **d), torch.bfloat16)
-    layers = decoder_layers(skeleton)[1]
-    return budget_for(footprint(skeleton, layers, torch.bfloat16), Workload(args.context, 1), len(layers) - streamed, args.depth)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
+    return streaming_plan(fp, Workload(args.context, 1), streamed, args.depth)
 
 
 def worker_accelerate(args) -> dict:
@@ -109,7 +119,7 @@ def worker_accelerate(args) -> dict:
     )
     model = dispatch_model(model, device_map=device_map)
     ids = _prompt(config.vocab_size, args.prompt_len).cuda()
-    out = _decode(model, ids, args.accelerate_tokens)
+    out = _decode(model, ids, args.accelerate_tokens, 1)
     out["gpu_layers"] = sum(1 for k, v in device_map.items() if ".layers." in k and v == 0)
     out["device_map_cpu_entries"] = sum(1 for v in device_map.values() if v == "cpu")
     return out
@@ -148,7 +158,7 @@ def run_case(kind: str, args, budget: str, log) -> dict:
 
 def _common(args) -> list[str]:
     return ["--model", args.model, "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
-            "--depth", str(args.depth), "--context", str(args.context), "--accelerate-tokens", str(args.accelerate_tokens)]
+            "--depth", str(args.depth), "--repeats", str(args.repeats), "--context", str(args.context), "--accelerate-tokens", str(args.accelerate_tokens)]
 
 
 def _git_commit() -> str | None:
@@ -236,6 +246,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens timed per overspill/resident case")
     p.add_argument("--accelerate-tokens", type=int, default=8, help="tokens timed for accelerate (it is slow)")
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per overspill case; the median is reported")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--skip-accelerate", action="store_true")

@@ -11,7 +11,7 @@ import torch
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
 from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize
-from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Workload, greedy_plan
+from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, greedy_plan
 from .sources import ModelSource, resolve
 from .units import parse_budget
 
@@ -64,15 +64,20 @@ def _load_config(source: ModelSource) -> Any:
         raise OverspillError(f"cannot read the config of {source.name}: {str(exc).splitlines()[0]}") from None
 
 
-def _load_tokenizer(source: ModelSource):
+def _load_tokenizer(source: ModelSource, vocab_size: int | None):
+    """The checkpoint's tokenizer, or None when it has none (transformers may then build an
+    empty one from special tokens alone; such a tokenizer is discarded)."""
     if source.config_dir is None:
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source.config_dir))
-    except (OSError, ValueError):
+        tok = AutoTokenizer.from_pretrained(str(source.config_dir))
+    except (OSError, ValueError, TypeError):
         return None
+    if vocab_size and len(tok) < min(vocab_size, 1000) // 2:
+        return None
+    return tok
 
 
 def load(
@@ -88,6 +93,7 @@ def load(
     seed: int = 0,
     progress: bool = True,
     cudnn_sdpa: bool = False,
+    plan: Plan | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -107,6 +113,8 @@ def load(
             process-wide: on the lent H100 it blocks the host ~1 ms per call at decode, which
             delays the ring's copies (copy engine 91% busy instead of 99.98%) and halves resident
             decode speed; flash / memory-efficient SDPA kernels are used instead.
+        plan: a placement to use instead of the greedy rule (e.g. from `streaming_plan`); it must
+            have one tier per decoder layer. `gpu_memory` is then not consulted.
 
     Returns:
         (model, tokenizer): a `transformers` model that `generate` and `pipeline` accept, with the
@@ -128,7 +136,10 @@ def load(
         skeleton = build_skeleton(config, torch_dtype)
     _, layers = decoder_layers(skeleton)
     workload = Workload(context, batch) if dev.type == "cuda" else Workload(context, batch, activation_floor=0)
-    plan = greedy_plan(footprint(skeleton, layers, torch_dtype), budget, workload, depth)
+    if plan is None:
+        plan = greedy_plan(footprint(skeleton, layers, torch_dtype), budget, workload, depth)
+    elif len(plan.layer_tiers) != len(layers):
+        raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -140,7 +151,7 @@ def load(
             weights.close()
     _attach_generation_config(skeleton, source)
     skeleton.overspill = placement
-    return skeleton, _load_tokenizer(source)
+    return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 
 def _attach_generation_config(model: torch.nn.Module, source: ModelSource) -> None:

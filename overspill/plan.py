@@ -152,6 +152,50 @@ def workspace_bytes(fp: Footprint, workload: Workload) -> int:
     return kv + max(act, workload.activation_floor)
 
 
+def _embed_on_device(fp: Footprint) -> bool:
+    return fp.tied_embeddings or not fp.host_embedding_ok
+
+
+def _make_plan(
+    fp: Footprint, tiers: list[Tier], embed_tier: Tier, depth: int, budget: int | None, workload: Workload
+) -> Plan:
+    """Fill in the ring and byte counts implied by a choice of tiers."""
+    streamed = [b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED]
+    slots = min(depth + 1, len(streamed))
+    device_w = fp.head_bytes + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
+    if embed_tier is Tier.DEVICE:
+        device_w += fp.embed_bytes
+    return Plan(
+        layer_tiers=tuple(tiers),
+        embed_tier=embed_tier,
+        head_tier=Tier.DEVICE,
+        depth=depth if streamed else 0,
+        slots=slots,
+        slot_bytes=max(streamed, default=0),
+        budget_bytes=budget,
+        workspace_bytes=workspace_bytes(fp, workload),
+        device_weight_bytes=device_w,
+        streamed_bytes_per_step=sum(streamed),
+        workload=workload,
+    )
+
+
+def streaming_plan(
+    fp: Footprint, workload: Workload, streamed: int, depth: int = DEFAULT_DEPTH, budget: int | None = None
+) -> Plan:
+    """The plan that streams exactly the first `streamed` layers and keeps the rest resident.
+
+    `greedy_plan` picks among these; benchmarks use it directly to time a given number of streamed
+    layers (also counts the greedy rule never picks, such as fewer layers than ring slots).
+    """
+    n = len(fp.layer_bytes)
+    if not 0 <= streamed <= n:
+        raise OverspillError(f"cannot stream {streamed} of {n} layers")
+    tiers = [Tier.PINNED] * streamed + [Tier.DEVICE] * (n - streamed)
+    embed_tier = Tier.DEVICE if streamed == 0 or _embed_on_device(fp) else Tier.HOST
+    return _make_plan(fp, tiers, embed_tier, depth, budget, workload)
+
+
 def greedy_plan(
     fp: Footprint,
     budget_bytes: int | None,
@@ -166,80 +210,47 @@ def greedy_plan(
     if depth < 1:
         raise OverspillError(f"prefetch depth must be at least 1, got {depth}")
     n = len(fp.layer_bytes)
-    ws = workspace_bytes(fp, workload)
-    head = fp.head_bytes
-    embed = fp.embed_bytes
-    layers_total = sum(fp.layer_bytes)
-
-    def plan(tiers: list[Tier], embed_tier: Tier, slots: int, slot_bytes: int) -> Plan:
-        device_w = head + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
-        if embed_tier is Tier.DEVICE:
-            device_w += embed
-        streamed = sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED)
-        return Plan(
-            layer_tiers=tuple(tiers),
-            embed_tier=embed_tier,
-            head_tier=Tier.DEVICE,
-            depth=depth if slots else 0,
-            slots=slots,
-            slot_bytes=slot_bytes,
-            budget_bytes=budget_bytes,
-            workspace_bytes=ws,
-            device_weight_bytes=device_w,
-            streamed_bytes_per_step=streamed,
-            workload=workload,
-        )
-
-    fixed = head + fp.other_bytes + ws
-    if budget_bytes is None or fixed + embed + layers_total <= budget_bytes:
-        return plan([Tier.DEVICE] * n, Tier.DEVICE, 0, 0)
-
-    embed_on_device = fp.tied_embeddings or not fp.host_embedding_ok
-    embed_tier = Tier.DEVICE if embed_on_device else Tier.HOST
-    if embed_on_device:
-        fixed += embed
-    if fixed + layers_total <= budget_bytes:
-        return plan([Tier.DEVICE] * n, embed_tier, 0, 0)
-
-    slots = min(depth + 1, n)
-    slot_bytes = max(fp.layer_bytes)
-    minimum = fixed + slots * slot_bytes
-    if budget_bytes < minimum:
-        parts = ", ".join(
-            f"{label} {format_bytes(b)}"
-            for label, b in (("lm_head", head), ("embeddings", embed if embed_on_device else 0))
-            if b
-        )
-        raise OverspillError(
-            f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
-            f"{format_bytes(minimum)} ({parts}, {slots} ring slots x {format_bytes(slot_bytes)}, "
-            f"workspace {format_bytes(ws)} for {workload.context} tokens x batch {workload.batch}); "
-            f"raise --gpu-memory to at least {format_bytes(minimum)} or lower --context"
-        )
-    free = budget_bytes - minimum
-    tiers = [Tier.PINNED] * n
-    for i in reversed(range(n)):
-        if fp.layer_bytes[i] > free:
-            break
-        tiers[i] = Tier.DEVICE
-        free -= fp.layer_bytes[i]
-    streamed = tiers.count(Tier.PINNED)
-    slots = min(slots, streamed)
-    slot_bytes = max(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED)
-    return plan(tiers, embed_tier, slots, slot_bytes)
+    all_device = [Tier.DEVICE] * n
+    full = _make_plan(fp, all_device, Tier.DEVICE, depth, budget_bytes, workload)
+    if budget_bytes is None or full.device_bytes <= budget_bytes:
+        return full
+    if not _embed_on_device(fp):
+        host_embed = _make_plan(fp, all_device, Tier.HOST, depth, budget_bytes, workload)
+        if host_embed.device_bytes <= budget_bytes:
+            return host_embed
+    # Stream the fewest leading layers that fit; ring slots are sized by the largest streamed layer.
+    for streamed in range(1, n + 1):
+        candidate = streaming_plan(fp, workload, streamed, depth, budget_bytes)
+        if candidate.device_bytes <= budget_bytes:
+            return candidate
+    minimum = streaming_plan(fp, workload, n, depth, budget_bytes)
+    parts = ", ".join(
+        f"{label} {format_bytes(b)}"
+        for label, b in (("lm_head", fp.head_bytes), ("embeddings", fp.embed_bytes if _embed_on_device(fp) else 0))
+        if b
+    )
+    need = minimum.device_bytes
+    raise OverspillError(
+        f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
+        f"{format_bytes(need)} ({parts}, {minimum.slots} ring slots x {format_bytes(minimum.slot_bytes)}, "
+        f"workspace {format_bytes(minimum.workspace_bytes)} for {workload.context} tokens x batch {workload.batch}); "
+        f"raise --gpu-memory to at least {format_bytes(need)} or lower --context"
+    )
 
 
 def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DEFAULT_DEPTH) -> int:
     """The smallest budget under which `greedy_plan` keeps exactly `resident` decoder layers on the GPU.
 
     Used by tests and benchmarks to ask for "k layers resident" instead of a byte count.
+
+    Raises:
+        ValueError: for counts the greedy rule never picks (streaming no more layers than there are
+            ring slots costs as much memory as keeping them; use `streaming_plan` to time those).
     """
     n = len(fp.layer_bytes)
-    ws = workspace_bytes(fp, workload)
     if resident >= n:
-        return fp.head_bytes + fp.other_bytes + ws + fp.embed_bytes + sum(fp.layer_bytes)
-    embed = fp.embed_bytes if (fp.tied_embeddings or not fp.host_embedding_ok) else 0
-    kept = sum(fp.layer_bytes[n - resident :])
-    slots = min(depth + 1, n - resident)
-    slot_bytes = max(fp.layer_bytes[: n - resident])
-    return fp.head_bytes + fp.other_bytes + ws + embed + kept + slots * slot_bytes
+        return _make_plan(fp, [Tier.DEVICE] * n, Tier.DEVICE, depth, None, workload).device_bytes
+    plan = streaming_plan(fp, workload, n - resident, depth)
+    if greedy_plan(fp, plan.device_bytes, workload, depth).layer_tiers != plan.layer_tiers:
+        raise ValueError(f"greedy_plan never keeps exactly {resident} of {n} layers resident at depth {depth}")
+    return plan.device_bytes

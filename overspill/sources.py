@@ -84,8 +84,10 @@ def convert_gguf(gguf: Path) -> Path:
         save_model(model, str(tmp / "model.safetensors"))
         model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
+        if (target / "config.json").exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json is incomplete
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

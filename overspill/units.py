@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import OverspillError
@@ -24,8 +25,8 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise OverspillError(f"invalid memory size {value!r}: use e.g. '6GiB', '500MB' or a byte count")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise OverspillError(f"invalid memory size {value!r}: it must not be negative")
+        if not math.isfinite(value) or value < 0:
+            raise OverspillError(f"invalid memory size {value!r}: it must be a finite, non-negative number")
         return int(value)
     match = _PATTERN.match(str(value))
     unit = match.group(2).lower() if match else None
@@ -46,7 +47,7 @@ def parse_budget(value: int | float | str | None) -> int | str | None:
 
 
 def format_bytes(n: float) -> str:
-    """Binary units, three significant figures: 1.50 GiB, 436 MiB."""
+    """Binary units, three significant figures: 1.5 GiB, 436 MiB."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             v = n / scale

@@ -1,0 +1,150 @@
+"""`python -m overspill.cli`: help text, one-line errors without tracebacks, and one real run.
+
+Help and the end-to-end run start real subprocesses, as a user would; the matrix of bad inputs
+goes through `cli.main` in process (each subprocess would spend seconds importing torch), with two
+of them repeated in a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from overspill import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FLAGS = [
+    "--gpu-memory", "--dtype", "--random-weights", "--depth", "--context", "--device",
+    "--prompt", "--max-new-tokens", "--no-chat-template", "--seed",
+]
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "overspill.cli", *args]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_top_level_help() -> None:
+    out = run_cli("--help")
+    assert out.returncode == 0 and not out.stderr
+    assert "--traceback" in out.stdout and "run" in out.stdout
+
+
+def test_run_help_mentions_every_flag() -> None:
+    out = run_cli("run", "--help")
+    assert out.returncode == 0
+    for flag in RUN_FLAGS:
+        assert flag in out.stdout, flag
+    # Every option the parser knows is documented in the help (nothing added silently).
+    parser = cli._build_parser()
+    run_parser = next(a for a in parser._subparsers._group_actions).choices["run"]
+    for action in run_parser._actions:
+        for option in action.option_strings:
+            assert option in out.stdout, option
+        assert action.help, action.dest
+
+
+def test_no_command_prints_help(capsys) -> None:
+    assert cli.main([]) == 2
+    assert "usage: overspill" in capsys.readouterr().out
+
+
+# (case id, extra arguments; {tmp} is a scratch directory, expected words in the error line)
+ERROR_CASES = [
+    ("unknown-path", ["/nonexistent/dir"], ["/nonexistent/dir", "not found"]),
+    ("unknown-hub-id", ["nobody/nothing"], ["nobody/nothing", "local Hugging Face cache"]),
+    ("missing-gguf", ["{tmp}/x.gguf"], ["x.gguf", "does not exist"]),
+    ("shipped-config-without-random-weights", ["llama-3-8b"], ["llama-3-8b", "--random-weights"]),
+    ("bad-dtype", ["--dtype", "int3"], ["int3", "bfloat16"]),
+    ("bad-memory", ["--gpu-memory", "6XB"], ["6XB", "6GiB"]),
+    ("budget-too-small", ["--gpu-memory", "10MiB"], ["10 MiB", "minimum", "--gpu-memory"]),
+    ("no-config-json", ["{tmp}/empty"], ["config.json"]),
+    ("not-a-causal-lm", ["{tmp}/t5"], ["t5", "causal LM"]),
+    ("config-without-weights", ["{tmp}/llama-without-weights"], ["safetensors", "--random-weights"]),
+    ("zero-context", ["--context", "0"], ["context"]),
+    ("zero-depth", ["--depth", "0", "--gpu-memory", "250MiB"], ["depth"]),
+]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "empty").mkdir()
+    (tmp / "t5").mkdir()  # an encoder-decoder: transformers has no causal LM for it
+    (tmp / "t5" / "config.json").write_text(
+        json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 64, "vocab_size": 100})
+    )
+    (tmp / "llama-without-weights").mkdir()  # a valid causal-LM config but no weights next to it
+    (tmp / "llama-without-weights" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64, "vocab_size": 100})
+    )
+    return tmp
+
+
+def check_one_line_error(returncode: int, stdout: str, stderr: str, words: list[str]) -> None:
+    assert returncode == 1, stderr
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("overspill: error:")]
+    # Exactly one error line, and it is the last thing printed (no stack, no continuation lines).
+    assert len(errors) == 1, stderr
+    assert lines[-1] == errors[0]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+@pytest.mark.parametrize(("case", "args", "words"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_bad_input_gives_one_line_error(
+    scratch, default_model_dir, capsys, case: str, args: list[str], words: list[str]
+) -> None:
+    # In process, through the same `main` the console script calls: any exception other than
+    # OverspillError would escape `main` and fail the test, which is what a traceback would be.
+    argv = ["run", *(a.replace("{tmp}", str(scratch)) for a in args), "--max-new-tokens", "2"]
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, words)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["/nonexistent/dir"], ["not found"]),  # fails before any model work
+        (["--gpu-memory", "10MiB"], ["minimum"]),  # fails after building the default model
+    ],
+    ids=["unknown-path", "budget-too-small"],
+)
+def test_bad_input_in_a_real_process(default_model_dir, args: list[str], words: list[str]) -> None:
+    out = run_cli("run", *args)
+    check_one_line_error(out.returncode, out.stdout, out.stderr, words)
+
+
+def test_argparse_errors_have_no_traceback() -> None:
+    out = run_cli("run", "--max-new-tokens", "many")
+    assert out.returncode == 2
+    assert "invalid int value" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_default_model_end_to_end(default_model_dir) -> None:
+    out = run_cli("run", "--max-new-tokens", "8", "--gpu-memory", "250MiB")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    text = out.stdout
+    # The placement summary: 250 MiB forces streaming through a 3-slot ring.
+    assert "streamed from pinned host memory" in text
+    assert "ring: 3 slots" in text
+    assert "of 250 MiB" in text
+    # The answer starts, and the speed line reports 8 tokens.
+    assert "> What is the highest mountain in the world?" in text
+    assert "highest mountain" in text.split("> What is the highest mountain in the world?")[1]
+    assert "8 tokens;" in text and "tok/s" in text
+    # The converted copy came from the test cache, not the user's.
+    assert str(default_model_dir).startswith(os.environ["OVERSPILL_CACHE"])

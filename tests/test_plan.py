@@ -1,0 +1,237 @@
+"""Scenario tests of the pure planner on synthetic footprints (no model, no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from overspill.errors import OverspillError
+from overspill.plan import (
+    DEFAULT_DEPTH,
+    Footprint,
+    Plan,
+    Tier,
+    Workload,
+    budget_for,
+    greedy_plan,
+    streaming_plan,
+    workspace_bytes,
+)
+from overspill.units import format_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+N = 32
+LAYER = 436_207_616  # Llama-3-8B decoder layer in bf16 (218M parameters)
+EMBED = 1_050_673_152  # 128256 x 4096 x 2 bytes
+LLAMA3_8B = Footprint(
+    layer_bytes=(LAYER,) * N,
+    embed_bytes=EMBED,
+    head_bytes=EMBED,
+    other_bytes=8192,
+    tied_embeddings=False,
+    kv_bytes_per_token=131072,
+    activation_bytes_per_token=(4 * 4096 + 3 * 14336) * 2,
+)
+TIED = dataclasses.replace(LLAMA3_8B, head_bytes=0, tied_embeddings=True)
+WORKLOAD = Workload()  # 4096 tokens, batch 1, 128 MiB activation floor
+WS = workspace_bytes(LLAMA3_8B, WORKLOAD)
+FULL = EMBED + EMBED + 8192 + N * LAYER + WS  # every byte resident
+
+
+def test_workspace_is_kv_plus_activations() -> None:
+    # 4096 tokens x 128 KiB of KV = 512 MiB, plus 2048 tokens of activations (above the 128 MiB floor).
+    assert WS == 131072 * 4096 + (4 * 4096 + 3 * 14336) * 2 * 2048
+    # The floor applies when activations are small; the CPU path sets it to zero.
+    tiny = dataclasses.replace(LLAMA3_8B, activation_bytes_per_token=1)
+    assert workspace_bytes(tiny, Workload(16, 1)) == 131072 * 16 + 128 * 2**20
+    assert workspace_bytes(tiny, Workload(16, 2, activation_floor=0)) == 2 * (131072 * 16 + 16)
+
+
+def test_no_budget_keeps_everything_resident() -> None:
+    plan = greedy_plan(LLAMA3_8B, None, WORKLOAD)
+    assert plan.resident_layers == tuple(range(N)) and plan.streamed_layers == ()
+    assert plan.embed_tier is Tier.DEVICE and plan.head_tier is Tier.DEVICE
+    assert plan.slots == 0 and plan.depth == 0 and plan.streamed_bytes_per_step == 0
+    assert plan.budget_bytes is None and plan.device_bytes == FULL
+
+
+def test_big_budget_keeps_everything_resident() -> None:
+    # 80 GB is plenty; the exact total is the tightest budget that still keeps embeddings on the device.
+    for budget in (80 * 10**9, FULL):
+        plan = greedy_plan(LLAMA3_8B, budget, WORKLOAD)
+        assert plan.streamed_layers == () and plan.embed_tier is Tier.DEVICE
+        assert plan.device_bytes == FULL <= budget
+
+
+def test_one_byte_short_moves_embeddings_to_host_first() -> None:
+    # The input embedding is a row lookup: moving it costs nothing on the link, so it goes before any layer.
+    plan = greedy_plan(LLAMA3_8B, FULL - 1, WORKLOAD)
+    assert plan.embed_tier is Tier.HOST and plan.head_tier is Tier.DEVICE
+    assert plan.streamed_layers == () and plan.slots == 0
+    assert plan.device_bytes == FULL - EMBED
+
+
+def test_medium_budget_streams_the_first_layers() -> None:
+    budget = 8 * GiB
+    plan = greedy_plan(LLAMA3_8B, budget, WORKLOAD)
+    resident, streamed = plan.resident_layers, plan.streamed_layers
+    # Some of each; the resident ones are the *last* layers, the streamed ones the first.
+    assert 0 < len(resident) < N
+    assert resident == tuple(range(N - len(resident), N))
+    assert streamed == tuple(range(N - len(resident)))
+    assert all(plan.layer_tiers[i] is Tier.PINNED for i in streamed)
+    assert plan.embed_tier is Tier.HOST
+    # The ring: one slot computing plus `depth` being filled, each as big as a layer.
+    assert plan.depth == DEFAULT_DEPTH and plan.slots == DEFAULT_DEPTH + 1 and plan.slot_bytes == LAYER
+    assert plan.streamed_bytes_per_step == len(streamed) * LAYER
+    assert plan.device_weight_bytes == EMBED + 8192 + len(resident) * LAYER  # lm_head + other + resident
+    # It fits, and greedily: one more resident layer would not.
+    assert plan.device_bytes <= budget < plan.device_bytes + LAYER
+    # 8 GiB - 1 GB head - 744 MiB workspace - 3 slots leaves room for 12 layers of 416 MiB.
+    assert len(resident) == 12
+
+
+def test_deeper_prefetch_reserves_more_slots() -> None:
+    shallow = greedy_plan(LLAMA3_8B, 8 * GiB, WORKLOAD, depth=1)
+    deep = greedy_plan(LLAMA3_8B, 8 * GiB, WORKLOAD, depth=4)
+    assert (shallow.slots, deep.slots) == (2, 5)
+    # Each extra slot costs one resident layer (all layers are the same size).
+    assert len(shallow.resident_layers) - len(deep.resident_layers) == 3
+    with pytest.raises(OverspillError, match="depth"):
+        greedy_plan(LLAMA3_8B, 8 * GiB, WORKLOAD, depth=0)
+
+
+def test_tied_embeddings_stay_on_device() -> None:
+    # A tied table is also the LM head, which runs on the device every step.
+    plan = greedy_plan(TIED, 8 * GiB, WORKLOAD)
+    assert plan.embed_tier is Tier.DEVICE and plan.streamed_layers
+    assert plan.device_weight_bytes == EMBED + 8192 + len(plan.resident_layers) * LAYER
+    assert plan.device_bytes <= 8 * GiB
+
+
+def test_scaled_embedding_stays_on_device() -> None:
+    # An embedding module that is not a plain lookup (e.g. Gemma's scaled one) cannot move to the host.
+    fp = dataclasses.replace(LLAMA3_8B, host_embedding_ok=False)
+    assert greedy_plan(fp, FULL - 1, WORKLOAD).embed_tier is Tier.DEVICE
+    assert greedy_plan(fp, 8 * GiB, WORKLOAD).embed_tier is Tier.DEVICE
+
+
+def test_budget_below_minimum_names_the_minimum() -> None:
+    # Minimum: lm_head + small tensors + workspace + 3 ring slots.
+    minimum = EMBED + 8192 + WS + 3 * LAYER
+    with pytest.raises(OverspillError) as err:
+        greedy_plan(LLAMA3_8B, minimum - 1, WORKLOAD)
+    msg = str(err.value)
+    assert format_bytes(minimum) in msg and "minimum" in msg and "\n" not in msg
+    assert "--gpu-memory" in msg and "--context" in msg  # says what to do about it
+    # Exactly the minimum works: nothing resident, every layer streams.
+    plan = greedy_plan(LLAMA3_8B, minimum, WORKLOAD)
+    assert plan.resident_layers == () and plan.slots == 3 and plan.device_bytes == minimum
+    # A shorter context lowers the minimum: 1024 tokens shrink the KV + activation reserve by 488 MiB,
+    # enough for one resident layer.
+    assert greedy_plan(LLAMA3_8B, minimum - 1, Workload(context=1024)).resident_layers == (N - 1,)
+
+
+# With `depth + 1` slots reserved, keeping k layers resident only saves memory while
+# k + depth + 1 < N; for larger k every layer fits anyway. Reachable k: 0 .. N - depth - 2, and N.
+@pytest.mark.parametrize("depth", [1, DEFAULT_DEPTH, 4])
+def test_budget_for_gives_exactly_k_resident(depth: int) -> None:
+    for k in [*range(0, N - depth - 1), N]:
+        budget = budget_for(LLAMA3_8B, WORKLOAD, k, depth)
+        plan = greedy_plan(LLAMA3_8B, budget, WORKLOAD, depth)
+        assert len(plan.resident_layers) == k, (k, depth)
+        assert plan.device_bytes <= budget
+        # It is the smallest such budget: one byte less loses a layer (or, at k=0, fails outright).
+        if k == 0:
+            with pytest.raises(OverspillError):
+                greedy_plan(LLAMA3_8B, budget - 1, WORKLOAD, depth)
+        elif k < N:
+            assert len(greedy_plan(LLAMA3_8B, budget - 1, WORKLOAD, depth).resident_layers) == k - 1
+
+
+def test_budget_for_tied_and_cpu_workload() -> None:
+    cpu = Workload(64, 1, activation_floor=0)
+    for fp in (TIED, LLAMA3_8B):
+        for k in (0, 7, 20, N):
+            assert len(greedy_plan(fp, budget_for(fp, cpu, k), cpu).resident_layers) == k
+
+
+def test_budget_for_with_uneven_layers() -> None:
+    # Eight small layers and a bigger last one (e.g. a dense/MoE mix); k=1 keeps the big one resident.
+    fp = dataclasses.replace(LLAMA3_8B, layer_bytes=(100,) * 7 + (200,), embed_bytes=10, head_bytes=10,
+                             other_bytes=0, kv_bytes_per_token=0, activation_bytes_per_token=0)
+    cpu = Workload(1, 1, activation_floor=0)
+    budget = budget_for(fp, cpu, 1)  # 10 (head) + 200 (last layer) + 3 x 100 (slots)
+    assert len(greedy_plan(fp, budget, cpu).resident_layers) == 1
+
+
+def test_budget_for_rejects_counts_greedy_never_picks() -> None:
+    # Keeping 30 of 32 resident would stream 2 layers through 2 slots: as costly as keeping them.
+    with pytest.raises(ValueError):
+        budget_for(LLAMA3_8B, WORKLOAD, N - 2)
+
+
+def test_streaming_plan_streams_exactly_the_first_layers() -> None:
+    plan = streaming_plan(LLAMA3_8B, WORKLOAD, 2)
+    assert plan.streamed_layers == (0, 1) and plan.slots == 2
+    assert plan.embed_tier is Tier.HOST
+    assert plan.streamed_bytes_per_step == 2 * LLAMA3_8B.layer_bytes[0]
+    assert streaming_plan(LLAMA3_8B, WORKLOAD, 0).embed_tier is Tier.DEVICE
+    with pytest.raises(OverspillError):
+        streaming_plan(LLAMA3_8B, WORKLOAD, N + 1)
+
+
+def test_plan_to_json_round_trips() -> None:
+    plan = greedy_plan(LLAMA3_8B, 8 * GiB, WORKLOAD)
+    d = json.loads(plan.to_json())
+    # Tiers are plain strings in JSON, and every field is there.
+    assert d["layer_tiers"][0] == "pinned" and d["layer_tiers"][-1] == "device"
+    assert d["embed_tier"] == "host" and d["head_tier"] == "device"
+    assert set(d) == {f.name for f in dataclasses.fields(Plan)}
+    rebuilt = Plan(
+        **{
+            **d,
+            "layer_tiers": tuple(Tier(t) for t in d["layer_tiers"]),
+            "embed_tier": Tier(d["embed_tier"]),
+            "head_tier": Tier(d["head_tier"]),
+            "workload": Workload(**d["workload"]),
+        }
+    )
+    assert rebuilt == plan
+    assert json.loads(rebuilt.to_json()) == d
+    # An unlimited plan serialises too (budget null).
+    assert json.loads(greedy_plan(LLAMA3_8B, None).to_json())["budget_bytes"] is None
+
+
+def test_plan_summary_names_streamed_layers() -> None:
+    plan = greedy_plan(LLAMA3_8B, 8 * GiB, WORKLOAD)
+    text = plan.summary()
+    assert "12/32 resident, 20 streamed" in text and "(layers 0-19)" in text
+    assert "ring: 3 slots" in text and "embeddings: host" in text
+    assert "streamed" in str(greedy_plan(LLAMA3_8B, None)) and "ring" not in str(greedy_plan(LLAMA3_8B, None))
+
+
+def test_plan_is_frozen() -> None:
+    plan = greedy_plan(LLAMA3_8B, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.slots = 7  # type: ignore[misc]
+
+
+def test_plan_module_imports_no_torch() -> None:
+    """Planning must stay pure: importing the planner (through the package) pulls in no torch."""
+    code = """
+import sys
+import overspill.plan, overspill.units, overspill.errors
+from overspill.plan import Footprint, Workload, greedy_plan
+p = greedy_plan(Footprint((10,) * 4, 5, 5, 0, False, 1, 1), 40, Workload(1, 1, activation_floor=0))
+assert p.streamed_layers, p
+bad = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
