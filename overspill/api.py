@@ -11,7 +11,7 @@ import torch
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
 from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize
-from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, greedy_plan
+from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, greedy_plan, with_prediction
 from .sources import ModelSource, resolve
 from .units import parse_budget
 
@@ -94,6 +94,7 @@ def load(
     progress: bool = True,
     cudnn_sdpa: bool = False,
     plan: Plan | None = None,
+    probe: bool = True,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -115,6 +116,8 @@ def load(
             decode speed; flash / memory-efficient SDPA kernels are used instead.
         plan: a placement to use instead of the greedy rule (e.g. from `streaming_plan`); it must
             have one tier per decoder layer. `gpu_memory` is then not consulted.
+        probe: on CUDA, measure the machine (`overspill.hardware.probe`, ~10 s once, then cached)
+            so the plan carries a predicted speed and bottleneck.
 
     Returns:
         (model, tokenizer): a `transformers` model that `generate` and `pipeline` accept, with the
@@ -136,10 +139,15 @@ def load(
         skeleton = build_skeleton(config, torch_dtype)
     _, layers = decoder_layers(skeleton)
     workload = Workload(context, batch) if dev.type == "cuda" else Workload(context, batch, activation_floor=0)
+    fp = footprint(skeleton, layers, torch_dtype)
     if plan is None:
-        plan = greedy_plan(footprint(skeleton, layers, torch_dtype), budget, workload, depth)
+        plan = greedy_plan(fp, budget, workload, depth)
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
+    if probe and dev.type == "cuda":
+        from .hardware import probe as probe_machine
+
+        plan = with_prediction(fp, plan, probe_machine(device=dev))
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:

@@ -1,7 +1,8 @@
-"""Measurements of the machine that placement and benchmarks compare against.
+"""Measurements of the machine: `probe()` returns the `Profile` the planner plans for.
 
-Only the host->device copy bandwidth so far: the link floor of a streamed decode step is
-`streamed bytes / pinned H2D bandwidth`.
+This is the only planning code that touches the device. Each measurement is small and direct
+(a copy, a matrix product, a tiny model's decode loop), so the whole probe takes about 10 s and is
+cached per GPU, driver and torch version.
 """
 
 from __future__ import annotations
@@ -66,3 +67,212 @@ def _driver_version() -> str | None:
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
+
+
+def host_available_bytes() -> int:
+    """Memory the OS will give this process: MemAvailable, capped by a cgroup limit if one is set."""
+    available = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            room = int(limit) - used
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    if available is None:
+        import os
+
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return available
+
+
+def coherent_platform(device_index: int = 0) -> bool:
+    """True when the GPU reads pageable host memory through the host's page tables (GH200/GB200)."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        if cuda.cuInit(0) != 0:
+            return False
+        dev, value = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuDeviceGet(ctypes.byref(dev), device_index) != 0:
+            return False
+        # CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES
+        if cuda.cuDeviceGetAttribute(ctypes.byref(value), 100, dev) != 0:
+            return False
+        return bool(value.value)
+    except OSError:
+        return False
+
+
+def _time_cuda(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_d2h(device: torch.device, nbytes: int = 256 << 20, iters: int = 8) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return nbytes / _time_cuda(lambda: dst.copy_(src, non_blocking=True), iters)
+
+
+def measure_hbm(device: torch.device, nbytes: int = 1 << 30, iters: int = 8) -> float:
+    """Bytes read plus bytes written per second by a device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time_cuda(lambda: dst.copy_(src), iters)
+
+
+def measure_matmul(device: torch.device, n: int = 8192, iters: int = 6) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / _time_cuda(lambda: a @ b, iters)
+
+
+def measure_zero_copy(device: torch.device, nbytes: int = 256 << 20) -> float | None:
+    """GPU kernel reading pinned host memory in place (UVA); None if Triton cannot run here."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _read(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    host = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=True).fill_(1.0)
+    out = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+
+    class _HostPtr:  # Triton takes any object with data_ptr(); UVA makes the host pointer valid on the GPU
+        dtype = torch.float32
+
+        def data_ptr(self) -> int:
+            return host.data_ptr()
+
+    block = 4096
+    grid = (triton.cdiv(host.numel(), block),)
+    try:
+        seconds = _time_cuda(lambda: _read[grid](_HostPtr(), out, host.numel(), BLOCK=block), 5)
+    except Exception:
+        return None
+    return nbytes / seconds if bool(out[:1024].eq(1.0).all()) else None
+
+
+def measure_cpu_gemv(rows: int = 14336, cols: int = 4096, iters: int = 5) -> float:
+    """Parameters per second of a bf16 matrix-vector product on the host CPUs."""
+    import time
+
+    w = torch.randn(rows, cols, dtype=torch.bfloat16)
+    x = torch.randn(cols, dtype=torch.bfloat16)
+    w @ x
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        w @ x
+        times.append(time.perf_counter() - t)
+    return rows * cols / sorted(times)[len(times) // 2]
+
+
+def measure_dispatch(device: torch.device, tokens: int = 24) -> tuple[float, float]:
+    """Host time per decoder layer and per step of HF `generate` at decode, from tiny models.
+
+    Decode of a tiny model is pure dispatch cost; timing 2- and 8-layer models separates the
+    per-layer slope from the per-step intercept (generate loop, sampling, masks).
+    """
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    per_step = {}
+    for layers in (2, 8):
+        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+        model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+        ids = torch.randint(0, 1024, (1, 8), device=device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, min_new_tokens=tokens)
+        model.generate(ids, max_new_tokens=4, **kw | {"min_new_tokens": 4})
+        samples = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, **kw)
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t) / tokens)
+        per_step[layers] = sorted(samples)[1]
+    slope = max((per_step[8] - per_step[2]) / 6, 0.0)
+    return slope, max(per_step[2] - 2 * slope, 0.0)
+
+
+def profile_key(device: torch.device) -> str:
+    return f"{torch.cuda.get_device_name(device)}|{_driver_version()}|torch {torch.__version__}"
+
+
+def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: bool = True) -> "Profile":
+    """Measure this machine (about 10 s) or return the cached measurement for the same GPU/driver/torch.
+
+    Only this function touches the device for planning; `plan` itself is pure.
+    """
+    from .errors import OverspillError
+    from .profile import REFERENCE_PROFILES, Profile
+    from .sources import cache_dir
+
+    if not torch.cuda.is_available():
+        cpu = REFERENCE_PROFILES["cpu"]
+        return Profile(**{**cpu.__dict__, "name": "this machine: CPU only", "host_available_bytes": host_available_bytes(),
+                          "cpu_gemv_params_s": measure_cpu_gemv(), "key": "cpu"})
+    dev = torch.device(device)
+    key = profile_key(dev)
+    path = cache_dir() / "profile.json"
+    if cache and not refresh and path.exists():
+        try:
+            cached = Profile.from_json(path.read_text())
+            if cached.key == key:
+                free, total = torch.cuda.mem_get_info(dev)
+                return Profile(**{**cached.__dict__, "gpu_free_bytes": free, "host_available_bytes": host_available_bytes()})
+        except (ValueError, TypeError):
+            pass
+    torch.backends.cuda.enable_cudnn_sdp(False)  # measure dispatch as `load` runs it
+    free, total = torch.cuda.mem_get_info(dev)
+    if free < 3 * 2**30:
+        raise OverspillError(f"probe needs ~3 GiB of free GPU memory; {free / 2**30:.1f} GiB free on {dev}")
+    layer_s, step_s = measure_dispatch(dev)
+    profile = Profile(
+        name=torch.cuda.get_device_name(dev),
+        gpu_total_bytes=total,
+        gpu_free_bytes=free,
+        host_available_bytes=host_available_bytes(),
+        h2d_bytes_s=measure_h2d(dev, nbytes=512 << 20, iters=6),
+        d2h_bytes_s=measure_d2h(dev),
+        zero_copy_bytes_s=measure_zero_copy(dev),
+        hbm_bytes_s=measure_hbm(dev),
+        matmul_flops_s=measure_matmul(dev),
+        cpu_gemv_params_s=measure_cpu_gemv(),
+        layer_overhead_s=layer_s,
+        step_overhead_s=step_s,
+        coherent=coherent_platform(dev.index or 0),
+        key=key,
+    )
+    torch.cuda.empty_cache()
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(profile.to_json())
+    return profile

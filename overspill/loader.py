@@ -92,7 +92,17 @@ def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Fo
     kv_per_token = 2 * kv_heads * head_dim * itemsize * len(layers)
     inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     act_per_token = (4 * cfg.hidden_size + 3 * inter) * itemsize
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    per_token = getattr(cfg, "num_experts_per_tok", None)
+    fraction = per_token / experts if experts and per_token else 1.0
+
+    def active(layer: nn.Module) -> int:
+        routed = sum(p.numel() * p.element_size() for n, p in layer.named_parameters() if ".experts." in f".{n}")
+        return int(_nbytes(layer.parameters()) - routed * (1 - fraction))
+
     return Footprint(
+        layer_active_bytes=tuple(active(layer) for layer in layers),
+        dtype_bytes=itemsize,
         layer_bytes=layer_bytes,
         embed_bytes=embed_bytes,
         head_bytes=head_bytes,

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from .costmodel import Prediction, predict
 from .errors import OverspillError
+from .profile import Profile
 from .units import format_bytes
 
 DEFAULT_DEPTH = 2
@@ -49,6 +51,8 @@ class Footprint:
     kv_bytes_per_token: int  # one sequence, all layers
     activation_bytes_per_token: int  # peak activations per token in flight
     host_embedding_ok: bool = True  # a plain lookup table (no scaling folded into the module)
+    layer_active_bytes: tuple[int, ...] | None = None  # bytes read per token (MoE: routed experts only)
+    dtype_bytes: int = 2
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class Plan:
     device_weight_bytes: int
     streamed_bytes_per_step: int
     workload: Workload = field(default_factory=Workload)
+    prediction: Prediction | None = None
+    max_batch: int | None = None  # most sequences of `workload.context` tokens whose KV fits beside the weights
+    notes: tuple[str, ...] = ()
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -104,6 +111,17 @@ class Plan:
         d["head_tier"] = self.head_tier.value
         return json.dumps(d, indent=2)
 
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        d["layer_tiers"] = tuple(Tier(t) for t in d["layer_tiers"])
+        d["embed_tier"] = Tier(d["embed_tier"])
+        d["head_tier"] = Tier(d["head_tier"])
+        d["workload"] = Workload(**d["workload"])
+        d["prediction"] = Prediction(**d["prediction"]) if d.get("prediction") else None
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d)
+
     def summary(self) -> str:
         n = len(self.layer_tiers)
         streamed = self.streamed_layers
@@ -122,6 +140,17 @@ class Plan:
             f"device memory planned: {format_bytes(self.device_bytes)} of {budget} "
             f"(weights {format_bytes(self.device_weight_bytes)}, workspace {format_bytes(self.workspace_bytes)})"
         )
+        if self.max_batch is not None:
+            lines.append(f"largest batch at {self.workload.context} tokens of context: {self.max_batch}")
+        p = self.prediction
+        if p is not None:
+            floor = f", link floor {p.link_floor_tok_s:.2f} tok/s" if p.link_floor_tok_s else ""
+            lines.append(
+                f"predicted decode: {p.decode_tok_s:.2f} tok/s at batch {self.workload.batch}{floor}; "
+                f"bottleneck: {p.bottleneck} (link {p.link_s * 1e3:.1f} ms, GPU {p.gpu_s * 1e3:.1f} ms, "
+                f"host {p.host_s * 1e3:.1f} ms per step); prefill ~{p.prefill_tok_s:.0f} tok/s"
+            )
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -254,3 +283,75 @@ def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DE
     if greedy_plan(fp, plan.device_bytes, workload, depth).layer_tiers != plan.layer_tiers:
         raise ValueError(f"greedy_plan never keeps exactly {resident} of {n} layers resident at depth {depth}")
     return plan.device_bytes
+
+
+def footprint_from_spec(spec, context_dtype_bytes: int | None = None) -> Footprint:
+    """A `Footprint` from a `ModelSpec` (config only, no weights), for planning before loading."""
+    hidden = spec.hidden_size
+    widest = max((l.mlp_bytes + l.active_experts * l.expert_bytes) for l in spec.layers) // max(hidden, 1)
+    return Footprint(
+        layer_bytes=tuple(l.total_bytes for l in spec.layers),
+        embed_bytes=spec.embed_bytes,
+        head_bytes=spec.head_bytes,
+        other_bytes=spec.final_norm_bytes,
+        tied_embeddings=spec.tied_embeddings,
+        kv_bytes_per_token=spec.kv_bytes_per_token,
+        activation_bytes_per_token=4 * hidden * spec.dtype_bytes + widest,
+        layer_active_bytes=tuple(l.active_bytes for l in spec.layers),
+        dtype_bytes=context_dtype_bytes or spec.dtype_bytes,
+    )
+
+
+def max_batch(fp: Footprint, plan: Plan) -> int:
+    """Sequences of `plan.workload.context` tokens whose KV and activations fit beside the placed weights."""
+    if plan.budget_bytes is None:
+        return 0
+    w = plan.workload
+    free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - w.activation_floor
+    per_seq = fp.kv_bytes_per_token * w.context + fp.activation_bytes_per_token * min(w.context, 2048)
+    return max(free // per_seq, 0) if per_seq else 0
+
+
+def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
+    """The plan annotated with the cost model's prediction, the largest batch and warnings."""
+    head = fp.embed_bytes if fp.tied_embeddings else fp.head_bytes
+    pred = predict(
+        layer_bytes=fp.layer_bytes,
+        layer_active_bytes=fp.layer_active_bytes or fp.layer_bytes,
+        streamed_bytes=plan.streamed_bytes_per_step,
+        head_bytes=head,
+        kv_bytes_per_token=fp.kv_bytes_per_token,
+        dtype_bytes=fp.dtype_bytes,
+        profile=profile,
+        batch=plan.workload.batch,
+        context=plan.workload.context,
+    )
+    notes = list(plan.notes)
+    if pred.decode_tok_s <= pred.cpu_only_tok_s:
+        notes.append(
+            f"this plan is no faster than the CPU alone ({pred.decode_tok_s:.2f} vs {pred.cpu_only_tok_s:.2f} "
+            f"tok/s predicted): the link is too slow for the bytes streamed per token"
+        )
+    return replace(plan, prediction=pred, max_batch=max_batch(fp, plan), notes=tuple(notes))
+
+
+def plan_for(
+    fp: Footprint,
+    profile: Profile,
+    workload: Workload = Workload(),
+    budget_bytes: int | None = None,
+    depth: int = DEFAULT_DEPTH,
+    margin_bytes: int = 1536 * 2**20,
+) -> Plan:
+    """Place `fp` on the machine `profile` describes and predict its speed.
+
+    Args:
+        budget_bytes: GPU bytes to use; None means the profile's free memory minus `margin_bytes`.
+
+    Raises:
+        OverspillError: when the budget is below the minimum working set (the message gives it).
+    """
+    if budget_bytes is None:
+        budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
+    plan = greedy_plan(fp, budget_bytes, workload, depth)
+    return with_prediction(fp, plan, profile)

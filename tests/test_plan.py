@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from overspill.errors import OverspillError
+from overspill.profile import REFERENCE_PROFILES
 from overspill.plan import (
     DEFAULT_DEPTH,
     Footprint,
@@ -20,6 +21,7 @@ from overspill.plan import (
     budget_for,
     greedy_plan,
     streaming_plan,
+    with_prediction,
     workspace_bytes,
 )
 from overspill.units import format_bytes
@@ -194,17 +196,12 @@ def test_plan_to_json_round_trips() -> None:
     assert d["layer_tiers"][0] == "pinned" and d["layer_tiers"][-1] == "device"
     assert d["embed_tier"] == "host" and d["head_tier"] == "device"
     assert set(d) == {f.name for f in dataclasses.fields(Plan)}
-    rebuilt = Plan(
-        **{
-            **d,
-            "layer_tiers": tuple(Tier(t) for t in d["layer_tiers"]),
-            "embed_tier": Tier(d["embed_tier"]),
-            "head_tier": Tier(d["head_tier"]),
-            "workload": Workload(**d["workload"]),
-        }
-    )
+    rebuilt = Plan.from_json(plan.to_json())
     assert rebuilt == plan
     assert json.loads(rebuilt.to_json()) == d
+    # A plan with a prediction round-trips as well.
+    predicted = with_prediction(LLAMA3_8B, plan, REFERENCE_PROFILES["h100-pcie5"])
+    assert Plan.from_json(predicted.to_json()) == predicted
     # An unlimited plan serialises too (budget null).
     assert json.loads(greedy_plan(LLAMA3_8B, None).to_json())["budget_bytes"] is None
 

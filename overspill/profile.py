@@ -1,0 +1,82 @@
+"""`Profile`: the measured machine the planner plans for. Pure data, no torch.
+
+`hardware.probe()` measures one and caches it as JSON; `REFERENCE_PROFILES` are synthetic
+machines for planning on a host without a GPU and for scenario tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the cost model needs to know about a machine. Bandwidths in bytes/s, rates per second."""
+
+    name: str
+    gpu_total_bytes: int
+    gpu_free_bytes: int
+    host_available_bytes: int
+    h2d_bytes_s: float  # pinned host -> GPU copy
+    d2h_bytes_s: float  # GPU -> pinned host copy
+    zero_copy_bytes_s: float | None  # GPU kernels reading mapped host memory
+    hbm_bytes_s: float  # device memory, bytes read + written per second by a large copy
+    matmul_flops_s: float  # dense bf16 matrix product
+    cpu_gemv_params_s: float  # host bf16 matrix-vector product, parameters per second
+    layer_overhead_s: float  # host time to dispatch one decoder layer at decode (HF eager)
+    step_overhead_s: float  # host time per decode step outside the layers (generate loop, sampling)
+    coherent: bool  # GPU reads pageable host memory through host page tables (GH200 NVLink-C2C)
+    key: str = ""  # GPU, driver and torch version: a different key invalidates a cached profile
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def summary(self) -> str:
+        def gbs(x: float | None) -> str:
+            return "n/a" if x is None else f"{x / 1e9:.1f} GB/s"
+
+        return "\n".join([
+            f"device: {self.name}{' (coherent host memory)' if self.coherent else ''}",
+            f"GPU memory: {self.gpu_free_bytes / GiB:.1f} GiB free of {self.gpu_total_bytes / GiB:.1f} GiB",
+            f"host memory available: {self.host_available_bytes / GiB:.1f} GiB",
+            f"host->GPU pinned: {gbs(self.h2d_bytes_s)}, GPU->host pinned: {gbs(self.d2h_bytes_s)}, "
+            f"zero-copy read: {gbs(self.zero_copy_bytes_s)}",
+            f"HBM copy: {gbs(self.hbm_bytes_s)}, bf16 matmul: {self.matmul_flops_s / 1e12:.0f} TFLOP/s",
+            f"host bf16 GEMV: {self.cpu_gemv_params_s / 1e9:.1f} G params/s",
+            f"host dispatch at decode: {self.layer_overhead_s * 1e3:.2f} ms per layer + "
+            f"{self.step_overhead_s * 1e3:.2f} ms per step",
+        ])
+
+
+_H100_PCIE5 = Profile(
+    name="reference: H100 80GB, PCIe Gen5 host link",
+    gpu_total_bytes=80 * GiB, gpu_free_bytes=79 * GiB, host_available_bytes=120 * GiB,
+    h2d_bytes_s=54e9, d2h_bytes_s=54e9, zero_copy_bytes_s=50e9, hbm_bytes_s=3.0e12, matmul_flops_s=780e12,
+    cpu_gemv_params_s=38e9, layer_overhead_s=0.9e-3, step_overhead_s=4e-3, coherent=False, key="reference-h100",
+)
+
+REFERENCE_PROFILES: dict[str, Profile] = {
+    "h100-pcie5": _H100_PCIE5,
+    "a100-pcie4": replace(
+        _H100_PCIE5, name="reference: A100 80GB, PCIe Gen4 host link", h2d_bytes_s=25e9, d2h_bytes_s=25e9,
+        zero_copy_bytes_s=22e9, hbm_bytes_s=1.6e12, matmul_flops_s=300e12, key="reference-a100",
+    ),
+    "gh200": replace(
+        _H100_PCIE5, name="reference: GH200 96GB, NVLink-C2C", gpu_total_bytes=96 * GiB, gpu_free_bytes=95 * GiB,
+        host_available_bytes=460 * GiB, h2d_bytes_s=400e9, d2h_bytes_s=400e9, zero_copy_bytes_s=450e9,
+        hbm_bytes_s=3.6e12, cpu_gemv_params_s=150e9, coherent=True, key="reference-gh200",
+    ),
+    "cpu": replace(
+        _H100_PCIE5, name="reference: CPU only", gpu_total_bytes=0, gpu_free_bytes=0, h2d_bytes_s=0.0,
+        d2h_bytes_s=0.0, zero_copy_bytes_s=None, hbm_bytes_s=0.0, matmul_flops_s=1e12, key="reference-cpu",
+    ),
+}
