@@ -28,6 +28,7 @@ _EXPERT_RULES: dict[str, tuple[tuple[str, ...], ...]] = {
     "experts.down_proj": (("w2",), ("down_proj",)),
 }
 _RENAMES = ((".mlp.", ".block_sparse_moe."),)
+CHUNK_ELEMENTS = 1 << 26  # random-weight scratch: 256 MB of float32 at most
 
 
 class CheckpointReader:
@@ -136,6 +137,13 @@ class RandomWeights:
         if leaf == "bias":
             out.zero_()
             return
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        values = torch.randn(out.shape, generator=gen, device=self.device, dtype=torch.float32)
-        out.copy_(values.mul_(self.std))
+        # Drawn in chunks of rows with one seed each: bounded scratch memory (a 128k-vocab head
+        # would otherwise need a 4 GB float32 temporary) and the same values wherever `out` lives.
+        base = self.seed * 1_000_003 + zlib.crc32(name.encode())
+        flat = out.view(out.shape[0], -1) if out.dim() > 1 else out.view(1, -1)
+        rows = max(1, CHUNK_ELEMENTS // max(flat.shape[1], 1))
+        for i, start in enumerate(range(0, flat.shape[0], rows)):
+            chunk = flat[start : start + rows]
+            gen = torch.Generator(device=self.device).manual_seed(base + i)
+            values = torch.randn(chunk.shape, generator=gen, device=self.device, dtype=torch.float32)
+            chunk.copy_(values.mul_(self.std))

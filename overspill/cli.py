@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import OverspillError
+from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH
+
+if TYPE_CHECKING:
+    from .profile import Profile
+    from .spec import ModelSpec
 
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
@@ -54,7 +61,65 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text, without the chat template.")
     run.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0).")
     run.set_defaults(func=_run_main)
+    _add_probe_parser(sub)
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
+    probe = sub.add_parser(
+        "probe", help="measure this machine (link, HBM, matmul, dispatch) for the planner",
+        description="Measure this machine's host->GPU link, HBM, matmul rate, host GEMV and decode dispatch "
+        "overhead (about 10 s on a GPU), cache the result per GPU/driver/torch version, and print it. "
+        "Without CUDA it prints the CPU-only profile.",
+    )
+    probe.add_argument("--refresh", action="store_true", help="measure again instead of using the cached profile (default: use the cache).")
+    probe.add_argument("--json", action="store_true", help="print the profile as JSON instead of a summary (default: summary).")
+    probe.set_defaults(func=_probe_main)
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from .profile import REFERENCE_PROFILES
+
+    plan = sub.add_parser(
+        "plan", help="show where each layer would live and the predicted speed, from the config alone",
+        description="Plan a model's placement from its config.json alone (no weights, no torch): which "
+        "layers stay on the GPU and which stream from pinned host memory, the ring and workspace, and the "
+        "cost model's predicted decode/prefill speed, bottleneck and largest batch.",
+    )
+    plan.add_argument(
+        "model", metavar="MODEL",
+        help=f"shipped config name ({', '.join(_shipped_names())}), a directory containing config.json, "
+        "a config.json path, or a Hugging Face id whose config.json is already in the local cache (never downloaded).",
+    )
+    plan.add_argument(
+        "--gpu-memory", default=None, metavar="SIZE",
+        help="GPU memory the model may use, e.g. 6GiB, 12GB or a byte count. Default (or 'auto'): the "
+        "profile's free GPU memory minus a 1.5 GiB margin.",
+    )
+    plan.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="N",
+                      help=f"tokens per sequence to reserve KV-cache room for (default {DEFAULT_CONTEXT}).")
+    plan.add_argument("--batch", type=int, default=1, metavar="N", help="concurrent sequences to plan and predict for (default 1).")
+    plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
+                      help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
+    plan.add_argument(
+        "--dtype", default="bfloat16", metavar="D",
+        help="weight dtype to size the model in: bfloat16 (default, what `run` loads), float16, float32, "
+        "or float8_e4m3fn/int8 to size a 1-byte checkpoint.",
+    )
+    plan.add_argument(
+        "--profile", default=None, choices=sorted(REFERENCE_PROFILES), metavar="NAME",
+        help=f"plan for a reference machine: {', '.join(sorted(REFERENCE_PROFILES))} (cpu has no GPU, so "
+        "plan refuses it). Default: this machine's cached probe when it has a CUDA GPU, else h100-pcie5.",
+    )
+    plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan) instead of the table.")
+    plan.set_defaults(func=_plan_main)
+
+
+def _shipped_names() -> list[str]:
+    from .configs import shipped_names
+
+    return shipped_names()
 
 
 def _run_main(args: argparse.Namespace) -> int:
@@ -62,6 +127,162 @@ def _run_main(args: argparse.Namespace) -> int:
 
     run(args)
     return 0
+
+
+def _probe_main(args: argparse.Namespace) -> int:
+    from .hardware import probe
+
+    profile = probe(refresh=args.refresh)
+    cpu_only = profile.gpu_total_bytes == 0
+    if args.json:
+        print(profile.to_json())
+        if cpu_only:
+            print("no CUDA device: this is the CPU-only profile", file=sys.stderr)
+        return 0
+    print(profile.summary())
+    if cpu_only:
+        print("no CUDA device: this is the CPU-only profile (plan for a GPU with `overspill plan MODEL --profile NAME`)")
+    else:
+        from .sources import cache_dir
+
+        print(f"cached in {cache_dir() / 'profile.json'} (--refresh measures again)")
+    return 0
+
+
+def _plan_main(args: argparse.Namespace) -> int:
+    from . import planview
+    from .plan import Workload, footprint_from_spec, plan_for
+
+    if args.context < 1 or args.batch < 1:
+        raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
+    if args.depth < 1:
+        raise OverspillError(f"prefetch --depth must be at least 1, got {args.depth}")
+    spec = _plan_spec(args.model, args.dtype)
+    profile, note = _plan_profile(args.profile)
+    budget = _plan_budget(args.gpu_memory, profile)
+    fp = footprint_from_spec(spec)
+    plan = plan_for(fp, profile, Workload(args.context, args.batch), budget, args.depth)
+    if args.json:
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        print(planview.as_json(plan, spec, profile, args.model))
+        return 0
+    print(planview.render(plan, fp, spec, profile, args.model))
+    if note:
+        print(f"note: {note}")
+    return 0
+
+
+def _plan_spec(model: str, dtype: str) -> ModelSpec:
+    """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
+    from .spec import spec_from_config
+
+    config = _plan_config(model)
+    try:
+        return spec_from_config(config, dtype)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise OverspillError(f"cannot plan {model}: {str(exc).splitlines()[0] if str(exc) else repr(exc)}") from None
+
+
+def _plan_config(model: str) -> dict:
+    """Config dict for a shipped name, a directory, a config.json path or a cached Hugging Face id."""
+    import json
+
+    from .configs import SHIPPED, shipped_config
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise OverspillError(f"{model} has no config.json, so it is not a Hugging Face model directory")
+    if not path.is_file():
+        if model in SHIPPED:
+            return shipped_config(model)
+        path = _hub_config(model)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OverspillError(f"cannot read {path} as a JSON config: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise OverspillError(f"{path} is not a config.json: it holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _hub_config(repo_id: str) -> Path:
+    """config.json of a Hugging Face id, only from the local cache: planning never downloads."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise OverspillError(
+            f"model {repo_id!r} not found: it is not a directory, a config.json, a shipped config "
+            f"({', '.join(_shipped_names())}) or a Hugging Face id (owner/name)"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid repo id, unreadable cache: both mean "not available locally"
+        found = None
+    if not isinstance(found, str):
+        raise OverspillError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and overspill does not download; "
+            f"fetch it first (`hf download {repo_id} config.json`) or pass a local directory"
+        )
+    return Path(found)
+
+
+def _plan_profile(name: str | None) -> tuple[Profile, str | None]:
+    """(profile, note): the named reference, else this machine's probe if it has a GPU, else h100-pcie5."""
+    from .profile import REFERENCE_PROFILES
+
+    if name is not None:
+        profile = REFERENCE_PROFILES[name]
+        if profile.gpu_total_bytes == 0:
+            raise OverspillError(
+                f"profile {name!r} has no GPU to place layers on; pick a GPU profile with --profile "
+                f"({', '.join(n for n, p in sorted(REFERENCE_PROFILES.items()) if p.gpu_total_bytes)})"
+            )
+        return profile, None
+    fallback = (
+        "planned for the reference profile h100-pcie5, not a measured machine: "
+        "run `overspill probe` on the GPU machine and plan there for its own numbers"
+    )
+    if not _cuda_device_present():
+        return REFERENCE_PROFILES["h100-pcie5"], fallback
+    from .hardware import probe
+    from .sources import cache_dir
+
+    if not (cache_dir() / "profile.json").exists():
+        print("probing this machine once (about 10 s; `overspill probe` shows it)...", file=sys.stderr, flush=True)
+    profile = probe()
+    if profile.gpu_total_bytes == 0:  # a GPU is present but this torch cannot use it
+        return REFERENCE_PROFILES["h100-pcie5"], fallback
+    return profile, None
+
+
+def _cuda_device_present() -> bool:
+    """Whether the CUDA driver sees a GPU, asked through libcuda: importing torch to ask costs ~2 s."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
+    """Bytes from --gpu-memory; None ('auto' or absent) lets `plan_for` use free memory minus its margin."""
+    from .units import format_bytes, parse_budget
+
+    budget = parse_budget(gpu_memory)
+    if budget is None or budget == "auto":
+        return None
+    if budget > profile.gpu_free_bytes:
+        raise OverspillError(
+            f"--gpu-memory {format_bytes(budget)} is more than the {format_bytes(profile.gpu_free_bytes)} "
+            f"free on {profile.name}; pass a smaller --gpu-memory or another --profile"
+        )
+    return budget
 
 
 def main(argv: list[str] | None = None) -> int:

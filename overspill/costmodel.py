@@ -21,8 +21,8 @@ Derivation (decode, one step = one token for each of `batch` sequences):
 
 Prefill of a P-token prompt is one pass: t = max(t_link, 2 * active_params * P / matmul_rate, t_host).
 
-The CPU alone would decode at cpu_gemv_params_s / active_params tokens/s (host GEMV over all
-weights); a plan no faster than that gets a warning.
+The CPU alone would decode at 1 / (active_params / cpu_gemv_params_s + t_host) tokens/s (host
+GEMV over all weights, plus the same dispatch); a streaming plan no faster than that gets a warning.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def predict(
     )
     head = max(head_bytes / hbm, 2 * (head_bytes / dtype_bytes) * batch / mm)
     gpu = per_layer + head
+    if streamed_bytes and profile.h2d_bytes_s <= 0:
+        raise ValueError(f"profile {profile.name!r} has no host->GPU link to stream over")
     link = streamed_bytes / profile.h2d_bytes_s if streamed_bytes else 0.0
     host = profile.step_overhead_s + n * profile.layer_overhead_s
     step = max(link, gpu, host)
@@ -95,5 +97,5 @@ def predict(
         bottleneck=bottleneck,
         link_floor_tok_s=batch / link if link else None,
         prefill_tok_s=PREFILL_TOKENS / prefill,
-        cpu_only_tok_s=profile.cpu_gemv_params_s / active_params,
+        cpu_only_tok_s=1 / (active_params / profile.cpu_gemv_params_s + host),
     )

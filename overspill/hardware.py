@@ -192,34 +192,36 @@ def measure_cpu_gemv(rows: int = 14336, cols: int = 4096, iters: int = 5) -> flo
     return rows * cols / sorted(times)[len(times) // 2]
 
 
-def measure_dispatch(device: torch.device, tokens: int = 24) -> tuple[float, float]:
-    """Host time per decoder layer and per step of HF `generate` at decode, from tiny models.
+def measure_dispatch(device: torch.device, short: int = 8, long: int = 40) -> tuple[float, float]:
+    """Host time per decoder layer and per decode step of HF `generate`, from tiny models.
 
-    Decode of a tiny model is pure dispatch cost; timing 2- and 8-layer models separates the
+    A tiny model's decode is pure dispatch cost. Timing `short` and `long` generations gives the
+    per-token time without prefill and set-up; doing that for 2- and 8-layer models separates the
     per-layer slope from the per-step intercept (generate loop, sampling, masks).
     """
     import time
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    per_step = {}
+    def seconds(model, ids, tokens: int) -> float:
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    per_token = {}
     for layers in (2, 8):
         config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
         model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
         ids = torch.randint(0, 1024, (1, 8), device=device)
-        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, min_new_tokens=tokens)
-        model.generate(ids, max_new_tokens=4, **kw | {"min_new_tokens": 4})
-        samples = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens, **kw)
-            torch.cuda.synchronize()
-            samples.append((time.perf_counter() - t) / tokens)
-        per_step[layers] = sorted(samples)[1]
-    slope = max((per_step[8] - per_step[2]) / 6, 0.0)
-    return slope, max(per_step[2] - 2 * slope, 0.0)
+        seconds(model, ids, 4)
+        samples = sorted((seconds(model, ids, long) - seconds(model, ids, short)) / (long - short) for _ in range(3))
+        per_token[layers] = samples[1]
+    slope = max((per_token[8] - per_token[2]) / 6, 0.0)
+    return slope, max(per_token[2] - 2 * slope, 0.0)
 
 
 def profile_key(device: torch.device) -> str:

@@ -327,7 +327,7 @@ def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
         context=plan.workload.context,
     )
     notes = list(plan.notes)
-    if pred.decode_tok_s <= pred.cpu_only_tok_s:
+    if plan.streamed_bytes_per_step and pred.decode_tok_s <= pred.cpu_only_tok_s:
         notes.append(
             f"this plan is no faster than the CPU alone ({pred.decode_tok_s:.2f} vs {pred.cpu_only_tok_s:.2f} "
             f"tok/s predicted): the link is too slow for the bytes streamed per token"

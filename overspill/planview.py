@@ -1,0 +1,164 @@
+"""`overspill plan` output: a plan as a plain-text table and as one JSON object. Pure Python.
+
+The table answers "where does each byte live and what does a decode step cost": one row per run
+of consecutive layers with the same tier, then the embeddings, LM head, ring and workspace, then
+the cost model's prediction against the link floor. The JSON carries the same facts for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import groupby
+from typing import Any
+
+from .costmodel import PREFILL_TOKENS
+from .plan import Footprint, Plan, Tier
+from .profile import Profile
+from .spec import ModelSpec
+from .units import format_bytes
+
+TIER_LABELS = {
+    Tier.DEVICE: "device (resident)",
+    Tier.PINNED: "pinned (streamed)",
+    Tier.HOST: "host (CPU lookup)",
+}
+HEADER = ("part", "tier", "what", "size", "per decode step")
+
+
+def _span(first: int, last: int) -> str:
+    return f"layer {first}" if first == last else f"layers {first}-{last}"
+
+
+def layer_groups(plan: Plan) -> list[tuple[int, int, Tier]]:
+    """(first, last, tier) for each run of consecutive layers placed on the same tier."""
+    out = []
+    for tier, run in groupby(enumerate(plan.layer_tiers), key=lambda it: it[1]):
+        idx = [i for i, _ in run]
+        out.append((idx[0], idx[-1], tier))
+    return out
+
+
+def _layer_rows(plan: Plan, fp: Footprint) -> list[tuple[str, ...]]:
+    active = fp.layer_active_bytes or fp.layer_bytes
+    rows = []
+    for first, last, tier in layer_groups(plan):
+        stored = sum(fp.layer_bytes[first : last + 1])
+        read = sum(active[first : last + 1])
+        count = last - first + 1
+        if tier is Tier.PINNED:
+            # The ring copies whole layers (all experts of an MoE layer), once per step whatever the batch.
+            step = f"{format_bytes(stored)} over the link"
+        else:
+            step = f"{format_bytes(read)} read from HBM" + (" (routed experts)" if read < stored else "")
+        rows.append((_span(first, last), TIER_LABELS[tier], f"{count} layer{'s' * (count != 1)}",
+                     format_bytes(stored), step))
+    return rows
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
+    matrix = f"{spec.vocab_size} x {spec.hidden_size}"
+    rows = [HEADER, *_layer_rows(plan, fp)]
+    rows.append(("embeddings", TIER_LABELS[plan.embed_tier], matrix, format_bytes(fp.embed_bytes), "one row per token"))
+    if fp.tied_embeddings:
+        rows.append(("lm_head", TIER_LABELS[plan.head_tier], "tied to the embeddings", "0 B",
+                     f"{format_bytes(fp.embed_bytes)} read from HBM"))
+    else:
+        rows.append(("lm_head", TIER_LABELS[plan.head_tier], matrix, format_bytes(fp.head_bytes),
+                     f"{format_bytes(fp.head_bytes)} read from HBM"))
+    if fp.other_bytes:
+        rows.append(("final norm", Tier.DEVICE.value, "", format_bytes(fp.other_bytes), ""))
+    if plan.slots:
+        rows.append(("ring slots", Tier.DEVICE.value, f"{plan.slots} x {format_bytes(plan.slot_bytes)}",
+                     format_bytes(plan.slots * plan.slot_bytes), f"prefetch depth {plan.depth}"))
+    w = plan.workload
+    kv = fp.kv_bytes_per_token * w.context * w.batch
+    rows.append(("workspace", Tier.DEVICE.value,
+                 f"KV {format_bytes(kv)} ({w.context} tokens x batch {w.batch}) + activations "
+                 f"{format_bytes(plan.workspace_bytes - kv)}",
+                 format_bytes(plan.workspace_bytes), f"{format_bytes(kv)} KV read from HBM"))
+    budget = "no budget" if plan.budget_bytes is None else f"of {format_bytes(plan.budget_bytes)} budget"
+    rows.append(("total on GPU", "", "", format_bytes(plan.device_bytes), budget))
+    return rows
+
+
+def _prediction_lines(plan: Plan, profile: Profile) -> list[str]:
+    p = plan.prediction
+    if p is None:
+        return ["predicted decode: n/a (plan has no prediction)"]
+    b = plan.workload.batch
+    if p.link_floor_tok_s is not None:
+        floor = (f"link floor {p.link_floor_tok_s:.2f} tok/s ({format_bytes(plan.streamed_bytes_per_step)} "
+                 f"per step at {profile.h2d_bytes_s / 1e9:.1f} GB/s)")
+    else:
+        floor = "no link floor (nothing streams)"
+    lines = [
+        f"predicted decode: {p.decode_tok_s:.2f} tok/s at batch {b}; {floor}",
+        f"bottleneck: {p.bottleneck} (per step: link {p.link_s * 1e3:.1f} ms, GPU {p.gpu_s * 1e3:.1f} ms "
+        f"of which KV {p.kv_s * 1e3:.1f} ms, host dispatch {p.host_s * 1e3:.1f} ms)",
+        f"predicted prefill: ~{p.prefill_tok_s:.0f} tok/s ({PREFILL_TOKENS}-token prompt, batch 1)",
+        f"CPU alone: ~{p.cpu_only_tok_s:.2f} tok/s (host GEMV {profile.cpu_gemv_params_s / 1e9:.0f} G params/s)",
+    ]
+    if plan.max_batch is not None:
+        lines.append(f"largest batch at {plan.workload.context} tokens of context: {plan.max_batch}")
+    return lines
+
+
+def render(plan: Plan, fp: Footprint, spec: ModelSpec, profile: Profile, model: str | None = None) -> str:
+    """The plan as a table plus prediction lines, for `overspill plan`.
+
+    Args:
+        plan: a plan from `plan_for` (or any plan; without a prediction the speed lines say n/a).
+        fp: the footprint the plan was made from (byte counts per row).
+        spec: the model's spec (parameter count, matrix shapes).
+        profile: the machine the plan is for.
+        model: the name to show; defaults to the model type.
+    """
+    name = model or spec.model_type
+    kv = format_bytes(spec.kv_bytes_per_token)
+    head = [
+        f"model: {name} ({spec.model_type}, {spec.dtype}): {spec.num_params / 1e9:.2f} B parameters, "
+        f"{format_bytes(spec.total_bytes)} of weights, {spec.num_layers} layers, KV {kv} per token",
+        f"profile: {profile.name} (host->GPU {profile.h2d_bytes_s / 1e9:.1f} GB/s, "
+        f"{format_bytes(profile.gpu_free_bytes)} GPU memory free)",
+    ]
+    lines = [*head, "", _table(_rows(plan, fp, spec)), "", *_prediction_lines(plan, profile)]
+    lines.extend(f"note: {n}" for n in plan.notes)
+    if spec.approximate:
+        lines.append(f"note: model_type {spec.model_type!r} is not a supported architecture; sizes assume the Llama layout")
+    return "\n".join(lines)
+
+
+def spec_totals(spec: ModelSpec) -> dict[str, Any]:
+    """The spec's whole-model numbers (per-layer detail is in the plan's byte counts)."""
+    return {
+        "model_type": spec.model_type,
+        "dtype": spec.dtype,
+        "num_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "vocab_size": spec.vocab_size,
+        "num_params": spec.num_params,
+        "total_bytes": spec.total_bytes,
+        "layer_bytes": spec.layer_bytes,
+        "max_layer_bytes": spec.max_layer_bytes,
+        "embed_bytes": spec.embed_bytes,
+        "head_bytes": spec.head_bytes,
+        "active_bytes_per_token": spec.active_bytes,
+        "kv_bytes_per_token": spec.kv_bytes_per_token,
+        "tied_embeddings": spec.tied_embeddings,
+        "approximate": spec.approximate,
+    }
+
+
+def as_json(plan: Plan, spec: ModelSpec, profile: Profile, model: str) -> str:
+    """One JSON object: model name, profile name, spec totals and the plan as `Plan.to_json` writes it."""
+    return json.dumps(
+        {"model": model, "profile": profile.name, "spec": spec_totals(spec), "plan": json.loads(plan.to_json())},
+        indent=2,
+    )
