@@ -83,27 +83,18 @@ class LayerSpec:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    def _bytes_with_experts(self, experts: int) -> int:
+        return self.attention_bytes + self.mlp_bytes + self.router_bytes + self.norm_bytes + experts * self.expert_bytes
+
     @property
     def total_bytes(self) -> int:
         """Everything the layer stores, i.e. what streaming it in costs."""
-        return (
-            self.attention_bytes
-            + self.mlp_bytes
-            + self.router_bytes
-            + self.norm_bytes
-            + self.num_experts * self.expert_bytes
-        )
+        return self._bytes_with_experts(self.num_experts)
 
     @property
     def active_bytes(self) -> int:
         """Bytes read per token at batch 1: only the routed experts count."""
-        return (
-            self.attention_bytes
-            + self.mlp_bytes
-            + self.router_bytes
-            + self.norm_bytes
-            + self.active_experts * self.expert_bytes
-        )
+        return self._bytes_with_experts(self.active_experts)
 
     def kv_bytes(self, tokens: int, batch: int = 1) -> int:
         """KV cache bytes for ``batch`` sequences of ``tokens`` tokens."""
