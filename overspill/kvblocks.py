@@ -1,0 +1,414 @@
+"""Block bookkeeping for the tiered KV cache: which physical block of which tier holds which tokens.
+
+Pure Python (no torch), like nano-vllm's `block_manager.py` and the scheduler side of vLLM v1
+`kv_offload`: this module decides and records; `kv.py` owns the tensors and moves the bytes.
+
+KV lives in blocks of `block_tokens` tokens in the GPU tier or the pinned-host tier. A full
+("sealed") block is keyed by a hash chained over every token up to its end, so a later prompt
+sharing that prefix reuses it from either tier and skips that part of prefill. Unreferenced sealed
+blocks stay cached and are evicted LRU first; referenced or move-pinned blocks never are.
+Sequences hold logical blocks whose `BlockRef` changes only when a move completes (one update
+serves every sharer): re-read `block_table` after completing moves. Prompt blocks are registered
+at `allocate`, so their KV must be written in that step (each layer writes before attention reads).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import OverspillError
+
+__all__ = [
+    "Allocation", "BlockInfo", "BlockRef", "KVBlockManager", "KVCapacityError", "KVTier",
+    "KVUsage", "Move", "TierUsage", "block_hash", "prefix_hashes",
+]
+
+ROOT_HASH = 0  # parent hash of a sequence's first block
+
+
+class KVTier(str, enum.Enum):
+    """Where a KV block lives."""
+
+    GPU = "gpu"  # device memory, read in place by attention
+    HOST = "host"  # pinned host memory, copied in with its layer's weights
+
+
+class BlockRef(NamedTuple):
+    """A physical block: its tier and its index in that tier's block array (what `kv.py` indexes)."""
+
+    tier: KVTier
+    index: int
+
+
+class KVCapacityError(OverspillError):
+    """No free or evictable block is left: every block is referenced or pinned by a pending move."""
+
+
+def block_hash(parent: int, tokens: Sequence[int]) -> int:
+    """Hash of one full block chained onto its parent's, so it names the whole prefix.
+
+    blake2b of fixed-width bytes: equal across processes and machines (`hash()` is salted).
+    """
+    data = parent.to_bytes(16, "little") + struct.pack(f"<{len(tokens)}q", *tokens)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
+
+
+def prefix_hashes(token_ids: Sequence[int], block_tokens: int) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids`; a trailing partial block has none."""
+    hashes, h = [], ROOT_HASH
+    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
+        h = block_hash(h, token_ids[start : start + block_tokens])
+        hashes.append(h)
+    return hashes
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What `allocate` decided for a new sequence."""
+
+    seq_id: Hashable
+    blocks: tuple[BlockRef, ...]  # block table in token order
+    cached_tokens: int  # leading tokens whose KV already sits in `blocks`: prefill starts here
+    promote: tuple[BlockRef, ...]  # HOST-tier blocks of the cached prefix: candidates to move to GPU
+
+
+@dataclass(frozen=True)
+class Move:
+    """A pending copy of one block between tiers; both ends stay pinned until complete or abort."""
+
+    move_id: int
+    src: BlockRef
+    dst: BlockRef
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One occupied physical block, for debugging, tests and the server's stats."""
+
+    ref: BlockRef
+    ref_count: int  # sequences whose table holds it
+    prefix_hash: int | None  # None while partial, or when its tokens were never given
+    tokens: int
+    last_use: int  # manager tick of the last allocate/append/free/move touching it
+    pinned: bool  # source or reserved destination of a pending move
+    evictable: bool  # cached: sealed, unreferenced, unpinned
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """Block and byte counts of one tier; free + used + cached == total."""
+
+    tier: KVTier
+    total_blocks: int
+    used_blocks: int  # referenced by a sequence or pinned by a pending move
+    free_blocks: int
+    cached_blocks: int  # reusable by a prefix hit, evictable on demand
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    cached_bytes: int
+
+    @property
+    def available_blocks(self) -> int:
+        """Blocks an allocation can take now (free, or evicted from the cache)."""
+        return self.free_blocks + self.cached_blocks
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    """Accounting for the planner and the server: both tiers plus prefix-cache statistics."""
+
+    gpu: TierUsage
+    host: TierUsage
+    prefix_lookups: int  # successful `allocate` calls
+    lookup_tokens: int  # prompt tokens looked up
+    hit_tokens: int  # prompt tokens served from cache
+    evicted_blocks: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+
+@dataclass(slots=True, eq=False)  # eq=False: hashed by identity, a key of the LRU
+class _Block:
+    """A logical block; `loc` is where its bytes are now."""
+
+    loc: BlockRef
+    last_use: int
+    ref_count: int = 1
+    hash: int | None = None
+    tokens: int = 0
+    move: Move | None = None
+
+
+@dataclass(slots=True)
+class _Seq:
+    blocks: list[_Block]
+    n_tokens: int
+    partial: list[int]  # token ids of the unsealed last block
+    parent: int | None  # hash of the last sealed block; None once token ids went missing
+
+
+class KVBlockManager:
+    """Physical KV blocks of two tiers, shared by prefix hash, evicted LRU, moved in two phases.
+
+    Args:
+        block_tokens: tokens per block.
+        gpu_blocks, host_blocks: physical blocks per tier.
+        bytes_per_block: bytes of one block (all layers, K and V), for `usage()`.
+    """
+
+    def __init__(self, block_tokens: int, gpu_blocks: int, host_blocks: int, *, bytes_per_block: int = 0):
+        if block_tokens < 1 or min(gpu_blocks, host_blocks, bytes_per_block) < 0:
+            raise ValueError(f"bad KV block geometry: {block_tokens=} {gpu_blocks=} {host_blocks=} "
+                             f"{bytes_per_block=}")
+        self.block_tokens, self.bytes_per_block = block_tokens, bytes_per_block
+        self._slots: dict[KVTier, list[_Block | None]] = {KVTier.GPU: [None] * gpu_blocks,
+                                                          KVTier.HOST: [None] * host_blocks}
+        self._free = {t: deque(range(len(s))) for t, s in self._slots.items()}
+        self._lru: dict[KVTier, OrderedDict[_Block, None]] = {t: OrderedDict() for t in KVTier}  # LRU first
+        self._index: dict[int, _Block] = {}  # prefix hash -> the one block registered for reuse
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._moves: dict[int, _Block] = {}
+        self._move_ids = itertools.count()
+        self._tick = 0
+        self._lookups = self._lookup_tokens = self._hit_tokens = self._evicted = 0
+
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> Allocation:
+        """Give a new sequence its blocks, reusing the longest cached run of leading full blocks.
+
+        Fresh blocks go to the GPU tier while it has free or evictable blocks, then to HOST: a new
+        block is hot (attention reads it every step), a cached one only might be reused.
+
+        Raises:
+            KVCapacityError: not enough free or evictable blocks; nothing is changed.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        bt, n = self.block_tokens, len(token_ids)
+        hashes = prefix_hashes(token_ids, bt)
+        hits: list[_Block] = []
+        for h in hashes[: max(n - 1, 0) // bt]:  # leave one prompt token to compute: we need its logits
+            blk = self._index.get(h)
+            if blk is None:
+                break
+            hits.append(blk)
+        fresh = -(-n // bt) - len(hits)
+        self._check_capacity(fresh, reused=sum(self._is_cached(b) for b in hits))
+        self._tick += 1
+        for blk in hits:
+            self._ref(blk)
+        blocks = hits + [self._new_block() for _ in range(fresh)]
+        for i in range(len(hits), len(blocks)):
+            blocks[i].tokens = min(bt, n - i * bt)
+            if i < len(hashes):
+                self._seal(blocks[i], hashes[i])
+        partial = list(token_ids[len(hashes) * bt :])
+        self._seqs[seq_id] = _Seq(blocks, n, partial, hashes[-1] if hashes else ROOT_HASH)
+        self._lookups += 1
+        self._lookup_tokens += n
+        self._hit_tokens += len(hits) * bt
+        promote = tuple(b.loc for b in hits if b.loc.tier is KVTier.HOST and b.move is None)
+        return Allocation(seq_id, tuple(b.loc for b in blocks), len(hits) * bt, promote)
+
+    def append(
+        self, seq_id: Hashable, n_tokens: int = 1, token_ids: Sequence[int] | None = None
+    ) -> tuple[BlockRef, ...]:
+        """Grow a sequence by `n_tokens` (by `len(token_ids)` when ids are given); returns new blocks.
+
+        A block that fills up is sealed with its prefix hash so later requests can reuse it. Without
+        `token_ids` the hash chain breaks: this and later blocks of the sequence are never shared.
+
+        Raises:
+            KVCapacityError: a new block is needed and none can be freed; nothing is changed.
+        """
+        seq = self._seq(seq_id)
+        if token_ids is not None:
+            n_tokens = len(token_ids)
+        if n_tokens < 0:
+            raise ValueError(f"cannot append {n_tokens} tokens")
+        bt, start, total = self.block_tokens, seq.n_tokens, seq.n_tokens + n_tokens
+        fresh = -(-total // bt) - len(seq.blocks)
+        self._check_capacity(fresh)
+        self._tick += 1
+        new = [self._new_block() for _ in range(fresh)]
+        seq.blocks.extend(new)
+        if token_ids is None and n_tokens:
+            seq.parent = None
+        pos = start
+        while pos < total:  # one iteration per block touched
+            blk = seq.blocks[pos // bt]
+            take = min(bt - pos % bt, total - pos)
+            if seq.parent is not None:
+                seq.partial.extend(token_ids[pos - start : pos - start + take])  # type: ignore[index]
+            blk.tokens, blk.last_use, pos = blk.tokens + take, self._tick, pos + take
+            if blk.tokens == bt:
+                if seq.parent is not None:
+                    seq.parent = block_hash(seq.parent, seq.partial)
+                    self._seal(blk, seq.parent)
+                seq.partial = []
+        seq.n_tokens = total
+        return tuple(b.loc for b in new)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop a sequence's references: sealed blocks stay cached (evictable), the rest are freed."""
+        seq = self._seqs.pop(seq_id, None) or self._seq(seq_id)  # the latter raises KeyError
+        self._tick += 1
+        for blk in reversed(seq.blocks):  # tail first: it is useless without its prefix, so evict it first
+            self._unref(blk)
+
+    def block_table(self, seq_id: Hashable) -> tuple[BlockRef, ...]:
+        """Where a sequence's blocks are now, in token order (changes when a move completes)."""
+        return tuple(b.loc for b in self._seq(seq_id).blocks)
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        return self._seq(seq_id).n_tokens
+
+    def prepare_move(self, block: BlockRef, to_tier: KVTier) -> Move:
+        """Reserve a block in `to_tier` for a copy of `block`; pin both until complete or abort.
+
+        May evict the LRU cached block of `to_tier` to make room.
+
+        Raises:
+            KVCapacityError: `to_tier` has no free or evictable block; nothing is changed.
+        """
+        blk = self._slots[block.tier][block.index]
+        if blk is None or blk.loc != block:
+            raise ValueError(f"{block} holds no block (free, or the destination of a pending move)")
+        if blk.move is not None:
+            raise ValueError(f"{block} is already moving ({blk.move})")
+        if block.tier is to_tier:
+            raise ValueError(f"{block} is already in the {to_tier.value} tier")
+        index = self._take(to_tier)
+        if index is None:
+            raise KVCapacityError(f"cannot move {block} to the {to_tier.value} tier: {self._describe()}")
+        self._tick += 1
+        self._lru[block.tier].pop(blk, None)  # pinned: not evictable while the copy runs
+        self._slots[to_tier][index] = blk
+        blk.move = Move(next(self._move_ids), block, BlockRef(to_tier, index))
+        self._moves[blk.move.move_id] = blk
+        return blk.move
+
+    def complete_move(self, move: Move) -> None:
+        """The bytes have arrived: the block now lives at `move.dst` and its source is freed."""
+        self._finish(move, done=True)
+
+    def abort_move(self, move: Move) -> None:
+        """The copy did not happen: release the reserved destination; the block stays at `move.src`."""
+        self._finish(move, done=False)
+
+    def pending_moves(self) -> tuple[Move, ...]:
+        return tuple(b.move for b in self._moves.values())  # type: ignore[misc]
+
+    def block_info(self, ref: BlockRef) -> BlockInfo | None:
+        """State of one physical block; None when it is free."""
+        blk = self._slots[ref.tier][ref.index]
+        if blk is None:
+            return None
+        if blk.loc != ref:  # reserved destination of a pending move
+            return BlockInfo(ref, 0, None, 0, blk.last_use, pinned=True, evictable=False)
+        pinned, cached = blk.move is not None, self._is_cached(blk)
+        return BlockInfo(ref, blk.ref_count, blk.hash, blk.tokens, blk.last_use, pinned, cached)
+
+    def eviction_order(self, tier: KVTier) -> tuple[BlockRef, ...]:
+        """Cached blocks of a tier, next to be evicted first (e.g. to demote GPU blocks to HOST)."""
+        return tuple(b.loc for b in self._lru[tier])
+
+    def usage(self) -> KVUsage:
+        def tier(t: KVTier) -> TierUsage:
+            blocks = (len(self._slots[t]), len(self._slots[t]) - len(self._free[t]) - len(self._lru[t]),
+                      len(self._free[t]), len(self._lru[t]))
+            return TierUsage(t, *blocks, *(b * self.bytes_per_block for b in blocks))
+
+        return KVUsage(tier(KVTier.GPU), tier(KVTier.HOST), self._lookups, self._lookup_tokens,
+                       self._hit_tokens, self._evicted)
+
+    def _seq(self, seq_id: Hashable) -> _Seq:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        return seq
+
+    def _finish(self, move: Move, done: bool) -> None:
+        blk = self._moves.pop(move.move_id, None)
+        if blk is None or blk.move != move:
+            raise ValueError(f"{move} is not pending")
+        self._tick += 1
+        self._free_slot(move.src if done else move.dst)
+        blk.move = None
+        if done:
+            blk.loc, blk.last_use = move.dst, self._tick
+        if blk.ref_count == 0:
+            self._release(blk)
+
+    def _free_slot(self, ref: BlockRef) -> None:
+        self._slots[ref.tier][ref.index] = None
+        self._free[ref.tier].append(ref.index)
+
+    def _is_cached(self, blk: _Block) -> bool:
+        return blk in self._lru[blk.loc.tier]
+
+    def _describe(self) -> str:
+        tiers = ", ".join(f"{t.value} {len(self._free[t])} free + {len(self._lru[t])} cached of "
+                          f"{len(self._slots[t])}" for t in KVTier)
+        return f"{tiers}; {len(self._seqs)} sequences and {len(self._moves)} pending moves hold the rest"
+
+    def _check_capacity(self, need: int, reused: int = 0) -> None:
+        """Fail before changing anything; `reused` cached blocks are about to be referenced."""
+        available = sum(len(self._free[t]) + len(self._lru[t]) for t in KVTier) - reused
+        if need > available:
+            raise KVCapacityError(
+                f"KV cache full: {need} blocks of {self.block_tokens} tokens needed, {available} can be "
+                f"freed ({self._describe()}). Free finished sequences, admit fewer at once, or give the "
+                "KV cache more memory."
+            )
+
+    def _take(self, tier: KVTier) -> int | None:
+        """A physical index in `tier`: a free one, else the LRU cached block's (evicted)."""
+        if self._free[tier]:
+            return self._free[tier].popleft()
+        if self._lru[tier]:
+            blk, _ = self._lru[tier].popitem(last=False)
+            del self._index[blk.hash]  # type: ignore[arg-type]
+            self._evicted += 1
+            return blk.loc.index
+        return None
+
+    def _new_block(self) -> _Block:
+        for tier in (KVTier.GPU, KVTier.HOST):
+            index = self._take(tier)
+            if index is not None:
+                self._slots[tier][index] = blk = _Block(BlockRef(tier, index), self._tick)
+                return blk
+        raise AssertionError("capacity was checked before allocating")
+
+    def _seal(self, blk: _Block, h: int) -> None:
+        blk.hash = h
+        self._index.setdefault(h, blk)  # a duplicate of a registered block stays private
+
+    def _ref(self, blk: _Block) -> None:
+        self._lru[blk.loc.tier].pop(blk, None)
+        blk.ref_count += 1
+        blk.last_use = self._tick
+
+    def _unref(self, blk: _Block) -> None:
+        blk.ref_count -= 1
+        blk.last_use = self._tick
+        if blk.ref_count == 0 and blk.move is None:
+            self._release(blk)
+
+    def _release(self, blk: _Block) -> None:
+        """An unreferenced, unpinned block: cached if registered for reuse, else freed."""
+        if blk.hash is not None and self._index.get(blk.hash) is blk:
+            blk.last_use = self._tick  # the LRU stays ordered by last use
+            self._lru[blk.loc.tier][blk] = None
+        else:
+            self._free_slot(blk.loc)

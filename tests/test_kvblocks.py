@@ -1,0 +1,400 @@
+"""Scenario tests of the KV block manager: prefix reuse, tiers, LRU eviction, two-phase moves (no torch)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from overspill.errors import OverspillError
+from overspill.kvblocks import (
+    BlockRef,
+    KVBlockManager,
+    KVCapacityError,
+    KVTier,
+    prefix_hashes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU, HOST = KVTier.GPU, KVTier.HOST
+BT = 4  # tokens per block: small so scenarios stay readable
+
+
+def toks(start: int, n: int) -> list[int]:
+    return list(range(start, start + n))
+
+
+def snapshot(m: KVBlockManager, seqs) -> tuple:
+    """Everything observable, to assert that a failed call changed nothing."""
+    return m.usage(), {s: m.block_table(s) for s in seqs}, m.pending_moves()
+
+
+def all_blocks(m: KVBlockManager):
+    u = m.usage()
+    for tier, total in ((GPU, u.gpu.total_blocks), (HOST, u.host.total_blocks)):
+        for i in range(total):
+            yield BlockRef(tier, i), m.block_info(BlockRef(tier, i))
+
+
+def check_invariants(m: KVBlockManager, seqs: dict, moves: dict) -> None:
+    """Args: `seqs`, expected token ids per sequence (None: appended without ids); `moves`, pending
+    move -> its source's prefix hash at prepare time."""
+    bt = m.block_tokens
+    # per-tier accounting from a scan of every physical block matches usage()
+    u = m.usage()
+    for tu in (u.gpu, u.host):
+        infos = [info for ref, info in all_blocks(m) if ref.tier is tu.tier]
+        assert tu.free_blocks == sum(i is None for i in infos)
+        assert tu.cached_blocks == sum(i is not None and i.evictable for i in infos)
+        assert tu.free_blocks + tu.used_blocks + tu.cached_blocks == tu.total_blocks
+        assert tu.used_bytes == tu.used_blocks * m.bytes_per_block
+        assert [m.block_info(r).last_use for r in m.eviction_order(tu.tier)] == sorted(
+            m.block_info(r).last_use for r in m.eviction_order(tu.tier))
+    # every table entry is live, referenced exactly once per table, and holds the right tokens
+    uses = Counter(ref for s in seqs for ref in m.block_table(s))
+    for s, tokens in seqs.items():
+        table = m.block_table(s)
+        assert m.num_tokens(s) == len(tokens) and len(table) == -(-len(tokens) // bt)
+        for i, ref in enumerate(table):
+            info = m.block_info(ref)
+            assert info is not None and info.ref_count >= 1 and not info.evictable
+            assert info.tokens == min(bt, len(tokens) - i * bt)
+            known = None not in tokens[: (i + 1) * bt]
+            expected = prefix_hashes(tokens[: (i + 1) * bt], bt)[i] if info.tokens == bt and known else None
+            assert info.prefix_hash == expected  # an evicted and reused block would show another hash
+    for ref, info in all_blocks(m):
+        if info is None:
+            continue
+        assert info.ref_count == uses[ref] >= 0
+        assert uses[ref] <= 1 or info.prefix_hash is not None  # shared only via a prefix hit
+        assert info.ref_count > 0 or info.evictable or info.pinned  # nothing leaked
+        assert not info.evictable or (info.prefix_hash is not None and not info.pinned)
+    # pending moves: both ends pinned; the destination is in no table; the source was not reassigned
+    assert set(m.pending_moves()) == set(moves)
+    for mv, src_hash in moves.items():
+        src, dst = m.block_info(mv.src), m.block_info(mv.dst)
+        assert src.pinned and dst.pinned and not src.evictable and not dst.evictable
+        assert dst.ref_count == 0 and dst.tokens == 0 and uses[mv.dst] == 0
+        assert src_hash is None or src.prefix_hash == src_hash
+
+
+def test_shared_prefix_reuses_only_full_blocks() -> None:
+    m = KVBlockManager(BT, gpu_blocks=8, host_blocks=0)
+    prefix = toks(100, 10)  # 2.5 blocks
+    a = m.allocate("a", prefix)
+    # first request: nothing cached, three blocks (the third holds 2 tokens)
+    assert a.cached_tokens == 0 and len(a.blocks) == 3
+    b = m.allocate("b", prefix + toks(500, 6))
+    # second request: the two full blocks are shared, prefill starts at token 8
+    assert b.cached_tokens == 8 and len(b.blocks) == 4
+    assert b.blocks[:2] == a.blocks[:2] and b.blocks[2] != a.blocks[2]
+    assert m.block_info(a.blocks[0]).ref_count == 2 and m.block_info(a.blocks[2]).ref_count == 1
+    # statistics count the lookups and the hit
+    u = m.usage()
+    assert (u.prefix_lookups, u.lookup_tokens, u.hit_tokens) == (2, 26, 8)
+    check_invariants(m, {"a": prefix, "b": prefix + toks(500, 6)}, {})
+
+
+def test_identical_prompt_twice_shares_full_blocks_only() -> None:
+    m = KVBlockManager(BT, gpu_blocks=8, host_blocks=0)
+    prompt = toks(0, 10)
+    a, b = m.allocate("a", prompt), m.allocate("b", prompt)
+    # all full blocks reused; the partial last block is private to each sequence
+    assert b.cached_tokens == 8 and b.blocks[:2] == a.blocks[:2] and b.blocks[2] != a.blocks[2]
+    assert m.block_info(a.blocks[2]).prefix_hash is None
+    # a block-aligned prompt still leaves its last block to compute: the model needs the last logits
+    c, d = m.allocate("c", toks(50, 8)), m.allocate("d", toks(50, 8))
+    assert d.cached_tokens == 4 and d.blocks[0] == c.blocks[0] and d.blocks[1] != c.blocks[1]
+    # d's recomputed last block is a private duplicate: freeing leaves one cached copy per prefix
+    m.free("d")
+    assert m.block_info(c.blocks[1]).ref_count == 1 and m.usage().gpu.cached_blocks == 0
+    check_invariants(m, {"a": prompt, "b": prompt, "c": toks(50, 8)}, {})
+
+
+def test_prefix_cached_in_host_tier_is_found() -> None:
+    m = KVBlockManager(BT, gpu_blocks=0, host_blocks=4)
+    # no GPU blocks at all: the prompt lands in HOST and stays cached there after free
+    a = m.allocate("a", toks(0, 9))
+    assert [r.tier for r in a.blocks] == [HOST] * 3
+    m.free("a")
+    assert m.usage().host.cached_blocks == 2 and m.usage().host.free_blocks == 2
+    # the next request hits both HOST blocks and is told they could be promoted
+    b = m.allocate("b", toks(0, 9))
+    assert b.cached_tokens == 8 and b.blocks[:2] == a.blocks[:2] and b.promote == a.blocks[:2]
+
+
+def test_demoted_prefix_is_found_in_host_and_promoted() -> None:
+    m = KVBlockManager(BT, gpu_blocks=4, host_blocks=4)
+    a = m.allocate("a", toks(0, 9))
+    # demote the first full block to HOST, then free the sequence
+    mv = m.prepare_move(a.blocks[0], HOST)
+    m.complete_move(mv)
+    m.free("a")
+    # the new request finds block 0 in HOST and block 1 in GPU
+    b = m.allocate("b", toks(0, 9))
+    assert b.cached_tokens == 8 and b.blocks[0] == mv.dst and b.blocks[1] == a.blocks[1]
+    assert b.promote == (mv.dst,)
+    # promoting it moves it back to GPU for the sequence that holds it
+    up = m.prepare_move(b.promote[0], GPU)
+    m.complete_move(up)
+    assert m.block_table("b")[0].tier is GPU
+    check_invariants(m, {"b": toks(0, 9)}, {})
+
+
+def test_gpu_full_spills_to_host_then_capacity_error() -> None:
+    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=2)
+    # the first sequence fills the GPU tier
+    assert [r.tier for r in m.allocate("a", toks(0, 8)).blocks] == [GPU, GPU]
+    # the second spills to HOST
+    assert [r.tier for r in m.allocate("b", toks(100, 6)).blocks] == [HOST, HOST]
+    # both tiers full and everything referenced: a clear error, and nothing changed
+    before = snapshot(m, ["a", "b"])
+    full = r"KV cache full: 1 blocks .* 0 can be freed .*2 sequences"
+    with pytest.raises(KVCapacityError, match=full) as e:
+        m.allocate("c", toks(200, 1))
+    assert isinstance(e.value, OverspillError) and "Free finished sequences" in str(e.value)
+    assert snapshot(m, ["a", "b"]) == before
+    # growing b past its partial block fails the same way, all or nothing
+    with pytest.raises(KVCapacityError):
+        m.append("b", token_ids=toks(300, 3))
+    assert snapshot(m, ["a", "b"]) == before and m.num_tokens("b") == 6
+    # freeing a makes room again
+    m.free("a")
+    assert m.allocate("c", toks(200, 1)).blocks[0].tier is GPU
+
+
+def test_lru_eviction_order() -> None:
+    m = KVBlockManager(BT, gpu_blocks=3, host_blocks=0)
+    refs = {s: m.allocate(s, toks(10 * i, BT)).blocks[0] for i, s in enumerate("abc")}
+    # free in the order a, c, b: that is the eviction order
+    for s in "acb":
+        m.free(s)
+    assert m.eviction_order(GPU) == (refs["a"], refs["c"], refs["b"])
+    # a new sequence takes the least recently used block: a's
+    assert m.allocate("d", toks(90, BT)).blocks == (refs["a"],)
+    assert m.usage().evicted_blocks == 1 and m.eviction_order(GPU) == (refs["c"], refs["b"])
+    # a prefix hit takes c out of the cache; e's second block evicts b, the next least recent
+    e = m.allocate("e", toks(20, BT + 1))
+    assert e.cached_tokens == BT and e.blocks == (refs["c"], refs["b"]) and m.eviction_order(GPU) == ()
+    # freeing e puts c back (its unsealed tail is simply freed), then d's block follows
+    m.free("e")
+    m.free("d")
+    assert m.eviction_order(GPU) == (refs["c"], refs["a"]) and m.usage().gpu.free_blocks == 1
+
+
+def test_free_caches_the_tail_first() -> None:
+    m = KVBlockManager(BT, gpu_blocks=4, host_blocks=0)
+    a = m.allocate("a", toks(0, 12))
+    m.free("a")
+    # the last block is evicted first: it is worthless once its prefix is gone
+    assert m.eviction_order(GPU) == a.blocks[::-1]
+
+
+def test_eviction_spares_referenced_and_pinned_blocks() -> None:
+    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=1)
+    a = m.allocate("a", toks(0, BT))
+    m.free("a")
+    # a's block is cached (evictable) until a move pins it
+    mv = m.prepare_move(a.blocks[0], HOST)
+    assert m.usage().gpu.cached_blocks == 0 and m.block_info(a.blocks[0]).pinned
+    # b takes the last free GPU block; c finds only a pinned block and a reserved one
+    m.allocate("b", toks(50, BT))
+    with pytest.raises(KVCapacityError, match="1 pending moves"):
+        m.allocate("c", toks(90, 1))
+    # aborting unpins a's block: cached again, so c can evict it
+    m.abort_move(mv)
+    assert m.eviction_order(GPU) == (a.blocks[0],)
+    assert m.allocate("c", toks(90, 1)).blocks == a.blocks
+
+
+def test_two_phase_move() -> None:
+    m = KVBlockManager(BT, gpu_blocks=4, host_blocks=2, bytes_per_block=1000)
+    a = m.allocate("a", toks(0, 8))
+    b = m.allocate("b", toks(0, 9))  # shares a's first block
+    src = a.blocks[0]
+    # prepare reserves a HOST block and pins both ends
+    mv = m.prepare_move(src, HOST)
+    assert mv.src == src and mv.dst.tier is HOST
+    assert m.block_info(src).pinned and m.block_info(mv.dst).pinned
+    assert m.usage().host.used_blocks == 1 and m.block_table("a")[0] == src
+    check_invariants(m, {"a": toks(0, 8), "b": toks(0, 9)}, {mv: m.block_info(src).prefix_hash})
+    # a block cannot move twice at once, nor move to its own tier
+    with pytest.raises(ValueError, match="already moving"):
+        m.prepare_move(src, HOST)
+    with pytest.raises(ValueError, match="already in the gpu tier"):
+        m.prepare_move(a.blocks[1], GPU)
+    # complete swaps the mapping for every sequence sharing the block; the GPU source is freed
+    m.complete_move(mv)
+    assert m.block_table("a")[0] == mv.dst == m.block_table("b")[0]
+    assert m.block_info(src) is None and m.block_info(mv.dst).ref_count == 2
+    with pytest.raises(ValueError, match="not pending"):
+        m.complete_move(mv)
+    # abort releases the reservation and leaves the block where it was
+    mv2 = m.prepare_move(a.blocks[1], HOST)
+    m.abort_move(mv2)
+    assert m.block_info(mv2.dst) is None and m.block_table("a")[1] == a.blocks[1]
+    assert not m.block_info(a.blocks[1]).pinned and m.usage().host.used_blocks == 1
+    # a move into a full tier fails cleanly (HOST: one referenced, one reserved by a pending move)
+    mv3 = m.prepare_move(b.blocks[2], HOST)
+    before = snapshot(m, ["a", "b"])
+    with pytest.raises(KVCapacityError, match="cannot move"):
+        m.prepare_move(a.blocks[1], HOST)
+    assert snapshot(m, ["a", "b"]) == before
+    m.complete_move(mv3)
+    check_invariants(m, {"a": toks(0, 8), "b": toks(0, 9)}, {})
+
+
+def test_move_of_a_freed_block_settles_on_completion() -> None:
+    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=2)
+    m.allocate("a", toks(0, 6))
+    full, partial = m.block_table("a")
+    moves = [m.prepare_move(full, HOST), m.prepare_move(partial, HOST)]
+    # freeing while moving keeps both pinned: nothing is cached or freed yet
+    m.free("a")
+    assert m.usage().gpu.used_blocks == 2 and m.usage().host.used_blocks == 2
+    # on completion the sealed block is cached in HOST and the partial one freed
+    for mv in moves:
+        m.complete_move(mv)
+    assert m.eviction_order(HOST) == (moves[0].dst,) and m.usage().host.free_blocks == 1
+    assert m.usage().gpu.free_blocks == 2
+
+
+def test_usage_numbers() -> None:
+    m = KVBlockManager(BT, gpu_blocks=4, host_blocks=6, bytes_per_block=1 << 20)
+    m.allocate("a", toks(0, 10))  # 3 GPU blocks
+    m.allocate("b", toks(100, 8))  # 1 GPU + 1 HOST
+    m.free("b")  # both full: cached
+    u = m.usage()
+    assert (u.gpu.total_blocks, u.gpu.used_blocks, u.gpu.free_blocks, u.gpu.cached_blocks) == (4, 3, 0, 1)
+    assert (u.host.total_blocks, u.host.used_blocks, u.host.free_blocks, u.host.cached_blocks) == (6, 0, 5, 1)
+    assert u.gpu.total_bytes == 4 << 20 and u.host.cached_bytes == 1 << 20 and u.host.available_blocks == 6
+    assert u.hit_rate == 0.0 and u.evicted_blocks == 0
+
+
+def test_append_seals_blocks_for_reuse() -> None:
+    m = KVBlockManager(BT, gpu_blocks=8, host_blocks=0)
+    m.allocate("a", toks(0, 3))
+    # one decoded token fills the first block: it is sealed with the hash of the whole prefix
+    assert m.append("a", token_ids=[3]) == ()
+    assert m.block_info(m.block_table("a")[0]).prefix_hash == prefix_hashes(toks(0, 4), BT)[0]
+    # the next token needs a new block
+    (new,) = m.append("a", token_ids=[4])
+    assert m.block_table("a") [1] == new and m.num_tokens("a") == 5
+    # several tokens at once cross a block boundary
+    m.append("a", token_ids=toks(5, 6))
+    assert m.num_tokens("a") == 11 and len(m.block_table("a")) == 3
+    # a later prompt that repeats prompt + generated text reuses the generated blocks
+    assert m.allocate("b", toks(0, 11)).cached_tokens == 8
+    check_invariants(m, {"a": toks(0, 11), "b": toks(0, 11)}, {})
+
+
+def test_append_without_token_ids_is_never_shared() -> None:
+    m = KVBlockManager(BT, gpu_blocks=8, host_blocks=0)
+    m.allocate("a", toks(0, 2))
+    # tokens of unknown ids: blocks fill up but carry no hash
+    m.append("a", n_tokens=7)
+    assert [m.block_info(r).prefix_hash for r in m.block_table("a")] == [None, None, None]
+    # so freeing returns them all to the free list
+    m.free("a")
+    assert m.usage().gpu.free_blocks == 8
+
+
+def test_errors_for_misuse() -> None:
+    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=0)
+    m.allocate("a", toks(0, 1))
+    with pytest.raises(ValueError, match="already allocated"):
+        m.allocate("a", toks(0, 1))
+    with pytest.raises(KeyError, match="unknown sequence"):
+        m.free("zz")
+    with pytest.raises(ValueError, match="holds no block"):
+        m.prepare_move(BlockRef(GPU, 1), GPU)
+    with pytest.raises(ValueError, match="bad KV block geometry"):
+        KVBlockManager(0, 1, 1)
+
+
+def test_no_leak_after_allocate_free_cycles() -> None:
+    m = KVBlockManager(BT, gpu_blocks=6, host_blocks=6)
+    rng = random.Random(0)
+    # 200 cycles of two overlapping sequences, with decode steps between
+    for i in range(200):
+        base = toks(rng.randrange(3) * 100, rng.randrange(1, 14))
+        m.allocate(("x", i), base)
+        m.allocate(("y", i), base + toks(1000 + i, rng.randrange(4)))
+        m.append(("x", i), token_ids=[i % 50])
+        m.free(("y", i))
+        m.free(("x", i))
+    # no block is referenced or pinned; every sealed block is still cached
+    u = m.usage()
+    assert u.gpu.used_blocks == 0 and u.host.used_blocks == 0
+    assert all(info is None or (info.ref_count == 0 and info.evictable) for _, info in all_blocks(m))
+    assert u.hit_tokens > 0
+
+
+def test_randomized_invariants() -> None:
+    rng = random.Random(1234)
+    m = KVBlockManager(BT, gpu_blocks=10, host_blocks=8, bytes_per_block=64)
+    seqs: dict[int, list] = {}  # expected token ids (None: appended without ids)
+    moves: dict = {}  # pending move -> source prefix hash at prepare
+    prefixes = [toks(0, 11), toks(100, 6), toks(200, 13)]
+    failures = 0
+    for step in range(2000):
+        op = rng.random()
+        before = snapshot(m, seqs)
+        try:
+            if op < 0.3 or not seqs:  # allocate: a shared prefix (cut anywhere) plus a random tail
+                tail = toks(rng.randrange(1000, 1010), rng.randrange(5))
+                prompt = rng.choice(prefixes)[: rng.randrange(14)] + tail
+                alloc = m.allocate(step, prompt)
+                assert alloc.cached_tokens % BT == 0 and alloc.cached_tokens < max(len(prompt), 1)
+                seqs[step] = prompt
+            elif op < 0.55:  # append a few tokens, usually with ids
+                s = rng.choice(sorted(seqs))
+                ids = toks(rng.randrange(2000, 2005), rng.randrange(1, 6))
+                if rng.random() < 0.1:
+                    m.append(s, n_tokens=len(ids))
+                    ids = [None] * len(ids)
+                else:
+                    m.append(s, token_ids=ids)
+                seqs[s] = seqs[s] + ids
+            elif op < 0.75:  # free a sequence
+                s = rng.choice(sorted(seqs))
+                m.free(s)
+                del seqs[s]
+            elif op < 0.88:  # start a move of any live, unpinned block to the other tier
+                live = [(r, i) for r, i in all_blocks(m) if i is not None and not i.pinned]
+                if live:
+                    ref, info = rng.choice(live)
+                    moves[m.prepare_move(ref, HOST if ref.tier is GPU else GPU)] = info.prefix_hash
+            elif moves:  # finish a pending move, either way
+                mv = rng.choice(sorted(moves, key=lambda x: x.move_id))
+                del moves[mv]
+                m.complete_move(mv) if rng.random() < 0.7 else m.abort_move(mv)
+        except KVCapacityError:
+            failures += 1
+            assert snapshot(m, seqs) == before  # a refused call changes nothing
+        check_invariants(m, seqs, moves)
+    # the run exercised the interesting paths
+    u = m.usage()
+    assert failures > 10 and u.hit_tokens > 0 and u.evicted_blocks > 10
+
+
+def test_prefix_hashes_are_stable_across_processes() -> None:
+    code = "from overspill.kvblocks import prefix_hashes; print(prefix_hashes(list(range(40)), 16))"
+    outs = {
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert outs == {f"{prefix_hashes(list(range(40)), 16)}\n"}
+    # chained: equal block contents after different prefixes hash differently
+    assert prefix_hashes([1, 2, 3, 4] * 2, 4)[0] != prefix_hashes([1, 2, 3, 4] * 2, 4)[1]
+
+
+def test_imports_without_torch() -> None:
+    code = "import overspill.kvblocks, sys; assert 'torch' not in sys.modules, 'kvblocks imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
