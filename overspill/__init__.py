@@ -6,7 +6,7 @@
 
 from typing import Any
 
-__all__ = ["load", "OverspillError"]
+__all__ = ["load", "enable_unified_memory", "OverspillError"]
 __version__ = "0.1.0"
 
 from .errors import OverspillError
@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from .api import load
 
         return load
+    if name == "enable_unified_memory":
+        from .unified import enable_unified_memory
+
+        return enable_unified_memory
     raise AttributeError(f"module 'overspill' has no attribute {name!r}")
