@@ -16,6 +16,10 @@ class HostCopier:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> None:
         dst.copy_(src)
 
+    def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int) -> None:
+        for dst, src in pairs:
+            dst.copy_(src)
+
     def wait_ready(self, slot: int) -> None:
         pass
 
@@ -42,10 +46,15 @@ class CudaCopier:
         self.done_recorded = [False] * slots
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> None:
+        self.copy_many([(dst, src)], slot)
+
+    def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int) -> None:
+        """Copy every (dst, src) pair into `slot` once its last user is done; one ready event for all."""
         if self.done_recorded[slot]:
             self.stream.wait_event(self.done[slot])
         with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
         self.ready[slot].record(self.stream)
 
     def wait_ready(self, slot: int) -> None:

@@ -117,3 +117,24 @@ def test_pinned_host_buffers_are_page_locked():
 
     buf = pinned_bytes(3 * 2**20 + 17)
     assert buf.is_pinned() and buf.numel() == 3 * 2**20 + 17
+
+
+@pytest.mark.parametrize("host_fraction", [0.5, 1.0])
+def test_tiered_cache_on_cuda_matches_dynamic_cache(tiny_checkpoint, host_fraction):
+    """Host-tier KV staged through the CUDA ring (side stream, events) gives the default cache's tokens."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from overspill.kv import TieredCache, cache_kwargs
+
+    path, config = tiny_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, config.vocab_size, (2, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    host = set(range(int(config.num_hidden_layers * host_fraction)))
+    cache = TieredCache(model.config, host, capacity=256, block_tokens=16)
+    kw = dict(attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **kw)
+    got = model.generate(ids, **cache_kwargs(model, cache), **kw)
+    assert torch.equal(got, want)
+    assert cache.memory()["host_bytes"] > 0 or not cache.host_layer_indices

@@ -1,0 +1,225 @@
+"""`TieredCache`: a transformers cache whose chosen layers keep their KV in pinned host memory.
+
+Layers on the GPU tier are transformers' own dynamic layers. A host-tier layer (`HostKVLayer`)
+stores its KV token-major (`[capacity, batch, kv_heads, head_dim]`) in pinned host memory, so the
+first `n` tokens are one contiguous range and move in one copy. New tokens are written on the
+device: the partial last block (the tail) stays there, and each block that fills up is copied to
+host memory on the compute stream (stream order makes it visible to the next prefetch).
+
+When the model runs, the host-tier layers' KV visits a ring of device staging slots, like
+streamed weights: `KVRing` copies layer i+depth's host blocks on a side stream while layer i
+attends, cyclically across decode steps, with no host synchronisation. A slot is marked done
+when the next host-tier layer starts (its attention has been enqueued by then).
+
+The cache does not share blocks between sequences yet (prefix reuse builds on
+`overspill.kvblocks`), and crop/beam reordering of host-tier layers is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .errors import OverspillError
+from .layout import host_bytes
+from .streams import CudaCopier, HostCopier
+
+DEFAULT_BLOCK_TOKENS = 256
+
+
+class KVRing:
+    """Stages host-tier layers' KV on the device, `depth` layers ahead, cyclically over steps."""
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self.layers: list[HostKVLayer] = []
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.copier: CudaCopier | HostCopier | None = None
+        self.visit: int | None = None
+        self.issued = 0
+        self.pending_done: int | None = None
+        self.restarts = 0
+
+    def add(self, layer: "HostKVLayer") -> int:
+        self.layers.append(layer)
+        return len(self.layers) - 1
+
+    def ensure_slots(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate staging slots once the first layer knows batch, heads and head size."""
+        if self.slots:
+            if self.slots[0][0].shape != shape:
+                raise OverspillError("a TieredCache serves one batch shape; create a new cache for a new batch")
+            return
+        n = min(self.depth + 1, len(self.layers))
+        self.slots = [
+            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(n)
+        ]
+        self.copier = CudaCopier(device, n) if device.type == "cuda" else HostCopier()
+
+    def _issue(self, visit: int) -> None:
+        layer = self.layers[visit % len(self.layers)]
+        slot = visit % len(self.slots)
+        k, v = self.slots[slot]
+        n = layer.host_tokens if layer.is_initialized else 0
+        pairs = [(k[:n], layer.host_k[:n]), (v[:n], layer.host_v[:n])] if n else []
+        self.copier.copy_many(pairs, slot)
+
+    def enter(self, position: int) -> int:
+        """Layer `position` is about to attend: returns its staging slot holding its host tokens."""
+        count = len(self.layers)
+        if self.pending_done is not None:
+            self.copier.mark_done(self.pending_done)
+            self.pending_done = None
+        if self.visit is None or self.visit % count != position:
+            self.copier.synchronize()
+            self.restarts += 1
+            self.visit = position
+            self.issued = position
+        while self.issued <= self.visit + len(self.slots) - 1:
+            self._issue(self.issued)
+            self.issued += 1
+        slot = self.visit % len(self.slots)
+        self.copier.wait_ready(slot)
+        self.pending_done = slot
+        self.visit += 1
+        return slot
+
+
+class HostKVLayer(DynamicLayer):
+    """A full-attention layer's KV in pinned host memory, staged on the device through a `KVRing`."""
+
+    is_croppable = False
+
+    def __init__(self, ring: KVRing, capacity: int, block_tokens: int = DEFAULT_BLOCK_TOKENS):
+        super().__init__()
+        self.ring = ring
+        self.position = ring.add(self)
+        self.capacity = -(-capacity // block_tokens) * block_tokens
+        self.block_tokens = block_tokens
+        self.length = 0  # tokens held (host blocks + device tail)
+        self.host_tokens = 0  # tokens in host memory, a multiple of block_tokens
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        shape = (self.capacity, batch, heads, head_dim)
+        nbytes = self.capacity * batch * heads * head_dim * key_states.element_size()
+        pinned = self.device.type == "cuda"
+        self.host_k = host_bytes(nbytes, pinned).view(self.dtype).view(shape)
+        self.host_v = host_bytes(nbytes, pinned).view(self.dtype).view(shape)
+        self.tail_k = torch.empty((self.block_tokens, batch, heads, head_dim), dtype=self.dtype, device=self.device)
+        self.tail_v = torch.empty_like(self.tail_k)
+        self.ring.ensure_slots(shape, self.dtype, self.device)
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        total = self.length + new
+        if total > self.capacity:
+            raise OverspillError(
+                f"sequence of {total} tokens exceeds the KV capacity of {self.capacity}; load with a larger context"
+            )
+        slot = self.ring.enter(self.position)
+        sk, sv = self.ring.slots[slot]
+        start, tail = self.host_tokens, self.length - self.host_tokens
+        if tail:
+            sk[start : self.length].copy_(self.tail_k[:tail])
+            sv[start : self.length].copy_(self.tail_v[:tail])
+        sk[self.length : total].copy_(key_states.permute(2, 0, 1, 3))
+        sv[self.length : total].copy_(value_states.permute(2, 0, 1, 3))
+        sealed = total // self.block_tokens * self.block_tokens
+        if sealed > start:  # whole blocks spill to host; stream order puts them before the next prefetch
+            self.host_k[start:sealed].copy_(sk[start:sealed], non_blocking=True)
+            self.host_v[start:sealed].copy_(sv[start:sealed], non_blocking=True)
+            self.host_tokens = sealed
+        rest = total - self.host_tokens
+        if rest:
+            self.tail_k[:rest].copy_(sk[self.host_tokens : total])
+            self.tail_v[:rest].copy_(sv[self.host_tokens : total])
+        self.length = total
+        # [batch, heads, tokens, head_dim] views of the staging slot, as attention expects
+        return sk[:total].permute(1, 2, 0, 3), sv[:total].permute(1, 2, 0, 3)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.length = self.host_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise OverspillError("cropping a host-tier KV layer is not supported (speculative decoding is not yet)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise OverspillError("beam search over host-tier KV layers is not supported yet; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise OverspillError("expanding a TieredCache batch is not supported; pass one row per sequence")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise OverspillError("selecting rows of a TieredCache is not supported yet")
+
+
+class TieredCache(DynamicCache):
+    """`DynamicCache` with the full-attention layers in `host_layers` keeping KV in host memory.
+
+    Args:
+        config: the model config (layer types, sliding windows come from it).
+        host_layers: indices of decoder layers whose KV lives in pinned host memory.
+        capacity: most tokens per sequence (prompt + generated) the host layers hold.
+        block_tokens: tokens per host block; whole blocks move to host as they fill.
+        depth: how many host-tier layers ahead the staging ring copies.
+    """
+
+    def __init__(
+        self, config, host_layers: set[int] | list[int], capacity: int,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS, depth: int = 2,
+    ):
+        super().__init__(config=config)
+        self.ring = KVRing(depth)
+        for i in sorted(host_layers):
+            if i >= len(self.layers):
+                raise OverspillError(f"layer {i} does not exist: the model has {len(self.layers)} layers")
+            if getattr(self.layers[i], "is_sliding", False):
+                continue  # a sliding window keeps few tokens: it stays on the device
+            self.layers[i] = HostKVLayer(self.ring, capacity, block_tokens)
+
+    @property
+    def host_layer_indices(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, HostKVLayer)]
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of KV per tier and in staging, for the planner and the server's metrics."""
+        host = device = staging = 0
+        for layer in self.layers:
+            if isinstance(layer, HostKVLayer) and layer.is_initialized:
+                host += 2 * layer.host_k[: layer.host_tokens].numel() * layer.host_k.element_size()
+                device += 2 * layer.tail_k.numel() * layer.tail_k.element_size()
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                device += 2 * layer.keys.numel() * layer.keys.element_size()
+        for k, v in self.ring.slots:
+            staging += 2 * k.numel() * k.element_size()
+        return {"host_bytes": host, "device_bytes": device, "staging_bytes": staging}
+
+
+def cache_kwargs(model: torch.nn.Module, cache: TieredCache) -> dict[str, TieredCache]:
+    """`generate` keyword for a user cache: `cache=` from transformers 5.2x, `past_key_values=` before."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

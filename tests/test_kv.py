@@ -1,0 +1,98 @@
+"""TieredCache: host-tier KV layers give the same tokens as transformers' dynamic cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import overspill
+from overspill.errors import OverspillError
+from overspill.kv import HostKVLayer, TieredCache, cache_kwargs
+
+from conftest import N_LAYERS, VOCAB
+
+GEN = dict(do_sample=False, pad_token_id=0)
+BLOCK = 16  # small blocks so prompts and generation cross several block boundaries
+
+
+def _prompt(batch: int, length: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :7] = 0  # left padding on one row
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(arch), dtype=torch.float32).eval()
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "mixtral"])
+@pytest.mark.parametrize("host_fraction", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_tiered_cache_matches_dynamic_cache(arch, host_fraction, batch, reference) -> None:
+    model = reference(arch)
+    ids, mask = _prompt(batch)
+    # Host layers: the first `host_fraction` of the decoder layers.
+    host = set(range(int(N_LAYERS * host_fraction)))
+    cache = TieredCache(model.config, host, capacity=128, block_tokens=BLOCK)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=40, **cache_kwargs(model, DynamicCache(config=model.config)), **GEN)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=40, **cache_kwargs(model, cache), **GEN)
+    assert torch.equal(got, want)
+    # Every host layer keeps only whole blocks in host memory, the rest on the device.
+    for i in cache.host_layer_indices:
+        layer = cache.layers[i]
+        assert layer.length == 37 + 40 - 1 and layer.host_tokens == layer.length // BLOCK * BLOCK
+    sliding = {i for i, l in enumerate(cache.layers) if getattr(l, "is_sliding", False)}
+    assert set(cache.host_layer_indices) == host - sliding
+    if cache.host_layer_indices:
+        assert cache.ring.restarts == 1  # primed once, then stayed in order across steps
+        assert cache.memory()["host_bytes"] > 0
+
+
+def test_tiered_cache_on_streamed_model(tiny_checkpoint, reference) -> None:
+    # KV on host and weights streamed at once: both rings run in the same forward passes.
+    path = tiny_checkpoint("llama")
+    from transformers import AutoConfig
+
+    from overspill.loader import build_skeleton, decoder_layers, footprint
+    from overspill.plan import Workload, streaming_plan
+
+    skeleton = build_skeleton(AutoConfig.from_pretrained(path), torch.float32)
+    plan = streaming_plan(footprint(skeleton, decoder_layers(skeleton)[1], torch.float32), Workload(128, 1, 0), 5)
+    placed, _ = overspill.load(path, dtype="float32", plan=plan, progress=False)
+    ids, mask = _prompt(1)
+    cache = TieredCache(placed.config, set(range(0, N_LAYERS, 2)), capacity=128, block_tokens=BLOCK)
+    with torch.no_grad():
+        want = reference("llama").generate(ids, attention_mask=mask, max_new_tokens=30, **GEN)
+        got = placed.generate(ids, attention_mask=mask, max_new_tokens=30, **cache_kwargs(placed, cache), **GEN)
+    assert torch.equal(got, want)
+
+
+def test_capacity_overflow_is_a_clear_error(reference) -> None:
+    model = reference("llama")
+    ids, mask = _prompt(1)
+    cache = TieredCache(model.config, {0}, capacity=40, block_tokens=BLOCK)
+    with torch.no_grad(), pytest.raises(OverspillError, match="capacity"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=30, **cache_kwargs(model, cache), **GEN)
+
+
+def test_unsupported_operations_say_so(reference) -> None:
+    cache = TieredCache(reference("llama").config, {1}, capacity=64, block_tokens=BLOCK)
+    layer = cache.layers[1]
+    assert isinstance(layer, HostKVLayer)
+    for call in (lambda: layer.crop(1), lambda: layer.reorder_cache(torch.tensor([0])),
+                 lambda: layer.batch_repeat_interleave(2)):
+        with pytest.raises(OverspillError):
+            call()
