@@ -265,6 +265,19 @@ class KVBlockManager:
         for blk in reversed(seq.blocks):  # tail first: it is useless without its prefix, so evict it first
             self._unref(blk)
 
+    def discard(self, seq_id: Hashable, valid_blocks: int = 0) -> None:
+        """Free a sequence whose KV was not all written (failed or cancelled prefill).
+
+        Blocks after the first `valid_blocks` that only this sequence holds are unregistered, so no
+        later prompt reuses bytes that were never written.
+        """
+        seq = self._seq(seq_id)
+        for blk in seq.blocks[valid_blocks:]:
+            if blk.hash is not None and blk.ref_count == 1 and self._index.get(blk.hash) is blk:
+                del self._index[blk.hash]
+                blk.hash = None
+        self.free(seq_id)
+
     def block_table(self, seq_id: Hashable) -> tuple[BlockRef, ...]:
         """Where a sequence's blocks are now, in token order (changes when a move completes)."""
         return tuple(b.loc for b in self._seq(seq_id).blocks)

@@ -96,3 +96,67 @@ def test_unsupported_operations_say_so(reference) -> None:
                  lambda: layer.batch_repeat_interleave(2)):
         with pytest.raises(OverspillError):
             call()
+
+
+def _prefill_tokens(model) -> list[int]:
+    """Records how many tokens each forward pass embeds (the first entry is the prefill)."""
+    seen: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-1]))
+    return seen
+
+
+@pytest.mark.parametrize("host_fraction", [0.0, 0.5])
+def test_prefix_reuse_computes_only_new_tokens(host_fraction, tiny_checkpoint) -> None:
+    from overspill.prefix import PrefixCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
+    seen = _prefill_tokens(model)
+    prefix = PrefixCache(model.config, capacity_tokens=64 * BLOCK, block_tokens=BLOCK, dtype=torch.float32)
+    host = set(range(int(N_LAYERS * host_fraction)))
+    gen = torch.Generator().manual_seed(7)
+    shared = torch.randint(1, VOCAB, (50,), generator=gen).tolist()
+    first = shared + torch.randint(1, VOCAB, (20,), generator=gen).tolist()
+    second = shared + torch.randint(1, VOCAB, (16,), generator=gen).tolist()
+
+    def run(tokens: list[int], reuse: bool) -> torch.Tensor:
+        ids = torch.tensor([tokens])
+        cache = TieredCache(model.config, host, capacity=256, block_tokens=BLOCK)
+        lease = prefix.start(tokens, cache) if reuse else None
+        seen.clear()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 **cache_kwargs(model, cache), **GEN)
+        if lease is not None:
+            prefix.finish(lease, cache, tokens)
+        return out
+
+    # Cold: nothing cached, the whole prompt is prefilled, then its 4 full blocks are stored.
+    cold_first = run(first, reuse=True)
+    assert seen[0] == len(first)
+    # Second request shares 50 tokens = 3 full blocks of 16: only the other 18 tokens are computed.
+    warm = run(second, reuse=True)
+    assert seen[0] == len(second) - 3 * BLOCK
+    # Same tokens as without any reuse.
+    assert torch.equal(warm, run(second, reuse=False))
+    assert torch.equal(cold_first, run(first, reuse=False))
+    usage = prefix.manager.usage()
+    assert usage.hit_tokens == 3 * BLOCK and usage.host.used_blocks == 0  # leases released
+
+
+def test_prefix_abort_forgets_unwritten_blocks(tiny_checkpoint) -> None:
+    from overspill.prefix import PrefixCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
+    prefix = PrefixCache(model.config, capacity_tokens=16 * BLOCK, block_tokens=BLOCK, dtype=torch.float32)
+    tokens = list(range(1, 60))
+    lease = prefix.start(tokens, TieredCache(model.config, set(), capacity=128, block_tokens=BLOCK))
+    prefix.abort(lease)  # e.g. the request was cancelled before prefill ran
+    again = prefix.start(tokens, TieredCache(model.config, set(), capacity=128, block_tokens=BLOCK))
+    assert again.cached_tokens == 0
+
+
+def test_prefix_cache_refuses_sliding_window_models(reference) -> None:
+    from overspill.prefix import PrefixCache
+
+    with pytest.raises(OverspillError, match="sliding"):
+        PrefixCache(reference("gemma2").config, capacity_tokens=1024)

@@ -1,0 +1,98 @@
+"""Prefix reuse: the KV of earlier prompts, whole blocks keyed by prefix hash, kept in host memory.
+
+`KVBlockManager` (pure) decides which blocks a prompt can reuse and which pool slots to fill;
+this module moves the bytes. A request `start`s with an empty cache: the cached leading blocks
+are copied in (one host->device copy per block, all layers at once, from the pinned pool), and
+`generate` then computes only the remaining tokens. `finish` writes the prompt's new full blocks
+to the pool; `abort` forgets them, so unwritten bytes are never reused.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OverspillError
+from .kvblocks import Allocation, KVBlockManager
+from .layout import host_bytes
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One request's hold on the pool: its blocks stay unevicted until `finish` or `abort`."""
+
+    seq_id: int
+    cached_tokens: int
+    allocation: Allocation
+
+
+class PrefixCache:
+    """A pinned-host pool of KV blocks (all layers per block) shared across requests of one model.
+
+    Args:
+        config: the model config (layers, KV heads, head size).
+        capacity_tokens: tokens of KV the pool holds (rounded down to whole blocks).
+        block_tokens: tokens per block; only whole blocks are shared.
+        dtype, device: the KV dtype and the device the model runs on.
+    """
+
+    def __init__(self, config, capacity_tokens: int, block_tokens: int = 256,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        text = config.get_text_config()
+        if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
+            raise OverspillError("prefix reuse needs full-attention layers; this model has sliding-window layers")
+        heads = text.num_attention_heads
+        self.layers = text.num_hidden_layers
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.block_tokens, self.dtype, self.device = block_tokens, dtype, torch.device(device)
+        blocks = capacity_tokens // block_tokens
+        if blocks < 1:
+            raise OverspillError(f"prefix cache of {capacity_tokens} tokens holds no block of {block_tokens}")
+        shape = (blocks, self.layers, block_tokens, self.kv_heads, self.head_dim)
+        nbytes = blocks * self.layers * block_tokens * self.kv_heads * self.head_dim * dtype.itemsize
+        pinned = self.device.type == "cuda"
+        self.pool_k = host_bytes(nbytes, pinned).view(dtype).view(shape)
+        self.pool_v = host_bytes(nbytes, pinned).view(dtype).view(shape)
+        self.manager = KVBlockManager(block_tokens, 0, blocks, bytes_per_block=2 * nbytes // blocks)
+        self._ids = itertools.count()
+
+    def start(self, token_ids: list[int], cache) -> Lease:
+        """Fill the empty batch-1 `cache` with the longest cached prefix of `token_ids`."""
+        seq_id = next(self._ids)
+        alloc = self.manager.allocate(seq_id, token_ids)
+        n = alloc.cached_tokens
+        if n:
+            nb, bt = n // self.block_tokens, self.block_tokens
+            refs = [ref.index for ref in alloc.blocks[:nb]]
+            k = torch.empty((nb,) + tuple(self.pool_k.shape[1:]), dtype=self.dtype, device=self.device)
+            v = torch.empty_like(k)
+            for j, index in enumerate(refs):  # one copy per block moves every layer's K (and V)
+                k[j].copy_(self.pool_k[index], non_blocking=True)
+                v[j].copy_(self.pool_v[index], non_blocking=True)
+            for layer in range(self.layers):  # [nb, bt, H, D] -> [1, H, n, D]
+                lk = k[:, layer].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+                lv = v[:, layer].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+                cache.update(lk, lv, layer)
+        return Lease(seq_id, n, alloc)
+
+    def finish(self, lease: Lease, cache, token_ids: list[int]) -> None:
+        """Store the prompt's newly computed full blocks, then release the lease."""
+        bt = self.block_tokens
+        full = len(token_ids) // bt
+        first = lease.cached_tokens // bt
+        table = self.manager.block_table(lease.seq_id)
+        if full > first:
+            for layer in range(self.layers):
+                k, v = cache.layer_kv(layer, first * bt, full * bt)
+                for j in range(first, full):
+                    rows = slice((j - first) * bt, (j - first + 1) * bt)
+                    self.pool_k[table[j].index, layer].copy_(k[rows])
+                    self.pool_v[table[j].index, layer].copy_(v[rows])
+        self.manager.free(lease.seq_id)
+
+    def abort(self, lease: Lease) -> None:
+        """Release a request whose prompt KV was not computed: its new blocks are forgotten."""
+        self.manager.discard(lease.seq_id, lease.cached_tokens // self.block_tokens)
