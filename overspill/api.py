@@ -10,10 +10,10 @@ import torch
 
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
-from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize
+from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize, use_planned_cache
 from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, greedy_plan, with_prediction
 from .sources import ModelSource, resolve
-from .units import parse_budget
+from .units import parse_budget, parse_bytes
 
 DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -95,6 +95,7 @@ def load(
     cudnn_sdpa: bool = False,
     plan: Plan | None = None,
     probe: bool = True,
+    kv_gpu_memory: int | str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -116,6 +117,9 @@ def load(
             decode speed; flash / memory-efficient SDPA kernels are used instead.
         plan: a placement to use instead of the greedy rule (e.g. from `streaming_plan`); it must
             have one tier per decoder layer. `gpu_memory` is then not consulted.
+        kv_gpu_memory: device bytes the KV cache may use ("2GiB"); layers whose KV does not fit keep
+            it in pinned host memory (a `TieredCache`, built by `generate` automatically). By default
+            KV stays on the device unless even streaming every layer leaves no room for it.
         probe: on CUDA, measure the machine (`overspill.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -141,7 +145,8 @@ def load(
     workload = Workload(context, batch) if dev.type == "cuda" else Workload(context, batch, activation_floor=0)
     fp = footprint(skeleton, layers, torch_dtype)
     if plan is None:
-        plan = greedy_plan(fp, budget, workload, depth)
+        kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
+        plan = greedy_plan(fp, budget, workload, depth, kv_bytes)
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     if probe and dev.type == "cuda":
@@ -159,6 +164,7 @@ def load(
             weights.close()
     _attach_generation_config(skeleton, source)
     skeleton.overspill = placement
+    use_planned_cache(skeleton, placement)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 

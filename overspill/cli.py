@@ -40,6 +40,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--context", type=int, default=4096,
         help="longest sequence (prompt + new tokens) to reserve KV-cache room for in the GPU budget (default 4096).",
     )
+    p.add_argument(
+        "--kv-gpu-memory", default=None, metavar="SIZE",
+        help="device memory the KV cache may use, e.g. 2GiB; layers whose KV does not fit keep it in pinned "
+        "host memory and stream it with their layer. Default: KV stays on the GPU unless even streaming "
+        "every layer leaves no room for it.",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 
 
@@ -100,6 +106,12 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="N",
                       help=f"tokens per sequence to reserve KV-cache room for (default {DEFAULT_CONTEXT}).")
     plan.add_argument("--batch", type=int, default=1, metavar="N", help="concurrent sequences to plan and predict for (default 1).")
+    plan.add_argument(
+        "--kv-gpu-memory", default=None, metavar="SIZE",
+        help="device memory the KV cache may use, e.g. 2GiB; layers whose KV does not fit keep it in pinned "
+        "host memory and stream it with their layer. Default: KV stays on the GPU unless even streaming "
+        "every layer leaves no room for it.",
+    )
     plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                       help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
     plan.add_argument(
@@ -161,7 +173,10 @@ def _plan_main(args: argparse.Namespace) -> int:
     profile, note = _plan_profile(args.profile)
     budget = _plan_budget(args.gpu_memory, profile)
     fp = footprint_from_spec(spec)
-    plan = plan_for(fp, profile, Workload(args.context, args.batch), budget, args.depth)
+    from .units import parse_bytes
+
+    kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
+    plan = plan_for(fp, profile, Workload(args.context, args.batch), budget, args.depth, kv_device_bytes=kv)
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)

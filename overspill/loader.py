@@ -34,6 +34,36 @@ class Placement:
     def summary(self) -> str:
         return self.plan.summary()
 
+    def new_cache(self, config, block_tokens: int = 256):
+        """A `TieredCache` that keeps the plan's host-KV layers in pinned memory (None: the default cache does)."""
+        if not self.plan.kv_host_layers:
+            return None
+        from .kv import TieredCache
+
+        depth = max(self.plan.depth, 1)
+        return TieredCache(config, self.plan.kv_host_layers, self.plan.workload.context, block_tokens, depth)
+
+
+def use_planned_cache(model: nn.Module, placement: Placement) -> None:
+    """Make `generate` (and so `pipeline`) build the plan's `TieredCache` when the caller passes none.
+
+    transformers has no per-model setting for a custom cache class, so this wraps the model
+    instance's `_prepare_cache_for_generation` (the one place generate creates its cache).
+    """
+    if not placement.plan.kv_host_layers:
+        return
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    original = model._prepare_cache_for_generation
+
+    def prepare(generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get(key) is None:
+            model_kwargs[key] = placement.new_cache(model.config)
+        return original(generation_config, model_kwargs, *args, **kwargs)
+
+    model._prepare_cache_for_generation = prepare
+
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The model with parameters on the meta device and real (small) buffers such as rotary tables."""

@@ -86,6 +86,8 @@ class Plan:
     prediction: Prediction | None = None
     max_batch: int | None = None  # most sequences of `workload.context` tokens whose KV fits beside the weights
     notes: tuple[str, ...] = ()
+    kv_host_layers: tuple[int, ...] = ()  # layers whose KV lives in pinned host memory (a TieredCache)
+    kv_host_bytes: int = 0  # their KV at full context: read over the link every decode step
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -120,6 +122,7 @@ class Plan:
         d["workload"] = Workload(**d["workload"])
         d["prediction"] = Prediction(**d["prediction"]) if d.get("prediction") else None
         d["notes"] = tuple(d.get("notes", ()))
+        d["kv_host_layers"] = tuple(d.get("kv_host_layers", ()))
         return cls(**d)
 
     def summary(self) -> str:
@@ -134,7 +137,13 @@ class Plan:
             lines.append(
                 f"ring: {self.slots} slots x {format_bytes(self.slot_bytes)}, prefetch depth {self.depth}"
             )
-        lines.append(f"bytes over the link per decode step: {format_bytes(self.streamed_bytes_per_step)}")
+        if self.kv_host_layers:
+            lines.append(
+                f"KV cache: {n - len(self.kv_host_layers)} layers on the device, {len(self.kv_host_layers)} in pinned "
+                f"host memory (layers {_ranges(self.kv_host_layers)}; {format_bytes(self.kv_host_bytes)} at "
+                f"{self.workload.context} tokens, read over the link each step)"
+            )
+        lines.append(f"bytes over the link per decode step: {format_bytes(self.streamed_bytes_per_step + self.kv_host_bytes)}")
         budget = "unlimited" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         lines.append(
             f"device memory planned: {format_bytes(self.device_bytes)} of {budget} "
@@ -174,9 +183,19 @@ def _ranges(indices: tuple[int, ...]) -> str:
     return ", ".join(out)
 
 
-def workspace_bytes(fp: Footprint, workload: Workload) -> int:
-    """GPU bytes kept free for the KV cache and activations of the workload."""
-    kv = fp.kv_bytes_per_token * workload.context * workload.batch
+def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
+    """KV of one layer for the whole workload (layers are taken as equal; windows are ignored)."""
+    return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
+
+
+def workspace_bytes(fp: Footprint, workload: Workload, kv_host: int = 0, depth: int = DEFAULT_DEPTH) -> int:
+    """GPU bytes kept free for the KV cache and activations of the workload.
+
+    With `kv_host` layers' KV in host memory, the device keeps the other layers' KV plus staging
+    slots that the host layers' KV visits `depth` layers ahead.
+    """
+    n = len(fp.layer_bytes)
+    kv = kv_layer_bytes(fp, workload) * (n - kv_host + min(depth + 1, kv_host))
     act = fp.activation_bytes_per_token * min(workload.context, 2048) * workload.batch
     return kv + max(act, workload.activation_floor)
 
@@ -186,7 +205,8 @@ def _embed_on_device(fp: Footprint) -> bool:
 
 
 def _make_plan(
-    fp: Footprint, tiers: list[Tier], embed_tier: Tier, depth: int, budget: int | None, workload: Workload
+    fp: Footprint, tiers: list[Tier], embed_tier: Tier, depth: int, budget: int | None, workload: Workload,
+    kv_host: int = 0,
 ) -> Plan:
     """Fill in the ring and byte counts implied by a choice of tiers."""
     streamed = [b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED]
@@ -202,15 +222,18 @@ def _make_plan(
         slots=slots,
         slot_bytes=max(streamed, default=0),
         budget_bytes=budget,
-        workspace_bytes=workspace_bytes(fp, workload),
+        workspace_bytes=workspace_bytes(fp, workload, kv_host, depth),
         device_weight_bytes=device_w,
         streamed_bytes_per_step=sum(streamed),
         workload=workload,
+        kv_host_layers=tuple(range(kv_host)),
+        kv_host_bytes=kv_host * kv_layer_bytes(fp, workload),
     )
 
 
 def streaming_plan(
-    fp: Footprint, workload: Workload, streamed: int, depth: int = DEFAULT_DEPTH, budget: int | None = None
+    fp: Footprint, workload: Workload, streamed: int, depth: int = DEFAULT_DEPTH, budget: int | None = None,
+    kv_host: int = 0,
 ) -> Plan:
     """The plan that streams exactly the first `streamed` layers and keeps the rest resident.
 
@@ -222,7 +245,23 @@ def streaming_plan(
         raise OverspillError(f"cannot stream {streamed} of {n} layers")
     tiers = [Tier.PINNED] * streamed + [Tier.DEVICE] * (n - streamed)
     embed_tier = Tier.DEVICE if streamed == 0 or _embed_on_device(fp) else Tier.HOST
-    return _make_plan(fp, tiers, embed_tier, depth, budget, workload)
+    return _make_plan(fp, tiers, embed_tier, depth, budget, workload, kv_host)
+
+
+def _kv_host_needed(fp: Footprint, workload: Workload, kv_device_bytes: int | None, depth: int) -> int:
+    """Fewest layers whose KV must live in host memory for the rest (and staging) to fit `kv_device_bytes`."""
+    n = len(fp.layer_bytes)
+    if kv_device_bytes is None:
+        return 0
+    per_layer = kv_layer_bytes(fp, workload)
+    for k in range(n + 1):
+        if per_layer * (n - k + min(depth + 1, k)) <= kv_device_bytes:
+            return k
+    raise OverspillError(
+        f"--kv-gpu-memory {format_bytes(kv_device_bytes)} cannot hold even the staging for host KV "
+        f"({min(depth + 1, n)} x {format_bytes(per_layer)} at {workload.context} tokens x batch {workload.batch}); "
+        f"raise it or lower --context"
+    )
 
 
 def greedy_plan(
@@ -230,8 +269,13 @@ def greedy_plan(
     budget_bytes: int | None,
     workload: Workload = Workload(),
     depth: int = DEFAULT_DEPTH,
+    kv_device_bytes: int | None = None,
 ) -> Plan:
     """Place layers under `budget_bytes` of GPU memory (None: no limit, all resident).
+
+    KV stays on the device first; weights yield first. Only when even streaming every layer leaves
+    no room for the workload's KV do leading layers' KV move to pinned host memory. An explicit
+    `kv_device_bytes` caps the device KV from the start.
 
     Raises:
         OverspillError: if the budget is below the minimum working set; the message gives it.
@@ -240,19 +284,21 @@ def greedy_plan(
         raise OverspillError(f"prefetch depth must be at least 1, got {depth}")
     n = len(fp.layer_bytes)
     all_device = [Tier.DEVICE] * n
-    full = _make_plan(fp, all_device, Tier.DEVICE, depth, budget_bytes, workload)
-    if budget_bytes is None or full.device_bytes <= budget_bytes:
-        return full
-    if not _embed_on_device(fp):
-        host_embed = _make_plan(fp, all_device, Tier.HOST, depth, budget_bytes, workload)
-        if host_embed.device_bytes <= budget_bytes:
-            return host_embed
-    # Stream the fewest leading layers that fit; ring slots are sized by the largest streamed layer.
-    for streamed in range(1, n + 1):
-        candidate = streaming_plan(fp, workload, streamed, depth, budget_bytes)
-        if candidate.device_bytes <= budget_bytes:
-            return candidate
-    minimum = streaming_plan(fp, workload, n, depth, budget_bytes)
+    first_kv = _kv_host_needed(fp, workload, kv_device_bytes, depth)
+    for kv_host in [first_kv] + list(range(max(first_kv, depth + 2), n + 1)):
+        full = _make_plan(fp, all_device, Tier.DEVICE, depth, budget_bytes, workload, kv_host)
+        if budget_bytes is None or full.device_bytes <= budget_bytes:
+            return full
+        if not _embed_on_device(fp):
+            host_embed = _make_plan(fp, all_device, Tier.HOST, depth, budget_bytes, workload, kv_host)
+            if host_embed.device_bytes <= budget_bytes:
+                return host_embed
+        # Stream the fewest leading layers that fit; ring slots are sized by the largest streamed layer.
+        for streamed in range(1, n + 1):
+            candidate = streaming_plan(fp, workload, streamed, depth, budget_bytes, kv_host)
+            if candidate.device_bytes <= budget_bytes:
+                return candidate
+    minimum = streaming_plan(fp, workload, n, depth, budget_bytes, n)
     parts = ", ".join(
         f"{label} {format_bytes(b)}"
         for label, b in (("lm_head", fp.head_bytes), ("embeddings", fp.embed_bytes if _embed_on_device(fp) else 0))
@@ -264,6 +310,7 @@ def greedy_plan(
         f"{format_bytes(need)} ({parts}, {minimum.slots} ring slots x {format_bytes(minimum.slot_bytes)}, "
         f"workspace {format_bytes(minimum.workspace_bytes)} for {workload.context} tokens x batch {workload.batch}); "
         f"raise --gpu-memory to at least {format_bytes(need)} or lower --context"
+        + (" (this already counts every layer's KV in host memory)" if minimum.kv_host_layers else "")
     )
 
 
@@ -318,7 +365,7 @@ def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
     pred = predict(
         layer_bytes=fp.layer_bytes,
         layer_active_bytes=fp.layer_active_bytes or fp.layer_bytes,
-        streamed_bytes=plan.streamed_bytes_per_step,
+        streamed_bytes=plan.streamed_bytes_per_step + plan.kv_host_bytes,
         head_bytes=head,
         kv_bytes_per_token=fp.kv_bytes_per_token,
         dtype_bytes=fp.dtype_bytes,
@@ -342,6 +389,7 @@ def plan_for(
     budget_bytes: int | None = None,
     depth: int = DEFAULT_DEPTH,
     margin_bytes: int = 1536 * 2**20,
+    kv_device_bytes: int | None = None,
 ) -> Plan:
     """Place `fp` on the machine `profile` describes and predict its speed.
 
@@ -353,5 +401,5 @@ def plan_for(
     """
     if budget_bytes is None:
         budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
-    plan = greedy_plan(fp, budget_bytes, workload, depth)
+    plan = greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
     return with_prediction(fp, plan, profile)

@@ -12,7 +12,7 @@ from itertools import groupby
 from typing import Any
 
 from .costmodel import PREFILL_TOKENS
-from .plan import Footprint, Plan, Tier
+from .plan import _ranges, Footprint, Plan, Tier
 from .profile import Profile
 from .spec import ModelSpec
 from .units import format_bytes
@@ -78,7 +78,14 @@ def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
         rows.append(("ring slots", Tier.DEVICE.value, f"{plan.slots} x {format_bytes(plan.slot_bytes)}",
                      format_bytes(plan.slots * plan.slot_bytes), f"prefetch depth {plan.depth}"))
     w = plan.workload
-    kv = fp.kv_bytes_per_token * w.context * w.batch
+    kv_total = fp.kv_bytes_per_token * w.context * w.batch
+    kv = kv_total - plan.kv_host_bytes  # KV kept on the device
+    if plan.kv_host_layers:
+        staging = min(plan.depth + 1, len(plan.kv_host_layers)) * plan.kv_host_bytes // len(plan.kv_host_layers)
+        rows.append((f"KV layers {_ranges(plan.kv_host_layers)}", "pinned (streamed)",
+                     f"{len(plan.kv_host_layers)} layers' KV in host memory, {format_bytes(staging)} staging on the GPU",
+                     format_bytes(plan.kv_host_bytes), f"{format_bytes(plan.kv_host_bytes)} over the link"))
+        kv += staging
     rows.append(("workspace", Tier.DEVICE.value,
                  f"KV {format_bytes(kv)} ({w.context} tokens x batch {w.batch}) + activations "
                  f"{format_bytes(plan.workspace_bytes - kv)}",
@@ -94,7 +101,7 @@ def _prediction_lines(plan: Plan, profile: Profile) -> list[str]:
         return ["predicted decode: n/a (plan has no prediction)"]
     b = plan.workload.batch
     if p.link_floor_tok_s is not None:
-        floor = (f"link floor {p.link_floor_tok_s:.2f} tok/s ({format_bytes(plan.streamed_bytes_per_step)} "
+        floor = (f"link floor {p.link_floor_tok_s:.2f} tok/s ({format_bytes(plan.streamed_bytes_per_step + plan.kv_host_bytes)} "
                  f"per step at {profile.h2d_bytes_s / 1e9:.1f} GB/s)")
     else:
         floor = "no link floor (nothing streams)"

@@ -160,3 +160,56 @@ def test_prefix_cache_refuses_sliding_window_models(reference) -> None:
 
     with pytest.raises(OverspillError, match="sliding"):
         PrefixCache(reference("gemma2").config, capacity_tokens=1024)
+
+
+def test_load_with_kv_budget_uses_tiered_cache_in_generate_and_pipeline(tiny_checkpoint, reference) -> None:
+    # A KV budget for 3 layers' KV: 5 of 8 layers keep KV in host memory (3 slots of staging + 3 layers
+    # would need more), and plain generate()/pipeline() build the TieredCache by themselves.
+    from overspill.api import placement_of
+
+    path = tiny_checkpoint("llama")
+    config = reference("llama").config
+    kv_layer = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4 * 128
+    model, _ = overspill.load(path, gpu_memory=None, dtype="float32", context=128,
+                              kv_gpu_memory=6 * kv_layer, progress=False)
+    plan = placement_of(model).plan
+    assert plan.kv_host_layers == tuple(range(5))
+    assert "pinned host memory" in plan.summary()
+    created = []
+    original = TieredCache.__init__
+
+    def spy(self, *args, **kwargs):
+        created.append(self)
+        original(self, *args, **kwargs)
+
+    ids, mask = _prompt(1)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TieredCache, "__init__", spy)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN)
+        assert len(created) == 1 and created[0].host_layer_indices == [0, 1, 2, 3, 4]
+        want = reference("llama").generate(ids, attention_mask=mask, max_new_tokens=20, **GEN)
+        assert torch.equal(got, want)
+    assert created[0].memory()["staging_bytes"] > 0  # the host layers went through the staging ring
+
+
+def test_pipeline_with_host_kv_answers(default_model_dir) -> None:
+    # The embedded SmolLM2 with most of its KV in host memory still answers through pipeline().
+    from transformers import pipeline
+
+    from overspill.api import placement_of
+
+    model, tok = overspill.load(default_model_dir, gpu_memory=None, context=256, kv_gpu_memory="2MiB", progress=False)
+    assert len(placement_of(model).plan.kv_host_layers) > 20
+    created = []
+    original = TieredCache.__init__
+
+    def spy(self, *args, **kwargs):
+        created.append(self)
+        original(self, *args, **kwargs)
+
+    chat = [{"role": "user", "content": "What is the highest mountain in the world?"}]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TieredCache, "__init__", spy)
+        out = pipeline("text-generation", model=model, tokenizer=tok)(chat, max_new_tokens=24, do_sample=False)
+    assert "Everest" in out[0]["generated_text"][-1]["content"]
+    assert created and created[0].host_layer_indices
