@@ -203,24 +203,6 @@ class TieredCache(DynamicCache):
     def host_layer_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, HostKVLayer)]
 
-    def layer_kv(self, index: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of tokens [start, end) of layer `index`, sequence 0, as [tokens, heads, dim]."""
-        layer = self.layers[index]
-        if isinstance(layer, HostKVLayer):
-            parts_k, parts_v = [], []
-            if start < layer.host_tokens:
-                stop = min(end, layer.host_tokens)
-                parts_k.append(layer.host_k[start:stop, 0].to(layer.device))
-                parts_v.append(layer.host_v[start:stop, 0].to(layer.device))
-            if end > layer.host_tokens:
-                lo = max(start, layer.host_tokens) - layer.host_tokens
-                parts_k.append(layer.tail_k[lo : end - layer.host_tokens, 0])
-                parts_v.append(layer.tail_v[lo : end - layer.host_tokens, 0])
-            return torch.cat(parts_k), torch.cat(parts_v)
-        if getattr(layer, "is_sliding", False):
-            raise OverspillError("a sliding-window layer keeps only its window; its prefix KV cannot be read back")
-        return layer.keys[0, :, start:end].transpose(0, 1), layer.values[0, :, start:end].transpose(0, 1)
-
     def memory(self) -> dict[str, int]:
         """Bytes of KV per tier and in staging, for the planner and the server's metrics."""
         host = device = staging = 0
@@ -233,6 +215,28 @@ class TieredCache(DynamicCache):
         for k, v in self.ring.slots:
             staging += 2 * k.numel() * k.element_size()
         return {"host_bytes": host, "device_bytes": device, "staging_bytes": staging}
+
+
+def layer_kv(cache: DynamicCache, index: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of tokens [start, end) of layer `index`, sequence 0, as [tokens, heads, dim].
+
+    Works on any dynamic cache (a `TieredCache` or transformers' own), for storing prefix blocks.
+    """
+    layer = cache.layers[index]
+    if isinstance(layer, HostKVLayer):
+        parts_k, parts_v = [], []
+        if start < layer.host_tokens:
+            stop = min(end, layer.host_tokens)
+            parts_k.append(layer.host_k[start:stop, 0].to(layer.device))
+            parts_v.append(layer.host_v[start:stop, 0].to(layer.device))
+        if end > layer.host_tokens:
+            lo = max(start, layer.host_tokens) - layer.host_tokens
+            parts_k.append(layer.tail_k[lo : end - layer.host_tokens, 0])
+            parts_v.append(layer.tail_v[lo : end - layer.host_tokens, 0])
+        return torch.cat(parts_k), torch.cat(parts_v)
+    if getattr(layer, "is_sliding", False):
+        raise OverspillError("a sliding-window layer keeps only its window; its prefix KV cannot be read back")
+    return layer.keys[0, :, start:end].transpose(0, 1), layer.values[0, :, start:end].transpose(0, 1)
 
 
 def cache_kwargs(model: torch.nn.Module, cache: TieredCache) -> dict[str, TieredCache]:

@@ -16,6 +16,7 @@ import torch
 
 from .errors import OverspillError
 from .kvblocks import Allocation, KVBlockManager
+from .kv import layer_kv
 from .layout import host_bytes
 
 
@@ -86,7 +87,7 @@ class PrefixCache:
         table = self.manager.block_table(lease.seq_id)
         if full > first:
             for layer in range(self.layers):
-                k, v = cache.layer_kv(layer, first * bt, full * bt)
+                k, v = layer_kv(cache, layer, first * bt, full * bt)
                 for j in range(first, full):
                     rows = slice((j - first) * bt, (j - first + 1) * bt)
                     self.pool_k[table[j].index, layer].copy_(k[rows])
