@@ -69,7 +69,25 @@ def _build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run_main)
     _add_probe_parser(sub)
     _add_plan_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Load a model under a GPU budget and serve /v1/chat/completions, /v1/completions, "
+        "/v1/models, /health and /metrics. One engine thread owns the model; requests run in FIFO order.",
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only).")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000).")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (default: no key).")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
+                       help="requests that may wait for the engine; more are answered 429 (default 64).")
+    serve.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
+                       help="largest max_tokens a request may ask for (default 2048).")
+    serve.set_defaults(func=_serve_main)
 
 
 def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
@@ -139,6 +157,14 @@ def _run_main(args: argparse.Namespace) -> int:
 
     run(args)
     return 0
+
+
+def _serve_main(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve_main
+    except ImportError as exc:
+        raise OverspillError(f"serve needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
+    return serve_main(args)
 
 
 def _probe_main(args: argparse.Namespace) -> int:

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible server, end to end on CPU with the embedded SmolLM2.
+
+One server per module (uvicorn in a background thread on 127.0.0.1, a free port), spoken to with
+the real `openai` client and with raw `httpx` for the bad-input cases.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+NAME = "smollm2-test"
+KEY = "test-key"
+CONTEXT = 1024
+LIMIT = 64
+QUESTION = "What is the highest mountain in the world?"
+
+
+class _Running:
+    """uvicorn serving `app` on 127.0.0.1 in a daemon thread; `port` is the one the OS picked."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    import overspill
+    from overspill.server import ServerConfig, create_app
+
+    model, tok = overspill.load(default_model_dir, gpu_memory=None, progress=False, context=CONTEXT)
+    context = overspill.api.placement_of(model).plan.workload.context
+    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY))
+    running = _Running(app)
+    running.app, running.tokenizer = app, tok
+    running.base = f"http://127.0.0.1:{running.port}"
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def greedy_answer(client):
+    """The greedy non-streaming answer to QUESTION (computed once, compared against by later tests)."""
+    return client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=48,
+    )
+
+
+def _wait_idle(engine, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while engine.live_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_health_models_metrics(server, client, http):
+    assert httpx.get(f"{server.base}/health").json()["status"] == "ok"  # no key needed
+    assert [m.id for m in client.models.list().data] == [NAME]
+    client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.base}/metrics").text
+    for name in ("overspill_requests_total", "overspill_generated_tokens_total", "overspill_queue_depth",
+                 "overspill_active_batch_size", "overspill_time_to_first_token_seconds_bucket",
+                 "overspill_inter_token_latency_seconds_bucket", "overspill_streamed_bytes_per_decode_step"):
+        assert name in text, name
+    assert 'endpoint="/v1/completions",status="200"' in text
+
+
+def test_chat_greedy_answers_everest(server, greedy_answer):
+    choice = greedy_answer.choices[0]
+    assert "Everest" in choice.message.content
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    ids = server.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    u = greedy_answer.usage
+    assert u.prompt_tokens == len(ids)
+    assert 0 < u.completion_tokens <= 48 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert greedy_answer.object == "chat.completion" and greedy_answer.model == NAME and greedy_answer.id
+
+
+def test_streaming_chat_equals_non_streaming(client, greedy_answer):
+    stream = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=48, stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == greedy_answer.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == greedy_answer.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_completion_stop_sequence_is_cut(client, server, greedy_answer):
+    prompt = server.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
+    out = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=48, stop=["Everest", "K2"])
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop"
+    assert "Everest" not in choice.text and choice.text.strip()
+    assert greedy_answer.choices[0].message.content.startswith(choice.text)  # cut exactly before the stop
+    # a stop string as a plain string, streamed
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=48, stop="Everest", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_match_solo_runs(client, server):
+    prompts = [f"Name a {thing}." for thing in ("color", "fruit", "planet", "river", "city", "animal", "metal", "tree")]
+
+    def ask(p: str) -> str:
+        r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=6)
+        return r.choices[0].message.content
+
+    solo = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == solo
+    _wait_idle(server.app.state.engine)
+    assert server.app.state.engine.live_requests() == 0
+
+
+def test_closing_streams_cancels_requests(client, server):
+    engine = server.app.state.engine
+    before = engine.cancelled_total
+    start = time.monotonic()
+    for i in range(200):  # each would take ~16 decode steps if it were not cancelled
+        stream = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=16, stream=True)
+        next(iter(stream))
+        stream.close()
+        assert time.monotonic() - start < 90, f"only {i} streams in 90 s: cancellation is not prompt"
+    _wait_idle(engine)
+    assert engine.live_requests() == 0, "request state leaked"
+    assert engine.cancelled_total - before >= 150
+    # a request already decoding stops within a few tokens of its client leaving
+    tokens = server.app.state.metrics.tokens
+    generated = tokens._value.get()
+    stream = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=LIMIT, temperature=0, stream=True)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()
+    _wait_idle(engine)
+    assert engine.live_requests() == 0
+    assert tokens._value.get() - generated < LIMIT // 2
+    r = client.completions.create(model=NAME, prompt="Hello", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def _error(resp, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_bad_inputs_get_openai_errors(http, server):
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    post = http.post
+    _error(post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    _error(post("/v1/chat/completions", json={"model": NAME}), 400, "messages")
+    _error(post("/v1/chat/completions", json={**chat, "messages": []}), 400, "messages")
+    _error(post("/v1/chat/completions", json={**chat, "temperature": "hot"}), 400, "temperature")
+    _error(post("/v1/completions", json={"model": NAME}), 400, "prompt")
+    assert _error(post("/v1/chat/completions", json={**chat, "model": "gpt-9"}), 404, "model")["code"] == "model_not_found"
+    _error(post("/v1/chat/completions", json={**chat, "max_tokens": 0}), 400, "max_tokens")
+    _error(post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": LIMIT + 1}), 400, "max_tokens")
+    _error(post("/v1/chat/completions", json={**chat, "n": 2}), 400, "n")
+    _error(post("/v1/chat/completions", json={**chat, "logprobs": True}), 400, "logprobs")
+    long = {"model": NAME, "prompt": "hello " * (CONTEXT + 10), "max_tokens": 1}
+    assert _error(post("/v1/completions", json=long), 413)["code"] == "context_length_exceeded"
+    _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat), 401)
+    _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat, headers={"Authorization": "Bearer nope"}), 401)
+    _error(http.get("/v1/nothing-here"), 404)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0).models.list()
+    # the server is still up and answers
+    ok = post("/v1/chat/completions", json={**chat, "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_full_queue_answers_429(server, http):
+    engine = server.app.state.engine
+    queued: list[httpx.Response] = []
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    engine.hold(True)
+    old, engine.max_queue = engine.max_queue, 1
+    waiter = threading.Thread(target=lambda: queued.append(http.post("/v1/completions", json=body)))
+    try:
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = http.post("/v1/completions", json=body)
+        _error(r, 429)
+        assert r.headers["Retry-After"] == "1"
+    finally:
+        engine.max_queue = old
+        engine.hold(False)
+        waiter.join(30)
+    assert queued and queued[0].status_code == 200  # the queued request still ran
