@@ -1,10 +1,11 @@
 """The generation engine: one thread owns the model; callers submit requests and read token events.
 
-`Engine.submit` is thread-safe and returns a `Handle` at once (or raises `QueueFull`). The engine
-thread admits queued requests into `_active` and advances every active sequence one token per
-iteration of its loop, checking cancellation and stop sequences between tokens. This first version
-admits one sequence at a time (FIFO, `max_active=1`); the per-sequence state lives in `_Sequence`
-so a continuous-batching step can replace `_step` without changing the interface.
+`Engine.submit` is thread-safe and returns a `Handle` at once (or raises `QueueFull`). Each
+iteration of the engine thread's loop admits queued requests (FIFO, while batch places and KV
+blocks allow), runs one prefill chunk of the oldest admitted request, then one decode step for
+every sequence in the running `DecodeBatch`: continuous batching, so new requests join at the next
+step and a long prompt does not stall decoding for more than one chunk. Cancellation and stop
+sequences are checked between tokens; a finished or cancelled sequence leaves the batch at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers import DynamicCache
+
+from .batching import DecodeBatch, mergeable
+from .kvblocks import KVBlockManager
 
 
 class QueueFull(Exception):
@@ -82,35 +87,80 @@ class NullMetrics:
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def generated(self, tokens: int) -> None: ...
+    def decode_step(self, batch_size: int, seconds: float) -> None: ...
 
 
 @dataclass
 class _Sequence:
-    """Per-request decode state, owned by the engine thread."""
+    """Per-request state, owned by the engine thread. `cache` is its own until it joins the batch."""
 
     handle: Handle
-    cache: Any
     generator: torch.Generator
     submitted: float
+    cache: Any = None
+    prefilled: int = 0  # prompt tokens already run through the model
     token_ids: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     last_token_time: float = 0.0
-    next_input: torch.Tensor | None = None  # None before prefill
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """KV accounting for `/metrics`: blocks of `block_tokens` tokens reserved for running requests."""
+
+    block_tokens: int
+    total_blocks: int
+    used_blocks: int  # holding KV of admitted sequences now
+    reserved_blocks: int  # promised to admitted sequences (prompt + max_new_tokens)
+    gpu_bytes: int  # KV bytes of the used blocks held in device memory
+    host_bytes: int  # ... and in pinned host memory (host-tier KV layers)
 
 
 class Engine:
-    """Owns `model` on one thread. Args: model and tokenizer from `overspill.load`; max_queue: the
-    most requests waiting (not yet running) before `submit` raises `QueueFull`."""
+    """Owns `model` on one thread and decodes every running request in one pass per step.
+
+    Args:
+        model, tokenizer: from `overspill.load`.
+        max_queue: the most requests waiting (not yet admitted) before `submit` raises `QueueFull`.
+        metrics: an observer (see `NullMetrics`).
+        tokenizer_lock: shared with callers that tokenize on other threads.
+        max_batch: sequences decoded together; default: the batch the plan reserved KV for.
+        prefill_chunk: prompt tokens per prefill call, interleaved with decode steps of the batch.
+        kv_block_tokens: accounting granularity of the KV admission control.
+
+    A request is admitted when a batch place is free and the KV blocks for its prompt plus its
+    `max_new_tokens` fit in `context x max_batch` tokens (what the plan reserved), so a running
+    request never runs out of KV; until then it waits in the queue.
+    """
 
     def __init__(self, model, tokenizer, max_queue: int = 64, metrics: NullMetrics | None = None,
-                 tokenizer_lock: threading.Lock | None = None):
+                 tokenizer_lock: threading.Lock | None = None, max_batch: int | None = None,
+                 prefill_chunk: int = 512, kv_block_tokens: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.max_queue = max_queue
-        self.max_active = 1
         self.metrics = metrics or NullMetrics()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.device = next(model.parameters()).device
+        self.placement = getattr(model, "overspill", None)
+        workload = self.placement.plan.workload if self.placement is not None else None
+        self.max_batch = max_batch or (workload.batch if workload is not None else 1)
+        if self.max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be positive, got {self.max_batch}, {prefill_chunk}")
+        self.batching_note = None
+        if self.max_batch > 1 and not mergeable(self._new_cache()):
+            self.batching_note = ("this model's KV cache (sliding windows or host-tier KV layers) cannot be "
+                                  "batched yet: requests run one at a time")
+            self.max_batch = 1
+        self.prefill_chunk = prefill_chunk
+        context = workload.context if workload is not None else getattr(model.config, "max_position_embeddings", 4096)
+        self.blocks = KVBlockManager(kv_block_tokens, -(-context * self.max_batch // kv_block_tokens), 0)
+        text = model.config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_layer_bytes = 2 * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * self._dtype_bytes()
+        host_layers = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
+        self._kv_token_bytes = (kv_layer_bytes * (text.num_hidden_layers - host_layers), kv_layer_bytes * host_layers)
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         params = inspect.signature(model.forward).parameters
@@ -119,7 +169,10 @@ class Engine:
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._pending: collections.deque[Handle] = collections.deque()
-        self._active: list[_Sequence] = []
+        self._prefilling: list[_Sequence] = []
+        self._batch = DecodeBatch(self.device)
+        self._reserved: dict[int, int] = {}  # request id -> blocks promised
+        self._kv = self._kv_snapshot()
         self._hold = False  # tests: keep requests queued
         self.cancelled_total = 0  # requests that ended by cancel(), queued or running
         self._stop = False
@@ -143,6 +196,9 @@ class Engine:
         """Queue `request`; its events go to `sink` (called on the engine thread) or the handle's queue."""
         if request.max_new_tokens < 1 or not request.prompt_ids:
             raise ValueError("a request needs a prompt and max_new_tokens >= 1")
+        need = self._blocks_for(request)
+        if need > self.blocks.usage().gpu.total_blocks:
+            raise ValueError(f"the request needs {need} KV blocks; the engine has {self.blocks.usage().gpu.total_blocks}")
         with self._cond:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are waiting already")
@@ -175,12 +231,17 @@ class Engine:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        """Sequences admitted: decoding in the batch or prefilling."""
+        return len(self._batch) + len(self._prefilling)
 
     def live_requests(self) -> int:
         """Requests the engine still holds state for, queued or running (0 when idle: nothing leaked)."""
         with self._cond:
-            return len(self._pending) + len(self._active)
+            return len(self._pending) + self.active_count
+
+    def kv_stats(self) -> KVStats:
+        """KV accounting as of the engine's last step (a snapshot: safe from any thread)."""
+        return self._kv
 
     # --- engine thread ---
 
@@ -188,34 +249,42 @@ class Engine:
         while True:
             with self._cond:
                 self._drop_cancelled_pending()
-                while not self._stop and not self._active and (self._hold or not self._pending):
+                while not self._stop and not self.active_count and (self._hold or not self._pending):
                     self._cond.wait(0.5)
                     self._drop_cancelled_pending()
                 if self._stop:
                     break
-                while not self._hold and self._pending and len(self._active) < self.max_active:
-                    self._active.append(self._admit(self._pending.popleft()))
-            for seq in list(self._active):
-                if seq.handle.cancelled.is_set():
-                    event = Event(finish="cancelled", completion_tokens=len(seq.token_ids))
-                    self.cancelled_total += 1
-                else:
-                    try:
-                        event = self._step(seq)
-                    except Exception as exc:  # one bad request must not stop the server
-                        event = Event(finish="error", error=f"{type(exc).__name__}: {exc}",
-                                      completion_tokens=len(seq.token_ids))
-                if event.finish is not None:  # forget the sequence before its caller hears it ended
-                    with self._cond:
-                        self._active.remove(seq)
-                    seq.cache = seq.next_input = None
-                seq.handle.emit(event)
+                admitted = self._admit_pending()
+            try:
+                self._iterate(admitted)
+            except Exception as exc:  # a bug or a device error: fail what runs, keep serving the queue
+                for seq in admitted + self._prefilling + self._batch.rows:
+                    if seq.handle.id in self._reserved:
+                        self._forget(seq)
+                        seq.handle.emit(_error_event(exc, seq))
+                self._prefilling.clear()
+                self._batch.keep([])
+            self._kv = self._kv_snapshot()
         with self._cond:  # shutting down: tell every caller still waiting
-            handles = [seq.handle for seq in self._active] + list(self._pending)
-            self._active.clear()
+            running = self._prefilling + self._batch.rows
+            handles = [seq.handle for seq in running] + list(self._pending)
             self._pending.clear()
+        for seq in running:
+            self._forget(seq)
+        self._batch.keep([])
         for handle in handles:
             handle.emit(Event(finish="cancelled"))
+
+    def _iterate(self, admitted: list[_Sequence]) -> None:
+        for seq in admitted:
+            self._start(seq)
+        budget = self.prefill_chunk  # prompt tokens per iteration, over the oldest admitted requests
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, budget)
+        if len(self._batch):
+            self._decode_step()
 
     def _drop_cancelled_pending(self) -> None:
         for handle in [h for h in self._pending if h.cancelled.is_set()]:
@@ -223,32 +292,119 @@ class Engine:
             self.cancelled_total += 1
             handle.emit(Event(finish="cancelled"))
 
-    def _admit(self, handle: Handle) -> _Sequence:
-        gen = torch.Generator(device="cpu")
-        if handle.request.seed is not None:
-            gen.manual_seed(handle.request.seed)
-        else:
-            gen.seed()
-        placement = getattr(self.model, "overspill", None)
-        cache = placement.new_cache(self.model.config) if placement is not None else None
-        if cache is None:
-            from transformers import DynamicCache
+    def _admit_pending(self) -> list[_Sequence]:
+        """Move queued requests into prefill while batch places and KV blocks allow (FIFO, no overtaking)."""
+        admitted = []
+        total = self.blocks.usage().gpu.total_blocks
+        while not self._hold and self._pending and self.active_count + len(admitted) < self.max_batch:
+            handle = self._pending[0]
+            need = self._blocks_for(handle.request)
+            if sum(self._reserved.values()) + need > total:
+                break
+            self._pending.popleft()
+            self._reserved[handle.id] = need
+            self.blocks.allocate(handle.id, ())
+            gen = torch.Generator(device="cpu")
+            if handle.request.seed is not None:
+                gen.manual_seed(handle.request.seed)
+            else:
+                gen.seed()
+            admitted.append(_Sequence(handle, gen, time.perf_counter()))
+        return admitted
 
-            cache = DynamicCache(config=self.model.config)
-        return _Sequence(handle, cache, gen, time.perf_counter())
+    def _start(self, seq: _Sequence) -> None:
+        seq.cache = self._new_cache()
+        self._prefilling.append(seq)
+
+    def _new_cache(self) -> Any:
+        """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
+        cache = self.placement.new_cache(self.model.config) if self.placement is not None else None
+        return cache if cache is not None else DynamicCache(config=self.model.config)
+
+    def _dtype_bytes(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    def _kv_snapshot(self) -> KVStats:
+        usage = self.blocks.usage().gpu
+        tokens = sum(self.blocks.num_tokens(rid) for rid in self._reserved)
+        gpu, host = self._kv_token_bytes
+        return KVStats(self.blocks.block_tokens, usage.total_blocks, usage.used_blocks,
+                       sum(self._reserved.values()), tokens * gpu, tokens * host)
+
+    def _blocks_for(self, request: GenerationRequest) -> int:
+        return -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
 
     @torch.inference_mode()
-    def _step(self, seq: _Sequence) -> Event:
-        """Advance `seq` by one token (the first call runs the prefill); the event says if it finished."""
-        req = seq.handle.request
-        ids = seq.next_input
-        if ids is None:
-            ids = torch.tensor([list(req.prompt_ids)], device=self.device)
-        kwargs = {self._cache_key: seq.cache, "use_cache": True}
+    def _prefill_chunk(self, seq: _Sequence, limit: int) -> int:
+        """Run up to `limit` more prompt tokens of `seq` (returns how many); after the last, sample
+        its first token and move it into the decode batch."""
+        if seq.handle.cancelled.is_set():
+            self._finish(seq, Event(finish="cancelled"), prefilling=True)
+            return 0
+        prompt = seq.handle.request.prompt_ids
+        chunk = prompt[seq.prefilled : seq.prefilled + limit]
+        try:
+            logits = self._forward(torch.tensor([chunk], device=self.device), {self._cache_key: seq.cache})
+        except Exception as exc:  # one bad request must not stop the server
+            self._finish(seq, _error_event(exc, seq), prefilling=True)
+            return len(chunk)
+        seq.prefilled += len(chunk)
+        self.blocks.append(seq.handle.id, len(chunk))
+        if seq.prefilled < len(prompt):
+            return len(chunk)
+        self._prefilling.remove(seq)
+        event = self._accept(seq, _sample(logits[0], seq.handle.request, seq.generator))
+        if event.finish is not None:
+            self._finish(seq, event)
+            return len(chunk)
+        self._batch.join(seq, seq.cache, seq.prefilled)
+        seq.cache = None
+        seq.handle.emit(event)
+        return len(chunk)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        """One pass over the layers for every sequence in the batch."""
+        batch = self._batch
+        cancelled = [seq for seq in batch.rows if seq.handle.cancelled.is_set()]
+        if cancelled:
+            self._drop_rows(cancelled, Event(finish="cancelled"))
+            if not len(batch):
+                return
+        inputs = batch.step_inputs([seq.token_ids[-1] for seq in batch.rows])
+        start = time.perf_counter()
+        try:
+            logits = self._forward(inputs.pop("input_ids"), {self._cache_key: batch.cache, **inputs})
+        except Exception as exc:  # the batch's cache state is unknown now: fail its requests, keep serving
+            for seq in list(batch.rows):
+                self._forget(seq)
+                seq.handle.emit(_error_event(exc, seq))
+            batch.keep([])
+            return
+        tokens = _sample_rows(logits, [seq.handle.request for seq in batch.rows], [seq.generator for seq in batch.rows])
+        self.metrics.decode_step(len(batch), time.perf_counter() - start)  # sampling synced the device
+        done: list[tuple[_Sequence, Event]] = []
+        for seq, token in zip(batch.rows, tokens):
+            self.blocks.append(seq.handle.id, 1)
+            event = self._accept(seq, token)
+            if event.finish is not None:
+                done.append((seq, event))
+            else:
+                seq.handle.emit(event)
+        if done:
+            finished = {id(seq) for seq, _ in done}
+            batch.keep([i for i, seq in enumerate(batch.rows) if id(seq) not in finished])
+            for seq, event in done:
+                self._forget(seq)
+                seq.handle.emit(event)
+
+    def _forward(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Last-position logits [batch, vocab] in float32."""
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
-        logits = self.model(input_ids=ids, **kwargs).logits[0, -1].float()  # [vocab]
-        token = _sample(logits, req, seq.generator)
+        return self.model(input_ids=input_ids, use_cache=True, **kwargs).logits[:, -1].float()
+
+    def _accept(self, seq: _Sequence, token: int) -> Event:
         now = time.perf_counter()
         if seq.token_ids:
             self.metrics.inter_token(now - seq.last_token_time)
@@ -256,9 +412,33 @@ class Engine:
             self.metrics.first_token(now - seq.submitted)
         seq.last_token_time = now
         seq.token_ids.append(token)
-        seq.next_input = torch.tensor([[token]], device=self.device)
         self.metrics.generated(1)
         return self._text_event(seq, eos=token in self.eos_ids)
+
+    def _drop_rows(self, seqs: list[_Sequence], event: Event) -> None:
+        ids = {id(seq) for seq in seqs}
+        self._batch.keep([i for i, seq in enumerate(self._batch.rows) if id(seq) not in ids])
+        for seq in seqs:
+            self._finish(seq, event)
+
+    def _finish(self, seq: _Sequence, event: Event, prefilling: bool = False) -> None:
+        """End a sequence that is not (or no longer) in the batch; its caller hears last."""
+        if prefilling:
+            self._prefilling.remove(seq)
+        self._forget(seq)
+        if event.finish == "cancelled":
+            event = Event(finish="cancelled", completion_tokens=len(seq.token_ids))
+        seq.handle.emit(event)
+
+    def _forget(self, seq: _Sequence) -> None:
+        """Free the sequence's KV accounting and state (before its caller hears that it ended)."""
+        with self._cond:
+            if self._reserved.pop(seq.handle.id, None) is not None:
+                self.blocks.free(seq.handle.id)
+                self._kv = self._kv_snapshot()
+            if seq.handle.cancelled.is_set():
+                self.cancelled_total += 1
+        seq.cache = None
 
     def _text_event(self, seq: _Sequence, eos: bool) -> Event:
         """The text that can no longer change since the last event, cut at a stop string; with the finish reason."""
@@ -279,6 +459,10 @@ class Engine:
         delta = text[seq.emitted_chars:safe] if safe > seq.emitted_chars else ""
         seq.emitted_chars = max(seq.emitted_chars, safe)
         return Event(text=delta, new_tokens=1, finish=finish, completion_tokens=len(seq.token_ids))
+
+
+def _error_event(exc: Exception, seq: _Sequence) -> Event:
+    return Event(finish="error", error=f"{type(exc).__name__}: {exc}", completion_tokens=len(seq.token_ids))
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> int:
@@ -307,3 +491,10 @@ def _sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator) 
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1).cpu()
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], gens: list[torch.Generator]) -> list[int]:
+    """One token per row of logits [rows, vocab]; greedy rows share one argmax (one host sync per step)."""
+    greedy = logits.argmax(-1).tolist()
+    return [g if req.temperature <= 0 else _sample(row, req, gen)
+            for g, row, req, gen in zip(greedy, logits, requests, gens)]

@@ -40,6 +40,7 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     api_key: str | None = None
+    max_batch: int = 16  # sequences decoded together in one pass over the layers
 
 
 class ApiError(Exception):
@@ -58,7 +59,9 @@ class ApiError(Exception):
 class Metrics:
     """Prometheus metrics in a registry of their own (several servers can live in one process)."""
 
-    def __init__(self, engine_ref: list[Engine], streamed_bytes_per_step: int):
+    def __init__(self, engine_ref: list[Engine], streamed_bytes_per_step: int, link_bytes_per_second: float | None):
+        self.streamed_bytes_per_step = streamed_bytes_per_step
+        self.link_bytes_per_second = link_bytes_per_second
         self.registry = r = CollectorRegistry()
         self.requests = Counter("overspill_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.tokens = Counter("overspill_generated_tokens", "tokens generated", registry=r)
@@ -68,6 +71,25 @@ class Metrics:
         Gauge("overspill_active_batch_size", "sequences the engine is decoding", registry=r).set_function(lambda: engine_ref[0].active_count)
         Gauge("overspill_streamed_bytes_per_decode_step", "weight bytes copied host->GPU per decode step (plan)",
               registry=r).set(streamed_bytes_per_step)
+        self.batch = Histogram("overspill_decode_batch_size", "sequences per decode step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.step = Histogram("overspill_decode_step_seconds", "one pass over the layers for the batch",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.bytes_per_token = Gauge("overspill_streamed_bytes_per_token",
+                                     "weight bytes over the link per generated token, last decode step", registry=r)
+        self.link = Gauge("overspill_link_bytes_per_second", "achieved host->GPU weight streaming, last decode step",
+                          registry=r)
+        Gauge("overspill_link_measured_bytes_per_second", "pinned host->GPU bandwidth measured by the probe (0: unknown)",
+              registry=r).set(link_bytes_per_second or 0)
+        self.overlap = Gauge("overspill_link_busy_fraction", "fraction of the last decode step the link needed at "
+                             "measured bandwidth (1.0: link-bound, fully overlapped)", registry=r)
+        kv = Gauge("overspill_kv_blocks", "KV blocks of the engine's admission control", ["state"], registry=r)
+        kv.labels("total").set_function(lambda: engine_ref[0].kv_stats().total_blocks)
+        kv.labels("used").set_function(lambda: engine_ref[0].kv_stats().used_blocks)
+        kv.labels("reserved").set_function(lambda: engine_ref[0].kv_stats().reserved_blocks)
+        kv_bytes = Gauge("overspill_kv_bytes", "KV bytes held by running sequences, by tier", ["tier"], registry=r)
+        kv_bytes.labels("gpu").set_function(lambda: engine_ref[0].kv_stats().gpu_bytes)
+        kv_bytes.labels("host").set_function(lambda: engine_ref[0].kv_stats().host_bytes)
 
     # the engine's observer interface (called on the engine thread)
     def first_token(self, seconds: float) -> None:
@@ -78,6 +100,14 @@ class Metrics:
 
     def generated(self, tokens: int) -> None:
         self.tokens.inc(tokens)
+
+    def decode_step(self, batch_size: int, seconds: float) -> None:
+        self.batch.observe(batch_size)
+        self.step.observe(seconds)
+        self.bytes_per_token.set(self.streamed_bytes_per_step / batch_size)
+        self.link.set(self.streamed_bytes_per_step / seconds if seconds > 0 else 0)
+        if self.link_bytes_per_second and seconds > 0:
+            self.overlap.set(min(self.streamed_bytes_per_step / self.link_bytes_per_second / seconds, 1.0))
 
 
 class _Gate:
@@ -121,9 +151,11 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
 
         raise OverspillError("serve needs a tokenizer, and this model has none (a config-only model?)")
     engine_ref: list[Engine] = []
-    metrics = Metrics(engine_ref, placement_of(model).plan.streamed_bytes_per_step)
+    plan = placement_of(model).plan
+    link = plan.streamed_bytes_per_step / plan.prediction.link_s if plan.prediction and plan.prediction.link_s else None
+    metrics = Metrics(engine_ref, plan.streamed_bytes_per_step, link)
     tok_lock = threading.Lock()
-    engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock)
+    engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock, max_batch=config.max_batch)
     engine_ref.append(engine)
 
     async def lifespan(app: FastAPI):
@@ -323,16 +355,17 @@ def serve_main(args) -> int:
     from .api import load, placement_of
     from .errors import OverspillError
 
-    if args.max_queue < 1 or args.max_new_tokens_limit < 1:
-        raise OverspillError("--max-queue and --max-new-tokens-limit must be at least 1")
+    if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
+        raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
-        depth=args.depth, context=args.context, device=args.device, kv_gpu_memory=args.kv_gpu_memory,
+        depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
+        kv_gpu_memory=args.kv_gpu_memory,
     )
     print(placement_of(model).summary())
     name = _served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
-                          args.max_new_tokens_limit, args.api_key)
+                          args.max_new_tokens_limit, args.api_key, args.max_batch)
     app = create_app(model, tokenizer, config)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

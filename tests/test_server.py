@@ -49,9 +49,11 @@ def server(default_model_dir):
     import overspill
     from overspill.server import ServerConfig, create_app
 
-    model, tok = overspill.load(default_model_dir, gpu_memory=None, progress=False, context=CONTEXT)
+    # float32: batched and solo decode then agree to ~1e-6, so greedy outputs can be compared exactly
+    # (in bf16 a batch of 8 changes CPU matmul blocking, and a near-tie can flip a token).
+    model, tok = overspill.load(default_model_dir, gpu_memory=None, dtype="float32", progress=False, context=CONTEXT)
     context = overspill.api.placement_of(model).plan.workload.context
-    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY))
+    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY, max_batch=8))
     running = _Running(app)
     running.app, running.tokenizer = app, tok
     running.base = f"http://127.0.0.1:{running.port}"
@@ -91,7 +93,10 @@ def test_health_models_metrics(server, client, http):
     text = httpx.get(f"{server.base}/metrics").text
     for name in ("overspill_requests_total", "overspill_generated_tokens_total", "overspill_queue_depth",
                  "overspill_active_batch_size", "overspill_time_to_first_token_seconds_bucket",
-                 "overspill_inter_token_latency_seconds_bucket", "overspill_streamed_bytes_per_decode_step"):
+                 "overspill_inter_token_latency_seconds_bucket", "overspill_streamed_bytes_per_decode_step",
+                 "overspill_decode_batch_size_bucket", "overspill_streamed_bytes_per_token",
+                 "overspill_link_bytes_per_second", "overspill_link_busy_fraction", 'overspill_kv_blocks{state="used"}',
+                 'overspill_kv_bytes{tier="host"}'):
         assert name in text, name
     assert 'endpoint="/v1/completions",status="200"' in text
 
@@ -140,10 +145,16 @@ def test_concurrent_requests_match_solo_runs(client, server):
         r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=6)
         return r.choices[0].message.content
 
+    registry = server.app.state.metrics.registry
     solo = [ask(p) for p in prompts]
+    steps_of_one = registry.get_sample_value("overspill_decode_batch_size_bucket", {"le": "1.0"})
+    steps = registry.get_sample_value("overspill_decode_batch_size_count")
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, prompts))
     assert together == solo
+    # decode steps served several requests at once: fewer steps than tokens, not all of batch 1
+    batched_steps = registry.get_sample_value("overspill_decode_batch_size_count") - steps
+    assert batched_steps > registry.get_sample_value("overspill_decode_batch_size_bucket", {"le": "1.0"}) - steps_of_one
     _wait_idle(server.app.state.engine)
     assert server.app.state.engine.live_requests() == 0
 
@@ -160,6 +171,7 @@ def test_closing_streams_cancels_requests(client, server):
         assert time.monotonic() - start < 90, f"only {i} streams in 90 s: cancellation is not prompt"
     _wait_idle(engine)
     assert engine.live_requests() == 0, "request state leaked"
+    assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0, "KV blocks leaked"
     assert engine.cancelled_total - before >= 150
     # a request already decoding stops within a few tokens of its client leaving
     tokens = server.app.state.metrics.tokens

@@ -1,0 +1,100 @@
+"""`DecodeBatch`: the running sequences' KV in one left-padded cache, so one pass serves them all.
+
+When weights stream over the link, a pass over the layers costs about the same for 1 sequence as
+for 64, so the engine decodes every running sequence in one forward call. Sequences join after
+their own (chunked, batch-1) prefill and leave when they finish, at different lengths; their KV is
+kept right-aligned in one transformers `DynamicCache`:
+
+    row 0:  . . k k k k k      `valid[b, j]` marks real tokens; attention masks the padding,
+    row 1:  k k k k k k k      and each row's position id is its own count of real tokens,
+    row 2:  . . . . . k k      so RoPE and outputs match the sequence decoded alone.
+
+Joining pads the shorter side on the left; leaving selects the remaining rows and drops leading
+columns that became padding in every row. Only caches whose layers are all plain full-attention
+`DynamicLayer`s can be padded like this (`mergeable`); others (sliding windows, host-tier KV) run
+one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def mergeable(cache: Any) -> bool:
+    """True when `cache` is a plain dynamic cache of full-attention layers (left padding is exact)."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class DecodeBatch:
+    """Rows of sequences sharing one cache. `rows` holds the caller's per-sequence objects, in row order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows: list[Any] = []
+        self.cache: Any = None
+        self.valid: torch.Tensor | None = None  # bool [rows, cached tokens]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_grow(self) -> bool:
+        """Whether another sequence may join (an unmergeable cache serves one sequence alone)."""
+        return not self.rows or mergeable(self.cache)
+
+    def join(self, row: Any, cache: Any, length: int) -> None:
+        """Add a prefilled sequence: its own batch-1 `cache` holding `length` tokens."""
+        valid = torch.ones((1, length), dtype=torch.bool, device=self.device)
+        if not self.rows:
+            self.rows, self.cache, self.valid = [row], cache, valid
+            return
+        if not (mergeable(self.cache) and mergeable(cache)):
+            raise ValueError("only plain full-attention dynamic caches can share a batch")
+        have, new = self.valid.shape[1], length
+        width = max(have, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width - have), _left_pad(theirs.keys, width - new)])
+            mine.values = torch.cat([_left_pad(mine.values, width - have), _left_pad(theirs.values, width - new)])
+        self.valid = torch.cat([_left_pad_mask(self.valid, width - have), _left_pad_mask(valid, width - new)])
+        self.rows.append(row)
+
+    def keep(self, keep_rows: list[int]) -> None:
+        """Keep only these rows (in this order); frees the others' KV and trims all-padding columns."""
+        if len(keep_rows) == len(self.rows):
+            return
+        if not keep_rows:
+            self.rows, self.cache, self.valid = [], None, None
+            return
+        self.rows = [self.rows[i] for i in keep_rows]
+        index = torch.tensor(keep_rows, device=self.device)
+        valid = self.valid.index_select(0, index)
+        start = int(valid.any(0).to(torch.int8).argmax())  # first column some row still uses
+        self.valid = valid[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:].contiguous()
+            layer.values = layer.values.index_select(0, index)[:, :, start:].contiguous()
+
+    def step_inputs(self, next_tokens: list[int]) -> dict[str, torch.Tensor]:
+        """Forward kwargs for one decode step: each row's next token, the padding mask, positions."""
+        new = torch.ones((len(self.rows), 1), dtype=torch.bool, device=self.device)
+        self.valid = torch.cat([self.valid, new], 1)
+        positions = self.valid.sum(1, keepdim=True) - 1  # [rows, 1]: real tokens before this one
+        return {
+            "input_ids": torch.tensor(next_tokens, device=self.device).unsqueeze(1),
+            "attention_mask": self.valid.long(),
+            "position_ids": positions,
+        }
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch, heads, tokens, dim] with `n` zero tokens in front."""
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+def _left_pad_mask(m: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(m, (n, 0), value=False) if n else m

@@ -1,0 +1,174 @@
+"""The engine's continuous batching on CPU: batched greedy decode equals each request run alone.
+
+Tiny float32 random-weight models (conftest) loaded through `overspill.load` with 4 of 8 layers
+resident, so the batch runs through the real streaming ring. Prompts of different lengths join and
+leave the batch at different steps, which exercises left padding, trimming and position ids.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from overspill.batching import DecodeBatch, mergeable
+from overspill.engine import Engine, GenerationRequest
+
+from test_placement import load_tiny
+
+PROMPTS = [(5, 9, 14, 3), (7,) * 11, tuple(range(30, 48)), (8, 200), (100, 101, 102), (60,) * 6]
+NEW = [12, 5, 9, 16, 3, 10]  # rows leave the batch at different steps
+FULL_ATTENTION = ["llama", "qwen3", "mixtral"]  # sliding-window archs run one at a time (tested below)
+
+
+class IdsTokenizer:
+    """Decodes token ids as space-separated numbers, so events carry the exact tokens."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+class Steps:
+    """Records the batch size of every decode step."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def first_token(self, seconds): ...
+    def inter_token(self, seconds): ...
+    def generated(self, tokens): ...
+
+    def decode_step(self, batch_size, seconds):
+        self.sizes.append(batch_size)
+
+
+def _engine(model, **kwargs) -> Engine:
+    model.generation_config.eos_token_id = None  # random weights: let every request run its full length
+    engine = Engine(model, IdsTokenizer(), metrics=Steps(), **kwargs)
+    engine.start()
+    return engine
+
+
+def _outputs(engine: Engine, requests: list[GenerationRequest], together: bool) -> list[str]:
+    if together:
+        engine.hold(True)  # queue them all, so they are admitted into one batch
+        handles = [engine.submit(r) for r in requests]
+        engine.hold(False)
+        return ["".join(e.text for e in h) for h in handles]
+    return ["".join(e.text for e in engine.submit(r)) for r in requests]
+
+
+def _requests() -> list[GenerationRequest]:
+    return [GenerationRequest(p, n) for p, n in zip(PROMPTS, NEW)]
+
+
+@pytest.mark.parametrize("arch", FULL_ATTENTION)
+def test_batched_greedy_equals_solo(tiny_checkpoint, arch):
+    model = load_tiny(tiny_checkpoint(arch), resident=4)
+    engine = _engine(model, max_batch=4, prefill_chunk=5)  # 6 requests > 4 places: later ones join mid-decode
+    try:
+        solo = _outputs(engine, _requests(), together=False)
+        assert max(engine.metrics.sizes) == 1
+        engine.metrics.sizes.clear()
+        batched = _outputs(engine, _requests(), together=True)
+        assert batched == solo
+        assert max(engine.metrics.sizes) == 4 and len(set(engine.metrics.sizes)) > 2  # rows joined and left
+        assert [len(s.split()) for s in solo] == NEW
+        assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
+    finally:
+        engine.close()
+
+
+def test_batched_matches_transformers_generate(tiny_checkpoint):
+    """Against plain `generate` on the same placed model: the batch path adds no error of its own."""
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    engine = _engine(model, max_batch=8)
+    try:
+        batched = _outputs(engine, _requests(), together=True)
+        assert max(engine.metrics.sizes) == len(PROMPTS)
+    finally:
+        engine.close()
+    for prompt, new, text in zip(PROMPTS, NEW, batched):
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
+
+
+def test_sliding_window_model_runs_one_at_a_time(tiny_checkpoint):
+    model = load_tiny(tiny_checkpoint("mistral"), resident=4)
+    engine = _engine(model, max_batch=4)
+    try:
+        assert engine.max_batch == 1 and engine.batching_note
+        reqs = _requests()[:3]
+        assert _outputs(engine, reqs, together=True) == _outputs(engine, reqs, together=False)
+    finally:
+        engine.close()
+
+
+def test_kv_admission_waits_for_blocks(tiny_checkpoint):
+    """A request whose prompt + max_new_tokens does not fit beside the running ones waits, then runs."""
+    model = load_tiny(tiny_checkpoint("llama"), resident=8)
+    engine = _engine(model, max_batch=2, kv_block_tokens=8)  # context 64 x 2 = 16 blocks of 8 tokens
+    try:
+        assert engine.kv_stats().total_blocks == 16
+        big = GenerationRequest(tuple(range(3, 40)), 20)  # 57 tokens: 8 blocks
+        engine.hold(True)
+        handles = [engine.submit(big), engine.submit(big), engine.submit(GenerationRequest((5, 6), 4))]
+        engine.hold(False)
+        assert all(list(h)[-1].finish == "length" for h in handles)
+        assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0
+        with pytest.raises(ValueError, match="KV blocks"):
+            engine.submit(GenerationRequest(tuple(range(3, 200)), 8))
+    finally:
+        engine.close()
+
+
+def test_cancel_mid_batch_frees_its_row(tiny_checkpoint):
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    engine = _engine(model, max_batch=4)
+    try:
+        reqs = _requests()[:3]
+        solo = _outputs(engine, reqs, together=False)
+        engine.hold(True)
+        handles = [engine.submit(r) for r in reqs]
+        doomed = engine.submit(GenerationRequest((9, 9, 9), 40))
+        engine.hold(False)
+        events = iter(doomed)
+        next(events)
+        engine.cancel(doomed)
+        assert list(events)[-1].finish == "cancelled"
+        assert ["".join(e.text for e in h) for h in handles] == solo
+        assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
+    finally:
+        engine.close()
+
+
+def _cache(lengths: list[int], heads: int = 2, dim: int = 4, layers: int = 2) -> list[DynamicCache]:
+    caches = []
+    for i, n in enumerate(lengths):
+        cache = DynamicCache()
+        for layer in range(layers):
+            k = torch.full((1, heads, n, dim), float(10 * i + layer))
+            cache.update(k, -k, layer)
+        caches.append(cache)
+    return caches
+
+
+def test_decode_batch_pads_on_join_and_trims_on_leave():
+    batch = DecodeBatch(torch.device("cpu"))
+    a, b, c = _cache([3, 5, 2])
+    assert mergeable(a)
+    for name, cache, n in (("a", a, 3), ("b", b, 5), ("c", c, 2)):
+        batch.join(name, cache, n)
+    assert batch.rows == ["a", "b", "c"]
+    assert batch.valid.tolist() == [[False, False, True, True, True], [True] * 5, [False] * 3 + [True] * 2]
+    assert batch.cache.layers[1].keys.shape == (3, 2, 5, 4)
+    assert batch.cache.layers[1].keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]  # row a, layer 1: padded left
+    inputs = batch.step_inputs([1, 2, 3])
+    assert inputs["position_ids"].tolist() == [[3], [5], [2]]
+    assert inputs["attention_mask"].shape == (3, 6)
+    batch.keep([0, 2])  # b leaves: two leading columns are padding in both remaining rows
+    assert batch.rows == ["a", "c"] and batch.valid.shape == (2, 4)
+    assert batch.cache.layers[0].keys.shape == (2, 2, 3, 4)  # the new step's column is not in the cache yet
