@@ -18,9 +18,12 @@ if TYPE_CHECKING:
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> None:
+    """The model and placement flags; `model_option` makes MODEL a --model option (for commands whose
+    positionals are files, where an optional positional first would be ambiguous)."""
+    names, optional = (["--model"], {}) if model_option else (["model"], {"nargs": "?"})
     p.add_argument(
-        "model", nargs="?", default=None,
+        *names, **optional, default=None, metavar="MODEL",
         help="checkpoint directory, Hugging Face id already in the local cache, .gguf file, or shipped "
         "config name (llama-3-8b, llama-3-70b, mixtral-8x7b, qwen2.5-7b, ...; needs --random-weights). "
         "Default: the embedded SmolLM2-135M-Instruct.",
@@ -70,7 +73,40 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_probe_parser(sub)
     _add_plan_parser(sub)
     _add_serve_parser(sub)
+    _add_batch_parser(sub)
     return parser
+
+
+def _add_max_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="sequences decoded together in one pass over the layers; the plan reserves KV room "
+                   "for this many (default 16).")
+
+
+def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser(
+        "batch", help="run an OpenAI Batch file (JSONL) for throughput",
+        description="Run every request of an OpenAI Batch input file, up to --max-batch sequences decoded "
+        "together. Input lines: {\"custom_id\": ..., \"method\": \"POST\", \"url\": \"/v1/chat/completions\" "
+        "or \"/v1/completions\", \"body\": {...}}. Each body's \"model\" must be the served name, as the "
+        "server and OpenAI's batch API check it: the last part of --model when that is a path, the "
+        "Hugging Face id or shipped name as given, or SmolLM2-135M-Instruct for the embedded default. Each result is appended to OUTPUT as "
+        "{\"id\", \"custom_id\", \"response\": {\"status_code\", \"request_id\", \"body\"}, \"error\": null} "
+        "as soon as it finishes, so lines come in completion order. A bad line (malformed JSON, unknown "
+        "url, invalid body, unknown model, max_tokens out of range, prompt too long, repeated custom_id) "
+        "gets the status and OpenAI error body the server would answer, and the batch goes on. Resumable: "
+        "custom_ids already in OUTPUT are skipped (delete a line to run it again). Exits 0 when the file "
+        "was processed, whatever each request's status.",
+    )
+    batch.add_argument("input", metavar="INPUT", help="JSONL file of batch requests, one per line.")
+    batch.add_argument("output", metavar="OUTPUT",
+                       help="JSONL file of results; created, or appended to when it exists (resume).")
+    _add_model_args(batch, model_option=True)
+    _add_max_batch(batch)
+    batch.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
+                       help="largest max_tokens a request may ask for; chat requests without max_tokens may generate "
+                       "this many, completions without it 16, as at OpenAI (default 2048).")
+    batch.set_defaults(func=_batch_main)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +123,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="requests that may wait for the engine; more are answered 429 (default 64).")
     serve.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
                        help="largest max_tokens a request may ask for (default 2048).")
+    _add_max_batch(serve)
     serve.set_defaults(func=_serve_main)
 
 
@@ -165,6 +202,14 @@ def _serve_main(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise OverspillError(f"serve needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
     return serve_main(args)
+
+
+def _batch_main(args: argparse.Namespace) -> int:
+    try:
+        from .batch import batch_main
+    except ImportError as exc:
+        raise OverspillError(f"batch needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
+    return batch_main(args)
 
 
 def _probe_main(args: argparse.Namespace) -> int:

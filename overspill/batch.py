@@ -1,0 +1,341 @@
+"""`overspill batch`: run an OpenAI Batch file (JSONL) through one `Engine`, for throughput.
+
+Input lines: `{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
+"body": {...}}`. Output lines: `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"error": null}`, appended and flushed the moment their request ends, so they come in completion order
+and a killed run resumes: lines already in the output are not run again. A bad line gets the status
+and OpenAI error body the server would answer (400, 404, 405, 413) and the batch goes on.
+
+The calling thread validates, tokenizes and submits requests while the engine's queue has room, so
+the engine always has sequences to decode together. Each request's events collect in a sink on the
+engine thread; finished requests come back through one queue to the calling thread, the only writer.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .engine import Engine, Event, GenerationRequest, QueueFull
+from .errors import OverspillError
+from .schemas import ChatCompletionRequest, CompletionRequest, chat_response, completion_response, error_body, new_id
+from .server import ApiError, ServerConfig, _chat_ids, _check_common, _generation_request
+
+DEFAULT_MAX_BATCH = 16
+_CHAT_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> is it chat?
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What one `run_batch` did. failed: error lines written (bad input or failed generation);
+    unfinished: requests cancelled by the engine closing, not written, so a rerun does them."""
+
+    total: int
+    skipped: int
+    ok: int
+    failed: int
+    unfinished: int
+    prompt_tokens: int
+    generated_tokens: int
+    wall_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def report(self) -> str:
+        line = (f"{self.ok} ok, {self.failed} failed of {self.total} requests ({self.skipped} skipped: already "
+                f"in the output); {self.generated_tokens} tokens generated in {self.wall_seconds:.1f} s = "
+                f"{self.tokens_per_second:.1f} tok/s")
+        if self.unfinished:
+            line += f"; {self.unfinished} unfinished (run again to finish them)"
+        return line
+
+
+@dataclass
+class _Line:
+    """One input line. key ties it to its output line: ("id", custom_id) for a request, or
+    ("error", message) for a line without a usable custom_id or a repeated one (the message names
+    the input line, so a rerun recognizes the error line it wrote before)."""
+
+    number: int
+    key: tuple[str, str]
+    custom_id: str | None
+    data: dict | None = None
+    error: ApiError | None = None
+
+
+@dataclass
+class _Job:
+    custom_id: str
+    chat: bool
+    prompt_tokens: int
+    parts: list[str]
+
+
+def check_paths(input_path: str | Path, output_path: str | Path) -> tuple[Path, Path]:
+    """Both paths, checked before any model work: the input is a file, the output's folder exists."""
+    inp, out = Path(input_path).expanduser(), Path(output_path).expanduser()
+    if not inp.is_file():
+        raise OverspillError(f"batch input {inp} does not exist or is not a file; pass a JSONL file of requests")
+    if out.is_dir():
+        raise OverspillError(f"batch output {out} is a directory; pass a file path such as {out / 'output.jsonl'}")
+    if not out.parent.is_dir():
+        raise OverspillError(f"the folder of batch output {out} does not exist; create {out.parent} first")
+    if inp.resolve() == out.resolve():
+        raise OverspillError(f"batch input and output are the same file ({inp}); pass another output path")
+    return inp, out
+
+
+def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path, config: ServerConfig,
+              progress: bool = True) -> BatchSummary:
+    """Run every request of an OpenAI Batch input file through a started `engine`.
+
+    Args:
+        engine: a started `Engine`; its `tokenizer` and `tokenizer_lock` tokenize the prompts.
+        input_path: JSONL, one `{"custom_id", "method", "url", "body"}` per line.
+        output_path: JSONL results, appended; custom_ids (and error lines) already there are skipped.
+        config: the served model name (bodies must name it), context and max_tokens limit.
+        progress: show a tqdm bar over requests on stderr and say how many were skipped.
+
+    Returns:
+        A `BatchSummary` of this run (skipped lines are not counted in ok/failed).
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    inp, out = check_paths(input_path, output_path)
+    lines = _read_input(inp)
+    written = _prepare_output(out)
+    todo = [line for line in lines if line.key not in written]
+    skipped = len(lines) - len(todo)
+    if progress and skipped:
+        tqdm.write(f"skipping {skipped} of {len(lines)} requests already in {out}")
+    with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="req", disable=not progress,
+                                                       dynamic_ncols=True) as bar:
+        run = _Run(engine, config, f, bar, start)
+        for line in todo:
+            run.do(line)
+        run.drain(until_idle=True)
+    return BatchSummary(len(lines), skipped, run.ok, run.failed, run.unfinished, run.prompt_tokens,
+                        run.generated_tokens, time.perf_counter() - start)
+
+
+class _Run:
+    """State of one `run_batch`: submits requests, writes finished ones (on the calling thread only)."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, f, bar, start: float):
+        self.engine, self.config, self.f, self.bar, self.start = engine, config, f, bar, start
+        self.finished: queue.Queue[tuple[_Job, Event]] = queue.Queue()
+        self.in_flight = 0
+        self.ok = self.failed = self.unfinished = self.prompt_tokens = self.generated_tokens = 0
+
+    def do(self, line: _Line) -> None:
+        try:
+            if line.error is not None:
+                raise line.error
+            job, req = self._prepare(line)
+        except Exception as exc:  # one bad line must not stop the batch; the server answers these 500
+            err = exc if isinstance(exc, ApiError) else ApiError(
+                500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+            self._write(line.custom_id, err.status, error_body(err.message, err.type, err.param, err.code))
+            return
+        while True:  # keep the engine's queue full: wait for one to finish only when it has no room
+            try:
+                self.engine.submit(req, self._sink(job))
+                break
+            except QueueFull:
+                self.drain(until_idle=False, block=True)
+        self.in_flight += 1
+        self.drain(until_idle=False)
+
+    def _prepare(self, line: _Line) -> tuple[_Job, GenerationRequest]:
+        """Validate and tokenize like the server's handlers; raises ApiError with the server's status."""
+        data = line.data
+        url, method = data.get("url"), data.get("method", "POST")
+        if not isinstance(url, str) or url not in _CHAT_URLS:
+            raise ApiError(404, f"url {url!r} is not served; use one of {', '.join(_CHAT_URLS)}",
+                           "not_found_error", param="url")
+        if method != "POST":
+            raise ApiError(405, f"method {method!r} is not allowed; batch requests use POST", param="method")
+        chat = _CHAT_URLS[url]
+        try:
+            body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data.get("body"))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            raise ApiError(400, f"{param}: {first['msg']}" if param else f"body: {first['msg']}", param=param) from None
+        _check_common(body, self.config)
+        if body.stream:
+            raise ApiError(400, "stream is not supported in a batch", param="stream")
+        tokenizer, lock = self.engine.tokenizer, self.engine.tokenizer_lock
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            with lock:
+                ids = _chat_ids(tokenizer, messages)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+        else:
+            prompt = body.prompt
+            if isinstance(prompt, list):
+                if len(prompt) != 1:
+                    raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
+                prompt = prompt[0]
+            if body.echo:
+                raise ApiError(400, "echo is not supported yet", param="echo")
+            with lock:
+                ids = tokenizer(prompt)["input_ids"]
+            max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
+        req = _generation_request(body, ids, max_tokens, self.config)
+        return _Job(line.custom_id, chat, len(ids), []), req
+
+    def _sink(self, job: _Job):
+        def sink(event: Event) -> None:  # on the engine thread: collect, hand over when finished
+            job.parts.append(event.text)
+            if event.finish is not None:
+                self.finished.put((job, event))
+
+        return sink
+
+    def drain(self, until_idle: bool, block: bool = False) -> None:
+        """Write finished requests: all that are ready, at least one if `block`, every one if `until_idle`."""
+        while self.in_flight:
+            try:
+                job, event = self.finished.get(block=block or until_idle)
+            except queue.Empty:
+                return
+            self.in_flight -= 1
+            self._finish(job, event)
+            block = False
+
+    def _finish(self, job: _Job, event: Event) -> None:
+        if event.finish == "cancelled":  # the engine closed under us: leave it for a rerun
+            self.unfinished += 1
+            return
+        self.generated_tokens += event.completion_tokens
+        if event.finish == "error":
+            self._write(job.custom_id, 500, error_body(f"generation failed: {event.error}", "server_error"))
+            return
+        self.prompt_tokens += job.prompt_tokens
+        build, prefix = (chat_response, "chatcmpl") if job.chat else (completion_response, "cmpl")
+        body = build(new_id(prefix), self.config.model_name, "".join(job.parts), event.finish,
+                     job.prompt_tokens, event.completion_tokens)
+        self._write(job.custom_id, 200, body)
+
+    def _write(self, custom_id: str | None, status: int, body: dict) -> None:
+        result = {
+            "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
+            "error": None,
+        }
+        self.f.write(json.dumps(result, ensure_ascii=False) + "\n")
+        self.f.flush()
+        if status == 200:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.bar.set_postfix_str(f"{self.generated_tokens / (time.perf_counter() - self.start):.1f} tok/s", refresh=False)
+        self.bar.update(1)
+
+
+def _read_input(path: Path) -> list[_Line]:
+    """Every non-blank line, parsed; malformed and repeated lines carry the error their output will hold."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise OverspillError(f"batch input {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines: list[_Line] = []
+    first_seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            lines.append(_anonymous(number, f"input line {number} is not valid JSON: {exc}", code="invalid_json"))
+            continue
+        cid = data.get("custom_id") if isinstance(data, dict) else None
+        if not isinstance(cid, str) or not cid:
+            lines.append(_anonymous(number, f"input line {number} has no custom_id (a non-empty string)",
+                                    param="custom_id"))
+        elif cid in first_seen:
+            message = f"custom_id {cid!r} of input line {number} repeats input line {first_seen[cid]}"
+            lines.append(_Line(number, ("error", message), cid, data,
+                               ApiError(400, message, param="custom_id", code="duplicate_custom_id")))
+        else:
+            first_seen[cid] = number
+            lines.append(_Line(number, ("id", cid), cid, data))
+    return lines
+
+
+def _anonymous(number: int, message: str, param: str | None = None, code: str | None = None) -> _Line:
+    return _Line(number, ("error", message), None, error=ApiError(400, message, param=param, code=code))
+
+
+def _prepare_output(path: Path) -> set[tuple[str, str]]:
+    """Keys of the lines already in the output. A last line cut short (a killed run) is removed;
+    any other line that is not a batch result stops the run, since appending would bury it."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            data += b"\n"  # a whole last line without its newline: keep it
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        except ValueError:
+            data = data[:cut]
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+    keys: set[tuple[str, str]] = set()
+    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            result = json.loads(raw)
+            cid, status = result["custom_id"], result["response"]["status_code"]
+            message = result["response"]["body"].get("error", {}).get("message") if status != 200 else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise OverspillError(f"line {number} of existing output {path} is not a batch result; "
+                                 "move the file away or fix that line, then run again") from None
+        duplicate = status != 200 and result["response"]["body"]["error"].get("code") == "duplicate_custom_id"
+        keys.add(("id", cid) if cid is not None and not duplicate else ("error", message))
+    return keys
+
+
+def batch_main(args) -> int:
+    """`overspill batch`: check the paths, load the model, run the file, print the summary."""
+    from .api import load, placement_of
+    from .server import _served_name
+
+    if args.max_batch < 1 or args.max_new_tokens_limit < 1:
+        raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
+    check_paths(args.input, args.output)
+    model, tokenizer = load(
+        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
+        depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
+        kv_gpu_memory=args.kv_gpu_memory,
+    )
+    if tokenizer is None:
+        raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")
+    placement = placement_of(model)
+    print(placement.summary())
+    name = _served_name(args.model)
+    config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
+    engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch)
+    print(f"running {args.input} as model {name!r} -> {args.output}", flush=True)
+    engine.start()
+    try:
+        summary = run_batch(engine, args.input, args.output, config)
+    finally:
+        engine.close()
+    print(summary.report())
+    return 0
+
