@@ -22,10 +22,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .engine import Engine, Event, GenerationRequest, QueueFull
+from .engine import Engine, Event, GenerationRequest, QueueFull, TokenLogprob
 from .errors import OverspillError
 from .schemas import ChatCompletionRequest, CompletionRequest, chat_response, completion_response, error_body, new_id
-from .server import ApiError, ServerConfig, _chat_ids, _check_common, _generation_request
+from .server import ApiError, ServerConfig, generation_request, logprobs_body, token_alternatives
 
 DEFAULT_MAX_BATCH = 16
 _CHAT_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> is it chat?
@@ -77,6 +77,7 @@ class _Job:
     chat: bool
     prompt_tokens: int
     parts: list[str]
+    logprobs: list[TokenLogprob]
 
 
 def check_paths(input_path: str | Path, output_path: str | Path) -> tuple[Path, Path]:
@@ -171,32 +172,15 @@ class _Run:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ())) or None
             raise ApiError(400, f"{param}: {first['msg']}" if param else f"body: {first['msg']}", param=param) from None
-        _check_common(body, self.config)
         if body.stream:
             raise ApiError(400, "stream is not supported in a batch", param="stream")
-        tokenizer, lock = self.engine.tokenizer, self.engine.tokenizer_lock
-        if chat:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            with lock:
-                ids = _chat_ids(tokenizer, messages)
-            max_tokens = body.max_completion_tokens or body.max_tokens
-        else:
-            prompt = body.prompt
-            if isinstance(prompt, list):
-                if len(prompt) != 1:
-                    raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
-                prompt = prompt[0]
-            if body.echo:
-                raise ApiError(400, "echo is not supported yet", param="echo")
-            with lock:
-                ids = tokenizer(prompt)["input_ids"]
-            max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
-        req = _generation_request(body, ids, max_tokens, self.config)
-        return _Job(line.custom_id, chat, len(ids), []), req
+        req = generation_request(body, self.engine.tokenizer, self.engine.tokenizer_lock, self.config)
+        return _Job(line.custom_id, chat, len(req.prompt_ids), [], []), req
 
     def _sink(self, job: _Job):
         def sink(event: Event) -> None:  # on the engine thread: collect, hand over when finished
             job.parts.append(event.text)
+            job.logprobs.extend(event.logprobs)
             if event.finish is not None:
                 self.finished.put((job, event))
 
@@ -223,8 +207,10 @@ class _Run:
             return
         self.prompt_tokens += job.prompt_tokens
         build, prefix = (chat_response, "chatcmpl") if job.chat else (completion_response, "cmpl")
+        with self.engine.tokenizer_lock:
+            logprobs = logprobs_body(job.chat, token_alternatives(self.engine.tokenizer, job.logprobs))
         body = build(new_id(prefix), self.config.model_name, "".join(job.parts), event.finish,
-                     job.prompt_tokens, event.completion_tokens)
+                     job.prompt_tokens, event.completion_tokens, logprobs)
         self._write(job.custom_id, 200, body)
 
     def _write(self, custom_id: str | None, status: int, body: dict) -> None:

@@ -16,7 +16,7 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -41,6 +41,16 @@ class GenerationRequest:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and the top k alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature), and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class Event:
     finish: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last event, when asked for
 
 
 class Handle:
@@ -353,7 +364,7 @@ class Engine:
         if seq.prefilled < len(prompt):
             return len(chunk)
         self._prefilling.remove(seq)
-        event = self._accept(seq, _sample(logits[0], seq.handle.request, seq.generator))
+        event = self._accept(seq, _sample(logits[0], seq.handle.request, seq.generator), logits[0])
         if event.finish is not None:
             self._finish(seq, event)
             return len(chunk)
@@ -384,9 +395,9 @@ class Engine:
         tokens = _sample_rows(logits, [seq.handle.request for seq in batch.rows], [seq.generator for seq in batch.rows])
         self.metrics.decode_step(len(batch), time.perf_counter() - start)  # sampling synced the device
         done: list[tuple[_Sequence, Event]] = []
-        for seq, token in zip(batch.rows, tokens):
+        for seq, token, row in zip(batch.rows, tokens, logits):
             self.blocks.append(seq.handle.id, 1)
-            event = self._accept(seq, token)
+            event = self._accept(seq, token, row)
             if event.finish is not None:
                 done.append((seq, event))
             else:
@@ -404,7 +415,8 @@ class Engine:
             kwargs["logits_to_keep"] = 1
         return self.model(input_ids=input_ids, use_cache=True, **kwargs).logits[:, -1].float()
 
-    def _accept(self, seq: _Sequence, token: int) -> Event:
+    def _accept(self, seq: _Sequence, token: int, logits: torch.Tensor) -> Event:
+        """Record `token` (sampled from `logits` [vocab]) and build the event that reports it."""
         now = time.perf_counter()
         if seq.token_ids:
             self.metrics.inter_token(now - seq.last_token_time)
@@ -413,7 +425,11 @@ class Engine:
         seq.last_token_time = now
         seq.token_ids.append(token)
         self.metrics.generated(1)
-        return self._text_event(seq, eos=token in self.eos_ids)
+        event = self._text_event(seq, eos=token in self.eos_ids)
+        k = seq.handle.request.logprobs
+        if k is None:
+            return event
+        return replace(event, logprobs=(_token_logprob(logits, token, k),))
 
     def _drop_rows(self, seqs: list[_Sequence], event: Event) -> None:
         ids = {id(seq) for seq in seqs}
@@ -498,3 +514,10 @@ def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], gens: 
     greedy = logits.argmax(-1).tolist()
     return [g if req.temperature <= 0 else _sample(row, req, gen)
             for g, row, req, gen in zip(greedy, logits, requests, gens)]
+
+
+def _token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    logp = torch.log_softmax(logits, -1)
+    top = torch.topk(logp, k) if k else None
+    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return TokenLogprob(token, float(logp[token]), alternatives)

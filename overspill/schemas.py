@@ -27,7 +27,6 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
-    logprobs: Any = None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -54,11 +53,21 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_k(self) -> int | None:
+        """Alternatives per token to report, or None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 def new_id(prefix: str) -> str:
@@ -73,33 +82,61 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+                  logprobs: dict | None = None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                     "finish_reason": finish}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
+               logprobs: dict | None = None) -> dict:
     return {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
-def completion_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+                        logprobs: dict | None = None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
+                     logprobs: dict | None = None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+    }
+
+
+TokenAlternatives = tuple[str, float, tuple[tuple[str, float], ...]]  # token text, logprob, top (text, logprob)
+
+
+def chat_logprobs(tokens: list[TokenAlternatives]) -> dict:
+    """Chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in tokens]}
+
+
+def completion_logprobs(tokens: list[TokenAlternatives], text_offset: int = 0) -> dict:
+    """Legacy completions `logprobs` object: parallel lists, offsets counted in characters of the text."""
+    offsets = []
+    for text, _, _ in tokens:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {
+        "tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
+        "top_logprobs": [dict(top) for _, _, top in tokens], "text_offset": offsets,
     }
 
 

@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, GenerationRequest, QueueFull
 from .schemas import (
-    ChatCompletionRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
-    completion_response, error_body, new_id, usage,
+    ChatCompletionRequest, CompletionRequest, TokenAlternatives, chat_chunk, chat_logprobs, chat_response,
+    completion_chunk, completion_logprobs, completion_response, error_body, new_id, usage,
 )
 
 DEFAULT_MAX_QUEUE = 64
@@ -170,6 +170,10 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.add_middleware(_Gate, metrics=metrics, api_key=config.api_key)
     _add_error_handlers(app)
 
+    def describe(entries) -> list[TokenAlternatives]:
+        with tok_lock:
+            return token_alternatives(tokenizer, entries)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "queue_depth": engine.queue_depth, "active": engine.active_count}
@@ -184,27 +188,13 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        _check_common(body, config)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        with tok_lock:
-            ids = _chat_ids(tokenizer, messages)
-        req = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens, config)
-        return await _serve(engine, body, req, len(ids), config.model_name, chat=True)
+        req = generation_request(body, tokenizer, tok_lock, config)
+        return await _serve(engine, body, req, config.model_name, describe, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        _check_common(body, config)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
-            prompt = prompt[0]
-        if body.echo:
-            raise ApiError(400, "echo is not supported yet", param="echo")
-        with tok_lock:
-            ids = tokenizer(prompt)["input_ids"]
-        req = _generation_request(body, ids, body.max_tokens if body.max_tokens is not None else 16, config)
-        return await _serve(engine, body, req, len(ids), config.model_name, chat=False)
+        req = generation_request(body, tokenizer, tok_lock, config)
+        return await _serve(engine, body, req, config.model_name, describe, chat=False)
 
     return app
 
@@ -241,8 +231,8 @@ def _check_common(body, config: ServerConfig) -> None:
                        "not_found_error", param="model", code="model_not_found")
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    if body.logprobs not in (None, False):
-        raise ApiError(400, "logprobs are not supported yet", param="logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -251,6 +241,27 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
         return list(enc["input_ids"])
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer(text)["input_ids"]
+
+
+def generation_request(body: ChatCompletionRequest | CompletionRequest, tokenizer, lock: threading.Lock,
+                       config: ServerConfig) -> GenerationRequest:
+    """Check a chat or text completion body and tokenize its prompt; raises `ApiError` with the status to answer."""
+    _check_common(body, config)
+    if isinstance(body, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        with lock:
+            ids = _chat_ids(tokenizer, messages)
+        return _generation_request(body, ids, body.max_completion_tokens or body.max_tokens, config)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
+        prompt = prompt[0]
+    if body.echo:
+        raise ApiError(400, "echo is not supported yet", param="echo")
+    with lock:
+        ids = tokenizer(prompt)["input_ids"]
+    return _generation_request(body, ids, body.max_tokens if body.max_tokens is not None else 16, config)
 
 
 def _generation_request(body, ids: list[int], max_tokens: int | None, config: ServerConfig) -> GenerationRequest:
@@ -267,7 +278,7 @@ def _generation_request(body, ids: list[int], max_tokens: int | None, config: Se
     wanted = max_tokens if max_tokens is not None else config.max_new_tokens_limit
     return GenerationRequest(
         prompt_ids=tuple(ids), max_new_tokens=min(wanted, room), temperature=body.temperature,
-        top_p=body.top_p, top_k=body.top_k or 0, stop=body.stop_list(), seed=body.seed,
+        top_p=body.top_p, top_k=body.top_k or 0, stop=body.stop_list(), seed=body.seed, logprobs=body.logprobs_k(),
     )
 
 
@@ -288,26 +299,46 @@ def _failed(event: Event) -> ApiError:
     return ApiError(500, f"generation failed: {event.error}", "server_error")
 
 
-async def _serve(engine: Engine, body, req: GenerationRequest, prompt_tokens: int, model_name: str, chat: bool):
+def token_alternatives(tokenizer, entries) -> list[TokenAlternatives]:
+    """Engine `TokenLogprob`s as (token text, logprob, top alternatives as (text, logprob))."""
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    return [(text(e.token_id), e.logprob, tuple((text(i), lp) for i, lp in e.top)) for e in entries]
+
+
+def logprobs_body(chat: bool, tokens: list[TokenAlternatives], text_offset: int = 0) -> dict | None:
+    """The response's `logprobs` object for these tokens (None when none were asked for)."""
+    if not tokens:
+        return None
+    return chat_logprobs(tokens) if chat else completion_logprobs(tokens, text_offset)
+
+
+async def _serve(engine: Engine, body, req: GenerationRequest, model_name: str, describe, chat: bool):
+    prompt_tokens = len(req.prompt_ids)
     handle, events = _submit(engine, req)
     rid = new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
-        return StreamingResponse(_stream(engine, handle, events, rid, model_name, chat, prompt_tokens, include_usage),
+        return StreamingResponse(_stream(engine, handle, events, rid, model_name, chat, prompt_tokens, include_usage,
+                                         describe),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     parts: list[str] = []
+    logprobs = []
     try:
         while True:
             event = await events.get()
             if event.finish in ("error", "cancelled"):
                 raise _failed(event)
             parts.append(event.text)
+            logprobs.extend(event.logprobs)
             if event.finish is not None:
                 break
     finally:
         engine.cancel(handle)  # a no-op once finished; frees the engine's state if this handler was cancelled
     build = chat_response if chat else completion_response
-    return build(rid, model_name, "".join(parts), event.finish, prompt_tokens, event.completion_tokens)
+    return build(rid, model_name, "".join(parts), event.finish, prompt_tokens, event.completion_tokens,
+                 logprobs_body(chat, describe(logprobs)))
 
 
 def _sse(obj) -> str:
@@ -315,14 +346,18 @@ def _sse(obj) -> str:
 
 
 async def _stream(engine: Engine, handle, events: asyncio.Queue, rid: str, model: str, chat: bool,
-                  prompt_tokens: int, include_usage: bool):
-    """SSE chunks; starlette cancels this generator when the client disconnects, and `finally` cancels the request."""
-    created = int(time.time())
+                  prompt_tokens: int, include_usage: bool, describe):
+    """SSE chunks; starlette cancels this generator when the client disconnects, and `finally` cancels the request.
 
-    def chunk(text: str | None, finish: str | None = None) -> dict:
+    With logprobs, each token's entry rides on the chunk of the event that reported it (its text may
+    come in a later chunk when a possible stop string holds it back)."""
+    created = int(time.time())
+    sent = 0  # characters of text sent: the completions API's text_offset
+
+    def chunk(text: str | None, finish: str | None = None, logprobs: dict | None = None) -> dict:
         if chat:
-            return chat_chunk(rid, model, created, {} if text is None else {"content": text}, finish)
-        return completion_chunk(rid, model, created, text or "", finish)
+            return chat_chunk(rid, model, created, {} if text is None else {"content": text}, finish, logprobs)
+        return completion_chunk(rid, model, created, text or "", finish, logprobs)
 
     try:
         if chat:
@@ -333,8 +368,9 @@ async def _stream(engine: Engine, handle, events: asyncio.Queue, rid: str, model
                 err = _failed(event)
                 yield _sse(error_body(err.message, err.type))
                 break
-            if event.text:
-                yield _sse(chunk(event.text))
+            if event.text or event.logprobs:
+                yield _sse(chunk(event.text, logprobs=logprobs_body(chat, describe(event.logprobs), sent)))
+                sent += len(event.text)
             if event.finish is not None:
                 yield _sse(chunk(None, event.finish))
                 if include_usage:

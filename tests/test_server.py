@@ -138,6 +138,30 @@ def test_completion_stop_sequence_is_cut(client, server, greedy_answer):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_logprobs_chat_and_completion(client, server, greedy_answer):
+    import math
+
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+                                       max_tokens=8, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content).startswith(r.choices[0].message.content[:8])
+    for t in content:  # greedy: the chosen token is the most likely one, first among the alternatives
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert math.isclose(t.top_logprobs[0].logprob, t.logprob) and t.logprob <= 0
+        assert t.bytes == list(t.token.encode())
+    assert greedy_answer.choices[0].message.content.startswith(r.choices[0].message.content)
+    c = client.completions.create(model=NAME, prompt="The capital of France is", temperature=0, max_tokens=4, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and all(len(alts) == 2 for alts in lp.top_logprobs)
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+                                            max_tokens=8, logprobs=True, stream=True)
+    streamed = [t for ch in stream if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert r.choices[0].logprobs is not None and greedy_answer.choices[0].logprobs is None  # only when asked
+
+
 def test_concurrent_requests_match_solo_runs(client, server):
     prompts = [f"Name a {thing}." for thing in ("color", "fruit", "planet", "river", "city", "animal", "metal", "tree")]
 
@@ -208,7 +232,9 @@ def test_bad_inputs_get_openai_errors(http, server):
     _error(post("/v1/chat/completions", json={**chat, "max_tokens": 0}), 400, "max_tokens")
     _error(post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": LIMIT + 1}), 400, "max_tokens")
     _error(post("/v1/chat/completions", json={**chat, "n": 2}), 400, "n")
-    _error(post("/v1/chat/completions", json={**chat, "logprobs": True}), 400, "logprobs")
+    _error(post("/v1/chat/completions", json={**chat, "top_logprobs": 3}), 400, "top_logprobs")
+    _error(post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs")
+    _error(post("/v1/completions", json={"model": NAME, "prompt": "hi", "logprobs": 6}), 400, "logprobs")
     long = {"model": NAME, "prompt": "hello " * (CONTEXT + 10), "max_tokens": 1}
     assert _error(post("/v1/completions", json=long), 413)["code"] == "context_length_exceeded"
     _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat), 401)
