@@ -42,26 +42,21 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
-    def can_grow(self) -> bool:
-        """Whether another sequence may join (an unmergeable cache serves one sequence alone)."""
-        return not self.rows or mergeable(self.cache)
-
-    def join(self, row: Any, cache: Any, length: int) -> None:
-        """Add a prefilled sequence: its own batch-1 `cache` holding `length` tokens."""
-        valid = torch.ones((1, length), dtype=torch.bool, device=self.device)
+    def join(self, rows: list[Any], cache: Any, valid: torch.Tensor) -> None:
+        """Add prefilled sequences: `cache` holds their KV, `valid` [len(rows), tokens] marks real tokens."""
+        valid = valid.to(device=self.device, dtype=torch.bool)
         if not self.rows:
-            self.rows, self.cache, self.valid = [row], cache, valid
+            self.rows, self.cache, self.valid = list(rows), cache, valid
             return
         if not (mergeable(self.cache) and mergeable(cache)):
             raise ValueError("only plain full-attention dynamic caches can share a batch")
-        have, new = self.valid.shape[1], length
+        have, new = self.valid.shape[1], valid.shape[1]
         width = max(have, new)
         for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_left_pad(mine.keys, width - have), _left_pad(theirs.keys, width - new)])
             mine.values = torch.cat([_left_pad(mine.values, width - have), _left_pad(theirs.values, width - new)])
         self.valid = torch.cat([_left_pad_mask(self.valid, width - have), _left_pad_mask(valid, width - new)])
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     def keep(self, keep_rows: list[int]) -> None:
         """Keep only these rows (in this order); frees the others' KV and trims all-padding columns."""

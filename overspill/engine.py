@@ -287,13 +287,28 @@ class Engine:
             handle.emit(Event(finish="cancelled"))
 
     def _iterate(self, admitted: list[_Sequence]) -> None:
-        for seq in admitted:
-            self._start(seq)
-        budget = self.prefill_chunk  # prompt tokens per iteration, over the oldest admitted requests
+        """Prefill up to `prefill_chunk` prompt tokens of the oldest admitted requests, then decode the batch.
+
+        Whole prompts that fit the chunk are prefilled together, in one left-padded pass: with
+        streamed weights every pass costs a full trip over the link, so a wave of new requests
+        pays it once, not once each. A longer prompt is prefilled alone, a chunk per iteration.
+        """
+        self._prefilling.extend(admitted)
+        budget, group = self.prefill_chunk, []
         for seq in list(self._prefilling):
-            if budget <= 0:
+            if seq.handle.cancelled.is_set():
+                self._finish(seq, Event(finish="cancelled"), prefilling=True)
+                continue
+            remaining = len(seq.handle.request.prompt_ids) - seq.prefilled
+            if self.max_batch > 1 and seq.prefilled == 0 and remaining <= budget:
+                group.append(seq)
+                budget -= remaining
+            elif group or budget <= 0:
                 break
-            budget -= self._prefill_chunk(seq, budget)
+            else:
+                budget -= self._prefill_chunk(seq, budget)
+        if group:
+            self._prefill_group(group)
         if len(self._batch):
             self._decode_step()
 
@@ -323,10 +338,6 @@ class Engine:
             admitted.append(_Sequence(handle, gen, time.perf_counter()))
         return admitted
 
-    def _start(self, seq: _Sequence) -> None:
-        seq.cache = self._new_cache()
-        self._prefilling.append(seq)
-
     def _new_cache(self) -> Any:
         """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
         cache = self.placement.new_cache(self.model.config) if self.placement is not None else None
@@ -346,12 +357,42 @@ class Engine:
         return -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
 
     @torch.inference_mode()
+    def _prefill_group(self, group: list[_Sequence]) -> None:
+        """Prefill whole prompts together (left-padded, one pass), sample each first token, join the batch."""
+        prompts = [seq.handle.request.prompt_ids for seq in group]
+        width = max(map(len, prompts))
+        ids = torch.tensor([(0,) * (width - len(p)) + tuple(p) for p in prompts], device=self.device)
+        valid = torch.tensor([[j >= width - len(p) for j in range(width)] for p in prompts], device=self.device)
+        cache = self._new_cache()
+        kwargs = {self._cache_key: cache, "attention_mask": valid.long(),
+                  "position_ids": (valid.long().cumsum(1) - 1).clamp(min=0)}
+        for seq in group:
+            self._prefilling.remove(seq)
+        try:
+            logits = self._forward(ids, kwargs)
+        except Exception as exc:  # one bad request must not stop the server
+            for seq in group:
+                self._finish(seq, _error_event(exc, seq))
+            return
+        events = []
+        for seq, prompt, row in zip(group, prompts, logits):
+            seq.prefilled = len(prompt)
+            self.blocks.append(seq.handle.id, len(prompt))
+            events.append(self._accept(seq, _sample(row, seq.handle.request, seq.generator), row))
+        start = len(self._batch)
+        self._batch.join(group, cache, valid)
+        self._batch.keep([i for i in range(len(self._batch)) if i < start or events[i - start].finish is None])
+        for seq, event in zip(group, events):
+            if event.finish is not None:
+                self._forget(seq)
+            seq.handle.emit(event)
+
+    @torch.inference_mode()
     def _prefill_chunk(self, seq: _Sequence, limit: int) -> int:
-        """Run up to `limit` more prompt tokens of `seq` (returns how many); after the last, sample
-        its first token and move it into the decode batch."""
-        if seq.handle.cancelled.is_set():
-            self._finish(seq, Event(finish="cancelled"), prefilling=True)
-            return 0
+        """Run up to `limit` more prompt tokens of `seq` alone (returns how many); after the last,
+        sample its first token and move it into the decode batch."""
+        if seq.cache is None:
+            seq.cache = self._new_cache()
         prompt = seq.handle.request.prompt_ids
         chunk = prompt[seq.prefilled : seq.prefilled + limit]
         try:
@@ -368,7 +409,7 @@ class Engine:
         if event.finish is not None:
             self._finish(seq, event)
             return len(chunk)
-        self._batch.join(seq, seq.cache, seq.prefilled)
+        self._batch.join([seq], seq.cache, torch.ones((1, seq.prefilled), dtype=torch.bool))
         seq.cache = None
         seq.handle.emit(event)
         return len(chunk)

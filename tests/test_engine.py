@@ -85,10 +85,15 @@ def test_batched_matches_transformers_generate(tiny_checkpoint):
     """Against plain `generate` on the same placed model: the batch path adds no error of its own."""
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     engine = _engine(model, max_batch=8)
+    passes = []
+    hook = model.register_forward_pre_hook(lambda module, args: passes.append(1))
     try:
         batched = _outputs(engine, _requests(), together=True)
         assert max(engine.metrics.sizes) == len(PROMPTS)
+        # one pass prefills all six prompts together, then one pass per step until the longest is done
+        assert len(passes) == 1 + max(NEW) - 1
     finally:
+        hook.remove()
         engine.close()
     for prompt, new, text in zip(PROMPTS, NEW, batched):
         ids = torch.tensor([prompt])
@@ -161,7 +166,7 @@ def test_decode_batch_pads_on_join_and_trims_on_leave():
     a, b, c = _cache([3, 5, 2])
     assert mergeable(a)
     for name, cache, n in (("a", a, 3), ("b", b, 5), ("c", c, 2)):
-        batch.join(name, cache, n)
+        batch.join([name], cache, torch.ones((1, n), dtype=torch.bool))
     assert batch.rows == ["a", "b", "c"]
     assert batch.valid.tolist() == [[False, False, True, True, True], [True] * 5, [False] * 3 + [True] * 2]
     assert batch.cache.layers[1].keys.shape == (3, 2, 5, 4)
