@@ -360,7 +360,7 @@ def _no_host_kv_batch(model_name: str, budget: str, context: int, want: int) -> 
 
 
 def _server_config(context: int, max_clients: int, max_tokens: int):
-    from overspill.server import DEFAULT_MAX_QUEUE, ServerConfig
+    from overspill.openai_protocol import DEFAULT_MAX_QUEUE, ServerConfig
 
     kw = {"max_queue": max(DEFAULT_MAX_QUEUE, 2 * max_clients), "max_new_tokens_limit": max(max_tokens, 16),
           "api_key": None}

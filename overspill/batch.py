@@ -22,10 +22,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .engine import Engine, Event, GenerationRequest, QueueFull, TokenLogprob
+from .engine import Engine, Event, GenerationRequest, QueueFull
 from .errors import OverspillError
-from .schemas import ChatCompletionRequest, CompletionRequest, chat_response, completion_response, error_body, new_id
-from .server import ApiError, ServerConfig, generation_request, logprobs_body, token_alternatives
+from .openai_protocol import ApiError, Collected, ServerConfig, TokenTexts, generation_request, served_name, validation_error
+from .schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BATCH = 16
 _CHAT_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> is it chat?
@@ -73,11 +73,8 @@ class _Line:
 
 @dataclass
 class _Job:
-    custom_id: str
-    chat: bool
-    prompt_tokens: int
-    parts: list[str]
-    logprobs: list[TokenLogprob]
+    custom_id: str | None
+    collected: Collected
 
 
 def check_paths(input_path: str | Path, output_path: str | Path) -> tuple[Path, Path]:
@@ -134,6 +131,7 @@ class _Run:
     def __init__(self, engine: Engine, config: ServerConfig, f, bar, start: float):
         self.engine, self.config, self.f, self.bar, self.start = engine, config, f, bar, start
         self.finished: queue.Queue[tuple[_Job, Event]] = queue.Queue()
+        self.texts = TokenTexts(engine.tokenizer, engine.tokenizer_lock)
         self.in_flight = 0
         self.ok = self.failed = self.unfinished = self.prompt_tokens = self.generated_tokens = 0
 
@@ -145,7 +143,7 @@ class _Run:
         except Exception as exc:  # one bad line must not stop the batch; the server answers these 500
             err = exc if isinstance(exc, ApiError) else ApiError(
                 500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-            self._write(line.custom_id, err.status, error_body(err.message, err.type, err.param, err.code))
+            self._write(line.custom_id, err.status, err.body())
             return
         while True:  # keep the engine's queue full: wait for one to finish only when it has no room
             try:
@@ -169,19 +167,15 @@ class _Run:
         try:
             body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data.get("body"))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise ApiError(400, f"{param}: {first['msg']}" if param else f"body: {first['msg']}", param=param) from None
+            raise validation_error(exc.errors()) from None
         if body.stream:
             raise ApiError(400, "stream is not supported in a batch", param="stream")
         req = generation_request(body, self.engine.tokenizer, self.engine.tokenizer_lock, self.config)
-        return _Job(line.custom_id, chat, len(req.prompt_ids), [], []), req
+        return _Job(line.custom_id, Collected(chat, len(req.prompt_ids))), req
 
     def _sink(self, job: _Job):
         def sink(event: Event) -> None:  # on the engine thread: collect, hand over when finished
-            job.parts.append(event.text)
-            job.logprobs.extend(event.logprobs)
-            if event.finish is not None:
+            if job.collected.add(event):
                 self.finished.put((job, event))
 
         return sink
@@ -202,16 +196,10 @@ class _Run:
             self.unfinished += 1
             return
         self.generated_tokens += event.completion_tokens
-        if event.finish == "error":
-            self._write(job.custom_id, 500, error_body(f"generation failed: {event.error}", "server_error"))
-            return
-        self.prompt_tokens += job.prompt_tokens
-        build, prefix = (chat_response, "chatcmpl") if job.chat else (completion_response, "cmpl")
-        with self.engine.tokenizer_lock:
-            logprobs = logprobs_body(job.chat, token_alternatives(self.engine.tokenizer, job.logprobs))
-        body = build(new_id(prefix), self.config.model_name, "".join(job.parts), event.finish,
-                     job.prompt_tokens, event.completion_tokens, logprobs)
-        self._write(job.custom_id, 200, body)
+        status, body = job.collected.response(self.config.model_name, self.texts)
+        if status == 200:
+            self.prompt_tokens += job.collected.prompt_tokens
+        self._write(job.custom_id, status, body)
 
     def _write(self, custom_id: str | None, status: int, body: dict) -> None:
         result = {
@@ -299,7 +287,6 @@ def _prepare_output(path: Path) -> set[tuple[str, str]]:
 def batch_main(args) -> int:
     """`overspill batch`: check the paths, load the model, run the file, print the summary."""
     from .api import load, placement_of
-    from .server import _served_name
 
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
@@ -313,7 +300,7 @@ def batch_main(args) -> int:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")
     placement = placement_of(model)
     print(placement.summary())
-    name = _served_name(args.model)
+    name = served_name(args.model)
     config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
     engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch)
     print(f"running {args.input} as model {name!r} -> {args.output}", flush=True)

@@ -2,10 +2,13 @@
 
 `Engine.submit` is thread-safe and returns a `Handle` at once (or raises `QueueFull`). Each
 iteration of the engine thread's loop admits queued requests (FIFO, while batch places and KV
-blocks allow), runs one prefill chunk of the oldest admitted request, then one decode step for
-every sequence in the running `DecodeBatch`: continuous batching, so new requests join at the next
-step and a long prompt does not stall decoding for more than one chunk. Cancellation and stop
-sequences are checked between tokens; a finished or cancelled sequence leaves the batch at once.
+blocks allow), prefills up to `prefill_chunk` prompt tokens, then runs one decode step for every
+sequence in the running `DecodeBatch`: continuous batching, so new requests join at the next step
+and a long prompt delays decoding by at most one chunk. Cancellation and stop strings are checked
+between tokens; a finished or cancelled sequence leaves the batch at once.
+
+Every admitted sequence stays in `_running` until `_forget`, whatever state it is in (prefilling,
+joining, decoding), so a failure anywhere ends each of them with an event and frees its KV.
 """
 
 from __future__ import annotations
@@ -13,117 +16,50 @@ from __future__ import annotations
 import collections
 import inspect
 import itertools
-import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache
 
 from .batching import DecodeBatch, mergeable
+from .detok import TextStream
 from .kvblocks import KVBlockManager
+from .requests import Event, GenerationRequest, Handle, NullMetrics, QueueFull, TokenLogprob
+from .sampling import sample_tokens, token_logprobs
+
+__all__ = ["Engine", "Event", "GenerationRequest", "Handle", "KVStats", "NullMetrics", "QueueFull", "TokenLogprob"]
 
 
-class QueueFull(Exception):
-    """The engine's queue holds `max_queue` waiting requests already."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """What to generate. temperature 0 is greedy; top_k <= 0 and top_p >= 1 disable those cuts."""
-
-    prompt_ids: tuple[int, ...]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and the top k alternatives
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log-probability under the model (before temperature), and the top alternatives."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Event:
-    """One message from the engine: `text` is new output; `finish` is set on the last event only
-    ("stop", "length", "cancelled" or "error"); `error` carries the message of a failed request."""
-
-    text: str = ""
-    new_tokens: int = 0
-    finish: str | None = None
-    completion_tokens: int = 0
-    error: str | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last event, when asked for
-
-
-class Handle:
-    """A submitted request. Iterate it (blocking) for events, unless a `sink` was given to `submit`."""
-
-    def __init__(self, rid: int, request: GenerationRequest, sink: Callable[[Event], None] | None):
-        self.id = rid
-        self.request = request
-        self.cancelled = threading.Event()
-        self._queue: queue.Queue[Event] | None = None if sink is not None else queue.Queue()
-        self._sink = sink if sink is not None else self._queue.put  # type: ignore[union-attr]
-
-    def emit(self, event: Event) -> None:
-        try:
-            self._sink(event)
-        except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
-            self.cancelled.set()
-
-    def __iter__(self):
-        if self._queue is None:
-            raise TypeError("this handle delivers its events to the sink given to submit()")
-        while True:
-            event = self._queue.get()
-            yield event
-            if event.finish is not None:
-                return
-
-
-class NullMetrics:
-    """The observer interface the engine reports to; the server passes a Prometheus-backed one."""
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def generated(self, tokens: int) -> None: ...
-    def decode_step(self, batch_size: int, seconds: float) -> None: ...
-
-
-@dataclass
+@dataclass(eq=False)
 class _Sequence:
     """Per-request state, owned by the engine thread. `cache` is its own until it joins the batch."""
 
     handle: Handle
     generator: torch.Generator
+    text: TextStream
     submitted: float
+    reserved_blocks: int
     cache: Any = None
     prefilled: int = 0  # prompt tokens already run through the model
-    token_ids: list[int] = field(default_factory=list)
-    emitted_chars: int = 0
     last_token_time: float = 0.0
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
 
 
 @dataclass(frozen=True)
 class KVStats:
-    """KV accounting for `/metrics`: blocks of `block_tokens` tokens reserved for running requests."""
+    """KV accounting for `/metrics`: blocks of `block_tokens` tokens, and bytes held per tier."""
 
     block_tokens: int
     total_blocks: int
     used_blocks: int  # holding KV of admitted sequences now
     reserved_blocks: int  # promised to admitted sequences (prompt + max_new_tokens)
-    gpu_bytes: int  # KV bytes of the used blocks held in device memory
+    gpu_bytes: int  # KV bytes held in device memory, padding of the shared batch cache included
     host_bytes: int  # ... and in pinned host memory (host-tier KV layers)
 
 
@@ -136,25 +72,26 @@ class Engine:
         metrics: an observer (see `NullMetrics`).
         tokenizer_lock: shared with callers that tokenize on other threads.
         max_batch: sequences decoded together; default: the batch the plan reserved KV for.
-        prefill_chunk: prompt tokens per prefill call, interleaved with decode steps of the batch.
+        prefill_chunk: prompt tokens (padding included) per iteration, interleaved with decode steps.
         kv_block_tokens: accounting granularity of the KV admission control.
+        kv_capacity_tokens: KV tokens the running requests may hold; default `context x max_batch`.
 
     A request is admitted when a batch place is free and the KV blocks for its prompt plus its
-    `max_new_tokens` fit in `context x max_batch` tokens (what the plan reserved), so a running
-    request never runs out of KV; until then it waits in the queue.
+    `max_new_tokens` fit in `context x max_batch` tokens (what the plan reserves when loaded with
+    `batch=max_batch`), so a running request never runs out of KV; until then it waits in the queue.
     """
 
     def __init__(self, model, tokenizer, max_queue: int = 64, metrics: NullMetrics | None = None,
                  tokenizer_lock: threading.Lock | None = None, max_batch: int | None = None,
-                 prefill_chunk: int = 512, kv_block_tokens: int = 16):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_queue = max_queue
+                 prefill_chunk: int = 512, kv_block_tokens: int = 16, kv_capacity_tokens: int | None = None):
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.metrics = metrics or NullMetrics()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device = param.device
         self.placement = getattr(model, "overspill", None)
         workload = self.placement.plan.workload if self.placement is not None else None
+        self.context = workload.context if workload is not None else model.config.get_text_config().max_position_embeddings
         self.max_batch = max_batch or (workload.batch if workload is not None else 1)
         if self.max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be positive, got {self.max_batch}, {prefill_chunk}")
@@ -164,14 +101,10 @@ class Engine:
                                   "batched yet: requests run one at a time")
             self.max_batch = 1
         self.prefill_chunk = prefill_chunk
-        context = workload.context if workload is not None else getattr(model.config, "max_position_embeddings", 4096)
-        self.blocks = KVBlockManager(kv_block_tokens, -(-context * self.max_batch // kv_block_tokens), 0)
-        text = model.config.get_text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_layer_bytes = 2 * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * self._dtype_bytes()
-        host_layers = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
-        self._kv_token_bytes = (kv_layer_bytes * (text.num_hidden_layers - host_layers), kv_layer_bytes * host_layers)
+        capacity = kv_capacity_tokens if kv_capacity_tokens is not None else self.context * self.max_batch
+        self.total_blocks = capacity // kv_block_tokens
+        self.blocks = KVBlockManager(kv_block_tokens, self.total_blocks, 0)
+        self._kv_token_bytes = self._kv_bytes_per_token(param.element_size())
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         params = inspect.signature(model.forward).parameters
@@ -180,12 +113,13 @@ class Engine:
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._pending: collections.deque[Handle] = collections.deque()
-        self._prefilling: list[_Sequence] = []
+        self._running: dict[int, _Sequence] = {}  # admitted, until forgotten
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not yet through the model
         self._batch = DecodeBatch(self.device)
-        self._reserved: dict[int, int] = {}  # request id -> blocks promised
+        self._reserved_total = 0
         self._kv = self._kv_snapshot()
         self._hold = False  # tests: keep requests queued
-        self.cancelled_total = 0  # requests that ended by cancel(), queued or running
+        self.cancelled_total = 0  # requests that ended cancelled, queued or running
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -204,13 +138,21 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None] | None = None) -> Handle:
-        """Queue `request`; its events go to `sink` (called on the engine thread) or the handle's queue."""
+        """Queue `request`; its events go to `sink` (called on the engine thread) or the handle's queue.
+
+        Raises:
+            QueueFull: `max_queue` requests are waiting already.
+            ValueError: an empty prompt, max_new_tokens < 1, or prompt + max_new_tokens beyond the context.
+            RuntimeError: the engine is closed.
+        """
         if request.max_new_tokens < 1 or not request.prompt_ids:
             raise ValueError("a request needs a prompt and max_new_tokens >= 1")
-        need = self._blocks_for(request)
-        if need > self.blocks.usage().gpu.total_blocks:
-            raise ValueError(f"the request needs {need} KV blocks; the engine has {self.blocks.usage().gpu.total_blocks}")
+        if len(request.prompt_ids) + request.max_new_tokens > self.context:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceeds the context of {self.context} tokens")
         with self._cond:
+            if self._stop:
+                raise RuntimeError("the engine is closed")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are waiting already")
             handle = Handle(next(self._ids), request, sink)
@@ -242,16 +184,16 @@ class Engine:
 
     @property
     def active_count(self) -> int:
-        """Sequences admitted: decoding in the batch or prefilling."""
-        return len(self._batch) + len(self._prefilling)
+        """Sequences admitted and not yet finished: prefilling or decoding."""
+        return len(self._running)
 
     def live_requests(self) -> int:
         """Requests the engine still holds state for, queued or running (0 when idle: nothing leaked)."""
         with self._cond:
-            return len(self._pending) + self.active_count
+            return len(self._pending) + len(self._running)
 
     def kv_stats(self) -> KVStats:
-        """KV accounting as of the engine's last step (a snapshot: safe from any thread)."""
+        """KV accounting as of the engine's last change (a snapshot: safe from any thread)."""
         return self._kv
 
     # --- engine thread ---
@@ -260,57 +202,30 @@ class Engine:
         while True:
             with self._cond:
                 self._drop_cancelled_pending()
-                while not self._stop and not self.active_count and (self._hold or not self._pending):
+                while not self._stop and not self._running and (self._hold or not self._pending):
                     self._cond.wait(0.5)
                     self._drop_cancelled_pending()
                 if self._stop:
                     break
-                admitted = self._admit_pending()
+                self._admit_pending()
             try:
-                self._iterate(admitted)
+                self._iterate()
             except Exception as exc:  # a bug or a device error: fail what runs, keep serving the queue
-                for seq in admitted + self._prefilling + self._batch.rows:
-                    if seq.handle.id in self._reserved:
-                        self._forget(seq)
-                        seq.handle.emit(_error_event(exc, seq))
-                self._prefilling.clear()
-                self._batch.keep([])
+                self._fail_running(exc)
             self._kv = self._kv_snapshot()
-        with self._cond:  # shutting down: tell every caller still waiting
-            running = self._prefilling + self._batch.rows
-            handles = [seq.handle for seq in running] + list(self._pending)
+        self._fail_running(None)
+        with self._cond:
+            handles = list(self._pending)
             self._pending.clear()
-        for seq in running:
-            self._forget(seq)
-        self._batch.keep([])
+            self.cancelled_total += len(handles)
         for handle in handles:
             handle.emit(Event(finish="cancelled"))
 
-    def _iterate(self, admitted: list[_Sequence]) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens of the oldest admitted requests, then decode the batch.
-
-        Whole prompts that fit the chunk are prefilled together, in one left-padded pass: with
-        streamed weights every pass costs a full trip over the link, so a wave of new requests
-        pays it once, not once each. A longer prompt is prefilled alone, a chunk per iteration.
-        """
-        self._prefilling.extend(admitted)
-        budget, group = self.prefill_chunk, []
-        for seq in list(self._prefilling):
-            if seq.handle.cancelled.is_set():
-                self._finish(seq, Event(finish="cancelled"), prefilling=True)
-                continue
-            remaining = len(seq.handle.request.prompt_ids) - seq.prefilled
-            if self.max_batch > 1 and seq.prefilled == 0 and remaining <= budget:
-                group.append(seq)
-                budget -= remaining
-            elif group or budget <= 0:
-                break
-            else:
-                budget -= self._prefill_chunk(seq, budget)
-        if group:
-            self._prefill_group(group)
-        if len(self._batch):
-            self._decode_step()
+    def _fail_running(self, exc: Exception | None) -> None:
+        """End every admitted sequence: with an error, or cancelled (exc None: shutting down)."""
+        for seq in list(self._running.values()):
+            self._finish(seq, Event(finish="cancelled") if exc is None else _error_event(exc, seq))
+        self._batch.keep([])
 
     def _drop_cancelled_pending(self) -> None:
         for handle in [h for h in self._pending if h.cancelled.is_set()]:
@@ -318,137 +233,163 @@ class Engine:
             self.cancelled_total += 1
             handle.emit(Event(finish="cancelled"))
 
-    def _admit_pending(self) -> list[_Sequence]:
+    def _admit_pending(self) -> None:
         """Move queued requests into prefill while batch places and KV blocks allow (FIFO, no overtaking)."""
-        admitted = []
-        total = self.blocks.usage().gpu.total_blocks
-        while not self._hold and self._pending and self.active_count + len(admitted) < self.max_batch:
-            handle = self._pending[0]
-            need = self._blocks_for(handle.request)
-            if sum(self._reserved.values()) + need > total:
+        while not self._hold and self._pending and len(self._running) < self.max_batch:
+            request = self._pending[0].request
+            need = -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
+            if self._reserved_total + need > self.total_blocks:
                 break
-            self._pending.popleft()
-            self._reserved[handle.id] = need
-            self.blocks.allocate(handle.id, ())
+            handle = self._pending.popleft()
             gen = torch.Generator(device="cpu")
-            if handle.request.seed is not None:
-                gen.manual_seed(handle.request.seed)
+            if request.seed is not None:
+                gen.manual_seed(request.seed)
             else:
                 gen.seed()
-            admitted.append(_Sequence(handle, gen, time.perf_counter()))
-        return admitted
+            text = TextStream(self.tokenizer, self.tokenizer_lock, request.stop, request.max_new_tokens)
+            seq = _Sequence(handle, gen, text, time.perf_counter(), need)
+            self._running[handle.id] = seq
+            self._reserved_total += need
+            self.blocks.allocate(handle.id, ())
+            self._prefilling.append(seq)
 
-    def _new_cache(self) -> Any:
-        """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
-        cache = self.placement.new_cache(self.model.config) if self.placement is not None else None
-        return cache if cache is not None else DynamicCache(config=self.model.config)
+    def _iterate(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens of the oldest admitted requests, then decode the batch.
 
-    def _dtype_bytes(self) -> int:
-        return next(self.model.parameters()).element_size()
-
-    def _kv_snapshot(self) -> KVStats:
-        usage = self.blocks.usage().gpu
-        tokens = sum(self.blocks.num_tokens(rid) for rid in self._reserved)
-        gpu, host = self._kv_token_bytes
-        return KVStats(self.blocks.block_tokens, usage.total_blocks, usage.used_blocks,
-                       sum(self._reserved.values()), tokens * gpu, tokens * host)
-
-    def _blocks_for(self, request: GenerationRequest) -> int:
-        return -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
+        Whole prompts that fit the chunk are prefilled together, in one left-padded pass: with
+        streamed weights every pass costs a full trip over the link, so a wave of new requests
+        pays it once, not once each. A longer prompt is prefilled alone, a chunk per iteration.
+        """
+        group: list[_Sequence] = []
+        width = 0
+        for seq in list(self._prefilling):
+            if seq.handle.cancelled.is_set():
+                self._finish(seq, Event(finish="cancelled"))
+                continue
+            remaining = len(seq.request.prompt_ids) - seq.prefilled
+            grown = max(width, remaining)
+            if self.max_batch > 1 and seq.prefilled == 0 and (len(group) + 1) * grown <= self.prefill_chunk:
+                group.append(seq)
+                width = grown
+            elif not group:
+                self._prefill_chunk(seq)
+                break
+            else:
+                break
+        if group:
+            self._prefill_group(group, width)
+        if len(self._batch):
+            self._decode_step()
 
     @torch.inference_mode()
-    def _prefill_group(self, group: list[_Sequence]) -> None:
-        """Prefill whole prompts together (left-padded, one pass), sample each first token, join the batch."""
-        prompts = [seq.handle.request.prompt_ids for seq in group]
-        width = max(map(len, prompts))
-        ids = torch.tensor([(0,) * (width - len(p)) + tuple(p) for p in prompts], device=self.device)
-        valid = torch.tensor([[j >= width - len(p) for j in range(width)] for p in prompts], device=self.device)
+    def _prefill_group(self, group: list[_Sequence], width: int) -> None:
+        """Prefill whole prompts together (left-padded, one pass), then start decoding them."""
+        lengths = torch.tensor([len(seq.request.prompt_ids) for seq in group], device=self.device)
+        valid = torch.arange(width, device=self.device) >= (width - lengths)[:, None]  # [rows, width]
+        ids = torch.tensor([(0,) * (width - len(s.request.prompt_ids)) + s.request.prompt_ids for s in group],
+                           device=self.device)
         cache = self._new_cache()
-        kwargs = {self._cache_key: cache, "attention_mask": valid.long(),
-                  "position_ids": (valid.long().cumsum(1) - 1).clamp(min=0)}
-        for seq in group:
-            self._prefilling.remove(seq)
+        mask = valid.long()
+        kwargs = {self._cache_key: cache, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
         try:
             logits = self._forward(ids, kwargs)
-        except Exception as exc:  # one bad request must not stop the server
+        except Exception as exc:  # these requests fail; the others go on
             for seq in group:
                 self._finish(seq, _error_event(exc, seq))
             return
-        events = []
-        for seq, prompt, row in zip(group, prompts, logits):
-            seq.prefilled = len(prompt)
-            self.blocks.append(seq.handle.id, len(prompt))
-            events.append(self._accept(seq, _sample(row, seq.handle.request, seq.generator), row))
-        start = len(self._batch)
-        self._batch.join(group, cache, valid)
-        self._batch.keep([i for i in range(len(self._batch)) if i < start or events[i - start].finish is None])
-        for seq, event in zip(group, events):
-            if event.finish is not None:
-                self._forget(seq)
-            seq.handle.emit(event)
+        for seq in group:
+            seq.prefilled = len(seq.request.prompt_ids)
+            self.blocks.append(seq.handle.id, seq.prefilled)
+        self._start_decoding(group, cache, valid, logits)
 
     @torch.inference_mode()
-    def _prefill_chunk(self, seq: _Sequence, limit: int) -> int:
-        """Run up to `limit` more prompt tokens of `seq` alone (returns how many); after the last,
-        sample its first token and move it into the decode batch."""
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        """Run the next `prefill_chunk` prompt tokens of `seq` alone; after the last, start decoding it."""
         if seq.cache is None:
             seq.cache = self._new_cache()
-        prompt = seq.handle.request.prompt_ids
-        chunk = prompt[seq.prefilled : seq.prefilled + limit]
+        chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
         try:
             logits = self._forward(torch.tensor([chunk], device=self.device), {self._cache_key: seq.cache})
-        except Exception as exc:  # one bad request must not stop the server
-            self._finish(seq, _error_event(exc, seq), prefilling=True)
-            return len(chunk)
+        except Exception as exc:  # one bad request must not stop the others
+            self._finish(seq, _error_event(exc, seq))
+            return
         seq.prefilled += len(chunk)
         self.blocks.append(seq.handle.id, len(chunk))
-        if seq.prefilled < len(prompt):
-            return len(chunk)
-        self._prefilling.remove(seq)
-        event = self._accept(seq, _sample(logits[0], seq.handle.request, seq.generator), logits[0])
-        if event.finish is not None:
-            self._finish(seq, event)
-            return len(chunk)
-        self._batch.join([seq], seq.cache, torch.ones((1, seq.prefilled), dtype=torch.bool))
-        seq.cache = None
-        seq.handle.emit(event)
-        return len(chunk)
+        if seq.prefilled == len(seq.request.prompt_ids):
+            cache, seq.cache = seq.cache, None
+            self._start_decoding([seq], cache, torch.ones((1, seq.prefilled), dtype=torch.bool), logits)
+
+    def _start_decoding(self, group: list[_Sequence], cache: Any, valid: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample each prefilled sequence's first token; those not finished join the batch with their KV."""
+        events = self._next_events(group, logits)
+        start = len(self._batch)
+        self._batch.join(group, cache, valid)
+        for seq in group:
+            self._prefilling.remove(seq)
+        self._retire(events, offset=start)
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
         """One pass over the layers for every sequence in the batch."""
         batch = self._batch
-        cancelled = [seq for seq in batch.rows if seq.handle.cancelled.is_set()]
-        if cancelled:
-            self._drop_rows(cancelled, Event(finish="cancelled"))
+        cancelled = [Event(finish="cancelled") if seq.handle.cancelled.is_set() else None for seq in batch.rows]
+        if any(cancelled):
+            self._retire(cancelled)
             if not len(batch):
                 return
-        inputs = batch.step_inputs([seq.token_ids[-1] for seq in batch.rows])
+        inputs = batch.step_inputs([seq.text.ids[-1] for seq in batch.rows])
         start = time.perf_counter()
         try:
             logits = self._forward(inputs.pop("input_ids"), {self._cache_key: batch.cache, **inputs})
-        except Exception as exc:  # the batch's cache state is unknown now: fail its requests, keep serving
-            for seq in list(batch.rows):
-                self._forget(seq)
-                seq.handle.emit(_error_event(exc, seq))
-            batch.keep([])
+        except Exception as exc:  # the batch's cache is in an unknown state: end its requests, keep the rest
+            self._retire([_error_event(exc, seq) for seq in batch.rows])
             return
-        tokens = _sample_rows(logits, [seq.handle.request for seq in batch.rows], [seq.generator for seq in batch.rows])
-        self.metrics.decode_step(len(batch), time.perf_counter() - start)  # sampling synced the device
-        done: list[tuple[_Sequence, Event]] = []
-        for seq, token, row in zip(batch.rows, tokens, logits):
+        for seq in batch.rows:
             self.blocks.append(seq.handle.id, 1)
-            event = self._accept(seq, token, row)
-            if event.finish is not None:
-                done.append((seq, event))
+        events = self._next_events(batch.rows, logits)
+        self.metrics.decode_step(len(events), time.perf_counter() - start)  # sampling synced the device
+        self._retire(events)
+
+    def _next_events(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+        """Sample one token per row of logits [rows, vocab]; each sequence's event, sent if it goes on.
+
+        Returns the events with `finish` set (the caller removes those rows), None for the others."""
+        requests = [seq.request for seq in seqs]
+        chosen = sample_tokens(logits, requests, [seq.generator for seq in seqs])
+        tokens = chosen.tolist()  # the step's one host sync
+        logprobs = token_logprobs(logits, tokens, requests)
+        now = time.perf_counter()
+        events: list[Event | None] = []
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            try:
+                event = self._accept(seq, token, logprob, now)
+            except Exception as exc:  # e.g. the tokenizer failed on this sequence's text
+                event = _error_event(exc, seq)
+            if event.finish is None:
+                seq.handle.emit(event)
+                events.append(None)
             else:
-                seq.handle.emit(event)
-        if done:
-            finished = {id(seq) for seq, _ in done}
-            batch.keep([i for i, seq in enumerate(batch.rows) if id(seq) not in finished])
-            for seq, event in done:
-                self._forget(seq)
-                seq.handle.emit(event)
+                events.append(event)
+        self.metrics.generated(len(seqs))
+        return events
+
+    def _accept(self, seq: _Sequence, token: int, logprob: TokenLogprob | None, now: float) -> Event:
+        first = not seq.text.ids
+        (self.metrics.first_token if first else self.metrics.inter_token)(now - (seq.submitted if first else seq.last_token_time))
+        seq.last_token_time = now
+        piece = seq.text.push(token, eos=token in self.eos_ids)
+        return Event(piece.text, piece.finish, len(seq.text.ids), logprobs=(logprob,) if logprob else ())
+
+    def _retire(self, events: list[Event | None], offset: int = 0) -> None:
+        """Remove batch rows `offset + i` whose event ends them, then tell their callers."""
+        rows = self._batch.rows
+        ending = [(rows[offset + i], e) for i, e in enumerate(events) if e is not None]
+        if not ending:
+            return
+        gone = {id(seq) for seq, _ in ending}
+        self._batch.keep([i for i, seq in enumerate(rows) if id(seq) not in gone])
+        for seq, event in ending:
+            self._finish(seq, event)
 
     def _forward(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Last-position logits [batch, vocab] in float32."""
@@ -456,109 +397,43 @@ class Engine:
             kwargs["logits_to_keep"] = 1
         return self.model(input_ids=input_ids, use_cache=True, **kwargs).logits[:, -1].float()
 
-    def _accept(self, seq: _Sequence, token: int, logits: torch.Tensor) -> Event:
-        """Record `token` (sampled from `logits` [vocab]) and build the event that reports it."""
-        now = time.perf_counter()
-        if seq.token_ids:
-            self.metrics.inter_token(now - seq.last_token_time)
-        else:
-            self.metrics.first_token(now - seq.submitted)
-        seq.last_token_time = now
-        seq.token_ids.append(token)
-        self.metrics.generated(1)
-        event = self._text_event(seq, eos=token in self.eos_ids)
-        k = seq.handle.request.logprobs
-        if k is None:
-            return event
-        return replace(event, logprobs=(_token_logprob(logits, token, k),))
-
-    def _drop_rows(self, seqs: list[_Sequence], event: Event) -> None:
-        ids = {id(seq) for seq in seqs}
-        self._batch.keep([i for i, seq in enumerate(self._batch.rows) if id(seq) not in ids])
-        for seq in seqs:
-            self._finish(seq, event)
-
-    def _finish(self, seq: _Sequence, event: Event, prefilling: bool = False) -> None:
-        """End a sequence that is not (or no longer) in the batch; its caller hears last."""
-        if prefilling:
+    def _finish(self, seq: _Sequence, event: Event) -> None:
+        """End a sequence that is not in the batch (any more): free its state, then tell its caller."""
+        if seq in self._prefilling:
             self._prefilling.remove(seq)
-        self._forget(seq)
-        if event.finish == "cancelled":
-            event = Event(finish="cancelled", completion_tokens=len(seq.token_ids))
+        seq.cache = None
+        with self._cond:
+            if self._running.pop(seq.handle.id, None) is None:
+                return  # ended already
+            self.blocks.free(seq.handle.id)
+            self._reserved_total -= seq.reserved_blocks
+            if event.finish == "cancelled":
+                self.cancelled_total += 1
+                event = Event(finish="cancelled", completion_tokens=len(seq.text.ids))
+        self._kv = self._kv_snapshot()
         seq.handle.emit(event)
 
-    def _forget(self, seq: _Sequence) -> None:
-        """Free the sequence's KV accounting and state (before its caller hears that it ended)."""
-        with self._cond:
-            if self._reserved.pop(seq.handle.id, None) is not None:
-                self.blocks.free(seq.handle.id)
-                self._kv = self._kv_snapshot()
-            if seq.handle.cancelled.is_set():
-                self.cancelled_total += 1
-        seq.cache = None
+    def _new_cache(self) -> Any:
+        """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
+        cache = self.placement.new_cache(self.model.config) if self.placement is not None else None
+        return cache if cache is not None else DynamicCache(config=self.model.config)
 
-    def _text_event(self, seq: _Sequence, eos: bool) -> Event:
-        """The text that can no longer change since the last event, cut at a stop string; with the finish reason."""
-        req = seq.handle.request
-        with self.tokenizer_lock:
-            text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
-        finish = None
-        cut = len(text)
-        for stop in req.stop:  # search a little before the emitted part: a stop may span the boundary
-            at = text.find(stop, max(0, seq.emitted_chars - len(stop)))
-            if at != -1 and at < cut:
-                cut, finish = at, "stop"
-        if finish is None and eos:
-            finish = "stop"
-        if finish is None and len(seq.token_ids) >= req.max_new_tokens:
-            finish = "length"
-        safe = cut if finish is not None else _stable_prefix(text, req.stop)
-        delta = text[seq.emitted_chars:safe] if safe > seq.emitted_chars else ""
-        seq.emitted_chars = max(seq.emitted_chars, safe)
-        return Event(text=delta, new_tokens=1, finish=finish, completion_tokens=len(seq.token_ids))
+    def _kv_bytes_per_token(self, dtype_bytes: int) -> tuple[int, int]:
+        """KV bytes per token of the device-tier and host-tier layers."""
+        text = self.model.config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        per_layer = 2 * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * dtype_bytes
+        host = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
+        return per_layer * (text.num_hidden_layers - host), per_layer * host
+
+    def _kv_snapshot(self) -> KVStats:
+        held = self._batch.valid.numel() if self._batch.valid is not None else 0
+        held += sum(seq.prefilled for seq in self._prefilling)
+        gpu, host = self._kv_token_bytes
+        return KVStats(self.blocks.block_tokens, self.total_blocks, self.blocks.usage().gpu.used_blocks,
+                       self._reserved_total, held * gpu, held * host)
 
 
 def _error_event(exc: Exception, seq: _Sequence) -> Event:
-    return Event(finish="error", error=f"{type(exc).__name__}: {exc}", completion_tokens=len(seq.token_ids))
-
-
-def _stable_prefix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of `text` safe to send: hold back an incomplete UTF-8 tail and any start of a stop string."""
-    safe = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                safe = min(safe, len(text) - k)
-                break
-    return safe
-
-
-def _sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator) -> int:
-    """One token id from last-position logits [vocab]: greedy at temperature 0, else top-k/top-p sampling."""
-    if req.temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits / req.temperature
-    if 0 < req.top_k < logits.numel():
-        kth = torch.topk(logits, req.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if req.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > req.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], gens: list[torch.Generator]) -> list[int]:
-    """One token per row of logits [rows, vocab]; greedy rows share one argmax (one host sync per step)."""
-    greedy = logits.argmax(-1).tolist()
-    return [g if req.temperature <= 0 else _sample(row, req, gen)
-            for g, row, req, gen in zip(greedy, logits, requests, gens)]
-
-
-def _token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    logp = torch.log_softmax(logits, -1)
-    top = torch.topk(logp, k) if k else None
-    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-    return TokenLogprob(token, float(logp[token]), alternatives)
+    return Event(finish="error", error=f"{type(exc).__name__}: {exc}", completion_tokens=len(seq.text.ids))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -117,26 +118,33 @@ def completion_chunk(rid: str, model: str, created: int, text: str, finish: str 
     }
 
 
-TokenAlternatives = tuple[str, float, tuple[tuple[str, float], ...]]  # token text, logprob, top (text, logprob)
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as the logprobs objects show it: its text, its exact bytes, its log-probability, alternatives."""
+
+    text: str
+    bytes: list[int]
+    logprob: float
+    top: tuple["TokenInfo", ...] = ()
 
 
-def chat_logprobs(tokens: list[TokenAlternatives]) -> dict:
+def chat_logprobs(tokens: list[TokenInfo]) -> dict:
     """Chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
-    def entry(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    def entry(t: TokenInfo) -> dict:
+        return {"token": t.text, "logprob": t.logprob, "bytes": t.bytes}
 
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in tokens]}
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in tokens]}
 
 
-def completion_logprobs(tokens: list[TokenAlternatives], text_offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[TokenInfo], text_offset: int = 0) -> dict:
     """Legacy completions `logprobs` object: parallel lists, offsets counted in characters of the text."""
     offsets = []
-    for text, _, _ in tokens:
+    for t in tokens:
         offsets.append(text_offset)
-        text_offset += len(text)
+        text_offset += len(t.text)
     return {
-        "tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
-        "top_logprobs": [dict(top) for _, _, top in tokens], "text_offset": offsets,
+        "tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens], "text_offset": offsets,
     }
 
 

@@ -27,7 +27,7 @@ CHAT, COMPLETION = "/v1/chat/completions", "/v1/completions"
 def served(default_model_dir):
     import overspill
     from overspill.engine import Engine
-    from overspill.server import ServerConfig
+    from overspill.openai_protocol import ServerConfig
 
     # float32: batched and lone decodes then agree exactly; in bf16 their rounding differs (batch
     # shapes change the matmul reductions) and greedy texts can part after a dozen tokens.
@@ -117,7 +117,7 @@ def test_mixed_chat_and_completion_lines(mixed):
 
 def test_greedy_batch_equals_each_request_alone(served, mixed):
     from overspill.engine import GenerationRequest
-    from overspill.server import _chat_ids
+    from overspill.openai_protocol import _chat_ids
 
     engine, _ = served
     _, rows = mixed

@@ -113,19 +113,21 @@ def test_sliding_window_model_runs_one_at_a_time(tiny_checkpoint):
 
 
 def test_kv_admission_waits_for_blocks(tiny_checkpoint):
-    """A request whose prompt + max_new_tokens does not fit beside the running ones waits, then runs."""
+    """A request whose prompt + max_new_tokens does not fit beside the running ones waits (FIFO), then runs."""
     model = load_tiny(tiny_checkpoint("llama"), resident=8)
-    engine = _engine(model, max_batch=2, kv_block_tokens=8)  # context 64 x 2 = 16 blocks of 8 tokens
+    engine = _engine(model, max_batch=3, kv_block_tokens=8, kv_capacity_tokens=96)  # 12 blocks of 8 tokens
     try:
-        assert engine.kv_stats().total_blocks == 16
-        big = GenerationRequest(tuple(range(3, 40)), 20)  # 57 tokens: 8 blocks
+        assert engine.kv_stats().total_blocks == 12
+        big = GenerationRequest(tuple(range(3, 40)), 20)  # 57 tokens: 8 blocks, so two never run together
+        small = GenerationRequest((5, 6), 30)  # 32 tokens: 4 blocks, fits beside one big
         engine.hold(True)
-        handles = [engine.submit(big), engine.submit(big), engine.submit(GenerationRequest((5, 6), 4))]
+        handles = [engine.submit(big), engine.submit(big), engine.submit(small)]
         engine.hold(False)
         assert all(list(h)[-1].finish == "length" for h in handles)
+        assert engine.metrics.sizes[0] == 1 and max(engine.metrics.sizes) == 2  # big alone, then big + small
         assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0
-        with pytest.raises(ValueError, match="KV blocks"):
-            engine.submit(GenerationRequest(tuple(range(3, 200)), 8))
+        with pytest.raises(ValueError, match="exceeds the context of 64"):
+            engine.submit(GenerationRequest(tuple(range(3, 50)), 20))
     finally:
         engine.close()
 
@@ -177,3 +179,74 @@ def test_decode_batch_pads_on_join_and_trims_on_leave():
     batch.keep([0, 2])  # b leaves: two leading columns are padding in both remaining rows
     assert batch.rows == ["a", "c"] and batch.valid.shape == (2, 4)
     assert batch.cache.layers[0].keys.shape == (2, 2, 3, 4)  # the new step's column is not in the cache yet
+
+
+def test_failures_end_only_their_requests_and_free_their_kv(tiny_checkpoint, monkeypatch):
+    """A sampling failure on a chunked prompt, and a forward failure of a decode step, each end with an
+    error event; KV is freed and the engine keeps serving."""
+    import overspill.engine as engine_module
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    engine = _engine(model, max_batch=4, prefill_chunk=4)
+    real = engine_module.sample_tokens
+
+    def flaky(logits, params, gens):
+        if any(p.temperature > 0 for p in params):
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, params, gens)
+
+    try:
+        monkeypatch.setattr(engine_module, "sample_tokens", flaky)
+        chunked = engine.submit(GenerationRequest(tuple(range(3, 13)), 5, temperature=1.0))  # 3 chunks of 4
+        events = list(chunked)
+        assert events[-1].finish == "error" and "nan" in events[-1].error
+        assert engine.live_requests() == 0 and engine.kv_stats().reserved_blocks == 0
+        monkeypatch.setattr(engine_module, "sample_tokens", real)
+        forward = engine._forward
+        calls = []
+
+        def failing_decode(ids, kwargs):
+            calls.append(ids.shape)
+            if ids.shape[1] == 1 and len(calls) > 3:
+                raise RuntimeError("device fault")
+            return forward(ids, kwargs)
+
+        engine._forward = failing_decode
+        handles = [engine.submit(r) for r in _requests()[:2]]
+        assert [list(h)[-1].finish for h in handles] == ["error", "error"]
+        engine._forward = forward
+        assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
+        assert [e.finish for e in engine.submit(GenerationRequest((5, 6), 3))][-1] == "length"
+    finally:
+        engine.close()
+
+
+def test_close_cancels_everything_and_refuses_new_requests(tiny_checkpoint):
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    engine = _engine(model, max_batch=1)
+    running = engine.submit(GenerationRequest((5, 6, 7), 50))
+    queued = engine.submit(GenerationRequest((8, 9), 5))
+    next(iter(running))
+    engine.close()
+    assert list(running)[-1].finish == "cancelled" and list(queued)[-1].finish == "cancelled"
+    assert engine.cancelled_total == 2 and engine.live_requests() == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(GenerationRequest((5,), 2))
+
+
+def test_live_count_includes_requests_being_prefilled(tiny_checkpoint):
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    engine = _engine(model, max_batch=4)
+    seen = []
+    forward = engine._forward
+
+    def observed(ids, kwargs):
+        seen.append((engine.live_requests(), engine.active_count))
+        return forward(ids, kwargs)
+
+    engine._forward = observed
+    try:
+        _outputs(engine, _requests()[:3], together=True)
+        assert seen[0] == (3, 3)  # the group's prefill pass: all three are counted while it runs
+    finally:
+        engine.close()

@@ -47,7 +47,8 @@ class _Running:
 @pytest.fixture(scope="module")
 def server(default_model_dir):
     import overspill
-    from overspill.server import ServerConfig, create_app
+    from overspill.openai_protocol import ServerConfig
+    from overspill.server import create_app
 
     # float32: batched and solo decode then agree to ~1e-6, so greedy outputs can be compared exactly
     # (in bf16 a batch of 8 changes CPU matmul blocking, and a near-tie can flip a token).
@@ -209,6 +210,31 @@ def test_closing_streams_cancels_requests(client, server):
     assert tokens._value.get() - generated < LIMIT // 2
     r = client.completions.create(model=NAME, prompt="Hello", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_non_streaming_client_that_leaves_cancels_its_request(server, http):
+    engine = server.app.state.engine
+    tokens = server.app.state.metrics.tokens
+    before, cancelled = tokens._value.get(), engine.cancelled_total
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": LIMIT, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        http.post("/v1/completions", json=body, timeout=0.3)
+    _wait_idle(engine)
+    assert engine.cancelled_total == cancelled + 1 and engine.live_requests() == 0
+    assert tokens._value.get() - before < LIMIT
+
+
+def test_logprob_tokens_carry_exact_bytes(server):
+    from overspill.openai_protocol import TokenTexts
+    from overspill.sampling import TokenLogprob
+
+    tok = server.tokenizer
+    texts = TokenTexts(tok, threading.Lock())
+    ids = tok("Snow 🏔️ on Everest")["input_ids"]
+    infos = texts.describe([TokenLogprob(i, -1.0) for i in ids])
+    assert bytes(b for t in infos for b in t.bytes).decode() == tok.decode(ids)
+    partial = [t for t in infos if t.text.startswith("bytes:")]  # the emoji spans tokens: halves are not UTF-8
+    assert partial and all("\\x" in t.text for t in partial)
 
 
 def _error(resp, status: int, param: str | None = None) -> dict:

@@ -1,0 +1,66 @@
+"""Prometheus metrics of the server: HTTP traffic, the engine's steps, the link and the KV cache."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several servers can live in one process)."""
+
+    def __init__(self, engine_ref: list["Engine"], streamed_bytes_per_step: int, link_bytes_per_second: float | None):
+        self.streamed_bytes_per_step = streamed_bytes_per_step
+        self.link_bytes_per_second = link_bytes_per_second
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("overspill_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.tokens = Counter("overspill_generated_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("overspill_time_to_first_token_seconds", "submit to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("overspill_inter_token_latency_seconds", "time between tokens of one request", buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("overspill_queue_depth", "requests waiting for the engine", registry=r).set_function(lambda: engine_ref[0].queue_depth)
+        Gauge("overspill_active_batch_size", "sequences the engine is decoding", registry=r).set_function(lambda: engine_ref[0].active_count)
+        Gauge("overspill_streamed_bytes_per_decode_step", "weight bytes copied host->GPU per decode step (plan)",
+              registry=r).set(streamed_bytes_per_step)
+        self.batch = Histogram("overspill_decode_batch_size", "sequences per decode step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.step = Histogram("overspill_decode_step_seconds", "one pass over the layers for the batch",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.bytes_per_token = Gauge("overspill_streamed_bytes_per_token",
+                                     "weight bytes over the link per generated token, last decode step", registry=r)
+        self.link = Gauge("overspill_link_bytes_per_second", "achieved host->GPU weight streaming, last decode step",
+                          registry=r)
+        Gauge("overspill_link_measured_bytes_per_second", "pinned host->GPU bandwidth measured by the probe (0: unknown)",
+              registry=r).set(link_bytes_per_second or 0)
+        self.overlap = Gauge("overspill_link_busy_fraction", "fraction of the last decode step the link needed at "
+                             "measured bandwidth (1.0: link-bound, fully overlapped)", registry=r)
+        kv = Gauge("overspill_kv_blocks", "KV blocks of the engine's admission control", ["state"], registry=r)
+        kv.labels("total").set_function(lambda: engine_ref[0].kv_stats().total_blocks)
+        kv.labels("used").set_function(lambda: engine_ref[0].kv_stats().used_blocks)
+        kv.labels("reserved").set_function(lambda: engine_ref[0].kv_stats().reserved_blocks)
+        kv_bytes = Gauge("overspill_kv_bytes", "KV bytes held by running sequences, by tier", ["tier"], registry=r)
+        kv_bytes.labels("gpu").set_function(lambda: engine_ref[0].kv_stats().gpu_bytes)
+        kv_bytes.labels("host").set_function(lambda: engine_ref[0].kv_stats().host_bytes)
+
+    # the engine's observer interface (called on the engine thread)
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def generated(self, tokens: int) -> None:
+        self.tokens.inc(tokens)
+
+    def decode_step(self, batch_size: int, seconds: float) -> None:
+        self.batch.observe(batch_size)
+        self.step.observe(seconds)
+        self.bytes_per_token.set(self.streamed_bytes_per_step / batch_size)
+        self.link.set(self.streamed_bytes_per_step / seconds if seconds > 0 else 0)
+        if self.link_bytes_per_second and seconds > 0:
+            self.overlap.set(min(self.streamed_bytes_per_step / self.link_bytes_per_second / seconds, 1.0))

@@ -1,0 +1,211 @@
+"""OpenAI request bodies in, engine requests out; engine events in, OpenAI response bodies out.
+
+Shared by the HTTP server and `overspill batch`, so both check, tokenize and answer the same way.
+Needs pydantic (the `server` extra) but no web framework.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .requests import Event, GenerationRequest, TokenLogprob
+from .schemas import (
+    ChatCompletionRequest, CompletionRequest, TokenInfo, chat_logprobs, chat_response, completion_logprobs,
+    completion_response, error_body, new_id,
+)
+
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 2048
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """model_name: the id clients must send; context: longest prompt + completion in tokens."""
+
+    model_name: str
+    context: int
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    api_key: str | None = None
+    max_batch: int = 16  # sequences decoded together in one pass over the layers
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's `{"error": {...}}` body with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """The 400 for a body that failed pydantic validation, naming the first offending field."""
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return ApiError(400, f"{param}: {first.get('msg')}" if param else f"body: {first.get('msg')}", param=param)
+
+
+def failed(event: Event) -> ApiError:
+    """The error for a request the engine ended without an answer."""
+    if event.finish == "cancelled":
+        return ApiError(503, "the request was cancelled (server shutting down)", "server_error")
+    return ApiError(500, f"generation failed: {event.error}", "server_error")
+
+
+def served_name(model: str | None) -> str:
+    """The model id clients must send: a path's last part, an HF id or shipped name as given."""
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+def generation_request(body: ChatCompletionRequest | CompletionRequest, tokenizer, lock: threading.Lock,
+                       config: ServerConfig) -> GenerationRequest:
+    """Check a chat or text completion body and tokenize its prompt; raises `ApiError` with the status to answer."""
+    if body.model != config.model_name:
+        raise ApiError(404, f"model {body.model!r} does not exist; this server serves {config.model_name!r}",
+                       "not_found_error", param="model", code="model_not_found")
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        with lock:
+            ids = _chat_ids(tokenizer, messages)
+        return _request(body, ids, body.max_completion_tokens or body.max_tokens, config)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
+        prompt = prompt[0]
+    if body.echo:
+        raise ApiError(400, "echo is not supported yet", param="echo")
+    with lock:
+        ids = tokenizer(prompt)["input_ids"]
+    return _request(body, ids, body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS, config)
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(enc["input_ids"])
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text)["input_ids"]
+
+
+def _request(body, ids: list[int], max_tokens: int | None, config: ServerConfig) -> GenerationRequest:
+    if max_tokens is not None and not 1 <= max_tokens <= config.max_new_tokens_limit:
+        raise ApiError(400, f"max_tokens must be between 1 and {config.max_new_tokens_limit}, got {max_tokens}",
+                       param="max_tokens")
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    room = config.context - len(ids)
+    if room < 1:
+        raise ApiError(413, f"the prompt is {len(ids)} tokens; this server's context is {config.context} tokens",
+                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    wanted = max_tokens if max_tokens is not None else config.max_new_tokens_limit
+    return GenerationRequest(
+        prompt_ids=tuple(ids), max_new_tokens=min(wanted, room), temperature=body.temperature,
+        top_p=body.top_p, top_k=body.top_k or 0, stop=body.stop_list(), seed=body.seed, logprobs=body.logprobs_k(),
+    )
+
+
+class TokenTexts:
+    """Token ids as the text and exact bytes OpenAI's logprobs show.
+
+    `decode([id])` loses bytes: a token holding half of a UTF-8 character decodes to "\\ufffd". The
+    bytes come from the vocabulary instead: byte-level BPE maps each byte to one printable character
+    (GPT-2's table), SentencePiece writes spaces as "▁" and lone bytes as "<0xNN>". A token whose
+    bytes are not valid UTF-8 reads "bytes:\\xNN..." as at OpenAI.
+    """
+
+    def __init__(self, tokenizer, lock: threading.Lock):
+        self.tokenizer, self.lock = tokenizer, lock
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = backend is not None and '"ByteLevel"' in backend.to_str()
+        self._bytes_of = _gpt2_byte_decoder() if self.byte_level else {}
+
+    def describe(self, entries: list[TokenLogprob]) -> list[TokenInfo]:
+        if not entries:
+            return []
+        with self.lock:
+            return [TokenInfo(*self._token(e.token_id), e.logprob,
+                              tuple(TokenInfo(*self._token(i), lp) for i, lp in e.top)) for e in entries]
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        raw = self._bytes(piece) if isinstance(piece, str) else self.tokenizer.decode([token_id]).encode()
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def _bytes(self, piece: str) -> bytes:
+        if self.byte_level and all(c in self._bytes_of for c in piece):
+            return bytes(self._bytes_of[c] for c in piece)
+        lone = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if lone:
+            return bytes([int(lone.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level table inverted: printable character -> the byte it stands for."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def logprobs_body(chat: bool, tokens: list[TokenInfo], text_offset: int = 0) -> dict | None:
+    """The response's `logprobs` object for these tokens (None when none were asked for)."""
+    if not tokens:
+        return None
+    return chat_logprobs(tokens) if chat else completion_logprobs(tokens, text_offset)
+
+
+@dataclass
+class Collected:
+    """A non-streamed request's events gathered into one response."""
+
+    chat: bool
+    prompt_tokens: int
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: Event | None = None
+
+    def add(self, event: Event) -> bool:
+        """Take one event; True once the request has ended."""
+        self.parts.append(event.text)
+        self.logprobs.extend(event.logprobs)
+        self.last = event
+        return event.finish is not None
+
+    def response(self, model: str, texts: TokenTexts) -> tuple[int, dict]:
+        """(status, body) of the answer: the completion, or the error that ended the request."""
+        event = self.last
+        if event.finish in ("error", "cancelled"):
+            err = failed(event)
+            return err.status, err.body()
+        build, prefix = (chat_response, "chatcmpl") if self.chat else (completion_response, "cmpl")
+        return 200, build(new_id(prefix), model, "".join(self.parts), event.finish, self.prompt_tokens,
+                          event.completion_tokens, logprobs_body(self.chat, texts.describe(self.logprobs)))
