@@ -75,6 +75,8 @@ def test_batched_greedy_equals_solo(tiny_checkpoint, arch):
         batched = _outputs(engine, _requests(), together=True)
         assert batched == solo
         assert max(engine.metrics.sizes) == 4 and len(set(engine.metrics.sizes)) > 2  # rows joined and left
+        seeded = [GenerationRequest(p, 6, temperature=0.9, top_k=20, seed=i) for i, p in enumerate(PROMPTS)]
+        assert _outputs(engine, seeded, together=True) == _outputs(engine, seeded, together=False)
         assert [len(s.split()) for s in solo] == NEW
         assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
     finally:
