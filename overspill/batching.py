@@ -10,9 +10,12 @@ kept right-aligned in one transformers `DynamicCache`:
     row 2:  . . . . . k k      so RoPE and outputs match the sequence decoded alone.
 
 Joining pads the shorter side on the left; leaving selects the remaining rows and drops leading
-columns that became padding in every row. Only caches whose layers are all plain full-attention
-`DynamicLayer`s can be padded like this (`mergeable`); others (sliding windows, host-tier KV) run
-one sequence at a time.
+columns that became padding in every row. Columns are aligned in time (every row advances one
+column per step), so a sliding-window layer, which keeps only its last `window - 1` columns,
+stays exact too: it holds the last columns of the same global timeline, and its
+`cumulative_length` is the batch's width, which is what transformers' masks count from. Caches
+of other layer types (host-tier KV) cannot be padded like this (`mergeable`) and run one
+sequence at a time.
 """
 
 from __future__ import annotations
@@ -22,12 +25,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+_PADDABLE = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 def mergeable(cache: Any) -> bool:
-    """True when `cache` is a plain dynamic cache of full-attention layers (left padding is exact)."""
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+    """True when `cache` is a plain dynamic cache of full or sliding-window layers (left padding is exact)."""
+    return type(cache) is DynamicCache and all(type(layer) in _PADDABLE for layer in cache.layers)
+
+
+def _kept(layer: Any, width: int) -> int:
+    """Columns a layer stores when the batch is `width` columns wide."""
+    return min(width, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else width
+
+
+def _set_width(layer: Any, width: int) -> None:
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = width
 
 
 class DecodeBatch:
@@ -53,8 +68,11 @@ class DecodeBatch:
         have, new = self.valid.shape[1], valid.shape[1]
         width = max(have, new)
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width - have), _left_pad(theirs.keys, width - new)])
-            mine.values = torch.cat([_left_pad(mine.values, width - have), _left_pad(theirs.values, width - new)])
+            kept = _kept(mine, width)
+            a, b = kept - mine.keys.shape[-2], kept - theirs.keys.shape[-2]
+            mine.keys = torch.cat([_left_pad(mine.keys, a), _left_pad(theirs.keys, b)])
+            mine.values = torch.cat([_left_pad(mine.values, a), _left_pad(theirs.values, b)])
+            _set_width(mine, width)
         self.valid = torch.cat([_left_pad_mask(self.valid, width - have), _left_pad_mask(valid, width - new)])
         self.rows.extend(rows)
 
@@ -70,9 +88,12 @@ class DecodeBatch:
         valid = self.valid.index_select(0, index)
         start = int(valid.any(0).to(torch.int8).argmax())  # first column some row still uses
         self.valid = valid[:, start:]
+        width = self.valid.shape[1]
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:].contiguous()
-            layer.values = layer.values.index_select(0, index)[:, :, start:].contiguous()
+            drop = layer.keys.shape[-2] - _kept(layer, width)
+            layer.keys = layer.keys.index_select(0, index)[:, :, drop:].contiguous()
+            layer.values = layer.values.index_select(0, index)[:, :, drop:].contiguous()
+            _set_width(layer, width)
 
     def step_inputs(self, next_tokens: list[int]) -> dict[str, torch.Tensor]:
         """Forward kwargs for one decode step: each row's next token, the padding mask, positions."""

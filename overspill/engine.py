@@ -97,8 +97,9 @@ class Engine:
             raise ValueError(f"max_batch and prefill_chunk must be positive, got {self.max_batch}, {prefill_chunk}")
         self.batching_note = None
         if self.max_batch > 1 and not mergeable(self._new_cache()):
-            self.batching_note = ("this model's KV cache (sliding windows or host-tier KV layers) cannot be "
-                                  "batched yet: requests run one at a time")
+            self.batching_note = ("the plan keeps some layers' KV in host memory (a TieredCache), which cannot "
+                                  "be batched yet: requests run one at a time; give the KV more GPU memory "
+                                  "(--kv-gpu-memory) or lower --max-batch / --context to batch them")
             self.max_batch = 1
         self.prefill_chunk = prefill_chunk
         capacity = kv_capacity_tokens if kv_capacity_tokens is not None else self.context * self.max_batch

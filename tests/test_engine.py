@@ -18,7 +18,8 @@ from test_placement import load_tiny
 
 PROMPTS = [(5, 9, 14, 3), (7,) * 11, tuple(range(30, 48)), (8, 200), (100, 101, 102), (60,) * 6]
 NEW = [12, 5, 9, 16, 3, 10]  # rows leave the batch at different steps
-FULL_ATTENTION = ["llama", "qwen3", "mixtral"]  # sliding-window archs run one at a time (tested below)
+FULL_ATTENTION = ["llama", "qwen3", "mixtral"]
+SLIDING = ["mistral", "qwen2", "phi3", "gemma2"]  # windows of 16 < prompt + new tokens (conftest)
 
 
 class IdsTokenizer:
@@ -103,15 +104,32 @@ def test_batched_matches_transformers_generate(tiny_checkpoint):
         assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
 
 
-def test_sliding_window_model_runs_one_at_a_time(tiny_checkpoint):
-    model = load_tiny(tiny_checkpoint("mistral"), resident=4)
-    engine = _engine(model, max_batch=4)
+@pytest.mark.parametrize("arch", SLIDING)
+def test_sliding_window_models_batch_exactly(tiny_checkpoint, arch):
+    """Rows of different lengths share sliding-window layers that keep only their last 15 columns."""
+    model = load_tiny(tiny_checkpoint(arch), resident=4)
+    engine = _engine(model, max_batch=4, prefill_chunk=12)
     try:
-        assert engine.max_batch == 1 and engine.batching_note
-        reqs = _requests()[:3]
-        assert _outputs(engine, reqs, together=True) == _outputs(engine, reqs, together=False)
+        assert engine.max_batch == 4 and engine.batching_note is None
+        solo = _outputs(engine, _requests(), together=False)
+        engine.metrics.sizes.clear()
+        assert _outputs(engine, _requests(), together=True) == solo
+        assert max(engine.metrics.sizes) == 4
     finally:
         engine.close()
+
+
+def test_sliding_windows_equal_transformers_generate(tiny_checkpoint):
+    model = load_tiny(tiny_checkpoint("mistral"), resident=8)
+    engine = _engine(model, max_batch=8)
+    try:
+        batched = _outputs(engine, _requests(), together=True)
+    finally:
+        engine.close()
+    for prompt, new, text in zip(PROMPTS, NEW, batched):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+        assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
 
 
 def test_kv_admission_waits_for_blocks(tiny_checkpoint):
@@ -178,9 +196,34 @@ def test_decode_batch_pads_on_join_and_trims_on_leave():
     inputs = batch.step_inputs([1, 2, 3])
     assert inputs["position_ids"].tolist() == [[3], [5], [2]]
     assert inputs["attention_mask"].shape == (3, 6)
+    for layer in range(2):  # the forward pass appends the step's column to every layer
+        step = torch.full((3, 2, 1, 4), 99.0)
+        batch.cache.update(step, -step, layer)
     batch.keep([0, 2])  # b leaves: two leading columns are padding in both remaining rows
     assert batch.rows == ["a", "c"] and batch.valid.shape == (2, 4)
-    assert batch.cache.layers[0].keys.shape == (2, 2, 3, 4)  # the new step's column is not in the cache yet
+    assert batch.cache.layers[0].keys.shape == (2, 2, 4, 4)
+    assert batch.cache.layers[0].keys[1, 0, :, 0].tolist() == [0, 20, 20, 99]  # row c: one pad, 2 tokens, step
+
+
+def test_decode_batch_keeps_sliding_layers_on_the_global_timeline():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    def sliding(n: int, value: float) -> DynamicCache:
+        cache = DynamicCache()
+        cache.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
+        cache.update(torch.full((1, 1, n, 1), value), torch.full((1, 1, n, 1), value), 0)
+        return cache
+
+    long, short = sliding(6, 1.0), sliding(2, 2.0)
+    assert mergeable(long) and long.layers[0].keys.shape[-2] == 3  # the window keeps 3 columns
+    batch = DecodeBatch(torch.device("cpu"))
+    batch.join(["long"], long, torch.ones((1, 6), dtype=torch.bool))
+    batch.join(["short"], short, torch.ones((1, 2), dtype=torch.bool))
+    layer = batch.cache.layers[0]
+    assert layer.cumulative_length == 6 and layer.keys[:, 0, :, 0].tolist() == [[1, 1, 1], [0, 2, 2]]
+    batch.keep([1])  # the long row leaves: 4 leading columns were padding for the short one
+    assert batch.valid.shape == (1, 2) and layer.cumulative_length == 2
+    assert layer.keys[:, 0, :, 0].tolist() == [[2, 2]]
 
 
 def test_failures_end_only_their_requests_and_free_their_kv(tiny_checkpoint, monkeypatch):

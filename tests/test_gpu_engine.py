@@ -16,7 +16,7 @@ from test_engine import NEW, PROMPTS, IdsTokenizer, Steps, _outputs, _requests
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "mistral", "gemma2"])
 def test_batched_greedy_equals_solo_on_cuda(tiny_checkpoint, arch):
     import overspill
     from overspill.api import placement_of
