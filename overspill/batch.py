@@ -287,10 +287,13 @@ def _prepare_output(path: Path) -> set[tuple[str, str]]:
 def batch_main(args) -> int:
     """`overspill batch`: check the paths, load the model, run the file, print the summary."""
     from .api import load, placement_of
+    from .prefix import PrefixCache
+    from .units import parse_bytes
 
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
     check_paths(args.input, args.output)
+    prefix_bytes = parse_bytes(args.prefix_cache)
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
@@ -302,7 +305,8 @@ def batch_main(args) -> int:
     print(placement.summary())
     name = served_name(args.model)
     config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
-    engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch)
+    prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None
+    engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch, prefix_cache=prefix)
     print(f"running {args.input} as model {name!r} -> {args.output}", flush=True)
     engine.start()
     try:

@@ -81,6 +81,10 @@ def _add_max_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="sequences decoded together in one pass over the layers; the plan reserves KV room "
                    "for this many (default 16).")
+    p.add_argument("--prefix-cache", default="0", metavar="SIZE",
+                   help="pinned host memory for reusing the KV of earlier prompts' shared beginnings (system "
+                   "prompts, documents), e.g. 4GiB; a request then computes only what follows its longest "
+                   "cached prefix, in blocks of 64 tokens. Full-attention models only. Default 0: off.")
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:

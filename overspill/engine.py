@@ -26,8 +26,9 @@ from transformers import DynamicCache
 
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
-from .kvblocks import KVBlockManager
-from .requests import Event, GenerationRequest, Handle, NullMetrics, QueueFull, TokenLogprob
+from .kvblocks import KVBlockManager, KVCapacityError
+from .prefix import Lease, PrefixCache
+from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
 from .sampling import sample_tokens, token_logprobs
 
 __all__ = ["Engine", "Event", "GenerationRequest", "Handle", "KVStats", "NullMetrics", "QueueFull", "TokenLogprob"]
@@ -43,24 +44,14 @@ class _Sequence:
     submitted: float
     reserved_blocks: int
     cache: Any = None
-    prefilled: int = 0  # prompt tokens already run through the model
+    prefilled: int = 0  # prompt tokens already run through the model (or reused from the prefix cache)
     last_token_time: float = 0.0
+    looked_up: bool = False  # the prefix cache was asked for this prompt
+    lease: Lease | None = None  # the prefix cache's hold, until its prompt KV is stored or abandoned
 
     @property
     def request(self) -> GenerationRequest:
         return self.handle.request
-
-
-@dataclass(frozen=True)
-class KVStats:
-    """KV accounting for `/metrics`: blocks of `block_tokens` tokens, and bytes held per tier."""
-
-    block_tokens: int
-    total_blocks: int
-    used_blocks: int  # holding KV of admitted sequences now
-    reserved_blocks: int  # promised to admitted sequences (prompt + max_new_tokens)
-    gpu_bytes: int  # KV bytes held in device memory, padding of the shared batch cache included
-    host_bytes: int  # ... and in pinned host memory (host-tier KV layers)
 
 
 class Engine:
@@ -75,6 +66,7 @@ class Engine:
         prefill_chunk: prompt tokens (padding included) per iteration, interleaved with decode steps.
         kv_block_tokens: accounting granularity of the KV admission control.
         kv_capacity_tokens: KV tokens the running requests may hold; default `context x max_batch`.
+        prefix_cache: reuse the KV of earlier prompts' leading blocks (`overspill.prefix.PrefixCache`).
 
     A request is admitted when a batch place is free and the KV blocks for its prompt plus its
     `max_new_tokens` fit in `context x max_batch` tokens (what the plan reserves when loaded with
@@ -83,7 +75,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_queue: int = 64, metrics: NullMetrics | None = None,
                  tokenizer_lock: threading.Lock | None = None, max_batch: int | None = None,
-                 prefill_chunk: int = 512, kv_block_tokens: int = 16, kv_capacity_tokens: int | None = None):
+                 prefill_chunk: int = 512, kv_block_tokens: int = 16, kv_capacity_tokens: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.metrics = metrics or NullMetrics()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
@@ -102,6 +95,7 @@ class Engine:
                                   "(--kv-gpu-memory) or lower --max-batch / --context to batch them")
             self.max_batch = 1
         self.prefill_chunk = prefill_chunk
+        self.prefix = prefix_cache
         capacity = kv_capacity_tokens if kv_capacity_tokens is not None else self.context * self.max_batch
         self.total_blocks = capacity // kv_block_tokens
         self.blocks = KVBlockManager(kv_block_tokens, self.total_blocks, 0)
@@ -261,6 +255,9 @@ class Engine:
         streamed weights every pass costs a full trip over the link, so a wave of new requests
         pays it once, not once each. A longer prompt is prefilled alone, a chunk per iteration.
         """
+        for seq in self._prefilling:
+            if self.prefix is not None and not seq.looked_up:
+                self._reuse_prefix(seq)
         group: list[_Sequence] = []
         width = 0
         for seq in list(self._prefilling):
@@ -281,6 +278,18 @@ class Engine:
             self._prefill_group(group, width)
         if len(self._batch):
             self._decode_step()
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Start `seq` from the cached KV of its prompt's longest stored prefix (whole blocks)."""
+        seq.looked_up = True
+        cache = self._new_cache()
+        try:
+            seq.lease = self.prefix.start(list(seq.request.prompt_ids), cache)
+        except KVCapacityError:  # every pool block is held by prompts being prefilled: compute it all
+            return
+        if seq.lease.cached_tokens:
+            seq.cache, seq.prefilled = cache, seq.lease.cached_tokens
+            self.blocks.append(seq.handle.id, seq.prefilled)
 
     @torch.inference_mode()
     def _prefill_group(self, group: list[_Sequence], width: int) -> None:
@@ -322,6 +331,11 @@ class Engine:
 
     def _start_decoding(self, group: list[_Sequence], cache: Any, valid: torch.Tensor, logits: torch.Tensor) -> None:
         """Sample each prefilled sequence's first token; those not finished join the batch with their KV."""
+        for row, seq in enumerate(group):
+            if seq.lease is not None:  # store the prompt's new full blocks for later requests
+                prompt = seq.request.prompt_ids
+                self.prefix.finish(seq.lease, cache, list(prompt), row, offset=valid.shape[1] - len(prompt))
+                seq.lease = None
         events = self._next_events(group, logits)
         start = len(self._batch)
         self._batch.join(group, cache, valid)
@@ -402,6 +416,9 @@ class Engine:
         """End a sequence that is not in the batch (any more): free its state, then tell its caller."""
         if seq in self._prefilling:
             self._prefilling.remove(seq)
+        if seq.lease is not None:
+            self.prefix.abort(seq.lease)
+            seq.lease = None
         seq.cache = None
         with self._cond:
             if self._running.pop(seq.handle.id, None) is None:
@@ -432,8 +449,10 @@ class Engine:
         held = self._batch.valid.numel() if self._batch.valid is not None else 0
         held += sum(seq.prefilled for seq in self._prefilling)
         gpu, host = self._kv_token_bytes
+        prefix = self.prefix.manager.usage() if self.prefix is not None else None
         return KVStats(self.blocks.block_tokens, self.total_blocks, self.blocks.usage().gpu.used_blocks,
-                       self._reserved_total, held * gpu, held * host)
+                       self._reserved_total, held * gpu, held * host,
+                       prefix.lookup_tokens if prefix else 0, prefix.hit_tokens if prefix else 0)
 
 
 def _error_event(exc: Exception, seq: _Sequence) -> Event:

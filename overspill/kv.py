@@ -217,8 +217,8 @@ class TieredCache(DynamicCache):
         return {"host_bytes": host, "device_bytes": device, "staging_bytes": staging}
 
 
-def layer_kv(cache: DynamicCache, index: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of tokens [start, end) of layer `index`, sequence 0, as [tokens, heads, dim].
+def layer_kv(cache: DynamicCache, index: int, start: int, end: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of tokens [start, end) of layer `index`, batch row `row`, as [tokens, heads, dim].
 
     Works on any dynamic cache (a `TieredCache` or transformers' own), for storing prefix blocks.
     """
@@ -227,16 +227,16 @@ def layer_kv(cache: DynamicCache, index: int, start: int, end: int) -> tuple[tor
         parts_k, parts_v = [], []
         if start < layer.host_tokens:
             stop = min(end, layer.host_tokens)
-            parts_k.append(layer.host_k[start:stop, 0].to(layer.device))
-            parts_v.append(layer.host_v[start:stop, 0].to(layer.device))
+            parts_k.append(layer.host_k[start:stop, row].to(layer.device))
+            parts_v.append(layer.host_v[start:stop, row].to(layer.device))
         if end > layer.host_tokens:
             lo = max(start, layer.host_tokens) - layer.host_tokens
-            parts_k.append(layer.tail_k[lo : end - layer.host_tokens, 0])
-            parts_v.append(layer.tail_v[lo : end - layer.host_tokens, 0])
+            parts_k.append(layer.tail_k[lo : end - layer.host_tokens, row])
+            parts_v.append(layer.tail_v[lo : end - layer.host_tokens, row])
         return torch.cat(parts_k), torch.cat(parts_v)
     if getattr(layer, "is_sliding", False):
         raise OverspillError("a sliding-window layer keeps only its window; its prefix KV cannot be read back")
-    return layer.keys[0, :, start:end].transpose(0, 1), layer.values[0, :, start:end].transpose(0, 1)
+    return layer.keys[row, :, start:end].transpose(0, 1), layer.values[row, :, start:end].transpose(0, 1)
 
 
 def cache_kwargs(model: torch.nn.Module, cache: TieredCache) -> dict[str, TieredCache]:

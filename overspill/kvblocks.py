@@ -9,7 +9,9 @@ sharing that prefix reuses it from either tier and skips that part of prefill. U
 blocks stay cached and are evicted LRU first; referenced or move-pinned blocks never are.
 Sequences hold logical blocks whose `BlockRef` changes only when a move completes (one update
 serves every sharer): re-read `block_table` after completing moves. Prompt blocks are registered
-at `allocate`, so their KV must be written in that step (each layer writes before attention reads).
+at `allocate`, so their KV must be written in that step (each layer writes before attention reads);
+with `share_unwritten=False` they are shared only after `commit`, for callers whose prefill of one
+request can overlap another request's lookup.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class _Block:
     hash: int | None = None
     tokens: int = 0
     move: Move | None = None
+    unwritten: bool = False  # registered, but no lookup may hit it before `commit`
 
 
 @dataclass(slots=True)
@@ -164,13 +167,16 @@ class KVBlockManager:
         block_tokens: tokens per block.
         gpu_blocks, host_blocks: physical blocks per tier.
         bytes_per_block: bytes of one block (all layers, K and V), for `usage()`.
+        share_unwritten: whether a prompt's blocks are reusable from `allocate` on (False: from `commit`).
     """
 
-    def __init__(self, block_tokens: int, gpu_blocks: int, host_blocks: int, *, bytes_per_block: int = 0):
+    def __init__(self, block_tokens: int, gpu_blocks: int, host_blocks: int, *, bytes_per_block: int = 0,
+                 share_unwritten: bool = True):
         if block_tokens < 1 or min(gpu_blocks, host_blocks, bytes_per_block) < 0:
             raise ValueError(f"bad KV block geometry: {block_tokens=} {gpu_blocks=} {host_blocks=} "
                              f"{bytes_per_block=}")
         self.block_tokens, self.bytes_per_block = block_tokens, bytes_per_block
+        self.share_unwritten = share_unwritten
         self._slots: dict[KVTier, list[_Block | None]] = {KVTier.GPU: [None] * gpu_blocks,
                                                           KVTier.HOST: [None] * host_blocks}
         self._free = {t: deque(range(len(s))) for t, s in self._slots.items()}
@@ -198,7 +204,7 @@ class KVBlockManager:
         hits: list[_Block] = []
         for h in hashes[: max(n - 1, 0) // bt]:  # leave one prompt token to compute: we need its logits
             blk = self._index.get(h)
-            if blk is None:
+            if blk is None or blk.unwritten:
                 break
             hits.append(blk)
         fresh = -(-n // bt) - len(hits)
@@ -211,6 +217,7 @@ class KVBlockManager:
             blocks[i].tokens = min(bt, n - i * bt)
             if i < len(hashes):
                 self._seal(blocks[i], hashes[i])
+                blocks[i].unwritten = not self.share_unwritten
         partial = list(token_ids[len(hashes) * bt :])
         self._seqs[seq_id] = _Seq(blocks, n, partial, hashes[-1] if hashes else ROOT_HASH)
         self._lookups += 1
@@ -257,6 +264,11 @@ class KVBlockManager:
                 seq.partial = []
         seq.n_tokens = total
         return tuple(b.loc for b in new)
+
+    def commit(self, seq_id: Hashable) -> None:
+        """The sequence's prompt KV is written: its blocks may now be reused (see `share_unwritten`)."""
+        for blk in self._seq(seq_id).blocks:
+            blk.unwritten = False
 
     def free(self, seq_id: Hashable) -> None:
         """Drop a sequence's references: sealed blocks stay cached (evictable), the rest are freed."""

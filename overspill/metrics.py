@@ -46,6 +46,10 @@ class Metrics:
         kv_bytes = Gauge("overspill_kv_bytes", "KV bytes held by running sequences, by tier", ["tier"], registry=r)
         kv_bytes.labels("gpu").set_function(lambda: engine_ref[0].kv_stats().gpu_bytes)
         kv_bytes.labels("host").set_function(lambda: engine_ref[0].kv_stats().host_bytes)
+        prefix = Gauge("overspill_prefix_cache_tokens", "prompt tokens looked up in the prefix cache, and "
+                       "those whose KV was reused", ["kind"], registry=r)
+        prefix.labels("lookup").set_function(lambda: engine_ref[0].kv_stats().prefix_lookup_tokens)
+        prefix.labels("hit").set_function(lambda: engine_ref[0].kv_stats().prefix_hit_tokens)
 
     # the engine's observer interface (called on the engine thread)
     def first_token(self, seconds: float) -> None:

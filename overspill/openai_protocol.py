@@ -32,6 +32,7 @@ class ServerConfig:
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     api_key: str | None = None
     max_batch: int = 16  # sequences decoded together in one pass over the layers
+    prefix_cache_bytes: int = 0  # pinned host memory for prompt-prefix KV reuse (0: off)
 
 
 class ApiError(Exception):

@@ -57,8 +57,24 @@ class PrefixCache:
         pinned = self.device.type == "cuda"
         self.pool_k = host_bytes(nbytes, pinned).view(dtype).view(shape)
         self.pool_v = host_bytes(nbytes, pinned).view(dtype).view(shape)
-        self.manager = KVBlockManager(block_tokens, 0, blocks, bytes_per_block=2 * nbytes // blocks)
+        # prompts are written to the pool only at `finish`: no lookup may hit their blocks before then
+        self.manager = KVBlockManager(block_tokens, 0, blocks, bytes_per_block=2 * nbytes // blocks,
+                                      share_unwritten=False)
         self._ids = itertools.count()
+
+    @classmethod
+    def for_model(cls, model, nbytes: int, block_tokens: int = 64) -> "PrefixCache":
+        """A pool of about `nbytes` (K and V, all layers) for this model's dtype and device."""
+        text = model.config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        param = next(model.parameters())
+        per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+        per_token *= param.element_size()
+        if nbytes < per_token * block_tokens:
+            raise OverspillError(f"a prefix cache of {nbytes} bytes holds no block of {block_tokens} tokens "
+                                 f"({per_token * block_tokens} bytes for this model); give it more or leave it off")
+        return cls(model.config, nbytes // per_token, block_tokens, param.dtype, param.device)
 
     def start(self, token_ids: list[int], cache) -> Lease:
         """Fill the empty batch-1 `cache` with the longest cached prefix of `token_ids`."""
@@ -79,19 +95,23 @@ class PrefixCache:
                 cache.update(lk, lv, layer)
         return Lease(seq_id, n, alloc)
 
-    def finish(self, lease: Lease, cache, token_ids: list[int]) -> None:
-        """Store the prompt's newly computed full blocks, then release the lease."""
+    def finish(self, lease: Lease, cache, token_ids: list[int], row: int = 0, offset: int = 0) -> None:
+        """Store the prompt's newly computed full blocks, then release the lease.
+
+        `row` and `offset` locate the prompt in a batched cache: its batch row, and the left padding
+        before its first token."""
         bt = self.block_tokens
         full = len(token_ids) // bt
         first = lease.cached_tokens // bt
         table = self.manager.block_table(lease.seq_id)
         if full > first:
             for layer in range(self.layers):
-                k, v = layer_kv(cache, layer, first * bt, full * bt)
+                k, v = layer_kv(cache, layer, offset + first * bt, offset + full * bt, row)
                 for j in range(first, full):
                     rows = slice((j - first) * bt, (j - first + 1) * bt)
                     self.pool_k[table[j].index, layer].copy_(k[rows])
                     self.pool_v[table[j].index, layer].copy_(v[rows])
+        self.manager.commit(lease.seq_id)
         self.manager.free(lease.seq_id)
 
     def abort(self, lease: Lease) -> None:

@@ -9,7 +9,7 @@ from typing import Callable
 
 from .sampling import TokenLogprob
 
-__all__ = ["Event", "GenerationRequest", "Handle", "NullMetrics", "QueueFull", "TokenLogprob"]
+__all__ = ["Event", "GenerationRequest", "Handle", "KVStats", "NullMetrics", "QueueFull", "TokenLogprob"]
 
 
 class QueueFull(Exception):
@@ -75,3 +75,17 @@ class NullMetrics:
     def inter_token(self, seconds: float) -> None: ...
     def generated(self, tokens: int) -> None: ...
     def decode_step(self, batch_size: int, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """KV accounting for `/metrics`: blocks of `block_tokens` tokens, and bytes held per tier."""
+
+    block_tokens: int
+    total_blocks: int
+    used_blocks: int  # holding KV of admitted sequences now
+    reserved_blocks: int  # promised to admitted sequences (prompt + max_new_tokens)
+    gpu_bytes: int  # KV bytes held in device memory, padding of the shared batch cache included
+    host_bytes: int  # ... and in pinned host memory (host-tier KV layers)
+    prefix_lookup_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # ... whose KV was reused instead of computed

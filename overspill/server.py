@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, GenerationRequest, Handle, QueueFull
 from .metrics import Metrics
+from .prefix import PrefixCache
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, logprobs_body, served_name,
     validation_error,
@@ -82,7 +83,9 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     link = plan.streamed_bytes_per_step / plan.prediction.link_s if plan.prediction and plan.prediction.link_s else None
     metrics = Metrics(engine_ref, plan.streamed_bytes_per_step, link)
     tok_lock = threading.Lock()
-    engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock, max_batch=config.max_batch)
+    prefix = PrefixCache.for_model(model, config.prefix_cache_bytes) if config.prefix_cache_bytes else None
+    engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock, max_batch=config.max_batch,
+                    prefix_cache=prefix)
     engine_ref.append(engine)
     texts = TokenTexts(tokenizer, tok_lock)
 
@@ -236,9 +239,11 @@ def serve_main(args) -> int:
 
     from .api import load, placement_of
     from .errors import OverspillError
+    from .units import parse_bytes
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
+    prefix_bytes = parse_bytes(args.prefix_cache)
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
@@ -247,7 +252,7 @@ def serve_main(args) -> int:
     print(placement_of(model).summary())
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
-                          args.max_new_tokens_limit, args.api_key, args.max_batch)
+                          args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes)
     app = create_app(model, tokenizer, config)
     if app.state.engine.batching_note:
         print(app.state.engine.batching_note)

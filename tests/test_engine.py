@@ -295,3 +295,43 @@ def test_live_count_includes_requests_being_prefilled(tiny_checkpoint):
         assert seen[0] == (3, 3)  # the group's prefill pass: all three are counted while it runs
     finally:
         engine.close()
+
+
+def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint):
+    """A request sharing earlier prompts' leading blocks computes only the rest, with the same tokens."""
+    from overspill.prefix import PrefixCache
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    shared = tuple(range(40, 56))  # 4 blocks of 4 tokens
+    first = GenerationRequest(shared + (7, 8), 6)
+    later = [GenerationRequest(shared + (9,), 6), GenerationRequest(shared[:8] + (3, 4, 5), 5),
+             GenerationRequest(shared + (10, 11, 12), 4)]
+    plain = _engine(model, max_batch=4)
+    try:
+        want = _outputs(plain, [first] + later, together=False)
+    finally:
+        plain.close()
+    prefix = PrefixCache(model.config, capacity_tokens=256, block_tokens=4, dtype=torch.float32)
+    engine = _engine(model, max_batch=4, prefix_cache=prefix)
+    computed = []  # prompt tokens of each solo prefill pass (decode and group passes carry position ids)
+
+    def record(module, args, kwargs):
+        if "position_ids" not in kwargs:
+            computed.append(kwargs["input_ids"].shape[1])
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        # `first` is stored from row 1 of a left-padded group prefill (2 columns of padding before it)
+        longer = GenerationRequest(tuple(range(100, 120)), 3)
+        assert _outputs(engine, [longer, first], together=True)[1] == want[0]
+        assert engine.kv_stats().prefix_hit_tokens == 0
+        computed.clear()
+        assert _outputs(engine, later, together=True) == want[1:]
+        # 17 tokens reuse 4 blocks (one token left to compute: the model needs its logits), 11 reuse 2,
+        # 19 reuse 4: each prefill computes only what follows its cached blocks
+        assert sorted(computed) == [1, 3, 3]
+        assert engine.kv_stats().prefix_hit_tokens == 16 + 8 + 16
+        assert engine.live_requests() == 0 and prefix.manager.usage().host.used_blocks == 0
+    finally:
+        hook.remove()
+        engine.close()

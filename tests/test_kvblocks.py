@@ -100,6 +100,24 @@ def test_shared_prefix_reuses_only_full_blocks() -> None:
     check_invariants(m, {"a": prefix, "b": prefix + toks(500, 6)}, {})
 
 
+def test_unwritten_blocks_are_shared_only_after_commit() -> None:
+    m = KVBlockManager(BT, gpu_blocks=12, host_blocks=0, share_unwritten=False)
+    prompt = toks(0, 9)
+    a = m.allocate("a", prompt)
+    # a's prefill has not run yet: b must compute everything itself (a private duplicate of each block)
+    b = m.allocate("b", prompt)
+    assert b.cached_tokens == 0 and set(b.blocks).isdisjoint(a.blocks)
+    m.commit("a")  # a's KV is written now
+    c = m.allocate("c", prompt)
+    assert c.cached_tokens == 8 and c.blocks[:2] == a.blocks[:2]
+    # an aborted prefill leaves nothing behind that a later lookup could hit
+    m.discard("b")
+    m.commit("c")
+    d = m.allocate("d", prompt)
+    assert d.blocks[:2] == a.blocks[:2]
+    check_invariants(m, {"a": prompt, "c": prompt, "d": prompt}, {})
+
+
 def test_identical_prompt_twice_shares_full_blocks_only() -> None:
     m = KVBlockManager(BT, gpu_blocks=8, host_blocks=0)
     prompt = toks(0, 10)

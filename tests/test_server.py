@@ -54,7 +54,8 @@ def server(default_model_dir):
     # (in bf16 a batch of 8 changes CPU matmul blocking, and a near-tie can flip a token).
     model, tok = overspill.load(default_model_dir, gpu_memory=None, dtype="float32", progress=False, context=CONTEXT)
     context = overspill.api.placement_of(model).plan.workload.context
-    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY, max_batch=8))
+    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY, max_batch=8,
+                                                     prefix_cache_bytes=64 * 2**20))
     running = _Running(app)
     running.app, running.tokenizer = app, tok
     running.base = f"http://127.0.0.1:{running.port}"
@@ -112,6 +113,18 @@ def test_chat_greedy_answers_everest(server, greedy_answer):
     assert u.prompt_tokens == len(ids)
     assert 0 < u.completion_tokens <= 48 and u.total_tokens == u.prompt_tokens + u.completion_tokens
     assert greedy_answer.object == "chat.completion" and greedy_answer.model == NAME and greedy_answer.id
+
+
+def test_repeated_system_prompt_is_reused_with_the_same_answer(client, server):
+    system = "You are a geography teacher. " * 30  # ~200 tokens: three 64-token blocks to reuse
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}]
+    engine = server.app.state.engine
+    first = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12)
+    hits = engine.kv_stats().prefix_hit_tokens
+    again = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12)
+    assert engine.kv_stats().prefix_hit_tokens - hits >= 3 * 64
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert 'overspill_prefix_cache_tokens{kind="hit"}' in httpx.get(f"{server.base}/metrics").text
 
 
 def test_streaming_chat_equals_non_streaming(client, greedy_answer):
