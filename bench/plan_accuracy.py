@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def worker(model_name: str, budget: str, tokens: int, repeats: int) -> dict:
-    import torch
 
     import overspill
     from overspill.api import placement_of

@@ -387,12 +387,26 @@ def summarize(phases: list[dict]) -> dict:
     }
 
 
+def _log_axes(ax, xs: list[int], ylabel: str) -> None:
+    """Log-log axes over the client counts, with plain-number tick labels."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(c) for c in xs])
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel(ylabel)
+
+
 def plot(phases: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     phases = [p for p in phases if p["tok_s"]]
     xs = [p["clients"] for p in phases]
@@ -412,15 +426,7 @@ def plot(phases: list[dict], path: Path, title: str) -> None:
     for p in phases:
         label = f"{p['tok_s']:.1f}" + (f"\n{p['speedup_vs_1']:.1f}x" if p.get("speedup_vs_1") else "")
         ax.annotate(label, (p["clients"], p["tok_s"]), textcoords="offset points", xytext=(4, -18), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(c) for c in xs])
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("concurrent streaming clients")
-    ax.set_ylabel("aggregate completion tokens/s")
+    _log_axes(ax, xs, "aggregate completion tokens/s")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     for key, style, label in (("itl_p50_s", "o-", "ITL p50"), ("itl_p99_s", "s--", "ITL p99"),
@@ -430,15 +436,7 @@ def plot(phases: list[dict], path: Path, title: str) -> None:
             ax2.plot(*zip(*pts), style, label=label)
     if not ax2.get_lines():
         ax2.text(0.5, 0.5, "no latencies (fewer than 2 tokens per request)", ha="center", transform=ax2.transAxes)
-    ax2.set_xscale("log", base=2)
-    ax2.set_yscale("log")
-    ax2.set_xticks(xs)
-    ax2.set_xticklabels([str(c) for c in xs])
-    ax2.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax2.yaxis.set_minor_formatter(NullFormatter())
-    ax2.set_xlabel("concurrent streaming clients")
-    ax2.set_ylabel("latency (ms)")
+    _log_axes(ax2, xs, "latency (ms)")
     if ax2.get_lines():
         ax2.legend(fontsize=8)
     ax2.grid(True, which="both", alpha=0.3)

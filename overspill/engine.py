@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
+from .kv import kv_dims
 from .kvblocks import KVBlockManager, KVCapacityError
 from .prefix import Lease, PrefixCache
 from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
@@ -438,12 +439,10 @@ class Engine:
 
     def _kv_bytes_per_token(self, dtype_bytes: int) -> tuple[int, int]:
         """KV bytes per token of the device-tier and host-tier layers."""
-        text = self.model.config.get_text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        per_layer = 2 * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * dtype_bytes
+        layers, kv_heads, head_dim = kv_dims(self.model.config)
+        per_layer = 2 * kv_heads * head_dim * dtype_bytes
         host = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
-        return per_layer * (text.num_hidden_layers - host), per_layer * host
+        return per_layer * (layers - host), per_layer * host
 
     def _kv_snapshot(self) -> KVStats:
         held = self._batch.valid.numel() if self._batch.valid is not None else 0

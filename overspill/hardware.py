@@ -7,7 +7,12 @@ cached per GPU, driver and torch version.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .profile import Profile
 
 
 def measure_h2d(device: torch.device, nbytes: int = 1 << 30, iters: int = 10, pinned: bool = True) -> float:

@@ -217,6 +217,14 @@ class TieredCache(DynamicCache):
         return {"host_bytes": host, "device_bytes": device, "staging_bytes": staging}
 
 
+def kv_dims(config) -> tuple[int, int, int]:
+    """(decoder layers, KV heads, head size) of a transformers config's text model: GQA-aware."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim
+
+
 def layer_kv(cache: DynamicCache, index: int, start: int, end: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of tokens [start, end) of layer `index`, batch row `row`, as [tokens, heads, dim].
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
 from .executor import HostEmbedding, LayerRing, StreamedLayer
+from .kv import kv_dims
 from .layout import LayerLayout, host_bytes
 from .plan import Footprint, Plan, Tier
 from .streams import CudaCopier, HostCopier
@@ -116,9 +117,7 @@ def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Fo
     if tied and head is not None and head.weight is not embed.weight:
         other -= _nbytes(head.parameters())
     itemsize = torch.empty((), dtype=dtype).element_size()
-    heads = getattr(cfg, "num_attention_heads", 1)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    _, kv_heads, head_dim = kv_dims(model.config)
     kv_per_token = 2 * kv_heads * head_dim * itemsize * len(layers)
     inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     act_per_token = (4 * cfg.hidden_size + 3 * inter) * itemsize

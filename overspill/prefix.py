@@ -16,7 +16,7 @@ import torch
 
 from .errors import OverspillError
 from .kvblocks import Allocation, KVBlockManager
-from .kv import layer_kv
+from .kv import kv_dims, layer_kv
 from .layout import host_bytes
 
 
@@ -44,10 +44,7 @@ class PrefixCache:
         text = config.get_text_config()
         if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
             raise OverspillError("prefix reuse needs full-attention layers; this model has sliding-window layers")
-        heads = text.num_attention_heads
-        self.layers = text.num_hidden_layers
-        self.kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.layers, self.kv_heads, self.head_dim = kv_dims(config)
         self.block_tokens, self.dtype, self.device = block_tokens, dtype, torch.device(device)
         blocks = capacity_tokens // block_tokens
         if blocks < 1:
@@ -65,12 +62,9 @@ class PrefixCache:
     @classmethod
     def for_model(cls, model, nbytes: int, block_tokens: int = 64) -> "PrefixCache":
         """A pool of about `nbytes` (K and V, all layers) for this model's dtype and device."""
-        text = model.config.get_text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        layers, kv_heads, head_dim = kv_dims(model.config)
         param = next(model.parameters())
-        per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim
-        per_token *= param.element_size()
+        per_token = 2 * layers * kv_heads * head_dim * param.element_size()
         if nbytes < per_token * block_tokens:
             raise OverspillError(f"a prefix cache of {nbytes} bytes holds no block of {block_tokens} tokens "
                                  f"({per_token * block_tokens} bytes for this model); give it more or leave it off")
@@ -82,7 +76,7 @@ class PrefixCache:
         alloc = self.manager.allocate(seq_id, token_ids)
         n = alloc.cached_tokens
         if n:
-            nb, bt = n // self.block_tokens, self.block_tokens
+            nb = n // self.block_tokens
             refs = [ref.index for ref in alloc.blocks[:nb]]
             k = torch.empty((nb,) + tuple(self.pool_k.shape[1:]), dtype=self.dtype, device=self.device)
             v = torch.empty_like(k)

@@ -61,6 +61,14 @@ def _outputs(engine: Engine, requests: list[GenerationRequest], together: bool) 
     return ["".join(e.text for e in engine.submit(r)) for r in requests]
 
 
+def _assert_equals_generate(model, outputs: list[str]) -> None:
+    """Each output equals transformers' greedy `generate` of its prompt alone."""
+    for prompt, new, text in zip(PROMPTS, NEW, outputs):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+        assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
+
+
 def _requests() -> list[GenerationRequest]:
     return [GenerationRequest(p, n) for p, n in zip(PROMPTS, NEW)]
 
@@ -98,10 +106,7 @@ def test_batched_matches_transformers_generate(tiny_checkpoint):
     finally:
         hook.remove()
         engine.close()
-    for prompt, new, text in zip(PROMPTS, NEW, batched):
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
+    _assert_equals_generate(model, batched)
 
 
 @pytest.mark.parametrize("arch", SLIDING)
@@ -126,10 +131,7 @@ def test_sliding_windows_equal_transformers_generate(tiny_checkpoint):
         batched = _outputs(engine, _requests(), together=True)
     finally:
         engine.close()
-    for prompt, new, text in zip(PROMPTS, NEW, batched):
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0)
-        assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
+    _assert_equals_generate(model, batched)
 
 
 def test_kv_admission_waits_for_blocks(tiny_checkpoint):
