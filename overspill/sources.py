@@ -32,9 +32,14 @@ class ModelSource:
 
 
 def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("OVERSPILL_CACHE", user_cache_dir("overspill")))
+    """OVERSPILL_CACHE, else the platform's user cache folder (~/.cache/overspill without platformdirs)."""
+    if "OVERSPILL_CACHE" in os.environ:
+        return Path(os.environ["OVERSPILL_CACHE"])
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:  # e.g. a GPU image without it: the XDG default
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "overspill"
+    return Path(user_cache_dir("overspill"))
 
 
 def default_gguf_path() -> Path:
