@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if decision is not None:
         from overspill.sources import resolve
 
-        model_dir = str(resolve(args.model).config_dir)  # a .gguf or the default: converted once
+        try:
+            model_dir = str(resolve(args.model).config_dir)  # a .gguf or the default: converted once
+        except OverspillError as exc:
+            print(f"error: {exc}", flush=True)
+            return 2
         pipe = pipeline("text-generation", model=model_dir, dtype=torch.bfloat16, device="cuda:0")
     else:
         import overspill

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["UnifiedMemoryDecision", "decide", "decide_for", "enable_unified_memory", "DEFAULT_MARGIN_BYTES"]
 
-DEFAULT_MARGIN_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces, fragmentation
+DEFAULT_MARGIN_BYTES = 2 << 30  # CUDA context (~0.6 GiB on CUDA 13), kernels loaded later, cuBLAS workspaces
 RMM_EXTRA_HINT = "pip install 'overspill[rmm]' (installs rmm-cu12 or rmm-cu13 to match your CUDA)"
 _STREAMING_HINT = (
     "for a model larger than GPU memory use overspill.load(model, gpu_memory=...), which streams "
@@ -238,10 +238,21 @@ def _gpu_memory(device: int) -> tuple[int, int]:
 
 
 def _probe_platform(device: int) -> tuple[bool, int, int]:
-    """(coherent, free bytes, total bytes) of CUDA device `device`, from the driver and NVML."""
+    """(coherent, free bytes, total bytes) of CUDA device `device`, from the driver and NVML.
+
+    Raises:
+        OverspillError: the device cannot allocate managed memory at all (some VMs and MIG setups).
+    """
+    import ctypes
+
     from .hardware import coherent_platform
 
     free, total = _gpu_memory(device)
+    cuda, dev, managed = _driver(), ctypes.c_int(), ctypes.c_int()
+    cuda.cuDeviceGet(ctypes.byref(dev), device)
+    # CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY
+    if cuda.cuDeviceGetAttribute(ctypes.byref(managed), 83, dev) != 0 or not managed.value:
+        raise OverspillError(f"CUDA device {device} does not support managed memory here; {_STREAMING_HINT}")
     return coherent_platform(device), free, total
 
 
@@ -249,9 +260,11 @@ def _apply(decision: UnifiedMemoryDecision, device: int) -> None:
     """Make RMM managed memory torch's CUDA allocator, limited to `decision.pool_bytes`."""
     import torch
 
-    import rmm
-    import rmm.mr
-
+    try:  # `import rmm` first: it loads librmm.so, which the torch allocator's extension needs
+        import rmm
+        import rmm.mr
+    except (ImportError, OSError) as exc:  # installed but unusable (CUDA bindings, librmm.so)
+        raise OverspillError(f"RMM is installed but does not load ({exc}); reinstall it: {RMM_EXTRA_HINT}") from None
     try:
         from rmm.allocators.torch import rmm_torch_allocator
     except ImportError:  # RMM before 23.04 exported it at the top level
@@ -286,11 +299,13 @@ def enable_unified_memory(
     """Route all of torch's CUDA allocations through RMM managed (unified) memory.
 
     Call it first, before anything touches CUDA; then plain `transformers` code
-    (`pipeline("text-generation", model=..., device="cuda")`) loads into managed memory.
+    (`pipeline("text-generation", model=..., device="cuda")`) loads into managed memory. Pass
+    `device=`, not `device_map=`: with a pluggable allocator torch cannot report memory statistics
+    (`torch.cuda.memory_allocated` raises), which transformers reads when given a device map.
 
     Args:
         pool_size: most managed memory the process may hold: "40GiB", bytes, or None for the
-            platform's default (unlimited on a coherent GH200/GB200; free GPU memory minus 1 GiB
+            platform's default (unlimited on a coherent GH200/GB200; free GPU memory minus 2 GiB
             elsewhere).
         allow_oversubscription: on a non-coherent GPU, grant a `pool_size` larger than free GPU
             memory anyway (with a warning). It pages on faults and can hang the GPU: prefer
