@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Download, on the CPU machine, the wheels the lent GPU image lacks, into .whl/ (git-ignored) for the
+# device tool's `carry`. The image has torch 2.11, transformers 5.17, accelerate, httpx, prometheus-client,
+# matplotlib, pytest, nvidia-ml-py and cuda-bindings, but no fastapi/uvicorn/pydantic (server, batch) and
+# no RMM (unified memory). About 10 MB in all. On the GPU machine, start each command with:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD || exit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+common=(--only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d .whl)
+# the server stack with its dependency closure (versions tested on CPU with this code)
+python3 -m pip download -q "${common[@]}" fastapi==0.165.0 uvicorn==0.54.0 pydantic==2.14.4
+# RMM for CUDA 13 (torch 2.11+cu130 there); its cuda-bindings and numpy needs are met by the image
+python3 -m pip download -q --no-deps "${common[@]}" rmm-cu13==26.10.0 librmm-cu13==26.10.0 rapids-logger==0.3.0
+ls .whl
+du -sh .whl
