@@ -337,3 +337,52 @@ def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint)
     finally:
         hook.remove()
         engine.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_checkpoint, arch):
+    """Requests arrive while others decode, some are cancelled mid-way; every finished one equals its
+    solo run, every cancelled one ends 'cancelled', and no KV block or request state is left behind."""
+    import random
+    import threading
+    import time
+
+    rng = random.Random(7)
+    model = load_tiny(tiny_checkpoint(arch), resident=4)
+    engine = _engine(model, max_batch=3, prefill_chunk=7, kv_capacity_tokens=160)
+    try:
+        requests = [GenerationRequest(tuple(rng.randrange(3, 250) for _ in range(rng.randrange(1, 20))),
+                                      rng.randrange(1, 14)) for _ in range(14)]
+        solo = _outputs(engine, requests, together=False)
+        doomed = {i for i in range(len(requests)) if rng.random() < 0.3}
+        handles, results = [], {}
+
+        def consume(i, handle):
+            events = []
+            for event in handle:
+                events.append(event)
+                if i in doomed and len(events) == 2:
+                    engine.cancel(handle)
+            results[i] = events
+
+        threads = []
+        for i, request in enumerate(requests):
+            handle = engine.submit(request)
+            threads.append(threading.Thread(target=consume, args=(i, handle)))
+            threads[-1].start()
+            time.sleep(rng.random() * 0.01)
+        for t in threads:
+            t.join(60)
+        for i, events in results.items():
+            finish = events[-1].finish
+            text = "".join(e.text for e in events)
+            if finish == "cancelled":
+                assert i in doomed and solo[i].startswith(text)
+            else:
+                assert finish == "length" and text == solo[i], i
+        assert len(results) == len(requests)
+        assert engine.live_requests() == 0
+        assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0
+        assert max(engine.metrics.sizes) > 1
+    finally:
+        engine.close()
