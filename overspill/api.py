@@ -23,13 +23,17 @@ DTYPES = {
 AUTO_MARGIN_BYTES = 1536 * 2**20  # CUDA context, cuBLAS workspaces, allocator fragmentation
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """A supported torch dtype; "auto" is bfloat16 on CUDA and float32 on the CPU, where bf16 matmuls
+    without native support run ~13x slower (measured: SmolLM2 decode 1.9 vs 25 tok/s on 2 cores)."""
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():
             return dtype
+    elif str(dtype).lower() == "auto":
+        return torch.bfloat16 if device is None or device.type == "cuda" else torch.float32
     elif str(dtype).lower() in DTYPES:
         return DTYPES[str(dtype).lower()]
-    raise OverspillError(f"unsupported dtype {dtype!r}: use bfloat16, float16 or float32")
+    raise OverspillError(f"unsupported dtype {dtype!r}: use auto, bfloat16, float16 or float32")
 
 
 def resolve_budget(gpu_memory: int | str | None, device: torch.device) -> int | None:
@@ -83,7 +87,7 @@ def _load_tokenizer(source: ModelSource, vocab_size: int | None):
 def load(
     model: str | os.PathLike | None = None,
     gpu_memory: int | str | None = "auto",
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     *,
     random_weights: bool = False,
     depth: int = DEFAULT_DEPTH,
@@ -104,7 +108,7 @@ def load(
             a shipped config name (with `random_weights`), or None for the embedded SmolLM2-135M.
         gpu_memory: device bytes the model may use: "6GiB", "auto" (free memory minus a margin),
             an int, or None (no limit). Layers that do not fit stream from pinned host memory.
-        dtype: weight and compute dtype.
+        dtype: weight and compute dtype; "auto" is bfloat16 on CUDA, float32 on the CPU.
         random_weights: build from the config alone with seeded random weights (benchmarks).
         depth: how many layers ahead the ring copies.
         context, batch: the workload whose KV cache and activations the budget must leave room for.
@@ -127,8 +131,8 @@ def load(
         (model, tokenizer): a `transformers` model that `generate` and `pipeline` accept, with the
         placement at `model.overspill`; tokenizer is None for config-only models.
     """
-    torch_dtype = parse_dtype(dtype)
     dev = torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    torch_dtype = parse_dtype(dtype, dev)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OverspillError("device cuda requested but no CUDA device is available; omit --device to run on CPU")
     if context < 1 or batch < 1:

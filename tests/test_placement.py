@@ -261,7 +261,7 @@ def test_ring_recovers_from_out_of_order_layer_call(tiny_checkpoint, reference) 
 
 @pytest.fixture(scope="module")
 def smollm_streamed(default_model_dir):
-    model, tokenizer = overspill.load(None, gpu_memory="250MiB", progress=False)
+    model, tokenizer = overspill.load(None, gpu_memory="500MiB", progress=False)
     return model, tokenizer
 
 
@@ -274,7 +274,7 @@ def smollm_resident(default_model_dir):
 def test_pipeline_on_streamed_default_model(smollm_streamed) -> None:
     model, tokenizer = smollm_streamed
     placement = placement_of(model)
-    # 250 MiB is too small for all 30 layers: some stream through the ring.
+    # 500 MiB (float32 on the CPU) is too small for all 30 layers: some stream through the ring.
     assert placement.plan.streamed_layers and placement.plan.resident_layers
     assert all(isinstance(layers_of(model)[i], StreamedLayer) for i in placement.plan.streamed_layers)
     pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
