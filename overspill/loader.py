@@ -140,6 +140,7 @@ def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Fo
         kv_bytes_per_token=kv_per_token,
         activation_bytes_per_token=act_per_token,
         host_embedding_ok=type(embed) is nn.Embedding,
+        gqa_group=max(getattr(cfg, "num_attention_heads", 1) // kv_heads, 1),
     )
 
 

@@ -29,6 +29,7 @@ from .units import format_bytes
 DEFAULT_DEPTH = 2
 DEFAULT_CONTEXT = 4096
 ACTIVATION_FLOOR_BYTES = 128 * 2**20
+PREFILL_CHUNK_TOKENS = 2048  # prompts are prefilled in chunks of this many tokens (activations sized for it)
 
 
 class Tier(str, enum.Enum):
@@ -53,6 +54,7 @@ class Footprint:
     host_embedding_ok: bool = True  # a plain lookup table (no scaling folded into the module)
     layer_active_bytes: tuple[int, ...] | None = None  # bytes read per token (MoE: routed experts only)
     dtype_bytes: int = 2
+    gqa_group: int = 1  # attention heads per KV head
 
 
 @dataclass(frozen=True)
@@ -188,16 +190,30 @@ def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
     return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
 
 
+def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
+    """Peak extra bytes of one layer's attention while a prompt chunk is prefilled against a long cache.
+
+    transformers' SDPA path with a mask expands the grouped KV heads (`repeat_kv`: `gqa_group` x the
+    layer's KV), the dynamic cache's concatenation holds one more copy of the layer's KV, and the
+    mask has chunk x context entries. Without this term, a count of those tensors put a 64k-128k
+    context on the 8B shape 1-2.5 GiB past its budget (an estimate, not yet measured on the GPU).
+    """
+    chunk = min(workload.context, PREFILL_CHUNK_TOKENS)
+    mask = chunk * workload.context * workload.batch * fp.dtype_bytes
+    return (fp.gqa_group + 1) * kv_layer_bytes(fp, workload) + mask
+
+
 def workspace_bytes(fp: Footprint, workload: Workload, kv_host: int = 0, depth: int = DEFAULT_DEPTH) -> int:
     """GPU bytes kept free for the KV cache and activations of the workload.
 
     With `kv_host` layers' KV in host memory, the device keeps the other layers' KV plus staging
-    slots that the host layers' KV visits `depth` layers ahead.
+    slots that the host layers' KV visits `depth` layers ahead. Prompts are taken to be prefilled
+    in chunks of `PREFILL_CHUNK_TOKENS`.
     """
     n = len(fp.layer_bytes)
     kv = kv_layer_bytes(fp, workload) * (n - kv_host + min(depth + 1, kv_host))
-    act = fp.activation_bytes_per_token * min(workload.context, 2048) * workload.batch
-    return kv + max(act, workload.activation_floor)
+    act = fp.activation_bytes_per_token * min(workload.context, PREFILL_CHUNK_TOKENS) * workload.batch
+    return kv + max(act + attention_transient_bytes(fp, workload), workload.activation_floor)
 
 
 def _embed_on_device(fp: Footprint) -> bool:
@@ -346,6 +362,7 @@ def footprint_from_spec(spec, context_dtype_bytes: int | None = None) -> Footpri
         activation_bytes_per_token=4 * hidden * spec.dtype_bytes + widest,
         layer_active_bytes=tuple(l.active_bytes for l in spec.layers),
         dtype_bytes=context_dtype_bytes or spec.dtype_bytes,
+        gqa_group=max(spec.num_attention_heads // max(spec.num_kv_heads, 1), 1),
     )
 
 

@@ -18,14 +18,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "mistral", "gemma2"])
 def test_batched_greedy_equals_solo_on_cuda(tiny_checkpoint, arch):
+    from transformers import AutoConfig
+
     import overspill
     from overspill.api import placement_of
-
-    from test_placement import resident_budget
+    from overspill.loader import build_skeleton, decoder_layers, footprint
+    from overspill.plan import Workload, budget_for
 
     path = tiny_checkpoint(arch)
-    model, _ = overspill.load(path, gpu_memory=resident_budget(path, 4), dtype="float32", context=64, batch=4,
-                              progress=False)
+    skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
+    # on CUDA the budget includes the activation floor the planner keeps free
+    budget = budget_for(footprint(skeleton, decoder_layers(skeleton)[1], torch.float32), Workload(64, 4), 4)
+    model, _ = overspill.load(path, gpu_memory=budget, dtype="float32", context=64, batch=4, progress=False)
+    assert len(placement_of(model).plan.streamed_layers) == 4
     assert placement_of(model).ring is not None
     model.generation_config.eos_token_id = None
     engine = Engine(model, IdsTokenizer(), metrics=Steps(), max_batch=4, prefill_chunk=8)
