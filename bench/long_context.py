@@ -187,7 +187,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.contexts, args.prefix_tokens, args.new_tokens, args.prefill_chunk = [300, 600], 512, 6, 128
-        args.budget, args.kv_gpu_memory = "2700KiB", "460KiB"
+        args.budget, args.kv_gpu_memory = "4500KiB", "460KiB"
         args.kinds = [k for k in args.kinds if k != "offloaded"]  # transformers' offloaded cache needs CUDA
     results = []
     for context in args.contexts:
