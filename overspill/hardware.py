@@ -197,12 +197,16 @@ def measure_cpu_gemv(rows: int = 14336, cols: int = 4096, iters: int = 5) -> flo
     return rows * cols / sorted(times)[len(times) // 2]
 
 
-def measure_dispatch(device: torch.device, short: int = 8, long: int = 40) -> tuple[float, float]:
+def measure_dispatch(device: torch.device, short: int = 8, long: int = 40, samples: int = 5) -> tuple[float, float]:
     """Host time per decoder layer and per decode step of HF `generate`, from tiny models.
 
     A tiny model's decode is pure dispatch cost. Timing `short` and `long` generations gives the
-    per-token time without prefill and set-up; doing that for 2- and 8-layer models separates the
-    per-layer slope from the per-step intercept (generate loop, sampling, masks).
+    per-token time without prefill and set-up; doing that for 2-, 8- and 16-layer models and fitting
+    a line separates the per-layer slope from the per-step intercept (generate loop, sampling,
+    masks). Host timings only ever get slower from interference, so each point is the fastest of
+    `samples` runs: on the H100 the median of 3 gave 0.88 and 1.27 ms per layer in two probes of one
+    day (bench/results/plan-accuracy-20261125-*.json), while
+    a resident 8B decode at 43 tok/s implied ~0.7.
     """
     import time
 
@@ -216,17 +220,26 @@ def measure_dispatch(device: torch.device, short: int = 8, long: int = 40) -> tu
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    per_token = {}
-    for layers in (2, 8):
+    points = []
+    for layers in (2, 8, 16):
         config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
         model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
         ids = torch.randint(0, 1024, (1, 8), device=device)
         seconds(model, ids, 4)
-        samples = sorted((seconds(model, ids, long) - seconds(model, ids, short)) / (long - short) for _ in range(3))
-        per_token[layers] = samples[1]
-    slope = max((per_token[8] - per_token[2]) / 6, 0.0)
-    return slope, max(per_token[2] - 2 * slope, 0.0)
+        per_token = min(seconds(model, ids, long) - seconds(model, ids, short) for _ in range(samples)) / (long - short)
+        points.append((layers, per_token))
+    return fit_dispatch(points)
+
+
+def fit_dispatch(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (seconds per layer, seconds per step) through (layers, seconds per token) points."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = max(sum((x - mean_x) * (y - mean_y) for x, y in points) / var, 0.0) if var else 0.0
+    return slope, max(mean_y - slope * mean_x, 0.0)
 
 
 def profile_key(device: torch.device) -> str:

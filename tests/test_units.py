@@ -103,3 +103,15 @@ def test_format_bytes(n, text: str) -> None:
 def test_format_then_parse_round_trips(n) -> None:
     # What overspill prints can be pasted back as --gpu-memory, within the 3 printed figures.
     assert parse_bytes(format_bytes(n)) == pytest.approx(n, rel=5e-3)
+
+
+def test_dispatch_fit_separates_per_layer_and_per_step_time() -> None:
+    from overspill.hardware import fit_dispatch
+
+    # 0.7 ms per layer + 2.4 ms per step, exactly
+    layer, step = fit_dispatch([(n, 0.0024 + 0.0007 * n) for n in (2, 8, 16)])
+    assert abs(layer - 0.0007) < 1e-12 and abs(step - 0.0024) < 1e-12
+    # noise on one point moves the fit less than it moved a two-point slope
+    layer, _ = fit_dispatch([(2, 0.0038), (8, 0.0080 + 0.0006), (16, 0.0136)])
+    assert 0.0006 < layer < 0.0008
+    assert fit_dispatch([(4, 0.01), (4, 0.02)]) == (0.0, 0.015)  # one layer count: no slope
