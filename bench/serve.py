@@ -326,39 +326,6 @@ def _prompts(vocab: int, clients: int, per_client: int, length: int, seed: int) 
 # --- setup, report -------------------------------------------------------------------------------
 
 
-def _no_host_kv_batch(model_name: str, budget: str, context: int, want: int) -> tuple[int, list[dict]]:
-    """The largest batch <= `want` whose greedy plan at `context` keeps every layer's KV on the GPU.
-
-    Weights need not be loaded: the plan comes from the shipped config, as `overspill plan` does it.
-    The engine cannot batch sequences whose cache has host-tier KV layers (it falls back to one
-    sequence at a time), and under a small budget a large batch x context pushes KV to the host.
-    """
-    import torch
-    from transformers import AutoConfig
-
-    from overspill.configs import shipped_config
-    from overspill.errors import OverspillError
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import DEFAULT_DEPTH, Workload, greedy_plan
-    from overspill.units import parse_bytes
-
-    d = dict(shipped_config(model_name))
-    skeleton = build_skeleton(AutoConfig.for_model(d.pop("model_type"), **d), torch.bfloat16)
-    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
-    floor = {} if torch.cuda.is_available() else {"activation_floor": 0}  # as load() plans on each device
-    tried = []
-    for batch in range(want, 0, -1):
-        try:
-            plan = greedy_plan(fp, parse_bytes(budget), Workload(context, batch, **floor), DEFAULT_DEPTH)
-        except OverspillError as exc:
-            tried.append({"batch": batch, "error": str(exc).splitlines()[0]})
-            continue
-        tried.append({"batch": batch, "streamed_layers": len(plan.streamed_layers), "kv_host_layers": len(plan.kv_host_layers)})
-        if not plan.kv_host_layers:
-            return batch, tried
-    raise SystemExit(f"no batch <= {want} keeps the KV on the GPU under {budget} at context {context}: {tried[-1]}")
-
-
 def _server_config(context: int, max_clients: int, max_tokens: int):
     from overspill.openai_protocol import DEFAULT_MAX_QUEUE, ServerConfig
 
@@ -491,23 +458,18 @@ def main() -> None:
     from overspill.server import create_app
 
     started = time.perf_counter()
-    plan_tries = None
-    if args.plan_batch is None:
-        if args.smoke:
-            args.plan_batch = max_clients
-        else:
-            args.plan_batch, plan_tries = _no_host_kv_batch(args.model, args.budget, context, max_clients)
-            if args.plan_batch < max_clients:
-                print(f"planning for batch {args.plan_batch}, not {max_clients}: a larger batch x {context} tokens "
-                      f"of KV does not fit {args.budget} without host-tier KV layers", flush=True)
+    # default: plan for the largest batch <= the most clients whose KV stays on the GPU (load's
+    # fit_batch); host-tier KV layers would make the engine decode one sequence at a time
+    fit = args.plan_batch is None
+    plan_batch = args.plan_batch or max_clients
     t0 = time.perf_counter()
     if args.smoke:
-        model, _ = overspill.load(None, gpu_memory=None, dtype="float32", context=context, batch=args.plan_batch,
+        model, _ = overspill.load(None, gpu_memory=None, dtype="float32", context=context, batch=plan_batch,
                                   progress=False)
         model_name = "smollm2-135m"
     else:
         model, _ = overspill.load(args.model, gpu_memory=args.budget, random_weights=True, context=context,
-                                  batch=args.plan_batch, progress=False)
+                                  batch=plan_batch, fit_batch=fit, progress=False)
         model_name = args.model
     load_s = time.perf_counter() - t0
     placement = placement_of(model)
@@ -584,7 +546,7 @@ def main() -> None:
         "tokenizer": "id tokenizer: text is decimal token ids, one SSE chunk per token",
         "server_config": dataclasses.asdict(config),
         "plan_batch": plan.workload.batch,
-        "plan_batch_search": plan_tries,
+        "plan_batch_fitted": fit,
         "engine_max_batch": engine_batch,
         "engine_batching_note": batching_note,
         "kv_tokens_needed": kv_tokens_needed,

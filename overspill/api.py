@@ -11,7 +11,7 @@ import torch
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
 from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize, use_planned_cache
-from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, greedy_plan, with_prediction
+from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, device_kv_workload, greedy_plan, with_prediction
 from .sources import ModelSource, resolve
 from .units import parse_budget, parse_bytes
 
@@ -100,6 +100,7 @@ def load(
     plan: Plan | None = None,
     probe: bool = True,
     kv_gpu_memory: int | str | None = None,
+    fit_batch: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -124,6 +125,9 @@ def load(
         kv_gpu_memory: device bytes the KV cache may use ("2GiB"); layers whose KV does not fit keep
             it in pinned host memory (a `TieredCache`, built by `generate` automatically). By default
             KV stays on the device unless even streaming every layer leaves no room for it.
+        fit_batch: plan for the largest batch up to `batch` whose KV stays on the GPU (serving:
+            host-tier KV runs one sequence at a time); `model.overspill.plan.workload.batch` says
+            what was planned. Ignored with `kv_gpu_memory`.
         probe: on CUDA, measure the machine (`overspill.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -150,6 +154,8 @@ def load(
     fp = footprint(skeleton, layers, torch_dtype)
     if plan is None:
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
+        if fit_batch and kv_bytes is None:
+            workload = device_kv_workload(fp, budget, workload, depth)
         plan = greedy_plan(fp, budget, workload, depth, kv_bytes)
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")

@@ -24,7 +24,9 @@ from pydantic import ValidationError
 
 from .engine import Engine, Event, GenerationRequest, QueueFull
 from .errors import OverspillError
-from .openai_protocol import ApiError, Collected, ServerConfig, TokenTexts, generation_request, served_name, validation_error
+from .openai_protocol import (
+    ApiError, Collected, ServerConfig, TokenTexts, generation_request, kv_sharing_note, served_name, validation_error,
+)
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BATCH = 16
@@ -297,12 +299,13 @@ def batch_main(args) -> int:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory,
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True,
     )
     if tokenizer is None:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")
     placement = placement_of(model)
     print(placement.summary())
+    print(kv_sharing_note(placement.plan.workload, args.max_batch))
     name = served_name(args.model)
     config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
     prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None

@@ -66,12 +66,15 @@ class Engine:
         max_batch: sequences decoded together; default: the batch the plan reserved KV for.
         prefill_chunk: prompt tokens (padding included) per iteration, interleaved with decode steps.
         kv_block_tokens: accounting granularity of the KV admission control.
-        kv_capacity_tokens: KV tokens the running requests may hold; default `context x max_batch`.
+        kv_capacity_tokens: KV tokens the running requests may hold, padding of the shared cache
+            included; default: what the plan reserved under a GPU budget (`context x` its batch),
+            else `context x max_batch`.
         prefix_cache: reuse the KV of earlier prompts' leading blocks (`overspill.prefix.PrefixCache`).
 
-    A request is admitted when a batch place is free and the KV blocks for its prompt plus its
-    `max_new_tokens` fit in `context x max_batch` tokens (what the plan reserves when loaded with
-    `batch=max_batch`), so a running request never runs out of KV; until then it waits in the queue.
+    A request is admitted when a batch place is free and the shared cache, every row padded to the
+    longest reservation (prompt + `max_new_tokens`), still fits the KV capacity, so a running request
+    never runs out of KV and the cache never outgrows what the plan reserved; until then it waits in
+    the queue. Short requests thus share a capacity planned for fewer full-context sequences.
     """
 
     def __init__(self, model, tokenizer, max_queue: int = 64, metrics: NullMetrics | None = None,
@@ -97,8 +100,10 @@ class Engine:
             self.max_batch = 1
         self.prefill_chunk = prefill_chunk
         self.prefix = prefix_cache
-        capacity = kv_capacity_tokens if kv_capacity_tokens is not None else self.context * self.max_batch
-        self.total_blocks = capacity // kv_block_tokens
+        if kv_capacity_tokens is None:
+            planned = workload is not None and self.placement.plan.budget_bytes is not None
+            kv_capacity_tokens = self.context * (workload.batch if planned else self.max_batch)
+        self.total_blocks = kv_capacity_tokens // kv_block_tokens
         self.blocks = KVBlockManager(kv_block_tokens, self.total_blocks, 0)
         self._kv_token_bytes = self._kv_bytes_per_token(param.element_size())
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
@@ -146,6 +151,10 @@ class Engine:
         if len(request.prompt_ids) + request.max_new_tokens > self.context:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceeds the context of {self.context} tokens")
+        need = -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
+        if need > self.total_blocks:
+            raise ValueError(f"the request needs {need} KV blocks of {self.blocks.block_tokens} tokens; the engine "
+                             f"has {self.total_blocks}: lower max_new_tokens or give the KV cache more memory")
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is closed")
@@ -234,7 +243,8 @@ class Engine:
         while not self._hold and self._pending and len(self._running) < self.max_batch:
             request = self._pending[0].request
             need = -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
-            if self._reserved_total + need > self.total_blocks:
+            widest = max([need] + [seq.reserved_blocks for seq in self._running.values()])
+            if (len(self._running) + 1) * widest > self.total_blocks:  # rows are padded to the widest
                 break
             handle = self._pending.popleft()
             gen = torch.Generator(device="cpu")

@@ -64,6 +64,15 @@ def failed(event: Event) -> ApiError:
     return ApiError(500, f"generation failed: {event.error}", "server_error")
 
 
+def kv_sharing_note(workload, max_batch: int) -> str:
+    """One line on how the planned KV is shared: by `max_batch` full-context sequences, or fewer."""
+    if workload.batch >= max_batch:
+        return f"KV reserved for {workload.batch} sequences of {workload.context} tokens"
+    return (f"KV reserved for {workload.batch} sequences of {workload.context} tokens (more would push KV to "
+            f"host memory, which does not batch): up to {max_batch} requests share it, as their prompt + "
+            f"max_tokens allow")
+
+
 def served_name(model: str | None) -> str:
     """The model id clients must send: a path's last part, an HF id or shipped name as given."""
     if model is None:

@@ -330,6 +330,33 @@ def greedy_plan(
     )
 
 
+def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Workload,
+                       depth: int = DEFAULT_DEPTH) -> Workload:
+    """`workload` with the largest batch (at most its own) whose greedy plan keeps every layer's KV on
+    the GPU; unchanged when even one sequence needs host KV, or without a budget.
+
+    For serving: a batch of sequences shares one device cache, while host-tier KV (a `TieredCache`)
+    serves one sequence at a time, so more planned sequences can mean less throughput. The batch
+    found is what the engine's KV admission then shares among any number of shorter requests.
+    """
+    if budget_bytes is None:
+        return workload
+
+    def device_only(batch: int) -> bool:
+        try:
+            return not greedy_plan(fp, budget_bytes, replace(workload, batch=batch), depth).kv_host_layers
+        except OverspillError:
+            return False
+
+    if device_only(workload.batch) or not device_only(1):
+        return workload
+    low, high = 1, workload.batch  # device_only(low) holds, device_only(high) does not: more KV never fits better
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if device_only(mid) else (low, mid)
+    return replace(workload, batch=low)
+
+
 def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DEFAULT_DEPTH) -> int:
     """The smallest budget under which `greedy_plan` keeps exactly `resident` decoder layers on the GPU.
 

@@ -25,8 +25,8 @@ from .engine import Engine, Event, GenerationRequest, Handle, QueueFull
 from .metrics import Metrics
 from .prefix import PrefixCache
 from .openai_protocol import (
-    ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, logprobs_body, served_name,
-    validation_error,
+    ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, kv_sharing_note, logprobs_body,
+    served_name, validation_error,
 )
 from .schemas import ChatCompletionRequest, CompletionRequest, chat_chunk, completion_chunk, new_id, usage
 
@@ -247,9 +247,10 @@ def serve_main(args) -> int:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory,
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True,
     )
     print(placement_of(model).summary())
+    print(kv_sharing_note(placement_of(model).plan.workload, args.max_batch))
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
                           args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes)

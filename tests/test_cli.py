@@ -148,3 +148,34 @@ def test_run_default_model_end_to_end(default_model_dir) -> None:
     assert "8 tokens;" in text and "tok/s" in text
     # The converted copy came from the test cache, not the user's.
     assert str(default_model_dir).startswith(os.environ["OVERSPILL_CACHE"])
+
+
+def test_serve_command_answers_over_http(default_model_dir) -> None:
+    """`overspill serve` end to end: loads the default model, binds to loopback, answers, stops on SIGTERM."""
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(command("serve", "--port", str(port), "--max-batch", "4", "--prefix-cache", "16MiB"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "KV reserved for 4 sequences" in out and "serving 'SmolLM2-135M-Instruct'" in out

@@ -47,6 +47,8 @@ class Steps:
 
 def _engine(model, **kwargs) -> Engine:
     model.generation_config.eos_token_id = None  # random weights: let every request run its full length
+    # as if the plan had reserved KV for max_batch sequences of the 64-token context (load_tiny plans for 1)
+    kwargs.setdefault("kv_capacity_tokens", 64 * kwargs.get("max_batch", 1))
     engine = Engine(model, IdsTokenizer(), metrics=Steps(), **kwargs)
     engine.start()
     return engine
@@ -134,22 +136,25 @@ def test_sliding_windows_equal_transformers_generate(tiny_checkpoint):
     _assert_equals_generate(model, batched)
 
 
-def test_kv_admission_waits_for_blocks(tiny_checkpoint):
-    """A request whose prompt + max_new_tokens does not fit beside the running ones waits (FIFO), then runs."""
+def test_kv_admission_counts_padding_and_waits(tiny_checkpoint):
+    """Rows share one cache padded to the widest row: a short request does not fit beside a long one
+    in this capacity, so it waits (FIFO); then three short ones share it."""
     model = load_tiny(tiny_checkpoint("llama"), resident=8)
     engine = _engine(model, max_batch=3, kv_block_tokens=8, kv_capacity_tokens=96)  # 12 blocks of 8 tokens
     try:
         assert engine.kv_stats().total_blocks == 12
-        big = GenerationRequest(tuple(range(3, 40)), 20)  # 57 tokens: 8 blocks, so two never run together
-        small = GenerationRequest((5, 6), 30)  # 32 tokens: 4 blocks, fits beside one big
+        big = GenerationRequest(tuple(range(3, 40)), 20)  # 57 tokens: 8 blocks
+        small = GenerationRequest((5, 6), 30)  # 32 tokens: 4 blocks, but 2 rows x 8 blocks beside `big`
         engine.hold(True)
-        handles = [engine.submit(big), engine.submit(big), engine.submit(small)]
+        handles = [engine.submit(big), engine.submit(small), engine.submit(small), engine.submit(small)]
         engine.hold(False)
         assert all(list(h)[-1].finish == "length" for h in handles)
-        assert engine.metrics.sizes[0] == 1 and max(engine.metrics.sizes) == 2  # big alone, then big + small
+        assert engine.metrics.sizes[0] == 1 and max(engine.metrics.sizes) == 3  # big alone, then 3 x 4 blocks
         assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0
         with pytest.raises(ValueError, match="exceeds the context of 64"):
             engine.submit(GenerationRequest(tuple(range(3, 50)), 20))
+        with pytest.raises(ValueError, match="KV blocks"):  # fits the context, not the capacity
+            Engine(model, IdsTokenizer(), kv_block_tokens=8, kv_capacity_tokens=32).submit(big)
     finally:
         engine.close()
 

@@ -256,3 +256,20 @@ bad = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]
 assert not bad, bad
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_serving_batch_shrinks_until_the_kv_stays_on_the_gpu() -> None:
+    """6 GiB on the 8B shape: 64 sequences of 256 tokens push KV to host memory, which the serving
+    engine cannot batch; the largest batch whose KV stays on the device is planned instead."""
+    from overspill.plan import device_kv_workload
+
+    budget = 6 * 2**30
+    want = Workload(256, 64)
+    assert greedy_plan(LLAMA3_8B, budget, want).kv_host_layers  # the trap
+    fitted = device_kv_workload(LLAMA3_8B, budget, want)
+    assert fitted.context == 256 and 1 <= fitted.batch < 64
+    assert not greedy_plan(LLAMA3_8B, budget, fitted).kv_host_layers
+    assert greedy_plan(LLAMA3_8B, budget, dataclasses.replace(fitted, batch=fitted.batch + 1)).kv_host_layers
+    # fits already, or no budget: unchanged
+    assert device_kv_workload(LLAMA3_8B, budget, Workload(256, 4)) == Workload(256, 4)
+    assert device_kv_workload(LLAMA3_8B, None, want) == want
