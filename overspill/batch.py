@@ -153,6 +153,10 @@ class _Run:
                 break
             except QueueFull:
                 self.drain(until_idle=False, block=True)
+            except ValueError as exc:  # more KV than the engine holds: this line fails, the batch goes on
+                err = ApiError(400, str(exc), param="max_tokens", code="kv_capacity_exceeded")
+                self._write(line.custom_id, err.status, err.body())
+                return
         self.in_flight += 1
         self.drain(until_idle=False)
 

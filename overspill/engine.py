@@ -27,7 +27,6 @@ from transformers import DynamicCache
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
 from .kv import kv_dims
-from .kvblocks import KVBlockManager, KVCapacityError
 from .prefix import Lease, PrefixCache
 from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
 from .sampling import sample_tokens, token_logprobs
@@ -100,11 +99,13 @@ class Engine:
             self.max_batch = 1
         self.prefill_chunk = prefill_chunk
         self.prefix = prefix_cache
-        if kv_capacity_tokens is None:
+        self._prefix_lookup_tokens = self._prefix_reused_tokens = 0
+        self.block_tokens = kv_block_tokens
+        if kv_capacity_tokens is None:  # whole blocks per sequence, so a full-context request always fits
             planned = workload is not None and self.placement.plan.budget_bytes is not None
-            kv_capacity_tokens = self.context * (workload.batch if planned else self.max_batch)
-        self.total_blocks = kv_capacity_tokens // kv_block_tokens
-        self.blocks = KVBlockManager(kv_block_tokens, self.total_blocks, 0)
+            self.total_blocks = (workload.batch if planned else self.max_batch) * self._blocks(self.context)
+        else:
+            self.total_blocks = kv_capacity_tokens // kv_block_tokens
         self._kv_token_bytes = self._kv_bytes_per_token(param.element_size())
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -117,7 +118,6 @@ class Engine:
         self._running: dict[int, _Sequence] = {}  # admitted, until forgotten
         self._prefilling: list[_Sequence] = []  # admitted, prompt not yet through the model
         self._batch = DecodeBatch(self.device)
-        self._reserved_total = 0
         self._kv = self._kv_snapshot()
         self._hold = False  # tests: keep requests queued
         self.cancelled_total = 0  # requests that ended cancelled, queued or running
@@ -151,9 +151,9 @@ class Engine:
         if len(request.prompt_ids) + request.max_new_tokens > self.context:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceeds the context of {self.context} tokens")
-        need = -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
+        need = self._blocks(len(request.prompt_ids) + request.max_new_tokens)
         if need > self.total_blocks:
-            raise ValueError(f"the request needs {need} KV blocks of {self.blocks.block_tokens} tokens; the engine "
+            raise ValueError(f"the request needs {need} KV blocks of {self.block_tokens} tokens; the engine "
                              f"has {self.total_blocks}: lower max_new_tokens or give the KV cache more memory")
         with self._cond:
             if self._stop:
@@ -242,7 +242,7 @@ class Engine:
         """Move queued requests into prefill while batch places and KV blocks allow (FIFO, no overtaking)."""
         while not self._hold and self._pending and len(self._running) < self.max_batch:
             request = self._pending[0].request
-            need = -(-(len(request.prompt_ids) + request.max_new_tokens) // self.blocks.block_tokens)
+            need = self._blocks(len(request.prompt_ids) + request.max_new_tokens)
             widest = max([need] + [seq.reserved_blocks for seq in self._running.values()])
             if (len(self._running) + 1) * widest > self.total_blocks:  # rows are padded to the widest
                 break
@@ -255,8 +255,6 @@ class Engine:
             text = TextStream(self.tokenizer, self.tokenizer_lock, request.stop, request.max_new_tokens)
             seq = _Sequence(handle, gen, text, time.perf_counter(), need)
             self._running[handle.id] = seq
-            self._reserved_total += need
-            self.blocks.allocate(handle.id, ())
             self._prefilling.append(seq)
 
     def _iterate(self) -> None:
@@ -266,15 +264,14 @@ class Engine:
         streamed weights every pass costs a full trip over the link, so a wave of new requests
         pays it once, not once each. A longer prompt is prefilled alone, a chunk per iteration.
         """
-        for seq in self._prefilling:
-            if self.prefix is not None and not seq.looked_up:
-                self._reuse_prefix(seq)
         group: list[_Sequence] = []
         width = 0
         for seq in list(self._prefilling):
             if seq.handle.cancelled.is_set():
                 self._finish(seq, Event(finish="cancelled"))
                 continue
+            if self.prefix is not None and not seq.looked_up:
+                self._reuse_prefix(seq)
             remaining = len(seq.request.prompt_ids) - seq.prefilled
             grown = max(width, remaining)
             if self.max_batch > 1 and seq.prefilled == 0 and (len(group) + 1) * grown <= self.prefill_chunk:
@@ -291,16 +288,23 @@ class Engine:
             self._decode_step()
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
-        """Start `seq` from the cached KV of its prompt's longest stored prefix (whole blocks)."""
+        """Look up `seq`'s prompt in the prefix cache; its new blocks are stored after its prefill.
+
+        The cached KV is restored only for a prompt that would be prefilled alone (longer than a
+        chunk, or no batching): a short prompt joins a group prefill, whose one streamed pass costs
+        as much as the solo pass a restored prefix would still need."""
         seq.looked_up = True
-        cache = self._new_cache()
+        prompt = seq.request.prompt_ids
+        self._prefix_lookup_tokens += len(prompt)
+        restore = len(prompt) > self.prefill_chunk or self.max_batch == 1
+        cache = self._new_cache() if restore else None
         try:
-            seq.lease = self.prefix.start(list(seq.request.prompt_ids), cache)
-        except KVCapacityError:  # every pool block is held by prompts being prefilled: compute it all
-            return
-        if seq.lease.cached_tokens:
+            seq.lease = self.prefix.start(list(prompt), cache)
+        except Exception:  # e.g. pool blocks all held by prompts in prefill, or no device memory to restore into
+            return  # this request computes its whole prompt
+        if restore and seq.lease.cached_tokens:
             seq.cache, seq.prefilled = cache, seq.lease.cached_tokens
-            self.blocks.append(seq.handle.id, seq.prefilled)
+            self._prefix_reused_tokens += seq.prefilled
 
     @torch.inference_mode()
     def _prefill_group(self, group: list[_Sequence], width: int) -> None:
@@ -320,7 +324,6 @@ class Engine:
             return
         for seq in group:
             seq.prefilled = len(seq.request.prompt_ids)
-            self.blocks.append(seq.handle.id, seq.prefilled)
         self._start_decoding(group, cache, valid, logits)
 
     @torch.inference_mode()
@@ -335,7 +338,6 @@ class Engine:
             self._finish(seq, _error_event(exc, seq))
             return
         seq.prefilled += len(chunk)
-        self.blocks.append(seq.handle.id, len(chunk))
         if seq.prefilled == len(seq.request.prompt_ids):
             cache, seq.cache = seq.cache, None
             self._start_decoding([seq], cache, torch.ones((1, seq.prefilled), dtype=torch.bool), logits)
@@ -344,9 +346,12 @@ class Engine:
         """Sample each prefilled sequence's first token; those not finished join the batch with their KV."""
         for row, seq in enumerate(group):
             if seq.lease is not None:  # store the prompt's new full blocks for later requests
+                lease, seq.lease = seq.lease, None
                 prompt = seq.request.prompt_ids
-                self.prefix.finish(seq.lease, cache, list(prompt), row, offset=valid.shape[1] - len(prompt))
-                seq.lease = None
+                try:
+                    self.prefix.finish(lease, cache, list(prompt), row, offset=valid.shape[1] - len(prompt))
+                except Exception:  # storing is an optimisation: the request goes on without it
+                    self.prefix.abort(lease)
         events = self._next_events(group, logits)
         start = len(self._batch)
         self._batch.join(group, cache, valid)
@@ -370,19 +375,17 @@ class Engine:
         except Exception as exc:  # the batch's cache is in an unknown state: end its requests, keep the rest
             self._retire([_error_event(exc, seq) for seq in batch.rows])
             return
-        for seq in batch.rows:
-            self.blocks.append(seq.handle.id, 1)
-        events = self._next_events(batch.rows, logits)
-        self.metrics.decode_step(len(events), time.perf_counter() - start)  # sampling synced the device
-        self._retire(events)
+        self._retire(self._next_events(batch.rows, logits, step_start=start))
 
-    def _next_events(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+    def _next_events(self, seqs: list[_Sequence], logits: torch.Tensor, step_start: float | None = None) -> list[Event]:
         """Sample one token per row of logits [rows, vocab]; each sequence's event, sent if it goes on.
 
         Returns the events with `finish` set (the caller removes those rows), None for the others."""
         requests = [seq.request for seq in seqs]
         chosen = sample_tokens(logits, requests, [seq.generator for seq in seqs])
         tokens = chosen.tolist()  # the step's one host sync
+        if step_start is not None:  # a decode step: its pass over the layers and sampling are done
+            self.metrics.decode_step(len(seqs), time.perf_counter() - step_start)
         logprobs = token_logprobs(logits, tokens, requests)
         now = time.perf_counter()
         events: list[Event | None] = []
@@ -434,13 +437,15 @@ class Engine:
         with self._cond:
             if self._running.pop(seq.handle.id, None) is None:
                 return  # ended already
-            self.blocks.free(seq.handle.id)
-            self._reserved_total -= seq.reserved_blocks
             if event.finish == "cancelled":
                 self.cancelled_total += 1
                 event = Event(finish="cancelled", completion_tokens=len(seq.text.ids))
         self._kv = self._kv_snapshot()
         seq.handle.emit(event)
+
+    def _blocks(self, tokens: int) -> int:
+        """KV blocks that hold `tokens` tokens."""
+        return -(-tokens // self.block_tokens)
 
     def _new_cache(self) -> Any:
         """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
@@ -458,10 +463,10 @@ class Engine:
         held = self._batch.valid.numel() if self._batch.valid is not None else 0
         held += sum(seq.prefilled for seq in self._prefilling)
         gpu, host = self._kv_token_bytes
-        prefix = self.prefix.manager.usage() if self.prefix is not None else None
-        return KVStats(self.blocks.block_tokens, self.total_blocks, self.blocks.usage().gpu.used_blocks,
-                       self._reserved_total, held * gpu, held * host,
-                       prefix.lookup_tokens if prefix else 0, prefix.hit_tokens if prefix else 0)
+        running = list(self._running.values())
+        used = sum(self._blocks(seq.prefilled + len(seq.text.ids)) for seq in running)
+        return KVStats(self.block_tokens, self.total_blocks, used, sum(seq.reserved_blocks for seq in running),
+                       held * gpu, held * host, self._prefix_lookup_tokens, self._prefix_reused_tokens)
 
 
 def _error_event(exc: Exception, seq: _Sequence) -> Event:

@@ -333,7 +333,8 @@ def greedy_plan(
 def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Workload,
                        depth: int = DEFAULT_DEPTH) -> Workload:
     """`workload` with the largest batch (at most its own) whose greedy plan keeps every layer's KV on
-    the GPU; unchanged when even one sequence needs host KV, or without a budget.
+    the GPU; batch 1 when even one sequence needs host KV (host-tier KV serves one at a time);
+    unchanged without a budget.
 
     For serving: a batch of sequences shares one device cache, while host-tier KV (a `TieredCache`)
     serves one sequence at a time, so more planned sequences can mean less throughput. The batch
@@ -348,8 +349,10 @@ def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Worklo
         except OverspillError:
             return False
 
-    if device_only(workload.batch) or not device_only(1):
+    if device_only(workload.batch):
         return workload
+    if not device_only(1):
+        return replace(workload, batch=1)
     low, high = 1, workload.batch  # device_only(low) holds, device_only(high) does not: more KV never fits better
     while high - low > 1:
         mid = (low + high) // 2

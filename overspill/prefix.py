@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from .errors import OverspillError
 from .kvblocks import Allocation, KVBlockManager
@@ -41,8 +42,8 @@ class PrefixCache:
 
     def __init__(self, config, capacity_tokens: int, block_tokens: int = 256,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
-        text = config.get_text_config()
-        if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
+        # decided from the cache transformers builds: some configs (Mistral, Phi-3) set a window without layer_types
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers):
             raise OverspillError("prefix reuse needs full-attention layers; this model has sliding-window layers")
         self.layers, self.kv_heads, self.head_dim = kv_dims(config)
         self.block_tokens, self.dtype, self.device = block_tokens, dtype, torch.device(device)
@@ -70,24 +71,32 @@ class PrefixCache:
                                  f"({per_token * block_tokens} bytes for this model); give it more or leave it off")
         return cls(model.config, nbytes // per_token, block_tokens, param.dtype, param.device)
 
-    def start(self, token_ids: list[int], cache) -> Lease:
-        """Fill the empty batch-1 `cache` with the longest cached prefix of `token_ids`."""
+    def start(self, token_ids: list[int], cache=None) -> Lease:
+        """Hold the longest cached prefix of `token_ids` (and the prompt's new blocks) until `finish`
+        or `abort`; with an empty batch-1 `cache`, copy that prefix's KV into it.
+
+        The copy goes layer by layer, so the device holds one layer's prefix beside the cache."""
         seq_id = next(self._ids)
         alloc = self.manager.allocate(seq_id, token_ids)
-        n = alloc.cached_tokens
-        if n:
-            nb = n // self.block_tokens
-            refs = [ref.index for ref in alloc.blocks[:nb]]
-            k = torch.empty((nb,) + tuple(self.pool_k.shape[1:]), dtype=self.dtype, device=self.device)
-            v = torch.empty_like(k)
-            for j, index in enumerate(refs):  # one copy per block moves every layer's K (and V)
-                k[j].copy_(self.pool_k[index], non_blocking=True)
-                v[j].copy_(self.pool_v[index], non_blocking=True)
-            for layer in range(self.layers):  # [nb, bt, H, D] -> [1, H, n, D]
-                lk = k[:, layer].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-                lv = v[:, layer].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-                cache.update(lk, lv, layer)
+        n, bt = alloc.cached_tokens, self.block_tokens
+        if n and cache is not None:
+            try:
+                refs = [ref.index for ref in alloc.blocks[: n // bt]]
+                for layer in range(self.layers):
+                    lk, lv = (self._gather(pool, refs, layer) for pool in (self.pool_k, self.pool_v))
+                    cache.update(lk, lv, layer)
+            except BaseException:  # e.g. out of device memory: release the blocks, the caller computes it all
+                self.manager.discard(seq_id, n // bt)
+                raise
         return Lease(seq_id, n, alloc)
+
+    def _gather(self, pool: torch.Tensor, refs: list[int], layer: int) -> torch.Tensor:
+        """One layer's KV of pool blocks `refs`, as attention's [1, heads, tokens, dim] on the device."""
+        out = torch.empty((len(refs), self.block_tokens, self.kv_heads, self.head_dim), dtype=self.dtype,
+                          device=self.device)
+        for j, index in enumerate(refs):  # pinned views: asynchronous copies
+            out[j].copy_(pool[index, layer], non_blocking=True)
+        return out.reshape(-1, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
 
     def finish(self, lease: Lease, cache, token_ids: list[int], row: int = 0, offset: int = 0) -> None:
         """Store the prompt's newly computed full blocks, then release the lease.
@@ -101,10 +110,10 @@ class PrefixCache:
         if full > first:
             for layer in range(self.layers):
                 k, v = layer_kv(cache, layer, offset + first * bt, offset + full * bt, row)
-                for j in range(first, full):
+                for j in range(first, full):  # stream-ordered before any later lookup's copies: no host sync
                     rows = slice((j - first) * bt, (j - first + 1) * bt)
-                    self.pool_k[table[j].index, layer].copy_(k[rows])
-                    self.pool_v[table[j].index, layer].copy_(v[rows])
+                    self.pool_k[table[j].index, layer].copy_(k[rows], non_blocking=True)
+                    self.pool_v[table[j].index, layer].copy_(v[rows], non_blocking=True)
         self.manager.commit(lease.seq_id)
         self.manager.free(lease.seq_id)
 

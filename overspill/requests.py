@@ -88,4 +88,4 @@ class KVStats:
     gpu_bytes: int  # KV bytes held in device memory, padding of the shared batch cache included
     host_bytes: int  # ... and in pinned host memory (host-tier KV layers)
     prefix_lookup_tokens: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_hit_tokens: int = 0  # ... whose KV was reused instead of computed
+    prefix_hit_tokens: int = 0  # ... whose KV was restored from it instead of computed

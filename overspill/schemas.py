@@ -28,6 +28,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -155,6 +155,8 @@ def _submit(engine: Engine, req: GenerationRequest) -> tuple[Handle, asyncio.Que
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except RuntimeError:
         raise ApiError(503, "the server is shutting down", "server_error") from None
+    except ValueError as exc:  # more KV than the engine's capacity: a valid body this server cannot hold
+        raise ApiError(400, f"{exc}", param="max_tokens", code="kv_capacity_exceeded") from None
     return handle, events
 
 
@@ -163,7 +165,7 @@ async def _serve(engine: Engine, request: Request, body, req: GenerationRequest,
     handle, events = _submit(engine, req)
     rid = new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
-        include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
         stream = _stream(engine, handle, events, rid, model_name, chat, len(req.prompt_ids), include_usage, texts)
         # the background cancel covers a client gone before the stream's first chunk (its finally never runs)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},

@@ -305,7 +305,8 @@ def test_live_count_includes_requests_being_prefilled(tiny_checkpoint):
 
 
 def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint):
-    """A request sharing earlier prompts' leading blocks computes only the rest, with the same tokens."""
+    """Prompts prefilled together store their blocks (from any row of the padded pass); a later prompt
+    long enough to be prefilled alone restores the shared blocks and computes only the rest."""
     from overspill.prefix import PrefixCache
 
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
@@ -319,7 +320,15 @@ def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint)
     finally:
         plain.close()
     prefix = PrefixCache(model.config, capacity_tokens=256, block_tokens=4, dtype=torch.float32)
-    engine = _engine(model, max_batch=4, prefix_cache=prefix)
+    grouping = _engine(model, max_batch=4, prefill_chunk=48, prefix_cache=prefix)
+    try:
+        # `first` is stored from row 1 of a left-padded group pass (2 columns of padding before it)
+        longer = GenerationRequest(tuple(range(100, 120)), 3)
+        assert _outputs(grouping, [longer, first], together=True)[1] == want[0]
+        assert grouping.kv_stats().prefix_hit_tokens == 0
+    finally:
+        grouping.close()
+    engine = _engine(model, max_batch=4, prefill_chunk=8, prefix_cache=prefix)  # these prompts are > 8: solo
     computed = []  # prompt tokens of each solo prefill pass (decode and group passes carry position ids)
 
     def record(module, args, kwargs):
@@ -328,11 +337,6 @@ def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint)
 
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        # `first` is stored from row 1 of a left-padded group prefill (2 columns of padding before it)
-        longer = GenerationRequest(tuple(range(100, 120)), 3)
-        assert _outputs(engine, [longer, first], together=True)[1] == want[0]
-        assert engine.kv_stats().prefix_hit_tokens == 0
-        computed.clear()
         assert _outputs(engine, later, together=True) == want[1:]
         # 17 tokens reuse 4 blocks (one token left to compute: the model needs its logits), 11 reuse 2,
         # 19 reuse 4: each prefill computes only what follows its cached blocks
@@ -360,7 +364,7 @@ def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_check
                                       rng.randrange(1, 14)) for _ in range(14)]
         solo = _outputs(engine, requests, together=False)
         doomed = {i for i in range(len(requests)) if rng.random() < 0.3}
-        handles, results = [], {}
+        results: dict[int, list] = {}
 
         def consume(i, handle):
             events = []

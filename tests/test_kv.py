@@ -155,11 +155,12 @@ def test_prefix_abort_forgets_unwritten_blocks(tiny_checkpoint) -> None:
     assert again.cached_tokens == 0
 
 
-def test_prefix_cache_refuses_sliding_window_models(reference) -> None:
+@pytest.mark.parametrize("arch", ["gemma2", "mistral", "phi3"])  # mistral and phi3 set a window but no layer_types
+def test_prefix_cache_refuses_sliding_window_models(reference, arch) -> None:
     from overspill.prefix import PrefixCache
 
     with pytest.raises(OverspillError, match="sliding"):
-        PrefixCache(reference("gemma2").config, capacity_tokens=1024)
+        PrefixCache(reference(arch).config, capacity_tokens=1024)
 
 
 def test_load_with_kv_budget_uses_tiered_cache_in_generate_and_pipeline(tiny_checkpoint, reference) -> None:

@@ -273,3 +273,6 @@ def test_serving_batch_shrinks_until_the_kv_stays_on_the_gpu() -> None:
     # fits already, or no budget: unchanged
     assert device_kv_workload(LLAMA3_8B, budget, Workload(256, 4)) == Workload(256, 4)
     assert device_kv_workload(LLAMA3_8B, None, want) == want
+    # 64k tokens need host KV even for one sequence: plan for one (16 would not even fit the budget)
+    assert device_kv_workload(LLAMA3_8B, budget, Workload(65536, 16)) == Workload(65536, 1)
+    assert greedy_plan(LLAMA3_8B, budget, Workload(65536, 1)).kv_host_layers

@@ -116,13 +116,13 @@ def test_chat_greedy_answers_everest(server, greedy_answer):
 
 
 def test_repeated_system_prompt_is_reused_with_the_same_answer(client, server):
-    system = "You are a geography teacher. " * 30  # ~200 tokens: three 64-token blocks to reuse
+    system = "You are a geography teacher. " * 90  # ~540 tokens: longer than a prefill chunk, so restored
     messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}]
     engine = server.app.state.engine
     first = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12)
     hits = engine.kv_stats().prefix_hit_tokens
     again = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12)
-    assert engine.kv_stats().prefix_hit_tokens - hits >= 3 * 64
+    assert engine.kv_stats().prefix_hit_tokens - hits >= 8 * 64
     assert again.choices[0].message.content == first.choices[0].message.content
     assert 'overspill_prefix_cache_tokens{kind="hit"}' in httpx.get(f"{server.base}/metrics").text
 
@@ -274,6 +274,7 @@ def test_bad_inputs_get_openai_errors(http, server):
     _error(post("/v1/chat/completions", json={**chat, "top_logprobs": 3}), 400, "top_logprobs")
     _error(post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs")
     _error(post("/v1/completions", json={"model": NAME, "prompt": "hi", "logprobs": 6}), 400, "logprobs")
+    _error(post("/v1/chat/completions", json={**chat, "stream": True, "stream_options": "yes"}), 400, "stream_options")
     long = {"model": NAME, "prompt": "hello " * (CONTEXT + 10), "max_tokens": 1}
     assert _error(post("/v1/completions", json=long), 413)["code"] == "context_length_exceeded"
     _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat), 401)
