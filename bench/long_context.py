@@ -166,7 +166,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--budget", default="24GiB", help="GPU budget for every case")
-    p.add_argument("--contexts", nargs="+", type=int, default=[16384, 65536, 131072])
+    p.add_argument("--contexts", nargs="*", type=int, default=[16384, 65536, 131072],
+                   help="contexts of the decode cases (none: only the prefix pass)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens per prefill call (the planner reserves activations for 2048)")

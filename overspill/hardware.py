@@ -197,20 +197,28 @@ def measure_cpu_gemv(rows: int = 14336, cols: int = 4096, iters: int = 5) -> flo
     return rows * cols / sorted(times)[len(times) // 2]
 
 
-def measure_dispatch(device: torch.device, short: int = 8, long: int = 40, samples: int = 5) -> tuple[float, float]:
-    """Host time per decoder layer and per decode step of HF `generate`, from tiny models.
+# (hidden, heads, KV heads, intermediate) of the layers the dispatch probe times: Llama-3-8B's.
+# The 256-wide toy layers used before gave 0.60 ms per layer on the H100 where a resident 8B decode
+# spent 0.80 (plan-accuracy-20261125-215326.json): kernel choices, and so launches, follow the shapes.
+DISPATCH_LAYER = (4096, 32, 8, 14336)
 
-    A tiny model's decode is pure dispatch cost. Timing `short` and `long` generations gives the
-    per-token time without prefill and set-up; doing that for 2-, 8- and 16-layer models and fitting
-    a line separates the per-layer slope from the per-step intercept (generate loop, sampling,
+
+def measure_dispatch(device: torch.device, short: int = 8, long: int = 40, samples: int = 5,
+                     layer_counts: tuple[int, ...] = (1, 2, 4),
+                     shape: tuple[int, int, int, int] = DISPATCH_LAYER) -> tuple[float, float]:
+    """Host time per decoder layer and per decode step of HF `generate`, from few-layer models.
+
+    At batch 1 a few layers' decode is dispatch cost (an 8B layer reads in ~0.15 ms of HBM time
+    what the host needs ~0.8 ms to launch). Timing `short` and `long` generations gives the
+    per-token time without prefill and set-up; doing that for several layer counts and fitting a
+    line separates the per-layer slope from the per-step intercept (generate loop, sampling,
     masks). Host timings only ever get slower from interference, so each point is the fastest of
-    `samples` runs: on the H100 the median of 3 gave 0.88 and 1.27 ms per layer in two probes of one
-    day (bench/results/plan-accuracy-20261125-*.json), while
-    a resident 8B decode at 43 tok/s implied ~0.7.
+    `samples` runs: on the H100 the median of 3 gave 0.88 and 1.27 ms per layer in two probes of
+    one day (bench/results/plan-accuracy-20261125-*.json).
     """
     import time
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     def seconds(model, ids, tokens: int) -> float:
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
@@ -220,15 +228,18 @@ def measure_dispatch(device: torch.device, short: int = 8, long: int = 40, sampl
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
+    hidden, heads, kv_heads, intermediate = shape
     points = []
-    for layers in (2, 8, 16):
-        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
-        model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+    for layers in layer_counts:
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=1024)
+        with torch.device(device):  # initialised in place, in bf16: no host copy, no float32 peak
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
         ids = torch.randint(0, 1024, (1, 8), device=device)
         seconds(model, ids, 4)
         per_token = min(seconds(model, ids, long) - seconds(model, ids, short) for _ in range(samples)) / (long - short)
         points.append((layers, per_token))
+        del model
     return fit_dispatch(points)
 
 

@@ -2,7 +2,8 @@
 
 `KVBlockManager` (pure) decides which blocks a prompt can reuse and which pool slots to fill;
 this module moves the bytes. A request `start`s with an empty cache: the cached leading blocks
-are copied in (one host->device copy per block, all layers at once, from the pinned pool), and
+are copied in from the pinned pool, one copy per layer for each run of consecutive pool blocks
+(a prompt stored into a fresh pool is one run, so 32k tokens of an 8B model restore in 64 copies), and
 `generate` then computes only the remaining tokens. `finish` writes the prompt's new full blocks
 to the pool; `abort` forgets them, so unwritten bytes are never reused.
 """
@@ -31,7 +32,10 @@ class Lease:
 
 
 class PrefixCache:
-    """A pinned-host pool of KV blocks (all layers per block) shared across requests of one model.
+    """A pinned-host pool of KV blocks shared across requests of one model.
+
+    The pool is laid out layer-major, so a layer's consecutive blocks are one contiguous span:
+    per-block copies (thousands of small `copy_` calls) ran at a pageable-like 5.5 GB/s on the H100.
 
     Args:
         config: the model config (layers, KV heads, head size).
@@ -50,7 +54,7 @@ class PrefixCache:
         blocks = capacity_tokens // block_tokens
         if blocks < 1:
             raise OverspillError(f"prefix cache of {capacity_tokens} tokens holds no block of {block_tokens}")
-        shape = (blocks, self.layers, block_tokens, self.kv_heads, self.head_dim)
+        shape = (self.layers, blocks, block_tokens, self.kv_heads, self.head_dim)
         nbytes = blocks * self.layers * block_tokens * self.kv_heads * self.head_dim * dtype.itemsize
         pinned = self.device.type == "cuda"
         self.pool_k = host_bytes(nbytes, pinned).view(dtype).view(shape)
@@ -94,8 +98,8 @@ class PrefixCache:
         """One layer's KV of pool blocks `refs`, as attention's [1, heads, tokens, dim] on the device."""
         out = torch.empty((len(refs), self.block_tokens, self.kv_heads, self.head_dim), dtype=self.dtype,
                           device=self.device)
-        for j, index in enumerate(refs):  # pinned views: asynchronous copies
-            out[j].copy_(pool[index, layer], non_blocking=True)
+        for j, index, count in _runs(refs):  # pinned views: asynchronous copies
+            out[j : j + count].copy_(pool[layer, index : index + count], non_blocking=True)
         return out.reshape(-1, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
 
     def finish(self, lease: Lease, cache, token_ids: list[int], row: int = 0, offset: int = 0) -> None:
@@ -108,15 +112,27 @@ class PrefixCache:
         first = lease.cached_tokens // bt
         table = self.manager.block_table(lease.seq_id)
         if full > first:
+            runs = _runs([ref.index for ref in table[first:full]])
             for layer in range(self.layers):
                 k, v = layer_kv(cache, layer, offset + first * bt, offset + full * bt, row)
-                for j in range(first, full):  # stream-ordered before any later lookup's copies: no host sync
-                    rows = slice((j - first) * bt, (j - first + 1) * bt)
-                    self.pool_k[table[j].index, layer].copy_(k[rows], non_blocking=True)
-                    self.pool_v[table[j].index, layer].copy_(v[rows], non_blocking=True)
+                k, v = (t.reshape(full - first, bt, self.kv_heads, self.head_dim) for t in (k, v))
+                for j, index, count in runs:  # stream-ordered before any later lookup's copies: no host sync
+                    self.pool_k[layer, index : index + count].copy_(k[j : j + count], non_blocking=True)
+                    self.pool_v[layer, index : index + count].copy_(v[j : j + count], non_blocking=True)
         self.manager.commit(lease.seq_id)
         self.manager.free(lease.seq_id)
 
     def abort(self, lease: Lease) -> None:
         """Release a request whose prompt KV was not computed: its new blocks are forgotten."""
         self.manager.discard(lease.seq_id, lease.cached_tokens // self.block_tokens)
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """(position, first pool index, length) of each run of consecutive pool indices."""
+    runs: list[tuple[int, int, int]] = []
+    for j, index in enumerate(indices):
+        if runs and runs[-1][1] + runs[-1][2] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((j, index, 1))
+    return runs

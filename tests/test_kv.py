@@ -214,3 +214,34 @@ def test_pipeline_with_host_kv_answers(default_model_dir) -> None:
         out = pipeline("text-generation", model=model, tokenizer=tok)(chat, max_new_tokens=24, do_sample=False)
     assert "Everest" in out[0]["generated_text"][-1]["content"]
     assert created and created[0].host_layer_indices
+
+
+def test_prefix_restores_blocks_scattered_over_the_pool(tiny_checkpoint) -> None:
+    """Copies go per run of consecutive pool blocks; a fragmented pool must restore the same KV."""
+    from overspill.kvblocks import KVTier
+    from overspill.prefix import PrefixCache, _runs
+
+    assert _runs([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
+    prefix = PrefixCache(model.config, capacity_tokens=16 * BLOCK, block_tokens=BLOCK, dtype=torch.float32)
+    free = prefix.manager._free[KVTier.HOST]
+    order = [3, 4, 9, 1, 0]  # the prompt's 5 blocks land in runs [3, 4], [9], [1], [0]
+    free.clear()
+    free.extend(order + [i for i in range(16) if i not in order])
+    tokens = torch.randint(1, VOCAB, (5 * BLOCK + 3,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def run(reuse: bool) -> torch.Tensor:
+        ids = torch.tensor([tokens])
+        cache = TieredCache(model.config, set(), capacity=256, block_tokens=BLOCK)
+        lease = prefix.start(tokens, cache) if reuse else None
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 **cache_kwargs(model, cache), **GEN)
+        if lease is not None:
+            prefix.finish(lease, cache, tokens)
+        return out
+
+    cold = run(reuse=True)
+    warm = run(reuse=True)
+    assert prefix.manager.usage().hit_tokens == 5 * BLOCK
+    assert torch.equal(warm, cold) and torch.equal(warm, run(reuse=False))
