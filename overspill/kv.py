@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .errors import OverspillError
-from .layout import host_bytes
+from .layout import host_tensor
 from .streams import CudaCopier, HostCopier
 
 DEFAULT_BLOCK_TOKENS = 256
@@ -107,10 +107,9 @@ class HostKVLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
         shape = (self.capacity, batch, heads, head_dim)
-        nbytes = self.capacity * batch * heads * head_dim * key_states.element_size()
         pinned = self.device.type == "cuda"
-        self.host_k = host_bytes(nbytes, pinned).view(self.dtype).view(shape)
-        self.host_v = host_bytes(nbytes, pinned).view(self.dtype).view(shape)
+        self.host_k = host_tensor(shape, self.dtype, pinned)
+        self.host_v = host_tensor(shape, self.dtype, pinned)
         self.tail_k = torch.empty((self.block_tokens, batch, heads, head_dim), dtype=self.dtype, device=self.device)
         self.tail_v = torch.empty_like(self.tail_k)
         self.ring.ensure_slots(shape, self.dtype, self.device)

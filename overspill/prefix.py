@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from .errors import OverspillError
 from .kvblocks import Allocation, KVBlockManager
 from .kv import kv_dims, layer_kv
-from .layout import host_bytes
+from .layout import host_tensor
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class PrefixCache:
         shape = (self.layers, blocks, block_tokens, self.kv_heads, self.head_dim)
         nbytes = blocks * self.layers * block_tokens * self.kv_heads * self.head_dim * dtype.itemsize
         pinned = self.device.type == "cuda"
-        self.pool_k = host_bytes(nbytes, pinned).view(dtype).view(shape)
-        self.pool_v = host_bytes(nbytes, pinned).view(dtype).view(shape)
+        self.pool_k = host_tensor(shape, dtype, pinned)
+        self.pool_v = host_tensor(shape, dtype, pinned)
         # prompts are written to the pool only at `finish`: no lookup may hit their blocks before then
         self.manager = KVBlockManager(block_tokens, 0, blocks, bytes_per_block=2 * nbytes // blocks,
                                       share_unwritten=False)

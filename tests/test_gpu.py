@@ -119,6 +119,25 @@ def test_pinned_host_buffers_are_page_locked():
     assert buf.is_pinned() and buf.numel() == 3 * 2**20 + 17
 
 
+def test_typed_host_tensors_stay_page_locked():
+    """The host KV tier and the prefix pool keep their pages locked after the flat buffer's name is gone."""
+    import gc
+
+    from transformers import LlamaConfig
+
+    from overspill.layout import host_tensor
+    from overspill.prefix import PrefixCache
+
+    typed = host_tensor((64, 8, 128), torch.bfloat16, pinned=True)
+    gc.collect()
+    assert typed.is_pinned()
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    pool = PrefixCache(config, capacity_tokens=256, block_tokens=16, device="cuda")
+    gc.collect()
+    assert pool.pool_k.is_pinned() and pool.pool_v.is_pinned()
+
+
 @pytest.mark.parametrize("host_fraction", [0.5, 1.0])
 def test_tiered_cache_on_cuda_matches_dynamic_cache(tiny_checkpoint, host_fraction):
     """Host-tier KV staged through the CUDA ring (side stream, events) gives the default cache's tokens."""
@@ -138,3 +157,4 @@ def test_tiered_cache_on_cuda_matches_dynamic_cache(tiny_checkpoint, host_fracti
     got = model.generate(ids, **cache_kwargs(model, cache), **kw)
     assert torch.equal(got, want)
     assert cache.memory()["host_bytes"] > 0 or not cache.host_layer_indices
+    assert all(cache.layers[i].host_k.is_pinned() and cache.layers[i].host_v.is_pinned() for i in host)
