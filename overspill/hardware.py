@@ -197,9 +197,11 @@ def measure_cpu_gemv(rows: int = 14336, cols: int = 4096, iters: int = 5) -> flo
     return rows * cols / sorted(times)[len(times) // 2]
 
 
-# (hidden, heads, KV heads, intermediate) of the layers the dispatch probe times: Llama-3-8B's.
-# The 256-wide toy layers used before gave 0.60 ms per layer on the H100 where a resident 8B decode
-# spent 0.80 (plan-accuracy-20261125-215326.json): kernel choices, and so launches, follow the shapes.
+# (hidden, heads, KV heads, intermediate) of the layers the dispatch probe times: Llama-3-8B's, so
+# the kernels launched are those of the models users offload. On one H100 host, 256-, 2048- and
+# 4096-wide layers cost the same within noise (0.52, 0.58, 0.56 and 0.48 ms per layer,
+# bench/results/dispatch-shapes-plan-accuracy-20261125-220117.log); what moves the number is the host:
+# a resident 8B decoded at 37 tok/s on one lent machine and 51 on another the same evening.
 DISPATCH_LAYER = (4096, 32, 8, 14336)
 
 
