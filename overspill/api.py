@@ -101,6 +101,7 @@ def load(
     probe: bool = True,
     kv_gpu_memory: int | str | None = None,
     fit_batch: bool = False,
+    cuda_graphs: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -128,6 +129,9 @@ def load(
         fit_batch: plan for the largest batch up to `batch` whose KV stays on the GPU (serving:
             host-tier KV runs one sequence at a time); `model.overspill.plan.workload.batch` says
             what was planned. Ignored with `kv_gpu_memory`.
+        cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
+            a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
+            be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
         probe: on CUDA, measure the machine (`overspill.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -175,6 +179,12 @@ def load(
     _attach_generation_config(skeleton, source)
     skeleton.overspill = placement
     use_planned_cache(skeleton, placement)
+    if cuda_graphs:
+        if dev.type != "cuda":
+            raise OverspillError("cuda_graphs needs a CUDA device; leave it off on the CPU")
+        from .graphs import enable_graphs
+
+        enable_graphs(skeleton)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 

@@ -79,6 +79,30 @@ class LayerRing:
         self.copier.synchronize()
         self.visit = None
 
+    def snapshot(self) -> tuple[int | None, int]:
+        """The schedule's position, to capture a step as a graph and put it back."""
+        return self.visit, self.issued
+
+    def restore(self, state: tuple[int | None, int]) -> None:
+        self.visit, self.issued = state
+
+    def step_phase(self) -> int | None:
+        """Which slot the next step's first streamed layer uses, if a whole step starts here in the
+        steady state (the previous step issued this one's first `slots - 1` copies); else None.
+
+        Steps of the same phase issue the same copies into the same slots, so one graph per phase
+        replays any of them: there are slots / gcd(layers, slots) phases."""
+        count = len(self.layers)
+        if self.visit is None or self.visit % count or self.issued != self.visit + self.n_slots - 1:
+            return None
+        return self.visit % self.n_slots
+
+    def advance(self) -> None:
+        """Account for a step replayed as a graph: the schedule moves as an eager step's would."""
+        count = len(self.layers)
+        self.visit += count  # type: ignore[operator]
+        self.issued += count
+
 
 class StreamedLayer(nn.Module):
     """A decoder layer whose weights live in pinned host memory and visit a ring slot per use.

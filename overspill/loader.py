@@ -8,6 +8,7 @@ host memory is the host tier plus one tensor in flight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ class Placement:
     ring: LayerRing | None
     layers_path: str
     host_bytes: int
+    graphs: Any = None  # the `GraphedDecode` when decode replays CUDA graphs
 
     def summary(self) -> str:
         return self.plan.summary()

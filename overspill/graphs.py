@@ -1,0 +1,251 @@
+"""Decode steps replayed as CUDA graphs, streamed-layer copies included.
+
+Why: at batch 1 a resident decode is host-bound. HF launches ~15 kernels per layer, about
+0.5-0.8 ms of host time per layer on the H100, where an 8B layer reads its weights from HBM in
+~0.15 ms. A graph replays a whole step's launches with one call.
+
+How: `generate` gets a `GraphCache` (transformers' `StaticCache`, so every tensor keeps its
+address). Prefill runs eagerly. A decode step copies its inputs (embeddings, positions, the
+padding mask) into fixed buffers and replays the graph captured for it. Attention sees a 4D mask
+built inside the graph from the padding mask and the cache's own length counter, so the host
+only advances inputs. Streamed layers are captured too: their copies on the copy stream, the
+event waits and the prefetch of the next step's first layers. Their ring slots repeat every
+slots / gcd(layers, slots) steps, so one graph is captured per phase (see `LayerRing.step_phase`).
+The first step of each phase runs eagerly on the capture stream, which also warms it up, and is
+then captured. On the CPU (and when capture is off) the same fixed-buffer step runs eagerly,
+so CI checks everything but the capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+import torch
+from transformers import StaticCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .errors import OverspillError
+
+log = logging.getLogger(__name__)
+
+# keyword arguments a decode step may carry and still replay a graph
+_STEP_KEYS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "use_cache", "return_dict",
+              "logits_to_keep", "output_attentions", "output_hidden_states"}
+
+
+class GraphCache(StaticCache):
+    """A static KV cache reused across `generate` calls, so graphs captured over it stay valid.
+
+    Not compileable on purpose: transformers would otherwise `torch.compile` the forward itself
+    when it sees a static cache on CUDA.
+    """
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def graphs_supported(model: torch.nn.Module, placement) -> str | None:
+    """Why this model's decode cannot be graphed here, or None when it can."""
+    config = model.config.get_text_config()
+    if placement.plan.kv_host_layers:
+        return "some layers keep their KV in host memory"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return "it has sliding-window layers"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "it has a sliding window"
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention '{config._attn_implementation}' takes no 4D mask"
+    return None
+
+
+class GraphedDecode:
+    """Owns the static cache, the fixed step buffers and the captured graphs of one model.
+
+    Args:
+        model: a model placed by `overspill.load`.
+        placement: its `Placement` (the ring of streamed layers, if any).
+        context: tokens the static cache holds (prompt + new tokens).
+        capture: capture CUDA graphs (False: run the same fixed-buffer step eagerly).
+    """
+
+    def __init__(self, model: torch.nn.Module, placement, context: int, capture: bool):
+        self.model = model
+        self.original = model.forward
+        # transformers renamed `past_key_values` to `cache` (5.2x); generate passes what forward takes
+        self.key = "cache" if "cache" in inspect.signature(self.original).parameters else "past_key_values"
+        self.ring = placement.ring
+        self.context = context
+        self.capture = capture
+        self.cache: GraphCache | None = None
+        self.length = 0  # tokens in the cache, counted on the host (reading the device counter would sync)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0
+        self.eager_steps = 0
+        self.stream = torch.cuda.Stream(device=placement.device) if capture else None
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def install(self) -> None:
+        """Route `model(...)` through `step`, and give `generate` the static cache."""
+        @functools.wraps(self.original)  # generate reads the forward's signature
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.step(*args, **kwargs)
+
+        self.model.forward = forward
+        prepare = self.model._prepare_cache_for_generation
+
+        def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
+            if model_kwargs.get(self.key) is None and generation_config.use_cache is not False:
+                batch = args[1] if len(args) > 1 else kwargs["batch_size"]
+                model_kwargs[self.key] = self.fresh_cache(batch)
+            return prepare(generation_config, model_kwargs, *args, **kwargs)
+
+        self.model._prepare_cache_for_generation = prepare_cache
+
+    def fresh_cache(self, batch: int) -> GraphCache:
+        """The static cache, emptied in place (its graphs stay valid), or a new one for a new batch size."""
+        if self.cache is not None and self._buffers.get("embeds") is not None and self._buffers["embeds"].shape[0] == batch:
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.zero_()
+        else:
+            self.cache = GraphCache(config=self.model.config, max_cache_len=self.context)
+            self.graphs.clear()
+            self._buffers.clear()
+        self.length = 0
+        return self.cache
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get(self.key)
+        if cache is None or cache is not self.cache:
+            return self.original(*args, **kwargs)
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        new = (ids if ids is not None else embeds).shape[1]
+        if self.length + new > self.context:
+            raise OverspillError(f"{self.length + new} tokens exceed the static KV cache of {self.context}; "
+                                 "load with a larger context")
+        decode = (not args and ids is not None and new == 1 and self.length > 0 and set(kwargs) <= _STEP_KEYS
+                  and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
+                  and (kwargs.get("attention_mask") is None or kwargs["attention_mask"].dim() == 2))
+        if not decode:
+            out = self.original(*args, **kwargs)
+            self.length += new
+            return out
+        self._load_inputs(ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        logits = self._run()
+        self.length += 1
+        return CausalLMOutputWithPast(logits=logits, past_key_values=self.cache)
+
+    def _load_inputs(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        embeds = self.model.get_input_embeddings()(ids)
+        b = self._buffers
+        if not b:
+            batch, device = ids.shape[0], embeds.device
+            b["embeds"] = torch.empty_like(embeds)
+            b["positions"] = torch.empty((batch, 1), dtype=torch.long, device=device)
+            b["pad"] = torch.ones((batch, self.context), dtype=torch.bool, device=device)
+            b["arange"] = torch.arange(self.context, device=device)
+        b["embeds"].copy_(embeds)
+        if mask is None:
+            b["pad"].fill_(True)
+        else:
+            b["pad"][:, : mask.shape[1]].copy_(mask)
+        if positions is None:  # what the model computes without them: tokens already cached
+            b["positions"].copy_(self.cache.layers[0].cumulative_length.view(1, 1).expand_as(b["positions"]))
+        else:
+            b["positions"].copy_(positions[:, -1:])
+
+    def _body(self) -> torch.Tensor:
+        """One decode step over the fixed buffers: what a graph captures."""
+        b = self._buffers
+        seen = self.cache.layers[0].cumulative_length  # tokens before this one
+        allowed = (b["pad"] & (b["arange"] <= seen))[:, None, None, :]
+        if self.model.config._attn_implementation == "eager":
+            mask = torch.zeros(allowed.shape, dtype=b["embeds"].dtype, device=allowed.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+        else:
+            mask = allowed
+        config = self.model.config
+        experts = getattr(config, "_experts_implementation", None)
+        if experts == "eager":  # loops over the experts hit (nonzero: a host sync); "grouped_mm" is graph-safe
+            config._experts_implementation = "batched_mm"
+        try:
+            out = self.original(inputs_embeds=b["embeds"], attention_mask=mask, position_ids=b["positions"],
+                                use_cache=True, return_dict=True, **{self.key: self.cache})
+        finally:
+            if experts == "eager":
+                config._experts_implementation = experts
+        return out.logits
+
+    def _run(self) -> torch.Tensor:
+        phase = 0 if self.ring is None else self.ring.step_phase()
+        if not self.capture or phase is None:
+            self.eager_steps += 1
+            return self._body()
+        if phase in self.graphs:
+            graph, logits = self.graphs[phase]
+            copier = self.ring.copier if self.ring is not None else None
+            if copier is not None:
+                copier.before_replay()
+            graph.replay()
+            if copier is not None:
+                copier.after_replay()
+                self.ring.advance()
+            self.replays += 1
+            return logits
+        return self._warm_and_capture(phase)
+
+    def _warm_and_capture(self, phase: int) -> torch.Tensor:
+        """Run this step eagerly on the capture stream (its warm-up), then capture it for `phase`."""
+        main = torch.cuda.current_stream()
+        before = self.ring.snapshot() if self.ring is not None else None
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            logits = self._body()
+        main.wait_stream(self.stream)
+        self.eager_steps += 1
+        after = self.ring.snapshot() if self.ring is not None else None
+        graph = torch.cuda.CUDAGraph()
+        try:
+            if self.ring is not None:
+                self.ring.restore(before)
+            with torch.cuda.graph(graph, stream=self.stream):
+                if self.ring is not None:
+                    self.ring.copier.begin_capture()
+                out = self._body()
+                if self.ring is not None:
+                    self.ring.copier.end_capture()
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, said once
+            self.capture = False
+            log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
+        finally:
+            if self.ring is not None:
+                self.ring.copier.capturing = False
+                self.ring.restore(after)
+        if self.capture:
+            self.graphs[phase] = (graph, out)
+        return logits
+
+
+def enable_graphs(model: torch.nn.Module, capture: bool | None = None) -> GraphedDecode | None:
+    """Decode `model` (from `overspill.load`) through fixed-buffer steps, replayed as CUDA graphs.
+
+    `capture` defaults to whether the model runs on CUDA. Returns None, after saying why, when the
+    model's decode cannot be graphed (host-tier KV, sliding windows, an attention without 4D masks).
+    """
+    from .api import placement_of
+
+    placement = placement_of(model)
+    reason = graphs_supported(model, placement)
+    if reason is not None:
+        log.warning("CUDA graphs off: %s; decoding eagerly", reason)
+        return None
+    if capture is None:
+        capture = placement.device.type == "cuda"
+    graphed = GraphedDecode(model, placement, placement.plan.workload.context, capture)
+    graphed.install()
+    placement.graphs = graphed
+    return graphed

@@ -1,0 +1,87 @@
+"""The fixed-buffer decode step that CUDA graphs capture, run eagerly on the CPU.
+
+Everything but the capture itself: the static cache reused across `generate` calls, inputs copied
+into fixed buffers, the 4D mask built from the padding mask and the cache's counter, the ring's
+phases. Tokens and logits must match plain transformers, resident, streamed and batched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from overspill.api import placement_of
+from overspill.graphs import GraphCache, enable_graphs, graphs_supported
+
+from conftest import N_LAYERS
+from test_placement import generate_with_logits, load_tiny, prompts, reference  # noqa: F401 - fixture
+
+GRAPHABLE = ["llama", "mixtral", "qwen3"]
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # static cache: attention sums over masked zeros too
+
+
+@pytest.mark.parametrize("resident", [0, 4, N_LAYERS])
+@pytest.mark.parametrize("arch", GRAPHABLE)
+def test_fixed_buffer_decode_matches_transformers(arch: str, resident: int, tiny_checkpoint, reference) -> None:
+    model = load_tiny(tiny_checkpoint(arch), resident)
+    graphed = enable_graphs(model, capture=False)
+    assert graphed is not None and placement_of(model).graphs is graphed
+    ref = reference(arch)
+    single, batch, mask = prompts()
+    with torch.no_grad():
+        want, want_logits = generate_with_logits(ref, single)
+        got, got_logits = generate_with_logits(model, single)
+        assert torch.equal(got, want)
+        close(got_logits, want_logits)
+        cache = graphed.cache
+        assert isinstance(cache, GraphCache) and graphed.eager_steps == want.shape[1] - single.shape[1] - 1
+        # A second call reuses the same cache (graphs captured over it stay valid), emptied.
+        again, _ = generate_with_logits(model, single)
+        assert torch.equal(again, want) and graphed.cache is cache
+        # Left-padded batch: a new batch size gets its own cache.
+        want_b, want_b_logits = generate_with_logits(ref, batch, attention_mask=mask)
+        got_b, got_b_logits = generate_with_logits(model, batch, attention_mask=mask)
+        assert torch.equal(got_b, want_b) and graphed.cache is not cache
+        close(got_b_logits, want_b_logits)
+
+
+def test_static_cache_refuses_more_tokens_than_its_context(tiny_checkpoint) -> None:
+    from overspill.errors import OverspillError
+
+    model = load_tiny(tiny_checkpoint("llama"), 4)
+    enable_graphs(model, capture=False)
+    ids = torch.randint(3, 100, (1, 60))
+    with pytest.raises(OverspillError, match="static KV cache of 64"):
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
+def test_sliding_window_models_are_not_graphed(arch: str, tiny_checkpoint) -> None:
+    model = load_tiny(tiny_checkpoint(arch), 4)
+    assert "sliding" in graphs_supported(model, placement_of(model))
+    assert enable_graphs(model, capture=False) is None
+
+
+@pytest.mark.parametrize(("streamed", "slots"), [(8, 3), (6, 3), (5, 2), (1, 2)])
+def test_ring_phases_repeat_every_slots_over_gcd_steps(streamed: int, slots: int) -> None:
+    """A graph per phase covers every step: the phase sequence is periodic with slots / gcd."""
+    from overspill.executor import LayerRing
+    from overspill.streams import HostCopier
+
+    ring = LayerRing([torch.empty(4) for _ in range(slots)], HostCopier())
+    ring.layers = [object()] * streamed  # positions only; no layer runs
+    assert ring.step_phase() is None  # not primed: the first step runs eagerly
+    ring.visit, ring.issued = 0, slots - 1
+    phases = []
+    for _ in range(2 * slots):
+        phases.append(ring.step_phase())
+        ring.advance()
+    period = slots // math.gcd(streamed, slots)
+    assert len(set(phases)) == period and phases[:period] == phases[period : 2 * period]
+    ring.issued -= 1  # a step that did not issue the next one's first copies: not replayable
+    assert ring.step_phase() is None
