@@ -70,6 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64).")
     run.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text, without the chat template.")
     run.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0).")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="replay each decode step as a CUDA graph over a static KV cache of --context tokens "
+                     "(CUDA only; models with host-tier KV or sliding windows decode eagerly). Default: off.")
     run.set_defaults(func=_run_main)
     _add_probe_parser(sub)
     _add_plan_parser(sub)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, device=args.device, seed=args.seed,
-        kv_gpu_memory=args.kv_gpu_memory,
+        kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
     )
     placement = placement_of(model)
     print(placement.summary())

@@ -1,0 +1,69 @@
+"""GPU tests of CUDA-graph decode (`pytest -m gpu`): replayed graphs give the eager step's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_gpu import TINY
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, cuda]
+
+GEN = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral"])
+def graphable_checkpoint(request, tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(TINY[request.param])
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path, config
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("resident", [0, 5, 8])
+def test_graph_decode_equals_eager_on_cuda(graphable_checkpoint, resident, batch):
+    import overspill
+    from overspill.api import placement_of
+    from overspill.loader import build_skeleton, decoder_layers, footprint
+    from overspill.plan import Workload, budget_for
+
+    path, config = graphable_checkpoint
+    skeleton = build_skeleton(config, torch.bfloat16)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
+    budget = budget_for(fp, Workload(128, batch), resident)
+    model, _ = overspill.load(path, gpu_memory=budget, context=128, batch=batch, progress=False, cuda_graphs=True)
+    placement = placement_of(model)
+    graphed = placement.graphs
+    assert graphed is not None and len(placement.plan.resident_layers) == resident
+    ids = torch.randint(3, config.vocab_size, (batch, 20), device="cuda", generator=None)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :5] = 0  # left padding
+    got = model.generate(ids, attention_mask=mask, **GEN)
+    again = model.generate(ids, attention_mask=mask, **GEN)  # same cache, graphs replayed from the first step
+    assert graphed.capture, "capture fell back to eager"
+    phases = len(graphed.graphs)
+    assert graphed.replays >= 2 * (GEN["max_new_tokens"] - 1) - 2 * phases - 1
+    graphed.capture = False  # the very same fixed-buffer step, run eagerly
+    want = model.generate(ids, attention_mask=mask, **GEN)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    if placement.ring is not None:
+        assert placement.ring.restarts == 1  # graphs kept the ring's schedule
+
+
+def test_graphs_refuse_host_kv_and_say_why(graphable_checkpoint, caplog):
+    import overspill
+    from overspill.api import placement_of
+
+    path, _ = graphable_checkpoint
+    model, _ = overspill.load(path, gpu_memory="1GiB", kv_gpu_memory="16KiB", context=128, progress=False,
+                              cuda_graphs=True)
+    assert placement_of(model).plan.kv_host_layers and placement_of(model).graphs is None
+    assert "host memory" in caplog.text
