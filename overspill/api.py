@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ def load(
     kv_gpu_memory: int | str | None = None,
     fit_batch: bool = False,
     cuda_graphs: bool = False,
+    pass_tokens: int = 0,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -129,6 +131,9 @@ def load(
         fit_batch: plan for the largest batch up to `batch` whose KV stays on the GPU (serving:
             host-tier KV runs one sequence at a time); `model.overspill.plan.workload.batch` says
             what was planned. Ignored with `kv_gpu_memory`.
+        pass_tokens: the most tokens one forward pass holds, for the activation reserve; 0 means
+            what `generate` needs (batch x prompt, up to 2048 tokens each). The serving engine
+            passes its bound (`engine.pass_tokens`), so the budget keeps more layers resident.
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
@@ -154,7 +159,9 @@ def load(
         warnings.simplefilter("ignore")
         skeleton = build_skeleton(config, torch_dtype)
     _, layers = decoder_layers(skeleton)
-    workload = Workload(context, batch) if dev.type == "cuda" else Workload(context, batch, activation_floor=0)
+    workload = Workload(context, batch, pass_tokens=pass_tokens)
+    if dev.type != "cuda":
+        workload = replace(workload, activation_floor=0)
     fp = footprint(skeleton, layers, torch_dtype)
     if plan is None:
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)

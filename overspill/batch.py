@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .engine import Engine, Event, GenerationRequest, QueueFull
+from .engine import Engine, Event, GenerationRequest, QueueFull, pass_tokens
 from .errors import OverspillError
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, generation_request, kv_sharing_note, served_name, validation_error,
@@ -303,7 +303,7 @@ def batch_main(args) -> int:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True,
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=pass_tokens(args.max_batch),
     )
     if tokenizer is None:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")

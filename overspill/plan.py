@@ -68,6 +68,7 @@ class Workload:
     context: int = DEFAULT_CONTEXT
     batch: int = 1
     activation_floor: int = ACTIVATION_FLOOR_BYTES
+    pass_tokens: int = 0  # most tokens one forward pass holds; 0: what `generate` needs (see `pass_tokens`)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,13 @@ def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
     return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
 
 
+def pass_tokens(workload: Workload) -> int:
+    """Tokens in flight in one forward pass: `generate` prefills a whole batch at once, in chunks of
+    `PREFILL_CHUNK_TOKENS` at most; the serving engine bounds every pass by its prefill chunk and
+    decodes one token per sequence, and says so in `Workload.pass_tokens`."""
+    return workload.pass_tokens or min(workload.context, PREFILL_CHUNK_TOKENS) * workload.batch
+
+
 def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
     """Peak extra bytes of one layer's attention while a prompt chunk is prefilled against a long cache.
 
@@ -198,8 +206,7 @@ def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
     mask has chunk x context entries. Without this term, a count of those tensors put a 64k-128k
     context on the 8B shape 1-2.5 GiB past its budget (an estimate, not yet measured on the GPU).
     """
-    chunk = min(workload.context, PREFILL_CHUNK_TOKENS)
-    mask = chunk * workload.context * workload.batch * fp.dtype_bytes
+    mask = pass_tokens(workload) * workload.context * fp.dtype_bytes
     return (fp.gqa_group + 1) * kv_layer_bytes(fp, workload) + mask
 
 
@@ -212,7 +219,7 @@ def workspace_bytes(fp: Footprint, workload: Workload, kv_host: int = 0, depth: 
     """
     n = len(fp.layer_bytes)
     kv = kv_layer_bytes(fp, workload) * (n - kv_host + min(depth + 1, kv_host))
-    act = fp.activation_bytes_per_token * min(workload.context, PREFILL_CHUNK_TOKENS) * workload.batch
+    act = fp.activation_bytes_per_token * pass_tokens(workload)
     return kv + max(act + attention_transient_bytes(fp, workload), workload.activation_floor)
 
 

@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Event, GenerationRequest, Handle, QueueFull
+from .engine import Engine, Event, GenerationRequest, Handle, QueueFull, pass_tokens
 from .metrics import Metrics
 from .prefix import PrefixCache
 from .openai_protocol import (
@@ -249,7 +249,7 @@ def serve_main(args) -> int:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True,
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=pass_tokens(args.max_batch),
     )
     print(placement_of(model).summary())
     print(kv_sharing_note(placement_of(model).plan.workload, args.max_batch))

@@ -276,3 +276,24 @@ def test_serving_batch_shrinks_until_the_kv_stays_on_the_gpu() -> None:
     # 64k tokens need host KV even for one sequence: plan for one (16 would not even fit the budget)
     assert device_kv_workload(LLAMA3_8B, budget, Workload(65536, 16)) == Workload(65536, 1)
     assert greedy_plan(LLAMA3_8B, budget, Workload(65536, 1)).kv_host_layers
+
+
+def test_serving_pass_bound_keeps_layers_resident_that_a_batch_prefill_would_need() -> None:
+    """The engine bounds every forward pass (a 512-token prefill chunk or one token per sequence);
+    generate prefills the whole batch at once. On the 8B shape at 6 GiB, 64 sequences of 256
+    tokens: the generate reserve leaves no layer resident (what the H100 serving run planned),
+    the engine's bound keeps some."""
+    from overspill.configs import shipped_config
+    from overspill.plan import device_kv_workload, footprint_from_spec, pass_tokens
+    from overspill.spec import spec_from_config
+
+    fp = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
+    budget = 6 * 2**30
+    generate = Workload(256, 64)
+    serving = Workload(256, 64, pass_tokens=512)
+    assert pass_tokens(generate) == 256 * 64 and pass_tokens(serving) == 512
+    assert workspace_bytes(fp, serving) < workspace_bytes(fp, generate)
+    plan_generate = greedy_plan(fp, budget, device_kv_workload(fp, budget, generate))
+    plan_serving = greedy_plan(fp, budget, device_kv_workload(fp, budget, serving))
+    assert not plan_generate.resident_layers
+    assert plan_serving.resident_layers and plan_serving.workload.batch >= plan_generate.workload.batch
