@@ -59,6 +59,10 @@ def graphs_supported(model: torch.nn.Module, placement) -> str | None:
         return "it has a sliding window"
     if config._attn_implementation not in ("sdpa", "eager"):
         return f"attention '{config._attn_implementation}' takes no 4D mask"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
+    if "dynamic" in kind or kind == "longrope":  # they compare max(position) on the host each step
+        return f"its '{kind}' rotary embedding reads positions on the host"
     return None
 
 
@@ -82,10 +86,11 @@ class GraphedDecode:
         self.capture = capture
         self.cache: GraphCache | None = None
         self.length = 0  # tokens in the cache, counted on the host (reading the device counter would sync)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
         self.replays = 0
         self.eager_steps = 0
         self.stream = torch.cuda.Stream(device=placement.device) if capture else None
+        self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool: phases replay one at a time
         self._buffers: dict[str, torch.Tensor] = {}
 
     def install(self) -> None:
@@ -127,7 +132,7 @@ class GraphedDecode:
         if self.length + new > self.context:
             raise OverspillError(f"{self.length + new} tokens exceed the static KV cache of {self.context}; "
                                  "load with a larger context")
-        decode = (not args and ids is not None and new == 1 and self.length > 0 and set(kwargs) <= _STEP_KEYS
+        decode = (not args and ids is not None and new == 1 and set(kwargs) <= _STEP_KEYS
                   and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
                   and (kwargs.get("attention_mask") is None or kwargs["attention_mask"].dim() == 2))
         if not decode:
@@ -186,7 +191,7 @@ class GraphedDecode:
             self.eager_steps += 1
             return self._body()
         if phase in self.graphs:
-            graph, logits = self.graphs[phase]
+            graph, logits, _ = self.graphs[phase]
             copier = self.ring.copier if self.ring is not None else None
             if copier is not None:
                 copier.before_replay()
@@ -200,33 +205,42 @@ class GraphedDecode:
 
     def _warm_and_capture(self, phase: int) -> torch.Tensor:
         """Run this step eagerly on the capture stream (its warm-up), then capture it for `phase`."""
-        main = torch.cuda.current_stream()
-        before = self.ring.snapshot() if self.ring is not None else None
+        main = torch.cuda.current_stream(self.stream.device)
+        ring = self.ring
+        before = ring.snapshot() if ring is not None else None
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             logits = self._body()
         main.wait_stream(self.stream)
         self.eager_steps += 1
-        after = self.ring.snapshot() if self.ring is not None else None
-        graph = torch.cuda.CUDAGraph()
+        after = ring.snapshot() if ring is not None else None
+        graph, out, events = torch.cuda.CUDAGraph(), None, []
+        torch.cuda.synchronize(self.stream.device)
         try:
-            if self.ring is not None:
-                self.ring.restore(before)
-            with torch.cuda.graph(graph, stream=self.stream):
-                if self.ring is not None:
-                    self.ring.copier.begin_capture()
-                out = self._body()
-                if self.ring is not None:
-                    self.ring.copier.end_capture()
+            if ring is not None:
+                ring.restore(before)
+            with torch.cuda.stream(self.stream):
+                # thread-local: a server thread touching CUDA meanwhile must not break the capture
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    if ring is not None:
+                        ring.copier.begin_capture()
+                    out = self._body()
+                finally:
+                    if ring is not None and ring.copier.capturing:
+                        ring.copier.end_capture()  # join the copy stream, or capture_end fails on it
+                    graph.capture_end()
+            if ring is not None:
+                events = ring.copier.captured_events
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, said once
             self.capture = False
             log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
         finally:
-            if self.ring is not None:
-                self.ring.copier.capturing = False
-                self.ring.restore(after)
+            if ring is not None:
+                ring.copier.capturing = False
+                ring.restore(after)
         if self.capture:
-            self.graphs[phase] = (graph, out)
+            self.graphs[phase] = (graph, out, events)
         return logits
 
 

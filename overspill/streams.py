@@ -50,9 +50,11 @@ class CudaCopier:
     the slot's `done`; compute on a slot waits for its `ready`. No host synchronisation.
 
     Under CUDA-graph capture (`begin_capture` .. `end_capture`) the copy stream forks from the
-    capturing stream and joins it at the end, and only events recorded in this capture are waited
-    on: work before the graph is ordered by `before_replay` (the graph waits for earlier copies)
-    and by stream order (a graph starts after everything before it on the compute stream).
+    capturing stream and joins it at the end, and ordering inside the graph uses fresh events: an
+    event last recorded in a capture can never be waited on again (cudaErrorCapturedEvent), so the
+    eager `ready`/`done` events are left as they were. Waits on work from before the graph are
+    dropped: `before_replay` makes the graph wait for earlier copies, and a graph starts after
+    everything before it on the compute stream.
     """
 
     def __init__(self, device: torch.device, slots: int):
@@ -62,32 +64,48 @@ class CudaCopier:
         self.done = [torch.cuda.Event() for _ in range(slots)]
         self.done_recorded = [False] * slots
         self.capturing = False
-        self._ready_in: set[int] = set()  # slots whose `ready` was recorded in this capture
-        self._done_in: set[int] = set()
+        self._cap_ready: dict[int, torch.cuda.Event] = {}  # per slot, the last copy captured into it
+        self._cap_done: dict[int, torch.cuda.Event] = {}
+        self.captured_events: list[torch.cuda.Event] = []  # kept alive with the graph
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> None:
         self.copy_many([(dst, src)], slot)
 
     def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int) -> None:
         """Copy every (dst, src) pair into `slot` once its last user is done; one ready event for all."""
-        if self.done_recorded[slot] and (not self.capturing or slot in self._done_in):
+        if self.capturing:
+            if slot in self._cap_done:
+                self.stream.wait_event(self._cap_done[slot])
+        elif self.done_recorded[slot]:
             self.stream.wait_event(self.done[slot])
         with torch.cuda.stream(self.stream):
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
-        self.ready[slot].record(self.stream)
         if self.capturing:
-            self._ready_in.add(slot)
+            self._cap_ready[slot] = self._captured_event(self.stream)
+        else:
+            self.ready[slot].record(self.stream)
 
     def wait_ready(self, slot: int) -> None:
-        if not self.capturing or slot in self._ready_in:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        current = torch.cuda.current_stream(self.device)
+        if not self.capturing:
+            current.wait_event(self.ready[slot])
+        elif slot in self._cap_ready:
+            current.wait_event(self._cap_ready[slot])
 
     def mark_done(self, slot: int) -> None:
-        self.done[slot].record(torch.cuda.current_stream(self.device))
-        self.done_recorded[slot] = True
+        current = torch.cuda.current_stream(self.device)
         if self.capturing:
-            self._done_in.add(slot)
+            self._cap_done[slot] = self._captured_event(current)
+        else:
+            self.done[slot].record(current)
+            self.done_recorded[slot] = True
+
+    def _captured_event(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(stream)
+        self.captured_events.append(event)
+        return event
 
     def synchronize(self) -> None:
         self.stream.synchronize()
@@ -95,19 +113,16 @@ class CudaCopier:
 
     def begin_capture(self) -> None:
         """Fork the copy stream from the capturing (current) stream."""
-        fork = torch.cuda.Event()
-        fork.record(torch.cuda.current_stream(self.device))
-        self.stream.wait_event(fork)
+        self.captured_events = []
+        self._cap_ready.clear()
+        self._cap_done.clear()
+        self.stream.wait_event(self._captured_event(torch.cuda.current_stream(self.device)))
         self.capturing = True
-        self._ready_in.clear()
-        self._done_in.clear()
 
     def end_capture(self) -> None:
         """Join the copy stream back: the graph ends after its prefetches for the next step too."""
-        join = torch.cuda.Event()
-        join.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(join)
         self.capturing = False
+        torch.cuda.current_stream(self.device).wait_event(self._captured_event(self.stream))
 
     def before_replay(self) -> None:
         """A graph reads slots filled by copies issued before it: wait for them."""

@@ -85,3 +85,19 @@ def test_ring_phases_repeat_every_slots_over_gcd_steps(streamed: int, slots: int
     assert len(set(phases)) == period and phases[:period] == phases[period : 2 * period]
     ring.issued -= 1  # a step that did not issue the next one's first copies: not replayable
     assert ring.step_phase() is None
+
+
+def test_one_token_prompt_and_a_reused_cache_match_transformers(tiny_checkpoint, reference) -> None:
+    """A one-token prompt is a decode step at position 0: transformers would skip the mask of a
+    non-compileable static cache there and attend to stale keys of the reused cache."""
+    model = load_tiny(tiny_checkpoint("llama"), 4)
+    enable_graphs(model, capture=False)
+    ref = reference("llama")
+    long = torch.randint(3, 100, (1, 30), generator=torch.Generator().manual_seed(5))
+    short = long[:, :1]
+    with torch.no_grad():
+        model.generate(long, max_new_tokens=4, do_sample=False, pad_token_id=0)  # fills the cache with other keys
+        got, got_logits = generate_with_logits(model, short)
+        want, want_logits = generate_with_logits(ref, short)
+    assert torch.equal(got, want)
+    close(got_logits, want_logits)
