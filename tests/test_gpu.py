@@ -21,17 +21,22 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(TINY))
-def tiny_checkpoint(request, tmp_path_factory):
+def save_tiny(arch: str, tmp_path_factory):
+    """A seeded bf16 random-weight checkpoint of `TINY[arch]`: (path, config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    d = dict(TINY[request.param])
+    d = dict(TINY[arch])
     config = AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    path = tmp_path_factory.mktemp(request.param)
+    path = tmp_path_factory.mktemp(arch)
     model.save_pretrained(path)
     return path, config
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny_checkpoint(request, tmp_path_factory):
+    return save_tiny(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("resident", [0, 4, 8])

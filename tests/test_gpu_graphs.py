@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_gpu import TINY
+from test_gpu import save_tiny
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = [pytest.mark.gpu, cuda]
@@ -15,15 +15,7 @@ GEN = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral"])
 def graphable_checkpoint(request, tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = dict(TINY[request.param])
-    config = AutoConfig.for_model(d.pop("model_type"), **d)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return path, config
+    return save_tiny(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
