@@ -47,75 +47,6 @@ def managed_bytes_allowed(total_managed_bytes: int, gpu_free_bytes: int, fractio
         )
 
 
-def _check(name: str, result):
-    """The value a cuda-bindings call returned after its error code; raise naming `name` unless cudaSuccess."""
-    from cuda.bindings import runtime as cudart
-
-    err, *values = result
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"{name} failed: {err.name} ({int(err)}): {cudart.cudaGetErrorString(err)[1].decode()}")
-    return values[0] if values else None
-
-
-class Managed:
-    """cudaMallocManaged layers. cuda-bindings 13 takes a `cudaMemLocation` in
-    `cudaMemPrefetchAsync(devPtr, count, location, flags, stream)` and `cudaMemAdvise(devPtr, count,
-    advice, location)`; 12.x took a device int (cudaCpuDeviceId for the host) and had no flags."""
-
-    def __init__(self, device: int, nbytes: int):
-        from cuda.bindings import runtime as cudart
-
-        self.rt, self.device, self.nbytes, self.ptrs = cudart, device, nbytes, []
-        self.call_s = 0.0  # host time spent inside cudaMemPrefetchAsync calls
-        _check("cudaSetDevice", cudart.cudaSetDevice(device))
-        for name in ("cudaDevAttrManagedMemory", "cudaDevAttrConcurrentManagedAccess"):
-            attr = getattr(cudart.cudaDeviceAttr, name)
-            if not _check(f"cudaDeviceGetAttribute({name})", cudart.cudaDeviceGetAttribute(attr, device)):
-                raise RuntimeError(f"{name} is 0 on device {device}: managed memory cannot be prefetched to this GPU")
-
-    def allocate(self, layers: int) -> None:
-        """`layers` managed buffers, once they are known to fit in half the GPU's free memory."""
-        import torch
-
-        managed_bytes_allowed(layers * self.nbytes, torch.cuda.mem_get_info(self.device)[0])
-        for _ in range(layers):
-            ptr = _check("cudaMallocManaged", self.rt.cudaMallocManaged(self.nbytes, self.rt.cudaMemAttachGlobal))
-            self.ptrs.append(int(ptr))
-
-    def _location(self, host: bool):
-        loc, kind = self.rt.cudaMemLocation(), self.rt.cudaMemLocationType
-        loc.type = kind.cudaMemLocationTypeHost if host else kind.cudaMemLocationTypeDevice
-        loc.id = 0 if host else self.device  # a Host location's id is ignored
-        return loc
-
-    def prefetch(self, i: int, host: bool, stream: int) -> None:
-        t = time.perf_counter()
-        _check(f"cudaMemPrefetchAsync(layer {i} to {'host' if host else f'device {self.device}'})",
-               self.rt.cudaMemPrefetchAsync(self.ptrs[i], self.nbytes, self._location(host), 0, stream))
-        self.call_s += time.perf_counter() - t
-
-    def advise(self, i: int, advice: str, host: bool) -> None:
-        value = getattr(self.rt.cudaMemoryAdvise, advice)
-        _check(f"cudaMemAdvise(layer {i}, {advice})",
-               self.rt.cudaMemAdvise(self.ptrs[i], self.nbytes, value, self._location(host)))
-
-    def tensor(self, i: int):
-        """Layer `i` as a uint8 CUDA tensor over the managed memory (no copy), via `__cuda_array_interface__`."""
-        import torch
-
-        ptr, n = self.ptrs[i], self.nbytes
-        cai = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 2}
-        t = torch.as_tensor(type("ManagedArray", (), {"__cuda_array_interface__": cai})(), device=f"cuda:{self.device}")
-        if t.data_ptr() != ptr or t.numel() != n:
-            raise RuntimeError(f"managed tensor wraps {t.data_ptr():#x}/{t.numel()} bytes, expected {ptr:#x}/{n}")
-        return t
-
-    def free(self) -> None:
-        ptrs, self.ptrs = self.ptrs, []
-        for ptr in ptrs:
-            _check("cudaFree", self.rt.cudaFree(ptr))
-
-
 def _byte(i: int) -> int:
     """The byte layer `i` is filled with; its int32 sum is nbytes // 4 * _byte(i) * 0x01010101."""
     return i % 100 + 1
@@ -129,7 +60,7 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
 
     dev = torch.device("cuda", torch.cuda.current_device())
     compute, ring = torch.cuda.current_stream(dev), depth + 1
-    managed = views = slots = pinned = None
+    managed = views = slots = pinned = bufs = None
     try:
         if mode == "pinned":
             pinned = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(_byte(i)) for i in range(layers)]
@@ -146,23 +77,24 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
                 copier.mark_done(i % ring)
                 return total
         else:
-            managed = Managed(dev.index, nbytes)
-            managed.allocate(layers)
-            views = [managed.tensor(i) for i in range(layers)]
-            for i in range(layers):
-                views[i].fill_(_byte(i))
-            views = [v.view(torch.int32) for v in views]
+            from overspill.managed import ManagedMemory
+
+            managed_bytes_allowed(layers * nbytes, torch.cuda.mem_get_info(dev)[0])
+            managed = ManagedMemory(dev)
+            bufs = [managed.tensor(nbytes) for _ in range(layers)]
+            for i, buf in enumerate(bufs):
+                buf.fill_(_byte(i))
+            views = [buf.view(torch.int32) for buf in bufs]
             torch.cuda.synchronize(dev)
             side, evict = torch.cuda.Stream(dev, priority=-1), torch.cuda.Stream(dev)
             ready, evicted = [torch.cuda.Event() for _ in range(layers)], [torch.cuda.Event() for _ in range(layers)]
-            for i in range(layers if mode == "prefetch" else 0):
-                managed.advise(i, "cudaMemAdviseSetPreferredLocation", host=True)
-                managed.advise(i, "cudaMemAdviseSetAccessedBy", host=False)
+            for buf in bufs if mode == "prefetch" else ():
+                managed.advise_host_home(buf)
 
             def fetch(j: int) -> None:
                 if j >= ring:  # at most `ring` layers on the GPU: wait until layer j - ring has left
                     side.wait_event(evicted[j - ring])
-                managed.prefetch(j, host=False, stream=side.cuda_stream)
+                managed.prefetch(bufs[j], host=False, stream=side)
                 ready[j].record(side)
 
             def read(i: int) -> torch.Tensor:
@@ -171,14 +103,14 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
                 compute.wait_event(ready[i])
                 total = views[i].sum()
                 evict.wait_stream(compute)
-                managed.prefetch(i, host=True, stream=evict.cuda_stream)
+                managed.prefetch(bufs[i], host=True, stream=evict)
                 evicted[i].record(evict)
                 return total
 
         def one_pass() -> tuple[float, list]:
             if managed is not None:  # every layer starts on the host
                 for i in range(layers):
-                    managed.prefetch(i, host=True, stream=compute.cuda_stream)
+                    managed.prefetch(bufs[i], host=True, stream=compute)
                 torch.cuda.synchronize(dev)
                 managed.call_s = 0.0
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -206,7 +138,7 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
                 "bad_layers": bad, "prefetch_call_host_s_runs": call_s}
     finally:
         torch.cuda.synchronize(dev)
-        views = slots = pinned = None
+        views = slots = pinned = bufs = None
         if managed is not None:
             managed.free()
         torch.cuda.empty_cache()

@@ -12,7 +12,9 @@ import torch
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
 from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize, use_planned_cache
-from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, device_kv_workload, greedy_plan, with_prediction
+from .plan import (
+    DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, choose_streaming, device_kv_workload, greedy_plan, with_prediction,
+)
 from .sources import ModelSource, resolve
 from .units import parse_budget, parse_bytes
 
@@ -104,6 +106,7 @@ def load(
     fit_batch: bool = False,
     cuda_graphs: bool = False,
     pass_tokens: int = 0,
+    streaming: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -134,6 +137,10 @@ def load(
         pass_tokens: the most tokens one forward pass holds, for the activation reserve; 0 means
             what `generate` needs (batch x prompt, up to 2048 tokens each). The serving engine
             passes its bound (`engine.pass_tokens`), so the budget keeps more layers resident.
+        streaming: how streamed layers move: "copy" (pinned host memory copied into GPU ring
+            slots), "managed" (CUDA managed memory, bulk-prefetched `depth` layers ahead and evicted
+            after use), or "auto": managed on coherent platforms (GH200/GB200), copy elsewhere. On a
+            PCIe GPU "managed" is refused unless the streamed layers fit in half the free memory.
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
@@ -174,6 +181,7 @@ def load(
         from .hardware import probe as probe_machine
 
         plan = with_prediction(fp, plan, probe_machine(device=dev))
+    plan = _with_streaming(plan, streaming, dev)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -193,6 +201,27 @@ def load(
 
         enable_graphs(skeleton)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
+
+
+def _with_streaming(plan: Plan, streaming: str, dev: torch.device) -> Plan:
+    """The plan with its streaming mode chosen, refusing managed memory that could hang a PCIe GPU."""
+    if dev.type != "cuda":
+        if streaming == "managed":
+            raise OverspillError("managed weights need a CUDA device; leave streaming at 'auto' or 'copy' on the CPU")
+        return replace(plan, streaming=choose_streaming(streaming, coherent=False))
+    from .hardware import coherent_platform
+
+    coherent = coherent_platform(dev.index or 0)
+    mode = choose_streaming(streaming, coherent)
+    notes = plan.notes
+    if mode == "managed" and plan.streamed_layers:
+        from .managed import check_managed_bytes
+
+        check_managed_bytes(plan.streamed_bytes_per_step, torch.cuda.mem_get_info(dev)[0], coherent)
+        if not coherent:
+            notes += ("managed streaming on a non-coherent GPU: the prediction assumes pinned-copy speed; "
+                      "bench/managed.py measures the difference",)
+    return replace(plan, streaming=mode, notes=notes)
 
 
 def _attach_generation_config(model: torch.nn.Module, source: ModelSource) -> None:

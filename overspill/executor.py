@@ -20,14 +20,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layout import LayerLayout
-from .streams import CudaCopier, HostCopier
+from .streams import CudaCopier, HostCopier, ManagedCopier
 
 
 class LayerRing:
     """Schedules copies of streamed layers into `slots` device buffers, cyclically."""
 
-    def __init__(self, slot_buffers: list[torch.Tensor], copier: CudaCopier | HostCopier):
+    def __init__(self, slot_buffers: list[torch.Tensor], copier: CudaCopier | HostCopier | ManagedCopier,
+                 in_place_slots: int = 0):
+        """`in_place_slots` > 0 (with no buffers): layers compute where their weights are (managed
+        memory the copier migrates); the slots only bound how many are on the GPU at once."""
         self.slot_buffers = slot_buffers
+        self.in_place = in_place_slots > 0
+        self._n_slots = in_place_slots or len(slot_buffers)
         self.copier = copier
         self.layers: list[StreamedLayer] = []
         self._views: dict[tuple, list[list[torch.Tensor]]] = {}
@@ -37,7 +42,7 @@ class LayerRing:
 
     @property
     def n_slots(self) -> int:
-        return len(self.slot_buffers)
+        return self._n_slots
 
     def add(self, layer: "StreamedLayer") -> int:
         self.layers.append(layer)
@@ -52,7 +57,7 @@ class LayerRing:
     def _issue(self, visit: int) -> None:
         layer = self.layers[visit % len(self.layers)]
         slot = visit % self.n_slots
-        dst = self.slot_buffers[slot][: layer.host.numel()]
+        dst = None if self.in_place else self.slot_buffers[slot][: layer.host.numel()]
         self.copier.copy(dst, layer.host, slot)
 
     def enter(self, position: int) -> int:
@@ -123,7 +128,9 @@ class StreamedLayer(nn.Module):
         self._params = [params[e.name] for e in layout.entries]
 
     def bind(self, slot: int) -> None:
-        """Point the wrapped layer's parameters at the tensors in `slot`."""
+        """Point the wrapped layer's parameters at the tensors in `slot` (in place: they stay on its own buffer)."""
+        if self.ring.in_place:
+            return
         for param, view in zip(self._params, self.ring.views(self.layout, slot)):
             param.data = view
 

@@ -53,6 +53,8 @@ def graphs_supported(model: torch.nn.Module, placement) -> str | None:
     config = model.config.get_text_config()
     if placement.plan.kv_host_layers:
         return "some layers keep their KV in host memory"
+    if placement.plan.streaming == "managed" and placement.plan.streamed_layers:
+        return "managed weights move by prefetch calls, which are not captured"
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
         return "it has sliding-window layers"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):

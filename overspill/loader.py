@@ -20,7 +20,7 @@ from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import kv_dims
 from .layout import LayerLayout, host_bytes
 from .plan import Footprint, Plan, Tier
-from .streams import CudaCopier, HostCopier
+from .streams import CudaCopier, HostCopier, ManagedCopier
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Placement:
     layers_path: str
     host_bytes: int
     graphs: Any = None  # the `GraphedDecode` when decode replays CUDA graphs
+    managed: Any = None  # the `ManagedMemory` holding managed streamed layers (freed with the placement)
 
     def summary(self) -> str:
         return self.plan.summary()
@@ -166,13 +167,20 @@ def _layout(layer: nn.Module) -> LayerLayout:
 
 
 def _stream_layer(
-    layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool
+    layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool, memory=None
 ) -> tuple[StreamedLayer, int]:
+    """Fill a streamed layer's flat buffer: pinned host memory copied into ring slots, or (with a
+    `ManagedMemory`) a managed buffer that the layer computes in, migrated by prefetches."""
     layout = _layout(layer)
-    host = host_bytes(layout.nbytes, pinned)
+    if memory is not None:
+        host = memory.tensor(layout.nbytes)
+        memory.advise_host_home(host)
+    else:
+        host = host_bytes(layout.nbytes, pinned)
     for entry, view in zip(layout.entries, layout.views(host)):
         source.fill(prefix + entry.name, view)
-    for entry, view in zip(layout.entries, ring.views(layout, 0)):
+    bound = layout.views(host) if memory is not None else ring.views(layout, 0)
+    for entry, view in zip(layout.entries, bound):
         _set_param(layer, entry.name, view)
     return StreamedLayer(layer, index, host, layout, ring), layout.nbytes
 
@@ -191,8 +199,15 @@ def materialize(
         head_name = f"{names[id(head)]}.weight"
         source.aliases.update({f"{embed_name}.weight": head_name, head_name: f"{embed_name}.weight"})
 
-    ring = None
-    if plan.streamed_layers:
+    ring = memory = None
+    if plan.streamed_layers and plan.streaming == "managed":
+        if not on_cuda:
+            raise OverspillError("managed weights need a CUDA device; stream with streaming='copy' on the CPU")
+        from .managed import ManagedMemory
+
+        memory = ManagedMemory(device)
+        ring = LayerRing([], ManagedCopier(device, plan.slots, memory), in_place_slots=plan.slots)
+    elif plan.streamed_layers:
         slot_buffers = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
         copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()
         ring = LayerRing(slot_buffers, copier)
@@ -211,7 +226,7 @@ def materialize(
     for i, layer in enumerate(layers):
         prefix = f"{layers_path}.{i}."
         if plan.layer_tiers[i] is Tier.PINNED:
-            wrapped, nbytes = _stream_layer(layer, prefix, i, source, ring, pinned=on_cuda)
+            wrapped, nbytes = _stream_layer(layer, prefix, i, source, ring, pinned=on_cuda, memory=memory)
             layers[i] = wrapped
             host_total += nbytes
         else:
@@ -225,7 +240,13 @@ def materialize(
     bar.update(1)
     bar.close()
     model.requires_grad_(False)
-    return Placement(plan=plan, device=device, ring=ring, layers_path=layers_path, host_bytes=host_total)
+    if memory is not None:  # filling touched pages from the GPU too: every layer starts at home
+        home = torch.cuda.Stream(device=device)
+        for layer in ring.layers:
+            memory.prefetch(layer.host, host=True, stream=home)
+        home.synchronize()
+    return Placement(plan=plan, device=device, ring=ring, layers_path=layers_path, host_bytes=host_total,
+                     managed=memory)
 
 
 def _is_tied(model: nn.Module) -> bool:

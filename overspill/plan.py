@@ -91,6 +91,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     kv_host_layers: tuple[int, ...] = ()  # layers whose KV lives in pinned host memory (a TieredCache)
     kv_host_bytes: int = 0  # their KV at full context: read over the link every decode step
+    streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> ring slots) or "managed" (prefetch)
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -131,12 +132,16 @@ class Plan:
     def summary(self) -> str:
         n = len(self.layer_tiers)
         streamed = self.streamed_layers
+        managed = self.streaming == "managed"
         lines = [
-            f"layers: {n - len(streamed)}/{n} resident, {len(streamed)} streamed from pinned host memory"
+            f"layers: {n - len(streamed)}/{n} resident, {len(streamed)} streamed from "
+            + ("CUDA managed memory" if managed else "pinned host memory")
             + (f" (layers {_ranges(streamed)})" if streamed else ""),
             f"embeddings: {self.embed_tier.value}, lm_head: {self.head_tier.value}",
         ]
-        if streamed:
+        if streamed and managed:
+            lines.append(f"managed prefetch: at most {self.slots} layers on the GPU, prefetch depth {self.depth}")
+        elif streamed:
             lines.append(
                 f"ring: {self.slots} slots x {format_bytes(self.slot_bytes)}, prefetch depth {self.depth}"
             )
@@ -457,3 +462,19 @@ def plan_for(
         budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
     plan = greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
     return with_prediction(fp, plan, profile)
+
+
+STREAMING = ("auto", "copy", "managed")
+
+
+def choose_streaming(requested: str, coherent: bool) -> str:
+    """How streamed layers move: managed prefetch where the GPU is coherent with host memory
+    (GH200/GB200: pages migrate at link speed and may exceed GPU memory), pinned copies elsewhere.
+
+    On PCIe, bench/managed.py measures managed + prefetch against pinned copies; "managed" there
+    is only for that comparison and for tests, within free GPU memory."""
+    if requested not in STREAMING:
+        raise OverspillError(f"streaming must be one of {', '.join(STREAMING)}, got {requested!r}")
+    if requested == "auto":
+        return "managed" if coherent else "copy"
+    return requested

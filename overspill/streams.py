@@ -131,3 +131,47 @@ class CudaCopier:
     def after_replay(self) -> None:
         """Later copies may overwrite slots the graph reads: order them after it."""
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+
+class ManagedCopier:
+    """Moves managed-memory layers instead of copying them: the `CudaCopier` interface for a ring
+    whose layers compute in place (`LayerRing(..., in_place=True)`).
+
+    "Copying" into a slot prefetches the layer's managed buffer to the GPU on the side stream, once
+    the slot's previous layer has been evicted; marking a slot done evicts its layer back to host
+    memory on a second stream. So at most `slots` layers' pages sit on the GPU, as with pinned slots.
+    """
+
+    def __init__(self, device: torch.device, slots: int, memory):
+        self.device, self.memory = device, memory
+        self.stream = torch.cuda.Stream(device=device, priority=-1)
+        self.evict_stream = torch.cuda.Stream(device=device)
+        self.ready = [torch.cuda.Event() for _ in range(slots)]
+        self.done = [torch.cuda.Event() for _ in range(slots)]
+        self.evicted = [torch.cuda.Event() for _ in range(slots)]
+        self.evict_recorded = [False] * slots
+        self.occupant: list[torch.Tensor | None] = [None] * slots
+
+    def copy(self, dst: torch.Tensor | None, src: torch.Tensor, slot: int) -> None:
+        if self.evict_recorded[slot]:
+            self.stream.wait_event(self.evicted[slot])
+        self.memory.prefetch(src, host=False, stream=self.stream)
+        self.ready[slot].record(self.stream)
+        self.occupant[slot] = src
+
+    def wait_ready(self, slot: int) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+
+    def mark_done(self, slot: int) -> None:
+        self.done[slot].record(torch.cuda.current_stream(self.device))
+        layer = self.occupant[slot]
+        if layer is not None:
+            self.evict_stream.wait_event(self.done[slot])
+            self.memory.prefetch(layer, host=True, stream=self.evict_stream)
+            self.evicted[slot].record(self.evict_stream)
+            self.evict_recorded[slot] = True
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+        self.evict_stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()

@@ -1,0 +1,50 @@
+"""GPU tests of the managed weight tier (`pytest -m gpu`), always well inside the GPU's free memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_gpu import save_tiny
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, cuda]
+
+
+def test_managed_streaming_gives_resident_tokens(tmp_path_factory):
+    pytest.importorskip("cuda.bindings")
+    from transformers import AutoModelForCausalLM
+
+    import overspill
+    from overspill.api import placement_of
+    from overspill.loader import build_skeleton, decoder_layers, footprint
+    from overspill.plan import Workload, budget_for
+
+    path, config = save_tiny("llama", tmp_path_factory)
+    skeleton = build_skeleton(config, torch.bfloat16)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
+    budget = budget_for(fp, Workload(256, 2), 4)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    model, _ = overspill.load(path, gpu_memory=budget, context=256, batch=2, progress=False, streaming="managed")
+    placement = placement_of(model)
+    assert placement.plan.streaming == "managed" and len(placement.plan.streamed_layers) == 4
+    assert placement.ring.in_place and placement.managed is not None
+    ids = torch.randint(0, config.vocab_size, (2, 20), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, **kw), want)
+    assert torch.equal(model.generate(ids, **kw), want)  # a second pass over evicted layers
+    assert placement.ring.restarts == 1
+
+
+def test_managed_streaming_refused_beyond_half_of_free_memory_on_pcie():
+    import overspill
+    from overspill.errors import OverspillError
+    from overspill.hardware import coherent_platform
+
+    if coherent_platform(0):
+        pytest.skip("coherent platform: managed memory may exceed GPU memory")
+    with pytest.raises(OverspillError, match="refusing"):
+        overspill.load("llama-3-70b", gpu_memory="8GiB", random_weights=True, progress=False, streaming="managed")

@@ -1,0 +1,104 @@
+"""The managed weight tier on the CPU: the choice of streaming, the refusal that keeps managed
+memory inside a PCIe GPU's free memory, the in-place ring schedule, and clear errors without CUDA."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from overspill.errors import OverspillError
+from overspill.executor import LayerRing
+from overspill.managed import check_managed_bytes
+from overspill.plan import Plan, choose_streaming
+
+GiB = 2**30
+
+
+def test_auto_streams_managed_only_on_coherent_platforms() -> None:
+    assert choose_streaming("auto", coherent=True) == "managed"
+    assert choose_streaming("auto", coherent=False) == "copy"
+    assert choose_streaming("managed", coherent=False) == "managed"  # asked for: checked against free memory
+    assert choose_streaming("copy", coherent=True) == "copy"
+    with pytest.raises(OverspillError, match="auto, copy, managed"):
+        choose_streaming("zero-copy", coherent=False)
+
+
+def test_managed_memory_is_refused_beyond_half_of_a_pcie_gpus_free_memory() -> None:
+    check_managed_bytes(10 * GiB, 79 * GiB, coherent=False)
+    check_managed_bytes(200 * GiB, 90 * GiB, coherent=True)  # GH200: may exceed GPU memory
+    with pytest.raises(OverspillError) as err:
+        check_managed_bytes(70 * GiB, 79 * GiB, coherent=False)
+    assert "70.00 GiB" in str(err.value) and "79.00 GiB" in str(err.value) and "pinned" in str(err.value)
+
+
+def test_managed_streaming_needs_cuda(tiny_checkpoint) -> None:
+    from test_placement import load_tiny
+
+    with pytest.raises(OverspillError, match="CUDA device"):
+        load_tiny(tiny_checkpoint("llama"), 4, streaming="managed")
+    model = load_tiny(tiny_checkpoint("llama"), 4, streaming="auto")
+    assert model.overspill.plan.streaming == "copy" and model.overspill.plan.streamed_layers
+
+
+def test_managed_memory_without_cuda_bindings_names_the_package(monkeypatch) -> None:
+    from overspill.managed import ManagedMemory
+
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    with pytest.raises(OverspillError, match="cuda-bindings"):
+        ManagedMemory(torch.device("cuda", 0))
+
+
+def test_plan_records_and_reports_managed_streaming() -> None:
+    from dataclasses import replace
+
+    from overspill.plan import Footprint, Workload, greedy_plan
+
+    fp = Footprint(layer_bytes=(100,) * 8, embed_bytes=50, head_bytes=50, other_bytes=1, tied_embeddings=False,
+                   kv_bytes_per_token=8, activation_bytes_per_token=4)
+    plan = replace(greedy_plan(fp, 1400, Workload(16, 1, activation_floor=0), depth=2), streaming="managed")
+    assert plan.streamed_layers and Plan.from_json(plan.to_json()).streaming == "managed"
+    assert "CUDA managed memory" in plan.summary() and "at most 3 layers on the GPU" in plan.summary()
+
+
+class _Recorder:
+    """A copier that records what the ring asks of it (the ManagedCopier interface, no CUDA)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def copy(self, dst, src, slot):
+        self.calls.append(("fetch", src, slot, dst))
+
+    def wait_ready(self, slot):
+        self.calls.append(("wait", slot))
+
+    def mark_done(self, slot):
+        self.calls.append(("done", slot))
+
+    def synchronize(self):
+        pass
+
+
+class _Layer:
+    def __init__(self, name: str) -> None:
+        self.host = name
+
+
+def test_in_place_ring_fetches_layers_ahead_without_slot_buffers() -> None:
+    copier = _Recorder()
+    ring = LayerRing([], copier, in_place_slots=2)
+    ring.layers = [_Layer(f"L{i}") for i in range(3)]
+    assert ring.in_place and ring.n_slots == 2
+    for _ in range(2):  # two steps over 3 streamed layers
+        for position in range(3):
+            slot = ring.enter(position)
+            ring.exit(slot)
+    fetches = [c for c in copier.calls if c[0] == "fetch"]
+    assert all(dst is None for *_, dst in fetches)
+    assert [src for _, src, _, _ in fetches][:6] == ["L0", "L1", "L2", "L0", "L1", "L2"]
+    assert [slot for _, _, slot, _ in fetches][:4] == [0, 1, 0, 1]
+    # a layer's fetch is issued only after the slot's previous layer was marked done
+    first_fetch_into_0_again = copier.calls.index(fetches[2])
+    assert ("done", 0) in copier.calls[:first_fetch_into_0_again]
