@@ -304,6 +304,7 @@ def batch_main(args) -> int:
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
         kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=pass_tokens(args.max_batch),
+        streaming=getattr(args, "streaming", "auto"),
     )
     if tokenizer is None:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")

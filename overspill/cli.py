@@ -50,6 +50,12 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         "host memory and stream it with their layer. Default: KV stays on the GPU unless even streaming "
         "every layer leaves no room for it.",
     )
+    p.add_argument(
+        "--streaming", default="auto", choices=["auto", "copy", "managed"],
+        help="how streamed layers reach the GPU: copy (pinned host memory into GPU ring slots), managed "
+        "(CUDA managed memory, prefetched ahead and evicted after use; needs cuda-bindings; on a PCIe GPU "
+        "only within half its free memory), or auto: managed on coherent GH200/GB200, copy elsewhere (default).",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 
 

@@ -62,7 +62,8 @@ class ManagedMemory:
         try:
             from cuda.bindings import runtime as cudart
         except ImportError as exc:
-            raise OverspillError("managed weights need cuda-python: pip install 'cuda-bindings>=13'") from exc
+            raise OverspillError("managed weights need cuda-python: pip install 'overspill[managed]' "
+                                 "(cuda-bindings>=13)") from exc
         self.rt, self.device = cudart, torch.device(device)
         self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.call_s = 0.0  # host time spent inside prefetch calls (a blocking driver shows here)

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, device=args.device, seed=args.seed,
         kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
+        streaming=getattr(args, "streaming", "auto"),
     )
     placement = placement_of(model)
     print(placement.summary())
