@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import decode  # noqa: E402 - the worker and its helpers
+import decode
 
 
 def summarize(cases: dict[str, list[dict]], bw: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import replace
@@ -11,9 +12,23 @@ import torch
 
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
-from .loader import Placement, build_skeleton, decoder_layers, footprint, materialize, use_planned_cache
+from .loader import (
+    Placement,
+    build_skeleton,
+    decoder_layers,
+    footprint,
+    materialize,
+    use_planned_cache,
+)
 from .plan import (
-    DEFAULT_CONTEXT, DEFAULT_DEPTH, Plan, Workload, choose_streaming, device_kv_workload, greedy_plan, with_prediction,
+    DEFAULT_CONTEXT,
+    DEFAULT_DEPTH,
+    Plan,
+    Workload,
+    choose_streaming,
+    device_kv_workload,
+    greedy_plan,
+    with_prediction,
 )
 from .sources import ModelSource, resolve
 from .units import parse_budget, parse_bytes
@@ -170,6 +185,7 @@ def load(
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
     fp = footprint(skeleton, layers, torch_dtype)
+    user_plan = plan is not None
     if plan is None:
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
         if fit_batch and kv_bytes is None:
@@ -181,7 +197,7 @@ def load(
         from .hardware import probe as probe_machine
 
         plan = with_prediction(fp, plan, probe_machine(device=dev))
-    plan = _with_streaming(plan, streaming, dev)
+    plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -203,6 +219,13 @@ def load(
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 
+def _has_cuda_bindings() -> bool:
+    try:
+        return importlib.util.find_spec("cuda.bindings") is not None
+    except ModuleNotFoundError:  # no `cuda` package at all
+        return False
+
+
 def _with_streaming(plan: Plan, streaming: str, dev: torch.device) -> Plan:
     """The plan with its streaming mode chosen, refusing managed memory that could hang a PCIe GPU."""
     if dev.type != "cuda":
@@ -211,13 +234,19 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device) -> Plan:
         return replace(plan, streaming=choose_streaming(streaming, coherent=False))
     from .hardware import coherent_platform
 
-    coherent = coherent_platform(dev.index or 0)
+    coherent = coherent_platform(dev.index if dev.index is not None else torch.cuda.current_device())
     mode = choose_streaming(streaming, coherent)
     notes = plan.notes
+    if mode == "managed" and streaming == "auto" and not _has_cuda_bindings():
+        mode = "copy"
+        notes += ("this GPU is coherent with host memory: pip install 'overspill[managed]' to stream by managed "
+                  "prefetch; copying from pinned memory meanwhile",)
     if mode == "managed" and plan.streamed_layers:
         from .managed import check_managed_bytes
 
-        check_managed_bytes(plan.streamed_bytes_per_step, torch.cuda.mem_get_info(dev)[0], coherent)
+        # what stays free once the plan's resident weights, slots and workspace are allocated
+        free = max(torch.cuda.mem_get_info(dev)[0] - plan.device_bytes, 0)
+        check_managed_bytes(plan.streamed_bytes_per_step, free, coherent)
         if not coherent:
             notes += ("managed streaming on a non-coherent GPU: the prediction assumes pinned-copy speed; "
                       "bench/managed.py measures the difference",)

@@ -242,6 +242,7 @@ def materialize(
     model.requires_grad_(False)
     if memory is not None:  # filling touched pages from the GPU too: every layer starts at home
         home = torch.cuda.Stream(device=device)
+        home.wait_stream(torch.cuda.current_stream(device))  # after the fills (random weights draw on the GPU)
         for layer in ring.layers:
             memory.prefetch(layer.host, host=True, stream=home)
         home.synchronize()

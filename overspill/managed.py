@@ -46,14 +46,21 @@ def check(name: str, result):
     return values[0] if values else None
 
 
-def _free(runtime, ptrs: list[int]) -> None:
-    for ptr in ptrs:
-        runtime.cudaFree(ptr)
-    ptrs.clear()
+class _Buffer:
+    """One cudaMallocManaged allocation, exported to torch through `__cuda_array_interface__`.
+
+    torch keeps the exporter alive as long as any tensor over it, so the memory is freed only when
+    the last view of it is gone (not at interpreter exit, while another thread may still read it)."""
+
+    def __init__(self, runtime, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
+        self.release = weakref.finalize(self, runtime.cudaFree, ptr)
+        self.release.atexit = False
 
 
 class ManagedMemory:
-    """cudaMallocManaged buffers on one device, freed when this object is (keep it with its tensors).
+    """Allocates cudaMallocManaged buffers on one device and migrates them; each buffer is freed
+    with the last tensor over it.
 
     Raises OverspillError when cuda-bindings is missing or the device cannot prefetch managed memory.
     """
@@ -66,10 +73,9 @@ class ManagedMemory:
                                  "(cuda-bindings>=13)") from exc
         self.rt, self.device = cudart, torch.device(device)
         self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", self.index)
         self.call_s = 0.0  # host time spent inside prefetch calls (a blocking driver shows here)
-        self._ptrs: list[int] = []
-        weakref.finalize(self, _free, cudart, self._ptrs)
-        check("cudaSetDevice", cudart.cudaSetDevice(self.index))
+        self._buffers: list[weakref.ref] = []
         for name in ("cudaDevAttrManagedMemory", "cudaDevAttrConcurrentManagedAccess"):
             attr = getattr(cudart.cudaDeviceAttr, name)
             if not check(f"cudaDeviceGetAttribute({name})", cudart.cudaDeviceGetAttribute(attr, self.index)):
@@ -77,10 +83,11 @@ class ManagedMemory:
 
     def tensor(self, nbytes: int) -> torch.Tensor:
         """A new managed buffer as a flat uint8 CUDA tensor (no copy; valid while this object lives)."""
-        ptr = int(check("cudaMallocManaged", self.rt.cudaMallocManaged(nbytes, self.rt.cudaMemAttachGlobal)))
-        self._ptrs.append(ptr)
-        cai = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
-        out = torch.as_tensor(type("ManagedArray", (), {"__cuda_array_interface__": cai})(), device=self.device)
+        with torch.cuda.device(self.index):  # the runtime allocates on its current device (torch's)
+            ptr = int(check("cudaMallocManaged", self.rt.cudaMallocManaged(nbytes, self.rt.cudaMemAttachGlobal)))
+        buffer = _Buffer(self.rt, ptr, nbytes)
+        self._buffers.append(weakref.ref(buffer))
+        out = torch.as_tensor(buffer, device=self.device)
         if out.data_ptr() != ptr or out.numel() != nbytes:
             raise OverspillError(f"managed tensor wraps {out.data_ptr():#x}/{out.numel()} bytes, expected {ptr:#x}/{nbytes}")
         return out
@@ -110,5 +117,9 @@ class ManagedMemory:
         self.call_s += time.perf_counter() - t
 
     def free(self) -> None:
-        """Free every buffer now (their tensors must not be used after)."""
-        _free(self.rt, self._ptrs)
+        """Free every buffer now, for benchmarks that reuse the GPU at once: their tensors must not be used after."""
+        for ref in self._buffers:
+            buffer = ref()
+            if buffer is not None:
+                buffer.release()
+        self._buffers.clear()

@@ -151,25 +151,32 @@ class ManagedCopier:
         self.evicted = [torch.cuda.Event() for _ in range(slots)]
         self.evict_recorded = [False] * slots
         self.occupant: list[torch.Tensor | None] = [None] * slots
+        self.computed = [True] * slots  # the occupant was marked done (and so evicted)
 
     def copy(self, dst: torch.Tensor | None, src: torch.Tensor, slot: int) -> None:
+        if not self.computed[slot] and self.occupant[slot] is not None:  # fetched, never used (a ring restart)
+            self._evict(slot, after=self.ready[slot])
         if self.evict_recorded[slot]:
             self.stream.wait_event(self.evicted[slot])
         self.memory.prefetch(src, host=False, stream=self.stream)
         self.ready[slot].record(self.stream)
-        self.occupant[slot] = src
+        self.occupant[slot], self.computed[slot] = src, False
 
     def wait_ready(self, slot: int) -> None:
         torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
 
     def mark_done(self, slot: int) -> None:
         self.done[slot].record(torch.cuda.current_stream(self.device))
-        layer = self.occupant[slot]
-        if layer is not None:
-            self.evict_stream.wait_event(self.done[slot])
-            self.memory.prefetch(layer, host=True, stream=self.evict_stream)
-            self.evicted[slot].record(self.evict_stream)
-            self.evict_recorded[slot] = True
+        if self.occupant[slot] is not None:
+            self._evict(slot, after=self.done[slot])
+        self.computed[slot] = True
+
+    def _evict(self, slot: int, after: torch.cuda.Event) -> None:
+        """Send the slot's layer home once `after` (its compute, or its fetch) has happened."""
+        self.evict_stream.wait_event(after)
+        self.memory.prefetch(self.occupant[slot], host=True, stream=self.evict_stream)
+        self.evicted[slot].record(self.evict_stream)
+        self.evict_recorded[slot] = True
 
     def synchronize(self) -> None:
         self.stream.synchronize()

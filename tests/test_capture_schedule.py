@@ -27,7 +27,7 @@ class Sim:
         self.joined_at: dict[FakeStream, int] = {}  # when the capture stream last waited on each stream
         self.ticks = 0
 
-    def op(self, stream: "FakeStream") -> int:
+    def op(self, stream: FakeStream) -> int:
         if self.capture is not None and stream not in self.joined:
             raise AssertionError(f"{stream} works during capture without being forked: the graph would miss it")
         self.ticks += 1
@@ -44,7 +44,7 @@ class FakeEvent:
         self.captured = False
         self.tick = 0
 
-    def record(self, stream: "FakeStream | None" = None) -> None:
+    def record(self, stream: FakeStream | None = None) -> None:
         stream = stream or SIM.current
         self.tick = SIM.op(stream)
         self.stream, self.captured = stream, SIM.capture is not None
@@ -72,7 +72,7 @@ class FakeStream:
         SIM.op(self)
         self.waited.add(id(event))
 
-    def wait_stream(self, other: "FakeStream") -> None:
+    def wait_stream(self, other: FakeStream) -> None:
         event = FakeEvent()
         event.record(other)
         self.wait_event(event)
@@ -90,7 +90,7 @@ class FakeTensor:
     def numel(self) -> int:
         return self.n
 
-    def __getitem__(self, index) -> "FakeTensor":
+    def __getitem__(self, index) -> FakeTensor:
         return self
 
     def copy_(self, src, non_blocking: bool = False) -> None:

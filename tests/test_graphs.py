@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
+from conftest import N_LAYERS
+from test_placement import generate_with_logits, load_tiny, prompts, reference  # noqa: F401 - fixture
 
 from overspill.api import placement_of
 from overspill.graphs import GraphCache, enable_graphs, graphs_supported
-
-from conftest import N_LAYERS
-from test_placement import generate_with_logits, load_tiny, prompts, reference  # noqa: F401 - fixture
 
 GRAPHABLE = ["llama", "mixtral", "qwen3"]
 

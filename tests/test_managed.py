@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from test_capture_schedule import device  # noqa: F401 - the simulated-device fixture
 
 from overspill.errors import OverspillError
 from overspill.executor import LayerRing
@@ -102,3 +103,96 @@ def test_in_place_ring_fetches_layers_ahead_without_slot_buffers() -> None:
     # a layer's fetch is issued only after the slot's previous layer was marked done
     first_fetch_into_0_again = copier.calls.index(fetches[2])
     assert ("done", 0) in copier.calls[:first_fetch_into_0_again]
+
+
+def _streamed_plan(layer_bytes: int = 10 * GiB):
+    from overspill.plan import Footprint, Workload, greedy_plan
+
+    fp = Footprint(layer_bytes=(layer_bytes,) * 8, embed_bytes=GiB, head_bytes=GiB, other_bytes=1,
+                   tied_embeddings=False, kv_bytes_per_token=8, activation_bytes_per_token=4)
+    return greedy_plan(fp, 40 * GiB, Workload(16, 1, activation_floor=0), depth=2)
+
+
+@pytest.fixture
+def pcie_gpu(monkeypatch):
+    """`_with_streaming` on a simulated CUDA device: (set_free(bytes), set_coherent(bool), set_bindings(bool))."""
+    from overspill import api, hardware
+
+    state = {"free": 79 * GiB, "coherent": False, "bindings": True}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * GiB))
+    monkeypatch.setattr(hardware, "coherent_platform", lambda index=0: state["coherent"])
+    monkeypatch.setattr(api, "_has_cuda_bindings", lambda: state["bindings"])
+    return state
+
+
+def test_refusal_counts_what_the_plan_will_allocate_first(pcie_gpu) -> None:
+    from overspill.api import _with_streaming
+
+    plan = _streamed_plan()
+    streamed, device = plan.streamed_bytes_per_step, plan.device_bytes
+    assert streamed and device
+    pcie_gpu["free"] = device + 2 * streamed + GiB  # half of what stays free covers the streamed layers
+    assert _with_streaming(plan, "managed", torch.device("cuda", 0)).streaming == "managed"
+    pcie_gpu["free"] = 2 * streamed + GiB  # enough before loading, not once resident weights are placed
+    with pytest.raises(OverspillError, match="refusing"):
+        _with_streaming(plan, "managed", torch.device("cuda", 0))
+
+
+def test_auto_on_a_coherent_gpu_needs_cuda_bindings(pcie_gpu) -> None:
+    from overspill.api import _with_streaming
+
+    pcie_gpu.update(coherent=True, free=8 * GiB)  # coherent: managed may exceed GPU memory
+    plan = _with_streaming(_streamed_plan(), "auto", torch.device("cuda", 0))
+    assert plan.streaming == "managed"
+    pcie_gpu["bindings"] = False
+    plan = _with_streaming(_streamed_plan(), "auto", torch.device("cuda", 0))
+    assert plan.streaming == "copy" and any("overspill[managed]" in note for note in plan.notes)
+    pcie_gpu["coherent"] = False
+    assert _with_streaming(_streamed_plan(), "auto", torch.device("cuda", 0)).streaming == "copy"
+
+
+class _Memory:
+    """Records prefetches as ops on their stream (the simulated device of test_capture_schedule)."""
+
+    def __init__(self, sim) -> None:
+        self.sim, self.log = sim, []
+
+    def prefetch(self, buf, host: bool, stream) -> None:
+        self.log.append(("home" if host else "fetch", buf.name, stream, self.sim.op(stream)))
+
+
+def test_managed_copier_evicts_after_compute_and_fetches_after_eviction(device) -> None:
+    """Eviction of a layer waits for its compute; a fetch into a slot waits for the previous
+    occupant's eviction; a layer fetched but never computed (ring restart) is sent home too."""
+    from test_capture_schedule import FakeTensor
+
+    from overspill.streams import ManagedCopier
+
+    memory = _Memory(device)
+    copier = ManagedCopier(torch.device("cuda"), 2, memory)
+    ring = LayerRing([], copier, in_place_slots=2)
+
+    class Layer:
+        def __init__(self, i: int) -> None:
+            self.host = FakeTensor(10, f"L{i}")
+
+    ring.layers = [Layer(i) for i in range(3)]
+    main = device.current
+    computed: dict[str, int] = {}
+    for _ in range(2):
+        for position in range(3):
+            slot = ring.enter(position)
+            assert id(copier.ready[slot]) in main.waited
+            computed[f"L{position}"] = device.op(main)
+            ring.exit(slot)
+    homes = [entry for entry in memory.log if entry[0] == "home"]
+    fetches = [entry for entry in memory.log if entry[0] == "fetch"]
+    assert homes and all(stream is copier.evict_stream for *_, stream, _ in homes)
+    assert all(stream is copier.stream for *_, stream, _ in fetches)
+    # every fetch beyond the first two reuses a slot: the copy stream waited on that slot's eviction first
+    assert len(fetches) >= 4 and {id(e) for e in copier.evicted} <= copier.stream.waited
+    assert {id(e) for e in copier.done} <= copier.evict_stream.waited  # evictions follow compute
+    assert [name for _, name, _, _ in fetches[:6]] == ["L0", "L1", "L2", "L0", "L1", "L2"]
+    ring.enter(1)  # out of order: the ring restarts; L1 is fetched again
+    ring.enter(0)  # restart again before L1 computed: its slot's layer must go home first
+    assert [entry[1] for entry in memory.log if entry[0] == "home"][-1] in {"L1", "L2"}
