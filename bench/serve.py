@@ -454,7 +454,7 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.engine import pass_tokens
+    from overspill.plan import serving_pass_tokens
     from overspill.hardware import machine_facts
     from overspill.server import create_app
 
@@ -471,7 +471,7 @@ def main() -> None:
     else:
         model, _ = overspill.load(args.model, gpu_memory=args.budget, random_weights=True, context=context,
                                   batch=plan_batch, fit_batch=fit, progress=False,
-                                  pass_tokens=pass_tokens(max_clients))
+                                  pass_tokens=serving_pass_tokens(max_clients))
         model_name = args.model
     load_s = time.perf_counter() - t0
     placement = placement_of(model)

@@ -151,7 +151,7 @@ def load(
             what was planned. Ignored with `kv_gpu_memory`.
         pass_tokens: the most tokens one forward pass holds, for the activation reserve; 0 means
             what `generate` needs (batch x prompt, up to 2048 tokens each). The serving engine
-            passes its bound (`engine.pass_tokens`), so the budget keeps more layers resident.
+            passes its bound (`plan.serving_pass_tokens`), so the budget keeps more layers resident.
         streaming: how streamed layers move: "copy" (pinned host memory copied into GPU ring
             slots), "managed" (CUDA managed memory, bulk-prefetched `depth` layers ahead and evicted
             after use), or "auto": managed on coherent platforms (GH200/GB200), copy elsewhere. On a

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .engine import Engine, Event, GenerationRequest, QueueFull, pass_tokens
+from .engine import Engine, Event, GenerationRequest, QueueFull
+from .plan import serving_pass_tokens
 from .errors import OverspillError
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, generation_request, kv_sharing_note, served_name, validation_error,
@@ -303,7 +304,7 @@ def batch_main(args) -> int:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=pass_tokens(args.max_batch),
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
         streaming=getattr(args, "streaming", "auto"),
     )
     if tokenizer is None:

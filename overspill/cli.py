@@ -193,6 +193,12 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help=f"plan for a reference machine: {', '.join(sorted(REFERENCE_PROFILES))} (cpu has no GPU, so "
         "plan refuses it). Default: this machine's cached probe when it has a CUDA GPU, else h100-pcie5.",
     )
+    plan.add_argument(
+        "--serve", action="store_true",
+        help="plan as `overspill serve --max-batch BATCH` does: the largest batch up to --batch whose KV stays "
+        "on the GPU, with activations reserved for one engine pass (a 512-token prefill chunk or one token "
+        "per sequence) instead of a whole batch of prompts. Default: plan for `generate`.",
+    )
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan) instead of the table.")
     plan.set_defaults(func=_plan_main)
 
@@ -248,7 +254,7 @@ def _probe_main(args: argparse.Namespace) -> int:
 
 def _plan_main(args: argparse.Namespace) -> int:
     from . import planview
-    from .plan import Workload, footprint_from_spec, plan_for
+    from .plan import Workload, device_kv_workload, footprint_from_spec, plan_for, serving_pass_tokens
 
     if args.context < 1 or args.batch < 1:
         raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
@@ -261,7 +267,12 @@ def _plan_main(args: argparse.Namespace) -> int:
     from .units import parse_bytes
 
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
-    plan = plan_for(fp, profile, Workload(args.context, args.batch), budget, args.depth, kv_device_bytes=kv)
+    workload = Workload(args.context, args.batch)
+    if args.serve:
+        workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch))
+        if kv is None and budget is not None:
+            workload = device_kv_workload(fp, budget, workload, args.depth)
+    plan = plan_for(fp, profile, workload, budget, args.depth, kv_device_bytes=kv)
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
 from .kv import kv_dims
+from .plan import ENGINE_PREFILL_CHUNK
 from .prefix import Lease, PrefixCache
 from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
 from .sampling import sample_tokens, token_logprobs
@@ -54,16 +55,6 @@ class _Sequence:
         return self.handle.request
 
 
-PREFILL_CHUNK = 512  # prompt tokens (padding included) per engine iteration
-
-
-def pass_tokens(max_batch: int, prefill_chunk: int = PREFILL_CHUNK) -> int:
-    """The most tokens one engine forward pass holds: a prefill chunk, or one per decoding sequence.
-
-    Serving plans reserve activations for this, not for a whole batch of prompts at once."""
-    return max(prefill_chunk, max_batch)
-
-
 class Engine:
     """Owns `model` on one thread and decodes every running request in one pass per step.
 
@@ -88,7 +79,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_queue: int = 64, metrics: NullMetrics | None = None,
                  tokenizer_lock: threading.Lock | None = None, max_batch: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, kv_block_tokens: int = 16, kv_capacity_tokens: int | None = None,
+                 prefill_chunk: int = ENGINE_PREFILL_CHUNK, kv_block_tokens: int = 16, kv_capacity_tokens: int | None = None,
                  prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.metrics = metrics or NullMetrics()

@@ -196,6 +196,14 @@ def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
     return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
 
 
+ENGINE_PREFILL_CHUNK = 512  # prompt tokens (padding included) per serving-engine iteration
+
+
+def serving_pass_tokens(max_batch: int, prefill_chunk: int = ENGINE_PREFILL_CHUNK) -> int:
+    """The most tokens one serving-engine pass holds: a prefill chunk, or one per decoding sequence."""
+    return max(prefill_chunk, max_batch)
+
+
 def pass_tokens(workload: Workload) -> int:
     """Tokens in flight in one forward pass: `generate` prefills a whole batch at once, in chunks of
     `PREFILL_CHUNK_TOKENS` at most; the serving engine bounds every pass by its prefill chunk and
@@ -414,7 +422,11 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
         return 0
     w = plan.workload
     free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - w.activation_floor
-    per_seq = fp.kv_bytes_per_token * w.context + fp.activation_bytes_per_token * min(w.context, 2048)
+    per_seq = fp.kv_bytes_per_token * w.context
+    if w.pass_tokens:  # serving: one bounded pass in flight, whatever the batch
+        free -= fp.activation_bytes_per_token * w.pass_tokens
+    else:  # generate prefills every sequence's prompt at once
+        per_seq += fp.activation_bytes_per_token * min(w.context, PREFILL_CHUNK_TOKENS)
     return max(free // per_seq, 0) if per_seq else 0
 
 
@@ -449,11 +461,13 @@ def plan_for(
     depth: int = DEFAULT_DEPTH,
     margin_bytes: int = 1536 * 2**20,
     kv_device_bytes: int | None = None,
+    streaming: str = "auto",
 ) -> Plan:
     """Place `fp` on the machine `profile` describes and predict its speed.
 
     Args:
         budget_bytes: GPU bytes to use; None means the profile's free memory minus `margin_bytes`.
+        streaming: how streamed layers move (`choose_streaming`): managed prefetch on coherent profiles.
 
     Raises:
         OverspillError: when the budget is below the minimum working set (the message gives it).
@@ -461,6 +475,7 @@ def plan_for(
     if budget_bytes is None:
         budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
     plan = greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
+    plan = replace(plan, streaming=choose_streaming(streaming, profile.coherent))
     return with_prediction(fp, plan, profile)
 
 

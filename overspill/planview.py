@@ -46,12 +46,12 @@ def _layer_rows(plan: Plan, fp: Footprint) -> list[tuple[str, ...]]:
         read = sum(active[first : last + 1])
         count = last - first + 1
         if tier is Tier.PINNED:
-            # The ring copies whole layers (all experts of an MoE layer), once per step whatever the batch.
+            # The ring moves whole layers (all experts of an MoE layer), once per step whatever the batch.
             step = f"{format_bytes(stored)} over the link"
         else:
             step = f"{format_bytes(read)} read from HBM" + (" (routed experts)" if read < stored else "")
-        rows.append((_span(first, last), TIER_LABELS[tier], f"{count} layer{'s' * (count != 1)}",
-                     format_bytes(stored), step))
+        label = "managed (prefetched)" if tier is Tier.PINNED and plan.streaming == "managed" else TIER_LABELS[tier]
+        rows.append((_span(first, last), label, f"{count} layer{'s' * (count != 1)}", format_bytes(stored), step))
     return rows
 
 
@@ -75,7 +75,8 @@ def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
     if fp.other_bytes:
         rows.append(("final norm", Tier.DEVICE.value, "", format_bytes(fp.other_bytes), ""))
     if plan.slots:
-        rows.append(("ring slots", Tier.DEVICE.value, f"{plan.slots} x {format_bytes(plan.slot_bytes)}",
+        part = "migrated layers" if plan.streaming == "managed" else "ring slots"
+        rows.append((part, Tier.DEVICE.value, f"{plan.slots} x {format_bytes(plan.slot_bytes)}",
                      format_bytes(plan.slots * plan.slot_bytes), f"prefetch depth {plan.depth}"))
     w = plan.workload
     kv_total = fp.kv_bytes_per_token * w.context * w.batch

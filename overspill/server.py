@@ -21,7 +21,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Event, GenerationRequest, Handle, QueueFull, pass_tokens
+from .engine import Engine, Event, GenerationRequest, Handle, QueueFull
+from .plan import serving_pass_tokens
 from .metrics import Metrics
 from .prefix import PrefixCache
 from .openai_protocol import (
@@ -249,7 +250,7 @@ def serve_main(args) -> int:
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=pass_tokens(args.max_batch),
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
         streaming=getattr(args, "streaming", "auto"),
     )
     print(placement_of(model).summary())

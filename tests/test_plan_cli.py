@@ -215,3 +215,21 @@ def test_unsupported_architecture_is_planned_as_llama_with_a_note(capsys, tmp_pa
     (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "somearch"}))
     code, out, _ = plan(capsys, str(tmp_path), "--profile", "h100-pcie5", "--gpu-memory", "1GiB")
     assert code == 0 and "'somearch' is not a supported architecture" in out
+
+
+def test_plan_serve_plans_what_serve_loads_and_gh200_streams_managed() -> None:
+    """`--serve` reserves one engine pass, so layers stay resident that `generate`'s reserve streams;
+    a coherent profile streams by managed prefetch, a PCIe one copies."""
+    import subprocess
+    import sys
+
+    def table(*extra: str) -> str:
+        cmd = [sys.executable, "-m", "overspill.cli", "plan", "llama-3-8b", "--gpu-memory", "6GiB", "--context", "256",
+               "--batch", "64", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    generate, serve = table("--profile", "h100-pcie5"), table("--profile", "h100-pcie5", "--serve")
+    layers = lambda text: text.split("embeddings")[0]  # noqa: E731 - the layer rows of the table
+    assert "layers 0-31" in layers(generate) and "device (resident)" not in layers(generate)
+    assert "device (resident)" in layers(serve)
+    assert "managed (prefetched)" in table("--profile", "gh200") and "managed" not in generate
