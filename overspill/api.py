@@ -193,11 +193,14 @@ def load(
         plan = greedy_plan(fp, budget, workload, depth, kv_bytes)
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
+    profile = None
     if probe and dev.type == "cuda":
         from .hardware import probe as probe_machine
 
-        plan = with_prediction(fp, plan, probe_machine(device=dev))
-    plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev)
+        profile = probe_machine(device=dev)
+        plan = with_prediction(fp, plan, profile)
+    managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
+    plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev, managed_wins)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -226,21 +229,23 @@ def _has_cuda_bindings() -> bool:
         return False
 
 
-def _with_streaming(plan: Plan, streaming: str, dev: torch.device) -> Plan:
+def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins: bool = False) -> Plan:
     """The plan with its streaming mode chosen, refusing managed memory that could hang a PCIe GPU."""
     if dev.type != "cuda":
         if streaming == "managed":
             raise OverspillError("managed weights need a CUDA device; leave streaming at 'auto' or 'copy' on the CPU")
-        return replace(plan, streaming=choose_streaming(streaming, coherent=False))
-    from .hardware import coherent_platform
-
-    coherent = coherent_platform(dev.index if dev.index is not None else torch.cuda.current_device())
-    mode = choose_streaming(streaming, coherent)
+        return replace(plan, streaming=choose_streaming(streaming, managed_wins=False))
+    mode = choose_streaming(streaming, managed_wins)
     notes = plan.notes
     if mode == "managed" and streaming == "auto" and not _has_cuda_bindings():
         mode = "copy"
-        notes += ("this GPU is coherent with host memory: pip install 'overspill[managed]' to stream by managed "
-                  "prefetch; copying from pinned memory meanwhile",)
+        notes += ("managed prefetch measured faster here: pip install 'overspill[managed]' to use it; copying "
+                  "from pinned memory meanwhile",)
+    if mode != "managed":
+        return replace(plan, streaming=mode, notes=notes)
+    from .hardware import coherent_platform
+
+    coherent = coherent_platform(dev.index if dev.index is not None else torch.cuda.current_device())
     if mode == "managed" and plan.streamed_layers:
         from .managed import check_managed_bytes
 

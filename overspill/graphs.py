@@ -19,6 +19,7 @@ so CI checks everything but the capture.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import logging
 from typing import Any
@@ -218,6 +219,8 @@ class GraphedDecode:
         after = ring.snapshot() if ring is not None else None
         graph, out, events = torch.cuda.CUDAGraph(), None, []
         torch.cuda.synchronize(self.stream.device)
+        gc.collect()  # a finalizer during capture (unlocking pinned pages syncs) would break it
+        gc.disable()
         try:
             if ring is not None:
                 ring.restore(before)
@@ -238,6 +241,7 @@ class GraphedDecode:
             self.capture = False
             log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
         finally:
+            gc.enable()
             if ring is not None:
                 ring.copier.capturing = False
                 ring.restore(after)

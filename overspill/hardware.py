@@ -255,8 +255,11 @@ def fit_dispatch(points: list[tuple[int, float]]) -> tuple[float, float]:
     return slope, max(mean_y - slope * mean_x, 0.0)
 
 
+PROBE_VERSION = 2  # bump when a measurement changes: cached profiles of older probes are re-measured
+
+
 def profile_key(device: torch.device) -> str:
-    return f"{torch.cuda.get_device_name(device)}|{_driver_version()}|torch {torch.__version__}"
+    return f"{torch.cuda.get_device_name(device)}|{_driver_version()}|torch {torch.__version__}|probe {PROBE_VERSION}"
 
 
 def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: bool = True) -> "Profile":

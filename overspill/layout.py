@@ -57,6 +57,12 @@ class LayerLayout:
 
 
 def _unregister(ptr: int) -> None:
+    """Unlock pages once no copy can still read them: a KV prefetch issued ahead on a side stream may
+    outlive the cache that owned them."""
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:  # CUDA already torn down at interpreter exit
+        return
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 

@@ -144,6 +144,7 @@ def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Fo
         activation_bytes_per_token=act_per_token,
         host_embedding_ok=type(embed) is nn.Embedding,
         gqa_group=max(getattr(cfg, "num_attention_heads", 1) // kv_heads, 1),
+        vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
     )
 
 

@@ -71,6 +71,15 @@ class ManagedMemory:
         except ImportError as exc:
             raise OverspillError("managed weights need cuda-python: pip install 'overspill[managed]' "
                                  "(cuda-bindings>=13)") from exc
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            major = int(version("cuda-bindings").split(".")[0])
+        except (PackageNotFoundError, ValueError):
+            major = 0
+        if major < 13:  # 12.x takes a device int where 13 takes a cudaMemLocation
+            raise OverspillError("managed weights need cuda-bindings 13 or newer (CUDA 13 call forms); "
+                                 "pip install 'overspill[managed]'")
         self.rt, self.device = cudart, torch.device(device)
         self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", self.index)

@@ -55,6 +55,7 @@ class Footprint:
     layer_active_bytes: tuple[int, ...] | None = None  # bytes read per token (MoE: routed experts only)
     dtype_bytes: int = 2
     gqa_group: int = 1  # attention heads per KV head
+    vocab_size: int = 0  # sampling works on [rows, vocab] float32 logits and their sorted copies
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
     return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
 
 
+SAMPLING_BYTES_PER_LOGIT = 32  # float32 logits, probabilities, sorted values and int64 indices
 ENGINE_PREFILL_CHUNK = 512  # prompt tokens (padding included) per serving-engine iteration
 
 
@@ -233,6 +235,8 @@ def workspace_bytes(fp: Footprint, workload: Workload, kv_host: int = 0, depth: 
     n = len(fp.layer_bytes)
     kv = kv_layer_bytes(fp, workload) * (n - kv_host + min(depth + 1, kv_host))
     act = fp.activation_bytes_per_token * pass_tokens(workload)
+    if workload.pass_tokens:  # serving samples every row each step: logits, probabilities, a sort
+        act += SAMPLING_BYTES_PER_LOGIT * fp.vocab_size * workload.batch
     return kv + max(act + attention_transient_bytes(fp, workload), workload.activation_floor)
 
 
@@ -413,6 +417,7 @@ def footprint_from_spec(spec, context_dtype_bytes: int | None = None) -> Footpri
         layer_active_bytes=tuple(l.active_bytes for l in spec.layers),
         dtype_bytes=context_dtype_bytes or spec.dtype_bytes,
         gqa_group=max(spec.num_attention_heads // max(spec.num_kv_heads, 1), 1),
+        vocab_size=spec.vocab_size,
     )
 
 
@@ -422,9 +427,12 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
         return 0
     w = plan.workload
     free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - w.activation_floor
-    per_seq = fp.kv_bytes_per_token * w.context
-    if w.pass_tokens:  # serving: one bounded pass in flight, whatever the batch
+    n = max(len(fp.layer_bytes), 1)
+    # every sequence: its KV, and its share of one layer's attention transient (repeat_kv + concatenation)
+    per_seq = fp.kv_bytes_per_token * w.context + (fp.gqa_group + 1) * fp.kv_bytes_per_token * w.context // n
+    if w.pass_tokens:  # serving: one bounded pass in flight, whatever the batch; each row is sampled
         free -= fp.activation_bytes_per_token * w.pass_tokens
+        per_seq += SAMPLING_BYTES_PER_LOGIT * fp.vocab_size
     else:  # generate prefills every sequence's prompt at once
         per_seq += fp.activation_bytes_per_token * min(w.context, PREFILL_CHUNK_TOKENS)
     return max(free // per_seq, 0) if per_seq else 0
@@ -467,7 +475,8 @@ def plan_for(
 
     Args:
         budget_bytes: GPU bytes to use; None means the profile's free memory minus `margin_bytes`.
-        streaming: how streamed layers move (`choose_streaming`): managed prefetch on coherent profiles.
+        streaming: how streamed layers move (`choose_streaming`): managed prefetch where the profile
+            measured it faster than pinned copies.
 
     Raises:
         OverspillError: when the budget is below the minimum working set (the message gives it).
@@ -475,21 +484,19 @@ def plan_for(
     if budget_bytes is None:
         budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
     plan = greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
-    plan = replace(plan, streaming=choose_streaming(streaming, profile.coherent))
+    plan = replace(plan, streaming=choose_streaming(streaming, profile.managed_bytes_s > profile.h2d_bytes_s))
     return with_prediction(fp, plan, profile)
 
 
 STREAMING = ("auto", "copy", "managed")
 
 
-def choose_streaming(requested: str, coherent: bool) -> str:
-    """How streamed layers move: managed prefetch where the GPU is coherent with host memory
-    (GH200/GB200: pages migrate at link speed and may exceed GPU memory), pinned copies elsewhere.
-
-    On PCIe, bench/managed.py measures managed + prefetch against pinned copies; "managed" there
-    is only for that comparison and for tests, within free GPU memory."""
+def choose_streaming(requested: str, managed_wins: bool) -> str:
+    """How streamed layers move: managed prefetch only where it was measured faster than pinned
+    copies (`Profile.managed_bytes_s`; the probe does not measure it yet, so "auto" copies), else
+    pinned copies. "managed" on request: on PCIe only for `bench/managed.py`'s comparison and tests."""
     if requested not in STREAMING:
         raise OverspillError(f"streaming must be one of {', '.join(STREAMING)}, got {requested!r}")
     if requested == "auto":
-        return "managed" if coherent else "copy"
+        return "managed" if managed_wins else "copy"
     return requested

@@ -30,6 +30,7 @@ class Profile:
     step_overhead_s: float  # host time per decode step outside the layers (generate loop, sampling)
     coherent: bool  # GPU reads pageable host memory through host page tables (GH200 NVLink-C2C)
     key: str = ""  # GPU, driver and torch version: a different key invalidates a cached profile
+    managed_bytes_s: float = 0.0  # managed memory moved by prefetch (0: not measured, so never preferred)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -17,13 +17,13 @@ from overspill.plan import Plan, choose_streaming
 GiB = 2**30
 
 
-def test_auto_streams_managed_only_on_coherent_platforms() -> None:
-    assert choose_streaming("auto", coherent=True) == "managed"
-    assert choose_streaming("auto", coherent=False) == "copy"
-    assert choose_streaming("managed", coherent=False) == "managed"  # asked for: checked against free memory
-    assert choose_streaming("copy", coherent=True) == "copy"
+def test_auto_streams_managed_only_where_it_was_measured_faster() -> None:
+    assert choose_streaming("auto", managed_wins=True) == "managed"
+    assert choose_streaming("auto", managed_wins=False) == "copy"
+    assert choose_streaming("managed", managed_wins=False) == "managed"  # asked for: checked against free memory
+    assert choose_streaming("copy", managed_wins=True) == "copy"
     with pytest.raises(OverspillError, match="auto, copy, managed"):
-        choose_streaming("zero-copy", coherent=False)
+        choose_streaming("zero-copy", managed_wins=False)
 
 
 def test_managed_memory_is_refused_beyond_half_of_a_pcie_gpus_free_memory() -> None:
@@ -138,17 +138,16 @@ def test_refusal_counts_what_the_plan_will_allocate_first(pcie_gpu) -> None:
         _with_streaming(plan, "managed", torch.device("cuda", 0))
 
 
-def test_auto_on_a_coherent_gpu_needs_cuda_bindings(pcie_gpu) -> None:
+def test_auto_copies_unless_managed_was_measured_faster_and_can_run(pcie_gpu) -> None:
     from overspill.api import _with_streaming
 
     pcie_gpu.update(coherent=True, free=8 * GiB)  # coherent: managed may exceed GPU memory
-    plan = _with_streaming(_streamed_plan(), "auto", torch.device("cuda", 0))
-    assert plan.streaming == "managed"
+    cuda = torch.device("cuda", 0)
+    assert _with_streaming(_streamed_plan(), "auto", cuda).streaming == "copy"  # not measured: copy
+    assert _with_streaming(_streamed_plan(), "auto", cuda, managed_wins=True).streaming == "managed"
     pcie_gpu["bindings"] = False
-    plan = _with_streaming(_streamed_plan(), "auto", torch.device("cuda", 0))
+    plan = _with_streaming(_streamed_plan(), "auto", cuda, managed_wins=True)
     assert plan.streaming == "copy" and any("overspill[managed]" in note for note in plan.notes)
-    pcie_gpu["coherent"] = False
-    assert _with_streaming(_streamed_plan(), "auto", torch.device("cuda", 0)).streaming == "copy"
 
 
 class _Memory:
