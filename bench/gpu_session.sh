@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One step of the GPU-machine runbook, run there by the device tool from the repository root:
+#   bash bench/gpu_session.sh STEP            (STEP: tests | graphs | graphs-budgets | serve-managed)
+# Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
+# machine first: bench/fetch_gpu_wheels.sh (carry .whl), the SmolLM2 tokenizer files in .smol (carry
+# .smol), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse HEAD): the tree travels without .git.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+: "${OUT:?run this on the device machine, where OUT is set}"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+[ -d .smol ] && export OVERSPILL_TEST_SMOLLM2_DIR=$PWD/.smol
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/log"
+
+case "${1:-}" in
+  tests)  # every GPU test (~3 min), then a small managed-memory smoke (64 MiB layers)
+    timeout 300 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tee -a "$OUT/log"
+    timeout 120 python3 bench/managed.py --layers 4 --layer-mib 64 --passes 2 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  graphs)  # eager vs CUDA graphs: resident and a 6 GiB budget, two points of the free-streaming sweep
+    timeout 560 python3 bench/graph_decode.py --budgets 6GiB --free-sweep 2 8 --new-tokens 32 --repeats 2 \
+      --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  graphs-budgets)  # the 12 GiB budget and the rest of the sweep, graphs only
+    timeout 560 python3 bench/graph_decode.py --modes graphs --budgets 12GiB --free-sweep 1 4 12 16 \
+      --new-tokens 32 --repeats 2 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  serve-managed)  # managed vs pinned bandwidth (2 GiB of managed memory), then serving with this plan
+    timeout 150 python3 bench/managed.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    timeout 400 python3 bench/serve.py --requests-per-client 1 --phase-timeout 45 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  *)
+    echo "usage: bash bench/gpu_session.sh tests|graphs|graphs-budgets|serve-managed" >&2
+    exit 2
+    ;;
+esac
