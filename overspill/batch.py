@@ -23,10 +23,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .engine import Engine, Event, GenerationRequest, QueueFull
-from .plan import serving_pass_tokens
 from .errors import OverspillError
 from .openai_protocol import (
-    ApiError, Collected, ServerConfig, TokenTexts, generation_request, kv_sharing_note, served_name, validation_error,
+    ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, served_name, validation_error,
 )
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -293,7 +292,7 @@ def _prepare_output(path: Path) -> set[tuple[str, str]]:
 
 def batch_main(args) -> int:
     """`overspill batch`: check the paths, load the model, run the file, print the summary."""
-    from .api import load, placement_of
+    from .api import placement_of
     from .prefix import PrefixCache
     from .units import parse_bytes
 
@@ -301,17 +300,10 @@ def batch_main(args) -> int:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
     check_paths(args.input, args.output)
     prefix_bytes = parse_bytes(args.prefix_cache)
-    model, tokenizer = load(
-        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
-        depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
-        streaming=getattr(args, "streaming", "auto"),
-    )
+    model, tokenizer = load_for_serving(args)
     if tokenizer is None:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")
     placement = placement_of(model)
-    print(placement.summary())
-    print(kv_sharing_note(placement.plan.workload, args.max_batch))
     name = served_name(args.model)
     config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
     prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None

@@ -73,6 +73,24 @@ def kv_sharing_note(workload, max_batch: int) -> str:
             f"max_tokens allow")
 
 
+def load_for_serving(args) -> tuple:
+    """`serve` and `batch`: load `args.model` planned for the engine (the largest batch up to
+    `--max-batch` whose KV stays on the GPU, activations for one engine pass) and print the plan."""
+    from .api import load, placement_of
+    from .plan import serving_pass_tokens
+
+    model, tokenizer = load(
+        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
+        depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
+        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
+        streaming=args.streaming,
+    )
+    plan = placement_of(model).plan
+    print(plan.summary())
+    print(kv_sharing_note(plan.workload, args.max_batch))
+    return model, tokenizer
+
+
 def served_name(model: str | None) -> str:
     """The model id clients must send: a path's last part, an HF id or shipped name as given."""
     if model is None:

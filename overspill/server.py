@@ -22,11 +22,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, GenerationRequest, Handle, QueueFull
-from .plan import serving_pass_tokens
 from .metrics import Metrics
 from .prefix import PrefixCache
 from .openai_protocol import (
-    ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, kv_sharing_note, logprobs_body,
+    ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, load_for_serving, logprobs_body,
     served_name, validation_error,
 )
 from .schemas import ChatCompletionRequest, CompletionRequest, chat_chunk, completion_chunk, new_id, usage
@@ -240,21 +239,14 @@ def serve_main(args) -> int:
     """`overspill serve`: load the model, then serve until interrupted."""
     import uvicorn
 
-    from .api import load, placement_of
+    from .api import placement_of
     from .errors import OverspillError
     from .units import parse_bytes
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
     prefix_bytes = parse_bytes(args.prefix_cache)
-    model, tokenizer = load(
-        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
-        depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
-        kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
-        streaming=getattr(args, "streaming", "auto"),
-    )
-    print(placement_of(model).summary())
-    print(kv_sharing_note(placement_of(model).plan.workload, args.max_batch))
+    model, tokenizer = load_for_serving(args)
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
                           args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes)
