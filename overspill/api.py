@@ -241,14 +241,11 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins:
         mode = "copy"
         notes += ("managed prefetch measured faster here: pip install 'overspill[managed]' to use it; copying "
                   "from pinned memory meanwhile",)
-    if mode != "managed":
-        return replace(plan, streaming=mode, notes=notes)
-    from .hardware import coherent_platform
-
-    coherent = coherent_platform(dev.index if dev.index is not None else torch.cuda.current_device())
     if mode == "managed" and plan.streamed_layers:
+        from .hardware import coherent_platform
         from .managed import check_managed_bytes
 
+        coherent = coherent_platform(dev.index if dev.index is not None else torch.cuda.current_device())
         # what stays free once the plan's resident weights, slots and workspace are allocated
         free = max(torch.cuda.mem_get_info(dev)[0] - plan.device_bytes, 0)
         check_managed_bytes(plan.streamed_bytes_per_step, free, coherent)
