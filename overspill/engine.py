@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
-from .kv import kv_dims
+from .kv import cache_kwarg, kv_dims
 from .plan import ENGINE_PREFILL_CHUNK
 from .prefix import Lease, PrefixCache
 from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
@@ -111,7 +111,7 @@ class Engine:
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         params = inspect.signature(model.forward).parameters
-        self._cache_key = "cache" if "cache" in params else "past_key_values"
+        self._cache_key = cache_kwarg(model)
         self._keep_last = "logits_to_keep" in params
         self._ids = itertools.count(1)
         self._cond = threading.Condition()

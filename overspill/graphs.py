@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import inspect
 import logging
 from typing import Any
 
@@ -29,6 +28,7 @@ from transformers import StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import OverspillError
+from .kv import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class GraphedDecode:
     def __init__(self, model: torch.nn.Module, placement, context: int, capture: bool):
         self.model = model
         self.original = model.forward
-        # transformers renamed `past_key_values` to `cache` (5.2x); generate passes what forward takes
-        self.key = "cache" if "cache" in inspect.signature(self.original).parameters else "past_key_values"
+        self.key = cache_kwarg(model)  # generate passes the cache under the name forward takes
         self.ring = placement.ring
         self.context = context
         self.capture = capture

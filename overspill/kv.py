@@ -246,9 +246,13 @@ def layer_kv(cache: DynamicCache, index: int, start: int, end: int, row: int = 0
     return layer.keys[row, :, start:end].transpose(0, 1), layer.values[row, :, start:end].transpose(0, 1)
 
 
-def cache_kwargs(model: torch.nn.Module, cache: TieredCache) -> dict[str, TieredCache]:
-    """`generate` keyword for a user cache: `cache=` from transformers 5.2x, `past_key_values=` before."""
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward/generate keyword for a cache: `cache` from transformers 5.2x, `past_key_values` before."""
     import inspect
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: TieredCache) -> dict[str, TieredCache]:
+    """`generate` keyword arguments passing a user cache."""
+    return {cache_kwarg(model): cache}

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError
 from .executor import HostEmbedding, LayerRing, StreamedLayer
-from .kv import kv_dims
+from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
 from .plan import Footprint, Plan, Tier
 from .streams import CudaCopier, HostCopier, ManagedCopier
@@ -56,9 +56,7 @@ def use_planned_cache(model: nn.Module, placement: Placement) -> None:
     """
     if not placement.plan.kv_host_layers:
         return
-    import inspect
-
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = cache_kwarg(model)
     original = model._prepare_cache_for_generation
 
     def prepare(generation_config, model_kwargs, *args, **kwargs):
