@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import OverspillError
 from .kv import cache_kwarg
+from .loader import provide_cache
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,7 @@ class GraphedDecode:
             return self.step(*args, **kwargs)
 
         self.model.forward = forward
-        prepare = self.model._prepare_cache_for_generation
-
-        def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
-            if model_kwargs.get(self.key) is None and generation_config.use_cache is not False:
-                batch = args[1] if len(args) > 1 else kwargs["batch_size"]
-                model_kwargs[self.key] = self.fresh_cache(batch)
-            return prepare(generation_config, model_kwargs, *args, **kwargs)
-
-        self.model._prepare_cache_for_generation = prepare_cache
+        provide_cache(self.model, self.fresh_cache)
 
     def fresh_cache(self, batch: int) -> GraphCache:
         """The static cache, emptied in place (its graphs stay valid), or a new one for a new batch size."""

@@ -8,7 +8,7 @@ host memory is the host tier plus one tensor in flight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -48,23 +48,28 @@ class Placement:
         return TieredCache(config, self.plan.kv_host_layers, self.plan.workload.context, block_tokens, depth)
 
 
-def use_planned_cache(model: nn.Module, placement: Placement) -> None:
-    """Make `generate` (and so `pipeline`) build the plan's `TieredCache` when the caller passes none.
+def provide_cache(model: nn.Module, make: Callable[[int], Any]) -> None:
+    """Make `generate` (and so `pipeline`) use `make(batch_size)` as its cache when the caller passes none.
 
     transformers has no per-model setting for a custom cache class, so this wraps the model
     instance's `_prepare_cache_for_generation` (the one place generate creates its cache).
     """
-    if not placement.plan.kv_host_layers:
-        return
     key = cache_kwarg(model)
     original = model._prepare_cache_for_generation
 
     def prepare(generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get(key) is None:
-            model_kwargs[key] = placement.new_cache(model.config)
+        if model_kwargs.get(key) is None and generation_config.use_cache is not False:
+            batch = args[1] if len(args) > 1 else kwargs["batch_size"]  # (generation_mode, batch_size, ...)
+            model_kwargs[key] = make(batch)
         return original(generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = prepare
+
+
+def use_planned_cache(model: nn.Module, placement: Placement) -> None:
+    """Make `generate` build the plan's `TieredCache` when the plan keeps some layers' KV on the host."""
+    if placement.plan.kv_host_layers:
+        provide_cache(model, lambda batch: placement.new_cache(model.config))
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
