@@ -11,6 +11,7 @@ import math
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ALIGN = 256  # bytes; keeps every view aligned for vectorised kernels
@@ -66,8 +67,19 @@ def _unregister(ptr: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+class _PinnedPages:
+    """Owns a registered host buffer; the tensors `pinned_bytes` makes over it keep it alive (through
+    numpy), so the pages stay locked as long as any view of them exists, and are unlocked only then."""
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+        self.__array_interface__ = {"shape": (buf.numel(),), "typestr": "|u1", "data": (buf.data_ptr(), False),
+                                    "version": 3}
+
+
 def pinned_bytes(nbytes: int) -> torch.Tensor:
-    """A flat uint8 host tensor whose pages are locked for DMA (exact size, no rounding)."""
+    """A flat uint8 host tensor whose pages are locked for DMA (exact size, no rounding), for as long
+    as it or any view of it lives."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes == 0:
         return buf
@@ -76,8 +88,9 @@ def pinned_bytes(nbytes: int) -> torch.Tensor:
     if int(err) != 0:
         # Registration can fail under locked-memory limits; torch's allocator may still succeed.
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    weakref.finalize(buf, _unregister, ptr)
-    return buf
+    owner = _PinnedPages(buf)
+    weakref.finalize(owner, _unregister, ptr)
+    return torch.from_numpy(np.asarray(owner))
 
 
 def host_bytes(nbytes: int, pinned: bool) -> torch.Tensor:
@@ -86,13 +99,5 @@ def host_bytes(nbytes: int, pinned: bool) -> torch.Tensor:
 
 
 def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """A typed host tensor, page-locked when a CUDA device will read it.
-
-    The registered flat buffer rides along as an attribute: `pinned_bytes` unregisters the pages
-    when that buffer object dies, and a bare `.view()` of it let them go at once (the host KV tier
-    and the prefix pool then copied at pageable speed, ~10 GB/s on the H100)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    flat = host_bytes(nbytes, pinned)
-    out = flat.view(dtype).view(shape)
-    out._registered_base = flat
-    return out
+    """A typed host tensor, page-locked when a CUDA device will read it (the host KV tier, the prefix pool)."""
+    return host_bytes(math.prod(shape) * dtype.itemsize, pinned).view(dtype).view(shape)

@@ -115,3 +115,37 @@ def test_dispatch_fit_separates_per_layer_and_per_step_time() -> None:
     layer, _ = fit_dispatch([(2, 0.0038), (8, 0.0080 + 0.0006), (16, 0.0136)])
     assert 0.0006 < layer < 0.0008
     assert fit_dispatch([(4, 0.01), (4, 0.02)]) == (0.0, 0.015)  # one layer count: no slope
+
+
+def test_pinned_pages_stay_locked_while_any_view_lives(monkeypatch) -> None:
+    """The host KV tier and the prefix pool keep only typed views of their registered buffer; the
+    pages must stay locked until the last view is gone (they were unlocked at once: ~10 GB/s copies)."""
+    import gc
+
+    import torch
+
+    from overspill import layout
+
+    calls: list[tuple[str, int]] = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    typed = layout.host_tensor((4, 8), torch.float32, pinned=True)
+    typed.fill_(1.5)
+    view = typed[1:]
+    del typed
+    gc.collect()
+    assert [kind for kind, _ in calls] == ["register"] and float(view.sum()) == 1.5 * 24
+    ptr = calls[0][1]
+    assert view.data_ptr() == ptr + 8 * 4
+    del view
+    gc.collect()
+    assert calls == [("register", ptr), ("unregister", ptr)]
