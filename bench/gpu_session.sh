@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
-#   bash bench/gpu_session.sh STEP            (STEP: tests | graphs | graphs-budgets | serve-managed)
+#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | serve-managed)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (carry .whl), the SmolLM2 tokenizer files in .smol (carry
 # .smol), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse HEAD): the tree travels without .git.
@@ -21,6 +21,12 @@ case "${1:-}" in
     timeout 300 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tee -a "$OUT/log"
     timeout 120 python3 bench/managed.py --layers 4 --layer-mib 64 --passes 2 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
+  profile)  # every GPU test, then where a graphed decode step's time goes (resident and 6 GiB)
+    timeout 300 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tee -a "$OUT/log"
+    for budget in none 6GiB; do
+      timeout 120 python3 bench/graph_profile.py --budget $budget --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    done
+    ;;
   graphs)  # eager vs CUDA graphs: resident and a 6 GiB budget, two points of the free-streaming sweep
     timeout 560 python3 bench/graph_decode.py --budgets 6GiB --free-sweep 2 8 --new-tokens 32 --repeats 2 \
       --out "$OUT" 2>&1 | tee -a "$OUT/log"
@@ -34,7 +40,7 @@ case "${1:-}" in
     timeout 400 python3 bench/serve.py --requests-per-client 1 --phase-timeout 45 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|graphs|graphs-budgets|serve-managed" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|serve-managed" >&2
     exit 2
     ;;
 esac
