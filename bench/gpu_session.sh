@@ -28,11 +28,12 @@ case "${1:-}" in
     done
     ;;
   graphs)  # eager vs CUDA graphs: resident and a 6 GiB budget, two points of the free-streaming sweep
-    timeout 560 python3 bench/graph_decode.py --budgets 6GiB --free-sweep 2 8 --new-tokens 32 --repeats 2 \
+    timeout 470 python3 bench/graph_decode.py --budgets 6GiB --free-sweep 1 2 --new-tokens 32 --repeats 2 \
       --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    timeout 90 python3 bench/graph_profile.py --budget none --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/log"
     ;;
   graphs-budgets)  # the 12 GiB budget and the rest of the sweep, graphs only
-    timeout 560 python3 bench/graph_decode.py --modes graphs --budgets 12GiB --free-sweep 1 4 12 16 \
+    timeout 560 python3 bench/graph_decode.py --modes graphs --budgets 12GiB --free-sweep 4 8 16 \
       --new-tokens 32 --repeats 2 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   serve-managed)  # managed vs pinned bandwidth (2 GiB of managed memory), then serving with this plan

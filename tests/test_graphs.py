@@ -100,3 +100,21 @@ def test_one_token_prompt_and_a_reused_cache_match_transformers(tiny_checkpoint,
         want, want_logits = generate_with_logits(ref, short)
     assert torch.equal(got, want)
     close(got_logits, want_logits)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_decode_attention_matches_sdpa_with_repeated_heads(q_len: int) -> None:
+    from overspill.graphs import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, length, d = 2, 8, 2, 12, 16
+    query = torch.randn(b, heads, q_len, d, generator=gen)
+    key, value = (torch.randn(b, kv_heads, length, d, generator=gen) for _ in range(2))
+    mask = torch.rand(b, 1, q_len, length, generator=gen) > 0.3
+    mask[..., 0] = True  # every row attends somewhere
+    got, weights = decode_attention(None, query, key, value, mask, scaling=0.25)
+    rep = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), attn_mask=mask, scale=0.25)
+    assert weights is None and got.shape == (b, q_len, heads, d)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
