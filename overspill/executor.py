@@ -68,17 +68,23 @@ class LayerRing:
             self.restarts += 1
             self.visit = position
             self.issued = position
-        ahead = self.visit + self.n_slots - 1  # a slot frees only when its last user is done
-        while self.issued <= ahead:
-            self._issue(self.issued)
-            self.issued += 1
+        self._issue_ahead()
         slot = self.visit % self.n_slots
         self.copier.wait_ready(slot)
         return slot
 
     def exit(self, slot: int) -> None:
+        """Free `slot` and at once issue the copy of its next user, so that copy overlaps every
+        layer computed before that user: with one streamed layer per step, all the resident ones."""
         self.copier.mark_done(slot)
         self.visit += 1
+        self._issue_ahead()
+
+    def _issue_ahead(self) -> None:
+        ahead = self.visit + self.n_slots - 1  # a slot frees only when its last user is done
+        while self.issued <= ahead:
+            self._issue(self.issued)
+            self.issued += 1
 
     def reset(self) -> None:
         self.copier.synchronize()
@@ -93,12 +99,12 @@ class LayerRing:
 
     def step_phase(self) -> int | None:
         """Which slot the next step's first streamed layer uses, if a whole step starts here in the
-        steady state (the previous step issued this one's first `slots - 1` copies); else None.
+        steady state (the previous step issued this one's first `slots` copies); else None.
 
         Steps of the same phase issue the same copies into the same slots, so one graph per phase
         replays any of them: there are slots / gcd(layers, slots) phases."""
         count = len(self.layers)
-        if self.visit is None or self.visit % count or self.issued != self.visit + self.n_slots - 1:
+        if self.visit is None or self.visit % count or self.issued != self.visit + self.n_slots:
             return None
         return self.visit % self.n_slots
 

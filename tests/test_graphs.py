@@ -75,7 +75,7 @@ def test_ring_phases_repeat_every_slots_over_gcd_steps(streamed: int, slots: int
     ring = LayerRing([torch.empty(4) for _ in range(slots)], HostCopier())
     ring.layers = [object()] * streamed  # positions only; no layer runs
     assert ring.step_phase() is None  # not primed: the first step runs eagerly
-    ring.visit, ring.issued = 0, slots - 1
+    ring.visit, ring.issued = 0, slots  # the previous step issued this one's first `slots` copies
     phases = []
     for _ in range(2 * slots):
         phases.append(ring.step_phase())
@@ -118,3 +118,33 @@ def test_decode_attention_matches_sdpa_with_repeated_heads(q_len: int) -> None:
         query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), attn_mask=mask, scale=0.25)
     assert weights is None and got.shape == (b, q_len, heads, d)
     torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("streamed", "slots"), [(1, 1), (2, 2), (5, 3)])
+def test_a_freed_slot_gets_its_next_copy_at_once(streamed: int, slots: int) -> None:
+    """The copy into a slot is issued as its previous user exits, not when the layer before its
+    next user enters: with few streamed layers, every resident layer in between hides the copy."""
+    from overspill.executor import LayerRing
+    from overspill.streams import HostCopier
+
+    class Recorder(HostCopier):
+        def __init__(self) -> None:
+            self.log: list[tuple[str, int]] = []
+
+        def copy(self, dst, src, slot: int) -> None:
+            self.log.append(("copy", slot))
+
+        def mark_done(self, slot: int) -> None:
+            self.log.append(("done", slot))
+
+    copier = Recorder()
+    ring = LayerRing([torch.empty(4) for _ in range(slots)], copier)
+    ring.layers = [type("L", (), {"host": torch.empty(4)})() for _ in range(streamed)]
+    for _ in range(2):  # two forward passes
+        for position in range(streamed):
+            ring.exit(ring.enter(position))
+    log = copier.log
+    for i, (kind, slot) in enumerate(log):
+        if kind == "done":
+            assert log[i + 1] == ("copy", slot)  # the freed slot's next copy follows at once
+    assert ring.step_phase() == (2 * streamed) % slots
