@@ -11,6 +11,10 @@ than the GPU; each read is a kernel touching every byte (an int32 sum, checked a
   layer i+depth is prefetched to the GPU on a side stream while layer i is read (the read waits
   only for its own prefetch event) and each layer is prefetched back to the CPU after its read. A
   prefetch waits for the eviction depth+1 layers back: at most depth+1 layers sit on the GPU.
+- `prefetch_no_evict`: as `prefetch`, without the evictions (every layer ends up on the GPU): how
+  much of `prefetch`'s time the migrations back to the host cost;
+- `mapped`: managed memory advised to the CPU and mapped for the GPU, never prefetched: the reads
+  cross the link in place (zero-copy), nothing migrates.
 
 One warm-up pass, then `--passes` passes timed with CUDA events; GB/s = bytes per pass / median
 pass time. Managed memory never exceeds half the GPU's free memory (oversubscribed managed memory
@@ -33,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("pinned", "fault", "prefetch")
+MODES = ("pinned", "fault", "prefetch", "prefetch_no_evict", "mapped")
 GiB = 2**30
 
 
@@ -88,20 +92,24 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
             torch.cuda.synchronize(dev)
             side, evict = torch.cuda.Stream(dev, priority=-1), torch.cuda.Stream(dev)
             ready, evicted = [torch.cuda.Event() for _ in range(layers)], [torch.cuda.Event() for _ in range(layers)]
-            for buf in bufs if mode == "prefetch" else ():
+            for buf in bufs if mode != "fault" else ():
                 managed.advise_host_home(buf)
 
             def fetch(j: int) -> None:
-                if j >= ring:  # at most `ring` layers on the GPU: wait until layer j - ring has left
+                if mode == "mapped":
+                    return
+                if j >= ring and mode == "prefetch":  # at most `ring` layers on the GPU: wait until layer j - ring has left
                     side.wait_event(evicted[j - ring])
                 managed.prefetch(bufs[j], host=False, stream=side)
                 ready[j].record(side)
 
             def read(i: int) -> torch.Tensor:
-                if mode == "fault":
+                if mode in ("fault", "mapped"):
                     return views[i].sum()
                 compute.wait_event(ready[i])
                 total = views[i].sum()
+                if mode == "prefetch_no_evict":
+                    return total
                 evict.wait_stream(compute)
                 managed.prefetch(bufs[i], host=True, stream=evict)
                 evicted[i].record(evict)
@@ -150,6 +158,7 @@ def summarize(modes: dict[str, dict]) -> dict:
     frac = ok["prefetch"] / ok["pinned"] if "prefetch" in ok and ok.get("pinned") else None
     return {"prefetch_fraction_of_pinned": frac,
             "target_prefetch_ge_80pct_of_pinned": None if frac is None else frac >= 0.8,
+            "fraction_of_pinned": {m: v / ok["pinned"] for m, v in ok.items() if ok.get("pinned")},
             "fastest_mode": max(ok, key=ok.get) if ok else None}
 
 

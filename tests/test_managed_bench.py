@@ -56,7 +56,7 @@ def test_managed_bytes_refused_names_both_sizes(total: int, free: int) -> None:
 def test_parser_defaults() -> None:
     args = managed.build_parser().parse_args([])
     assert (args.layers, args.layer_mib, args.depth, args.passes) == (8, 256, 2, 5)
-    assert args.modes == ["pinned", "fault", "prefetch"]
+    assert args.modes == ["pinned", "fault", "prefetch", "prefetch_no_evict", "mapped"]
     assert Path(args.out) == ROOT / "bench" / "results"
     picked = managed.build_parser().parse_args(["--modes", "prefetch", "pinned", "--layer-mib", "64"])
     assert picked.modes == ["prefetch", "pinned"] and picked.layer_mib == 64
@@ -69,11 +69,12 @@ def test_summarize_fraction_target_and_fastest() -> None:
     s = managed.summarize(modes)
     assert s["prefetch_fraction_of_pinned"] == pytest.approx(0.84)
     assert s["target_prefetch_ge_80pct_of_pinned"] is True and s["fastest_mode"] == "pinned"
+    assert s["fraction_of_pinned"] == pytest.approx({"pinned": 1.0, "fault": 0.16, "prefetch": 0.84})
     modes["prefetch"] = {"GB_s_median": 30.0}
     assert managed.summarize(modes)["target_prefetch_ge_80pct_of_pinned"] is False
     failed = managed.summarize({"pinned": {"error": "RuntimeError: x"}, "fault": {"GB_s_median": 8.0}})
     assert failed == {"prefetch_fraction_of_pinned": None, "target_prefetch_ge_80pct_of_pinned": None,
-                      "fastest_mode": "fault"}
+                      "fraction_of_pinned": {}, "fastest_mode": "fault"}
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:
