@@ -67,7 +67,7 @@ def worker_overspill(args) -> dict:
     plan = _plan_streaming(args, int(args.budget.split(":")[1])) if args.budget.startswith("stream:") else None
     model, _ = overspill.load(args.model, gpu_memory=budget if plan is None else None, random_weights=True,
                               depth=args.depth, context=args.context, progress=False, plan=plan,
-                              cuda_graphs=args.cuda_graphs)
+                              cuda_graphs=args.cuda_graphs, streaming=args.streaming)
     plan = placement_of(model).plan
     ids = _prompt(model.config.vocab_size, args.prompt_len).cuda()
     out = _decode(model, ids, args.new_tokens, args.repeats)
@@ -75,7 +75,7 @@ def worker_overspill(args) -> dict:
         resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers),
         streamed_bytes_per_token=plan.streamed_bytes_per_step, plan=json.loads(plan.to_json()),
         ring_restarts=placement_of(model).ring.restarts if placement_of(model).ring else 0,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, streaming=plan.streaming,
     )
     graphs = placement_of(model).graphs
     if graphs is not None:
@@ -165,7 +165,8 @@ def run_case(kind: str, args, budget: str, log) -> dict:
 
 def _common(args) -> list[str]:
     return ["--model", args.model, "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
-            "--depth", str(args.depth), "--repeats", str(args.repeats), "--context", str(args.context), "--accelerate-tokens", str(args.accelerate_tokens)] + (["--cuda-graphs"] if args.cuda_graphs else [])
+            "--depth", str(args.depth), "--repeats", str(args.repeats), "--context", str(args.context), "--accelerate-tokens", str(args.accelerate_tokens),
+            "--streaming", getattr(args, "streaming", "auto")] + (["--cuda-graphs"] if args.cuda_graphs else [])
 
 
 def _git_commit() -> str | None:
@@ -258,6 +259,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--skip-accelerate", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true", help="load overspill cases with cuda_graphs=True")
+    p.add_argument("--streaming", default="auto", choices=["auto", "copy", "managed", "mapped"],
+                   help="how overspill cases stream layers (overspill.load's streaming)")
     p.add_argument("--free-sweep", nargs="*", type=int, default=[],
                    help="also time plans streaming exactly these numbers of layers, to find how many stream at no cost")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))

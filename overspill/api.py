@@ -23,6 +23,7 @@ from .loader import (
 from .plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
+    MANAGED_MODES,
     Plan,
     Workload,
     choose_streaming,
@@ -154,8 +155,10 @@ def load(
             passes its bound (`plan.serving_pass_tokens`), so the budget keeps more layers resident.
         streaming: how streamed layers move: "copy" (pinned host memory copied into GPU ring
             slots), "managed" (CUDA managed memory, bulk-prefetched `depth` layers ahead and evicted
-            after use), or "auto": managed on coherent platforms (GH200/GB200), copy elsewhere. On a
-            PCIe GPU "managed" is refused unless the streamed layers fit in half the free memory.
+            after use), "mapped" (managed memory the GPU reads in place over the link), or "auto":
+            managed where the machine profile measured it faster than pinned copies, else copy (the
+            probe does not measure managed memory yet, so auto copies). On a PCIe GPU "managed" and
+            "mapped" are refused unless the streamed layers fit in half the free memory.
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
@@ -232,8 +235,8 @@ def _has_cuda_bindings() -> bool:
 def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins: bool = False) -> Plan:
     """The plan with its streaming mode chosen, refusing managed memory that could hang a PCIe GPU."""
     if dev.type != "cuda":
-        if streaming == "managed":
-            raise OverspillError("managed weights need a CUDA device; leave streaming at 'auto' or 'copy' on the CPU")
+        if streaming in MANAGED_MODES:
+            raise OverspillError(f"{streaming} weights need a CUDA device; leave streaming at 'auto' or 'copy' on the CPU")
         return replace(plan, streaming=choose_streaming(streaming, managed_wins=False))
     mode = choose_streaming(streaming, managed_wins)
     notes = plan.notes
@@ -241,7 +244,7 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins:
         mode = "copy"
         notes += ("managed prefetch measured faster here: pip install 'overspill[managed]' to use it; copying "
                   "from pinned memory meanwhile",)
-    if mode == "managed" and plan.streamed_layers:
+    if mode in MANAGED_MODES and plan.streamed_layers:
         from .hardware import coherent_platform
         from .managed import check_managed_bytes
 
@@ -250,8 +253,8 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins:
         free = max(torch.cuda.mem_get_info(dev)[0] - plan.device_bytes, 0)
         check_managed_bytes(plan.streamed_bytes_per_step, free, coherent)
         if not coherent:
-            notes += ("managed streaming on a non-coherent GPU: the prediction assumes pinned-copy speed; "
-                      "bench/managed.py measures the difference",)
+            notes += (f"{mode} streaming on a non-coherent GPU: the prediction assumes pinned-copy speed; "
+                      "bench/managed.py measures the difference (H100 PCIe: mapped 90%, managed 33% of pinned)",)
     return replace(plan, streaming=mode, notes=notes)
 
 

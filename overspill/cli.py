@@ -51,10 +51,11 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         "every layer leaves no room for it.",
     )
     p.add_argument(
-        "--streaming", default="auto", choices=["auto", "copy", "managed"],
+        "--streaming", default="auto", choices=["auto", "copy", "managed", "mapped"],
         help="how streamed layers reach the GPU: copy (pinned host memory into GPU ring slots), managed "
-        "(CUDA managed memory, prefetched ahead and evicted after use; needs cuda-bindings; on a PCIe GPU "
-        "only within half its free memory), or auto: managed on coherent GH200/GB200, copy elsewhere (default).",
+        "(CUDA managed memory, prefetched ahead and evicted after use), mapped (managed memory the GPU reads "
+        "in place over the link); managed and mapped need cuda-bindings and, on a PCIe GPU, fit in half its "
+        "free memory. auto (default): managed only where measured faster than copies, so copy today.",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 

@@ -19,8 +19,8 @@ from .errors import OverspillError
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
-from .plan import Footprint, Plan, Tier
-from .streams import CudaCopier, HostCopier, ManagedCopier
+from .plan import MANAGED_MODES, Footprint, Plan, Tier
+from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier
 
 
 @dataclass
@@ -204,13 +204,14 @@ def materialize(
         source.aliases.update({f"{embed_name}.weight": head_name, head_name: f"{embed_name}.weight"})
 
     ring = memory = None
-    if plan.streamed_layers and plan.streaming == "managed":
+    if plan.streamed_layers and plan.streaming in MANAGED_MODES:
         if not on_cuda:
             raise OverspillError("managed weights need a CUDA device; stream with streaming='copy' on the CPU")
         from .managed import ManagedMemory
 
         memory = ManagedMemory(device)
-        ring = LayerRing([], ManagedCopier(device, plan.slots, memory), in_place_slots=plan.slots)
+        copier = ManagedCopier(device, plan.slots, memory) if plan.streaming == "managed" else MappedCopier()
+        ring = LayerRing([], copier, in_place_slots=plan.slots)
     elif plan.streamed_layers:
         slot_buffers = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
         copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()

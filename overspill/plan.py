@@ -92,7 +92,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     kv_host_layers: tuple[int, ...] = ()  # layers whose KV lives in pinned host memory (a TieredCache)
     kv_host_bytes: int = 0  # their KV at full context: read over the link every decode step
-    streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> ring slots) or "managed" (prefetch)
+    streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> slots), "managed" (prefetch), "mapped" (in place)
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -133,14 +133,16 @@ class Plan:
     def summary(self) -> str:
         n = len(self.layer_tiers)
         streamed = self.streamed_layers
-        managed = self.streaming == "managed"
+        managed = self.streaming in MANAGED_MODES
         lines = [
             f"layers: {n - len(streamed)}/{n} resident, {len(streamed)} streamed from "
             + ("CUDA managed memory" if managed else "pinned host memory")
             + (f" (layers {_ranges(streamed)})" if streamed else ""),
             f"embeddings: {self.embed_tier.value}, lm_head: {self.head_tier.value}",
         ]
-        if streamed and managed:
+        if streamed and self.streaming == "mapped":
+            lines.append("mapped: the GPU reads the streamed layers in place over the link; nothing migrates")
+        elif streamed and managed:
             lines.append(f"managed prefetch: at most {self.slots} layers on the GPU, prefetch depth {self.depth}")
         elif streamed:
             lines.append(
@@ -488,13 +490,16 @@ def plan_for(
     return with_prediction(fp, plan, profile)
 
 
-STREAMING = ("auto", "copy", "managed")
+STREAMING = ("auto", "copy", "managed", "mapped")
+MANAGED_MODES = ("managed", "mapped")  # streamed layers in CUDA managed memory
 
 
 def choose_streaming(requested: str, managed_wins: bool) -> str:
     """How streamed layers move: managed prefetch only where it was measured faster than pinned
     copies (`Profile.managed_bytes_s`; the probe does not measure it yet, so "auto" copies), else
-    pinned copies. "managed" on request: on PCIe only for `bench/managed.py`'s comparison and tests."""
+    pinned copies. "managed" (prefetched and evicted) and "mapped" (read in place over the link)
+    on request: on PCIe, where `bench/managed.py` measured pinned copies fastest, within half the
+    free GPU memory only."""
     if requested not in STREAMING:
         raise OverspillError(f"streaming must be one of {', '.join(STREAMING)}, got {requested!r}")
     if requested == "auto":

@@ -50,7 +50,9 @@ def _layer_rows(plan: Plan, fp: Footprint) -> list[tuple[str, ...]]:
             step = f"{format_bytes(stored)} over the link"
         else:
             step = f"{format_bytes(read)} read from HBM" + (" (routed experts)" if read < stored else "")
-        label = "managed (prefetched)" if tier is Tier.PINNED and plan.streaming == "managed" else TIER_LABELS[tier]
+        label = {"managed": "managed (prefetched)", "mapped": "managed (read in place)"}.get(plan.streaming) \
+            if tier is Tier.PINNED else None
+        label = label or TIER_LABELS[tier]
         rows.append((_span(first, last), label, f"{count} layer{'s' * (count != 1)}", format_bytes(stored), step))
     return rows
 
@@ -75,7 +77,7 @@ def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
     if fp.other_bytes:
         rows.append(("final norm", Tier.DEVICE.value, "", format_bytes(fp.other_bytes), ""))
     if plan.slots:
-        part = "migrated layers" if plan.streaming == "managed" else "ring slots"
+        part = {"managed": "migrated layers", "mapped": "reserved (unused when mapped)"}.get(plan.streaming, "ring slots")
         rows.append((part, Tier.DEVICE.value, f"{plan.slots} x {format_bytes(plan.slot_bytes)}",
                      format_bytes(plan.slots * plan.slot_bytes), f"prefetch depth {plan.depth}"))
     w = plan.workload

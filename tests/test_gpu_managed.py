@@ -10,7 +10,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 pytestmark = [pytest.mark.gpu, cuda]
 
 
-def test_managed_streaming_gives_resident_tokens(tmp_path_factory):
+@pytest.mark.parametrize("streaming", ["managed", "mapped"])
+def test_managed_streaming_gives_resident_tokens(tmp_path_factory, streaming):
     pytest.importorskip("cuda.bindings")
     from transformers import AutoModelForCausalLM
 
@@ -24,9 +25,9 @@ def test_managed_streaming_gives_resident_tokens(tmp_path_factory):
     fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
     budget = budget_for(fp, Workload(256, 2), 4)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    model, _ = overspill.load(path, gpu_memory=budget, context=256, batch=2, progress=False, streaming="managed")
+    model, _ = overspill.load(path, gpu_memory=budget, context=256, batch=2, progress=False, streaming=streaming)
     placement = placement_of(model)
-    assert placement.plan.streaming == "managed" and len(placement.plan.streamed_layers) == 4
+    assert placement.plan.streaming == streaming and len(placement.plan.streamed_layers) == 4
     assert placement.ring.in_place and placement.managed is not None
     ids = torch.randint(0, config.vocab_size, (2, 20), device="cuda")
     mask = torch.ones_like(ids)
@@ -47,3 +48,27 @@ def test_managed_streaming_refused_beyond_half_of_free_memory_on_pcie():
         pytest.skip("coherent platform: managed memory may exceed GPU memory")
     with pytest.raises(OverspillError, match="refusing"):
         overspill.load("llama-3-70b", gpu_memory="8GiB", random_weights=True, progress=False, streaming="managed")
+
+
+def test_mapped_streaming_decodes_through_graphs(tmp_path_factory):
+    """Mapped layers issue nothing: a graphed step reads them in place, as the eager step does."""
+    pytest.importorskip("cuda.bindings")
+    import overspill
+    from overspill.api import placement_of
+    from overspill.loader import build_skeleton, decoder_layers, footprint
+    from overspill.plan import Workload, budget_for
+
+    path, config = save_tiny("llama", tmp_path_factory)
+    skeleton = build_skeleton(config, torch.bfloat16)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
+    budget = budget_for(fp, Workload(128, 1), 4)
+    model, _ = overspill.load(path, gpu_memory=budget, context=128, progress=False, streaming="mapped",
+                              cuda_graphs=True)
+    graphed = placement_of(model).graphs
+    assert graphed is not None
+    ids = torch.randint(3, config.vocab_size, (1, 20), device="cuda")
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    got = model.generate(ids, **kw)
+    assert graphed.capture and graphed.replays > 0
+    graphed.capture = False
+    assert torch.equal(got, model.generate(ids, **kw))

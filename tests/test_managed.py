@@ -22,7 +22,8 @@ def test_auto_streams_managed_only_where_it_was_measured_faster() -> None:
     assert choose_streaming("auto", managed_wins=False) == "copy"
     assert choose_streaming("managed", managed_wins=False) == "managed"  # asked for: checked against free memory
     assert choose_streaming("copy", managed_wins=True) == "copy"
-    with pytest.raises(OverspillError, match="auto, copy, managed"):
+    assert choose_streaming("mapped", managed_wins=True) == "mapped"  # only on request
+    with pytest.raises(OverspillError, match="auto, copy, managed, mapped"):
         choose_streaming("zero-copy", managed_wins=False)
 
 
@@ -37,8 +38,9 @@ def test_managed_memory_is_refused_beyond_half_of_a_pcie_gpus_free_memory() -> N
 def test_managed_streaming_needs_cuda(tiny_checkpoint) -> None:
     from test_placement import load_tiny
 
-    with pytest.raises(OverspillError, match="CUDA device"):
-        load_tiny(tiny_checkpoint("llama"), 4, streaming="managed")
+    for mode in ("managed", "mapped"):
+        with pytest.raises(OverspillError, match="CUDA device"):
+            load_tiny(tiny_checkpoint("llama"), 4, streaming=mode)
     model = load_tiny(tiny_checkpoint("llama"), 4, streaming="auto")
     assert model.overspill.plan.streaming == "copy" and model.overspill.plan.streamed_layers
 
@@ -61,6 +63,8 @@ def test_plan_records_and_reports_managed_streaming() -> None:
     plan = replace(greedy_plan(fp, 1400, Workload(16, 1, activation_floor=0), depth=2), streaming="managed")
     assert plan.streamed_layers and Plan.from_json(plan.to_json()).streaming == "managed"
     assert "CUDA managed memory" in plan.summary() and "at most 3 layers on the GPU" in plan.summary()
+    mapped = replace(plan, streaming="mapped")
+    assert "CUDA managed memory" in mapped.summary() and "in place over the link" in mapped.summary()
 
 
 class _Recorder:
@@ -134,8 +138,9 @@ def test_refusal_counts_what_the_plan_will_allocate_first(pcie_gpu) -> None:
     pcie_gpu["free"] = device + 2 * streamed + GiB  # half of what stays free covers the streamed layers
     assert _with_streaming(plan, "managed", torch.device("cuda", 0)).streaming == "managed"
     pcie_gpu["free"] = 2 * streamed + GiB  # enough before loading, not once resident weights are placed
-    with pytest.raises(OverspillError, match="refusing"):
-        _with_streaming(plan, "managed", torch.device("cuda", 0))
+    for mode in ("managed", "mapped"):  # mapped layers are managed memory too
+        with pytest.raises(OverspillError, match="refusing"):
+            _with_streaming(plan, mode, torch.device("cuda", 0))
 
 
 def test_auto_copies_unless_managed_was_measured_faster_and_can_run(pcie_gpu) -> None:
@@ -195,3 +200,19 @@ def test_managed_copier_evicts_after_compute_and_fetches_after_eviction(device) 
     ring.enter(1)  # out of order: the ring restarts; L1 is fetched again
     ring.enter(0)  # restart again before L1 computed: its slot's layer must go home first
     assert [entry[1] for entry in memory.log if entry[0] == "home"][-1] in {"L1", "L2"}
+
+
+def test_mapped_ring_issues_nothing_and_computes_in_place() -> None:
+    """Mapped layers are read where they are: the ring's copies and events are no-ops, and a
+    graphed step over them has no captured events to replay."""
+    from overspill.executor import LayerRing
+    from overspill.streams import MappedCopier
+
+    copier = MappedCopier()
+    ring = LayerRing([], copier, in_place_slots=2)
+    ring.layers = [_Layer(f"L{i}") for i in range(3)]
+    for _ in range(2):
+        for position in range(3):
+            ring.exit(ring.enter(position))
+    assert ring.in_place and ring.restarts == 1 and ring.step_phase() is not None
+    assert not copier.capturing and tuple(copier.captured_events) == ()
