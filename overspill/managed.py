@@ -116,12 +116,6 @@ class ManagedMemory:
         check("cudaMemAdvise(SetAccessedBy device)",
               self.rt.cudaMemAdvise(buf.data_ptr(), n, advice.cudaMemAdviseSetAccessedBy, self._location(False)))
 
-    def advise_read_mostly(self, buf: torch.Tensor) -> None:
-        """Pages are read, not written: a prefetch to the GPU duplicates them, and the host copy stays valid."""
-        check("cudaMemAdvise(SetReadMostly)",
-              self.rt.cudaMemAdvise(buf.data_ptr(), buf.numel() * buf.element_size(),
-                                    self.rt.cudaMemoryAdvise.cudaMemAdviseSetReadMostly, self._location(False)))
-
     def prefetch(self, buf: torch.Tensor, host: bool, stream: torch.cuda.Stream) -> None:
         """Queue a bulk migration of `buf` to the host or this device on `stream`."""
         t = time.perf_counter()

@@ -56,7 +56,7 @@ def test_managed_bytes_refused_names_both_sizes(total: int, free: int) -> None:
 def test_parser_defaults() -> None:
     args = managed.build_parser().parse_args([])
     assert (args.layers, args.layer_mib, args.depth, args.passes) == (8, 256, 2, 5)
-    assert args.modes == ["pinned", "fault", "prefetch", "prefetch_no_evict", "read_mostly", "mapped"]
+    assert args.modes == ["pinned", "fault", "prefetch", "prefetch_no_evict", "mapped"]
     assert Path(args.out) == ROOT / "bench" / "results"
     picked = managed.build_parser().parse_args(["--modes", "prefetch", "pinned", "--layer-mib", "64"])
     assert picked.modes == ["prefetch", "pinned"] and picked.layer_mib == 64
