@@ -201,9 +201,10 @@ def load(
         from .hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
-        plan = with_prediction(fp, plan, profile)
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
     plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev, managed_wins)
+    if profile is not None:
+        plan = with_prediction(fp, plan, profile)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -240,10 +241,10 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins:
         return replace(plan, streaming=choose_streaming(streaming, managed_wins=False))
     mode = choose_streaming(streaming, managed_wins)
     notes = plan.notes
-    if mode == "managed" and streaming == "auto" and not _has_cuda_bindings():
+    if mode in MANAGED_MODES and streaming == "auto" and not _has_cuda_bindings():
         mode = "copy"
-        notes += ("managed prefetch measured faster here: pip install 'overspill[managed]' to use it; copying "
-                  "from pinned memory meanwhile",)
+        notes += ("managed memory read in place measured faster here: pip install 'overspill[managed]' to use it; "
+                  "copying from pinned memory meanwhile",)
     if mode in MANAGED_MODES and plan.streamed_layers:
         from .hardware import coherent_platform
         from .managed import check_managed_bytes
@@ -252,9 +253,9 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins:
         # what stays free once the plan's resident weights, slots and workspace are allocated
         free = max(torch.cuda.mem_get_info(dev)[0] - plan.device_bytes, 0)
         check_managed_bytes(plan.streamed_bytes_per_step, free, coherent)
-        if not coherent:
-            notes += (f"{mode} streaming on a non-coherent GPU: the prediction assumes pinned-copy speed; "
-                      "bench/managed.py measures the difference (H100 PCIe: mapped 90%, managed 33% of pinned)",)
+        if not coherent and mode == "managed":
+            notes += ("prefetched managed layers on a non-coherent GPU: the prediction assumes pinned-copy speed, "
+                      "where bench/managed.py measured 24-33% of it on the H100 (mapped: 90%)",)
     return replace(plan, streaming=mode, notes=notes)
 
 

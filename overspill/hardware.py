@@ -151,6 +151,31 @@ def measure_matmul(device: torch.device, n: int = 8192, iters: int = 6) -> float
     return 2 * n**3 / _time_cuda(lambda: a @ b, iters)
 
 
+def measure_mapped(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """A GPU kernel reading CUDA managed memory in place (advised to the host, mapped for the GPU):
+    the speed of the "mapped" streaming mode. 0.0 where it cannot run (no cuda-bindings, no
+    managed memory): never preferred then. The buffer is far inside the free memory `probe` checked."""
+    try:
+        from .managed import ManagedMemory
+
+        memory = ManagedMemory(device)
+    except Exception:  # noqa: BLE001 - optional measurement
+        return 0.0
+    try:
+        buf = memory.tensor(nbytes)
+        buf.fill_(1)
+        memory.advise_host_home(buf)
+        memory.prefetch(buf, host=True, stream=torch.cuda.current_stream(device))
+        torch.cuda.synchronize(device)
+        words = buf.view(torch.int32)
+        return nbytes / _time_cuda(lambda: words.sum(), 3)
+    except Exception:  # noqa: BLE001
+        return 0.0
+    finally:
+        torch.cuda.synchronize(device)
+        memory.free()
+
+
 def measure_zero_copy(device: torch.device, nbytes: int = 256 << 20) -> float | None:
     """GPU kernel reading pinned host memory in place (UVA); None if Triton cannot run here."""
     try:
@@ -255,7 +280,7 @@ def fit_dispatch(points: list[tuple[int, float]]) -> tuple[float, float]:
     return slope, max(mean_y - slope * mean_x, 0.0)
 
 
-PROBE_VERSION = 2  # bump when a measurement changes: cached profiles of older probes are re-measured
+PROBE_VERSION = 3  # bump when a measurement changes: cached profiles of older probes are re-measured
 
 
 def profile_key(device: torch.device) -> str:
@@ -306,6 +331,7 @@ def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: b
         step_overhead_s=step_s,
         coherent=coherent_platform(dev.index or 0),
         key=key,
+        managed_bytes_s=measure_mapped(dev),
     )
     torch.cuda.empty_cache()
     if cache:

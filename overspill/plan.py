@@ -443,6 +443,8 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
 def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
     """The plan annotated with the cost model's prediction, the largest batch and warnings."""
     head = fp.embed_bytes if fp.tied_embeddings else fp.head_bytes
+    if plan.streaming == "mapped" and profile.managed_bytes_s > 0:  # streamed bytes are read in place
+        profile = replace(profile, h2d_bytes_s=profile.managed_bytes_s)
     pred = predict(
         layer_bytes=fp.layer_bytes,
         layer_active_bytes=fp.layer_active_bytes or fp.layer_bytes,
@@ -495,13 +497,12 @@ MANAGED_MODES = ("managed", "mapped")  # streamed layers in CUDA managed memory
 
 
 def choose_streaming(requested: str, managed_wins: bool) -> str:
-    """How streamed layers move: managed prefetch only where it was measured faster than pinned
-    copies (`Profile.managed_bytes_s`; the probe does not measure it yet, so "auto" copies), else
-    pinned copies. "managed" (prefetched and evicted) and "mapped" (read in place over the link)
-    on request: on PCIe, where `bench/managed.py` measured pinned copies fastest, within half the
-    free GPU memory only."""
+    """How streamed layers move: "auto" reads managed memory in place ("mapped") where the probe
+    measured that faster than pinned copies (`Profile.managed_bytes_s`), else copies. On the lent
+    H100 copies won (54 vs 49 GB/s; prefetching and evicting managed layers: 13-18 GB/s), so auto
+    copies there. "managed" and "mapped" on request: on PCIe within half the free GPU memory only."""
     if requested not in STREAMING:
         raise OverspillError(f"streaming must be one of {', '.join(STREAMING)}, got {requested!r}")
     if requested == "auto":
-        return "managed" if managed_wins else "copy"
+        return "mapped" if managed_wins else "copy"
     return requested

@@ -30,7 +30,7 @@ class Profile:
     step_overhead_s: float  # host time per decode step outside the layers (generate loop, sampling)
     coherent: bool  # GPU reads pageable host memory through host page tables (GH200 NVLink-C2C)
     key: str = ""  # GPU, driver and torch version: a different key invalidates a cached profile
-    managed_bytes_s: float = 0.0  # managed memory moved by prefetch (0: not measured, so never preferred)
+    managed_bytes_s: float = 0.0  # GPU reading managed memory in place, "mapped" (0: not measured, never preferred)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -50,7 +50,8 @@ class Profile:
             f"GPU memory: {self.gpu_free_bytes / GiB:.1f} GiB free of {self.gpu_total_bytes / GiB:.1f} GiB",
             f"host memory available: {self.host_available_bytes / GiB:.1f} GiB",
             f"host->GPU pinned: {gbs(self.h2d_bytes_s)}, GPU->host pinned: {gbs(self.d2h_bytes_s)}, "
-            f"zero-copy read: {gbs(self.zero_copy_bytes_s)}",
+            f"zero-copy read: {gbs(self.zero_copy_bytes_s)}, managed read in place: "
+            f"{gbs(self.managed_bytes_s) if self.managed_bytes_s else 'not measured'}",
             f"HBM copy: {gbs(self.hbm_bytes_s)}, bf16 matmul: {self.matmul_flops_s / 1e12:.0f} TFLOP/s",
             f"host bf16 GEMV: {self.cpu_gemv_params_s / 1e9:.1f} G params/s",
             f"host dispatch at decode: {self.layer_overhead_s * 1e3:.2f} ms per layer + "

@@ -18,7 +18,7 @@ GiB = 2**30
 
 
 def test_auto_streams_managed_only_where_it_was_measured_faster() -> None:
-    assert choose_streaming("auto", managed_wins=True) == "managed"
+    assert choose_streaming("auto", managed_wins=True) == "mapped"  # what the probe measures
     assert choose_streaming("auto", managed_wins=False) == "copy"
     assert choose_streaming("managed", managed_wins=False) == "managed"  # asked for: checked against free memory
     assert choose_streaming("copy", managed_wins=True) == "copy"
@@ -109,12 +109,17 @@ def test_in_place_ring_fetches_layers_ahead_without_slot_buffers() -> None:
     assert ("done", 0) in copier.calls[:first_fetch_into_0_again]
 
 
-def _streamed_plan(layer_bytes: int = 10 * GiB):
-    from overspill.plan import Footprint, Workload, greedy_plan
+def _streamed_footprint(layer_bytes: int = 10 * GiB):
+    from overspill.plan import Footprint
 
-    fp = Footprint(layer_bytes=(layer_bytes,) * 8, embed_bytes=GiB, head_bytes=GiB, other_bytes=1,
-                   tied_embeddings=False, kv_bytes_per_token=8, activation_bytes_per_token=4)
-    return greedy_plan(fp, 40 * GiB, Workload(16, 1, activation_floor=0), depth=2)
+    return Footprint(layer_bytes=(layer_bytes,) * 8, embed_bytes=GiB, head_bytes=GiB, other_bytes=1,
+                     tied_embeddings=False, kv_bytes_per_token=8, activation_bytes_per_token=4)
+
+
+def _streamed_plan(layer_bytes: int = 10 * GiB):
+    from overspill.plan import Workload, greedy_plan
+
+    return greedy_plan(_streamed_footprint(layer_bytes), 40 * GiB, Workload(16, 1, activation_floor=0), depth=2)
 
 
 @pytest.fixture
@@ -149,7 +154,7 @@ def test_auto_copies_unless_managed_was_measured_faster_and_can_run(pcie_gpu) ->
     pcie_gpu.update(coherent=True, free=8 * GiB)  # coherent: managed may exceed GPU memory
     cuda = torch.device("cuda", 0)
     assert _with_streaming(_streamed_plan(), "auto", cuda).streaming == "copy"  # not measured: copy
-    assert _with_streaming(_streamed_plan(), "auto", cuda, managed_wins=True).streaming == "managed"
+    assert _with_streaming(_streamed_plan(), "auto", cuda, managed_wins=True).streaming == "mapped"
     pcie_gpu["bindings"] = False
     plan = _with_streaming(_streamed_plan(), "auto", cuda, managed_wins=True)
     assert plan.streaming == "copy" and any("overspill[managed]" in note for note in plan.notes)
@@ -216,3 +221,26 @@ def test_mapped_ring_issues_nothing_and_computes_in_place() -> None:
             ring.exit(ring.enter(position))
     assert ring.in_place and ring.restarts == 1 and ring.step_phase() is not None
     assert not copier.capturing and tuple(copier.captured_events) == ()
+
+
+def test_mapped_plans_are_predicted_at_the_measured_in_place_read_speed() -> None:
+    from dataclasses import replace
+
+    from overspill.plan import with_prediction
+    from overspill.profile import REFERENCE_PROFILES
+
+    plan = _streamed_plan()
+    fp = _streamed_footprint()
+    h100 = replace(REFERENCE_PROFILES["h100-pcie5"], managed_bytes_s=27e9)  # half the pinned copy speed
+    copy = with_prediction(fp, plan, h100).prediction
+    mapped = with_prediction(fp, replace(plan, streaming="mapped"), h100).prediction
+    assert mapped.link_s == pytest.approx(2 * copy.link_s)
+    unmeasured = with_prediction(fp, replace(plan, streaming="mapped"), REFERENCE_PROFILES["h100-pcie5"]).prediction
+    assert unmeasured.link_s == pytest.approx(copy.link_s)
+
+
+def test_probe_measures_no_mapped_speed_without_managed_memory(monkeypatch) -> None:
+    from overspill.hardware import measure_mapped
+
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    assert measure_mapped(torch.device("cuda", 0)) == 0.0
