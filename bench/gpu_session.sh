@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
-#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | serve-managed)
+#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs | serve-managed)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (carry .whl), the SmolLM2 tokenizer files in .smol (carry
 # .smol), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse HEAD): the tree travels without .git.
@@ -45,12 +45,20 @@ case "${1:-}" in
         --repeats 2 --context 1024 --out "$OUT/$mode" 2>&1 | grep -E "decode |FAILED|Error|wrote" | tee -a "$OUT/log"
     done
     ;;
+  engine-graphs)  # GPU tests of graphs and the engine, then serving resident with and without graphs
+    timeout 200 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_graphs.py \
+      2>&1 | tee -a "$OUT/log"
+    for graphs in "" --cuda-graphs; do
+      timeout 170 python3 bench/serve.py --budget none --clients 1 8 32 --requests-per-client 1 --phase-timeout 40 \
+        $graphs --out "$OUT" 2>&1 | grep -E "clients:|loaded|wrote|Error|FAIL" | tee -a "$OUT/log"
+    done
+    ;;
   serve-managed)  # managed vs pinned bandwidth (2 GiB of managed memory), then serving with this plan
     timeout 150 python3 bench/managed.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
     timeout 400 python3 bench/serve.py --requests-per-client 1 --phase-timeout 45 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|serve-managed" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|serve-managed" >&2
     exit 2
     ;;
 esac

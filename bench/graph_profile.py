@@ -71,7 +71,7 @@ def main() -> None:
     record: dict = {"generate_ms_per_token_incl_prefill": generate_ms, "graphs": len(graphed.graphs),
                     "capture_on": graphed.capture}
     if graphed.graphs and placement.ring is None:
-        graph = graphed.graphs[0][0]
+        graph = next(iter(graphed.graphs.values()))[0]
         record["replay_gpu_ms"] = _events_ms(graph.replay, 50)
         t0 = time.perf_counter()
         for _ in range(50):

@@ -416,7 +416,8 @@ def plot(phases: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", help="shipped config name, loaded with random weights")
-    p.add_argument("--budget", default="6GiB", help="GPU memory budget passed to overspill.load (gpu_memory)")
+    p.add_argument("--budget", default="6GiB", help="GPU memory budget passed to overspill.load (gpu_memory); none: no limit")
+    p.add_argument("--cuda-graphs", action="store_true", help="load with cuda_graphs=True: the engine decodes through CUDA graphs")
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32, 64],
                    help="concurrent client counts, one phase each; the server's max_batch is the largest")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (the model may stop earlier at EOS)")
@@ -469,9 +470,10 @@ def main() -> None:
                                   progress=False)
         model_name = "smollm2-135m"
     else:
-        model, _ = overspill.load(args.model, gpu_memory=args.budget, random_weights=True, context=context,
-                                  batch=plan_batch, fit_batch=fit, progress=False,
-                                  pass_tokens=serving_pass_tokens(max_clients))
+        model, _ = overspill.load(args.model, gpu_memory=None if args.budget == "none" else args.budget,
+                                  random_weights=True, context=context, batch=plan_batch, fit_batch=fit,
+                                  progress=False, pass_tokens=serving_pass_tokens(max_clients),
+                                  cuda_graphs=args.cuda_graphs)
         model_name = args.model
     load_s = time.perf_counter() - t0
     placement = placement_of(model)
@@ -538,6 +540,7 @@ def main() -> None:
         "smoke": args.smoke,
         "model": model_name,
         "budget": None if args.smoke else args.budget,
+        "cuda_graphs": args.cuda_graphs,
         "device": str(placement.device),
         "context": served_context,
         "prompt_len": args.prompt_len,

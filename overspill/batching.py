@@ -57,6 +57,10 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def held_tokens(self) -> int:
+        """KV columns the running rows hold, padding included."""
+        return self.valid.numel() if self.valid is not None else 0
+
     def join(self, rows: list[Any], cache: Any, valid: torch.Tensor) -> None:
         """Add prefilled sequences: `cache` holds their KV, `valid` [len(rows), tokens] marks real tokens."""
         valid = valid.to(device=self.device, dtype=torch.bool)

@@ -96,6 +96,10 @@ def _add_max_batch(p: argparse.ArgumentParser) -> None:
                    help="pinned host memory for reusing the KV of earlier prompts' shared beginnings (system "
                    "prompts, documents), e.g. 4GiB; a request then computes only what follows its longest "
                    "cached prefix, in blocks of 64 tokens. Full-attention models only. Default 0: off.")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode the running batch as CUDA graphs (one per power-of-two batch size) over a static "
+                   "KV cache of --max-batch x --context tokens (CUDA only; host-tier KV or sliding windows "
+                   "decode eagerly). Default: off.")
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:

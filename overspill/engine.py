@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
+from .graph_batch import GraphedBatch
 from .kv import cache_kwarg, kv_dims
 from .plan import ENGINE_PREFILL_CHUNK
 from .prefix import Lease, PrefixCache
@@ -118,7 +119,12 @@ class Engine:
         self._pending: collections.deque[Handle] = collections.deque()
         self._running: dict[int, _Sequence] = {}  # admitted, until forgotten
         self._prefilling: list[_Sequence] = []  # admitted, prompt not yet through the model
-        self._batch = DecodeBatch(self.device)
+        graphed = getattr(self.placement, "graphs", None)
+        if graphed is not None and mergeable(self._new_cache()):  # the model was loaded with cuda_graphs
+            self._batch: DecodeBatch | GraphedBatch = GraphedBatch(model, self.placement, graphed, self.max_batch,
+                                                                   self.context)
+        else:
+            self._batch = DecodeBatch(self.device)
         self._kv = self._kv_snapshot()
         self._hold = False  # tests: keep requests queued
         self.cancelled_total = 0  # requests that ended cancelled, queued or running
@@ -369,10 +375,14 @@ class Engine:
             self._retire(cancelled)
             if not len(batch):
                 return
-        inputs = batch.step_inputs([seq.text.ids[-1] for seq in batch.rows])
+        tokens = [seq.text.ids[-1] for seq in batch.rows]
         start = time.perf_counter()
         try:
-            logits = self._forward(inputs.pop("input_ids"), {self._cache_key: batch.cache, **inputs})
+            if isinstance(batch, GraphedBatch):
+                logits = batch.decode(tokens)
+            else:
+                inputs = batch.step_inputs(tokens)
+                logits = self._forward(inputs.pop("input_ids"), {self._cache_key: batch.cache, **inputs})
         except Exception as exc:  # the batch's cache is in an unknown state: end its requests, keep the rest
             self._retire([_error_event(exc, seq) for seq in batch.rows])
             return
@@ -461,7 +471,7 @@ class Engine:
         return per_layer * (layers - host), per_layer * host
 
     def _kv_snapshot(self) -> KVStats:
-        held = self._batch.valid.numel() if self._batch.valid is not None else 0
+        held = self._batch.held_tokens()
         held += sum(seq.prefilled for seq in self._prefilling)
         gpu, host = self._kv_token_bytes
         running = list(self._running.values())

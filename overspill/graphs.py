@@ -107,8 +107,109 @@ def graphs_supported(model: torch.nn.Module, placement) -> str | None:
     return None
 
 
-class GraphedDecode:
-    """Owns the static cache, the fixed step buffers and the captured graphs of one model.
+def decode_forward(model: torch.nn.Module, forward, key: str, cache, embeds: torch.Tensor, mask: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """One decode step's logits through `forward` (the model's own), as graphs capture it: attention
+    by `decode_attention` over the bool 4D `mask`, MoE experts through a kernel without host syncs."""
+    config = model.config
+    experts = getattr(config, "_experts_implementation", None)
+    attention = config._attn_implementation
+    if experts == "eager":  # loops over the experts hit (nonzero: a host sync); "batched_mm" is graph-safe
+        config._experts_implementation = "batched_mm"
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        out = forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                      return_dict=True, **{key: cache})
+    finally:
+        config._attn_implementation = attention
+        if experts == "eager":
+            config._experts_implementation = experts
+    return out.logits
+
+
+class StepGraphs:
+    """Replays decode steps as CUDA graphs, one per (shape key, ring phase), capturing each on first use.
+
+    `run(body, key)` runs `body()` (a step over fixed buffers that returns its output tensor): the
+    first time for a key and phase eagerly on the capture stream (its warm-up), then captured;
+    later as a replay of that graph. Streamed layers' copies are captured with it: their ring slots
+    repeat every slots / gcd(layers, slots) steps, hence one graph per phase. A capture failure
+    turns capture off for good, said once; `capture=False` runs every step eagerly (the CPU path).
+    """
+
+    def __init__(self, placement, capture: bool):
+        self.ring = placement.ring
+        self.capture = capture
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
+        self.replays = 0
+        self.eager_steps = 0
+        self.stream = torch.cuda.Stream(device=placement.device) if capture else None
+        self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool: steps replay one at a time
+
+    def run(self, body, key: tuple = ()) -> torch.Tensor:
+        phase = 0 if self.ring is None else self.ring.step_phase()
+        if not self.capture or phase is None:
+            self.eager_steps += 1
+            return body()
+        if (key, phase) in self.graphs:
+            graph, out, _ = self.graphs[(key, phase)]
+            copier = self.ring.copier if self.ring is not None else None
+            if copier is not None:
+                copier.before_replay()
+            graph.replay()
+            if copier is not None:
+                copier.after_replay()
+                self.ring.advance()
+            self.replays += 1
+            return out
+        return self._warm_and_capture(body, (key, phase))
+
+    def _warm_and_capture(self, body, key: tuple) -> torch.Tensor:
+        """Run this step eagerly on the capture stream (its warm-up), then capture it under `key`."""
+        main = torch.cuda.current_stream(self.stream.device)
+        ring = self.ring
+        before = ring.snapshot() if ring is not None else None
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            result = body()
+        main.wait_stream(self.stream)
+        self.eager_steps += 1
+        after = ring.snapshot() if ring is not None else None
+        graph, out, events = torch.cuda.CUDAGraph(), None, []
+        torch.cuda.synchronize(self.stream.device)
+        gc.collect()  # a finalizer during capture (unlocking pinned pages syncs) would break it
+        gc.disable()
+        try:
+            if ring is not None:
+                ring.restore(before)
+            with torch.cuda.stream(self.stream):
+                # thread-local: a server thread touching CUDA meanwhile must not break the capture
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    if ring is not None:
+                        ring.copier.begin_capture()
+                    out = body()
+                finally:
+                    if ring is not None and ring.copier.capturing:
+                        ring.copier.end_capture()  # join the copy stream, or capture_end fails on it
+                    graph.capture_end()
+            if ring is not None:
+                events = ring.copier.captured_events
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, said once
+            self.capture = False
+            log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
+        finally:
+            gc.enable()
+            if ring is not None:
+                ring.copier.capturing = False
+                ring.restore(after)
+        if self.capture:
+            self.graphs[key] = (graph, out, events)
+        return result
+
+
+class GraphedDecode(StepGraphs):
+    """`generate`'s decode steps as graphs: owns the static cache and the fixed step buffers.
 
     Args:
         model: a model placed by `overspill.load`.
@@ -118,19 +219,13 @@ class GraphedDecode:
     """
 
     def __init__(self, model: torch.nn.Module, placement, context: int, capture: bool):
+        super().__init__(placement, capture)
         self.model = model
         self.original = model.forward
         self.key = cache_kwarg(model)  # generate passes the cache under the name forward takes
-        self.ring = placement.ring
         self.context = context
-        self.capture = capture
         self.cache: GraphCache | None = None
         self.length = 0  # tokens in the cache, counted on the host (reading the device counter would sync)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
-        self.replays = 0
-        self.eager_steps = 0
-        self.stream = torch.cuda.Stream(device=placement.device) if capture else None
-        self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool: phases replay one at a time
         self._buffers: dict[str, torch.Tensor] = {}
 
     def install(self) -> None:
@@ -200,81 +295,10 @@ class GraphedDecode:
         b = self._buffers
         seen = self.cache.layers[0].cumulative_length  # tokens before this one
         mask = (b["pad"] & (b["arange"] <= seen))[:, None, None, :]
-        config = self.model.config
-        experts = getattr(config, "_experts_implementation", None)
-        attention = config._attn_implementation
-        if experts == "eager":  # loops over the experts hit (nonzero: a host sync); "grouped_mm" is graph-safe
-            config._experts_implementation = "batched_mm"
-        config._attn_implementation = DECODE_ATTENTION
-        try:
-            out = self.original(inputs_embeds=b["embeds"], attention_mask=mask, position_ids=b["positions"],
-                                use_cache=True, return_dict=True, **{self.key: self.cache})
-        finally:
-            config._attn_implementation = attention
-            if experts == "eager":
-                config._experts_implementation = experts
-        return out.logits
+        return decode_forward(self.model, self.original, self.key, self.cache, b["embeds"], mask, b["positions"])
 
     def _run(self) -> torch.Tensor:
-        phase = 0 if self.ring is None else self.ring.step_phase()
-        if not self.capture or phase is None:
-            self.eager_steps += 1
-            return self._body()
-        if phase in self.graphs:
-            graph, logits, _ = self.graphs[phase]
-            copier = self.ring.copier if self.ring is not None else None
-            if copier is not None:
-                copier.before_replay()
-            graph.replay()
-            if copier is not None:
-                copier.after_replay()
-                self.ring.advance()
-            self.replays += 1
-            return logits
-        return self._warm_and_capture(phase)
-
-    def _warm_and_capture(self, phase: int) -> torch.Tensor:
-        """Run this step eagerly on the capture stream (its warm-up), then capture it for `phase`."""
-        main = torch.cuda.current_stream(self.stream.device)
-        ring = self.ring
-        before = ring.snapshot() if ring is not None else None
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            logits = self._body()
-        main.wait_stream(self.stream)
-        self.eager_steps += 1
-        after = ring.snapshot() if ring is not None else None
-        graph, out, events = torch.cuda.CUDAGraph(), None, []
-        torch.cuda.synchronize(self.stream.device)
-        gc.collect()  # a finalizer during capture (unlocking pinned pages syncs) would break it
-        gc.disable()
-        try:
-            if ring is not None:
-                ring.restore(before)
-            with torch.cuda.stream(self.stream):
-                # thread-local: a server thread touching CUDA meanwhile must not break the capture
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    if ring is not None:
-                        ring.copier.begin_capture()
-                    out = self._body()
-                finally:
-                    if ring is not None and ring.copier.capturing:
-                        ring.copier.end_capture()  # join the copy stream, or capture_end fails on it
-                    graph.capture_end()
-            if ring is not None:
-                events = ring.copier.captured_events
-        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, said once
-            self.capture = False
-            log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
-        finally:
-            gc.enable()
-            if ring is not None:
-                ring.copier.capturing = False
-                ring.restore(after)
-        if self.capture:
-            self.graphs[phase] = (graph, out, events)
-        return logits
+        return self.run(self._body)
 
 
 def enable_graphs(model: torch.nn.Module, capture: bool | None = None) -> GraphedDecode | None:

@@ -395,3 +395,44 @@ def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_check
         assert max(engine.metrics.sizes) > 1
     finally:
         engine.close()
+
+
+def test_graph_buckets_are_powers_of_two_up_to_the_batch():
+    from overspill.graph_batch import bucket_for
+
+    assert [bucket_for(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert [bucket_for(n, 64) for n in (1, 3, 17, 64)] == [1, 4, 32, 64]
+
+
+@pytest.mark.parametrize("arch", FULL_ATTENTION)
+def test_graphed_batch_decodes_as_the_dynamic_batch(tiny_checkpoint, arch):
+    """The engine over a model loaded with CUDA graphs decodes its batch through `GraphedBatch`
+    (static KV, fixed buffers; on the CPU the same step runs eagerly): outputs equal the
+    requests run alone through the dynamic batch, while rows join, leave and get compacted."""
+    import random
+
+    from overspill.graph_batch import GraphedBatch
+    from overspill.graphs import enable_graphs
+
+    model = load_tiny(tiny_checkpoint(arch), resident=4)
+    plain = _engine(model, max_batch=4, prefill_chunk=5)
+    rng = random.Random(3)
+    extra = [GenerationRequest(tuple(rng.randrange(3, 250) for _ in range(rng.randrange(1, 20))), rng.randrange(1, 30))
+             for _ in range(10)]
+    try:
+        solo = _outputs(plain, _requests() + extra, together=False)
+    finally:
+        plain.close()
+    enable_graphs(model, capture=False)
+    engine = _engine(model, max_batch=4, prefill_chunk=5, kv_capacity_tokens=256)
+    try:
+        assert isinstance(engine._batch, GraphedBatch)
+        batched = _outputs(engine, _requests() + extra, together=True)
+        assert batched == solo
+        assert max(engine.metrics.sizes) == 4 and len(set(engine.metrics.sizes)) > 2
+        assert engine._batch.compactions > 0  # the 64-column width filled up and was compacted
+        seeded = [GenerationRequest(p, 6, temperature=0.9, top_k=20, seed=i) for i, p in enumerate(PROMPTS)]
+        assert _outputs(engine, seeded, together=True) == _outputs(engine, seeded, together=False)
+        assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
+    finally:
+        engine.close()
