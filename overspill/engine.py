@@ -211,6 +211,8 @@ class Engine:
     # --- engine thread ---
 
     def _loop(self) -> None:
+        if isinstance(self._batch, GraphedBatch):
+            self._batch.warm_up()  # requests queue meanwhile; a failed capture falls back to eager
         while True:
             with self._cond:
                 self._drop_cancelled_pending()

@@ -15,9 +15,11 @@ looks up the new tokens' embeddings. On the CPU (capture off) the same step runs
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from .errors import OverspillError
 from .graphs import GraphCache, GraphedDecode, StepGraphs, decode_forward
@@ -93,6 +95,26 @@ class GraphedBatch(StepGraphs):
         if self._valid is not None:
             self._valid[kept:].fill_(False)
         self.rows = [self.rows[i] for i in keep_rows]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every bucket's graphs (one per ring phase) with dummy rows, so that no request
+        waits on a capture later; the batch is empty again afterwards."""
+        if not self.capture:
+            return
+        cache = DynamicCache(config=self.model.config)
+        self.forward(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=True,
+                     **{self.key: cache})
+        ring = self.ring
+        phases = 1 if ring is None else ring.n_slots // math.gcd(len(ring.layers), ring.n_slots)
+        for b in sorted({bucket_for(n, self.max_rows) for n in range(1, self.max_rows + 1)}):
+            self.keep([])
+            self.join([None] * b, cache, torch.ones((b, 1), dtype=torch.bool))
+            for _ in range(phases + 2):  # a step right after a join may find the ring unprimed
+                if not self.capture or sum(key[0] == (b,) for key in self.graphs) >= phases:
+                    break
+                self.decode([0] * b)
+        self.keep([])
 
     @torch.inference_mode()
     def decode(self, next_tokens: list[int]) -> torch.Tensor:

@@ -114,15 +114,15 @@ def decode_forward(model: torch.nn.Module, forward, key: str, cache, embeds: tor
     config = model.config
     experts = getattr(config, "_experts_implementation", None)
     attention = config._attn_implementation
-    if experts == "eager":  # loops over the experts hit (nonzero: a host sync); "batched_mm" is graph-safe
-        config._experts_implementation = "batched_mm"
+    if experts is not None:  # "eager" loops over the experts hit (nonzero: a host sync); grouped_mm copied
+        config._experts_implementation = "batched_mm"  # host offsets in float32 on the H100: batched_mm is graph-safe
     config._attn_implementation = DECODE_ATTENTION
     try:
         out = forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                       return_dict=True, **{key: cache})
     finally:
         config._attn_implementation = attention
-        if experts == "eager":
+        if experts is not None:
             config._experts_implementation = experts
     return out.logits
 

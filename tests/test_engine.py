@@ -436,3 +436,47 @@ def test_graphed_batch_decodes_as_the_dynamic_batch(tiny_checkpoint, arch):
         assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
     finally:
         engine.close()
+
+
+def test_graphed_batch_warm_up_captures_every_bucket_and_leaves_it_empty(tiny_checkpoint, monkeypatch):
+    """Before serving, each batch bucket's step is captured once per ring phase (simulated on the CPU:
+    a "capture" records its key and replays run the step eagerly); requests then decode as before."""
+    from overspill.graph_batch import GraphedBatch
+    from overspill.graphs import StepGraphs, enable_graphs
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    plain = _engine(model, max_batch=5, prefill_chunk=5)
+    try:
+        solo = _outputs(plain, _requests(), together=False)
+    finally:
+        plain.close()
+
+    def fake_capture(self, body, key):
+        self.graphs[key] = (None, None, [])
+        return body()
+
+    def fake_run(self, body, key=()):
+        phase = 0 if self.ring is None else self.ring.step_phase()
+        if self.capture and phase is not None and (key, phase) not in self.graphs:
+            return self._warm_and_capture(body, (key, phase))
+        return body()
+
+    monkeypatch.setattr(StepGraphs, "_warm_and_capture", fake_capture)
+    monkeypatch.setattr(StepGraphs, "run", fake_run)
+    enable_graphs(model, capture=False)
+    engine = Engine(model, IdsTokenizer(), metrics=Steps(), max_batch=5, prefill_chunk=5, kv_capacity_tokens=320)
+    batch = engine._batch
+    assert isinstance(batch, GraphedBatch)
+    batch.capture = True
+    batch.warm_up()
+    ring = model.overspill.ring
+    phases = ring.n_slots // __import__("math").gcd(len(ring.layers), ring.n_slots)
+    for b in (1, 2, 4, 5):
+        assert sum(key[0] == (b,) for key in batch.graphs) == phases, b
+    assert len(batch) == 0
+    model.generation_config.eos_token_id = None
+    engine.start()
+    try:
+        assert _outputs(engine, _requests(), together=True) == solo
+    finally:
+        engine.close()
