@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
-#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs | serve-managed)
+#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs | compile | serve-managed)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (carry .whl), the SmolLM2 tokenizer files in .smol (carry
 # .smol), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse HEAD): the tree travels without .git.
@@ -53,12 +53,16 @@ case "${1:-}" in
         $graphs --out "$OUT" 2>&1 | grep -E "clients:|loaded|wrote|Error|FAIL" | tee -a "$OUT/log"
     done
     ;;
+  compile)  # transformers' own torch.compile (static cache) beside eager, then overspill's graphed step profile
+    timeout 420 python3 bench/compile_decode.py --out "$OUT" 2>&1 | tail -15 | tee -a "$OUT/log"
+    timeout 100 python3 bench/graph_profile.py --budget none --out "$OUT" 2>&1 | tail -16 | tee -a "$OUT/log"
+    ;;
   serve-managed)  # managed vs pinned bandwidth (2 GiB of managed memory), then serving with this plan
     timeout 150 python3 bench/managed.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
     timeout 400 python3 bench/serve.py --requests-per-client 1 --phase-timeout 45 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|serve-managed" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed" >&2
     exit 2
     ;;
 esac
