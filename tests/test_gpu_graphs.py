@@ -58,3 +58,28 @@ def test_graphs_refuse_host_kv_and_say_why(graphable_checkpoint, caplog):
                               cuda_graphs=True)
     assert placement_of(model).plan.kv_host_layers and placement_of(model).graphs is None
     assert "host memory" in caplog.text
+
+
+def test_pipeline_decodes_through_graphs(monkeypatch, tmp_path):
+    """pipeline() over a model loaded with cuda_graphs: the answer replays captured steps and equals
+    the same fixed-buffer steps run eagerly (SmolLM2's config and tokenizer, random weights)."""
+    import os
+
+    from transformers import pipeline
+
+    import overspill
+    from overspill.api import placement_of
+
+    if not os.environ.get("OVERSPILL_TEST_SMOLLM2_DIR"):
+        pytest.skip("OVERSPILL_TEST_SMOLLM2_DIR is not set")
+    monkeypatch.setenv("OVERSPILL_CACHE", str(tmp_path))
+    model, tok = overspill.load(os.environ["OVERSPILL_TEST_SMOLLM2_DIR"], gpu_memory="400MiB", random_weights=True,
+                                context=256, progress=False, cuda_graphs=True)
+    graphed = placement_of(model).graphs
+    assert graphed is not None and placement_of(model).plan.streamed_layers
+    chat = [{"role": "user", "content": "What is the highest mountain in the world?"}]
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    answer = pipe(chat, max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert graphed.capture and graphed.replays > 0
+    graphed.capture = False
+    assert pipe(chat, max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]["content"] == answer
