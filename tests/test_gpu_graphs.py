@@ -76,7 +76,7 @@ def test_pipeline_decodes_through_graphs(monkeypatch, tmp_path):
     model, tok = overspill.load(os.environ["OVERSPILL_TEST_SMOLLM2_DIR"], gpu_memory="400MiB", random_weights=True,
                                 context=256, progress=False, cuda_graphs=True)
     graphed = placement_of(model).graphs
-    assert graphed is not None and placement_of(model).plan.streamed_layers
+    assert graphed is not None
     chat = [{"role": "user", "content": "What is the highest mountain in the world?"}]
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
     answer = pipe(chat, max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]["content"]
