@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import inspect
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .plan import ENGINE_PREFILL_CHUNK
 from .prefix import Lease, PrefixCache
 from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
 from .sampling import sample_tokens, token_logprobs
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "Event", "GenerationRequest", "Handle", "KVStats", "NullMetrics", "QueueFull", "TokenLogprob"]
 
@@ -212,7 +215,12 @@ class Engine:
 
     def _loop(self) -> None:
         if isinstance(self._batch, GraphedBatch):
-            self._batch.warm_up()  # requests queue meanwhile; a failed capture falls back to eager
+            try:
+                self._batch.warm_up()  # requests queue meanwhile; a failed capture falls back to eager
+            except Exception as exc:  # e.g. no memory for a bucket: serve without graphs rather than not at all
+                log.warning("CUDA graph warm-up failed (%s: %s); the batch decodes eagerly", type(exc).__name__, exc)
+                self._batch.capture = False
+                self._batch.rows = []
         while True:
             with self._cond:
                 self._drop_cancelled_pending()
@@ -239,7 +247,11 @@ class Engine:
         """End every admitted sequence: with an error, or cancelled (exc None: shutting down)."""
         for seq in list(self._running.values()):
             self._finish(seq, Event(finish="cancelled") if exc is None else _error_event(exc, seq))
-        self._batch.keep([])
+        try:
+            self._batch.keep([])
+        except Exception:  # noqa: BLE001 - the thread must live on: queued requests wait for it
+            log.exception("clearing the decode batch failed; dropping its rows")
+            self._batch.rows = []
 
     def _drop_cancelled_pending(self) -> None:
         for handle in [h for h in self._pending if h.cancelled.is_set()]:

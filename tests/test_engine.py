@@ -480,3 +480,37 @@ def test_graphed_batch_warm_up_captures_every_bucket_and_leaves_it_empty(tiny_ch
         assert _outputs(engine, _requests(), together=True) == solo
     finally:
         engine.close()
+
+
+def test_engine_outlives_a_failure_while_clearing_its_batch(tiny_checkpoint, monkeypatch):
+    """If clearing the batch after a failed step raises too, the engine thread must live on: requests
+    queued behind it would otherwise wait forever."""
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    engine = _engine(model, max_batch=2)
+    forward, keep = engine._forward, engine._batch.keep
+    state = {"fail": True}
+
+    def failing_forward(ids, kwargs):
+        if ids.shape[1] == 1 and state["fail"]:
+            raise RuntimeError("device fault")
+        return forward(ids, kwargs)
+
+    def failing_keep(rows):
+        if not rows and state["fail"]:
+            state["fail"] = False
+            raise RuntimeError("inference tensor")
+        return keep(rows)
+
+    engine._forward = failing_forward
+    monkeypatch.setattr(engine._batch, "keep", failing_keep)
+    try:
+        engine.hold(True)
+        first, queued = engine.submit(GenerationRequest((5, 6), 4)), engine.submit(GenerationRequest((7, 8, 9), 4))
+        later = [engine.submit(GenerationRequest((9, 10), 3)) for _ in range(2)]
+        engine.hold(False)
+        assert [e.finish for e in first][-1] == "error" and [e.finish for e in queued][-1] == "error"
+        assert [[e.finish for e in h][-1] for h in later] == ["length", "length"]
+        assert not state["fail"]  # clearing the batch did raise
+        assert engine._thread.is_alive() and engine.live_requests() == 0
+    finally:
+        engine.close()
