@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import decode
+import provenance
 
 
 def _tok_s(model, ids, new_tokens: int, **kwargs) -> float:
@@ -62,8 +62,7 @@ def main() -> None:
     _tok_s(model, ids, args.new_tokens, cache_implementation="static")
     record["compiled_static_tok_s_runs"] = [_tok_s(model, ids, args.new_tokens, cache_implementation="static")
                                             for _ in range(2)]
-    record.update(command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                  git_commit=decode._git_commit(), device=torch.cuda.get_device_name(), model=args.model,
+    record.update(command=provenance.command(), git_commit=provenance.git_commit(), device=torch.cuda.get_device_name(), model=args.model,
                   torch=torch.__version__, new_tokens=args.new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
 
 
 def _prompt(vocab: int, length: int):
@@ -169,15 +172,6 @@ def _common(args) -> list[str]:
             "--streaming", getattr(args, "streaming", "auto")] + (["--cuda-graphs"] if args.cuda_graphs else [])
 
 
-def _git_commit() -> str | None:
-    if os.environ.get("OVERSPILL_GIT_COMMIT"):
-        return os.environ["OVERSPILL_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
-
-
 def summarize(results: list[dict], bw: dict) -> list[dict]:
     """One row per budget: the ratios the issue asks for, all from this run."""
     resident = next((r for r in results if r["kind"] == "overspill" and r["budget"] == "none"), None)
@@ -223,28 +217,33 @@ def free_streaming(sweep: list[dict], resident: dict, bw: dict) -> dict:
     return {"resident_tok_s": resident["decode_tok_s"], "points": points, "max_free_streamed_layers": max(free, default=0)}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def bar_chart(path: Path, groups: list[str], series: list[tuple[str, list[float]]], title: str, fmt: str = "%.2f",
+              label_size: float | None = None) -> None:
+    """Grouped bars of decode tok/s: one group per x label, one bar per series in each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [("accelerate_tok_s", "accelerate device_map"), ("overspill_tok_s", "overspill"),
-              ("link_floor_tok_s", "link floor"), ("resident_tok_s", "fully resident")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(series)
-    for j, (key, label) in enumerate(series):
-        xs = [i + j * width for i in range(len(rows))]
-        ys = [r.get(key) or 0 for r in rows]
-        bars = ax.bar(xs, ys, width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-    ax.set_xticklabels([f"{r['budget']}\n{r['resident_layers']} resident / {r['streamed_layers']} streamed" for r in rows])
+    for j, (label, values) in enumerate(series):
+        bars = ax.bar([i + j * width for i in range(len(groups))], values, width, label=label)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=label_size)
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    series = [("accelerate_tok_s", "accelerate device_map"), ("overspill_tok_s", "overspill"),
+              ("link_floor_tok_s", "link floor"), ("resident_tok_s", "fully resident")]
+    groups = [f"{r['budget']}\n{r['resident_layers']} resident / {r['streamed_layers']} streamed" for r in rows]
+    bar_chart(path, groups, [(label, [r.get(key) or 0 for r in rows]) for key, label in series], title)
 
 
 def main() -> None:
@@ -286,11 +285,7 @@ def main() -> None:
     sweep = [run_case("overspill", args, f"stream:{s}", log) for s in args.free_sweep]
     rows = summarize(results, bw)
     record = {
-        "benchmark": "decode",
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "git_commit": _git_commit(),
-        "time": stamp,
-        "machine": bw.get("machine"),
+        **provenance.header("decode", stamp, bw.get("machine")),
         "pinned_h2d_GB_s": bw.get("pinned_h2d_bytes_s", 0) / 1e9,
         "pageable_h2d_GB_s": bw.get("pageable_h2d_bytes_s", 0) / 1e9,
         "model": args.model,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import decode
+import provenance
 
 
 def summarize(cases: dict[str, list[dict]], bw: dict) -> dict:
@@ -61,26 +61,14 @@ def summarize(cases: dict[str, list[dict]], bw: dict) -> dict:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     modes = [m for m in ("eager", "graphs") if m in summary]
     budgets = [r["budget"] for r in summary[modes[0]]["rows"]]
-    width = 0.8 / len(modes)
-    for j, mode in enumerate(modes):
+    series = []
+    for mode in modes:
         by = {r["budget"]: r.get("tok_s", 0) for r in summary[mode]["rows"]}
-        bars = ax.bar([i + j * width for i in range(len(budgets))], [by.get(b, 0) for b in budgets], width, label=mode)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(budgets))])
-    ax.set_xticklabels([("resident" if b == "none" else b) for b in budgets], fontsize=8)
-    ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        series.append((mode, [by.get(b, 0) for b in budgets]))
+    groups = [("resident" if b == "none" else b) for b in budgets]
+    decode.bar_chart(path, groups, series, title, fmt="%.1f", label_size=8)
 
 
 def main() -> None:
@@ -113,11 +101,7 @@ def main() -> None:
         cases[mode] = [decode.run_case("overspill", args, budget, log) for budget in budgets]
     summary = summarize(cases, bw)
     record = {
-        "benchmark": "graph_decode",
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "git_commit": decode._git_commit(),
-        "time": stamp,
-        "machine": bw.get("machine"),
+        **provenance.header("graph_decode", stamp, bw.get("machine")),
         "hbm_GB_s": bw.get("hbm_bytes_s", 0) / 1e9,
         "pinned_h2d_GB_s": bw.get("pinned_h2d_bytes_s", 0) / 1e9,
         "model": args.model,

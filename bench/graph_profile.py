@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import decode
+import provenance
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -104,7 +104,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         record[f"profile_{label}_4_steps"] = table.splitlines()
         print(label, table, sep="\n")
-    record.update(command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), git_commit=decode._git_commit(),
+    record.update(command=provenance.command(), git_commit=provenance.git_commit(),
                   model=args.model, budget=args.budget, context=args.context, device=torch.cuda.get_device_name(),
                   streamed_layers=len(placement.plan.streamed_layers))
     stamp = time.strftime("%Y%m%d-%H%M%S")

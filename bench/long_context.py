@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
 
 SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
@@ -218,8 +221,7 @@ def main() -> None:
     from overspill.hardware import machine_facts
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"benchmark": "long_context", "command": " ".join(sys.argv), "git_commit": os.environ.get("OVERSPILL_GIT_COMMIT"),
-              "machine": machine_facts(), "budget": args.budget, "summary": summary, "cases": results, "prefix": prefix, "smoke": args.smoke}
+    record = {**provenance.header("long_context", stamp, machine_facts()), "budget": args.budget, "summary": summary, "cases": results, "prefix": prefix, "smoke": args.smoke}
     path = Path(args.out) / f"long-context-{'smoke-' if args.smoke else ''}{stamp}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -40,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
 
 MODES = ("pinned", "fault", "prefetch", "prefetch_no_evict", "mapped")
 GiB = 2**30
@@ -229,11 +231,7 @@ def main() -> None:
     except ImportError:
         bindings = None
     record = {
-        "benchmark": "managed",
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "git_commit": os.environ.get("OVERSPILL_GIT_COMMIT"),
-        "time": stamp,
-        "machine": machine_facts(),
+        **provenance.header("managed", stamp, machine_facts()),
         "cuda_bindings": bindings,
         "params": {"layers": args.layers, "layer_bytes": nbytes, "bytes_per_pass": args.layers * nbytes,
                    "depth": args.depth, "passes": args.passes},

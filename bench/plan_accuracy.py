@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import provenance  # noqa: E402 - after the path
+
 
 def worker(model_name: str, budget: str, tokens: int, repeats: int) -> dict:
 
@@ -99,11 +101,7 @@ def main() -> None:
     ok = [r for r in results if "measured_tok_s" in r]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {
-        "benchmark": "plan_accuracy",
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "git_commit": os.environ.get("OVERSPILL_GIT_COMMIT"),
-        "time": stamp,
-        "machine": machine_facts(),
+        **provenance.header("plan_accuracy", stamp, machine_facts()),
         "max_abs_error": max((abs(r["error"]) for r in ok), default=None),
         "all_within_15pct": bool(ok) and len(ok) == len(results) and all(abs(r["error"]) <= 0.15 for r in ok),
         "cases": results,

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 # bench/decode.py imports only the standard library at module level
-from decode import _git_commit
+import provenance
 
 SERVED_NAME = "bench"
 METRICS_INTERVAL_S = 0.25
@@ -532,11 +532,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     machine = machine_facts()
     record = {
-        "benchmark": "serve",
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "git_commit": _git_commit(),
-        "time": stamp,
-        "machine": machine,
+        **provenance.header("serve", stamp, machine),
         "smoke": args.smoke,
         "model": model_name,
         "budget": None if args.smoke else args.budget,
