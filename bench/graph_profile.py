@@ -87,7 +87,7 @@ def main() -> None:
     steps = min(args.tokens, args.context - ids.shape[1] - 4)
     for _ in range(steps):
         graphed._load_inputs(token, None, None)
-        token = graphed._run()[:, -1].argmax(-1, keepdim=True)
+        token = graphed.run(graphed._body)[:, -1].argmax(-1, keepdim=True)
         graphed.length += 1
     torch.cuda.synchronize()
     record["no_sync_loop_ms_per_token"] = (time.perf_counter() - t0) * 1e3 / steps

@@ -156,9 +156,9 @@ def load(
         streaming: how streamed layers move: "copy" (pinned host memory copied into GPU ring
             slots), "managed" (CUDA managed memory, bulk-prefetched `depth` layers ahead and evicted
             after use), "mapped" (managed memory the GPU reads in place over the link), or "auto":
-            managed where the machine profile measured it faster than pinned copies, else copy (the
-            probe does not measure managed memory yet, so auto copies). On a PCIe GPU "managed" and
-            "mapped" are refused unless the streamed layers fit in half the free memory.
+            mapped where the probe measured in-place reads faster than pinned copies, else copy
+            (the H100 copies: 54 against 49 GB/s). On a PCIe GPU "managed" and "mapped" are
+            refused unless the streamed layers fit in half the free memory.
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.

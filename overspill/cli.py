@@ -55,7 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         help="how streamed layers reach the GPU: copy (pinned host memory into GPU ring slots), managed "
         "(CUDA managed memory, prefetched ahead and evicted after use), mapped (managed memory the GPU reads "
         "in place over the link); managed and mapped need cuda-bindings and, on a PCIe GPU, fit in half its "
-        "free memory. auto (default): managed only where measured faster than copies, so copy today.",
+        "free memory. auto (default): mapped where the probe measured it faster than copies, else copy.",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 

@@ -267,7 +267,7 @@ class GraphedDecode(StepGraphs):
             self.length += new
             return out
         self._load_inputs(ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
-        logits = self._run()
+        logits = self.run(self._body)
         self.length += 1
         return CausalLMOutputWithPast(logits=logits, past_key_values=self.cache)
 
@@ -296,9 +296,6 @@ class GraphedDecode(StepGraphs):
         seen = self.cache.layers[0].cumulative_length  # tokens before this one
         mask = (b["pad"] & (b["arange"] <= seen))[:, None, None, :]
         return decode_forward(self.model, self.original, self.key, self.cache, b["embeds"], mask, b["positions"])
-
-    def _run(self) -> torch.Tensor:
-        return self.run(self._body)
 
 
 def enable_graphs(model: torch.nn.Module, capture: bool | None = None) -> GraphedDecode | None:
