@@ -237,8 +237,9 @@ class GraphedDecode(StepGraphs):
         self.model.forward = forward
         provide_cache(self.model, self.fresh_cache)
 
-    def fresh_cache(self, batch: int) -> GraphCache:
-        """The static cache, emptied in place (its graphs stay valid), or a new one for a new batch size."""
+    def fresh_cache(self, batch: int, tokens: int = 0) -> GraphCache:
+        """The static cache of the plan's context, emptied in place (its graphs stay valid), or a new one
+        for a new batch size; `tokens` (what this generate call needs) is checked as steps run."""
         if self.cache is not None and self._buffers.get("embeds") is not None and self._buffers["embeds"].shape[0] == batch:
             for layer in self.cache.layers:
                 if layer.is_initialized:

@@ -7,6 +7,7 @@ host memory is the host tier plus one tensor in flight.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,8 +20,10 @@ from .errors import OverspillError
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
-from .plan import MANAGED_MODES, Footprint, Plan, Tier
+from .plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier
 from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,9 +50,24 @@ class Placement:
         depth = max(self.plan.depth, 1)
         return TieredCache(config, self.plan.kv_host_layers, self.plan.workload.context, block_tokens, depth)
 
+    def generate_cache(self, config, batch: int, tokens: int):
+        """The cache `generate` uses for `batch` sequences of up to `tokens` tokens: the plan's
+        `TieredCache` when it keeps KV on the host, else a dynamic cache whose KV is allocated once."""
+        w = self.plan.workload
+        if batch * tokens > w.batch * w.context and self.device.type == "cuda":
+            log.warning("generate asks for %d x %d KV tokens, beyond the %d x %d the plan reserved: it may run "
+                        "out of GPU memory; load with a larger context or batch", batch, tokens, w.batch, w.context)
+        cache = self.new_cache(config)
+        if cache is not None:
+            return cache
+        from .kv import presized_cache
 
-def provide_cache(model: nn.Module, make: Callable[[int], Any]) -> None:
-    """Make `generate` (and so `pipeline`) use `make(batch_size)` as its cache when the caller passes none.
+        return presized_cache(config, tokens)
+
+
+def provide_cache(model: nn.Module, make: Callable[[int, int], Any]) -> None:
+    """Make `generate` (and so `pipeline`) use `make(batch_size, max_tokens)` as its cache when the
+    caller passes none and asks for no cache implementation of transformers'.
 
     transformers has no per-model setting for a custom cache class, so this wraps the model
     instance's `_prepare_cache_for_generation` (the one place generate creates its cache).
@@ -58,18 +76,23 @@ def provide_cache(model: nn.Module, make: Callable[[int], Any]) -> None:
     original = model._prepare_cache_for_generation
 
     def prepare(generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get(key) is None and generation_config.use_cache is not False:
-            batch = args[1] if len(args) > 1 else kwargs["batch_size"]  # (generation_mode, batch_size, ...)
-            model_kwargs[key] = make(batch)
+        # (generation_mode, batch_size, max_cache_length): positional in transformers 5
+        batch = args[1] if len(args) > 1 else kwargs["batch_size"]
+        tokens = args[2] if len(args) > 2 else kwargs["max_cache_length"]
+        if generation_config.use_cache is False:
+            generation_config.prefill_chunk_size = None  # chunked prefill needs a cache (this call's config copy)
+        elif model_kwargs.get(key) is None and getattr(generation_config, "cache_implementation", None) is None:
+            model_kwargs[key] = make(batch, tokens)
         return original(generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = prepare
 
 
 def use_planned_cache(model: nn.Module, placement: Placement) -> None:
-    """Make `generate` build the plan's `TieredCache` when the plan keeps some layers' KV on the host."""
-    if placement.plan.kv_host_layers:
-        provide_cache(model, lambda batch: placement.new_cache(model.config))
+    """Make `generate` build the plan's cache: prompt chunks of `PREFILL_CHUNK_TOKENS` (the activations
+    the plan reserved) into KV allocated once per call (`Placement.generate_cache`)."""
+    model.generation_config.prefill_chunk_size = PREFILL_CHUNK_TOKENS
+    provide_cache(model, lambda batch, tokens: placement.generate_cache(model.config, batch, tokens))
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:

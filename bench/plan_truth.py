@@ -1,0 +1,185 @@
+"""Does the plan hold at the use case's scale? One load, then plain `generate` and `pipeline` on the
+planned workload (a prompt filling the context), each against the plan's prediction and device total.
+
+The prompt fills the plan: `batch` sequences of `context - new_tokens` tokens, so the KV cache and
+activations the plan reserved are really used, and the measured peak is comparable to the planned
+device total. Random weights (speed and memory are honest; the tokens are not meaningful); the
+pipeline gets a word-level tokenizer over the model's vocabulary ("t0 t1 ..."), one token a word.
+A record is written after every entry point, so a run killed by its time limit keeps what it did.
+
+    python bench/plan_truth.py --model llama-3-70b --context 131136 --entries generate pipeline
+    python bench/plan_truth.py --model llama-3-70b --budget 80GiB --context 131072 --kv-gpu-memory 24GiB
+    python bench/plan_truth.py --model llama-3-70b --budget 80GiB --context 1024 --batch 32
+    python bench/plan_truth.py --smoke      # tiny model on the CPU: checks the script, measures nothing useful
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
+
+SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
+
+
+def word_tokenizer(vocab_size: int):
+    """A fast tokenizer whose word "t<i>" is token i: pipeline text of N words is N tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _timings(start: float, times: list[float]) -> dict:
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+    return {"ttft_s": times[0] - start if times else None, "decode_tok_s": decode, "new_tokens": len(times)}
+
+
+def run_generate(model, ids, new_tokens: int) -> dict:
+    import torch
+
+    from overspill.run import TimingStreamer
+
+    streamer = TimingStreamer(None)
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
+    _sync()
+    return {**_timings(start, streamer.times), "wall_s": time.perf_counter() - start}
+
+
+def run_pipeline(model, ids, new_tokens: int) -> dict:
+    """`transformers.pipeline("text-generation")` on the same prompt, as words of the word tokenizer."""
+    from transformers import pipeline
+
+    from overspill.run import TimingStreamer
+
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    texts = [" ".join(f"t{i}" for i in row) for row in ids.tolist()]
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    streamer = TimingStreamer(None)
+    _sync()
+    start = time.perf_counter()
+    out = pipe(texts if len(texts) > 1 else texts[0], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+               do_sample=False, streamer=streamer if len(texts) == 1 else None, return_full_text=False,
+               batch_size=len(texts))
+    _sync()
+    timing = _timings(start, streamer.times) if len(texts) == 1 else {}
+    return {**timing, "wall_s": time.perf_counter() - start, "answers": len(out)}
+
+
+ENTRIES = {"generate": run_generate, "pipeline": run_pipeline}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-70b", help="shipped config name (random weights)")
+    p.add_argument("--budget", default="auto", help="gpu_memory for overspill.load (default auto)")
+    p.add_argument("--context", type=int, default=131136, help="planned tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="planned and run sequences")
+    p.add_argument("--kv-gpu-memory", default=None, help="cap the device KV (the rest in host memory)")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default: context - new tokens (fills the plan)")
+    p.add_argument("--entries", nargs="+", default=["generate"], choices=sorted(ENTRIES))
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+
+    import torch
+
+    import overspill
+    from overspill.api import placement_of
+    from overspill.hardware import machine_facts
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"plan-truth-{args.model}-{stamp}.json"
+    if args.smoke:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        d = dict(SMOKE_CONFIG)
+        torch.manual_seed(0)
+        src = out_dir / "smoke-model"
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).save_pretrained(src)
+        source, random_weights, budget = str(src), False, None
+    else:
+        source, random_weights, budget = args.model, True, args.budget
+    t0 = time.perf_counter()
+    model, _ = overspill.load(source, gpu_memory=budget, context=args.context, batch=args.batch,
+                              random_weights=random_weights, kv_gpu_memory=args.kv_gpu_memory, progress=False)
+    load_s = time.perf_counter() - t0
+    plan = placement_of(model).plan
+    print(plan.summary(), flush=True)
+    print(f"loaded in {load_s:.0f} s", flush=True)
+    prompt = args.prompt_tokens or args.context - args.new_tokens
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, model.config.vocab_size, (args.batch, prompt), generator=gen).to(placement_of(model).device)
+    predicted = plan.prediction.decode_tok_s if plan.prediction else None
+    record = {
+        **provenance.header("plan_truth", stamp, machine_facts()),
+        "model": args.model, "budget": args.budget, "context": args.context, "batch": args.batch,
+        "prompt_tokens": prompt, "new_tokens": args.new_tokens, "load_s": load_s,
+        "plan": json.loads(plan.to_json()), "plan_device_bytes": plan.device_bytes,
+        "plan_budget_bytes": plan.budget_bytes, "predicted_decode_tok_s": predicted, "entries": {},
+    }
+    for name in args.entries:
+        _reset_peak()
+        try:
+            result = ENTRIES[name](model, ids, args.new_tokens)
+        except torch.OutOfMemoryError as exc:
+            result = {"oom": str(exc).splitlines()[0]}
+        result.update(_memory())
+        if "peak_allocated_bytes" in result:
+            result["peak_over_plan"] = result["peak_allocated_bytes"] / plan.device_bytes
+            if plan.budget_bytes:
+                result["peak_within_budget"] = result["peak_allocated_bytes"] <= plan.budget_bytes
+        if predicted and result.get("decode_tok_s"):
+            result["decode_fraction_of_predicted"] = result["decode_tok_s"] / predicted
+        record["entries"][name] = result
+        path.write_text(json.dumps(record, indent=2))
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+        print(f"{name}: {shown}", flush=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
