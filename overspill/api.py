@@ -178,6 +178,8 @@ def load(
     budget = resolve_budget(gpu_memory, dev)
     if dev.type == "cuda" and not cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if dev.type == "cuda":
+        _expandable_segments()
     source = resolve(model, random_weights=random_weights)
     config = _load_config(source)
     with warnings.catch_warnings():
@@ -224,6 +226,22 @@ def load(
 
         enable_graphs(skeleton)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
+
+
+def _expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments in place, unless the user configured it.
+
+    A chunked prefill allocates attention temporaries that grow with every chunk (the grouped KV
+    heads expanded to all heads: 4 GiB a layer at 128k tokens on the 70B shape); with fixed
+    segments their freed blocks are split for other tensors and stay reserved, so memory the plan
+    counted as free was not allocatable (a 128k prefill ran out with 8.7 GiB reserved but unused).
+    """
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # an allocator without the setting: plain segments
+        pass
 
 
 def _has_cuda_bindings() -> bool:
