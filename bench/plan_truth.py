@@ -31,15 +31,26 @@ SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, n
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
 
 
+def word(i: int, letters: int = 4) -> str:
+    """Token i's word: base-26 letters (words with digits were split by transformers' tokenizer)."""
+    out = ""
+    for _ in range(letters):
+        out = chr(ord("a") + i % 26) + out
+        i //= 26
+    return out
+
+
 def word_tokenizer(vocab_size: int):
-    """A fast tokenizer whose word "t<i>" is token i: pipeline text of N words is N tokens."""
+    """A fast tokenizer whose i-th word is token i: pipeline text of N words is N tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    letters = 4 if vocab_size <= 26**4 else 5
+    vocab = {word(i, letters): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=word(0, letters)))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=word(0, letters), pad_token=word(0, letters),
+                                   eos_token=word(1, letters)), letters
 
 
 def _sync() -> None:
@@ -66,9 +77,10 @@ def _reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _timings(start: float, times: list[float]) -> dict:
-    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
-    return {"ttft_s": times[0] - start if times else None, "decode_tok_s": decode, "new_tokens": len(times)}
+def _timings(start: float, times: list[float], batch: int) -> dict:
+    """Time to first token, and decode tokens per second over all `batch` sequences."""
+    decode = batch * (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+    return {"ttft_s": times[0] - start if times else None, "decode_tok_s": decode, "steps": len(times)}
 
 
 def run_generate(model, ids, new_tokens: int) -> dict:
@@ -83,7 +95,7 @@ def run_generate(model, ids, new_tokens: int) -> dict:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
     _sync()
-    return {**_timings(start, streamer.times), "wall_s": time.perf_counter() - start}
+    return {**_timings(start, streamer.times, ids.shape[0]), "wall_s": time.perf_counter() - start}
 
 
 def run_pipeline(model, ids, new_tokens: int) -> dict:
@@ -92,8 +104,10 @@ def run_pipeline(model, ids, new_tokens: int) -> dict:
 
     from overspill.run import TimingStreamer
 
-    tokenizer = word_tokenizer(model.config.vocab_size)
-    texts = [" ".join(f"t{i}" for i in row) for row in ids.tolist()]
+    tokenizer, letters = word_tokenizer(model.config.vocab_size)
+    texts = [" ".join(word(i, letters) for i in row) for row in ids.tolist()]
+    if tokenizer(texts[0])["input_ids"] != ids[0].tolist():
+        raise RuntimeError("the word tokenizer does not give one token a word here")
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     streamer = TimingStreamer(None)
     _sync()
@@ -102,7 +116,7 @@ def run_pipeline(model, ids, new_tokens: int) -> dict:
                do_sample=False, streamer=streamer if len(texts) == 1 else None, return_full_text=False,
                batch_size=len(texts))
     _sync()
-    timing = _timings(start, streamer.times) if len(texts) == 1 else {}
+    timing = _timings(start, streamer.times, 1) if len(texts) == 1 else {}
     return {**timing, "wall_s": time.perf_counter() - start, "answers": len(out)}
 
 
@@ -132,7 +146,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"plan-truth-{args.model}-{stamp}.json"
+    path = out_dir / f"plan-truth-{'smoke' if args.smoke else args.model}-{stamp}.json"
     if args.smoke:
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -238,8 +238,9 @@ def _expandable_segments() -> None:
     """
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return
+    setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.10; older: torch.cuda's
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        (setting or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
     except (AttributeError, RuntimeError):  # an allocator without the setting: plain segments
         pass
 

@@ -225,7 +225,10 @@ class PresizedLayer(DynamicLayer):
             self._v[:, :, :length].copy_(old_v)
 
     def reset(self) -> None:
-        super().reset()  # the buffer is kept: the next sequence of the same shape reuses it
+        """Empty the layer and keep its buffer for the next sequence of the same shape (transformers'
+        own `DynamicLayer.reset` differs between 5.17 and 5.25, so it is not relied on)."""
+        if self._k is not None:
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
 
 
 def presized_cache(config, capacity: int) -> DynamicCache:
