@@ -3,8 +3,10 @@
 Input lines: `{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
 "body": {...}}`. Output lines: `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error": null}`, appended and flushed the moment their request ends, so they come in completion order
-and a killed run resumes: lines already in the output are not run again. A bad line gets the status
-and OpenAI error body the server would answer (400, 404, 405, 413) and the batch goes on.
+and a killed run resumes: lines already in the output are not run again, except those that failed with
+a server error (5xx: the engine failed, not the input), whose rows are removed so they run again. A
+bad line gets the status and OpenAI error body the server would answer (400, 404, 405) and the
+batch goes on; a request that fails while generating gets its own 500 row, the others are untouched.
 
 The calling thread validates, tokenizes and submits requests while the engine's queue has room, so
 the engine always has sequences to decode together. Each request's events collect in a sink on the
@@ -14,6 +16,7 @@ engine thread; finished requests come back through one queue to the calling thre
 from __future__ import annotations
 
 import json
+import os
 import queue
 import time
 import uuid
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .engine import Engine, Event, GenerationRequest, QueueFull
+from .engine import Engine, Event, GenerationRequest, InvalidRequest, QueueFull
 from .errors import OverspillError
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, served_name, validation_error,
@@ -36,7 +39,8 @@ _CHAT_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> 
 @dataclass(frozen=True)
 class BatchSummary:
     """What one `run_batch` did. failed: error lines written (bad input or failed generation);
-    unfinished: requests cancelled by the engine closing, not written, so a rerun does them."""
+    unfinished: requests cancelled by the engine closing, not written, so a rerun does them;
+    rerun: rows of an earlier run that had failed with a server error, removed and run again."""
 
     total: int
     skipped: int
@@ -46,14 +50,16 @@ class BatchSummary:
     prompt_tokens: int
     generated_tokens: int
     wall_seconds: float
+    rerun: int = 0
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def report(self) -> str:
+        rerun = f"; {self.rerun} run again after a server error" if self.rerun else ""
         line = (f"{self.ok} ok, {self.failed} failed of {self.total} requests ({self.skipped} skipped: already "
-                f"in the output); {self.generated_tokens} tokens generated in {self.wall_seconds:.1f} s = "
+                f"in the output{rerun}); {self.generated_tokens} tokens generated in {self.wall_seconds:.1f} s = "
                 f"{self.tokens_per_second:.1f} tok/s")
         if self.unfinished:
             line += f"; {self.unfinished} unfinished (run again to finish them)"
@@ -100,7 +106,8 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path, c
     Args:
         engine: a started `Engine`; its `tokenizer` and `tokenizer_lock` tokenize the prompts.
         input_path: JSONL, one `{"custom_id", "method", "url", "body"}` per line.
-        output_path: JSONL results, appended; custom_ids (and error lines) already there are skipped.
+        output_path: JSONL results, appended; custom_ids (and error lines) already there are skipped,
+            unless they failed with a server error (5xx): those rows are removed and run again.
         config: the served model name (bodies must name it), context and max_tokens limit.
         progress: show a tqdm bar over requests on stderr and say how many were skipped.
 
@@ -112,11 +119,13 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path, c
     start = time.perf_counter()
     inp, out = check_paths(input_path, output_path)
     lines = _read_input(inp)
-    written = _prepare_output(out)
+    written, rerun = _prepare_output(out)
     todo = [line for line in lines if line.key not in written]
     skipped = len(lines) - len(todo)
     if progress and skipped:
         tqdm.write(f"skipping {skipped} of {len(lines)} requests already in {out}")
+    if progress and rerun:
+        tqdm.write(f"running {rerun} requests again that had failed with a server error")
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="req", disable=not progress,
                                                        dynamic_ncols=True) as bar:
         run = _Run(engine, config, f, bar, start)
@@ -124,7 +133,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path, c
             run.do(line)
         run.drain(until_idle=True)
     return BatchSummary(len(lines), skipped, run.ok, run.failed, run.unfinished, run.prompt_tokens,
-                        run.generated_tokens, time.perf_counter() - start)
+                        run.generated_tokens, time.perf_counter() - start, rerun)
 
 
 class _Run:
@@ -147,18 +156,27 @@ class _Run:
                 500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
             self._write(line.custom_id, err.status, err.body())
             return
+        refused = self._submit(job, req)
+        if refused is not None:
+            self._write(line.custom_id, refused.status, refused.body())
+            return
+        self.in_flight += 1
+        self.drain(until_idle=False)
+
+    def _submit(self, job: _Job, req: GenerationRequest) -> ApiError | None:
+        """Queue `req`, waiting for room; the error to write if the engine refuses it (None: queued)."""
         while True:  # keep the engine's queue full: wait for one to finish only when it has no room
             try:
                 self.engine.submit(req, self._sink(job))
-                break
+                return None
             except QueueFull:
                 self.drain(until_idle=False, block=True)
-            except ValueError as exc:  # more KV than the engine holds: this line fails, the batch goes on
-                err = ApiError(400, str(exc), param="max_tokens", code="kv_capacity_exceeded")
-                self._write(line.custom_id, err.status, err.body())
-                return
-        self.in_flight += 1
-        self.drain(until_idle=False)
+            except InvalidRequest as exc:  # e.g. a seed past 64 bits, or more KV than the engine holds
+                return ApiError(400, str(exc), param=_body_param(exc.field, job.collected.chat), code=exc.code)
+            except RuntimeError as exc:  # the engine thread died or closed: no later line can run either
+                self.drain(until_idle=True)  # an ended engine has ended every request: write their rows
+                raise OverspillError(f"{exc}; the results so far are in the output: run the batch again to "
+                                     "finish it") from exc
 
     def _prepare(self, line: _Line) -> tuple[_Job, GenerationRequest]:
         """Validate and tokenize like the server's handlers; raises ApiError with the server's status."""
@@ -223,6 +241,13 @@ class _Run:
         self.bar.update(1)
 
 
+def _body_param(field: str, chat: bool) -> str:
+    """The request body's name for a `GenerationRequest` field."""
+    names = {"max_new_tokens": "max_tokens", "prompt_ids": "messages" if chat else "prompt",
+             "logprobs": "top_logprobs" if chat else "logprobs"}
+    return names.get(field, field)
+
+
 def _read_input(path: Path) -> list[_Line]:
     """Every non-blank line, parsed; malformed and repeated lines carry the error their output will hold."""
     try:
@@ -257,37 +282,54 @@ def _anonymous(number: int, message: str, param: str | None = None, code: str | 
     return _Line(number, ("error", message), None, error=ApiError(400, message, param=param, code=code))
 
 
-def _prepare_output(path: Path) -> set[tuple[str, str]]:
-    """Keys of the lines already in the output. A last line cut short (a killed run) is removed;
-    any other line that is not a batch result stops the run, since appending would bury it."""
+def _prepare_output(path: Path) -> tuple[set[tuple[str, str]], int]:
+    """Keys of the lines already in the output, and how many server-error rows were removed to run again.
+
+    A last line cut short (a killed run) is removed. So is every row that failed with a server error
+    (5xx: the engine or the machine failed, not the input), so that its request runs again and the
+    output keeps one row per request; a 4xx row stays, since the same input would fail the same way.
+    The file is rewritten (a temporary file renamed over it, so a kill cannot lose rows) only when a
+    line goes. Any other line that is not a batch result stops the run, since appending would bury it."""
     if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
+        return set(), 0
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    changed = bool(tail)
+    if tail:
         try:
-            json.loads(data[cut:])
-            data += b"\n"  # a whole last line without its newline: keep it
-            with open(path, "ab") as f:
-                f.write(b"\n")
+            json.loads(tail)
+            lines.append(tail)  # a whole last line without its newline: keep it
         except ValueError:
-            data = data[:cut]
-            with open(path, "r+b") as f:
-                f.truncate(cut)
+            pass  # cut short by a killed run
     keys: set[tuple[str, str]] = set()
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            result = json.loads(raw)
-            cid, status = result["custom_id"], result["response"]["status_code"]
-            message = result["response"]["body"].get("error", {}).get("message") if status != 200 else None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise OverspillError(f"line {number} of existing output {path} is not a batch result; "
-                                 "move the file away or fix that line, then run again") from None
-        duplicate = status != 200 and result["response"]["body"]["error"].get("code") == "duplicate_custom_id"
-        keys.add(("id", cid) if cid is not None and not duplicate else ("error", message))
-    return keys
+    kept: list[bytes] = []
+    for number, raw in enumerate(lines, 1):
+        if raw.strip():
+            key, status = _result_key(raw, number, path)
+            if 500 <= status < 600:
+                continue
+            keys.add(key)
+        kept.append(raw)
+    if changed or len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".rewrite")
+        tmp.write_bytes(b"".join(raw + b"\n" for raw in kept))
+        os.replace(tmp, path)
+    return keys, len(lines) - len(kept)
+
+
+def _result_key(raw: bytes, number: int, path: Path) -> tuple[tuple[str, str], int]:
+    """An output line's key (as `_Line.key`) and status code."""
+    try:
+        result = json.loads(raw)
+        cid, status = result["custom_id"], result["response"]["status_code"]
+        error = result["response"]["body"]["error"] if status != 200 else {}
+        if not isinstance(status, int) or not isinstance(error, dict):
+            raise TypeError(status)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise OverspillError(f"line {number} of existing output {path} is not a batch result; "
+                             "move the file away or fix that line, then run again") from None
+    duplicate = error.get("code") == "duplicate_custom_id"
+    return (("id", cid) if cid is not None and not duplicate else ("error", error.get("message"))), status
 
 
 def batch_main(args) -> int:

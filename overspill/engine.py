@@ -7,8 +7,13 @@ sequence in the running `DecodeBatch`: continuous batching, so new requests join
 and a long prompt delays decoding by at most one chunk. Cancellation and stop strings are checked
 between tokens; a finished or cancelled sequence leaves the batch at once.
 
-Every admitted sequence stays in `_running` until `_forget`, whatever state it is in (prefilling,
+Every admitted sequence stays in `_running` until `_finish`, whatever state it is in (prefilling,
 joining, decoding), so a failure anywhere ends each of them with an event and frees its KV.
+
+One bad request must never hurt another: `submit` refuses fields the kernels cannot take
+(`check_request`), and what still fails for one request (admitting it, sampling or detokenizing its
+row) ends that request alone. If the thread dies anyway, every request gets an error event, `alive`
+turns False and `health()` says why.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from .graph_batch import GraphedBatch
 from .kv import cache_kwarg, kv_dims
 from .plan import ENGINE_PREFILL_CHUNK
 from .prefix import Lease, PrefixCache
-from .requests import Event, GenerationRequest, Handle, KVStats, NullMetrics, QueueFull, TokenLogprob
-from .sampling import sample_tokens, token_logprobs
+from .requests import (
+    Event, GenerationRequest, Handle, InvalidRequest, KVStats, NullMetrics, QueueFull, TokenLogprob, check_request,
+)
+from .sampling import logprob_rows, new_generator, sample_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Event", "GenerationRequest", "Handle", "KVStats", "NullMetrics", "QueueFull", "TokenLogprob"]
+__all__ = ["Engine", "Event", "GenerationRequest", "Handle", "InvalidRequest", "KVStats", "NullMetrics", "QueueFull",
+           "TokenLogprob"]
 
 
 @dataclass(eq=False)
@@ -74,6 +82,8 @@ class Engine:
             included; default: what the plan reserved under a GPU budget (`context x` its batch),
             else `context x max_batch`.
         prefix_cache: reuse the KV of earlier prompts' leading blocks (`overspill.prefix.PrefixCache`).
+        stall_seconds: with work queued or running, `alive` turns False when the loop has not come
+            round for this long; generous, since one prefill chunk of a 70B model can take many seconds.
 
     A request is admitted when a batch place is free and the shared cache, every row padded to the
     longest reservation (prompt + `max_new_tokens`), still fits the KV capacity, so a running request
@@ -84,7 +94,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_queue: int = 64, metrics: NullMetrics | None = None,
                  tokenizer_lock: threading.Lock | None = None, max_batch: int | None = None,
                  prefill_chunk: int = ENGINE_PREFILL_CHUNK, kv_block_tokens: int = 16, kv_capacity_tokens: int | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, stall_seconds: float = 600.0):
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.metrics = metrics or NullMetrics()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
@@ -112,6 +122,7 @@ class Engine:
         else:
             self.total_blocks = kv_capacity_tokens // kv_block_tokens
         self._kv_token_bytes = self._kv_bytes_per_token(param.element_size())
+        self.vocab_size = model.config.get_text_config().vocab_size
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         params = inspect.signature(model.forward).parameters
@@ -133,11 +144,15 @@ class Engine:
         self.cancelled_total = 0  # requests that ended cancelled, queued or running
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.stall_seconds = stall_seconds
+        self._progress = time.monotonic()  # when the loop last came round
+        self._death: str | None = None  # why the engine thread died
 
     # --- caller side (any thread) ---
 
     def start(self) -> None:
         if self._thread is None:
+            self._progress = time.monotonic()  # requests queued before the start are not a stall
             self._thread = threading.Thread(target=self._loop, name="overspill-engine", daemon=True)
             self._thread.start()
 
@@ -153,19 +168,19 @@ class Engine:
 
         Raises:
             QueueFull: `max_queue` requests are waiting already.
-            ValueError: an empty prompt, max_new_tokens < 1, or prompt + max_new_tokens beyond the context.
-            RuntimeError: the engine is closed.
+            InvalidRequest (a ValueError): a field out of range or beyond the context (see `check_request`),
+                or prompt + max_new_tokens beyond the KV capacity.
+            RuntimeError: the engine is closed, or its thread died.
         """
-        if request.max_new_tokens < 1 or not request.prompt_ids:
-            raise ValueError("a request needs a prompt and max_new_tokens >= 1")
-        if len(request.prompt_ids) + request.max_new_tokens > self.context:
-            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
-                             f"exceeds the context of {self.context} tokens")
+        check_request(request, self.vocab_size, self.context)
         need = self._blocks(len(request.prompt_ids) + request.max_new_tokens)
         if need > self.total_blocks:
-            raise ValueError(f"the request needs {need} KV blocks of {self.block_tokens} tokens; the engine "
-                             f"has {self.total_blocks}: lower max_new_tokens or give the KV cache more memory")
+            raise InvalidRequest("max_new_tokens", f"the request needs {need} KV blocks of {self.block_tokens} "
+                                 f"tokens; the engine has {self.total_blocks}: lower max_new_tokens or give the KV "
+                                 "cache more memory", code="kv_capacity_exceeded")
         with self._cond:
+            if self._death is not None:
+                raise RuntimeError(f"the engine thread died: {self._death}")
             if self._stop:
                 raise RuntimeError("the engine is closed")
             if len(self._pending) >= self.max_queue:
@@ -211,9 +226,32 @@ class Engine:
         """KV accounting as of the engine's last change (a snapshot: safe from any thread)."""
         return self._kv
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs and, if it has work, came round its loop within `stall_seconds`."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._death is not None:
+            return False
+        idle = not self._pending and not self._running
+        return idle or time.monotonic() - self._progress <= self.stall_seconds
+
+    def health(self) -> dict:
+        """For a health endpoint: alive, queue_depth, active, last_progress_s_ago, and error (why the thread died)."""
+        return {"alive": self.alive, "queue_depth": self.queue_depth, "active": self.active_count,
+                "last_progress_s_ago": round(time.monotonic() - self._progress, 3), "error": self._death}
+
     # --- engine thread ---
 
     def _loop(self) -> None:
+        try:
+            self._warm_up()
+            while self._turn():
+                pass
+            self._shut_down()
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit: no request may wait on a dead thread
+            self._die(exc)
+
+    def _warm_up(self) -> None:
         if isinstance(self._batch, GraphedBatch):
             try:
                 self._batch.warm_up()  # requests queue meanwhile; a failed capture falls back to eager
@@ -221,20 +259,27 @@ class Engine:
                 log.warning("CUDA graph warm-up failed (%s: %s); the batch decodes eagerly", type(exc).__name__, exc)
                 self._batch.capture = False
                 self._batch.rows = []
-        while True:
-            with self._cond:
+
+    def _turn(self) -> bool:
+        """One round: wait for work, admit, prefill and decode. False once closed."""
+        with self._cond:
+            self._drop_cancelled_pending()
+            while not self._stop and not self._running and (self._hold or not self._pending):
+                self._progress = time.monotonic()  # waiting for work is not a stall
+                self._cond.wait(0.5)
                 self._drop_cancelled_pending()
-                while not self._stop and not self._running and (self._hold or not self._pending):
-                    self._cond.wait(0.5)
-                    self._drop_cancelled_pending()
-                if self._stop:
-                    break
-                self._admit_pending()
-            try:
-                self._iterate()
-            except Exception as exc:  # a bug or a device error: fail what runs, keep serving the queue
-                self._fail_running(exc)
-            self._kv = self._kv_snapshot()
+            if self._stop:
+                return False
+            self._admit_pending()
+        try:
+            self._iterate()
+        except Exception as exc:  # a bug or a device error: fail what runs, keep serving the queue
+            self._fail_running(exc)
+        self._kv = self._kv_snapshot()
+        self._progress = time.monotonic()
+        return True
+
+    def _shut_down(self) -> None:
         self._fail_running(None)
         with self._cond:
             handles = list(self._pending)
@@ -242,6 +287,19 @@ class Engine:
             self.cancelled_total += len(handles)
         for handle in handles:
             handle.emit(Event(finish="cancelled"))
+
+    def _die(self, exc: BaseException) -> None:
+        """The loop itself failed: record why and end every request, rather than leave its caller waiting."""
+        log.critical("the engine thread died", exc_info=exc)
+        with self._cond:
+            self._death = f"{type(exc).__name__}: {exc}"
+            ended = [(seq.handle, len(seq.text.ids)) for seq in self._running.values()]
+            ended += [(handle, 0) for handle in self._pending]
+            self._running.clear()
+            self._prefilling.clear()
+            self._pending.clear()
+        for handle, tokens in ended:
+            handle.emit(Event(finish="error", error=f"the engine thread died: {self._death}", completion_tokens=tokens))
 
     def _fail_running(self, exc: Exception | None) -> None:
         """End every admitted sequence: with an error, or cancelled (exc None: shutting down)."""
@@ -262,21 +320,25 @@ class Engine:
     def _admit_pending(self) -> None:
         """Move queued requests into prefill while batch places and KV blocks allow (FIFO, no overtaking)."""
         while not self._hold and self._pending and len(self._running) < self.max_batch:
-            request = self._pending[0].request
-            need = self._blocks(len(request.prompt_ids) + request.max_new_tokens)
-            widest = max([need] + [seq.reserved_blocks for seq in self._running.values()])
-            if (len(self._running) + 1) * widest > self.total_blocks:  # rows are padded to the widest
-                break
-            handle = self._pending.popleft()
-            gen = torch.Generator(device="cpu")
-            if request.seed is not None:
-                gen.manual_seed(request.seed)
-            else:
-                gen.seed()
-            text = TextStream(self.tokenizer, self.tokenizer_lock, request.stop, request.max_new_tokens)
-            seq = _Sequence(handle, gen, text, time.perf_counter(), need)
+            handle = self._pending[0]
+            try:
+                need = self._blocks(len(handle.request.prompt_ids) + handle.request.max_new_tokens)
+                widest = max([need] + [seq.reserved_blocks for seq in self._running.values()])
+                if (len(self._running) + 1) * widest > self.total_blocks:  # rows are padded to the widest
+                    break
+                seq = self._new_sequence(handle, need)
+            except Exception as exc:  # e.g. a seed the generator refuses: this request fails, the queue goes on
+                self._pending.popleft()
+                handle.emit(Event(finish="error", error=f"{type(exc).__name__}: {exc}"))
+                continue
+            self._pending.popleft()
             self._running[handle.id] = seq
             self._prefilling.append(seq)
+
+    def _new_sequence(self, handle: Handle, reserved_blocks: int) -> _Sequence:
+        request = handle.request
+        text = TextStream(self.tokenizer, self.tokenizer_lock, request.stop, request.max_new_tokens)
+        return _Sequence(handle, new_generator(request.seed), text, time.perf_counter(), reserved_blocks)
 
     def _iterate(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens of the oldest admitted requests, then decode the batch.
@@ -292,7 +354,11 @@ class Engine:
                 self._finish(seq, Event(finish="cancelled"))
                 continue
             if self.prefix is not None and not seq.looked_up:
-                self._reuse_prefix(seq)
+                try:
+                    self._reuse_prefix(seq)
+                except Exception as exc:  # this request fails; the others prefill on
+                    self._finish(seq, _error_event(exc, seq))
+                    continue
             remaining = len(seq.request.prompt_ids) - seq.prefilled
             grown = max(width, remaining)
             if self.max_batch > 1 and seq.prefilled == 0 and (len(group) + 1) * grown <= self.prefill_chunk:
@@ -405,19 +471,22 @@ class Engine:
     def _next_events(self, seqs: list[_Sequence], logits: torch.Tensor, step_start: float | None = None) -> list[Event]:
         """Sample one token per row of logits [rows, vocab]; each sequence's event, sent if it goes on.
 
-        Returns the events with `finish` set (the caller removes those rows), None for the others."""
+        Returns the events with `finish` set (the caller removes those rows), None for the others.
+        A row whose sampling or detokenizing raises gets an error event; the other rows go on."""
         requests = [seq.request for seq in seqs]
-        chosen = sample_tokens(logits, requests, [seq.generator for seq in seqs])
-        tokens = chosen.tolist()  # the step's one host sync
+        tokens = sample_rows(logits, requests, [seq.generator for seq in seqs])  # the step's one host sync
         if step_start is not None:  # a decode step: its pass over the layers and sampling are done
             self.metrics.decode_step(len(seqs), time.perf_counter() - step_start)
-        logprobs = token_logprobs(logits, tokens, requests)
+        logprobs = logprob_rows(logits, tokens, requests)
         now = time.perf_counter()
         events: list[Event | None] = []
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             try:
+                for failure in (token, logprob):
+                    if isinstance(failure, Exception):
+                        raise failure
                 event = self._accept(seq, token, logprob, now)
-            except Exception as exc:  # e.g. the tokenizer failed on this sequence's text
+            except Exception as exc:  # e.g. a NaN row the kernels refused, or the tokenizer failed on this text
                 event = _error_event(exc, seq)
             if event.finish is None:
                 seq.handle.emit(event)

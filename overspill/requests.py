@@ -1,7 +1,11 @@
-"""What callers exchange with the engine: requests, events, handles, and the metrics interface."""
+"""What callers exchange with the engine: requests (and their checks), events, handles, and the metrics interface."""
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
+import operator
 import queue
 import threading
 from dataclasses import dataclass
@@ -9,16 +13,34 @@ from typing import Callable
 
 from .sampling import TokenLogprob
 
-__all__ = ["Event", "GenerationRequest", "Handle", "KVStats", "NullMetrics", "QueueFull", "TokenLogprob"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Event", "GenerationRequest", "Handle", "InvalidRequest", "KVStats", "NullMetrics", "QueueFull",
+           "TokenLogprob", "check_request"]
+
+# torch.Generator.manual_seed takes any int that fits 64 bits, signed or not (negatives wrap around)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit): each one is a tuple on every event
 
 
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` waiting requests already."""
 
 
+class InvalidRequest(ValueError):
+    """A request the engine will not run. `field` names the `GenerationRequest` field at fault;
+    `code` is set for a valid request too big for this engine ("context_length_exceeded",
+    "kv_capacity_exceeded")."""
+
+    def __init__(self, field: str, message: str, code: str | None = None):
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate. temperature 0 is greedy; top_k <= 0 and top_p >= 1 disable those cuts."""
+    """What to generate. temperature 0 (or below `sampling.MIN_TEMPERATURE`) is greedy; top_k <= 0 (or
+    beyond the vocabulary) and top_p 1 disable those cuts. `Engine.submit` checks the ranges (`check_request`)."""
 
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
@@ -28,6 +50,66 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and the top k alternatives
+
+
+def check_request(request: GenerationRequest, vocab_size: int, context: int) -> None:
+    """Refuse fields outside what the kernels take, so a bad request fails at submit, not in a shared batch.
+
+    Accepted: any int seed that fits 64 bits; temperature finite and >= 0 (below the sampling floor a
+    row is greedy); top_p in (0, 1]; any int top_k (<= 0 or >= the vocabulary: no cut); logprobs
+    None or 0..MAX_LOGPROBS; max_new_tokens >= 1; a non-empty prompt of ids in [0, vocab_size);
+    prompt + max_new_tokens within `context`.
+
+    Raises:
+        InvalidRequest: naming the first field at fault, in one line.
+    """
+    _check_int(request, "max_new_tokens", 1, None)
+    if request.seed is not None:
+        _check_int(request, "seed", SEED_MIN, SEED_MAX)
+    _check_int(request, "top_k", None, None)
+    if request.logprobs is not None:
+        _check_int(request, "logprobs", 0, MAX_LOGPROBS)
+    temperature, top_p = _real(request, "temperature"), _real(request, "top_p")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidRequest("temperature", f"temperature must be finite and >= 0, got {temperature!r}")
+    if not 0 < top_p <= 1:  # NaN fails too
+        raise InvalidRequest("top_p", f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(request.stop, (tuple, list)) or not all(isinstance(s, str) for s in request.stop):
+        raise InvalidRequest("stop", f"stop must be a tuple of strings, got {request.stop!r}")
+    _check_prompt(request.prompt_ids, vocab_size)
+    if len(request.prompt_ids) + request.max_new_tokens > context:
+        raise InvalidRequest("max_new_tokens", f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                             f"({request.max_new_tokens}) exceeds the context of {context} tokens",
+                             code="context_length_exceeded")
+
+
+def _check_int(request: GenerationRequest, field: str, low: int | None, high: int | None) -> None:
+    value = getattr(request, field)
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidRequest(field, f"{field} must be an integer, got {value!r}")
+    value = operator.index(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise InvalidRequest(field, f"{field} must be {bounds}, got {value}")
+
+
+def _real(request: GenerationRequest, field: str) -> float:
+    value = getattr(request, field)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequest(field, f"{field} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_prompt(ids: tuple[int, ...], vocab_size: int) -> None:
+    """Ids outside the embedding would fail the whole prefill group the prompt is batched into."""
+    if not isinstance(ids, (tuple, list)) or not all(hasattr(i, "__index__") and not isinstance(i, bool) for i in ids):
+        raise InvalidRequest("prompt_ids", "prompt_ids must be a tuple of integer token ids")
+    if not ids:
+        raise InvalidRequest("prompt_ids", "prompt_ids is empty: a request needs a prompt")
+    low, high = min(ids), max(ids)
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InvalidRequest("prompt_ids", f"prompt_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -56,6 +138,9 @@ class Handle:
         try:
             self._sink(event)
         except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
+            self.cancelled.set()
+        except Exception:  # noqa: BLE001 - a broken sink ends its own request, not the engine thread
+            log.warning("the event sink of request %d raised; cancelling it", self.id, exc_info=True)
             self.cancelled.set()
 
     def __iter__(self):

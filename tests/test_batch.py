@@ -7,6 +7,7 @@ One float32 model and engine per module. The engine's queue holds 2 requests and
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,26 @@ def served(default_model_dir):
     engine.close()
 
 
-def run(served, inp: Path, out: Path):
+def run(served, inp: Path, out: Path, timeout: float = 120.0):
+    """`run_batch` on `served` = (engine, config), failing instead of hanging if the engine thread dies or stalls."""
     from overspill.batch import run_batch
 
     engine, config = served
-    return run_batch(engine, inp, out, config, progress=False)
+    done: dict = {}
+
+    def target():
+        try:
+            done["summary"] = run_batch(engine, inp, out, config, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            done["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the batch never finished: the engine thread is dead or stuck"
+    if "error" in done:
+        raise done["error"]
+    return done["summary"]
 
 
 def chat(cid: str, content: str, **body) -> dict:
@@ -174,7 +190,7 @@ def test_bad_lines_get_error_lines_and_the_rest_runs(served, tmp_path):
     assert err("nobody", 400)["message"]
     assert err("model", 404)["code"] == "model_not_found"
     assert err("toomany", 400)["param"] == "max_tokens"
-    assert err("long", 413)["code"] == "context_length_exceeded"
+    assert err("long", 400)["code"] == "context_length_exceeded"  # OpenAI answers a too-long prompt 400
     assert err("stream", 400)["param"] == "stream"
     assert sorted(r["status_code"] for r in anonymous) == [400, 400]
     messages = " ".join(r["body"]["error"]["message"] for r in anonymous)
@@ -209,6 +225,97 @@ def test_resume_runs_only_missing_custom_ids(served, tmp_path, monkeypatch):
     assert len(submitted) == 3
     assert out.read_text().startswith(kept)  # earlier results untouched; the cut-off line is gone
     assert set(by_id(out)) == {f"r{i}" for i in range(5)}
+
+
+def alone(engine, prompt: str, max_tokens: int, **sampling) -> str:
+    """A completion prompt's text generated alone on the engine."""
+    from overspill.engine import GenerationRequest
+
+    ids = tuple(engine.tokenizer(prompt)["input_ids"])
+    return "".join(e.text for e in engine.submit(GenerationRequest(ids, max_tokens, **sampling)))
+
+
+def test_bad_lines_fail_alone_and_resume_reruns_server_errors(served, tmp_path, monkeypatch):
+    """Lines that once killed the engine (seed 2**70) or failed every row of their batch (temperature
+    1e-300, top_k 2**63), and one whose detokenizing raises: each gets its own row, every good line its
+    normal answer. A rerun runs again only the row that failed with a server error (5xx)."""
+    from overspill.detok import TextStream
+
+    engine, _ = served
+    push = TextStream.push
+
+    def exploding(self, token, eos):
+        if "BOOM" in self.stops:
+            raise RuntimeError("tokenizer exploded")
+        return push(self, token, eos)
+
+    monkeypatch.setattr(TextStream, "push", exploding)
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,", "Water boils at"]
+    good = [completion(f"g{i}", p, max_tokens=6) for i, p in enumerate(prompts)]
+    lines = [good[0], completion("seed", "Hi there", max_tokens=4, seed=2**70), good[1],
+             completion("tiny-temp", "The sky is", max_tokens=5, temperature=1e-300), good[2],
+             completion("huge-top-k", "Hello", max_tokens=4, temperature=0.7, top_k=2**63, seed=5),
+             completion("boom", "Tell me", max_tokens=4, stop=["BOOM"]), good[3]]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    summary = run(served, inp, out)
+    assert (summary.total, summary.ok, summary.failed) == (8, 5, 3)
+    rows = {cid: row["response"] for cid, row in by_id(out).items()}
+    assert set(rows) == {line["custom_id"] for line in lines}
+    expected = {f"g{i}": alone(engine, p, 6) for i, p in enumerate(prompts)}
+    expected["tiny-temp"] = alone(engine, "The sky is", 5)  # below the temperature floor: greedy
+    for cid, text in expected.items():
+        assert rows[cid]["status_code"] == 200 and rows[cid]["body"]["choices"][0]["text"] == text, cid
+    assert rows["seed"]["status_code"] == 400 and rows["seed"]["body"]["error"]["param"] == "seed"
+    assert rows["huge-top-k"]["status_code"] == 400 and rows["huge-top-k"]["body"]["error"]["param"] == "top_k"
+    assert rows["boom"]["status_code"] == 500 and "tokenizer exploded" in rows["boom"]["body"]["error"]["message"]
+    assert engine.alive and engine.live_requests() == 0
+
+    monkeypatch.undo()  # the fault is fixed; the rerun retries the 500 row only
+    submitted = []
+    real_submit = engine.submit
+
+    def spy(req, sink=None):
+        handle = real_submit(req, sink)
+        submitted.append(req)
+        return handle
+
+    monkeypatch.setattr(engine, "submit", spy)
+    again = run(served, inp, out)
+    assert (again.skipped, again.rerun, again.ok, again.failed) == (7, 1, 1, 0) and len(submitted) == 1
+    assert "1 run again after a server error" in again.report()
+    after = {cid: row["response"] for cid, row in by_id(out).items()}  # one row per custom_id still
+    assert after["boom"]["status_code"] == 200
+    assert {cid: r for cid, r in after.items() if cid != "boom"} == {cid: r for cid, r in rows.items() if cid != "boom"}
+    assert run(served, inp, out).skipped == 8  # nothing left to run
+
+
+def test_a_dead_engine_stops_the_batch_and_a_rerun_finishes_it(served, tmp_path, monkeypatch):
+    from overspill.engine import Engine
+    from overspill.errors import OverspillError
+
+    engine, config = served
+    doomed = Engine(engine.model, engine.tokenizer, max_queue=QUEUE, max_batch=MAX_BATCH)
+
+    class Fatal(BaseException):
+        pass
+
+    def fatal():
+        raise Fatal("simulated")
+
+    monkeypatch.setattr(doomed, "_iterate", fatal)
+    doomed.start()
+    lines = [completion(f"d{i}", f"Item {i}:", max_tokens=3) for i in range(8)]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    try:
+        with pytest.raises(OverspillError, match="the engine thread died: Fatal: simulated"):
+            run((doomed, config), inp, out)
+    finally:
+        doomed.close()
+    failed = results(out)
+    assert failed and all(r["response"]["status_code"] == 500 for r in failed)
+    summary = run(served, inp, out)
+    assert (summary.rerun, summary.ok, summary.failed) == (len(failed), 8, 0)
+    assert set(by_id(out)) == {f"d{i}" for i in range(8)}
 
 
 def test_duplicate_custom_id_gets_an_error_line(served, tmp_path):

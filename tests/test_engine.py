@@ -236,24 +236,24 @@ def test_decode_batch_keeps_sliding_layers_on_the_global_timeline():
 def test_failures_end_only_their_requests_and_free_their_kv(tiny_checkpoint, monkeypatch):
     """A sampling failure on a chunked prompt, and a forward failure of a decode step, each end with an
     error event; KV is freed and the engine keeps serving."""
-    import overspill.engine as engine_module
+    import overspill.sampling as sampling
 
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     engine = _engine(model, max_batch=4, prefill_chunk=4)
-    real = engine_module.sample_tokens
+    real = sampling.pick_tokens
 
-    def flaky(logits, params, gens):
+    def flaky(logits, params, uniforms):
         if any(p.temperature > 0 for p in params):
             raise RuntimeError("probability tensor contains nan")
-        return real(logits, params, gens)
+        return real(logits, params, uniforms)
 
     try:
-        monkeypatch.setattr(engine_module, "sample_tokens", flaky)
+        monkeypatch.setattr(sampling, "pick_tokens", flaky)
         chunked = engine.submit(GenerationRequest(tuple(range(3, 13)), 5, temperature=1.0))  # 3 chunks of 4
         events = list(chunked)
         assert events[-1].finish == "error" and "nan" in events[-1].error
         assert engine.live_requests() == 0 and engine.kv_stats().reserved_blocks == 0
-        monkeypatch.setattr(engine_module, "sample_tokens", real)
+        monkeypatch.setattr(sampling, "pick_tokens", real)
         forward = engine._forward
         calls = []
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from overspill.detok import TextStream
-from overspill.sampling import sample_tokens, token_logprobs
+from overspill import sampling
+from overspill.sampling import MIN_TEMPERATURE, logprob_rows, sample_rows, sample_tokens, token_logprobs
 
 
 @dataclass
@@ -62,6 +63,59 @@ def test_logprobs_only_for_rows_that_ask():
     assert [i for i, _ in out[0].top] == top.indices.tolist()
     assert [v for _, v in out[0].top] == pytest.approx(top.values.tolist())
     assert out[2].top == () and out[2].logprob == pytest.approx(logp[2, 11].item())
+
+
+def test_temperatures_below_the_floor_are_greedy_and_never_nan():
+    """1e-300 is 0 in float32: logits / temperature would be inf and its softmax NaN (an index past the vocabulary)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)) * 30
+    params = [P(1e-300), P(1e-40), P(MIN_TEMPERATURE / 2), P(float("nan"))]
+    assert sample_tokens(logits, params, _gens(4)).tolist() == logits.argmax(-1).tolist()
+    assert sampling.draw_uniforms(params, _gens(4)) == [None] * 4  # greedy rows draw nothing
+
+
+def test_top_k_beyond_the_vocabulary_is_no_cut():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    uncut = sample_tokens(logits, [P(1.0)] * 3, _gens(3)).tolist()
+    for huge in (40, 41, 2**31, 2**63, 10**30):
+        assert sample_tokens(logits, [P(1.0, top_k=huge)] * 3, _gens(3)).tolist() == uncut
+
+
+def test_nan_and_inf_logits_rows_pick_in_range_and_leave_other_rows_alone():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(7))
+    clean = sample_tokens(logits, [P(0.9)] * 5, _gens(5)).tolist()
+    logits[1] = float("nan")
+    logits[2, 4] = float("inf")
+    logits[3] = float("-inf")
+    for _ in range(20):
+        picked = sample_tokens(logits, [P(0.9)] * 5, _gens(5)).tolist()
+        assert all(0 <= t < 30 for t in picked)
+        assert [picked[0], picked[4]] == [clean[0], clean[4]]
+
+
+def test_sample_rows_fails_only_the_rows_that_fail_alone_with_the_same_draws(monkeypatch):
+    logits = torch.randn(4, 60, generator=torch.Generator().manual_seed(8))
+    params = [P(0.8), P(0.8, top_p=0.25), P(), P(1.1, top_k=7)]
+    want = sample_tokens(logits, params, _gens(4)).tolist()
+    pick = sampling.pick_tokens
+
+    def refuses_one_row(logits, params, uniforms):
+        if any(p.top_p == 0.25 for p in params):
+            raise RuntimeError("bad row")
+        return pick(logits, params, uniforms)
+
+    monkeypatch.setattr(sampling, "pick_tokens", refuses_one_row)
+    got = sample_rows(logits, params, _gens(4))
+    assert isinstance(got[1], RuntimeError)
+    assert [got[0], got[2], got[3]] == [want[0], want[2], want[3]]  # the seeded rows drew their own numbers once
+    scored = logprob_rows(logits, got, [P(logprobs=2)] * 4)
+    assert isinstance(scored[1], Exception)
+    assert [s.token_id for s in (scored[0], scored[2], scored[3])] == [want[0], want[2], want[3]]
+
+
+def test_logprobs_alternatives_are_capped_at_the_vocabulary():
+    logits = torch.randn(1, 6, generator=torch.Generator().manual_seed(9))
+    out = token_logprobs(logits, [2], [P(logprobs=50)])
+    assert len(out[0].top) == 6
 
 
 class Chars:
