@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointReader, RandomWeights
-from .errors import OverspillError
+from .errors import OverspillError, one_line
 from .loader import (
     Placement,
     build_skeleton,
@@ -31,7 +31,7 @@ from .plan import (
     greedy_plan,
     with_prediction,
 )
-from .sources import ModelSource, resolve
+from .sources import ModelSource, check_architecture, resolve
 from .units import parse_budget, parse_bytes
 
 DTYPES = {
@@ -75,29 +75,58 @@ def resolve_budget(gpu_memory: int | str | None, device: torch.device) -> int | 
     return budget
 
 
+def _parse_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (cuda:0 when CUDA is available, else the CPU), or a one-line error
+    naming the devices overspill runs on: torch's own error lists a dozen backends."""
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OverspillError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise OverspillError(f"overspill runs on cpu or cuda, not {dev.type}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OverspillError("device cuda requested but no CUDA device is available; omit --device to run on CPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OverspillError(f"there is no {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 on")
+    return dev
+
+
 def _load_config(source: ModelSource) -> Any:
+    """The transformers config, refused the way `overspill plan` refuses it (`check_architecture`)."""
     from transformers import AutoConfig
 
     try:
         if source.config_dict is not None:
             d = dict(source.config_dict)
-            return AutoConfig.for_model(d.pop("model_type"), **d)
-        return AutoConfig.from_pretrained(str(source.config_dir))
-    except (ValueError, KeyError) as exc:
-        raise OverspillError(f"cannot read the config of {source.name}: {str(exc).splitlines()[0]}") from None
+            config = AutoConfig.for_model(d.pop("model_type"), **d)
+        else:
+            config = AutoConfig.from_pretrained(str(source.config_dir))
+    except Exception as exc:  # not JSON, no or unknown model_type, a field of the wrong type: a bad config.json
+        where = source.config_dir / "config.json" if source.config_dir is not None else f"the config of {source.name}"
+        raise OverspillError(f"{where} is invalid ({one_line(exc)}): fix it or download the model again") from None
+    check_architecture(config.to_dict(), str(source.config_dir or source.name))
+    return config
 
 
 def _load_tokenizer(source: ModelSource, vocab_size: int | None):
     """The checkpoint's tokenizer, or None when it has none (transformers may then build an
-    empty one from special tokens alone; such a tokenizer is discarded)."""
+    empty one from special tokens alone; such a tokenizer is discarded). Tokenizer files that fail
+    to load are an error: running on with byte ids would hide a broken download."""
     if source.config_dir is None:
         return None
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(source.config_dir))
-    except (OSError, ValueError, TypeError):
-        return None
+    except Exception as exc:
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        if not any((source.config_dir / name).exists() for name in files):
+            return None
+        raise OverspillError(
+            f"the tokenizer in {source.config_dir} does not load ({one_line(exc)}): download its tokenizer files again"
+        ) from None
     if vocab_size and len(tok) < min(vocab_size, 1000) // 2:
         return None
     return tok
@@ -169,10 +198,8 @@ def load(
         (model, tokenizer): a `transformers` model that `generate` and `pipeline` accept, with the
         placement at `model.overspill`; tokenizer is None for config-only models.
     """
-    dev = torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = _parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OverspillError("device cuda requested but no CUDA device is available; omit --device to run on CPU")
     if context < 1 or batch < 1:
         raise OverspillError(f"context and batch must be positive, got context={context} batch={batch}")
     budget = resolve_budget(gpu_memory, dev)

@@ -291,13 +291,16 @@ def _plan_main(args: argparse.Namespace) -> int:
 
 def _plan_spec(model: str, dtype: str) -> ModelSpec:
     """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
+    from .errors import one_line
+    from .sources import check_architecture
     from .spec import spec_from_config
 
     config = _plan_config(model)
+    check_architecture(config, model)
     try:
         return spec_from_config(config, dtype)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise OverspillError(f"cannot plan {model}: {str(exc).splitlines()[0] if str(exc) else repr(exc)}") from None
+    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # a missing, mistyped or zero size
+        raise OverspillError(f"cannot plan {model}: {one_line(exc)}; check its config.json") from None
 
 
 def _plan_config(model: str) -> dict:

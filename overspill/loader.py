@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, RandomWeights
-from .errors import OverspillError
+from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
+from .errors import OverspillError, one_line
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
@@ -103,10 +103,10 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:
+    except Exception as exc:  # transformers rejects the config: no causal LM for it, or a size it cannot use
         raise OverspillError(
-            f"transformers cannot build a causal LM for model_type {getattr(config, 'model_type', '?')!r}: "
-            f"{str(exc).splitlines()[0]}"
+            f"transformers cannot build a causal LM for model_type {getattr(config, 'model_type', '?')!r} "
+            f"from this config.json: {one_line(exc)}"
         ) from None
     return model.eval()
 
@@ -222,9 +222,8 @@ def materialize(
     names = {id(m): n for n, m in model.named_modules()}
     embed_name = names[id(embed)]
     on_cuda = device.type == "cuda"
-    if head is not None and _is_tied(model) and isinstance(source, CheckpointReader):
-        head_name = f"{names[id(head)]}.weight"
-        source.aliases.update({f"{embed_name}.weight": head_name, head_name: f"{embed_name}.weight"})
+    if isinstance(source, CheckpointReader):
+        source.bind(model)  # before any tensor is placed: it reads the meta model's names and ties
 
     ring = memory = None
     if plan.streamed_layers and plan.streaming in MANAGED_MODES:
@@ -279,7 +278,12 @@ def materialize(
 
 
 def _is_tied(model: nn.Module) -> bool:
-    return bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    """Whether transformers ties the output head to another parameter (the input embedding)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+    name = next(n for n, m in model.named_modules() if m is head)
+    return f"{name}.weight" in tied_parameters(model)
 
 
 def _fill_resident_leftovers(model: nn.Module, source, device: torch.device, skip: str) -> None:

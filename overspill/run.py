@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import OverspillError
 from .units import format_bytes
 
 
@@ -57,14 +58,19 @@ def timed_generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool, vocab: int) -> torch.Tensor:
+    """Token ids [1, n] of the prompt; an empty one is refused, as `generate` cannot start from nothing."""
     if tokenizer is None:
-        return torch.tensor([[b % vocab for b in prompt.encode()]])
-    if chat and getattr(tokenizer, "chat_template", None):
+        ids = torch.tensor([[b % vocab for b in prompt.encode()]], dtype=torch.long)
+    elif chat and getattr(tokenizer, "chat_template", None):
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        return enc["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = enc["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] == 0:
+        raise OverspillError("the prompt is empty (no tokens to start from): pass some text with --prompt")
+    return ids
 
 
 def run(args: argparse.Namespace) -> None:

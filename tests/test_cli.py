@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +72,41 @@ ERROR_CASES = [
     ("config-without-weights", ["{tmp}/llama-without-weights"], ["safetensors", "--random-weights"]),
     ("zero-context", ["--context", "0"], ["context"]),
     ("zero-depth", ["--depth", "0", "--gpu-memory", "250MiB"], ["depth"]),
+    ("truncated-safetensors", ["{tmp}/truncated"], ["model.safetensors", "truncated or corrupt", "download it again"]),
+    ("garbage-safetensors", ["{tmp}/garbage"], ["model.safetensors", "truncated or corrupt", "download it again"]),
+    ("config-not-json", ["{tmp}/config-not-json"], ["config.json", "JSON"]),
+    ("config-bad-field", ["{tmp}/config-bad-field"], ["config.json", "hidden_size"]),
+    ("config-zero-heads", ["{tmp}/config-zero-heads"], ["config.json", "zero"]),
+    ("encoder-with-random-weights", ["{tmp}/bert", "--random-weights"], ["bert", "decoder-only causal LM"]),
+    ("corrupt-tokenizer", ["{tmp}/tokenizer-not-json"], ["tokenizer", "download"]),
+    ("empty-prompt", ["--prompt", "", "--no-chat-template"], ["empty", "--prompt"]),
+    ("unknown-device", ["--device", "banana"], ["banana", "cpu", "cuda"]),
 ]
 
 
+def corrupt_checkpoints(tmp: Path, good: Path) -> None:
+    """Copies of a good checkpoint with one thing broken, as a half-finished download or a bad edit leaves it."""
+    for name in ("truncated", "garbage", "config-not-json", "config-bad-field", "config-zero-heads", "tokenizer-not-json"):
+        shutil.copytree(good, tmp / name)
+    weights = (good / "model.safetensors").read_bytes()
+    (tmp / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp / "garbage" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (tmp / "config-not-json" / "config.json").write_text("{not json")
+    (tmp / "tokenizer-not-json" / "tokenizer.json").write_text('{"version": "1.0", not json')
+    config = json.loads((good / "config.json").read_text())
+    (tmp / "config-bad-field" / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    (tmp / "config-zero-heads" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    (tmp / "bert").mkdir()  # an encoder: transformers builds a "causal LM" from it, but its attention looks ahead
+    (tmp / "bert" / "config.json").write_text(
+        json.dumps({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64, "vocab_size": 100})
+    )
+
+
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
+def scratch(tmp_path_factory, tiny_checkpoint) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
+    corrupt_checkpoints(tmp, tiny_checkpoint("llama"))
     (tmp / "empty").mkdir()
     (tmp / "t5").mkdir()  # an encoder-decoder: transformers has no causal LM for it
     (tmp / "t5" / "config.json").write_text(
@@ -179,3 +209,63 @@ def test_serve_command_answers_over_http(default_model_dir) -> None:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "KV reserved for 4 sequences" in out and "serving 'SmolLM2-135M-Instruct'" in out
+
+
+BROKEN = ["truncated", "garbage", "config-not-json", "config-bad-field", "config-zero-heads", "tokenizer-not-json", "bert"]
+
+
+def command_args(command: str, model: str, tmp: Path) -> list[str]:
+    """argv for COMMAND on MODEL with flags that keep a successful run short."""
+    if command == "serve":
+        return ["serve", model, "--port", "0", "--max-batch", "1"]
+    if command == "batch":
+        (tmp / "requests.jsonl").write_text("")
+        return ["batch", str(tmp / "requests.jsonl"), str(tmp / "results.jsonl"), "--model", model, "--max-batch", "1"]
+    return [command, model]
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+@pytest.mark.parametrize("command", ["serve", "batch"])
+def test_serving_commands_give_one_line_for_a_broken_model(scratch, capsys, command: str, broken: str) -> None:
+    pytest.importorskip("fastapi")
+    code = cli.main(command_args(command, str(scratch / broken), scratch))
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, [])
+
+
+@pytest.mark.parametrize(
+    ("broken", "words"),
+    [("config-not-json", ["config.json", "JSON"]), ("config-bad-field", ["big"]),
+     ("config-zero-heads", ["cannot plan", "zero", "config.json"]), ("bert", ["bert", "decoder-only causal LM"])],
+)
+def test_plan_gives_one_line_for_a_broken_config(scratch, capsys, broken: str, words: list[str]) -> None:
+    code = cli.main(["plan", str(scratch / broken), "--profile", "h100-pcie5"])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, words)
+
+
+@pytest.mark.parametrize("broken", ["truncated", "garbage"])
+def test_plan_reads_only_the_config_of_a_broken_checkpoint(scratch, capsys, broken: str) -> None:
+    # Planning never opens the weights, so a half-downloaded file does not stop it.
+    assert cli.main(["plan", str(scratch / broken), "--profile", "h100-pcie5"]) == 0
+    assert "layers 0-" in capsys.readouterr().out
+
+
+def test_truncated_checkpoint_in_a_real_process(scratch) -> None:
+    out = subprocess.run([sys.executable, "-m", "overspill", "run", str(scratch / "truncated")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    check_one_line_error(out.returncode, out.stdout, out.stderr, ["truncated or corrupt"])
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["--help"], ["run", "/nonexistent/dir"], ["run", "--max-new-tokens", "many"]],
+    ids=["no-command", "help", "error", "usage-error"],
+)
+def test_python_dash_m_overspill_behaves_as_the_script(args: list[str]) -> None:
+    script = Path(sys.executable).with_name("overspill")
+    entry = "import sys; from overspill.cli import main; sys.exit(main())"  # what the script runs
+    as_script = [str(script)] if script.exists() else [sys.executable, "-c", entry]
+    got = subprocess.run([sys.executable, "-m", "overspill", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    want = subprocess.run([*as_script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert got.returncode == want.returncode, got.stderr
+    assert (got.stdout, got.stderr) == (want.stdout, want.stderr)  # argparse's prog is "overspill" either way

@@ -296,3 +296,57 @@ def test_generate_on_resident_default_model(smollm_resident, smollm_streamed) ->
         # The streamed placement of the same checkpoint gives the same tokens.
         streamed, _ = smollm_streamed
         assert torch.equal(streamed.generate(**enc, max_new_tokens=24, do_sample=False), out)
+
+
+# --- held-out architectures: layouts the loader was not written against ----------------------------
+
+HELD_OUT_SHAPE = {"vocab_size": VOCAB, "initializer_range": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+HELD_OUT: dict[str, dict] = {
+    # Pythia layout: transformers 5 names the head `lm_head` while save_pretrained writes `embed_out`.
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": N_LAYERS, "num_attention_heads": 4,
+                 "intermediate_size": 96, "max_position_embeddings": 256, **HELD_OUT_SHAPE},
+    # Tied head, learned positions, blocks at `transformer.h`.
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": N_LAYERS, "n_head": 4, "n_positions": 256, **HELD_OUT_SHAPE},
+    # Grouped KV heads under Falcon's own name (num_kv_heads), fused query_key_value.
+    "falcon": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": N_LAYERS, "num_attention_heads": 4,
+               "new_decoder_architecture": True, "num_kv_heads": 2, **HELD_OUT_SHAPE},
+}
+
+
+@pytest.fixture(scope="session")
+def held_out_checkpoint(tmp_path_factory):
+    """`held_out_checkpoint(arch) -> Path`: a `save_pretrained` checkpoint of a HELD_OUT architecture."""
+    built: dict[str, object] = {}
+
+    def make(arch: str):
+        if arch not in built:
+            d = dict(HELD_OUT[arch])
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = AutoConfig.for_model(d.pop("model_type"), **d)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            path = tmp_path_factory.mktemp(f"held-out-{arch}")
+            model.save_pretrained(str(path))
+            built[arch] = path
+        return built[arch]
+
+    return make
+
+
+@pytest.mark.parametrize("resident", [0, 4])
+@pytest.mark.parametrize("arch", sorted(HELD_OUT))
+def test_held_out_architecture_streams_and_matches_transformers(arch: str, resident: int, held_out_checkpoint) -> None:
+    path = held_out_checkpoint(arch)
+    model = load_tiny(path, resident)
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    plan = placement_of(model).plan
+    # Streaming really happens: the first N_LAYERS - resident blocks go through the ring.
+    assert plan.streamed_layers == tuple(range(N_LAYERS - resident))
+    assert sum(isinstance(layer, StreamedLayer) for layer in layers_of(model)) == N_LAYERS - resident
+    single, _, _ = prompts()
+    with torch.no_grad():
+        want, want_logits = generate_with_logits(ref, single)
+        got, got_logits = generate_with_logits(model, single)
+    assert torch.equal(got, want)
+    close(got_logits, want_logits)
