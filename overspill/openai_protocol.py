@@ -11,20 +11,24 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .prompt_bound import PromptBound
 from .requests import Event, GenerationRequest, TokenLogprob
 from .schemas import (
-    ChatCompletionRequest, CompletionRequest, TokenInfo, chat_logprobs, chat_response, completion_logprobs,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, TokenInfo, chat_logprobs, chat_response, completion_logprobs,
     completion_response, error_body, new_id,
 )
 
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 2048
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+# A 128k-token prompt is ~0.5 MB of text, ~3 MB at worst when a client escapes every character as \uXXXX.
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """model_name: the id clients must send; context: longest prompt + completion in tokens."""
+    """model_name: the id clients must send; context: longest prompt + completion in tokens;
+    max_body_bytes: longest request body read, answered 413 past it before it is read whole."""
 
     model_name: str
     context: int
@@ -33,6 +37,7 @@ class ServerConfig:
     api_key: str | None = None
     max_batch: int = 16  # sequences decoded together in one pass over the layers
     prefix_cache_bytes: int = 0  # pinned host memory for prompt-prefix KV reuse (0: off)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 class ApiError(Exception):
@@ -50,11 +55,37 @@ class ApiError(Exception):
 
 def validation_error(errors: list[dict]) -> ApiError:
     """The 400 for a body that failed pydantic validation, naming the first offending field."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    if first.get("type") == "json_invalid":
-        return ApiError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    return ApiError(400, f"{param}: {first.get('msg')}" if param else f"body: {first.get('msg')}", param=param)
+    first = _most_telling(errors)
+    kind, msg = first.get("type"), str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return ApiError(400, f"malformed JSON body: {msg}", code="invalid_json")
+    param = _param(first.get("loc", ()), kind)
+    if kind == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    return ApiError(400, f"{param or 'body'}: {msg}", param=param)
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The first error that is not a type mismatch: of `"stop": [5 strings]`, "at most 4 items",
+    not "should be a valid string" from trying the union's `str` branch first."""
+    if not errors:
+        return {"msg": "invalid request", "loc": ()}
+    return next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+
+
+_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields) | set(ChatMessage.model_fields)
+
+
+def _param(loc, kind: str | None) -> str | None:
+    """`loc` as OpenAI's `param` ("messages.0.content"), without FastAPI's "body" and pydantic's
+    union branch names ("stop.list[str].3" is "stop")."""
+    parts = list(loc[1:] if loc[:1] in (("body",), ["body"]) else loc)
+    kept: list[str] = []
+    for i, part in enumerate(parts):
+        if not (isinstance(part, int) or part in _FIELDS or (kind == "extra_forbidden" and i == len(parts) - 1)):
+            break
+        kept.append(str(part))
+    return ".".join(kept) or None
 
 
 def failed(event: Event) -> ApiError:
@@ -100,56 +131,83 @@ def served_name(model: str | None) -> str:
 
 
 def generation_request(body: ChatCompletionRequest | CompletionRequest, tokenizer, lock: threading.Lock,
-                       config: ServerConfig) -> GenerationRequest:
-    """Check a chat or text completion body and tokenize its prompt; raises `ApiError` with the status to answer."""
+                       config: ServerConfig, bound: PromptBound | None = None) -> GenerationRequest:
+    """Check a chat or text completion body and tokenize its prompt; raises `ApiError` with the status to answer.
+
+    With `bound`, a prompt that cannot fit the context is refused from its length, before the
+    tokenizer spends seconds on it (and `lock`, which every other request waits for)."""
+    _check_body(body, config)
+    chat = isinstance(body, ChatCompletionRequest)
+    param = "messages" if chat else "prompt"
+    limit_param = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
+    if chat:
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        text, special = _chat_text(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+    else:
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+        text, special = _single_prompt(body.prompt), True
+    if max_tokens is not None and max_tokens > config.max_new_tokens_limit:
+        raise ApiError(400, f"{limit_param} must be between 1 and {config.max_new_tokens_limit}, got {max_tokens}",
+                       param=limit_param)
+    with lock:
+        if bound is not None:
+            _check_fits(bound.min_tokens(text), config.context, param, "at least ")
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    if not ids:
+        raise ApiError(400, f"the prompt is empty: {param} holds no text", param=param)
+    _check_fits(len(ids), config.context, param)
+    wanted = max_tokens if max_tokens is not None else config.max_new_tokens_limit
+    return GenerationRequest(
+        prompt_ids=tuple(ids), max_new_tokens=min(wanted, config.context - len(ids)),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, stop=body.stop_list(),
+        seed=body.seed, logprobs=body.logprobs_k(),
+    )
+
+
+def _check_body(body: ChatCompletionRequest | CompletionRequest, config: ServerConfig) -> None:
+    """What the schema cannot check alone: the served model's name, and fields that depend on each other."""
     if body.model != config.model_name:
         raise ApiError(404, f"model {body.model!r} does not exist; this server serves {config.model_name!r}",
                        "not_found_error", param="model", code="model_not_found")
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
-    if isinstance(body, ChatCompletionRequest):
-        if body.top_logprobs and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        with lock:
-            ids = _chat_ids(tokenizer, messages)
-        return _request(body, ids, body.max_completion_tokens or body.max_tokens, config)
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
-        prompt = prompt[0]
-    if body.echo:
-        raise ApiError(400, "echo is not supported yet", param="echo")
-    with lock:
-        ids = tokenizer(prompt)["input_ids"]
-    return _request(body, ids, body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS, config)
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def _single_prompt(prompt: str | list[str]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1:
+        raise ApiError(400, "only one prompt per request is supported yet", param="prompt")
+    return prompt[0]
+
+
+def _check_fits(tokens: int, context: int, param: str, qualifier: str = "") -> None:
+    """OpenAI's 400 for a prompt that leaves no room for a completion in the context."""
+    if tokens >= context:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your {param} "
+                       f"resulted in {qualifier}{tokens} tokens. Please reduce the length of the {param}.",
+                       param=param, code="context_length_exceeded")
+
+
+def _chat_text(tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """The chat prompt as text, and whether tokenizing it should add special tokens (a chat template
+    writes its own, as `apply_chat_template` then tokenizes it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", True
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+    except TemplateError as exc:  # e.g. roles that do not alternate, raised by the template itself
+        raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-        return list(enc["input_ids"])
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer(text)["input_ids"]
-
-
-def _request(body, ids: list[int], max_tokens: int | None, config: ServerConfig) -> GenerationRequest:
-    if max_tokens is not None and not 1 <= max_tokens <= config.max_new_tokens_limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {config.max_new_tokens_limit}, got {max_tokens}",
-                       param="max_tokens")
-    if not ids:
-        raise ApiError(400, "the prompt is empty", param="prompt")
-    room = config.context - len(ids)
-    if room < 1:
-        raise ApiError(413, f"the prompt is {len(ids)} tokens; this server's context is {config.context} tokens",
-                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                       code="context_length_exceeded")
-    wanted = max_tokens if max_tokens is not None else config.max_new_tokens_limit
-    return GenerationRequest(
-        prompt_ids=tuple(ids), max_new_tokens=min(wanted, room), temperature=body.temperature,
-        top_p=body.top_p, top_k=body.top_k or 0, stop=body.stop_list(), seed=body.seed, logprobs=body.logprobs_k(),
-    )
+    text, special = _chat_text(tokenizer, messages)
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 class TokenTexts:

@@ -4,12 +4,19 @@ HTTP handlers only validate, enqueue and relay: tokenizing runs in the thread po
 thread owns the model. Its events cross into the event loop through `loop.call_soon_threadsafe`
 onto an `asyncio.Queue` per request. A client that disconnects cancels its request before the
 next token, streamed or not.
+
+Nothing one client sends reaches another: bodies past `max_body_bytes` are refused before they
+are read whole, prompts that cannot fit the context before they are tokenized, and every failure
+is answered as OpenAI's error body on a connection that stays usable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
+import socket
 import threading
 import time
 
@@ -21,34 +28,65 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Event, GenerationRequest, Handle, QueueFull
+from .engine import Engine, Event, GenerationRequest, Handle, InvalidRequest, QueueFull
+from .errors import OverspillError
 from .metrics import Metrics
-from .prefix import PrefixCache
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, load_for_serving, logprobs_body,
     served_name, validation_error,
 )
+from .prefix import PrefixCache
+from .prompt_bound import PromptBound
 from .schemas import ChatCompletionRequest, CompletionRequest, chat_chunk, completion_chunk, new_id, usage
+
+log = logging.getLogger(__name__)
 
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 _DISCONNECT_POLL_S = 0.5
+_ENGINE_POLL_S = 1.0  # how often a request waiting for its next event checks that the engine thread lives
+_PARAMS = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt"}  # GenerationRequest field -> OpenAI param
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message quoting client input can never
+    fail to encode (a lone surrogate does, as UTF-8)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), err.status, err.headers)
+    return _AsciiJSON(err.body(), err.status, err.headers)
+
+
+def _too_large(limit: int, length: int | None = None) -> ApiError:
+    size = f"{length} bytes" if length is not None else f"more than {limit} bytes"
+    return ApiError(413, f"the request body is {size}; this server reads at most {limit} bytes: send a shorter "
+                    "prompt", code="request_too_large", headers={"Connection": "close"})
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised by the gate's counting `receive` once a body sent without a length passes the limit;
+    an HTTPException, so FastAPI's body reading lets it through to its handler."""
+
+    def __init__(self, limit: int):
+        super().__init__(413)
+        self.error = _too_large(limit)
 
 
 class _Gate:
-    """ASGI middleware: count every response by endpoint/status, and check the API key on /v1."""
+    """ASGI middleware: count every response by endpoint/status, check the API key on /v1, refuse a
+    body past `max_body` before reading it, and answer an unexpected exception with a 500 body
+    instead of re-raising it (uvicorn would log an ASGI traceback and reset the connection)."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None):
-        self.app, self.metrics, self.api_key = app, metrics, api_key
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body: int):
+        self.app, self.metrics, self.api_key, self.max_body = app, metrics, api_key, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        status = [500]
+        status = [0]
 
         async def counted_send(message):
             if message["type"] == "http.response.start":
@@ -56,17 +94,44 @@ class _Gate:
             await send(message)
 
         try:
-            if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
-                err = ApiError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                               "invalid_request_error", code="invalid_api_key")
-                return await _error_response(err)(scope, receive, counted_send)
-            return await self.app(scope, receive, counted_send)
+            await self._guarded(scope, receive, counted_send)
+        except Exception as exc:
+            if status[0]:
+                raise  # the response has begun: nothing can be answered any more
+            log.exception("internal error answering %s %s", scope.get("method"), path)
+            err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+            await _error_response(err)(scope, receive, counted_send)
         finally:
-            self.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status[0])).inc()
+            self.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status[0] or 500)).inc()
 
-    def _authorized(self, scope) -> bool:
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        return auth == f"Bearer {self.api_key}"
+    async def _guarded(self, scope, receive, send) -> None:
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
+            err = ApiError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+            return await _error_response(err)(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return await _error_response(_too_large(self.max_body, int(length)))(scope, receive, send)
+        await self.app(scope, self._counted(receive), send)
+
+    def _counted(self, receive):
+        """`receive` that raises `_BodyTooLarge` once the body read so far passes the limit."""
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge(self.max_body)
+            return message
+
+        return counted
+
+    def _authorized(self, headers: dict) -> bool:
+        return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.api_key}"
 
 
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
@@ -75,8 +140,6 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     from .api import placement_of
 
     if tokenizer is None:
-        from .errors import OverspillError
-
         raise OverspillError("serve needs a tokenizer, and this model has none (a config-only model?)")
     engine_ref: list[Engine] = []
     plan = placement_of(model).plan
@@ -88,6 +151,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                     prefix_cache=prefix)
     engine_ref.append(engine)
     texts = TokenTexts(tokenizer, tok_lock)
+    bound = PromptBound(tokenizer)
 
     async def lifespan(app: FastAPI):
         engine.start()
@@ -98,29 +162,42 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.config = config
-    app.add_middleware(_Gate, metrics=metrics, api_key=config.api_key)
+    app.add_middleware(_Gate, metrics=metrics, api_key=config.api_key, max_body=config.max_body_bytes)
     _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queue_depth": engine.queue_depth, "active": engine.active_count}
+        """200 while the engine thread runs and makes progress; 503 once it died or stalled."""
+        state = engine.health()
+        if engine.alive:
+            return {"status": "ok", **state}
+        return JSONResponse({"status": "unhealthy", **state}, 503)
 
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    model_card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "overspill"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "overspill"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != config.model_name:
+            raise ApiError(404, f"The model {model_id!r} does not exist; this server serves {config.model_name!r}",
+                           "not_found_error", param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        req = await run_in_threadpool(generation_request, body, tokenizer, tok_lock, config)
+        req = await run_in_threadpool(generation_request, body, tokenizer, tok_lock, config, bound)
         return await _serve(engine, request, body, req, config.model_name, texts, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        req = await run_in_threadpool(generation_request, body, tokenizer, tok_lock, config)
+        req = await run_in_threadpool(generation_request, body, tokenizer, tok_lock, config, bound)
         return await _serve(engine, request, body, req, config.model_name, texts, chat=False)
 
     return app
@@ -135,17 +212,20 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         return _error_response(validation_error(exc.errors()))
 
+    @app.exception_handler(_BodyTooLarge)
+    async def too_large(request: Request, exc: _BodyTooLarge):
+        return _error_response(exc.error)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(ApiError(exc.status_code, str(exc.detail), type_))
 
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
-
 
 def _submit(engine: Engine, req: GenerationRequest) -> tuple[Handle, asyncio.Queue]:
+    if not engine.alive:
+        raise ApiError(503, f"the engine is not running ({engine.health()['error'] or 'stalled'}); see /health",
+                       "server_error", code="engine_unavailable")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     try:
@@ -153,11 +233,26 @@ def _submit(engine: Engine, req: GenerationRequest) -> tuple[Handle, asyncio.Que
     except QueueFull:
         raise ApiError(429, "the server's queue is full; retry shortly", "rate_limit_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None
-    except RuntimeError:
-        raise ApiError(503, "the server is shutting down", "server_error") from None
-    except ValueError as exc:  # more KV than the engine's capacity: a valid body this server cannot hold
-        raise ApiError(400, f"{exc}", param="max_tokens", code="kv_capacity_exceeded") from None
+    except InvalidRequest as exc:  # valid OpenAI, but past what this engine holds (its KV, its context)
+        raise ApiError(400, str(exc), param=_PARAMS.get(exc.field, exc.field), code=exc.code) from None
+    except RuntimeError as exc:  # closed, or its thread died
+        raise ApiError(503, f"the engine is not running: {exc}", "server_error", code="engine_unavailable") from None
     return handle, events
+
+
+async def _next_event(engine: Engine, events: asyncio.Queue) -> Event:
+    """The request's next event; an error event if the engine thread dies or stalls meanwhile, so no
+    handler waits forever on a thread that will never answer."""
+    getter = asyncio.ensure_future(events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=_ENGINE_POLL_S)
+            if done:
+                return getter.result()
+            if not engine.alive:
+                return Event(finish="error", error=f"the engine stopped: {engine.health()['error'] or 'stalled'}")
+    finally:
+        getter.cancel()
 
 
 async def _serve(engine: Engine, request: Request, body, req: GenerationRequest, model_name: str,
@@ -173,7 +268,7 @@ async def _serve(engine: Engine, request: Request, body, req: GenerationRequest,
     collected = Collected(chat, len(req.prompt_ids))
     watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, handle))
     try:
-        while not collected.add(await events.get()):
+        while not collected.add(await _next_event(engine, events)):
             pass
     finally:
         watcher.cancel()
@@ -217,7 +312,7 @@ async def _stream(engine: Engine, handle: Handle, events: asyncio.Queue, rid: st
             first["choices"][0]["delta"]["role"] = "assistant"
             yield _sse(first)
         while True:
-            event = await events.get()
+            event = await _next_event(engine, events)
             if event.finish in ("error", "cancelled"):
                 yield _sse(failed(event).body())
                 break
@@ -236,23 +331,47 @@ async def _stream(engine: Engine, handle: Handle, events: asyncio.Queue, rid: st
 
 
 def serve_main(args) -> int:
-    """`overspill serve`: load the model, then serve until interrupted."""
+    """`overspill serve`: check the address, load the model, then serve until interrupted."""
     import uvicorn
 
     from .api import placement_of
-    from .errors import OverspillError
+    from .openai_protocol import DEFAULT_MAX_BODY_BYTES
     from .units import parse_bytes
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
+    max_body = getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES  # a flag of cli.py's, when given
     prefix_bytes = parse_bytes(args.prefix_cache)
+    check_address(args.host, args.port)
     model, tokenizer = load_for_serving(args)
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
-                          args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes)
+                          args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes, max_body)
     app = create_app(model, tokenizer, config)
     if app.state.engine.batching_note:
         print(app.state.engine.batching_note)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind (and close) the socket uvicorn will listen on, so a bad --host or --port fails in one line
+    before minutes of loading, not in a traceback after. Another program may still take the port
+    between this check and uvicorn's bind."""
+    if not 1 <= port <= 65535:
+        raise OverspillError(f"--port {port} is not a TCP port: pass one in 1..65535 (default 8000)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise OverspillError(f"--host {host!r} is not an address of this machine ({exc.strerror}): "
+                                 "pass an IP address or name, e.g. 127.0.0.1 or 0.0.0.0") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OverspillError(f"port {port} on {host} is in use by another program: stop it, or pass "
+                                     "another --port") from None
+            raise OverspillError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pass another --host "
+                                 "or --port") from None

@@ -17,6 +17,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from serving import Running, load_smollm, openai_error as _error, wait_idle as _wait_idle  # noqa: E402
+
 NAME = "smollm2-test"
 KEY = "test-key"
 CONTEXT = 1024
@@ -24,41 +26,16 @@ LIMIT = 64
 QUESTION = "What is the highest mountain in the world?"
 
 
-class _Running:
-    """uvicorn serving `app` on 127.0.0.1 in a daemon thread; `port` is the one the OS picked."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    import overspill
     from overspill.openai_protocol import ServerConfig
     from overspill.server import create_app
 
-    # float32: batched and solo decode then agree to ~1e-6, so greedy outputs can be compared exactly
-    # (in bf16 a batch of 8 changes CPU matmul blocking, and a near-tie can flip a token).
-    model, tok = overspill.load(default_model_dir, gpu_memory=None, dtype="float32", progress=False, context=CONTEXT)
-    context = overspill.api.placement_of(model).plan.workload.context
-    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY, max_batch=8,
-                                                     prefix_cache_bytes=64 * 2**20))
-    running = _Running(app)
-    running.app, running.tokenizer = app, tok
-    running.base = f"http://127.0.0.1:{running.port}"
+    model, tok, context = load_smollm(default_model_dir, CONTEXT)
+    app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY,
+                                              max_batch=8, prefix_cache_bytes=64 * 2**20))
+    running = Running(app)
+    running.tokenizer = tok
     yield running
     running.stop()
 
@@ -82,15 +59,11 @@ def greedy_answer(client):
     )
 
 
-def _wait_idle(engine, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while engine.live_requests() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def test_health_models_metrics(server, client, http):
-    assert httpx.get(f"{server.base}/health").json()["status"] == "ok"  # no key needed
+    health = httpx.get(f"{server.base}/health").json()  # no key needed
+    assert health["status"] == "ok" and health["alive"] is True and health["error"] is None
     assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
     client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
     text = httpx.get(f"{server.base}/metrics").text
     for name in ("overspill_requests_total", "overspill_generated_tokens_total", "overspill_queue_depth",
@@ -250,15 +223,6 @@ def test_logprob_tokens_carry_exact_bytes(server):
     assert partial and all("\\x" in t.text for t in partial)
 
 
-def _error(resp, status: int, param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    return err
-
-
 def test_bad_inputs_get_openai_errors(http, server):
     chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
     post = http.post
@@ -276,7 +240,7 @@ def test_bad_inputs_get_openai_errors(http, server):
     _error(post("/v1/completions", json={"model": NAME, "prompt": "hi", "logprobs": 6}), 400, "logprobs")
     _error(post("/v1/chat/completions", json={**chat, "stream": True, "stream_options": "yes"}), 400, "stream_options")
     long = {"model": NAME, "prompt": "hello " * (CONTEXT + 10), "max_tokens": 1}
-    assert _error(post("/v1/completions", json=long), 413)["code"] == "context_length_exceeded"
+    assert _error(post("/v1/completions", json=long), 400, "prompt")["code"] == "context_length_exceeded"
     _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat), 401)
     _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat, headers={"Authorization": "Bearer nope"}), 401)
     _error(http.get("/v1/nothing-here"), 404)

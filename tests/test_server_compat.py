@@ -1,0 +1,184 @@
+"""Where OpenAI answers a request in a particular way, the server answers the same way: sampling
+ranges, unsupported fields named in a 400, context overflow, `GET /v1/models/{id}`; and `serve`
+checks its address before it loads a model.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from serving import Running, load_smollm, openai_error  # noqa: E402
+
+NAME = "smollm2-test"
+CONTEXT = 1024
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+TEXT = {"model": NAME, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    from overspill.openai_protocol import ServerConfig
+    from overspill.server import create_app
+
+    model, tok, context = load_smollm(default_model_dir, CONTEXT)
+    running = Running(create_app(model, tok, ServerConfig(NAME, context, max_new_tokens_limit=64, max_batch=4)))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base, timeout=30) as c:
+        yield c
+
+
+OUT_OF_RANGE = [
+    ("seed", 2**64), ("seed", -(2**63) - 1), ("temperature", 2.01), ("temperature", -0.1), ("top_p", 0),
+    ("top_p", 1.01), ("top_k", 2**31), ("top_k", -2), ("n", 0), ("n", 2), ("max_tokens", 0), ("max_tokens", -1),
+    ("max_tokens", 10**30), ("stop", ["a", "b", "c", "d", "e"]), ("top_logprobs", 21),
+]
+
+
+@pytest.mark.parametrize("param,value", OUT_OF_RANGE)
+def test_sampling_fields_out_of_range_are_named(http, param, value):
+    openai_error(http.post("/v1/chat/completions", json={**CHAT, "logprobs": True, param: value}), 400, param)
+
+
+def test_non_finite_numbers_are_named(http):
+    raw = '{"model": "%s", "prompt": "Hi", "max_tokens": 2, "temperature": NaN}' % NAME
+    openai_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}),
+                 400, "temperature")
+    raw = raw.replace('"temperature": NaN', '"top_p": Infinity')
+    openai_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400, "top_p")
+
+
+@pytest.mark.parametrize("fields", [
+    {"seed": 2**64 - 1}, {"seed": -(2**63)}, {"temperature": 2, "seed": 1}, {"temperature": 1e-300},
+    {"top_k": 2**31 - 1, "temperature": 1}, {"top_p": 1e-9, "temperature": 1}, {"top_k": -1},
+])
+def test_sampling_fields_at_their_limits_are_served(http, fields):
+    r = http.post("/v1/completions", json={**TEXT, **fields})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+UNSUPPORTED = [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("response_format", {"type": "json_object"}), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0), ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "high"), ("min_p", 0.1),
+]
+
+
+@pytest.mark.parametrize("param,value", UNSUPPORTED)
+def test_unsupported_chat_fields_are_rejected_by_name(http, param, value):
+    err = openai_error(http.post("/v1/chat/completions", json={**CHAT, param: value}), 400, param)
+    assert param in err["message"]
+
+
+@pytest.mark.parametrize("param,value", [("best_of", 2), ("suffix", "end"), ("echo", True), ("logit_bias", {"1": 5})])
+def test_unsupported_completion_fields_are_rejected_by_name(http, param, value):
+    openai_error(http.post("/v1/completions", json={**TEXT, param: value}), 400, param)
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+])
+def test_non_text_content_parts_are_rejected(http, part):
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]}
+    err = openai_error(http.post("/v1/chat/completions", json=body), 400, "messages.0.content")
+    assert part["type"] in err["message"]
+
+
+@pytest.mark.parametrize("depth", [500, 100_000])
+def test_deeply_nested_json_is_a_400(http, depth):
+    raw = '{"model": "%s", "prompt": "Hi", "user": %s}' % (NAME, "[" * depth + "]" * depth)
+    openai_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert http.post("/v1/completions", json=TEXT).status_code == 200
+
+
+def test_harmless_fields_are_accepted(http):
+    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "stream_options": None,
+                "parallel_tool_calls": True, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+                "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "modalities": ["text"],
+                "service_tier": "auto", "n": 1}
+    r = http.post("/v1/chat/completions", json={**CHAT, **harmless})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/completions", json={**TEXT, "user": "u1", "best_of": 1, "echo": False, "suffix": None})
+    assert r.status_code == 200, r.text
+    named = {**CHAT, "messages": [{"role": "system", "content": "Be brief.", "name": "rules"},
+                                  {"role": "user", "content": [{"type": "text", "text": "Hi"}], "name": "ann"}]}
+    assert http.post("/v1/chat/completions", json=named).status_code == 200
+
+
+def test_context_overflow_is_a_400_as_at_openai(http):
+    long = {**TEXT, "prompt": "hello " * (CONTEXT + 10)}
+    err = openai_error(http.post("/v1/completions", json=long), 400, "prompt")
+    assert err["code"] == "context_length_exceeded" and str(CONTEXT) in err["message"]
+    chat = {**CHAT, "messages": [{"role": "user", "content": "hello " * (CONTEXT + 10)}]}
+    err = openai_error(http.post("/v1/chat/completions", json=chat), 400, "messages")
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_retrieve_model(http):
+    r = http.get(f"/v1/models/{NAME}")
+    assert r.status_code == 200 and r.json() == {"id": NAME, "object": "model", "created": 0, "owned_by": "overspill"}
+    assert openai_error(http.get("/v1/models/gpt-9"), 404, "model")["code"] == "model_not_found"
+
+
+def _serve_fails(capsys, monkeypatch, *argv: str) -> str:
+    """`overspill serve ARGV`'s one-line error; the model must not have been loaded by then."""
+    import overspill.server
+    from overspill.cli import main
+
+    def no_load(args):
+        raise AssertionError("serve loaded the model before checking its address")
+
+    monkeypatch.setattr(overspill.server, "load_for_serving", no_load)
+    assert main(["serve", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("overspill: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_serve_rejects_a_port_out_of_range_before_loading(capsys, monkeypatch, port):
+    assert "1..65535" in _serve_fails(capsys, monkeypatch, "--port", port)
+
+
+def test_serve_rejects_a_port_in_use_before_loading(capsys, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _serve_fails(capsys, monkeypatch, "--port", str(port))
+    assert "in use" in err and str(port) in err and "--port" in err
+
+
+def test_serve_rejects_an_unknown_host_before_loading(capsys, monkeypatch):
+    assert "no-such-host.invalid" in _serve_fails(capsys, monkeypatch, "--host", "no-such-host.invalid")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(default_model_dir):
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from overspill.openai_protocol import ApiError, ServerConfig, generation_request
+    from overspill.schemas import ChatCompletionRequest
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(ApiError) as caught:
+        body = ChatCompletionRequest.model_validate(CHAT)
+        generation_request(body, tok, threading.Lock(), ServerConfig(NAME, CONTEXT))
+    err = caught.value
+    assert (err.status, err.param) == (400, "messages") and "roles must alternate" in err.message
