@@ -212,6 +212,7 @@ def load(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         skeleton = build_skeleton(config, torch_dtype)
+    _attach_generation_config(skeleton, source)  # before the weights: a broken file fails fast
     _, layers = decoder_layers(skeleton)
     workload = Workload(context, batch, pass_tokens=pass_tokens)
     if dev.type != "cuda":
@@ -243,7 +244,6 @@ def load(
     finally:
         if isinstance(weights, CheckpointReader):
             weights.close()
-    _attach_generation_config(skeleton, source)
     skeleton.overspill = placement
     use_planned_cache(skeleton, placement)
     if cuda_graphs:
@@ -310,7 +310,11 @@ def _attach_generation_config(model: torch.nn.Module, source: ModelSource) -> No
         return
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_pretrained(str(source.config_dir))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(source.config_dir))
+    except Exception as exc:  # noqa: BLE001 - JSON, field or value errors of a dependency: one line
+        raise OverspillError(f"cannot read generation_config.json in {source.config_dir}: {one_line(exc)}; "
+                             f"fix or delete that file") from None
 
 
 def placement_of(model: torch.nn.Module) -> Placement:

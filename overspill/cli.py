@@ -142,6 +142,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="requests that may wait for the engine; more are answered 429 (default 64).")
     serve.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
                        help="largest max_tokens a request may ask for (default 2048).")
+    serve.add_argument("--max-body-bytes", default="4MiB", metavar="SIZE",
+                       help="largest request body, e.g. 4MiB; a larger one is answered 413 before it is read "
+                       "(default 4MiB).")
     _add_max_batch(serve)
     serve.set_defaults(func=_serve_main)
 

@@ -340,7 +340,9 @@ def serve_main(args) -> int:
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
-    max_body = getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES  # a flag of cli.py's, when given
+    max_body = parse_bytes(args.max_body_bytes) if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
+    if max_body < 1:
+        raise OverspillError("--max-body-bytes must be at least 1 byte, e.g. 4MiB")
     prefix_bytes = parse_bytes(args.prefix_cache)
     check_address(args.host, args.port)
     model, tokenizer = load_for_serving(args)

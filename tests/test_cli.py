@@ -79,6 +79,7 @@ ERROR_CASES = [
     ("config-zero-heads", ["{tmp}/config-zero-heads"], ["config.json", "zero"]),
     ("encoder-with-random-weights", ["{tmp}/bert", "--random-weights"], ["bert", "decoder-only causal LM"]),
     ("corrupt-tokenizer", ["{tmp}/tokenizer-not-json"], ["tokenizer", "download"]),
+    ("generation-config-not-json", ["{tmp}/generation-config-not-json"], ["generation_config.json", "fix or delete"]),
     ("empty-prompt", ["--prompt", "", "--no-chat-template"], ["empty", "--prompt"]),
     ("unknown-device", ["--device", "banana"], ["banana", "cpu", "cuda"]),
 ]
@@ -86,13 +87,15 @@ ERROR_CASES = [
 
 def corrupt_checkpoints(tmp: Path, good: Path) -> None:
     """Copies of a good checkpoint with one thing broken, as a half-finished download or a bad edit leaves it."""
-    for name in ("truncated", "garbage", "config-not-json", "config-bad-field", "config-zero-heads", "tokenizer-not-json"):
+    for name in ("truncated", "garbage", "config-not-json", "config-bad-field", "config-zero-heads", "tokenizer-not-json",
+                 "generation-config-not-json"):
         shutil.copytree(good, tmp / name)
     weights = (good / "model.safetensors").read_bytes()
     (tmp / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     (tmp / "garbage" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
     (tmp / "config-not-json" / "config.json").write_text("{not json")
     (tmp / "tokenizer-not-json" / "tokenizer.json").write_text('{"version": "1.0", not json')
+    (tmp / "generation-config-not-json" / "generation_config.json").write_text("{not json")
     config = json.loads((good / "config.json").read_text())
     (tmp / "config-bad-field" / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
     (tmp / "config-zero-heads" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
@@ -211,7 +214,8 @@ def test_serve_command_answers_over_http(default_model_dir) -> None:
     assert "KV reserved for 4 sequences" in out and "serving 'SmolLM2-135M-Instruct'" in out
 
 
-BROKEN = ["truncated", "garbage", "config-not-json", "config-bad-field", "config-zero-heads", "tokenizer-not-json", "bert"]
+BROKEN = ["truncated", "garbage", "config-not-json", "config-bad-field", "config-zero-heads", "tokenizer-not-json", "bert",
+          "generation-config-not-json"]
 
 
 def command_args(command: str, model: str, tmp: Path) -> list[str]:
