@@ -40,7 +40,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from overspill.configs import shipped_config
+    from overspill.planning.configs import shipped_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3-8b", help="shipped config name (random weights)")

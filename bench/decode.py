@@ -93,9 +93,9 @@ def _plan_streaming(args, streamed: int):
     import torch
     from transformers import AutoConfig
 
-    from overspill.configs import shipped_config
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, streaming_plan
+    from overspill.planning.configs import shipped_config
+    from overspill.planning.plan import Workload, streaming_plan
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     d = dict(shipped_config(args.model))
     skeleton = build_skeleton(AutoConfig.for_model(d.pop("model_type"), **d), torch.bfloat16)
@@ -109,8 +109,8 @@ def worker_accelerate(args) -> dict:
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from overspill.checkpoint import RandomWeights
-    from overspill.configs import shipped_config
+    from overspill.planning.configs import shipped_config
+    from overspill.runtime.checkpoint import RandomWeights
 
     d = dict(shipped_config(args.model))
     config = AutoConfig.for_model(d.pop("model_type"), **d)
@@ -137,7 +137,7 @@ def worker_accelerate(args) -> dict:
 def worker_bandwidth(args) -> dict:
     import torch
 
-    from overspill.hardware import machine_facts, measure_h2d, measure_hbm
+    from overspill.runtime.hardware import machine_facts, measure_h2d, measure_hbm
 
     dev = torch.device("cuda")
     return {

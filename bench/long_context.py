@@ -83,7 +83,7 @@ def worker(args, kind: str, context: int) -> dict:
     import torch
 
     from overspill.api import placement_of
-    from overspill.units import parse_bytes
+    from overspill.planning.units import parse_bytes
 
     cuda = torch.cuda.is_available()
     if cuda and kind in ("resident", "offloaded"):
@@ -113,8 +113,8 @@ def worker_prefix(args) -> dict:
     import torch
 
     from overspill.api import placement_of
-    from overspill.kv import cache_kwargs
-    from overspill.prefix import PrefixCache
+    from overspill.runtime.kv import cache_kwargs
+    from overspill.runtime.prefix import PrefixCache
 
     context = args.prefix_tokens + 64
     model = _model(args, "overspill", context)
@@ -218,7 +218,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     prefix = run(args, ["--worker", "prefix:"]) if args.prefix_tokens else None
     print(json.dumps(prefix), flush=True)
-    from overspill.hardware import machine_facts
+    from overspill.runtime.hardware import machine_facts
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {**provenance.header("long_context", stamp, machine_facts()), "budget": args.budget, "summary": summary, "cases": results, "prefix": prefix, "smoke": args.smoke}

@@ -66,7 +66,7 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
     """Warm up, then time `passes` passes of `mode`: GB/s per pass and whether every layer read right."""
     import torch
 
-    from overspill.streams import CudaCopier
+    from overspill.runtime.streams import CudaCopier
 
     dev = torch.device("cuda", torch.cuda.current_device())
     compute, ring = torch.cuda.current_stream(dev), depth + 1
@@ -87,7 +87,7 @@ def run_mode(mode: str, layers: int, nbytes: int, depth: int, passes: int) -> di
                 copier.mark_done(i % ring)
                 return total
         else:
-            from overspill.managed import ManagedMemory
+            from overspill.runtime.managed import ManagedMemory
 
             managed_bytes_allowed(layers * nbytes, torch.cuda.mem_get_info(dev)[0])
             managed = ManagedMemory(dev)
@@ -198,7 +198,7 @@ def main() -> None:
     args = build_parser().parse_args()
     import torch
 
-    from overspill.hardware import machine_facts, measure_zero_copy
+    from overspill.runtime.hardware import machine_facts, measure_zero_copy
 
     nbytes, stamp = args.layer_mib * 2**20, time.strftime("%Y%m%d-%H%M%S")
     print(f"{args.layers} x {args.layer_mib} MiB, depth {args.depth}, {args.passes} passes, "

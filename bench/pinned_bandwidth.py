@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from overspill.layout import pinned_bytes  # noqa: E402
+from overspill.runtime.layout import pinned_bytes  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def worker(model_name: str, budget: str, tokens: int, repeats: int) -> dict:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.hardware import probe
+    from overspill.runtime.hardware import probe
 
     from decode import _decode, _prompt
 
@@ -78,7 +78,7 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(model_name, budget, args.tokens, args.repeats)), flush=True)
         return
 
-    from overspill.hardware import machine_facts
+    from overspill.runtime.hardware import machine_facts
 
     results = []
     for case in args.cases:

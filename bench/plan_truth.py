@@ -141,7 +141,7 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.hardware import machine_facts
+    from overspill.runtime.hardware import machine_facts
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ def main() -> None:
     import torch
     from transformers import DynamicCache, LlamaConfig
 
-    from overspill.configs import shipped_config
-    from overspill.prefix import PrefixCache
+    from overspill.planning.configs import shipped_config
+    from overspill.runtime.prefix import PrefixCache
 
     config = LlamaConfig(**shipped_config("llama-3-8b"))
     dev = torch.device("cuda")

@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import overspill  # noqa: E402
-from overspill import loader, streams  # noqa: E402
 from overspill.api import placement_of  # noqa: E402
+from overspill.runtime import loader, streams  # noqa: E402
 
 
 class TimelineCopier(streams.CudaCopier):

@@ -1,7 +1,7 @@
 """Aggregate throughput of the OpenAI-compatible server under 1..N concurrent streaming clients.
 
 One process: `overspill.load` the model (random weights of a shipped config, planned for context
-`--context` and batch `--plan-batch`, see below), serve it with `overspill.server.create_app` under
+`--context` and batch `--plan-batch`, see below), serve it with `overspill.serving.server.create_app` under
 uvicorn on 127.0.0.1 (a background thread, a free port), then for each client count C run a phase of
 C asyncio clients (httpx), each sending `--requests-per-client` streaming `/v1/completions` requests
 back to back (temperature 0, `max_tokens` fixed, a random-token prompt of `--prompt-len` tokens,
@@ -327,7 +327,7 @@ def _prompts(vocab: int, clients: int, per_client: int, length: int, seed: int) 
 
 
 def _server_config(context: int, max_clients: int, max_tokens: int):
-    from overspill.openai_protocol import DEFAULT_MAX_QUEUE, ServerConfig
+    from overspill.serving.openai_protocol import DEFAULT_MAX_QUEUE, ServerConfig
 
     kw = {"max_queue": max(DEFAULT_MAX_QUEUE, 2 * max_clients), "max_new_tokens_limit": max(max_tokens, 16),
           "api_key": None}
@@ -455,9 +455,9 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.plan import serving_pass_tokens
-    from overspill.hardware import machine_facts
-    from overspill.server import create_app
+    from overspill.planning.plan import serving_pass_tokens
+    from overspill.runtime.hardware import machine_facts
+    from overspill.serving.server import create_app
 
     started = time.perf_counter()
     # default: plan for the largest batch <= the most clients whose KV stays on the GPU (load's

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from overspill.errors import OverspillError
-    from overspill.unified import enable_unified_memory
+    from overspill.runtime.unified import enable_unified_memory
 
     # First, before anything touches CUDA: the allocator can only be swapped before torch's first
     # CUDA allocation.
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import pipeline
 
     if decision is not None:
-        from overspill.sources import resolve
+        from overspill.runtime.sources import resolve
 
         try:
             model_dir = str(resolve(args.model).config_dir)  # a .gguf or the default: converted once

@@ -1,7 +1,7 @@
 """overspill: run Hugging Face causal LMs whose weights do not fit in GPU memory.
 
-`load` is imported lazily so that the pure planning modules (`overspill.spec`,
-`overspill.plan`) stay importable without torch.
+`load` is imported lazily so that the pure planning modules (`overspill.planning.spec`,
+`overspill.planning.plan`) stay importable without torch.
 """
 
 from typing import Any
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
 
         return load
     if name == "enable_unified_memory":
-        from .unified import enable_unified_memory
+        from .runtime.unified import enable_unified_memory
 
         return enable_unified_memory
     raise AttributeError(f"module 'overspill' has no attribute {name!r}")

@@ -10,17 +10,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointReader, RandomWeights
 from .errors import OverspillError, one_line
-from .loader import (
-    Placement,
-    build_skeleton,
-    decoder_layers,
-    footprint,
-    materialize,
-    use_planned_cache,
-)
-from .plan import (
+from .planning.plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
     MANAGED_MODES,
@@ -31,8 +22,18 @@ from .plan import (
     greedy_plan,
     with_prediction,
 )
-from .sources import ModelSource, check_architecture, resolve
-from .units import parse_budget, parse_bytes
+from .planning.units import parse_budget, parse_bytes
+from .runtime.checkpoint import CheckpointReader, RandomWeights
+from .runtime.loader import (
+    Placement,
+    build_skeleton,
+    decoder_layers,
+    footprint,
+    materialize,
+    placement_of,  # re-exported: `overspill.api.placement_of` is public
+    use_planned_cache,
+)
+from .runtime.sources import ModelSource, check_architecture, resolve
 
 DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -191,7 +192,7 @@ def load(
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
-        probe: on CUDA, measure the machine (`overspill.hardware.probe`, ~10 s once, then cached)
+        probe: on CUDA, measure the machine (`overspill.runtime.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
     Returns:
@@ -228,7 +229,7 @@ def load(
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     profile = None
     if probe and dev.type == "cuda":
-        from .hardware import probe as probe_machine
+        from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
@@ -249,7 +250,7 @@ def load(
     if cuda_graphs:
         if dev.type != "cuda":
             raise OverspillError("cuda_graphs needs a CUDA device; leave it off on the CPU")
-        from .graphs import enable_graphs
+        from .runtime.graphs import enable_graphs
 
         enable_graphs(skeleton)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
@@ -292,8 +293,8 @@ def _with_streaming(plan: Plan, streaming: str, dev: torch.device, managed_wins:
         notes += ("managed memory read in place measured faster here: pip install 'overspill[managed]' to use it; "
                   "copying from pinned memory meanwhile",)
     if mode in MANAGED_MODES and plan.streamed_layers:
-        from .hardware import coherent_platform
-        from .managed import check_managed_bytes
+        from .runtime.hardware import coherent_platform
+        from .runtime.managed import check_managed_bytes
 
         coherent = coherent_platform(dev.index if dev.index is not None else torch.cuda.current_device())
         # what stays free once the plan's resident weights, slots and workspace are allocated
@@ -315,11 +316,3 @@ def _attach_generation_config(model: torch.nn.Module, source: ModelSource) -> No
     except Exception as exc:  # noqa: BLE001 - JSON, field or value errors of a dependency: one line
         raise OverspillError(f"cannot read generation_config.json in {source.config_dir}: {one_line(exc)}; "
                              f"fix or delete that file") from None
-
-
-def placement_of(model: torch.nn.Module) -> Placement:
-    """The `Placement` of a model returned by `load`."""
-    placement = getattr(model, "overspill", None)
-    if placement is None:
-        raise OverspillError("this model was not loaded by overspill.load")
-    return placement

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import OverspillError
-from .plan import DEFAULT_CONTEXT, DEFAULT_DEPTH
+from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH
 
 if TYPE_CHECKING:
-    from .profile import Profile
-    from .spec import ModelSpec
+    from .planning.profile import Profile
+    from .planning.spec import ModelSpec
 
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
@@ -162,7 +162,7 @@ def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    from .profile import REFERENCE_PROFILES
+    from .planning.profile import REFERENCE_PROFILES
 
     plan = sub.add_parser(
         "plan", help="show where each layer would live and the predicted speed, from the config alone",
@@ -212,7 +212,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _shipped_names() -> list[str]:
-    from .configs import shipped_names
+    from .planning.configs import shipped_names
 
     return shipped_names()
 
@@ -226,7 +226,7 @@ def _run_main(args: argparse.Namespace) -> int:
 
 def _serve_main(args: argparse.Namespace) -> int:
     try:
-        from .server import serve_main
+        from .serving.server import serve_main
     except ImportError as exc:
         raise OverspillError(f"serve needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
     return serve_main(args)
@@ -234,14 +234,14 @@ def _serve_main(args: argparse.Namespace) -> int:
 
 def _batch_main(args: argparse.Namespace) -> int:
     try:
-        from .batch import batch_main
+        from .serving.batch import batch_main
     except ImportError as exc:
         raise OverspillError(f"batch needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
     return batch_main(args)
 
 
 def _probe_main(args: argparse.Namespace) -> int:
-    from .hardware import probe
+    from .runtime.hardware import probe
 
     profile = probe(refresh=args.refresh)
     cpu_only = profile.gpu_total_bytes == 0
@@ -254,15 +254,15 @@ def _probe_main(args: argparse.Namespace) -> int:
     if cpu_only:
         print("no CUDA device: this is the CPU-only profile (plan for a GPU with `overspill plan MODEL --profile NAME`)")
     else:
-        from .sources import cache_dir
+        from .runtime.sources import cache_dir
 
         print(f"cached in {cache_dir() / 'profile.json'} (--refresh measures again)")
     return 0
 
 
 def _plan_main(args: argparse.Namespace) -> int:
-    from . import planview
-    from .plan import Workload, device_kv_workload, footprint_from_spec, plan_for, serving_pass_tokens
+    from .planning import planview
+    from .planning.plan import Workload, device_kv_workload, footprint_from_spec, plan_for, serving_pass_tokens
 
     if args.context < 1 or args.batch < 1:
         raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
@@ -272,7 +272,7 @@ def _plan_main(args: argparse.Namespace) -> int:
     profile, note = _plan_profile(args.profile)
     budget = _plan_budget(args.gpu_memory, profile)
     fp = footprint_from_spec(spec)
-    from .units import parse_bytes
+    from .planning.units import parse_bytes
 
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     workload = Workload(args.context, args.batch)
@@ -295,8 +295,8 @@ def _plan_main(args: argparse.Namespace) -> int:
 def _plan_spec(model: str, dtype: str) -> ModelSpec:
     """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
     from .errors import one_line
-    from .sources import check_architecture
-    from .spec import spec_from_config
+    from .planning.spec import spec_from_config
+    from .runtime.sources import check_architecture
 
     config = _plan_config(model)
     check_architecture(config, model)
@@ -310,7 +310,7 @@ def _plan_config(model: str) -> dict:
     """Config dict for a shipped name, a directory, a config.json path or a cached Hugging Face id."""
     import json
 
-    from .configs import SHIPPED, shipped_config
+    from .planning.configs import SHIPPED, shipped_config
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -353,7 +353,7 @@ def _hub_config(repo_id: str) -> Path:
 
 def _plan_profile(name: str | None) -> tuple[Profile, str | None]:
     """(profile, note): the named reference, else this machine's probe if it has a GPU, else h100-pcie5."""
-    from .profile import REFERENCE_PROFILES
+    from .planning.profile import REFERENCE_PROFILES
 
     if name is not None:
         profile = REFERENCE_PROFILES[name]
@@ -369,8 +369,8 @@ def _plan_profile(name: str | None) -> tuple[Profile, str | None]:
     )
     if not _cuda_device_present():
         return REFERENCE_PROFILES["h100-pcie5"], fallback
-    from .hardware import probe
-    from .sources import cache_dir
+    from .runtime.hardware import probe
+    from .runtime.sources import cache_dir
 
     if not (cache_dir() / "profile.json").exists():
         print("probing this machine once (about 10 s; `overspill probe` shows it)...", file=sys.stderr, flush=True)
@@ -394,7 +394,7 @@ def _cuda_device_present() -> bool:
 
 def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
     """Bytes from --gpu-memory; None ('auto' or absent) lets `plan_for` use free memory minus its margin."""
-    from .units import format_bytes, parse_budget
+    from .planning.units import format_bytes, parse_budget
 
     budget = parse_budget(gpu_memory)
     if budget is None or budget == "auto":

@@ -10,7 +10,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import OverspillError
-from .units import format_bytes
+from .planning.units import format_bytes
 
 
 class TimingStreamer(BaseStreamer):

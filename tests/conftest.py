@@ -93,6 +93,6 @@ def tiny_checkpoint(tmp_path_factory):
 def default_model_dir(overspill_cache) -> Path:
     """The embedded SmolLM2 GGUF converted (once, in this process) into the session cache, so CLI
     subprocesses started later all find the converted copy instead of racing to write it."""
-    from overspill.sources import resolve
+    from overspill.runtime.sources import resolve
 
     return resolve(None).config_dir

@@ -27,8 +27,8 @@ CHAT, COMPLETION = "/v1/chat/completions", "/v1/completions"
 @pytest.fixture(scope="module")
 def served(default_model_dir):
     import overspill
-    from overspill.engine import Engine
-    from overspill.openai_protocol import ServerConfig
+    from overspill.serving.engine import Engine
+    from overspill.serving.openai_protocol import ServerConfig
 
     # float32: batched and lone decodes then agree exactly; in bf16 their rounding differs (batch
     # shapes change the matmul reductions) and greedy texts can part after a dozen tokens.
@@ -43,7 +43,7 @@ def served(default_model_dir):
 
 def run(served, inp: Path, out: Path, timeout: float = 120.0):
     """`run_batch` on `served` = (engine, config), failing instead of hanging if the engine thread dies or stalls."""
-    from overspill.batch import run_batch
+    from overspill.serving.batch import run_batch
 
     engine, config = served
     done: dict = {}
@@ -132,8 +132,8 @@ def test_mixed_chat_and_completion_lines(mixed):
 
 
 def test_greedy_batch_equals_each_request_alone(served, mixed):
-    from overspill.engine import GenerationRequest
-    from overspill.openai_protocol import _chat_ids
+    from overspill.serving.engine import GenerationRequest
+    from overspill.serving.openai_protocol import _chat_ids
 
     engine, _ = served
     _, rows = mixed
@@ -229,7 +229,7 @@ def test_resume_runs_only_missing_custom_ids(served, tmp_path, monkeypatch):
 
 def alone(engine, prompt: str, max_tokens: int, **sampling) -> str:
     """A completion prompt's text generated alone on the engine."""
-    from overspill.engine import GenerationRequest
+    from overspill.serving.engine import GenerationRequest
 
     ids = tuple(engine.tokenizer(prompt)["input_ids"])
     return "".join(e.text for e in engine.submit(GenerationRequest(ids, max_tokens, **sampling)))
@@ -239,7 +239,7 @@ def test_bad_lines_fail_alone_and_resume_reruns_server_errors(served, tmp_path, 
     """Lines that once killed the engine (seed 2**70) or failed every row of their batch (temperature
     1e-300, top_k 2**63), and one whose detokenizing raises: each gets its own row, every good line its
     normal answer. A rerun runs again only the row that failed with a server error (5xx)."""
-    from overspill.detok import TextStream
+    from overspill.serving.detok import TextStream
 
     engine, _ = served
     push = TextStream.push
@@ -290,8 +290,8 @@ def test_bad_lines_fail_alone_and_resume_reruns_server_errors(served, tmp_path, 
 
 
 def test_a_dead_engine_stops_the_batch_and_a_rerun_finishes_it(served, tmp_path, monkeypatch):
-    from overspill.engine import Engine
     from overspill.errors import OverspillError
+    from overspill.serving.engine import Engine
 
     engine, config = served
     doomed = Engine(engine.model, engine.tokenizer, max_queue=QUEUE, max_batch=MAX_BATCH)

@@ -14,8 +14,8 @@ import contextlib
 import pytest
 import torch
 
-from overspill.executor import LayerRing
-from overspill.streams import CudaCopier
+from overspill.runtime.executor import LayerRing
+from overspill.runtime.streams import CudaCopier
 
 
 class Sim:

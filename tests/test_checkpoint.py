@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from overspill import checkpoint
-from overspill.checkpoint import CheckpointReader, RandomWeights
 from overspill.errors import OverspillError
+from overspill.runtime import checkpoint
+from overspill.runtime.checkpoint import CheckpointReader, RandomWeights
 
 
 def test_random_weights_same_for_any_destination_and_chunked(monkeypatch) -> None:
@@ -46,7 +46,7 @@ def tiny_model(model_type: str, **sizes):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from overspill.loader import build_skeleton
+    from overspill.runtime.loader import build_skeleton
 
     shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48,
              "vocab_size": 64, **sizes}

@@ -1,6 +1,6 @@
 """Scenario tests of the cost model (`costmodel.predict` through `plan_for`) on reference profiles.
 
-Every expected number is computed by hand from the derivation in `overspill/costmodel.py`; the
+Every expected number is computed by hand from the derivation in `overspill/planning/costmodel.py`; the
 comment above each assertion shows the arithmetic. Pure Python: no torch, no model.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from overspill.plan import Workload, footprint_from_spec, greedy_plan, max_batch, plan_for, with_prediction
-from overspill.profile import REFERENCE_PROFILES
-from overspill.spec import spec_from_config
+from overspill.planning.plan import Workload, footprint_from_spec, greedy_plan, max_batch, plan_for, with_prediction
+from overspill.planning.profile import REFERENCE_PROFILES
+from overspill.planning.spec import spec_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
@@ -167,5 +167,5 @@ def test_moe_resident_layers_read_only_routed_experts() -> None:
 
 
 def test_planning_modules_import_without_torch() -> None:
-    code = "import overspill.plan, overspill.costmodel, overspill.profile, sys; assert 'torch' not in sys.modules"
+    code = "import overspill.planning.plan, overspill.planning.costmodel, overspill.planning.profile, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from overspill.batching import DecodeBatch, mergeable
-from overspill.engine import Engine, GenerationRequest
+from overspill.serving.batching import DecodeBatch, mergeable
+from overspill.serving.engine import Engine, GenerationRequest
 
 from test_placement import load_tiny
 
@@ -236,7 +236,7 @@ def test_decode_batch_keeps_sliding_layers_on_the_global_timeline():
 def test_failures_end_only_their_requests_and_free_their_kv(tiny_checkpoint, monkeypatch):
     """A sampling failure on a chunked prompt, and a forward failure of a decode step, each end with an
     error event; KV is freed and the engine keeps serving."""
-    import overspill.sampling as sampling
+    import overspill.serving.sampling as sampling
 
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     engine = _engine(model, max_batch=4, prefill_chunk=4)
@@ -307,7 +307,7 @@ def test_live_count_includes_requests_being_prefilled(tiny_checkpoint):
 def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint):
     """Prompts prefilled together store their blocks (from any row of the padded pass); a later prompt
     long enough to be prefilled alone restores the shared blocks and computes only the rest."""
-    from overspill.prefix import PrefixCache
+    from overspill.runtime.prefix import PrefixCache
 
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     shared = tuple(range(40, 56))  # 4 blocks of 4 tokens
@@ -398,7 +398,7 @@ def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_check
 
 
 def test_graph_buckets_are_powers_of_two_up_to_the_batch():
-    from overspill.graph_batch import bucket_for
+    from overspill.serving.graph_batch import bucket_for
 
     assert [bucket_for(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
     assert [bucket_for(n, 64) for n in (1, 3, 17, 64)] == [1, 4, 32, 64]
@@ -411,8 +411,8 @@ def test_graphed_batch_decodes_as_the_dynamic_batch(tiny_checkpoint, arch):
     requests run alone through the dynamic batch, while rows join, leave and get compacted."""
     import random
 
-    from overspill.graph_batch import GraphedBatch
-    from overspill.graphs import enable_graphs
+    from overspill.runtime.graphs import enable_graphs
+    from overspill.serving.graph_batch import GraphedBatch
 
     model = load_tiny(tiny_checkpoint(arch), resident=4)
     plain = _engine(model, max_batch=4, prefill_chunk=5)
@@ -441,8 +441,8 @@ def test_graphed_batch_decodes_as_the_dynamic_batch(tiny_checkpoint, arch):
 def test_graphed_batch_warm_up_captures_every_bucket_and_leaves_it_empty(tiny_checkpoint, monkeypatch):
     """Before serving, each batch bucket's step is captured once per ring phase (simulated on the CPU:
     a "capture" records its key and replays run the step eagerly); requests then decode as before."""
-    from overspill.graph_batch import GraphedBatch
-    from overspill.graphs import StepGraphs, enable_graphs
+    from overspill.runtime.graphs import StepGraphs, enable_graphs
+    from overspill.serving.graph_batch import GraphedBatch
 
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     plain = _engine(model, max_batch=5, prefill_chunk=5)

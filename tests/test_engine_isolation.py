@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import pytest
 
-import overspill.engine as engine_module
-import overspill.sampling as sampling
-from overspill.detok import TextStream
-from overspill.engine import Engine, Event, GenerationRequest
+import overspill.serving.engine as engine_module
+import overspill.serving.sampling as sampling
+from overspill.serving.detok import TextStream
+from overspill.serving.engine import Engine, Event, GenerationRequest
 
 from test_engine import IdsTokenizer, _engine
 from test_placement import load_tiny

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 import overspill
-from overspill.kv import PresizedLayer, cache_kwargs, presized_cache
-from overspill.plan import PREFILL_CHUNK_TOKENS
+from overspill.planning.plan import PREFILL_CHUNK_TOKENS
+from overspill.runtime.kv import PresizedLayer, cache_kwargs, presized_cache
 
 from conftest import VOCAB
 
@@ -115,7 +115,7 @@ def test_presized_layer_reuses_its_buffer_after_reset(reference) -> None:
 
 
 def test_tiered_cache_device_layers_are_presized(reference) -> None:
-    from overspill.kv import HostKVLayer, TieredCache
+    from overspill.runtime.kv import HostKVLayer, TieredCache
 
     cache = TieredCache(reference.config, {0, 1}, capacity=64, block_tokens=16)
     kinds = [type(layer) for layer in cache.layers]

@@ -45,8 +45,8 @@ def test_streamed_tokens_equal_resident_on_cuda(tiny_checkpoint, resident):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, budget_for
+    from overspill.planning.plan import Workload, budget_for
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = tiny_checkpoint
     skeleton = build_skeleton(config, torch.bfloat16)
@@ -118,7 +118,7 @@ def test_pipeline_on_streamed_model(tmp_path, monkeypatch):
 
 
 def test_pinned_host_buffers_are_page_locked():
-    from overspill.layout import pinned_bytes
+    from overspill.runtime.layout import pinned_bytes
 
     buf = pinned_bytes(3 * 2**20 + 17)
     assert buf.is_pinned() and buf.numel() == 3 * 2**20 + 17
@@ -130,8 +130,8 @@ def test_typed_host_tensors_stay_page_locked():
 
     from transformers import LlamaConfig
 
-    from overspill.layout import host_tensor
-    from overspill.prefix import PrefixCache
+    from overspill.runtime.layout import host_tensor
+    from overspill.runtime.prefix import PrefixCache
 
     typed = host_tensor((64, 8, 128), torch.bfloat16, pinned=True)
     gc.collect()
@@ -148,7 +148,7 @@ def test_tiered_cache_on_cuda_matches_dynamic_cache(tiny_checkpoint, host_fracti
     """Host-tier KV staged through the CUDA ring (side stream, events) gives the default cache's tokens."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from overspill.kv import TieredCache, cache_kwargs
+    from overspill.runtime.kv import TieredCache, cache_kwargs
 
     path, config = tiny_checkpoint
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from overspill.engine import Engine, GenerationRequest
+from overspill.serving.engine import Engine, GenerationRequest
 
 from test_engine import NEW, PROMPTS, IdsTokenizer, Steps, _outputs, _requests
 
@@ -22,8 +22,8 @@ def test_batched_greedy_equals_solo_on_cuda(tiny_checkpoint, arch):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, budget_for
+    from overspill.planning.plan import Workload, budget_for
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path = tiny_checkpoint(arch)
     skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
@@ -55,9 +55,9 @@ def test_graphed_engine_equals_solo_on_cuda(tiny_checkpoint, arch):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.graph_batch import GraphedBatch
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, budget_for
+    from overspill.planning.plan import Workload, budget_for
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
+    from overspill.serving.graph_batch import GraphedBatch
 
     path = tiny_checkpoint(arch)
     skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)

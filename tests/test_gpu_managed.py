@@ -17,8 +17,8 @@ def test_managed_streaming_gives_resident_tokens(tmp_path_factory, streaming):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, budget_for
+    from overspill.planning.plan import Workload, budget_for
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = save_tiny("llama", tmp_path_factory)
     skeleton = build_skeleton(config, torch.bfloat16)
@@ -42,7 +42,7 @@ def test_managed_streaming_gives_resident_tokens(tmp_path_factory, streaming):
 def test_managed_streaming_refused_beyond_half_of_free_memory_on_pcie():
     import overspill
     from overspill.errors import OverspillError
-    from overspill.hardware import coherent_platform
+    from overspill.runtime.hardware import coherent_platform
 
     if coherent_platform(0):
         pytest.skip("coherent platform: managed memory may exceed GPU memory")
@@ -55,8 +55,8 @@ def test_mapped_streaming_decodes_through_graphs(tmp_path_factory):
     pytest.importorskip("cuda.bindings")
     import overspill
     from overspill.api import placement_of
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, budget_for
+    from overspill.planning.plan import Workload, budget_for
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = save_tiny("llama", tmp_path_factory)
     skeleton = build_skeleton(config, torch.bfloat16)

@@ -29,7 +29,7 @@ import ctypes, json, sys, torch
 from transformers import pipeline
 unified = sys.argv[2] == "unified"
 if unified:
-    from overspill.unified import enable_unified_memory
+    from overspill.runtime.unified import enable_unified_memory
     decision = enable_unified_memory("2GiB")
 pipe = pipeline("text-generation", model=sys.argv[1], dtype=torch.bfloat16, device="cuda:0")
 out = pipe("The highest mountain", max_new_tokens=12, do_sample=False, return_full_text=False)

@@ -15,7 +15,7 @@ from conftest import N_LAYERS
 from test_placement import generate_with_logits, load_tiny, prompts, reference  # noqa: F401 - fixture
 
 from overspill.api import placement_of
-from overspill.graphs import GraphCache, enable_graphs, graphs_supported
+from overspill.runtime.graphs import GraphCache, enable_graphs, graphs_supported
 
 GRAPHABLE = ["llama", "mixtral", "qwen3"]
 
@@ -69,8 +69,8 @@ def test_sliding_window_models_are_not_graphed(arch: str, tiny_checkpoint) -> No
 @pytest.mark.parametrize(("streamed", "slots"), [(8, 3), (6, 3), (5, 2), (1, 2)])
 def test_ring_phases_repeat_every_slots_over_gcd_steps(streamed: int, slots: int) -> None:
     """A graph per phase covers every step: the phase sequence is periodic with slots / gcd."""
-    from overspill.executor import LayerRing
-    from overspill.streams import HostCopier
+    from overspill.runtime.executor import LayerRing
+    from overspill.runtime.streams import HostCopier
 
     ring = LayerRing([torch.empty(4) for _ in range(slots)], HostCopier())
     ring.layers = [object()] * streamed  # positions only; no layer runs
@@ -104,7 +104,7 @@ def test_one_token_prompt_and_a_reused_cache_match_transformers(tiny_checkpoint,
 
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_decode_attention_matches_sdpa_with_repeated_heads(q_len: int) -> None:
-    from overspill.graphs import decode_attention
+    from overspill.runtime.graphs import decode_attention
 
     gen = torch.Generator().manual_seed(0)
     b, heads, kv_heads, length, d = 2, 8, 2, 12, 16
@@ -124,8 +124,8 @@ def test_decode_attention_matches_sdpa_with_repeated_heads(q_len: int) -> None:
 def test_a_freed_slot_gets_its_next_copy_at_once(streamed: int, slots: int) -> None:
     """The copy into a slot is issued as its previous user exits, not when the layer before its
     next user enters: with few streamed layers, every resident layer in between hides the copy."""
-    from overspill.executor import LayerRing
-    from overspill.streams import HostCopier
+    from overspill.runtime.executor import LayerRing
+    from overspill.runtime.streams import HostCopier
 
     class Recorder(HostCopier):
         def __init__(self) -> None:

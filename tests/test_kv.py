@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import overspill
 from overspill.errors import OverspillError
-from overspill.kv import HostKVLayer, TieredCache, cache_kwargs
+from overspill.runtime.kv import HostKVLayer, TieredCache, cache_kwargs
 
 from conftest import N_LAYERS, VOCAB
 
@@ -66,8 +66,8 @@ def test_tiered_cache_on_streamed_model(tiny_checkpoint, reference) -> None:
     path = tiny_checkpoint("llama")
     from transformers import AutoConfig
 
-    from overspill.loader import build_skeleton, decoder_layers, footprint
-    from overspill.plan import Workload, streaming_plan
+    from overspill.planning.plan import Workload, streaming_plan
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     skeleton = build_skeleton(AutoConfig.from_pretrained(path), torch.float32)
     plan = streaming_plan(footprint(skeleton, decoder_layers(skeleton)[1], torch.float32), Workload(128, 1, 0), 5)
@@ -107,7 +107,7 @@ def _prefill_tokens(model) -> list[int]:
 
 @pytest.mark.parametrize("host_fraction", [0.0, 0.5])
 def test_prefix_reuse_computes_only_new_tokens(host_fraction, tiny_checkpoint) -> None:
-    from overspill.prefix import PrefixCache
+    from overspill.runtime.prefix import PrefixCache
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
     seen = _prefill_tokens(model)
@@ -144,7 +144,7 @@ def test_prefix_reuse_computes_only_new_tokens(host_fraction, tiny_checkpoint) -
 
 
 def test_prefix_abort_forgets_unwritten_blocks(tiny_checkpoint) -> None:
-    from overspill.prefix import PrefixCache
+    from overspill.runtime.prefix import PrefixCache
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
     prefix = PrefixCache(model.config, capacity_tokens=16 * BLOCK, block_tokens=BLOCK, dtype=torch.float32)
@@ -157,7 +157,7 @@ def test_prefix_abort_forgets_unwritten_blocks(tiny_checkpoint) -> None:
 
 @pytest.mark.parametrize("arch", ["gemma2", "mistral", "phi3"])  # mistral and phi3 set a window but no layer_types
 def test_prefix_cache_refuses_sliding_window_models(reference, arch) -> None:
-    from overspill.prefix import PrefixCache
+    from overspill.runtime.prefix import PrefixCache
 
     with pytest.raises(OverspillError, match="sliding"):
         PrefixCache(reference(arch).config, capacity_tokens=1024)
@@ -218,8 +218,8 @@ def test_pipeline_with_host_kv_answers(default_model_dir) -> None:
 
 def test_prefix_restores_blocks_scattered_over_the_pool(tiny_checkpoint) -> None:
     """Copies go per run of consecutive pool blocks; a fragmented pool must restore the same KV."""
-    from overspill.kvblocks import KVTier
-    from overspill.prefix import PrefixCache, _runs
+    from overspill.planning.kvblocks import KVTier
+    from overspill.runtime.prefix import PrefixCache, _runs
 
     assert _runs([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from overspill.errors import OverspillError
-from overspill.kvblocks import (
+from overspill.planning.kvblocks import (
     BlockRef,
     KVBlockManager,
     KVCapacityError,
@@ -402,7 +402,7 @@ def test_randomized_invariants() -> None:
 
 
 def test_prefix_hashes_are_stable_across_processes() -> None:
-    code = "from overspill.kvblocks import prefix_hashes; print(prefix_hashes(list(range(40)), 16))"
+    code = "from overspill.planning.kvblocks import prefix_hashes; print(prefix_hashes(list(range(40)), 16))"
     outs = {
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout
@@ -414,5 +414,5 @@ def test_prefix_hashes_are_stable_across_processes() -> None:
 
 
 def test_imports_without_torch() -> None:
-    code = "import overspill.kvblocks, sys; assert 'torch' not in sys.modules, 'kvblocks imported torch'"
+    code = "import overspill.planning.kvblocks, sys; assert 'torch' not in sys.modules, 'kvblocks imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

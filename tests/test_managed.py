@@ -10,9 +10,9 @@ import torch
 from test_capture_schedule import device  # noqa: F401 - the simulated-device fixture
 
 from overspill.errors import OverspillError
-from overspill.executor import LayerRing
-from overspill.managed import check_managed_bytes
-from overspill.plan import Plan, choose_streaming
+from overspill.planning.plan import Plan, choose_streaming
+from overspill.runtime.executor import LayerRing
+from overspill.runtime.managed import check_managed_bytes
 
 GiB = 2**30
 
@@ -46,7 +46,7 @@ def test_managed_streaming_needs_cuda(tiny_checkpoint) -> None:
 
 
 def test_managed_memory_without_cuda_bindings_names_the_package(monkeypatch) -> None:
-    from overspill.managed import ManagedMemory
+    from overspill.runtime.managed import ManagedMemory
 
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     with pytest.raises(OverspillError, match="cuda-bindings"):
@@ -56,7 +56,7 @@ def test_managed_memory_without_cuda_bindings_names_the_package(monkeypatch) -> 
 def test_plan_records_and_reports_managed_streaming() -> None:
     from dataclasses import replace
 
-    from overspill.plan import Footprint, Workload, greedy_plan
+    from overspill.planning.plan import Footprint, Workload, greedy_plan
 
     fp = Footprint(layer_bytes=(100,) * 8, embed_bytes=50, head_bytes=50, other_bytes=1, tied_embeddings=False,
                    kv_bytes_per_token=8, activation_bytes_per_token=4)
@@ -110,14 +110,14 @@ def test_in_place_ring_fetches_layers_ahead_without_slot_buffers() -> None:
 
 
 def _streamed_footprint(layer_bytes: int = 10 * GiB):
-    from overspill.plan import Footprint
+    from overspill.planning.plan import Footprint
 
     return Footprint(layer_bytes=(layer_bytes,) * 8, embed_bytes=GiB, head_bytes=GiB, other_bytes=1,
                      tied_embeddings=False, kv_bytes_per_token=8, activation_bytes_per_token=4)
 
 
 def _streamed_plan(layer_bytes: int = 10 * GiB):
-    from overspill.plan import Workload, greedy_plan
+    from overspill.planning.plan import Workload, greedy_plan
 
     return greedy_plan(_streamed_footprint(layer_bytes), 40 * GiB, Workload(16, 1, activation_floor=0), depth=2)
 
@@ -125,7 +125,8 @@ def _streamed_plan(layer_bytes: int = 10 * GiB):
 @pytest.fixture
 def pcie_gpu(monkeypatch):
     """`_with_streaming` on a simulated CUDA device: (set_free(bytes), set_coherent(bool), set_bindings(bool))."""
-    from overspill import api, hardware
+    from overspill import api
+    from overspill.runtime import hardware
 
     state = {"free": 79 * GiB, "coherent": False, "bindings": True}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * GiB))
@@ -175,7 +176,7 @@ def test_managed_copier_evicts_after_compute_and_fetches_after_eviction(device) 
     occupant's eviction; a layer fetched but never computed (ring restart) is sent home too."""
     from test_capture_schedule import FakeTensor
 
-    from overspill.streams import ManagedCopier
+    from overspill.runtime.streams import ManagedCopier
 
     memory = _Memory(device)
     copier = ManagedCopier(torch.device("cuda"), 2, memory)
@@ -210,8 +211,8 @@ def test_managed_copier_evicts_after_compute_and_fetches_after_eviction(device) 
 def test_mapped_ring_issues_nothing_and_computes_in_place() -> None:
     """Mapped layers are read where they are: the ring's copies and events are no-ops, and a
     graphed step over them has no captured events to replay."""
-    from overspill.executor import LayerRing
-    from overspill.streams import MappedCopier
+    from overspill.runtime.executor import LayerRing
+    from overspill.runtime.streams import MappedCopier
 
     copier = MappedCopier()
     ring = LayerRing([], copier, in_place_slots=2)
@@ -226,8 +227,8 @@ def test_mapped_ring_issues_nothing_and_computes_in_place() -> None:
 def test_mapped_plans_are_predicted_at_the_measured_in_place_read_speed() -> None:
     from dataclasses import replace
 
-    from overspill.plan import with_prediction
-    from overspill.profile import REFERENCE_PROFILES
+    from overspill.planning.plan import with_prediction
+    from overspill.planning.profile import REFERENCE_PROFILES
 
     plan = _streamed_plan()
     fp = _streamed_footprint()
@@ -240,7 +241,7 @@ def test_mapped_plans_are_predicted_at_the_measured_in_place_read_speed() -> Non
 
 
 def test_probe_measures_no_mapped_speed_without_managed_memory(monkeypatch) -> None:
-    from overspill.hardware import measure_mapped
+    from overspill.runtime.hardware import measure_mapped
 
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     assert measure_mapped(torch.device("cuda", 0)) == 0.0

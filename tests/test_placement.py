@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import overspill
 from overspill.api import placement_of
-from overspill.executor import HostEmbedding, StreamedLayer
-from overspill.loader import build_skeleton, decoder_layers, footprint
-from overspill.plan import Tier, Workload, budget_for, streaming_plan
+from overspill.planning.plan import Tier, Workload, budget_for, streaming_plan
+from overspill.runtime.executor import HostEmbedding, StreamedLayer
+from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
 from conftest import ARCHS, N_LAYERS, TINY_CONFIGS, VOCAB
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from overspill.errors import OverspillError
-from overspill.profile import REFERENCE_PROFILES
-from overspill.plan import (
+from overspill.planning.plan import (
     DEFAULT_DEPTH,
     Footprint,
     Plan,
@@ -24,7 +23,8 @@ from overspill.plan import (
     with_prediction,
     workspace_bytes,
 )
-from overspill.units import format_bytes
+from overspill.planning.profile import REFERENCE_PROFILES
+from overspill.planning.units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -248,8 +248,8 @@ def test_plan_module_imports_no_torch() -> None:
     """Planning must stay pure: importing the planner (through the package) pulls in no torch."""
     code = """
 import sys
-import overspill.plan, overspill.units, overspill.errors
-from overspill.plan import Footprint, Workload, greedy_plan
+import overspill.planning.plan, overspill.planning.units, overspill.errors
+from overspill.planning.plan import Footprint, Workload, greedy_plan
 p = greedy_plan(Footprint((10,) * 4, 5, 5, 0, False, 1, 1), 40, Workload(1, 1, activation_floor=0))
 assert p.streamed_layers, p
 bad = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]
@@ -261,7 +261,7 @@ assert not bad, bad
 def test_serving_batch_shrinks_until_the_kv_stays_on_the_gpu() -> None:
     """6 GiB on the 8B shape: 64 sequences of 256 tokens push KV to host memory, which the serving
     engine cannot batch; the largest batch whose KV stays on the device is planned instead."""
-    from overspill.plan import device_kv_workload
+    from overspill.planning.plan import device_kv_workload
 
     budget = 6 * 2**30
     want = Workload(256, 64)
@@ -283,9 +283,9 @@ def test_serving_pass_bound_keeps_layers_resident_that_a_batch_prefill_would_nee
     generate prefills the whole batch at once. On the 8B shape at 6 GiB, 64 sequences of 256
     tokens: the generate reserve leaves no layer resident (what the H100 serving run planned),
     the engine's bound keeps some."""
-    from overspill.configs import shipped_config
-    from overspill.plan import device_kv_workload, footprint_from_spec, pass_tokens
-    from overspill.spec import spec_from_config
+    from overspill.planning.configs import shipped_config
+    from overspill.planning.plan import device_kv_workload, footprint_from_spec, pass_tokens
+    from overspill.planning.spec import spec_from_config
 
     fp = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
     budget = 6 * 2**30

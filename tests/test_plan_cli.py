@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from overspill import cli
-from overspill.plan import Tier, footprint_from_spec, plan_for
-from overspill.planview import layer_groups, render
-from overspill.profile import REFERENCE_PROFILES
-from overspill.spec import spec_from_config
+from overspill.planning.plan import Tier, footprint_from_spec, plan_for
+from overspill.planning.planview import layer_groups, render
+from overspill.planning.profile import REFERENCE_PROFILES
+from overspill.planning.spec import spec_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FLAGS = ["--gpu-memory", "--context", "--batch", "--depth", "--dtype", "--profile", "--json"]

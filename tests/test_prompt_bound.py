@@ -9,7 +9,7 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from overspill.prompt_bound import PromptBound  # noqa: E402
+from overspill.serving.prompt_bound import PromptBound  # noqa: E402
 
 PIECES = ["a", "b", "ab", " ", "  ", "\n", "\t", "é", "e\u0301", "\u1100\u1161\u11a8", "中", "🏔\ufe0f", "#", "=",
           "<|im_start|>", "hello ", "\x00", "\ufffd"]

@@ -1,4 +1,4 @@
-"""Batched sampling and logprobs (`overspill.sampling`) and incremental detokenization (`overspill.detok`)."""
+"""Batched sampling and logprobs (`overspill.serving.sampling`) and incremental detokenization (`overspill.serving.detok`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from overspill.detok import TextStream
-from overspill import sampling
-from overspill.sampling import MIN_TEMPERATURE, logprob_rows, sample_rows, sample_tokens, token_logprobs
+from overspill.serving import sampling
+from overspill.serving.detok import TextStream
+from overspill.serving.sampling import MIN_TEMPERATURE, logprob_rows, sample_rows, sample_tokens, token_logprobs
 
 
 @dataclass

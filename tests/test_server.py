@@ -28,8 +28,8 @@ QUESTION = "What is the highest mountain in the world?"
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    from overspill.openai_protocol import ServerConfig
-    from overspill.server import create_app
+    from overspill.serving.openai_protocol import ServerConfig
+    from overspill.serving.server import create_app
 
     model, tok, context = load_smollm(default_model_dir, CONTEXT)
     app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=LIMIT, api_key=KEY,
@@ -211,8 +211,8 @@ def test_non_streaming_client_that_leaves_cancels_its_request(server, http):
 
 
 def test_logprob_tokens_carry_exact_bytes(server):
-    from overspill.openai_protocol import TokenTexts
-    from overspill.sampling import TokenLogprob
+    from overspill.serving.openai_protocol import TokenTexts
+    from overspill.serving.sampling import TokenLogprob
 
     tok = server.tokenizer
     texts = TokenTexts(tok, threading.Lock())

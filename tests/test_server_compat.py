@@ -23,8 +23,8 @@ TEXT = {"model": NAME, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    from overspill.openai_protocol import ServerConfig
-    from overspill.server import create_app
+    from overspill.serving.openai_protocol import ServerConfig
+    from overspill.serving.server import create_app
 
     model, tok, context = load_smollm(default_model_dir, CONTEXT)
     running = Running(create_app(model, tok, ServerConfig(NAME, context, max_new_tokens_limit=64, max_batch=4)))
@@ -136,13 +136,13 @@ def test_retrieve_model(http):
 
 def _serve_fails(capsys, monkeypatch, *argv: str) -> str:
     """`overspill serve ARGV`'s one-line error; the model must not have been loaded by then."""
-    import overspill.server
+    import overspill.serving.server
     from overspill.cli import main
 
     def no_load(args):
         raise AssertionError("serve loaded the model before checking its address")
 
-    monkeypatch.setattr(overspill.server, "load_for_serving", no_load)
+    monkeypatch.setattr(overspill.serving.server, "load_for_serving", no_load)
     assert main(["serve", *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("overspill: error: ") and "\n" not in err, err
@@ -172,8 +172,8 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(default_model_dir):
 
     from transformers import AutoTokenizer
 
-    from overspill.openai_protocol import ApiError, ServerConfig, generation_request
-    from overspill.schemas import ChatCompletionRequest
+    from overspill.serving.openai_protocol import ApiError, ServerConfig, generation_request
+    from overspill.serving.schemas import ChatCompletionRequest
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"

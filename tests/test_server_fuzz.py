@@ -111,8 +111,8 @@ def _body(rng: random.Random) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    from overspill.openai_protocol import ServerConfig
-    from overspill.server import create_app
+    from overspill.serving.openai_protocol import ServerConfig
+    from overspill.serving.server import create_app
 
     model, tok, context = load_smollm(default_model_dir, 1024)
     running = Running(create_app(model, tok, ServerConfig(NAME, context, max_new_tokens_limit=LIMIT, max_batch=4)))

@@ -34,8 +34,8 @@ def loaded(default_model_dir):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    from overspill.openai_protocol import ServerConfig
-    from overspill.server import create_app
+    from overspill.serving.openai_protocol import ServerConfig
+    from overspill.serving.server import create_app
 
     model, tok, context = loaded
     app = create_app(model, tok, ServerConfig(NAME, context, max_queue=16, max_new_tokens_limit=64, max_batch=8,
@@ -171,14 +171,14 @@ def test_lone_surrogates_keep_the_connection(server, solo):
 
 
 def test_an_unexpected_error_is_a_500_body_on_a_live_connection(server, solo, monkeypatch):
-    import overspill.server
+    import overspill.serving.server
 
     def broken(*args):
         raise RuntimeError("tokenizer exploded on \ud800")
 
     with httpx.Client(base_url=server.base, timeout=20) as c:
         with monkeypatch.context() as patch:
-            patch.setattr(overspill.server, "generation_request", broken)
+            patch.setattr(overspill.serving.server, "generation_request", broken)
             failed = c.post("/v1/chat/completions", json=GOOD)
         err = openai_error(failed, 500)
         assert err["type"] == "server_error" and "tokenizer exploded" in err["message"]
@@ -214,8 +214,8 @@ def test_rejected_giant_prompts_give_their_memory_back(server):
 
 
 def test_health_reports_a_dead_engine(loaded):
-    from overspill.openai_protocol import ServerConfig
-    from overspill.server import create_app
+    from overspill.serving.openai_protocol import ServerConfig
+    from overspill.serving.server import create_app
 
     model, tok, context = loaded
     running = Running(create_app(model, tok, ServerConfig(NAME, context, max_new_tokens_limit=8)))

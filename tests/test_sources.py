@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from overspill.errors import OverspillError
-from overspill.sources import ENCODER_MODEL_TYPES, check_architecture
+from overspill.runtime.sources import ENCODER_MODEL_TYPES, check_architecture
 
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from overspill.configs import SHIPPED, shipped_config, shipped_names  # noqa: E402
-from overspill.spec import ModelSpec, load_config, spec_from_config  # noqa: E402
+from overspill.planning.configs import SHIPPED, shipped_config, shipped_names  # noqa: E402
+from overspill.planning.spec import ModelSpec, load_config, spec_from_config  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -321,8 +321,8 @@ def load(name, path):
     sys.modules[name] = m
     s.loader.exec_module(m)
     return m
-load("probe_configs", {str(ROOT / "overspill" / "configs" / "__init__.py")!r})
-spec = load("probe_spec", {str(ROOT / "overspill" / "spec.py")!r})
+load("probe_configs", {str(ROOT / "overspill" / "planning" / "configs" / "__init__.py")!r})
+spec = load("probe_spec", {str(ROOT / "overspill" / "planning" / "spec.py")!r})
 s = spec.spec_from_config({TINY["mixtral"]!r})
 assert s.num_layers == 3
 bad = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]

@@ -1,4 +1,4 @@
-"""`overspill.unified`: the unified-memory decision on synthetic machines, the errors a user meets,
+"""`overspill.runtime.unified`: the unified-memory decision on synthetic machines, the errors a user meets,
 the RMM allocator swap against a fake `rmm`, and the example's CPU fallback in a real process.
 
 No test here touches CUDA or needs RMM: the apply step runs against fake `rmm` modules injected
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from overspill import unified
 from overspill.errors import OverspillError
-from overspill.profile import REFERENCE_PROFILES
-from overspill.unified import DEFAULT_MARGIN_BYTES, decide, decide_for, enable_unified_memory
+from overspill.planning.profile import REFERENCE_PROFILES
+from overspill.runtime import unified
+from overspill.runtime.unified import DEFAULT_MARGIN_BYTES, decide, decide_for, enable_unified_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -110,7 +110,7 @@ def test_decision_is_frozen_data() -> None:
 
 def test_decision_code_does_not_import_torch() -> None:
     code = (
-        "import sys; from overspill.unified import decide_for; from overspill.profile import REFERENCE_PROFILES;"
+        "import sys; from overspill.runtime.unified import decide_for; from overspill.planning.profile import REFERENCE_PROFILES;"
         "decide_for(REFERENCE_PROFILES['gh200']); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -351,7 +351,7 @@ def test_example_falls_back_to_streaming_on_cpu(default_model_dir) -> None:
 
 def test_rmm_that_does_not_load_gives_a_clear_error(monkeypatch) -> None:
     """RMM found but failing at import (bad CUDA bindings, missing librmm.so): an OverspillError, not a crash."""
-    from overspill import unified
+    from overspill.runtime import unified
 
     monkeypatch.setitem(sys.modules, "rmm", None)  # `import rmm` now raises ImportError
     decision = decide(False, 30 * GiB, 80 * GiB, None, False)

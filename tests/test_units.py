@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from overspill.errors import OverspillError
-from overspill.units import format_bytes, parse_budget, parse_bytes
+from overspill.planning.units import format_bytes, parse_budget, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_format_then_parse_round_trips(n) -> None:
 
 
 def test_dispatch_fit_separates_per_layer_and_per_step_time() -> None:
-    from overspill.hardware import fit_dispatch
+    from overspill.runtime.hardware import fit_dispatch
 
     # 0.7 ms per layer + 2.4 ms per step, exactly
     layer, step = fit_dispatch([(n, 0.0024 + 0.0007 * n) for n in (2, 8, 16)])
@@ -124,7 +124,7 @@ def test_pinned_pages_stay_locked_while_any_view_lives(monkeypatch) -> None:
 
     import torch
 
-    from overspill import layout
+    from overspill.runtime import layout
 
     calls: list[tuple[str, int]] = []
 

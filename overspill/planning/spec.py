@@ -107,7 +107,7 @@ class ModelSpec:
     """Byte-level description of a whole causal LM.
 
     ``head_bytes`` is 0 when the lm_head is tied to the embedding (no extra
-    storage, same convention as ``overspill.plan.Footprint``); the logits then
+    storage, same convention as ``overspill.planning.plan.Footprint``); the logits then
     read ``embed_bytes``.
     """
 
@@ -170,7 +170,7 @@ class ModelSpec:
 
 def load_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
     """Return a config dict from a dict, a config.json path, a directory
-    holding one, or the name of a config shipped in ``overspill.configs``."""
+    holding one, or the name of a config shipped in ``overspill.planning.configs``."""
     if isinstance(config, Mapping):
         return dict(config)
     if not isinstance(config, (str, os.PathLike)):

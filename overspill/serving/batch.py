@@ -25,8 +25,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..errors import OverspillError
 from .engine import Engine, Event, GenerationRequest, InvalidRequest, QueueFull
-from .errors import OverspillError
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, served_name, validation_error,
 )
@@ -334,9 +334,9 @@ def _result_key(raw: bytes, number: int, path: Path) -> tuple[tuple[str, str], i
 
 def batch_main(args) -> int:
     """`overspill batch`: check the paths, load the model, run the file, print the summary."""
-    from .api import placement_of
-    from .prefix import PrefixCache
-    from .units import parse_bytes
+    from ..api import placement_of
+    from ..planning.units import parse_bytes
+    from ..runtime.prefix import PrefixCache
 
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")

@@ -40,11 +40,11 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import OverspillError
-from .units import format_bytes, parse_bytes
+from ..errors import OverspillError
+from ..planning.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
-    from .profile import Profile
+    from ..planning.profile import Profile
 
 __all__ = ["UnifiedMemoryDecision", "decide", "decide_for", "enable_unified_memory", "DEFAULT_MARGIN_BYTES"]
 

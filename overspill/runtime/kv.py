@@ -12,7 +12,7 @@ attends, cyclically across decode steps, with no host synchronisation. A slot is
 when the next host-tier layer starts (its attention has been enqueued by then).
 
 The cache does not share blocks between sequences yet (prefix reuse builds on
-`overspill.kvblocks`), and crop/beam reordering of host-tier layers is refused.
+`overspill.planning.kvblocks`), and crop/beam reordering of host-tier layers is refused.
 
 Device-tier full-attention layers are `PresizedLayer`s: each allocates its KV for the whole
 sequence once, at its first update, and writes new tokens in place. transformers' `DynamicLayer`
@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .errors import OverspillError
+from ..errors import OverspillError
 from .layout import host_tensor
 from .streams import CudaCopier, HostCopier
 

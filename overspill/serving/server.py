@@ -28,14 +28,14 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import OverspillError
+from ..runtime.prefix import PrefixCache
 from .engine import Engine, Event, GenerationRequest, Handle, InvalidRequest, QueueFull
-from .errors import OverspillError
 from .metrics import Metrics
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, load_for_serving, logprobs_body,
     served_name, validation_error,
 )
-from .prefix import PrefixCache
 from .prompt_bound import PromptBound
 from .schemas import ChatCompletionRequest, CompletionRequest, chat_chunk, completion_chunk, new_id, usage
 
@@ -137,7 +137,7 @@ class _Gate:
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     """The FastAPI app. Its lifespan starts the engine thread and stops it at shutdown; the engine is
     at `app.state.engine` (tests use its `live_requests()` and `hold()`)."""
-    from .api import placement_of
+    from ..api import placement_of
 
     if tokenizer is None:
         raise OverspillError("serve needs a tokenizer, and this model has none (a config-only model?)")
@@ -334,9 +334,9 @@ def serve_main(args) -> int:
     """`overspill serve`: check the address, load the model, then serve until interrupted."""
     import uvicorn
 
-    from .api import placement_of
+    from ..api import placement_of
+    from ..planning.units import parse_bytes
     from .openai_protocol import DEFAULT_MAX_BODY_BYTES
-    from .units import parse_bytes
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")

@@ -30,12 +30,12 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
+from ..planning.plan import ENGINE_PREFILL_CHUNK
+from ..runtime.kv import cache_kwarg, kv_dims
+from ..runtime.prefix import Lease, PrefixCache
 from .batching import DecodeBatch, mergeable
 from .detok import TextStream
 from .graph_batch import GraphedBatch
-from .kv import cache_kwarg, kv_dims
-from .plan import ENGINE_PREFILL_CHUNK
-from .prefix import Lease, PrefixCache
 from .requests import (
     Event, GenerationRequest, Handle, InvalidRequest, KVStats, NullMetrics, QueueFull, TokenLogprob, check_request,
 )
@@ -81,7 +81,7 @@ class Engine:
         kv_capacity_tokens: KV tokens the running requests may hold, padding of the shared cache
             included; default: what the plan reserved under a GPU budget (`context x` its batch),
             else `context x max_batch`.
-        prefix_cache: reuse the KV of earlier prompts' leading blocks (`overspill.prefix.PrefixCache`).
+        prefix_cache: reuse the KV of earlier prompts' leading blocks (`overspill.runtime.prefix.PrefixCache`).
         stall_seconds: with work queued or running, `alive` turns False when the loop has not come
             round for this long; generous, since one prefill chunk of a 70B model can take many seconds.
 

@@ -27,9 +27,9 @@ import torch
 from transformers import AttentionInterface, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .errors import OverspillError
+from ..errors import OverspillError
 from .kv import cache_kwarg
-from .loader import provide_cache
+from .loader import placement_of, provide_cache
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +305,6 @@ def enable_graphs(model: torch.nn.Module, capture: bool | None = None) -> Graphe
     `capture` defaults to whether the model runs on CUDA. Returns None, after saying why, when the
     model's decode cannot be graphed (host-tier KV, sliding windows, an attention without 4D masks).
     """
-    from .api import placement_of
-
     placement = placement_of(model)
     reason = graphs_supported(model, placement)
     if reason is not None:

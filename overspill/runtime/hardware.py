@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .profile import Profile
+    from ..planning.profile import Profile
 
 
 def measure_h2d(device: torch.device, nbytes: int = 1 << 30, iters: int = 10, pinned: bool = True) -> float:
@@ -292,8 +292,8 @@ def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: b
 
     Only this function touches the device for planning; `plan` itself is pure.
     """
-    from .errors import OverspillError
-    from .profile import REFERENCE_PROFILES, Profile
+    from ..errors import OverspillError
+    from ..planning.profile import REFERENCE_PROFILES, Profile
     from .sources import cache_dir
 
     if not torch.cuda.is_available():

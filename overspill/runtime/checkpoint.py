@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import OverspillError, one_line
+from ..errors import OverspillError, one_line
 
 CHUNK_ELEMENTS = 1 << 26  # random-weight scratch: 256 MB of float32 at most
 INDEX_FILE = "model.safetensors.index.json"

@@ -21,8 +21,8 @@ import enum
 import json
 from dataclasses import asdict, dataclass, field, replace
 
+from ..errors import OverspillError
 from .costmodel import Prediction, predict
-from .errors import OverspillError
 from .profile import Profile
 from .units import format_bytes
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .errors import OverspillError
-from .kvblocks import Allocation, KVBlockManager
+from ..errors import OverspillError
+from ..planning.kvblocks import Allocation, KVBlockManager
 from .kv import kv_dims, layer_kv
 from .layout import host_tensor
 

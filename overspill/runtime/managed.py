@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from .errors import OverspillError
+from ..errors import OverspillError
 
 NON_COHERENT_FRACTION = 0.5  # of free GPU memory: the most managed memory allowed on a PCIe GPU
 

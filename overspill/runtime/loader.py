@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import OverspillError, one_line
+from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
-from .errors import OverspillError, one_line
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
-from .plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier
 from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,14 @@ class Placement:
         from .kv import presized_cache
 
         return presized_cache(config, tokens)
+
+
+def placement_of(model: nn.Module) -> Placement:
+    """The `Placement` of a model returned by `load`."""
+    placement = getattr(model, "overspill", None)
+    if placement is None:
+        raise OverspillError("this model was not loaded by overspill.load")
+    return placement
 
 
 def provide_cache(model: nn.Module, make: Callable[[int, int], Any]) -> None:

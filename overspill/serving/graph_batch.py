@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .errors import OverspillError
-from .graphs import GraphCache, GraphedDecode, StepGraphs, decode_forward
+from ..errors import OverspillError
+from ..runtime.graphs import GraphCache, GraphedDecode, StepGraphs, decode_forward
 
 
 def bucket_for(rows: int, max_rows: int) -> int:

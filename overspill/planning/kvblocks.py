@@ -25,7 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import OverspillError
+from ..errors import OverspillError
 
 __all__ = [
     "Allocation", "BlockInfo", "BlockRef", "KVBlockManager", "KVCapacityError", "KVTier",
