@@ -94,7 +94,8 @@ def _plan_streaming(args, streamed: int):
     from transformers import AutoConfig
 
     from overspill.planning.configs import shipped_config
-    from overspill.planning.plan import Workload, streaming_plan
+    from overspill.planning.placement import streaming_plan
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     d = dict(shipped_config(args.model))

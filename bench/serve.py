@@ -455,7 +455,7 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import serving_pass_tokens
+    from overspill.planning.placement import serving_pass_tokens
     from overspill.runtime.hardware import machine_facts
     from overspill.serving.server import create_app
 

@@ -11,16 +11,18 @@ from typing import Any
 import torch
 
 from .errors import OverspillError, one_line
+from .planning.placement import (
+    choose_streaming,
+    device_kv_workload,
+    greedy_plan,
+    with_prediction,
+)
 from .planning.plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
     MANAGED_MODES,
     Plan,
     Workload,
-    choose_streaming,
-    device_kv_workload,
-    greedy_plan,
-    with_prediction,
 )
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -182,7 +184,7 @@ def load(
             what was planned. Ignored with `kv_gpu_memory`.
         pass_tokens: the most tokens one forward pass holds, for the activation reserve; 0 means
             what `generate` needs (batch x prompt, up to 2048 tokens each). The serving engine
-            passes its bound (`plan.serving_pass_tokens`), so the budget keeps more layers resident.
+            passes its bound (`placement.serving_pass_tokens`), so the budget keeps more layers resident.
         streaming: how streamed layers move: "copy" (pinned host memory copied into GPU ring
             slots), "managed" (CUDA managed memory, bulk-prefetched `depth` layers ahead and evicted
             after use), "mapped" (managed memory the GPU reads in place over the link), or "auto":

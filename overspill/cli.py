@@ -1,19 +1,15 @@
-"""`overspill` command line: one dispatcher over each action's `main(args)`."""
+"""`overspill` command line: the argument parser and one dispatcher over each action's `main(args)`
+(in `overspill.commands`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
+from . import commands
 from .errors import OverspillError
 from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH
-
-if TYPE_CHECKING:
-    from .planning.profile import Profile
-    from .planning.spec import ModelSpec
 
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
@@ -80,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cuda-graphs", action="store_true",
                      help="replay each decode step as a CUDA graph over a static KV cache of --context tokens "
                      "(CUDA only; models with host-tier KV or sliding windows decode eagerly). Default: off.")
-    run.set_defaults(func=_run_main)
+    run.set_defaults(func=commands.run_main)
     _add_probe_parser(sub)
     _add_plan_parser(sub)
     _add_serve_parser(sub)
@@ -125,7 +121,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
                        help="largest max_tokens a request may ask for; chat requests without max_tokens may generate "
                        "this many, completions without it 16, as at OpenAI (default 2048).")
-    batch.set_defaults(func=_batch_main)
+    batch.set_defaults(func=commands.batch_main)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -146,7 +142,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="largest request body, e.g. 4MiB; a larger one is answered 413 before it is read "
                        "(default 4MiB).")
     _add_max_batch(serve)
-    serve.set_defaults(func=_serve_main)
+    serve.set_defaults(func=commands.serve_main)
 
 
 def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
@@ -158,10 +154,11 @@ def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
     )
     probe.add_argument("--refresh", action="store_true", help="measure again instead of using the cached profile (default: use the cache).")
     probe.add_argument("--json", action="store_true", help="print the profile as JSON instead of a summary (default: summary).")
-    probe.set_defaults(func=_probe_main)
+    probe.set_defaults(func=commands.probe_main)
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from .planning.configs import shipped_names
     from .planning.profile import REFERENCE_PROFILES
 
     plan = sub.add_parser(
@@ -172,7 +169,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument(
         "model", metavar="MODEL",
-        help=f"shipped config name ({', '.join(_shipped_names())}), a directory containing config.json, "
+        help=f"shipped config name ({', '.join(shipped_names())}), a directory containing config.json, "
         "a config.json path, or a Hugging Face id whose config.json is already in the local cache (never downloaded).",
     )
     plan.add_argument(
@@ -208,203 +205,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "per sequence) instead of a whole batch of prompts. Default: plan for `generate`.",
     )
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan) instead of the table.")
-    plan.set_defaults(func=_plan_main)
-
-
-def _shipped_names() -> list[str]:
-    from .planning.configs import shipped_names
-
-    return shipped_names()
-
-
-def _run_main(args: argparse.Namespace) -> int:
-    from .run import run
-
-    run(args)
-    return 0
-
-
-def _serve_main(args: argparse.Namespace) -> int:
-    try:
-        from .serving.server import serve_main
-    except ImportError as exc:
-        raise OverspillError(f"serve needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
-    return serve_main(args)
-
-
-def _batch_main(args: argparse.Namespace) -> int:
-    try:
-        from .serving.batch import batch_main
-    except ImportError as exc:
-        raise OverspillError(f"batch needs the server extras ({exc.name} is missing): pip install 'overspill[server]'") from None
-    return batch_main(args)
-
-
-def _probe_main(args: argparse.Namespace) -> int:
-    from .runtime.hardware import probe
-
-    profile = probe(refresh=args.refresh)
-    cpu_only = profile.gpu_total_bytes == 0
-    if args.json:
-        print(profile.to_json())
-        if cpu_only:
-            print("no CUDA device: this is the CPU-only profile", file=sys.stderr)
-        return 0
-    print(profile.summary())
-    if cpu_only:
-        print("no CUDA device: this is the CPU-only profile (plan for a GPU with `overspill plan MODEL --profile NAME`)")
-    else:
-        from .runtime.sources import cache_dir
-
-        print(f"cached in {cache_dir() / 'profile.json'} (--refresh measures again)")
-    return 0
-
-
-def _plan_main(args: argparse.Namespace) -> int:
-    from .planning import planview
-    from .planning.plan import Workload, device_kv_workload, footprint_from_spec, plan_for, serving_pass_tokens
-
-    if args.context < 1 or args.batch < 1:
-        raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
-    if args.depth < 1:
-        raise OverspillError(f"prefetch --depth must be at least 1, got {args.depth}")
-    spec = _plan_spec(args.model, args.dtype)
-    profile, note = _plan_profile(args.profile)
-    budget = _plan_budget(args.gpu_memory, profile)
-    fp = footprint_from_spec(spec)
-    from .planning.units import parse_bytes
-
-    kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
-    workload = Workload(args.context, args.batch)
-    if args.serve:
-        workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch))
-        if kv is None and budget is not None:
-            workload = device_kv_workload(fp, budget, workload, args.depth)
-    plan = plan_for(fp, profile, workload, budget, args.depth, kv_device_bytes=kv)
-    if args.json:
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-        print(planview.as_json(plan, spec, profile, args.model))
-        return 0
-    print(planview.render(plan, fp, spec, profile, args.model))
-    if note:
-        print(f"note: {note}")
-    return 0
-
-
-def _plan_spec(model: str, dtype: str) -> ModelSpec:
-    """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
-    from .errors import one_line
-    from .planning.spec import spec_from_config
-    from .runtime.sources import check_architecture
-
-    config = _plan_config(model)
-    check_architecture(config, model)
-    try:
-        return spec_from_config(config, dtype)
-    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # a missing, mistyped or zero size
-        raise OverspillError(f"cannot plan {model}: {one_line(exc)}; check its config.json") from None
-
-
-def _plan_config(model: str) -> dict:
-    """Config dict for a shipped name, a directory, a config.json path or a cached Hugging Face id."""
-    import json
-
-    from .planning.configs import SHIPPED, shipped_config
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise OverspillError(f"{model} has no config.json, so it is not a Hugging Face model directory")
-    if not path.is_file():
-        if model in SHIPPED:
-            return shipped_config(model)
-        path = _hub_config(model)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise OverspillError(f"cannot read {path} as a JSON config: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise OverspillError(f"{path} is not a config.json: it holds a JSON {type(config).__name__}, not an object")
-    return config
-
-
-def _hub_config(repo_id: str) -> Path:
-    """config.json of a Hugging Face id, only from the local cache: planning never downloads."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise OverspillError(
-            f"model {repo_id!r} not found: it is not a directory, a config.json, a shipped config "
-            f"({', '.join(_shipped_names())}) or a Hugging Face id (owner/name)"
-        )
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # invalid repo id, unreadable cache: both mean "not available locally"
-        found = None
-    if not isinstance(found, str):
-        raise OverspillError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and overspill does not download; "
-            f"fetch it first (`hf download {repo_id} config.json`) or pass a local directory"
-        )
-    return Path(found)
-
-
-def _plan_profile(name: str | None) -> tuple[Profile, str | None]:
-    """(profile, note): the named reference, else this machine's probe if it has a GPU, else h100-pcie5."""
-    from .planning.profile import REFERENCE_PROFILES
-
-    if name is not None:
-        profile = REFERENCE_PROFILES[name]
-        if profile.gpu_total_bytes == 0:
-            raise OverspillError(
-                f"profile {name!r} has no GPU to place layers on; pick a GPU profile with --profile "
-                f"({', '.join(n for n, p in sorted(REFERENCE_PROFILES.items()) if p.gpu_total_bytes)})"
-            )
-        return profile, None
-    fallback = (
-        "planned for the reference profile h100-pcie5, not a measured machine: "
-        "run `overspill probe` on the GPU machine and plan there for its own numbers"
-    )
-    if not _cuda_device_present():
-        return REFERENCE_PROFILES["h100-pcie5"], fallback
-    from .runtime.hardware import probe
-    from .runtime.sources import cache_dir
-
-    if not (cache_dir() / "profile.json").exists():
-        print("probing this machine once (about 10 s; `overspill probe` shows it)...", file=sys.stderr, flush=True)
-    profile = probe()
-    if profile.gpu_total_bytes == 0:  # a GPU is present but this torch cannot use it
-        return REFERENCE_PROFILES["h100-pcie5"], fallback
-    return profile, None
-
-
-def _cuda_device_present() -> bool:
-    """Whether the CUDA driver sees a GPU, asked through libcuda: importing torch to ask costs ~2 s."""
-    import ctypes
-
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-
-
-def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
-    """Bytes from --gpu-memory; None ('auto' or absent) lets `plan_for` use free memory minus its margin."""
-    from .planning.units import format_bytes, parse_budget
-
-    budget = parse_budget(gpu_memory)
-    if budget is None or budget == "auto":
-        return None
-    if budget > profile.gpu_free_bytes:
-        raise OverspillError(
-            f"--gpu-memory {format_bytes(budget)} is more than the {format_bytes(profile.gpu_free_bytes)} "
-            f"free on {profile.name}; pass a smaller --gpu-memory or another --profile"
-        )
-    return budget
+    plan.set_defaults(func=commands.plan_main)
 
 
 def main(argv: list[str] | None = None) -> int:

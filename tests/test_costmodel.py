@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from overspill.planning.plan import Workload, footprint_from_spec, greedy_plan, max_batch, plan_for, with_prediction
+from overspill.planning.placement import greedy_plan, max_batch, plan_for, with_prediction
+from overspill.planning.plan import Workload, footprint_from_spec
 from overspill.planning.profile import REFERENCE_PROFILES
 from overspill.planning.spec import spec_from_config
 

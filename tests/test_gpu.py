@@ -45,7 +45,8 @@ def test_streamed_tokens_equal_resident_on_cuda(tiny_checkpoint, resident):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = tiny_checkpoint

@@ -20,7 +20,8 @@ CONFIG = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_
 def test_generate_peaks_inside_the_plan(tmp_path, context, batch, resident) -> None:
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))

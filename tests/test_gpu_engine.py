@@ -22,7 +22,8 @@ def test_batched_greedy_equals_solo_on_cuda(tiny_checkpoint, arch):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path = tiny_checkpoint(arch)
@@ -55,7 +56,8 @@ def test_graphed_engine_equals_solo_on_cuda(tiny_checkpoint, arch):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
     from overspill.serving.graph_batch import GraphedBatch
 

@@ -22,7 +22,8 @@ def graphable_checkpoint(request, tmp_path_factory):
 def test_graph_decode_equals_eager_on_cuda(graphable_checkpoint, resident, batch):
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = graphable_checkpoint

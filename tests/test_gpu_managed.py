@@ -17,7 +17,8 @@ def test_managed_streaming_gives_resident_tokens(tmp_path_factory, streaming):
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = save_tiny("llama", tmp_path_factory)
@@ -55,7 +56,8 @@ def test_mapped_streaming_decodes_through_graphs(tmp_path_factory):
     pytest.importorskip("cuda.bindings")
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.plan import Workload, budget_for
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     path, config = save_tiny("llama", tmp_path_factory)

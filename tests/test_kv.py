@@ -66,7 +66,8 @@ def test_tiered_cache_on_streamed_model(tiny_checkpoint, reference) -> None:
     path = tiny_checkpoint("llama")
     from transformers import AutoConfig
 
-    from overspill.planning.plan import Workload, streaming_plan
+    from overspill.planning.placement import streaming_plan
+    from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     skeleton = build_skeleton(AutoConfig.from_pretrained(path), torch.float32)

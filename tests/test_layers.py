@@ -24,8 +24,8 @@ def test_planning_and_the_plan_command_import_no_torch() -> None:
 import importlib, pkgutil, sys
 import overspill.planning
 names = [m.name for m in pkgutil.walk_packages(overspill.planning.__path__, "overspill.planning.")]
-assert len(names) >= 8 and "overspill.planning.configs" in names, names
-for name in names + ["overspill", "overspill.errors", "overspill.cli"]:
+assert len(names) >= 9 and "overspill.planning.placement" in names and "overspill.planning.configs" in names, names
+for name in names + ["overspill", "overspill.errors", "overspill.cli", "overspill.commands"]:
     importlib.import_module(name)
 bad = [m for m in {HEAVY!r} if m in sys.modules]
 assert not bad, f"importing the planning layer and the CLI loaded {{bad}}"

@@ -10,7 +10,8 @@ import torch
 from test_capture_schedule import device  # noqa: F401 - the simulated-device fixture
 
 from overspill.errors import OverspillError
-from overspill.planning.plan import Plan, choose_streaming
+from overspill.planning.placement import choose_streaming
+from overspill.planning.plan import Plan
 from overspill.runtime.executor import LayerRing
 from overspill.runtime.managed import check_managed_bytes
 
@@ -56,7 +57,8 @@ def test_managed_memory_without_cuda_bindings_names_the_package(monkeypatch) -> 
 def test_plan_records_and_reports_managed_streaming() -> None:
     from dataclasses import replace
 
-    from overspill.planning.plan import Footprint, Workload, greedy_plan
+    from overspill.planning.placement import greedy_plan
+    from overspill.planning.plan import Footprint, Workload
 
     fp = Footprint(layer_bytes=(100,) * 8, embed_bytes=50, head_bytes=50, other_bytes=1, tied_embeddings=False,
                    kv_bytes_per_token=8, activation_bytes_per_token=4)
@@ -117,7 +119,8 @@ def _streamed_footprint(layer_bytes: int = 10 * GiB):
 
 
 def _streamed_plan(layer_bytes: int = 10 * GiB):
-    from overspill.planning.plan import Workload, greedy_plan
+    from overspill.planning.placement import greedy_plan
+    from overspill.planning.plan import Workload
 
     return greedy_plan(_streamed_footprint(layer_bytes), 40 * GiB, Workload(16, 1, activation_floor=0), depth=2)
 
@@ -227,7 +230,7 @@ def test_mapped_ring_issues_nothing_and_computes_in_place() -> None:
 def test_mapped_plans_are_predicted_at_the_measured_in_place_read_speed() -> None:
     from dataclasses import replace
 
-    from overspill.planning.plan import with_prediction
+    from overspill.planning.placement import with_prediction
     from overspill.planning.profile import REFERENCE_PROFILES
 
     plan = _streamed_plan()

@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import overspill
 from overspill.api import placement_of
-from overspill.planning.plan import Tier, Workload, budget_for, streaming_plan
+from overspill.planning.placement import budget_for, streaming_plan
+from overspill.planning.plan import Tier, Workload
 from overspill.runtime.executor import HostEmbedding, StreamedLayer
 from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 

@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 
 from overspill.errors import OverspillError
+from overspill.planning.placement import (
+    budget_for,
+    greedy_plan,
+    streaming_plan,
+    with_prediction,
+    workspace_bytes,
+)
 from overspill.planning.plan import (
     DEFAULT_DEPTH,
     Footprint,
     Plan,
     Tier,
     Workload,
-    budget_for,
-    greedy_plan,
-    streaming_plan,
-    with_prediction,
-    workspace_bytes,
 )
 from overspill.planning.profile import REFERENCE_PROFILES
 from overspill.planning.units import format_bytes
@@ -249,7 +251,8 @@ def test_plan_module_imports_no_torch() -> None:
     code = """
 import sys
 import overspill.planning.plan, overspill.planning.units, overspill.errors
-from overspill.planning.plan import Footprint, Workload, greedy_plan
+from overspill.planning.placement import greedy_plan
+from overspill.planning.plan import Footprint, Workload
 p = greedy_plan(Footprint((10,) * 4, 5, 5, 0, False, 1, 1), 40, Workload(1, 1, activation_floor=0))
 assert p.streamed_layers, p
 bad = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]
@@ -261,7 +264,7 @@ assert not bad, bad
 def test_serving_batch_shrinks_until_the_kv_stays_on_the_gpu() -> None:
     """6 GiB on the 8B shape: 64 sequences of 256 tokens push KV to host memory, which the serving
     engine cannot batch; the largest batch whose KV stays on the device is planned instead."""
-    from overspill.planning.plan import device_kv_workload
+    from overspill.planning.placement import device_kv_workload
 
     budget = 6 * 2**30
     want = Workload(256, 64)
@@ -284,7 +287,8 @@ def test_serving_pass_bound_keeps_layers_resident_that_a_batch_prefill_would_nee
     tokens: the generate reserve leaves no layer resident (what the H100 serving run planned),
     the engine's bound keeps some."""
     from overspill.planning.configs import shipped_config
-    from overspill.planning.plan import device_kv_workload, footprint_from_spec, pass_tokens
+    from overspill.planning.placement import device_kv_workload, pass_tokens
+    from overspill.planning.plan import footprint_from_spec
     from overspill.planning.spec import spec_from_config
 
     fp = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))

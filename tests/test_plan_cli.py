@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from overspill import cli
-from overspill.planning.plan import Tier, footprint_from_spec, plan_for
+from overspill import cli, commands
+from overspill.planning.placement import plan_for
+from overspill.planning.plan import Tier, footprint_from_spec
 from overspill.planning.planview import layer_groups, render
 from overspill.planning.profile import REFERENCE_PROFILES
 from overspill.planning.spec import spec_from_config
@@ -58,7 +59,7 @@ def test_70b_table_has_group_rows_and_a_prediction(capsys) -> None:
 
 
 def test_default_profile_on_a_cpu_machine_is_the_h100_reference(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_cuda_device_present", lambda: False)
+    monkeypatch.setattr(commands, "_cuda_device_present", lambda: False)
     code, out, _ = plan(capsys, "llama-3-8b", "--gpu-memory", "6GiB")
     assert code == 0
     assert "reference: H100" in out and "run `overspill probe` on the GPU machine" in out
@@ -77,7 +78,7 @@ def test_json_has_plan_profile_model_and_spec(capsys) -> None:
 
 
 def test_json_keeps_stdout_clean_with_the_reference_note(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_cuda_device_present", lambda: False)
+    monkeypatch.setattr(commands, "_cuda_device_present", lambda: False)
     code, out, err = plan(capsys, "qwen2.5-7b", "--json")
     assert code == 0 and json.loads(out)["plan"]["layer_tiers"] == ["device"] * 28
     assert "reference profile" in err

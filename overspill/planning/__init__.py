@@ -1,7 +1,7 @@
 """Planning: what fits where, decided from a model's config and a machine profile alone.
 
-Owns the byte-level model shape (`spec`), the placement decisions and the rules that make
-them (`plan`), the cost model and machine profiles (`costmodel`, `profile`), the KV block
+Owns the byte-level model shape (`spec`), the placement decisions as data (`plan`), the rules that
+make them (`placement`), the cost model and machine profiles (`costmodel`, `profile`), the KV block
 bookkeeping (`kvblocks`), the `overspill plan` rendering (`planview`), size parsing (`units`) and the
 shipped config.json files (`configs`).
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from ..planning.plan import ENGINE_PREFILL_CHUNK
+from ..planning.placement import ENGINE_PREFILL_CHUNK
 from ..runtime.kv import cache_kwarg, kv_dims
 from ..runtime.prefix import Lease, PrefixCache
 from .batching import DecodeBatch, mergeable

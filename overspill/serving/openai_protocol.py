@@ -108,7 +108,7 @@ def load_for_serving(args) -> tuple:
     """`serve` and `batch`: load `args.model` planned for the engine (the largest batch up to
     `--max-batch` whose KV stays on the GPU, activations for one engine pass) and print the plan."""
     from ..api import load, placement_of
-    from ..planning.plan import serving_pass_tokens
+    from ..planning.placement import serving_pass_tokens
 
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,

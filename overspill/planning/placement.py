@@ -1,0 +1,326 @@
+"""Placement rules: from a `Footprint`, a `Workload` and a GPU budget to a `Plan`.
+
+Pure Python (no torch). The sizing of the workspace (KV cache, activations, sampling) and of the
+largest batch, the search for host-tier KV, the cost model's annotation and the streaming mode
+choice live here; the records they produce are in `overspill.planning.plan`.
+
+The rule here is greedy and simple; it is written so the cost-model planner can replace
+`greedy_plan` without touching the loader or the executor:
+
+1. Everything resident if it fits (embeddings included).
+2. Else the input embedding moves to host memory (a row lookup per token costs nothing on the
+   link; its table can be ~1 GB for a 128k vocabulary) unless it is tied to the LM head.
+3. Else `depth + 1` ring slots are reserved (the layer computing plus `depth` being copied), and
+   as many decoder layers as fit stay resident: the *last* ones. Streaming the first layers means
+   the copy engine prefetches the next step's first layers while the GPU runs the resident tail,
+   the LM head and sampling, so the link never waits on the CPU between tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import OverspillError
+from .costmodel import predict
+from .plan import (
+    DEFAULT_DEPTH,
+    PREFILL_CHUNK_TOKENS,
+    STREAMING,
+    Footprint,
+    Plan,
+    Tier,
+    Workload,
+)
+from .profile import Profile
+from .units import format_bytes
+
+
+def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
+    """KV of one layer for the whole workload (layers are taken as equal; windows are ignored)."""
+    return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
+
+
+SAMPLING_BYTES_PER_LOGIT = 32  # float32 logits, probabilities, sorted values and int64 indices
+ENGINE_PREFILL_CHUNK = 512  # prompt tokens (padding included) per serving-engine iteration
+
+
+def serving_pass_tokens(max_batch: int, prefill_chunk: int = ENGINE_PREFILL_CHUNK) -> int:
+    """The most tokens one serving-engine pass holds: a prefill chunk, or one per decoding sequence."""
+    return max(prefill_chunk, max_batch)
+
+
+def pass_tokens(workload: Workload) -> int:
+    """Tokens in flight in one forward pass: `generate` prefills a whole batch at once, in chunks of
+    `PREFILL_CHUNK_TOKENS` at most; the serving engine bounds every pass by its prefill chunk and
+    decodes one token per sequence, and says so in `Workload.pass_tokens`."""
+    return workload.pass_tokens or min(workload.context, PREFILL_CHUNK_TOKENS) * workload.batch
+
+
+def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
+    """Peak extra bytes of one layer's attention while a prompt chunk is prefilled against a long cache.
+
+    transformers' SDPA path with a mask expands the grouped KV heads (`repeat_kv`: `gqa_group` x the
+    layer's KV), the dynamic cache's concatenation holds one more copy of the layer's KV, and the
+    mask has chunk x context entries. Without this term, a count of those tensors put a 64k-128k
+    context on the 8B shape 1-2.5 GiB past its budget (an estimate, not yet measured on the GPU).
+    """
+    mask = pass_tokens(workload) * workload.context * fp.dtype_bytes
+    return (fp.gqa_group + 1) * kv_layer_bytes(fp, workload) + mask
+
+
+def workspace_bytes(fp: Footprint, workload: Workload, kv_host: int = 0, depth: int = DEFAULT_DEPTH) -> int:
+    """GPU bytes kept free for the KV cache and activations of the workload.
+
+    With `kv_host` layers' KV in host memory, the device keeps the other layers' KV plus staging
+    slots that the host layers' KV visits `depth` layers ahead. Prompts are taken to be prefilled
+    in chunks of `PREFILL_CHUNK_TOKENS`.
+    """
+    n = len(fp.layer_bytes)
+    kv = kv_layer_bytes(fp, workload) * (n - kv_host + min(depth + 1, kv_host))
+    act = fp.activation_bytes_per_token * pass_tokens(workload)
+    if workload.pass_tokens:  # serving samples every row each step: logits, probabilities, a sort
+        act += SAMPLING_BYTES_PER_LOGIT * fp.vocab_size * workload.batch
+    return kv + max(act + attention_transient_bytes(fp, workload), workload.activation_floor)
+
+
+def _embed_on_device(fp: Footprint) -> bool:
+    return fp.tied_embeddings or not fp.host_embedding_ok
+
+
+def _make_plan(
+    fp: Footprint, tiers: list[Tier], embed_tier: Tier, depth: int, budget: int | None, workload: Workload,
+    kv_host: int = 0,
+) -> Plan:
+    """Fill in the ring and byte counts implied by a choice of tiers."""
+    streamed = [b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED]
+    slots = min(depth + 1, len(streamed))
+    device_w = fp.head_bytes + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
+    if embed_tier is Tier.DEVICE:
+        device_w += fp.embed_bytes
+    return Plan(
+        layer_tiers=tuple(tiers),
+        embed_tier=embed_tier,
+        head_tier=Tier.DEVICE,
+        depth=depth if streamed else 0,
+        slots=slots,
+        slot_bytes=max(streamed, default=0),
+        budget_bytes=budget,
+        workspace_bytes=workspace_bytes(fp, workload, kv_host, depth),
+        device_weight_bytes=device_w,
+        streamed_bytes_per_step=sum(streamed),
+        workload=workload,
+        kv_host_layers=tuple(range(kv_host)),
+        kv_host_bytes=kv_host * kv_layer_bytes(fp, workload),
+    )
+
+
+def streaming_plan(
+    fp: Footprint, workload: Workload, streamed: int, depth: int = DEFAULT_DEPTH, budget: int | None = None,
+    kv_host: int = 0,
+) -> Plan:
+    """The plan that streams exactly the first `streamed` layers and keeps the rest resident.
+
+    `greedy_plan` picks among these; benchmarks use it directly to time a given number of streamed
+    layers (also counts the greedy rule never picks, such as fewer layers than ring slots).
+    """
+    n = len(fp.layer_bytes)
+    if not 0 <= streamed <= n:
+        raise OverspillError(f"cannot stream {streamed} of {n} layers")
+    tiers = [Tier.PINNED] * streamed + [Tier.DEVICE] * (n - streamed)
+    embed_tier = Tier.DEVICE if streamed == 0 or _embed_on_device(fp) else Tier.HOST
+    return _make_plan(fp, tiers, embed_tier, depth, budget, workload, kv_host)
+
+
+def _kv_host_needed(fp: Footprint, workload: Workload, kv_device_bytes: int | None, depth: int) -> int:
+    """Fewest layers whose KV must live in host memory for the rest (and staging) to fit `kv_device_bytes`."""
+    n = len(fp.layer_bytes)
+    if kv_device_bytes is None:
+        return 0
+    per_layer = kv_layer_bytes(fp, workload)
+    for k in range(n + 1):
+        if per_layer * (n - k + min(depth + 1, k)) <= kv_device_bytes:
+            return k
+    raise OverspillError(
+        f"--kv-gpu-memory {format_bytes(kv_device_bytes)} cannot hold even the staging for host KV "
+        f"({min(depth + 1, n)} x {format_bytes(per_layer)} at {workload.context} tokens x batch {workload.batch}); "
+        f"raise it or lower --context"
+    )
+
+
+def greedy_plan(
+    fp: Footprint,
+    budget_bytes: int | None,
+    workload: Workload = Workload(),
+    depth: int = DEFAULT_DEPTH,
+    kv_device_bytes: int | None = None,
+) -> Plan:
+    """Place layers under `budget_bytes` of GPU memory (None: no limit, all resident).
+
+    KV stays on the device first; weights yield first. Only when even streaming every layer leaves
+    no room for the workload's KV do leading layers' KV move to pinned host memory. An explicit
+    `kv_device_bytes` caps the device KV from the start.
+
+    Raises:
+        OverspillError: if the budget is below the minimum working set; the message gives it.
+    """
+    if depth < 1:
+        raise OverspillError(f"prefetch depth must be at least 1, got {depth}")
+    n = len(fp.layer_bytes)
+    all_device = [Tier.DEVICE] * n
+    first_kv = _kv_host_needed(fp, workload, kv_device_bytes, depth)
+    for kv_host in [first_kv] + list(range(max(first_kv, depth + 2), n + 1)):
+        full = _make_plan(fp, all_device, Tier.DEVICE, depth, budget_bytes, workload, kv_host)
+        if budget_bytes is None or full.device_bytes <= budget_bytes:
+            return full
+        if not _embed_on_device(fp):
+            host_embed = _make_plan(fp, all_device, Tier.HOST, depth, budget_bytes, workload, kv_host)
+            if host_embed.device_bytes <= budget_bytes:
+                return host_embed
+        # Stream the fewest leading layers that fit; ring slots are sized by the largest streamed layer.
+        for streamed in range(1, n + 1):
+            candidate = streaming_plan(fp, workload, streamed, depth, budget_bytes, kv_host)
+            if candidate.device_bytes <= budget_bytes:
+                return candidate
+    minimum = streaming_plan(fp, workload, n, depth, budget_bytes, n)
+    parts = ", ".join(
+        f"{label} {format_bytes(b)}"
+        for label, b in (("lm_head", fp.head_bytes), ("embeddings", fp.embed_bytes if _embed_on_device(fp) else 0))
+        if b
+    )
+    need = minimum.device_bytes
+    raise OverspillError(
+        f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
+        f"{format_bytes(need)} ({parts}, {minimum.slots} ring slots x {format_bytes(minimum.slot_bytes)}, "
+        f"workspace {format_bytes(minimum.workspace_bytes)} for {workload.context} tokens x batch {workload.batch}); "
+        f"raise --gpu-memory to at least {format_bytes(need)} or lower --context"
+        + (" (this already counts every layer's KV in host memory)" if minimum.kv_host_layers else "")
+    )
+
+
+def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Workload,
+                       depth: int = DEFAULT_DEPTH) -> Workload:
+    """`workload` with the largest batch (at most its own) whose greedy plan keeps every layer's KV on
+    the GPU; batch 1 when even one sequence needs host KV (host-tier KV serves one at a time);
+    unchanged without a budget.
+
+    For serving: a batch of sequences shares one device cache, while host-tier KV (a `TieredCache`)
+    serves one sequence at a time, so more planned sequences can mean less throughput. The batch
+    found is what the engine's KV admission then shares among any number of shorter requests.
+    """
+    if budget_bytes is None:
+        return workload
+
+    def device_only(batch: int) -> bool:
+        try:
+            return not greedy_plan(fp, budget_bytes, replace(workload, batch=batch), depth).kv_host_layers
+        except OverspillError:
+            return False
+
+    if device_only(workload.batch):
+        return workload
+    if not device_only(1):
+        return replace(workload, batch=1)
+    low, high = 1, workload.batch  # device_only(low) holds, device_only(high) does not: more KV never fits better
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if device_only(mid) else (low, mid)
+    return replace(workload, batch=low)
+
+
+def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DEFAULT_DEPTH) -> int:
+    """The smallest budget under which `greedy_plan` keeps exactly `resident` decoder layers on the GPU.
+
+    Used by tests and benchmarks to ask for "k layers resident" instead of a byte count.
+
+    Raises:
+        ValueError: for counts the greedy rule never picks (streaming no more layers than there are
+            ring slots costs as much memory as keeping them; use `streaming_plan` to time those).
+    """
+    n = len(fp.layer_bytes)
+    if resident >= n:
+        return _make_plan(fp, [Tier.DEVICE] * n, Tier.DEVICE, depth, None, workload).device_bytes
+    plan = streaming_plan(fp, workload, n - resident, depth)
+    if greedy_plan(fp, plan.device_bytes, workload, depth).layer_tiers != plan.layer_tiers:
+        raise ValueError(f"greedy_plan never keeps exactly {resident} of {n} layers resident at depth {depth}")
+    return plan.device_bytes
+
+
+def max_batch(fp: Footprint, plan: Plan) -> int:
+    """Sequences of `plan.workload.context` tokens whose KV and activations fit beside the placed weights."""
+    if plan.budget_bytes is None:
+        return 0
+    w = plan.workload
+    free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - w.activation_floor
+    n = max(len(fp.layer_bytes), 1)
+    # every sequence: its KV, and its share of one layer's attention transient (repeat_kv + concatenation)
+    per_seq = fp.kv_bytes_per_token * w.context + (fp.gqa_group + 1) * fp.kv_bytes_per_token * w.context // n
+    if w.pass_tokens:  # serving: one bounded pass in flight, whatever the batch; each row is sampled
+        free -= fp.activation_bytes_per_token * w.pass_tokens
+        per_seq += SAMPLING_BYTES_PER_LOGIT * fp.vocab_size
+    else:  # generate prefills every sequence's prompt at once
+        per_seq += fp.activation_bytes_per_token * min(w.context, PREFILL_CHUNK_TOKENS)
+    return max(free // per_seq, 0) if per_seq else 0
+
+
+def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
+    """The plan annotated with the cost model's prediction, the largest batch and warnings."""
+    head = fp.embed_bytes if fp.tied_embeddings else fp.head_bytes
+    if plan.streaming == "mapped" and profile.managed_bytes_s > 0:  # streamed bytes are read in place
+        profile = replace(profile, h2d_bytes_s=profile.managed_bytes_s)
+    pred = predict(
+        layer_bytes=fp.layer_bytes,
+        layer_active_bytes=fp.layer_active_bytes or fp.layer_bytes,
+        streamed_bytes=plan.streamed_bytes_per_step + plan.kv_host_bytes,
+        head_bytes=head,
+        kv_bytes_per_token=fp.kv_bytes_per_token,
+        dtype_bytes=fp.dtype_bytes,
+        profile=profile,
+        batch=plan.workload.batch,
+        context=plan.workload.context,
+    )
+    notes = list(plan.notes)
+    if plan.streamed_bytes_per_step and pred.decode_tok_s <= pred.cpu_only_tok_s:
+        notes.append(
+            f"this plan is no faster than the CPU alone ({pred.decode_tok_s:.2f} vs {pred.cpu_only_tok_s:.2f} "
+            f"tok/s predicted): the link is too slow for the bytes streamed per token"
+        )
+    return replace(plan, prediction=pred, max_batch=max_batch(fp, plan), notes=tuple(notes))
+
+
+def plan_for(
+    fp: Footprint,
+    profile: Profile,
+    workload: Workload = Workload(),
+    budget_bytes: int | None = None,
+    depth: int = DEFAULT_DEPTH,
+    margin_bytes: int = 1536 * 2**20,
+    kv_device_bytes: int | None = None,
+    streaming: str = "auto",
+) -> Plan:
+    """Place `fp` on the machine `profile` describes and predict its speed.
+
+    Args:
+        budget_bytes: GPU bytes to use; None means the profile's free memory minus `margin_bytes`.
+        streaming: how streamed layers move (`choose_streaming`): managed prefetch where the profile
+            measured it faster than pinned copies.
+
+    Raises:
+        OverspillError: when the budget is below the minimum working set (the message gives it).
+    """
+    if budget_bytes is None:
+        budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
+    plan = greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
+    plan = replace(plan, streaming=choose_streaming(streaming, profile.managed_bytes_s > profile.h2d_bytes_s))
+    return with_prediction(fp, plan, profile)
+
+
+def choose_streaming(requested: str, managed_wins: bool) -> str:
+    """How streamed layers move: "auto" reads managed memory in place ("mapped") where the probe
+    measured that faster than pinned copies (`Profile.managed_bytes_s`), else copies. On the lent
+    H100 copies won (54 vs 49 GB/s; prefetching and evicting managed layers: 13-18 GB/s), so auto
+    copies there. "managed" and "mapped" on request: on PCIe within half the free GPU memory only."""
+    if requested not in STREAMING:
+        raise OverspillError(f"streaming must be one of {', '.join(STREAMING)}, got {requested!r}")
+    if requested == "auto":
+        return "mapped" if managed_wins else "copy"
+    return requested
