@@ -141,7 +141,8 @@ def render(plan: Plan, fp: Footprint, spec: ModelSpec, profile: Profile, model: 
     lines = [*head, "", _table(_rows(plan, fp, spec)), "", *_prediction_lines(plan, profile)]
     lines.extend(f"note: {n}" for n in plan.notes)
     if spec.approximate:
-        lines.append(f"note: model_type {spec.model_type!r} is not a supported architecture; sizes assume the Llama layout")
+        lines.append(f"note: overspill has no byte layout for model_type {spec.model_type!r}: sizes assume the Llama "
+                     f"layout and are approximate (`run` and `load` measure the real model)")
     return "\n".join(lines)
 
 
