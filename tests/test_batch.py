@@ -239,17 +239,10 @@ def test_bad_lines_fail_alone_and_resume_reruns_server_errors(served, tmp_path, 
     """Lines that once killed the engine (seed 2**70) or failed every row of their batch (temperature
     1e-300, top_k 2**63), and one whose detokenizing raises: each gets its own row, every good line its
     normal answer. A rerun runs again only the row that failed with a server error (5xx)."""
-    from overspill.serving.detok import TextStream
+    from test_engine_isolation import raise_in_detok
 
     engine, _ = served
-    push = TextStream.push
-
-    def exploding(self, token, eos):
-        if "BOOM" in self.stops:
-            raise RuntimeError("tokenizer exploded")
-        return push(self, token, eos)
-
-    monkeypatch.setattr(TextStream, "push", exploding)
+    raise_in_detok(monkeypatch)
     prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,", "Water boils at"]
     good = [completion(f"g{i}", p, max_tokens=6) for i, p in enumerate(prompts)]
     lines = [good[0], completion("seed", "Hi there", max_tokens=4, seed=2**70), good[1],

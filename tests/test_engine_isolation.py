@@ -78,7 +78,8 @@ def alone(model):
         engine.close()
 
 
-def _raise_in_detok(monkeypatch):
+def raise_in_detok(monkeypatch):
+    """Make detokenizing raise for sequences whose stop strings include "BOOM" (also used by test_batch)."""
     push = TextStream.push
 
     def failing(self, token, eos):
@@ -115,7 +116,7 @@ BAD = {
     "seed 2**70": (GenerationRequest(BAD_PROMPT, 6, temperature=0.8, seed=2**70), None, "rejected"),
     "temperature 1e-300": (GenerationRequest(BAD_PROMPT, 6, temperature=1e-300, seed=1), None, "greedy"),
     "top_k 2**63": (GenerationRequest(BAD_PROMPT, 6, temperature=0.8, top_k=2**63, seed=3), None, "uncut"),
-    "detokenizing raises": (GenerationRequest(BAD_PROMPT, 6, stop=("BOOM",)), _raise_in_detok, "error"),
+    "detokenizing raises": (GenerationRequest(BAD_PROMPT, 6, stop=("BOOM",)), raise_in_detok, "error"),
     "TextStream raises": (GenerationRequest(BAD_PROMPT, 6, stop=("CTOR",)), _raise_in_text_stream, "error"),
     "sampling raises": (GenerationRequest(BAD_PROMPT, 6, temperature=0.8, top_p=0.25), _raise_in_batched_sampling,
                         "error"),

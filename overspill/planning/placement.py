@@ -65,7 +65,8 @@ def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
     transformers' SDPA path with a mask expands the grouped KV heads (`repeat_kv`: `gqa_group` x the
     layer's KV) and builds a boolean chunk x context mask, which SDPA converts to one of the compute
     dtype. The KV itself is allocated once per call (`PresizedLayer`), so no concatenation copy.
-    Measured on the H200 with this count: the 70B shape at 128k peaked at 99.6% of its plan.
+    On the H200 the 70B shape at 128k peaked at 99.6% of the previous count (one more layer of KV,
+    no boolean mask), which is 224 MiB more than this one; this count is not yet measured there.
     """
     mask = pass_tokens(workload) * workload.context * (fp.dtype_bytes + 1)
     return fp.gqa_group * kv_layer_bytes(fp, workload) + mask

@@ -235,10 +235,15 @@ def presized_cache(config, capacity: int) -> DynamicCache:
     """transformers' `DynamicCache` for `config`, its full-attention layers presized to `capacity` tokens
     (sliding-window layers keep their own, window-bounded growth)."""
     cache = DynamicCache(config=config)
+    presize(cache, capacity)
+    return cache
+
+
+def presize(cache: DynamicCache, capacity: int) -> None:
+    """Replace `cache`'s plain dynamic layers (full attention, on the device) by `PresizedLayer`s."""
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
             cache.layers[i] = PresizedLayer(capacity)
-    return cache
 
 
 class TieredCache(DynamicCache):
@@ -264,9 +269,7 @@ class TieredCache(DynamicCache):
             if getattr(self.layers[i], "is_sliding", False):
                 continue  # a sliding window keeps few tokens: it stays on the device
             self.layers[i] = HostKVLayer(self.ring, capacity, block_tokens)
-        for i, layer in enumerate(self.layers):
-            if type(layer) is DynamicLayer:
-                self.layers[i] = PresizedLayer(capacity)
+        presize(self, capacity)
 
     @property
     def host_layer_indices(self) -> list[int]:
