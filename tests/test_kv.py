@@ -93,10 +93,30 @@ def test_unsupported_operations_say_so(reference) -> None:
     cache = TieredCache(reference("llama").config, {1}, capacity=64, block_tokens=BLOCK)
     layer = cache.layers[1]
     assert isinstance(layer, HostKVLayer)
-    for call in (lambda: layer.crop(1), lambda: layer.reorder_cache(torch.tensor([0])),
-                 lambda: layer.batch_repeat_interleave(2)):
+    for call in (lambda: layer.reorder_cache(torch.tensor([0])), lambda: layer.batch_repeat_interleave(2)):
         with pytest.raises(OverspillError):
             call()
+
+
+@pytest.mark.parametrize("keep", [37, 33, 32, 20, 0])
+def test_host_layer_crop_keeps_the_first_tokens(reference, keep) -> None:
+    # 40 tokens with 16-token blocks: 32 sealed in host memory, 8 in the device tail; crops into the
+    # tail, onto a block edge and into a sealed block must all read back as the first `keep` tokens.
+    cache = TieredCache(reference("llama").config, {1}, capacity=64, block_tokens=16)
+    layer = cache.layers[1]
+    D = 16
+    k = torch.randn(1, 2, 40, D)
+    v = torch.randn(1, 2, 40, D)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    layer.update(k[:, :, 30:], v[:, :, 30:])
+    layer.crop(keep)
+    assert layer.get_seq_length() == keep
+    more_k, more_v = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D)
+    got_k, got_v = layer.update(more_k, more_v)
+    assert torch.equal(got_k, torch.cat([k[:, :, :keep], more_k], dim=2))
+    assert torch.equal(got_v, torch.cat([v[:, :, :keep], more_v], dim=2))
+    layer.crop(-3)
+    assert layer.get_seq_length() == keep + 2
 
 
 def _prefill_tokens(model) -> list[int]:

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..errors import OverspillError
 from .kv import cache_kwarg
 from .loader import placement_of, provide_cache
+from .streams import new_stream
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class StepGraphs:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
         self.replays = 0
         self.eager_steps = 0
-        self.stream = torch.cuda.Stream(device=placement.device) if capture else None
+        self.stream = new_stream(placement.device) if capture else None
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool: steps replay one at a time
 
     def run(self, body, key: tuple = ()) -> torch.Tensor:

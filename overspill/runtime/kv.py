@@ -12,7 +12,7 @@ attends, cyclically across decode steps, with no host synchronisation. A slot is
 when the next host-tier layer starts (its attention has been enqueued by then).
 
 The cache does not share blocks between sequences yet (prefix reuse builds on
-`overspill.planning.kvblocks`), and crop/beam reordering of host-tier layers is refused.
+`overspill.planning.kvblocks`), and beam reordering of host-tier layers is refused (crop works: speculative decoding needs it).
 
 Device-tier full-attention layers are `PresizedLayer`s: each allocates its KV for the whole
 sequence once, at its first update, and writes new tokens in place. transformers' `DynamicLayer`
@@ -97,8 +97,6 @@ class KVRing:
 class HostKVLayer(DynamicLayer):
     """A full-attention layer's KV in pinned host memory, staged on the device through a `KVRing`."""
 
-    is_croppable = False
-
     def __init__(self, ring: KVRing, capacity: int, block_tokens: int = DEFAULT_BLOCK_TOKENS):
         super().__init__()
         self.ring = ring
@@ -166,8 +164,21 @@ class HostKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.length = self.host_tokens = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise OverspillError("cropping a host-tier KV layer is not supported (speculative decoding is not yet)")
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens (negative: drop that many), as `DynamicLayer.crop` does.
+
+        Rejected draft tokens usually sit in the device tail. When the cut falls inside sealed host
+        blocks, the kept part of the last such block comes back into the tail (one small copy)."""
+        keep = self.length + max_length if max_length < 0 else min(max_length, self.length)
+        if keep >= self.host_tokens:
+            self.length = max(keep, 0)
+            return
+        sealed = keep // self.block_tokens * self.block_tokens
+        rest = keep - sealed
+        if rest:
+            self.tail_k[:rest].copy_(self.host_k[sealed:keep], non_blocking=False)
+            self.tail_v[:rest].copy_(self.host_v[sealed:keep], non_blocking=False)
+        self.host_tokens, self.length = sealed, keep
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise OverspillError("beam search over host-tier KV layers is not supported yet; use greedy or sampling")

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
-from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier
+from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier, new_stream
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def materialize(
     bar.close()
     model.requires_grad_(False)
     if memory is not None:  # filling touched pages from the GPU too: every layer starts at home
-        home = torch.cuda.Stream(device=device)
+        home = new_stream(device)
         home.wait_stream(torch.cuda.current_stream(device))  # after the fills (random weights draw on the GPU)
         for layer in ring.layers:
             memory.prefetch(layer.host, host=True, stream=home)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def new_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
+    """A CUDA stream on `device`; every stream the library makes comes from here (priority -1: copies
+    that compute waits on go first)."""
+    return torch.cuda.Stream(device=device, priority=priority)
+
+
 class HostCopier:
     """Synchronous stand-in for `CudaCopier`: copies happen at once, events are no-ops."""
 
@@ -71,7 +77,7 @@ class CudaCopier:
 
     def __init__(self, device: torch.device, slots: int):
         self.device = device
-        self.stream = torch.cuda.Stream(device=device, priority=-1)
+        self.stream = new_stream(device, priority=-1)
         self.ready = [torch.cuda.Event() for _ in range(slots)]
         self.done = [torch.cuda.Event() for _ in range(slots)]
         self.done_recorded = [False] * slots
@@ -156,8 +162,8 @@ class ManagedCopier:
 
     def __init__(self, device: torch.device, slots: int, memory):
         self.device, self.memory = device, memory
-        self.stream = torch.cuda.Stream(device=device, priority=-1)
-        self.evict_stream = torch.cuda.Stream(device=device)
+        self.stream = new_stream(device, priority=-1)
+        self.evict_stream = new_stream(device)
         self.ready = [torch.cuda.Event() for _ in range(slots)]
         self.done = [torch.cuda.Event() for _ in range(slots)]
         self.evicted = [torch.cuda.Event() for _ in range(slots)]
