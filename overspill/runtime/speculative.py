@@ -1,0 +1,247 @@
+"""Speculative decoding as transformers' decoding loop: many tokens per trip of the weights.
+
+A streamed pass costs the link time of the streamed layers whether it carries 1 token or 64, so a
+pass that verifies a chain of drafted tokens yields the accepted prefix plus one token of the
+target's own for the price of one. `speculative_decode` is a `custom_generate` callable: transformers
+prepares inputs, logits processors, stopping criteria and the planned cache exactly as for plain
+decoding and hands them here, so `generate`, `pipeline` and `run` share it (`enable` wires it in).
+
+Exactness: greedy keeps a drafted token only when it is the target's argmax at that position (the
+same logits processors applied to the same prefix), so the output is plain greedy's; sampling uses
+the speculative sampling rule (accept with min(1, p/q), else sample the residual max(p - q, 0)), so
+the output distribution is plain sampling's. Rejected tokens' KV is cropped from the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..planning.speculation import AcceptanceTracker, PassCost, best_chain
+from .drafts import Drafter, drop_last, make_drafter
+from .kv import cache_kwarg
+
+DEFAULT_MAX_CHAIN = 16
+# A pass over n tokens: measured on the H200, 8B shape at 6 GiB: 192.8 ms for 1 token, 199.5 ms for 256,
+# i.e. ~0.013% of a pass per extra token; drafting cost is measured per call.
+PASS_SLOPE = (199.5 - 192.8) / 192.8 / 255
+
+
+@dataclass
+class SpeculationStats:
+    """What the last speculative `generate` call did (on `model.speculation_stats`)."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    chains: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.emitted / self.passes if self.passes else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_share(self) -> float:
+        total = self.draft_seconds + self.verify_seconds
+        return self.draft_seconds / total if total else 0.0
+
+
+def _eligible(input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> bool:
+    """Batch 1, no padding, one beam, tensors out: the cases the loop handles (others run plain)."""
+    if input_ids.shape[0] != 1 or generation_config.num_beams != 1:
+        return False
+    if generation_config.return_dict_in_generate:
+        return False
+    mask = model_kwargs.get("attention_mask")
+    return mask is None or bool(mask.all())
+
+
+def _croppable(cache) -> bool:
+    """Every layer can drop rejected tokens (sliding-window layers only where past recording exists)."""
+    layers = getattr(cache, "layers", [])
+    if any(getattr(layer, "is_sliding", False) for layer in layers) and not hasattr(cache, "activate_past_recording"):
+        return False
+    return all(getattr(layer, "is_croppable", True) for layer in layers)
+
+
+def _forward(model, ids: torch.Tensor, cache, kwarg: str, keep: int) -> torch.Tensor:
+    """Logits [len, vocab] of the last `keep` positions of a pass over `ids` ([1, len]) after `cache`."""
+    out = model(input_ids=ids, **{kwarg: cache}, use_cache=True, logits_to_keep=keep)
+    return out.logits[0, -keep:].float()
+
+
+def _prefill(model, ids: torch.Tensor, cache, kwarg: str, chunk: int | None) -> torch.Tensor:
+    """The prompt through the model in chunks of the plan's size; the last position's logits."""
+    step = chunk or ids.shape[1]
+    for start in range(0, ids.shape[1], step):
+        logits = _forward(model, ids[:, start : start + step], cache, kwarg, keep=1)
+    return logits[-1]
+
+
+@torch.no_grad()
+def speculative_decode(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    drafter: Drafter | None = None,
+    max_chain: int = DEFAULT_MAX_CHAIN,
+    chain: int | None = None,
+    stream_to=None,
+    **model_kwargs,
+) -> torch.LongTensor:
+    """transformers `custom_generate` loop: draft up to `chain` tokens, verify them in one pass.
+
+    `chain=None` adapts the chain length to the acceptance measured so far (`best_chain`); an int
+    fixes it. `stream_to` is `generate`'s streamer (transformers passes a callable loop only the
+    arguments `_sample` lacks). Calls the loop cannot serve exactly (batch > 1, padding, beams, dict outputs, a cache
+    that cannot crop) run transformers' own sampling loop instead.
+    """
+    streamer = streamer or stream_to
+    kwarg = cache_kwarg(model)
+    cache = model_kwargs.get(kwarg)
+    if drafter is None or cache is None or not _eligible(input_ids, generation_config, model_kwargs) \
+            or not _croppable(cache):
+        from transformers.generation.utils import GenerationMixin
+
+        return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                       synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+    sample = bool(generation_config.do_sample)
+    stats = SpeculationStats()
+    model.speculation_stats = stats
+    tracker = AcceptanceTracker()
+    ids = input_ids
+    start = time.perf_counter()
+    if cache.get_seq_length() >= ids.shape[1]:  # a cache the caller passed back in may hold it all
+        drop_last(cache, cache.get_seq_length() - ids.shape[1] + 1)
+    done = cache.get_seq_length()
+    logits = _prefill(model, ids[:, done:], cache, kwarg, getattr(generation_config, "prefill_chunk_size", None))
+    if hasattr(cache, "activate_past_recording"):  # sliding-window layers keep what a crop may restore
+        cache.activate_past_recording(recurrent_states_to_keep=max_chain + 1)
+    stats.verify_seconds += time.perf_counter() - start
+    limit = generation_config.max_length
+    pending: torch.Tensor = logits[None]  # the target's raw logits for the next token
+    chosen: torch.Tensor | None = None  # or the next token itself (a rejection's residual sample)
+    while True:
+        token = chosen if chosen is not None else _choose(logits_processor(ids, pending), sample)
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        stats.emitted += 1
+        if _emit(ids, token.view(1), stopping_criteria, streamer):
+            break
+        k = chain if chain is not None else best_chain(_pass_cost(stats), tracker.rate, max_chain)
+        k = max(0, min(k, limit - ids.shape[1])) if limit else k  # never past the planned KV
+        t0 = time.perf_counter()
+        draft = drafter.propose(ids, k, logits_processor, sample) if k else None
+        t1 = time.perf_counter()
+        proposed = draft.tokens.to(ids.device)[:k] if draft is not None else ids[0, :0]
+        m = int(proposed.shape[0])
+        verify = torch.cat([ids[:, -1:], proposed.view(1, m)], dim=1)
+        past = cache.get_seq_length()
+        target = _forward(model, verify, cache, kwarg, keep=m + 1)  # [m + 1, vocab]
+        accepted, chosen, finished = 0, None, False
+        pending = target[m : m + 1]
+        for i in range(m):
+            q = None if draft.probs is None else draft.probs[i]
+            scores = logits_processor(ids, target[i : i + 1])
+            if not _accept(scores, proposed[i], q, sample):
+                pending = target[i : i + 1]
+                chosen = _residual(scores, proposed[i], q) if sample else None
+                break
+            accepted += 1
+            ids = torch.cat([ids, proposed[i].view(1, 1)], dim=1)
+            if _emit(ids, proposed[i].view(1), stopping_criteria, streamer):
+                finished = True
+                break
+        drop_last(cache, cache.get_seq_length() - (past + 1 + accepted))  # keep the last token and accepted drafts
+        stats.passes += 1
+        stats.drafted += m
+        stats.accepted += accepted
+        stats.emitted += accepted
+        stats.chains.append(m)
+        tracker.update(m, accepted)
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += time.perf_counter() - t1
+        if finished:
+            break
+    if streamer is not None:
+        streamer.end()
+    return ids
+
+
+def _choose(scores: torch.Tensor, sample: bool) -> torch.Tensor:
+    if sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1)[0]
+    return scores.argmax(dim=-1)
+
+
+def _accept(scores: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None, sample: bool) -> bool:
+    """Greedy: the draft is the target's argmax. Sampling: accept with probability min(1, p/q)."""
+    if not sample:
+        return bool(scores[0].argmax() == token)
+    p = torch.softmax(scores[0], dim=-1)
+    q_token = 1.0 if q is None else float(q[token])
+    return bool(torch.rand(()) < min(1.0, float(p[token]) / max(q_token, 1e-30)))
+
+
+def _residual(scores: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+    """After a rejected sample, draw from max(p - q, 0) normalised: with the acceptance rule this
+    makes every emitted token distributed as the target's own sample."""
+    p = torch.softmax(scores[0], dim=-1)
+    if q is None:
+        q = torch.zeros_like(p)
+        q[token] = 1.0
+    rest = (p - q.to(p.dtype)).clamp_min(0)
+    total = rest.sum()
+    rest = p if float(total) <= 0 else rest / total
+    return torch.multinomial(rest, 1)
+
+
+def _emit(ids: torch.Tensor, token: torch.Tensor, stopping_criteria, streamer) -> bool:
+    if streamer is not None:
+        streamer.put(token.cpu())
+    return bool(stopping_criteria(ids, None).all())
+
+
+def _pass_cost(stats: SpeculationStats) -> PassCost:
+    """Relative pass cost (1 per pass, the measured slope per token) and the drafting cost seen so far."""
+    draft = stats.draft_seconds / max(stats.drafted, 1)
+    verify = stats.verify_seconds / max(stats.passes, 1) if stats.passes else 1.0
+    return PassCost(base_s=1.0, per_token_s=PASS_SLOPE, draft_per_token_s=draft / verify if stats.passes else 0.0)
+
+
+def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None) -> torch.nn.Module:
+    """Make `model.generate` (and so `pipeline` and `run`) decode speculatively with `source`
+    ('ngram', 'draft:PATH' or a `Drafter`); None turns it off. Calls that pass their own
+    `custom_generate` or `assistant_model`, or use beams, run as before."""
+    if "generate" in model.__dict__:
+        del model.generate
+    if source is None:
+        return model
+    drafter = make_drafter(source, model) if isinstance(source, str) else source
+    plain = model.generate
+
+    @functools.wraps(plain)
+    def generate(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        beams = kwargs.get("num_beams", config.num_beams) or 1
+        if "custom_generate" in kwargs or kwargs.get("assistant_model") is not None or beams > 1:
+            return plain(*args, **kwargs)
+        loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, stream_to=kwargs.get("streamer"))
+        return plain(*args, custom_generate=loop, **kwargs)
+
+    model.generate = generate
+    model.speculation_source = source if isinstance(source, str) else type(source).__name__
+    return model

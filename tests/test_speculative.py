@@ -1,0 +1,255 @@
+"""Speculative decoding: greedy output is plain greedy's, token for token, for every tiny architecture
+and draft source, streamed or resident, with device or host-tier KV; sampling keeps plain sampling's
+distribution; the planner's arithmetic."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import overspill
+from overspill.planning.speculation import AcceptanceTracker, PassCost, best_chain, expected_tokens, forecast
+from overspill.runtime import speculative
+from overspill.runtime.drafts import ModelDrafter, NgramDrafter, OracleDrafter
+from overspill.runtime.speculative import _accept, _residual
+
+from conftest import ARCHS, VOCAB
+
+NEW = 24
+GEN = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+def _prompt(seed: int = 0, length: int = 18) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (1, length), generator=gen)
+    return torch.cat([ids, ids[:, :9]], dim=1)  # a repeat, so prompt lookup finds something
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[arch] = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(arch), dtype=torch.float32).eval()
+        return cache[arch]
+
+    return get
+
+
+def _drafters(source: str, want: torch.Tensor, prompt: int, tiny_checkpoint):
+    if source == "ngram":
+        return NgramDrafter()
+    if source == "draft":  # another tiny model with the same vocabulary
+        return speculative.make_drafter(f"draft:{tiny_checkpoint('llama')}", _Target())
+    return OracleDrafter(want[0, prompt:], prompt, float(source.split(":")[1]), VOCAB, seed=1)
+
+
+class _Target:
+    """The bits of a target `make_drafter` reads."""
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    class config:  # noqa: N801 - mimics a transformers config
+        @staticmethod
+        def get_text_config():
+            return type("C", (), {"vocab_size": VOCAB})
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+
+@pytest.mark.parametrize("source", ["ngram", "draft", "oracle:0.7", "oracle:1.0"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_plain_resident(arch, source, reference, tiny_checkpoint) -> None:
+    model = reference(arch)
+    ids = _prompt()
+    speculative.enable(model, None)
+    want = model.generate(ids, **GEN)
+    try:
+        speculative.enable(model, _drafters(source, want, ids.shape[1], tiny_checkpoint), chain=6)
+        got = model.generate(ids, **GEN)
+        stats = model.speculation_stats
+    finally:
+        speculative.enable(model, None)
+    assert torch.equal(got, want)
+    assert stats.emitted == NEW and stats.passes < NEW or source == "ngram" and stats.passes <= NEW
+    if source == "oracle:1.0":
+        assert stats.tokens_per_pass > 5  # chains of 6 all accepted: 7 tokens a pass, less the last short one
+
+
+@pytest.mark.parametrize("kv_host", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
+def test_greedy_equals_plain_streamed(arch, kv_host, reference, tiny_checkpoint) -> None:
+    # Layers streamed through the ring (and KV partly in host memory): verify passes of several
+    # tokens and crops of rejected drafts go through the same executor and cache tiers.
+    from test_placement import load_tiny
+
+    ids = _prompt(3)
+    want = reference(arch).generate(ids, **GEN)
+    extra = {"kv_gpu_memory": "96KiB"} if kv_host else {}
+    model = load_tiny(tiny_checkpoint(arch), resident=3, **extra)
+    from overspill.api import placement_of
+
+    assert placement_of(model).plan.streamed_layers
+    if kv_host:
+        assert placement_of(model).plan.kv_host_layers
+    speculative.enable(model, OracleDrafter(want[0, ids.shape[1]:], ids.shape[1], 0.75, VOCAB), chain=5)
+    got = model.generate(ids, **GEN)
+    assert torch.equal(got, want)
+    assert model.speculation_stats.passes < NEW
+
+
+def test_eos_inside_an_accepted_chain_stops_where_plain_stops(reference) -> None:
+    model = reference("llama")
+    ids = _prompt(5)
+    free = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 7])  # a token plain greedy emits 8th
+    want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    assert want.shape[1] < free.shape[1]
+    speculative.enable(model, OracleDrafter(free[0, ids.shape[1]:], ids.shape[1], 1.0, VOCAB), chain=12)
+    try:
+        got = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    finally:
+        speculative.enable(model, None)
+    assert torch.equal(got, want)
+
+
+def test_streamer_sees_every_token_once(reference) -> None:
+    class Collect:
+        def __init__(self):
+            self.tokens: list[int] = []
+            self.ended = False
+
+        def put(self, value):
+            self.tokens.extend(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = reference("llama")
+    ids = _prompt(6)
+    want = model.generate(ids, **GEN)
+    streamer = Collect()
+    speculative.enable(model, OracleDrafter(want[0, ids.shape[1]:], ids.shape[1], 0.8, VOCAB), chain=4)
+    try:
+        got = model.generate(ids, streamer=streamer, **GEN)
+    finally:
+        speculative.enable(model, None)
+    assert torch.equal(got, want)
+    assert streamer.tokens == ids[0].tolist() + want[0, ids.shape[1]:].tolist() and streamer.ended
+
+
+def test_calls_it_cannot_serve_run_plain(reference) -> None:
+    # Batch 2 with padding and beam search fall back to transformers' own loops, same tokens.
+    model = reference("llama")
+    ids = torch.cat([_prompt(1), _prompt(2)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = model.generate(ids, attention_mask=mask, **GEN)
+    beams = model.generate(ids[:1], num_beams=2, **GEN)
+    speculative.enable(model, NgramDrafter(), chain=4)
+    try:
+        assert torch.equal(model.generate(ids, attention_mask=mask, **GEN), want)
+        assert torch.equal(model.generate(ids[:1], num_beams=2, **GEN), beams)
+    finally:
+        speculative.enable(model, None)
+
+
+def test_ngram_drafter_proposes_what_followed_the_last_match() -> None:
+    seq = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 5, 6]])
+    assert NgramDrafter().propose(seq, 3).tokens.tolist() == [7, 1, 2]  # latest "5 6" is followed by 7 1 2
+    assert NgramDrafter().propose(torch.tensor([[1, 2, 3]]), 4).tokens.numel() == 0
+
+
+def test_model_drafter_reuses_its_cache_across_rejections(reference) -> None:
+    drafter = ModelDrafter(reference("llama"), VOCAB)
+    ids = _prompt(7)
+    first = drafter.propose(ids, 4).tokens
+    fed = []
+    drafter.model.get_input_embeddings().register_forward_hook(lambda m, a, o: fed.append(a[0].shape[-1]))
+    # the target kept two drafts and chose its own third token: only the new tail is fed again
+    longer = torch.cat([ids, first[:2].view(1, 2), torch.tensor([[7]])], dim=1)
+    again = drafter.propose(longer, 3).tokens
+    assert fed[0] == 1  # only the target's own token: the kept drafts' KV is still cached, not the prompt
+    plain = reference("llama").generate(longer, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert again.tolist() == plain[0, longer.shape[1]:].tolist()
+
+
+def test_acceptance_rule_keeps_the_target_distribution() -> None:
+    # Emitted-token frequencies after accept-or-residual equal p, for a one-hot and a soft draft q.
+    torch.manual_seed(0)
+    p_logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, -1.0]])
+    p = torch.softmax(p_logits[0], dim=-1)
+    q_soft = torch.softmax(torch.tensor([0.1, 1.5, 0.3, -0.2, 0.0]), dim=-1)
+    n = 20000
+    for q in (None, q_soft):
+        counts = torch.zeros(5)
+        for _ in range(n):
+            token = torch.multinomial(q, 1)[0] if q is not None else torch.tensor(1)
+            if _accept(p_logits, token, q, sample=True):
+                counts[token] += 1
+            else:
+                counts[_residual(p_logits, token, q)] += 1
+        assert torch.allclose(counts / n, p, atol=0.012), (counts / n, p)
+
+
+def test_seeded_speculative_sampling_matches_plain_sampling(reference) -> None:
+    # End to end on a tiny model: the joint distribution of the first two sampled tokens (top-3, so
+    # 9 outcomes) from speculative sampling with a half-wrong oracle matches plain sampling's.
+    model = reference("llama")
+    ids = _prompt(8)
+    gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=True, top_k=3, temperature=1.5, pad_token_id=0)
+    greedy = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+    def histogram(runs: int, seed: int) -> dict[tuple[int, int], int]:
+        torch.manual_seed(seed)
+        out: dict[tuple[int, int], int] = {}
+        for _ in range(runs):
+            pair = tuple(model.generate(ids, **gen)[0, -2:].tolist())
+            out[pair] = out.get(pair, 0) + 1
+        return out
+
+    runs = 600
+    plain = histogram(runs, 1)
+    speculative.enable(model, OracleDrafter(greedy[0, ids.shape[1]:], ids.shape[1], 0.5, VOCAB), chain=2)
+    try:
+        spec = histogram(runs, 2)
+    finally:
+        speculative.enable(model, None)
+    keys = set(plain) | set(spec)
+    assert len(keys) > 3
+    chi2 = sum((plain.get(k, 0) - spec.get(k, 0)) ** 2 / (plain.get(k, 0) + spec.get(k, 0)) for k in keys)
+    assert chi2 < 30, (chi2, plain, spec)  # ~chi-square with <= 8 dof: p < 0.0003 at 30
+
+
+def test_expected_tokens_and_best_chain() -> None:
+    assert expected_tokens(0.0, 8) == 1.0
+    assert expected_tokens(1.0, 8) == 9.0
+    assert expected_tokens(0.8, 8) == pytest.approx((1 - 0.8**9) / 0.2)
+    flat = PassCost(base_s=1.0)
+    assert best_chain(flat, 0.9, 16) == 16  # a free, flat pass: draft as far as allowed
+    costly = PassCost(base_s=1.0, per_token_s=0.0, draft_per_token_s=0.2)
+    assert best_chain(costly, 0.5, 16) < best_chain(costly, 0.9, 16)
+    f = forecast(flat, 0.8, 8)
+    assert f.speedup == pytest.approx(expected_tokens(0.8, 8))
+
+
+def test_acceptance_tracker_counts_only_offered_tokens() -> None:
+    t = AcceptanceTracker(prior=0.5, weight=1.0)
+    t.update(drafted=8, accepted=3)  # 3 hits, then 1 miss; the 4 after it were never offered
+    assert (t.offered, t.accepted, t.rate) == (4, 3, 0.0)
+    t.update(drafted=4, accepted=4)
+    assert t.rate == 1.0
+
+
+def test_unknown_source_is_one_clear_error(reference) -> None:
+    with pytest.raises(overspill.OverspillError, match="ngram"):
+        speculative.enable(reference("llama"), "magic")
+
