@@ -1,0 +1,211 @@
+"""What speculative decoding buys a streamed model: pass cost against tokens per pass, then plain
+streaming against speculative decoding with an oracle draft at controlled acceptance.
+
+The oracle proposes plain greedy's own continuation, each token replaced by a wrong one with
+probability 1 - acceptance (`overspill.runtime.drafts.OracleDrafter`); the target still decides
+every token, so the output must equal plain greedy's, and `identical` says whether it did. One load,
+random weights (speed is honest, acceptance is set by the oracle, not by the model).
+
+    python bench/speculative.py --model llama-3-8b --budget 6GiB
+    python bench/speculative.py --model llama-3-70b --budget 80GiB --new-tokens 40
+    python bench/speculative.py --smoke     # tiny model on the CPU: checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
+
+SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def pass_costs(model, ids, ks: list[int], repeats: int) -> dict[int, float]:
+    """Seconds of one forward over k new tokens after the prompt's cache, median of `repeats`."""
+    import torch
+
+    from overspill.api import placement_of
+    from overspill.runtime.drafts import drop_last
+    from overspill.runtime.kv import cache_kwarg
+
+    kwarg = cache_kwarg(model)
+    cache = placement_of(model).generate_cache(model.config, 1, ids.shape[1] + max(ks))
+    with torch.inference_mode():
+        model(input_ids=ids, **{kwarg: cache}, use_cache=True, logits_to_keep=1)
+        out = {}
+        for k in [ks[0]] + ks:  # the first k twice: a warm-up
+            times = []
+            for _ in range(repeats):
+                step = ids[:, -k:] if k <= ids.shape[1] else ids[:, :1].repeat(1, k)
+                _sync()
+                t0 = time.perf_counter()
+                model(input_ids=step, **{kwarg: cache}, use_cache=True, logits_to_keep=k)
+                _sync()
+                times.append(time.perf_counter() - t0)
+                drop_last(cache, k)
+            out[k] = statistics.median(times)
+    return out
+
+
+def timed_generate(model, ids, new_tokens: int) -> tuple[list[int], dict]:
+    import torch
+
+    from overspill.run import TimingStreamer
+
+    streamer = TimingStreamer(None)
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
+    _sync()
+    times = streamer.times
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+    return out[0, ids.shape[1]:].tolist(), {"ttft_s": times[0] - start, "decode_tok_s": decode,
+                                            "wall_s": time.perf_counter() - start}
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    ks = sorted(int(k) for k in record["pass_seconds"])
+    a.plot(ks, [record["pass_seconds"][str(k)] * 1e3 for k in ks], "o-")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("tokens in one pass")
+    a.set_ylabel("ms per pass")
+    a.set_title(f"{record['model']} at {record['budget']}: pass cost")
+    runs = record["runs"]
+    labels = ["plain"] + [f"a={r['acceptance']} k={r['chain'] or 'auto'}" for r in runs]
+    measured = [record["plain"]["decode_tok_s"]] + [r["decode_tok_s"] for r in runs]
+    predicted = [None] + [r["predicted_tok_s"] for r in runs]
+    x = range(len(labels))
+    b.bar(x, measured, label="measured")
+    b.scatter([i for i in x if predicted[i]], [p for p in predicted if p], color="k", zorder=3, label="predicted")
+    b.set_xticks(list(x), labels, rotation=30, ha="right")
+    b.set_ylabel("decode tok/s")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", help="shipped config name (random weights)")
+    p.add_argument("--budget", default="6GiB", help="gpu_memory for overspill.load")
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--pass-k", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="pass-cost sweep")
+    p.add_argument("--repeats", type=int, default=2, help="passes per point of the sweep (median)")
+    p.add_argument("--points", nargs="+", default=["0.6:8", "0.8:8", "0.8:16", "0.9:8", "0.9:16", "0.8:auto"],
+                   help="oracle runs as ACCEPTANCE:CHAIN (auto: the planner adapts the chain)")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+
+    import torch
+
+    import overspill
+    from overspill.api import placement_of
+    from overspill.planning.speculation import PassCost, forecast
+    from overspill.runtime import speculative
+    from overspill.runtime.drafts import OracleDrafter
+    from overspill.runtime.hardware import machine_facts
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = "smoke" if args.smoke else args.model
+    path = out_dir / f"speculative-{name}-{args.budget}-{stamp}.json"
+    if args.smoke:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        d = dict(SMOKE_CONFIG)
+        torch.manual_seed(0)
+        src = out_dir / "smoke-model"
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).save_pretrained(src)
+        source, random_weights, budget = str(src), False, None
+    else:
+        source, random_weights, budget = args.model, True, args.budget
+    context = args.prompt_tokens + args.new_tokens + max(args.pass_k) + 32
+    t0 = time.perf_counter()
+    model, _ = overspill.load(source, gpu_memory=budget, context=context, random_weights=random_weights,
+                              progress=False)
+    load_s = time.perf_counter() - t0
+    plan = placement_of(model).plan
+    print(plan.summary(), flush=True)
+    print(f"loaded in {load_s:.0f} s", flush=True)
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab, (1, args.prompt_tokens), generator=gen).to(placement_of(model).device)
+    record = {
+        **provenance.header("speculative", stamp, machine_facts()),
+        "model": args.model if not args.smoke else "smoke", "budget": args.budget, "load_s": load_s,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "plan_summary": plan.summary(), "predicted_plain_tok_s": plan.prediction.decode_tok_s if plan.prediction else None,
+    }
+    costs = pass_costs(model, ids, args.pass_k, args.repeats)
+    record["pass_seconds"] = {str(k): v for k, v in costs.items()}
+    base = costs[1]
+    slope = (costs[max(args.pass_k)] - base) / (max(args.pass_k) - 1)
+    record["pass_cost_fit"] = {"base_s": base - slope, "per_token_s": slope,
+                               "k64_over_k1": costs[max(args.pass_k)] / base}
+    print("pass seconds:", {k: round(v * 1e3, 1) for k, v in costs.items()}, flush=True)
+    path.write_text(json.dumps(record, indent=2))
+
+    plain_tokens, plain = timed_generate(model, ids, args.new_tokens)
+    record["plain"] = plain
+    print(f"plain: {plain}", flush=True)
+    cost = PassCost(base_s=base - slope, per_token_s=slope)
+    record["runs"] = []
+    for point in args.points:
+        acc_s, chain_s = point.split(":")
+        acceptance, chain = float(acc_s), None if chain_s == "auto" else int(chain_s)
+        drafter = OracleDrafter(torch.tensor(plain_tokens), args.prompt_tokens, acceptance, vocab, seed=1)
+        speculative.enable(model, drafter, chain=chain)
+        tokens, timing = timed_generate(model, ids, args.new_tokens)
+        stats = model.speculation_stats
+        speculative.enable(model, None)
+        mean_chain = sum(stats.chains) / len(stats.chains) if stats.chains else 0
+        # the prediction uses the chains the run really drafted (the last ones are cut by max_new_tokens)
+        predicted = forecast(cost, acceptance, round(mean_chain) if chain is None else chain)
+        run = {
+            "acceptance": acceptance, "chain": chain, "identical": tokens == plain_tokens,
+            "first_difference": next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None),
+            **timing, "passes": stats.passes, "tokens_per_pass": stats.tokens_per_pass,
+            "mean_chain": mean_chain, "draft_share": stats.draft_share,
+            "speedup_vs_plain": timing["decode_tok_s"] / plain["decode_tok_s"] if timing["decode_tok_s"] else None,
+            "predicted_tok_s": predicted.tok_s,
+            "predicted_tokens_per_pass": predicted.tokens_per_pass,
+        }
+        run["measured_over_predicted"] = run["decode_tok_s"] / run["predicted_tok_s"] if run["decode_tok_s"] else None
+        record["runs"].append(run)
+        path.write_text(json.dumps(record, indent=2))
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items()}
+        print(f"oracle {point}: {shown}", flush=True)
+    plot(record, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
