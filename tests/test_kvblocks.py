@@ -41,29 +41,33 @@ def all_blocks(m: KVBlockManager):
             yield BlockRef(tier, i), m.block_info(BlockRef(tier, i))
 
 
-def check_invariants(m: KVBlockManager, seqs: dict, moves: dict) -> None:
+def check_invariants(m: KVBlockManager, seqs: dict, moves: dict, reserved: dict | None = None) -> None:
     """Args: `seqs`, expected token ids per sequence (None: appended without ids); `moves`, pending
-    move -> its source's prefix hash at prepare time."""
+    move -> its source's prefix hash at prepare time; `reserved`, blocks `reserve`d per sequence."""
+    reserved = reserved or {}
     bt = m.block_tokens
     # per-tier accounting from a scan of every physical block matches usage()
     u = m.usage()
+    destinations = {mv.dst for mv in m.pending_moves()}
     for tu in (u.gpu, u.host):
         infos = [info for ref, info in all_blocks(m) if ref.tier is tu.tier]
+        empty = [i for ref, i in all_blocks(m) if ref.tier is tu.tier and i and not i.tokens and ref not in destinations]
         assert tu.free_blocks == sum(i is None for i in infos)
         assert tu.cached_blocks == sum(i is not None and i.evictable for i in infos)
         assert tu.free_blocks + tu.used_blocks + tu.cached_blocks == tu.total_blocks
         assert tu.used_bytes == tu.used_blocks * m.bytes_per_block
+        assert tu.empty_blocks == len(empty)
         assert [m.block_info(r).last_use for r in m.eviction_order(tu.tier)] == sorted(
             m.block_info(r).last_use for r in m.eviction_order(tu.tier))
     # every table entry is live, referenced exactly once per table, and holds the right tokens
     uses = Counter(ref for s in seqs for ref in m.block_table(s))
     for s, tokens in seqs.items():
         table = m.block_table(s)
-        assert m.num_tokens(s) == len(tokens) and len(table) == -(-len(tokens) // bt)
+        assert m.num_tokens(s) == len(tokens) and len(table) == max(-(-len(tokens) // bt), reserved.get(s, 0))
         for i, ref in enumerate(table):
             info = m.block_info(ref)
             assert info is not None and info.ref_count >= 1 and not info.evictable
-            assert info.tokens == min(bt, len(tokens) - i * bt)
+            assert info.tokens == max(min(bt, len(tokens) - i * bt), 0)
             known = None not in tokens[: (i + 1) * bt]
             expected = prefix_hashes(tokens[: (i + 1) * bt], bt)[i] if info.tokens == bt and known else None
             assert info.prefix_hash == expected  # an evicted and reused block would show another hash
@@ -322,6 +326,49 @@ def test_append_without_token_ids_is_never_shared() -> None:
     assert m.usage().gpu.free_blocks == 8
 
 
+def test_reserve_holds_empty_blocks_that_appends_fill() -> None:
+    """An engine admits a request by its worst case: its blocks are held, empty, and its tokens fill them."""
+    m = KVBlockManager(BT, gpu_blocks=6, host_blocks=2)
+    m.reserve("r", 3)  # prompt + most new tokens: 3 blocks of the GPU tier
+    u = m.usage().gpu
+    assert (u.used_blocks, u.empty_blocks, u.available_blocks) == (3, 3, 3)
+    assert m.append("r", 5) == ()  # the tokens fill the reserved blocks: no new one
+    assert m.num_tokens("r") == 5 and m.usage().gpu.empty_blocks == 1
+    m.reserve("r", 2)  # shrink: the empty third block goes back
+    assert m.usage().gpu.used_blocks == 2 and m.usage().gpu.empty_blocks == 0
+    with pytest.raises(ValueError, match="cannot reserve 1"):
+        m.reserve("r", 1)  # its second block holds a token
+    m.reserve("q", 4)
+    before = snapshot(m, ["r", "q"])
+    with pytest.raises(KVCapacityError):
+        m.reserve("z", 1)  # the GPU tier is full; HOST blocks do not count for a GPU reservation
+    assert snapshot(m, ["r", "q"]) == before
+    assert [m.block_info(ref).prefix_hash for ref in m.block_table("r")] == [None, None]  # never shared
+    m.free("r")
+    assert m.usage().gpu.free_blocks == 2 and m.usage().gpu.cached_blocks == 0
+    check_invariants(m, {"q": []}, {}, {"q": 4})
+
+
+def test_allocate_into_one_tier_and_resize_a_tier() -> None:
+    """A host-memory prefix pool and the engine's running sequences share one manager: the pool
+    allocates in the HOST tier only, the engine adds a GPU tier for its reservations."""
+    m = KVBlockManager(BT, gpu_blocks=0, host_blocks=4)
+    m.allocate("p", toks(0, 9), tier=HOST)  # 3 host blocks
+    m.resize(GPU, 5)
+    assert m.usage().gpu.total_blocks == 5 and m.usage().gpu.free_blocks == 5
+    with pytest.raises(KVCapacityError):
+        m.allocate("x", toks(50, 8), tier=HOST)  # 2 blocks: 1 host block left, though the GPU has 5
+    m.reserve("engine", 5)
+    with pytest.raises(ValueError, match="cannot resize"):
+        m.resize(GPU, 2)  # its blocks are held
+    m.free("p")  # its two full blocks stay cached in the pool
+    assert m.allocate("p2", toks(0, 10), tier=HOST).cached_tokens == 8
+    m.free("engine")
+    m.resize(GPU, 2)
+    assert m.usage().gpu.total_blocks == 2 and m.usage().gpu.free_blocks == 2
+    check_invariants(m, {"p2": toks(0, 10)}, {})
+
+
 def test_errors_for_misuse() -> None:
     m = KVBlockManager(BT, gpu_blocks=2, host_blocks=0)
     m.allocate("a", toks(0, 1))
@@ -358,13 +405,20 @@ def test_randomized_invariants() -> None:
     m = KVBlockManager(BT, gpu_blocks=10, host_blocks=8, bytes_per_block=64)
     seqs: dict[int, list] = {}  # expected token ids (None: appended without ids)
     moves: dict = {}  # pending move -> source prefix hash at prepare
+    reserved: dict[int, int] = {}  # blocks reserved ahead
     prefixes = [toks(0, 11), toks(100, 6), toks(200, 13)]
     failures = 0
     for step in range(2000):
         op = rng.random()
         before = snapshot(m, seqs)
         try:
-            if op < 0.3 or not seqs:  # allocate: a shared prefix (cut anywhere) plus a random tail
+            if op < 0.05:  # reserve blocks ahead for a new or a reserved sequence (never shared)
+                s = rng.choice([step] + sorted(reserved))
+                blocks = rng.randrange(-(-len(seqs.get(s, [])) // BT), 5)
+                m.reserve(s, blocks, rng.choice([GPU, HOST]))
+                seqs.setdefault(s, [])
+                reserved[s] = blocks
+            elif op < 0.3 or not seqs:  # allocate: a shared prefix (cut anywhere) plus a random tail
                 tail = toks(rng.randrange(1000, 1010), rng.randrange(5))
                 prompt = rng.choice(prefixes)[: rng.randrange(14)] + tail
                 alloc = m.allocate(step, prompt)
@@ -373,7 +427,7 @@ def test_randomized_invariants() -> None:
             elif op < 0.55:  # append a few tokens, usually with ids
                 s = rng.choice(sorted(seqs))
                 ids = toks(rng.randrange(2000, 2005), rng.randrange(1, 6))
-                if rng.random() < 0.1:
+                if rng.random() < 0.1 or s in reserved:
                     m.append(s, n_tokens=len(ids))
                     ids = [None] * len(ids)
                 else:
@@ -383,6 +437,7 @@ def test_randomized_invariants() -> None:
                 s = rng.choice(sorted(seqs))
                 m.free(s)
                 del seqs[s]
+                reserved.pop(s, None)
             elif op < 0.88:  # start a move of any live, unpinned block to the other tier
                 live = [(r, i) for r, i in all_blocks(m) if i is not None and not i.pinned]
                 if live:
@@ -395,7 +450,7 @@ def test_randomized_invariants() -> None:
         except KVCapacityError:
             failures += 1
             assert snapshot(m, seqs) == before  # a refused call changes nothing
-        check_invariants(m, seqs, moves)
+        check_invariants(m, seqs, moves, reserved)
     # the run exercised the interesting paths
     u = m.usage()
     assert failures > 10 and u.hit_tokens > 0 and u.evicted_blocks > 10

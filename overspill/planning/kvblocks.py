@@ -11,7 +11,8 @@ Sequences hold logical blocks whose `BlockRef` changes only when a move complete
 serves every sharer): re-read `block_table` after completing moves. Prompt blocks are registered
 at `allocate`, so their KV must be written in that step (each layer writes before attention reads);
 with `share_unwritten=False` they are shared only after `commit`, for callers whose prefill of one
-request can overlap another request's lookup.
+request can overlap another request's lookup. A sequence admitted by its worst case (prompt + most
+new tokens) `reserve`s its blocks ahead: they are held, empty, until `append` fills them.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class TierUsage:
     used_bytes: int
     free_bytes: int
     cached_bytes: int
+    empty_blocks: int = 0  # used blocks holding no token yet: `reserve`d ahead of their tokens
 
     @property
     def available_blocks(self) -> int:
@@ -180,6 +182,7 @@ class KVBlockManager:
         self._slots: dict[KVTier, list[_Block | None]] = {KVTier.GPU: [None] * gpu_blocks,
                                                           KVTier.HOST: [None] * host_blocks}
         self._free = {t: deque(range(len(s))) for t, s in self._slots.items()}
+        self._empty = {t: 0 for t in KVTier}  # referenced blocks holding no token
         self._lru: dict[KVTier, OrderedDict[_Block, None]] = {t: OrderedDict() for t in KVTier}  # LRU first
         self._index: dict[int, _Block] = {}  # prefix hash -> the one block registered for reuse
         self._seqs: dict[Hashable, _Seq] = {}
@@ -188,11 +191,12 @@ class KVBlockManager:
         self._tick = 0
         self._lookups = self._lookup_tokens = self._hit_tokens = self._evicted = 0
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> Allocation:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], *, tier: KVTier | None = None) -> Allocation:
         """Give a new sequence its blocks, reusing the longest cached run of leading full blocks.
 
-        Fresh blocks go to the GPU tier while it has free or evictable blocks, then to HOST: a new
-        block is hot (attention reads it every step), a cached one only might be reused.
+        Fresh blocks go to `tier` when given (a pool that lives in one tier); else to the GPU tier
+        while it has free or evictable blocks, then to HOST: a new block is hot (attention reads it
+        every step), a cached one only might be reused.
 
         Raises:
             KVCapacityError: not enough free or evictable blocks; nothing is changed.
@@ -208,13 +212,14 @@ class KVBlockManager:
                 break
             hits.append(blk)
         fresh = -(-n // bt) - len(hits)
-        self._check_capacity(fresh, reused=sum(self._is_cached(b) for b in hits))
+        tiers = (tier,) if tier is not None else tuple(KVTier)
+        self._check_capacity(fresh, tiers, reused=sum(self._is_cached(b) and b.loc.tier in tiers for b in hits))
         self._tick += 1
         for blk in hits:
             self._ref(blk)
-        blocks = hits + [self._new_block() for _ in range(fresh)]
+        blocks = hits + [self._new_block(tiers) for _ in range(fresh)]
         for i in range(len(hits), len(blocks)):
-            blocks[i].tokens = min(bt, n - i * bt)
+            self._fill(blocks[i], min(bt, n - i * bt))
             if i < len(hashes):
                 self._seal(blocks[i], hashes[i])
                 blocks[i].unwritten = not self.share_unwritten
@@ -243,10 +248,10 @@ class KVBlockManager:
         if n_tokens < 0:
             raise ValueError(f"cannot append {n_tokens} tokens")
         bt, start, total = self.block_tokens, seq.n_tokens, seq.n_tokens + n_tokens
-        fresh = -(-total // bt) - len(seq.blocks)
-        self._check_capacity(fresh)
+        fresh = -(-total // bt) - len(seq.blocks)  # <= 0 while `reserve`d blocks remain
+        self._check_capacity(fresh, tuple(KVTier))
         self._tick += 1
-        new = [self._new_block() for _ in range(fresh)]
+        new = [self._new_block(tuple(KVTier)) for _ in range(fresh)]
         seq.blocks.extend(new)
         if token_ids is None and n_tokens:
             seq.parent = None
@@ -256,7 +261,8 @@ class KVBlockManager:
             take = min(bt - pos % bt, total - pos)
             if seq.parent is not None:
                 seq.partial.extend(token_ids[pos - start : pos - start + take])  # type: ignore[index]
-            blk.tokens, blk.last_use, pos = blk.tokens + take, self._tick, pos + take
+            self._fill(blk, take)
+            blk.last_use, pos = self._tick, pos + take
             if blk.tokens == bt:
                 if seq.parent is not None:
                     seq.parent = block_hash(seq.parent, seq.partial)
@@ -264,6 +270,47 @@ class KVBlockManager:
                 seq.partial = []
         seq.n_tokens = total
         return tuple(b.loc for b in new)
+
+    def reserve(self, seq_id: Hashable, blocks: int, tier: KVTier = KVTier.GPU) -> None:
+        """Hold `blocks` blocks of `tier` for a sequence, so that its appends up to `blocks *
+        block_tokens` tokens need no new block; grows or shrinks the table of a known sequence.
+
+        A new sequence starts empty and without token ids, so its blocks are never shared (as with
+        `append` without ids). Shrinking drops empty trailing blocks only.
+
+        Raises:
+            KVCapacityError: `tier` has too few free or evictable blocks; nothing is changed.
+            ValueError: shrinking would drop blocks that hold tokens.
+        """
+        seq = self._seqs.get(seq_id)
+        have, filled = (len(seq.blocks), -(-seq.n_tokens // self.block_tokens)) if seq is not None else (0, 0)
+        if blocks < filled:
+            raise ValueError(f"sequence {seq_id!r} holds {filled} blocks of tokens: cannot reserve {blocks}")
+        self._check_capacity(blocks - have, (tier,))
+        self._tick += 1
+        if seq is None:
+            seq = self._seqs[seq_id] = _Seq([], 0, [], None)
+        while len(seq.blocks) < blocks:
+            seq.blocks.append(self._new_block((tier,)))
+        while len(seq.blocks) > blocks:
+            self._unref(seq.blocks.pop())
+
+    def resize(self, tier: KVTier, blocks: int) -> None:
+        """Give `tier` `blocks` physical blocks, e.g. a GPU tier for the running sequences of a
+        manager first built for a host-memory prefix pool. Shrinking drops free blocks only.
+
+        Raises:
+            ValueError: a block past the new size is held, cached or the destination of a move.
+        """
+        slots = self._slots[tier]
+        if blocks < 0 or any(blk is not None for blk in slots[blocks:]):
+            raise ValueError(f"cannot resize the {tier.value} tier to {blocks} blocks: {self._describe()}")
+        if blocks < len(slots):
+            del slots[blocks:]
+            self._free[tier] = deque(i for i in self._free[tier] if i < blocks)
+        else:
+            self._free[tier].extend(range(len(slots), blocks))
+            slots.extend([None] * (blocks - len(slots)))
 
     def commit(self, seq_id: Hashable) -> None:
         """The sequence's prompt KV is written: its blocks may now be reused (see `share_unwritten`)."""
@@ -351,7 +398,7 @@ class KVBlockManager:
         def tier(t: KVTier) -> TierUsage:
             blocks = (len(self._slots[t]), len(self._slots[t]) - len(self._free[t]) - len(self._lru[t]),
                       len(self._free[t]), len(self._lru[t]))
-            return TierUsage(t, *blocks, *(b * self.bytes_per_block for b in blocks))
+            return TierUsage(t, *blocks, *(b * self.bytes_per_block for b in blocks), self._empty[t])
 
         return KVUsage(tier(KVTier.GPU), tier(KVTier.HOST), self._lookups, self._lookup_tokens,
                        self._hit_tokens, self._evicted)
@@ -370,6 +417,9 @@ class KVBlockManager:
         self._free_slot(move.src if done else move.dst)
         blk.move = None
         if done:
+            if not blk.tokens:
+                self._empty[move.src.tier] -= 1
+                self._empty[move.dst.tier] += 1
             blk.loc, blk.last_use = move.dst, self._tick
         if blk.ref_count == 0:
             self._release(blk)
@@ -386,9 +436,9 @@ class KVBlockManager:
                           f"{len(self._slots[t])}" for t in KVTier)
         return f"{tiers}; {len(self._seqs)} sequences and {len(self._moves)} pending moves hold the rest"
 
-    def _check_capacity(self, need: int, reused: int = 0) -> None:
-        """Fail before changing anything; `reused` cached blocks are about to be referenced."""
-        available = sum(len(self._free[t]) + len(self._lru[t]) for t in KVTier) - reused
+    def _check_capacity(self, need: int, tiers: tuple[KVTier, ...], reused: int = 0) -> None:
+        """Fail before changing anything; `reused` cached blocks of `tiers` are about to be referenced."""
+        available = sum(len(self._free[t]) + len(self._lru[t]) for t in tiers) - reused
         if need > available:
             raise KVCapacityError(
                 f"KV cache full: {need} blocks of {self.block_tokens} tokens needed, {available} can be "
@@ -407,13 +457,20 @@ class KVBlockManager:
             return blk.loc.index
         return None
 
-    def _new_block(self) -> _Block:
-        for tier in (KVTier.GPU, KVTier.HOST):
+    def _new_block(self, tiers: tuple[KVTier, ...]) -> _Block:
+        """An empty block of the first of `tiers` (GPU before HOST) with room."""
+        for tier in tiers:
             index = self._take(tier)
             if index is not None:
                 self._slots[tier][index] = blk = _Block(BlockRef(tier, index), self._tick)
+                self._empty[tier] += 1
                 return blk
         raise AssertionError("capacity was checked before allocating")
+
+    def _fill(self, blk: _Block, tokens: int) -> None:
+        if tokens and not blk.tokens:
+            self._empty[blk.loc.tier] -= 1
+        blk.tokens += tokens
 
     def _seal(self, blk: _Block, h: int) -> None:
         blk.hash = h
@@ -436,4 +493,6 @@ class KVBlockManager:
             blk.last_use = self._tick  # the LRU stays ordered by last use
             self._lru[blk.loc.tier][blk] = None
         else:
+            if not blk.tokens:
+                self._empty[blk.loc.tier] -= 1
             self._free_slot(blk.loc)
