@@ -74,6 +74,20 @@ def _croppable(cache) -> bool:
     return all(getattr(layer, "is_croppable", True) for layer in layers)
 
 
+def _record_past(cache, tokens: int) -> None:
+    """Let sliding-window layers keep what a crop may restore (transformers 5.2x takes how many
+    recurrent states to keep; 5.17 takes no argument; older caches have no such method)."""
+    import inspect
+
+    record = getattr(cache, "activate_past_recording", None)
+    if record is None:
+        return
+    if "recurrent_states_to_keep" in inspect.signature(record).parameters:
+        record(recurrent_states_to_keep=tokens)
+    else:
+        record()
+
+
 def _forward(model, ids: torch.Tensor, cache, kwarg: str, keep: int) -> torch.Tensor:
     """Logits [len, vocab] of the last `keep` positions of a pass over `ids` ([1, len]) after `cache`."""
     out = model(input_ids=ids, **{kwarg: cache}, use_cache=True, logits_to_keep=keep)
@@ -129,8 +143,7 @@ def speculative_decode(
         drop_last(cache, cache.get_seq_length() - ids.shape[1] + 1)
     done = cache.get_seq_length()
     logits = _prefill(model, ids[:, done:], cache, kwarg, getattr(generation_config, "prefill_chunk_size", None))
-    if hasattr(cache, "activate_past_recording"):  # sliding-window layers keep what a crop may restore
-        cache.activate_past_recording(recurrent_states_to_keep=max_chain + 1)
+    _record_past(cache, max_chain + 1)
     stats.verify_seconds += time.perf_counter() - start
     limit = generation_config.max_length
     pending: torch.Tensor = logits[None]  # the target's raw logits for the next token
