@@ -148,3 +148,35 @@ def test_a_freed_slot_gets_its_next_copy_at_once(streamed: int, slots: int) -> N
         if kind == "done":
             assert log[i + 1] == ("copy", slot)  # the freed slot's next copy follows at once
     assert ring.step_phase() == (2 * streamed) % slots
+
+
+def test_graphed_steps_pick_their_kernels_without_touching_the_config(tiny_checkpoint, monkeypatch) -> None:
+    """`enable_graphs` names routers in the config once; graphed steps then run `decode_attention` and
+    `batched_mm` experts while the config stays as it is, and every other pass runs the model's own kernels."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    import overspill.runtime.graphs as graphs
+
+    model = load_tiny(tiny_checkpoint("mixtral"), 4)
+    graphed = enable_graphs(model, capture=False)
+    config = model.config
+    names = (config._attn_implementation, config._experts_implementation)
+    assert all(name.startswith("overspill_graphed_or_") for name in names)
+    seen = {"attention": [], "experts": []}  # the config's names at each graph-safe kernel call
+    attention, experts = graphs.decode_attention, ExpertsInterface._global_mapping["batched_mm"]
+
+    def spy(kind, kernel):
+        def call(*args, **kwargs):
+            seen[kind].append((config._attn_implementation, config._experts_implementation))
+            return kernel(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(graphs, "decode_attention", spy("attention", attention))
+    monkeypatch.setitem(ExpertsInterface._global_mapping, "batched_mm", spy("experts", experts))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # a plain pass: the model's own kernels
+        assert seen == {"attention": [], "experts": []}
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    steps = graphed.eager_steps  # the 4 decode steps after the prefill, through the fixed-buffer body
+    assert steps == 4
+    assert seen["attention"] == seen["experts"] == [names] * steps * N_LAYERS

@@ -14,6 +14,17 @@ slots / gcd(layers, slots) steps, so one graph is captured per phase (see `Layer
 The first step of each phase runs eagerly on the capture stream, which also warms it up, and is
 then captured. On the CPU (and when capture is off) the same fixed-buffer step runs eagerly,
 so CI checks everything but the capture.
+
+Side effects on the model, all installed once by `enable_graphs`:
+- `config._attn_implementation` (and `_experts_implementation`) name routers registered in
+  transformers' interfaces: inside `decode_forward` they run `decode_attention` (and the
+  graph-safe `batched_mm` experts), elsewhere the model's own kernels. transformers reads these
+  names at every call, so choosing per call needs a router; flipping the names around each step
+  mutated config that every other caller of the model shares.
+- `model.forward` is replaced by `GraphedDecode.step`, and `generate` is given the static cache:
+  `generate` calls the model's forward for every step, and PyTorch has no hook that can skip a
+  forward and return another output, so replaying a graph in its place needs the replacement.
+  The serving engine calls the original forward (`GraphedDecode.original`).
 """
 
 from __future__ import annotations
@@ -21,11 +32,15 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-from typing import Any
+import sys
+from contextvars import ContextVar
+from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface, StaticCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import OverspillError
 from .kv import cache_kwarg
@@ -39,7 +54,9 @@ _STEP_KEYS = {"input_ids", "attention_mask", "position_ids", "past_key_values", 
               "logits_to_keep", "output_attentions", "output_hidden_states"}
 
 
-DECODE_ATTENTION = "overspill_decode"
+# True while `decode_forward` runs a step. A context variable, not a call kwarg: transformers passes
+# call kwargs on to attention but not to MoE experts, and one flag serves both routers.
+_GRAPHED_STEP: ContextVar[bool] = ContextVar("overspill_graphed_step", default=False)
 
 
 def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -71,7 +88,52 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(b, heads, q_len, value.shape[-1]).transpose(1, 2), None
 
 
-AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+def route_decode_kernels(model: torch.nn.Module) -> None:
+    """Point the model's attention (and experts) implementation at routers, once: graphed steps get
+    `decode_attention` (and `batched_mm` experts), every other call the kernels the model had."""
+    config = model.config
+    config._attn_implementation = _attention_router(config._attn_implementation)
+    experts = getattr(config, "_experts_implementation", None)
+    if experts is not None:
+        config._experts_implementation = _experts_router(experts)
+
+
+def _attention_router(own: str) -> str:
+    """The registered name of "`decode_attention` in graphed steps, else `own`" (sdpa or eager)."""
+    name = f"overspill_graphed_or_{own}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"] if own == "sdpa" else None
+
+        def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+            if _GRAPHED_STEP.get():
+                return decode_attention(module, query, key, value, attention_mask, **kwargs)
+            # eager attention is each architecture's own, beside its modeling code (where it would find it)
+            fallback = sdpa or vars(sys.modules[type(module).__module__])["eager_attention_forward"]
+            return fallback(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])  # the same masks as `own`
+    return name
+
+
+def _experts_router(own: str) -> str:
+    """The registered name of "`batched_mm` experts in graphed steps, else `own`". In a graph, "eager"
+    loops over the experts hit (nonzero: a host sync) and grouped_mm copied host offsets in float32
+    on the H100: batched_mm is graph-safe."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    name = f"overspill_graphed_or_{own}"
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        def experts(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if _GRAPHED_STEP.get():
+                return ALL_EXPERTS_FUNCTIONS["batched_mm"](module, *args, **kwargs)
+            # "eager" is the experts class's own forward, which transformers' dispatcher wraps
+            fallback: Callable = ALL_EXPERTS_FUNCTIONS[own] if own != "eager" else type(module).forward.__wrapped__
+            return fallback(module, *args, **kwargs)
+
+        ExpertsInterface.register(name, experts)
+    return name
 
 
 class GraphCache(StaticCache):
@@ -108,23 +170,17 @@ def graphs_supported(model: torch.nn.Module, placement) -> str | None:
     return None
 
 
-def decode_forward(model: torch.nn.Module, forward, key: str, cache, embeds: torch.Tensor, mask: torch.Tensor,
+def decode_forward(forward: Callable, key: str, cache, embeds: torch.Tensor, mask: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
     """One decode step's logits through `forward` (the model's own), as graphs capture it: attention
-    by `decode_attention` over the bool 4D `mask`, MoE experts through a kernel without host syncs."""
-    config = model.config
-    experts = getattr(config, "_experts_implementation", None)
-    attention = config._attn_implementation
-    if experts is not None:  # "eager" loops over the experts hit (nonzero: a host sync); grouped_mm copied
-        config._experts_implementation = "batched_mm"  # host offsets in float32 on the H100: batched_mm is graph-safe
-    config._attn_implementation = DECODE_ATTENTION
+    by `decode_attention` over the bool 4D `mask`, MoE experts through a kernel without host syncs
+    (the routers of `route_decode_kernels` read the flag set here, on this thread only)."""
+    graphed = _GRAPHED_STEP.set(True)
     try:
         out = forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                       return_dict=True, **{key: cache})
     finally:
-        config._attn_implementation = attention
-        if experts is not None:
-            config._experts_implementation = experts
+        _GRAPHED_STEP.reset(graphed)
     return out.logits
 
 
@@ -297,7 +353,7 @@ class GraphedDecode(StepGraphs):
         b = self._buffers
         seen = self.cache.layers[0].cumulative_length  # tokens before this one
         mask = (b["pad"] & (b["arange"] <= seen))[:, None, None, :]
-        return decode_forward(self.model, self.original, self.key, self.cache, b["embeds"], mask, b["positions"])
+        return decode_forward(self.original, self.key, self.cache, b["embeds"], mask, b["positions"])
 
 
 def enable_graphs(model: torch.nn.Module, capture: bool | None = None) -> GraphedDecode | None:
@@ -313,6 +369,7 @@ def enable_graphs(model: torch.nn.Module, capture: bool | None = None) -> Graphe
         return None
     if capture is None:
         capture = placement.device.type == "cuda"
+    route_decode_kernels(model)
     graphed = GraphedDecode(model, placement, placement.plan.workload.context, capture)
     graphed.install()
     placement.graphs = graphed

@@ -15,6 +15,7 @@ looks up the new tokens' embeddings. On the CPU (capture off) the same step runs
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -24,6 +25,8 @@ from transformers import DynamicCache
 from ..errors import OverspillError
 from ..runtime.graphs import GraphCache, GraphedDecode, StepGraphs, decode_forward
 
+log = logging.getLogger(__name__)
+
 
 def bucket_for(rows: int, max_rows: int) -> int:
     """The graph shape that holds `rows` rows: the next power of two, at most `max_rows`."""
@@ -31,7 +34,7 @@ def bucket_for(rows: int, max_rows: int) -> int:
 
 
 class GraphedBatch(StepGraphs):
-    """The `DecodeBatch` interface (rows, join, keep) over static buffers, plus `decode` (one step)."""
+    """A `batching.Batch` over static buffers, each step a CUDA graph (eager on the CPU)."""
 
     def __init__(self, model: torch.nn.Module, placement, graphed: GraphedDecode, max_rows: int, width: int):
         super().__init__(placement, graphed.capture)
@@ -96,10 +99,19 @@ class GraphedBatch(StepGraphs):
             self._valid[kept:].fill_(False)
         self.rows = [self.rows[i] for i in keep_rows]
 
-    @torch.inference_mode()
     def warm_up(self) -> None:
         """Capture every bucket's graphs (one per ring phase) with dummy rows, so that no request
-        waits on a capture later; the batch is empty again afterwards."""
+        waits on a capture later; the batch is empty again afterwards. A failure (e.g. no memory
+        for a bucket) turns capture off: serving eagerly beats not serving."""
+        try:
+            self._capture_buckets()
+        except Exception as exc:
+            log.warning("CUDA graph warm-up failed (%s: %s); the batch decodes eagerly", type(exc).__name__, exc)
+            self.capture = False
+            self.rows = []
+
+    @torch.inference_mode()
+    def _capture_buckets(self) -> None:
         if not self.capture:
             return
         cache = DynamicCache(config=self.model.config)
@@ -138,7 +150,7 @@ class GraphedBatch(StepGraphs):
         valid.index_fill_(1, self._lengths[0].view(1), True)  # this step's column, in every row of the bucket
         mask = valid[:, None, None, :]
         positions = valid.sum(1, keepdim=True) - 1  # real tokens before this one
-        return decode_forward(self.model, self.forward, self.key, cache, self._embeds[b], mask, positions)
+        return decode_forward(self.forward, self.key, cache, self._embeds[b], mask, positions)
 
     def _allocate(self, cache: Any) -> None:
         rows = self.max_rows
