@@ -32,10 +32,11 @@ class IdsTokenizer:
 
 
 class Steps:
-    """Records the batch size of every decode step."""
+    """Records the batch size of every decode step; `check()`, if set, runs there too (on the engine thread)."""
 
     def __init__(self):
         self.sizes: list[int] = []
+        self.check = None
 
     def first_token(self, seconds): ...
     def inter_token(self, seconds): ...
@@ -43,6 +44,18 @@ class Steps:
 
     def decode_step(self, batch_size, seconds):
         self.sizes.append(batch_size)
+        if self.check is not None:
+            self.check()
+
+
+def fail_forward(model, when):
+    """Make the model's forward raise "device fault" for passes whose input ids `when(ids)` picks;
+    returns the hook handle (`.remove()` heals it)."""
+    def hook(module, args, kwargs):
+        if when(kwargs["input_ids"]):
+            raise RuntimeError("device fault")
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _engine(model, **kwargs) -> Engine:
@@ -190,8 +203,21 @@ def _cache(lengths: list[int], heads: int = 2, dim: int = 4, layers: int = 2) ->
     return caches
 
 
+def _appending_forward(seen: list):
+    """Stands in for the model's pass: records a step's inputs and appends a column of 99s to every layer."""
+    def forward(input_ids, cache, attention_mask, position_ids):
+        seen.append((input_ids.tolist(), tuple(attention_mask.shape), position_ids.tolist()))
+        for layer in range(len(cache.layers)):
+            step = torch.full((input_ids.shape[0], 2, 1, 4), 99.0)
+            cache.update(step, -step, layer)
+        return torch.zeros((input_ids.shape[0], 8))
+
+    return forward
+
+
 def test_decode_batch_pads_on_join_and_trims_on_leave():
-    batch = DecodeBatch(torch.device("cpu"))
+    seen = []
+    batch = DecodeBatch(torch.device("cpu"), _appending_forward(seen))
     a, b, c = _cache([3, 5, 2])
     assert mergeable(a)
     for name, cache, n in (("a", a, 3), ("b", b, 5), ("c", c, 2)):
@@ -200,12 +226,8 @@ def test_decode_batch_pads_on_join_and_trims_on_leave():
     assert batch.valid.tolist() == [[False, False, True, True, True], [True] * 5, [False] * 3 + [True] * 2]
     assert batch.cache.layers[1].keys.shape == (3, 2, 5, 4)
     assert batch.cache.layers[1].keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]  # row a, layer 1: padded left
-    inputs = batch.step_inputs([1, 2, 3])
-    assert inputs["position_ids"].tolist() == [[3], [5], [2]]
-    assert inputs["attention_mask"].shape == (3, 6)
-    for layer in range(2):  # the forward pass appends the step's column to every layer
-        step = torch.full((3, 2, 1, 4), 99.0)
-        batch.cache.update(step, -step, layer)
+    assert batch.decode([1, 2, 3]).shape == (3, 8)
+    assert seen == [([[1], [2], [3]], (3, 6), [[3], [5], [2]])]  # each row's position: its own token count
     batch.keep([0, 2])  # b leaves: two leading columns are padding in both remaining rows
     assert batch.rows == ["a", "c"] and batch.valid.shape == (2, 4)
     assert batch.cache.layers[0].keys.shape == (2, 2, 4, 4)
@@ -223,7 +245,7 @@ def test_decode_batch_keeps_sliding_layers_on_the_global_timeline():
 
     long, short = sliding(6, 1.0), sliding(2, 2.0)
     assert mergeable(long) and long.layers[0].keys.shape[-2] == 3  # the window keeps 3 columns
-    batch = DecodeBatch(torch.device("cpu"))
+    batch = DecodeBatch(torch.device("cpu"), _appending_forward([]))
     batch.join(["long"], long, torch.ones((1, 6), dtype=torch.bool))
     batch.join(["short"], short, torch.ones((1, 2), dtype=torch.bool))
     layer = batch.cache.layers[0]
@@ -254,19 +276,16 @@ def test_failures_end_only_their_requests_and_free_their_kv(tiny_checkpoint, mon
         assert events[-1].finish == "error" and "nan" in events[-1].error
         assert engine.live_requests() == 0 and engine.kv_stats().reserved_blocks == 0
         monkeypatch.setattr(sampling, "pick_tokens", real)
-        forward = engine._forward
         calls = []
 
-        def failing_decode(ids, kwargs):
+        def fourth_pass_on(ids):  # the passes from the fourth on that decode
             calls.append(ids.shape)
-            if ids.shape[1] == 1 and len(calls) > 3:
-                raise RuntimeError("device fault")
-            return forward(ids, kwargs)
+            return ids.shape[1] == 1 and len(calls) > 3
 
-        engine._forward = failing_decode
+        hook = fail_forward(model, fourth_pass_on)
         handles = [engine.submit(r) for r in _requests()[:2]]
         assert [list(h)[-1].finish for h in handles] == ["error", "error"]
-        engine._forward = forward
+        hook.remove()
         assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
         assert [e.finish for e in engine.submit(GenerationRequest((5, 6), 3))][-1] == "length"
     finally:
@@ -290,17 +309,13 @@ def test_live_count_includes_requests_being_prefilled(tiny_checkpoint):
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     engine = _engine(model, max_batch=4)
     seen = []
-    forward = engine._forward
-
-    def observed(ids, kwargs):
-        seen.append((engine.live_requests(), engine.active_count))
-        return forward(ids, kwargs)
-
-    engine._forward = observed
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append((engine.live_requests(),
+                                                                              engine.active_count)))
     try:
         _outputs(engine, _requests()[:3], together=True)
         assert seen[0] == (3, 3)  # the group's prefill pass: all three are counted while it runs
     finally:
+        hook.remove()
         engine.close()
 
 
@@ -348,21 +363,60 @@ def test_prefix_cache_skips_the_shared_prompt_and_keeps_outputs(tiny_checkpoint)
         engine.close()
 
 
+def blocks_disagree(engine: Engine) -> list[str]:
+    """What the engine's block manager, its caches and its prefix pool disagree on (run on the engine thread).
+
+    The manager is the one source: admission reserves every running row the widest reservation
+    there, each row's filled blocks must hold exactly the KV its cache holds, and the prefix pool's
+    HOST blocks in use are exactly those its live leases hold."""
+    s, m, batch = engine.scheduler, engine.blocks, engine.runner.batch
+    found = []
+    for row, seq in enumerate(batch.rows):  # decoding: the cache's real columns of the row
+        if m.num_tokens(seq.key) != int(batch.valid[row].sum()):
+            found.append(f"row {row}: manager {m.num_tokens(seq.key)} tokens, cache {int(batch.valid[row].sum())}")
+    for seq in s.prefilling:  # prefilling: its own cache, if it has one yet
+        cached = seq.cache.get_seq_length() if seq.cache is not None else seq.prefilled
+        if not m.num_tokens(seq.key) == seq.prefilled == cached:
+            found.append(f"prefilling {seq.key}: manager {m.num_tokens(seq.key)}, {seq.prefilled}, cache {cached}")
+    running = list(s.running.values())
+    gpu, host = m.usage().gpu, m.usage().host
+    widest = max((seq.need for seq in running), default=0)
+    if gpu.used_blocks != len(running) * widest or any(len(m.block_table(seq.key)) != widest for seq in running):
+        found.append(f"{gpu.used_blocks} GPU blocks held, admission reserved {len(running)} x {widest}")
+    filled = sum(-(-m.num_tokens(seq.key) // m.block_tokens) for seq in running)
+    if gpu.used_blocks - gpu.empty_blocks != filled:
+        found.append(f"{gpu.used_blocks - gpu.empty_blocks} GPU blocks filled, the caches hold {filled}")
+    leased = {ref for seq in running if seq.lease is not None for ref in m.block_table(seq.lease.seq_id)}
+    if host.used_blocks != len(leased):
+        found.append(f"{host.used_blocks} pool blocks in use, leases hold {len(leased)}")
+    return found
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_checkpoint, arch):
     """Requests arrive while others decode, some are cancelled mid-way; every finished one equals its
-    solo run, every cancelled one ends 'cancelled', and no KV block or request state is left behind."""
+    solo run, every cancelled one ends 'cancelled', and no KV block or request state is left behind.
+    At every decode step the engine's admission (its reservations), the caches and the prefix pool
+    (llama: mistral's sliding windows take none) agree on the blocks in use, in one block manager."""
     import random
     import threading
     import time
 
+    from overspill.runtime.prefix import PrefixCache
+
     rng = random.Random(7)
     model = load_tiny(tiny_checkpoint(arch), resident=4)
-    engine = _engine(model, max_batch=3, prefill_chunk=7, kv_capacity_tokens=160)
+    prefix = PrefixCache(model.config, 96, block_tokens=4, dtype=torch.float32) if arch == "llama" else None
+    engine = _engine(model, max_batch=3, prefill_chunk=7, kv_capacity_tokens=160, prefix_cache=prefix)
+    disagreements: list[str] = []
     try:
-        requests = [GenerationRequest(tuple(rng.randrange(3, 250) for _ in range(rng.randrange(1, 20))),
+        assert prefix is None or prefix.manager is engine.blocks
+        shared = tuple(rng.randrange(3, 250) for _ in range(12))  # some prompts share 1-3 pool blocks
+        requests = [GenerationRequest(shared[: rng.choice([0, 4, 8, 12])]
+                                      + tuple(rng.randrange(3, 250) for _ in range(rng.randrange(1, 20))),
                                       rng.randrange(1, 14)) for _ in range(14)]
         solo = _outputs(engine, requests, together=False)
+        engine.metrics.check = lambda: disagreements.extend(blocks_disagree(engine))
         doomed = {i for i in range(len(requests)) if rng.random() < 0.3}
         results: dict[int, list] = {}
 
@@ -393,6 +447,10 @@ def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_check
         assert engine.live_requests() == 0
         assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0
         assert max(engine.metrics.sizes) > 1
+        assert not disagreements, disagreements[:5]
+        usage = engine.blocks.usage()
+        assert usage.gpu.used_blocks == 0 and usage.host.used_blocks == 0  # every block freed or cached
+        assert prefix is None or (engine.kv_stats().prefix_hit_tokens > 0 and usage.host.cached_blocks > 0)
     finally:
         engine.close()
 
@@ -426,11 +484,11 @@ def test_graphed_batch_decodes_as_the_dynamic_batch(tiny_checkpoint, arch):
     enable_graphs(model, capture=False)
     engine = _engine(model, max_batch=4, prefill_chunk=5, kv_capacity_tokens=256)
     try:
-        assert isinstance(engine._batch, GraphedBatch)
+        assert isinstance(engine.runner.batch, GraphedBatch)
         batched = _outputs(engine, _requests() + extra, together=True)
         assert batched == solo
         assert max(engine.metrics.sizes) == 4 and len(set(engine.metrics.sizes)) > 2
-        assert engine._batch.compactions > 0  # the 64-column width filled up and was compacted
+        assert engine.runner.batch.compactions > 0  # the 64-column width filled up and was compacted
         seeded = [GenerationRequest(p, 6, temperature=0.9, top_k=20, seed=i) for i, p in enumerate(PROMPTS)]
         assert _outputs(engine, seeded, together=True) == _outputs(engine, seeded, together=False)
         assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
@@ -465,7 +523,7 @@ def test_graphed_batch_warm_up_captures_every_bucket_and_leaves_it_empty(tiny_ch
     monkeypatch.setattr(StepGraphs, "run", fake_run)
     enable_graphs(model, capture=False)
     engine = Engine(model, IdsTokenizer(), metrics=Steps(), max_batch=5, prefill_chunk=5, kv_capacity_tokens=320)
-    batch = engine._batch
+    batch = engine.runner.batch
     assert isinstance(batch, GraphedBatch)
     batch.capture = True
     batch.warm_up()
@@ -487,13 +545,8 @@ def test_engine_outlives_a_failure_while_clearing_its_batch(tiny_checkpoint, mon
     queued behind it would otherwise wait forever."""
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     engine = _engine(model, max_batch=2)
-    forward, keep = engine._forward, engine._batch.keep
+    keep = engine.runner.batch.keep
     state = {"fail": True}
-
-    def failing_forward(ids, kwargs):
-        if ids.shape[1] == 1 and state["fail"]:
-            raise RuntimeError("device fault")
-        return forward(ids, kwargs)
 
     def failing_keep(rows):
         if not rows and state["fail"]:
@@ -501,8 +554,8 @@ def test_engine_outlives_a_failure_while_clearing_its_batch(tiny_checkpoint, mon
             raise RuntimeError("inference tensor")
         return keep(rows)
 
-    engine._forward = failing_forward
-    monkeypatch.setattr(engine._batch, "keep", failing_keep)
+    hook = fail_forward(model, lambda ids: ids.shape[1] == 1 and state["fail"])
+    monkeypatch.setattr(engine.runner.batch, "keep", failing_keep)
     try:
         engine.hold(True)
         first, queued = engine.submit(GenerationRequest((5, 6), 4)), engine.submit(GenerationRequest((7, 8, 9), 4))
@@ -513,4 +566,5 @@ def test_engine_outlives_a_failure_while_clearing_its_batch(tiny_checkpoint, mon
         assert not state["fail"]  # clearing the batch did raise
         assert engine._thread.is_alive() and engine.live_requests() == 0
     finally:
+        hook.remove()
         engine.close()

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 
-import overspill.serving.engine as engine_module
 import overspill.serving.sampling as sampling
+import overspill.serving.scheduler as scheduler_module
 from overspill.serving.detok import TextStream
 from overspill.serving.engine import Engine, Event, GenerationRequest
 
@@ -97,7 +97,7 @@ def _raise_in_text_stream(monkeypatch):
                 raise RuntimeError("no text stream for you")
             super().__init__(tokenizer, lock, stops, max_tokens)
 
-    monkeypatch.setattr(engine_module, "TextStream", Failing)
+    monkeypatch.setattr(scheduler_module, "TextStream", Failing)
 
 
 def _raise_in_batched_sampling(monkeypatch):
@@ -224,27 +224,27 @@ def test_alive_only_while_the_loop_runs_and_makes_progress(model):
     unstarted = Engine(model, IdsTokenizer(), kv_capacity_tokens=64)
     assert not unstarted.alive and unstarted.health()["alive"] is False
     entered, release = threading.Event(), threading.Event()
-    forward = engine._forward
 
-    def stuck(ids, kwargs):  # one pass that takes far longer than stall_seconds
+    def stuck(module, args):  # one pass that takes far longer than stall_seconds
         entered.set()
         assert release.wait(TIMEOUT)
-        return forward(ids, kwargs)
 
+    hook = None
     try:
         time.sleep(0.6)  # an idle engine is alive however long nothing happens
         assert engine.alive and engine.health()["alive"] is True
-        engine._forward = stuck
+        hook = model.register_forward_pre_hook(stuck)  # the model is the module's: removed in any case
         sink = submit(engine, GOOD[0])
         assert entered.wait(TIMEOUT)
         time.sleep(0.5)
         health = engine.health()
         assert not engine.alive and health["alive"] is False and health["error"] is None
         assert health["last_progress_s_ago"] >= 0.3 and health["active"] == 1
-        engine._forward = forward
         release.set()
         assert sink.finish == "length" and engine.alive
     finally:
         release.set()
+        if hook is not None:
+            hook.remove()
         engine.close()
     assert not engine.alive  # closed: the thread has ended

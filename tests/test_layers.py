@@ -34,6 +34,20 @@ assert not bad, f"importing the planning layer and the CLI loaded {{bad}}"
     assert out.returncode == 0, out.stderr
 
 
+def test_the_engine_scheduler_imports_no_torch() -> None:
+    """The serving engine's decisions (queues, admission, KV blocks, when a request ends) are pure
+    Python, like the planning layer: `serving.scheduler` and what it imports load no torch; only the
+    runner touches tensors."""
+    code = f"""
+import sys
+import overspill.serving.scheduler
+bad = [m for m in {HEAVY!r} if m in sys.modules]
+assert not bad, f"importing the scheduler loaded {{bad}}"
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

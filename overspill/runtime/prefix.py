@@ -6,6 +6,9 @@ are copied in from the pinned pool, one copy per layer for each run of consecuti
 (a prompt stored into a fresh pool is one run, so 32k tokens of an 8B model restore in 64 copies), and
 `generate` then computes only the remaining tokens. `finish` writes the prompt's new full blocks
 to the pool; `abort` forgets them, so unwritten bytes are never reused.
+
+The pool is the manager's HOST tier. A serving engine given this pool counts its running requests'
+blocks in the same manager's GPU tier, so one manager answers for all KV blocks in use.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import OverspillError
-from ..planning.kvblocks import Allocation, KVBlockManager
+from ..planning.kvblocks import Allocation, KVBlockManager, KVTier
 from .kv import kv_dims, layer_kv
 from .layout import host_tensor
 
@@ -81,7 +84,7 @@ class PrefixCache:
 
         The copy goes layer by layer, so the device holds one layer's prefix beside the cache."""
         seq_id = next(self._ids)
-        alloc = self.manager.allocate(seq_id, token_ids)
+        alloc = self.manager.allocate(seq_id, token_ids, tier=KVTier.HOST)
         n, bt = alloc.cached_tokens, self.block_tokens
         if n and cache is not None:
             try:

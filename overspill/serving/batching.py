@@ -1,4 +1,5 @@
-"""`DecodeBatch`: the running sequences' KV in one left-padded cache, so one pass serves them all.
+"""`Batch`, what the engine decodes through, and `DecodeBatch`: the running sequences' KV in one
+left-padded cache, so one pass serves them all.
 
 When weights stream over the link, a pass over the layers costs about the same for 1 sequence as
 for 64, so the engine decodes every running sequence in one forward call. Sequences join after
@@ -15,12 +16,13 @@ column per step), so a sliding-window layer, which keeps only its last `window -
 stays exact too: it holds the last columns of the same global timeline, and its
 `cumulative_length` is the batch's width, which is what transformers' masks count from. Caches
 of other layer types (host-tier KV) cannot be padded like this (`mergeable`) and run one
-sequence at a time.
+sequence at a time. `graph_batch.GraphedBatch` is the other kind: static buffers, steps replayed
+as CUDA graphs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,33 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 _PADDABLE = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+class Batch(Protocol):
+    """The running sequences' KV and their decode step. `rows` holds the caller's per-sequence
+    objects, in row order; a row's KV columns are time-aligned with every other row's."""
+
+    rows: list[Any]
+
+    def __len__(self) -> int: ...
+
+    def held_tokens(self) -> int:
+        """KV columns the running rows hold, padding included."""
+
+    def join(self, rows: list[Any], cache: Any, valid: torch.Tensor) -> None:
+        """Add prefilled sequences: `cache` holds their KV, `valid` [len(rows), tokens] marks real tokens."""
+
+    def keep(self, keep_rows: list[int]) -> None:
+        """Keep only these rows, in this order, and free the others' KV."""
+
+    def decode(self, next_tokens: list[int]) -> torch.Tensor:
+        """One step for every row, fed its next token: float32 logits [rows, vocab]."""
+
+    def warm_up(self) -> None:
+        """Prepare before serving (capture graphs), so that no request waits on it later."""
+
+
+Forward = Callable[..., torch.Tensor]  # (input_ids, cache, **inputs) -> last-position logits, as `Runner.forward`
 
 
 def mergeable(cache: Any) -> bool:
@@ -46,10 +75,10 @@ def _set_width(layer: Any, width: int) -> None:
 
 
 class DecodeBatch:
-    """Rows of sequences sharing one cache. `rows` holds the caller's per-sequence objects, in row order."""
+    """A `Batch` of rows sharing one dynamic cache, each step one eager `forward` pass."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, forward: Forward) -> None:
+        self.device, self.forward = device, forward
         self.rows: list[Any] = []
         self.cache: Any = None
         self.valid: torch.Tensor | None = None  # bool [rows, cached tokens]
@@ -61,6 +90,7 @@ class DecodeBatch:
         """KV columns the running rows hold, padding included."""
         return self.valid.numel() if self.valid is not None else 0
 
+    @torch.inference_mode()
     def join(self, rows: list[Any], cache: Any, valid: torch.Tensor) -> None:
         """Add prefilled sequences: `cache` holds their KV, `valid` [len(rows), tokens] marks real tokens."""
         valid = valid.to(device=self.device, dtype=torch.bool)
@@ -80,6 +110,7 @@ class DecodeBatch:
         self.valid = torch.cat([_left_pad_mask(self.valid, width - have), _left_pad_mask(valid, width - new)])
         self.rows.extend(rows)
 
+    @torch.inference_mode()
     def keep(self, keep_rows: list[int]) -> None:
         """Keep only these rows (in this order); frees the others' KV and trims all-padding columns."""
         if len(keep_rows) == len(self.rows):
@@ -98,6 +129,14 @@ class DecodeBatch:
             layer.keys = layer.keys.index_select(0, index)[:, :, drop:].contiguous()
             layer.values = layer.values.index_select(0, index)[:, :, drop:].contiguous()
             _set_width(layer, width)
+
+    def warm_up(self) -> None:
+        """Nothing to capture: each step runs eagerly."""
+
+    @torch.inference_mode()
+    def decode(self, next_tokens: list[int]) -> torch.Tensor:
+        inputs = self.step_inputs(next_tokens)
+        return self.forward(inputs.pop("input_ids"), self.cache, **inputs)
 
     def step_inputs(self, next_tokens: list[int]) -> dict[str, torch.Tensor]:
         """Forward kwargs for one decode step: each row's next token, the padding mask, positions."""

@@ -1,4 +1,8 @@
-"""What callers exchange with the engine: requests (and their checks), events, handles, and the metrics interface."""
+"""What callers exchange with the engine: requests (and their checks), events, handles, and the metrics interface.
+
+No torch: the scheduler imports this module. `TokenLogprob` lives with the sampling kernels and is
+re-exported from here on first use (`__getattr__`), since callers import it from here.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ import operator
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .sampling import TokenLogprob
+if TYPE_CHECKING:
+    from .sampling import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +26,14 @@ __all__ = ["Event", "GenerationRequest", "Handle", "InvalidRequest", "KVStats", 
 # torch.Generator.manual_seed takes any int that fits 64 bits, signed or not (negatives wrap around)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit): each one is a tuple on every event
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TokenLogprob":
+        from .sampling import TokenLogprob
+
+        return TokenLogprob
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class QueueFull(Exception):
@@ -164,12 +177,13 @@ class NullMetrics:
 
 @dataclass(frozen=True)
 class KVStats:
-    """KV accounting for `/metrics`: blocks of `block_tokens` tokens, and bytes held per tier."""
+    """KV accounting for `/metrics`: blocks of `block_tokens` tokens (the engine's block manager), and
+    bytes held per tier."""
 
     block_tokens: int
     total_blocks: int
-    used_blocks: int  # holding KV of admitted sequences now
-    reserved_blocks: int  # promised to admitted sequences (prompt + max_new_tokens)
+    used_blocks: int  # holding KV of admitted sequences now (tokens whose KV is written)
+    reserved_blocks: int  # promised to admitted sequences: every row the widest prompt + max_new_tokens (padding)
     gpu_bytes: int  # KV bytes held in device memory, padding of the shared batch cache included
     host_bytes: int  # ... and in pinned host memory (host-tier KV layers)
     prefix_lookup_tokens: int = 0  # prompt tokens looked up in the prefix cache

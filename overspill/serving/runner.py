@@ -1,0 +1,154 @@
+"""The engine's model runner: everything that touches torch, the model or the device.
+
+It builds caches, runs prefill passes, owns the decode batch (a `Batch`: `DecodeBatch`, or
+`GraphedBatch` when the model was loaded with CUDA graphs), samples tokens and moves prefix-pool
+bytes. It decides nothing about requests: `scheduler.Scheduler` does, and `engine.Engine` joins
+the two (cf. nano-vllm's `model_runner.py`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..runtime.kv import cache_kwarg, kv_dims
+from ..runtime.prefix import Lease, PrefixCache
+from .batching import Batch, DecodeBatch, mergeable
+from .graph_batch import GraphedBatch
+from .scheduler import Sequence
+from .sampling import TokenLogprob, logprob_rows, new_generator, sample_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """Prompts whose KV is computed: their cache, the real tokens in it, and last-position logits."""
+
+    cache: Any
+    valid: torch.Tensor  # bool [rows, tokens]; rows are left-padded
+    logits: torch.Tensor  # float32 [rows, vocab]
+
+
+class Runner:
+    """Runs `model` (from `overspill.load`) for one engine.
+
+    Args:
+        model: the placed model.
+        max_batch: sequences decoded together; None: the batch the plan reserved KV for.
+        prefix: a pool of earlier prompts' KV to restore from and store into.
+    """
+
+    def __init__(self, model, max_batch: int | None = None, prefix: PrefixCache | None = None):
+        self.model, self.prefix = model, prefix
+        param = next(model.parameters())
+        self.device = param.device
+        self.placement = getattr(model, "overspill", None)
+        workload = self.placement.plan.workload if self.placement is not None else None
+        text = model.config.get_text_config()
+        self.context = workload.context if workload is not None else text.max_position_embeddings
+        # full-context sequences the plan reserved KV for under a GPU budget (None: no budget)
+        planned = workload is not None and self.placement.plan.budget_bytes is not None
+        self.planned_rows = workload.batch if planned else None
+        self.max_batch = max_batch or (workload.batch if workload is not None else 1)
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {self.max_batch}")
+        self.batching_note = None
+        batchable = mergeable(self.new_cache())
+        if self.max_batch > 1 and not batchable:
+            self.batching_note = ("the plan keeps some layers' KV in host memory (a TieredCache), which cannot "
+                                  "be batched yet: requests run one at a time; give the KV more GPU memory "
+                                  "(--kv-gpu-memory) or lower --max-batch / --context to batch them")
+            self.max_batch = 1
+        self.vocab_size = text.vocab_size
+        self.token_bytes = self._kv_bytes_per_token(param.element_size())
+        self._cache_key = cache_kwarg(model)
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        graphed = getattr(self.placement, "graphs", None)
+        if graphed is not None and batchable:  # the model was loaded with cuda_graphs
+            self.batch: Batch = GraphedBatch(model, self.placement, graphed, self.max_batch, self.context)
+        else:
+            self.batch = DecodeBatch(self.device, self.forward)
+
+    def new_cache(self) -> Any:
+        """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
+        cache = self.placement.new_cache(self.model.config) if self.placement is not None else None
+        return cache if cache is not None else DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def new_generator(seed: int | None) -> torch.Generator:
+        return new_generator(seed)
+
+    def forward(self, input_ids: torch.Tensor, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
+        """Last-position logits [batch, vocab] in float32 of one pass that extends `cache`."""
+        if self._keep_last:
+            inputs["logits_to_keep"] = 1
+        return self.model(input_ids=input_ids, use_cache=True, **{self._cache_key: cache}, **inputs).logits[:, -1].float()
+
+    @torch.inference_mode()
+    def prefill_group(self, prompts: list[tuple[int, ...]], width: int) -> Prefilled:
+        """Whole prompts together, left-padded to `width`, in one pass into a new cache."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        valid = torch.arange(width, device=self.device) >= (width - lengths)[:, None]  # [rows, width]
+        ids = torch.tensor([(0,) * (width - len(p)) + p for p in prompts], device=self.device)
+        cache = self.new_cache()
+        mask = valid.long()
+        logits = self.forward(ids, cache, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        return Prefilled(cache, valid, logits)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, cache: Any, chunk: tuple[int, ...], end: int) -> Prefilled:
+        """The next `chunk` of one prompt into its own batch-1 cache, which then holds `end` tokens."""
+        logits = self.forward(torch.tensor([chunk], device=self.device), cache)
+        return Prefilled(cache, torch.ones((1, end), dtype=torch.bool), logits)
+
+    def look_up(self, prompt: tuple[int, ...], restore: bool) -> tuple[Lease | None, Any]:
+        """Hold `prompt`'s cached leading blocks in the prefix pool; with `restore`, copy them into a new
+        cache. Returns (lease, cache); (None, None) when the pool cannot serve it (the request computes it all).
+
+        Raises: whatever making the cache raises (the request fails)."""
+        cache = self.new_cache() if restore else None
+        try:
+            return self.prefix.start(list(prompt), cache), cache
+        except Exception:  # e.g. pool blocks all held by prompts in prefill, or no device memory to restore into
+            return None, None
+
+    @torch.inference_mode()
+    def store_prefix(self, lease: Lease, cache: Any, prompt: tuple[int, ...], row: int, width: int) -> None:
+        """Store a prefilled prompt's new full blocks (row `row` of a cache `width` columns wide) and release
+        its lease; storing is an optimisation, so a failure only forgets the blocks."""
+        try:
+            self.prefix.finish(lease, cache, list(prompt), row, offset=width - len(prompt))
+        except Exception:
+            self.prefix.abort(lease)
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row of logits [rows, vocab] (the step's one host sync); a row that fails gets its exception."""
+        return sample_rows(logits, [seq.request for seq in seqs], [seq.generator for seq in seqs])
+
+    @torch.inference_mode()
+    def logprobs(self, seqs: list[Sequence], logits: torch.Tensor,
+                 tokens: list[int | Exception]) -> list[TokenLogprob | None | Exception]:
+        """Each sampled token's log-probability and alternatives, for the rows that asked."""
+        return logprob_rows(logits, tokens, [seq.request for seq in seqs])
+
+    def clear_batch(self) -> None:
+        """Drop every row of the batch; the engine thread must live on even if that fails."""
+        try:
+            self.batch.keep([])
+        except Exception:  # noqa: BLE001 - queued requests wait for the thread
+            log.exception("clearing the decode batch failed; dropping its rows")
+            self.batch.rows = []
+
+    def _kv_bytes_per_token(self, dtype_bytes: int) -> tuple[int, int]:
+        """KV bytes per token of the device-tier and host-tier layers."""
+        layers, kv_heads, head_dim = kv_dims(self.model.config)
+        per_layer = 2 * kv_heads * head_dim * dtype_bytes
+        host = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
+        return per_layer * (layers - host), per_layer * host
