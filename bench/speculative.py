@@ -96,7 +96,7 @@ def plot(record: dict, path: Path) -> None:
     a.set_ylabel("ms per pass")
     a.set_title(f"{record['model']} at {record['budget']}: pass cost")
     runs = [r for r in record["runs"] if "error" not in r]
-    labels = ["plain"] + [f"a={r['acceptance']} k={r['chain'] or 'auto'}" for r in runs]
+    labels = ["plain"] + [f"{r['verify']} a={r['acceptance']} k={r['chain'] or 'auto'}" for r in runs]
     measured = [record["plain"]["decode_tok_s"]] + [r["decode_tok_s"] for r in runs]
     predicted = [None] + [r["predicted_tok_s"] for r in runs]
     x = range(len(labels))
@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="passes per point of the sweep (median)")
     p.add_argument("--points", nargs="+", default=["0.6:8", "0.8:8", "0.8:16", "0.9:8", "0.9:16", "0.8:auto"],
                    help="oracle runs as ACCEPTANCE:CHAIN (auto: the planner adapts the chain)")
+    p.add_argument("--verify", nargs="+", default=["serial"], choices=["serial", "batched"],
+                   help="serial: one token at a time inside each layer (plain's arithmetic); batched: one k-token pass")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -178,16 +180,16 @@ def main() -> None:
     print(f"plain: {plain}", flush=True)
     cost = PassCost(base_s=base - slope, per_token_s=slope)
     record["runs"] = []
-    for point in args.points:
+    for verify, point in [(v, pt) for v in args.verify for pt in args.points]:
         acc_s, chain_s = point.split(":")
         acceptance, chain = float(acc_s), None if chain_s == "auto" else int(chain_s)
         drafter = OracleDrafter(torch.tensor(plain_tokens), args.prompt_tokens, acceptance, vocab, seed=1)
-        speculative.enable(model, drafter, chain=chain)
+        speculative.enable(model, drafter, chain=chain, serial=verify == "serial")
         try:
             tokens, timing = timed_generate(model, ids, args.new_tokens)
         except Exception as exc:  # record it and go on: one load serves every point
-            record["runs"].append({"acceptance": acceptance, "chain": chain, "error": repr(exc)[:500]})
-            print(f"oracle {point}: {exc!r}", flush=True)
+            record["runs"].append({"verify": verify, "acceptance": acceptance, "chain": chain, "error": repr(exc)[:500]})
+            print(f"oracle {verify} {point}: {exc!r}", flush=True)
             continue
         finally:
             speculative.enable(model, None)
@@ -196,7 +198,7 @@ def main() -> None:
         # the prediction uses the chains the run really drafted (the last ones are cut by max_new_tokens)
         predicted = forecast(cost, acceptance, round(mean_chain) if chain is None else chain)
         run = {
-            "acceptance": acceptance, "chain": chain, "identical": tokens == plain_tokens,
+            "verify": verify, "serial": stats.serial, "acceptance": acceptance, "chain": chain, "identical": tokens == plain_tokens,
             "first_difference": next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None),
             **timing, "passes": stats.passes, "tokens_per_pass": stats.tokens_per_pass,
             "mean_chain": mean_chain, "draft_share": stats.draft_share,
@@ -208,7 +210,7 @@ def main() -> None:
         record["runs"].append(run)
         path.write_text(json.dumps(record, indent=2))
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items()}
-        print(f"oracle {point}: {shown}", flush=True)
+        print(f"oracle {verify} {point}: {shown}", flush=True)
     plot(record, path.with_suffix(".png"))
     print(f"wrote {path}")
 

@@ -106,6 +106,29 @@ def test_greedy_equals_plain_streamed(arch, kv_host, reference, tiny_checkpoint)
     assert model.speculation_stats.passes < NEW
 
 
+def test_serial_verification_is_plain_greedy_in_bf16() -> None:
+    # In bf16 a k-token pass rounds differently from k one-token steps (on this model the batched
+    # verify of a 6-layer, 256-wide model parted from plain greedy after 17 tokens, and after 3 on the
+    # H200's 8B/70B shapes);
+    # verifying one token at a time inside each layer repeats plain decoding's arithmetic exactly.
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.for_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=8000)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, 8000, (1, 64))
+    gen = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **gen)
+    speculative.enable(model, OracleDrafter(want[0, 64:], 64, 0.8, 8000), chain=8)
+    got = model.generate(ids, **gen)
+    assert model.speculation_stats.serial
+    assert torch.equal(got, want)
+    assert model.speculation_stats.tokens_per_pass > 2
+
+
 def test_eos_inside_an_accepted_chain_stops_where_plain_stops(reference) -> None:
     model = reference("llama")
     ids = _prompt(5)
@@ -201,11 +224,11 @@ def test_acceptance_rule_keeps_the_target_distribution() -> None:
 
 
 def test_seeded_speculative_sampling_matches_plain_sampling(reference) -> None:
-    # End to end on a tiny model: the joint distribution of the first two sampled tokens (top-3, so
-    # 9 outcomes) from speculative sampling with a half-wrong oracle matches plain sampling's.
+    # End to end on a tiny model: the joint distribution of the first two sampled tokens (top-2, so
+    # 4 outcomes) from speculative sampling with a half-wrong oracle matches plain sampling's.
     model = reference("llama")
     ids = _prompt(8)
-    gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=True, top_k=3, temperature=1.5, pad_token_id=0)
+    gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=True, top_k=2, temperature=1.5, pad_token_id=0)
     greedy = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
     def histogram(runs: int, seed: int) -> dict[tuple[int, int], int]:
@@ -216,7 +239,7 @@ def test_seeded_speculative_sampling_matches_plain_sampling(reference) -> None:
             out[pair] = out.get(pair, 0) + 1
         return out
 
-    runs = 600
+    runs = 150
     plain = histogram(runs, 1)
     speculative.enable(model, OracleDrafter(greedy[0, ids.shape[1]:], ids.shape[1], 0.5, VOCAB), chain=2)
     try:
@@ -224,9 +247,9 @@ def test_seeded_speculative_sampling_matches_plain_sampling(reference) -> None:
     finally:
         speculative.enable(model, None)
     keys = set(plain) | set(spec)
-    assert len(keys) > 3
+    assert len(keys) >= 3
     chi2 = sum((plain.get(k, 0) - spec.get(k, 0)) ** 2 / (plain.get(k, 0) + spec.get(k, 0)) for k in keys)
-    assert chi2 < 30, (chi2, plain, spec)  # ~chi-square with <= 8 dof: p < 0.0003 at 30
+    assert chi2 < 25, (chi2, plain, spec)  # ~chi-square with <= 3 dof: p < 0.0001 at 25
 
 
 def test_expected_tokens_and_best_chain() -> None:

@@ -14,6 +14,7 @@ the output distribution is plain sampling's. Rejected tokens' KV is cropped from
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from ..planning.speculation import AcceptanceTracker, PassCost, best_chain
 from .drafts import Drafter, drop_last, make_drafter
 from .kv import cache_kwarg
+from .token_serial import serial_tokens, supports_serial
 
 DEFAULT_MAX_CHAIN = 16
 # A pass over n tokens: measured on the H200, 8B shape at 6 GiB: 192.8 ms for 1 token, 199.5 ms for 256,
@@ -41,10 +43,13 @@ class SpeculationStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     chains: list[int] = field(default_factory=list)
+    serial: bool = False
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.emitted / self.passes if self.passes else 0.0
+        """Tokens each verify pass yielded (accepted drafts + the target's own); the first token
+        came from the prompt's pass and is not counted."""
+        return (self.emitted - 1) / self.passes if self.passes else 0.0
 
     @property
     def acceptance(self) -> float:
@@ -115,13 +120,16 @@ def speculative_decode(
     max_chain: int = DEFAULT_MAX_CHAIN,
     chain: int | None = None,
     stream_to=None,
+    serial: bool | None = None,
     **model_kwargs,
 ) -> torch.LongTensor:
     """transformers `custom_generate` loop: draft up to `chain` tokens, verify them in one pass.
 
     `chain=None` adapts the chain length to the acceptance measured so far (`best_chain`); an int
     fixes it. `stream_to` is `generate`'s streamer (transformers passes a callable loop only the
-    arguments `_sample` lacks). Calls the loop cannot serve exactly (batch > 1, padding, beams, dict outputs, a cache
+    arguments `_sample` lacks). `serial` verifies one token at a time inside each layer, plain
+    decoding's own arithmetic (`token_serial`); None: wherever the model allows it. Calls the loop
+    cannot serve exactly (batch > 1, padding, beams, dict outputs, a cache
     that cannot crop) run transformers' own sampling loop instead.
     """
     streamer = streamer or stream_to
@@ -134,7 +142,8 @@ def speculative_decode(
         return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     sample = bool(generation_config.do_sample)
-    stats = SpeculationStats()
+    serial = supports_serial(model) if serial is None else serial
+    stats = SpeculationStats(serial=serial)
     model.speculation_stats = stats
     tracker = AcceptanceTracker()
     ids = input_ids
@@ -163,7 +172,8 @@ def speculative_decode(
         m = int(proposed.shape[0])
         verify = torch.cat([ids[:, -1:], proposed.view(1, m)], dim=1)
         past = cache.get_seq_length()
-        target = _forward(model, verify, cache, kwarg, keep=m + 1)  # [m + 1, vocab]
+        with serial_tokens(model) if serial and m else contextlib.nullcontext():
+            target = _forward(model, verify, cache, kwarg, keep=m + 1)  # [m + 1, vocab]
         accepted, chosen, finished = 0, None, False
         pending = target[m : m + 1]
         for i in range(m):
@@ -235,7 +245,8 @@ def _pass_cost(stats: SpeculationStats) -> PassCost:
     return PassCost(base_s=1.0, per_token_s=PASS_SLOPE, draft_per_token_s=draft / verify if stats.passes else 0.0)
 
 
-def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None) -> torch.nn.Module:
+def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
+           serial: bool | None = None) -> torch.nn.Module:
     """Make `model.generate` (and so `pipeline` and `run`) decode speculatively with `source`
     ('ngram', 'draft:PATH' or a `Drafter`); None turns it off. Calls that pass their own
     `custom_generate` or `assistant_model`, or use beams, run as before."""
@@ -252,7 +263,8 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
         beams = kwargs.get("num_beams", config.num_beams) or 1
         if "custom_generate" in kwargs or kwargs.get("assistant_model") is not None or beams > 1:
             return plain(*args, **kwargs)
-        loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, stream_to=kwargs.get("streamer"))
+        loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, serial=serial,
+                                 stream_to=kwargs.get("streamer"))
         return plain(*args, custom_generate=loop, **kwargs)
 
     model.generate = generate

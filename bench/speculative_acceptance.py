@@ -1,0 +1,88 @@
+"""Real acceptance on the embedded SmolLM2-135M-Instruct (the one real model we ship): how many
+tokens a verify pass yields for each draft source and chain length, and whether the output is
+plain greedy's. CPU is enough: acceptance does not depend on the device.
+
+The prompt asks for a summary of a bundled public-domain text (the opening of the US Declaration
+of Independence, bench/data/declaration.txt), the case prompt lookup is for.
+
+    python bench/speculative_acceptance.py                       # ngram at chains 4, 8, 16 and auto
+    python bench/speculative_acceptance.py --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
+
+PROMPTS = {
+    "summarize": "Summarize the following text in a few sentences, keeping its key phrases:\n\n{text}",
+    "quote": "Copy the second paragraph of the following text exactly, then say in one line what it claims:\n\n{text}",
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chains", nargs="+", default=["4", "8", "16", "auto"])
+    p.add_argument("--sources", nargs="+", default=["ngram"])
+    p.add_argument("--prompts", nargs="+", default=sorted(PROMPTS), choices=sorted(PROMPTS))
+    p.add_argument("--new-tokens", type=int, default=160)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+
+    import torch
+
+    import overspill
+    from overspill.runtime import speculative
+    from overspill.runtime.hardware import machine_facts
+
+    text = (ROOT / "bench" / "data" / "declaration.txt").read_text()
+    model, tok = overspill.load(None, gpu_memory=None, dtype=args.dtype, device="cpu", progress=False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    record = {**provenance.header("speculative_acceptance", stamp, machine_facts()),
+              "model": "SmolLM2-135M-Instruct (embedded GGUF, converted)", "dtype": args.dtype,
+              "new_tokens": args.new_tokens, "text": "bench/data/declaration.txt", "runs": []}
+    out = Path(args.out) / f"speculative-acceptance-smollm2-{args.dtype}-{stamp}.json"
+    gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
+    for prompt_name in args.prompts:
+        chat = [{"role": "user", "content": PROMPTS[prompt_name].format(text=text)}]
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+        speculative.enable(model, None)
+        t0 = time.perf_counter()
+        want = model.generate(ids, **gen)
+        plain_s = time.perf_counter() - t0
+        print(f"{prompt_name}: plain {want.shape[1] - ids.shape[1]} tokens in {plain_s:.1f} s:",
+              repr(tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)[:160]), flush=True)
+        for source in args.sources:
+            for chain in args.chains:
+                speculative.enable(model, source, chain=None if chain == "auto" else int(chain))
+                t0 = time.perf_counter()
+                got = model.generate(ids, **gen)
+                seconds = time.perf_counter() - t0
+                stats = model.speculation_stats
+                run = {"prompt": prompt_name, "prompt_tokens": ids.shape[1], "source": source, "chain": chain,
+                       "identical": torch.equal(got, want), "new_tokens": got.shape[1] - ids.shape[1],
+                       "verify_passes": stats.passes, "tokens_per_pass": stats.tokens_per_pass,
+                       "drafted": stats.drafted, "accepted": stats.accepted,
+                       "acceptance_of_drafted": stats.acceptance, "serial": stats.serial,
+                       "plain_seconds": plain_s, "seconds": seconds}
+                record["runs"].append(run)
+                print(f"  {source} chain {chain}: {run['tokens_per_pass']:.2f} tokens/pass, "
+                      f"{stats.accepted}/{stats.drafted} drafted accepted, identical={run['identical']}", flush=True)
+        speculative.enable(model, None)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
