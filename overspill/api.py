@@ -11,51 +11,42 @@ from typing import Any
 import torch
 
 from .errors import OverspillError, one_line
-from .planning.placement import (
-    choose_streaming,
-    device_kv_workload,
-    greedy_plan,
-    with_prediction,
-)
+from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming, place, with_prediction
 from .planning.plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
     MANAGED_MODES,
     Plan,
     Workload,
+    footprint_from_spec,
 )
+from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
 from .runtime.loader import (
     Placement,
     build_skeleton,
     decoder_layers,
-    footprint,
     materialize,
+    measured_spec,
     placement_of,  # re-exported: `overspill.api.placement_of` is public
     use_planned_cache,
 )
 from .runtime.sources import ModelSource, check_architecture, resolve
 
-DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-AUTO_MARGIN_BYTES = 1536 * 2**20  # CUDA context, cuBLAS workspaces, allocator fragmentation
+# The dtypes `load` computes in, by their names in the planner's table (`overspill.planning.spec.DTYPE_BYTES`).
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in ("bfloat16", "float16", "float32")}
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
     """A supported torch dtype; "auto" is bfloat16 on CUDA and float32 on the CPU, where bf16 matmuls
     without native support run ~13x slower (measured: SmolLM2 decode 1.9 vs 25 tok/s on 2 cores)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-    elif str(dtype).lower() == "auto":
-        return torch.bfloat16 if device is None or device.type == "cuda" else torch.float32
-    elif str(dtype).lower() in DTYPES:
-        return DTYPES[str(dtype).lower()]
-    raise OverspillError(f"unsupported dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    if not isinstance(dtype, torch.dtype) and str(dtype).lower() == "auto":
+        return DTYPES[DEFAULT_DTYPE] if device is None or device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype_name(dtype)]  # names and aliases of the planner's table ("bf16", "half")
+    except (ValueError, KeyError):
+        raise OverspillError(f"unsupported dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
 
 
 def resolve_budget(gpu_memory: int | str | None, device: torch.device) -> int | None:
@@ -171,9 +162,8 @@ def load(
         seed: seed for random weights.
         progress: show progress bars.
         cudnn_sdpa: keep PyTorch's cuDNN attention backend enabled. By default `load` turns it off
-            process-wide: on the lent H100 it blocks the host ~1 ms per call at decode, which
-            delays the ring's copies (copy engine 91% busy instead of 99.98%) and halves resident
-            decode speed; flash / memory-efficient SDPA kernels are used instead.
+            process-wide (`overspill.runtime.hardware.disable_cudnn_sdpa` says why: it halved
+            resident decode speed on the lent H100); flash / memory-efficient SDPA kernels run instead.
         plan: a placement to use instead of the greedy rule (e.g. from `streaming_plan`); it must
             have one tier per decoder layer. `gpu_memory` is then not consulted.
         kv_gpu_memory: device bytes the KV cache may use ("2GiB"); layers whose KV does not fit keep
@@ -207,7 +197,9 @@ def load(
         raise OverspillError(f"context and batch must be positive, got context={context} batch={batch}")
     budget = resolve_budget(gpu_memory, dev)
     if dev.type == "cuda" and not cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        from .runtime.hardware import disable_cudnn_sdpa
+
+        disable_cudnn_sdpa()
     if dev.type == "cuda":
         _expandable_segments()
     source = resolve(model, random_weights=random_weights)
@@ -220,13 +212,11 @@ def load(
     workload = Workload(context, batch, pass_tokens=pass_tokens)
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
-    fp = footprint(skeleton, layers, torch_dtype)
+    fp = footprint_from_spec(measured_spec(skeleton, layers, torch_dtype))  # as `overspill plan` sizes it
     user_plan = plan is not None
     if plan is None:
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
-        if fit_batch and kv_bytes is None:
-            workload = device_kv_workload(fp, budget, workload, depth)
-        plan = greedy_plan(fp, budget, workload, depth, kv_bytes)
+        plan = place(fp, budget, workload, depth, kv_bytes, fit_batch)
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     profile = None

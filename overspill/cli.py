@@ -9,7 +9,11 @@ import sys
 
 from . import commands
 from .errors import OverspillError
-from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH
+from .planning.configs import shipped_names
+from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK
+from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
+from .planning.spec import DEFAULT_DTYPE
+from .planning.units import format_bytes
 
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
@@ -21,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     p.add_argument(
         *names, **optional, default=None, metavar="MODEL",
         help="checkpoint directory, Hugging Face id already in the local cache, .gguf file, or shipped "
-        "config name (llama-3-8b, llama-3-70b, mixtral-8x7b, qwen2.5-7b, ...; needs --random-weights). "
+        f"config name ({', '.join(shipped_names())}; needs --random-weights). "
         "Default: the embedded SmolLM2-135M-Instruct.",
     )
     p.add_argument(
@@ -29,16 +33,17 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         help="GPU memory the model may use, e.g. 6GiB, 12GB, a byte count, or 'auto' (free memory minus "
         "a margin). Layers that do not fit stream from pinned host memory. Default: auto.",
     )
-    p.add_argument("--dtype", default="auto", help="weight/compute dtype: auto (default: bfloat16 on a GPU, float32 on the "
-                   "CPU, where bf16 math is ~13x slower without native support), bfloat16, float16 or float32.")
+    p.add_argument("--dtype", default="auto", help=f"weight/compute dtype: auto (default: {DEFAULT_DTYPE} on a GPU, float32 "
+                   "on the CPU, where bf16 math is ~13x slower without native support), bfloat16, float16 or float32.")
     p.add_argument(
         "--random-weights", action="store_true",
         help="build the model from its config with seeded random weights (benchmark full-size shapes without a checkpoint).",
     )
-    p.add_argument("--depth", type=int, default=2, help="how many layers ahead the copy stream prefetches (default 2).")
+    p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
+                   help=f"how many layers ahead the copy stream prefetches (default {DEFAULT_DEPTH}).")
     p.add_argument(
-        "--context", type=int, default=4096,
-        help="longest sequence (prompt + new tokens) to reserve KV-cache room for in the GPU budget (default 4096).",
+        "--context", type=int, default=DEFAULT_CONTEXT,
+        help=f"longest sequence (prompt + new tokens) to reserve KV-cache room for in the GPU budget (default {DEFAULT_CONTEXT}).",
     )
     p.add_argument(
         "--kv-gpu-memory", default=None, metavar="SIZE",
@@ -47,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         "every layer leaves no room for it.",
     )
     p.add_argument(
-        "--streaming", default="auto", choices=["auto", "copy", "managed", "mapped"],
+        "--streaming", default="auto", choices=list(STREAMING),
         help="how streamed layers reach the GPU: copy (pinned host memory into GPU ring slots), managed "
         "(CUDA managed memory, prefetched ahead and evicted after use), mapped (managed memory the GPU reads "
         "in place over the link); managed and mapped need cuda-bindings and, on a PCIe GPU, fit in half its "
@@ -158,7 +163,6 @@ def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    from .planning.configs import shipped_names
     from .planning.profile import REFERENCE_PROFILES
 
     plan = sub.add_parser(
@@ -170,12 +174,13 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "model", metavar="MODEL",
         help=f"shipped config name ({', '.join(shipped_names())}), a directory containing config.json, "
-        "a config.json path, or a Hugging Face id whose config.json is already in the local cache (never downloaded).",
+        "a config.json path, a .gguf file `run` has converted, or a Hugging Face id whose config.json is already "
+        "in the local cache (never downloaded).",
     )
     plan.add_argument(
         "--gpu-memory", default=None, metavar="SIZE",
         help="GPU memory the model may use, e.g. 6GiB, 12GB or a byte count. Default (or 'auto'): the "
-        "profile's free GPU memory minus a 1.5 GiB margin.",
+        f"profile's free GPU memory minus a {format_bytes(AUTO_MARGIN_BYTES)} margin, as `run` and `serve` do.",
     )
     plan.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="N",
                       help=f"tokens per sequence to reserve KV-cache room for (default {DEFAULT_CONTEXT}).")
@@ -189,9 +194,9 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                       help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
     plan.add_argument(
-        "--dtype", default="bfloat16", metavar="D",
-        help="weight dtype to size the model in: bfloat16 (default, what `run` loads), float16, float32, "
-        "or float8_e4m3fn/int8 to size a 1-byte checkpoint.",
+        "--dtype", default=DEFAULT_DTYPE, metavar="D",
+        help=f"weight dtype to size the model in: {DEFAULT_DTYPE} (default, what `run` loads on a GPU), float16, "
+        "float32, or float8_e4m3fn/int8 to size a 1-byte checkpoint.",
     )
     plan.add_argument(
         "--profile", default=None, choices=sorted(REFERENCE_PROFILES), metavar="NAME",
@@ -201,8 +206,8 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--serve", action="store_true",
         help="plan as `overspill serve --max-batch BATCH` does: the largest batch up to --batch whose KV stays "
-        "on the GPU, with activations reserved for one engine pass (a 512-token prefill chunk or one token "
-        "per sequence) instead of a whole batch of prompts. Default: plan for `generate`.",
+        f"on the GPU, with activations reserved for one engine pass (a {ENGINE_PREFILL_CHUNK}-token prefill chunk "
+        "or one token per sequence) instead of a whole batch of prompts. Default: plan for `generate`.",
     )
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan) instead of the table.")
     plan.set_defaults(func=commands.plan_main)

@@ -2,14 +2,13 @@
 
 `overspill.cli` builds the parser and dispatches to these. Importing this module pulls in no torch:
 `run`, `serve`, `batch` and `probe` import what they need when called, and `plan` needs only
-`overspill.planning` (and `overspill.runtime.sources`, which is torch-free at import).
+`overspill.planning` and the torch-free `overspill.runtime.sources` and `overspill.runtime.cuda_driver`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import OverspillError
@@ -64,8 +63,9 @@ def probe_main(args: argparse.Namespace) -> int:
 
 def plan_main(args: argparse.Namespace) -> int:
     from .planning import planview
-    from .planning.placement import device_kv_workload, plan_for, serving_pass_tokens
+    from .planning.placement import plan_for, serving_pass_tokens
     from .planning.plan import Workload, footprint_from_spec
+    from .planning.units import parse_bytes
 
     if args.context < 1 or args.batch < 1:
         raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
@@ -75,15 +75,10 @@ def plan_main(args: argparse.Namespace) -> int:
     profile, note = _plan_profile(args.profile)
     budget = _plan_budget(args.gpu_memory, profile)
     fp = footprint_from_spec(spec)
-    from .planning.units import parse_bytes
-
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
-    workload = Workload(args.context, args.batch)
-    if args.serve:
-        workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch))
-        if kv is None and budget is not None:
-            workload = device_kv_workload(fp, budget, workload, args.depth)
-    plan = plan_for(fp, profile, workload, budget, args.depth, kv_device_bytes=kv)
+    # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
+    workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
+    plan = plan_for(fp, profile, workload, budget, args.depth, kv_device_bytes=kv, fit_batch=args.serve)
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)
@@ -99,61 +94,14 @@ def _plan_spec(model: str, dtype: str) -> ModelSpec:
     """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
     from .errors import one_line
     from .planning.spec import spec_from_config
-    from .runtime.sources import check_architecture
+    from .runtime.sources import check_architecture, resolve
 
-    config = _plan_config(model)
+    config = resolve(model, config_only=True).config()
     check_architecture(config, model)
     try:
         return spec_from_config(config, dtype)
     except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # a missing, mistyped or zero size
         raise OverspillError(f"cannot plan {model}: {one_line(exc)}; check its config.json") from None
-
-
-def _plan_config(model: str) -> dict:
-    """Config dict for a shipped name, a directory, a config.json path or a cached Hugging Face id."""
-    import json
-
-    from .planning.configs import SHIPPED, shipped_config
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise OverspillError(f"{model} has no config.json, so it is not a Hugging Face model directory")
-    if not path.is_file():
-        if model in SHIPPED:
-            return shipped_config(model)
-        path = _hub_config(model)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise OverspillError(f"cannot read {path} as a JSON config: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise OverspillError(f"{path} is not a config.json: it holds a JSON {type(config).__name__}, not an object")
-    return config
-
-
-def _hub_config(repo_id: str) -> Path:
-    """config.json of a Hugging Face id, only from the local cache: planning never downloads."""
-    from .planning.configs import shipped_names
-
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise OverspillError(
-            f"model {repo_id!r} not found: it is not a directory, a config.json, a shipped config "
-            f"({', '.join(shipped_names())}) or a Hugging Face id (owner/name)"
-        )
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # invalid repo id, unreadable cache: both mean "not available locally"
-        found = None
-    if not isinstance(found, str):
-        raise OverspillError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and overspill does not download; "
-            f"fetch it first (`hf download {repo_id} config.json`) or pass a local directory"
-        )
-    return Path(found)
 
 
 def _plan_profile(name: str | None) -> tuple[Profile, str | None]:
@@ -187,14 +135,9 @@ def _plan_profile(name: str | None) -> tuple[Profile, str | None]:
 
 def _cuda_device_present() -> bool:
     """Whether the CUDA driver sees a GPU, asked through libcuda: importing torch to ask costs ~2 s."""
-    import ctypes
+    from .runtime.cuda_driver import device_count
 
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return device_count() > 0
 
 
 def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from overspill.planning.configs import shipped_config
 from overspill.planning.placement import greedy_plan, max_batch, plan_for, with_prediction
 from overspill.planning.plan import Workload, footprint_from_spec
 from overspill.planning.profile import REFERENCE_PROFILES
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
 H100, A100, GH200 = (REFERENCE_PROFILES[n] for n in ("h100-pcie5", "a100-pcie4", "gh200"))
 
-FP = footprint_from_spec(spec_from_config("llama-3-8b"))
+FP = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
 N = 32
 LAYER = 436_224_000  # 218,112,000 parameters x 2 bytes (attention 41.9M + MLP 176.2M + norms 8192)
 HEAD = 1_050_673_152  # 128256 x 4096 x 2 bytes, untied
@@ -146,7 +147,7 @@ def test_max_batch_grows_with_the_budget() -> None:
     [("llama-3-70b", 80, 37), ("mixtral-8x7b", 32, 7), ("llama-4-scout-109b", 48, 33)],
 )
 def test_big_models_plan_link_bound_on_h100(name: str, layers: int, streamed: int) -> None:
-    fp = footprint_from_spec(spec_from_config(name))
+    fp = footprint_from_spec(spec_from_config(shipped_config(name)))
     plan = plan_for(fp, H100)
     assert len(plan.layer_tiers) == layers and len(plan.streamed_layers) == streamed
     assert plan.streamed_layers == tuple(range(streamed))  # the first layers stream, the tail stays
@@ -158,7 +159,7 @@ def test_big_models_plan_link_bound_on_h100(name: str, layers: int, streamed: in
 
 
 def test_moe_resident_layers_read_only_routed_experts() -> None:
-    fp = footprint_from_spec(spec_from_config("mixtral-8x7b"))
+    fp = footprint_from_spec(spec_from_config(shipped_config("mixtral-8x7b")))
     # Mixtral: 8 experts, 2 routed; a layer stores 2.9 GB but a token reads 0.79 GB of it.
     assert fp.layer_active_bytes[0] < fp.layer_bytes[0] / 3
     p = plan_for(fp, replace(GH200, layer_overhead_s=0.0, step_overhead_s=0.0)).prediction

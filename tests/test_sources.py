@@ -1,11 +1,16 @@
-"""`check_architecture`: the one refusal `plan` (config alone, no torch) and `load` share."""
+"""`check_architecture` and `resolve`: the one refusal and the one name -> model lookup that `plan`
+(config alone, no torch) and `load` share."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
 from overspill.errors import OverspillError
-from overspill.runtime.sources import ENCODER_MODEL_TYPES, check_architecture
+from overspill.planning.configs import shipped_config
+from overspill.runtime.sources import ENCODER_MODEL_TYPES, check_architecture, resolve
 
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
 
@@ -42,3 +47,69 @@ def test_encoder_types_are_encoders_to_transformers() -> None:
     causal, masked = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     assert "bert" in known
     assert {t for t in ENCODER_MODEL_TYPES if t in known} <= causal & masked
+
+
+# ---------------------------------------------------------------- `resolve`: the one name -> model lookup
+
+TINY = {"model_type": "llama", **SHAPE}
+
+
+def hub_cache(monkeypatch, tmp_path: Path, repo: str = "me/tiny") -> Path:
+    """A fake local Hugging Face cache holding `repo`'s snapshot (config.json only)."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text(json.dumps(TINY))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, name: str(snapshot / name) if repo_id == repo else None)
+    return snapshot
+
+
+def test_plan_and_load_find_the_same_model(tmp_path, monkeypatch) -> None:
+    # `plan` asks for the config alone, `load` for config and weights: the same lookup answers both.
+    snapshot = hub_cache(monkeypatch, tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(TINY))
+    for name, where in ((str(tmp_path / "ckpt"), tmp_path / "ckpt"), ("me/tiny", snapshot)):
+        plan, load = resolve(name, config_only=True), resolve(name)
+        assert plan.config_dir == load.config_dir == load.weights_dir == where and plan.weights_dir is None
+        assert plan.config() == load.config() == TINY
+    plan, load = resolve("llama-3-8b", config_only=True), resolve("llama-3-8b", random_weights=True)
+    assert plan.config() == load.config() == shipped_config("llama-3-8b") and load.weights_dir is None
+
+
+def test_config_only_accepts_a_config_file(tmp_path) -> None:
+    (tmp_path / "my.json").write_text(json.dumps(TINY))
+    assert resolve(str(tmp_path / "my.json"), config_only=True).config() == TINY
+    with pytest.raises(OverspillError, match="not a .gguf"):
+        resolve(str(tmp_path / "my.json"))  # `load` needs weights beside a config
+
+
+@pytest.mark.parametrize("config_only", [False, True], ids=["load", "plan"])
+def test_unknown_names_are_one_line(tmp_path, monkeypatch, config_only: bool) -> None:
+    hub_cache(monkeypatch, tmp_path)
+    cases = [("no-such-model", ["not found", "llama-3-8b", "owner/name"]),
+             ("owner/absent", ["local Hugging Face cache", "hf download owner/absent"]),
+             (str(tmp_path), ["no config.json"])]
+    for name, words in cases:
+        with pytest.raises(OverspillError) as info:
+            resolve(name, config_only=config_only)
+        assert "\n" not in str(info.value)
+        for word in words:
+            assert word in str(info.value), (name, str(info.value))
+
+
+def test_config_problems_name_the_file(tmp_path) -> None:
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(OverspillError, match="broken.json as a JSON config"):
+        resolve(str(tmp_path / "broken.json"), config_only=True)
+    with pytest.raises(OverspillError, match="holds a JSON list"):
+        resolve(str(tmp_path / "list.json"), config_only=True)
+
+
+def test_a_gguf_is_planned_only_once_converted(tmp_path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(OverspillError, match="overspill run .*m.gguf"):
+        resolve(str(tmp_path / "m.gguf"), config_only=True)  # converting would import torch

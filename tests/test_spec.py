@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from overspill.planning.configs import SHIPPED, shipped_config, shipped_names  # noqa: E402
-from overspill.planning.spec import ModelSpec, load_config, spec_from_config  # noqa: E402
+from overspill.planning.spec import ModelSpec, spec_from_config  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -203,19 +203,19 @@ def test_shipped_config_builds_in_transformers(name: str) -> None:
     d = shipped_config(name)
     model = meta_model(d)
     assert sum(p.numel() for p in model.parameters()) == SHIPPED_PARAMS[name]
-    assert spec_from_config(name).num_params == SHIPPED_PARAMS[name]
+    assert spec_from_config(shipped_config(name)).num_params == SHIPPED_PARAMS[name]
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_params_near_published(name: str) -> None:
-    spec = spec_from_config(name)
+    spec = spec_from_config(shipped_config(name))
     assert spec.dtype == "bfloat16"
     assert spec.num_params == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
 
 
 def test_llama3_kv_cache() -> None:
-    assert spec_from_config("llama-3-8b").kv_bytes_per_token == 32 * 2 * 8 * 128 * 2 == 131072
-    big = spec_from_config("llama-3-70b")
+    assert spec_from_config(shipped_config("llama-3-8b")).kv_bytes_per_token == 32 * 2 * 8 * 128 * 2 == 131072
+    big = spec_from_config(shipped_config("llama-3-70b"))
     assert big.kv_bytes_per_token == 327680
     assert big.kv_bytes(128 * 1024) == 327680 * 131072
     assert big.kv_bytes(128 * 1024) / 1e9 == pytest.approx(42.9, abs=0.05)
@@ -223,7 +223,7 @@ def test_llama3_kv_cache() -> None:
 
 
 def test_scout_chunked_layers_cap_kv() -> None:
-    scout = spec_from_config("llama-4-scout-109b")
+    scout = spec_from_config(shipped_config("llama-4-scout-109b"))
     windows = [layer.sliding_window for layer in scout.layers]
     assert windows.count(None) == 12 and windows.count(8192) == 36
     assert all(layer.is_moe and layer.active_experts == 1 for layer in scout.layers)
@@ -233,13 +233,13 @@ def test_scout_chunked_layers_cap_kv() -> None:
 
 
 def test_mixtral_active_params() -> None:
-    spec = spec_from_config("mixtral-8x7b")
+    spec = spec_from_config(shipped_config("mixtral-8x7b"))
     active = (spec.active_bytes + spec.embed_bytes) / spec.dtype_bytes
     assert active == pytest.approx(12.9e9, rel=0.01)
 
 
 def test_qwen25_full_attention() -> None:
-    spec = spec_from_config("qwen2.5-7b")
+    spec = spec_from_config(shipped_config("qwen2.5-7b"))
     assert all(layer.sliding_window is None for layer in spec.layers)
     assert spec.layers[0].attention_bytes == 2 * (3584 * (3584 + 2 * 512) + 3584 * 3584 + 3584 + 2 * 512)
 
@@ -286,14 +286,10 @@ def test_dtype_handling() -> None:
         spec_from_config(TINY["llama"], dtype="int3")
 
 
-def test_sources(tmp_path: Path) -> None:
-    by_name = spec_from_config("llama-3-8b")
-    (tmp_path / "config.json").write_text(json.dumps(shipped_config("llama-3-8b")))
-    assert spec_from_config(tmp_path) == by_name
-    assert spec_from_config(str(tmp_path / "config.json")) == by_name
-    assert load_config(tmp_path) == shipped_config("llama-3-8b")
-    with pytest.raises(ValueError, match="llama-3-70b"):
-        spec_from_config("no-such-model")
+def test_spec_takes_a_config_dict_and_shipped_names_are_unknown_elsewhere() -> None:
+    # Finding a config by name or path is `overspill.runtime.sources.resolve`'s (tests/test_sources.py).
+    with pytest.raises(TypeError, match="config dict"):
+        spec_from_config("llama-3-8b")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="known"):
         shipped_config("no-such-model")
     assert shipped_names() == sorted(SHIPPED)
@@ -306,7 +302,7 @@ def test_multimodal_wrapper_uses_text_config() -> None:
 
 
 def test_spec_is_frozen() -> None:
-    spec: ModelSpec = spec_from_config("llama-3-8b")
+    spec: ModelSpec = spec_from_config(shipped_config("llama-3-8b"))
     with pytest.raises(AttributeError):
         spec.num_layers = 1  # type: ignore[misc]
 

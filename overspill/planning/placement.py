@@ -40,6 +40,7 @@ def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
     return fp.kv_bytes_per_token * workload.context * workload.batch // max(len(fp.layer_bytes), 1)
 
 
+AUTO_MARGIN_BYTES = 1536 * 2**20  # kept free by an "auto" budget: CUDA context, cuBLAS workspaces, fragmentation
 SAMPLING_BYTES_PER_LOGIT = 32  # float32 logits, probabilities, sorted values and int64 indices
 ENGINE_PREFILL_CHUNK = 512  # prompt tokens (padding included) per serving-engine iteration
 
@@ -235,6 +236,28 @@ def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Worklo
     return replace(workload, batch=low)
 
 
+def place(
+    fp: Footprint,
+    budget_bytes: int | None,
+    workload: Workload,
+    depth: int = DEFAULT_DEPTH,
+    kv_device_bytes: int | None = None,
+    fit_batch: bool = False,
+) -> Plan:
+    """The placement rule `load` carries out and `overspill plan` shows, so the two agree.
+
+    Args:
+        fit_batch: plan for the largest batch up to `workload.batch` whose KV stays on the GPU
+            (`device_kv_workload`; serving), unless `kv_device_bytes` caps the device KV.
+
+    Raises:
+        OverspillError: if the budget is below the minimum working set.
+    """
+    if fit_batch and kv_device_bytes is None:
+        workload = device_kv_workload(fp, budget_bytes, workload, depth)
+    return greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
+
+
 def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DEFAULT_DEPTH) -> int:
     """The smallest budget under which `greedy_plan` keeps exactly `resident` decoder layers on the GPU.
 
@@ -301,23 +324,26 @@ def plan_for(
     workload: Workload = Workload(),
     budget_bytes: int | None = None,
     depth: int = DEFAULT_DEPTH,
-    margin_bytes: int = 1536 * 2**20,
+    margin_bytes: int = AUTO_MARGIN_BYTES,
     kv_device_bytes: int | None = None,
     streaming: str = "auto",
+    fit_batch: bool = False,
 ) -> Plan:
-    """Place `fp` on the machine `profile` describes and predict its speed.
+    """Place `fp` on the machine `profile` describes (`place`) and predict its speed.
 
     Args:
-        budget_bytes: GPU bytes to use; None means the profile's free memory minus `margin_bytes`.
+        budget_bytes: GPU bytes to use; None means the profile's free memory minus `margin_bytes`,
+            as `load`'s "auto" budget.
         streaming: how streamed layers move (`choose_streaming`): managed prefetch where the profile
             measured it faster than pinned copies.
+        fit_batch: the largest batch up to `workload.batch` whose KV stays on the GPU (serving).
 
     Raises:
         OverspillError: when the budget is below the minimum working set (the message gives it).
     """
     if budget_bytes is None:
         budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
-    plan = greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
+    plan = place(fp, budget_bytes, workload, depth, kv_device_bytes, fit_batch)
     plan = replace(plan, streaming=choose_streaming(streaming, profile.managed_bytes_s > profile.h2d_bytes_s))
     return with_prediction(fp, plan, profile)
 

@@ -1,9 +1,9 @@
 """Placement decisions as data: which layers stay on the GPU and which stream from pinned host memory.
 
-Pure Python (no torch): the loader measures a `Footprint` (or `footprint_from_spec` computes one
-from a config), `overspill.planning.placement` turns it and a `Workload` into a `Plan`, and the
-executor carries the plan out. This module holds only those records and the constants they name;
-the rules that choose a placement live in `placement`.
+Pure Python (no torch): a `ModelSpec` (from a config, or measured by the loader) becomes a
+`Footprint` through `footprint_from_spec`, `overspill.planning.placement` turns it and a `Workload`
+into a `Plan`, and the executor carries the plan out. This module holds only those records and the
+constants they name; the rules that choose a placement live in `placement`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .costmodel import Prediction
+from .spec import ModelSpec
 from .units import format_bytes
 
 DEFAULT_DEPTH = 2
@@ -31,7 +32,7 @@ class Tier(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Footprint:
-    """Byte sizes the placement needs, measured from the model or computed from its config."""
+    """Byte sizes the placement needs; made from a `ModelSpec` by `footprint_from_spec`."""
 
     layer_bytes: tuple[int, ...]
     embed_bytes: int
@@ -183,20 +184,28 @@ def _ranges(indices: tuple[int, ...]) -> str:
     return ", ".join(out)
 
 
-def footprint_from_spec(spec, context_dtype_bytes: int | None = None) -> Footprint:
-    """A `Footprint` from a `ModelSpec` (config only, no weights), for planning before loading."""
-    hidden = spec.hidden_size
-    widest = max((l.mlp_bytes + l.active_experts * l.expert_bytes) for l in spec.layers) // max(hidden, 1)
+def footprint_from_spec(spec: ModelSpec) -> Footprint:
+    """The `Footprint` of a `ModelSpec`: the one way both `overspill plan` (a spec from the config)
+    and `load` (a spec measured from the built model) get the byte sizes they place.
+
+    Activations per token in flight: the hidden state, the residual, the attention output and the
+    norm output (4 x hidden), plus the widest feed-forward block's intermediates, which its weight
+    bytes divided by the hidden size count: three for a gated MLP (gate, up, their product), two
+    for a plain one. MoE layers run one expert at a time, so one expert counts, not the routed few.
+    """
+    hidden = max(spec.hidden_size, 1)
+    widest = max((layer.widest_ffn_bytes for layer in spec.layers), default=0)
     return Footprint(
-        layer_bytes=tuple(l.total_bytes for l in spec.layers),
+        layer_bytes=tuple(layer.total_bytes for layer in spec.layers),
         embed_bytes=spec.embed_bytes,
         head_bytes=spec.head_bytes,
-        other_bytes=spec.final_norm_bytes,
+        other_bytes=spec.final_norm_bytes + spec.buffer_bytes,
         tied_embeddings=spec.tied_embeddings,
         kv_bytes_per_token=spec.kv_bytes_per_token,
-        activation_bytes_per_token=4 * hidden * spec.dtype_bytes + widest,
-        layer_active_bytes=tuple(l.active_bytes for l in spec.layers),
-        dtype_bytes=context_dtype_bytes or spec.dtype_bytes,
+        activation_bytes_per_token=4 * hidden * spec.dtype_bytes + widest // hidden,
+        host_embedding_ok=spec.plain_embedding,
+        layer_active_bytes=tuple(layer.active_bytes for layer in spec.layers),
+        dtype_bytes=spec.dtype_bytes,
         gqa_group=max(spec.num_attention_heads // max(spec.num_kv_heads, 1), 1),
         vocab_size=spec.vocab_size,
     )

@@ -6,27 +6,31 @@ pure Python: it must never import torch or transformers, even indirectly.
 
 Byte counts reproduce the parameters transformers 5.x instantiates for the
 supported architectures exactly; other ``model_type`` values fall back to the
-Llama layout and are flagged ``approximate``.
+Llama layout and are flagged ``approximate``. `load` measures the same record
+from the built model (``overspill.runtime.loader.measured_spec``), and both
+become a `Footprint` through ``overspill.planning.plan.footprint_from_spec``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_DTYPE",
+    "DTYPE_ALIASES",
     "DTYPE_BYTES",
     "SUPPORTED_MODEL_TYPES",
     "LayerSpec",
     "ModelSpec",
-    "load_config",
+    "dtype_name",
+    "kv_windows",
     "spec_from_config",
 ]
 
+# The one table of dtype names: planning sizes by it, and `overspill.api` maps the same names to
+# torch dtypes (the ones it can compute in), so a name means the same thing to `plan` and `load`.
 DTYPE_BYTES: dict[str, int] = {
     "float32": 4,
     "bfloat16": 2,
@@ -35,8 +39,7 @@ DTYPE_BYTES: dict[str, int] = {
     "float8_e5m2": 1,
     "int8": 1,
 }
-
-_DTYPE_ALIASES = {
+DTYPE_ALIASES: dict[str, str] = {
     "fp32": "float32",
     "float": "float32",
     "bf16": "bfloat16",
@@ -44,6 +47,7 @@ _DTYPE_ALIASES = {
     "half": "float16",
     "fp8": "float8_e4m3fn",
 }
+DEFAULT_DTYPE = "bfloat16"  # what `load` computes in on a GPU ("auto") and what `plan` sizes by default
 
 _DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"})
 _MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "llama4_text"})
@@ -62,6 +66,7 @@ _ARCH_REQUIRED: dict[str, tuple[str, ...]] = {
     "llama4_text": ("intermediate_size", "num_local_experts", "num_experts_per_tok"),
 }
 _TIED_BY_DEFAULT = frozenset({"gemma2"})
+_SCALED_EMBEDDING = frozenset({"gemma2"})  # the embedding module scales its rows: not a plain table
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class LayerSpec:
     norm_bytes: int
     kv_bytes_per_token: int
     sliding_window: int | None
+    # Alignment gaps the runtime's flat layer buffer adds between tensors (streamed with the layer):
+    # measured by `overspill.runtime.loader.measured_spec`; 0 from a config, where every tensor of
+    # the shipped models is a multiple of the alignment.
+    padding_bytes: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -88,8 +97,14 @@ class LayerSpec:
 
     @property
     def total_bytes(self) -> int:
-        """Everything the layer stores, i.e. what streaming it in costs."""
-        return self._bytes_with_experts(self.num_experts)
+        """Everything the layer stores, i.e. what streaming it in costs (and the ring slot it needs)."""
+        return self._bytes_with_experts(self.num_experts) + self.padding_bytes
+
+    @property
+    def widest_ffn_bytes(self) -> int:
+        """Weights of the widest feed-forward block one token runs at a time: the dense MLP (or
+        shared expert) or one routed expert; transformers runs them one after another."""
+        return max(self.mlp_bytes, self.expert_bytes)
 
     @property
     def active_bytes(self) -> int:
@@ -108,7 +123,8 @@ class ModelSpec:
 
     ``head_bytes`` is 0 when the lm_head is tied to the embedding (no extra
     storage, same convention as ``overspill.planning.plan.Footprint``); the logits then
-    read ``embed_bytes``.
+    read ``embed_bytes``. ``final_norm_bytes`` holds every parameter outside the layers,
+    embeddings and head (the final norm, in the supported architectures).
     """
 
     model_type: str
@@ -126,6 +142,8 @@ class ModelSpec:
     final_norm_bytes: int
     tied_embeddings: bool
     approximate: bool = False
+    buffer_bytes: int = 0  # non-parameter tensors kept on the device: rotary tables, an embedding scale
+    plain_embedding: bool = True  # the input embedding is a plain lookup table (it can move to the host)
 
     @property
     def layer_bytes(self) -> int:
@@ -168,44 +186,29 @@ class ModelSpec:
         return sum(layer.kv_bytes(tokens, batch) for layer in self.layers)
 
 
-def load_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
-    """Return a config dict from a dict, a config.json path, a directory
-    holding one, or the name of a config shipped in ``overspill.planning.configs``."""
-    if isinstance(config, Mapping):
-        return dict(config)
-    if not isinstance(config, (str, os.PathLike)):
-        raise TypeError(f"expected a dict, path or shipped name, got {type(config).__name__}")
-    path = Path(config)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    from .configs import SHIPPED, shipped_config, shipped_names
+def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> ModelSpec:
+    """Build a :class:`ModelSpec` from a Hugging Face config dict.
 
-    if isinstance(config, str) and config in SHIPPED:
-        return shipped_config(config)
-    raise ValueError(
-        f"{os.fspath(config)!r} is not a config.json, a directory containing one, "
-        f"or a shipped config name ({', '.join(shipped_names())})"
-    )
+    Finding the config (a directory, a Hugging Face id, a shipped name) is
+    ``overspill.runtime.sources.resolve``'s job; shipped configs are
+    ``overspill.planning.configs.shipped_config(name)``.
 
+    Args:
+        config: the parsed ``config.json``.
+        dtype: overrides the config's ``dtype``/``torch_dtype`` (default bfloat16).
 
-def spec_from_config(
-    config: Mapping[str, Any] | str | os.PathLike[str], dtype: str | None = None
-) -> ModelSpec:
-    """Build a :class:`ModelSpec` from a Hugging Face config.
-
-    ``dtype`` overrides the config's ``dtype``/``torch_dtype`` (default
-    bfloat16). Unknown keys are ignored; a multimodal config's ``text_config``
-    is used when the top level has no decoder shape.
+    Unknown keys are ignored; a multimodal config's ``text_config`` is used when
+    the top level has no decoder shape.
     """
-    cfg = _text_config(load_config(config))
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a config dict, got {type(config).__name__}")
+    cfg = _text_config(dict(config))
     model_type = str(cfg.get("model_type") or "unknown")
     approximate = model_type not in SUPPORTED_MODEL_TYPES
     _require(cfg, model_type, _BASE_REQUIRED + _ARCH_REQUIRED.get(model_type, ("intermediate_size",)))
 
-    dtype_name = _dtype_name(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
-    nbytes = DTYPE_BYTES[dtype_name]
+    name = dtype_name(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or DEFAULT_DTYPE)
+    nbytes = DTYPE_BYTES[name]
     hidden = int(cfg["hidden_size"])
     num_layers = int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
@@ -216,7 +219,7 @@ def spec_from_config(
     attention = _attention_params(cfg, model_type, hidden, heads, kv_heads, head_dim)
     norms = _norm_params(model_type, hidden, head_dim)
     ffns = _ffn_params(cfg, model_type, hidden, num_layers)
-    windows = _windows(cfg, model_type, num_layers)
+    windows = kv_windows(cfg, num_layers)
     kv_per_token = 2 * kv_heads * head_dim * nbytes
 
     layers = tuple(
@@ -237,7 +240,7 @@ def spec_from_config(
     tied = bool(_get(cfg, "tie_word_embeddings", model_type in _TIED_BY_DEFAULT))
     return ModelSpec(
         model_type=model_type,
-        dtype=dtype_name,
+        dtype=name,
         dtype_bytes=nbytes,
         hidden_size=hidden,
         vocab_size=vocab,
@@ -251,6 +254,8 @@ def spec_from_config(
         final_norm_bytes=hidden * nbytes,
         tied_embeddings=tied,
         approximate=approximate,
+        buffer_bytes=_buffer_bytes(cfg, model_type, head_dim, nbytes),
+        plain_embedding=model_type not in _SCALED_EMBEDDING,
     )
 
 
@@ -289,12 +294,30 @@ def _require(cfg: Mapping[str, Any], model_type: str, keys: tuple[str, ...]) -> 
         raise ValueError(f"{model_type} config is missing required keys: {', '.join(missing)}")
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
+    """The canonical name of a dtype given as a name, an alias ("bf16") or a torch dtype's str.
+
+    Raises:
+        ValueError: for a dtype not in `DTYPE_BYTES`.
+    """
     name = str(dtype).lower().removeprefix("torch.")
-    name = _DTYPE_ALIASES.get(name, name)
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
     return name
+
+
+def _buffer_bytes(cfg: Mapping[str, Any], model_type: str, head_dim: int, nbytes: int) -> int:
+    """Buffers transformers 5 builds beside the weights: the rotary embedding's `inv_freq` and
+    `original_inv_freq` (float32, one per pair of rotated dimensions) and gemma2's scalar
+    embedding scale in the model dtype."""
+    rope = cfg.get("rope_parameters")  # transformers 5 moved the rope settings here
+    rope_partial = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    rotated = int(head_dim * float(_get(cfg, "partial_rotary_factor", rope_partial or 1.0)))
+    total = 2 * ((rotated + 1) // 2) * 4
+    if model_type in _SCALED_EMBEDDING:
+        total += nbytes
+    return total
 
 
 def _attention_params(
@@ -390,8 +413,9 @@ def _ffn_params(cfg: Mapping[str, Any], model_type: str, hidden: int, num_layers
     return [_Ffn(mlp=_gated_mlp(hidden, int(cfg["intermediate_size"]), mlp_bias))] * num_layers
 
 
-def _windows(cfg: Mapping[str, Any], model_type: str, num_layers: int) -> list[int | None]:
-    """Tokens of KV each layer keeps (None: all), mirroring transformers' layer_types."""
+def kv_windows(cfg: Mapping[str, Any], num_layers: int) -> list[int | None]:
+    """Tokens of KV each of `num_layers` layers keeps (None: all), mirroring transformers' layer_types."""
+    model_type = str(cfg.get("model_type") or "unknown")
     sliding = cfg.get("sliding_window")
     chunk = cfg.get("attention_chunk_size")
     per_type = {"sliding_attention": sliding, "chunked_attention": chunk}

@@ -16,7 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import OverspillError, one_line
-from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier
+from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier, footprint_from_spec
+from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_windows
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .kv import cache_kwarg, kv_dims
@@ -140,46 +141,94 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Footprint:
-    """Byte sizes of the built model, for the planner."""
+def measured_spec(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> ModelSpec:
+    """The `ModelSpec` of a built (meta) model: bytes measured from its tensors, shapes from its config.
+
+    `load` plans from this, through the same `footprint_from_spec` as `overspill plan`, so an
+    architecture without a config formula (gpt_neox, falcon, ...) is sized exactly, and for the
+    supported ones the measurement and `spec_from_config` agree (tests/test_one_footprint.py).
+
+    Args:
+        model: the model from `build_skeleton`, parameters on the meta device or placed.
+        layers: its decoder layers (`decoder_layers`).
+        dtype: the compute dtype (the dtype of its weights and KV).
+    """
     cfg = model.config.get_text_config()
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) and head is not None
-    layer_bytes = tuple(_layout(layer).nbytes for layer in layers)  # as packed in ring slots
-    embed_bytes = _nbytes(embed.parameters())
-    head_bytes = 0 if tied or head is None else _nbytes(head.parameters())
-    total = _nbytes(model.parameters())
-    other = total - sum(_nbytes(layer.parameters()) for layer in layers) - embed_bytes - (head_bytes if not tied else 0)
-    if tied and head is not None and head.weight is not embed.weight:
-        other -= _nbytes(head.parameters())
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     _, kv_heads, head_dim = kv_dims(model.config)
-    kv_per_token = 2 * kv_heads * head_dim * itemsize * len(layers)
-    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    act_per_token = (4 * cfg.hidden_size + 3 * inter) * itemsize
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    per_token = getattr(cfg, "num_experts_per_tok", None)
-    fraction = per_token / experts if experts and per_token else 1.0
-
-    def active(layer: nn.Module) -> int:
-        routed = sum(p.numel() * p.element_size() for n, p in layer.named_parameters() if ".experts." in f".{n}")
-        return int(_nbytes(layer.parameters()) - routed * (1 - fraction))
-
-    return Footprint(
-        layer_active_bytes=tuple(active(layer) for layer in layers),
-        dtype_bytes=itemsize,
-        layer_bytes=layer_bytes,
-        embed_bytes=embed_bytes,
-        head_bytes=head_bytes,
-        other_bytes=max(other, 0) + _nbytes(model.buffers()),
-        tied_embeddings=tied,
-        kv_bytes_per_token=kv_per_token,
-        activation_bytes_per_token=act_per_token,
-        host_embedding_ok=type(embed) is nn.Embedding,
-        gqa_group=max(getattr(cfg, "num_attention_heads", 1) // kv_heads, 1),
-        vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    active = getattr(cfg, "num_experts_per_tok", None) or 0
+    windows = kv_windows(cfg.to_dict(), len(layers))
+    kv_per_token = 2 * kv_heads * head_dim * itemsize
+    specs = tuple(
+        _layer_spec(i, layer, cfg.hidden_size, experts, active, kv_per_token, windows[i])
+        for i, layer in enumerate(layers)
     )
+    placed = {id(p) for p in layers.parameters()} | {id(p) for p in embed.parameters()}
+    head_params = [] if head is None else list(head.parameters())
+    placed |= {id(p) for p in head_params}
+    other = [p for p in model.parameters() if id(p) not in placed]
+    return ModelSpec(
+        model_type=str(getattr(cfg, "model_type", "") or "unknown"),
+        dtype=dtype_name(dtype),
+        dtype_bytes=itemsize,
+        hidden_size=cfg.hidden_size,
+        vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
+        num_layers=len(layers),
+        num_attention_heads=cfg.num_attention_heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        layers=specs,
+        embed_bytes=_nbytes(embed.parameters()),
+        head_bytes=0 if tied else _nbytes(head_params),
+        final_norm_bytes=_nbytes(other),
+        tied_embeddings=tied,
+        buffer_bytes=_nbytes(model.buffers()),
+        plain_embedding=type(embed) is nn.Embedding,
+    )
+
+
+def _layer_part(name: str, param: nn.Parameter, hidden: int, experts: int) -> str:
+    """Which `LayerSpec` field a decoder layer's parameter counts in, from its name and shape."""
+    parts = name.split(".")
+    if "experts" in parts:
+        return "expert"
+    if param.dim() == 1 and len(parts) > 1 and ("norm" in parts[-2] or parts[-2].startswith("ln")):
+        return "norm"
+    if any("attn" in part or "attention" in part for part in parts[:-1]):
+        return "attention"
+    if experts and param.dim() == 2 and param.shape[1] == hidden and param.shape[0] in (experts, 1):
+        return "router"  # the router's [experts, hidden] (and a shared expert's [1, hidden] gate)
+    return "mlp"
+
+
+def _layer_spec(index: int, layer: nn.Module, hidden: int, experts: int, active: int, kv_per_token: int,
+                window: int | None) -> LayerSpec:
+    sizes = dict.fromkeys(("attention", "mlp", "router", "expert", "norm"), 0)
+    for name, param in layer.named_parameters():
+        sizes[_layer_part(name, param, hidden, experts)] += param.numel() * param.element_size()
+    routed = sizes["expert"] > 0
+    return LayerSpec(
+        index=index,
+        attention_bytes=sizes["attention"],
+        mlp_bytes=sizes["mlp"],
+        router_bytes=sizes["router"],
+        expert_bytes=sizes["expert"] // experts if routed else 0,
+        num_experts=experts if routed else 0,
+        active_experts=active if routed else 0,
+        norm_bytes=sizes["norm"],
+        kv_bytes_per_token=kv_per_token,
+        sliding_window=window,
+        padding_bytes=_layout(layer).nbytes - _nbytes(layer.parameters()),  # as packed in ring slots
+    )
+
+
+def footprint(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> Footprint:
+    """The `Footprint` `load` plans from: `footprint_from_spec` of the measured spec."""
+    return footprint_from_spec(measured_spec(model, layers, dtype))
 
 
 def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -1,6 +1,10 @@
 """Where a model comes from: a checkpoint directory, a Hugging Face id in the local cache, a GGUF
 file (converted once to a bf16 safetensors copy in the user cache), a shipped config, or the
 embedded default model. Never reaches for the network.
+
+`resolve` is the one place a name becomes a model: `load` asks it for config and weights,
+`overspill plan` for the config alone (`config_only`). Torch-free at import; only converting a
+GGUF imports torch.
 """
 
 from __future__ import annotations
@@ -37,7 +41,25 @@ class ModelSource:
     name: str
     config_dir: Path | None  # directory holding config.json (and tokenizer files, if any)
     weights_dir: Path | None  # safetensors directory; None: config only (random weights)
-    config_dict: dict | None = None  # a shipped config, when there is no directory
+    config_dict: dict | None = None  # a shipped config (or a config.json file's), when there is no directory
+
+    def config(self) -> dict:
+        """The config.json as a dict, without transformers (what `overspill plan` sizes)."""
+        if self.config_dict is not None:
+            return dict(self.config_dict)
+        assert self.config_dir is not None  # a source has a config directory or a config dict
+        return read_config(self.config_dir / "config.json")
+
+
+def read_config(path: Path) -> dict:
+    """A config.json file as a dict, or a one-line error naming the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OverspillError(f"cannot read {path} as a JSON config: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise OverspillError(f"{path} is not a config.json: it holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def check_architecture(config: Mapping[str, Any], name: str) -> None:
@@ -132,52 +154,79 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve(model: str | os.PathLike | None, random_weights: bool = False) -> ModelSource:
-    """Turn what the user passed into a `ModelSource`, or a one-line error saying what to do."""
+def resolve(model: str | os.PathLike | None, random_weights: bool = False, *, config_only: bool = False) -> ModelSource:
+    """Turn what the user passed into a `ModelSource`, or a one-line error saying what to do.
+
+    Args:
+        model: a checkpoint directory, a .gguf file, a shipped config name, a Hugging Face id in the
+            local cache, or None for the embedded default model.
+        random_weights: the weights will be random: no weights directory is needed.
+        config_only: find the config alone, for `overspill plan`: a config.json path is accepted too,
+            a GGUF counts only once converted (`run` converts it), nothing imports torch, and the
+            result has no weights directory.
+    """
+    no_weights = random_weights or config_only
     if model is None:
+        if config_only:
+            raise OverspillError("name a model to plan: a directory, a config.json, a shipped config or a Hugging Face id")
         path = convert_gguf(default_gguf_path())
-        return ModelSource(DEFAULT_MODEL_NAME, path, None if random_weights else path)
+        return ModelSource(DEFAULT_MODEL_NAME, path, None if no_weights else path)
     text = str(model)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
             raise OverspillError(f"GGUF file {text} does not exist; check the path")
-        conv = convert_gguf(path)
-        return ModelSource(path.stem, conv, None if random_weights else conv)
+        if config_only:
+            conv = _gguf_cache_path(path)
+            if not (conv / "config.json").exists():
+                raise OverspillError(f"{text} is not converted yet: `overspill run {text}` converts it once, then "
+                                     f"plan reads the converted config")
+        else:
+            conv = convert_gguf(path)
+        return ModelSource(path.stem, conv, None if no_weights else conv)
     if path.is_dir():
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             hint = f"; to load a GGUF pass the file, e.g. {ggufs[0]}" if ggufs else ""
             raise OverspillError(f"{path} has no config.json, so it is not a Hugging Face model directory{hint}")
-        return ModelSource(path.name, path, None if random_weights else path)
+        return ModelSource(path.name, path, None if no_weights else path)
     if path.exists():
+        if config_only:
+            return ModelSource(path.name, None, None, read_config(path))
         raise OverspillError(f"{text} is a file but not a .gguf; pass a model directory or a .gguf file")
     from ..planning.configs import shipped_config, shipped_names
 
     if text in shipped_names():
-        if not random_weights:
+        if not no_weights:
             raise OverspillError(
                 f"{text} is a shipped config without weights: add --random-weights (random_weights=True) "
                 f"to benchmark its shape, or pass a checkpoint directory"
             )
         return ModelSource(text, None, None, shipped_config(text))
-    return _from_hub_cache(text, random_weights)
+    snapshot = _hub_snapshot(text, config_only)
+    return ModelSource(text, snapshot, None if no_weights else snapshot)
 
 
-def _from_hub_cache(repo_id: str, random_weights: bool) -> ModelSource:
-    """A Hugging Face id, only if already in the local cache: overspill never downloads."""
+def _hub_snapshot(repo_id: str, config_only: bool) -> Path:
+    """The cached snapshot directory of a Hugging Face id (found by its config.json): overspill never downloads."""
+    from ..planning.configs import shipped_names
+
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        kinds = "a config.json" if config_only else "a .gguf file"
         raise OverspillError(
-            f"model {repo_id!r} not found: it is not a directory, a .gguf file, a shipped config "
-            f"or a Hugging Face id (owner/name)"
+            f"model {repo_id!r} not found: it is not a directory, {kinds}, a shipped config "
+            f"({', '.join(shipped_names())}) or a Hugging Face id (owner/name)"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import try_to_load_from_cache
 
     try:
-        path = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid repo id, unreadable cache: both mean "not available locally"
+        found = None
+    if not isinstance(found, str):  # None (never fetched) or a marker that the file does not exist
+        files = " config.json" if config_only else ""
         raise OverspillError(
             f"model {repo_id!r} is not in the local Hugging Face cache and overspill does not download; "
-            f"fetch it first (`hf download {repo_id}`) or pass a local directory"
-        ) from None
-    return ModelSource(repo_id, path, None if random_weights else path)
+            f"fetch it first (`hf download {repo_id}{files}`) or pass a local directory"
+        )
+    return Path(found).parent

@@ -22,7 +22,7 @@ The module has two halves:
     1. `torch.cuda.is_available()` (counts devices; creates no context),
     2. RMM installed? (`importlib.util.find_spec`, nothing imported),
     3. `torch.cuda.is_initialized()` must still be False,
-    4. coherence from the driver attribute (`hardware.coherent_platform`, ctypes),
+    4. coherence from the driver attribute (`hardware.coherent_platform`, through `cuda_driver`),
     5. total memory from the driver (`cuDeviceTotalMem_v2`); free memory from NVML
        (`pynvml` / nvidia-ml-py, matched by PCI bus id), else from the driver in the device's
        primary context (`cuMemGetInfo_v2`, the context released afterwards);
@@ -171,18 +171,6 @@ def _rmm_package_for(cuda_version: str | None) -> str:
     return f"rmm-cu{major}" if major in ("12", "13") else "rmm-cu12 or rmm-cu13"
 
 
-def _driver():
-    import ctypes
-
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        raise OverspillError("cannot load the CUDA driver (libcuda.so.1); check the NVIDIA driver installation") from None
-    if cuda.cuInit(0) != 0:
-        raise OverspillError("the CUDA driver failed to initialise (cuInit); check nvidia-smi")
-    return cuda
-
-
 def _nvml_free_bytes(pci_bus_id: str) -> int | None:
     """Free memory from NVML for the GPU at `pci_bus_id`, or None when NVML is not usable."""
     try:
@@ -204,7 +192,9 @@ def _gpu_memory(device: int) -> tuple[int, int]:
     """(free, total) bytes of CUDA device `device` without initialising torch's CUDA context."""
     import ctypes
 
-    cuda = _driver()
+    from .cuda_driver import driver
+
+    cuda = driver()
     dev = ctypes.c_int()
     if cuda.cuDeviceGet(ctypes.byref(dev), device) != 0:
         raise OverspillError(f"CUDA device {device} does not exist; pass device= an index below the GPU count")
@@ -243,15 +233,11 @@ def _probe_platform(device: int) -> tuple[bool, int, int]:
     Raises:
         OverspillError: the device cannot allocate managed memory at all (some VMs and MIG setups).
     """
-    import ctypes
-
+    from . import cuda_driver
     from .hardware import coherent_platform
 
     free, total = _gpu_memory(device)
-    cuda, dev, managed = _driver(), ctypes.c_int(), ctypes.c_int()
-    cuda.cuDeviceGet(ctypes.byref(dev), device)
-    # CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY
-    if cuda.cuDeviceGetAttribute(ctypes.byref(managed), 83, dev) != 0 or not managed.value:
+    if not cuda_driver.device_attribute(device, cuda_driver.MANAGED_MEMORY):
         raise OverspillError(f"CUDA device {device} does not support managed memory here; {_STREAMING_HINT}")
     return coherent_platform(device), free, total
 
