@@ -43,6 +43,9 @@ class KVTier(str, enum.Enum):
     HOST = "host"  # pinned host memory, copied in with its layer's weights
 
 
+TIERS = (KVTier.GPU, KVTier.HOST)  # where a fresh block goes when no tier is asked for: GPU first
+
+
 class BlockRef(NamedTuple):
     """A physical block: its tier and its index in that tier's block array (what `kv.py` indexes)."""
 
@@ -212,7 +215,7 @@ class KVBlockManager:
                 break
             hits.append(blk)
         fresh = -(-n // bt) - len(hits)
-        tiers = (tier,) if tier is not None else tuple(KVTier)
+        tiers = (tier,) if tier is not None else TIERS
         self._check_capacity(fresh, tiers, reused=sum(self._is_cached(b) and b.loc.tier in tiers for b in hits))
         self._tick += 1
         for blk in hits:
@@ -249,10 +252,12 @@ class KVBlockManager:
             raise ValueError(f"cannot append {n_tokens} tokens")
         bt, start, total = self.block_tokens, seq.n_tokens, seq.n_tokens + n_tokens
         fresh = -(-total // bt) - len(seq.blocks)  # <= 0 while `reserve`d blocks remain
-        self._check_capacity(fresh, tuple(KVTier))
+        new = []
+        if fresh > 0:  # (a decode step of a reserved sequence skips this: once per row and step)
+            self._check_capacity(fresh, TIERS)
+            new = [self._new_block(TIERS) for _ in range(fresh)]
+            seq.blocks.extend(new)
         self._tick += 1
-        new = [self._new_block(tuple(KVTier)) for _ in range(fresh)]
-        seq.blocks.extend(new)
         if token_ids is None and n_tokens:
             seq.parent = None
         pos = start
@@ -269,7 +274,7 @@ class KVBlockManager:
                     self._seal(blk, seq.parent)
                 seq.partial = []
         seq.n_tokens = total
-        return tuple(b.loc for b in new)
+        return tuple(b.loc for b in new) if new else ()
 
     def reserve(self, seq_id: Hashable, blocks: int, tier: KVTier = KVTier.GPU) -> None:
         """Hold `blocks` blocks of `tier` for a sequence, so that its appends up to `blocks *
