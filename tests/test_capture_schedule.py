@@ -165,3 +165,30 @@ def test_captured_step_follows_cuda_capture_rules(device, layers: int, slots: in
         ring.advance()
         _step(ring, copier, layers, log)
     assert ring.restarts == 1 and SIM.current is main and copier.captured_events
+
+
+def test_kv_ring_copies_wait_for_the_attention_that_read_the_slot(device) -> None:
+    """Host-tier KV through the same ring and `CudaCopier`: a slot is marked done as the next layer
+    enters (its attention was enqueued by then), a copy into a slot waits for that done, and each
+    attention waits for its slot's copy."""
+    from overspill.runtime.kv import KVRing
+
+    class Layer:
+        def __init__(self, i: int) -> None:
+            self.host_tokens, self.host_k, self.host_v = 16, FakeTensor(16, f"K{i}"), FakeTensor(16, f"V{i}")
+
+    ring = KVRing(depth=1)
+    for i in range(3):
+        ring.add(Layer(i))
+    ring.slots, ring.n_slots = [(FakeTensor(16), FakeTensor(16)) for _ in range(2)], 2
+    ring.copier = copier = CudaCopier(torch.device("cuda"), 2)
+    main = device.current
+    attention: dict[int, int] = {}  # slot -> tick of the last attention that read it
+    for _ in range(2):
+        for position in range(3):
+            slot = ring.enter_until_next(position)
+            assert copier.ready[slot].tick > attention.get(slot, 0)  # this visit's copy, after the last read
+            assert id(copier.ready[slot]) in main.waited
+            attention[slot] = device.op(main)
+    assert ring.restarts == 1 and {id(e) for e in copier.done} <= copier.stream.waited
+    assert all(copier.done[s].tick > t for s, t in attention.items() if s != ring.pending_done)

@@ -98,8 +98,9 @@ def test_unsupported_operations_say_so(reference) -> None:
             call()
 
 
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("keep", [37, 33, 32, 20, 0])
-def test_host_layer_crop_keeps_the_first_tokens(reference, keep) -> None:
+def test_host_layer_crop_keeps_the_first_tokens(reference, keep, legacy) -> None:
     # 40 tokens with 16-token blocks: 32 sealed in host memory, 8 in the device tail; crops into the
     # tail, onto a block edge and into a sealed block must all read back as the first `keep` tokens.
     cache = TieredCache(reference("llama").config, {1}, capacity=64, block_tokens=16)
@@ -109,8 +110,13 @@ def test_host_layer_crop_keeps_the_first_tokens(reference, keep) -> None:
     v = torch.randn(1, 2, 40, D)
     layer.update(k[:, :, :30], v[:, :, :30])
     layer.update(k[:, :, 30:], v[:, :, 30:])
-    layer.crop(keep)
-    assert layer.get_seq_length() == keep
+    layer.crop(0)  # transformers' "remove nothing" (generate calls it when every draft token is accepted)
+    assert layer.get_seq_length() == 40
+    if legacy and keep:  # the positive form transformers 5.17 still accepts: the length to keep
+        layer.crop(keep)
+    else:
+        layer.crop(keep - 40)
+    assert layer.get_seq_length() == keep and layer.host_tokens == keep // 16 * 16
     more_k, more_v = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D)
     got_k, got_v = layer.update(more_k, more_v)
     assert torch.equal(got_k, torch.cat([k[:, :, :keep], more_k], dim=2))
@@ -266,3 +272,60 @@ def test_prefix_restores_blocks_scattered_over_the_pool(tiny_checkpoint) -> None
     warm = run(reuse=True)
     assert prefix.manager.usage().hit_tokens == 5 * BLOCK
     assert torch.equal(warm, cold) and torch.equal(warm, run(reuse=False))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_block_manager_holds_exactly_the_host_blocks(reference, batch) -> None:
+    """One manager block per host layer per sealed block, their bytes the KV the reference cache holds;
+    crop, reset and close give blocks back, and a closed cache runs again."""
+    from overspill.runtime.kv import layer_kv
+
+    model = reference("llama")
+    ids, mask = _prompt(batch)
+    host = {0, 2, 3}
+    cache = TieredCache(model.config, host, capacity=128, block_tokens=BLOCK)
+    want = DynamicCache(config=model.config)
+    kw = dict(attention_mask=mask, max_new_tokens=20, **GEN)
+    with torch.no_grad():
+        model.generate(ids, **kw, **cache_kwargs(model, want))
+        first = model.generate(ids, **kw, **cache_kwargs(model, cache))
+    sealed = (37 + 20 - 1) // BLOCK  # the last generated token's KV is never written
+    assert cache.host_blocks == len(host) * sealed == cache.blocks.usage().host.used_blocks
+    for i in host:
+        assert cache.layers[i].host_tokens == sealed * BLOCK
+        for row in range(batch):  # tokens [0, sealed blocks) are read from host memory alone
+            for got, ref in zip(layer_kv(cache, i, 0, sealed * BLOCK, row), layer_kv(want, i, 0, sealed * BLOCK, row)):
+                torch.testing.assert_close(got, ref)
+    cache.crop(30 - (37 + 20 - 1))  # back across a sealed block to 30 tokens: 1 block per layer stays on the host
+    assert cache.host_blocks == len(host) == cache.blocks.usage().host.used_blocks
+    cache.reset()
+    assert cache.host_blocks == 0 == cache.blocks.usage().host.used_blocks
+    cache.close()
+    assert cache.blocks.usage().host.used_blocks == 0 and cache.ring.slots == []
+    with torch.no_grad():
+        again = model.generate(ids, **kw, **cache_kwargs(model, cache))
+    assert torch.equal(again, first) and cache.host_blocks == len(host) * sealed
+
+
+def test_a_shared_manager_bounds_several_caches(reference) -> None:
+    from overspill.planning.kvblocks import KVBlockManager, KVCapacityError
+
+    config = reference("llama").config
+    blocks = KVBlockManager(BLOCK, 0, 5)
+    a, b = (TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=blocks) for _ in range(2))
+    k = torch.randn(1, 2, 80, 16)
+    a.layers[1].update(k[:, :, :40], k[:, :, :40])  # 2 sealed blocks
+    b.layers[1].update(k[:, :, :60], k[:, :, :60])  # 3 more: the manager is full
+    assert blocks.usage().host.used_blocks == 5 == a.host_blocks + b.host_blocks
+    with pytest.raises(KVCapacityError):
+        b.layers[1].update(k[:, :, 60:64], k[:, :, 60:64])  # a 4th block for b
+    assert b.layers[1].get_seq_length() == 60 and b.host_blocks == 3  # nothing changed
+    a.close()
+    got, _ = b.layers[1].update(k[:, :, 60:64], k[:, :, 60:64])
+    assert torch.equal(got, k[:, :, :64]) and blocks.usage().host.used_blocks == 4
+    gpu = KVBlockManager(BLOCK, 4, 1)  # a manager with GPU blocks too: the host tier still takes HOST blocks
+    c = TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=gpu)
+    c.layers[1].update(k[:, :, :20], k[:, :, :20])
+    assert gpu.usage().host.used_blocks == 1 and gpu.usage().gpu.used_blocks == 0
+    with pytest.raises(ValueError, match="manager counts 8"):
+        TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=KVBlockManager(8, 0, 5))

@@ -11,8 +11,12 @@ streamed weights: `KVRing` copies layer i+depth's host blocks on a side stream w
 attends, cyclically across decode steps, with no host synchronisation. A slot is marked done
 when the next host-tier layer starts (its attention has been enqueued by then).
 
-The cache does not share blocks between sequences yet (prefix reuse builds on
-`overspill.planning.kvblocks`), and beam reordering of host-tier layers is refused (crop works: speculative decoding needs it).
+Host blocks are counted by `overspill.planning.kvblocks.KVBlockManager` (its HOST tier, one
+sequence per layer), which may be shared to bound several caches' host tiers together; the bytes
+stay in each layer's contiguous buffer (one copy per prefetch), so the manager's block indices are
+not used for addressing. The cache does not share blocks between sequences yet (prefix reuse
+copies through `prefix.py`), and beam reordering of host-tier layers is refused (crop works:
+speculative decoding needs it). `TieredCache.close` releases the pinned host tier explicitly.
 
 Device-tier full-attention layers are `PresizedLayer`s: each allocates its KV for the whole
 sequence once, at its first update, and writes new tokens in place. transformers' `DynamicLayer`
@@ -29,28 +33,22 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import OverspillError
-from .layout import host_tensor
+from ..planning.kvblocks import KVBlockManager, KVTier
+from .layout import PinnedHost
+from .ring import Ring
 from .streams import CudaCopier, HostCopier
 
 DEFAULT_BLOCK_TOKENS = 256
 
 
-class KVRing:
-    """Stages host-tier layers' KV on the device, `depth` layers ahead, cyclically over steps."""
+class KVRing(Ring):
+    """Stages host-tier layers' KV on the device, `depth` layers ahead, cyclically over steps (see
+    `ring.Ring`). Slots and copier come with the first update, which knows batch, heads and dtype."""
 
     def __init__(self, depth: int = 2):
+        super().__init__(None, 0)
         self.depth = depth
-        self.layers: list[HostKVLayer] = []
         self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.copier: CudaCopier | HostCopier | None = None
-        self.visit: int | None = None
-        self.issued = 0
-        self.pending_done: int | None = None
-        self.restarts = 0
-
-    def add(self, layer: "HostKVLayer") -> int:
-        self.layers.append(layer)
-        return len(self.layers) - 1
 
     def ensure_slots(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         """Allocate staging slots once the first layer knows batch, heads and head size."""
@@ -63,59 +61,58 @@ class KVRing:
             (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(n)
         ]
+        self.n_slots = n
         self.copier = CudaCopier(device, n) if device.type == "cuda" else HostCopier()
 
-    def _issue(self, visit: int) -> None:
-        layer = self.layers[visit % len(self.layers)]
-        slot = visit % len(self.slots)
+    def fill(self, layer: "HostKVLayer", slot: int) -> None:
+        """The layer's host blocks (its first `host_tokens` tokens, one range) into the slot."""
         k, v = self.slots[slot]
-        n = layer.host_tokens if layer.is_initialized else 0
+        n = layer.host_tokens
         pairs = [(k[:n], layer.host_k[:n]), (v[:n], layer.host_v[:n])] if n else []
         self.copier.copy_many(pairs, slot)
 
-    def enter(self, position: int) -> int:
-        """Layer `position` is about to attend: returns its staging slot holding its host tokens."""
-        count = len(self.layers)
-        if self.pending_done is not None:
-            self.copier.mark_done(self.pending_done)
-            self.pending_done = None
-        if self.visit is None or self.visit % count != position:
-            self.copier.synchronize()
-            self.restarts += 1
-            self.visit = position
-            self.issued = position
-        while self.issued <= self.visit + len(self.slots) - 1:
-            self._issue(self.issued)
-            self.issued += 1
-        slot = self.visit % len(self.slots)
-        self.copier.wait_ready(slot)
-        self.pending_done = slot
-        self.visit += 1
-        return slot
+    def release(self) -> None:
+        """Wait for the staging copies, then drop the slots (the next update allocates them again)."""
+        self.reset()
+        self.slots, self.n_slots, self.copier = [], 0, None
 
 
 class HostKVLayer(DynamicLayer):
-    """A full-attention layer's KV in pinned host memory, staged on the device through a `KVRing`."""
+    """A full-attention layer's KV in pinned host memory, staged on the device through a `KVRing`.
 
-    def __init__(self, ring: KVRing, capacity: int, block_tokens: int = DEFAULT_BLOCK_TOKENS):
+    Its sealed blocks are counted in a `KVBlockManager`'s HOST tier (one sequence per layer): the
+    manager's token count for the layer is `host_tokens`, so the blocks the manager holds are
+    exactly the host blocks the layer holds.
+    """
+
+    def __init__(self, ring: KVRing, capacity: int, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                 blocks: KVBlockManager | None = None, pins: PinnedHost | None = None):
         super().__init__()
         self.ring = ring
         self.position = ring.add(self)
         self.capacity = -(-capacity // block_tokens) * block_tokens
         self.block_tokens = block_tokens
+        self.blocks = blocks if blocks is not None else KVBlockManager(block_tokens, 0, self.capacity // block_tokens)
+        self.pins = pins if pins is not None else PinnedHost()
+        self.seq_id = object()  # this layer's sequence in the manager: unique while the manager holds it
         self.length = 0  # tokens held (host blocks + device tail)
-        self.host_tokens = 0  # tokens in host memory, a multiple of block_tokens
+
+    @property
+    def host_tokens(self) -> int:
+        """Tokens in host memory, a multiple of block_tokens: the manager's count for this layer."""
+        return self.blocks.num_tokens(self.seq_id) if self.is_initialized else 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
         shape = (self.capacity, batch, heads, head_dim)
         pinned = self.device.type == "cuda"
-        self.host_k = host_tensor(shape, self.dtype, pinned)
-        self.host_v = host_tensor(shape, self.dtype, pinned)
+        self.host_k = self.pins.tensor(shape, self.dtype, pinned)
+        self.host_v = self.pins.tensor(shape, self.dtype, pinned)
         self.tail_k = torch.empty((self.block_tokens, batch, heads, head_dim), dtype=self.dtype, device=self.device)
         self.tail_v = torch.empty_like(self.tail_k)
         self.ring.ensure_slots(shape, self.dtype, self.device)
+        self.blocks.reserve(self.seq_id, 0, KVTier.HOST)
         self.keys = self.values = None
         self.is_initialized = True
 
@@ -128,26 +125,46 @@ class HostKVLayer(DynamicLayer):
             raise OverspillError(
                 f"sequence of {total} tokens exceeds the KV capacity of {self.capacity}; load with a larger context"
             )
-        slot = self.ring.enter(self.position)
+        slot = self.ring.enter_until_next(self.position)
         sk, sv = self.ring.slots[slot]
-        start, tail = self.host_tokens, self.length - self.host_tokens
+        start = self.host_tokens
+        tail = self.length - start
         if tail:
             sk[start : self.length].copy_(self.tail_k[:tail])
             sv[start : self.length].copy_(self.tail_v[:tail])
         sk[self.length : total].copy_(key_states.permute(2, 0, 1, 3))
         sv[self.length : total].copy_(value_states.permute(2, 0, 1, 3))
-        sealed = total // self.block_tokens * self.block_tokens
+        sealed = total // self.block_tokens * self.block_tokens  # >= start: start is a block edge <= length
         if sealed > start:  # whole blocks spill to host; stream order puts them before the next prefetch
+            self._hold(sealed)  # a shared manager may be full: it raises, and nothing has moved
             self.host_k[start:sealed].copy_(sk[start:sealed], non_blocking=True)
             self.host_v[start:sealed].copy_(sv[start:sealed], non_blocking=True)
-            self.host_tokens = sealed
-        rest = total - self.host_tokens
+        rest = total - sealed
         if rest:
-            self.tail_k[:rest].copy_(sk[self.host_tokens : total])
-            self.tail_v[:rest].copy_(sv[self.host_tokens : total])
+            self.tail_k[:rest].copy_(sk[sealed:total])
+            self.tail_v[:rest].copy_(sv[sealed:total])
         self.length = total
         # [batch, heads, tokens, head_dim] views of the staging slot, as attention expects
         return sk[:total].permute(1, 2, 0, 3), sv[:total].permute(1, 2, 0, 3)
+
+    def _hold(self, tokens: int) -> None:
+        """Make the manager hold `tokens` (whole blocks) for this layer, in its HOST tier. `reserve`
+        never drops blocks holding tokens, so a shrink gives them all back and takes them again."""
+        held = self.host_tokens
+        if tokens < held:
+            self.blocks.free(self.seq_id)
+            held = 0
+        self.blocks.reserve(self.seq_id, tokens // self.block_tokens, KVTier.HOST)  # raises before any change
+        if tokens > held:
+            self.blocks.append(self.seq_id, tokens - held)
+
+    def release(self) -> None:
+        """Give the layer's blocks back and drop its buffers; the next update allocates them again."""
+        if self.is_initialized:
+            self.blocks.free(self.seq_id)
+            del self.host_k, self.host_v, self.tail_k, self.tail_v
+        self.is_initialized = False
+        self.length = 0
 
     def get_seq_length(self) -> int:
         return self.length
@@ -162,23 +179,28 @@ class HostKVLayer(DynamicLayer):
         pass
 
     def reset(self) -> None:
-        self.length = self.host_tokens = 0
+        self.length = 0
+        if self.is_initialized:
+            self._hold(0)
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first `max_length` tokens (negative: drop that many), as `DynamicLayer.crop` does.
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (0: none; positive, the legacy form: keep that
+        many), as `DynamicLayer.crop` does in transformers 5.17 and 5.25 (generate calls `crop(0)`).
 
         Rejected draft tokens usually sit in the device tail. When the cut falls inside sealed host
         blocks, the kept part of the last such block comes back into the tail (one small copy)."""
-        keep = self.length + max_length if max_length < 0 else min(max_length, self.length)
+        keep = min(tokens_to_remove, self.length) if tokens_to_remove > 0 else self.length + tokens_to_remove
+        keep = max(keep, 0)
         if keep >= self.host_tokens:
-            self.length = max(keep, 0)
+            self.length = keep
             return
         sealed = keep // self.block_tokens * self.block_tokens
         rest = keep - sealed
         if rest:
             self.tail_k[:rest].copy_(self.host_k[sealed:keep], non_blocking=False)
             self.tail_v[:rest].copy_(self.host_v[sealed:keep], non_blocking=False)
-        self.host_tokens, self.length = sealed, keep
+        self._hold(sealed)
+        self.length = keep
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise OverspillError("beam search over host-tier KV layers is not supported yet; use greedy or sampling")
@@ -266,25 +288,54 @@ class TieredCache(DynamicCache):
         capacity: most tokens per sequence (prompt + generated) the host layers hold.
         block_tokens: tokens per host block; whole blocks move to host as they fill.
         depth: how many host-tier layers ahead the staging ring copies.
+        blocks: the manager whose HOST tier counts the sealed blocks (a block: `block_tokens` tokens
+            of one layer, every batch row), shared to bound several caches' host tiers together.
+            None: one sized to this cache's host layers at `capacity`.
+
+    Raises:
+        ValueError: `blocks` counts blocks of another size.
     """
 
     def __init__(
         self, config, host_layers: set[int] | list[int], capacity: int,
-        block_tokens: int = DEFAULT_BLOCK_TOKENS, depth: int = 2,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS, depth: int = 2, blocks: KVBlockManager | None = None,
     ):
         super().__init__(config=config)
         self.ring = KVRing(depth)
+        self.pins = PinnedHost()
+        host = []
         for i in sorted(host_layers):
             if i >= len(self.layers):
                 raise OverspillError(f"layer {i} does not exist: the model has {len(self.layers)} layers")
-            if getattr(self.layers[i], "is_sliding", False):
-                continue  # a sliding window keeps few tokens: it stays on the device
-            self.layers[i] = HostKVLayer(self.ring, capacity, block_tokens)
+            if not getattr(self.layers[i], "is_sliding", False):  # a sliding window keeps few tokens: device
+                host.append(i)
+        if blocks is None:
+            blocks = KVBlockManager(block_tokens, 0, len(host) * -(-capacity // block_tokens))
+        elif blocks.block_tokens != block_tokens:
+            raise ValueError(f"the host tier has {block_tokens}-token blocks; the manager counts {blocks.block_tokens}")
+        self.blocks = blocks
+        for i in host:
+            self.layers[i] = HostKVLayer(self.ring, capacity, block_tokens, blocks, self.pins)
         presize(self, capacity)
 
     @property
     def host_layer_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, HostKVLayer)]
+
+    @property
+    def host_blocks(self) -> int:
+        """Host blocks this cache holds in its manager (one per layer per `block_tokens` sealed tokens)."""
+        return sum(len(self.blocks.block_table(layer.seq_id))
+                   for layer in self.layers if isinstance(layer, HostKVLayer) and layer.is_initialized)
+
+    def close(self) -> None:
+        """Release the host tier now rather than when the garbage collector gets to it: staging copies
+        finish, blocks go back to the manager, pinned pages are unlocked (one device sync, so not
+        during a graph capture). The cache stays usable: the next update allocates again."""
+        self.ring.release()
+        for i in self.host_layer_indices:
+            self.layers[i].release()
+        self.pins.close()
 
     def memory(self) -> dict[str, int]:
         """Bytes of KV per tier and in staging, for the planner and the server's metrics."""

@@ -2,10 +2,13 @@
 
 `CudaCopier` issues host->GPU copies on a high-priority side stream and orders them against the
 compute stream with CUDA events. `HostCopier` has the same interface with plain synchronous copies,
-so the CPU path runs the very same ring logic (and CI tests it).
+so the CPU path runs the very same ring logic (and CI tests it). `ManagedCopier` and `MappedCopier`
+move managed-memory layers, or nothing, behind the same interface (`Copier`, what `ring.Ring` uses).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -14,6 +17,22 @@ def new_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
     """A CUDA stream on `device`; every stream the library makes comes from here (priority -1: copies
     that compute waits on go first)."""
     return torch.cuda.Stream(device=device, priority=priority)
+
+
+class Copier(Protocol):
+    """What a `ring.Ring` asks of a copier: copies into slots, and their order against compute."""
+
+    def copy(self, dst: torch.Tensor | None, src: torch.Tensor, slot: int) -> None:
+        """Issue the copy of `src` into `dst` (None: `src` computes in place) for `slot`'s next user."""
+
+    def wait_ready(self, slot: int) -> None:
+        """Order compute after the last copy into `slot`."""
+
+    def mark_done(self, slot: int) -> None:
+        """The compute reading `slot` is enqueued: later copies into it wait for that compute."""
+
+    def synchronize(self) -> None:
+        """Wait for every copy and every compute issued so far."""
 
 
 class HostCopier:
