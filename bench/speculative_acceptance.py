@@ -51,6 +51,7 @@ def main() -> None:
     record = {**provenance.header("speculative_acceptance", stamp, machine_facts()),
               "model": "SmolLM2-135M-Instruct (embedded GGUF, converted)", "dtype": args.dtype,
               "new_tokens": args.new_tokens, "text": "bench/data/declaration.txt", "runs": []}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"speculative-acceptance-smollm2-{args.dtype}-{stamp}.json"
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
     for prompt_name in args.prompts:
@@ -77,6 +78,7 @@ def main() -> None:
                        "acceptance_of_drafted": stats.acceptance, "serial": stats.serial,
                        "plain_seconds": plain_s, "seconds": seconds}
                 record["runs"].append(run)
+                out.write_text(json.dumps(record, indent=2))  # kept if the run is cut short
                 print(f"  {source} chain {chain}: {run['tokens_per_pass']:.2f} tokens/pass, "
                       f"{stats.accepted}/{stats.drafted} drafted accepted, identical={run['identical']}", flush=True)
         speculative.enable(model, None)

@@ -146,6 +146,7 @@ def load(
     cuda_graphs: bool = False,
     pass_tokens: int = 0,
     streaming: str = "auto",
+    speculate: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -184,6 +185,11 @@ def load(
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
+        speculate: decode batch-1 `generate`/`pipeline` calls speculatively: "ngram" (prompt lookup,
+            no model) or "draft:PATH" (a small model with the same tokenizer, resident). A streamed
+            pass costs the same for 1 or 64 tokens, so each accepted draft token is speed; drafts
+            are verified one token at a time inside each layer, so greedy output is plain greedy's.
+            None (default): plain decoding. `overspill.runtime.speculative.enable` switches it later.
         probe: on CUDA, measure the machine (`overspill.runtime.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -193,6 +199,10 @@ def load(
     """
     dev = _parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
+    if speculate is not None:
+        from .runtime.drafts import check_source
+
+        check_source(speculate)
     if context < 1 or batch < 1:
         raise OverspillError(f"context and batch must be positive, got context={context} batch={batch}")
     budget = resolve_budget(gpu_memory, dev)
@@ -245,6 +255,10 @@ def load(
         from .runtime.graphs import enable_graphs
 
         enable_graphs(skeleton)
+    if speculate is not None:
+        from .runtime.speculative import enable
+
+        enable(skeleton, speculate)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 

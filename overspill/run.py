@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, device=args.device, seed=args.seed,
         kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
-        streaming=getattr(args, "streaming", "auto"),
+        streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
     )
     placement = placement_of(model)
     print(placement.summary())
@@ -106,3 +106,7 @@ def run(args: argparse.Namespace) -> None:
     if link:
         line += f"; {format_bytes(link)} over the link per token = {link * timing.decode_tokens_per_second / 1e9:.1f} GB/s"
     print(line)
+    stats = getattr(model, "speculation_stats", None)
+    if stats is not None and stats.passes:
+        print(f"speculation ({getattr(args, 'speculate', None)}): {stats.tokens_per_pass:.2f} tokens per verify pass, "
+              f"{stats.accepted}/{stats.drafted} drafted tokens accepted, drafting {stats.draft_share:.0%} of decode time")

@@ -82,6 +82,8 @@ ERROR_CASES = [
     ("generation-config-not-json", ["{tmp}/generation-config-not-json"], ["generation_config.json", "fix or delete"]),
     ("empty-prompt", ["--prompt", "", "--no-chat-template"], ["empty", "--prompt"]),
     ("unknown-device", ["--device", "banana"], ["banana", "cpu", "cuda"]),
+    ("unknown-speculate", ["--speculate", "magic"], ["magic", "ngram", "draft:PATH"]),
+    ("missing-draft-model", ["--speculate", "draft:/nonexistent/draft"], ["/nonexistent/draft", "draft model"]),
 ]
 
 

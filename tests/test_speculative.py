@@ -276,3 +276,22 @@ def test_unknown_source_is_one_clear_error(reference) -> None:
     with pytest.raises(overspill.OverspillError, match="ngram"):
         speculative.enable(reference("llama"), "magic")
 
+
+
+def test_load_speculate_ngram_through_pipeline_on_smollm2(default_model_dir) -> None:
+    # The real model: a pipeline built on `load(..., speculate="ngram")` answers exactly what the plain
+    # one does, and prompt lookup really drafts accepted tokens when the answer quotes its input.
+    from transformers import pipeline
+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "bench" / "data" / "declaration.txt").read_text()
+    chat = [{"role": "user", "content": f"Copy the first sentence of this text exactly:\n\n{text}"}]
+    plain, tok = overspill.load(default_model_dir, gpu_memory=None, dtype="float32", progress=False)
+    want = pipeline("text-generation", model=plain, tokenizer=tok)(chat, max_new_tokens=40, do_sample=False)
+    model, tok = overspill.load(default_model_dir, gpu_memory=None, dtype="float32", progress=False,
+                                speculate="ngram")
+    got = pipeline("text-generation", model=model, tokenizer=tok)(chat, max_new_tokens=40, do_sample=False)
+    assert got[0]["generated_text"][-1] == want[0]["generated_text"][-1]
+    stats = model.speculation_stats
+    assert stats.accepted > 10 and stats.tokens_per_pass > 1.5, stats

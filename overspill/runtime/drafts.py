@@ -150,19 +150,25 @@ class OracleDrafter:
         return Draft(torch.tensor(out, dtype=torch.long, device=ids.device))
 
 
+def check_source(source: str) -> None:
+    """Refuse an unknown draft source before anything is loaded."""
+    if source != "ngram" and not (source.startswith("draft:") and len(source) > len("draft:")):
+        raise OverspillError(f"unknown speculate source {source!r}; use 'ngram' or 'draft:PATH'")
+
+
 def make_drafter(source: str, target: torch.nn.Module) -> Drafter:
     """`ngram`, or `draft:PATH` (a small model with the same tokenizer, loaded resident)."""
+    check_source(source)
     vocab = target.config.get_text_config().vocab_size
     if source == "ngram":
         return NgramDrafter()
-    if source.startswith("draft:"):
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-        path = source.split(":", 1)[1]
-        device = next(target.parameters()).device if target.device.type != "meta" else torch.device("cpu")
-        try:
-            draft = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype).to(device).eval()
-        except (OSError, ValueError) as exc:
-            raise OverspillError(f"cannot load the draft model {path!r}: {exc}; pass a local model directory") from None
-        return ModelDrafter(draft, vocab)
-    raise OverspillError(f"unknown speculate source {source!r}; use 'ngram' or 'draft:PATH'")
+    path = source.split(":", 1)[1]
+    device = next(target.parameters()).device
+    try:
+        draft = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype).to(device).eval()
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OverspillError(f"cannot load the draft model {path!r} ({first}); pass a local model directory") from None
+    return ModelDrafter(draft, vocab)
