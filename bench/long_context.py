@@ -27,17 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-
-SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
+from smoke import smoke_model, sync as _sync  # noqa: E402
 
 def _timed_decode(model, ids, new_tokens: int, chunk: int, **kw) -> dict:
     """Prefill (chunked) then decode; returns time to first token and steady decode tok/s."""
@@ -62,14 +52,7 @@ def _model(args, kind: str, context: int):
     import overspill
 
     if args.smoke:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        d = dict(SMOKE_CONFIG)
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=torch.float32)
-        path = Path(args.out) / "smoke-model"
-        base.save_pretrained(path)
-        source, dtype = str(path), "float32"
+        source, dtype = str(smoke_model(Path(args.out))), "float32"
     else:
         source, dtype = args.model, "bfloat16"
     random = not args.smoke

@@ -26,10 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-
-SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
-
+from smoke import smoke_model, sync as _sync  # noqa: E402
 
 def word(i: int, letters: int = 4) -> str:
     """Token i's word: base-26 letters (words with digits were split by transformers' tokenizer)."""
@@ -51,13 +48,6 @@ def word_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=word(0, letters), pad_token=word(0, letters),
                                    eos_token=word(1, letters)), letters
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _memory() -> dict:
@@ -148,13 +138,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"plan-truth-{'smoke' if args.smoke else args.model}-{stamp}.json"
     if args.smoke:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        d = dict(SMOKE_CONFIG)
-        torch.manual_seed(0)
-        src = out_dir / "smoke-model"
-        AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).save_pretrained(src)
-        source, random_weights, budget = str(src), False, None
+        source, random_weights, budget = str(smoke_model(out_dir)), False, None
     else:
         source, random_weights, budget = args.model, True, args.budget
     t0 = time.perf_counter()

@@ -25,17 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-
-SMOKE_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
+from smoke import smoke_model, sync as _sync  # noqa: E402
 
 def pass_costs(model, ids, ks: list[int], repeats: int) -> dict[int, float]:
     """Seconds of one forward over k new tokens after the prompt's cache, median of `repeats`."""
@@ -140,13 +130,7 @@ def main() -> None:
     name = "smoke" if args.smoke else args.model
     path = out_dir / f"speculative-{name}-{args.budget}-{stamp}.json"
     if args.smoke:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        d = dict(SMOKE_CONFIG)
-        torch.manual_seed(0)
-        src = out_dir / "smoke-model"
-        AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).save_pretrained(src)
-        source, random_weights, budget = str(src), False, None
+        source, random_weights, budget = str(smoke_model(out_dir)), False, None
     else:
         source, random_weights, budget = args.model, True, args.budget
     context = args.prompt_tokens + args.new_tokens + max(args.pass_k) + 32
