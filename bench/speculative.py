@@ -27,13 +27,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 import provenance  # noqa: E402 - after the path
 from smoke import smoke_model, sync as _sync  # noqa: E402
 
-def pass_costs(model, ids, ks: list[int], repeats: int) -> dict[int, float]:
-    """Seconds of one forward over k new tokens after the prompt's cache, median of `repeats`."""
+def pass_costs(model, ids, ks: list[int], repeats: int, serial: bool = False) -> dict[int, float]:
+    """Seconds of one forward over k new tokens after the prompt's cache, median of `repeats`;
+    `serial`: each layer once per token inside the pass, as serial verification runs it."""
+    import contextlib
+
     import torch
 
     from overspill.api import placement_of
     from overspill.runtime.drafts import drop_last
     from overspill.runtime.kv import cache_kwarg
+    from overspill.runtime.token_serial import serial_tokens
 
     kwarg = cache_kwarg(model)
     cache = placement_of(model).generate_cache(model.config, 1, ids.shape[1] + max(ks))
@@ -46,12 +50,26 @@ def pass_costs(model, ids, ks: list[int], repeats: int) -> dict[int, float]:
                 step = ids[:, -k:] if k <= ids.shape[1] else ids[:, :1].repeat(1, k)
                 _sync()
                 t0 = time.perf_counter()
-                model(input_ids=step, **{kwarg: cache}, use_cache=True, logits_to_keep=k)
+                with serial_tokens(model) if serial else contextlib.nullcontext():
+                    model(input_ids=step, **{kwarg: cache}, use_cache=True, logits_to_keep=k)
                 _sync()
                 times.append(time.perf_counter() - t0)
                 drop_last(cache, k)
             out[k] = statistics.median(times)
     return out
+
+
+def fit(costs: dict[int, float]):
+    """A pass over n tokens as `base + per_token * n`: least squares over the measured points (the
+    slope is floored at 0: on a link-bound pass noise can make it negative)."""
+    from overspill.planning.speculation import PassCost
+
+    ns = sorted(costs)
+    mean_n = sum(ns) / len(ns)
+    mean_t = sum(costs[n] for n in ns) / len(ns)
+    var = sum((n - mean_n) ** 2 for n in ns)
+    slope = max(0.0, sum((n - mean_n) * (costs[n] - mean_t) for n in ns) / var) if var else 0.0
+    return PassCost(base_s=mean_t - slope * mean_n, per_token_s=slope)
 
 
 def timed_generate(model, ids, new_tokens: int) -> tuple[list[int], dict]:
@@ -80,7 +98,12 @@ def plot(record: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ks = sorted(int(k) for k in record["pass_seconds"])
-    a.plot(ks, [record["pass_seconds"][str(k)] * 1e3 for k in ks], "o-")
+    a.plot(ks, [record["pass_seconds"][str(k)] * 1e3 for k in ks], "o-", label="batched")
+    serial = record.get("serial_pass_seconds")
+    if serial:
+        sk = sorted(int(k) for k in serial)
+        a.plot(sk, [serial[str(k)] * 1e3 for k in sk], "s-", label="serial")
+    a.legend()
     a.set_xscale("log", base=2)
     a.set_xlabel("tokens in one pass")
     a.set_ylabel("ms per pass")
@@ -106,6 +129,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--pass-k", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="pass-cost sweep")
+    p.add_argument("--serial-k", type=int, nargs="+", default=[1, 9, 17],
+                   help="pass-cost sweep with serial verification (a chain of c drafts is a pass of c + 1 tokens)")
     p.add_argument("--repeats", type=int, default=2, help="passes per point of the sweep (median)")
     p.add_argument("--points", nargs="+", default=["0.6:8", "0.8:8", "0.8:16", "0.9:8", "0.9:16", "0.8:auto"],
                    help="oracle runs as ACCEPTANCE:CHAIN (auto: the planner adapts the chain)")
@@ -119,7 +144,7 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.speculation import PassCost, forecast
+    from overspill.planning.speculation import forecast
     from overspill.runtime import speculative
     from overspill.runtime.drafts import OracleDrafter
     from overspill.runtime.hardware import machine_facts
@@ -152,17 +177,20 @@ def main() -> None:
     }
     costs = pass_costs(model, ids, args.pass_k, args.repeats)
     record["pass_seconds"] = {str(k): v for k, v in costs.items()}
-    base = costs[1]
-    slope = max(0.0, (costs[max(args.pass_k)] - base) / (max(args.pass_k) - 1))  # noise can make it < 0
-    record["pass_cost_fit"] = {"base_s": base - slope, "per_token_s": slope,
-                               "k64_over_k1": costs[max(args.pass_k)] / base}
     print("pass seconds:", {k: round(v * 1e3, 1) for k, v in costs.items()}, flush=True)
+    fits = {"batched": fit(costs)}
+    if "serial" in args.verify:
+        serial_costs = pass_costs(model, ids, args.serial_k, args.repeats, serial=True)
+        record["serial_pass_seconds"] = {str(k): v for k, v in serial_costs.items()}
+        print("serial pass seconds:", {k: round(v * 1e3, 1) for k, v in serial_costs.items()}, flush=True)
+        fits["serial"] = fit(serial_costs)
+    record["pass_cost_fit"] = {mode: {"base_s": c.base_s, "per_token_s": c.per_token_s} for mode, c in fits.items()}
+    record["pass_cost_fit"]["batched"]["k64_over_k1"] = costs[max(args.pass_k)] / costs[min(args.pass_k)]
     path.write_text(json.dumps(record, indent=2))
 
     plain_tokens, plain = timed_generate(model, ids, args.new_tokens)
     record["plain"] = plain
     print(f"plain: {plain}", flush=True)
-    cost = PassCost(base_s=base - slope, per_token_s=slope)
     record["runs"] = []
     for verify, point in [(v, pt) for v in args.verify for pt in args.points]:
         acc_s, chain_s = point.split(":")
@@ -180,7 +208,7 @@ def main() -> None:
         stats = model.speculation_stats
         mean_chain = sum(stats.chains) / len(stats.chains) if stats.chains else 0
         # the prediction uses the chains the run really drafted (the last ones are cut by max_new_tokens)
-        predicted = forecast(cost, acceptance, round(mean_chain) if chain is None else chain)
+        predicted = forecast(fits[verify], acceptance, round(mean_chain) if chain is None else chain)
         run = {
             "verify": verify, "serial": stats.serial, "acceptance": acceptance, "chain": chain, "identical": tokens == plain_tokens,
             "first_difference": next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None),
