@@ -13,7 +13,12 @@ from .planning.configs import shipped_names
 from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK
 from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
 from .planning.spec import DEFAULT_DTYPE
+from .planning.speculation import ASSUMED_ACCEPTANCE, SOURCES
 from .planning.units import format_bytes
+from .serving.defaults import (
+    DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, DEFAULT_MAX_CHAIN, DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    DEFAULT_MAX_QUEUE, DEFAULT_PORT,
+)
 
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
@@ -93,10 +98,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_max_batch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the engine `serve` and `batch` share."""
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
                    help="sequences decoded together in one pass over the layers; the plan reserves KV room "
-                   "for this many (default 16).")
+                   f"for this many (default {DEFAULT_MAX_BATCH}).")
     p.add_argument("--prefix-cache", default="0", metavar="SIZE",
                    help="pinned host memory for reusing the KV of earlier prompts' shared beginnings (system "
                    "prompts, documents), e.g. 4GiB; a request then computes only what follows its longest "
@@ -105,6 +111,13 @@ def _add_max_batch(p: argparse.ArgumentParser) -> None:
                    help="decode the running batch as CUDA graphs (one per power-of-two batch size) over a static "
                    "KV cache of --max-batch x --context tokens (CUDA only; host-tier KV or sliding windows "
                    "decode eagerly). Default: off.")
+    p.add_argument("--speculate", default=None, metavar="SOURCE",
+                   help=f"draft tokens with SOURCE ({SOURCES}) and verify them in one streamed pass while a "
+                   "single request is running (off while two or more share the pass, which batching fills "
+                   "already). A request may ask for it with the extension field \"speculate\": \"ngram\", "
+                   "this SOURCE, or \"off\". Greedy output stays the plain server's. Full-attention models, "
+                   f"eager decoding (not --cuda-graphs); chains of up to {DEFAULT_MAX_CHAIN} tokens, adapted to "
+                   "the acceptance measured per request. Default: off.")
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
@@ -126,10 +139,10 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("output", metavar="OUTPUT",
                        help="JSONL file of results; created, or appended to when it exists (resume).")
     _add_model_args(batch, model_option=True)
-    _add_max_batch(batch)
-    batch.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
+    _add_engine_args(batch)
+    batch.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT, metavar="N",
                        help="largest max_tokens a request may ask for; chat requests without max_tokens may generate "
-                       "this many, completions without it 16, as at OpenAI (default 2048).")
+                       f"this many, completions without it 16, as at OpenAI (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}).")
     batch.set_defaults(func=commands.batch_main)
 
 
@@ -140,17 +153,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "/v1/models, /health and /metrics. One engine thread owns the model; requests run in FIFO order.",
     )
     _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only).")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000).")
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"address to bind (default {DEFAULT_HOST}: this machine only).")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT}).")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (default: no key).")
-    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
-                       help="requests that may wait for the engine; more are answered 429 (default 64).")
-    serve.add_argument("--max-new-tokens-limit", type=int, default=2048, metavar="N",
-                       help="largest max_tokens a request may ask for (default 2048).")
-    serve.add_argument("--max-body-bytes", default="4MiB", metavar="SIZE",
+    serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                       help=f"requests that may wait for the engine; more are answered 429 (default {DEFAULT_MAX_QUEUE}).")
+    serve.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT, metavar="N",
+                       help=f"largest max_tokens a request may ask for (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}).")
+    serve.add_argument("--max-body-bytes", default=DEFAULT_MAX_BODY, metavar="SIZE",
                        help="largest request body, e.g. 4MiB; a larger one is answered 413 before it is read "
-                       "(default 4MiB).")
-    _add_max_batch(serve)
+                       f"(default {DEFAULT_MAX_BODY}).")
+    _add_engine_args(serve)
     serve.set_defaults(func=commands.serve_main)
 
 
@@ -213,7 +227,22 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         f"on the GPU, with activations reserved for one engine pass (a {ENGINE_PREFILL_CHUNK}-token prefill chunk "
         "or one token per sequence) instead of a whole batch of prompts. Default: plan for `generate`.",
     )
-    plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan) instead of the table.")
+    plan.add_argument(
+        "--speculate", default=None, metavar="SOURCE",
+        help=f"also forecast speculative decoding with SOURCE ({SOURCES}) at batch 1: predicted tok/s against "
+        "the drafted chain length, from the plan's predicted pass cost (serial verification adds a decode "
+        "step's compute per token), and the best chain. Default: off.",
+    )
+    plan.add_argument(
+        "--acceptance", type=float, default=ASSUMED_ACCEPTANCE, metavar="A",
+        help="per-token acceptance the --speculate forecast ASSUMES (the chance a drafted token is the "
+        f"target's, given the ones before it were), in [0, 1] (default {ASSUMED_ACCEPTANCE}: ngram on text "
+        "that quotes its input; `overspill run --speculate` measures it).",
+    )
+    plan.add_argument("--max-chain", type=int, default=DEFAULT_MAX_CHAIN, metavar="K",
+                      help=f"longest drafted chain the --speculate forecast considers (default {DEFAULT_MAX_CHAIN}).")
+    plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan, "
+                      "and with --speculate its forecast) instead of the table.")
     plan.set_defaults(func=commands.plan_main)
 
 

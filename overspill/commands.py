@@ -71,6 +71,7 @@ def plan_main(args: argparse.Namespace) -> int:
         raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
     if args.depth < 1:
         raise OverspillError(f"prefetch --depth must be at least 1, got {args.depth}")
+    _check_speculation_args(args)
     spec = _plan_spec(args.model, args.dtype)
     profile, note = _plan_profile(args.profile)
     budget = _plan_budget(args.gpu_memory, profile)
@@ -79,15 +80,51 @@ def plan_main(args: argparse.Namespace) -> int:
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
     plan = plan_for(fp, profile, workload, budget, args.depth, kv_device_bytes=kv, fit_batch=args.serve)
+    speculation = _plan_speculation(args, plan, spec, profile)
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)
-        print(planview.as_json(plan, spec, profile, args.model))
+        print(planview.as_json(plan, spec, profile, args.model, speculation))
         return 0
     print(planview.render(plan, fp, spec, profile, args.model))
+    if speculation is not None:
+        print()
+        print("\n".join(planview.speculation_lines(speculation)))
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _check_speculation_args(args: argparse.Namespace) -> None:
+    """`plan --speculate`: a known source, an acceptance in [0, 1], a chain of at least 1, batch 1."""
+    from .planning.speculation import check_source
+
+    if getattr(args, "speculate", None) is None:
+        return
+    try:
+        check_source(args.speculate)
+    except ValueError as exc:
+        raise OverspillError(f"--speculate: {exc}") from None
+    if not 0.0 <= args.acceptance <= 1.0:
+        raise OverspillError(f"--acceptance must be in [0, 1], got {args.acceptance}")
+    if args.max_chain < 1:
+        raise OverspillError(f"--max-chain must be at least 1, got {args.max_chain}")
+    if args.batch != 1:
+        raise OverspillError(f"--speculate forecasts batch-1 decoding (the engine drafts only while one request "
+                             f"runs); drop --batch {args.batch}")
+
+
+def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: Profile):
+    """The `--speculate` forecast of a batch-1 plan (None without the flag). Verification is serial where
+    every layer attends fully, as the runtime chooses: greedy tokens then match plain decoding's."""
+    from .planning.speculation import plan_speculation
+
+    if getattr(args, "speculate", None) is None or plan.prediction is None:
+        return None
+    serial = all(layer.sliding_window is None for layer in spec.layers)
+    active_params = spec.active_bytes / spec.dtype_bytes
+    return plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
+                            args.acceptance, serial, args.max_chain)
 
 
 def _plan_spec(model: str, dtype: str) -> ModelSpec:

@@ -15,6 +15,7 @@ from .costmodel import PREFILL_TOKENS
 from .plan import _ranges, Footprint, Plan, Tier
 from .profile import Profile
 from .spec import ModelSpec
+from .speculation import PlanSpeculation
 from .units import format_bytes
 
 TIER_LABELS = {
@@ -167,9 +168,42 @@ def spec_totals(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def as_json(plan: Plan, spec: ModelSpec, profile: Profile, model: str) -> str:
-    """One JSON object: model name, profile name, spec totals and the plan as `Plan.to_json` writes it."""
-    return json.dumps(
-        {"model": model, "profile": profile.name, "spec": spec_totals(spec), "plan": json.loads(plan.to_json())},
-        indent=2,
-    )
+SHOWN_CHAINS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def speculation_lines(s: PlanSpeculation) -> list[str]:
+    """The `--speculate` forecast: predicted tok/s against chain length, and the best chain."""
+    c = s.cost
+    verify = ("serial verify: each layer runs once per token, so a token adds a decode step's GPU compute"
+              if s.serial else "batched verify: a token adds its matmul FLOPs")
+    bound = (f", at least {c.dispatch_per_token_s * 1e3:.1f} ms x n of host dispatch"
+             if c.dispatch_per_token_s else "")
+    draft = f"; drafting {c.draft_per_token_s * 1e3:.2f} ms x k" if c.draft_per_token_s else ""
+    rows = [("chain k", "tokens/pass", "ms/step", "tok/s", "x plain")]
+    last = s.forecasts[-1].chain
+    for f in s.forecasts:
+        if f.chain in SHOWN_CHAINS or f.chain in (s.best.chain, last):
+            rows.append((str(f.chain), f"{f.tokens_per_pass:.2f}", f"{c.step_seconds(f.chain) * 1e3:.1f}",
+                         f"{f.tok_s:.2f}", f"{f.speedup:.2f}"))
+    lines = [
+        f"speculative decoding ({s.source}): acceptance {s.acceptance:.2f} per drafted token is an ASSUMPTION "
+        "(--acceptance sets it; `overspill run --speculate` measures it)",
+        f"{verify}: a pass over n tokens costs {(c.base_s + c.per_token_s) * 1e3:.1f} ms + "
+        f"{c.per_token_s * 1e3:.3f} ms x (n - 1){bound}{draft}",
+        _table(rows),
+        f"best chain: {s.best.chain} -> {s.best.tok_s:.2f} tok/s, {s.best.speedup:.2f}x plain "
+        f"({s.best.plain_tok_s:.2f} tok/s)",
+    ]
+    if s.source.startswith("draft:"):
+        lines.append("note: the draft model's own time and memory are not counted (measure them with `run --speculate`)")
+    return lines
+
+
+def as_json(plan: Plan, spec: ModelSpec, profile: Profile, model: str,
+            speculation: PlanSpeculation | None = None) -> str:
+    """One JSON object: model name, profile name, spec totals and the plan as `Plan.to_json` writes it,
+    and with `speculation` its forecast (`PlanSpeculation.to_dict`)."""
+    out = {"model": model, "profile": profile.name, "spec": spec_totals(spec), "plan": json.loads(plan.to_json())}
+    if speculation is not None:
+        out["speculation"] = speculation.to_dict()
+    return json.dumps(out, indent=2)

@@ -9,12 +9,49 @@ previous one was) the expected tokens per pass are
     E(k) = 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a)
 
 and the speed is E(k) / (pass(k + 1) + draft(k)), where `pass(n)` is the cost of a target pass over
-n tokens and `draft(k)` the cost of proposing k tokens. Pure Python: no torch.
+n tokens and `draft(k)` the cost of proposing k tokens.
+
+The pass cost is `base + per_token * n`, and what a token adds depends on how the pass verifies:
+
+- batched (all n tokens through each layer as one [n, hidden] matrix): an extra token costs its
+  matmul FLOPs, 2 * active_params / matmul_rate (8B on the H200: ~0.03 ms against a 193 ms pass);
+- serial (`runtime.token_serial`: each layer runs once per token, plain decoding's arithmetic, so
+  greedy tokens stay bit-identical): an extra token costs a decode step's GPU compute
+  (`Prediction.gpu_s`). The link does not hide it: a streamed layer's ring slot is freed only after
+  its n tokens ran, so the copies behind it wait as long, and resident layers have no copy to
+  overlap with. The host dispatches every layer's kernels once per token, asynchronously: it
+  stays ahead of the GPU until n x its per-step dispatch (`Prediction.host_s`) exceeds the pass,
+  and from there the host bounds the pass.
+
+So, for a plain decode step of `step` seconds (one token),
+
+    pass(n) = max(step + (n - 1) * per_token, n * dispatch_per_token)
+
+with dispatch_per_token = 0 for a batched pass (one dispatch whatever n). 8B shape at 6 GiB on the
+H200 (step 193.7 ms, GPU 3.9 ms, host 19.9 ms predicted): pass(8.85) = 224 ms against 222 measured
+at chain 8, where the forecast without the per-token term had said 194 and over-predicted by 26-37%.
+Pure Python: no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
+
+from .costmodel import Prediction
+
+SOURCES = "'ngram' or 'draft:PATH'"
+ASSUMED_ACCEPTANCE = 0.7  # per-token acceptance `plan --speculate` assumes unless told (ngram on quoting text)
+
+
+def check_source(source: str) -> None:
+    """Refuse an unknown draft source in one line, before anything is loaded (torch-free, for the CLI).
+
+    Raises:
+        ValueError: naming the source and the ones accepted.
+    """
+    if source != "ngram" and not (source.startswith("draft:") and len(source) > len("draft:")):
+        raise ValueError(f"unknown speculate source {source!r}; use {SOURCES}")
 
 
 def expected_tokens(acceptance: float, chain: int) -> float:
@@ -30,16 +67,67 @@ def expected_tokens(acceptance: float, chain: int) -> float:
 
 @dataclass(frozen=True)
 class PassCost:
-    """A target pass over `n` tokens costs `base_s + per_token_s * n` seconds (a streamed pass is
-    nearly flat in n: the link time dominates); drafting costs `draft_per_token_s` a token."""
+    """A target pass over `n` tokens costs `max(base_s + per_token_s * n, dispatch_per_token_s * n)`
+    seconds (a streamed pass is nearly flat in n: the link time dominates; a serial one is bounded by
+    the host dispatching every token's kernels); drafting costs `draft_per_token_s` a token."""
 
     base_s: float
     per_token_s: float = 0.0
     draft_per_token_s: float = 0.0
+    dispatch_per_token_s: float = 0.0
+
+    def pass_seconds(self, tokens: float) -> float:
+        """One target pass over `tokens` tokens."""
+        return max(self.base_s + self.per_token_s * tokens, self.dispatch_per_token_s * tokens)
 
     def step_seconds(self, chain: int) -> float:
         """One speculative step: draft `chain` tokens, then verify them (+ the last token) in one pass."""
-        return self.base_s + self.per_token_s * (chain + 1) + self.draft_per_token_s * chain
+        return self.pass_seconds(chain + 1) + self.draft_per_token_s * chain
+
+
+def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: float, marginal_token_s: float,
+                     serial: bool, draft_per_token_s: float = 0.0) -> PassCost:
+    """The pass cost of verifying drafts on a placed model, from its predicted plain decode step.
+
+    Args:
+        decode_step_s: one plain decode step (a pass over one token), as the cost model predicts it.
+        gpu_token_s: the GPU compute of one decode step (every layer and the head, one token).
+        host_token_s: the host's dispatch of one decode step.
+        marginal_token_s: what one more token adds to a batched pass (its matmul FLOPs).
+        serial: verification runs each layer once per token (see the module docstring).
+        draft_per_token_s: proposing one token.
+    """
+    per_token = gpu_token_s if serial else marginal_token_s
+    return PassCost(max(decode_step_s - per_token, 0.0), per_token, draft_per_token_s,
+                    host_token_s if serial else 0.0)
+
+
+def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s: float, serial: bool,
+                   draft_per_token_s: float = 0.0) -> PassCost:
+    """`verify_pass_cost` from a batch-1 `costmodel.Prediction` and the model's active parameters per token."""
+    marginal = 2.0 * active_params / matmul_flops_s if matmul_flops_s > 0 else 0.0
+    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, marginal, serial,
+                            draft_per_token_s)
+
+
+def fit_pass_cost(points: Iterable[tuple[float, float]], prior: PassCost | None = None) -> PassCost:
+    """`base + per_token * n` by least squares over measured (tokens, seconds) passes; the slope is
+    floored at 0 (a link-bound pass is flat, and noise can tilt it). With one distinct token count
+    the slope cannot be measured: `prior`'s shape is scaled to the measured mean instead."""
+    points = list(points)
+    prior = prior or PassCost(1.0)
+    if not points:
+        return prior
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    var = sum((n - mean_n) ** 2 for n, _ in points)
+    if var == 0:
+        predicted = prior.pass_seconds(mean_n)
+        scale = mean_t / predicted if predicted > 0 else 1.0
+        return PassCost(prior.base_s * scale, prior.per_token_s * scale, prior.draft_per_token_s,
+                        prior.dispatch_per_token_s * scale)
+    slope = max(0.0, sum((n - mean_n) * (t - mean_t) for n, t in points) / var)
+    return PassCost(max(mean_t - slope * mean_n, 0.0), slope, prior.draft_per_token_s)
 
 
 @dataclass(frozen=True)
@@ -72,6 +160,30 @@ def best_chain(cost: PassCost, acceptance: float, max_chain: int = 16) -> int:
     return best
 
 
+class PassCostFit:
+    """The pass cost measured online: verify passes and drafting seen so far, fitted as `fit_pass_cost`
+    does, starting from `prior` (e.g. `plan_pass_cost`); keeps the last `window` passes."""
+
+    def __init__(self, prior: PassCost | None = None, window: int = 256):
+        self.prior = prior or PassCost(1.0)
+        self.window = window
+        self.passes: list[tuple[int, float]] = []
+        self.draft_tokens = 0
+        self.draft_seconds = 0.0
+
+    def add(self, tokens: int, seconds: float, drafted: int = 0, draft_seconds: float = 0.0) -> None:
+        """A pass over `tokens` tokens took `seconds`; proposing its `drafted` tokens took `draft_seconds`."""
+        self.passes.append((tokens, seconds))
+        del self.passes[: -self.window]
+        self.draft_tokens += drafted
+        self.draft_seconds += draft_seconds
+
+    def cost(self) -> PassCost:
+        fitted = fit_pass_cost(self.passes, self.prior)
+        draft = self.draft_seconds / self.draft_tokens if self.draft_tokens else self.prior.draft_per_token_s
+        return PassCost(fitted.base_s, fitted.per_token_s, draft, fitted.dispatch_per_token_s)
+
+
 class AcceptanceTracker:
     """Per-token acceptance measured online (exponential average over verified draft tokens), the
     input `best_chain` adapts the draft length from. A drafted token counts as offered only when
@@ -91,3 +203,45 @@ class AcceptanceTracker:
             self.rate += self.weight * (hit - self.rate)
         self.offered += offered
         self.accepted += accepted
+
+
+@dataclass(frozen=True)
+class PlanSpeculation:
+    """`overspill plan --speculate`: predicted speed against chain length at an assumed acceptance."""
+
+    source: str
+    acceptance: float
+    serial: bool
+    cost: PassCost
+    forecasts: tuple[SpeculationForecast, ...]  # chains 0 (plain decoding) .. max_chain
+    best: SpeculationForecast
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source, "acceptance": self.acceptance, "acceptance_assumed": True,
+            "verify": "serial" if self.serial else "batched",
+            "pass_cost": {"base_s": self.cost.base_s, "per_token_s": self.cost.per_token_s,
+                          "dispatch_per_token_s": self.cost.dispatch_per_token_s,
+                          "draft_per_token_s": self.cost.draft_per_token_s},
+            "chains": [{"chain": f.chain, "tokens_per_pass": f.tokens_per_pass, "tok_s": f.tok_s,
+                        "speedup": f.speedup} for f in self.forecasts],
+            "best_chain": self.best.chain, "best_tok_s": self.best.tok_s,
+        }
+
+
+def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_s: float, source: str,
+                     acceptance: float, serial: bool, max_chain: int = 16,
+                     draft_per_token_s: float = 0.0) -> PlanSpeculation:
+    """Forecast every chain length up to `max_chain` from a batch-1 plan's predicted pass cost.
+
+    Raises:
+        ValueError: an unknown source, an acceptance outside [0, 1] or a max_chain below 1.
+    """
+    check_source(source)
+    if max_chain < 1:
+        raise ValueError(f"max chain must be at least 1, got {max_chain}")
+    expected_tokens(acceptance, 0)  # checks the range
+    cost = plan_pass_cost(prediction, active_params, matmul_flops_s, serial, draft_per_token_s)
+    forecasts = tuple(forecast(cost, acceptance, k) for k in range(max_chain + 1))
+    best = forecasts[best_chain(cost, acceptance, max_chain)]
+    return PlanSpeculation(source, acceptance, serial, cost, forecasts, best)

@@ -32,7 +32,6 @@ from .openai_protocol import (
 )
 from .schemas import ChatCompletionRequest, CompletionRequest
 
-DEFAULT_MAX_BATCH = 16
 _CHAT_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> is it chat?
 
 

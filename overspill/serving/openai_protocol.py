@@ -11,6 +11,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .defaults import (  # noqa: F401 - DEFAULT_MAX_QUEUE and DEFAULT_MAX_BODY_BYTES are read from here too
+    DEFAULT_COMPLETION_TOKENS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    DEFAULT_MAX_QUEUE,
+)
 from .prompt_bound import PromptBound
 from .requests import Event, GenerationRequest, TokenLogprob
 from .schemas import (
@@ -18,11 +22,6 @@ from .schemas import (
     completion_response, error_body, new_id,
 )
 
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_MAX_NEW_TOKENS_LIMIT = 2048
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-# A 128k-token prompt is ~0.5 MB of text, ~3 MB at worst when a client escapes every character as \uXXXX.
-DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     api_key: str | None = None
-    max_batch: int = 16  # sequences decoded together in one pass over the layers
+    max_batch: int = DEFAULT_MAX_BATCH  # sequences decoded together in one pass over the layers
     prefix_cache_bytes: int = 0  # pinned host memory for prompt-prefix KV reuse (0: off)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 

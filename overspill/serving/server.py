@@ -336,7 +336,7 @@ def serve_main(args) -> int:
 
     from ..api import placement_of
     from ..planning.units import parse_bytes
-    from .openai_protocol import DEFAULT_MAX_BODY_BYTES
+    from .defaults import DEFAULT_MAX_BODY_BYTES
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
