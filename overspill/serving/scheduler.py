@@ -277,10 +277,11 @@ class Scheduler:
         for seq in seqs:
             self.prefilling.remove(seq)
 
-    def decoded(self, seqs: list[Sequence]) -> None:
-        """A decode step wrote one KV column per row: the token each row was fed."""
+    def decoded(self, seqs: list[Sequence], columns: int = 1) -> None:
+        """A decode step kept `columns` KV columns per row: the token each row was fed (and, after a
+        speculative verify, the drafted tokens it accepted; rejected ones' columns are dropped)."""
         for seq in seqs:
-            self.blocks.append(seq.key, 1)
+            self.blocks.append(seq.key, columns)
 
     def cancelled(self, seqs: list[Sequence]) -> list[Event | None]:
         """A cancelled event for each cancelled sequence, None for the others."""
