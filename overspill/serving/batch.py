@@ -15,6 +15,7 @@ engine thread; finished requests come back through one queue to the calling thre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -30,6 +31,7 @@ from .engine import Engine, Event, GenerationRequest, InvalidRequest, QueueFull
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, served_name, validation_error,
 )
+from .requests import check_speculate
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 _CHAT_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> is it chat?
@@ -194,6 +196,8 @@ class _Run:
         if body.stream:
             raise ApiError(400, "stream is not supported in a batch", param="stream")
         req = generation_request(body, self.engine.tokenizer, self.engine.tokenizer_lock, self.config)
+        if body.speculate is not None:
+            req = dataclasses.replace(req, speculate=body.speculate)
         return _Job(line.custom_id, Collected(chat, len(req.prompt_ids))), req
 
     def _sink(self, job: _Job):
@@ -222,6 +226,8 @@ class _Run:
         status, body = job.collected.response(self.config.model_name, self.texts)
         if status == 200:
             self.prompt_tokens += job.collected.prompt_tokens
+            if event.speculation is not None:
+                body["usage"]["speculation"] = event.speculation.as_dict()
         self._write(job.custom_id, status, body)
 
     def _write(self, custom_id: str | None, status: int, body: dict) -> None:
@@ -339,6 +345,7 @@ def batch_main(args) -> int:
 
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
+    check_speculate(getattr(args, "speculate", None))
     check_paths(args.input, args.output)
     prefix_bytes = parse_bytes(args.prefix_cache)
     model, tokenizer = load_for_serving(args)
@@ -348,7 +355,10 @@ def batch_main(args) -> int:
     name = served_name(args.model)
     config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
     prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None
-    engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch, prefix_cache=prefix)
+    engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch, prefix_cache=prefix,
+                    speculate=getattr(args, "speculate", None))
+    if engine.speculator.note:
+        print(engine.speculator.note)
     print(f"running {args.input} as model {name!r} -> {args.output}", flush=True)
     engine.start()
     try:

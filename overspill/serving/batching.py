@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from ..runtime.drafts import drop_last
+
 _PADDABLE = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
@@ -148,6 +150,27 @@ class DecodeBatch:
             "attention_mask": self.valid.long(),
             "position_ids": positions,
         }
+
+
+    def chain_inputs(self, tokens: list[int]) -> dict[str, torch.Tensor]:
+        """Forward kwargs for one pass over several tokens of the batch's only row (a speculative
+        verify): the row's last token and its drafts, at the positions that follow its real tokens."""
+        if len(self.rows) != 1:
+            raise ValueError(f"a chain is verified for one sequence, the batch holds {len(self.rows)}")
+        start = int(self.valid.sum())
+        self.valid = torch.cat([self.valid, torch.ones((1, len(tokens)), dtype=torch.bool, device=self.device)], 1)
+        return {
+            "input_ids": torch.tensor([tokens], device=self.device),
+            "attention_mask": self.valid.long(),
+            "position_ids": torch.arange(start, start + len(tokens), device=self.device)[None],
+        }
+
+    @torch.inference_mode()
+    def drop_last(self, columns: int) -> None:
+        """Forget the last `columns` KV columns of every row (rejected drafts)."""
+        if columns > 0:
+            drop_last(self.cache, columns)
+            self.valid = self.valid[:, :-columns]
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:

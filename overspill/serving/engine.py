@@ -19,6 +19,7 @@ turns False and `health()` says why.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,9 +32,11 @@ from .batching import Batch
 from .requests import (
     Event, GenerationRequest, Handle, InvalidRequest, KVStats, NullMetrics, QueueFull, check_request,
 )
+from .defaults import DEFAULT_MAX_CHAIN
 from .runner import Prefilled, Runner
 from .sampling import TokenLogprob
 from .scheduler import Prefill, Scheduler, Sequence, error_event
+from .speculate import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class Engine:
         prefix_cache: reuse the KV of earlier prompts' leading blocks (`overspill.runtime.prefix.PrefixCache`).
         stall_seconds: with work queued or running, `alive` turns False when the loop has not come
             round for this long; generous, since one prefill chunk of a 70B model can take many seconds.
+        speculate: the draft source ('ngram', 'draft:PATH') a request running alone decodes with unless
+            it asks otherwise (`GenerationRequest.speculate`); None: only requests that ask draft.
+        max_chain: the longest chain of drafted tokens one pass verifies.
 
     A request is admitted when a batch place is free and the shared cache, every row padded to the
     longest reservation (prompt + `max_new_tokens`), still fits the KV capacity, so a running request
@@ -72,7 +78,8 @@ class Engine:
                  tokenizer_lock: threading.Lock | None = None, max_batch: int | None = None,
                  prefill_chunk: int = ENGINE_PREFILL_CHUNK, kv_block_tokens: int | None = None,
                  kv_capacity_tokens: int | None = None, prefix_cache: PrefixCache | None = None,
-                 stall_seconds: float = 600.0):
+                 stall_seconds: float = 600.0, speculate: str | None = None,
+                 max_chain: int = DEFAULT_MAX_CHAIN):
         self.model, self.tokenizer = model, tokenizer
         self.metrics = metrics or NullMetrics()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
@@ -83,6 +90,7 @@ class Engine:
                                                             self.runner.batching_note)
         self.prefill_chunk, self.prefix, self.stall_seconds = prefill_chunk, prefix_cache, stall_seconds
         self.vocab_size = self.runner.vocab_size
+        self.speculator = Speculator(model, speculate, max_chain)
         blocks = _block_manager(prefix_cache, kv_block_tokens)
         if kv_capacity_tokens is None:  # whole blocks per sequence, so a full-context request always fits
             total = (self.runner.planned_rows or self.max_batch) * -(-self.context // blocks.block_tokens)
@@ -92,7 +100,8 @@ class Engine:
         self.scheduler = Scheduler(
             blocks, total, self.max_batch, max_queue, prefill_chunk, tokenizer, self.tokenizer_lock, self.metrics,
             eos_ids=set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None},
-            held_tokens=self.runner.batch.held_tokens, token_bytes=self.runner.token_bytes, prefix=prefix_cache)
+            held_tokens=self.runner.batch.held_tokens, token_bytes=self.runner.token_bytes, prefix=prefix_cache,
+            layer_blocks=self.runner.share_blocks(blocks))
         self._thread: threading.Thread | None = None
 
     # --- caller side (any thread) ---
@@ -118,6 +127,7 @@ class Engine:
             RuntimeError: the engine is closed, or its thread died.
         """
         check_request(request, self.vocab_size, self.context)
+        self.speculator.check(request)
         return self.scheduler.submit(request, sink)
 
     def cancel(self, handle: Handle) -> None:
@@ -246,6 +256,9 @@ class Engine:
             self._retire(cancelled)
             if not len(batch):
                 return
+        source, limit = self._speculation(batch.rows)
+        if source is not None:
+            return self._speculative_step(batch.rows[0], source, limit)
         tokens = [seq.text.ids[-1] for seq in batch.rows]
         start = time.perf_counter()
         try:
@@ -255,6 +268,39 @@ class Engine:
             return
         self.scheduler.decoded(batch.rows)
         self._retire(self._next_events(batch.rows, logits, step_start=start))
+
+    def _speculation(self, rows: list[Sequence]) -> tuple[str | None, int]:
+        """(source, longest chain) when this step should draft: one sequence admitted and decoding (more
+        fill the pass by batching), an eager batch that crops, the request's source on, and room for
+        at least one drafted token before max_new_tokens; (None, 0) otherwise."""
+        if len(rows) != 1 or len(self.scheduler.running) != 1:
+            return None, 0
+        seq = rows[0]
+        source = self.speculator.source(seq.request)
+        limit = seq.request.max_new_tokens - len(seq.text.ids) - 1  # the pass's own token is the last
+        if source is None or limit < 1 or not self.runner.can_verify():
+            return None, 0
+        return source, limit
+
+    def _speculative_step(self, seq: Sequence, source: str, limit: int) -> None:
+        """Draft a chain for the batch's only sequence and verify it in one pass; its tokens are sent one
+        by one, so a stop (EOS, a stop string, the length) inside the chain ends the request there."""
+        start = time.perf_counter()
+        try:
+            verified = self.speculator.step(seq, self.runner, source, limit)
+            logprobs = self.runner.logprobs([seq] * len(verified.tokens), verified.logits, verified.tokens)
+        except Exception as exc:  # the cache is in an unknown state: end this request
+            self._retire([error_event(exc, seq)])
+            return
+        self.scheduler.decoded([seq], columns=len(verified.tokens))
+        self.metrics.decode_step(1, time.perf_counter() - start)
+        self.metrics.speculated(verified.drafted, len(verified.tokens) - 1, len(verified.tokens),
+                                verified.draft_seconds, verified.verify_seconds)
+        for token, logprob in zip(verified.tokens, logprobs):
+            [event] = self.scheduler.accept([seq], [token], [logprob])
+            if event is not None:
+                self._retire([event])
+                return
 
     def _next_events(self, seqs: list[Sequence], logits, step_start: float | None = None) -> list[Event | None]:
         """Sample one token per row; each sequence's event, sent if it goes on (see `Scheduler.accept`)."""
@@ -272,7 +318,8 @@ class Engine:
         gone = {id(seq) for seq, _ in ending}
         self.runner.batch.keep([i for i, seq in enumerate(rows) if id(seq) not in gone])
         for seq, event in ending:
-            self.scheduler.finish(seq, event)
+            usage = self.speculator.usage(seq)
+            self.scheduler.finish(seq, event if usage is None else dataclasses.replace(event, speculation=usage))
 
     def _fail_running(self, exc: Exception | None) -> None:
         """End every admitted sequence: with an error, or cancelled (exc None: shutting down)."""

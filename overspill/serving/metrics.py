@@ -1,10 +1,13 @@
-"""Prometheus metrics of the server: HTTP traffic, the engine's steps, the link and the KV cache."""
+"""Prometheus metrics of the server: HTTP traffic, the engine's steps, the link, the KV cache and
+speculative decoding (counters, and gauges of their ratios since the start)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .requests import SpeculationUsage
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,6 +53,22 @@ class Metrics:
                        "those whose KV was reused", ["kind"], registry=r)
         prefix.labels("lookup").set_function(lambda: engine_ref[0].kv_stats().prefix_lookup_tokens)
         prefix.labels("hit").set_function(lambda: engine_ref[0].kv_stats().prefix_hit_tokens)
+        self.spec_passes = Counter("overspill_speculative_passes", "verify passes over a drafted chain", registry=r)
+        self.spec_drafted = Counter("overspill_speculative_drafted_tokens", "tokens drafted for verification",
+                                    registry=r)
+        self.spec_accepted = Counter("overspill_speculative_accepted_tokens", "drafted tokens the target accepted",
+                                     registry=r)
+        self.spec_tokens = Counter("overspill_speculative_tokens", "tokens verify passes yielded (accepted drafts "
+                                   "+ the target's own)", registry=r)
+        self.spec_seconds = Counter("overspill_speculative_seconds", "time of speculative steps by phase",
+                                    ["phase"], registry=r)
+        self.spec_total = SpeculationUsage()  # the same, as numbers the ratio gauges read
+        Gauge("overspill_speculative_tokens_per_pass", "tokens each verify pass yielded, since the start",
+              registry=r).set_function(lambda: self.spec_total.tokens_per_pass)
+        Gauge("overspill_speculative_acceptance_rate", "drafted tokens accepted / drafted, since the start",
+              registry=r).set_function(lambda: self.spec_total.acceptance)
+        Gauge("overspill_speculative_draft_time_share", "share of speculative steps' time spent drafting, "
+              "since the start", registry=r).set_function(lambda: self.spec_total.draft_share)
 
     # the engine's observer interface (called on the engine thread)
     def first_token(self, seconds: float) -> None:
@@ -61,6 +80,18 @@ class Metrics:
     def generated(self, tokens: int) -> None:
         self.tokens.inc(tokens)
 
+    def speculated(self, drafted: int, accepted: int, tokens: int, draft_seconds: float,
+                   verify_seconds: float) -> None:
+        """A verify pass over `drafted` drafts yielded `tokens` tokens, `accepted` of them drafted."""
+        self.spec_passes.inc()
+        self.spec_drafted.inc(drafted)
+        self.spec_accepted.inc(accepted)
+        self.spec_tokens.inc(tokens)
+        self.spec_seconds.labels("draft").inc(draft_seconds)
+        self.spec_seconds.labels("verify").inc(verify_seconds)
+        self.spec_total.add(drafted, accepted, tokens, draft_seconds, verify_seconds)
+        self.bytes_per_token.set(self.streamed_bytes_per_step / max(tokens, 1))
+
     def decode_step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size)
         self.step.observe(seconds)
@@ -68,3 +99,4 @@ class Metrics:
         self.link.set(self.streamed_bytes_per_step / seconds if seconds > 0 else 0)
         if self.link_bytes_per_second and seconds > 0:
             self.overlap.set(min(self.streamed_bytes_per_step / self.link_bytes_per_second / seconds, 1.0))
+

@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Event", "GenerationRequest", "Handle", "InvalidRequest", "KVStats", "NullMetrics", "QueueFull",
-           "TokenLogprob", "check_request"]
+           "SpeculationUsage", "TokenLogprob", "check_request"]
 
 # torch.Generator.manual_seed takes any int that fits 64 bits, signed or not (negatives wrap around)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit): each one is a tuple on every event
+SPECULATE_OFF = "off"  # a request's `speculate` that turns the engine's default off
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +64,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and the top k alternatives
+    speculate: str | None = None  # draft source while it runs alone: None the engine's default, "off", "ngram", ...
 
 
 def check_request(request: GenerationRequest, vocab_size: int, context: int) -> None:
@@ -90,10 +92,39 @@ def check_request(request: GenerationRequest, vocab_size: int, context: int) -> 
     if not isinstance(request.stop, (tuple, list)) or not all(isinstance(s, str) for s in request.stop):
         raise InvalidRequest("stop", f"stop must be a tuple of strings, got {request.stop!r}")
     _check_prompt(request.prompt_ids, vocab_size)
+    _check_speculate(request.speculate)
     if len(request.prompt_ids) + request.max_new_tokens > context:
         raise InvalidRequest("max_new_tokens", f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
                              f"({request.max_new_tokens}) exceeds the context of {context} tokens",
                              code="context_length_exceeded")
+
+
+def _check_speculate(source: object) -> None:
+    from ..planning.speculation import check_source
+
+    if source is None or source == SPECULATE_OFF:
+        return
+    if not isinstance(source, str):
+        raise InvalidRequest("speculate", f"speculate must be a string, got {source!r}")
+    try:
+        check_source(source)
+    except ValueError as exc:
+        raise InvalidRequest("speculate", f"{exc}, or {SPECULATE_OFF!r}") from None
+
+
+def check_speculate(source: str | None) -> None:
+    """A bad `--speculate` of `serve` or `batch` fails in one line, before the model loads.
+
+    Raises:
+        OverspillError: naming the source and the ones accepted."""
+    from ..errors import OverspillError
+    from ..planning.speculation import check_source
+
+    if source is not None:
+        try:
+            check_source(source)
+        except ValueError as exc:
+            raise OverspillError(f"--speculate: {exc}") from None
 
 
 def _check_int(request: GenerationRequest, field: str, low: int | None, high: int | None) -> None:
@@ -135,6 +166,48 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last event, when asked for
+    speculation: SpeculationUsage | None = None  # on the last event of a request that drafted
+
+
+@dataclass
+class SpeculationUsage:
+    """What speculative decoding did for one request: verify passes, drafted and accepted tokens, the
+    tokens those passes yielded (accepted drafts + the target's own) and where the time went."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def add(self, drafted: int, accepted: int, tokens: int, draft_seconds: float, verify_seconds: float) -> None:
+        """One verify pass over `drafted` drafts yielded `tokens` tokens, `accepted` of them drafted."""
+        self.passes += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.tokens += tokens
+        self.draft_seconds += draft_seconds
+        self.verify_seconds += verify_seconds
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.passes if self.passes else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_share(self) -> float:
+        total = self.draft_seconds + self.verify_seconds
+        return self.draft_seconds / total if total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The response's `usage.speculation` object."""
+        return {"passes": self.passes, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "tokens_per_pass": round(self.tokens_per_pass, 4), "acceptance_rate": round(self.acceptance, 4),
+                "draft_time_share": round(self.draft_share, 4)}
 
 
 class Handle:
@@ -173,6 +246,8 @@ class NullMetrics:
     def inter_token(self, seconds: float) -> None: ...
     def generated(self, tokens: int) -> None: ...
     def decode_step(self, batch_size: int, seconds: float) -> None: ...
+    def speculated(self, drafted: int, accepted: int, tokens: int, draft_seconds: float,
+                   verify_seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)

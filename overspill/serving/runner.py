@@ -8,6 +8,7 @@ the two (cf. nano-vllm's `model_runner.py`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..runtime.kv import cache_kwarg, kv_dims
+from ..planning.kvblocks import KVBlockManager
+from ..runtime.kv import TieredCache, cache_kwarg, kv_dims
 from ..runtime.prefix import Lease, PrefixCache
+from ..runtime.speculative import _croppable
+from ..runtime.token_serial import serial_tokens
 from .batching import Batch, DecodeBatch, mergeable
 from .graph_batch import GraphedBatch
 from .scheduler import Sequence
@@ -59,6 +63,7 @@ class Runner:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {self.max_batch}")
         self.batching_note = None
+        self.blocks: KVBlockManager | None = None  # the engine's (`share_blocks`): host-tier KV layers count there
         batchable = mergeable(self.new_cache())
         if self.max_batch > 1 and not batchable:
             self.batching_note = ("the plan keeps some layers' KV in host memory (a TieredCache), which cannot "
@@ -77,8 +82,15 @@ class Runner:
 
     def new_cache(self) -> Any:
         """The plan's cache for one sequence (a `TieredCache` with host-KV layers), else a dynamic one."""
-        cache = self.placement.new_cache(self.model.config) if self.placement is not None else None
+        cache = self.placement.new_cache(self.model.config, blocks=self.blocks) if self.placement is not None else None
         return cache if cache is not None else DynamicCache(config=self.model.config)
+
+    def share_blocks(self, blocks: KVBlockManager) -> int:
+        """Count the host-tier KV layers of the caches made from now on in `blocks`, the engine's manager.
+        Returns the HOST_LAYER blocks `max_batch` such caches hold at capacity (0 with no host-tier layers)."""
+        self.blocks = blocks
+        cache = self.new_cache()
+        return self.max_batch * cache.max_host_blocks(blocks.block_tokens) if isinstance(cache, TieredCache) else 0
 
     @staticmethod
     def new_generator(seed: int | None) -> torch.Generator:
@@ -89,6 +101,24 @@ class Runner:
         if self._keep_last:
             inputs["logits_to_keep"] = 1
         return self.model(input_ids=input_ids, use_cache=True, **{self._cache_key: cache}, **inputs).logits[:, -1].float()
+
+    def can_verify(self) -> bool:
+        """The batch can take a pass over several tokens of one row and drop the rejected ones again:
+        an eager batch (a graphed one replays one-token steps) whose cache crops."""
+        batch = self.batch
+        return isinstance(batch, DecodeBatch) and len(batch) == 1 and _croppable(batch.cache)
+
+    @torch.inference_mode()
+    def verify(self, tokens: list[int], serial: bool) -> torch.Tensor:
+        """One pass over `tokens` (the only row's last token and its drafts) into the batch's cache:
+        float32 logits [len(tokens), vocab]. `serial` runs each layer once per token, plain decoding's
+        arithmetic (`runtime.token_serial`), so greedy choices match one-token steps exactly."""
+        inputs = self.batch.chain_inputs(tokens)
+        if self._keep_last:
+            inputs["logits_to_keep"] = len(tokens)
+        with serial_tokens(self.model) if serial and len(tokens) > 1 else contextlib.nullcontext():
+            out = self.model(use_cache=True, **{self._cache_key: self.batch.cache}, **inputs)
+        return out.logits[0, -len(tokens):].float()
 
     @torch.inference_mode()
     def prefill_group(self, prompts: list[tuple[int, ...]], width: int) -> Prefilled:

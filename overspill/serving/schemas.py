@@ -105,6 +105,9 @@ class _Sampling(BaseModel):
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    # this server's own: draft tokens while the request runs alone ("ngram", the server's "draft:PATH",
+    # or "off"); None: the server's --speculate
+    speculate: str | None = Field(None, max_length=4096)
     # accepted and ignored: they change nothing about the answer
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -208,12 +211,16 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, speculation: dict | None = None) -> dict:
+    """OpenAI's usage object; `speculation` (this server's extension) when the request drafted."""
+    out: dict = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if speculation is not None:
+        out["speculation"] = speculation
+    return out
 
 
 def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,

@@ -13,6 +13,7 @@ is answered as OpenAI's error body on a connection that stays usable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -37,6 +38,7 @@ from .openai_protocol import (
     served_name, validation_error,
 )
 from .prompt_bound import PromptBound
+from .requests import check_speculate
 from .schemas import ChatCompletionRequest, CompletionRequest, chat_chunk, completion_chunk, new_id, usage
 
 log = logging.getLogger(__name__)
@@ -134,9 +136,10 @@ class _Gate:
         return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.api_key}"
 
 
-def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
+def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = None) -> FastAPI:
     """The FastAPI app. Its lifespan starts the engine thread and stops it at shutdown; the engine is
-    at `app.state.engine` (tests use its `live_requests()` and `hold()`)."""
+    at `app.state.engine` (tests use its `live_requests()` and `hold()`). `speculate`: the draft source
+    of a request running alone unless its body's `speculate` says otherwise (see `Engine`)."""
     from ..api import placement_of
 
     if tokenizer is None:
@@ -148,7 +151,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     tok_lock = threading.Lock()
     prefix = PrefixCache.for_model(model, config.prefix_cache_bytes) if config.prefix_cache_bytes else None
     engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock, max_batch=config.max_batch,
-                    prefix_cache=prefix)
+                    prefix_cache=prefix, speculate=speculate)
     engine_ref.append(engine)
     texts = TokenTexts(tokenizer, tok_lock)
     bound = PromptBound(tokenizer)
@@ -193,14 +196,23 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         req = await run_in_threadpool(generation_request, body, tokenizer, tok_lock, config, bound)
-        return await _serve(engine, request, body, req, config.model_name, texts, chat=True)
+        return await _serve(engine, request, body, with_speculation(req, body), config.model_name, texts, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         req = await run_in_threadpool(generation_request, body, tokenizer, tok_lock, config, bound)
-        return await _serve(engine, request, body, req, config.model_name, texts, chat=False)
+        return await _serve(engine, request, body, with_speculation(req, body), config.model_name, texts, chat=False)
 
     return app
+
+
+def with_speculation(req: GenerationRequest, body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    """`req` with the body's `speculate` extension field (checked by `Engine.submit`)."""
+    return dataclasses.replace(req, speculate=body.speculate) if body.speculate is not None else req
+
+
+def _speculation(event: Event) -> dict | None:
+    return event.speculation.as_dict() if event.speculation is not None else None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -274,6 +286,8 @@ async def _serve(engine: Engine, request: Request, body, req: GenerationRequest,
         watcher.cancel()
         engine.cancel(handle)  # a no-op once finished; frees the engine's state if this handler was cancelled
     status, payload = await run_in_threadpool(collected.response, model_name, texts)
+    if status == 200 and collected.last.speculation is not None:
+        payload["usage"]["speculation"] = _speculation(collected.last)
     return JSONResponse(payload, status)
 
 
@@ -323,7 +337,8 @@ async def _stream(engine: Engine, handle: Handle, events: asyncio.Queue, rid: st
             if event.finish is not None:
                 yield _sse(chunk(None, event.finish))
                 if include_usage:
-                    yield _sse(chunk(None) | {"choices": [], "usage": usage(prompt_tokens, event.completion_tokens)})
+                    yield _sse(chunk(None) | {"choices": [], "usage": usage(prompt_tokens, event.completion_tokens,
+                                                                            _speculation(event))})
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -340,6 +355,7 @@ def serve_main(args) -> int:
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
+    check_speculate(getattr(args, "speculate", None))
     max_body = parse_bytes(args.max_body_bytes) if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
     if max_body < 1:
         raise OverspillError("--max-body-bytes must be at least 1 byte, e.g. 4MiB")
@@ -349,9 +365,10 @@ def serve_main(args) -> int:
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
                           args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes, max_body)
-    app = create_app(model, tokenizer, config)
-    if app.state.engine.batching_note:
-        print(app.state.engine.batching_note)
+    app = create_app(model, tokenizer, config, getattr(args, "speculate", None))
+    for note in (app.state.engine.batching_note, app.state.engine.speculator.note):
+        if note:
+            print(note)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

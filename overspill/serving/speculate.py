@@ -1,0 +1,182 @@
+"""Speculative decoding in the engine, for a request that runs alone.
+
+With one sequence in the batch a streamed pass carries one token while the link time would carry
+many, so the engine drafts a chain (`runtime.drafts`) and verifies it in one pass over the batch's
+cache; once two or more sequences share the pass, batching fills it already and the engine decodes
+plainly. The acceptance rule is `runtime.speculative`'s (`_accept`, `_residual`): greedy keeps a
+drafted token only where it is the target's argmax, so the output is the plain server's token for
+token; sampling accepts with min(1, p/q) under the request's own temperature, top-k and top-p, so the
+output distribution is plain sampling's, and a seeded request draws the same tokens run after run.
+Verification is serial (each layer once per token: plain decoding's arithmetic), so it is offered for
+models whose layers all attend fully (`token_serial.supports_serial`).
+
+The chain length adapts per request (`best_chain` over the acceptance measured for it and the pass
+cost measured on this engine, starting from the plan's prediction).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..planning.speculation import AcceptanceTracker, PassCost, PassCostFit, best_chain, verify_pass_cost
+from ..runtime.drafts import Drafter, make_drafter
+from ..runtime.speculative import _accept, _residual
+from ..runtime.token_serial import supports_serial
+from .requests import SPECULATE_OFF, GenerationRequest, InvalidRequest, SpeculationUsage, check_speculate
+from .runner import Runner
+from .sampling import MIN_TEMPERATURE, SamplingParams
+
+
+@dataclass
+class _Progress:
+    """One request's speculation so far."""
+
+    tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+    usage: SpeculationUsage = field(default_factory=SpeculationUsage)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A speculative step's outcome: the tokens it yields (accepted drafts, then one of the target's
+    own), the logits row each came from, and what it drafted."""
+
+    tokens: list[int]
+    logits: torch.Tensor  # float32 [len(tokens), vocab]
+    drafted: int
+    draft_seconds: float
+    verify_seconds: float
+
+
+class Speculator:
+    """Draft sources and per-request state of one engine.
+
+    Args:
+        model: the placed model (from `overspill.load`).
+        default: the source requests get unless they say otherwise ('ngram', 'draft:PATH' or None: off).
+        max_chain: the longest chain drafted.
+
+    Raises:
+        OverspillError: an unknown source, or a draft model that does not load.
+    """
+
+    def __init__(self, model, default: str | None, max_chain: int):
+        check_speculate(default)
+        if max_chain < 1:
+            raise ValueError(f"max_chain must be at least 1, got {max_chain}")
+        self.model, self.default, self.max_chain = model, default, max_chain
+        self.serial = supports_serial(model)
+        self.fit = PassCostFit(_prior(model))
+        self._drafters: dict[str, Drafter] = {}
+        self._progress: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> _Progress
+        if default is not None and self.serial:
+            self._drafter(default)  # a draft model loads now: a bad path fails before serving, not per request
+
+    @property
+    def note(self) -> str | None:
+        """Why speculation is off for this model despite a default source (None: it is on, or not asked for)."""
+        if self.default is not None and not self.serial:
+            return ("speculative decoding is off: this model has sliding-window or other non-full attention "
+                    "layers, which serial verification cannot run exactly yet")
+        return None
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse a draft model other than the engine's own (a request must not make the server load one)."""
+        source = request.speculate
+        if source is not None and source.startswith("draft:") and source != self.default:
+            allowed = ", ".join(repr(s) for s in ("ngram", self.default, SPECULATE_OFF) if s)
+            raise InvalidRequest("speculate", f"speculate={source!r}: this server drafts with {allowed} only")
+
+    def source(self, request: GenerationRequest) -> str | None:
+        """The source drafting for `request`, None when it decodes plainly."""
+        if not self.serial or request.speculate == SPECULATE_OFF:
+            return None
+        return request.speculate or self.default
+
+    def usage(self, seq) -> SpeculationUsage | None:
+        """What speculation did for `seq` (None: it never drafted)."""
+        progress = self._progress.get(seq)
+        return progress.usage if progress is not None and progress.usage.passes else None
+
+    def step(self, seq, runner: Runner, source: str, limit: int) -> Verified:
+        """Draft up to `limit` tokens for the batch's only row, `seq`, and verify them in one pass; the
+        cache keeps the KV of the yielded tokens but the last (fed next step, as in a plain step)."""
+        progress = self._progress.setdefault(seq, _Progress())
+        request = seq.request
+        sample = _sampled(request)
+        ids = [*request.prompt_ids, *seq.text.ids]
+        k = min(best_chain(self.fit.cost(), progress.tracker.rate, self.max_chain), limit)
+        t0 = time.perf_counter()
+        scores = (lambda _, logits: sampling_scores(logits, request)) if sample else None
+        draft = self._drafter(source).propose(torch.tensor([ids], device=runner.device), k, scores, sample)
+        proposed = draft.tokens[:k].tolist()
+        t1 = time.perf_counter()
+        logits = runner.verify([ids[-1], *proposed], self.serial)  # [m + 1, vocab]
+        tokens = self._choose(seq, runner, logits, proposed, draft.probs, sample)
+        runner.batch.drop_last(len(proposed) + 1 - len(tokens))
+        t2 = time.perf_counter()
+        accepted = len(tokens) - 1
+        progress.tracker.update(len(proposed), accepted)
+        self.fit.add(len(proposed) + 1, t2 - t1, len(proposed), t1 - t0)
+        progress.usage.add(len(proposed), accepted, len(tokens), t1 - t0, t2 - t1)
+        return Verified(tokens, logits[: len(tokens)], len(proposed), t1 - t0, t2 - t1)
+
+    def _choose(self, seq, runner: Runner, logits: torch.Tensor, proposed: list[int], probs: torch.Tensor | None,
+                sample: bool) -> list[int]:
+        """The accepted prefix of `proposed`, then the target's token where it stopped."""
+        request = seq.request
+        rows = logits.cpu() if sample else logits  # the acceptance draws run on the CPU's generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=seq.generator)) if sample else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the request's generator decides every draw: seeded runs repeat
+            for i, token in enumerate(proposed):
+                scores = sampling_scores(rows[i : i + 1], request) if sample else rows[i : i + 1]
+                q = None if probs is None else probs[i].cpu()
+                drafted = torch.tensor(token)
+                if not _accept(scores, drafted, q, sample):
+                    if sample:
+                        return [*proposed[:i], int(_residual(scores, drafted, q))]
+                    return [*proposed[:i], _pick(runner, seq, logits[i : i + 1])]
+        return [*proposed, _pick(runner, seq, logits[len(proposed):])]
+
+    def _drafter(self, source: str) -> Drafter:
+        if source not in self._drafters:
+            self._drafters[source] = make_drafter(source, self.model)
+        return self._drafters[source]
+
+
+def _pick(runner: Runner, seq, row: torch.Tensor) -> int:
+    """The target's own token from one logits row, as a plain decode step picks it."""
+    token = runner.sample([seq], row)[0]
+    if isinstance(token, Exception):
+        raise token
+    return token
+
+
+def _sampled(params: SamplingParams) -> bool:
+    return params.temperature >= MIN_TEMPERATURE
+
+
+def sampling_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits [rows, vocab] whose softmax is the distribution `sampling.pick_tokens` draws from for a
+    sampled request: divided by the temperature, -inf outside its top-k and top-p cuts."""
+    vocab = logits.shape[-1]
+    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    ordered, order = torch.sort(logits.float() / params.temperature, dim=-1, descending=True)
+    ordered[..., top_k:] = float("-inf")
+    probs = torch.softmax(ordered, dim=-1)
+    outside = probs.cumsum(-1) - probs > min(params.top_p, 1.0)  # keep the smallest prefix reaching top_p
+    ordered = ordered.masked_fill(outside, float("-inf"))
+    return torch.empty_like(ordered).scatter_(-1, order, ordered)
+
+
+def _prior(model) -> PassCost:
+    """The plan's predicted verify pass (serial: a decode step's GPU compute per token), else a flat one."""
+    placement = getattr(model, "overspill", None)
+    prediction = getattr(getattr(placement, "plan", None), "prediction", None)
+    if prediction is None:
+        return PassCost(1.0)
+    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial=True)
