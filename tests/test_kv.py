@@ -290,18 +290,18 @@ def test_the_block_manager_holds_exactly_the_host_blocks(reference, batch) -> No
         model.generate(ids, **kw, **cache_kwargs(model, want))
         first = model.generate(ids, **kw, **cache_kwargs(model, cache))
     sealed = (37 + 20 - 1) // BLOCK  # the last generated token's KV is never written
-    assert cache.host_blocks == len(host) * sealed == cache.blocks.usage().host.used_blocks
+    assert cache.host_blocks == len(host) * sealed == cache.blocks.usage().host_layer.used_blocks
     for i in host:
         assert cache.layers[i].host_tokens == sealed * BLOCK
         for row in range(batch):  # tokens [0, sealed blocks) are read from host memory alone
             for got, ref in zip(layer_kv(cache, i, 0, sealed * BLOCK, row), layer_kv(want, i, 0, sealed * BLOCK, row)):
                 torch.testing.assert_close(got, ref)
     cache.crop(30 - (37 + 20 - 1))  # back across a sealed block to 30 tokens: 1 block per layer stays on the host
-    assert cache.host_blocks == len(host) == cache.blocks.usage().host.used_blocks
+    assert cache.host_blocks == len(host) == cache.blocks.usage().host_layer.used_blocks
     cache.reset()
-    assert cache.host_blocks == 0 == cache.blocks.usage().host.used_blocks
+    assert cache.host_blocks == 0 == cache.blocks.usage().host_layer.used_blocks
     cache.close()
-    assert cache.blocks.usage().host.used_blocks == 0 and cache.ring.slots == []
+    assert cache.blocks.usage().host_layer.used_blocks == 0 and cache.ring.slots == []
     with torch.no_grad():
         again = model.generate(ids, **kw, **cache_kwargs(model, cache))
     assert torch.equal(again, first) and cache.host_blocks == len(host) * sealed
@@ -311,21 +311,31 @@ def test_a_shared_manager_bounds_several_caches(reference) -> None:
     from overspill.planning.kvblocks import KVBlockManager, KVCapacityError
 
     config = reference("llama").config
-    blocks = KVBlockManager(BLOCK, 0, 5)
+    blocks = KVBlockManager(BLOCK, 0, 0, layer_blocks=5)
     a, b = (TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=blocks) for _ in range(2))
     k = torch.randn(1, 2, 80, 16)
     a.layers[1].update(k[:, :, :40], k[:, :, :40])  # 2 sealed blocks
     b.layers[1].update(k[:, :, :60], k[:, :, :60])  # 3 more: the manager is full
-    assert blocks.usage().host.used_blocks == 5 == a.host_blocks + b.host_blocks
+    assert blocks.usage().host_layer.used_blocks == 5 == a.host_blocks + b.host_blocks
     with pytest.raises(KVCapacityError):
         b.layers[1].update(k[:, :, 60:64], k[:, :, 60:64])  # a 4th block for b
     assert b.layers[1].get_seq_length() == 60 and b.host_blocks == 3  # nothing changed
     a.close()
     got, _ = b.layers[1].update(k[:, :, 60:64], k[:, :, 60:64])
-    assert torch.equal(got, k[:, :, :64]) and blocks.usage().host.used_blocks == 4
-    gpu = KVBlockManager(BLOCK, 4, 1)  # a manager with GPU blocks too: the host tier still takes HOST blocks
-    c = TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=gpu)
+    assert torch.equal(got, k[:, :, :64]) and blocks.usage().host_layer.used_blocks == 4
+    # an engine's manager: GPU and HOST blocks are its requests' and its prefix pool's, never the layers'
+    engine = KVBlockManager(BLOCK, 4, 1, layer_blocks=2)
+    c = TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=engine)
     c.layers[1].update(k[:, :, :20], k[:, :, :20])
-    assert gpu.usage().host.used_blocks == 1 and gpu.usage().gpu.used_blocks == 0
-    with pytest.raises(ValueError, match="manager counts 8"):
-        TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=KVBlockManager(8, 0, 5))
+    assert engine.usage().host_layer.used_blocks == 1 and engine.usage().gpu.used_blocks == 0
+    assert engine.usage().host.used_blocks == 0
+    # a manager of smaller blocks counts the same host tokens in more of its blocks; a crop gives them back
+    fine = KVBlockManager(BLOCK // 4, 0, 0, layer_blocks=c.max_host_blocks(BLOCK // 4))
+    d = TieredCache(config, {1}, capacity=128, block_tokens=BLOCK, blocks=fine)
+    assert c.max_host_blocks(BLOCK) == 128 // BLOCK and fine.usage().host_layer.total_blocks == 4 * 128 // BLOCK
+    d.layers[1].update(k[:, :, :50], k[:, :, :50])  # 3 blocks of BLOCK spill: 12 of the manager's
+    assert d.layers[1].host_tokens == 3 * BLOCK and d.host_blocks == 12 == fine.usage().host_layer.used_blocks
+    d.crop(-30)  # keep 20 tokens: one host block of BLOCK (16) stays, 4 of the manager's
+    assert d.layers[1].host_tokens == BLOCK and d.host_blocks == 4 == fine.usage().host_layer.used_blocks
+    d.close()
+    assert fine.usage().host_layer.used_blocks == 0

@@ -1,4 +1,4 @@
-"""Scenario tests of the KV block manager: prefix reuse, tiers, LRU eviction, two-phase moves (no torch)."""
+"""Scenario tests of the KV block manager: prefix reuse, tiers, LRU eviction, reservation, truncation (no torch)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from overspill.planning.kvblocks import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU, HOST = KVTier.GPU, KVTier.HOST
+GPU, HOST, LAYER = KVTier.GPU, KVTier.HOST, KVTier.HOST_LAYER
 BT = 4  # tokens per block: small so scenarios stay readable
 
 
@@ -31,31 +31,31 @@ def toks(start: int, n: int) -> list[int]:
 
 def snapshot(m: KVBlockManager, seqs) -> tuple:
     """Everything observable, to assert that a failed call changed nothing."""
-    return m.usage(), {s: m.block_table(s) for s in seqs}, m.pending_moves()
+    return m.usage(), {s: m.block_table(s) for s in seqs}
 
 
 def all_blocks(m: KVBlockManager):
     u = m.usage()
-    for tier, total in ((GPU, u.gpu.total_blocks), (HOST, u.host.total_blocks)):
+    for tier, total in ((GPU, u.gpu.total_blocks), (HOST, u.host.total_blocks), (LAYER, u.host_layer.total_blocks)):
         for i in range(total):
             yield BlockRef(tier, i), m.block_info(BlockRef(tier, i))
 
 
-def check_invariants(m: KVBlockManager, seqs: dict, moves: dict, reserved: dict | None = None) -> None:
-    """Args: `seqs`, expected token ids per sequence (None: appended without ids); `moves`, pending
-    move -> its source's prefix hash at prepare time; `reserved`, blocks `reserve`d per sequence."""
+def check_invariants(m: KVBlockManager, seqs: dict, reserved: dict | None = None) -> None:
+    """Args: `seqs`, expected token ids per sequence (None: appended without ids); `reserved`, blocks
+    `reserve`d per sequence."""
     reserved = reserved or {}
     bt = m.block_tokens
     # per-tier accounting from a scan of every physical block matches usage()
     u = m.usage()
-    destinations = {mv.dst for mv in m.pending_moves()}
-    for tu in (u.gpu, u.host):
+    for tu in (u.gpu, u.host, u.host_layer):
         infos = [info for ref, info in all_blocks(m) if ref.tier is tu.tier]
-        empty = [i for ref, i in all_blocks(m) if ref.tier is tu.tier and i and not i.tokens and ref not in destinations]
+        empty = [i for ref, i in all_blocks(m) if ref.tier is tu.tier and i and not i.tokens]
         assert tu.free_blocks == sum(i is None for i in infos)
         assert tu.cached_blocks == sum(i is not None and i.evictable for i in infos)
         assert tu.free_blocks + tu.used_blocks + tu.cached_blocks == tu.total_blocks
-        assert tu.used_bytes == tu.used_blocks * m.bytes_per_block
+        per_block = tu.total_bytes // tu.total_blocks if tu.total_blocks else m.bytes_per_block
+        assert tu.used_bytes == tu.used_blocks * per_block and tu.cached_bytes == tu.cached_blocks * per_block
         assert tu.empty_blocks == len(empty)
         assert [m.block_info(r).last_use for r in m.eviction_order(tu.tier)] == sorted(
             m.block_info(r).last_use for r in m.eviction_order(tu.tier))
@@ -76,15 +76,8 @@ def check_invariants(m: KVBlockManager, seqs: dict, moves: dict, reserved: dict 
             continue
         assert info.ref_count == uses[ref] >= 0
         assert uses[ref] <= 1 or info.prefix_hash is not None  # shared only via a prefix hit
-        assert info.ref_count > 0 or info.evictable or info.pinned  # nothing leaked
-        assert not info.evictable or (info.prefix_hash is not None and not info.pinned)
-    # pending moves: both ends pinned; the destination is in no table; the source was not reassigned
-    assert set(m.pending_moves()) == set(moves)
-    for mv, src_hash in moves.items():
-        src, dst = m.block_info(mv.src), m.block_info(mv.dst)
-        assert src.pinned and dst.pinned and not src.evictable and not dst.evictable
-        assert dst.ref_count == 0 and dst.tokens == 0 and uses[mv.dst] == 0
-        assert src_hash is None or src.prefix_hash == src_hash
+        assert info.ref_count > 0 or info.evictable  # nothing leaked
+        assert not info.evictable or info.prefix_hash is not None
 
 
 def test_shared_prefix_reuses_only_full_blocks() -> None:
@@ -101,7 +94,7 @@ def test_shared_prefix_reuses_only_full_blocks() -> None:
     # statistics count the lookups and the hit
     u = m.usage()
     assert (u.prefix_lookups, u.lookup_tokens, u.hit_tokens) == (2, 26, 8)
-    check_invariants(m, {"a": prefix, "b": prefix + toks(500, 6)}, {})
+    check_invariants(m, {"a": prefix, "b": prefix + toks(500, 6)})
 
 
 def test_unwritten_blocks_are_shared_only_after_commit() -> None:
@@ -119,7 +112,7 @@ def test_unwritten_blocks_are_shared_only_after_commit() -> None:
     m.commit("c")
     d = m.allocate("d", prompt)
     assert d.blocks[:2] == a.blocks[:2]
-    check_invariants(m, {"a": prompt, "c": prompt, "d": prompt}, {})
+    check_invariants(m, {"a": prompt, "c": prompt, "d": prompt})
 
 
 def test_identical_prompt_twice_shares_full_blocks_only() -> None:
@@ -135,7 +128,7 @@ def test_identical_prompt_twice_shares_full_blocks_only() -> None:
     # d's recomputed last block is a private duplicate: freeing leaves one cached copy per prefix
     m.free("d")
     assert m.block_info(c.blocks[1]).ref_count == 1 and m.usage().gpu.cached_blocks == 0
-    check_invariants(m, {"a": prompt, "b": prompt, "c": toks(50, 8)}, {})
+    check_invariants(m, {"a": prompt, "b": prompt, "c": toks(50, 8)})
 
 
 def test_prefix_cached_in_host_tier_is_found() -> None:
@@ -145,27 +138,9 @@ def test_prefix_cached_in_host_tier_is_found() -> None:
     assert [r.tier for r in a.blocks] == [HOST] * 3
     m.free("a")
     assert m.usage().host.cached_blocks == 2 and m.usage().host.free_blocks == 2
-    # the next request hits both HOST blocks and is told they could be promoted
+    # the next request hits both HOST blocks
     b = m.allocate("b", toks(0, 9))
-    assert b.cached_tokens == 8 and b.blocks[:2] == a.blocks[:2] and b.promote == a.blocks[:2]
-
-
-def test_demoted_prefix_is_found_in_host_and_promoted() -> None:
-    m = KVBlockManager(BT, gpu_blocks=4, host_blocks=4)
-    a = m.allocate("a", toks(0, 9))
-    # demote the first full block to HOST, then free the sequence
-    mv = m.prepare_move(a.blocks[0], HOST)
-    m.complete_move(mv)
-    m.free("a")
-    # the new request finds block 0 in HOST and block 1 in GPU
-    b = m.allocate("b", toks(0, 9))
-    assert b.cached_tokens == 8 and b.blocks[0] == mv.dst and b.blocks[1] == a.blocks[1]
-    assert b.promote == (mv.dst,)
-    # promoting it moves it back to GPU for the sequence that holds it
-    up = m.prepare_move(b.promote[0], GPU)
-    m.complete_move(up)
-    assert m.block_table("b")[0].tier is GPU
-    check_invariants(m, {"b": toks(0, 9)}, {})
+    assert b.cached_tokens == 8 and b.blocks[:2] == a.blocks[:2]
 
 
 def test_gpu_full_spills_to_host_then_capacity_error() -> None:
@@ -217,73 +192,18 @@ def test_free_caches_the_tail_first() -> None:
     assert m.eviction_order(GPU) == a.blocks[::-1]
 
 
-def test_eviction_spares_referenced_and_pinned_blocks() -> None:
-    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=1)
+def test_eviction_spares_referenced_blocks() -> None:
+    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=0)
     a = m.allocate("a", toks(0, BT))
     m.free("a")
-    # a's block is cached (evictable) until a move pins it
-    mv = m.prepare_move(a.blocks[0], HOST)
-    assert m.usage().gpu.cached_blocks == 0 and m.block_info(a.blocks[0]).pinned
-    # b takes the last free GPU block; c finds only a pinned block and a reserved one
-    m.allocate("b", toks(50, BT))
-    with pytest.raises(KVCapacityError, match="1 pending moves"):
+    # a's block is cached (evictable) until a prefix hit references it again
+    assert m.allocate("b", toks(0, BT + 1)).cached_tokens == BT
+    with pytest.raises(KVCapacityError, match="1 sequences"):
         m.allocate("c", toks(90, 1))
-    # aborting unpins a's block: cached again, so c can evict it
-    m.abort_move(mv)
+    # freeing b caches a's block again (b's unsealed tail is freed), so c can take either
+    m.free("b")
     assert m.eviction_order(GPU) == (a.blocks[0],)
-    assert m.allocate("c", toks(90, 1)).blocks == a.blocks
-
-
-def test_two_phase_move() -> None:
-    m = KVBlockManager(BT, gpu_blocks=4, host_blocks=2, bytes_per_block=1000)
-    a = m.allocate("a", toks(0, 8))
-    b = m.allocate("b", toks(0, 9))  # shares a's first block
-    src = a.blocks[0]
-    # prepare reserves a HOST block and pins both ends
-    mv = m.prepare_move(src, HOST)
-    assert mv.src == src and mv.dst.tier is HOST
-    assert m.block_info(src).pinned and m.block_info(mv.dst).pinned
-    assert m.usage().host.used_blocks == 1 and m.block_table("a")[0] == src
-    check_invariants(m, {"a": toks(0, 8), "b": toks(0, 9)}, {mv: m.block_info(src).prefix_hash})
-    # a block cannot move twice at once, nor move to its own tier
-    with pytest.raises(ValueError, match="already moving"):
-        m.prepare_move(src, HOST)
-    with pytest.raises(ValueError, match="already in the gpu tier"):
-        m.prepare_move(a.blocks[1], GPU)
-    # complete swaps the mapping for every sequence sharing the block; the GPU source is freed
-    m.complete_move(mv)
-    assert m.block_table("a")[0] == mv.dst == m.block_table("b")[0]
-    assert m.block_info(src) is None and m.block_info(mv.dst).ref_count == 2
-    with pytest.raises(ValueError, match="not pending"):
-        m.complete_move(mv)
-    # abort releases the reservation and leaves the block where it was
-    mv2 = m.prepare_move(a.blocks[1], HOST)
-    m.abort_move(mv2)
-    assert m.block_info(mv2.dst) is None and m.block_table("a")[1] == a.blocks[1]
-    assert not m.block_info(a.blocks[1]).pinned and m.usage().host.used_blocks == 1
-    # a move into a full tier fails cleanly (HOST: one referenced, one reserved by a pending move)
-    mv3 = m.prepare_move(b.blocks[2], HOST)
-    before = snapshot(m, ["a", "b"])
-    with pytest.raises(KVCapacityError, match="cannot move"):
-        m.prepare_move(a.blocks[1], HOST)
-    assert snapshot(m, ["a", "b"]) == before
-    m.complete_move(mv3)
-    check_invariants(m, {"a": toks(0, 8), "b": toks(0, 9)}, {})
-
-
-def test_move_of_a_freed_block_settles_on_completion() -> None:
-    m = KVBlockManager(BT, gpu_blocks=2, host_blocks=2)
-    m.allocate("a", toks(0, 6))
-    full, partial = m.block_table("a")
-    moves = [m.prepare_move(full, HOST), m.prepare_move(partial, HOST)]
-    # freeing while moving keeps both pinned: nothing is cached or freed yet
-    m.free("a")
-    assert m.usage().gpu.used_blocks == 2 and m.usage().host.used_blocks == 2
-    # on completion the sealed block is cached in HOST and the partial one freed
-    for mv in moves:
-        m.complete_move(mv)
-    assert m.eviction_order(HOST) == (moves[0].dst,) and m.usage().host.free_blocks == 1
-    assert m.usage().gpu.free_blocks == 2
+    assert m.allocate("c", toks(90, 1)).blocks[0].tier is GPU
 
 
 def test_usage_numbers() -> None:
@@ -312,7 +232,7 @@ def test_append_seals_blocks_for_reuse() -> None:
     assert m.num_tokens("a") == 11 and len(m.block_table("a")) == 3
     # a later prompt that repeats prompt + generated text reuses the generated blocks
     assert m.allocate("b", toks(0, 11)).cached_tokens == 8
-    check_invariants(m, {"a": toks(0, 11), "b": toks(0, 11)}, {})
+    check_invariants(m, {"a": toks(0, 11), "b": toks(0, 11)})
 
 
 def test_append_without_token_ids_is_never_shared() -> None:
@@ -346,7 +266,7 @@ def test_reserve_holds_empty_blocks_that_appends_fill() -> None:
     assert [m.block_info(ref).prefix_hash for ref in m.block_table("r")] == [None, None]  # never shared
     m.free("r")
     assert m.usage().gpu.free_blocks == 2 and m.usage().gpu.cached_blocks == 0
-    check_invariants(m, {"q": []}, {}, {"q": 4})
+    check_invariants(m, {"q": []}, {"q": 4})
 
 
 def test_allocate_into_one_tier_and_resize_a_tier() -> None:
@@ -366,7 +286,54 @@ def test_allocate_into_one_tier_and_resize_a_tier() -> None:
     m.free("engine")
     m.resize(GPU, 2)
     assert m.usage().gpu.total_blocks == 2 and m.usage().gpu.free_blocks == 2
-    check_invariants(m, {"p2": toks(0, 10)}, {})
+    check_invariants(m, {"p2": toks(0, 10)})
+
+
+def test_truncate_gives_back_the_blocks_after_the_cut() -> None:
+    """A cropped cache (rejected drafts, a host-tier layer cut back) returns the blocks it emptied."""
+    m = KVBlockManager(BT, gpu_blocks=6, host_blocks=0)
+    m.allocate("a", toks(0, 10))  # blocks of 4, 4 and 2 tokens; the first two sealed
+    m.truncate("a", 9)  # inside the unsealed tail: nothing goes back, its ids stay known
+    assert m.num_tokens("a") == 9 and len(m.block_table("a")) == 3 and m.usage().gpu.used_blocks == 3
+    m.append("a", token_ids=toks(9, 3))  # refilled with the same ids: sealed as if never cut
+    assert m.allocate("b", toks(0, 13)).cached_tokens == 12
+    m.free("b")
+    assert m.allocate("c", toks(0, 9)).cached_tokens == 8  # c shares a's first two blocks
+    with pytest.raises(ValueError, match="2 sequences share"):
+        m.truncate("a", 6)
+    m.free("c")
+    m.truncate("a", 6)  # into a's own sealed second block: it is unsealed, the third goes back (cached)
+    assert len(m.block_table("a")) == 2 and m.usage().gpu.cached_blocks == 1
+    assert [m.block_info(r).prefix_hash is None for r in m.block_table("a")] == [False, True]
+    m.append("a", token_ids=toks(50, 2))  # the chain ended at the cut: this block is never shared
+    assert m.block_info(m.block_table("a")[1]).prefix_hash is None
+    m.truncate("a", 4)  # on a block edge: the chain goes on from the sealed first block
+    m.append("a", token_ids=toks(4, 4))
+    assert m.block_info(m.block_table("a")[1]).prefix_hash == prefix_hashes(toks(0, 8), BT)[1]
+    m.reserve("r", 3)
+    m.append("r", 5)
+    m.truncate("r", 0)  # reserved blocks go back too: a caller that reserves ahead reserves again
+    assert m.block_table("r") == () and m.usage().gpu.empty_blocks == 0
+    with pytest.raises(ValueError, match="cannot truncate"):
+        m.truncate("r", 1)
+    check_invariants(m, {"a": toks(0, 8), "r": []})
+
+
+def test_host_layer_tier_is_apart_from_the_pool() -> None:
+    """Host-tier KV layers count their blocks in HOST_LAYER: the pool's HOST blocks (indices into its
+    array) never go to them, and a default allocation never lands there."""
+    m = KVBlockManager(BT, gpu_blocks=1, host_blocks=2, layer_blocks=3, bytes_per_block=80)
+    m.resize(LAYER, 3, bytes_per_block=10)  # a HOST_LAYER block is one layer's
+    m.reserve("layer0", 0, LAYER)
+    assert m.append("layer0", 9, tier=LAYER) == tuple(BlockRef(LAYER, i) for i in range(3))
+    with pytest.raises(KVCapacityError):
+        m.append("layer0", 4, tier=LAYER)  # the tier is full; GPU and HOST blocks are not its
+    assert [r.tier for r in m.allocate("p", toks(0, 12)).blocks] == [GPU, HOST, HOST]
+    u = m.usage()
+    assert (u.host_layer.used_blocks, u.host_layer.used_bytes, u.host.used_bytes) == (3, 30, 160)
+    m.truncate("layer0", 4)
+    assert m.usage().host_layer.used_blocks == 1
+    check_invariants(m, {"layer0": [None] * 4, "p": toks(0, 12)})
 
 
 def test_errors_for_misuse() -> None:
@@ -376,8 +343,6 @@ def test_errors_for_misuse() -> None:
         m.allocate("a", toks(0, 1))
     with pytest.raises(KeyError, match="unknown sequence"):
         m.free("zz")
-    with pytest.raises(ValueError, match="holds no block"):
-        m.prepare_move(BlockRef(GPU, 1), GPU)
     with pytest.raises(ValueError, match="bad KV block geometry"):
         KVBlockManager(0, 1, 1)
 
@@ -393,7 +358,7 @@ def test_no_leak_after_allocate_free_cycles() -> None:
         m.append(("x", i), token_ids=[i % 50])
         m.free(("y", i))
         m.free(("x", i))
-    # no block is referenced or pinned; every sealed block is still cached
+    # no block is referenced; every sealed block is still cached
     u = m.usage()
     assert u.gpu.used_blocks == 0 and u.host.used_blocks == 0
     assert all(info is None or (info.ref_count == 0 and info.evictable) for _, info in all_blocks(m))
@@ -404,10 +369,9 @@ def test_randomized_invariants() -> None:
     rng = random.Random(1234)
     m = KVBlockManager(BT, gpu_blocks=10, host_blocks=8, bytes_per_block=64)
     seqs: dict[int, list] = {}  # expected token ids (None: appended without ids)
-    moves: dict = {}  # pending move -> source prefix hash at prepare
     reserved: dict[int, int] = {}  # blocks reserved ahead
     prefixes = [toks(0, 11), toks(100, 6), toks(200, 13)]
-    failures = 0
+    failures = truncated = 0
     for step in range(2000):
         op = rng.random()
         before = snapshot(m, seqs)
@@ -438,22 +402,29 @@ def test_randomized_invariants() -> None:
                 m.free(s)
                 del seqs[s]
                 reserved.pop(s, None)
-            elif op < 0.88:  # start a move of any live, unpinned block to the other tier
-                live = [(r, i) for r, i in all_blocks(m) if i is not None and not i.pinned]
-                if live:
-                    ref, info = rng.choice(live)
-                    moves[m.prepare_move(ref, HOST if ref.tier is GPU else GPU)] = info.prefix_hash
-            elif moves:  # finish a pending move, either way
-                mv = rng.choice(sorted(moves, key=lambda x: x.move_id))
-                del moves[mv]
-                m.complete_move(mv) if rng.random() < 0.7 else m.abort_move(mv)
+            else:  # truncate a sequence (rejected drafts, a cropped cache), unless the cut is in a shared block
+                s = rng.choice(sorted(seqs))
+                keep = rng.randrange(len(seqs[s]) + 1)
+                table = m.block_table(s)
+                if keep % BT and m.block_info(table[keep // BT]).ref_count > 1:
+                    with pytest.raises(ValueError, match="share"):
+                        m.truncate(s, keep)
+                    assert snapshot(m, seqs) == before
+                else:
+                    m.truncate(s, keep)
+                    full_cut = keep % BT and len(seqs[s]) >= (keep // BT + 1) * BT  # a sealed block cut into
+                    seqs[s] = seqs[s][:keep]
+                    if full_cut:  # its ids were not kept: the hash chain ends, later blocks are never shared
+                        seqs[s] = seqs[s][: keep // BT * BT] + [None] * (keep % BT)
+                    reserved.pop(s, None)
+                    truncated += 1
         except KVCapacityError:
             failures += 1
             assert snapshot(m, seqs) == before  # a refused call changes nothing
-        check_invariants(m, seqs, moves, reserved)
+        check_invariants(m, seqs, reserved)
     # the run exercised the interesting paths
     u = m.usage()
-    assert failures > 10 and u.hit_tokens > 0 and u.evicted_blocks > 10
+    assert failures > 10 and truncated > 10 and u.hit_tokens > 0 and u.evicted_blocks > 10
 
 
 def test_prefix_hashes_are_stable_across_processes() -> None:

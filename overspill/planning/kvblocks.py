@@ -1,159 +1,45 @@
-"""Block bookkeeping for the tiered KV cache: which physical block of which tier holds which tokens.
+"""`KVBlockManager`: which physical block of which tier holds which tokens of which sequence.
 
 Pure Python (no torch), like nano-vllm's `block_manager.py` and the scheduler side of vLLM v1
-`kv_offload`: this module decides and records; `kv.py` owns the tensors and moves the bytes.
+`kv_offload`: this module decides and records; `runtime.kv` and `runtime.prefix` own the tensors.
+One manager counts every KV block of a serving engine: its running requests' (GPU tier), its prefix
+pool's (HOST) and its host-tier layers' (HOST_LAYER); see `kvrecords.KVTier`.
 
-KV lives in blocks of `block_tokens` tokens in the GPU tier or the pinned-host tier. A full
-("sealed") block is keyed by a hash chained over every token up to its end, so a later prompt
-sharing that prefix reuses it from either tier and skips that part of prefill. Unreferenced sealed
-blocks stay cached and are evicted LRU first; referenced or move-pinned blocks never are.
-Sequences hold logical blocks whose `BlockRef` changes only when a move completes (one update
-serves every sharer): re-read `block_table` after completing moves. Prompt blocks are registered
-at `allocate`, so their KV must be written in that step (each layer writes before attention reads);
-with `share_unwritten=False` they are shared only after `commit`, for callers whose prefill of one
-request can overlap another request's lookup. A sequence admitted by its worst case (prompt + most
-new tokens) `reserve`s its blocks ahead: they are held, empty, until `append` fills them.
+KV lives in blocks of `block_tokens` tokens. A full ("sealed") block is keyed by a hash chained over
+every token up to its end (`kvhash`), so a later prompt sharing that prefix reuses it and skips that
+part of prefill. Unreferenced sealed blocks stay cached and are evicted LRU first; referenced blocks
+never are. Prompt blocks are registered at `allocate`, so their KV must be written in that step
+(each layer writes before attention reads); with `share_unwritten=False` they are shared only after
+`commit`, for callers whose prefill of one request can overlap another request's lookup. A sequence
+admitted by its worst case (prompt + most new tokens) `reserve`s its blocks ahead: they are held,
+empty, until `append` fills them. `truncate` drops a sequence's last tokens and gives back the
+blocks they emptied (a cropped cache).
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
-import itertools
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from ..errors import OverspillError
+from .kvhash import ROOT_HASH, block_hash, prefix_hashes
+from .kvrecords import TIERS, Allocation, BlockInfo, BlockRef, KVCapacityError, KVTier, KVUsage, TierUsage
 
 __all__ = [
     "Allocation", "BlockInfo", "BlockRef", "KVBlockManager", "KVCapacityError", "KVTier",
-    "KVUsage", "Move", "TierUsage", "block_hash", "prefix_hashes",
+    "KVUsage", "TierUsage", "block_hash", "prefix_hashes",
 ]
-
-ROOT_HASH = 0  # parent hash of a sequence's first block
-
-
-class KVTier(str, enum.Enum):
-    """Where a KV block lives."""
-
-    GPU = "gpu"  # device memory, read in place by attention
-    HOST = "host"  # pinned host memory, copied in with its layer's weights
-
-
-TIERS = (KVTier.GPU, KVTier.HOST)  # where a fresh block goes when no tier is asked for: GPU first
-
-
-class BlockRef(NamedTuple):
-    """A physical block: its tier and its index in that tier's block array (what `kv.py` indexes)."""
-
-    tier: KVTier
-    index: int
-
-
-class KVCapacityError(OverspillError):
-    """No free or evictable block is left: every block is referenced or pinned by a pending move."""
-
-
-def block_hash(parent: int, tokens: Sequence[int]) -> int:
-    """Hash of one full block chained onto its parent's, so it names the whole prefix.
-
-    blake2b of fixed-width bytes: equal across processes and machines (`hash()` is salted).
-    """
-    data = parent.to_bytes(16, "little") + struct.pack(f"<{len(tokens)}q", *tokens)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
-
-
-def prefix_hashes(token_ids: Sequence[int], block_tokens: int) -> list[int]:
-    """Chained hashes of the full blocks of `token_ids`; a trailing partial block has none."""
-    hashes, h = [], ROOT_HASH
-    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        h = block_hash(h, token_ids[start : start + block_tokens])
-        hashes.append(h)
-    return hashes
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """What `allocate` decided for a new sequence."""
-
-    seq_id: Hashable
-    blocks: tuple[BlockRef, ...]  # block table in token order
-    cached_tokens: int  # leading tokens whose KV already sits in `blocks`: prefill starts here
-    promote: tuple[BlockRef, ...]  # HOST-tier blocks of the cached prefix: candidates to move to GPU
-
-
-@dataclass(frozen=True)
-class Move:
-    """A pending copy of one block between tiers; both ends stay pinned until complete or abort."""
-
-    move_id: int
-    src: BlockRef
-    dst: BlockRef
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    """One occupied physical block, for debugging, tests and the server's stats."""
-
-    ref: BlockRef
-    ref_count: int  # sequences whose table holds it
-    prefix_hash: int | None  # None while partial, or when its tokens were never given
-    tokens: int
-    last_use: int  # manager tick of the last allocate/append/free/move touching it
-    pinned: bool  # source or reserved destination of a pending move
-    evictable: bool  # cached: sealed, unreferenced, unpinned
-
-
-@dataclass(frozen=True)
-class TierUsage:
-    """Block and byte counts of one tier; free + used + cached == total."""
-
-    tier: KVTier
-    total_blocks: int
-    used_blocks: int  # referenced by a sequence or pinned by a pending move
-    free_blocks: int
-    cached_blocks: int  # reusable by a prefix hit, evictable on demand
-    total_bytes: int
-    used_bytes: int
-    free_bytes: int
-    cached_bytes: int
-    empty_blocks: int = 0  # used blocks holding no token yet: `reserve`d ahead of their tokens
-
-    @property
-    def available_blocks(self) -> int:
-        """Blocks an allocation can take now (free, or evicted from the cache)."""
-        return self.free_blocks + self.cached_blocks
-
-
-@dataclass(frozen=True)
-class KVUsage:
-    """Accounting for the planner and the server: both tiers plus prefix-cache statistics."""
-
-    gpu: TierUsage
-    host: TierUsage
-    prefix_lookups: int  # successful `allocate` calls
-    lookup_tokens: int  # prompt tokens looked up
-    hit_tokens: int  # prompt tokens served from cache
-    evicted_blocks: int
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
 
 
 @dataclass(slots=True, eq=False)  # eq=False: hashed by identity, a key of the LRU
 class _Block:
-    """A logical block; `loc` is where its bytes are now."""
+    """A logical block at `loc`."""
 
     loc: BlockRef
     last_use: int
     ref_count: int = 1
     hash: int | None = None
     tokens: int = 0
-    move: Move | None = None
     unwritten: bool = False  # registered, but no lookup may hit it before `commit`
 
 
@@ -166,31 +52,31 @@ class _Seq:
 
 
 class KVBlockManager:
-    """Physical KV blocks of two tiers, shared by prefix hash, evicted LRU, moved in two phases.
+    """Physical KV blocks of each tier, shared by prefix hash, evicted LRU.
 
     Args:
         block_tokens: tokens per block.
-        gpu_blocks, host_blocks: physical blocks per tier.
-        bytes_per_block: bytes of one block (all layers, K and V), for `usage()`.
+        gpu_blocks, host_blocks, layer_blocks: physical blocks of the GPU, HOST and HOST_LAYER tiers.
+        bytes_per_block: bytes of one block (all layers, K and V), for `usage()`; `resize` sets a
+            tier's own (a HOST_LAYER block is one layer's).
         share_unwritten: whether a prompt's blocks are reusable from `allocate` on (False: from `commit`).
     """
 
-    def __init__(self, block_tokens: int, gpu_blocks: int, host_blocks: int, *, bytes_per_block: int = 0,
-                 share_unwritten: bool = True):
-        if block_tokens < 1 or min(gpu_blocks, host_blocks, bytes_per_block) < 0:
+    def __init__(self, block_tokens: int, gpu_blocks: int, host_blocks: int, *, layer_blocks: int = 0,
+                 bytes_per_block: int = 0, share_unwritten: bool = True):
+        if block_tokens < 1 or min(gpu_blocks, host_blocks, layer_blocks, bytes_per_block) < 0:
             raise ValueError(f"bad KV block geometry: {block_tokens=} {gpu_blocks=} {host_blocks=} "
-                             f"{bytes_per_block=}")
+                             f"{layer_blocks=} {bytes_per_block=}")
         self.block_tokens, self.bytes_per_block = block_tokens, bytes_per_block
         self.share_unwritten = share_unwritten
-        self._slots: dict[KVTier, list[_Block | None]] = {KVTier.GPU: [None] * gpu_blocks,
-                                                          KVTier.HOST: [None] * host_blocks}
+        sizes = {KVTier.GPU: gpu_blocks, KVTier.HOST: host_blocks, KVTier.HOST_LAYER: layer_blocks}
+        self._slots: dict[KVTier, list[_Block | None]] = {t: [None] * n for t, n in sizes.items()}
         self._free = {t: deque(range(len(s))) for t, s in self._slots.items()}
+        self._bytes = {t: bytes_per_block for t in KVTier}
         self._empty = {t: 0 for t in KVTier}  # referenced blocks holding no token
         self._lru: dict[KVTier, OrderedDict[_Block, None]] = {t: OrderedDict() for t in KVTier}  # LRU first
         self._index: dict[int, _Block] = {}  # prefix hash -> the one block registered for reuse
         self._seqs: dict[Hashable, _Seq] = {}
-        self._moves: dict[int, _Block] = {}
-        self._move_ids = itertools.count()
         self._tick = 0
         self._lookups = self._lookup_tokens = self._hit_tokens = self._evicted = 0
 
@@ -231,13 +117,12 @@ class KVBlockManager:
         self._lookups += 1
         self._lookup_tokens += n
         self._hit_tokens += len(hits) * bt
-        promote = tuple(b.loc for b in hits if b.loc.tier is KVTier.HOST and b.move is None)
-        return Allocation(seq_id, tuple(b.loc for b in blocks), len(hits) * bt, promote)
+        return Allocation(seq_id, tuple(b.loc for b in blocks), len(hits) * bt)
 
-    def append(
-        self, seq_id: Hashable, n_tokens: int = 1, token_ids: Sequence[int] | None = None
-    ) -> tuple[BlockRef, ...]:
-        """Grow a sequence by `n_tokens` (by `len(token_ids)` when ids are given); returns new blocks.
+    def append(self, seq_id: Hashable, n_tokens: int = 1, token_ids: Sequence[int] | None = None, *,
+               tier: KVTier | None = None) -> tuple[BlockRef, ...]:
+        """Grow a sequence by `n_tokens` (by `len(token_ids)` when ids are given); returns new blocks,
+        which go to `tier` when given, else as in `allocate`.
 
         A block that fills up is sealed with its prefix hash so later requests can reuse it. Without
         `token_ids` the hash chain breaks: this and later blocks of the sequence are never shared.
@@ -254,8 +139,9 @@ class KVBlockManager:
         fresh = -(-total // bt) - len(seq.blocks)  # <= 0 while `reserve`d blocks remain
         new = []
         if fresh > 0:  # (a decode step of a reserved sequence skips this: once per row and step)
-            self._check_capacity(fresh, TIERS)
-            new = [self._new_block(TIERS) for _ in range(fresh)]
+            tiers = (tier,) if tier is not None else TIERS
+            self._check_capacity(fresh, tiers)
+            new = [self._new_block(tiers) for _ in range(fresh)]
             seq.blocks.extend(new)
         self._tick += 1
         if token_ids is None and n_tokens:
@@ -275,6 +161,39 @@ class KVBlockManager:
                 seq.partial = []
         seq.n_tokens = total
         return tuple(b.loc for b in new) if new else ()
+
+    def truncate(self, seq_id: Hashable, tokens: int) -> None:
+        """Keep a sequence's first `tokens` tokens: the blocks after them go back (reserved ones too;
+        sealed ones stay cached, their bytes still hold that prefix), and a sealed block cut into is
+        unsealed, since its tail will be written again.
+
+        Raises:
+            ValueError: `tokens` is more than the sequence holds, or the cut falls inside a block
+                another sequence shares (its bytes cannot change under that sequence).
+        """
+        seq = self._seq(seq_id)
+        if not 0 <= tokens <= seq.n_tokens:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} of {seq.n_tokens} tokens to {tokens}")
+        bt = self.block_tokens
+        keep, rest = -(-tokens // bt), tokens % bt
+        cut = seq.blocks[keep - 1] if rest else None
+        if cut is not None and cut.ref_count > 1:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} inside a block {cut.ref_count} sequences share")
+        self._tick += 1
+        while len(seq.blocks) > keep:  # tail first, as `free` does
+            self._unref(seq.blocks.pop())
+        if cut is not None and cut.tokens > rest:
+            if cut.hash is not None and self._index.get(cut.hash) is cut:
+                del self._index[cut.hash]
+            if cut.hash is not None:
+                seq.partial, seq.parent = [], None  # the cut block's ids were not kept: the chain ends here
+            else:
+                seq.partial = seq.partial[:rest]
+            cut.hash, cut.tokens, cut.last_use = None, rest, self._tick
+        elif cut is None:  # on a block edge: the chain goes on from the last kept block, if it is sealed
+            seq.partial = []
+            seq.parent = seq.blocks[-1].hash if seq.blocks else ROOT_HASH
+        seq.n_tokens = tokens
 
     def reserve(self, seq_id: Hashable, blocks: int, tier: KVTier = KVTier.GPU) -> None:
         """Hold `blocks` blocks of `tier` for a sequence, so that its appends up to `blocks *
@@ -300,12 +219,13 @@ class KVBlockManager:
         while len(seq.blocks) > blocks:
             self._unref(seq.blocks.pop())
 
-    def resize(self, tier: KVTier, blocks: int) -> None:
-        """Give `tier` `blocks` physical blocks, e.g. a GPU tier for the running sequences of a
-        manager first built for a host-memory prefix pool. Shrinking drops free blocks only.
+    def resize(self, tier: KVTier, blocks: int, *, bytes_per_block: int | None = None) -> None:
+        """Give `tier` `blocks` physical blocks (of `bytes_per_block` bytes, when given), e.g. a GPU tier
+        for the running sequences of a manager first built for a host-memory prefix pool. Shrinking
+        drops free blocks only.
 
         Raises:
-            ValueError: a block past the new size is held, cached or the destination of a move.
+            ValueError: a block past the new size is held or cached.
         """
         slots = self._slots[tier]
         if blocks < 0 or any(blk is not None for blk in slots[blocks:]):
@@ -316,6 +236,8 @@ class KVBlockManager:
         else:
             self._free[tier].extend(range(len(slots), blocks))
             slots.extend([None] * (blocks - len(slots)))
+        if bytes_per_block is not None:
+            self._bytes[tier] = bytes_per_block
 
     def commit(self, seq_id: Hashable) -> None:
         """The sequence's prompt KV is written: its blocks may now be reused (see `share_unwritten`)."""
@@ -343,70 +265,31 @@ class KVBlockManager:
         self.free(seq_id)
 
     def block_table(self, seq_id: Hashable) -> tuple[BlockRef, ...]:
-        """Where a sequence's blocks are now, in token order (changes when a move completes)."""
+        """Where a sequence's blocks are, in token order."""
         return tuple(b.loc for b in self._seq(seq_id).blocks)
 
     def num_tokens(self, seq_id: Hashable) -> int:
         return self._seq(seq_id).n_tokens
-
-    def prepare_move(self, block: BlockRef, to_tier: KVTier) -> Move:
-        """Reserve a block in `to_tier` for a copy of `block`; pin both until complete or abort.
-
-        May evict the LRU cached block of `to_tier` to make room.
-
-        Raises:
-            KVCapacityError: `to_tier` has no free or evictable block; nothing is changed.
-        """
-        blk = self._slots[block.tier][block.index]
-        if blk is None or blk.loc != block:
-            raise ValueError(f"{block} holds no block (free, or the destination of a pending move)")
-        if blk.move is not None:
-            raise ValueError(f"{block} is already moving ({blk.move})")
-        if block.tier is to_tier:
-            raise ValueError(f"{block} is already in the {to_tier.value} tier")
-        index = self._take(to_tier)
-        if index is None:
-            raise KVCapacityError(f"cannot move {block} to the {to_tier.value} tier: {self._describe()}")
-        self._tick += 1
-        self._lru[block.tier].pop(blk, None)  # pinned: not evictable while the copy runs
-        self._slots[to_tier][index] = blk
-        blk.move = Move(next(self._move_ids), block, BlockRef(to_tier, index))
-        self._moves[blk.move.move_id] = blk
-        return blk.move
-
-    def complete_move(self, move: Move) -> None:
-        """The bytes have arrived: the block now lives at `move.dst` and its source is freed."""
-        self._finish(move, done=True)
-
-    def abort_move(self, move: Move) -> None:
-        """The copy did not happen: release the reserved destination; the block stays at `move.src`."""
-        self._finish(move, done=False)
-
-    def pending_moves(self) -> tuple[Move, ...]:
-        return tuple(b.move for b in self._moves.values())  # type: ignore[misc]
 
     def block_info(self, ref: BlockRef) -> BlockInfo | None:
         """State of one physical block; None when it is free."""
         blk = self._slots[ref.tier][ref.index]
         if blk is None:
             return None
-        if blk.loc != ref:  # reserved destination of a pending move
-            return BlockInfo(ref, 0, None, 0, blk.last_use, pinned=True, evictable=False)
-        pinned, cached = blk.move is not None, self._is_cached(blk)
-        return BlockInfo(ref, blk.ref_count, blk.hash, blk.tokens, blk.last_use, pinned, cached)
+        return BlockInfo(ref, blk.ref_count, blk.hash, blk.tokens, blk.last_use, self._is_cached(blk))
 
     def eviction_order(self, tier: KVTier) -> tuple[BlockRef, ...]:
-        """Cached blocks of a tier, next to be evicted first (e.g. to demote GPU blocks to HOST)."""
+        """Cached blocks of a tier, next to be evicted first."""
         return tuple(b.loc for b in self._lru[tier])
 
     def usage(self) -> KVUsage:
         def tier(t: KVTier) -> TierUsage:
             blocks = (len(self._slots[t]), len(self._slots[t]) - len(self._free[t]) - len(self._lru[t]),
                       len(self._free[t]), len(self._lru[t]))
-            return TierUsage(t, *blocks, *(b * self.bytes_per_block for b in blocks), self._empty[t])
+            return TierUsage(t, *blocks, *(b * self._bytes[t] for b in blocks), self._empty[t])
 
-        return KVUsage(tier(KVTier.GPU), tier(KVTier.HOST), self._lookups, self._lookup_tokens,
-                       self._hit_tokens, self._evicted)
+        return KVUsage(tier(KVTier.GPU), tier(KVTier.HOST), tier(KVTier.HOST_LAYER), self._lookups,
+                       self._lookup_tokens, self._hit_tokens, self._evicted)
 
     def _seq(self, seq_id: Hashable) -> _Seq:
         seq = self._seqs.get(seq_id)
@@ -414,32 +297,13 @@ class KVBlockManager:
             raise KeyError(f"unknown sequence {seq_id!r}")
         return seq
 
-    def _finish(self, move: Move, done: bool) -> None:
-        blk = self._moves.pop(move.move_id, None)
-        if blk is None or blk.move != move:
-            raise ValueError(f"{move} is not pending")
-        self._tick += 1
-        self._free_slot(move.src if done else move.dst)
-        blk.move = None
-        if done:
-            if not blk.tokens:
-                self._empty[move.src.tier] -= 1
-                self._empty[move.dst.tier] += 1
-            blk.loc, blk.last_use = move.dst, self._tick
-        if blk.ref_count == 0:
-            self._release(blk)
-
-    def _free_slot(self, ref: BlockRef) -> None:
-        self._slots[ref.tier][ref.index] = None
-        self._free[ref.tier].append(ref.index)
-
     def _is_cached(self, blk: _Block) -> bool:
         return blk in self._lru[blk.loc.tier]
 
     def _describe(self) -> str:
         tiers = ", ".join(f"{t.value} {len(self._free[t])} free + {len(self._lru[t])} cached of "
                           f"{len(self._slots[t])}" for t in KVTier)
-        return f"{tiers}; {len(self._seqs)} sequences and {len(self._moves)} pending moves hold the rest"
+        return f"{tiers}; {len(self._seqs)} sequences hold the rest"
 
     def _check_capacity(self, need: int, tiers: tuple[KVTier, ...], reused: int = 0) -> None:
         """Fail before changing anything; `reused` cached blocks of `tiers` are about to be referenced."""
@@ -489,15 +353,15 @@ class KVBlockManager:
     def _unref(self, blk: _Block) -> None:
         blk.ref_count -= 1
         blk.last_use = self._tick
-        if blk.ref_count == 0 and blk.move is None:
+        if blk.ref_count == 0:
             self._release(blk)
 
     def _release(self, blk: _Block) -> None:
-        """An unreferenced, unpinned block: cached if registered for reuse, else freed."""
+        """An unreferenced block: cached if registered for reuse, else freed."""
         if blk.hash is not None and self._index.get(blk.hash) is blk:
-            blk.last_use = self._tick  # the LRU stays ordered by last use
-            self._lru[blk.loc.tier][blk] = None
+            self._lru[blk.loc.tier][blk] = None  # last_use was just set: the LRU stays ordered by it
         else:
             if not blk.tokens:
                 self._empty[blk.loc.tier] -= 1
-            self._free_slot(blk.loc)
+            self._slots[blk.loc.tier][blk.loc.index] = None
+            self._free[blk.loc.tier].append(blk.loc.index)

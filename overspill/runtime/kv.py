@@ -11,12 +11,14 @@ streamed weights: `KVRing` copies layer i+depth's host blocks on a side stream w
 attends, cyclically across decode steps, with no host synchronisation. A slot is marked done
 when the next host-tier layer starts (its attention has been enqueued by then).
 
-Host blocks are counted by `overspill.planning.kvblocks.KVBlockManager` (its HOST tier, one
-sequence per layer), which may be shared to bound several caches' host tiers together; the bytes
-stay in each layer's contiguous buffer (one copy per prefetch), so the manager's block indices are
-not used for addressing. The cache does not share blocks between sequences yet (prefix reuse
-copies through `prefix.py`), and beam reordering of host-tier layers is refused (crop works:
-speculative decoding needs it). `TieredCache.close` releases the pinned host tier explicitly.
+Host blocks are counted by a `KVBlockManager` in its HOST_LAYER tier (one sequence per layer, a block
+being `block_tokens` of the manager's tokens of that layer): a serving engine passes its own manager,
+so its requests' host-tier KV is counted with the rest of its KV; alone, a cache owns a private one.
+The bytes stay in each layer's contiguous buffer (one copy per prefetch), so the manager's block
+indices are not used for addressing. The cache does not share blocks between sequences yet (prefix
+reuse copies through `prefix.py`), and beam reordering of host-tier layers is refused (crop works:
+speculative decoding needs it; its blocks go back through `KVBlockManager.truncate`).
+`TieredCache.close` returns the blocks and releases the pinned host tier explicitly.
 
 Device-tier full-attention layers are `PresizedLayer`s: each allocates its KV for the whole
 sequence once, at its first update, and writes new tokens in place. transformers' `DynamicLayer`
@@ -80,9 +82,10 @@ class KVRing(Ring):
 class HostKVLayer(DynamicLayer):
     """A full-attention layer's KV in pinned host memory, staged on the device through a `KVRing`.
 
-    Its sealed blocks are counted in a `KVBlockManager`'s HOST tier (one sequence per layer): the
-    manager's token count for the layer is `host_tokens`, so the blocks the manager holds are
-    exactly the host blocks the layer holds.
+    Its sealed blocks are counted in a `KVBlockManager`'s HOST_LAYER tier (one sequence per layer):
+    the manager's token count for the layer is `host_tokens`, so the blocks the manager holds are
+    exactly those the layer's host tokens fill, in the manager's block size (which need not be the
+    layer's `block_tokens`, the granularity at which KV spills to host memory).
     """
 
     def __init__(self, ring: KVRing, capacity: int, block_tokens: int = DEFAULT_BLOCK_TOKENS,
@@ -92,7 +95,8 @@ class HostKVLayer(DynamicLayer):
         self.position = ring.add(self)
         self.capacity = -(-capacity // block_tokens) * block_tokens
         self.block_tokens = block_tokens
-        self.blocks = blocks if blocks is not None else KVBlockManager(block_tokens, 0, self.capacity // block_tokens)
+        self.blocks = blocks if blocks is not None else KVBlockManager(
+            block_tokens, 0, 0, layer_blocks=self.capacity // block_tokens)
         self.pins = pins if pins is not None else PinnedHost()
         self.seq_id = object()  # this layer's sequence in the manager: unique while the manager holds it
         self.length = 0  # tokens held (host blocks + device tail)
@@ -112,7 +116,7 @@ class HostKVLayer(DynamicLayer):
         self.tail_k = torch.empty((self.block_tokens, batch, heads, head_dim), dtype=self.dtype, device=self.device)
         self.tail_v = torch.empty_like(self.tail_k)
         self.ring.ensure_slots(shape, self.dtype, self.device)
-        self.blocks.reserve(self.seq_id, 0, KVTier.HOST)
+        self.blocks.reserve(self.seq_id, 0, KVTier.HOST_LAYER)
         self.keys = self.values = None
         self.is_initialized = True
 
@@ -148,15 +152,12 @@ class HostKVLayer(DynamicLayer):
         return sk[:total].permute(1, 2, 0, 3), sv[:total].permute(1, 2, 0, 3)
 
     def _hold(self, tokens: int) -> None:
-        """Make the manager hold `tokens` (whole blocks) for this layer, in its HOST tier. `reserve`
-        never drops blocks holding tokens, so a shrink gives them all back and takes them again."""
+        """Make the manager hold `tokens` for this layer, in its HOST_LAYER tier (a shrink gives blocks back)."""
         held = self.host_tokens
         if tokens < held:
-            self.blocks.free(self.seq_id)
-            held = 0
-        self.blocks.reserve(self.seq_id, tokens // self.block_tokens, KVTier.HOST)  # raises before any change
-        if tokens > held:
-            self.blocks.append(self.seq_id, tokens - held)
+            self.blocks.truncate(self.seq_id, tokens)
+        elif tokens > held:
+            self.blocks.append(self.seq_id, tokens - held, tier=KVTier.HOST_LAYER)  # raises before any change
 
     def release(self) -> None:
         """Give the layer's blocks back and drop its buffers; the next update allocates them again."""
@@ -288,12 +289,9 @@ class TieredCache(DynamicCache):
         capacity: most tokens per sequence (prompt + generated) the host layers hold.
         block_tokens: tokens per host block; whole blocks move to host as they fill.
         depth: how many host-tier layers ahead the staging ring copies.
-        blocks: the manager whose HOST tier counts the sealed blocks (a block: `block_tokens` tokens
-            of one layer, every batch row), shared to bound several caches' host tiers together.
-            None: one sized to this cache's host layers at `capacity`.
-
-    Raises:
-        ValueError: `blocks` counts blocks of another size.
+        blocks: the manager whose HOST_LAYER tier counts the sealed tokens of each host layer (in its
+            own block size), shared to count this cache with the rest of a serving engine's KV or to
+            bound several caches' host tiers together. None: a private one sized to this cache.
     """
 
     def __init__(
@@ -309,14 +307,17 @@ class TieredCache(DynamicCache):
                 raise OverspillError(f"layer {i} does not exist: the model has {len(self.layers)} layers")
             if not getattr(self.layers[i], "is_sliding", False):  # a sliding window keeps few tokens: device
                 host.append(i)
-        if blocks is None:
-            blocks = KVBlockManager(block_tokens, 0, len(host) * -(-capacity // block_tokens))
-        elif blocks.block_tokens != block_tokens:
-            raise ValueError(f"the host tier has {block_tokens}-token blocks; the manager counts {blocks.block_tokens}")
-        self.blocks = blocks
+        self.host_capacity = -(-capacity // block_tokens) * block_tokens  # tokens each host layer holds
+        self.blocks = blocks if blocks is not None else KVBlockManager(
+            block_tokens, 0, 0, layer_blocks=len(host) * self.host_capacity // block_tokens)
         for i in host:
-            self.layers[i] = HostKVLayer(self.ring, capacity, block_tokens, blocks, self.pins)
+            self.layers[i] = HostKVLayer(self.ring, capacity, block_tokens, self.blocks, self.pins)
         presize(self, capacity)
+
+    def max_host_blocks(self, block_tokens: int) -> int:
+        """Blocks of `block_tokens` tokens the host layers hold at capacity: what a manager's HOST_LAYER
+        tier needs per cache."""
+        return len(self.host_layer_indices) * -(-self.host_capacity // block_tokens)
 
     @property
     def host_layer_indices(self) -> list[int]:
@@ -324,7 +325,7 @@ class TieredCache(DynamicCache):
 
     @property
     def host_blocks(self) -> int:
-        """Host blocks this cache holds in its manager (one per layer per `block_tokens` sealed tokens)."""
+        """Blocks this cache's host layers hold in its manager (each layer's sealed tokens, in the manager's blocks)."""
         return sum(len(self.blocks.block_table(layer.seq_id))
                    for layer in self.layers if isinstance(layer, HostKVLayer) and layer.is_initialized)
 

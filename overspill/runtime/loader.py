@@ -42,14 +42,15 @@ class Placement:
     def summary(self) -> str:
         return self.plan.summary()
 
-    def new_cache(self, config, block_tokens: int = 256):
-        """A `TieredCache` that keeps the plan's host-KV layers in pinned memory (None: the default cache does)."""
+    def new_cache(self, config, block_tokens: int = 256, blocks: Any = None):
+        """A `TieredCache` that keeps the plan's host-KV layers in pinned memory (None: the default cache does);
+        `blocks`, a serving engine's `KVBlockManager`, counts its host blocks with the engine's other KV."""
         if not self.plan.kv_host_layers:
             return None
         from .kv import TieredCache
 
         depth = max(self.plan.depth, 1)
-        return TieredCache(config, self.plan.kv_host_layers, self.plan.workload.context, block_tokens, depth)
+        return TieredCache(config, self.plan.kv_host_layers, self.plan.workload.context, block_tokens, depth, blocks)
 
     def generate_cache(self, config, batch: int, tokens: int):
         """The cache `generate` uses for `batch` sequences of up to `tokens` tokens: the plan's

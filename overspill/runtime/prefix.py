@@ -8,7 +8,8 @@ are copied in from the pinned pool, one copy per layer for each run of consecuti
 to the pool; `abort` forgets them, so unwritten bytes are never reused.
 
 The pool is the manager's HOST tier. A serving engine given this pool counts its running requests'
-blocks in the same manager's GPU tier, so one manager answers for all KV blocks in use.
+blocks in the same manager's GPU tier and its host-tier KV layers' in HOST_LAYER, so one manager
+answers for all KV blocks in use.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transformers import DynamicCache
 
 from ..errors import OverspillError
 from ..planning.kvblocks import Allocation, KVBlockManager, KVTier
-from .kv import kv_dims, layer_kv
+from .kv import TieredCache, kv_dims, layer_kv
 from .layout import host_tensor
 
 
@@ -82,7 +83,8 @@ class PrefixCache:
         """Hold the longest cached prefix of `token_ids` (and the prompt's new blocks) until `finish`
         or `abort`; with an empty batch-1 `cache`, copy that prefix's KV into it.
 
-        The copy goes layer by layer, so the device holds one layer's prefix beside the cache."""
+        The copy goes layer by layer, so the device holds one layer's prefix beside the cache. If it fails,
+        a `TieredCache` is closed, so that the blocks its host layers took go back to their manager."""
         seq_id = next(self._ids)
         alloc = self.manager.allocate(seq_id, token_ids, tier=KVTier.HOST)
         n, bt = alloc.cached_tokens, self.block_tokens
@@ -94,6 +96,8 @@ class PrefixCache:
                     cache.update(lk, lv, layer)
             except BaseException:  # e.g. out of device memory: release the blocks, the caller computes it all
                 self.manager.discard(seq_id, n // bt)
+                if isinstance(cache, TieredCache):
+                    cache.close()
                 raise
         return Lease(seq_id, n, alloc)
 

@@ -7,7 +7,9 @@ admitted while batch places and KV blocks allow. Every admitted sequence stays i
 of them with an event and frees its KV.
 
 KV is accounted once, in a `KVBlockManager`: its GPU tier holds the running requests' blocks, its
-HOST tier the prefix pool's (the pool's own manager when there is one, so both count in one place).
+HOST tier the prefix pool's (the pool's own manager when there is one, so both count in one place),
+its HOST_LAYER tier the host-tier KV layers' of the running requests' caches (a `TieredCache` counts
+them there itself; such a cache is closed when its request ends, so its blocks go back at once).
 The running rows share one cache padded to the widest row, so each admitted request reserves
 blocks for the widest reservation (prompt + max_new_tokens) of any running request: a request is
 admitted only when every row, padded so, still fits, and a running request never runs out of KV.
@@ -21,7 +23,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from ..planning.kvblocks import KVBlockManager, KVTier
 from .detok import TextStream
@@ -37,9 +39,20 @@ class PrefixPool(Protocol):
     def abort(self, lease: Any) -> None: ...
 
 
+@runtime_checkable
+class HoldsBlocks(Protocol):
+    """A cache that holds blocks in the engine's manager (`runtime.kv.TieredCache`): it serves one request
+    and runs alone in the batch, and `close` gives its blocks back."""
+
+    host_blocks: int
+
+    def close(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Sequence:
-    """Per-request state, owned by the engine thread. `cache` is its own (the runner's) until it joins the batch."""
+    """Per-request state, owned by the engine thread. `cache` is its own (the runner's) until it joins the
+    batch; one that `HoldsBlocks` stays referenced here until the request ends and `finish` closes it."""
 
     handle: Handle
     text: TextStream
@@ -87,14 +100,19 @@ class Scheduler:
         held_tokens: KV columns the running batch holds, padding included (the byte gauges).
         token_bytes: KV bytes per token of the device-tier and host-tier layers.
         prefix: the prefix pool, whose leases `finish` releases.
+        layer_blocks: HOST_LAYER blocks the running requests' host-tier KV layers may hold (0: none).
     """
 
     def __init__(self, blocks: KVBlockManager, total_blocks: int, max_batch: int, max_queue: int, prefill_chunk: int,
                  tokenizer: Any, tokenizer_lock: threading.Lock, metrics: NullMetrics, eos_ids: set[int],
-                 held_tokens: Callable[[], int], token_bytes: tuple[int, int], prefix: PrefixPool | None = None):
-        if blocks.usage().gpu.used_blocks:
-            raise ValueError("the KV block manager's GPU tier is in use: is its prefix cache serving another engine?")
+                 held_tokens: Callable[[], int], token_bytes: tuple[int, int], prefix: PrefixPool | None = None,
+                 layer_blocks: int = 0):
+        usage = blocks.usage()
+        if usage.gpu.used_blocks or usage.host_layer.used_blocks:
+            raise ValueError("the KV block manager's GPU or HOST_LAYER tier is in use: is its prefix cache serving "
+                             "another engine?")
         blocks.resize(KVTier.GPU, total_blocks)
+        blocks.resize(KVTier.HOST_LAYER, layer_blocks)
         self.blocks, self.total_blocks, self.prefix = blocks, total_blocks, prefix
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.tokenizer, self.tokenizer_lock, self.metrics, self.eos_ids = tokenizer, tokenizer_lock, metrics, eos_ids
@@ -269,7 +287,8 @@ class Scheduler:
             self.prefilled(seq, len(seq.request.prompt_ids) if work.width else len(work.chunk))
         through = [seq for seq in work.seqs if seq.prefilled == len(seq.request.prompt_ids)]
         for seq in through:
-            seq.cache = None
+            if not isinstance(seq.cache, HoldsBlocks):  # (a plain cache's tensors are merged into the batch's)
+                seq.cache = None
         return through
 
     def joined(self, seqs: list[Sequence]) -> None:
@@ -322,6 +341,8 @@ class Scheduler:
         if seq.lease is not None:
             self.prefix.abort(seq.lease)
             seq.lease = None
+        if isinstance(seq.cache, HoldsBlocks):
+            seq.cache.close()
         seq.cache = None
         with self.lock:
             if self.running.pop(seq.handle.id, None) is None:
