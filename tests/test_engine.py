@@ -367,10 +367,21 @@ def blocks_disagree(engine: Engine) -> list[str]:
     """What the engine's block manager, its caches and its prefix pool disagree on (run on the engine thread).
 
     The manager is the one source: admission reserves every running row the widest reservation
-    there, each row's filled blocks must hold exactly the KV its cache holds, and the prefix pool's
-    HOST blocks in use are exactly those its live leases hold."""
+    there, each row's filled blocks must hold exactly the KV its cache holds, the prefix pool's
+    HOST blocks in use are exactly those its live leases hold, and its HOST_LAYER blocks in use are
+    exactly those the live `TieredCache`s' host layers fill with their sealed tokens."""
+    from overspill.runtime.kv import HostKVLayer, TieredCache
+
     s, m, batch = engine.scheduler, engine.blocks, engine.runner.batch
     found = []
+    tiered = {id(c): c for c in [batch.cache] + [seq.cache for seq in s.running.values()] if isinstance(c, TieredCache)}
+    if isinstance(batch.cache, TieredCache) and batch.cache.get_seq_length() != m.num_tokens(batch.rows[0].key):
+        found.append(f"tiered row: cache {batch.cache.get_seq_length()} tokens, manager {m.num_tokens(batch.rows[0].key)}")
+    sealed = [layer.get_seq_length() // layer.block_tokens * layer.block_tokens for cache in tiered.values()
+              for layer in cache.layers if isinstance(layer, HostKVLayer)]
+    layer_blocks = sum(-(-tokens // m.block_tokens) for tokens in sealed)
+    if m.usage().host_layer.used_blocks != layer_blocks:
+        found.append(f"{m.usage().host_layer.used_blocks} HOST_LAYER blocks in use, the tiered caches fill {layer_blocks}")
     for row, seq in enumerate(batch.rows):  # decoding: the cache's real columns of the row
         if m.num_tokens(seq.key) != int(batch.valid[row].sum()):
             found.append(f"row {row}: manager {m.num_tokens(seq.key)} tokens, cache {int(batch.valid[row].sum())}")
@@ -392,31 +403,53 @@ def blocks_disagree(engine: Engine) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_checkpoint, arch):
+@pytest.mark.parametrize("arch, tiered", [("llama", False), ("mistral", False), ("llama", True)])
+def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_checkpoint, arch, tiered, monkeypatch):
     """Requests arrive while others decode, some are cancelled mid-way; every finished one equals its
     solo run, every cancelled one ends 'cancelled', and no KV block or request state is left behind.
     At every decode step the engine's admission (its reservations), the caches and the prefix pool
-    (llama: mistral's sliding windows take none) agree on the blocks in use, in one block manager."""
+    (llama: mistral's sliding windows take none) agree on the blocks in use, in one block manager;
+    tiered: 5 of 8 layers keep KV in host memory (a `TieredCache` spilling every 8 tokens, one request
+    at a time), their blocks counted in the same manager."""
+    import functools
     import random
     import threading
     import time
 
+    from transformers import AutoConfig
+
+    import overspill
+    from overspill.runtime.loader import Placement
     from overspill.runtime.prefix import PrefixCache
 
     rng = random.Random(7)
-    model = load_tiny(tiny_checkpoint(arch), resident=4)
+    if tiered:  # a KV budget of 3 layers: the first 5 keep theirs in host memory
+        monkeypatch.setattr(Placement, "new_cache", functools.partialmethod(Placement.new_cache, block_tokens=8))
+        config = AutoConfig.from_pretrained(tiny_checkpoint(arch))
+        kv_layer = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4 * 64
+        model, _ = overspill.load(tiny_checkpoint(arch), gpu_memory=None, dtype="float32", context=64,
+                                  kv_gpu_memory=6 * kv_layer, progress=False)
+        assert model.overspill.plan.kv_host_layers == tuple(range(5))
+    else:
+        model = load_tiny(tiny_checkpoint(arch), resident=4)
     prefix = PrefixCache(model.config, 96, block_tokens=4, dtype=torch.float32) if arch == "llama" else None
     engine = _engine(model, max_batch=3, prefill_chunk=7, kv_capacity_tokens=160, prefix_cache=prefix)
     disagreements: list[str] = []
     try:
         assert prefix is None or prefix.manager is engine.blocks
+        assert engine.blocks.usage().host_layer.total_blocks == (5 * 64 // 4 if tiered else 0)
         shared = tuple(rng.randrange(3, 250) for _ in range(12))  # some prompts share 1-3 pool blocks
         requests = [GenerationRequest(shared[: rng.choice([0, 4, 8, 12])]
                                       + tuple(rng.randrange(3, 250) for _ in range(rng.randrange(1, 20))),
                                       rng.randrange(1, 14)) for _ in range(14)]
         solo = _outputs(engine, requests, together=False)
-        engine.metrics.check = lambda: disagreements.extend(blocks_disagree(engine))
+        peak_layer_blocks = []
+
+        def check():
+            disagreements.extend(blocks_disagree(engine))
+            peak_layer_blocks.append(engine.blocks.usage().host_layer.used_blocks)
+
+        engine.metrics.check = check
         doomed = {i for i in range(len(requests)) if rng.random() < 0.3}
         results: dict[int, list] = {}
 
@@ -446,10 +479,11 @@ def test_random_arrivals_and_cancels_keep_outputs_and_free_everything(tiny_check
         assert len(results) == len(requests)
         assert engine.live_requests() == 0
         assert engine.kv_stats().used_blocks == 0 and engine.kv_stats().reserved_blocks == 0
-        assert max(engine.metrics.sizes) > 1
+        assert max(engine.metrics.sizes) == 1 if tiered else max(engine.metrics.sizes) > 1
         assert not disagreements, disagreements[:5]
+        assert (max(peak_layer_blocks) > 0) == tiered  # the tiered caches' host blocks were counted, and checked
         usage = engine.blocks.usage()
-        assert usage.gpu.used_blocks == 0 and usage.host.used_blocks == 0  # every block freed or cached
+        assert usage.gpu.used_blocks == usage.host.used_blocks == usage.host_layer.used_blocks == 0  # freed or cached
         assert prefix is None or (engine.kv_stats().prefix_hit_tokens > 0 and usage.host.cached_blocks > 0)
     finally:
         engine.close()
