@@ -16,7 +16,8 @@ from .defaults import (  # noqa: F401 - DEFAULT_MAX_QUEUE and DEFAULT_MAX_BODY_B
     DEFAULT_MAX_QUEUE,
 )
 from .prompt_bound import PromptBound
-from .requests import Event, GenerationRequest, TokenLogprob
+from .requests import Event, GenerationRequest
+from .sampling import TokenLogprob
 from .schemas import (
     ChatCompletionRequest, ChatMessage, CompletionRequest, TokenInfo, chat_logprobs, chat_response, completion_logprobs,
     completion_response, error_body, new_id,
