@@ -9,6 +9,7 @@ counts as proposing each token with probability one.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import OverspillError
+from .trees import DraftTree
 
 Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """`(ids [1, n], logits [1, vocab]) -> scores [1, vocab]`: the target's logits processors."""
@@ -40,13 +42,29 @@ class Drafter(Protocol):
         """Up to `k` tokens to follow `ids` ([1, n], everything so far)."""
 
 
+class TreeDrafter(Drafter, Protocol):
+    def propose_tree(self, ids: torch.Tensor, budget: int, scores: Scores | None, sample: bool) -> DraftTree:
+        """Up to `budget` tokens to follow `ids`, as a tree of alternatives (deterministic: the
+        verify walk samples from the target and follows the child it drew, so no draft
+        distribution is needed to keep sampling exact)."""
+
+
+def propose_tree(drafter: Drafter, ids: torch.Tensor, budget: int, scores: Scores | None, sample: bool) -> DraftTree:
+    """A tree from any drafter: its own where it grows trees, else its chain as a one-branch tree."""
+    grow = getattr(drafter, "propose_tree", None)
+    if grow is not None:
+        return grow(ids, budget, scores, sample)
+    return DraftTree.chain(drafter.propose(ids, budget, scores, sample).tokens[:budget])
+
+
 class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (longest n
     first) and propose what followed it. No model: free, and right whenever the answer quotes its
     input (summaries, code edits, extraction)."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branch_depth: int = 16):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.branch_depth = branch_depth
 
     def propose(self, ids: torch.Tensor, k: int, scores: Scores | None = None, sample: bool = False) -> Draft:
         seq = ids[0]
@@ -60,17 +78,45 @@ class NgramDrafter:
                 return Draft(seq[start : start + k].clone())
         return Draft(seq[:0].clone())
 
+    def propose_tree(self, ids: torch.Tensor, budget: int, scores: Scores | None = None,
+                     sample: bool = False) -> DraftTree:
+        """Every earlier continuation of the sequence's tail, merged into a trie: longest match first,
+        latest occurrence first (so the first branch is `propose`'s chain), each at most
+        `branch_depth` deep, until `budget` nodes."""
+        seq = ids[0]
+        n_tokens = seq.shape[0]
+        tokens: list[int] = []
+        parents: list[int] = []
+        node_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
+            windows = seq[: n_tokens - 1].unfold(0, n, 1)
+            hits = (windows == seq[-n:]).all(dim=1).nonzero().flatten().tolist()
+            for hit in reversed(hits):
+                parent = -1
+                for token in seq[hit + n : hit + n + self.branch_depth].tolist():
+                    if (parent, token) not in node_of:
+                        if len(tokens) >= budget:
+                            break
+                        node_of[(parent, token)] = len(tokens)
+                        tokens.append(token)
+                        parents.append(parent)
+                    parent = node_of[(parent, token)]
+                if len(tokens) >= budget:
+                    return DraftTree(torch.tensor(tokens, dtype=torch.long, device=ids.device), parents)
+        return DraftTree(torch.tensor(tokens, dtype=torch.long, device=ids.device), parents)
+
 
 class ModelDrafter:
     """A small model with the target's tokenizer, resident on the device, proposing greedily (or
     sampling, with its distribution returned). It keeps its own cache and crops it back to the
     longest prefix it shares with the sequence, so accepted tokens are never recomputed."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, top_k: int = 4, width: int = 1):
         from .kv import cache_kwarg
 
         self.model = model
         self.vocab_size = vocab_size
+        self.top_k, self.width = top_k, width
         self._kwarg = cache_kwarg(model)
         self._cache = None
         self._ids: torch.Tensor | None = None  # tokens whose KV the cache holds
@@ -115,6 +161,66 @@ class ModelDrafter:
             feed = token
         self.seconds += time.perf_counter() - start
         return Draft(torch.cat(tokens).to(ids.device), torch.stack(probs).to(ids.device) if sample else None)
+
+    @torch.no_grad()
+    def propose_tree(self, ids: torch.Tensor, budget: int, scores: Scores | None = None,
+                     sample: bool = False) -> DraftTree:
+        """Grow a tree best-first by the draft's cumulative probability: each node taken offers its
+        `top_k` most likely children as candidates; `width` candidates are taken (and run through
+        the draft together, under a tree mask) per round, 1 being strict best-first. Deterministic
+        in both modes (see `TreeDrafter`). A draft with sliding-window layers drafts a chain."""
+        from .trees import model_masks
+
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        feed = self._sync(ids).to(device)
+        if any(getattr(layer, "is_sliding", False) for layer in self._cache.layers):
+            return DraftTree.chain(self.propose(ids, budget, scores, sample).tokens)
+        logits = self.model(input_ids=feed, **{self._kwarg: self._cache}, use_cache=True).logits[0, -1:].float()
+        self._ids = ids.to(device)
+        prefix = ids.shape[1]
+        tokens: list[int] = []
+        parents: list[int] = []
+        logp: list[float] = []
+        heap: list[tuple[float, int, int, int]] = []  # (-cumulative log prob, tie, parent, token)
+        fed: list[int] = []
+
+        def offer(parent: int, row: torch.Tensor) -> None:
+            path = [] if parent < 0 else DraftTree(torch.tensor(tokens), parents).path(parent)
+            seq = torch.cat([ids.to(device), torch.tensor([[tokens[i] for i in path]], dtype=torch.long,
+                                                          device=device)], dim=1)
+            row = _fit_vocab(row, self.vocab_size)
+            row = torch.log_softmax(scores(seq, row) if scores is not None else row, dim=-1)[0]
+            best = torch.topk(row, min(self.top_k, row.shape[-1]))
+            base = 0.0 if parent < 0 else logp[parent]
+            for value, token in zip(best.values.tolist(), best.indices.tolist()):
+                if value > float("-inf"):
+                    heapq.heappush(heap, (-(base + value), len(heap) + len(tokens) * self.top_k, parent, token))
+
+        offer(-1, logits)
+        while heap and len(tokens) < budget:
+            taken = []
+            while heap and len(taken) < self.width and len(tokens) < budget:
+                neg, _, parent, token = heapq.heappop(heap)
+                taken.append(len(tokens))
+                tokens.append(token)
+                parents.append(parent)
+                logp.append(-neg)
+            if len(tokens) >= budget:
+                break
+            tree = DraftTree(torch.tensor(tokens, dtype=torch.long), parents)
+            depth = tree.depths()
+            mask = model_masks(self._cache, tree, prefix, dtype, device, columns=fed + taken, queries=taken)
+            out = self.model(input_ids=torch.tensor([[tokens[i] for i in taken]], device=device),
+                             position_ids=torch.tensor([[prefix - 1 + depth[i] for i in taken]], device=device),
+                             attention_mask=mask, **{self._kwarg: self._cache}, use_cache=True)
+            fed += taken
+            for row, node in enumerate(taken):
+                offer(node, out.logits[0, row : row + 1].float())
+        drop_last(self._cache, len(fed))  # back to the sequence itself
+        self.seconds += time.perf_counter() - start
+        return DraftTree(torch.tensor(tokens, dtype=torch.long, device=ids.device), parents)
 
 
 def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

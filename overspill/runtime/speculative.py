@@ -10,6 +10,11 @@ Exactness: greedy keeps a drafted token only when it is the target's argmax at t
 same logits processors applied to the same prefix), so the output is plain greedy's; sampling uses
 the speculative sampling rule (accept with min(1, p/q), else sample the residual max(p - q, 0)), so
 the output distribution is plain sampling's. Rejected tokens' KV is cropped from the cache.
+
+With `tree=budget` the drafter proposes a tree of alternatives (`trees.py`) verified in one pass;
+the walk down it draws each token from the target exactly as plain decoding would (argmax, or a
+sample) and follows the drafted child holding that token, so greedy is plain greedy and sampling is
+plain sampling for any tree; the cache keeps the accepted path only.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..planning.speculation import AcceptanceTracker, PassCost, best_chain
-from .drafts import Drafter, drop_last, make_drafter
+from ..planning.trees import RankAcceptance
+from .drafts import Drafter, drop_last, make_drafter, propose_tree
 from .kv import cache_kwarg
 from .token_serial import serial_tokens, supports_serial
+from .trees import DraftTree, keep_path, verify_tree
 
 DEFAULT_MAX_CHAIN = 16
 # A pass over n tokens: measured on the H200, 8B shape at 6 GiB: 192.8 ms for 1 token, 199.5 ms for 256,
@@ -42,8 +49,10 @@ class SpeculationStats:
     emitted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-    chains: list[int] = field(default_factory=list)
+    chains: list[int] = field(default_factory=list)  # tokens drafted per pass (a tree's nodes)
     serial: bool = False
+    tree: int | None = None  # the tree budget, None: chains
+    ranks: RankAcceptance = field(default_factory=RankAcceptance)  # trees: which sibling the target chose
 
     @property
     def tokens_per_pass(self) -> float:
@@ -121,6 +130,7 @@ def speculative_decode(
     chain: int | None = None,
     stream_to=None,
     serial: bool | None = None,
+    tree: int | None = None,
     **model_kwargs,
 ) -> torch.LongTensor:
     """transformers `custom_generate` loop: draft up to `chain` tokens, verify them in one pass.
@@ -128,7 +138,8 @@ def speculative_decode(
     `chain=None` adapts the chain length to the acceptance measured so far (`best_chain`); an int
     fixes it. `stream_to` is `generate`'s streamer (transformers passes a callable loop only the
     arguments `_sample` lacks). `serial` verifies one token at a time inside each layer, plain
-    decoding's own arithmetic (`token_serial`); None: wherever the model allows it. Calls the loop
+    decoding's own arithmetic (`token_serial`); None: wherever the model allows it. `tree`: draft
+    trees of up to that many tokens instead of chains (`chain` is then unused). Calls the loop
     cannot serve exactly (batch > 1, padding, beams, dict outputs, a cache
     that cannot crop) run transformers' own sampling loop instead.
     """
@@ -143,7 +154,7 @@ def speculative_decode(
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     sample = bool(generation_config.do_sample)
     serial = supports_serial(model) if serial is None else serial
-    stats = SpeculationStats(serial=serial)
+    stats = SpeculationStats(serial=serial, tree=tree)
     model.speculation_stats = stats
     tracker = AcceptanceTracker()
     ids = input_ids
@@ -152,7 +163,7 @@ def speculative_decode(
         drop_last(cache, cache.get_seq_length() - ids.shape[1] + 1)
     done = cache.get_seq_length()
     logits = _prefill(model, ids[:, done:], cache, kwarg, getattr(generation_config, "prefill_chunk_size", None))
-    _record_past(cache, max_chain + 1)
+    _record_past(cache, max(max_chain, tree or 0) + 1)
     stats.verify_seconds += time.perf_counter() - start
     limit = generation_config.max_length
     pending: torch.Tensor = logits[None]  # the target's raw logits for the next token
@@ -163,6 +174,12 @@ def speculative_decode(
         stats.emitted += 1
         if _emit(ids, token.view(1), stopping_criteria, streamer):
             break
+        if tree:
+            ids, chosen, finished = _tree_step(model, ids, cache, kwarg, drafter, tree, limit, logits_processor,
+                                               sample, serial, stopping_criteria, streamer, stats)
+            if finished:
+                break
+            continue
         k = chain if chain is not None else best_chain(_pass_cost(stats), tracker.rate, max_chain)
         k = max(0, min(k, limit - ids.shape[1])) if limit else k  # never past the planned KV
         t0 = time.perf_counter()
@@ -202,6 +219,48 @@ def speculative_decode(
     if streamer is not None:
         streamer.end()
     return ids
+
+
+def _tree_step(model, ids: torch.Tensor, cache, kwarg: str, drafter: Drafter, budget: int, limit: int | None,
+               logits_processor, sample: bool, serial: bool, stopping_criteria, streamer,
+               stats: SpeculationStats) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Draft a tree, verify it in one pass, walk it: returns the sequence with the accepted path,
+    the target's own next token (None when stopped) and whether a stopping criterion fired."""
+    room = limit - ids.shape[1] if limit else budget  # never past the planned KV
+    t0 = time.perf_counter()
+    drafted = propose_tree(drafter, ids, budget, logits_processor, sample) if room > 0 else DraftTree.chain(ids[0, :0])
+    t1 = time.perf_counter()
+    # serial holds one branch at a time: only depth is bounded; a batched pass holds every node
+    drafted = drafted.prune(budget if serial else min(budget, room), max(room, 0))
+    ranks = drafted.ranks()
+    tree, order = drafted.preorder()
+    tree_pass = verify_tree(model, cache, kwarg, ids[0, -1:], tree, serial)
+    kids = tree.children()
+    node, path, chosen_ranks, finished, own = -1, [], [], False, None
+    while True:
+        token = _choose(logits_processor(ids, tree_pass.logits[node + 1 : node + 2]), sample)
+        nxt = next((c for c in kids[node] if int(tree.tokens[c]) == int(token)), None)
+        if kids[node]:
+            chosen_ranks.append(None if nxt is None else ranks[order[nxt]])
+        if nxt is None:
+            own = token
+            break
+        path.append(nxt)
+        ids = torch.cat([ids, token.view(1, 1).to(ids.device)], dim=1)
+        node = nxt
+        if _emit(ids, token.view(1), stopping_criteria, streamer):
+            finished = True
+            break
+    keep_path(cache, tree_pass, path)
+    stats.passes += 1
+    stats.drafted += len(tree)
+    stats.accepted += len(path)
+    stats.emitted += len(path)
+    stats.chains.append(len(tree))
+    stats.ranks.update(chosen_ranks)
+    stats.draft_seconds += t1 - t0
+    stats.verify_seconds += time.perf_counter() - t1
+    return ids, own, finished
 
 
 def _choose(scores: torch.Tensor, sample: bool) -> torch.Tensor:
@@ -246,10 +305,11 @@ def _pass_cost(stats: SpeculationStats) -> PassCost:
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
-           serial: bool | None = None) -> torch.nn.Module:
+           serial: bool | None = None, tree: int | None = None) -> torch.nn.Module:
     """Make `model.generate` (and so `pipeline` and `run`) decode speculatively with `source`
-    ('ngram', 'draft:PATH' or a `Drafter`); None turns it off. Calls that pass their own
-    `custom_generate` or `assistant_model`, or use beams, run as before."""
+    ('ngram', 'draft:PATH' or a `Drafter`); None turns it off. `tree=budget` drafts trees of up to
+    that many tokens per pass instead of chains. Calls that pass their own `custom_generate` or
+    `assistant_model`, or use beams, run as before."""
     if "generate" in model.__dict__:
         del model.generate
     if source is None:
@@ -263,7 +323,7 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
         beams = kwargs.get("num_beams", config.num_beams) or 1
         if "custom_generate" in kwargs or kwargs.get("assistant_model") is not None or beams > 1:
             return plain(*args, **kwargs)
-        loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, serial=serial,
+        loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, serial=serial, tree=tree,
                                  stream_to=kwargs.get("streamer"))
         return plain(*args, custom_generate=loop, **kwargs)
 

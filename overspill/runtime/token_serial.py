@@ -17,7 +17,7 @@ mode for the duration of a `with` block. It is offered only where a one-token st
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -36,14 +36,23 @@ def _slice_kwargs(kwargs: dict[str, Any], j: int) -> dict[str, Any]:
     return out
 
 
-def _per_token_layer(layer: nn.Module):
+BeforeToken = Callable[[int, int], None]
+"""`(layer index, token index)`: called before a layer runs a token, e.g. to crop that layer's KV to
+the token's ancestors when the tokens form a draft tree (`trees.py`)."""
+
+
+def _per_token_layer(layer: nn.Module, index: int, before: BeforeToken | None):
     forward = layer.forward
+
+    def step(hidden_states: torch.Tensor, j: int, args: tuple, kwargs: dict[str, Any]):
+        if before is not None:
+            before(index, j)
+        return forward(hidden_states[:, j : j + 1], *args, **_slice_kwargs(kwargs, j))
 
     def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if hidden_states.shape[1] == 1:
             return forward(hidden_states, *args, **kwargs)
-        outs = [forward(hidden_states[:, j : j + 1], *args, **_slice_kwargs(kwargs, j))
-                for j in range(hidden_states.shape[1])]
+        outs = [step(hidden_states, j, args, kwargs) for j in range(hidden_states.shape[1])]
         if isinstance(outs[0], tuple):
             return (torch.cat([o[0] for o in outs], dim=1), *outs[-1][1:])
         return torch.cat(outs, dim=1)
@@ -88,12 +97,13 @@ def _final_norm(model: nn.Module) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def serial_tokens(model: nn.Module) -> Iterator[None]:
-    """Within the block, every multi-token forward of `model` runs its layers one token at a time."""
+def serial_tokens(model: nn.Module, before: BeforeToken | None = None) -> Iterator[None]:
+    """Within the block, every multi-token forward of `model` runs its layers one token at a time,
+    calling `before(layer index, token index)` ahead of each token (None: tokens form a chain)."""
     from .loader import decoder_layers
 
     _, layers = decoder_layers(model)
-    targets = [(_inner(layer), _per_token_layer) for layer in layers]
+    targets = [(_inner(layer), lambda m, i=i: _per_token_layer(m, i, before)) for i, layer in enumerate(layers)]
     targets += [(_final_norm(model), _per_token_module), (model.get_output_embeddings(), _per_token_module)]
     patched: list[tuple[nn.Module, Any]] = []
     try:

@@ -1,0 +1,122 @@
+"""What a draft tree buys over a chain: expected tokens per verify pass, and the best tree for a budget.
+
+A chain of k drafted tokens yields 1 + a + ... + a^k tokens a pass at per-token acceptance a. A tree
+spends the same verify pass on several alternatives at each step: where the draft's first choice is
+wrong, its second or third often is not. Describe the draft by `rank_acceptance[r]`, the probability
+that the target's next token is the draft's (r+1)-th most likely one (given everything before it was
+accepted); the ranks are mutually exclusive, so they sum to at most 1. A node reached by ranks
+r1, r2, ..., rd from the root is accepted with probability prod(rank_acceptance[ri]), and a pass yields
+
+    E(tree) = 1 + sum over nodes of P(node accepted)
+
+(the target's own token after the accepted path is the 1). Because a child is never more likely
+than its parent, taking nodes best-first by that probability gives the tree of `budget` nodes with
+the largest E: that is how drafters grow trees, and what `best_tree` predicts. A chain is the tree
+that only ever uses rank 0, so `best_tree([a], k)` is the chain's E(k). Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+
+def _check_parents(parents: list[int]) -> None:
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i} has parent {parent}: parents must come earlier (-1: the root)")
+
+
+def depths(parents: list[int]) -> list[int]:
+    """Depth of each node (a child of the root has depth 1), parents listed before children."""
+    _check_parents(parents)
+    out: list[int] = []
+    for parent in parents:
+        out.append(1 if parent < 0 else out[parent] + 1)
+    return out
+
+
+def expected_tokens(parents: list[int], accept: list[float]) -> float:
+    """Expected tokens one verify pass yields for a tree.
+
+    Args:
+        parents: parent index of each node, -1 for a child of the root; parents come first.
+        accept: probability that each node is the target's token, given its parent was accepted.
+
+    Returns:
+        1 + the sum over nodes of the probability that the whole path to it is accepted.
+    """
+    if len(parents) != len(accept):
+        raise ValueError(f"{len(parents)} parents but {len(accept)} acceptance values")
+    _check_parents(parents)
+    reach: list[float] = []
+    for parent, p in zip(parents, accept):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"acceptance must be in [0, 1], got {p}")
+        reach.append(p * (1.0 if parent < 0 else reach[parent]))
+    return 1.0 + sum(reach)
+
+
+@dataclass(frozen=True)
+class TreeForecast:
+    """The best tree for a budget under `rank_acceptance`: its shape and expected tokens a pass."""
+
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]  # which of its parent's children (0: the draft's first choice) each node is
+    tokens_per_pass: float
+
+    @property
+    def depth(self) -> int:
+        return max(depths(list(self.parents)), default=0)
+
+
+def best_tree(rank_acceptance: list[float], budget: int) -> TreeForecast:
+    """The `budget`-node tree with the most expected tokens a pass, grown best-first.
+
+    Args:
+        rank_acceptance: P(the target's token is the draft's (r+1)-th choice), r = 0, 1, ...; the
+            tree gives each node at most this many children.
+        budget: nodes in the tree (tokens the verify pass carries besides the last emitted one).
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if any(not 0.0 <= a <= 1.0 for a in rank_acceptance) or sum(rank_acceptance) > 1.0 + 1e-9:
+        raise ValueError(f"rank acceptances must be probabilities summing to at most 1, got {rank_acceptance}")
+    parents: list[int] = []
+    ranks: list[int] = []
+    total = 1.0
+    # candidates: (-reach probability, tie-breaker, parent, rank); a node's children join once it is taken
+    heap = [(-a, r, -1, r) for r, a in enumerate(rank_acceptance) if a > 0]
+    heapq.heapify(heap)
+    counter = len(heap)
+    while heap and len(parents) < budget:
+        neg, _, parent, rank = heapq.heappop(heap)
+        node = len(parents)
+        parents.append(parent)
+        ranks.append(rank)
+        total += -neg
+        for r, a in enumerate(rank_acceptance):
+            if a > 0:
+                heapq.heappush(heap, (neg * a, counter, node, r))
+                counter += 1
+    return TreeForecast(tuple(parents), tuple(ranks), total)
+
+
+class RankAcceptance:
+    """Online estimate of `rank_acceptance` from tree verify passes: at every node the walk reached,
+    which of the drafted children (by the draft's order) the target chose, or none."""
+
+    def __init__(self, ranks: int = 4):
+        self.counts = [0] * ranks
+        self.visits = 0
+
+    def update(self, chosen_ranks: list[int | None]) -> None:
+        """One entry per node the walk stood on that had drafted children: the rank taken, or None."""
+        for rank in chosen_ranks:
+            self.visits += 1
+            if rank is not None and rank < len(self.counts):
+                self.counts[rank] += 1
+
+    @property
+    def rates(self) -> list[float]:
+        return [c / self.visits for c in self.counts] if self.visits else [0.0] * len(self.counts)
