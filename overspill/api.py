@@ -20,6 +20,8 @@ from .planning.plan import (
     Workload,
     footprint_from_spec,
 )
+from .planning.profile import Profile
+from .planning.self_draft import Machine, plan_self_draft
 from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -186,7 +188,9 @@ def load(
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
         speculate: decode batch-1 `generate`/`pipeline` calls speculatively: "ngram" (prompt lookup,
-            no model) or "draft:PATH" (a small model with the same tokenizer, resident). A streamed
+            no model), "draft:PATH" (a small model with the same tokenizer, resident) or "self" (the
+            model's own layers in int4, resident; the plan decides how many layers draft and counts
+            their bytes against resident bf16 layers: `overspill.planning.self_draft`). A streamed
             pass costs the same for 1 or 64 tokens, so each accepted draft token is speed; drafts
             are verified one token at a time inside each layer, so greedy output is plain greedy's.
             None (default): plain decoding. `overspill.runtime.speculative.enable` switches it later.
@@ -199,7 +203,7 @@ def load(
     """
     dev = _parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
-    if speculate is not None:
+    if speculate is not None and speculate != "self":
         from .runtime.drafts import check_source
 
         check_source(speculate)
@@ -224,16 +228,20 @@ def load(
         workload = replace(workload, activation_floor=0)
     fp = footprint_from_spec(measured_spec(skeleton, layers, torch_dtype))  # as `overspill plan` sizes it
     user_plan = plan is not None
-    if plan is None:
-        kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
-        plan = place(fp, budget, workload, depth, kv_bytes, fit_batch)
-    elif len(plan.layer_tiers) != len(layers):
-        raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     profile = None
     if probe and dev.type == "cuda":
         from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
+    self_draft = None
+    if plan is None:
+        kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
+        if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
+            self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, _machine(profile))
+        else:
+            plan = place(fp, budget, workload, depth, kv_bytes, fit_batch)
+    elif len(plan.layer_tiers) != len(layers):
+        raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
     plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev, managed_wins)
     if profile is not None:
@@ -258,8 +266,22 @@ def load(
     if speculate is not None:
         from .runtime.speculative import enable
 
-        enable(skeleton, speculate)
+        if speculate == "self":
+            from .runtime.self_draft import make_self_drafter
+
+            skeleton.self_draft = self_draft  # None under a caller's plan: every layer, not counted in it
+            enable(skeleton, make_self_drafter(skeleton))
+            skeleton.speculation_source = "self"
+        else:
+            enable(skeleton, speculate)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
+
+
+def _machine(profile: Profile | None) -> Machine:
+    """What the self draft's planner weighs: the probed machine, else the reference H100's figures."""
+    if profile is None:
+        return Machine()
+    return Machine(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s)
 
 
 def _expandable_segments() -> None:
