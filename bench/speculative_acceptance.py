@@ -1,12 +1,16 @@
 """Real acceptance on the embedded SmolLM2-135M-Instruct (the one real model we ship): how many
-tokens a verify pass yields for each draft source and chain length, and whether the output is
-plain greedy's. CPU is enough: acceptance does not depend on the device.
+tokens a verify pass yields for each draft source, chain length and tree budget, and whether the
+output is plain greedy's. CPU is enough: acceptance does not depend on the device.
 
 The prompt asks for a summary of a bundled public-domain text (the opening of the US Declaration
 of Independence, bench/data/declaration.txt), the case prompt lookup is for.
 
-    python bench/speculative_acceptance.py                       # ngram at chains 4, 8, 16 and auto
+    python bench/speculative_acceptance.py                       # ngram: chains 4, 8, 16, auto; trees 32, 64
+    python bench/speculative_acceptance.py --sources ngram draft:embedded --trees 32 64
     python bench/speculative_acceptance.py --dtype bfloat16
+
+A source is any `make_drafter` string; `draft:embedded` drafts with the embedded model itself
+(the only real model here, so its drafts are the target's own greedy choices up to rounding).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chains", nargs="+", default=["4", "8", "16", "auto"])
     p.add_argument("--sources", nargs="+", default=["ngram"])
+    p.add_argument("--trees", nargs="*", type=int, default=[32, 64], help="tree budgets (tokens a pass)")
     p.add_argument("--prompts", nargs="+", default=sorted(PROMPTS), choices=sorted(PROMPTS))
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--dtype", default="float32")
@@ -43,7 +48,9 @@ def main() -> None:
 
     import overspill
     from overspill.runtime import speculative
+    from overspill.runtime.drafts import make_drafter
     from overspill.runtime.hardware import machine_facts
+    from overspill.runtime.sources import resolve
 
     text = (ROOT / "bench" / "data" / "declaration.txt").read_text()
     model, tok = overspill.load(None, gpu_memory=None, dtype=args.dtype, device="cpu", progress=False)
@@ -51,6 +58,9 @@ def main() -> None:
     record = {**provenance.header("speculative_acceptance", stamp, machine_facts()),
               "model": "SmolLM2-135M-Instruct (embedded GGUF, converted)", "dtype": args.dtype,
               "new_tokens": args.new_tokens, "text": "bench/data/declaration.txt", "runs": []}
+    drafters = {source: make_drafter(source.replace("draft:embedded", f"draft:{resolve(None).config_dir}"), model)
+                for source in args.sources}
+    shapes = [("chain", chain) for chain in args.chains] + [("tree", str(budget)) for budget in args.trees]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"speculative-acceptance-smollm2-{args.dtype}-{stamp}.json"
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
@@ -65,21 +75,25 @@ def main() -> None:
         print(f"{prompt_name}: plain {want.shape[1] - ids.shape[1]} tokens in {plain_s:.1f} s:",
               repr(tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)[:160]), flush=True)
         for source in args.sources:
-            for chain in args.chains:
-                speculative.enable(model, source, chain=None if chain == "auto" else int(chain))
+            for mode, size in shapes:
+                chain = None if mode == "tree" or size == "auto" else int(size)
+                speculative.enable(model, drafters[source], chain=chain, tree=int(size) if mode == "tree" else None)
                 t0 = time.perf_counter()
                 got = model.generate(ids, **gen)
                 seconds = time.perf_counter() - t0
                 stats = model.speculation_stats
-                run = {"prompt": prompt_name, "prompt_tokens": ids.shape[1], "source": source, "chain": chain,
+                run = {"prompt": prompt_name, "prompt_tokens": ids.shape[1], "source": source, "mode": mode,
+                       "size": size,
                        "identical": torch.equal(got, want), "new_tokens": got.shape[1] - ids.shape[1],
                        "verify_passes": stats.passes, "tokens_per_pass": stats.tokens_per_pass,
                        "drafted": stats.drafted, "accepted": stats.accepted,
                        "acceptance_of_drafted": stats.acceptance, "serial": stats.serial,
-                       "plain_seconds": plain_s, "seconds": seconds}
+                       "mean_drafted_per_pass": stats.drafted / max(stats.passes, 1),
+                       "tree_rank_rates": stats.ranks.rates if mode == "tree" else None,
+                       "draft_seconds": stats.draft_seconds, "plain_seconds": plain_s, "seconds": seconds}
                 record["runs"].append(run)
                 out.write_text(json.dumps(record, indent=2))  # kept if the run is cut short
-                print(f"  {source} chain {chain}: {run['tokens_per_pass']:.2f} tokens/pass, "
+                print(f"  {source} {mode} {size}: {run['tokens_per_pass']:.2f} tokens/pass, "
                       f"{stats.accepted}/{stats.drafted} drafted accepted, identical={run['identical']}", flush=True)
         speculative.enable(model, None)
     out.write_text(json.dumps(record, indent=2))

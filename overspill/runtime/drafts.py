@@ -258,16 +258,21 @@ class OracleDrafter:
 
 def check_source(source: str) -> None:
     """Refuse an unknown draft source before anything is loaded."""
-    if source != "ngram" and not (source.startswith("draft:") and len(source) > len("draft:")):
-        raise OverspillError(f"unknown speculate source {source!r}; use 'ngram' or 'draft:PATH'")
+    if source not in ("ngram", "self") and not (source.startswith("draft:") and len(source) > len("draft:")):
+        raise OverspillError(f"unknown speculate source {source!r}; use 'ngram', 'self' or 'draft:PATH'")
 
 
 def make_drafter(source: str, target: torch.nn.Module) -> Drafter:
-    """`ngram`, or `draft:PATH` (a small model with the same tokenizer, loaded resident)."""
+    """`ngram`, `self` (the target's own layers in int4) or `draft:PATH` (a small model with the same
+    tokenizer, loaded resident)."""
     check_source(source)
     vocab = target.config.get_text_config().vocab_size
     if source == "ngram":
         return NgramDrafter()
+    if source == "self":
+        from .self_draft import make_self_drafter
+
+        return make_self_drafter(target)
     from transformers import AutoModelForCausalLM
 
     path = source.split(":", 1)[1]

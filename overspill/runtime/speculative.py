@@ -236,10 +236,12 @@ def _tree_step(model, ids: torch.Tensor, cache, kwarg: str, drafter: Drafter, bu
     tree, order = drafted.preorder()
     tree_pass = verify_tree(model, cache, kwarg, ids[0, -1:], tree, serial)
     kids = tree.children()
+    drafted_tokens = tree.tokens.tolist()  # one device read, not one per comparison
     node, path, chosen_ranks, finished, own = -1, [], [], False, None
     while True:
         token = _choose(logits_processor(ids, tree_pass.logits[node + 1 : node + 2]), sample)
-        nxt = next((c for c in kids[node] if int(tree.tokens[c]) == int(token)), None)
+        value = int(token)
+        nxt = next((c for c in kids[node] if drafted_tokens[c] == value), None)
         if kids[node]:
             chosen_ranks.append(None if nxt is None else ranks[order[nxt]])
         if nxt is None:

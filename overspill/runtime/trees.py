@@ -107,6 +107,10 @@ class DraftTree:
         return self.select(order), order
 
 
+Captured = list[list[torch.Tensor]]
+"""Per cache layer, the key (or value) chunks written during a pass, in order ([b, h, t, d] each)."""
+
+
 @dataclass
 class TreePass:
     """What one verify pass over [root, nodes] left: logits per position and each layer's captured KV."""
@@ -114,8 +118,8 @@ class TreePass:
     tree: DraftTree
     logits: torch.Tensor  # [n + 1, vocab] float: row 0 after the root, row i + 1 after node i
     past: int  # tokens the cache held before the pass
-    keys: list[list[torch.Tensor]]  # per layer, the key chunks written in pass order ([b, h, t, d] each)
-    values: list[list[torch.Tensor]]
+    keys: Captured
+    values: Captured
     resident: list[int]  # nodes (after the root) the cache holds after the pass, in order
 
 
@@ -188,13 +192,13 @@ def model_masks(cache, tree: DraftTree, prefix: int, dtype: torch.dtype, device:
 
 
 @contextlib.contextmanager
-def capture_kv(cache, expect: list[int] | None = None) -> Iterator[tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]]:
+def capture_kv(cache, expect: list[int] | None = None) -> Iterator[tuple[Captured, Captured]]:
     """Record the keys and values each cache layer is given while the block runs. `expect[i]`: the
     KV length layer i must hand attention (checked, so a cache that shows a different span than the
     mask assumes fails loudly instead of attending to the wrong tokens)."""
     layers = cache.layers
-    keys: list[list[torch.Tensor]] = [[] for _ in layers]
-    values: list[list[torch.Tensor]] = [[] for _ in layers]
+    keys: Captured = [[] for _ in layers]
+    values: Captured = [[] for _ in layers]
     patched = []
 
     def wrap(i: int, layer: Any):
