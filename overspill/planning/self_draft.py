@@ -31,11 +31,9 @@ from .units import format_bytes
 INT4_GROUP = 128  # weights per scale/zero pair: torch's int4 kernels take 32, 64, 128 or 256
 DRAFT_SHARES = (1.0, 0.5, 0.25)  # candidate shares of the target's layers the draft keeps
 # Per-token acceptance by drafted share: the prior the choice is made on before any token is measured
-# (the loop then adapts the chain to what it measures). From SmolLM2-135M-Instruct (30 layers, float32,
-# CPU), int4 g128 drafts on a summarizing and a quoting prompt over bench/data/declaration.txt: the
-# acceptance whose expected tokens per pass equal the measured ones at a chain of 8, averaged over the
-# two prompts (bench/self_acceptance.py). A larger model loses less to skipped layers; one small model
-# is what was measured.
+# (the loop then adapts the chain to what it measures). Assumed, not yet measured: bench/self_acceptance.py
+# measures the all-layer point on SmolLM2-135M-Instruct (whose weights were Q4_1 before conversion, so an
+# int4 draft of it is kinder than of a bf16-trained model); layer-skipped points need that bench's --shares.
 ACCEPTANCE_PRIOR: dict[float, float] = {1.0: 0.8, 0.5: 0.3, 0.25: 0.1, 0.0: 0.0}
 # Used where no probe measured the machine: the lent H100/H200 figures (DESIGN.md).
 DEFAULT_LINK_BYTES_S = 54e9
