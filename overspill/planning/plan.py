@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .costmodel import Prediction
-from .spec import ModelSpec
+from .spec import LayerSpec, ModelSpec
 from .units import format_bytes
 
 DEFAULT_DEPTH = 2
@@ -184,6 +184,22 @@ def _ranges(indices: tuple[int, ...]) -> str:
     return ", ".join(out)
 
 
+# Model types whose MoE block multiplies every token by every expert in one batched matmul:
+# Llama-4's `Llama4TextMoe` repeats the input per expert and runs `bmm` over [experts, tokens, ...].
+EXPERTS_AT_ONCE = frozenset({"llama4_text"})
+
+
+def _ffn_activation_bytes(layer: LayerSpec, hidden: int, dtype_bytes: int, at_once: bool) -> int:
+    """Feed-forward intermediates per token in flight. Run one block at a time: its weight bytes over
+    the hidden size (3 x intermediate for a gated MLP). All experts at once: per expert the repeated
+    input and the output (2 x hidden) and gate_up, the activation and the product (4 x intermediate),
+    live together at the bmm."""
+    if at_once and layer.is_moe:
+        intermediate_bytes = layer.expert_bytes // (3 * hidden)
+        return layer.num_experts * (2 * hidden * dtype_bytes + 4 * intermediate_bytes)
+    return layer.widest_ffn_bytes // hidden
+
+
 def footprint_from_spec(spec: ModelSpec) -> Footprint:
     """The `Footprint` of a `ModelSpec`: the one way both `overspill plan` (a spec from the config)
     and `load` (a spec measured from the built model) get the byte sizes they place.
@@ -191,10 +207,12 @@ def footprint_from_spec(spec: ModelSpec) -> Footprint:
     Activations per token in flight: the hidden state, the residual, the attention output and the
     norm output (4 x hidden), plus the widest feed-forward block's intermediates, which its weight
     bytes divided by the hidden size count: three for a gated MLP (gate, up, their product), two
-    for a plain one. MoE layers run one expert at a time, so one expert counts, not the routed few.
+    for a plain one. MoE layers run one expert at a time, so one expert counts, not the routed few,
+    except where transformers runs every expert on every token at once (`EXPERTS_AT_ONCE`).
     """
     hidden = max(spec.hidden_size, 1)
-    widest = max((layer.widest_ffn_bytes for layer in spec.layers), default=0)
+    at_once = spec.model_type in EXPERTS_AT_ONCE
+    ffn = max((_ffn_activation_bytes(layer, hidden, spec.dtype_bytes, at_once) for layer in spec.layers), default=0)
     return Footprint(
         layer_bytes=tuple(layer.total_bytes for layer in spec.layers),
         embed_bytes=spec.embed_bytes,
@@ -202,7 +220,7 @@ def footprint_from_spec(spec: ModelSpec) -> Footprint:
         other_bytes=spec.final_norm_bytes + spec.buffer_bytes,
         tied_embeddings=spec.tied_embeddings,
         kv_bytes_per_token=spec.kv_bytes_per_token,
-        activation_bytes_per_token=4 * hidden * spec.dtype_bytes + widest // hidden,
+        activation_bytes_per_token=4 * hidden * spec.dtype_bytes + ffn,
         host_embedding_ok=spec.plain_embedding,
         layer_active_bytes=tuple(layer.active_bytes for layer in spec.layers),
         dtype_bytes=spec.dtype_bytes,
