@@ -22,6 +22,7 @@ from .planning.plan import (
 )
 from .planning.profile import Profile
 from .planning.self_draft import Machine, plan_self_draft
+from .planning.speculation import auto_source
 from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -187,7 +188,8 @@ def load(
         cuda_graphs: replay each decode step as a CUDA graph (streamed-layer copies included) over
             a static KV cache of `context` tokens; prefill stays eager. Off where the model cannot
             be graphed (host-tier KV, sliding windows), with a warning. CUDA only.
-        speculate: decode batch-1 `generate`/`pipeline` calls speculatively: "ngram" (prompt lookup,
+        speculate: decode batch-1 `generate`/`pipeline` calls speculatively: "auto" (ngram where the plan
+            streams layers or KV over the link, else off: `planning.speculation.auto_source`), "ngram" (prompt lookup,
             no model), "draft:PATH" (a small model with the same tokenizer, resident) or "self" (the
             model's own layers in int4, resident; the plan decides how many layers draft and counts
             their bytes against resident bf16 layers: `overspill.planning.self_draft`). A streamed
@@ -257,6 +259,8 @@ def load(
             weights.close()
     skeleton.overspill = placement
     use_planned_cache(skeleton, placement)
+    if speculate == "auto":
+        speculate = auto_source(plan, cuda_graphs)
     if cuda_graphs:
         if dev.type != "cuda":
             raise OverspillError("cuda_graphs needs a CUDA device; leave it off on the CPU")

@@ -87,9 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="replay each decode step as a CUDA graph over a static KV cache of --context tokens "
                      "(CUDA only; models with host-tier KV or sliding windows decode eagerly). Default: off.")
     run.add_argument("--speculate", default=None, metavar="SOURCE",
-                     help="draft tokens and verify them in one streamed pass: 'ngram' (prompt lookup, no model) or "
-                     "'draft:PATH' (a small model with the same tokenizer). Greedy output stays plain greedy's. "
-                     "Default: off.")
+                     help="draft tokens and verify them in one streamed pass: 'ngram' (prompt lookup, no model), "
+                     "'self' (the model's own layers in int4, resident, counted in the budget), 'draft:PATH' (a "
+                     "small model with the same tokenizer) or 'auto' (ngram where the plan streams, else off). "
+                     "Greedy output stays plain greedy's. Default: off.")
     run.set_defaults(func=commands.run_main)
     _add_probe_parser(sub)
     _add_plan_parser(sub)

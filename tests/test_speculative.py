@@ -295,3 +295,31 @@ def test_load_speculate_ngram_through_pipeline_on_smollm2(default_model_dir) -> 
     assert got[0]["generated_text"][-1] == want[0]["generated_text"][-1]
     stats = model.speculation_stats
     assert stats.accepted > 10 and stats.tokens_per_pass > 1.5, stats
+
+
+def test_auto_drafts_with_ngram_only_where_the_plan_streams(reference, tiny_checkpoint) -> None:
+    # speculate="auto": a streamed plan decodes with prompt lookup (greedy still plain greedy's); a
+    # resident plan, where a k-token serial verify costs k steps, decodes plainly.
+    from test_placement import N_LAYERS, load_tiny
+
+    ids = _prompt(5)
+    want = reference("llama").generate(ids, **GEN)
+    streamed = load_tiny(tiny_checkpoint("llama"), resident=2, speculate="auto")
+    assert streamed.speculation_source == "ngram"
+    assert torch.equal(streamed.generate(ids, **GEN), want)
+    assert streamed.speculation_stats.passes < NEW
+    resident = load_tiny(tiny_checkpoint("llama"), resident=N_LAYERS, speculate="auto")
+    assert "generate" not in resident.__dict__ and not hasattr(resident, "speculation_source")
+
+
+def test_auto_source_follows_the_link() -> None:
+    from overspill.planning.plan import Plan, Tier
+    from overspill.planning.speculation import auto_source
+
+    base = dict(embed_tier=Tier.DEVICE, head_tier=Tier.DEVICE, depth=2, slots=0, slot_bytes=0, budget_bytes=None,
+                workspace_bytes=0, device_weight_bytes=0, streamed_bytes_per_step=0)
+    streamed = Plan(layer_tiers=(Tier.DEVICE, Tier.PINNED), **base)
+    resident = Plan(layer_tiers=(Tier.DEVICE, Tier.DEVICE), **base)
+    kv_host = Plan(layer_tiers=(Tier.DEVICE,), kv_host_layers=(0,), **base)
+    assert auto_source(streamed) == "ngram" and auto_source(kv_host) == "ngram"
+    assert auto_source(resident) is None and auto_source(streamed, cuda_graphs=True) is None

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .costmodel import Prediction
+from .plan import Plan
 
 SOURCES = "'ngram' or 'draft:PATH'"
 ASSUMED_ACCEPTANCE = 0.7  # per-token acceptance `plan --speculate` assumes unless told (ngram on quoting text)
@@ -245,3 +246,18 @@ def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_
     forecasts = tuple(forecast(cost, acceptance, k) for k in range(max_chain + 1))
     best = forecasts[best_chain(cost, acceptance, max_chain)]
     return PlanSpeculation(source, acceptance, serial, cost, forecasts, best)
+
+
+def auto_source(plan: Plan, cuda_graphs: bool = False) -> str | None:
+    """What `speculate="auto"` drafts with: prompt lookup (`ngram`) where a decode pass crosses the link
+    (streamed layers or host-tier KV), nothing on a resident plan or with CUDA graphs.
+
+    `ngram` costs no GPU memory and no assumed acceptance: where the text does not repeat it proposes
+    nothing and the pass is a plain step, and the chain adapts to the acceptance measured per call.
+    `self` takes budget from the bf16 layers and its acceptance on a model is unknown until measured,
+    so it is chosen only when asked. A resident pass is compute-bound, where a verify pass of k
+    tokens costs k steps (serial verification), and graphed steps do not verify drafts.
+    """
+    if cuda_graphs:
+        return None
+    return "ngram" if plan.streamed_layers or plan.kv_host_layers else None

@@ -258,14 +258,16 @@ class OracleDrafter:
 
 def check_source(source: str) -> None:
     """Refuse an unknown draft source before anything is loaded."""
-    if source not in ("ngram", "self") and not (source.startswith("draft:") and len(source) > len("draft:")):
-        raise OverspillError(f"unknown speculate source {source!r}; use 'ngram', 'self' or 'draft:PATH'")
+    if source not in ("auto", "ngram", "self") and not (source.startswith("draft:") and len(source) > len("draft:")):
+        raise OverspillError(f"unknown speculate source {source!r}; use 'auto', 'ngram', 'self' or 'draft:PATH'")
 
 
 def make_drafter(source: str, target: torch.nn.Module) -> Drafter:
     """`ngram`, `self` (the target's own layers in int4) or `draft:PATH` (a small model with the same
     tokenizer, loaded resident)."""
     check_source(source)
+    if source == "auto":
+        raise OverspillError("speculate='auto' is decided from a plan: pass it to overspill.load, or name a source")
     vocab = target.config.get_text_config().vocab_size
     if source == "ngram":
         return NgramDrafter()
