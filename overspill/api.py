@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import OverspillError, one_line
+from .planning.formats import NATIVE, check_format, choose, resolve_auto, with_format
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming, place, with_prediction
 from .planning.plan import (
     DEFAULT_CONTEXT,
@@ -30,6 +31,7 @@ from .runtime.loader import (
     Placement,
     build_skeleton,
     decoder_layers,
+    encoded_layer_bytes,
     materialize,
     measured_spec,
     placement_of,  # re-exported: `overspill.api.placement_of` is public
@@ -150,6 +152,7 @@ def load(
     pass_tokens: int = 0,
     streaming: str = "auto",
     speculate: str | None = None,
+    stream_format: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -196,6 +199,13 @@ def load(
             pass costs the same for 1 or 64 tokens, so each accepted draft token is speed; drafts
             are verified one token at a time inside each layer, so greedy output is plain greedy's.
             None (default): plain decoding. `overspill.runtime.speculative.enable` switches it later.
+        stream_format: how streamed layers travel over the link (`overspill.planning.formats`); each
+            expands into the compute dtype in its GPU slot, overlapped with compute, and resident
+            layers are unchanged. "bf16" (as they are), "lossless" (byte planes with the high plane
+            entropy-coded: nvCOMP ANS on a GPU, `pip install 'overspill[compress]'`, zlib on the CPU;
+            identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a scale per output
+            channel), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
+            where nvCOMP is installed and decodes faster than the link, else bf16 with a note.
         probe: on CUDA, measure the machine (`overspill.runtime.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -235,6 +245,8 @@ def load(
         from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
+    fmt, fmt_note = _stream_format(stream_format, dev, profile)
+    fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
     self_draft = None
     if plan is None:
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
@@ -244,10 +256,15 @@ def load(
             plan = place(fp, budget, workload, depth, kv_bytes, fit_batch)
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
+    else:  # a caller's plan: the loader sizes its slots for the format
+        plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16")
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
     plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev, managed_wins)
+    _check_format_plan(plan, cuda_graphs)
     if profile is not None:
         plan = with_prediction(fp, plan, profile)
+    if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
+        plan = replace(plan, notes=plan.notes + (fmt_note,))
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -279,6 +296,37 @@ def load(
         else:
             enable(skeleton, speculate)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
+
+
+def _stream_format(name: str, dev: torch.device, profile: Profile | None) -> tuple[str, str | None]:
+    """(format, note) for `load(stream_format=...)`: "auto" picks lossless on a GPU where nvCOMP is
+    installed and decodes faster than the probed link, else bf16 (`planning.formats.resolve_auto`)."""
+    from .runtime.lossless_codec import codec_installed
+
+    try:
+        check_format(name)
+    except ValueError as exc:
+        raise OverspillError(f"{exc} (--stream-format)") from None
+    if name == "auto":
+        if dev.type != "cuda":
+            return NATIVE, None
+        return resolve_auto(codec_installed(), profile.h2d_bytes_s if profile is not None else 0.0)
+    if name == "lossless" and dev.type == "cuda" and not codec_installed():
+        raise OverspillError("stream format lossless needs nvCOMP on a GPU: pip install 'overspill[compress]', "
+                             "or use --stream-format bf16")
+    return name, None
+
+
+def _check_format_plan(plan: Plan, cuda_graphs: bool) -> None:
+    """Refuse what encoded streamed layers do not support yet."""
+    if not plan.streamed_layers:
+        return
+    if plan.stream_format != NATIVE and plan.streaming in MANAGED_MODES:
+        raise OverspillError(f"stream format {plan.stream_format} needs pinned copies: use --streaming copy "
+                             f"or --stream-format bf16")
+    if plan.stream_format != NATIVE and cuda_graphs:
+        raise OverspillError(f"stream format {plan.stream_format} decodes eagerly (not in CUDA graphs yet): "
+                             f"drop --cuda-graphs or use --stream-format bf16")
 
 
 def _machine(profile: Profile | None) -> Machine:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,7 @@ def probe_main(args: argparse.Namespace) -> int:
 
 def plan_main(args: argparse.Namespace) -> int:
     from .planning import planview
+    from .planning.formats import FORMATS, choose, with_format
     from .planning.placement import plan_for, serving_pass_tokens
     from .planning.plan import Workload, footprint_from_spec
     from .planning.units import parse_bytes
@@ -79,20 +81,47 @@ def plan_main(args: argparse.Namespace) -> int:
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
-    plan = plan_for(fp, profile, workload, budget, args.depth, kv_device_bytes=kv, fit_batch=args.serve)
+    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile.h2d_bytes_s)
+    def plan_in(name: str):
+        return plan_for(with_format(fp, choose(fp, name)), profile, workload, budget, args.depth,
+                        kv_device_bytes=kv, fit_batch=args.serve)
+
+    plan = plan_in(requested)
+    formats = {}
+    for name in FORMATS:  # the others side by side; one whose bigger slots do not fit is left out
+        try:
+            formats[name] = plan if name == requested else plan_in(name)
+        except OverspillError:
+            continue
+    streams = bool(plan.streamed_layers)
+    if format_note and plan.streamed_layers:  # as `load` notes its choice
+        plan = dataclasses.replace(plan, notes=plan.notes + (format_note,))
     speculation = _plan_speculation(args, plan, spec, profile)
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)
-        print(planview.as_json(plan, spec, profile, args.model, speculation))
+        print(planview.as_json(plan, spec, profile, args.model, speculation, formats if streams else None))
         return 0
     print(planview.render(plan, fp, spec, profile, args.model))
+    if streams:
+        print()
+        print("\n".join(planview.format_lines(formats, {"lossless"})))
     if speculation is not None:
         print()
         print("\n".join(planview.speculation_lines(speculation)))
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _plan_format(name: str, link_bytes_s: float) -> tuple[str, str | None]:
+    """`plan --stream-format`: (format, note); "auto" chooses as `load` does (`formats.resolve_auto`)."""
+    from .planning.formats import CHOICES, resolve_auto
+    from .runtime.lossless_codec import codec_installed
+
+    if name not in CHOICES:
+        raise OverspillError(f"--stream-format must be one of {', '.join(CHOICES)}, got {name!r}")
+    return resolve_auto(codec_installed(), link_bytes_s) if name == "auto" else (name, None)
 
 
 def _check_speculation_args(args: argparse.Namespace) -> None:

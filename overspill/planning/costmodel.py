@@ -8,7 +8,9 @@ Derivation (decode, one step = one token for each of `batch` sequences):
   2 FLOPs per active parameter per sequence. Reads and math overlap within a kernel, so per layer
       t_layer = max((active_bytes + kv_bytes_per_token * context * batch) / hbm_bandwidth,
                     2 * active_params * batch / matmul_rate)
-  and t_gpu is the sum over layers plus the LM head (read once, 2 * vocab * hidden * batch FLOPs).
+  and t_gpu is the sum over layers plus the LM head (read once, 2 * vocab * hidden * batch FLOPs),
+  plus the time to expand streamed layers that travel encoded (`overspill.planning.formats`), which
+  runs on the GPU beside compute while the link brings the next layers.
   `hbm_bandwidth` is the probe's device copy rate (bytes read + written); a weight read streams
   at about the same bytes/s.
 - The host: HF eager decode dispatches every layer's kernels from Python; the probe measures the
@@ -46,6 +48,7 @@ class Prediction:
     link_floor_tok_s: float | None  # batch / t_link, None when nothing streams
     prefill_tok_s: float  # at a PREFILL_TOKENS-token prompt, batch 1
     cpu_only_tok_s: float
+    expand_s: float = 0.0  # GPU time per step expanding encoded streamed layers (part of gpu_s)
 
 
 def predict(
@@ -58,6 +61,7 @@ def predict(
     profile: Profile,
     batch: int,
     context: int,
+    expand_s: float = 0.0,
 ) -> Prediction:
     """Predicted step time of a placement. Byte counts as in `Plan` and `Footprint`."""
     n = len(layer_bytes)
@@ -71,7 +75,7 @@ def predict(
         max((b + kv_layer) / hbm, 2 * (b / dtype_bytes) * batch / mm) for b in layer_active_bytes
     )
     head = max(head_bytes / hbm, 2 * (head_bytes / dtype_bytes) * batch / mm)
-    gpu = per_layer + head
+    gpu = per_layer + head + expand_s
     if streamed_bytes and profile.h2d_bytes_s <= 0:
         raise ValueError(f"profile {profile.name!r} has no host->GPU link to stream over")
     link = streamed_bytes / profile.h2d_bytes_s if streamed_bytes else 0.0
@@ -98,4 +102,5 @@ def predict(
         link_floor_tok_s=batch / link if link else None,
         prefill_tok_s=PREFILL_TOKENS / prefill,
         cpu_only_tok_s=1 / (active_params / profile.cpu_gemv_params_s + host),
+        expand_s=expand_s,
     )

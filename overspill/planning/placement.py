@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from ..errors import OverspillError
 from .costmodel import predict
+from .formats import plan_expand_seconds
 from .plan import (
     DEFAULT_DEPTH,
     PREFILL_CHUNK_TOKENS,
@@ -102,6 +103,10 @@ def _make_plan(
 ) -> Plan:
     """Fill in the ring and byte counts implied by a choice of tiers."""
     streamed = [b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED]
+    wire = fp.encoded_layer_bytes
+    sent = streamed if wire is None else [w for w, t in zip(wire, tiers) if t is Tier.PINNED]
+    # A slot holds the layer as it computes, plus (when it travels encoded) the bytes the link brought.
+    slot_sizes = streamed if wire is None else [b + w for b, w in zip(streamed, sent)]
     slots = min(depth + 1, len(streamed))
     device_w = fp.head_bytes + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
     if embed_tier is Tier.DEVICE:
@@ -112,11 +117,13 @@ def _make_plan(
         head_tier=Tier.DEVICE,
         depth=depth if streamed else 0,
         slots=slots,
-        slot_bytes=max(streamed, default=0),
+        slot_bytes=max(slot_sizes, default=0),
         budget_bytes=budget,
         workspace_bytes=workspace_bytes(fp, workload, kv_host, depth),
         device_weight_bytes=device_w,
-        streamed_bytes_per_step=sum(streamed),
+        streamed_bytes_per_step=sum(sent),
+        stream_format=fp.stream_format if streamed else "bf16",
+        expand_bytes=fp.expand_scratch_bytes if streamed else 0,
         workload=workload,
         kv_host_layers=tuple(range(kv_host)),
         kv_host_bytes=kv_host * kv_layer_bytes(fp, workload),
@@ -281,7 +288,7 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
     if plan.budget_bytes is None:
         return 0
     w = plan.workload
-    free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - w.activation_floor
+    free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - plan.expand_bytes - w.activation_floor
     n = max(len(fp.layer_bytes), 1)
     # every sequence: its KV, and its share of one layer's attention transient (repeat_kv)
     per_seq = fp.kv_bytes_per_token * w.context + fp.gqa_group * fp.kv_bytes_per_token * w.context // n
@@ -308,6 +315,7 @@ def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
         profile=profile,
         batch=plan.workload.batch,
         context=plan.workload.context,
+        expand_s=plan_expand_seconds(fp, plan.stream_format, plan.streamed_layers, profile.hbm_bytes_s),
     )
     notes = list(plan.notes)
     if plan.streamed_bytes_per_step and pred.decode_tok_s <= pred.cpu_only_tok_s:

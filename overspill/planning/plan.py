@@ -46,6 +46,12 @@ class Footprint:
     dtype_bytes: int = 2
     gqa_group: int = 1  # attention heads per KV head
     vocab_size: int = 0  # sampling works on [rows, vocab] float32 logits and their sorted copies
+    hidden_size: int = 0
+    # How streamed layers travel (`overspill.planning.formats.with_format`): the format, its bytes per
+    # trip per layer (None: the layer itself) and the GPU scratch one expansion needs.
+    stream_format: str = "bf16"
+    encoded_layer_bytes: tuple[int, ...] | None = None
+    expand_scratch_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class Plan:
     kv_host_layers: tuple[int, ...] = ()  # layers whose KV lives in pinned host memory (a TieredCache)
     kv_host_bytes: int = 0  # their KV at full context: read over the link every decode step
     streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> slots), "managed" (prefetch), "mapped" (in place)
+    stream_format: str = "bf16"  # how streamed layers travel (`overspill.planning.formats`); slots hold both forms
+    expand_bytes: int = 0  # GPU scratch for expanding a streamed layer (lossless: its decoded high byte plane)
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -95,7 +103,7 @@ class Plan:
     @property
     def device_bytes(self) -> int:
         """Planned GPU bytes: resident weights, ring slots and the workspace reserve."""
-        return self.device_weight_bytes + self.slots * self.slot_bytes + self.workspace_bytes
+        return self.device_weight_bytes + self.slots * self.slot_bytes + self.expand_bytes + self.workspace_bytes
 
     def link_floor_seconds(self, h2d_bytes_per_second: float) -> float:
         """Lower bound on one decode step: every streamed byte crosses the link once."""
@@ -144,6 +152,9 @@ class Plan:
                 f"host memory (layers {_ranges(self.kv_host_layers)}; {format_bytes(self.kv_host_bytes)} at "
                 f"{self.workload.context} tokens, read over the link each step)"
             )
+        if streamed and self.stream_format != "bf16":
+            lines.append(f"stream format: {self.stream_format} (streamed layers expand into the compute dtype in their slot; "
+                         f"resident layers unchanged)")
         lines.append(f"bytes over the link per decode step: {format_bytes(self.streamed_bytes_per_step + self.kv_host_bytes)}")
         budget = "unlimited" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         lines.append(
@@ -226,6 +237,7 @@ def footprint_from_spec(spec: ModelSpec) -> Footprint:
         dtype_bytes=spec.dtype_bytes,
         gqa_group=max(spec.num_attention_heads // max(spec.num_kv_heads, 1), 1),
         vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
     )
 
 

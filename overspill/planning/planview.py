@@ -168,6 +168,27 @@ def spec_totals(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def format_lines(plans: dict[str, Plan], assumed: set[str]) -> list[str]:
+    """Predicted decode per stream format, side by side: bytes over the link per step, streamed layers,
+    tok/s, link floor and speed against bf16 (`plans` maps a format to its plan; `assumed` names
+    formats whose bytes rest on a prior, not a measurement)."""
+    base = plans.get("bf16")
+    base_tok_s = base.prediction.decode_tok_s if base is not None and base.prediction else None
+    rows = [("format", "bytes/step", "streamed", "tok/s", "link floor", "x bf16", "")]
+    for name, plan in plans.items():
+        p = plan.prediction
+        if p is None:
+            continue
+        floor = f"{p.link_floor_tok_s:.2f}" if p.link_floor_tok_s else "-"
+        speedup = f"{p.decode_tok_s / base_tok_s:.2f}" if base_tok_s else "-"
+        note = "ratio ASSUMED (0.68 of bf16) until a load measures it" if name in assumed else (
+            "lossy" if name in ("int8", "fp8", "int4") else "identical bits" if name == "lossless" else "")
+        rows.append((name, format_bytes(plan.streamed_bytes_per_step), str(len(plan.streamed_layers)),
+                     f"{p.decode_tok_s:.2f}", floor, speedup, note))
+    return ["stream formats (--stream-format; streamed layers only, resident ones stay in the compute dtype):",
+            _table(rows)]
+
+
 SHOWN_CHAINS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -200,10 +221,18 @@ def speculation_lines(s: PlanSpeculation) -> list[str]:
 
 
 def as_json(plan: Plan, spec: ModelSpec, profile: Profile, model: str,
-            speculation: PlanSpeculation | None = None) -> str:
+            speculation: PlanSpeculation | None = None, formats: dict[str, Plan] | None = None) -> str:
     """One JSON object: model name, profile name, spec totals and the plan as `Plan.to_json` writes it,
-    and with `speculation` its forecast (`PlanSpeculation.to_dict`)."""
+    with `speculation` its forecast (`PlanSpeculation.to_dict`), and with `formats` each stream
+    format's bytes per step and predicted decode."""
     out = {"model": model, "profile": profile.name, "spec": spec_totals(spec), "plan": json.loads(plan.to_json())}
     if speculation is not None:
         out["speculation"] = speculation.to_dict()
+    if formats:
+        out["stream_formats"] = {
+            name: {"streamed_bytes_per_step": p.streamed_bytes_per_step, "streamed_layers": len(p.streamed_layers),
+                   "decode_tok_s": p.prediction.decode_tok_s if p.prediction else None,
+                   "link_floor_tok_s": p.prediction.link_floor_tok_s if p.prediction else None}
+            for name, p in formats.items()
+        }
     return json.dumps(out, indent=2)

@@ -29,6 +29,7 @@ class LayerRing(Ring):
         super().__init__(copier, in_place_slots or len(slot_buffers))
         self.slot_buffers = slot_buffers
         self.in_place = in_place_slots > 0
+        self.expander = None  # a `formats.Expander` when streamed layers travel encoded
         self._views: dict[tuple, list[list[torch.Tensor]]] = {}
 
     def views(self, layout: LayerLayout, slot: int) -> list[torch.Tensor]:
@@ -38,9 +39,16 @@ class LayerRing(Ring):
         return self._views[key][slot]
 
     def fill(self, layer: "StreamedLayer", slot: int) -> None:
-        """The layer's flat host buffer into the slot's buffer (in place: the copier migrates it)."""
-        dst = None if self.in_place else self.slot_buffers[slot][: layer.host.numel()]
-        self.copier.copy(dst, layer.host, slot)
+        """The layer's flat host buffer into the slot's buffer (in place: the copier migrates it). An
+        encoded layer's bytes land after the layer's own and expand into them (`formats`)."""
+        if layer.encoded is None:
+            dst = None if self.in_place else self.slot_buffers[slot][: layer.host.numel()]
+            self.copier.copy(dst, layer.host, slot)
+            return
+        buf, start = self.slot_buffers[slot], layer.layout.nbytes
+        staging = buf[start : start + layer.host.numel()]
+        out = buf[:start]
+        self.copier.copy_expand(staging, layer.host, slot, lambda: layer.encoded.expand(staging, out, self.expander))
 
 
 class StreamedLayer(nn.Module):
@@ -50,12 +58,15 @@ class StreamedLayer(nn.Module):
     from each layer), so model code sees the layer it expects.
     """
 
-    def __init__(self, block: nn.Module, index: int, host: torch.Tensor, layout: LayerLayout, ring: LayerRing):
+    def __init__(self, block: nn.Module, index: int, host: torch.Tensor, layout: LayerLayout, ring: LayerRing,
+                 encoded: Any = None):
+        """`encoded`: the `formats.LossyLayer` / `LosslessLayer` that `host` holds (None: `host` is the layer itself)."""
         super().__init__()
         self.block = block
         self.index = index
         self.host = host
         self.layout = layout
+        self.encoded = encoded
         object.__setattr__(self, "ring", ring)
         self.position = ring.add(self)
         params = dict(block.named_parameters(remove_duplicate=False))

@@ -8,7 +8,7 @@ host memory is the host tier plus one tensor in flight.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -16,10 +16,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import OverspillError, one_line
+from ..planning.formats import LOSSY, NATIVE
 from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier, footprint_from_spec
 from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_windows
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
+from .formats import Expander, encode_lossless, itemsize_of, lossy_layout, staging_bytes_at_load
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
 from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier, new_stream
@@ -251,6 +253,50 @@ def _layout(layer: nn.Module) -> LayerLayout:
     return LayerLayout.of([(name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters()])
 
 
+def _stream_encoded(layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool,
+                    fmt: str) -> tuple[StreamedLayer, int]:
+    """Fill a streamed layer in stream format `fmt`: read it into ring slot 0 (on the device), encode
+    it there, and keep only the encoded bytes in an exact-size host buffer (`formats`)."""
+    layout = _layout(layer)
+    work = ring.slot_buffers[0]
+    raw, staging = work[: layout.nbytes], work[layout.nbytes :]
+    for entry, view in zip(layout.entries, layout.views(raw)):
+        source.fill(prefix + entry.name, view)
+    if fmt == "lossless":
+        encoded, coded = encode_lossless(layout, raw, staging, ring.expander)
+        host = host_bytes(encoded.nbytes, pinned)
+        host[: encoded.low.nbytes].copy_(staging[: encoded.low.nbytes])
+        host[encoded.high.offset :].copy_(coded)
+    else:
+        encoded = lossy_layout(fmt, layout)
+        encoded.encode(layout, raw, staging)
+        host = host_bytes(encoded.nbytes, pinned)
+        host.copy_(staging[: encoded.nbytes])
+    for entry, view in zip(layout.entries, ring.views(layout, 0)):
+        _set_param(layer, entry.name, view)
+    return StreamedLayer(layer, index, host, layout, ring, encoded), encoded.nbytes
+
+
+def encoded_layer_bytes(layers: nn.ModuleList, fmt: str) -> tuple[int, ...] | None:
+    """Exact bytes each layer sends per trip in a lossy format, from its (meta) tensors' shapes; None
+    for bf16 and lossless (whose size is known once coded)."""
+    if fmt not in LOSSY:
+        return None
+    return tuple(lossy_layout(fmt, _layout(layer)).nbytes for layer in layers)
+
+
+def _encoded_slots(model_layers: nn.ModuleList, plan: Plan) -> tuple[int, int]:
+    """(slot bytes, expand scratch bytes) to encode `plan`'s streamed layers at load: each slot must hold
+    a layer plus what encoding stages beside it, whatever the plan counted (a caller's plan may be bf16's)."""
+    need = scratch = 0
+    for i in plan.streamed_layers:
+        layout = _layout(model_layers[i])
+        need = max(need, layout.nbytes + staging_bytes_at_load(plan.stream_format, layout))
+        if plan.stream_format == "lossless":
+            scratch = max(scratch, layout.nbytes // itemsize_of(layout))
+    return max(need, plan.slot_bytes), max(scratch, plan.expand_bytes)
+
+
 def _stream_layer(
     layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool, memory=None
 ) -> tuple[StreamedLayer, int]:
@@ -293,9 +339,13 @@ def materialize(
         copier = ManagedCopier(device, plan.slots, memory) if plan.streaming == "managed" else MappedCopier()
         ring = LayerRing([], copier, in_place_slots=plan.slots)
     elif plan.streamed_layers:
-        slot_buffers = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
+        encoded = plan.stream_format != NATIVE
+        slot_bytes, scratch = _encoded_slots(layers, plan) if encoded else (plan.slot_bytes, 0)
+        slot_buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
         copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()
         ring = LayerRing(slot_buffers, copier)
+        if encoded:
+            ring.expander = Expander(device, scratch)
 
     bar = tqdm(total=len(layers) + 2, desc="placing weights", unit="part", disable=not progress)
     if plan.embed_tier is Tier.HOST:
@@ -310,7 +360,11 @@ def materialize(
     host_total = 0
     for i, layer in enumerate(layers):
         prefix = f"{layers_path}.{i}."
-        if plan.layer_tiers[i] is Tier.PINNED:
+        if plan.layer_tiers[i] is Tier.PINNED and ring.expander is not None:
+            wrapped, nbytes = _stream_encoded(layer, prefix, i, source, ring, on_cuda, plan.stream_format)
+            layers[i] = wrapped
+            host_total += nbytes
+        elif plan.layer_tiers[i] is Tier.PINNED:
             wrapped, nbytes = _stream_layer(layer, prefix, i, source, ring, pinned=on_cuda, memory=memory)
             layers[i] = wrapped
             host_total += nbytes
@@ -331,8 +385,31 @@ def materialize(
         for layer in ring.layers:
             memory.prefetch(layer.host, host=True, stream=home)
         home.synchronize()
+    if ring is not None and ring.expander is not None:
+        plan = _measured_format(plan, ring)
     return Placement(plan=plan, device=device, ring=ring, layers_path=layers_path, host_bytes=host_total,
                      managed=memory)
+
+
+def _measured_format(plan: Plan, ring: LayerRing) -> Plan:
+    """The plan with the encoded bytes the load measured: bytes over the link per step and slot sizes
+    (a lossless layer's size is known only once coded: slots grow here if a layer outgrew the plan)."""
+    need = max(layer.layout.nbytes + layer.host.numel() for layer in ring.layers)
+    if need > ring.slot_buffers[0].numel():
+        device = ring.slot_buffers[0].device
+        ring.slot_buffers[:] = []
+        ring.slot_buffers.extend(torch.empty(need, dtype=torch.uint8, device=device) for _ in range(plan.slots))
+        ring._views.clear()
+        for layer in ring.layers:  # off the old slot 0, so its buffer is freed now
+            layer.bind(0)
+    sent = sum(layer.host.numel() for layer in ring.layers)
+    raw = sum(layer.layout.nbytes for layer in ring.layers)
+    notes = plan.notes
+    if plan.stream_format == "lossless":
+        notes += (f"lossless: streamed layers measured at {sent / raw:.3f} of their bytes "
+                  f"({ring.expander.codec().name})",)
+    slot_bytes = ring.slot_buffers[0].numel()
+    return replace(plan, streamed_bytes_per_step=sent, slot_bytes=slot_bytes, notes=notes)
 
 
 def _is_tied(model: nn.Module) -> bool:

@@ -48,6 +48,10 @@ class HostCopier:
         for dst, src in pairs:
             dst.copy_(src)
 
+    def copy_expand(self, dst: torch.Tensor, src: torch.Tensor, slot: int, expand) -> None:
+        dst.copy_(src)
+        expand()
+
     def wait_ready(self, slot: int) -> None:
         pass
 
@@ -97,6 +101,8 @@ class CudaCopier:
     def __init__(self, device: torch.device, slots: int):
         self.device = device
         self.stream = new_stream(device, priority=-1)
+        self.expand_stream: torch.cuda.Stream | None = None  # made on the first encoded layer
+        self.copied = [torch.cuda.Event() for _ in range(slots)]
         self.ready = [torch.cuda.Event() for _ in range(slots)]
         self.done = [torch.cuda.Event() for _ in range(slots)]
         self.done_recorded = [False] * slots
@@ -123,6 +129,24 @@ class CudaCopier:
         else:
             self.ready[slot].record(self.stream)
 
+    def copy_expand(self, dst: torch.Tensor, src: torch.Tensor, slot: int, expand) -> None:
+        """Copy encoded bytes into `slot`'s staging on the copy stream, then run `expand` (kernels writing
+        the slot's layer) on the expand stream once they land; the slot is ready when expansion ends.
+        The copy stream never waits for an expansion, so the next layer's copy overlaps it."""
+        if self.capturing:
+            raise RuntimeError("encoded stream formats are not captured in CUDA graphs")
+        if self.done_recorded[slot]:
+            self.stream.wait_event(self.done[slot])
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+        self.copied[slot].record(self.stream)
+        if self.expand_stream is None:
+            self.expand_stream = new_stream(self.device, priority=-1)
+        self.expand_stream.wait_event(self.copied[slot])
+        with torch.cuda.stream(self.expand_stream):
+            expand()
+        self.ready[slot].record(self.expand_stream)
+
     def wait_ready(self, slot: int) -> None:
         current = torch.cuda.current_stream(self.device)
         if not self.capturing:
@@ -146,6 +170,8 @@ class CudaCopier:
 
     def synchronize(self) -> None:
         self.stream.synchronize()
+        if self.expand_stream is not None:
+            self.expand_stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()
 
     def begin_capture(self) -> None:

@@ -1,0 +1,137 @@
+"""Stream formats: what a streamed layer sends over the link per step, and what expanding it costs. Pure Python.
+
+At batch 1 a link-bound step costs streamed bytes / link bandwidth, so fewer bytes per trip move
+the floor itself. Each format stores streamed layers on the host in its own form; the ring copies
+those bytes into a staging region of the slot and the GPU expands them into the compute dtype in
+the slot's other region, overlapped with compute. Resident layers stay in the compute dtype.
+
+Bytes per parameter, for a [rows, cols] weight (`rows` output channels):
+- bf16: the compute dtype itself, unchanged (2 B in bf16); nothing to expand.
+- int8: 1 B + a float32 scale per row (symmetric, per output channel).
+- fp8: 1 B (e4m3) + a float32 scale per row.
+- int4: 0.5 B + a bf16 scale and zero per group of `INT4_GROUP` inputs (0.5 + 4/128 = 0.53 B).
+- lossless: the low byte plane(s) raw plus the high byte plane (sign and 7 exponent bits)
+  entropy-coded. nvCOMP ANS shrank that plane of N(0, 0.02) bf16 weights to 0.365 on the H200,
+  so bf16 travels as (1 + 0.365) / 2 = 0.68 of its size; until a load measures the real ratio the
+  planner ASSUMES it (`LOSSLESS_HIGH_PLANE_PRIOR`).
+Vectors (norms, biases) and tensors a format cannot take travel raw; the planner ignores them.
+
+Rows are estimated as parameters / hidden size (a weight whose inputs are the hidden state); the
+runtime counts the exact bytes from the tensors' shapes (`overspill.runtime.formats`).
+
+Expansion runs on the GPU beside compute; its cost is modelled as HBM traffic (bytes read and
+written per output byte, `EXPAND_TRAFFIC`) plus, for lossless, the codec's decode rate over the
+high plane (`ANS_DECODE_BYTES_S`, measured on the H200). Both are priors until `bench/compressed.py`
+measures them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .plan import Footprint
+
+INT4_GROUP = 128  # inputs per scale/zero pair, as the self draft's int4 layers (`planning.self_draft.INT4_GROUP`)
+
+NATIVE = "bf16"  # the compute dtype itself (bf16 on a GPU; the name stays for any dtype)
+LOSSY = ("int8", "fp8", "int4")
+FORMATS = (NATIVE, *LOSSY, "lossless")
+CHOICES = (*FORMATS, "auto")
+
+LOSSLESS_HIGH_PLANE_PRIOR = 0.365  # ANS on the high byte plane of N(0, 0.02) bf16 weights (H200, nvCOMP 6)
+ANS_DECODE_BYTES_S = 137e9  # nvCOMP ANS decode of that plane, output bytes/s (H200)
+SCALE_BYTES = 4  # int8 / fp8: float32 scale per output row
+GROUP_PAIR_BYTES = 4  # int4: bf16 scale + bf16 zero per group
+# HBM bytes moved per expanded output byte: read the codes and scales, write the compute dtype once
+# (int8: one fused multiply; fp8: a cast then a multiply; int4: two nibble writes, then subtract,
+# scale and shift; lossless: one interleave of the planes).
+EXPAND_TRAFFIC = {"int8": 1.5, "fp8": 3.5, "int4": 7.5, "lossless": 2.0}
+
+
+def check_format(name: str) -> str:
+    """`name` if it is a stream format or "auto", else ValueError with the choices."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown stream format {name!r}: use one of {', '.join(CHOICES)}")
+    return name
+
+
+def resolve_auto(codec_available: bool, link_bytes_s: float,
+                 decode_bytes_s: float = ANS_DECODE_BYTES_S) -> tuple[str, str | None]:
+    """(format, note) for "auto": lossless where the codec is installed and decodes faster than the link
+    brings bytes (tokens stay identical), else bf16 with a note saying why. Lossy formats only when asked."""
+    if not codec_available:
+        return NATIVE, ("stream format auto: bf16 (pip install 'overspill[compress]' to stream lossless-compressed "
+                        "layers, ~0.68 of the bytes with identical tokens)")
+    if link_bytes_s > 0 and decode_bytes_s <= link_bytes_s:
+        return NATIVE, (f"stream format auto: bf16 (the codec decodes at {decode_bytes_s / 1e9:.0f} GB/s, no faster "
+                        f"than the {link_bytes_s / 1e9:.0f} GB/s link)")
+    return "lossless", None
+
+
+def lossless_ratio(dtype_bytes: int, high_plane_ratio: float = LOSSLESS_HIGH_PLANE_PRIOR) -> float:
+    """Encoded / raw bytes of a lossless layer: every byte plane but the top one raw, the top one coded."""
+    return (dtype_bytes - 1 + high_plane_ratio) / dtype_bytes
+
+
+def encoded_bytes(fmt: str, layer_bytes: int, dtype_bytes: int, hidden: int,
+                  high_plane_ratio: float = LOSSLESS_HIGH_PLANE_PRIOR) -> int:
+    """Bytes a layer of `layer_bytes` (in the compute dtype) sends per trip in `fmt`."""
+    params = layer_bytes // dtype_bytes
+    rows = params // max(hidden, 1)
+    if fmt == NATIVE:
+        return layer_bytes
+    if fmt in ("int8", "fp8"):
+        return params + SCALE_BYTES * rows
+    if fmt == "int4":
+        return params // 2 + GROUP_PAIR_BYTES * (params // INT4_GROUP)
+    if fmt == "lossless":
+        return int(layer_bytes * lossless_ratio(dtype_bytes, high_plane_ratio))
+    raise ValueError(f"unknown stream format {fmt!r}")
+
+
+def expand_scratch_bytes(fmt: str, layer_bytes: int, dtype_bytes: int) -> int:
+    """GPU scratch one expansion needs beside the slot: lossless decodes the high plane there first."""
+    return layer_bytes // dtype_bytes if fmt == "lossless" else 0
+
+
+def expand_seconds(fmt: str, layer_bytes: int, dtype_bytes: int, hbm_bytes_s: float) -> float:
+    """Predicted GPU time to expand one layer of `layer_bytes` (compute dtype) from `fmt`."""
+    if fmt == NATIVE or hbm_bytes_s <= 0:
+        return 0.0
+    seconds = EXPAND_TRAFFIC[fmt] * layer_bytes / hbm_bytes_s
+    if fmt == "lossless":
+        seconds += (layer_bytes // dtype_bytes) / ANS_DECODE_BYTES_S
+    return seconds
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """A stream format applied to a footprint: bytes per trip per layer, and whether the ratio is assumed."""
+
+    name: str
+    encoded_layer_bytes: tuple[int, ...]
+    scratch_bytes: int
+    assumed: bool  # lossless planned from the prior ratio, not a measurement
+
+
+def choose(fp: Footprint, fmt: str, high_plane_ratio: float | None = None,
+           exact: tuple[int, ...] | None = None) -> FormatChoice:
+    """The bytes `fmt` sends for each layer of `fp`: `exact` (counted by the runtime from the tensors)
+    when given, else the estimate above; lossless at `high_plane_ratio`, else the prior (assumed)."""
+    ratio = LOSSLESS_HIGH_PLANE_PRIOR if high_plane_ratio is None else high_plane_ratio
+    sizes = exact or tuple(encoded_bytes(fmt, b, fp.dtype_bytes, fp.hidden_size, ratio) for b in fp.layer_bytes)
+    scratch = max((expand_scratch_bytes(fmt, b, fp.dtype_bytes) for b in fp.layer_bytes), default=0)
+    return FormatChoice(fmt, sizes, scratch, assumed=fmt == "lossless" and high_plane_ratio is None and exact is None)
+
+
+def with_format(fp: Footprint, choice: FormatChoice) -> Footprint:
+    """`fp` whose streamed layers travel in `choice`'s format (the placement sizes slots and link bytes from it)."""
+    if choice.name == NATIVE:
+        return replace(fp, stream_format=NATIVE, encoded_layer_bytes=None, expand_scratch_bytes=0)
+    return replace(fp, stream_format=choice.name, encoded_layer_bytes=choice.encoded_layer_bytes,
+                   expand_scratch_bytes=choice.scratch_bytes)
+
+
+def plan_expand_seconds(fp: Footprint, fmt: str, streamed: tuple[int, ...], hbm_bytes_s: float) -> float:
+    """GPU time per step spent expanding the `streamed` layers from `fmt`."""
+    return sum(expand_seconds(fmt, fp.layer_bytes[i], fp.dtype_bytes, hbm_bytes_s) for i in streamed)

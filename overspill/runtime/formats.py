@@ -1,0 +1,165 @@
+"""Streamed layers in a stream format: their encoded host layout, encoding at load, expansion in the slot.
+
+A streamed layer normally sits in pinned host memory exactly as it computes (`layout.LayerLayout`).
+In a stream format (`overspill.planning.formats`) its host buffer holds the encoded bytes instead;
+the ring copies them into the slot's staging region (after the layer's own bytes) and expands them
+into the slot's layer region on the GPU, on a side stream ordered by events (`streams.CudaCopier.copy_expand`),
+so the next copy and earlier layers' compute overlap it. Only streamed layers change; resident ones
+stay in the compute dtype.
+
+- `LossyLayer` (int8 / fp8 / int4): per tensor, matrices quantized (`quant`), vectors raw; the
+  layout follows from the shapes alone, so the planner knows the exact bytes before loading.
+- `LosslessLayer`: the whole flat layer split into byte planes: the low plane(s) raw, the high plane
+  (sign and exponent bits) entropy-coded (`lossless_codec`); the expansion decodes the high plane into
+  a scratch buffer and interleaves the planes into the slot in one kernel. Identical bits.
+
+Encoding happens layer by layer in the first ring slot (on the GPU when there is one), so loading
+needs no host copy of the model beyond the encoded host buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OverspillError
+from ..planning.formats import LOSSY, NATIVE
+from . import quant
+from .layout import ALIGN, LayerLayout, TensorEntry
+from .lossless_codec import plane_codec
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    entry: TensorEntry  # where it expands to in the layer layout
+    kind: str  # "raw" or a lossy kind
+    parts: tuple[quant.Part, ...]
+
+
+@dataclass(frozen=True)
+class LossyLayer:
+    """A layer's tensors in int8 / fp8 / int4 (matrices) or raw (the rest), packed in one flat buffer."""
+
+    tensors: tuple[EncodedTensor, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, kind: str, layout: LayerLayout) -> "LossyLayer":
+        tensors, offset = [], 0
+        for entry in layout.entries:
+            if quant.encodable(kind, entry.shape, entry.dtype):
+                shapes, k = quant.part_shapes(kind, entry.shape), kind
+            else:
+                shapes, k = [(entry.shape, entry.dtype)], "raw"
+            parts = []
+            for shape, dtype in shapes:
+                part = quant.Part(offset, tuple(shape), dtype)
+                parts.append(part)
+                offset += _align(part.nbytes)
+            tensors.append(EncodedTensor(entry, k, tuple(parts)))
+        return cls(tuple(tensors), offset)
+
+    def encode(self, layout: LayerLayout, raw: torch.Tensor, staging: torch.Tensor) -> None:
+        """Encode the layer in `raw` (flat, `layout`) into `staging` (flat, same device)."""
+        for t, src in zip(self.tensors, layout.views(raw)):
+            parts = [p.view(staging) for p in t.parts]
+            if t.kind == "raw":
+                parts[0].copy_(src)
+            else:
+                quant.encode(t.kind, src, parts)
+
+    def expand(self, staging: torch.Tensor, slot: torch.Tensor, expander: "Expander") -> None:
+        for t in self.tensors:
+            out = slot[t.entry.offset : t.entry.offset + t.entry.nbytes].view(t.entry.dtype).view(t.entry.shape)
+            parts = [p.view(staging) for p in t.parts]
+            if t.kind == "raw":
+                out.copy_(parts[0])
+            else:
+                quant.expand(t.kind, parts, out)
+
+
+@dataclass(frozen=True)
+class LosslessLayer:
+    """A flat layer as byte planes: `low` ([elements, itemsize - 1], raw) then `high` (the coded top plane)."""
+
+    elements: int
+    itemsize: int
+    low: quant.Part
+    high: quant.Part
+
+    @property
+    def nbytes(self) -> int:
+        return self.high.offset + self.high.nbytes
+
+    @staticmethod
+    def low_bytes(layout: LayerLayout) -> int:
+        return layout.nbytes - layout.nbytes // itemsize_of(layout)
+
+    def expand(self, staging: torch.Tensor, slot: torch.Tensor, expander: "Expander") -> None:
+        high = expander.scratch[: self.elements]
+        expander.codec().decode(self.high.view(staging), high)
+        out = slot[: self.elements * self.itemsize].view(self.elements, self.itemsize)
+        torch.cat([self.low.view(staging), high.view(self.elements, 1)], dim=1, out=out)
+
+
+def itemsize_of(layout: LayerLayout) -> int:
+    """The one element size of a layer's tensors (lossless splits bytes by their place in an element)."""
+    sizes = {e.dtype.itemsize for e in layout.entries}
+    if len(sizes) != 1:
+        raise OverspillError("stream format lossless needs every tensor of a layer in one dtype; "
+                             "use --stream-format bf16")
+    return sizes.pop()
+
+
+def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tensor,
+                    expander: "Expander") -> tuple[LosslessLayer, torch.Tensor]:
+    """Split `raw` into planes: the low plane(s) into `staging`, the high plane coded.
+
+    Returns:
+        (the layer's layout, the coded high plane on `raw`'s device).
+    """
+    size = itemsize_of(layout)
+    n = layout.nbytes // size
+    planes = raw[: n * size].view(n, size)
+    low = quant.Part(0, (n, size - 1), torch.uint8)
+    low.view(staging).copy_(planes[:, : size - 1])
+    high = expander.scratch[:n]
+    high.copy_(planes[:, size - 1])
+    coded = expander.codec().encode(high)
+    return LosslessLayer(n, size, low, quant.Part(_align(low.nbytes), (coded.numel(),), torch.uint8)), coded
+
+
+class Expander:
+    """What expansions share: the scratch buffer (lossless decodes the high plane there; one suffices,
+    as expansions run one after another on one stream) and a plane codec per CUDA stream."""
+
+    def __init__(self, device: torch.device, scratch_bytes: int):
+        self.device = device
+        self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=device)
+        self._codecs: dict[int, object] = {}
+
+    def codec(self):
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        key = 0 if stream is None else stream.cuda_stream
+        if key not in self._codecs:
+            self._codecs[key] = plane_codec(self.device, stream)
+        return self._codecs[key]
+
+
+def lossy_layout(fmt: str, layout: LayerLayout) -> LossyLayer:
+    if fmt not in LOSSY:
+        raise ValueError(f"{fmt!r} is not a lossy stream format")
+    return LossyLayer.of(fmt, layout)
+
+
+def staging_bytes_at_load(fmt: str, layout: LayerLayout) -> int:
+    """Staging a layer needs while it is encoded in a slot: its exact encoded size (lossy), or its
+    raw low planes (lossless; the coded plane goes straight to the host)."""
+    if fmt == "lossless":
+        return _align(LosslessLayer.low_bytes(layout))
+    return 0 if fmt == NATIVE else lossy_layout(fmt, layout).nbytes

@@ -1,0 +1,134 @@
+"""Lossy tensor codecs for streamed weights: int8, fp8 (e4m3) and int4 groupwise, encode and expand.
+
+Each weight is treated as [rows, cols] (rows = every leading dim, so fused expert tensors work
+too) and quantized along its last dim. Encoding runs once at load, on the GPU when there is one;
+expansion runs every step, into the compute dtype in a ring slot, with plain torch ops that write
+the slot directly (no full-size temporaries):
+- int8: symmetric, a float32 scale per row; one fused multiply `q * scale` into the slot.
+- fp8: e4m3 codes, a float32 scale per row mapping the row's largest magnitude to 448; a cast
+  into the slot (e4m3 is exact in bf16) then a multiply.
+- int4: asymmetric groups of `group` inputs with a bf16 scale and zero each, `w ~ (q - 8) * scale + zero`
+  with q in 0..15 (the convention of torch's int4 kernels and of `runtime.self_draft`); two codes a
+  byte, the even column in the high nibble. Expansion writes both nibbles into the slot, then
+  subtracts 8, scales and shifts in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..planning.formats import INT4_GROUP
+from .self_draft import QUANT_ROWS, _group_for
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT4_STORE = torch.bfloat16  # scales and zeros of int4 groups
+
+
+@dataclass(frozen=True)
+class Part:
+    """One tensor of an encoded layer, at `offset` bytes in its flat buffer."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    cols = shape[-1]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return rows, cols
+
+
+def int4_group(shape: tuple[int, ...]) -> int | None:
+    """The group size an int4 weight of `shape` uses (None: it travels raw)."""
+    if len(shape) < 2 or shape[-1] % 2:
+        return None
+    return _group_for(shape[-1], INT4_GROUP)
+
+
+def part_shapes(kind: str, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of each part `kind` encodes a weight of `shape` into."""
+    rows, cols = rows_cols(shape)
+    if kind == "int8":
+        return [((rows, cols), torch.int8), ((rows, 1), torch.float32)]
+    if kind == "fp8":
+        return [((rows, cols), FP8), ((rows, 1), torch.float32)]
+    if kind == "int4":
+        groups = cols // int4_group(shape)
+        return [((rows, cols // 2), torch.uint8), ((rows, groups, 1), INT4_STORE), ((rows, groups, 1), INT4_STORE)]
+    raise ValueError(f"unknown lossy kind {kind!r}")
+
+
+def encodable(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a tensor is quantized by `kind` (matrices of a floating dtype) or travels raw."""
+    if not dtype.is_floating_point or len(shape) < 2:
+        return False
+    return kind != "int4" or int4_group(shape) is not None
+
+
+def encode(kind: str, weight: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """Quantize `weight` (any device) into `parts` (views on the same device, shapes from `part_shapes`),
+    a bounded slice of rows at a time (float32 temporaries of at most `QUANT_ROWS` rows)."""
+    rows, cols = rows_cols(tuple(weight.shape))
+    flat = weight.reshape(rows, cols)
+    for start in range(0, rows, QUANT_ROWS):
+        stop = min(start + QUANT_ROWS, rows)
+        w = flat[start:stop].to(dtype=torch.float32, copy=True)
+        chunk = [p[start:stop] for p in parts]
+        if kind == "int8":
+            scale = w.abs().amax(dim=1, keepdim=True).div_(INT8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+            chunk[0].copy_(w.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX))
+            chunk[1].copy_(scale)
+        elif kind == "fp8":
+            scale = w.abs().amax(dim=1, keepdim=True).div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+            chunk[0].copy_(w.div_(scale).clamp_(-FP8_MAX, FP8_MAX))
+            chunk[1].copy_(scale)
+        else:
+            _encode_int4(w, cols // chunk[1].shape[1], chunk)
+
+
+def _encode_int4(w: torch.Tensor, group: int, parts: list[torch.Tensor]) -> None:
+    """Groupwise asymmetric codes as `runtime.self_draft.quantize_int4` chooses them: scale and zero are
+    rounded to their stored dtype first, so the codes fit the stored values."""
+    g = w.reshape(w.shape[0], -1, group)
+    low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scale = ((high - low).clamp(min=1e-6) / 15).to(INT4_STORE).float()
+    zero = (low + 8 * scale).to(INT4_STORE).float()
+    q = g.sub_(zero - 8 * scale).div_(scale).round_().clamp_(0, 15).to(torch.uint8).reshape(w.shape[0], -1)
+    parts[0].copy_(q[:, ::2] << 4 | q[:, 1::2])
+    parts[1].copy_(scale)
+    parts[2].copy_(zero)
+
+
+def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Write the weight `parts` encode into `out` (its compute dtype and shape), on the current stream."""
+    rows, cols = rows_cols(tuple(out.shape))
+    dst = out.view(rows, cols)
+    if kind == "int8":
+        torch.mul(parts[0], parts[1], out=dst)
+    elif kind == "fp8":
+        dst.copy_(parts[0])
+        dst.mul_(parts[1])
+    else:
+        packed, scale, zero = parts
+        pairs = dst.view(rows, cols // 2, 2)
+        torch.bitwise_right_shift(packed, 4, out=pairs[..., 0])
+        torch.bitwise_and(packed, 15, out=pairs[..., 1])
+        groups = dst.view(rows, scale.shape[1], -1)
+        groups.sub_(8).mul_(scale).add_(zero)
