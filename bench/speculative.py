@@ -136,6 +136,10 @@ def main() -> None:
                    help="oracle runs as ACCEPTANCE:CHAIN (auto: the planner adapts the chain)")
     p.add_argument("--verify", nargs="+", default=["serial"], choices=["serial", "batched"],
                    help="serial: one token at a time inside each layer (plain's arithmetic); batched: one k-token pass")
+    p.add_argument("--self-draft", action="store_true",
+                   help="then load again with speculate='self' (the planner sizes the int4 draft inside the "
+                        "budget) and time it against plain decoding of that same plan (random weights: its "
+                        "acceptance is meaningless, reported as measured)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -188,6 +192,10 @@ def main() -> None:
     record["pass_cost_fit"]["batched"]["k64_over_k1"] = costs[max(args.pass_k)] / costs[min(args.pass_k)]
     path.write_text(json.dumps(record, indent=2))
 
+    planner = planner_pass_cost(model, plan)
+    if planner is not None:
+        record["planner_pass_cost"] = {"base_s": planner.base_s, "per_token_s": planner.per_token_s,
+                                       "dispatch_per_token_s": planner.dispatch_per_token_s}
     plain_tokens, plain = timed_generate(model, ids, args.new_tokens)
     record["plain"] = plain
     print(f"plain: {plain}", flush=True)
@@ -219,12 +227,82 @@ def main() -> None:
             "predicted_tokens_per_pass": predicted.tokens_per_pass,
         }
         run["measured_over_predicted"] = run["decode_tok_s"] / run["predicted_tok_s"] if run["decode_tok_s"] else None
+        if planner is not None and verify == "serial":  # what `overspill plan --speculate` says before any run
+            planned = forecast(planner, acceptance, round(mean_chain) if chain is None else chain)
+            run["planner_tok_s"] = planned.tok_s
+            run["measured_over_planner"] = run["decode_tok_s"] / planned.tok_s if run["decode_tok_s"] else None
         record["runs"].append(run)
         path.write_text(json.dumps(record, indent=2))
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items()}
         print(f"oracle {verify} {point}: {shown}", flush=True)
+    if args.self_draft:
+        del model
+        record["self_draft"] = self_draft_run(source, budget, context, random_weights, ids.cpu(), args.new_tokens)
+        path.write_text(json.dumps(record, indent=2))
     plot(record, path.with_suffix(".png"))
     print(f"wrote {path}")
+
+
+def planner_pass_cost(model, plan):
+    """The serial verify pass cost the planner derives from the plan's prediction and the probed
+    machine (`planning.speculation.plan_pass_cost`), or None without a prediction or a GPU."""
+    import torch
+
+    from overspill.planning.speculation import plan_pass_cost
+    from overspill.runtime.hardware import probe
+    from overspill.runtime.loader import decoder_layers, measured_spec
+
+    if plan.prediction is None or not torch.cuda.is_available():
+        return None
+    spec = measured_spec(model, decoder_layers(model)[1], model.dtype)
+    return plan_pass_cost(plan.prediction, spec.active_bytes / spec.dtype_bytes, probe().matmul_flops_s, serial=True)
+
+
+def self_draft_run(source, budget, context: int, random_weights: bool, ids, new_tokens: int) -> dict:
+    """`speculate='self'` end to end: the planner's draft, then plain decoding of that same plan (the
+    draft's bytes push bf16 layers onto the link) against speculative decoding with the draft."""
+    import gc
+
+    import torch
+
+    import overspill
+    from overspill.api import placement_of
+    from overspill.runtime import speculative
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model, _ = overspill.load(source, gpu_memory=budget, context=context, random_weights=random_weights,
+                              progress=False, speculate="self")
+    load_s = time.perf_counter() - t0
+    plan = placement_of(model).plan
+    draft = model.self_draft
+    print(plan.summary(), flush=True)
+    ids = ids.to(placement_of(model).device)
+    drafter = model.speculation_drafter  # the one load built inside the plan (a second would not fit)
+    speculative.enable(model, None)
+    plain_tokens, plain = timed_generate(model, ids, new_tokens)
+    out = {"load_s": load_s, "plan_summary": plan.summary(),
+           "draft": draft.describe(len(plan.layer_tiers)) if draft is not None else None,
+           "plain_same_plan": plain, "runs": []}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for chain in (4, 8):
+        speculative.enable(model, drafter, chain=chain)
+        tokens, timing = timed_generate(model, ids, new_tokens)
+        stats = model.speculation_stats
+        speculative.enable(model, None)
+        run = {"chain": chain, "identical": tokens == plain_tokens, **timing, "passes": stats.passes,
+               "tokens_per_pass": stats.tokens_per_pass, "draft_share": stats.draft_share,
+               "speedup_vs_plain_same_plan": timing["decode_tok_s"] / plain["decode_tok_s"]
+               if timing["decode_tok_s"] and plain["decode_tok_s"] else None}
+        out["runs"].append(run)
+        print(f"self chain {chain}: {run}", flush=True)
+    if torch.cuda.is_available():
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["planned_device_bytes"] = plan.device_bytes
+    return out
 
 
 if __name__ == "__main__":

@@ -314,6 +314,7 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
     `assistant_model`, or use beams, run as before."""
     if "generate" in model.__dict__:
         del model.generate
+    model.__dict__.pop("speculation_drafter", None)
     if source is None:
         return model
     drafter = make_drafter(source, model) if isinstance(source, str) else source
@@ -330,5 +331,6 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
         return plain(*args, custom_generate=loop, **kwargs)
 
     model.generate = generate
+    model.speculation_drafter = drafter  # e.g. to time plain decoding and switch the same draft back on
     model.speculation_source = source if isinstance(source, str) else type(source).__name__
     return model
