@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
-#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs | compile | serve-managed)
+#   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
+#                                              | compile | serve-managed | truth-128k | tests-serve | speculative)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (carry .whl), the SmolLM2 tokenizer files in .smol (carry
 # .smol), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse HEAD): the tree travels without .git.
@@ -61,8 +62,28 @@ case "${1:-}" in
     timeout 150 python3 bench/managed.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
     timeout 400 python3 bench/serve.py --requests-per-client 1 --phase-timeout 45 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
+  truth-128k)  # the use case's own case: 70B shape, a 131072-token prompt through plain generate, default budget
+    timeout 560 python3 bench/plan_truth.py --model llama-3-70b --context 131136 --prompt-tokens 131072 \
+      --entries generate --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  tests-serve)  # every GPU test, then serving 8B at 6 GiB here and in the tree named by BEFORE (a checkout of an
+                # earlier commit, with its COMMIT file), for the before/after ratio
+    timeout 260 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tail -40 | tee -a "$OUT/log"
+    for tree in ${BEFORE:-} $PWD; do
+      (cd "$tree" && PYTHONPATH=/tmp/site:$PWD OVERSPILL_GIT_COMMIT=$(cat COMMIT 2>/dev/null || echo "$OVERSPILL_GIT_COMMIT") \
+        timeout 120 python3 bench/serve.py --budget 6GiB --clients 1 8 32 --max-tokens 32 --requests-per-client 1 \
+        --phase-timeout 40 --out "$OUT/serve-$(basename "$tree")" 2>&1 | grep -E "clients|loaded|wrote|Error|FAIL|Traceback" \
+        | tee -a "$OUT/log")
+    done
+    ;;
+  speculative)  # 70B at 80 GiB: pass cost, oracle points against plain (serial verify); then 8B at 6 GiB with self
+    timeout 400 python3 bench/speculative.py --model llama-3-70b --budget 80GiB --new-tokens 40 --repeats 1 \
+      --pass-k 1 8 64 --points 0.8:8 0.9:16 0.6:8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    timeout 170 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 32 --repeats 1 \
+      --pass-k 1 8 --points 0.8:8 0.9:16 --self-draft --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-serve|speculative" >&2
     exit 2
     ;;
 esac
