@@ -1,0 +1,202 @@
+"""Stream formats on the CPU ring: lossless is bit-exact (random tensors with NaN, inf and subnormals,
+SmolLM2's tensors, greedy tokens of every tiny architecture); int8, fp8 and int4 stay within their bounds."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+import overspill
+from overspill.api import placement_of
+from overspill.errors import OverspillError
+from overspill.planning.placement import streaming_plan
+from overspill.planning.plan import Workload
+from overspill.runtime import quant
+from overspill.runtime.formats import Expander, LossyLayer, encode_lossless
+from overspill.runtime.layout import LayerLayout
+from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
+
+from conftest import ARCHS, N_LAYERS, VOCAB
+
+GEN = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+
+
+def special_values(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """N(0, 0.02) weights salted with NaN, +-inf, +-0, subnormals and extremes of `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    info = torch.finfo(dtype)
+    salt = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, info.tiny / 4, -info.tiny / 8,
+                         info.smallest_normal, info.max, -info.max, info.eps], dtype=torch.float32).to(dtype)
+    where = torch.randperm(n, generator=g)[: len(salt)]
+    x[where] = salt
+    return x
+
+
+def lossless_round_trip(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:
+    """Encode `raw` (flat bytes of `layout`) as the loader does, then expand it as the ring does."""
+    size = layout.nbytes
+    expander = Expander(torch.device("cpu"), size)
+    staging = torch.empty(size, dtype=torch.uint8)
+    encoded, coded = encode_lossless(layout, raw, staging, expander)
+    host = torch.empty(encoded.nbytes, dtype=torch.uint8)  # what the pinned host buffer holds
+    host[: encoded.low.nbytes] = staging[: encoded.low.nbytes]
+    host[encoded.high.offset :] = coded
+    slot = torch.full((size,), 0xAB, dtype=torch.uint8)
+    encoded.expand(host, slot, expander)
+    return slot
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lossless_round_trip_is_bit_exact_with_special_values(dtype: torch.dtype) -> None:
+    layout = LayerLayout.of([("a.weight", (96, 64), dtype), ("b.weight", (64, 96), dtype), ("norm.weight", (64,), dtype)])
+    raw = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for i, view in enumerate(layout.views(raw)):
+        view.copy_(special_values(view.numel(), dtype, seed=i).view(view.shape))
+    slot = lossless_round_trip(layout, raw)
+    assert torch.equal(slot, raw)  # every byte, NaN payloads and the sign of zero included
+    a = layout.views(slot)[0]
+    assert a.isnan().any() and a.isinf().any() and ((a != 0) & (a.abs() < torch.finfo(dtype).smallest_normal)).any()
+
+
+def test_lossless_round_trip_of_smollm2_layers(default_model_dir) -> None:
+    """SmolLM2-135M's own bf16 tensors (the embedded GGUF, converted): two whole decoder layers."""
+    with safe_open(str(default_model_dir / "model.safetensors"), "pt") as f:
+        for layer in (0, 17):
+            names = sorted(k for k in f.keys() if k.startswith(f"model.layers.{layer}."))
+            tensors = [f.get_tensor(k) for k in names]
+            assert all(t.dtype == torch.bfloat16 for t in tensors)
+            layout = LayerLayout.of([(k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)])
+            raw = torch.zeros(layout.nbytes, dtype=torch.uint8)
+            for view, t in zip(layout.views(raw), tensors):
+                view.copy_(t)
+            slot = lossless_round_trip(layout, raw)
+            assert torch.equal(slot, raw)
+            for view, t in zip(layout.views(slot), tensors):
+                assert torch.equal(view.view(torch.int16), t.view(torch.int16))
+
+
+def _layer(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """Encode and expand one weight through `LossyLayer`, as the loader and the ring do."""
+    layout = LayerLayout.of([("w", tuple(weight.shape), weight.dtype)])
+    raw = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    layout.views(raw)[0].copy_(weight)
+    layer = LossyLayer.of(kind, layout)
+    staging = torch.empty(layer.nbytes, dtype=torch.uint8)
+    layer.encode(layout, raw, staging)
+    slot = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    layer.expand(staging, slot, Expander(torch.device("cpu"), 0))
+    return layout.views(slot)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_error_is_half_a_step_per_row(dtype: torch.dtype) -> None:
+    w = (torch.randn(64, 256) * 0.02).to(dtype)
+    got = _layer("int8", w).float()
+    step = w.float().abs().amax(dim=1, keepdim=True) / 127  # the row's scale
+    rounding = got.abs() * torch.finfo(dtype).eps  # the expanded value's own rounding
+    assert ((got - w.float()).abs() <= step / 2 + rounding + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_error_is_e4m3_rounding(dtype: torch.dtype) -> None:
+    w = (torch.randn(64, 256) * 0.02).to(dtype)
+    got = _layer("fp8", w).float()
+    scale = w.float().abs().amax(dim=1, keepdim=True) / 448
+    # e4m3: 3 mantissa bits, half a unit = 2^-4 relative; below 2^-6 (subnormal) half a unit = 2^-10 absolute
+    bound = w.float().abs() * 2**-4 + scale * 2**-10 + got.abs() * torch.finfo(dtype).eps
+    assert ((got - w.float()).abs() <= bound + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_error_is_half_a_step_per_group(dtype: torch.dtype) -> None:
+    w = (torch.randn(16, 512) * 0.02).to(dtype)
+    got = _layer("int4", w).float().view(16, 4, 128)
+    g = w.float().view(16, 4, 128)
+    step = (g.amax(dim=-1, keepdim=True) - g.amin(dim=-1, keepdim=True)) / 15
+    # half a step, plus the bf16 rounding of the stored scale and zero and of the expanded value
+    slack = (g.abs().amax(dim=-1, keepdim=True) + g.abs()) * 2**-7
+    assert ((got - g).abs() <= step / 2 + slack).all()
+    assert (got - g).abs().mean() < (step / 4).mean()  # codes are rounded, not truncated
+
+
+def test_lossy_formats_keep_vectors_and_odd_shapes_raw() -> None:
+    layout = LayerLayout.of([("w", (8, 64), torch.bfloat16), ("odd", (8, 66), torch.bfloat16),
+                             ("norm", (66,), torch.bfloat16)])
+    int4 = LossyLayer.of("int4", layout)
+    assert [t.kind for t in int4.tensors] == ["int4", "raw", "raw"]  # 66 inputs: no group of 32, 64 or 128 divides
+    int8 = LossyLayer.of("int8", layout)
+    assert [t.kind for t in int8.tensors] == ["int8", "int8", "raw"]
+    assert quant.part_shapes("int8", (4, 3, 8)) == [((12, 8), torch.int8), ((12, 1), torch.float32)]  # fused experts
+
+
+def tiny_plan(path, dtype: torch.dtype, streamed: int = 6):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), dtype)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], dtype)
+    return streaming_plan(fp, Workload(64, 1, activation_floor=0), streamed)
+
+
+def prompt() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lossless_streaming_gives_bf16_streamings_tokens(arch: str, dtype: torch.dtype, tiny_checkpoint) -> None:
+    path = tiny_checkpoint(arch)
+    plan = tiny_plan(path, dtype)
+    out = {}
+    for fmt in ("bf16", "lossless"):
+        model, _ = overspill.load(path, dtype=dtype, plan=plan, progress=False, stream_format=fmt)
+        placement = placement_of(model)
+        assert placement.plan.stream_format == fmt and len(placement.plan.streamed_layers) == 6
+        with torch.no_grad():
+            gen = model.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
+        out[fmt] = gen.sequences, torch.stack(gen.logits)
+        if fmt == "lossless":
+            # the link carries the measured encoded bytes; every slot fits a layer and its encoded bytes
+            assert placement.plan.streamed_bytes_per_step == placement.host_bytes < plan.streamed_bytes_per_step
+            assert all(layer.encoded is not None for layer in placement.ring.layers)
+            assert placement.ring.slot_buffers[0].numel() >= max(
+                layer.layout.nbytes + layer.host.numel() for layer in placement.ring.layers)
+    assert torch.equal(out["lossless"][0], out["bf16"][0])
+    assert torch.equal(out["lossless"][1], out["bf16"][1])  # same bits in, same logits out
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lossy_formats_stream_every_architecture(arch: str, fmt: str, tiny_checkpoint) -> None:
+    path = tiny_checkpoint(arch)
+    plan = tiny_plan(path, torch.float32)
+    ref, _ = overspill.load(path, dtype="float32", plan=plan, progress=False)
+    model, _ = overspill.load(path, dtype="float32", plan=plan, progress=False, stream_format=fmt)
+    placement = placement_of(model)
+    assert placement.host_bytes == placement.plan.streamed_bytes_per_step < plan.streamed_bytes_per_step
+    with torch.no_grad():
+        want, got = ref(prompt()).logits, model(prompt()).logits
+    assert got.isfinite().all()
+    # logits move by the quantization error only: int8 and fp8 closely, int4 more (mixtral: routing can flip)
+    agreement = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert agreement > {"int8": 0.995, "fp8": 0.98, "int4": 0.9}[fmt]
+
+
+def test_budget_plans_count_encoded_slots(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("llama")
+    bf16, _ = overspill.load(path, gpu_memory="1MiB", dtype="float32", context=64, progress=False)
+    int8, _ = overspill.load(path, gpu_memory="1MiB", dtype="float32", context=64, progress=False, stream_format="int8")
+    a, b = placement_of(bf16).plan, placement_of(int8).plan
+    assert b.slot_bytes > a.slot_bytes and b.device_bytes <= 2**20
+    assert b.streamed_bytes_per_step < a.streamed_bytes_per_step * len(b.streamed_layers) / len(a.streamed_layers) / 3
+    assert len(b.streamed_layers) <= N_LAYERS
+
+
+def test_stream_format_errors_say_what_to_do(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("llama")
+    with pytest.raises(OverspillError, match="use one of bf16, int8, fp8, int4, lossless, auto"):
+        overspill.load(path, dtype="float32", progress=False, stream_format="int5")
