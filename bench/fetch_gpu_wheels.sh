@@ -14,5 +14,7 @@ common=(--only-binary=:all: --python-version 3.12 --implementation cp "${platfor
 python3 -m pip download -q "${common[@]}" fastapi==0.165.0 uvicorn==0.54.0 pydantic==2.14.4
 # RMM for CUDA 13 (torch 2.11+cu130 there); its cuda-bindings and numpy needs are met by the image
 python3 -m pip download -q --no-deps "${common[@]}" rmm-cu13==26.10.0 librmm-cu13==26.10.0 rapids-logger==0.3.0
+# nvCOMP for CUDA 13 (overspill[compress]: --stream-format lossless), about 34 MB
+python3 -m pip download -q --no-deps "${common[@]}" nvidia-nvcomp-cu13==6.0.0.12 nvidia-libnvcomp-cu13==6.0.0.12
 ls .whl
 du -sh .whl

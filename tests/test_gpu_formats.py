@@ -1,0 +1,135 @@
+"""Stream formats on CUDA (`pytest -m gpu tests/test_gpu_formats.py` on the GPU machine): lossless through
+nvCOMP is bit-exact and gives bf16 streaming's tokens; int8 / fp8 / int4 expand on the GPU as on the CPU;
+the 8B shape at 6 GiB streams in every format within its budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHS
+from test_stream_formats import _layer, special_values, tiny_plan
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, cuda]
+
+
+def nvcomp_or_skip() -> None:
+    from overspill.runtime.lossless_codec import codec_installed
+
+    if not codec_installed():
+        pytest.skip("nvCOMP is not installed (pip install 'overspill[compress]'; bench/fetch_gpu_wheels.sh)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nvcomp_lossless_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
+    from overspill.runtime.formats import Expander, encode_lossless
+    from overspill.runtime.layout import LayerLayout
+
+    nvcomp_or_skip()
+    dev = torch.device("cuda")
+    layout = LayerLayout.of([("a", (4096, 1024), dtype), ("b", (1024, 4096), dtype), ("norm", (1024,), dtype)])
+    raw = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for i, view in enumerate(layout.views(raw)):
+        view.copy_(special_values(view.numel(), dtype, seed=i).view(view.shape))
+    raw = raw.to(dev)
+    expander = Expander(dev, layout.nbytes)
+    staging = torch.empty(layout.nbytes, dtype=torch.uint8, device=dev)
+    encoded, coded = encode_lossless(layout, raw, staging, expander)
+    assert encoded.nbytes < layout.nbytes  # N(0, 0.02) exponents compress
+    packed = torch.empty(encoded.nbytes, dtype=torch.uint8, device=dev)
+    packed[: encoded.low.nbytes] = staging[: encoded.low.nbytes]
+    packed[encoded.high.offset :] = coded
+    slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # as the ring runs it: on its expand stream
+        encoded.expand(packed, slot, expander)
+    side.synchronize()
+    assert torch.equal(slot, raw)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
+def test_lossy_expansion_on_cuda_matches_the_cpu(kind: str) -> None:
+    w = (torch.randn(256, 1024) * 0.02).to(torch.bfloat16)
+    cpu = _layer(kind, w)
+    gpu = _cuda_layer(kind, w)
+    # the same codes; the expanded values may differ by the last bit of bf16 arithmetic
+    torch.testing.assert_close(gpu.float(), cpu.float(), rtol=2**-7, atol=1e-6)
+
+
+def _cuda_layer(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    from overspill.runtime.formats import Expander, LossyLayer
+    from overspill.runtime.layout import LayerLayout
+
+    dev = torch.device("cuda")
+    layout = LayerLayout.of([("w", tuple(weight.shape), weight.dtype)])
+    raw = torch.zeros(layout.nbytes, dtype=torch.uint8, device=dev)
+    layout.views(raw)[0].copy_(weight)
+    layer = LossyLayer.of(kind, layout)
+    staging = torch.empty(layer.nbytes, dtype=torch.uint8, device=dev)
+    layer.encode(layout, raw, staging)
+    slot = torch.zeros(layout.nbytes, dtype=torch.uint8, device=dev)
+    layer.expand(staging, slot, Expander(dev, 0))
+    return layout.views(slot)[0].cpu()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lossless_tokens_equal_bf16_streaming_on_cuda(arch: str, tiny_checkpoint) -> None:
+    import overspill
+    from overspill.api import placement_of
+
+    nvcomp_or_skip()
+    path = tiny_checkpoint(arch)
+    plan = tiny_plan(path, torch.bfloat16)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(7)).cuda()
+    out = {}
+    for fmt in ("bf16", "lossless"):
+        model, _ = overspill.load(path, dtype="bfloat16", plan=plan, progress=False, stream_format=fmt)
+        placement = placement_of(model)
+        assert placement.plan.stream_format == fmt
+        gen = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+        out[fmt] = gen.sequences, torch.stack(gen.logits)
+        assert placement.ring.restarts == 1
+    assert torch.equal(out["lossless"][0], out["bf16"][0])
+    assert torch.equal(out["lossless"][1], out["bf16"][1])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8", "int4", "lossless"])
+def test_llama3_8b_shape_at_6gib_in_each_format(fmt: str) -> None:
+    """Every format plans and runs the 8B shape inside 6 GiB (the slots hold both forms); lossless gives bf16's tokens."""
+    import overspill
+    from overspill.api import placement_of
+
+    if fmt == "lossless":
+        nvcomp_or_skip()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, 128256, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    model, _ = overspill.load("llama-3-8b", gpu_memory="6GiB", random_weights=True, progress=False, context=256,
+                              stream_format=fmt)
+    placement = placement_of(model)
+    plan = placement.plan
+    assert plan.streamed_layers and plan.stream_format == fmt
+    got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.cuda.max_memory_allocated() <= 6 * 2**30
+    assert placement.ring.restarts == 1
+    if fmt != "bf16":
+        assert plan.streamed_bytes_per_step < 0.9 * sum(layer.layout.nbytes for layer in placement.ring.layers)
+    TOKENS[fmt] = got.cpu()
+    if fmt == "lossless" and "bf16" in TOKENS:
+        assert torch.equal(TOKENS["lossless"], TOKENS["bf16"])
+
+
+TOKENS: dict[str, torch.Tensor] = {}  # per format, for lossless against bf16 (parametrized in this order)
+
+
+def test_auto_picks_lossless_where_nvcomp_is_installed(tiny_checkpoint) -> None:
+    import overspill
+    from overspill.api import placement_of
+
+    nvcomp_or_skip()
+    path = tiny_checkpoint("llama")
+    model, _ = overspill.load(path, dtype="bfloat16", plan=tiny_plan(path, torch.bfloat16), progress=False)
+    assert placement_of(model).plan.stream_format == "lossless"
