@@ -49,15 +49,15 @@ def timed_generate(model, ids, new_tokens: int) -> tuple[list[int], float | None
 
 
 def expand_seconds(placement, repeats: int = 10) -> float | None:
-    """Median time to expand the first streamed layer from bytes already in its slot's staging."""
+    """Median time to expand the first streamed layer from bytes already in a staging buffer."""
     import torch
 
     ring = placement.ring
     if ring is None or not ring.layers or ring.layers[0].encoded is None:
         return None
     layer = ring.layers[0]
-    buf, start = ring.slot_buffers[0], layer.layout.nbytes
-    staging, out = buf[start : start + layer.host.numel()], buf[:start]
+    buf = ring.slot_buffers[0]
+    staging, out = ring.expander.staging[0][: layer.host.numel()], buf[: layer.layout.nbytes]
     ring.copier.synchronize()
     staging.copy_(layer.host)
     times = []

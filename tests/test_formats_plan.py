@@ -41,20 +41,24 @@ def test_bytes_per_trip_of_each_format() -> None:
     assert formats.INT4_GROUP == INT4_GROUP  # the same groups as the self draft's int4 layers
 
 
-def test_slots_hold_the_layer_and_its_encoded_bytes() -> None:
+def test_encoded_layers_need_two_staging_buffers_beside_the_slots() -> None:
     budget = 6 * GiB
     bf16 = greedy_plan(LLAMA3_8B, budget)
     int8 = greedy_plan(with_format(LLAMA3_8B, choose(LLAMA3_8B, "int8")), budget)
     enc = encoded_bytes("int8", LAYER, 2, 4096)
-    assert bf16.slot_bytes == LAYER and int8.slot_bytes == LAYER + enc
+    # slots hold the layer as it computes; its encoded bytes land in one of two staging buffers
+    assert bf16.slot_bytes == int8.slot_bytes == LAYER
+    assert bf16.expand_bytes == 0 and int8.expand_bytes == 2 * enc
     assert int8.stream_format == "int8" and bf16.stream_format == "bf16"
-    # the bigger slots cost resident layers; every streamed layer sends its encoded bytes
-    assert len(int8.streamed_layers) > len(bf16.streamed_layers)
+    # the staging costs a resident layer; every streamed layer sends its encoded bytes
+    assert len(int8.streamed_layers) == len(bf16.streamed_layers) + 1
     assert int8.streamed_bytes_per_step == enc * len(int8.streamed_layers)
     assert int8.device_bytes <= budget
     lossless = greedy_plan(with_format(LLAMA3_8B, choose(LLAMA3_8B, "lossless")), budget)
-    assert lossless.expand_bytes == PARAMS  # the decoded high plane of one layer, beside the slots
-    assert lossless.device_bytes == lossless.device_weight_bytes + 3 * lossless.slot_bytes + PARAMS + lossless.workspace_bytes
+    staging = 2 * encoded_bytes("lossless", LAYER, 2, 4096)
+    assert lossless.expand_bytes == staging + PARAMS  # plus the decoded high plane of one layer
+    assert lossless.device_bytes == (lossless.device_weight_bytes + 3 * LAYER + staging + PARAMS
+                                     + lossless.workspace_bytes)
 
 
 def test_fewer_bytes_raise_the_link_floor() -> None:
@@ -67,7 +71,7 @@ def test_fewer_bytes_raise_the_link_floor() -> None:
         assert (p.expand_s > 0) == (name != "bf16")
     speedup = {n: plans[n].prediction.decode_tok_s / plans["bf16"].prediction.decode_tok_s for n in plans}
     assert speedup["int8"] == pytest.approx(speedup["fp8"])
-    assert speedup["int4"] > speedup["int8"] > speedup["lossless"] > 1.25
+    assert speedup["int4"] > speedup["int8"] > speedup["lossless"] > 1.35
 
 
 def test_lossless_measured_ratio_replaces_the_prior() -> None:

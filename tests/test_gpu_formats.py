@@ -33,7 +33,7 @@ def test_nvcomp_lossless_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     for i, view in enumerate(layout.views(raw)):
         view.copy_(special_values(view.numel(), dtype, seed=i).view(view.shape))
     raw = raw.to(dev)
-    expander = Expander(dev, layout.nbytes)
+    expander = Expander(dev, 0, layout.nbytes)
     staging = torch.empty(layout.nbytes, dtype=torch.uint8, device=dev)
     encoded, coded = encode_lossless(layout, raw, staging, expander)
     assert encoded.nbytes < layout.nbytes  # N(0, 0.02) exponents compress
@@ -70,7 +70,7 @@ def _cuda_layer(kind: str, weight: torch.Tensor) -> torch.Tensor:
     staging = torch.empty(layer.nbytes, dtype=torch.uint8, device=dev)
     layer.encode(layout, raw, staging)
     slot = torch.zeros(layout.nbytes, dtype=torch.uint8, device=dev)
-    layer.expand(staging, slot, Expander(dev, 0))
+    layer.expand(staging, slot, Expander(dev, 0, 0))
     return layout.views(slot)[0].cpu()
 
 

@@ -40,7 +40,7 @@ def special_values(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 def lossless_round_trip(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:
     """Encode `raw` (flat bytes of `layout`) as the loader does, then expand it as the ring does."""
     size = layout.nbytes
-    expander = Expander(torch.device("cpu"), size)
+    expander = Expander(torch.device("cpu"), 0, size)
     staging = torch.empty(size, dtype=torch.uint8)
     encoded, coded = encode_lossless(layout, raw, staging, expander)
     host = torch.empty(encoded.nbytes, dtype=torch.uint8)  # what the pinned host buffer holds
@@ -89,7 +89,7 @@ def _layer(kind: str, weight: torch.Tensor) -> torch.Tensor:
     staging = torch.empty(layer.nbytes, dtype=torch.uint8)
     layer.encode(layout, raw, staging)
     slot = torch.zeros(layout.nbytes, dtype=torch.uint8)
-    layer.expand(staging, slot, Expander(torch.device("cpu"), 0))
+    layer.expand(staging, slot, Expander(torch.device("cpu"), 0, 0))
     return layout.views(slot)[0]
 
 
@@ -160,11 +160,13 @@ def test_lossless_streaming_gives_bf16_streamings_tokens(arch: str, dtype: torch
             gen = model.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
         out[fmt] = gen.sequences, torch.stack(gen.logits)
         if fmt == "lossless":
-            # the link carries the measured encoded bytes; every slot fits a layer and its encoded bytes
+            # the link carries the measured encoded bytes; each staging buffer fits the largest encoded layer
+            ring = placement.ring
             assert placement.plan.streamed_bytes_per_step == placement.host_bytes < plan.streamed_bytes_per_step
-            assert all(layer.encoded is not None for layer in placement.ring.layers)
-            assert placement.ring.slot_buffers[0].numel() >= max(
-                layer.layout.nbytes + layer.host.numel() for layer in placement.ring.layers)
+            assert all(layer.encoded is not None for layer in ring.layers)
+            assert len(ring.expander.staging) == 2
+            assert ring.expander.staging[0].numel() >= max(layer.host.numel() for layer in ring.layers)
+            assert placement.plan.expand_bytes == ring.expander.nbytes
     assert torch.equal(out["lossless"][0], out["bf16"][0])
     assert torch.equal(out["lossless"][1], out["bf16"][1])  # same bits in, same logits out
 
@@ -191,7 +193,7 @@ def test_budget_plans_count_encoded_slots(tiny_checkpoint) -> None:
     bf16, _ = overspill.load(path, gpu_memory="1MiB", dtype="float32", context=64, progress=False)
     int8, _ = overspill.load(path, gpu_memory="1MiB", dtype="float32", context=64, progress=False, stream_format="int8")
     a, b = placement_of(bf16).plan, placement_of(int8).plan
-    assert b.slot_bytes > a.slot_bytes and b.device_bytes <= 2**20
+    assert b.slot_bytes == a.slot_bytes and b.expand_bytes > 0 and b.device_bytes <= 2**20
     assert b.streamed_bytes_per_step < a.streamed_bytes_per_step * len(b.streamed_layers) / len(a.streamed_layers) / 3
     assert len(b.streamed_layers) <= N_LAYERS
 
@@ -200,3 +202,33 @@ def test_stream_format_errors_say_what_to_do(tiny_checkpoint) -> None:
     path = tiny_checkpoint("llama")
     with pytest.raises(OverspillError, match="use one of bf16, int8, fp8, int4, lossless, auto"):
         overspill.load(path, dtype="float32", progress=False, stream_format="int5")
+
+
+@pytest.mark.parametrize("fmt", ["lossless", "int4"])
+def test_encoded_layers_are_cached_for_the_next_load(fmt: str, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OVERSPILL_CACHE", str(tmp_path))
+    path = tiny_checkpoint("qwen3")
+    plan = tiny_plan(path, torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        model, _ = overspill.load(path, dtype="bfloat16", plan=plan, progress=False, stream_format=fmt)
+        with torch.no_grad():
+            runs.append((model.generate(prompt(), **GEN), placement_of(model)))
+    (first, a), (second, b) = runs
+    assert not any("encoded cache" in n for n in a.plan.notes)
+    assert any(n.startswith("6 ") and "read from the encoded cache" in n for n in b.plan.notes)
+    assert torch.equal(first, second)
+    for x, y in zip(a.ring.layers, b.ring.layers):
+        assert torch.equal(x.host, y.host) and x.encoded == y.encoded
+    folder = next((tmp_path / "encoded").iterdir())
+    assert len(list(folder.glob("*.bin"))) == 6 and folder.name.startswith(f"{path.name}-{fmt}-")
+
+
+def test_a_changed_checkpoint_gets_a_new_cache_key(tmp_path) -> None:
+    from overspill.runtime.encoded_cache import cache_folder
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    before = cache_folder(tmp_path, "int8", torch.bfloat16, "torch")
+    (tmp_path / "model.safetensors").write_bytes(b"xy")
+    assert cache_folder(tmp_path, "int8", torch.bfloat16, "torch") != before
+    assert cache_folder(tmp_path, "int4", torch.bfloat16, "torch") != cache_folder(tmp_path, "int8", torch.bfloat16, "torch")

@@ -2,8 +2,10 @@
 
 At batch 1 a link-bound step costs streamed bytes / link bandwidth, so fewer bytes per trip move
 the floor itself. Each format stores streamed layers on the host in its own form; the ring copies
-those bytes into a staging region of the slot and the GPU expands them into the compute dtype in
-the slot's other region, overlapped with compute. Resident layers stay in the compute dtype.
+those bytes into one of `STAGING_BUFFERS` staging buffers and the GPU expands them into the compute
+dtype in the layer's ring slot, overlapped with compute. Two staging buffers suffice: the next
+layer's copy lands in one while the other is expanded (expansion is much faster than a copy).
+Resident layers stay in the compute dtype.
 
 Bytes per parameter, for a [rows, cols] weight (`rows` output channels):
 - bf16: the compute dtype itself, unchanged (2 B in bf16); nothing to expand.
@@ -89,8 +91,11 @@ def encoded_bytes(fmt: str, layer_bytes: int, dtype_bytes: int, hidden: int,
     raise ValueError(f"unknown stream format {fmt!r}")
 
 
+STAGING_BUFFERS = 2  # encoded bytes in flight: one being copied into, one being expanded from
+
+
 def expand_scratch_bytes(fmt: str, layer_bytes: int, dtype_bytes: int) -> int:
-    """GPU scratch one expansion needs beside the slot: lossless decodes the high plane there first."""
+    """GPU scratch one expansion needs besides its staging: lossless decodes the high plane there first."""
     return layer_bytes // dtype_bytes if fmt == "lossless" else 0
 
 
@@ -110,7 +115,7 @@ class FormatChoice:
 
     name: str
     encoded_layer_bytes: tuple[int, ...]
-    scratch_bytes: int
+    scratch_bytes: int  # GPU bytes beside the ring slots: the staging buffers and the expansion scratch
     assumed: bool  # lossless planned from the prior ratio, not a measurement
 
 
@@ -121,6 +126,8 @@ def choose(fp: Footprint, fmt: str, high_plane_ratio: float | None = None,
     ratio = LOSSLESS_HIGH_PLANE_PRIOR if high_plane_ratio is None else high_plane_ratio
     sizes = exact or tuple(encoded_bytes(fmt, b, fp.dtype_bytes, fp.hidden_size, ratio) for b in fp.layer_bytes)
     scratch = max((expand_scratch_bytes(fmt, b, fp.dtype_bytes) for b in fp.layer_bytes), default=0)
+    if fmt != NATIVE:
+        scratch += STAGING_BUFFERS * max(sizes, default=0)
     return FormatChoice(fmt, sizes, scratch, assumed=fmt == "lossless" and high_plane_ratio is None and exact is None)
 
 

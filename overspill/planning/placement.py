@@ -104,9 +104,8 @@ def _make_plan(
     """Fill in the ring and byte counts implied by a choice of tiers."""
     streamed = [b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.PINNED]
     wire = fp.encoded_layer_bytes
+    # Encoded layers send fewer bytes; they land in staging buffers beside the slots (`expand_bytes`).
     sent = streamed if wire is None else [w for w, t in zip(wire, tiers) if t is Tier.PINNED]
-    # A slot holds the layer as it computes, plus (when it travels encoded) the bytes the link brought.
-    slot_sizes = streamed if wire is None else [b + w for b, w in zip(streamed, sent)]
     slots = min(depth + 1, len(streamed))
     device_w = fp.head_bytes + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
     if embed_tier is Tier.DEVICE:
@@ -117,7 +116,7 @@ def _make_plan(
         head_tier=Tier.DEVICE,
         depth=depth if streamed else 0,
         slots=slots,
-        slot_bytes=max(slot_sizes, default=0),
+        slot_bytes=max(streamed, default=0),
         budget_bytes=budget,
         workspace_bytes=workspace_bytes(fp, workload, kv_host, depth),
         device_weight_bytes=device_w,

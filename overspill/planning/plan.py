@@ -89,8 +89,8 @@ class Plan:
     kv_host_layers: tuple[int, ...] = ()  # layers whose KV lives in pinned host memory (a TieredCache)
     kv_host_bytes: int = 0  # their KV at full context: read over the link every decode step
     streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> slots), "managed" (prefetch), "mapped" (in place)
-    stream_format: str = "bf16"  # how streamed layers travel (`overspill.planning.formats`); slots hold both forms
-    expand_bytes: int = 0  # GPU scratch for expanding a streamed layer (lossless: its decoded high byte plane)
+    stream_format: str = "bf16"  # how streamed layers travel (`overspill.planning.formats`)
+    expand_bytes: int = 0  # GPU bytes for encoded streamed layers: staging buffers + expansion scratch
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -154,7 +154,7 @@ class Plan:
             )
         if streamed and self.stream_format != "bf16":
             lines.append(f"stream format: {self.stream_format} (streamed layers expand into the compute dtype in their slot; "
-                         f"resident layers unchanged)")
+                         f"resident layers unchanged; staging and expansion {format_bytes(self.expand_bytes)})")
         lines.append(f"bytes over the link per decode step: {format_bytes(self.streamed_bytes_per_step + self.kv_host_bytes)}")
         budget = "unlimited" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         lines.append(

@@ -40,15 +40,16 @@ class LayerRing(Ring):
 
     def fill(self, layer: "StreamedLayer", slot: int) -> None:
         """The layer's flat host buffer into the slot's buffer (in place: the copier migrates it). An
-        encoded layer's bytes land after the layer's own and expand into them (`formats`)."""
+        encoded layer's bytes land in a staging buffer and expand into the slot (`formats`)."""
         if layer.encoded is None:
             dst = None if self.in_place else self.slot_buffers[slot][: layer.host.numel()]
             self.copier.copy(dst, layer.host, slot)
             return
-        buf, start = self.slot_buffers[slot], layer.layout.nbytes
-        staging = buf[start : start + layer.host.numel()]
-        out = buf[:start]
-        self.copier.copy_expand(staging, layer.host, slot, lambda: layer.encoded.expand(staging, out, self.expander))
+        index = self.expander.next_staging()
+        staging = self.expander.staging[index][: layer.host.numel()]
+        out = self.slot_buffers[slot][: layer.layout.nbytes]
+        self.copier.copy_expand(staging, layer.host, slot, index,
+                                lambda: layer.encoded.expand(staging, out, self.expander))
 
 
 class StreamedLayer(nn.Module):

@@ -2,10 +2,9 @@
 
 A streamed layer normally sits in pinned host memory exactly as it computes (`layout.LayerLayout`).
 In a stream format (`overspill.planning.formats`) its host buffer holds the encoded bytes instead;
-the ring copies them into the slot's staging region (after the layer's own bytes) and expands them
-into the slot's layer region on the GPU, on a side stream ordered by events (`streams.CudaCopier.copy_expand`),
-so the next copy and earlier layers' compute overlap it. Only streamed layers change; resident ones
-stay in the compute dtype.
+the ring copies them into one of two staging buffers and expands them into the layer's slot on the
+GPU, on a side stream ordered by events (`streams.CudaCopier.copy_expand`), so the next copy and
+earlier layers' compute overlap it. Only streamed layers change; resident ones stay in the compute dtype.
 
 - `LossyLayer` (int8 / fp8 / int4): per tensor, matrices quantized (`quant`), vectors raw; the
   layout follows from the shapes alone, so the planner knows the exact bytes before loading.
@@ -13,8 +12,8 @@ stay in the compute dtype.
   (sign and exponent bits) entropy-coded (`lossless_codec`); the expansion decodes the high plane into
   a scratch buffer and interleaves the planes into the slot in one kernel. Identical bits.
 
-Encoding happens layer by layer in the first ring slot (on the GPU when there is one), so loading
-needs no host copy of the model beyond the encoded host buffers.
+Encoding happens layer by layer in the first ring slot and staging buffer (on the GPU when there is
+one), so loading needs no host copy of the model beyond the encoded host buffers.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OverspillError
-from ..planning.formats import LOSSY, NATIVE
+from ..planning.formats import LOSSY, NATIVE, STAGING_BUFFERS
 from . import quant
 from .layout import ALIGN, LayerLayout, TensorEntry
 from .lossless_codec import plane_codec
@@ -135,13 +134,29 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
 
 
 class Expander:
-    """What expansions share: the scratch buffer (lossless decodes the high plane there; one suffices,
-    as expansions run one after another on one stream) and a plane codec per CUDA stream."""
+    """What expansions share: `STAGING_BUFFERS` staging buffers the link's bytes land in (used in turn),
+    the scratch buffer (lossless decodes the high plane there; one suffices, as expansions run one
+    after another on one stream) and a plane codec per CUDA stream."""
 
-    def __init__(self, device: torch.device, scratch_bytes: int):
+    def __init__(self, device: torch.device, staging_bytes: int, scratch_bytes: int):
         self.device = device
+        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=device) for _ in range(STAGING_BUFFERS)]
         self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=device)
+        self.turn = 0  # staging buffer of the next copy
         self._codecs: dict[int, object] = {}
+
+    def grow_staging(self, nbytes: int) -> None:
+        """Make every staging buffer hold `nbytes` (a lossless layer's size is known once it is coded)."""
+        if nbytes > self.staging[0].numel():
+            self.staging = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in self.staging]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.staging) + self.scratch.numel()
+
+    def next_staging(self) -> int:
+        index, self.turn = self.turn, (self.turn + 1) % len(self.staging)
+        return index
 
     def codec(self):
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

@@ -21,6 +21,7 @@ from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan
 from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_windows
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
+from .encoded_cache import EncodedCache, cache_folder
 from .formats import Expander, encode_lossless, itemsize_of, lossy_layout, staging_bytes_at_load
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
@@ -254,12 +255,26 @@ def _layout(layer: nn.Module) -> LayerLayout:
 
 
 def _stream_encoded(layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool,
-                    fmt: str) -> tuple[StreamedLayer, int]:
-    """Fill a streamed layer in stream format `fmt`: read it into ring slot 0 (on the device), encode
-    it there, and keep only the encoded bytes in an exact-size host buffer (`formats`)."""
+                    fmt: str, cache: EncodedCache | None) -> tuple[StreamedLayer, int]:
+    """Fill a streamed layer in stream format `fmt`: from the encoded cache when it holds the layer,
+    else read it into ring slot 0 (on the device), encode it into the first staging buffer, and keep
+    only the encoded bytes in an exact-size host buffer (`formats`), written to the cache too."""
     layout = _layout(layer)
-    work = ring.slot_buffers[0]
-    raw, staging = work[: layout.nbytes], work[layout.nbytes :]
+    hit = cache.read(index, layout, lambda n: host_bytes(n, pinned)) if cache is not None else None
+    if hit is not None:
+        encoded, host = hit
+    else:
+        encoded, host = _encode(layout, prefix, source, ring, pinned, fmt)
+        if cache is not None:
+            cache.write(index, layout, encoded, host)
+    for entry, view in zip(layout.entries, ring.views(layout, 0)):
+        _set_param(layer, entry.name, view)
+    return StreamedLayer(layer, index, host, layout, ring, encoded), encoded.nbytes
+
+
+def _encode(layout: LayerLayout, prefix: str, source, ring: LayerRing, pinned: bool, fmt: str):
+    """(encoded layout, host buffer of its bytes) of one layer read from `source` and encoded on the ring's device."""
+    raw, staging = ring.slot_buffers[0][: layout.nbytes], ring.expander.staging[0]
     for entry, view in zip(layout.entries, layout.views(raw)):
         source.fill(prefix + entry.name, view)
     if fmt == "lossless":
@@ -272,9 +287,16 @@ def _stream_encoded(layer: nn.Module, prefix: str, index: int, source, ring: Lay
         encoded.encode(layout, raw, staging)
         host = host_bytes(encoded.nbytes, pinned)
         host.copy_(staging[: encoded.nbytes])
-    for entry, view in zip(layout.entries, ring.views(layout, 0)):
-        _set_param(layer, entry.name, view)
-    return StreamedLayer(layer, index, host, layout, ring, encoded), encoded.nbytes
+    return encoded, host
+
+
+def _encoded_cache(source, plan: Plan, layers: nn.ModuleList, device: torch.device) -> EncodedCache | None:
+    """The encoded-layer cache of a checkpoint (None for random weights or plain bf16 streaming)."""
+    if plan.stream_format == NATIVE or not plan.streamed_layers or not isinstance(source, CheckpointReader):
+        return None
+    dtype = next(layers[plan.streamed_layers[0]].parameters()).dtype
+    codec = ("nvcomp-ans" if device.type == "cuda" else "zlib") if plan.stream_format == "lossless" else "torch"
+    return EncodedCache(cache_folder(source.directory, plan.stream_format, dtype, codec), plan.stream_format)
 
 
 def encoded_layer_bytes(layers: nn.ModuleList, fmt: str) -> tuple[int, ...] | None:
@@ -285,16 +307,16 @@ def encoded_layer_bytes(layers: nn.ModuleList, fmt: str) -> tuple[int, ...] | No
     return tuple(lossy_layout(fmt, _layout(layer)).nbytes for layer in layers)
 
 
-def _encoded_slots(model_layers: nn.ModuleList, plan: Plan) -> tuple[int, int]:
-    """(slot bytes, expand scratch bytes) to encode `plan`'s streamed layers at load: each slot must hold
-    a layer plus what encoding stages beside it, whatever the plan counted (a caller's plan may be bf16's)."""
-    need = scratch = 0
+def _expander(model_layers: nn.ModuleList, plan: Plan, device: torch.device) -> Expander:
+    """Staging buffers and scratch to encode `plan`'s streamed layers at load and expand them later,
+    sized from the layers themselves (a caller's plan may be bf16's; lossless staging grows once coded)."""
+    staging = scratch = 0
     for i in plan.streamed_layers:
         layout = _layout(model_layers[i])
-        need = max(need, layout.nbytes + staging_bytes_at_load(plan.stream_format, layout))
+        staging = max(staging, staging_bytes_at_load(plan.stream_format, layout))
         if plan.stream_format == "lossless":
             scratch = max(scratch, layout.nbytes // itemsize_of(layout))
-    return max(need, plan.slot_bytes), max(scratch, plan.expand_bytes)
+    return Expander(device, staging, scratch)
 
 
 def _stream_layer(
@@ -339,13 +361,12 @@ def materialize(
         copier = ManagedCopier(device, plan.slots, memory) if plan.streaming == "managed" else MappedCopier()
         ring = LayerRing([], copier, in_place_slots=plan.slots)
     elif plan.streamed_layers:
-        encoded = plan.stream_format != NATIVE
-        slot_bytes, scratch = _encoded_slots(layers, plan) if encoded else (plan.slot_bytes, 0)
-        slot_buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
+        slot_buffers = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
         copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()
         ring = LayerRing(slot_buffers, copier)
-        if encoded:
-            ring.expander = Expander(device, scratch)
+        if plan.stream_format != NATIVE:
+            ring.expander = _expander(layers, plan, device)
+    cache = _encoded_cache(source, plan, layers, device)
 
     bar = tqdm(total=len(layers) + 2, desc="placing weights", unit="part", disable=not progress)
     if plan.embed_tier is Tier.HOST:
@@ -361,7 +382,7 @@ def materialize(
     for i, layer in enumerate(layers):
         prefix = f"{layers_path}.{i}."
         if plan.layer_tiers[i] is Tier.PINNED and ring.expander is not None:
-            wrapped, nbytes = _stream_encoded(layer, prefix, i, source, ring, on_cuda, plan.stream_format)
+            wrapped, nbytes = _stream_encoded(layer, prefix, i, source, ring, on_cuda, plan.stream_format, cache)
             layers[i] = wrapped
             host_total += nbytes
         elif plan.layer_tiers[i] is Tier.PINNED:
@@ -386,30 +407,24 @@ def materialize(
             memory.prefetch(layer.host, host=True, stream=home)
         home.synchronize()
     if ring is not None and ring.expander is not None:
-        plan = _measured_format(plan, ring)
+        plan = _measured_format(plan, ring, cache)
     return Placement(plan=plan, device=device, ring=ring, layers_path=layers_path, host_bytes=host_total,
                      managed=memory)
 
 
-def _measured_format(plan: Plan, ring: LayerRing) -> Plan:
-    """The plan with the encoded bytes the load measured: bytes over the link per step and slot sizes
-    (a lossless layer's size is known only once coded: slots grow here if a layer outgrew the plan)."""
-    need = max(layer.layout.nbytes + layer.host.numel() for layer in ring.layers)
-    if need > ring.slot_buffers[0].numel():
-        device = ring.slot_buffers[0].device
-        ring.slot_buffers[:] = []
-        ring.slot_buffers.extend(torch.empty(need, dtype=torch.uint8, device=device) for _ in range(plan.slots))
-        ring._views.clear()
-        for layer in ring.layers:  # off the old slot 0, so its buffer is freed now
-            layer.bind(0)
+def _measured_format(plan: Plan, ring: LayerRing, cache: EncodedCache | None) -> Plan:
+    """The plan with the encoded bytes the load measured: bytes over the link per step, and the
+    staging buffers (a lossless layer's size is known only once coded: staging grows to the largest)."""
+    ring.expander.grow_staging(max(layer.host.numel() for layer in ring.layers))
     sent = sum(layer.host.numel() for layer in ring.layers)
     raw = sum(layer.layout.nbytes for layer in ring.layers)
     notes = plan.notes
     if plan.stream_format == "lossless":
         notes += (f"lossless: streamed layers measured at {sent / raw:.3f} of their bytes "
                   f"({ring.expander.codec().name})",)
-    slot_bytes = ring.slot_buffers[0].numel()
-    return replace(plan, streamed_bytes_per_step=sent, slot_bytes=slot_bytes, notes=notes)
+    if cache is not None and cache.hits:
+        notes += (f"{cache.hits} {plan.stream_format} layers read from the encoded cache {cache.folder}",)
+    return replace(plan, streamed_bytes_per_step=sent, expand_bytes=ring.expander.nbytes, notes=notes)
 
 
 def _is_tied(model: nn.Module) -> bool:

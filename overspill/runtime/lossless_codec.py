@@ -66,7 +66,7 @@ class NvcompAns:
         self.nvcomp = nvcomp
         self.stream = stream
         self.codec = nvcomp.Codec(algorithm="ANS", cuda_stream=stream.cuda_stream)
-        self._configs: dict[int, object] = {}
+        self._configs: dict[int, object] | None = {}
 
     def _array(self, tensor: "torch.Tensor"):
         return self.nvcomp.as_array(tensor, cuda_stream=self.stream.cuda_stream)
@@ -78,7 +78,11 @@ class NvcompAns:
         encoded = self.codec.encode(self._array(plane.contiguous()))
         self.stream.synchronize()
         size = int(encoded.buffer_size)
-        return torch.utils.dlpack.from_dlpack(encoded.to_dlpack()).view(torch.uint8).reshape(-1)[:size].clone()
+        try:
+            device = torch.from_dlpack(encoded)  # arrays that speak __dlpack__
+        except (AttributeError, TypeError, RuntimeError):
+            device = torch.utils.dlpack.from_dlpack(encoded.to_dlpack())
+        return device.reshape(-1).view(torch.uint8)[:size].clone()
 
     def _config(self, size: int):
         if size not in self._configs:
@@ -86,8 +90,16 @@ class NvcompAns:
         return self._configs[size]
 
     def decode(self, encoded: "torch.Tensor", out: "torch.Tensor") -> None:
-        """Decompress device bytes into `out` (device uint8, exactly the decompressed size), enqueued on the stream."""
-        self.codec.decode(self._array(encoded), out=self._array(out), decompression_config=self._config(out.numel()))
+        """Decompress device bytes into `out` (device uint8, exactly the decompressed size), enqueued on the stream.
+        Without a decompression config (an nvCOMP whose decode takes none) it reads the size from the header."""
+        src, dst = self._array(encoded), self._array(out)
+        if self._configs is not None:
+            try:
+                self.codec.decode(src, out=dst, decompression_config=self._config(out.numel()))
+                return
+            except TypeError:
+                self._configs = None
+        self.codec.decode(src, out=dst)
 
 
 def plane_codec(device: "torch.device", stream: "torch.cuda.Stream | None" = None) -> ZlibPlane | NvcompAns:

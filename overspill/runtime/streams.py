@@ -48,7 +48,7 @@ class HostCopier:
         for dst, src in pairs:
             dst.copy_(src)
 
-    def copy_expand(self, dst: torch.Tensor, src: torch.Tensor, slot: int, expand) -> None:
+    def copy_expand(self, dst: torch.Tensor, src: torch.Tensor, slot: int, staging: int, expand) -> None:
         dst.copy_(src)
         expand()
 
@@ -103,6 +103,7 @@ class CudaCopier:
         self.stream = new_stream(device, priority=-1)
         self.expand_stream: torch.cuda.Stream | None = None  # made on the first encoded layer
         self.copied = [torch.cuda.Event() for _ in range(slots)]
+        self.staging_free: dict[int, torch.cuda.Event] = {}  # per staging buffer, its last expansion
         self.ready = [torch.cuda.Event() for _ in range(slots)]
         self.done = [torch.cuda.Event() for _ in range(slots)]
         self.done_recorded = [False] * slots
@@ -129,23 +130,27 @@ class CudaCopier:
         else:
             self.ready[slot].record(self.stream)
 
-    def copy_expand(self, dst: torch.Tensor, src: torch.Tensor, slot: int, expand) -> None:
-        """Copy encoded bytes into `slot`'s staging on the copy stream, then run `expand` (kernels writing
-        the slot's layer) on the expand stream once they land; the slot is ready when expansion ends.
-        The copy stream never waits for an expansion, so the next layer's copy overlaps it."""
+    def copy_expand(self, dst: torch.Tensor, src: torch.Tensor, slot: int, staging: int, expand) -> None:
+        """Copy encoded bytes into staging buffer `staging` (`dst`) on the copy stream once its previous
+        expansion is done, then run `expand` (kernels writing `slot`'s layer) on the expand stream once
+        they land and the slot's last user is done; the slot is ready when expansion ends. With two
+        staging buffers the next layer's copy overlaps this expansion."""
         if self.capturing:
             raise RuntimeError("encoded stream formats are not captured in CUDA graphs")
-        if self.done_recorded[slot]:
-            self.stream.wait_event(self.done[slot])
+        if staging in self.staging_free:
+            self.stream.wait_event(self.staging_free[staging])
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
         self.copied[slot].record(self.stream)
         if self.expand_stream is None:
             self.expand_stream = new_stream(self.device, priority=-1)
         self.expand_stream.wait_event(self.copied[slot])
+        if self.done_recorded[slot]:
+            self.expand_stream.wait_event(self.done[slot])
         with torch.cuda.stream(self.expand_stream):
             expand()
         self.ready[slot].record(self.expand_stream)
+        self.staging_free.setdefault(staging, torch.cuda.Event()).record(self.expand_stream)
 
     def wait_ready(self, slot: int) -> None:
         current = torch.cuda.current_stream(self.device)

@@ -1,0 +1,94 @@
+"""Encoded streamed layers kept on disk, so the next load of the same checkpoint reads them directly.
+
+Beside the converted-GGUF cache (`sources.cache_dir() / "gguf"`), under `cache_dir() / "encoded"`,
+one folder per checkpoint, format, dtype and codec, keyed like the GGUF cache by the files' paths,
+sizes and modification times: a changed checkpoint gets a new key. Each layer is one file of its
+encoded bytes plus, for lossless (whose size is known only once coded), a small JSON of its planes.
+Random-weight models are not cached (drawing them again is faster than reading them).
+
+A layer is written only while the disk keeps twice its size free, so a large model on a small disk
+loads as before, just without the cache; files are written under a temporary name and renamed, so
+a killed load never leaves a half-written layer that a later load would read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .formats import LosslessLayer, LossyLayer, lossy_layout
+from .layout import LayerLayout
+from .quant import Part
+from .sources import cache_dir
+
+VERSION = 1  # bump when the container changes
+
+
+def cache_folder(weights_dir: Path, fmt: str, dtype: torch.dtype, codec: str) -> Path:
+    """The folder for a checkpoint's layers encoded in `fmt` (keyed by its files' paths, sizes and mtimes)."""
+    files = sorted(p for p in Path(weights_dir).iterdir() if p.suffix in (".safetensors", ".json"))
+    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(f"{VERSION}|{stamp}|{fmt}|{dtype}|{codec}".encode()).hexdigest()[:16]
+    return cache_dir() / "encoded" / f"{Path(weights_dir).name}-{fmt}-{key}"
+
+
+class EncodedCache:
+    """Reads and writes one checkpoint's encoded layers (`folder` from `cache_folder`)."""
+
+    def __init__(self, folder: Path, fmt: str):
+        self.folder = folder
+        self.fmt = fmt
+        self.hits = self.writes = 0
+
+    def _name(self, index: int, layout: LayerLayout) -> str:
+        shape = hashlib.sha256(repr(layout.signature).encode()).hexdigest()[:8]
+        return f"layer-{index}-{shape}"
+
+    def read(self, index: int, layout: LayerLayout, host) -> tuple[object, torch.Tensor] | None:
+        """(encoded layout, host buffer holding its bytes) for layer `index`, or None when not cached.
+        `host(nbytes)` allocates the buffer (pinned where a GPU will read it)."""
+        base = self.folder / self._name(index, layout)
+        data = base.with_suffix(".bin")
+        if not data.exists():
+            return None
+        if self.fmt == "lossless":
+            meta = base.with_suffix(".json")
+            if not meta.exists():
+                return None
+            d = json.loads(meta.read_text())
+            encoded = LosslessLayer(d["elements"], d["itemsize"], Part(0, tuple(d["low"]), torch.uint8),
+                                    Part(d["high_offset"], (d["high_bytes"],), torch.uint8))
+        else:
+            encoded = lossy_layout(self.fmt, layout)
+        if data.stat().st_size != encoded.nbytes:
+            return None
+        buffer = host(encoded.nbytes)
+        with open(data, "rb") as f:
+            f.readinto(memoryview(buffer.numpy()))
+        self.hits += 1
+        return encoded, buffer
+
+    def write(self, index: int, layout: LayerLayout, encoded: LossyLayer | LosslessLayer, buffer: torch.Tensor) -> None:
+        """Keep layer `index`'s encoded bytes, if the disk keeps twice their size free afterwards."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(self.folder).free < 3 * encoded.nbytes:
+            return
+        base = self.folder / self._name(index, layout)
+        if isinstance(encoded, LosslessLayer):
+            meta = {"elements": encoded.elements, "itemsize": encoded.itemsize, "low": list(encoded.low.shape),
+                    "high_offset": encoded.high.offset, "high_bytes": encoded.high.nbytes}
+            _atomic(base.with_suffix(".json"), json.dumps(meta).encode())
+        _atomic(base.with_suffix(".bin"), memoryview(buffer.numpy()))
+        self.writes += 1
+
+
+def _atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
