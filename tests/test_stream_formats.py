@@ -15,7 +15,7 @@ from overspill.api import placement_of
 from overspill.errors import OverspillError
 from overspill.planning.placement import streaming_plan
 from overspill.planning.plan import Workload
-from overspill.runtime import quant
+from overspill.runtime import formats, quant
 from overspill.runtime.formats import Expander, LossyLayer, encode_lossless
 from overspill.runtime.layout import LayerLayout
 from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
@@ -43,6 +43,7 @@ def lossless_round_trip(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:
     expander = Expander(torch.device("cpu"), 0, size)
     staging = torch.empty(size, dtype=torch.uint8)
     encoded, coded = encode_lossless(layout, raw, staging, expander)
+    assert len(encoded.chunks) == -(-(layout.nbytes // encoded.itemsize) // formats.CODE_CHUNK)
     host = torch.empty(encoded.nbytes, dtype=torch.uint8)  # what the pinned host buffer holds
     host[: encoded.low.nbytes] = staging[: encoded.low.nbytes]
     host[encoded.high.offset :] = coded
@@ -61,6 +62,16 @@ def test_lossless_round_trip_is_bit_exact_with_special_values(dtype: torch.dtype
     assert torch.equal(slot, raw)  # every byte, NaN payloads and the sign of zero included
     a = layout.views(slot)[0]
     assert a.isnan().any() and a.isinf().any() and ((a != 0) & (a.abs() < torch.finfo(dtype).smallest_normal)).any()
+
+
+def test_lossless_high_plane_in_several_coded_chunks(monkeypatch) -> None:
+    from overspill.runtime import formats
+
+    monkeypatch.setattr(formats, "CODE_CHUNK", 1000)  # 64 MiB on real layers; 7 chunks here
+    layout = LayerLayout.of([("a.weight", (96, 64), torch.bfloat16)])
+    raw = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    layout.views(raw)[0].copy_(special_values(96 * 64, torch.bfloat16).view(96, 64))
+    assert torch.equal(lossless_round_trip(layout, raw), raw)
 
 
 def test_lossless_round_trip_of_smollm2_layers(default_model_dir) -> None:

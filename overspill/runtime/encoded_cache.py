@@ -26,7 +26,7 @@ from .layout import LayerLayout
 from .quant import Part
 from .sources import cache_dir
 
-VERSION = 1  # bump when the container changes
+VERSION = 2  # bump when the container changes
 
 
 def cache_folder(weights_dir: Path, fmt: str, dtype: torch.dtype, codec: str) -> Path:
@@ -62,7 +62,7 @@ class EncodedCache:
                 return None
             d = json.loads(meta.read_text())
             encoded = LosslessLayer(d["elements"], d["itemsize"], Part(0, tuple(d["low"]), torch.uint8),
-                                    Part(d["high_offset"], (d["high_bytes"],), torch.uint8))
+                                    tuple(Part(offset, (nbytes,), torch.uint8) for offset, nbytes in d["chunks"]))
         else:
             encoded = lossy_layout(self.fmt, layout)
         if data.stat().st_size != encoded.nbytes:
@@ -81,7 +81,7 @@ class EncodedCache:
         base = self.folder / self._name(index, layout)
         if isinstance(encoded, LosslessLayer):
             meta = {"elements": encoded.elements, "itemsize": encoded.itemsize, "low": list(encoded.low.shape),
-                    "high_offset": encoded.high.offset, "high_bytes": encoded.high.nbytes}
+                    "chunks": [[c.offset, c.nbytes] for c in encoded.chunks]}
             _atomic(base.with_suffix(".json"), json.dumps(meta).encode())
         _atomic(base.with_suffix(".bin"), memoryview(buffer.numpy()))
         self.writes += 1

@@ -82,18 +82,27 @@ class LossyLayer:
                 quant.expand(t.kind, parts, out)
 
 
+CODE_CHUNK = 64 * 2**20  # high-plane bytes coded as one stream: bounds the codec's buffers at load
+
+
 @dataclass(frozen=True)
 class LosslessLayer:
-    """A flat layer as byte planes: `low` ([elements, itemsize - 1], raw) then `high` (the coded top plane)."""
+    """A flat layer as byte planes: `low` ([elements, itemsize - 1], raw), then the top plane coded in
+    `chunks` of up to `CODE_CHUNK` bytes each, one after another (each aligned)."""
 
     elements: int
     itemsize: int
     low: quant.Part
-    high: quant.Part
+    chunks: tuple[quant.Part, ...]
+
+    @property
+    def high(self) -> quant.Part:
+        """Every coded chunk, as one span of the buffer."""
+        return quant.Part(self.chunks[0].offset, (self.nbytes - self.chunks[0].offset,), torch.uint8)
 
     @property
     def nbytes(self) -> int:
-        return self.high.offset + self.high.nbytes
+        return self.chunks[-1].offset + self.chunks[-1].nbytes
 
     @staticmethod
     def low_bytes(layout: LayerLayout) -> int:
@@ -101,7 +110,9 @@ class LosslessLayer:
 
     def expand(self, staging: torch.Tensor, slot: torch.Tensor, expander: "Expander") -> None:
         high = expander.scratch[: self.elements]
-        expander.codec().decode(self.high.view(staging), high)
+        codec = expander.codec()
+        for k, chunk in enumerate(self.chunks):
+            codec.decode(chunk.view(staging), high[k * CODE_CHUNK : (k + 1) * CODE_CHUNK])
         out = slot[: self.elements * self.itemsize].view(self.elements, self.itemsize)
         torch.cat([self.low.view(staging), high.view(self.elements, 1)], dim=1, out=out)
 
@@ -129,8 +140,17 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
     low.view(staging).copy_(planes[:, : size - 1])
     high = expander.scratch[:n]
     high.copy_(planes[:, size - 1])
-    coded = expander.codec().encode(high)
-    return LosslessLayer(n, size, low, quant.Part(_align(low.nbytes), (coded.numel(),), torch.uint8)), coded
+    codec = expander.codec()
+    pieces = [codec.encode(high[start : start + CODE_CHUNK]) for start in range(0, n, CODE_CHUNK)]
+    chunks, offset = [], _align(low.nbytes)
+    for piece in pieces:
+        chunks.append(quant.Part(offset, (piece.numel(),), torch.uint8))
+        offset = _align(offset + piece.numel())
+    layer = LosslessLayer(n, size, low, tuple(chunks))
+    coded = torch.zeros(layer.high.nbytes, dtype=torch.uint8, device=raw.device)  # the chunks with their padding
+    for chunk, piece in zip(chunks, pieces):
+        coded[chunk.offset - layer.high.offset :][: piece.numel()].copy_(piece)
+    return layer, coded
 
 
 class Expander:

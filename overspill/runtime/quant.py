@@ -26,6 +26,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 INT4_STORE = torch.bfloat16  # scales and zeros of int4 groups
+ENCODE_ELEMENTS = 2**23  # weights quantized at once: 32 MiB float32 temporaries
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,13 @@ def encodable(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
 
 def encode(kind: str, weight: torch.Tensor, parts: list[torch.Tensor]) -> None:
     """Quantize `weight` (any device) into `parts` (views on the same device, shapes from `part_shapes`),
-    a bounded slice of rows at a time (float32 temporaries of at most `QUANT_ROWS` rows)."""
+    a bounded slice of rows at a time (float32 temporaries of at most `ENCODE_ELEMENTS` elements, so
+    encoding at load fits in the workspace the plan keeps free)."""
     rows, cols = rows_cols(tuple(weight.shape))
     flat = weight.reshape(rows, cols)
-    for start in range(0, rows, QUANT_ROWS):
-        stop = min(start + QUANT_ROWS, rows)
+    step = max(1, min(QUANT_ROWS, ENCODE_ELEMENTS // cols))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
         w = flat[start:stop].to(dtype=torch.float32, copy=True)
         chunk = [p[start:stop] for p in parts]
         if kind == "int8":
