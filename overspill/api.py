@@ -245,7 +245,7 @@ def load(
         from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
-    fmt, fmt_note = _stream_format(stream_format, dev, profile)
+    fmt, fmt_note = _stream_format(stream_format, dev, profile, speculate)
     fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
     self_draft = None
     if plan is None:
@@ -260,7 +260,7 @@ def load(
         plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16")
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
     plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev, managed_wins)
-    _check_format_plan(plan, cuda_graphs)
+    _check_format_plan(plan, cuda_graphs, speculate)
     if profile is not None:
         plan = with_prediction(fp, plan, profile)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
@@ -298,9 +298,11 @@ def load(
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 
-def _stream_format(name: str, dev: torch.device, profile: Profile | None) -> tuple[str, str | None]:
+def _stream_format(name: str, dev: torch.device, profile: Profile | None,
+                   speculate: str | None = None) -> tuple[str, str | None]:
     """(format, note) for `load(stream_format=...)`: "auto" picks lossless on a GPU where nvCOMP is
-    installed and decodes faster than the probed link, else bf16 (`planning.formats.resolve_auto`)."""
+    installed and decodes faster than the probed link, else bf16 (`planning.formats.resolve_auto`);
+    bf16 beside the self draft, which quantizes the streamed layers from their bf16 host buffers."""
     from .runtime.lossless_codec import codec_installed
 
     try:
@@ -308,7 +310,7 @@ def _stream_format(name: str, dev: torch.device, profile: Profile | None) -> tup
     except ValueError as exc:
         raise OverspillError(f"{exc} (--stream-format)") from None
     if name == "auto":
-        if dev.type != "cuda":
+        if dev.type != "cuda" or speculate == "self":
             return NATIVE, None
         return resolve_auto(codec_installed(), profile.h2d_bytes_s if profile is not None else 0.0)
     if name == "lossless" and dev.type == "cuda" and not codec_installed():
@@ -317,10 +319,13 @@ def _stream_format(name: str, dev: torch.device, profile: Profile | None) -> tup
     return name, None
 
 
-def _check_format_plan(plan: Plan, cuda_graphs: bool) -> None:
+def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> None:
     """Refuse what encoded streamed layers do not support yet."""
     if not plan.streamed_layers:
         return
+    if plan.stream_format != NATIVE and speculate == "self":
+        raise OverspillError(f"speculate='self' quantizes the streamed layers from their host buffers, which hold "
+                             f"{plan.stream_format} bytes: use --stream-format bf16 with it")
     if plan.stream_format != NATIVE and plan.streaming in MANAGED_MODES:
         raise OverspillError(f"stream format {plan.stream_format} needs pinned copies: use --streaming copy "
                              f"or --stream-format bf16")

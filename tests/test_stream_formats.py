@@ -243,3 +243,10 @@ def test_a_changed_checkpoint_gets_a_new_cache_key(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"xy")
     assert cache_folder(tmp_path, "int8", torch.bfloat16, "torch") != before
     assert cache_folder(tmp_path, "int4", torch.bfloat16, "torch") != cache_folder(tmp_path, "int8", torch.bfloat16, "torch")
+
+
+def test_the_self_draft_needs_bf16_host_buffers(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("llama")
+    with pytest.raises(OverspillError, match="use --stream-format bf16 with it"):
+        overspill.load(path, dtype="float32", progress=False, plan=tiny_plan(path, torch.float32),
+                       speculate="self", stream_format="int8")

@@ -18,6 +18,7 @@ one), so loading needs no host copy of the model beyond the encoded host buffers
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -137,11 +138,12 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
     n = layout.nbytes // size
     planes = raw[: n * size].view(n, size)
     low = quant.Part(0, (n, size - 1), torch.uint8)
-    low.view(staging).copy_(planes[:, : size - 1])
-    high = expander.scratch[:n]
-    high.copy_(planes[:, size - 1])
-    codec = expander.codec()
-    pieces = [codec.encode(high[start : start + CODE_CHUNK]) for start in range(0, n, CODE_CHUNK)]
+    with expander.on_stream():
+        low.view(staging).copy_(planes[:, : size - 1])
+        high = expander.scratch[:n]
+        high.copy_(planes[:, size - 1])
+        codec = expander.codec()
+        pieces = [codec.encode(high[start : start + CODE_CHUNK]) for start in range(0, n, CODE_CHUNK)]
     chunks, offset = [], _align(low.nbytes)
     for piece in pieces:
         chunks.append(quant.Part(offset, (piece.numel(),), torch.uint8))
@@ -156,14 +158,16 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
 class Expander:
     """What expansions share: `STAGING_BUFFERS` staging buffers the link's bytes land in (used in turn),
     the scratch buffer (lossless decodes the high plane there; one suffices, as expansions run one
-    after another on one stream) and a plane codec per CUDA stream."""
+    after another on one stream), and on CUDA the stream they run on with its one plane codec, which
+    also codes the layers at load (nvCOMP's decode configs belong to the codec that makes them)."""
 
     def __init__(self, device: torch.device, staging_bytes: int, scratch_bytes: int):
         self.device = device
         self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=device) for _ in range(STAGING_BUFFERS)]
         self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=device)
         self.turn = 0  # staging buffer of the next copy
-        self._codecs: dict[int, object] = {}
+        self.stream = torch.cuda.Stream(device=device, priority=-1) if device.type == "cuda" else None
+        self._codec = None
 
     def grow_staging(self, nbytes: int) -> None:
         """Make every staging buffer hold `nbytes` (a lossless layer's size is known once it is coded)."""
@@ -179,11 +183,22 @@ class Expander:
         return index
 
     def codec(self):
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        key = 0 if stream is None else stream.cuda_stream
-        if key not in self._codecs:
-            self._codecs[key] = plane_codec(self.device, stream)
-        return self._codecs[key]
+        """The plane codec: nvCOMP on this expander's stream (CUDA), zlib on the CPU."""
+        if self._codec is None:
+            self._codec = plane_codec(self.device, self.stream)
+        return self._codec
+
+    @contextlib.contextmanager
+    def on_stream(self):
+        """Run the body on the expander's stream, ordered after and before the current stream's work."""
+        if self.stream is None:
+            yield
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
 
 
 def lossy_layout(fmt: str, layout: LayerLayout) -> LossyLayer:

@@ -366,6 +366,8 @@ def materialize(
         ring = LayerRing(slot_buffers, copier)
         if plan.stream_format != NATIVE:
             ring.expander = _expander(layers, plan, device)
+            if on_cuda:  # expansions run where the expander's codec is bound
+                copier.expand_stream = ring.expander.stream
     cache = _encoded_cache(source, plan, layers, device)
 
     bar = tqdm(total=len(layers) + 2, desc="placing weights", unit="part", disable=not progress)

@@ -6,12 +6,13 @@ few exponents, so that plane carries ~3 bits of entropy a byte. nvCOMP's ANS cod
 the next copy). On the CPU, for the tests and for CPU-only loads, the same container uses zlib
 from the standard library (slower and a little larger, but bit-exact the same way).
 
-nvCOMP's Python API (`nvidia.nvcomp`, wheels nvidia-nvcomp-cu13 + nvidia-libnvcomp-cu13) is used
-as its documentation and public users show it: `Codec(algorithm="ANS", cuda_stream=...)` bound to a
-stream, `as_array` wrapping torch tensors without a copy, `encode` returning a device array with
-`buffer_size`, and `decode(src, out=dst, decompression_config=...)` writing into a preallocated
-buffer with the decompressed size given up front, so a decode needs no host sync. It is not
-installed on this project's CPU machine: `NvcompAns` runs only on the GPU machine (tests/test_gpu_formats.py).
+nvCOMP's Python API (`nvidia.nvcomp`, wheels nvidia-nvcomp-cu13 + nvidia-libnvcomp-cu13, 6.0) as its
+docstrings give it: `Codec(algorithm="ANS", cuda_stream=...)` bound to a stream, `as_array` wrapping
+torch tensors without a copy, `encode` returning a device `Array` (`buffer_size`, `__dlpack__`),
+`decompression_config(coded)` parsing a header once (a sync) for reuse on every chunk of the same
+decompressed size, and `decode(src, out=dst, decompression_config=...)` writing into a preallocated
+buffer without a sync. The module imports on a CPU-only machine but runs only on a GPU
+(tests/test_gpu_formats.py).
 
 This module imports torch only inside the codecs, so `overspill plan` can ask `codec_installed()`.
 """
@@ -55,8 +56,10 @@ class ZlibPlane:
 
 
 class NvcompAns:
-    """nvCOMP's ANS codec on the GPU, bound to one CUDA stream (the ring's expand stream at decode,
-    the current stream at load). Decompression configs are kept per decompressed size."""
+    """nvCOMP's ANS codec on the GPU, bound to one CUDA stream (the ring's expand stream, which also
+    codes the layers at load). Each decode passes a decompression config, kept per decompressed size,
+    so it needs no host sync; a config is parsed once from the first coded chunk of its size (that one
+    call syncs: at load for the chunks this process codes, at the first decode for cached ones)."""
 
     name = "nvcomp-ans"
 
@@ -66,40 +69,30 @@ class NvcompAns:
         self.nvcomp = nvcomp
         self.stream = stream
         self.codec = nvcomp.Codec(algorithm="ANS", cuda_stream=stream.cuda_stream)
-        self._configs: dict[int, object] | None = {}
+        self._configs: dict[int, object] = {}
 
     def _array(self, tensor: "torch.Tensor"):
         return self.nvcomp.as_array(tensor, cuda_stream=self.stream.cuda_stream)
+
+    def _config(self, coded, size: int):
+        if size not in self._configs:
+            self._configs[size] = self.codec.decompression_config(coded)
+        return self._configs[size]
 
     def encode(self, plane: "torch.Tensor") -> "torch.Tensor":
         """Compress a device uint8 plane; returns the compressed bytes as a device tensor (syncs: load time)."""
         import torch
 
         encoded = self.codec.encode(self._array(plane.contiguous()))
+        self._config(encoded, plane.numel())
         self.stream.synchronize()
         size = int(encoded.buffer_size)
-        try:
-            device = torch.from_dlpack(encoded)  # arrays that speak __dlpack__
-        except (AttributeError, TypeError, RuntimeError):
-            device = torch.utils.dlpack.from_dlpack(encoded.to_dlpack())
-        return device.reshape(-1).view(torch.uint8)[:size].clone()
-
-    def _config(self, size: int):
-        if size not in self._configs:
-            self._configs[size] = self.codec.decompression_config(self.codec.compression_config(size))
-        return self._configs[size]
+        return torch.from_dlpack(encoded).reshape(-1).view(torch.uint8)[:size].clone()
 
     def decode(self, encoded: "torch.Tensor", out: "torch.Tensor") -> None:
-        """Decompress device bytes into `out` (device uint8, exactly the decompressed size), enqueued on the stream.
-        Without a decompression config (an nvCOMP whose decode takes none) it reads the size from the header."""
-        src, dst = self._array(encoded), self._array(out)
-        if self._configs is not None:
-            try:
-                self.codec.decode(src, out=dst, decompression_config=self._config(out.numel()))
-                return
-            except TypeError:
-                self._configs = None
-        self.codec.decode(src, out=dst)
+        """Decompress device bytes into `out` (device uint8, exactly the decompressed size), enqueued on the stream."""
+        src = self._array(encoded)
+        self.codec.decode(src, out=self._array(out), decompression_config=self._config(src, out.numel()))
 
 
 def plane_codec(device: "torch.device", stream: "torch.cuda.Stream | None" = None) -> ZlibPlane | NvcompAns:

@@ -101,7 +101,7 @@ class CudaCopier:
     def __init__(self, device: torch.device, slots: int):
         self.device = device
         self.stream = new_stream(device, priority=-1)
-        self.expand_stream: torch.cuda.Stream | None = None  # made on the first encoded layer
+        self.expand_stream: torch.cuda.Stream | None = None  # the ring's `formats.Expander.stream`, else made on first use
         self.copied = [torch.cuda.Event() for _ in range(slots)]
         self.staging_free: dict[int, torch.cuda.Event] = {}  # per staging buffer, its last expansion
         self.ready = [torch.cuda.Event() for _ in range(slots)]
