@@ -81,6 +81,9 @@ def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
         part = {"managed": "migrated layers", "mapped": "reserved (unused when mapped)"}.get(plan.streaming, "ring slots")
         rows.append((part, Tier.DEVICE.value, f"{plan.slots} x {format_bytes(plan.slot_bytes)}",
                      format_bytes(plan.slots * plan.slot_bytes), f"prefetch depth {plan.depth}"))
+    if plan.expand_bytes:
+        rows.append(("staging", Tier.DEVICE.value, f"{plan.stream_format} bytes in flight + expansion scratch",
+                     format_bytes(plan.expand_bytes), f"expanded into the slots ({plan.stream_format})"))
     w = plan.workload
     kv_total = fp.kv_bytes_per_token * w.context * w.batch
     kv = kv_total - plan.kv_host_bytes  # KV kept on the device
