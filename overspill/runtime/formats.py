@@ -172,7 +172,9 @@ class Expander:
     def grow_staging(self, nbytes: int) -> None:
         """Make every staging buffer hold `nbytes` (a lossless layer's size is known once it is coded)."""
         if nbytes > self.staging[0].numel():
-            self.staging = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in self.staging]
+            count = len(self.staging)
+            self.staging.clear()  # the old buffers go first: the new ones may reuse their memory
+            self.staging.extend(torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(count))
 
     @property
     def nbytes(self) -> int:
