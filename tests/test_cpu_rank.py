@@ -1,0 +1,155 @@
+"""The CPU rank (issue 16): streamed layers split between the "GPU" and the host CPU give the
+resident model's logits and greedy tokens.
+
+On this CPU-only machine the "GPU" share runs the ring with host copies and the CPU share runs on
+the rank's worker thread, so the split arithmetic (head groups, MLP columns, the two joins, the
+CPU heads' own KV) is checked end to end for every tiny dense architecture, batch 1 and batched,
+with the KV on the "device" and in the host tier.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from overspill.api import placement_of
+from overspill.errors import OverspillError
+from overspill.runtime import cpu_rank
+from overspill.runtime.cpu_rank import SplitLayer
+from overspill.runtime.tp_split import SUPPORTED, Share, dims_of, share_of, split_tensor
+
+from conftest import ARCHS, N_LAYERS, hf_config
+from test_placement import GEN, load_tiny, prompts
+
+DENSE = [a for a in ARCHS if a in SUPPORTED]
+
+
+def _reference(path) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _generate(model, ids, mask=None):
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **GEN)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _split_model(path, fraction: float = 0.5, **kwargs):
+    model = load_tiny(path, resident=0, **kwargs)
+    cpu_rank.enable(model, {i: fraction for i in range(N_LAYERS)}, threads=1)
+    return model
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_split_tensors_keep_gqa_groups_and_rebuild_the_layer(arch: str, reference_weights) -> None:
+    # Every split parameter's GPU and CPU parts are whole KV-head groups (q rows of a group follow
+    # its KV head) and whole MLP columns, and put back together they are the layer's own tensor.
+    layer, config = reference_weights(arch)
+    dims = dims_of(config)
+    share = share_of(dims, 0.5)
+    assert share == Share(1, 48)  # 2 KV heads (groups of 2 query heads), 96 intermediate columns
+    d = dims.head_dim
+    for name, tensor in layer.named_parameters():
+        gpu, cpu = split_tensor(dims, share, name, tensor.detach())
+        if cpu is None:
+            assert gpu is tensor.detach() or torch.equal(gpu, tensor)
+            continue
+        if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            assert torch.equal(torch.cat([gpu, cpu], dim=1), tensor)
+        elif name.startswith("self_attn.q_proj"):
+            assert gpu.shape[0] == (dims.kv_heads - 1) * dims.group * d  # GPU: KV head 0's query group
+            assert torch.equal(torch.cat([gpu, cpu]), tensor)
+        elif name in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+            assert torch.equal(gpu, cpu)  # per head_dim: every rank needs it whole
+        elif name == "self_attn.qkv_proj.weight":
+            q, k, v = tensor.split([dims.heads * d, dims.kv_heads * d, dims.kv_heads * d])
+            half_q = q.shape[0] // 2
+            assert torch.equal(gpu, torch.cat([q[:half_q], k[:d], v[:d]]))
+            assert torch.equal(cpu, torch.cat([q[half_q:], k[d:], v[d:]]))
+        elif name == "mlp.gate_up_proj.weight":
+            gate, up = tensor.chunk(2)
+            assert torch.equal(gpu, torch.cat([gate[:48], up[:48]]))
+            assert torch.equal(cpu, torch.cat([gate[48:], up[48:]]))
+        else:
+            assert torch.equal(torch.cat([gpu, cpu]), tensor)
+
+
+@pytest.fixture(scope="session")
+def reference_weights():
+    def get(arch: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
+        return model.model.layers[0], model.config
+
+    return get
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_split_layers_match_resident_batch_1_and_batched(arch: str, tiny_checkpoint) -> None:
+    path = tiny_checkpoint(arch)
+    ref = _reference(path)
+    model = _split_model(path)
+    layers = model.get_submodule(placement_of(model).layers_path)
+    assert all(isinstance(layer, SplitLayer) and layer.share == Share(1, 48) for layer in layers)
+    single, batch, mask = prompts()
+    with torch.no_grad():
+        got, got_logits = _generate(model, single)
+        want, want_logits = _generate(ref, single)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        got, got_logits = _generate(model, batch, mask)
+        want, want_logits = _generate(ref, batch, mask)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_the_cpu_share_is_what_the_cpu_computes(arch: str, tiny_checkpoint) -> None:
+    # Control: zeroing the CPU's share (its heads' o_proj columns, its MLP columns) changes the
+    # logits, so the CPU worker's partial sums are really part of every layer's output.
+    path = tiny_checkpoint(arch)
+    model = _split_model(path)
+    single, _, _ = prompts()
+    with torch.no_grad():
+        _, before = _generate(model, single)
+        for layer in model.get_submodule(placement_of(model).layers_path):
+            layer.cpu_attn.o_proj.weight.zero_()
+            layer.cpu_mlp.down_proj.weight.zero_()
+        _, after = _generate(model, single)
+    assert (before[0] - after[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_split_layers_with_host_tier_kv(arch: str, tiny_checkpoint) -> None:
+    # The GPU heads' KV in the TieredCache's host tier (staged through its ring), the CPU heads' KV
+    # in the rank's own host layers: greedy tokens as resident.
+    path = tiny_checkpoint(arch)
+    ref = _reference(path)
+    dims = dims_of(hf_config(arch))
+    kv_layer = 2 * dims.kv_heads * dims.head_dim * 4 * 64  # float32, the tests' 64-token context
+    model = _split_model(path, kv_gpu_memory=6 * kv_layer)  # 5 of 8 layers keep KV in host memory
+    assert placement_of(model).plan.kv_host_layers
+    single, batch, mask = prompts()
+    with torch.no_grad():
+        assert torch.equal(_generate(model, single)[0], _generate(ref, single)[0])
+        assert torch.equal(_generate(model, batch, mask)[0], _generate(ref, batch, mask)[0])
+
+
+def test_fractions_round_to_whole_groups_and_columns() -> None:
+    dims = dims_of(hf_config("llama"))
+    assert share_of(dims, 0.0) == Share(0, 0)
+    assert share_of(dims, 0.2) == Share(0, 19)  # 0.4 of a KV head rounds to none: attention stays on the GPU
+    assert share_of(dims, 1.0) == Share(1, 95)  # the GPU keeps a head and a column
+    assert cpu_rank.tp_share(dims, 0.001) is None
+
+
+def test_moe_layers_are_refused(tiny_checkpoint) -> None:
+    model = load_tiny(tiny_checkpoint("mixtral"), resident=0)
+    with pytest.raises(OverspillError, match="cpu_compute='off'"):
+        cpu_rank.enable(model, {0: 0.5})
