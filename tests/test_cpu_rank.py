@@ -38,9 +38,9 @@ def _generate(model, ids, mask=None):
     return out.sequences, torch.stack(out.logits)
 
 
-def _split_model(path, fraction: float = 0.5, **kwargs):
+def _split_model(path, fraction: float = 0.5, max_tokens: int = 64, **kwargs):
     model = load_tiny(path, resident=0, **kwargs)
-    cpu_rank.enable(model, {i: fraction for i in range(N_LAYERS)}, threads=1)
+    cpu_rank.enable(model, {i: fraction for i in range(N_LAYERS)}, threads=1, max_tokens=max_tokens)
     return model
 
 
@@ -107,6 +107,26 @@ def test_split_layers_match_resident_batch_1_and_batched(arch: str, tiny_checkpo
         want, want_logits = _generate(ref, batch, mask)
         assert torch.equal(got, want)
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
+def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, tiny_checkpoint) -> None:
+    # max_tokens=1: prompts (12 tokens) and batched decode (2 tokens a pass) are wide, so the CPU
+    # share is copied beside the slot's share and computed there, its heads' KV written to the host
+    # layers; batch-1 decode (1 token) goes back to the worker, reading that KV.
+    path = tiny_checkpoint(arch)
+    ref = _reference(path)
+    model = _split_model(path, max_tokens=1)
+    single, batch, mask = prompts()
+    with torch.no_grad():
+        got, got_logits = _generate(model, single)
+        want, want_logits = _generate(ref, single)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(_generate(model, batch, mask)[0], _generate(ref, batch, mask)[0])
+    layer = model.get_submodule(placement_of(model).layers_path)[0]
+    home = layer.cpu_share.named_views()["self_attn.o_proj.weight"]
+    assert layer.cpu_attn.o_proj.weight.data_ptr() == home.data_ptr()  # back on its host buffer after a wide pass
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])

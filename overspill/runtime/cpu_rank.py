@@ -130,64 +130,85 @@ class HostKV:
                              f"supported with cpu_compute; load with cpu_compute='off'")
 
     def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        return self.layer.update(key, value)
+        """Append this pass's KV (computed on the device in a wide pass: copied here, and the layer's
+        states handed back there) and return the states attention reads."""
+        if key.device.type == "cpu":
+            return self.layer.update(key, value)
+        keys, values = self.layer.update(key.cpu(), value.cpu())
+        return keys.to(key.device), values.to(key.device)
 
 
 @dataclass
-class SplitParts:
-    """One layer after the split: the GPU share packed for the ring, the CPU share in host memory."""
+class Packed:
+    """Tensors packed into one flat host buffer, in layout order."""
 
     layout: LayerLayout
     host: torch.Tensor
-    cpu: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], pinned: bool) -> "Packed":
+        layout = LayerLayout.of([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
+        host = host_bytes(layout.nbytes, pinned)
+        for entry, view in zip(layout.entries, layout.views(host)):
+            view.copy_(tensors[entry.name])
+        return cls(layout, host)
+
+    def named_views(self, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        views = self.layout.views(self.host if buffer is None else buffer)
+        return dict(zip((e.name for e in self.layout.entries), views))
 
 
-def split_layer(full: dict[str, torch.Tensor], dims: Dims, share: Share, pinned: bool) -> SplitParts:
-    """Split a layer's tensors (layer-relative names, in layout order): the GPU's parts packed into
-    one flat host buffer (pinned when a GPU will copy it), the CPU's kept contiguous."""
+def split_layer(full: dict[str, torch.Tensor], dims: Dims, share: Share, pinned: bool) -> tuple[Packed, Packed]:
+    """(GPU share, CPU share) of a layer's tensors (layer-relative names), each packed into one flat
+    host buffer, pinned when a GPU will copy it (the GPU share every pass, the CPU share for wide ones)."""
     gpu, cpu = {}, {}
     for name, tensor in full.items():
         g, c = split_tensor(dims, share, name, tensor)
         gpu[name] = g
         if c is not None:
             cpu[name] = c
-    layout = LayerLayout.of([(n, tuple(t.shape), t.dtype) for n, t in gpu.items()])
-    host = host_bytes(layout.nbytes, pinned)
-    for entry, view in zip(layout.entries, layout.views(host)):
-        view.copy_(gpu[entry.name])
-    return SplitParts(layout, host, cpu)
+    return Packed.of(gpu, pinned), Packed.of(cpu, pinned)
 
 
 class SplitLayer(nn.Module):
     """A streamed decoder layer computed by two ranks: its GPU share visits a ring slot (as a
-    `StreamedLayer` does), its CPU share computes on the host worker; two joins per layer."""
+    `StreamedLayer` does), its CPU share computes on the host worker; two joins per layer.
 
-    def __init__(self, streamed: nn.Module, dims: Dims, share: Share, rank: CpuRank):
+    A pass wider than `max_tokens` tokens (a long prompt) is compute-bound, where the host is ~100x
+    slower than the GPU: there the CPU share is copied to the device beside the slot's share and
+    the GPU computes both (its heads' new KV still goes to the host layers), so prefill never waits
+    for the host's GEMMs.
+    """
+
+    def __init__(self, streamed: nn.Module, dims: Dims, share: Share, rank: CpuRank, max_tokens: int):
         super().__init__()
         block = streamed.block
         self.block = block
         self.index = streamed.index
         self.position = streamed.position
         self.encoded = None
-        self.dims, self.share = dims, share
+        self.dims, self.share, self.max_tokens = dims, share, max_tokens
         object.__setattr__(self, "ring", streamed.ring)
         object.__setattr__(self, "rank", rank)
         full = dict(zip((e.name for e in streamed.layout.entries), streamed.layout.views(streamed.host)))
-        parts = split_layer(full, dims, share, pinned=streamed.host.is_pinned())
-        self.host, self.layout = parts.host, parts.layout
+        gpu, cpu = split_layer(full, dims, share, pinned=streamed.host.is_pinned())
+        self.host, self.layout = gpu.host, gpu.layout
+        self.cpu_share = cpu
         heads_cpu = share.kv_heads * dims.group
-        gpu_dev = streamed.ring.slot_buffers[0].device
-        cpu_dev = torch.device("cpu")
-        slot0 = dict(zip((e.name for e in parts.layout.entries), self.ring.views(parts.layout, 0)))
+        self.device = streamed.ring.slot_buffers[0].device
+        slot0 = dict(zip((e.name for e in gpu.layout.entries), self.ring.views(gpu.layout, 0)))
         self.gpu_attn = rank_twin(block.self_attn, "self_attn", slot0, dims.heads - heads_cpu,
-                                  dims.kv_heads - share.kv_heads, gpu_dev)
-        self.gpu_mlp = rank_twin(block.mlp, "mlp", slot0, None, None, gpu_dev)
-        object.__setattr__(self, "cpu_attn", rank_twin(block.self_attn, "self_attn", parts.cpu, heads_cpu,
+                                  dims.kv_heads - share.kv_heads, self.device)
+        self.gpu_mlp = rank_twin(block.mlp, "mlp", slot0, None, None, self.device)
+        host = cpu.named_views()
+        cpu_dev = torch.device("cpu")
+        object.__setattr__(self, "cpu_attn", rank_twin(block.self_attn, "self_attn", host, heads_cpu,
                                                        share.kv_heads, cpu_dev))
-        object.__setattr__(self, "cpu_mlp", rank_twin(block.mlp, "mlp", parts.cpu, None, None, cpu_dev))
+        object.__setattr__(self, "cpu_mlp", rank_twin(block.mlp, "mlp", host, None, None, cpu_dev))
         self.norms: Norms = norms_of(block)
         self.kv = HostKV()
-        self._params = [self._target(e.name) for e in parts.layout.entries]
+        self._params = [self._target(e.name) for e in gpu.layout.entries]
+        self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
 
     def _target(self, name: str) -> nn.Parameter:
         """The parameter a GPU-layout entry binds: the twins' for attention and MLP, the block's for norms."""
@@ -197,51 +218,99 @@ class SplitLayer(nn.Module):
             return self.block.get_parameter(name)
         return owner.get_parameter(rest)
 
+    def _cpu_target(self, name: str) -> nn.Parameter:
+        head, _, rest = name.partition(".")
+        return (self.cpu_attn if head == "self_attn" else self.cpu_mlp).get_parameter(rest)
+
     def bind(self, slot: int) -> None:
         for param, view in zip(self._params, self.ring.views(self.layout, slot)):
             param.data = view
+
+    def _bind_cpu_share(self, buffer: torch.Tensor) -> None:
+        for param, view in zip(self._cpu_params, self.cpu_share.layout.views(buffer)):
+            param.data = view
+
+    def _cpu_share_to_device(self, slot: int) -> None:
+        """Copy the CPU share into the slot's free tail (a temporary where it does not fit), on the
+        compute stream, and point the CPU twins at it for this pass."""
+        need, used = self.cpu_share.layout.nbytes, self.layout.nbytes
+        buffer = self.ring.slot_buffers[slot]
+        if buffer.numel() - used >= need:
+            dev = buffer[used : used + need]
+        else:
+            dev = torch.empty(need, dtype=torch.uint8, device=self.device)
+        dev.copy_(self.cpu_share.host, non_blocking=True)
+        self._bind_cpu_share(dev)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise OverspillError("the CPU rank expects decoder layers called with keyword arguments")
         slot = self.ring.enter(self.position)
         self.bind(slot)
-        block, rank = self.block, self.rank
+        wide = hidden_states.shape[:-1].numel() > self.max_tokens
+        if wide:
+            self._cpu_share_to_device(slot)
+        try:
+            out = self._layer(hidden_states, kwargs, wide)
+        finally:
+            if wide:
+                self._bind_cpu_share(self.cpu_share.host)
+        self.ring.exit(slot)
+        return out
+
+    def _layer(self, hidden_states: torch.Tensor, kwargs: dict, wide: bool) -> torch.Tensor:
+        block = self.block
         cache_name = next((k for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         cache = kwargs.get(cache_name) if cache_name else None
         if cache is not None and self.share.kv_heads:
             self.kv.follow(cache, self.index)
-        mask, mask_ready = rank.send_once(kwargs.get("attention_mask"))
-        cos, cos_ready = rank.send_once(kwargs["position_embeddings"][0])
-        sin, sin_ready = rank.send_once(kwargs["position_embeddings"][1])
+        cpu_kv = {cache_name: self.kv} if cache is not None else {}
 
         h = getattr(block, self.norms.attn_in)(hidden_states)
         part = None
         if self.share.kv_heads:
-            h_host, h_ready = rank.send(h)
-            cpu_kv = {cache_name: self.kv} if cache is not None else {}
-            part = rank.submit(self._cpu_attention, h_host, (cos, sin), mask, cpu_kv,
-                               (h_ready, mask_ready, cos_ready, sin_ready))
+            part = self._start(self._cpu_attention, wide, h, kwargs["position_embeddings"],
+                               kwargs.get("attention_mask"), cpu_kv)
         attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
         if part is not None:
-            attn = attn + rank.join(part)
+            attn = attn + self._finish(part, wide)
         if self.norms.attn_out:
             attn = getattr(block, self.norms.attn_out)(attn)
         hidden_states = hidden_states + attn
 
         h = getattr(block, self.norms.mlp_in)(hidden_states)
-        part = None
-        if self.share.mlp_cols:
-            h_host, h_ready = rank.send(h)
-            part = rank.submit(self.cpu_mlp, h_host, (h_ready,))
+        part = self._start(self.cpu_mlp, wide, h) if self.share.mlp_cols else None
         mlp = self.gpu_mlp(h)
         if part is not None:
-            mlp = mlp + rank.join(part)
+            mlp = mlp + self._finish(part, wide)
         if self.norms.mlp_out:
             mlp = getattr(block, self.norms.mlp_out)(mlp)
-        hidden_states = hidden_states + mlp
-        self.ring.exit(slot)
-        return hidden_states
+        return hidden_states + mlp
+
+    def _start(self, fn, wide: bool, h: torch.Tensor, *shared: Any):
+        """Start the CPU share: on the worker (the activation sent once; the pass's mask and rotary
+        tables once per pass), or, for a wide pass, right here on the device."""
+        if wide:
+            return fn(h, *shared)
+        rank = self.rank
+        h_host, ready = rank.send(h)
+        events = [ready]
+        moved = []
+        for item in shared:
+            if isinstance(item, tuple):  # rotary (cos, sin)
+                sent = [rank.send_once(t) for t in item]
+                moved.append(tuple(t for t, _ in sent))
+                events += [e for _, e in sent]
+            elif isinstance(item, torch.Tensor) or item is None:
+                tensor, event = rank.send_once(item)
+                moved.append(tensor)
+                events.append(event)
+            else:
+                moved.append(item)
+        return rank.submit(fn, h_host, *moved, tuple(events))
+
+    def _finish(self, part, wide: bool) -> torch.Tensor:
+        return part if wide else self.rank.join(part)
 
     def _cpu_attention(self, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
         return self.cpu_attn(hidden_states=h, position_embeddings=position_embeddings, attention_mask=mask,
@@ -254,9 +323,11 @@ class SplitLayer(nn.Module):
             return getattr(self._modules["block"], name)
 
 
-def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = None) -> CpuRank | None:
+def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = None,
+           max_tokens: int = 64) -> CpuRank | None:
     """Split each streamed layer named in `fractions` (decoder index -> CPU fraction of its weights)
-    between the GPU and a CPU rank; returns the rank (None when nothing splits).
+    between the GPU and a CPU rank; returns the rank (None when nothing splits). Passes of more
+    than `max_tokens` tokens compute the CPU share on the GPU (`SplitLayer`).
 
     The GPU share replaces the layer's host buffer in the ring (only it crosses the link); the old
     full buffer is freed layer by layer, so host memory peaks at one extra layer.
@@ -283,7 +354,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
         share = tp_share(dims, fraction)
         if share is None:
             continue
-        split = SplitLayer(streamed, dims, share, rank)
+        split = SplitLayer(streamed, dims, share, rank, max_tokens)
         ring.layers[pos] = split
         layers[streamed.index] = split
         placement.host_bytes -= streamed.host.numel() - split.host.numel()
