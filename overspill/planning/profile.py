@@ -31,6 +31,13 @@ class Profile:
     coherent: bool  # GPU reads pageable host memory through host page tables (GH200 NVLink-C2C)
     key: str = ""  # GPU, driver and torch version: a different key invalidates a cached profile
     managed_bytes_s: float = 0.0  # GPU reading managed memory in place, "mapped" (0: not measured, never preferred)
+    # The host as a CPU rank (`runtime.host_probe`): bf16 rates at `cpu_threads` while the link copies
+    # (cpu_gemv_params_s above), 0 where not measured.
+    cpu_threads: int = 0
+    cpu_gemv_alone_params_s: float = 0.0
+    cpu_gemm_flops_s: float = 0.0  # bf16 at 64 tokens
+    host_read_bytes_s: float = 0.0
+    cpu_join_s: float = 0.0  # one join's fixed cost (activation out, partial back)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -53,7 +60,10 @@ class Profile:
             f"zero-copy read: {gbs(self.zero_copy_bytes_s)}, managed read in place: "
             f"{gbs(self.managed_bytes_s) if self.managed_bytes_s else 'not measured'}",
             f"HBM copy: {gbs(self.hbm_bytes_s)}, bf16 matmul: {self.matmul_flops_s / 1e12:.0f} TFLOP/s",
-            f"host bf16 GEMV: {self.cpu_gemv_params_s / 1e9:.1f} G params/s",
+            f"host bf16 GEMV: {self.cpu_gemv_params_s / 1e9:.1f} G params/s" + (
+                f" on {self.cpu_threads} threads while the link copies (alone {self.cpu_gemv_alone_params_s / 1e9:.1f}), "
+                f"GEMM at 64 tokens {self.cpu_gemm_flops_s / 1e12:.2f} TFLOP/s, host reads {gbs(self.host_read_bytes_s)}, "
+                f"join {self.cpu_join_s * 1e6:.0f} us" if self.cpu_threads else ""),
             f"host dispatch at decode: {self.layer_overhead_s * 1e3:.2f} ms per layer + "
             f"{self.step_overhead_s * 1e3:.2f} ms per step",
         ])

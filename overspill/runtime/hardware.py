@@ -208,19 +208,17 @@ def measure_zero_copy(device: torch.device, nbytes: int = 256 << 20) -> float | 
     return nbytes / seconds if bool(out[:1024].eq(1.0).all()) else None
 
 
-def measure_cpu_gemv(rows: int = 14336, cols: int = 4096, iters: int = 5) -> float:
-    """Parameters per second of a bf16 matrix-vector product on the host CPUs."""
-    import time
+def host_rank_fields(device: torch.device | None) -> dict:
+    """The `Profile` fields of the host as a CPU rank (`host_probe.measure`: per dtype and thread
+    count, then the chosen thread count while the link copies)."""
+    import os
 
-    w = torch.randn(rows, cols, dtype=torch.bfloat16)
-    x = torch.randn(cols, dtype=torch.bfloat16)
-    w @ x
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        w @ x
-        times.append(time.perf_counter() - t)
-    return rows * cols / sorted(times)[len(times) // 2]
+    from .host_probe import measure
+
+    rank = measure(device, len(os.sched_getaffinity(0)))
+    return dict(cpu_gemv_params_s=rank.gemv_params_s, cpu_threads=rank.threads,
+                cpu_gemv_alone_params_s=rank.gemv_alone_params_s, cpu_gemm_flops_s=rank.gemm_flops_s,
+                host_read_bytes_s=rank.read_bytes_s, cpu_join_s=rank.join_s)
 
 
 # (hidden, heads, KV heads, intermediate) of the layers the dispatch probe times: Llama-3-8B's, so
@@ -281,7 +279,7 @@ def fit_dispatch(points: list[tuple[int, float]]) -> tuple[float, float]:
     return slope, max(mean_y - slope * mean_x, 0.0)
 
 
-PROBE_VERSION = 3  # bump when a measurement changes: cached profiles of older probes are re-measured
+PROBE_VERSION = 4  # bump when a measurement changes: cached profiles of older probes are re-measured
 
 
 def profile_key(device: torch.device) -> str:
@@ -300,7 +298,7 @@ def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: b
     if not torch.cuda.is_available():
         cpu = REFERENCE_PROFILES["cpu"]
         return Profile(**{**cpu.__dict__, "name": "this machine: CPU only", "host_available_bytes": host_available_bytes(),
-                          "cpu_gemv_params_s": measure_cpu_gemv(), "key": "cpu"})
+                          **host_rank_fields(None), "key": "cpu"})
     dev = torch.device(device)
     key = profile_key(dev)
     path = cache_dir() / "profile.json"
@@ -330,7 +328,7 @@ def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: b
         zero_copy_bytes_s=measure_zero_copy(dev),
         hbm_bytes_s=measure_hbm(dev),
         matmul_flops_s=measure_matmul(dev),
-        cpu_gemv_params_s=measure_cpu_gemv(),
+        **host_rank_fields(dev),
         layer_overhead_s=layer_s,
         step_overhead_s=step_s,
         coherent=coherent_platform(dev.index or 0),
