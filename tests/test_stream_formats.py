@@ -250,3 +250,18 @@ def test_the_self_draft_needs_bf16_host_buffers(tiny_checkpoint) -> None:
     with pytest.raises(OverspillError, match="use --stream-format bf16 with it"):
         overspill.load(path, dtype="float32", progress=False, plan=tiny_plan(path, torch.float32),
                        speculate="self", stream_format="int8")
+
+
+def test_the_cache_is_not_written_where_the_disk_lacks_room(tmp_path, monkeypatch) -> None:
+    from overspill.runtime.encoded_cache import EncodedCache
+
+    monkeypatch.setenv("OVERSPILL_CACHE", str(tmp_path))
+    layout = LayerLayout.of([("w", (8, 64), torch.bfloat16)])
+    layer = LossyLayer.of("int8", layout)
+    buffer = torch.zeros(layer.nbytes, dtype=torch.uint8)
+    full = EncodedCache(tmp_path / "encoded" / "m-int8-x", "int8", total_bytes=2**62)  # more than any disk
+    full.write(0, layout, layer, buffer)
+    assert not full.writable and not (tmp_path / "encoded").exists()
+    roomy = EncodedCache(tmp_path / "encoded" / "m-int8-x", "int8", total_bytes=layer.nbytes)
+    roomy.write(0, layout, layer, buffer)
+    assert roomy.writes == 1 and roomy.read(0, layout, lambda n: torch.empty(n, dtype=torch.uint8))[0] == layer

@@ -6,9 +6,10 @@ sizes and modification times: a changed checkpoint gets a new key. Each layer is
 encoded bytes plus, for lossless (whose size is known only once coded), a small JSON of its planes.
 Random-weight models are not cached (drawing them again is faster than reading them).
 
-A layer is written only while the disk keeps twice its size free, so a large model on a small disk
-loads as before, just without the cache; files are written under a temporary name and renamed, so
-a killed load never leaves a half-written layer that a later load would read.
+The cache is written only when the disk has room for twice the plan's encoded bytes (all of them,
+decided once per load), so a large model on a small disk loads as before, just without the cache,
+and never fills the disk; files are written under a temporary name and renamed, so a killed load
+never leaves a half-written layer that a later load would read.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def cache_folder(weights_dir: Path, fmt: str, dtype: torch.dtype, codec: str) ->
 class EncodedCache:
     """Reads and writes one checkpoint's encoded layers (`folder` from `cache_folder`)."""
 
-    def __init__(self, folder: Path, fmt: str):
+    def __init__(self, folder: Path, fmt: str, total_bytes: int):
+        """`total_bytes`: the encoded bytes the plan expects for every layer (writes need twice that free)."""
         self.folder = folder
         self.fmt = fmt
         self.hits = self.writes = 0
+        self.writable = _free_bytes(folder) >= 2 * total_bytes
 
     def _name(self, index: int, layout: LayerLayout) -> str:
         shape = hashlib.sha256(repr(layout.signature).encode()).hexdigest()[:8]
@@ -74,10 +77,10 @@ class EncodedCache:
         return encoded, buffer
 
     def write(self, index: int, layout: LayerLayout, encoded: LossyLayer | LosslessLayer, buffer: torch.Tensor) -> None:
-        """Keep layer `index`'s encoded bytes, if the disk keeps twice their size free afterwards."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(self.folder).free < 3 * encoded.nbytes:
+        """Keep layer `index`'s encoded bytes (when the disk had room for the whole model's)."""
+        if not self.writable:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)
         base = self.folder / self._name(index, layout)
         if isinstance(encoded, LosslessLayer):
             meta = {"elements": encoded.elements, "itemsize": encoded.itemsize, "low": list(encoded.low.shape),
@@ -85,6 +88,16 @@ class EncodedCache:
             _atomic(base.with_suffix(".json"), json.dumps(meta).encode())
         _atomic(base.with_suffix(".bin"), memoryview(buffer.numpy()))
         self.writes += 1
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds `path` (or would: its nearest existing ancestor)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
 
 
 def _atomic(path: Path, data) -> None:

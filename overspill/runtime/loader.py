@@ -21,6 +21,7 @@ from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan
 from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_windows
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
+from .expert_loader import expert_cache, expert_params, expert_ring_bytes, stream_expert_layer
 from .encoded_cache import EncodedCache, cache_folder
 from .formats import Expander, encode_lossless, itemsize_of, lossy_layout, staging_bytes_at_load
 from .kv import cache_kwarg, kv_dims
@@ -41,6 +42,7 @@ class Placement:
     host_bytes: int
     graphs: Any = None  # the `GraphedDecode` when decode replays CUDA graphs
     managed: Any = None  # the `ManagedMemory` holding managed streamed layers (freed with the placement)
+    experts: Any = None  # the `experts.ExpertCache` of expert-streamed MoE layers (plan.moe_streaming "experts")
 
     def summary(self) -> str:
         return self.plan.summary()
@@ -296,7 +298,8 @@ def _encoded_cache(source, plan: Plan, layers: nn.ModuleList, device: torch.devi
         return None
     dtype = next(layers[plan.streamed_layers[0]].parameters()).dtype
     codec = ("nvcomp-ans" if device.type == "cuda" else "zlib") if plan.stream_format == "lossless" else "torch"
-    return EncodedCache(cache_folder(source.directory, plan.stream_format, dtype, codec), plan.stream_format)
+    return EncodedCache(cache_folder(source.directory, plan.stream_format, dtype, codec), plan.stream_format,
+                        plan.streamed_bytes_per_step)
 
 
 def encoded_layer_bytes(layers: nn.ModuleList, fmt: str) -> tuple[int, ...] | None:
@@ -361,7 +364,10 @@ def materialize(
         copier = ManagedCopier(device, plan.slots, memory) if plan.streaming == "managed" else MappedCopier()
         ring = LayerRing([], copier, in_place_slots=plan.slots)
     elif plan.streamed_layers:
-        slot_buffers = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
+        slot_bytes = plan.slot_bytes
+        if plan.moe_streaming == "experts":  # the ring layouts' own alignment may differ from the planned bytes
+            slot_bytes = max(slot_bytes, max(expert_ring_bytes(layers[i]) for i in plan.streamed_layers))
+        slot_buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(plan.slots)]
         copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()
         ring = LayerRing(slot_buffers, copier)
         if plan.stream_format != NATIVE:
@@ -369,6 +375,7 @@ def materialize(
             if on_cuda:  # expansions run where the expander's codec is bound
                 copier.expand_stream = ring.expander.stream
     cache = _encoded_cache(source, plan, layers, device)
+    experts = expert_cache(plan, layers, device)
 
     bar = tqdm(total=len(layers) + 2, desc="placing weights", unit="part", disable=not progress)
     if plan.embed_tier is Tier.HOST:
@@ -385,6 +392,10 @@ def materialize(
         prefix = f"{layers_path}.{i}."
         if plan.layer_tiers[i] is Tier.PINNED and ring.expander is not None:
             wrapped, nbytes = _stream_encoded(layer, prefix, i, source, ring, on_cuda, plan.stream_format, cache)
+            layers[i] = wrapped
+            host_total += nbytes
+        elif plan.layer_tiers[i] is Tier.PINNED and experts is not None and expert_params(layer):
+            wrapped, nbytes = stream_expert_layer(layer, prefix, i, source, ring, on_cuda, experts)
             layers[i] = wrapped
             host_total += nbytes
         elif plan.layer_tiers[i] is Tier.PINNED:
@@ -411,7 +422,7 @@ def materialize(
     if ring is not None and ring.expander is not None:
         plan = _measured_format(plan, ring, cache)
     return Placement(plan=plan, device=device, ring=ring, layers_path=layers_path, host_bytes=host_total,
-                     managed=memory)
+                     managed=memory, experts=experts)
 
 
 def _measured_format(plan: Plan, ring: LayerRing, cache: EncodedCache | None) -> Plan:
