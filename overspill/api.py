@@ -27,6 +27,7 @@ from .planning.speculation import auto_source
 from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
+from .runtime.cpu_rank import enable_planned, plan_cpu_rank
 from .runtime.loader import (
     Placement,
     build_skeleton,
@@ -153,6 +154,7 @@ def load(
     streaming: str = "auto",
     speculate: str | None = None,
     stream_format: str = "auto",
+    cpu_compute: str | float = "off",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -206,6 +208,14 @@ def load(
             identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a scale per output
             channel), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
             where nvCOMP is installed and decodes faster than the link, else bf16 with a note.
+        cpu_compute: the host CPU as a second tensor-parallel rank of every streamed layer
+            (`overspill.planning.cpu_rank`, issue 16): a fraction of each streamed layer (KV-head groups
+            and MLP columns) stays in host memory and the host computes it while the GPU computes the
+            rest; only the GPU's share crosses the link. "auto": where the plan predicts a gain of 5%
+            or more (batch 1 on a PCIe link: about 2x); "on": the planner's fraction whatever the
+            gain; a number: that fraction; "off" (default until its GPU tests have run). Dense
+            llama/mistral/qwen2/qwen3/phi3/gemma2 layers, bf16 pinned copies, eager `generate` (not
+            serve/batch, CUDA graphs or speculation yet).
         probe: on CUDA, measure the machine (`overspill.runtime.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -265,6 +275,7 @@ def load(
         plan = with_prediction(fp, plan, profile)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
+    plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -276,6 +287,7 @@ def load(
             weights.close()
     skeleton.overspill = placement
     use_planned_cache(skeleton, placement)
+    enable_planned(skeleton, profile.cpu_threads if profile is not None and profile.cpu_threads else None)
     if speculate == "auto":
         speculate = auto_source(plan, cuda_graphs)
     if cuda_graphs:

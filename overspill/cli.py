@@ -64,6 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         "free memory. auto (default): mapped where the probe measured it faster than copies, else copy.",
     )
     _add_stream_format_arg(p)
+    _add_cpu_compute_arg(p)
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 
 
@@ -76,6 +77,18 @@ def _add_stream_format_arg(p: argparse.ArgumentParser) -> None:
         "weight + a scale per output channel; lossy), int4 (0.53 bytes a weight, groups of 128 with zero points; "
         "lossy). auto (default): lossless where the codec is installed and decodes faster than the link, else "
         "bf16; lossy formats only when asked.",
+    )
+
+
+def _add_cpu_compute_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-compute", default="off", metavar="MODE",
+        help="the host CPU as a second tensor-parallel rank: a fraction of every streamed layer (KV-head groups "
+        "and MLP columns) stays in host memory and the host computes it while the GPU computes the rest, so "
+        "only the GPU's share crosses the link. auto: where the plan predicts a gain of 5%% or more (small "
+        "batches); on: the planner's fraction whatever the gain; a number such as 0.5: that fraction; off "
+        "(default). Dense llama/mistral/qwen2/qwen3/phi3/gemma2, bf16 copies, eager decode; serve and batch "
+        "run it off (their engine reorders KV rows). `plan --cpu-compute auto` shows the fraction per batch.",
     )
 
 
@@ -256,6 +269,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--max-chain", type=int, default=DEFAULT_MAX_CHAIN, metavar="K",
                       help=f"longest drafted chain the --speculate forecast considers (default {DEFAULT_MAX_CHAIN}).")
     _add_stream_format_arg(plan)
+    _add_cpu_compute_arg(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan, "
                       "and with --speculate its forecast) instead of the table.")
     plan.set_defaults(func=commands.plan_main)

@@ -96,6 +96,7 @@ def plan_main(args: argparse.Namespace) -> int:
     streams = bool(plan.streamed_layers)
     if format_note and plan.streamed_layers:  # as `load` notes its choice
         plan = dataclasses.replace(plan, notes=plan.notes + (format_note,))
+    plan = _plan_cpu_rank(args, fp, spec, plan, profile)
     speculation = _plan_speculation(args, plan, spec, profile)
     if args.json:
         if note:
@@ -109,6 +110,11 @@ def plan_main(args: argparse.Namespace) -> int:
     if speculation is not None:
         print()
         print("\n".join(planview.speculation_lines(speculation)))
+    if plan.streamed_layers and getattr(args, "cpu_compute", "off") != "off":
+        from .planning.cpu_rank import table_lines
+
+        print()
+        print("\n".join(table_lines(fp, plan, profile)))
     if note:
         print(f"note: {note}")
     return 0
@@ -219,3 +225,21 @@ def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
             f"free on {profile.name}; pass a smaller --gpu-memory or another --profile"
         )
     return budget
+
+
+def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile: Profile):
+    """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank`)."""
+    from .planning.cpu_rank import SPLIT_ARCHS, with_cpu_rank
+
+    blocker = None
+    if spec.model_type not in SPLIT_ARCHS:
+        blocker = f"model_type {spec.model_type!r} is not split (dense {', '.join(SPLIT_ARCHS)} only)"
+    elif plan.stream_format != "bf16":
+        blocker = f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
+    mode = getattr(args, "cpu_compute", "off")
+    if blocker is not None and mode not in ("auto", "off") and plan.streamed_layers:
+        raise OverspillError(f"--cpu-compute {mode}: {blocker}; use --cpu-compute off or auto")
+    try:
+        return with_cpu_rank(fp, plan, profile, mode, blocker)
+    except ValueError as exc:
+        raise OverspillError(f"{exc} (--cpu-compute)") from None

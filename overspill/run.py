@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
         depth=args.depth, context=args.context, device=args.device, seed=args.seed,
         kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
         streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
-        stream_format=getattr(args, "stream_format", "auto"),
+        stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
     )
     placement = placement_of(model)
     print(placement.summary())

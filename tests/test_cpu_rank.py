@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from overspill.api import placement_of
 from overspill.errors import OverspillError
 from overspill.runtime import cpu_rank
-from overspill.runtime.cpu_rank import SplitLayer
+from overspill.runtime.split_layer import SplitLayer
 from overspill.runtime.tp_split import SUPPORTED, Share, dims_of, share_of, split_tensor
 
 from conftest import ARCHS, N_LAYERS, hf_config
@@ -173,3 +173,31 @@ def test_moe_layers_are_refused(tiny_checkpoint) -> None:
     model = load_tiny(tiny_checkpoint("mixtral"), resident=0)
     with pytest.raises(OverspillError, match="cpu_compute='off'"):
         cpu_rank.enable(model, {0: 0.5})
+
+
+def test_load_with_a_cpu_fraction_splits_every_streamed_layer(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("qwen2")
+    model = load_tiny(path, resident=4, cpu_compute=0.5)
+    plan = placement_of(model).plan
+    assert plan.cpu_fraction == 0.5 and plan.cpu_max_tokens == 64
+    layers = model.get_submodule(placement_of(model).layers_path)
+    assert [isinstance(layer, SplitLayer) for layer in layers] == [i in plan.streamed_layers for i in range(N_LAYERS)]
+    single, batch, mask = prompts()
+    ref = _reference(path)
+    with torch.no_grad():
+        assert torch.equal(_generate(model, single)[0], _generate(ref, single)[0])
+        assert torch.equal(_generate(model, batch, mask)[0], _generate(ref, batch, mask)[0])
+
+
+def test_auto_stays_off_without_a_link_and_explicit_modes_are_refused_where_they_cannot_split(tiny_checkpoint) -> None:
+    model = load_tiny(tiny_checkpoint("llama"), resident=4, cpu_compute="auto")
+    plan = placement_of(model).plan
+    assert plan.cpu_fraction == 0 and any("CPU rank off: no probed GPU link" in n for n in plan.notes)
+    model = load_tiny(tiny_checkpoint("mixtral"), resident=4, cpu_compute="auto")
+    assert any("is not split" in n for n in placement_of(model).plan.notes)
+    with pytest.raises(OverspillError, match="--cpu-compute 0.5: model_type 'mixtral'"):
+        load_tiny(tiny_checkpoint("mixtral"), resident=4, cpu_compute=0.5)
+    with pytest.raises(OverspillError, match="speculative verification"):
+        load_tiny(tiny_checkpoint("llama"), resident=4, cpu_compute="on", speculate="ngram")
+    with pytest.raises(OverspillError, match="cpu_compute must be"):
+        load_tiny(tiny_checkpoint("llama"), resident=4, cpu_compute="fast")

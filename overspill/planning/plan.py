@@ -91,6 +91,8 @@ class Plan:
     streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> slots), "managed" (prefetch), "mapped" (in place)
     stream_format: str = "bf16"  # how streamed layers travel (`overspill.planning.formats`)
     expand_bytes: int = 0  # GPU bytes for encoded streamed layers: staging buffers + expansion scratch
+    cpu_fraction: float = 0.0  # of each streamed layer computed by the host CPU (`planning.cpu_rank`); 0: off
+    cpu_max_tokens: int = 0  # widest pass whose CPU share the host computes (wider ones: the GPU)
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:

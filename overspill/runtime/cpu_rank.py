@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,10 +26,12 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import OverspillError
-from .layout import LayerLayout, host_bytes
-from .tp_split import Dims, Norms, Share, check_supported, dims_of, norms_of, rank_twin, share_of, split_tensor
-
-CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.25 names it cache, 5.17 past_key_values
+from ..planning.cpu_rank import check_mode, with_cpu_rank
+from ..planning.formats import NATIVE
+from ..planning.plan import Footprint, Plan
+from ..planning.profile import Profile
+from .split_layer import SplitLayer
+from .tp_split import SUPPORTED, Dims, Share, check_supported, dims_of, share_of
 
 
 def default_threads() -> int:
@@ -75,6 +76,10 @@ class CpuRank:
         sent = self.send(x)
         self._sent[id(x)] = (x, sent)
         return sent
+
+    def host_kv(self) -> "HostKV":
+        """A layer's CPU-head KV store (the worker is the only one to touch it)."""
+        return HostKV()
 
     def submit(self, fn, *args: Any) -> Future:
         return self.pool.submit(_run, fn, args)
@@ -138,191 +143,6 @@ class HostKV:
         return keys.to(key.device), values.to(key.device)
 
 
-@dataclass
-class Packed:
-    """Tensors packed into one flat host buffer, in layout order."""
-
-    layout: LayerLayout
-    host: torch.Tensor
-
-    @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor], pinned: bool) -> "Packed":
-        layout = LayerLayout.of([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
-        host = host_bytes(layout.nbytes, pinned)
-        for entry, view in zip(layout.entries, layout.views(host)):
-            view.copy_(tensors[entry.name])
-        return cls(layout, host)
-
-    def named_views(self, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        views = self.layout.views(self.host if buffer is None else buffer)
-        return dict(zip((e.name for e in self.layout.entries), views))
-
-
-def split_layer(full: dict[str, torch.Tensor], dims: Dims, share: Share, pinned: bool) -> tuple[Packed, Packed]:
-    """(GPU share, CPU share) of a layer's tensors (layer-relative names), each packed into one flat
-    host buffer, pinned when a GPU will copy it (the GPU share every pass, the CPU share for wide ones)."""
-    gpu, cpu = {}, {}
-    for name, tensor in full.items():
-        g, c = split_tensor(dims, share, name, tensor)
-        gpu[name] = g
-        if c is not None:
-            cpu[name] = c
-    return Packed.of(gpu, pinned), Packed.of(cpu, pinned)
-
-
-class SplitLayer(nn.Module):
-    """A streamed decoder layer computed by two ranks: its GPU share visits a ring slot (as a
-    `StreamedLayer` does), its CPU share computes on the host worker; two joins per layer.
-
-    A pass wider than `max_tokens` tokens (a long prompt) is compute-bound, where the host is ~100x
-    slower than the GPU: there the CPU share is copied to the device beside the slot's share and
-    the GPU computes both (its heads' new KV still goes to the host layers), so prefill never waits
-    for the host's GEMMs.
-    """
-
-    def __init__(self, streamed: nn.Module, dims: Dims, share: Share, rank: CpuRank, max_tokens: int):
-        super().__init__()
-        block = streamed.block
-        self.block = block
-        self.index = streamed.index
-        self.position = streamed.position
-        self.encoded = None
-        self.dims, self.share, self.max_tokens = dims, share, max_tokens
-        object.__setattr__(self, "ring", streamed.ring)
-        object.__setattr__(self, "rank", rank)
-        full = dict(zip((e.name for e in streamed.layout.entries), streamed.layout.views(streamed.host)))
-        gpu, cpu = split_layer(full, dims, share, pinned=streamed.host.is_pinned())
-        self.host, self.layout = gpu.host, gpu.layout
-        self.cpu_share = cpu
-        heads_cpu = share.kv_heads * dims.group
-        self.device = streamed.ring.slot_buffers[0].device
-        slot0 = dict(zip((e.name for e in gpu.layout.entries), self.ring.views(gpu.layout, 0)))
-        self.gpu_attn = rank_twin(block.self_attn, "self_attn", slot0, dims.heads - heads_cpu,
-                                  dims.kv_heads - share.kv_heads, self.device)
-        self.gpu_mlp = rank_twin(block.mlp, "mlp", slot0, None, None, self.device)
-        host = cpu.named_views()
-        cpu_dev = torch.device("cpu")
-        object.__setattr__(self, "cpu_attn", rank_twin(block.self_attn, "self_attn", host, heads_cpu,
-                                                       share.kv_heads, cpu_dev))
-        object.__setattr__(self, "cpu_mlp", rank_twin(block.mlp, "mlp", host, None, None, cpu_dev))
-        self.norms: Norms = norms_of(block)
-        self.kv = HostKV()
-        self._params = [self._target(e.name) for e in gpu.layout.entries]
-        self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
-
-    def _target(self, name: str) -> nn.Parameter:
-        """The parameter a GPU-layout entry binds: the twins' for attention and MLP, the block's for norms."""
-        head, _, rest = name.partition(".")
-        owner = {"self_attn": self.gpu_attn, "mlp": self.gpu_mlp}.get(head)
-        if owner is None:
-            return self.block.get_parameter(name)
-        return owner.get_parameter(rest)
-
-    def _cpu_target(self, name: str) -> nn.Parameter:
-        head, _, rest = name.partition(".")
-        return (self.cpu_attn if head == "self_attn" else self.cpu_mlp).get_parameter(rest)
-
-    def bind(self, slot: int) -> None:
-        for param, view in zip(self._params, self.ring.views(self.layout, slot)):
-            param.data = view
-
-    def _bind_cpu_share(self, buffer: torch.Tensor) -> None:
-        for param, view in zip(self._cpu_params, self.cpu_share.layout.views(buffer)):
-            param.data = view
-
-    def _cpu_share_to_device(self, slot: int) -> None:
-        """Copy the CPU share into the slot's free tail (a temporary where it does not fit), on the
-        compute stream, and point the CPU twins at it for this pass."""
-        need, used = self.cpu_share.layout.nbytes, self.layout.nbytes
-        buffer = self.ring.slot_buffers[slot]
-        if buffer.numel() - used >= need:
-            dev = buffer[used : used + need]
-        else:
-            dev = torch.empty(need, dtype=torch.uint8, device=self.device)
-        dev.copy_(self.cpu_share.host, non_blocking=True)
-        self._bind_cpu_share(dev)
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise OverspillError("the CPU rank expects decoder layers called with keyword arguments")
-        slot = self.ring.enter(self.position)
-        self.bind(slot)
-        wide = hidden_states.shape[:-1].numel() > self.max_tokens
-        if wide:
-            self._cpu_share_to_device(slot)
-        try:
-            out = self._layer(hidden_states, kwargs, wide)
-        finally:
-            if wide:
-                self._bind_cpu_share(self.cpu_share.host)
-        self.ring.exit(slot)
-        return out
-
-    def _layer(self, hidden_states: torch.Tensor, kwargs: dict, wide: bool) -> torch.Tensor:
-        block = self.block
-        cache_name = next((k for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
-        cache = kwargs.get(cache_name) if cache_name else None
-        if cache is not None and self.share.kv_heads:
-            self.kv.follow(cache, self.index)
-        cpu_kv = {cache_name: self.kv} if cache is not None else {}
-
-        h = getattr(block, self.norms.attn_in)(hidden_states)
-        part = None
-        if self.share.kv_heads:
-            part = self._start(self._cpu_attention, wide, h, kwargs["position_embeddings"],
-                               kwargs.get("attention_mask"), cpu_kv)
-        attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
-        if part is not None:
-            attn = attn + self._finish(part, wide)
-        if self.norms.attn_out:
-            attn = getattr(block, self.norms.attn_out)(attn)
-        hidden_states = hidden_states + attn
-
-        h = getattr(block, self.norms.mlp_in)(hidden_states)
-        part = self._start(self.cpu_mlp, wide, h) if self.share.mlp_cols else None
-        mlp = self.gpu_mlp(h)
-        if part is not None:
-            mlp = mlp + self._finish(part, wide)
-        if self.norms.mlp_out:
-            mlp = getattr(block, self.norms.mlp_out)(mlp)
-        return hidden_states + mlp
-
-    def _start(self, fn, wide: bool, h: torch.Tensor, *shared: Any):
-        """Start the CPU share: on the worker (the activation sent once; the pass's mask and rotary
-        tables once per pass), or, for a wide pass, right here on the device."""
-        if wide:
-            return fn(h, *shared)
-        rank = self.rank
-        h_host, ready = rank.send(h)
-        events = [ready]
-        moved = []
-        for item in shared:
-            if isinstance(item, tuple):  # rotary (cos, sin)
-                sent = [rank.send_once(t) for t in item]
-                moved.append(tuple(t for t, _ in sent))
-                events += [e for _, e in sent]
-            elif isinstance(item, torch.Tensor) or item is None:
-                tensor, event = rank.send_once(item)
-                moved.append(tensor)
-                events.append(event)
-            else:
-                moved.append(item)
-        return rank.submit(fn, h_host, *moved, tuple(events))
-
-    def _finish(self, part, wide: bool) -> torch.Tensor:
-        return part if wide else self.rank.join(part)
-
-    def _cpu_attention(self, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
-        return self.cpu_attn(hidden_states=h, position_embeddings=position_embeddings, attention_mask=mask,
-                             **cache_kwargs)[0]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
-
-
 def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = None,
            max_tokens: int = 64) -> CpuRank | None:
     """Split each streamed layer named in `fractions` (decoder index -> CPU fraction of its weights)
@@ -366,3 +186,44 @@ def tp_share(dims: Dims, fraction: float) -> Share | None:
     """The share for `fraction`, or None where it rounds to nothing."""
     share = share_of(dims, fraction)
     return None if share.kv_heads == 0 and share.mlp_cols == 0 else share
+
+
+def blocker(plan: Plan, config, cuda_graphs: bool, speculate: str | None) -> str | None:
+    """Why this load cannot split its streamed layers, or None."""
+    try:
+        check_supported(config)
+    except OverspillError:
+        return f"model_type {config.get_text_config().model_type!r} is not split (dense {', '.join(SUPPORTED)} only)"
+    if plan.streaming != "copy":
+        return f"streaming={plan.streaming!r} (the CPU rank splits layers copied from pinned memory)"
+    if plan.stream_format != NATIVE:
+        return f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
+    if cuda_graphs:
+        return "CUDA graphs cannot wait for the host's partial sums"
+    if speculate is not None:
+        return "speculative verification is not split yet"
+    return None
+
+
+def plan_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str | float, config,
+                  cuda_graphs: bool = False, speculate: str | None = None) -> Plan:
+    """`load(cpu_compute=...)`: the plan with its CPU fraction (`planning.cpu_rank.with_cpu_rank`);
+    an explicit "on" or fraction that this load cannot honour is refused, "auto" notes why it is off."""
+    try:
+        mode = check_mode(mode)
+    except ValueError as exc:
+        raise OverspillError(f"{exc} (--cpu-compute)") from None
+    why = blocker(plan, config, cuda_graphs, speculate) if plan.streamed_layers and mode != "off" else None
+    if why is not None and mode != "auto":
+        raise OverspillError(f"--cpu-compute {mode}: {why}; use --cpu-compute off or auto")
+    return with_cpu_rank(fp, plan, profile, mode, why)
+
+
+def enable_planned(model: nn.Module, threads: int | None = None) -> CpuRank | None:
+    """Split the streamed layers of a loaded model as its plan says (`Plan.cpu_fraction`)."""
+    from .loader import placement_of
+
+    plan = placement_of(model).plan
+    if plan.cpu_fraction <= 0:
+        return None
+    return enable(model, dict.fromkeys(plan.streamed_layers, plan.cpu_fraction), threads, plan.cpu_max_tokens)

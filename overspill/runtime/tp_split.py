@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import OverspillError
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+from ..planning.cpu_rank import SPLIT_ARCHS as SUPPORTED
 # per-head vectors every rank needs whole (qwen3's qk-norm weights are [head_dim])
 SHARED = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 GPU_ONLY_SUFFIXES = ("self_attn.o_proj.bias", "mlp.down_proj.bias")

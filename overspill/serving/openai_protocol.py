@@ -108,8 +108,13 @@ def load_for_serving(args) -> tuple:
     """`serve` and `batch`: load `args.model` planned for the engine (the largest batch up to
     `--max-batch` whose KV stays on the GPU, activations for one engine pass) and print the plan."""
     from ..api import load, placement_of
+    from ..errors import OverspillError
     from ..planning.placement import serving_pass_tokens
 
+    if getattr(args, "cpu_compute", "off") not in ("off", "auto"):
+        raise OverspillError(f"--cpu-compute {args.cpu_compute}: serve and batch do not run the CPU rank yet (the "
+                             f"engine selects and reorders KV rows, which the CPU heads' host KV does not follow); "
+                             f"use --cpu-compute off")
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,

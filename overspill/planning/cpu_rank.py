@@ -1,0 +1,207 @@
+"""How much of each streamed layer the host CPU computes (the CPU rank, issue 16). Pure Python.
+
+Derivation (decode, one step = one token for each of `batch` sequences). A fraction f of every
+streamed layer (KV-head groups and MLP columns, `runtime.tp_split`) stays on the host:
+- the link carries only the GPU's share:
+      t_link(f) = ((1 - f) * S + K) / h2d             S streamed layer bytes, K host-tier KV bytes
+- the host computes its share while the GPU computes the rest of the same layer. Its time per
+  weight parameter is a GEMV's at batch 1 and grows with batch once the GEMM turns compute-bound:
+      c(b) = max(1 / gemv_rate, 2 b / gemm_rate)       (1 b / gemv_rate when GEMM is not measured)
+  plus its heads' KV read from host DRAM, and two joins per layer (activation out, partial back):
+      t_cpu(f) = f * (P * c(b) + KV_s / host_read) + 2 * n * join + R
+  where P = S / dtype_bytes, KV_s the streamed layers' KV at this context and batch, n the streamed
+  layers, and R the resident layers' and LM head's HBM time, during which the host waits.
+- the step takes max(t_link(f), t_cpu(f), t_gpu, t_host) (`costmodel.predict` for the last two);
+  t_link falls and t_cpu rises with f, so the best f makes them equal:
+      f* = (t_link(0) - 2 n join - R) / (S / h2d + P c(b) + KV_s / host_read)
+As the batch grows, c(b) grows (the host's GEMM is ~100x slower than the GPU's) while the link's
+time does not, so f* shrinks; `auto` takes the CPU rank only where it predicts at least MIN_GAIN
+more tok/s (the joins and the host's speed under load are the least certain terms).
+
+A pass wider than `max_tokens` (a prompt) is cheaper to finish on the GPU: copying a parameter
+costs dtype_bytes / h2d, computing it on the host c(tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .costmodel import predict
+from .plan import Footprint, Plan
+from .profile import Profile
+
+SPLIT_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")  # dense layers `runtime.tp_split` splits
+MIN_GAIN = 0.05
+MAX_FRACTION = 0.95  # the GPU keeps a share: its heads hold the model cache's KV
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODES = ("auto", "off", "on")
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """The CPU rank at one batch: the fraction, and predicted decode with it and without."""
+
+    batch: int
+    fraction: float
+    tok_s: float
+    plain_tok_s: float
+    link_s: float
+    cpu_s: float
+    bottleneck: str = "link"  # "link" or "cpu rank" where they bound the step, else the plain plan's
+
+    @property
+    def gain(self) -> float:
+        return self.tok_s / self.plain_tok_s - 1 if self.plain_tok_s else 0.0
+
+
+def seconds_per_param(profile: Profile, tokens: int) -> float:
+    """Host seconds per weight parameter for a pass of `tokens` tokens (c(b) above)."""
+    gemv = 1 / profile.cpu_gemv_params_s
+    if profile.cpu_gemm_flops_s > 0:
+        return max(gemv, 2 * tokens / profile.cpu_gemm_flops_s)
+    return gemv * tokens
+
+
+def max_tokens(fp: Footprint, profile: Profile) -> int:
+    """The widest pass whose CPU share the host computes sooner than the link would copy it."""
+    if profile.cpu_gemv_params_s <= 0 or profile.h2d_bytes_s <= 0:
+        return 1
+    copy = fp.dtype_bytes / profile.h2d_bytes_s
+    tokens = 1
+    while tokens < 4096 and seconds_per_param(profile, tokens + 1) <= copy:
+        tokens += 1
+    return tokens
+
+
+def _prediction(fp: Footprint, plan: Plan, profile: Profile, batch: int):
+    return predict(
+        layer_bytes=fp.layer_bytes,
+        layer_active_bytes=fp.layer_active_bytes or fp.layer_bytes,
+        streamed_bytes=plan.streamed_bytes_per_step + plan.kv_host_bytes,
+        head_bytes=fp.embed_bytes if fp.tied_embeddings else fp.head_bytes,
+        kv_bytes_per_token=fp.kv_bytes_per_token,
+        dtype_bytes=fp.dtype_bytes,
+        profile=profile,
+        batch=batch,
+        context=plan.workload.context,
+    )
+
+
+def split_at(fp: Footprint, plan: Plan, profile: Profile, batch: int, fraction: float | None = None) -> CpuSplit:
+    """The best CPU fraction at `batch` (or the given `fraction`) and decode speed with it."""
+    base = _prediction(fp, plan, profile, batch)
+    streamed = plan.streamed_layers
+    if not streamed or profile.cpu_gemv_params_s <= 0 or profile.h2d_bytes_s <= 0:
+        return CpuSplit(batch, 0.0, base.decode_tok_s, base.decode_tok_s, base.link_s, 0.0, base.bottleneck)
+    n = len(fp.layer_bytes)
+    hbm = profile.hbm_bytes_s or float("inf")
+    stored = sum(fp.layer_bytes[i] for i in streamed)
+    active = fp.layer_active_bytes or fp.layer_bytes
+    resident = sum(active[i] for i in plan.resident_layers) + (fp.embed_bytes if fp.tied_embeddings else fp.head_bytes)
+    read = profile.host_read_bytes_s or profile.cpu_gemv_params_s * fp.dtype_bytes
+    kv = fp.kv_bytes_per_token / n * len(streamed) * plan.workload.context * batch
+    per_f = stored / fp.dtype_bytes * seconds_per_param(profile, batch) + kv / read  # host seconds at f = 1
+    fixed = 2 * len(streamed) * profile.cpu_join_s + resident / hbm
+    link_per_f = stored / profile.h2d_bytes_s
+    if fraction is None:
+        fraction = (base.link_s - fixed) / (link_per_f + per_f)
+    fraction = min(max(fraction, 0.0), MAX_FRACTION)
+    link = base.link_s - fraction * link_per_f
+    cpu = fraction * per_f + fixed
+    step = max(link, cpu, base.gpu_s, base.host_s)
+    if step > max(link, cpu):
+        bottleneck = base.bottleneck
+    elif abs(link - cpu) <= 1e-6 * step:
+        bottleneck = "link = cpu rank"
+    else:
+        bottleneck = "link" if link > cpu else "cpu rank"
+    return CpuSplit(batch, fraction, batch / step, base.decode_tok_s, link, cpu, bottleneck)
+
+
+def off_batch(fp: Footprint, plan: Plan, profile: Profile) -> int | None:
+    """The smallest batch at which `auto` turns the CPU rank off (None: on at every batch tried)."""
+    for batch in BATCHES:
+        if split_at(fp, plan, profile, batch).gain < MIN_GAIN:
+            return batch
+    return None
+
+
+def check_mode(mode: str | float) -> float | str:
+    """`cpu_compute` as given: a mode name or a forced fraction in (0, MAX_FRACTION]."""
+    if isinstance(mode, str) and mode not in MODES:
+        try:
+            mode = float(mode)
+        except ValueError:
+            raise ValueError(f"cpu_compute must be auto, off, on or a fraction of each streamed layer, "
+                             f"got {mode!r}") from None
+    if not isinstance(mode, str) and not 0 < mode <= MAX_FRACTION:
+        raise ValueError(f"a cpu_compute fraction must be in (0, {MAX_FRACTION}], got {mode}")
+    return mode
+
+
+def with_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str | float,
+                  blocker: str | None = None) -> Plan:
+    """The plan with its CPU fraction (`Plan.cpu_fraction`), the widest pass the host computes,
+    the prediction with the CPU rank, and a note that says what was chosen and why.
+
+    Args:
+        mode: "off"; "auto" (on where the plan predicts a gain of at least MIN_GAIN); "on" (the best
+            fraction whatever the gain); or a fraction to use as is.
+        blocker: why the load cannot split layers (an option that excludes it), if so: "auto" notes
+            it and stays off; "on" and fractions are refused by the caller before this.
+    """
+    mode = check_mode(mode)
+    if mode == "off" or not plan.streamed_layers:
+        return plan
+    if blocker is not None:
+        return replace(plan, notes=plan.notes + (f"CPU rank off: {blocker}",))
+    if profile is None or profile.h2d_bytes_s <= 0:
+        if isinstance(mode, float):
+            return replace(plan, cpu_fraction=mode, cpu_max_tokens=64,
+                           notes=plan.notes + (f"CPU rank: {mode:.2f} of each streamed layer on the host "
+                                               f"(no probed link: no prediction)",))
+        return replace(plan, notes=plan.notes + ("CPU rank off: no probed GPU link to add the host to",))
+    split = split_at(fp, plan, profile, plan.workload.batch, mode if isinstance(mode, float) else None)
+    if mode == "auto" and split.gain < MIN_GAIN:
+        return replace(plan, notes=plan.notes + (
+            f"CPU rank off: predicted gain {split.gain:+.1%} at batch {plan.workload.batch} "
+            f"(auto needs {MIN_GAIN:.0%})",))
+    if split.fraction <= 0:
+        return replace(plan, notes=plan.notes + ("CPU rank off: the host has no time to spare on this plan",))
+    pred = plan.prediction
+    if pred is not None:
+        pred = replace(pred, decode_step_s=plan.workload.batch / split.tok_s, decode_tok_s=split.tok_s,
+                       link_s=split.link_s, bottleneck=split.bottleneck)
+    widest = max_tokens(fp, profile)
+    off = off_batch(fp, plan, profile)
+    join = f"{profile.cpu_join_s * 1e6:.0f} us a join" if profile.cpu_join_s else "join cost not measured (0)"
+    note = (f"CPU rank: {split.fraction:.2f} of each streamed layer computed on the host "
+            f"({split.tok_s:.2f} tok/s predicted against {split.plain_tok_s:.2f} plain, {split.gain:+.0%}; "
+            f"{join}); passes of more than {widest} tokens compute it on the GPU; "
+            + (f"auto turns it off from batch {off}" if off else "it pays at every batch up to 256"))
+    return replace(plan, prediction=pred, cpu_fraction=split.fraction, cpu_max_tokens=widest,
+                   notes=plan.notes + (note,))
+
+
+def batch_table(fp: Footprint, plan: Plan, profile: Profile) -> list[CpuSplit]:
+    """`split_at` for each batch of BATCHES: what `overspill plan` shows."""
+    return [split_at(fp, plan, profile, b) for b in BATCHES]
+
+
+def table_lines(fp: Footprint, plan: Plan, profile: Profile) -> list[str]:
+    """`overspill plan --cpu-compute`: the CPU fraction and predicted decode per batch, and where
+    `auto` turns it off and why."""
+    rows = [("batch", "CPU fraction", "tok/s plain", "tok/s with CPU", "gain", "bound by")]
+    for s in batch_table(fp, plan, profile):
+        rows.append((str(s.batch), f"{s.fraction:.3f}", f"{s.plain_tok_s:.2f}", f"{s.tok_s:.2f}", f"{s.gain:+.0%}",
+                     s.bottleneck))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    off = off_batch(fp, plan, profile)
+    gemm = (f"its GEMM at {profile.cpu_gemm_flops_s / 1e12:.2f} TFLOP/s" if profile.cpu_gemm_flops_s
+            else "each token another GEMV pass (GEMM not measured: run `overspill probe`)")
+    why = (f"auto turns it off from batch {off}: the host's time per step grows with the batch ({gemm}) while "
+           f"the link's does not, so the share that balances them shrinks below a {MIN_GAIN:.0%} gain"
+           if off else f"auto keeps it on up to batch {BATCHES[-1]}")
+    return [f"CPU rank (--cpu-compute; host bf16 GEMV {profile.cpu_gemv_params_s / 1e9:.0f} G params/s):", *lines, why]
