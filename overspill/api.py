@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from .errors import OverspillError, one_line
+from .planning import moe
 from .planning.formats import NATIVE, check_format, choose, resolve_auto, with_format
-from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming, place, with_prediction
+from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 from .planning.plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
@@ -155,6 +156,7 @@ def load(
     speculate: str | None = None,
     stream_format: str = "auto",
     cpu_compute: str | float = "off",
+    moe_streaming: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -208,6 +210,12 @@ def load(
             identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a scale per output
             channel), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
             where nvCOMP is installed and decodes faster than the link, else bf16 with a note.
+        moe_streaming: how streamed mixture-of-experts layers move (`overspill.planning.moe`): "experts"
+            (the ring carries attention, router, norms and shared experts; only the routed experts the
+            batch selects cross the link, into a GPU cache of hot experts sized from the budget),
+            "dense" (whole layers), or "auto" (default): experts where the plan predicts it faster
+            (fewer bytes per step without a probe). Expert streaming needs bf16 pinned copies and
+            eager decode; "auto" stream format then stays bf16 for MoE models.
         cpu_compute: the host CPU as a second tensor-parallel rank of every streamed layer
             (`overspill.planning.cpu_rank`, issue 16): a fraction of each streamed layer (KV-head groups
             and MLP columns) stays in host memory and the host computes it while the GPU computes the
@@ -248,7 +256,9 @@ def load(
     workload = Workload(context, batch, pass_tokens=pass_tokens)
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
-    fp = footprint_from_spec(measured_spec(skeleton, layers, torch_dtype))  # as `overspill plan` sizes it
+    spec = measured_spec(skeleton, layers, torch_dtype)
+    fp = footprint_from_spec(spec)  # as `overspill plan` sizes it
+    moe_layers = moe.MoeLayers.from_spec(spec)
     user_plan = plan is not None
     profile = None
     if probe and dev.type == "cuda":
@@ -256,6 +266,8 @@ def load(
 
         profile = probe_machine(device=dev)
     fmt, fmt_note = _stream_format(stream_format, dev, profile, speculate)
+    if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense":
+        fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
     fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
     self_draft = None
     if plan is None:
@@ -263,16 +275,21 @@ def load(
         if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
             self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, _machine(profile))
         else:
-            plan = place(fp, budget, workload, depth, kv_bytes, fit_batch)
+            plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
+                                           _moe_blocker(fp.stream_format, streaming, cuda_graphs, speculate), profile)
+            if moe_note:
+                plan = replace(plan, notes=plan.notes + (moe_note,))
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     else:  # a caller's plan: the loader sizes its slots for the format
         plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16")
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
-    plan = _with_streaming(plan, plan.streaming if user_plan and streaming == "auto" else streaming, dev, managed_wins)
+    if streaming == "auto":
+        streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" else streaming
+    plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
     if profile is not None:
-        plan = with_prediction(fp, plan, profile)
+        plan = moe.predict(fp, plan, moe_layers, profile)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate)
@@ -344,6 +361,19 @@ def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> 
     if plan.stream_format != NATIVE and cuda_graphs:
         raise OverspillError(f"stream format {plan.stream_format} decodes eagerly (not in CUDA graphs yet): "
                              f"drop --cuda-graphs or use --stream-format bf16")
+
+
+def _moe_blocker(stream_format: str, streaming: str, cuda_graphs: bool, speculate: str | None) -> str | None:
+    """What rules expert streaming out for this load (`moe.choose` then keeps whole layers), or None."""
+    if stream_format != NATIVE:
+        return f"stream format {stream_format}"
+    if streaming in MANAGED_MODES:
+        return f"streaming={streaming!r}"
+    if cuda_graphs:
+        return "CUDA graphs"
+    if speculate is not None:
+        return "speculative decoding"
+    return None
 
 
 def _machine(profile: Profile | None) -> Machine:

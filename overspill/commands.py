@@ -67,6 +67,8 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.formats import FORMATS, choose, with_format
     from .planning.placement import plan_for, serving_pass_tokens
     from .planning.plan import Workload, footprint_from_spec
+    from .planning.moe import MoeLayers, forecasts
+    from .planning.planview import moe_lines
     from .planning.units import parse_bytes
 
     if args.context < 1 or args.batch < 1:
@@ -82,11 +84,18 @@ def plan_main(args: argparse.Namespace) -> int:
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
     requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile.h2d_bytes_s)
+    moe_layers = MoeLayers.from_spec(spec)
+    moe_mode = getattr(args, "moe_streaming", "auto")
+    if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense":
+        requested, format_note = "bf16", None  # as `load`: routed experts cross per expert, in bf16
     def plan_in(name: str):
         return plan_for(with_format(fp, choose(fp, name)), profile, workload, budget, args.depth,
                         kv_device_bytes=kv, fit_batch=args.serve)
 
     plan = plan_in(requested)
+    if moe_layers.is_moe:
+        plan = _moe_plan(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
+                         args.depth, kv, args.serve)
     formats = {}
     for name in FORMATS:  # the others side by side; one whose bigger slots do not fit is left out
         try:
@@ -104,6 +113,10 @@ def plan_main(args: argparse.Namespace) -> int:
         print(planview.as_json(plan, spec, profile, args.model, speculation, formats if streams else None))
         return 0
     print(planview.render(plan, fp, spec, profile, args.model))
+    if moe_layers.is_moe:
+        print()
+        print("\n".join(moe_lines(forecasts(fp, moe_layers, plan.budget_bytes, workload, args.depth, profile,
+                                               (1, max(args.batch, 8))), moe_layers)))
     if streams:
         print()
         print("\n".join(planview.format_lines(formats, {"lossless"})))
@@ -118,6 +131,23 @@ def plan_main(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,
+              kv: int | None, serve: bool):
+    """`plan` for a MoE model as `load` places it: the greedy plan, then expert streaming where
+    `moe.choose` takes it (streaming copies then), then the prediction."""
+    from .planning import moe
+    from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
+
+    if budget is None:  # "auto", as `plan_for` resolves it
+        budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
+    plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, None, profile)
+    if note:
+        plan = dataclasses.replace(plan, notes=plan.notes + (note,))
+    if plan.moe_streaming != "experts":
+        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
+    return moe.predict(fp, plan, moe_layers, profile)
 
 
 def _plan_format(name: str, link_bytes_s: float) -> tuple[str, str | None]:

@@ -287,7 +287,8 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
     if plan.budget_bytes is None:
         return 0
     w = plan.workload
-    free = plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - plan.expand_bytes - w.activation_floor
+    free = (plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - plan.expand_bytes
+            - plan.expert_slots * plan.expert_slot_bytes - w.activation_floor)
     n = max(len(fp.layer_bytes), 1)
     # every sequence: its KV, and its share of one layer's attention transient (repeat_kv)
     per_seq = fp.kv_bytes_per_token * w.context + fp.gqa_group * fp.kv_bytes_per_token * w.context // n

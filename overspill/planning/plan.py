@@ -91,6 +91,11 @@ class Plan:
     streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> slots), "managed" (prefetch), "mapped" (in place)
     stream_format: str = "bf16"  # how streamed layers travel (`overspill.planning.formats`)
     expand_bytes: int = 0  # GPU bytes for encoded streamed layers: staging buffers + expansion scratch
+    # "experts": streamed MoE layers ride the ring without their routed experts, which cross per expert
+    # as the router selects them into a GPU cache of `expert_slots` slots (`overspill.planning.moe`)
+    moe_streaming: str = "dense"
+    expert_slots: int = 0
+    expert_slot_bytes: int = 0
     cpu_fraction: float = 0.0  # of each streamed layer computed by the host CPU (`planning.cpu_rank`); 0: off
     cpu_max_tokens: int = 0  # widest pass whose CPU share the host computes (wider ones: the GPU)
 
@@ -105,7 +110,8 @@ class Plan:
     @property
     def device_bytes(self) -> int:
         """Planned GPU bytes: resident weights, ring slots and the workspace reserve."""
-        return self.device_weight_bytes + self.slots * self.slot_bytes + self.expand_bytes + self.workspace_bytes
+        return (self.device_weight_bytes + self.slots * self.slot_bytes + self.expand_bytes
+                + self.expert_slots * self.expert_slot_bytes + self.workspace_bytes)
 
     def link_floor_seconds(self, h2d_bytes_per_second: float) -> float:
         """Lower bound on one decode step: every streamed byte crosses the link once."""
@@ -148,6 +154,9 @@ class Plan:
             lines.append(
                 f"ring: {self.slots} slots x {format_bytes(self.slot_bytes)}, prefetch depth {self.depth}"
             )
+        if streamed and self.moe_streaming == "experts":
+            lines.append(f"experts: routed experts stay in pinned host memory and cross as the router selects them, into "
+                         f"a GPU cache of {self.expert_slots} x {format_bytes(self.expert_slot_bytes)}")
         if self.kv_host_layers:
             lines.append(
                 f"KV cache: {n - len(self.kv_host_layers)} layers on the device, {len(self.kv_host_layers)} in pinned "

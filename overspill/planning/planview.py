@@ -46,7 +46,9 @@ def _layer_rows(plan: Plan, fp: Footprint) -> list[tuple[str, ...]]:
         stored = sum(fp.layer_bytes[first : last + 1])
         read = sum(active[first : last + 1])
         count = last - first + 1
-        if tier is Tier.PINNED:
+        if tier is Tier.PINNED and plan.moe_streaming == "experts":
+            step = "ring part + the routed experts selected (expected: see bytes per step)"
+        elif tier is Tier.PINNED:
             # The ring moves whole layers (all experts of an MoE layer), once per step whatever the batch.
             step = f"{format_bytes(stored)} over the link"
         else:
@@ -84,6 +86,9 @@ def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
     if plan.expand_bytes:
         rows.append(("staging", Tier.DEVICE.value, f"{plan.stream_format} bytes in flight + expansion scratch",
                      format_bytes(plan.expand_bytes), f"expanded into the slots ({plan.stream_format})"))
+    if plan.expert_slots:
+        rows.append(("expert cache", Tier.DEVICE.value, f"{plan.expert_slots} x {format_bytes(plan.expert_slot_bytes)}",
+                     format_bytes(plan.expert_slots * plan.expert_slot_bytes), "misses copied as the router selects"))
     w = plan.workload
     kv_total = fp.kv_bytes_per_token * w.context * w.batch
     kv = kv_total - plan.kv_host_bytes  # KV kept on the device
@@ -239,3 +244,20 @@ def as_json(plan: Plan, spec: ModelSpec, profile: Profile, model: str,
             for name, p in formats.items()
         }
     return json.dumps(out, indent=2)
+
+
+def moe_lines(forecasts: list, moe) -> list[str]:
+    """Dense against expert-aware streaming of a MoE model at batch 1 and N (`planning.moe.forecasts`):
+    bytes over the link per step and per token, predicted tok/s, the link floor, and the gain."""
+    experts = [(e, k) for e, k in zip(moe.num_experts, moe.active) if e]
+    e, k = experts[0] if experts else (0, 0)
+    rows = [("moe streaming", "batch", "bytes/step", "bytes/token", "tok/s", "link floor", "x dense")]
+    dense = {f.batch: f.tok_s for f in forecasts if f.mode == "dense"}
+    for f in forecasts:
+        floor = f"{f.link_floor_tok_s:.2f}" if f.link_floor_tok_s else "-"
+        gain = f"{f.tok_s / dense[f.batch]:.2f}" if dense.get(f.batch) else "-"
+        rows.append((f.mode, str(f.batch), format_bytes(f.bytes_per_step), format_bytes(int(f.bytes_per_token)),
+                     f"{f.tok_s:.2f}", floor, gain))
+    return [f"mixture of experts ({e} routed experts a layer, {k} per token; --moe-streaming): expert-aware bytes assume "
+            "uniform routing (a batch of b tokens selects E(1-(1-k/E)^b) distinct experts a layer) and a cache that "
+            "keeps its slots beyond one layer's experts for the most routed ones", _table(rows)]

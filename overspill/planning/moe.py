@@ -1,0 +1,251 @@
+"""Expert-aware streaming of mixture-of-experts layers: what moves per token, and the plan. Pure Python.
+
+A streamed MoE layer moved whole carries every routed expert across the link to use `k` of `E`.
+With expert-aware streaming the ring carries only the layer's other tensors (attention, router,
+norms, shared expert); its routed experts stay in pinned host memory, one block per expert, and
+after the router runs only the experts the batch selected cross, into a GPU cache of expert slots
+shared by every streamed MoE layer (`overspill.runtime.experts`).
+
+Bytes per decode step, uniform routing prior: a batch of b tokens, each picking k of E experts,
+selects on average
+    D(b) = E * (1 - (1 - k/E) ** b)
+distinct experts per layer (one token picks a given expert with probability k/E). The cache holds
+at least one whole layer's experts (a prefill chunk selects them all); every slot beyond that keeps
+a frequently routed expert, so under the uniform prior a fraction h = extra / (streamed experts)
+of the selections hit, and a step moves
+    ring bytes + sum over streamed MoE layers of D(b) * (1 - h) * expert bytes.
+Random weights route about uniformly; real models route unevenly, so a frequency-aware cache hits
+more than h there (measured online: `ExpertCache.hit_rate`).
+
+Time per step: the copies of a layer's experts start only once its router has run (the host reads
+the selected experts: one sync per layer) and its experts compute only once they land, so expert
+copies, the GPU's compute and one sync per streamed MoE layer add up, while the ring's copies
+overlap them:
+    t_step = max(t_link(all bytes), t_gpu + t_link(expert bytes) + layers * SYNC_S, t_host)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import OverspillError
+from .costmodel import Prediction
+from .placement import place, streaming_plan, with_prediction
+from .plan import Footprint, Plan, Workload
+from .profile import Profile
+from .spec import ModelSpec
+
+MOE_STREAMING = ("auto", "dense", "experts")
+# Host time per streamed MoE layer to read the router's choice (a device sync) and issue the expert
+# copies: ASSUMED until bench/moe.py measures it.
+SYNC_S = 60e-6
+
+
+@dataclass(frozen=True)
+class MoeLayers:
+    """Per decoder layer: bytes that ride the ring with expert-aware streaming (everything but the routed
+    experts), one routed expert's bytes, experts per layer and experts each token picks (0: a dense layer)."""
+
+    ring_bytes: tuple[int, ...]
+    expert_bytes: tuple[int, ...]
+    num_experts: tuple[int, ...]
+    active: tuple[int, ...]
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "MoeLayers":
+        return cls(
+            ring_bytes=tuple(layer.total_bytes - layer.num_experts * layer.expert_bytes for layer in spec.layers),
+            expert_bytes=tuple(layer.expert_bytes for layer in spec.layers),
+            num_experts=tuple(layer.num_experts for layer in spec.layers),
+            active=tuple(layer.active_experts for layer in spec.layers),
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.num_experts)
+
+
+def expected_distinct(experts: int, active: int, tokens: int) -> float:
+    """Expected distinct experts a batch of `tokens` tokens selects when each picks `active` of `experts`
+    uniformly: E * (1 - (1 - k/E) ** b)."""
+    if experts <= 0 or tokens <= 0:
+        return 0.0
+    return experts * (1.0 - (1.0 - min(active, experts) / experts) ** tokens)
+
+
+def min_cache_slots(moe: MoeLayers, streamed: tuple[int, ...]) -> int:
+    """Fewest expert slots that serve any pass: every expert of the largest streamed MoE layer (a
+    prefill chunk selects them all, and they must sit on the GPU together)."""
+    return max((moe.num_experts[i] for i in streamed), default=0)
+
+
+def streamed_experts(moe: MoeLayers, streamed: tuple[int, ...]) -> int:
+    return sum(moe.num_experts[i] for i in streamed)
+
+
+def hit_fraction(moe: MoeLayers, streamed: tuple[int, ...], slots: int) -> float:
+    """Share of selected experts found in a cache of `slots` slots under the uniform prior: the slots
+    beyond one layer's working set, over all streamed experts."""
+    total = streamed_experts(moe, streamed)
+    if not total:
+        return 0.0
+    return min(1.0, max(slots - min_cache_slots(moe, streamed), 0) / total)
+
+
+def expert_bytes_per_step(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int) -> int:
+    """Expected routed-expert bytes copied per decode step of `batch` sequences (uniform prior)."""
+    miss = 1.0 - hit_fraction(moe, streamed, slots)
+    return round(sum(expected_distinct(moe.num_experts[i], moe.active[i], batch) * miss * moe.expert_bytes[i]
+                     for i in streamed))
+
+
+def ring_bytes(moe: MoeLayers, fp: Footprint, layer: int) -> int:
+    """What a streamed layer sends through the ring: all of it for a dense layer, else all but its experts."""
+    return moe.ring_bytes[layer] if moe.num_experts[layer] else fp.layer_bytes[layer]
+
+
+def to_experts(plan: Plan, fp: Footprint, moe: MoeLayers, budget: int | None) -> Plan | None:
+    """The expert-aware form of a plan's tiers: ring slots sized for the streamed layers without their
+    experts, an expert cache of at least one layer's experts plus whatever budget is left over (hot
+    experts), and the expected bytes per step at the plan's batch. None when it does not fit `budget`
+    or no streamed layer is MoE."""
+    streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
+    if not streamed or plan.stream_format != "bf16":
+        return None
+    slot = max(ring_bytes(moe, fp, i) for i in plan.streamed_layers)
+    expert = max(moe.expert_bytes[i] for i in streamed)
+    base = replace(plan, slot_bytes=slot, expert_slots=min_cache_slots(moe, streamed), expert_slot_bytes=expert,
+                   moe_streaming="experts")
+    if budget is not None and base.device_bytes > budget:
+        return None
+    extra = streamed_experts(moe, streamed) - base.expert_slots
+    if budget is not None:
+        extra = min(extra, (budget - base.device_bytes) // expert)
+    slots = base.expert_slots + extra
+    ring = sum(ring_bytes(moe, fp, i) for i in plan.streamed_layers)
+    sent = ring + expert_bytes_per_step(moe, streamed, slots, plan.workload.batch)
+    return replace(base, expert_slots=slots, streamed_bytes_per_step=sent)
+
+
+def experts_plan(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
+                 kv_host: int = 0) -> Plan | None:
+    """The expert-aware plan that keeps the most layers resident within `budget` (the first layers
+    stream, as `greedy_plan`'s do); None when nothing needs to stream or nothing fits.
+
+    Under the uniform prior a resident layer saves more link bytes per GPU byte than cached experts
+    (its ring part too), so layers go resident first and the cache takes what is left."""
+    if budget is None:
+        return None
+    for streamed in range(1, len(fp.layer_bytes) + 1):
+        candidate = to_experts(streaming_plan(fp, workload, streamed, depth, budget, kv_host), fp, moe, budget)
+        if candidate is not None:
+            return candidate
+    return None
+
+
+def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s: float) -> Prediction:
+    """`costmodel.predict`'s prediction for an expert-aware plan with the serial expert fetch added
+    (module docstring): each streamed MoE layer's expert copies wait for its router and hold up its
+    experts' compute, plus one sync."""
+    streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
+    expert_bytes = expert_bytes_per_step(moe, streamed, plan.expert_slots, plan.workload.batch)
+    expert_link = expert_bytes / h2d_bytes_s if h2d_bytes_s else 0.0
+    serial = pred.gpu_s + expert_link + len(streamed) * SYNC_S
+    step = max(pred.link_s, serial, pred.host_s)
+    bottleneck = "expert fetch" if step == serial and serial > max(pred.link_s, pred.host_s) else pred.bottleneck
+    return replace(pred, decode_step_s=step, decode_tok_s=plan.workload.batch / step, bottleneck=bottleneck)
+
+
+def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, requested: str, depth: int,
+           blocker: str | None = None, profile: Profile | None = None) -> tuple[Plan, str | None]:
+    """(plan, note) for `load(moe_streaming=...)` and `overspill plan`: "experts" takes the expert-aware
+    plan, "auto" takes it where it is predicted faster than `dense` (with a profile; else where it moves
+    fewer bytes per step), "dense" keeps `dense`. `blocker` names what rules expert streaming out
+    (a stream format, managed memory, CUDA graphs), refused for "experts" and noted for "auto".
+
+    Raises:
+        OverspillError: for an unknown mode, or "experts" where it cannot apply.
+    """
+    if requested not in MOE_STREAMING:
+        raise OverspillError(f"moe_streaming must be one of {', '.join(MOE_STREAMING)}, got {requested!r}")
+    if requested == "dense" or not moe.is_moe or not any(moe.num_experts[i] for i in dense.streamed_layers):
+        return dense, None
+    if blocker is not None:
+        if requested == "experts":
+            raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
+        return dense, f"MoE layers stream whole (dense): expert streaming does not combine with {blocker} yet"
+    candidate = experts_plan(fp, moe, budget, dense.workload, depth, len(dense.kv_host_layers))
+    if candidate is None:
+        if requested == "experts":
+            raise OverspillError("no expert-aware plan fits this budget (it needs one layer's experts as a GPU cache)")
+        return dense, "MoE layers stream whole (dense): no expert-aware plan fits the budget"
+    if profile is not None:
+        expert_tok_s = predict(fp, candidate, moe, profile).prediction.decode_tok_s
+        gain = expert_tok_s > with_prediction(fp, dense, profile).prediction.decode_tok_s
+    else:
+        gain = candidate.streamed_bytes_per_step < dense.streamed_bytes_per_step
+    if requested == "auto" and not gain:
+        return dense, "MoE layers stream whole (dense): expert streaming is not predicted faster here"
+    return candidate, None
+
+
+def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile) -> Plan:
+    """`placement.with_prediction`, with the serial expert fetch for an expert-aware plan."""
+    plan = with_prediction(fp, plan, profile)
+    if plan.moe_streaming != "experts" or plan.prediction is None:
+        return plan
+    return replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s))
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Predicted decode of one plan at one batch: bytes over the link per step and per token, tok/s."""
+
+    mode: str
+    batch: int
+    bytes_per_step: int
+    tok_s: float
+    link_floor_tok_s: float | None
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_per_step / self.batch
+
+
+def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
+              profile: Profile, batches: tuple[int, ...] = (1, 8)) -> list[Forecast]:
+    """Dense and expert-aware streaming side by side at each batch (each planned for that batch)."""
+    out = []
+    for batch in batches:
+        w = replace(workload, batch=batch)
+        try:
+            dense = predict(fp, place(fp, budget, w, depth), moe, profile)
+        except OverspillError:
+            continue
+        plans = [("dense", dense)]
+        experts = experts_plan(fp, moe, budget, w, depth, len(dense.kv_host_layers))
+        if experts is not None:
+            plans.append(("experts", predict(fp, experts, moe, profile)))
+        for mode, plan in plans:
+            p = plan.prediction
+            out.append(Forecast(mode, batch, plan.streamed_bytes_per_step + plan.kv_host_bytes, p.decode_tok_s,
+                                p.link_floor_tok_s))
+    return out
+
+
+def place_moe(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
+              kv_device_bytes: int | None, fit_batch: bool, mode: str, blocker: str | None = None,
+              profile: Profile | None = None) -> tuple[Plan, str | None]:
+    """`placement.place`, then `choose` between it and expert streaming: what `load` places and
+    `overspill plan` shows. Where even streaming every whole layer does not fit, the expert-aware
+    plan (smaller ring slots) may still fit, unless `mode` is "dense" or something rules it out."""
+    try:
+        dense = place(fp, budget, workload, depth, kv_device_bytes, fit_batch)
+    except OverspillError:
+        if mode == "dense" or blocker is not None or not moe.is_moe:
+            raise
+        fallback = experts_plan(fp, moe, budget, workload, depth)
+        if fallback is None:
+            raise
+        return fallback, "expert streaming: only its smaller ring slots fit the budget"
+    return choose(dense, fp, moe, budget, mode, depth, blocker, profile)

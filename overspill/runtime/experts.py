@@ -1,0 +1,256 @@
+"""Routed experts that stay in pinned host memory and cross the link only when the router picks them.
+
+A streamed MoE layer's ring slot carries everything but its routed experts (`planning.moe`). Its
+experts module is wrapped: after the router has run, the wrapper reads which experts the batch
+selected (one sync), makes sure they sit in the `ExpertCache` (a GPU slot per expert, shared by every
+streamed MoE layer; misses are copied on a side stream and compute waits for them), and runs the
+experts with the cache as their weights. The math is transformers' own:
+
+- experts modules under transformers' `use_experts_implementation` (Mixtral, Qwen2/3-MoE,
+  DeepSeek-V3) run their own dispatched forward (grouped_mm, batched_mm, ...) with the cache tensors
+  as weights and the router's indices mapped to cache slots: each (token, expert) pair meets the
+  same weights, and the weighted sum runs over each token's top-k in the router's order. The eager
+  loop sums experts in index order, so for it the selected experts are gathered in that order.
+- Llama 4's `Llama4TextMoe` multiplies every token by every expert (unselected ones get a routing
+  score of 0, so they add exact zeros). `Llama4RoutedMoe` computes only the experts some token
+  selected, puts their outputs in the same [experts, tokens, hidden] sum, and adds the shared expert
+  as transformers does, so the result is the same sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .streams import new_stream
+
+GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
+
+
+class ExpertCache:
+    """GPU slots for routed experts, shared by all expert-streamed layers: frequency-aware eviction.
+
+    A slot holds one expert of one layer (one tensor per expert parameter, [slots, *shape]). Victims
+    are the slots whose experts the router picked for the fewest tokens so far, least recently used
+    first among equals, never one the current call needs; so slots beyond one layer's working set
+    keep the experts routed to most.
+
+    Args:
+        shapes: per expert parameter, its shape without the expert dimension and its dtype.
+        slots: experts the cache holds (at least the experts of one layer).
+        device: where the slots live; on CUDA misses are copied on a high-priority side stream.
+    """
+
+    def __init__(self, shapes: list[tuple[tuple[int, ...], torch.dtype]], slots: int, device: torch.device):
+        self.tensors = [torch.empty((slots, *shape), dtype=dtype, device=device) for shape, dtype in shapes]
+        self.slots = slots
+        self.device = device
+        self.stream = new_stream(device, priority=-1) if device.type == "cuda" else None
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.owner: list[tuple[int, int] | None] = [None] * slots
+        self.routed: dict[tuple[int, int], int] = {}  # tokens routed to each (layer, expert) so far
+        self.last_use = [0] * slots
+        self.calls = 0
+        self.hits = self.misses = self.bytes_copied = 0
+        self.expert_nbytes = sum(t[0].numel() * t.element_size() for t in self.tensors)
+
+    def fetch(self, layer: int, experts: list[int], tokens: list[int], host: list[torch.Tensor]) -> list[int]:
+        """Slots holding `experts` of `layer` (copied from `host`, per parameter [experts, ...], on a miss);
+        compute on the current stream is ordered after the copies. `tokens`: tokens routed to each."""
+        self.calls += 1
+        needed = {(layer, e) for e in experts}
+        out = []
+        missing = []
+        for e, n in zip(experts, tokens):
+            key = (layer, e)
+            self.routed[key] = self.routed.get(key, 0) + n
+            slot = self.slot_of.get(key)
+            if slot is None:
+                missing.append(e)
+                out.append(-1)
+            else:
+                self.hits += 1
+                self.last_use[slot] = self.calls
+                out.append(slot)
+        if missing:
+            victims = self._victims(len(missing), needed)
+            self._copy(layer, missing, victims, host)
+            it = iter(victims)
+            out = [s if s >= 0 else next(it) for s in out]
+        return out
+
+    def _victims(self, count: int, needed: set[tuple[int, int]]) -> list[int]:
+        if count > self.slots:
+            raise RuntimeError(f"a pass selected {count} experts of one layer but the expert cache holds {self.slots}")
+        free = [s for s in range(self.slots) if self.owner[s] is None][:count]
+        if len(free) == count:
+            return free
+        taken = [s for s in range(self.slots) if self.owner[s] is not None and self.owner[s] not in needed]
+        taken.sort(key=lambda s: (self.routed[self.owner[s]], self.last_use[s]))
+        return free + taken[: count - len(free)]
+
+    def _copy(self, layer: int, experts: list[int], slots: list[int], host: list[torch.Tensor]) -> None:
+        """Copy each expert's tensors into its slot. The router's result was read on the host, so every
+        compute enqueued before it (the last readers of these slots) has finished; the copy stream
+        still waits for the compute stream, which costs nothing then and keeps the order explicit."""
+        for e, slot in zip(experts, slots):
+            old = self.owner[slot]
+            if old is not None:
+                del self.slot_of[old]
+            self.owner[slot] = (layer, e)
+            self.slot_of[layer, e] = slot
+            self.last_use[slot] = self.calls
+        self.misses += len(experts)
+        self.bytes_copied += len(experts) * self.expert_nbytes
+        if self.stream is None:
+            for e, slot in zip(experts, slots):
+                for dst, src in zip(self.tensors, host):
+                    dst[slot].copy_(src[e])
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            for e, slot in zip(experts, slots):
+                for dst, src in zip(self.tensors, host):
+                    dst[slot].copy_(src[e], non_blocking=True)
+        current.wait_stream(self.stream)
+
+    @property
+    def hit_rate(self) -> float:
+        looked = self.hits + self.misses
+        return self.hits / looked if looked else 0.0
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = self.bytes_copied = 0
+
+
+def _selection(counts: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(selected experts, tokens routed to each) from per-expert token counts: the one host sync."""
+    counts = counts.tolist()
+    experts = [e for e, n in enumerate(counts) if n]
+    return experts, [counts[e] for e in experts]
+
+
+class RoutedExperts(nn.Module):
+    """Stands in for a transformers experts module (`forward(hidden, top_k_index, top_k_weights)`),
+    computing with the selected experts from the `ExpertCache`.
+
+    `experts` keeps the module; its expert parameters point at the cache's tensors while it runs
+    and at their pinned host buffers ([experts, ...] each) otherwise.
+    """
+
+    def __init__(self, experts: nn.Module, layer: int, names: list[str], cache: ExpertCache):
+        super().__init__()
+        self.experts = experts
+        self.layer = layer
+        self.names = names
+        self.host = [experts._parameters[n].data for n in names]
+        self.num_experts = self.host[0].shape[0]
+        object.__setattr__(self, "cache", cache)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        inner = self.experts
+        experts, tokens = _selection(torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts))
+        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
+        impl = getattr(getattr(inner, "config", None), "_experts_implementation", None) or "eager"
+        if any(name in impl for name in GROUPED):  # also overspill's graph routers over them
+            weights = self.cache.tensors
+            lookup = torch.zeros(self.num_experts, dtype=torch.long)
+            lookup[experts] = torch.tensor(slots)
+            count = self.cache.slots
+        else:  # the eager loop sums experts in index order: give it the selected ones in that order
+            order = torch.tensor(slots, device=self.cache.device)
+            weights = [t.index_select(0, order) for t in self.cache.tensors]
+            lookup = torch.zeros(self.num_experts, dtype=torch.long)
+            lookup[experts] = torch.arange(len(experts))
+            count = len(experts)
+        index = lookup.to(top_k_index.device, non_blocking=True)[top_k_index]
+        for name, tensor in zip(self.names, weights):
+            inner._parameters[name].data = tensor
+        inner.num_experts = count
+        try:
+            return inner(hidden_states, index, top_k_weights)
+        finally:
+            inner.num_experts = self.num_experts
+            for name, tensor in zip(self.names, self.host):
+                inner._parameters[name].data = tensor
+
+
+class Llama4RoutedMoe(nn.Module):
+    """`Llama4TextMoe` computing only the selected experts (module docstring); keeps its router,
+    shared expert and experts module (whose weights are the pinned host buffers)."""
+
+    def __init__(self, moe: nn.Module, layer: int, cache: ExpertCache):
+        super().__init__()
+        self.moe = moe
+        self.layer = layer
+        experts = moe.experts
+        self.host = [experts.gate_up_proj.data, experts.down_proj.data]  # [E, H, 2I], [E, I, H]
+        object.__setattr__(self, "cache", cache)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moe = self.moe
+        hidden_states = hidden_states.reshape(-1, moe.hidden_dim)
+        router_scores, router_logits = moe.router(hidden_states)  # [T, E]: sigmoid(top-k logits), 0 elsewhere
+        num_experts = router_scores.shape[1]
+        routed_in = hidden_states.repeat(num_experts, 1)
+        routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
+        experts, tokens = _selection((router_scores != 0).sum(dim=0))
+        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
+        per_expert = routed_in.view(num_experts, -1, moe.hidden_dim)  # [E, T, H]
+        routed_out = torch.zeros_like(per_expert)
+        gate_up_w, down_w = self.cache.tensors
+        act = moe.experts.act_fn
+        for e, slot in zip(experts, slots):  # unselected experts' inputs are zero: their outputs too
+            gate_up = torch.bmm(per_expert[e : e + 1], gate_up_w[slot : slot + 1])
+            gate, up = gate_up.chunk(2, dim=-1)
+            routed_out[e : e + 1] = torch.bmm(up * act(gate), down_w[slot : slot + 1])
+        out = moe.shared_expert(hidden_states)
+        out.add_(routed_out.sum(dim=0))
+        return out, router_logits
+
+
+def expert_params(layer: nn.Module) -> list[tuple[str, list[str], nn.Module]]:
+    """(qualified module name, parameter names, module) of each routed-experts module in a decoder layer:
+    a module named `experts` whose parameters all lead with the expert dimension."""
+    found = []
+    for name, module in layer.named_modules():
+        if name.split(".")[-1] != "experts" or isinstance(module, (RoutedExperts, nn.ModuleList)):
+            continue
+        params = list(module.named_parameters(recurse=False))
+        if params and len({p.shape[0] for _, p in params}) == 1:
+            found.append((name, [n for n, _ in params], module))
+    return found
+
+
+def wrap_experts(layer: nn.Module, index: int, cache: ExpertCache) -> None:
+    """Replace the routed-experts module of `layer` (or Llama 4's whole MoE block) by its expert-streamed
+    form; its expert parameters must already hold their pinned host buffers."""
+    for name, names, module in expert_params(layer):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        if type(parent).__name__ == "Llama4TextMoe":
+            owner_name, _, moe_leaf = parent_name.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            setattr(owner, moe_leaf, Llama4RoutedMoe(parent, index, cache))
+        elif hasattr(module, "has_gate"):  # transformers' `use_experts_implementation` experts
+            setattr(parent, leaf, RoutedExperts(module, index, names, cache))
+        else:
+            raise NotImplementedError(f"expert streaming does not know {type(parent).__name__}.{leaf} "
+                                      f"({type(module).__name__}): load with moe_streaming='dense'")
+
+
+def expert_shapes(layer: nn.Module) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Per expert parameter of a layer, its shape without the expert dimension and its dtype (cache slots)."""
+    return [(tuple(p.shape[1:]), p.dtype) for _, names, m in expert_params(layer) for p in
+            (m._parameters[n] for n in names)]
+
+
+def stats(cache: ExpertCache | None) -> dict[str, Any]:
+    """Hits, misses, hit rate and bytes copied since the last `reset_stats` (an empty dict without a cache)."""
+    if cache is None:
+        return {}
+    return {"expert_slots": cache.slots, "hits": cache.hits, "misses": cache.misses, "hit_rate": cache.hit_rate,
+            "expert_bytes_copied": cache.bytes_copied}
