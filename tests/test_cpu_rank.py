@@ -201,3 +201,17 @@ def test_auto_stays_off_without_a_link_and_explicit_modes_are_refused_where_they
         load_tiny(tiny_checkpoint("llama"), resident=4, cpu_compute="on", speculate="ngram")
     with pytest.raises(OverspillError, match="cpu_compute must be"):
         load_tiny(tiny_checkpoint("llama"), resident=4, cpu_compute="fast")
+
+
+def test_splitting_a_model_that_has_already_decoded(tiny_checkpoint) -> None:
+    # The ring has copies of whole layers in flight from the last pass: enable() restarts it, so the
+    # next pass refills the slots with the GPU shares.
+    path = tiny_checkpoint("mistral")
+    model = load_tiny(path, resident=0)
+    single, _, _ = prompts()
+    with torch.no_grad():
+        want = _generate(model, single)
+        cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.5), threads=1)
+        got = _generate(model, single)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ same code runs with "device" tensors on the host, so the tests check the split e
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -49,6 +50,9 @@ class CpuRank:
         self.threads = threads or default_threads()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
+        # where a step's time goes (bench/cpu_rank.py): the worker computing, the Python thread waiting at joins
+        self.busy_s = self.waited_s = 0.0
+        self.joins = 0
 
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
@@ -82,30 +86,34 @@ class CpuRank:
         return HostKV()
 
     def submit(self, fn, *args: Any) -> Future:
-        return self.pool.submit(_run, fn, args)
+        return self.pool.submit(self._run, fn, args)
+
+    def _run(self, fn, args: tuple) -> torch.Tensor:
+        """On the worker: wait for the inputs' copies, then compute with autograd off (thread-local)
+        and leave the result in pinned memory, so its copy to the device does not block."""
+        for event in args[-1]:
+            if event is not None:
+                event.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = fn(*args[:-1])
+        if self.device.type == "cuda":
+            out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out)
+        self.busy_s += time.perf_counter() - start
+        return out
 
     def join(self, future: Future) -> torch.Tensor:
         """The CPU's partial sum on the device (the only host wait of a join: for the worker)."""
+        start = time.perf_counter()
         part = future.result()
+        self.waited_s += time.perf_counter() - start
+        self.joins += 1
         if self.device.type != "cuda":
             return part
         return part.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-
-
-def _run(fn, args: tuple) -> torch.Tensor:
-    """On the worker: wait for the inputs' copies, then compute with autograd off (thread-local)."""
-    for event in args[-1]:
-        if event is not None:
-            event.synchronize()
-    with torch.no_grad():
-        out = fn(*args[:-1])
-    if out.device.type == "cpu" and torch.cuda.is_available():
-        pinned = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        return pinned.copy_(out)
-    return out
 
 
 class HostKV:
@@ -168,6 +176,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
     if not host_kv <= splits:  # a TieredCache stages every host-tier layer in slots of one KV shape
         fractions = {i: f for i, f in fractions.items() if i not in host_kv}
     rank = CpuRank(placement.device, threads)
+    ring.reset()  # copies already issued into the slots hold whole layers: the next pass refills them split
     layers = model.get_submodule(placement.layers_path)
     for pos, streamed in enumerate(list(ring.layers)):
         fraction = fractions.get(streamed.index, 0.0)
