@@ -10,6 +10,7 @@ import sys
 from . import commands
 from .errors import OverspillError
 from .planning.configs import shipped_names
+from .planning.moe import MOE_STREAMING
 from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK
 from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
 from .planning.spec import DEFAULT_DTYPE
@@ -65,6 +66,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     )
     _add_stream_format_arg(p)
     _add_cpu_compute_arg(p)
+    _add_moe_streaming_arg(p)
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 
 
@@ -89,6 +91,16 @@ def _add_cpu_compute_arg(p: argparse.ArgumentParser) -> None:
         "batches); on: the planner's fraction whatever the gain; a number such as 0.5: that fraction; off "
         "(default). Dense llama/mistral/qwen2/qwen3/phi3/gemma2, bf16 copies, eager decode; serve and batch "
         "run it off (their engine reorders KV rows). `plan --cpu-compute auto` shows the fraction per batch.",
+    )
+
+
+def _add_moe_streaming_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--moe-streaming", default="auto", choices=list(MOE_STREAMING),
+        help="how streamed mixture-of-experts layers move: experts (attention, router, norms and shared experts "
+        "ride the ring; only the routed experts the batch selects cross the link, into a GPU cache of hot "
+        "experts sized from the budget), dense (whole layers), or auto (default): experts where the plan "
+        "predicts it faster. Expert streaming copies bf16 from pinned memory and decodes eagerly.",
     )
 
 
@@ -269,6 +281,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--max-chain", type=int, default=DEFAULT_MAX_CHAIN, metavar="K",
                       help=f"longest drafted chain the --speculate forecast considers (default {DEFAULT_MAX_CHAIN}).")
     _add_stream_format_arg(plan)
+    _add_moe_streaming_arg(plan)
     _add_cpu_compute_arg(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan, "
                       "and with --speculate its forecast) instead of the table.")

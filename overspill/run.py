@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> None:
         kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
         streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
         stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
+        moe_streaming=getattr(args, "moe_streaming", "auto"),
     )
     placement = placement_of(model)
     print(placement.summary())

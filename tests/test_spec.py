@@ -93,6 +93,7 @@ SHIPPED_PARAMS = {
     "mixtral-8x7b": 46_702_792_704,
     "qwen2.5-7b": 7_615_616_512,
     "llama-4-scout-109b": 107_769_861_120,
+    "qwen3-30b-a3b": 30_532_122_624,
 }
 # Sizes as published by the model authors (Scout: text decoder only).
 PUBLISHED_PARAMS = {
@@ -101,6 +102,7 @@ PUBLISHED_PARAMS = {
     "mixtral-8x7b": 46.70e9,
     "qwen2.5-7b": 7.62e9,
     "llama-4-scout-109b": 108.6e9,
+    "qwen3-30b-a3b": 30.5e9,
 }
 
 

@@ -15,6 +15,7 @@ SHIPPED: dict[str, str] = {
     "mixtral-8x7b": "mixtral-8x7b.json",
     "qwen2.5-7b": "qwen2.5-7b.json",
     "llama-4-scout-109b": "llama-4-scout-109b.json",
+    "qwen3-30b-a3b": "qwen3-30b-a3b.json",
 }
 
 

@@ -1,0 +1,135 @@
+"""The expert-aware planner (`overspill.planning.moe`): routing arithmetic, plans and `overspill plan`'s table.
+
+Pure Python: shipped configs and the reference H100 profile, no weights, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from overspill import cli
+from overspill.errors import OverspillError
+from overspill.planning import moe
+from overspill.planning.configs import shipped_config
+from overspill.planning.placement import place, with_prediction
+from overspill.planning.plan import Plan, Workload, footprint_from_spec
+from overspill.planning.profile import REFERENCE_PROFILES
+from overspill.planning.spec import spec_from_config
+
+GiB = 2**30
+H100 = REFERENCE_PROFILES["h100-pcie5"]
+
+
+def shape(name: str):
+    spec = spec_from_config(shipped_config(name))
+    return footprint_from_spec(spec), moe.MoeLayers.from_spec(spec)
+
+
+def test_expected_distinct_experts() -> None:
+    assert moe.expected_distinct(8, 2, 1) == pytest.approx(2.0)  # one token: exactly its k experts
+    assert moe.expected_distinct(8, 2, 8) == pytest.approx(8 * (1 - 0.75**8))  # 6.80 of 8
+    assert moe.expected_distinct(16, 1, 1) == pytest.approx(1.0)
+    assert moe.expected_distinct(16, 1, 10_000) == pytest.approx(16.0)  # a long prompt selects them all
+    assert moe.expected_distinct(0, 0, 4) == 0.0
+
+
+def test_ring_part_and_expert_bytes_from_the_config() -> None:
+    # Mixtral-8x7B: an expert is 3 x 4096 x 14336 bf16; the ring part is attention, router and norms
+    _, mixtral = shape("mixtral-8x7b")
+    assert mixtral.expert_bytes[0] == 3 * 4096 * 14336 * 2
+    assert mixtral.ring_bytes[0] == (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 8 * 4096 + 2 * 4096) * 2
+    # Scout: 16 routed experts plus the shared one, which rides the ring
+    _, scout = shape("llama-4-scout-109b")
+    assert scout.num_experts[0] == 16 and scout.active[0] == 1
+    assert scout.ring_bytes[0] > scout.expert_bytes[0]  # attention + shared expert > one routed expert
+
+
+@pytest.mark.parametrize("name, budget, least_gain", [("mixtral-8x7b", 24 * GiB, 2.2),
+                                                       ("llama-4-scout-109b", 70 * GiB, 4.0)])
+def test_expert_plan_fits_and_moves_fewer_bytes(name: str, budget: int, least_gain: float) -> None:
+    """The issue's targets are the planner's prediction here too (measured: bench/moe.py)."""
+    fp, layers = shape(name)
+    w = Workload(4096, 1)
+    dense = with_prediction(fp, place(fp, budget, w), H100)
+    plan = moe.experts_plan(fp, layers, budget, w, depth=2)
+    assert plan is not None and plan.moe_streaming == "experts"
+    assert plan.device_bytes <= budget
+    streamed = tuple(i for i in plan.streamed_layers if layers.num_experts[i])
+    # the cache holds one whole layer's experts at least (a prefill selects them all)
+    assert plan.expert_slots >= moe.min_cache_slots(layers, streamed)
+    assert plan.slot_bytes == max(layers.ring_bytes[i] for i in plan.streamed_layers)
+    ring = sum(layers.ring_bytes[i] for i in plan.streamed_layers)
+    assert plan.streamed_bytes_per_step == ring + moe.expert_bytes_per_step(layers, streamed, plan.expert_slots, 1)
+    assert len(plan.resident_layers) >= len(dense.resident_layers)  # smaller slots leave room for layers
+    predicted = moe.predict(fp, plan, layers, H100).prediction
+    assert predicted.decode_tok_s / dense.prediction.decode_tok_s >= least_gain
+    # the serial expert fetch is added: never faster than the link floor
+    assert predicted.decode_tok_s <= predicted.link_floor_tok_s + 1e-9
+
+
+def test_cache_beyond_one_layer_hits_under_the_uniform_prior() -> None:
+    _, layers = shape("mixtral-8x7b")
+    streamed = (0, 1, 2, 3)  # 32 experts streamed
+    assert moe.hit_fraction(layers, streamed, 8) == 0.0  # one layer's working set: nothing kept
+    assert moe.hit_fraction(layers, streamed, 16) == pytest.approx(8 / 32)
+    assert moe.hit_fraction(layers, streamed, 40) == 1.0
+    per_layer = 2 * layers.expert_bytes[0]  # batch 1: k experts a layer
+    assert moe.expert_bytes_per_step(layers, streamed, 8, 1) == 4 * per_layer
+    assert moe.expert_bytes_per_step(layers, streamed, 16, 1) == round(4 * per_layer * 0.75)
+
+
+def test_batch_selects_more_experts_but_fewer_bytes_a_token() -> None:
+    fp, layers = shape("llama-4-scout-109b")
+    by_batch = {f.batch: f for f in moe.forecasts(fp, layers, 70 * GiB, Workload(4096, 1), 2, H100, (1, 8))
+                if f.mode == "experts"}
+    assert by_batch[8].bytes_per_step > by_batch[1].bytes_per_step
+    assert by_batch[8].bytes_per_token < by_batch[1].bytes_per_token
+    assert by_batch[8].tok_s > by_batch[1].tok_s
+
+
+def test_choose_modes() -> None:
+    fp, layers = shape("mixtral-8x7b")
+    w = Workload(4096, 1)
+    dense = place(fp, 24 * GiB, w)
+    assert moe.choose(dense, fp, layers, 24 * GiB, "dense", 2) == (dense, None)
+    auto, note = moe.choose(dense, fp, layers, 24 * GiB, "auto", 2, profile=H100)
+    assert auto.moe_streaming == "experts" and note is None
+    kept, note = moe.choose(dense, fp, layers, 24 * GiB, "auto", 2, blocker="stream format int8")
+    assert kept is dense and "stream format int8" in note
+    with pytest.raises(OverspillError, match="does not combine"):
+        moe.choose(dense, fp, layers, 24 * GiB, "experts", 2, blocker="CUDA graphs")
+    with pytest.raises(OverspillError, match="moe_streaming must be one of"):
+        moe.choose(dense, fp, layers, 24 * GiB, "sparse", 2)
+    resident = place(fp, None, w)  # nothing streams: nothing to choose
+    assert moe.choose(resident, fp, layers, None, "experts", 2) == (resident, None)
+
+
+def test_dense_model_is_left_alone() -> None:
+    fp, layers = shape("llama-3-8b")
+    assert not layers.is_moe
+    dense = place(fp, 6 * GiB, Workload(4096, 1))
+    assert moe.choose(dense, fp, layers, 6 * GiB, "auto", 2, profile=H100) == (dense, None)
+
+
+def test_plan_round_trips_through_json() -> None:
+    fp, layers = shape("mixtral-8x7b")
+    plan = moe.experts_plan(fp, layers, 24 * GiB, Workload(4096, 1), 2)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.device_bytes == plan.device_bytes
+
+
+# Scout's budget holds batch 8's activations: transformers' Llama-4 MoE multiplies every token by every expert
+@pytest.mark.parametrize("name, budget", [("mixtral-8x7b", "24GiB"), ("llama-4-scout-109b", "70GiB"),
+                                          ("qwen3-30b-a3b", "24GiB")])
+def test_plan_command_shows_dense_against_experts(capsys, name: str, budget: str) -> None:
+    assert cli.main(["plan", name, "--profile", "h100-pcie5", "--gpu-memory", budget]) == 0
+    out = capsys.readouterr().out
+    assert "expert cache" in out and "moe streaming" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("dense ", "experts "))]
+    assert {(r[0].strip(), r[1].strip()) for r in rows} == {("dense", "1"), ("experts", "1"), ("dense", "8"),
+                                                           ("experts", "8")}
+    assert cli.main(["plan", name, "--profile", "h100-pcie5", "--gpu-memory", budget, "--moe-streaming", "dense",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["moe_streaming"] == "dense"
