@@ -215,3 +215,23 @@ def test_splitting_a_model_that_has_already_decoded(tiny_checkpoint) -> None:
         got = _generate(model, single)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_smollm2_split_gives_plain_streamings_tokens(default_model_dir) -> None:
+    # The embedded SmolLM2-135M (9 heads in 3 KV groups, 1536 MLP columns), float32 on the CPU: its
+    # streamed layers split at 0.5 (2 of 3 KV groups to the CPU) answer with plain streaming's tokens.
+    import overspill
+
+    model, tok = overspill.load(None, gpu_memory="400MiB", context=256, progress=False)
+    plan = placement_of(model).plan
+    assert plan.streamed_layers
+    chat = [{"role": "user", "content": "What is the highest mountain in the world?"}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    gen = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+        cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, 0.5), threads=1)
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+    layer = model.get_submodule(placement_of(model).layers_path)[plan.streamed_layers[0]]
+    assert layer.share == Share(2, 768)
+    assert torch.equal(got, want)
