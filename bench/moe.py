@@ -1,0 +1,278 @@
+"""Expert-aware MoE streaming against dense-layer streaming: one random-weight shape, one budget.
+
+For each mode (`dense`: streamed MoE layers cross whole; `experts`: the ring carries attention, router,
+norms and shared experts and only the routed experts the batch selects cross, into a GPU expert cache),
+one load planned for the largest batch, then greedy decode at each batch. Recorded per (mode, batch):
+decode tok/s (all rows), link bytes per step and per token actually moved during decode (ring bytes of
+the streamed layers + expert bytes the cache copied), expert cache hits / misses / hit rate, the floor
+(pinned bandwidth from the probe / bytes moved per step) and `fraction_of_floor`, the planner's
+prediction, peak GPU memory, and `speedup_vs_dense` with `tokens_identical_to_dense`. Random weights
+route about uniformly (every expert equally likely), which is the planner's prior and the cache's worst
+case; real checkpoints route unevenly. Issue 17's targets at batch 1: Scout >= 4x dense, Mixtral >= 2.2x,
+each >= 85% of its own floor.
+
+    python bench/moe.py --model mixtral-8x7b --budget 24GiB
+    python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts          # H200: host share fits
+    python bench/moe.py --model llama-4-scout-109b --budget auto --modes dense --batches 1
+    python bench/moe.py --smoke     # tiny Mixtral on the CPU: checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance  # noqa: E402 - after the path
+from smoke import sync  # noqa: E402
+
+TARGETS = {"mixtral-8x7b": 2.2, "llama-4-scout-109b": 4.0}  # speedup over dense streaming at batch 1
+SMOKE_CONFIG = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+                    num_local_experts=8, num_experts_per_tok=2, initializer_range=0.1)
+HOST_MARGIN = 12 * 2**30  # host memory kept free beside the pinned streamed layers (process, page cache)
+
+
+class DecodeMeter:
+    """A `generate` streamer that timestamps every generated token and snapshots the expert cache's
+    counters at the first one, so bytes and hits cover decode steps only (not the prompt's prefill)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.times: list[float] = []
+        self.at_first: tuple[int, int, int] | None = None
+        self._prompt = True
+
+    def counters(self) -> tuple[int, int, int]:
+        c = self.cache
+        return (c.hits, c.misses, c.bytes_copied) if c is not None else (0, 0, 0)
+
+    def put(self, value) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        sync()
+        self.times.append(time.perf_counter())
+        if self.at_first is None:
+            self.at_first = self.counters()
+
+    def end(self) -> None:
+        pass
+
+
+def ring_bytes_per_step(placement) -> int:
+    """Bytes the ring copies per step: every streamed layer's ring buffer (whole layers when dense)."""
+    ring = placement.ring
+    return sum(layer.host.numel() for layer in ring.layers) if ring is not None else 0
+
+
+def decode(model, ids, new_tokens: int) -> dict:
+    """Greedy decode of `ids` [batch, prompt]: tokens, steady tok/s over all rows (first token excluded)
+    and the expert cache's counters over those steps."""
+    import torch
+
+    placement = model.overspill
+    meter = DecodeMeter(placement.experts)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=meter)
+    sync()
+    steps = len(meter.times) - 1
+    elapsed = meter.times[-1] - meter.times[0] if steps > 0 else 0.0
+    hits, misses, copied = (a - b for a, b in zip(meter.counters(), meter.at_first or (0, 0, 0)))
+    return {"tokens": out[:, ids.shape[1]:].tolist(), "steps": steps,
+            "decode_tok_s": ids.shape[0] * steps / elapsed if elapsed else None,
+            "step_s": elapsed / steps if steps else None,
+            "hits": hits, "misses": misses, "expert_bytes": copied}
+
+
+def smoke_checkpoint(out_dir: Path) -> Path:
+    """A seeded tiny Mixtral (8 experts, 2 per token) saved under `out_dir/smoke-moe`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(SMOKE_CONFIG)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=torch.float32)
+    path = out_dir / "smoke-moe"
+    model.save_pretrained(path)
+    return path
+
+
+def smoke_budget(path: Path, context: int, batch: int) -> int:
+    """The budget under which dense streaming streams every layer of the smoke model (expert streaming
+    then keeps a few resident and caches experts with the rest)."""
+    import torch
+    from transformers import AutoConfig
+
+    from overspill.planning.placement import streaming_plan
+    from overspill.planning.plan import Workload
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
+
+    skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
+    return streaming_plan(fp, Workload(context, batch, activation_floor=0), len(fp.layer_bytes)).device_bytes
+
+
+def host_share_check(model: str, budget: str) -> None:
+    """Refuse before loading when the host could not hold the streamed share of the model (the loader
+    would pin it all): streamed bytes from the planner at this budget against available host memory."""
+    import psutil
+    import torch
+
+    from overspill.planning.configs import shipped_config
+    from overspill.planning.placement import AUTO_MARGIN_BYTES, place
+    from overspill.planning.plan import Workload, footprint_from_spec
+    from overspill.planning.spec import spec_from_config
+    from overspill.planning.units import parse_budget
+
+    fp = footprint_from_spec(spec_from_config(shipped_config(model)))
+    value = parse_budget(budget)
+    if value == "auto":
+        value = torch.cuda.mem_get_info()[0] - AUTO_MARGIN_BYTES if torch.cuda.is_available() else None
+    plan = place(fp, value, Workload(4096, 1))
+    host = sum(fp.layer_bytes[i] for i in plan.streamed_layers) + (fp.embed_bytes if plan.embed_tier.value == "host" else 0)
+    available = psutil.virtual_memory().available
+    if host + HOST_MARGIN > available:
+        raise SystemExit(f"{model} at {budget}: {host / 2**30:.1f} GiB would live in host memory, "
+                         f"{available / 2**30:.1f} GiB is available (keeping {HOST_MARGIN / 2**30:.0f} GiB free): "
+                         f"a larger GPU budget or more host memory is needed")
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in record["runs"] if r.get("decode_tok_s")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(runs))
+    ax.bar(x, [r["decode_tok_s"] for r in runs], label="measured")
+    floors = [(i, r["floor_tok_s"]) for i, r in enumerate(runs) if r.get("floor_tok_s")]
+    if floors:
+        ax.scatter([i for i, _ in floors], [f for _, f in floors], color="k", marker="_", s=600, label="floor")
+    ax.set_xticks(list(x), [f"{r['mode']}\nbatch {r['batch']}" for r in runs])
+    ax.set_ylabel("decode tok/s (all rows)")
+    ax.set_title(f"{record['model']} at {record['budget']}: dense vs expert-aware streaming")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mixtral-8x7b", help="shipped config name (random weights)")
+    p.add_argument("--budget", default="24GiB", help="gpu_memory for overspill.load ('auto': free memory - margin)")
+    p.add_argument("--modes", nargs="+", default=["dense", "experts"], choices=["dense", "experts"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--dense-tok-s", type=float, nargs="*", default=None, metavar="TOK_S",
+                   help="dense tok/s per --batches from an earlier run on the same machine, for speedup_vs_dense "
+                        "when dense is not among --modes (two loads of a large shape may not fit one call)")
+    p.add_argument("--smoke", action="store_true", help="tiny Mixtral on the CPU, every layer streamed")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+
+    import torch
+
+    import overspill
+    from overspill.runtime.hardware import machine_facts
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = "smoke" if args.smoke else args.model
+    path = out_dir / f"moe-{name}-{args.budget}-{stamp}.json"
+    context = args.prompt_tokens + args.new_tokens + 8
+    batch = max(args.batches)
+    if args.smoke:
+        source = smoke_checkpoint(out_dir)
+        random_weights, budget = False, smoke_budget(source, context, batch)
+    else:
+        host_share_check(args.model, args.budget)
+        source, random_weights, budget = args.model, True, args.budget
+    link = None
+    if torch.cuda.is_available():
+        from overspill.runtime.hardware import probe
+
+        link = probe().h2d_bytes_s
+    record = {**provenance.header("moe", stamp, machine_facts()), "model": name, "budget": args.budget,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "pinned_h2d_bytes_s": link,
+              "routing": "random weights: about uniform over experts", "runs": []}
+    tokens: dict[tuple[str, int], list] = {}
+    for mode in args.modes:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch,
+                                      random_weights=random_weights, progress=False, moe_streaming=mode)
+        except Exception as exc:  # record it and go on to the next mode
+            record["runs"].append({"mode": mode, "error": repr(exc)[:500]})
+            print(f"{mode}: {exc!r}", flush=True)
+            continue
+        load_s = time.perf_counter() - t0
+        placement = model.overspill
+        plan = placement.plan
+        ring = ring_bytes_per_step(placement)
+        vocab = model.config.get_text_config().vocab_size
+        for b in args.batches:
+            ids = torch.randint(2, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
+            got = decode(model, ids.to(placement.device), args.new_tokens)
+            tokens[mode, b] = got.pop("tokens")
+            per_step = ring + (got["expert_bytes"] / got["steps"] if got["steps"] else 0)
+            tok_s = got["decode_tok_s"]
+            floor = b * link / per_step if link and per_step else None
+            looked = got["hits"] + got["misses"]
+            run = {
+                "mode": mode, "batch": b, "load_s": round(load_s, 1), **got,
+                "moe_streaming": plan.moe_streaming, "streamed_layers": len(plan.streamed_layers),
+                "expert_slots": plan.expert_slots, "expert_slot_bytes": plan.expert_slot_bytes,
+                "ring_bytes_per_step": ring, "link_bytes_per_step": per_step, "link_bytes_per_token": per_step / b,
+                "hit_rate": got["hits"] / looked if looked else None,
+                "link_bytes_s": per_step * tok_s / b if tok_s else None,
+                "floor_tok_s": floor, "fraction_of_floor": tok_s / floor if floor and tok_s else None,
+                "planned_bytes_per_step": plan.streamed_bytes_per_step,
+                "predicted_tok_s": plan.prediction.decode_tok_s if plan.prediction and b == batch else None,
+                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "planned_device_bytes": plan.device_bytes, "notes": list(plan.notes),
+            }
+            record["runs"].append(run)
+            print(f"{mode} b={b}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
+                                               for k, v in run.items() if k != "notes"), flush=True)
+            path.write_text(json.dumps(record, indent=2))
+        del model, placement
+    dense = {r["batch"]: r["decode_tok_s"] for r in record["runs"] if r.get("mode") == "dense" and r.get("decode_tok_s")}
+    if not dense and args.dense_tok_s:
+        dense = dict(zip(args.batches, args.dense_tok_s))
+        record["dense_tok_s_from"] = "--dense-tok-s"
+    for run in record["runs"]:
+        if run.get("mode") == "experts" and run.get("decode_tok_s") and dense.get(run["batch"]):
+            run["speedup_vs_dense"] = run["decode_tok_s"] / dense[run["batch"]]
+            if ("dense", run["batch"]) in tokens:
+                run["tokens_identical_to_dense"] = tokens["experts", run["batch"]] == tokens["dense", run["batch"]]
+            if run["batch"] == 1 and args.model in TARGETS and not args.smoke:
+                run["target_speedup"] = TARGETS[args.model]
+    path.write_text(json.dumps(record, indent=2))
+    plot(record, path.with_suffix(".png"))
+    for run in record["runs"]:
+        if "speedup_vs_dense" in run:
+            print(f"experts batch {run['batch']}: {run['speedup_vs_dense']:.2f}x dense, "
+                  f"{run['fraction_of_floor'] or 0:.2f} of its floor" if link else
+                  f"experts batch {run['batch']}: {run['speedup_vs_dense']:.2f}x dense")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

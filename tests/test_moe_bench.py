@@ -1,0 +1,33 @@
+"""bench/moe.py --smoke on the CPU: a record per mode and batch, expert-aware tokens equal dense streaming's,
+fewer link bytes per step, the expert cache's counters, and the chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_records_dense_and_experts(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "moe.py"), "--smoke", "--new-tokens", "6",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record_path,) = tmp_path.glob("moe-smoke-*.json")
+    assert record_path.with_suffix(".png").exists()
+    record = json.loads(record_path.read_text())
+    runs = {(r["mode"], r["batch"]): r for r in record["runs"]}
+    assert set(runs) == {("dense", 1), ("dense", 8), ("experts", 1), ("experts", 8)}
+    for batch in (1, 8):
+        dense, experts = runs["dense", batch], runs["experts", batch]
+        assert experts["moe_streaming"] == "experts" and dense["moe_streaming"] == "dense"
+        assert experts["tokens_identical_to_dense"] is True and experts["speedup_vs_dense"] > 0
+        assert experts["link_bytes_per_step"] < dense["link_bytes_per_step"]
+        assert experts["hits"] + experts["misses"] > 0 and 0 <= experts["hit_rate"] <= 1
+        assert dense["expert_bytes"] == 0
+    # a batch of 8 selects more experts per layer than one sequence
+    assert runs["experts", 8]["expert_bytes"] / runs["experts", 8]["steps"] > \
+        runs["experts", 1]["expert_bytes"] / runs["experts", 1]["steps"]
+    assert record["command"].startswith("bench/moe.py --smoke") and "uniform" in record["routing"]
