@@ -117,4 +117,5 @@ def test_probe_measures_the_host_as_the_rank_runs() -> None:
           f"{fields['cpu_gemv_params_s'] / 1e9:.1f} while the link copies, on {fields['cpu_threads']} threads; "
           f"join {fields['cpu_join_s'] * 1e6:.0f} us")
     assert fields["cpu_threads"] >= 1 and fields["cpu_join_s"] > 0 and fields["host_read_bytes_s"] > 0
-    assert fields["cpu_gemv_alone_params_s"] >= old  # the fastest thread count is at least the default's
+    # never below the old form beyond timing noise (it may use every core; the rank leaves one to Python)
+    assert fields["cpu_gemv_alone_params_s"] >= 0.9 * old

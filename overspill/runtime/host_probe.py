@@ -138,8 +138,9 @@ class HostRank:
 
 
 def thread_choices(cores: int) -> tuple[int, ...]:
-    """Thread counts worth timing: half the cores, all but two (the default), all."""
-    return tuple(sorted({max(cores // 2, 1), max(cores - 2, 1), cores}))
+    """Thread counts worth timing: half the cores, all but two (the default), all but one. Never all:
+    the Python thread that launches the GPU's kernels must keep a core, or every join waits on it."""
+    return tuple(sorted({max(cores // 2, 1), max(cores - 2, 1), max(cores - 1, 1)}))
 
 
 def measure(device: torch.device | None, cores: int) -> HostRank:
