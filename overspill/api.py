@@ -352,6 +352,9 @@ def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> 
     """Refuse what encoded streamed layers do not support yet."""
     if not plan.streamed_layers:
         return
+    if plan.stream_format != NATIVE and plan.moe_streaming == "experts":
+        raise OverspillError(f"stream format {plan.stream_format} does not yet combine with expert streaming: "
+                             f"use --moe-streaming dense or --stream-format bf16")
     if plan.stream_format != NATIVE and speculate == "self":
         raise OverspillError(f"speculate='self' quantizes the streamed layers from their host buffers, which hold "
                              f"{plan.stream_format} bytes: use --stream-format bf16 with it")
