@@ -68,10 +68,15 @@ case "${1:-}" in
     ;;
   tests-serve)  # every GPU test, then serving 8B at 6 GiB here and in the tree named by BEFORE (a checkout of an
                 # earlier commit, with its COMMIT file), for the before/after ratio
-    timeout 260 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tail -40 | tee -a "$OUT/log"
+    timeout 240 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tail -40 | tee -a "$OUT/log"
+    if [ -d .whl-nvcomp ]; then  # the stream formats' GPU tests again with nvCOMP (overspill[compress]) installed
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/nvc .whl-nvcomp/*.whl
+      PYTHONPATH=/tmp/nvc:$PYTHONPATH timeout 100 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+        tests/test_gpu_formats.py 2>&1 | tail -25 | tee -a "$OUT/log"
+    fi
     for tree in ${BEFORE:-} $PWD; do
       (cd "$tree" && PYTHONPATH=/tmp/site:$PWD OVERSPILL_GIT_COMMIT=$(cat COMMIT 2>/dev/null || echo "$OVERSPILL_GIT_COMMIT") \
-        timeout 120 python3 bench/serve.py --budget 6GiB --clients 1 8 32 --max-tokens 32 --requests-per-client 1 \
+        timeout 100 python3 bench/serve.py --budget 6GiB --clients 1 8 32 --max-tokens 32 --requests-per-client 1 \
         --phase-timeout 40 --out "$OUT/serve-$(basename "$tree")" 2>&1 | grep -E "clients|loaded|wrote|Error|FAIL|Traceback" \
         | tee -a "$OUT/log")
     done
