@@ -13,6 +13,7 @@ the old probe's choices under-measured it.
 
     python bench/cpu_rank.py --model llama-3-8b --budget 6GiB
     python bench/cpu_rank.py --model llama-3-70b --budget 80GiB --new-tokens 8
+    python bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format int8
     python bench/cpu_rank.py --smoke     # tiny model on the CPU: checks the script only
 """
 
@@ -117,6 +118,9 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=None,
                    help="CPU fraction of each streamed layer (default: the planner's, as cpu_compute='on' picks)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: the probe's choice)")
+    p.add_argument("--host-format", default="bf16", choices=["bf16", "int8"],
+                   help="the CPU share's weights on the worker: bf16, or int8 with a scale per row (lossy; issue "
+                        "16's target: >= 3x the bf16 link floor)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--smoke", action="store_true", help="tiny float32 model on the CPU, every layer streamed, fraction 0.5")
@@ -136,7 +140,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = "smoke" if args.smoke else args.model
-    path = out_dir / f"cpu-rank-{name}-{args.budget}-{stamp}.json"
+    path = out_dir / f"cpu-rank-{name}-{args.budget}-{args.host_format}-{stamp}.json"
     context = args.prompt_tokens + args.new_tokens + 8
     profile = None
     if torch.cuda.is_available() and not args.smoke:
@@ -146,6 +150,7 @@ def main() -> None:
     threads = args.threads or (profile.cpu_threads if profile and profile.cpu_threads else cpu_rank.default_threads())
     record = {**provenance.header("cpu_rank", stamp, machine_facts()), "model": name, "budget": args.budget,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": threads,
+              "host_format": args.host_format,
               "host_cores": len(os.sched_getaffinity(0)), "profile": profile.__dict__ if profile else None,
               "gemv_forms_params_s": probe_forms(threads), "runs": []}
     print("host bf16 GEMV forms (params/s):", {k: f"{v / 1e9:.1f} G" if v > 1000 else v
@@ -176,14 +181,14 @@ def main() -> None:
     path.write_text(json.dumps(record, indent=2))
 
     fp = footprint(model, decoder_layers(model)[1], next(model.parameters()).dtype)
-    planned = split_at(fp, plan, profile, 1, args.fraction) if profile else None
+    planned = split_at(fp, plan, profile, 1, args.fraction, args.host_format) if profile else None
     fraction = args.fraction if args.fraction is not None else planned.fraction if planned else 0.5
     widest = max_tokens(fp, profile) if profile else 64
-    rank = cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, fraction), threads, widest)
+    rank = cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, fraction), threads, widest, args.host_format)
     layer = placement.ring.layers[0]
     split_tokens, split_tok_s, split_logits = decode(model, ids, args.new_tokens)
     steps = args.new_tokens + 1
-    run = {"name": "CPU rank", "decode_tok_s": split_tok_s, "fraction": fraction,
+    run = {"name": f"CPU rank ({args.host_format})", "decode_tok_s": split_tok_s, "fraction": fraction,
            "share": {"kv_heads": layer.share.kv_heads, "mlp_cols": layer.share.mlp_cols},
            "gpu_share_bytes_per_step": sum(layer.host.numel() for layer in placement.ring.layers),
            "predicted_tok_s": planned.tok_s if planned else None, "max_tokens": widest,

@@ -16,7 +16,7 @@ def test_smoke_records_plain_and_split_runs(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_rank.py"), "--smoke", "--new-tokens", "6",
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    (record_path,) = tmp_path.glob("cpu-rank-smoke-*.json")
+    (record_path,) = tmp_path.glob("cpu-rank-smoke-*-bf16-*.json")
     assert record_path.with_suffix(".png").exists()
     record = json.loads(record_path.read_text())
     plain, split = record["runs"]
@@ -27,3 +27,13 @@ def test_smoke_records_plain_and_split_runs(tmp_path: Path) -> None:
     assert split["speedup_vs_plain"] > 0 and plain["decode_tok_s"] > 0
     assert set(record["gemv_forms_params_s"]) >= {"old_probe", "linear_worker_threads_warm"}
     assert record["command"].startswith("bench/cpu_rank.py --smoke")
+
+
+def test_smoke_with_int8_host_weights(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_rank.py"), "--smoke", "--new-tokens", "4",
+                          "--host-format", "int8", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record_path,) = tmp_path.glob("cpu-rank-smoke-*-int8-*.json")
+    split = json.loads(record_path.read_text())["runs"][1]
+    assert split["name"] == "CPU rank (int8)" and split["logits_vs_plain"]["min_cosine"] > 0.99

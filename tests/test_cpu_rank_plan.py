@@ -84,3 +84,14 @@ def test_modes() -> None:
         cpu_rank.check_mode("max")
     with pytest.raises(ValueError, match="fraction must be in"):
         cpu_rank.check_mode(1.5)
+
+
+def test_int8_host_weights_take_a_larger_share() -> None:
+    # int8 host weights at twice the bf16 rate (an input here): the host keeps more of each layer
+    # and the step beats the bf16 split; without an int8 measurement the bf16 rate is used.
+    fp, plan = _plan("llama-3-8b", "6GiB")
+    fast = replace(H100, cpu_int8_gemv_params_s=2 * H100.cpu_gemv_params_s)
+    bf16 = cpu_rank.split_at(fp, plan, fast, 1)
+    int8 = cpu_rank.split_at(fp, plan, fast, 1, host_format="int8")
+    assert int8.fraction > bf16.fraction and int8.tok_s > bf16.tok_s
+    assert cpu_rank.split_at(fp, plan, H100, 1, host_format="int8") == cpu_rank.split_at(fp, plan, H100, 1)

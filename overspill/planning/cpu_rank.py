@@ -54,9 +54,11 @@ class CpuSplit:
         return self.tok_s / self.plain_tok_s - 1 if self.plain_tok_s else 0.0
 
 
-def seconds_per_param(profile: Profile, tokens: int) -> float:
-    """Host seconds per weight parameter for a pass of `tokens` tokens (c(b) above)."""
-    gemv = 1 / profile.cpu_gemv_params_s
+def seconds_per_param(profile: Profile, tokens: int, host_format: str = "bf16") -> float:
+    """Host seconds per weight parameter for a pass of `tokens` tokens (c(b) above); int8 host
+    weights (`runtime.host_int8`) at the probed int8 GEMV rate (the bf16 rate where not measured)."""
+    int8 = host_format == "int8" and profile.cpu_int8_gemv_params_s > 0
+    gemv = 1 / (profile.cpu_int8_gemv_params_s if int8 else profile.cpu_gemv_params_s)
     if profile.cpu_gemm_flops_s > 0:
         return max(gemv, 2 * tokens / profile.cpu_gemm_flops_s)
     return gemv * tokens
@@ -87,7 +89,8 @@ def _prediction(fp: Footprint, plan: Plan, profile: Profile, batch: int):
     )
 
 
-def split_at(fp: Footprint, plan: Plan, profile: Profile, batch: int, fraction: float | None = None) -> CpuSplit:
+def split_at(fp: Footprint, plan: Plan, profile: Profile, batch: int, fraction: float | None = None,
+             host_format: str = "bf16") -> CpuSplit:
     """The best CPU fraction at `batch` (or the given `fraction`) and decode speed with it."""
     base = _prediction(fp, plan, profile, batch)
     streamed = plan.streamed_layers
@@ -100,7 +103,7 @@ def split_at(fp: Footprint, plan: Plan, profile: Profile, batch: int, fraction: 
     resident = sum(active[i] for i in plan.resident_layers) + (fp.embed_bytes if fp.tied_embeddings else fp.head_bytes)
     read = profile.host_read_bytes_s or profile.cpu_gemv_params_s * fp.dtype_bytes
     kv = fp.kv_bytes_per_token / n * len(streamed) * plan.workload.context * batch
-    per_f = stored / fp.dtype_bytes * seconds_per_param(profile, batch) + kv / read  # host seconds at f = 1
+    per_f = stored / fp.dtype_bytes * seconds_per_param(profile, batch, host_format) + kv / read  # host s at f = 1
     fixed = 2 * len(streamed) * profile.cpu_join_s + resident / hbm
     link_per_f = stored / profile.h2d_bytes_s
     if fraction is None:

@@ -38,6 +38,7 @@ class Profile:
     cpu_gemm_flops_s: float = 0.0  # bf16 at 64 tokens
     host_read_bytes_s: float = 0.0
     cpu_join_s: float = 0.0  # one join's fixed cost (activation out, partial back)
+    cpu_int8_gemv_params_s: float = 0.0  # int8 host weights (`runtime.host_int8`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

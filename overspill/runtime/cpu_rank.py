@@ -152,10 +152,11 @@ class HostKV:
 
 
 def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = None,
-           max_tokens: int = 64) -> CpuRank | None:
+           max_tokens: int = 64, host_format: str = "bf16") -> CpuRank | None:
     """Split each streamed layer named in `fractions` (decoder index -> CPU fraction of its weights)
     between the GPU and a CPU rank; returns the rank (None when nothing splits). Passes of more
-    than `max_tokens` tokens compute the CPU share on the GPU (`SplitLayer`).
+    than `max_tokens` tokens compute the CPU share on the GPU (`SplitLayer`). `host_format` "int8":
+    the worker multiplies int8 copies of the CPU share (`host_int8`; lossy, ~2x the host's speed).
 
     The GPU share replaces the layer's host buffer in the ring (only it crosses the link); the old
     full buffer is freed layer by layer, so host memory peaks at one extra layer.
@@ -183,7 +184,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
         share = tp_share(dims, fraction)
         if share is None:
             continue
-        split = SplitLayer(streamed, dims, share, rank, max_tokens)
+        split = SplitLayer(streamed, dims, share, rank, max_tokens, host_format)
         ring.layers[pos] = split
         layers[streamed.index] = split
         placement.host_bytes -= streamed.host.numel() - split.host.numel()

@@ -218,7 +218,8 @@ def host_rank_fields(device: torch.device | None) -> dict:
     rank = measure(device, len(os.sched_getaffinity(0)))
     return dict(cpu_gemv_params_s=rank.gemv_params_s, cpu_threads=rank.threads,
                 cpu_gemv_alone_params_s=rank.gemv_alone_params_s, cpu_gemm_flops_s=rank.gemm_flops_s,
-                host_read_bytes_s=rank.read_bytes_s, cpu_join_s=rank.join_s)
+                host_read_bytes_s=rank.read_bytes_s, cpu_join_s=rank.join_s,
+                cpu_int8_gemv_params_s=rank.int8_gemv_params_s)
 
 
 # (hidden, heads, KV heads, intermediate) of the layers the dispatch probe times: Llama-3-8B's, so

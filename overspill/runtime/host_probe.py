@@ -57,6 +57,15 @@ def linear_rate(dtype: torch.dtype, threads: int, tokens: int = 1, rows: int = R
     return rows * cols / seconds
 
 
+def int8_rate(threads: int, rows: int = ROWS, cols: int = COLS, iters: int = 20, warmup: int = 3) -> float:
+    """Weight parameters per second of the CPU rank's int8 GEMV (`host_int8.Int8Linear`'s kernel)."""
+    w = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    scales = torch.rand(rows).to(torch.bfloat16)
+    x = torch.randn(1, cols).to(torch.bfloat16)
+    seconds = on_threads(threads, lambda: _timed(lambda: torch._weight_int8pack_mm(x, w, scales), iters, warmup))
+    return rows * cols / seconds
+
+
 def old_probe_rate(rows: int = ROWS, cols: int = COLS, iters: int = 5) -> float:
     """The probe as it was (1-D `w @ x`, one warm-up call, the process's thread count), kept to
     compare against `linear_rate` in bench/cpu_rank.py."""
@@ -134,6 +143,7 @@ class HostRank:
     gemm_flops_s: float  # bf16 at 64 tokens, while the link copies
     read_bytes_s: float  # host DRAM reads while the link copies
     join_s: float  # one join's fixed cost (0 on a CPU-only machine: nothing moves)
+    int8_gemv_params_s: float  # int8 weights (`host_int8`), while the link copies
     table: tuple[tuple[str, int, float], ...]  # (dtype, threads, GEMV params/s alone) as measured
 
 
@@ -154,9 +164,10 @@ def measure(device: torch.device | None, cores: int) -> HostRank:
     alone, threads = max(bf16)
     if device is None or device.type != "cuda":
         return HostRank(threads, alone, alone, 2 * 64 * linear_rate(torch.bfloat16, threads, tokens=64),
-                        host_read_rate(threads), 0.0, tuple(table))
+                        host_read_rate(threads), 0.0, int8_rate(threads), tuple(table))
     with BusyLink(device):
         gemv = linear_rate(torch.bfloat16, threads)
         gemm = 2 * 64 * linear_rate(torch.bfloat16, threads, tokens=64)
         read = host_read_rate(threads)
-    return HostRank(threads, gemv, alone, gemm, read, join_seconds(device), tuple(table))
+        int8 = int8_rate(threads)
+    return HostRank(threads, gemv, alone, gemm, read, join_seconds(device), int8, tuple(table))

@@ -7,12 +7,14 @@ own arithmetic).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import OverspillError
+from .host_int8 import int8_twin
 from .layout import LayerLayout, host_bytes
 from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor
 
@@ -61,7 +63,8 @@ class SplitLayer(nn.Module):
     for the host's GEMMs.
     """
 
-    def __init__(self, streamed: nn.Module, dims: Dims, share: Share, rank: Any, max_tokens: int):
+    def __init__(self, streamed: nn.Module, dims: Dims, share: Share, rank: Any, max_tokens: int,
+                 host_format: str = "bf16"):
         super().__init__()
         block = streamed.block
         self.block = block
@@ -86,6 +89,13 @@ class SplitLayer(nn.Module):
         object.__setattr__(self, "cpu_attn", rank_twin(block.self_attn, "self_attn", host, heads_cpu,
                                                        share.kv_heads, cpu_dev))
         object.__setattr__(self, "cpu_mlp", rank_twin(block.mlp, "mlp", host, None, None, cpu_dev))
+        self.host_format = host_format
+        worker = (self.cpu_attn, self.cpu_mlp)  # the modules the worker runs (wide passes: cpu_attn/cpu_mlp)
+        if host_format == "int8":
+            worker = (int8_twin(self.cpu_attn), int8_twin(self.cpu_mlp))
+        elif host_format != "bf16":
+            raise OverspillError(f"host weights of the CPU rank are bf16 or int8, not {host_format!r}")
+        object.__setattr__(self, "worker_modules", worker)
         self.norms: Norms = norms_of(block)
         self.kv = rank.host_kv()
         self._params = [self._target(e.name) for e in gpu.layout.entries]
@@ -149,8 +159,9 @@ class SplitLayer(nn.Module):
 
         h = getattr(block, self.norms.attn_in)(hidden_states)
         part = None
+        attn_cpu, mlp_cpu = (self.cpu_attn, self.cpu_mlp) if wide else self.worker_modules
         if self.share.kv_heads:
-            part = self._start(self._cpu_attention, wide, h, kwargs["position_embeddings"],
+            part = self._start(partial(_attention, attn_cpu), wide, h, kwargs["position_embeddings"],
                                kwargs.get("attention_mask"), cpu_kv)
         attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
         if part is not None:
@@ -160,7 +171,7 @@ class SplitLayer(nn.Module):
         hidden_states = hidden_states + attn
 
         h = getattr(block, self.norms.mlp_in)(hidden_states)
-        part = self._start(self.cpu_mlp, wide, h) if self.share.mlp_cols else None
+        part = self._start(mlp_cpu, wide, h) if self.share.mlp_cols else None
         mlp = self.gpu_mlp(h)
         if part is not None:
             mlp = mlp + self._finish(part, wide)
@@ -193,12 +204,13 @@ class SplitLayer(nn.Module):
     def _finish(self, part, wide: bool) -> torch.Tensor:
         return part if wide else self.rank.join(part)
 
-    def _cpu_attention(self, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
-        return self.cpu_attn(hidden_states=h, position_embeddings=position_embeddings, attention_mask=mask,
-                             **cache_kwargs)[0]
-
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+def _attention(module: nn.Module, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
+    """A rank's attention partial sum (its heads through o_proj's matching columns)."""
+    return module(hidden_states=h, position_embeddings=position_embeddings, attention_mask=mask, **cache_kwargs)[0]
