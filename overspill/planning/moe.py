@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
 from .costmodel import Prediction
-from .placement import place, streaming_plan, with_prediction
+from .placement import max_batch, place, streaming_plan, with_prediction
 from .plan import Footprint, Plan, Workload
 from .profile import Profile
 from .spec import ModelSpec
@@ -194,7 +194,11 @@ def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile) -> Plan
     plan = with_prediction(fp, plan, profile)
     if plan.moe_streaming != "experts" or plan.prediction is None:
         return plan
-    return replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s))
+    # the hot-expert slots take what the workload leaves; a larger batch would take them back
+    streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
+    least = replace(plan, expert_slots=min_cache_slots(moe, streamed))
+    return replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s),
+                   max_batch=max_batch(fp, least))
 
 
 @dataclass(frozen=True)
