@@ -288,6 +288,9 @@ def load(
         streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" else streaming
     plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
+    blocker = _moe_blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
+    if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
+        raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
     if profile is not None:
         plan = moe.predict(fp, plan, moe_layers, profile)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it

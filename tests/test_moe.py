@@ -175,3 +175,10 @@ def test_expert_streaming_refusals(checkpoint) -> None:
     model, _ = overspill.load(path, stream_format="int8", **kwargs)
     plan = model.overspill.plan
     assert plan.moe_streaming == "dense" and any("stream format int8" in n for n in plan.notes)
+
+
+def test_caller_plan_with_experts_refuses_what_it_cannot_combine_with(checkpoint) -> None:
+    path, _ = checkpoint("mixtral")
+    with pytest.raises(OverspillError, match="does not combine with speculative decoding"):
+        overspill.load(path, plan=experts_plan("mixtral", 0, warm=False), dtype="float32", context=CONTEXT,
+                       progress=False, speculate="self")
