@@ -235,3 +235,29 @@ def test_smollm2_split_gives_plain_streamings_tokens(default_model_dir) -> None:
     layer = model.get_submodule(placement_of(model).layers_path)[plan.streamed_layers[0]]
     assert layer.share == Share(2, 768)
     assert torch.equal(got, want)
+
+
+def test_host_kv_follows_the_model_cache() -> None:
+    # The CPU heads' KV keeps the model cache's length: a new sequence restarts it, a crop (as
+    # speculative decoding makes) crops it, anything else (KV the host never saw) is refused.
+    from transformers import DynamicCache
+
+    from overspill.runtime.cpu_rank import HostKV
+    from overspill.runtime.kv import PresizedLayer
+
+    kv, cache = HostKV(capacity=8), DynamicCache()
+    k = torch.randn(1, 2, 5, 4)
+    kv.follow(cache, 0)
+    assert isinstance(kv.layer, PresizedLayer)
+    kv.update(k, k, 0)
+    cache.update(k[:, :1], k[:, :1], 0)  # the GPU heads of the same 5 tokens
+    cache.update(k[:, :1], k[:, :1], 0)  # ... 10 tokens: more than the host saw
+    with pytest.raises(OverspillError, match="holds 5 tokens where the cache holds 10"):
+        kv.follow(cache, 0)
+    cache.crop(-7)  # keep 3 (transformers 5.25 crops by tokens removed)
+    kv.follow(cache, 0)
+    assert kv.layer.get_seq_length() == 3
+    keys, _ = kv.update(k[:, :, :1], k[:, :, :1], 0)
+    assert torch.equal(keys, torch.cat([k[:, :, :3], k[:, :, :1]], dim=2))
+    kv.follow(DynamicCache(), 0)
+    assert kv.layer.get_seq_length() == 0

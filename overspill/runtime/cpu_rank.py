@@ -31,6 +31,7 @@ from ..planning.cpu_rank import check_mode, with_cpu_rank
 from ..planning.formats import NATIVE
 from ..planning.plan import Footprint, Plan
 from ..planning.profile import Profile
+from .kv import PresizedLayer
 from .split_layer import SplitLayer
 from .tp_split import SUPPORTED, Dims, Share, check_supported, dims_of, share_of
 
@@ -45,8 +46,9 @@ class CpuRank:
     """One worker thread that computes the CPU's shares, in submission order, with `threads` torch
     threads; moves activations to it and partial sums back without syncing the GPU's stream."""
 
-    def __init__(self, device: torch.device, threads: int | None = None):
+    def __init__(self, device: torch.device, threads: int | None = None, context: int = 0):
         self.device = device
+        self.context = context  # tokens a sequence's host KV is allocated for at once (it grows past them)
         self.threads = threads or default_threads()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
@@ -83,7 +85,7 @@ class CpuRank:
 
     def host_kv(self) -> "HostKV":
         """A layer's CPU-head KV store (the worker is the only one to touch it)."""
-        return HostKV()
+        return HostKV(self.context)
 
     def submit(self, fn, *args: Any) -> Future:
         return self.pool.submit(self._run, fn, args)
@@ -120,7 +122,8 @@ class HostKV:
     """The CPU heads' KV of one layer, in host memory: a transformers cache layer of the kind the
     model's cache uses there, answering the attention module's `update(k, v, layer_idx, ...)`."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
         self.layer: DynamicLayer | None = None
 
     def follow(self, gpu_cache: Any, index: int) -> None:
@@ -133,10 +136,12 @@ class HostKV:
             layers = getattr(gpu_cache, "layers", [])
             like = layers[index] if index < len(layers) else None
             window = getattr(like, "sliding_window", None) if getattr(like, "is_sliding", False) else None
-            self.layer = DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()
+            # full attention: allocated once for the planned context and written in place (a growing
+            # cat would copy the whole KV every step); sliding windows stay window-bounded
+            self.layer = DynamicSlidingWindowLayer(sliding_window=window) if window else PresizedLayer(self.capacity)
             return
         if self.layer is not None and have > want and not getattr(self.layer, "is_sliding", False):
-            self.layer.crop(want)
+            self.layer.crop(want - have)  # negative: tokens to drop (5.17 and 5.25 agree on that form)
             return
         raise OverspillError(f"the CPU rank's KV of layer {index} holds {have} tokens where the cache holds "
                              f"{want}: KV changed outside generate (prefix restore, reordering) is not "
@@ -176,7 +181,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
     splits = {i for i, f in fractions.items() if tp_share(dims, f) is not None}
     if not host_kv <= splits:  # a TieredCache stages every host-tier layer in slots of one KV shape
         fractions = {i: f for i, f in fractions.items() if i not in host_kv}
-    rank = CpuRank(placement.device, threads)
+    rank = CpuRank(placement.device, threads, placement.plan.workload.context)
     ring.reset()  # copies already issued into the slots hold whole layers: the next pass refills them split
     layers = model.get_submodule(placement.layers_path)
     for pos, streamed in enumerate(list(ring.layers)):
