@@ -180,7 +180,7 @@ def with_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str 
     join = f"{profile.cpu_join_s * 1e6:.0f} us a join" if profile.cpu_join_s else "join cost not measured (0)"
     note = (f"CPU rank: {split.fraction:.2f} of each streamed layer computed on the host "
             f"({split.tok_s:.2f} tok/s predicted against {split.plain_tok_s:.2f} plain, {split.gain:+.0%}; "
-            f"{join}); passes of more than {widest} tokens compute it on the GPU; "
+            f"{join}); passes of more than {widest} token{'s' * (widest != 1)} compute it on the GPU; "
             + (f"auto turns it off from batch {off}" if off else "it pays at every batch up to 256"))
     return replace(plan, prediction=pred, cpu_fraction=split.fraction, cpu_max_tokens=widest,
                    notes=plan.notes + (note,))
