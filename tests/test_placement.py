@@ -63,6 +63,8 @@ def reference(tiny_checkpoint):
 
 
 def load_tiny(path, resident: int, dtype=torch.float32, depth: int = 2, **kwargs):
+    # whole streamed layers: `resident_budget` is dense streaming's (tests/test_moe.py covers expert streaming)
+    kwargs.setdefault("moe_streaming", "dense")
     model, _ = overspill.load(
         path, gpu_memory=resident_budget(path, resident, dtype, depth), dtype=dtype, context=CONTEXT,
         depth=depth, progress=False, **kwargs

@@ -75,7 +75,9 @@ class ExpertCache:
                 self.last_use[slot] = self.calls
                 out.append(slot)
         if missing:
-            victims = self._victims(len(missing), needed)
+            # ascending, so the missing experts (ascending) land in ascending slots: where no hit sits between
+            # them, slot order is expert order and grouped_mm's sort groups rows exactly as for the resident model
+            victims = sorted(self._victims(len(missing), needed))
             self._copy(layer, missing, victims, host)
             it = iter(victims)
             out = [s if s >= 0 else next(it) for s in out]
