@@ -377,7 +377,7 @@ def _moe_blocker(stream_format: str, streaming: str, cuda_graphs: bool, speculat
         return f"streaming={streaming!r}"
     if cuda_graphs:
         return "CUDA graphs"
-    if speculate is not None:
+    if speculate not in (None, "auto"):  # auto drafts nothing beside expert streaming (`auto_source`)
         return "speculative decoding"
     return None
 

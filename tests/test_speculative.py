@@ -314,6 +314,8 @@ def test_auto_drafts_with_ngram_only_where_the_plan_streams(reference, tiny_chec
 
 def test_auto_source_follows_the_link() -> None:
     from overspill.planning.plan import Plan, Tier
+    from dataclasses import replace
+
     from overspill.planning.speculation import auto_source
 
     base = dict(embed_tier=Tier.DEVICE, head_tier=Tier.DEVICE, depth=2, slots=0, slot_bytes=0, budget_bytes=None,
@@ -323,3 +325,4 @@ def test_auto_source_follows_the_link() -> None:
     kv_host = Plan(layer_tiers=(Tier.DEVICE,), kv_host_layers=(0,), **base)
     assert auto_source(streamed) == "ngram" and auto_source(kv_host) == "ngram"
     assert auto_source(resident) is None and auto_source(streamed, cuda_graphs=True) is None
+    assert auto_source(replace(streamed, moe_streaming="experts")) is None

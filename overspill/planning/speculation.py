@@ -256,8 +256,9 @@ def auto_source(plan: Plan, cuda_graphs: bool = False) -> str | None:
     nothing and the pass is a plain step, and the chain adapts to the acceptance measured per call.
     `self` takes budget from the bf16 layers and its acceptance on a model is unknown until measured,
     so it is chosen only when asked. A resident pass is compute-bound, where a verify pass of k
-    tokens costs k steps (serial verification), and graphed steps do not verify drafts.
+    tokens costs k steps (serial verification), and graphed steps do not verify drafts. Expert-streamed
+    MoE layers do not verify drafts yet, and they already cut the bytes a step moves.
     """
-    if cuda_graphs:
+    if cuda_graphs or plan.moe_streaming == "experts":
         return None
     return "ngram" if plan.streamed_layers or plan.kv_host_layers else None
