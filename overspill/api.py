@@ -148,6 +148,7 @@ def load(
     cudnn_sdpa: bool = False,
     plan: Plan | None = None,
     probe: bool = True,
+    pipeline: bool = False,
     kv_gpu_memory: int | str | None = None,
     fit_batch: bool = False,
     cuda_graphs: bool = False,
@@ -224,6 +225,13 @@ def load(
             gain; a number: that fraction; "off" (default until its GPU tests have run). Dense
             llama/mistral/qwen2/qwen3/phi3/gemma2 layers, bf16 pinned copies, eager `generate` (not
             serve/batch, CUDA graphs or speculation yet).
+        pipeline: this process is one rank of a pipeline over layers (issue 18; `overspill.runtime.pipeline`),
+            in the process group torchrun's variables describe (`overspill run --gpus N` starts one): the
+            ranks agree on contiguous spans of decoder layers (`overspill.planning.pipeline.split_layers`),
+            and each places its own span under its own `gpu_memory` on its own GPU (cuda:LOCAL_RANK),
+            streaming over its own link; rank 0 also holds the embeddings and LM head. Every rank calls
+            `generate` with the same arguments and gets the same tokens. Not with a caller's plan, CUDA
+            graphs, speculation, the CPU rank, lossy stream formats or expert streaming yet.
         probe: on CUDA, measure the machine (`overspill.runtime.hardware.probe`, ~10 s once, then cached)
             so the plan carries a predicted speed and bottleneck.
 
@@ -231,6 +239,12 @@ def load(
         (model, tokenizer): a `transformers` model that `generate` and `pipeline` accept, with the
         placement at `model.overspill`; tokenizer is None for config-only models.
     """
+    stage = None
+    if pipeline:  # this rank's device, before anything is placed on it
+        from .runtime.pipeline import join
+
+        stage = join(device, plan, cuda_graphs, speculate, cpu_compute, stream_format, moe_streaming)
+        device, moe_streaming = stage.device, "dense"
     dev = _parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
     if speculate is not None and speculate != "self":
@@ -257,6 +271,8 @@ def load(
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
     spec = measured_spec(skeleton, layers, torch_dtype)
+    if stage is not None:  # plan only this rank's span of layers; the rest become weightless stand-ins
+        spec = stage.own_span(skeleton, spec, budget, workload, depth)
     fp = footprint_from_spec(spec)  # as `overspill plan` sizes it
     moe_layers = moe.MoeLayers.from_spec(spec)
     user_plan = plan is not None
@@ -296,6 +312,8 @@ def load(
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate)
+    if stage is not None:
+        plan = stage.global_plan(plan)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
     else:
@@ -307,6 +325,8 @@ def load(
             weights.close()
     skeleton.overspill = placement
     use_planned_cache(skeleton, placement)
+    if stage is not None:
+        stage.install(skeleton)
     enable_planned(skeleton, profile.cpu_threads if profile is not None and profile.cpu_threads else None)
     if speculate == "auto":
         speculate = auto_source(plan, cuda_graphs)
