@@ -158,6 +158,7 @@ def load(
     stream_format: str = "auto",
     cpu_compute: str | float = "off",
     moe_streaming: str = "auto",
+    cpu_compute_format: str = "bf16",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -225,6 +226,12 @@ def load(
             gain; a number: that fraction; "off" (default until its GPU tests have run). Dense
             llama/mistral/qwen2/qwen3/phi3/gemma2 layers, bf16 pinned copies, eager `generate` (not
             serve/batch, CUDA graphs or speculation yet).
+        cpu_compute_format: how the host keeps and multiplies its share with `cpu_compute`: "bf16"
+            (default: as loaded, the same arithmetic as GPU-only streaming) or "int8" (one byte a weight
+            and a scale per output row, in place of the share: about half its host bytes and, where
+            the probe measured it, about twice the host's speed, so the planner gives the host a larger
+            share; lossy, so tokens may differ from bf16's). Independent of `stream_format`, which
+            must stay bf16 under the CPU rank; refused with cpu_compute="off".
         pipeline: this process is one rank of a pipeline over layers (issue 18; `overspill.runtime.pipeline`),
             in the process group torchrun's variables describe (`overspill run --gpus N` starts one): the
             ranks agree on contiguous spans of decoder layers (`overspill.planning.pipeline.split_layers`),
@@ -311,7 +318,7 @@ def load(
         plan = moe.predict(fp, plan, moe_layers, profile)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
-    plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate)
+    plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate, cpu_compute_format)
     if stage is not None:
         plan = stage.global_plan(plan)
     if random_weights:

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> None:
         streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
         stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
         moe_streaming=getattr(args, "moe_streaming", "auto"),
+        cpu_compute_format=getattr(args, "cpu_compute_format", "bf16"),
     )
     placement = placement_of(model)
     print(placement.summary())

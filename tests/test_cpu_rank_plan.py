@@ -95,3 +95,37 @@ def test_int8_host_weights_take_a_larger_share() -> None:
     int8 = cpu_rank.split_at(fp, plan, fast, 1, host_format="int8")
     assert int8.fraction > bf16.fraction and int8.tok_s > bf16.tok_s
     assert cpu_rank.split_at(fp, plan, H100, 1, host_format="int8") == cpu_rank.split_at(fp, plan, H100, 1)
+
+
+def test_int8_host_weights_are_recorded_in_the_plan_with_their_host_bytes() -> None:
+    # with_cpu_rank(host_format="int8"): Plan.cpu_format says it (and survives JSON), the note gives
+    # the CPU share's host bytes (a byte a weight: half of bf16's, held instead of them) and the rate
+    # it was balanced at; with an int8 rate twice bf16's (an input) the host takes a larger share.
+    fp, plan = _plan("llama-3-8b", "6GiB")
+    fast = replace(H100, cpu_int8_gemv_params_s=2 * H100.cpu_gemv_params_s)
+    bf16 = cpu_rank.with_cpu_rank(fp, plan, fast, "auto")
+    int8 = cpu_rank.with_cpu_rank(fp, plan, fast, "auto", host_format="int8")
+    assert (bf16.cpu_format, int8.cpu_format) == ("bf16", "int8")
+    assert int8.cpu_fraction > bf16.cpu_fraction
+    assert int8.prediction.decode_tok_s > bf16.prediction.decode_tok_s
+    assert type(plan).from_json(int8.to_json()).cpu_format == "int8"
+    held = cpu_rank.share_host_bytes(fp, plan, 0.5, "int8")
+    assert held == cpu_rank.share_host_bytes(fp, plan, 0.5) // 2 > 0
+    note = int8.notes[-1]
+    assert "int8 host weights (lossy" in note and "balanced at the int8 GEMV's 76 G params/s" in note
+    # the reference H100 has no int8 measurement: the bf16 rate, said so, and the same fraction
+    same = cpu_rank.with_cpu_rank(fp, plan, H100, "auto", host_format="int8")
+    assert same.cpu_fraction == cpu_rank.with_cpu_rank(fp, plan, H100, "auto").cpu_fraction
+    assert "int8 GEMV not measured on this profile" in same.notes[-1]
+    assert "int8 host weights at the bf16 GEMV's" in cpu_rank.table_lines(fp, plan, H100, "int8")[0]
+    assert "host int8 GEMV 76 G" in cpu_rank.table_lines(fp, plan, fast, "int8")[0]
+    # nothing recorded where the CPU rank stays off
+    assert cpu_rank.with_cpu_rank(fp, plan, None, "auto", host_format="int8").cpu_format == "bf16"
+
+
+def test_host_formats() -> None:
+    assert cpu_rank.check_format("int8", 0.5) == "int8" and cpu_rank.check_format("bf16", "off") == "bf16"
+    with pytest.raises(ValueError, match="must be bf16 or int8, got 'fp8'"):
+        cpu_rank.check_format("fp8")
+    with pytest.raises(ValueError, match="cpu_compute is off"):
+        cpu_rank.check_format("int8", "off")

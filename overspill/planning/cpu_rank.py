@@ -20,6 +20,10 @@ more tok/s (the joins and the host's speed under load are the least certain term
 
 A pass wider than `max_tokens` (a prompt) is cheaper to finish on the GPU: copying a parameter
 costs dtype_bytes / h2d, computing it on the host c(tokens).
+
+Host weights "int8" (`runtime.host_int8`, lossy): the host keeps its share as one byte a weight plus a
+scale per row, in place of the share itself (so host memory falls: f * S * (1 - 1 / dtype_bytes)
+less), and c(b) uses the probed int8 GEMV rate; a wide pass copies the int8 bytes (1 / h2d a param).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from dataclasses import dataclass, replace
 from .costmodel import predict
 from .plan import Footprint, Plan
 from .profile import Profile
+from .units import format_bytes
 
 SPLIT_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")  # dense layers `runtime.tp_split` splits
 MIN_GAIN = 0.05
 MAX_FRACTION = 0.95  # the GPU keeps a share: its heads hold the model cache's KV
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODES = ("auto", "off", "on")
+HOST_FORMATS = ("bf16", "int8")  # the CPU share in host memory: as loaded, or int8 rows + scales
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,22 @@ def seconds_per_param(profile: Profile, tokens: int, host_format: str = "bf16") 
     return gemv * tokens
 
 
-def max_tokens(fp: Footprint, profile: Profile) -> int:
+def max_tokens(fp: Footprint, profile: Profile, host_format: str = "bf16") -> int:
     """The widest pass whose CPU share the host computes sooner than the link would copy it."""
     if profile.cpu_gemv_params_s <= 0 or profile.h2d_bytes_s <= 0:
         return 1
-    copy = fp.dtype_bytes / profile.h2d_bytes_s
+    copy = (1 if host_format == "int8" else fp.dtype_bytes) / profile.h2d_bytes_s
     tokens = 1
-    while tokens < 4096 and seconds_per_param(profile, tokens + 1) <= copy:
+    while tokens < 4096 and seconds_per_param(profile, tokens + 1, host_format) <= copy:
         tokens += 1
     return tokens
+
+
+def share_host_bytes(fp: Footprint, plan: Plan, fraction: float, host_format: str = "bf16") -> int:
+    """Host bytes of the CPU shares of the streamed layers (int8: a byte a weight; its per-row scales,
+    under 0.1% of a layer's bytes, are left out)."""
+    stored = sum(fp.layer_bytes[i] for i in plan.streamed_layers) * fraction
+    return int(stored / fp.dtype_bytes if host_format == "int8" else stored)
 
 
 def _prediction(fp: Footprint, plan: Plan, profile: Profile, batch: int):
@@ -121,10 +134,10 @@ def split_at(fp: Footprint, plan: Plan, profile: Profile, batch: int, fraction: 
     return CpuSplit(batch, fraction, batch / step, base.decode_tok_s, link, cpu, bottleneck)
 
 
-def off_batch(fp: Footprint, plan: Plan, profile: Profile) -> int | None:
+def off_batch(fp: Footprint, plan: Plan, profile: Profile, host_format: str = "bf16") -> int | None:
     """The smallest batch at which `auto` turns the CPU rank off (None: on at every batch tried)."""
     for batch in BATCHES:
-        if split_at(fp, plan, profile, batch).gain < MIN_GAIN:
+        if split_at(fp, plan, profile, batch, host_format=host_format).gain < MIN_GAIN:
             return batch
     return None
 
@@ -142,29 +155,60 @@ def check_mode(mode: str | float) -> float | str:
     return mode
 
 
+def check_format(host_format: str, mode: str | float = "auto") -> str:
+    """`cpu_compute_format` as given: one of HOST_FORMATS, and int8 only where the CPU rank may run."""
+    if host_format not in HOST_FORMATS:
+        raise ValueError(f"cpu_compute_format must be {' or '.join(HOST_FORMATS)}, got {host_format!r} "
+                         f"(--cpu-compute-format)")
+    if host_format != "bf16" and mode == "off":
+        raise ValueError(f"cpu_compute_format={host_format!r} sets the CPU rank's host weights, but cpu_compute "
+                         f"is off: pass cpu_compute='auto', 'on' or a fraction (--cpu-compute), or leave the "
+                         f"format at bf16")
+    return host_format
+
+
+def _format_note(fp: Footprint, plan: Plan, profile: Profile | None, fraction: float, host_format: str) -> str:
+    """What int8 host weights change: host bytes, and the rate the split was balanced at."""
+    if host_format == "bf16":
+        return ""
+    held = share_host_bytes(fp, plan, fraction, host_format)
+    bf16 = share_host_bytes(fp, plan, fraction)
+    rate = ("" if profile is None else
+            f"; balanced at the int8 GEMV's {profile.cpu_int8_gemv_params_s / 1e9:.0f} G params/s"
+            if profile.cpu_int8_gemv_params_s > 0 else
+            "; int8 GEMV not measured on this profile, so balanced at the bf16 rate (`overspill probe` measures it)")
+    return (f"; int8 host weights (lossy: tokens may differ from bf16): the host keeps the CPU share in "
+            f"{format_bytes(held)} instead of {format_bytes(bf16)}{rate}")
+
+
 def with_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str | float,
-                  blocker: str | None = None) -> Plan:
-    """The plan with its CPU fraction (`Plan.cpu_fraction`), the widest pass the host computes,
-    the prediction with the CPU rank, and a note that says what was chosen and why.
+                  blocker: str | None = None, host_format: str = "bf16") -> Plan:
+    """The plan with its CPU fraction (`Plan.cpu_fraction`) and host format (`Plan.cpu_format`),
+    the widest pass the host computes, the prediction with the CPU rank, and a note that says what
+    was chosen and why.
 
     Args:
         mode: "off"; "auto" (on where the plan predicts a gain of at least MIN_GAIN); "on" (the best
             fraction whatever the gain); or a fraction to use as is.
         blocker: why the load cannot split layers (an option that excludes it), if so: "auto" notes
             it and stays off; "on" and fractions are refused by the caller before this.
+        host_format: the CPU share in host memory, one of HOST_FORMATS: "bf16" (as loaded) or "int8"
+            (lossy; balanced at the probed int8 GEMV rate).
     """
     mode = check_mode(mode)
+    check_format(host_format, mode)
     if mode == "off" or not plan.streamed_layers:
         return plan
     if blocker is not None:
         return replace(plan, notes=plan.notes + (f"CPU rank off: {blocker}",))
     if profile is None or profile.h2d_bytes_s <= 0:
         if isinstance(mode, float):
-            return replace(plan, cpu_fraction=mode, cpu_max_tokens=64,
+            return replace(plan, cpu_fraction=mode, cpu_max_tokens=64, cpu_format=host_format,
                            notes=plan.notes + (f"CPU rank: {mode:.2f} of each streamed layer on the host "
-                                               f"(no probed link: no prediction)",))
+                                               f"(no probed link: no prediction)"
+                                               + _format_note(fp, plan, None, mode, host_format),))
         return replace(plan, notes=plan.notes + ("CPU rank off: no probed GPU link to add the host to",))
-    split = split_at(fp, plan, profile, plan.workload.batch, mode if isinstance(mode, float) else None)
+    split = split_at(fp, plan, profile, plan.workload.batch, mode if isinstance(mode, float) else None, host_format)
     if mode == "auto" and split.gain < MIN_GAIN:
         return replace(plan, notes=plan.notes + (
             f"CPU rank off: predicted gain {split.gain:+.1%} at batch {plan.workload.batch} "
@@ -175,36 +219,44 @@ def with_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str 
     if pred is not None:
         pred = replace(pred, decode_step_s=plan.workload.batch / split.tok_s, decode_tok_s=split.tok_s,
                        link_s=split.link_s, bottleneck=split.bottleneck)
-    widest = max_tokens(fp, profile)
-    off = off_batch(fp, plan, profile)
+    widest = max_tokens(fp, profile, host_format)
+    off = off_batch(fp, plan, profile, host_format)
     join = f"{profile.cpu_join_s * 1e6:.0f} us a join" if profile.cpu_join_s else "join cost not measured (0)"
     note = (f"CPU rank: {split.fraction:.2f} of each streamed layer computed on the host "
             f"({split.tok_s:.2f} tok/s predicted against {split.plain_tok_s:.2f} plain, {split.gain:+.0%}; "
             f"{join}); passes of more than {widest} token{'s' * (widest != 1)} compute it on the GPU; "
-            + (f"auto turns it off from batch {off}" if off else "it pays at every batch up to 256"))
-    return replace(plan, prediction=pred, cpu_fraction=split.fraction, cpu_max_tokens=widest,
+            + (f"auto turns it off from batch {off}" if off else "it pays at every batch up to 256")
+            + _format_note(fp, plan, profile, split.fraction, host_format))
+    return replace(plan, prediction=pred, cpu_fraction=split.fraction, cpu_max_tokens=widest, cpu_format=host_format,
                    notes=plan.notes + (note,))
 
 
-def batch_table(fp: Footprint, plan: Plan, profile: Profile) -> list[CpuSplit]:
+def batch_table(fp: Footprint, plan: Plan, profile: Profile, host_format: str = "bf16") -> list[CpuSplit]:
     """`split_at` for each batch of BATCHES: what `overspill plan` shows."""
-    return [split_at(fp, plan, profile, b) for b in BATCHES]
+    return [split_at(fp, plan, profile, b, host_format=host_format) for b in BATCHES]
 
 
-def table_lines(fp: Footprint, plan: Plan, profile: Profile) -> list[str]:
-    """`overspill plan --cpu-compute`: the CPU fraction and predicted decode per batch, and where
-    `auto` turns it off and why."""
+def table_lines(fp: Footprint, plan: Plan, profile: Profile, host_format: str = "bf16") -> list[str]:
+    """`overspill plan --cpu-compute`: the CPU fraction and predicted decode per batch (host weights
+    in `host_format`), and where `auto` turns it off and why."""
     rows = [("batch", "CPU fraction", "tok/s plain", "tok/s with CPU", "gain", "bound by")]
-    for s in batch_table(fp, plan, profile):
+    for s in batch_table(fp, plan, profile, host_format):
         rows.append((str(s.batch), f"{s.fraction:.3f}", f"{s.plain_tok_s:.2f}", f"{s.tok_s:.2f}", f"{s.gain:+.0%}",
                      s.bottleneck))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    off = off_batch(fp, plan, profile)
+    off = off_batch(fp, plan, profile, host_format)
     gemm = (f"its GEMM at {profile.cpu_gemm_flops_s / 1e12:.2f} TFLOP/s" if profile.cpu_gemm_flops_s
             else "each token another GEMV pass (GEMM not measured: run `overspill probe`)")
     why = (f"auto turns it off from batch {off}: the host's time per step grows with the batch ({gemm}) while "
            f"the link's does not, so the share that balances them shrinks below a {MIN_GAIN:.0%} gain"
            if off else f"auto keeps it on up to batch {BATCHES[-1]}")
-    return [f"CPU rank (--cpu-compute; host bf16 GEMV {profile.cpu_gemv_params_s / 1e9:.0f} G params/s):", *lines, why]
+    if host_format == "int8" and profile.cpu_int8_gemv_params_s > 0:
+        rate = f"int8 host weights, host int8 GEMV {profile.cpu_int8_gemv_params_s / 1e9:.0f} G params/s"
+    elif host_format == "int8":
+        rate = (f"int8 host weights at the bf16 GEMV's {profile.cpu_gemv_params_s / 1e9:.0f} G params/s: "
+                f"int8 not measured on this profile")
+    else:
+        rate = f"host bf16 GEMV {profile.cpu_gemv_params_s / 1e9:.0f} G params/s"
+    return [f"CPU rank (--cpu-compute; {rate}):", *lines, why]

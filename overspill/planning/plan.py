@@ -98,6 +98,7 @@ class Plan:
     expert_slot_bytes: int = 0
     cpu_fraction: float = 0.0  # of each streamed layer computed by the host CPU (`planning.cpu_rank`); 0: off
     cpu_max_tokens: int = 0  # widest pass whose CPU share the host computes (wider ones: the GPU)
+    cpu_format: str = "bf16"  # the CPU share in host memory: "bf16" (as loaded) or "int8" (`runtime.host_int8`)
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:

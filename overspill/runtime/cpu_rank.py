@@ -27,7 +27,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import OverspillError
-from ..planning.cpu_rank import check_mode, with_cpu_rank
+from ..planning.cpu_rank import HOST_FORMATS, check_format, check_mode, with_cpu_rank
 from ..planning.formats import NATIVE
 from ..planning.plan import Footprint, Plan
 from ..planning.profile import Profile
@@ -55,6 +55,7 @@ class CpuRank:
         # where a step's time goes (bench/cpu_rank.py): the worker computing, the Python thread waiting at joins
         self.busy_s = self.waited_s = 0.0
         self.joins = 0
+        self.host_weight_bytes = 0  # the CPU shares the host keeps (int8 host weights: about half of bf16)
 
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
@@ -161,11 +162,14 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
     """Split each streamed layer named in `fractions` (decoder index -> CPU fraction of its weights)
     between the GPU and a CPU rank; returns the rank (None when nothing splits). Passes of more
     than `max_tokens` tokens compute the CPU share on the GPU (`SplitLayer`). `host_format` "int8":
-    the worker multiplies int8 copies of the CPU share (`host_int8`; lossy, ~2x the host's speed).
+    the host keeps the CPU share as int8 rows and scales instead of bf16 and the worker multiplies
+    them (`host_int8`; lossy, ~2x the host's speed, ~half the share's host bytes).
 
     The GPU share replaces the layer's host buffer in the ring (only it crosses the link); the old
     full buffer is freed layer by layer, so host memory peaks at one extra layer.
     """
+    if host_format not in HOST_FORMATS:
+        raise OverspillError(f"host weights of the CPU rank are {' or '.join(HOST_FORMATS)}, not {host_format!r}")
     from .loader import placement_of
 
     placement = placement_of(model)
@@ -193,6 +197,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
         ring.layers[pos] = split
         layers[streamed.index] = split
         placement.host_bytes -= streamed.host.numel() - split.host.numel()
+        rank.host_weight_bytes += split.cpu_share.host.numel()
     placement.cpu_rank = rank
     return rank
 
@@ -221,17 +226,22 @@ def blocker(plan: Plan, config, cuda_graphs: bool, speculate: str | None) -> str
 
 
 def plan_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str | float, config,
-                  cuda_graphs: bool = False, speculate: str | None = None) -> Plan:
-    """`load(cpu_compute=...)`: the plan with its CPU fraction (`planning.cpu_rank.with_cpu_rank`);
-    an explicit "on" or fraction that this load cannot honour is refused, "auto" notes why it is off."""
+                  cuda_graphs: bool = False, speculate: str | None = None, host_format: str = "bf16") -> Plan:
+    """`load(cpu_compute=..., cpu_compute_format=...)`: the plan with its CPU fraction and host format
+    (`planning.cpu_rank.with_cpu_rank`); an explicit "on" or fraction that this load cannot honour is
+    refused, "auto" notes why it is off."""
     try:
         mode = check_mode(mode)
     except ValueError as exc:
         raise OverspillError(f"{exc} (--cpu-compute)") from None
+    try:
+        check_format(host_format, mode)
+    except ValueError as exc:
+        raise OverspillError(str(exc)) from None
     why = blocker(plan, config, cuda_graphs, speculate) if plan.streamed_layers and mode != "off" else None
     if why is not None and mode != "auto":
         raise OverspillError(f"--cpu-compute {mode}: {why}; use --cpu-compute off or auto")
-    return with_cpu_rank(fp, plan, profile, mode, why)
+    return with_cpu_rank(fp, plan, profile, mode, why, host_format)
 
 
 def enable_planned(model: nn.Module, threads: int | None = None) -> CpuRank | None:
@@ -241,4 +251,5 @@ def enable_planned(model: nn.Module, threads: int | None = None) -> CpuRank | No
     plan = placement_of(model).plan
     if plan.cpu_fraction <= 0:
         return None
-    return enable(model, dict.fromkeys(plan.streamed_layers, plan.cpu_fraction), threads, plan.cpu_max_tokens)
+    return enable(model, dict.fromkeys(plan.streamed_layers, plan.cpu_fraction), threads, plan.cpu_max_tokens,
+                  plan.cpu_format)

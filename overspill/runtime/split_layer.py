@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import OverspillError
-from .host_int8 import int8_twin
+from .host_int8 import dequantize_into, int8_twin, linear_weights, quantize_share
 from .layout import LayerLayout, host_bytes
 from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor
 
@@ -41,16 +41,15 @@ class Packed:
         return dict(zip((e.name for e in self.layout.entries), views))
 
 
-def split_layer(full: dict[str, torch.Tensor], dims: Dims, share: Share, pinned: bool) -> tuple[Packed, Packed]:
-    """(GPU share, CPU share) of a layer's tensors (layer-relative names), each packed into one flat
-    host buffer, pinned when a GPU will copy it (the GPU share every pass, the CPU share for wide ones)."""
+def split_tensors(full: dict[str, torch.Tensor], dims: Dims, share: Share) -> tuple[dict, dict]:
+    """(GPU share, CPU share) of a layer's tensors (layer-relative names)."""
     gpu, cpu = {}, {}
     for name, tensor in full.items():
         g, c = split_tensor(dims, share, name, tensor)
         gpu[name] = g
         if c is not None:
             cpu[name] = c
-    return Packed.of(gpu, pinned), Packed.of(cpu, pinned)
+    return gpu, cpu
 
 
 class SplitLayer(nn.Module):
@@ -61,6 +60,10 @@ class SplitLayer(nn.Module):
     slower than the GPU: there the CPU share is copied to the device beside the slot's share and
     the GPU computes both (its heads' new KV still goes to the host layers), so prefill never waits
     for the host's GEMMs.
+
+    `host_format` "int8": the host keeps the CPU share as int8 rows and scales only
+    (`host_int8.quantize_share`, about half the bf16 bytes, no bf16 copy beside it); the worker
+    multiplies them as they are and a wide pass expands them on the device.
     """
 
     def __init__(self, streamed: nn.Module, dims: Dims, share: Share, rank: Any, max_tokens: int,
@@ -74,10 +77,15 @@ class SplitLayer(nn.Module):
         self.dims, self.share, self.max_tokens = dims, share, max_tokens
         object.__setattr__(self, "ring", streamed.ring)
         object.__setattr__(self, "rank", rank)
+        if host_format not in ("bf16", "int8"):
+            raise OverspillError(f"host weights of the CPU rank are bf16 or int8, not {host_format!r}")
         full = dict(zip((e.name for e in streamed.layout.entries), streamed.layout.views(streamed.host)))
-        gpu, cpu = split_layer(full, dims, share, pinned=streamed.host.is_pinned())
+        pinned = streamed.host.is_pinned()
+        gpu_t, cpu_t = split_tensors(full, dims, share)
+        gpu = Packed.of(gpu_t, pinned)
+        cpu = Packed.of(cpu_t, pinned and host_format == "bf16")  # int8: a transient the twins are built from
         self.host, self.layout = gpu.host, gpu.layout
-        self.cpu_share = cpu
+        self.cpu_layout = cpu.layout  # the share as the model computes it (wide passes bind the twins to it)
         heads_cpu = share.kv_heads * dims.group
         self.device = streamed.ring.slot_buffers[0].device
         slot0 = dict(zip((e.name for e in gpu.layout.entries), self.ring.views(gpu.layout, 0)))
@@ -90,16 +98,20 @@ class SplitLayer(nn.Module):
                                                        share.kv_heads, cpu_dev))
         object.__setattr__(self, "cpu_mlp", rank_twin(block.mlp, "mlp", host, None, None, cpu_dev))
         self.host_format = host_format
+        self.cpu_share = cpu  # what the host keeps of the CPU share
         worker = (self.cpu_attn, self.cpu_mlp)  # the modules the worker runs (wide passes: cpu_attn/cpu_mlp)
         if host_format == "int8":
-            worker = (int8_twin(self.cpu_attn), int8_twin(self.cpu_mlp))
-        elif host_format != "bf16":
-            raise OverspillError(f"host weights of the CPU rank are bf16 or int8, not {host_format!r}")
+            linear = linear_weights(block.self_attn, "self_attn") | linear_weights(block.mlp, "mlp")
+            self.cpu_share = Packed.of(quantize_share(cpu_t, linear), pinned)
+            packed = self.cpu_share.named_views()
+            worker = (int8_twin(self.cpu_attn, "self_attn", packed), int8_twin(self.cpu_mlp, "mlp", packed))
         object.__setattr__(self, "worker_modules", worker)
         self.norms: Norms = norms_of(block)
         self.kv = rank.host_kv()
         self._params = [self._target(e.name) for e in gpu.layout.entries]
         self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
+        if host_format == "int8":  # the bf16 share is gone: the twins hold no memory until a wide pass binds them
+            self._unbind_cpu_share()
 
     def _target(self, name: str) -> nn.Parameter:
         """The parameter a GPU-layout entry binds: the twins' for attention and MLP, the block's for norms."""
@@ -118,19 +130,37 @@ class SplitLayer(nn.Module):
             param.data = view
 
     def _bind_cpu_share(self, buffer: torch.Tensor) -> None:
-        for param, view in zip(self._cpu_params, self.cpu_share.layout.views(buffer)):
+        for param, view in zip(self._cpu_params, self.cpu_layout.views(buffer)):
             param.data = view
+
+    def _unbind_cpu_share(self) -> None:
+        """Point the CPU twins at zero-stride placeholders (int8 host weights: nothing to point at)."""
+        for param, entry in zip(self._cpu_params, self.cpu_layout.entries):
+            param.data = torch.zeros((), dtype=entry.dtype).expand(entry.shape)
+
+    def _after_wide_pass(self) -> None:
+        if self.host_format == "int8":
+            self._unbind_cpu_share()
+        else:
+            self._bind_cpu_share(self.cpu_share.host)
 
     def _cpu_share_to_device(self, slot: int) -> None:
         """Copy the CPU share into the slot's free tail (a temporary where it does not fit), on the
-        compute stream, and point the CPU twins at it for this pass."""
-        need, used = self.cpu_share.layout.nbytes, self.layout.nbytes
+        compute stream, and point the CPU twins at it for this pass; int8 host weights cross as int8
+        (half the bytes) and are expanded there."""
+        need, used = self.cpu_layout.nbytes, self.layout.nbytes
         buffer = self.ring.slot_buffers[slot]
         if buffer.numel() - used >= need:
             dev = buffer[used : used + need]
         else:
             dev = torch.empty(need, dtype=torch.uint8, device=self.device)
-        dev.copy_(self.cpu_share.host, non_blocking=True)
+        if self.host_format == "int8":
+            staged = torch.empty(self.cpu_share.layout.nbytes, dtype=torch.uint8, device=self.device)
+            staged.copy_(self.cpu_share.host, non_blocking=True)
+            out = dict(zip((e.name for e in self.cpu_layout.entries), self.cpu_layout.views(dev)))
+            dequantize_into(self.cpu_share.named_views(staged), out)
+        else:
+            dev.copy_(self.cpu_share.host, non_blocking=True)
         self._bind_cpu_share(dev)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,7 +175,7 @@ class SplitLayer(nn.Module):
             out = self._layer(hidden_states, kwargs, wide)
         finally:
             if wide:
-                self._bind_cpu_share(self.cpu_share.host)
+                self._after_wide_pass()
         self.ring.exit(slot)
         return out
 

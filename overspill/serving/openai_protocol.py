@@ -115,6 +115,9 @@ def load_for_serving(args) -> tuple:
         raise OverspillError(f"--cpu-compute {args.cpu_compute}: serve and batch do not run the CPU rank yet (the "
                              f"engine selects and reorders KV rows, which the CPU heads' host KV does not follow); "
                              f"use --cpu-compute off")
+    if getattr(args, "cpu_compute_format", "bf16") != "bf16":
+        raise OverspillError(f"--cpu-compute-format {args.cpu_compute_format}: serve and batch do not run the CPU "
+                             f"rank yet, so there are no host weights to quantize; drop --cpu-compute-format")
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
