@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from . import commands
+from . import commands, launch
 from .errors import OverspillError
 from .planning.configs import shipped_names
 from .planning.moe import MOE_STREAMING
@@ -70,6 +70,31 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 
 
+def _add_rank_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpus", type=int, default=None, metavar="N",
+        help="run a pipeline over layers on N GPUs of this host (NCCL): each GPU holds a contiguous span of "
+        "decoder layers under its own --gpu-memory, streams the rest of its span over its own host link, and "
+        "passes hidden states to the next; GPU 0 also holds the embeddings and LM head. Starts N processes; "
+        "`torchrun --nproc-per-node N -m overspill run ...` works too. Default: one GPU.",
+    )
+    p.add_argument("--ranks", type=int, default=None, metavar="N",
+                   help="the same pipeline in N CPU processes over gloo (tests and the CPU; no GPU needed).")
+
+
+def _single_rank(func, command: str):
+    """`func` after refusing ranks: `command` does not run as a pipeline over GPUs yet."""
+
+    def refuse_ranks(args: argparse.Namespace) -> int:
+        ranks = max(args.gpus or 1, args.ranks or 1, launch.world_size())
+        if ranks > 1:
+            raise OverspillError(f"{command} runs on one GPU for now (its engine batches on one device); "
+                                 f"--gpus/--ranks {ranks} work with `overspill run` only")
+        return func(args)
+
+    return refuse_ranks
+
+
 def _add_stream_format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stream-format", default="auto", metavar="FORMAT",
@@ -129,7 +154,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      "'self' (the model's own layers in int4, resident, counted in the budget), 'draft:PATH' (a "
                      "small model with the same tokenizer) or 'auto' (ngram where the plan streams, else off). "
                      "Greedy output stays plain greedy's. Default: off.")
-    run.set_defaults(func=commands.run_main)
+    _add_rank_args(run)
+    run.set_defaults(func=launch.run_main)
     _add_probe_parser(sub)
     _add_plan_parser(sub)
     _add_serve_parser(sub)
@@ -182,7 +208,8 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT, metavar="N",
                        help="largest max_tokens a request may ask for; chat requests without max_tokens may generate "
                        f"this many, completions without it 16, as at OpenAI (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}).")
-    batch.set_defaults(func=commands.batch_main)
+    _add_rank_args(batch)
+    batch.set_defaults(func=_single_rank(commands.batch_main, "batch"))
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -204,7 +231,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="largest request body, e.g. 4MiB; a larger one is answered 413 before it is read "
                        f"(default {DEFAULT_MAX_BODY}).")
     _add_engine_args(serve)
-    serve.set_defaults(func=commands.serve_main)
+    _add_rank_args(serve)
+    serve.set_defaults(func=_single_rank(commands.serve_main, "serve"))
 
 
 def _add_probe_parser(sub: argparse._SubParsersAction) -> None:

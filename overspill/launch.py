@@ -165,6 +165,7 @@ def generate_rank(load_kwargs: dict, input_ids: list[list[int]], generate_kwargs
 
     from .api import load
     from .runtime.loader import placement_of
+    from .runtime.pipeline import rank_summary
 
     torch.manual_seed(seed)  # sampling draws alike on every rank
     model, _ = load(pipeline=True, progress=False, **load_kwargs)
@@ -179,7 +180,7 @@ def generate_rank(load_kwargs: dict, input_ids: list[list[int]], generate_kwargs
     span = stage.span
     return {"rank": dist.get_rank(), "tokens": out.tolist(), "start": span.start, "stop": span.stop,
             "streamed_layers": list(placement.plan.streamed_layers), "resident_layers": span.resident_layers,
-            "sent_bytes": stage.links.sent, "messages": stage.links.messages, "summary": placement.summary(),
+            "sent_bytes": stage.links.sent, "messages": stage.links.messages, "summary": rank_summary(stage, placement),
             "split": stage.split.summary()}
 
 
@@ -189,3 +190,81 @@ def model_stage(model):
     if stage is None:
         raise OverspillError("this model was not loaded with pipeline=True")
     return stage
+
+
+def run_main(args) -> int:
+    """`overspill run` with `--gpus N` / `--ranks N` (this process starts the ranks) or under torchrun
+    (this process is one); otherwise the one-process `run`."""
+    from .commands import run_main as run_one
+
+    for flag in ("gpus", "ranks"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise OverspillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
+    if world_size() > 1:  # torchrun started this process as one rank
+        run_rank(args)
+        return 0
+    if ranks == 1:
+        return run_one(args)
+    if getattr(args, "gpus", None):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OverspillError(f"--gpus {ranks} needs CUDA GPUs and none is available: on the CPU, --ranks {ranks} "
+                                 f"runs the same pipeline in gloo processes")
+        spawn(run_rank, ranks, (args,), backend_name="nccl")
+    else:
+        spawn(run_rank, ranks, (args,), backend_name="gloo")
+    return 0
+
+
+def run_rank(args) -> None:
+    """One rank of `overspill run`: load its span (`load(pipeline=True)`), generate like every rank;
+    rank 0 prints the split, its placement, the answer and the speed."""
+    import torch
+    import torch.distributed as dist
+
+    from .api import load
+    from .planning.units import format_bytes
+    from .run import TimingStreamer, _prompt_ids, timed_generate
+    from .runtime.loader import placement_of
+    from .runtime.pipeline import rank_summary
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(
+        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
+        depth=args.depth, context=args.context, device=args.device, seed=args.seed,
+        kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
+        streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
+        stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
+        moe_streaming=getattr(args, "moe_streaming", "auto"), pipeline=True, progress=False,
+    )
+    stage, placement = model_stage(model), placement_of(model)
+    summaries: list = [None] * stage.world
+    dist.all_gather_object(summaries, rank_summary(stage, placement))
+    lead = stage.rank == 0
+    if lead:
+        print(stage.split.summary())
+        print("\n\n".join(summaries))
+    if args.max_new_tokens < 1:
+        return
+    vocab = model.config.get_text_config().vocab_size
+    ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
+    if lead:
+        print(f"\n> {args.prompt}")
+    streamer = TimingStreamer(tokenizer, echo=lead)
+    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
+    streamed: list = [None] * stage.world
+    dist.all_gather_object(streamed, placement.plan.streamed_bytes_per_step)
+    if not lead:
+        return
+    if tokenizer is None:
+        print(streamer.tokens)
+    link = sum(streamed)
+    line = (f"\n{timing.new_tokens} tokens; prefill {timing.prefill_seconds * 1e3:.0f} ms; decode "
+            f"{timing.decode_tokens_per_second:.2f} tok/s over {stage.world} ranks ({placement.device.type})")
+    if link:
+        line += (f"; {format_bytes(link)} over {stage.world} links per token = "
+                 f"{link * timing.decode_tokens_per_second / 1e9:.1f} GB/s in all")
+    print(line, flush=True)

@@ -239,3 +239,13 @@ def join(device: str | torch.device | None, plan: Plan | None, cuda_graphs: bool
         cuda = torch.cuda.is_available() and os.environ.get("OVERSPILL_BACKEND", "") != "gloo"
         device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     return PipelineStage(rank, world, torch.device(device))
+
+
+def rank_summary(stage: PipelineStage, placement) -> str:
+    """A rank's placement summary, its first line counting this rank's own layers (the plan lists every
+    layer of the model, other ranks' as weightless stand-ins)."""
+    span, plan = stage.span, placement.plan
+    streamed = len(plan.streamed_layers)
+    first = (f"layers {span.start}-{span.stop - 1} on rank {stage.rank} ({placement.device}): "
+             f"{span.layers - streamed}/{span.layers} resident, {streamed} streamed from pinned host memory")
+    return "\n".join([first] + plan.summary().splitlines()[1:])

@@ -1,0 +1,60 @@
+"""`overspill run --ranks N` (the pipeline over layers in gloo processes) as a user runs it, and the
+one-line refusals of what does not run as a pipeline yet (serve, batch, --gpus without GPUs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from overspill import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "overspill.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_with_two_ranks_answers_like_one_process(default_model_dir) -> None:
+    args = ("run", "--prompt", "Hi", "--max-new-tokens", "8")
+    one = run_cli(*args)
+    two = run_cli(*args, "--ranks", "2")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    answer = one.stdout.split("> Hi\n", 1)[1].splitlines()[0]
+    assert two.stdout.split("> Hi\n", 1)[1].splitlines()[0] == answer  # the same greedy text
+    assert "pipeline over 2 ranks" in two.stdout
+    assert "layers 0-14 on rank 0 (cpu): 15/15 resident" in two.stdout
+    assert "layers 15-29 on rank 1 (cpu)" in two.stdout
+    assert "tok/s over 2 ranks (cpu)" in two.stdout
+    assert two.stdout.count("> Hi") == 1  # only rank 0 prints
+
+
+@pytest.mark.parametrize("command", ["serve", "batch"])
+def test_serve_and_batch_refuse_ranks(command: str, capsys, tmp_path) -> None:
+    files = [str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")] if command == "batch" else []
+    assert cli.main([command, *files, "--gpus", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"overspill: error: {command} runs on one GPU for now (its engine batches on one device); "
+                   f"--gpus/--ranks 2 work with `overspill run` only")
+
+
+def test_gpus_without_cuda_and_bad_counts_are_one_line_errors(capsys) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["run", "--gpus", "2"]) == 1
+        assert "--ranks 2 runs the same pipeline in gloo processes" in capsys.readouterr().err
+    assert cli.main(["run", "--ranks", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "overspill: error: --ranks must be at least 1, got 0"
+
+
+def test_run_help_documents_the_rank_flags() -> None:
+    parser = cli._build_parser()
+    run = next(a for a in parser._subparsers._group_actions).choices["run"]
+    text = run.format_help()
+    assert "--gpus N" in text and "--ranks N" in text and "torchrun" in text
