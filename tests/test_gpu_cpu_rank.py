@@ -119,3 +119,31 @@ def test_probe_measures_the_host_as_the_rank_runs() -> None:
     assert fields["cpu_threads"] >= 1 and fields["cpu_join_s"] > 0 and fields["host_read_bytes_s"] > 0
     # never below the old form beyond timing noise (it may use every core; the rank leaves one to Python)
     assert fields["cpu_gemv_alone_params_s"] >= 0.9 * old
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_int8_host_weights_on_cuda(arch: str, tiny_checkpoint) -> None:
+    # (not yet run on a GPU) int8 host weights on CUDA: the int8 share is pinned (wide passes copy it),
+    # the prompt expanded on the GPU (max_tokens=1) computes what the worker's int8 kernel does from
+    # the same bytes (max_tokens=64) within float32 rounding, and decode stays close to GPU-only streaming.
+    from torch.nn import functional as F
+
+    from overspill.api import placement_of
+    from overspill.runtime import cpu_rank
+
+    path = tiny_checkpoint(arch)
+    single, _, _ = prompts()
+    plain = _all_streamed(path)
+    with torch.no_grad():
+        want = plain(single.cuda()).logits[0]
+    logits = []
+    for widest in (1, 64):
+        model = _all_streamed(path)
+        cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.5), max_tokens=widest, host_format="int8")
+        layer = model.get_submodule(placement_of(model).layers_path)[0]
+        assert layer.cpu_share.host.is_pinned() and layer.cpu_share.host.numel() < layer.cpu_layout.nbytes / 3
+        with torch.no_grad():
+            logits.append(model(single.cuda()).logits[0])
+            assert _generate(model, single.cuda())[0].shape[-1] == single.shape[-1] + 16
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert F.cosine_similarity(logits[1], want, dim=-1).min() > 0.999
