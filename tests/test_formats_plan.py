@@ -30,13 +30,12 @@ H100 = REFERENCE_PROFILES["h100-pcie5"]
 
 
 def test_bytes_per_trip_of_each_format() -> None:
-    rows = PARAMS // 4096  # output channels, estimated as parameters / hidden
-    assert encoded_bytes("bf16", LAYER, 2, 4096) == LAYER
-    assert encoded_bytes("int8", LAYER, 2, 4096) == PARAMS + 4 * rows  # 1 B + a float32 scale a row
-    assert encoded_bytes("fp8", LAYER, 2, 4096) == PARAMS + 4 * rows
-    assert encoded_bytes("int4", LAYER, 2, 4096) == PARAMS // 2 + 4 * PARAMS // 128  # bf16 scale + zero a group
+    assert encoded_bytes("bf16", LAYER, 2) == LAYER
+    assert encoded_bytes("int8", LAYER, 2) == PARAMS + 4 * PARAMS // 128  # 1 B + a float32 scale per 128 inputs
+    assert encoded_bytes("fp8", LAYER, 2) == PARAMS + 4 * PARAMS // 128
+    assert encoded_bytes("int4", LAYER, 2) == PARAMS // 2 + 4 * PARAMS // 128  # bf16 scale + zero a group
     # lossless: the low byte raw, the high byte at the nvCOMP ANS prior 0.365: 0.6825 of bf16
-    assert encoded_bytes("lossless", LAYER, 2, 4096) == int(LAYER * 0.6825)
+    assert encoded_bytes("lossless", LAYER, 2) == int(LAYER * 0.6825)
     assert formats.lossless_ratio(4) == pytest.approx((3 + 0.365) / 4)  # float32: three raw planes
     assert formats.INT4_GROUP == INT4_GROUP  # the same groups as the self draft's int4 layers
 
@@ -45,7 +44,7 @@ def test_encoded_layers_need_two_staging_buffers_beside_the_slots() -> None:
     budget = 6 * GiB
     bf16 = greedy_plan(LLAMA3_8B, budget)
     int8 = greedy_plan(with_format(LLAMA3_8B, choose(LLAMA3_8B, "int8")), budget)
-    enc = encoded_bytes("int8", LAYER, 2, 4096)
+    enc = encoded_bytes("int8", LAYER, 2)
     # slots hold the layer as it computes; its encoded bytes land in one of two staging buffers
     assert bf16.slot_bytes == int8.slot_bytes == LAYER
     assert bf16.expand_bytes == 0 and int8.expand_bytes == 2 * enc
@@ -55,7 +54,7 @@ def test_encoded_layers_need_two_staging_buffers_beside_the_slots() -> None:
     assert int8.streamed_bytes_per_step == enc * len(int8.streamed_layers)
     assert int8.device_bytes <= budget
     lossless = greedy_plan(with_format(LLAMA3_8B, choose(LLAMA3_8B, "lossless")), budget)
-    staging = 2 * encoded_bytes("lossless", LAYER, 2, 4096)
+    staging = 2 * encoded_bytes("lossless", LAYER, 2)
     assert lossless.expand_bytes == staging + PARAMS  # plus the decoded high plane of one layer
     assert lossless.device_bytes == (lossless.device_weight_bytes + 3 * LAYER + staging + PARAMS
                                      + lossless.workspace_bytes)

@@ -105,22 +105,28 @@ def _layer(kind: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_error_is_half_a_step_per_row(dtype: torch.dtype) -> None:
+def test_int8_error_is_half_a_step_per_group(dtype: torch.dtype) -> None:
     w = (torch.randn(64, 256) * 0.02).to(dtype)
-    got = _layer("int8", w).float()
-    step = w.float().abs().amax(dim=1, keepdim=True) / 127  # the row's scale
+    w[3, 5] = 0.5  # an outlier coarsens its own group of 128 inputs only
+    got = _layer("int8", w).float().view(64, 2, 128)
+    g = w.float().view(64, 2, 128)
+    step = g.abs().amax(dim=-1, keepdim=True) / 127  # the group's scale
     rounding = got.abs() * torch.finfo(dtype).eps  # the expanded value's own rounding
-    assert ((got - w.float()).abs() <= step / 2 + rounding + 1e-12).all()
+    assert ((got - g).abs() <= step / 2 + rounding + 1e-12).all()
+    # the outlier's row: its other groups keep their fine steps, under a quarter of what one scale a row would give
+    assert (got - g)[3, 1:].abs().max() < 0.5 / 127 / 2 / 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_error_is_e4m3_rounding(dtype: torch.dtype) -> None:
     w = (torch.randn(64, 256) * 0.02).to(dtype)
-    got = _layer("fp8", w).float()
-    scale = w.float().abs().amax(dim=1, keepdim=True) / 448
+    w[3, 5] = 0.5
+    got = _layer("fp8", w).float().view(64, 2, 128)
+    g = w.float().view(64, 2, 128)
+    scale = g.abs().amax(dim=-1, keepdim=True) / 448  # the group's scale
     # e4m3: 3 mantissa bits, half a unit = 2^-4 relative; below 2^-6 (subnormal) half a unit = 2^-10 absolute
-    bound = w.float().abs() * 2**-4 + scale * 2**-10 + got.abs() * torch.finfo(dtype).eps
-    assert ((got - w.float()).abs() <= bound + 1e-12).all()
+    bound = g.abs() * 2**-4 + scale * 2**-10 + got.abs() * torch.finfo(dtype).eps
+    assert ((got - g).abs() <= bound + 1e-12).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -142,7 +148,29 @@ def test_lossy_formats_keep_vectors_and_odd_shapes_raw() -> None:
     assert [t.kind for t in int4.tensors] == ["int4", "raw", "raw"]  # 66 inputs: no group of 32, 64 or 128 divides
     int8 = LossyLayer.of("int8", layout)
     assert [t.kind for t in int8.tensors] == ["int8", "int8", "raw"]
-    assert quant.part_shapes("int8", (4, 3, 8)) == [((12, 8), torch.int8), ((12, 1), torch.float32)]  # fused experts
+    assert quant.part_shapes("int8", (4, 3, 8)) == [((12, 8), torch.int8), ((12, 1, 1), torch.float32)]  # fused experts
+
+
+def test_int8_and_fp8_scale_groups_fall_back_as_int4s() -> None:
+    # a float32 scale per 128 inputs; else the largest of 64 or 32 that divides the inputs; else one a row
+    assert quant.part_shapes("fp8", (8, 1536)) == [((8, 1536), torch.float8_e4m3fn), ((8, 12, 1), torch.float32)]
+    assert quant.part_shapes("fp8", (8, 576)) == [((8, 576), torch.float8_e4m3fn), ((8, 9, 1), torch.float32)]
+    assert quant.part_shapes("int8", (8, 96)) == [((8, 96), torch.int8), ((8, 3, 1), torch.float32)]
+    assert quant.part_shapes("int8", (8, 66)) == [((8, 66), torch.int8), ((8, 1, 1), torch.float32)]
+    w = (torch.randn(8, 66) * 0.02).to(torch.bfloat16)  # one scale a row still expands within half its step
+    step = w.float().abs().amax(dim=1, keepdim=True) / 127
+    assert ((_layer("int8", w).float() - w.float()).abs() <= step / 2 + 0.02 * 2**-8).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+def test_planned_bytes_are_the_encoded_bytes(fmt: str) -> None:
+    """The planner's torch-free count (`planning.formats.encoded_bytes`) is the runtime's layout, byte
+    for byte, for matrices whose inputs divide into whole groups (a Llama-3-8B layer's shapes)."""
+    from overspill.planning.formats import encoded_bytes
+
+    layout = LayerLayout.of([("q", (4096, 4096), torch.bfloat16), ("k", (1024, 4096), torch.bfloat16),
+                             ("up", (14336, 4096), torch.bfloat16), ("down", (4096, 14336), torch.bfloat16)])
+    assert LossyLayer.of(fmt, layout).nbytes == encoded_bytes(fmt, layout.nbytes, 2)
 
 
 def tiny_plan(path, dtype: torch.dtype, streamed: int = 6):

@@ -7,10 +7,10 @@ dtype in the layer's ring slot, overlapped with compute. Two staging buffers suf
 layer's copy lands in one while the other is expanded (expansion is much faster than a copy).
 Resident layers stay in the compute dtype.
 
-Bytes per parameter, for a [rows, cols] weight (`rows` output channels):
+Bytes per parameter, for a [rows, cols] weight (groups run along `cols`, the inputs):
 - bf16: the compute dtype itself, unchanged (2 B in bf16); nothing to expand.
-- int8: 1 B + a float32 scale per row (symmetric, per output channel).
-- fp8: 1 B (e4m3) + a float32 scale per row.
+- int8: 1 B + a float32 scale per group of `SCALED_GROUP` inputs (symmetric): 1 + 4/128 = 1.03 B.
+- fp8: 1 B (e4m3) + a float32 scale per group of `SCALED_GROUP` inputs: 1.03 B.
 - int4: 0.5 B + a bf16 scale and zero per group of `INT4_GROUP` inputs (0.5 + 4/128 = 0.53 B).
 - lossless: the low byte plane(s) raw plus the high byte plane (sign and 7 exponent bits)
   entropy-coded. nvCOMP ANS shrank that plane of N(0, 0.02) bf16 weights to 0.365 on the H200,
@@ -18,8 +18,9 @@ Bytes per parameter, for a [rows, cols] weight (`rows` output channels):
   planner ASSUMES it (`LOSSLESS_HIGH_PLANE_PRIOR`).
 Vectors (norms, biases) and tensors a format cannot take travel raw; the planner ignores them.
 
-Rows are estimated as parameters / hidden size (a weight whose inputs are the hidden state); the
-runtime counts the exact bytes from the tensors' shapes (`overspill.runtime.formats`).
+These counts are exact for matrices whose inputs divide into whole groups (every weight of the
+dense architectures); the runtime counts the exact bytes from the tensors' shapes, alignment and
+raw vectors included (`overspill.runtime.formats`), and the plan uses those where it has them.
 
 Expansion runs on the GPU beside compute; its cost is modelled as HBM traffic (bytes read and
 written per output byte, `EXPAND_TRAFFIC`) plus, for lossless, the codec's decode rate over the
@@ -42,11 +43,13 @@ CHOICES = (*FORMATS, "auto")
 
 LOSSLESS_HIGH_PLANE_PRIOR = 0.365  # ANS on the high byte plane of N(0, 0.02) bf16 weights (H200, nvCOMP 6)
 ANS_DECODE_BYTES_S = 137e9  # nvCOMP ANS decode of that plane, output bytes/s (H200)
-SCALE_BYTES = 4  # int8 / fp8: float32 scale per output row
+SCALED_GROUP = 128  # int8 / fp8: inputs per scale (issue 15: chosen by SmolLM2 perplexity, bench/perplexity.py)
+SCALE_BYTES = 4  # int8 / fp8: float32 scale per group of `SCALED_GROUP` inputs
 GROUP_PAIR_BYTES = 4  # int4: bf16 scale + bf16 zero per group
 # HBM bytes moved per expanded output byte: read the codes and scales, write the compute dtype once
 # (int8: one fused multiply; fp8: a cast then a multiply; int4: two nibble writes, then subtract,
-# scale and shift; lossless: one interleave of the planes).
+# scale and shift; lossless: one interleave of the planes). The groups' scales (4/128 B a weight for
+# int8, fp8 and int4) are left out: a few percent of the traffic, read once per group.
 EXPAND_TRAFFIC = {"int8": 1.5, "fp8": 3.5, "int4": 7.5, "lossless": 2.0}
 
 
@@ -75,15 +78,14 @@ def lossless_ratio(dtype_bytes: int, high_plane_ratio: float = LOSSLESS_HIGH_PLA
     return (dtype_bytes - 1 + high_plane_ratio) / dtype_bytes
 
 
-def encoded_bytes(fmt: str, layer_bytes: int, dtype_bytes: int, hidden: int,
+def encoded_bytes(fmt: str, layer_bytes: int, dtype_bytes: int,
                   high_plane_ratio: float = LOSSLESS_HIGH_PLANE_PRIOR) -> int:
     """Bytes a layer of `layer_bytes` (in the compute dtype) sends per trip in `fmt`."""
     params = layer_bytes // dtype_bytes
-    rows = params // max(hidden, 1)
     if fmt == NATIVE:
         return layer_bytes
     if fmt in ("int8", "fp8"):
-        return params + SCALE_BYTES * rows
+        return params + SCALE_BYTES * (params // SCALED_GROUP)
     if fmt == "int4":
         return params // 2 + GROUP_PAIR_BYTES * (params // INT4_GROUP)
     if fmt == "lossless":
@@ -124,7 +126,7 @@ def choose(fp: Footprint, fmt: str, high_plane_ratio: float | None = None,
     """The bytes `fmt` sends for each layer of `fp`: `exact` (counted by the runtime from the tensors)
     when given, else the estimate above; lossless at `high_plane_ratio`, else the prior (assumed)."""
     ratio = LOSSLESS_HIGH_PLANE_PRIOR if high_plane_ratio is None else high_plane_ratio
-    sizes = exact or tuple(encoded_bytes(fmt, b, fp.dtype_bytes, fp.hidden_size, ratio) for b in fp.layer_bytes)
+    sizes = exact or tuple(encoded_bytes(fmt, b, fp.dtype_bytes, ratio) for b in fp.layer_bytes)
     scratch = max((expand_scratch_bytes(fmt, b, fp.dtype_bytes) for b in fp.layer_bytes), default=0)
     if fmt != NATIVE:
         scratch += STAGING_BUFFERS * max(sizes, default=0)

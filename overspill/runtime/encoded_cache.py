@@ -27,7 +27,7 @@ from .layout import LayerLayout
 from .quant import Part
 from .sources import cache_dir
 
-VERSION = 2  # bump when the container changes
+VERSION = 3  # bump when the container changes (3: int8 / fp8 scales per group of inputs, not per row)
 
 
 def cache_folder(weights_dir: Path, fmt: str, dtype: torch.dtype, codec: str) -> Path:

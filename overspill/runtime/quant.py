@@ -4,9 +4,11 @@ Each weight is treated as [rows, cols] (rows = every leading dim, so fused exper
 too) and quantized along its last dim. Encoding runs once at load, on the GPU when there is one;
 expansion runs every step, into the compute dtype in a ring slot, with plain torch ops that write
 the slot directly (no full-size temporaries):
-- int8: symmetric, a float32 scale per row; one fused multiply `q * scale` into the slot.
-- fp8: e4m3 codes, a float32 scale per row mapping the row's largest magnitude to 448; a cast
-  into the slot (e4m3 is exact in bf16) then a multiply.
+- int8: symmetric, a float32 scale per group of `SCALED_GROUP` inputs (absmax / 127); one fused
+  multiply `q * scale` of [rows, groups, group] codes by [rows, groups, 1] scales into the slot.
+- fp8: e4m3 codes, a float32 scale per group of `SCALED_GROUP` inputs mapping the group's largest
+  magnitude to 448; a cast into the slot (e4m3 is exact in bf16) then a multiply by the groups' scales.
+  An int8 / fp8 weight whose inputs no group size of 32 or more divides gets one scale per row.
 - int4: asymmetric groups of `group` inputs with a bf16 scale and zero each, `w ~ (q - 8) * scale + zero`
   with q in 0..15 (the convention of torch's int4 kernels and of `runtime.self_draft`); two codes a
   byte, the even column in the high nibble. Expansion writes both nibbles into the slot, then
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..planning.formats import INT4_GROUP
+from ..planning.formats import INT4_GROUP, SCALED_GROUP
 from .self_draft import QUANT_ROWS, _group_for
 
 FP8 = torch.float8_e4m3fn
@@ -63,13 +65,18 @@ def int4_group(shape: tuple[int, ...]) -> int | None:
     return _group_for(shape[-1], INT4_GROUP)
 
 
+def scaled_group(shape: tuple[int, ...]) -> int:
+    """Inputs per scale of an int8 / fp8 weight of `shape`: the largest of 256, 128, 64, 32 up to
+    `SCALED_GROUP` that divides its inputs, as int4 picks, else the whole row (one scale per row)."""
+    return _group_for(shape[-1], SCALED_GROUP) or shape[-1]
+
+
 def part_shapes(kind: str, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) of each part `kind` encodes a weight of `shape` into."""
     rows, cols = rows_cols(shape)
-    if kind == "int8":
-        return [((rows, cols), torch.int8), ((rows, 1), torch.float32)]
-    if kind == "fp8":
-        return [((rows, cols), FP8), ((rows, 1), torch.float32)]
+    if kind in ("int8", "fp8"):
+        groups = cols // scaled_group(shape)
+        return [((rows, cols), torch.int8 if kind == "int8" else FP8), ((rows, groups, 1), torch.float32)]
     if kind == "int4":
         groups = cols // int4_group(shape)
         return [((rows, cols // 2), torch.uint8), ((rows, groups, 1), INT4_STORE), ((rows, groups, 1), INT4_STORE)]
@@ -94,13 +101,14 @@ def encode(kind: str, weight: torch.Tensor, parts: list[torch.Tensor]) -> None:
         stop = min(start + step, rows)
         w = flat[start:stop].to(dtype=torch.float32, copy=True)
         chunk = [p[start:stop] for p in parts]
-        if kind == "int8":
-            scale = w.abs().amax(dim=1, keepdim=True).div_(INT8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
-            chunk[0].copy_(w.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX))
-            chunk[1].copy_(scale)
-        elif kind == "fp8":
-            scale = w.abs().amax(dim=1, keepdim=True).div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
-            chunk[0].copy_(w.div_(scale).clamp_(-FP8_MAX, FP8_MAX))
+        if kind in ("int8", "fp8"):
+            top = INT8_MAX if kind == "int8" else FP8_MAX
+            g = w.view(stop - start, chunk[1].shape[1], -1)  # [rows, groups, group]
+            scale = g.abs().amax(dim=-1, keepdim=True).div_(top).clamp_(min=torch.finfo(torch.float32).tiny)
+            g.div_(scale)
+            if kind == "int8":
+                g.round_()
+            chunk[0].view(g.shape).copy_(g.clamp_(-top, top))  # fp8: the cast rounds to nearest even
             chunk[1].copy_(scale)
         else:
             _encode_int4(w, cols // chunk[1].shape[1], chunk)
@@ -123,11 +131,14 @@ def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor) -> None:
     """Write the weight `parts` encode into `out` (its compute dtype and shape), on the current stream."""
     rows, cols = rows_cols(tuple(out.shape))
     dst = out.view(rows, cols)
-    if kind == "int8":
-        torch.mul(parts[0], parts[1], out=dst)
-    elif kind == "fp8":
-        dst.copy_(parts[0])
-        dst.mul_(parts[1])
+    if kind in ("int8", "fp8"):
+        codes, scale = parts
+        groups = dst.view(rows, scale.shape[1], -1)  # [rows, groups, group], scale [rows, groups, 1]
+        if kind == "int8":
+            torch.mul(codes.view(groups.shape), scale, out=groups)
+        else:
+            dst.copy_(codes)  # float8 takes no part in type promotion: cast first, then scale in place
+            groups.mul_(scale)
     else:
         packed, scale, zero = parts
         pairs = dst.view(rows, cols // 2, 2)
