@@ -313,7 +313,39 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     _add_cpu_compute_arg(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan, "
                       "and with --speculate its forecast) instead of the table.")
-    plan.set_defaults(func=commands.plan_main)
+    plan.add_argument("--gpus", type=int, default=None, metavar="N",
+                      help="also show the pipeline over N GPUs that `run --gpus N` would start: each GPU's span of "
+                      "layers under its own --gpu-memory, bytes over its link and predicted time (balanced on the "
+                      "slowest GPU). Default: one GPU.")
+    plan.set_defaults(func=_plan_with_gpus)
+
+
+def _plan_with_gpus(args: argparse.Namespace) -> int:
+    """`plan`, then with --gpus N > 1 the pipeline split (`planning.pipeline.split_layers`) for the same
+    workload, every GPU with the same budget and the profile's link."""
+    gpus = args.gpus or 1
+    if gpus < 1:
+        raise OverspillError(f"--gpus must be at least 1, got {gpus}")
+    if gpus > 1 and args.json:
+        raise OverspillError("--gpus with --json is not supported yet: drop one of them")
+    code = commands.plan_main(args)
+    if gpus > 1:
+        from .planning.pipeline import split_layers
+        from .planning.placement import serving_pass_tokens
+        from .planning.plan import Workload
+
+        spec = commands._plan_spec(args.model, args.dtype)
+        profile, _ = commands._plan_profile(args.profile)
+        budget = commands._plan_budget(args.gpu_memory, profile)
+        workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
+        split = split_layers(spec, [budget] * gpus, workload, args.depth, profile)
+        one = split_layers(spec, [budget], workload, args.depth, profile)
+        print()
+        print(split.summary())
+        print(f"  against one GPU: {one.step_seconds * 1e3:.1f} ms a step ({args.batch / one.step_seconds:.2f} tok/s): "
+              f"{one.step_seconds / split.step_seconds:.2f}x predicted (the ranks run one after another; more GPUs "
+              f"keep more layers resident, so fewer bytes cross the links)")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,27 @@ def test_run_help_documents_the_rank_flags() -> None:
     run = next(a for a in parser._subparsers._group_actions).choices["run"]
     text = run.format_help()
     assert "--gpus N" in text and "--ranks N" in text and "torchrun" in text
+
+
+def test_torchrun_starts_the_same_pipeline(default_model_dir) -> None:
+    # torchrun sets RANK/WORLD_SIZE/MASTER_*: each process runs as one rank (gloo without CUDA)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    args = ("run", "--prompt", "Hi", "--max-new-tokens", "8")
+    one = run_cli(*args)
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "overspill", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    answer = one.stdout.split("> Hi\n", 1)[1].splitlines()[0]
+    assert two.stdout.split("> Hi\n", 1)[1].splitlines()[0] == answer
+    assert "pipeline over 2 ranks" in two.stdout and two.stdout.count("> Hi") == 1
+
+
+def test_plan_shows_the_split_over_gpus(capsys) -> None:
+    assert cli.main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline over 2 ranks" in out and "rank 1: layers 40-79" in out
+    assert "against one GPU" in out and "x predicted" in out
+    assert cli.main(["plan", "llama-3-70b", "--gpus", "2", "--json"]) == 1
+    assert "--gpus with --json is not supported yet" in capsys.readouterr().err
