@@ -330,7 +330,7 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
         raise OverspillError("--gpus with --json is not supported yet: drop one of them")
     code = commands.plan_main(args)
     if gpus > 1:
-        from .planning.pipeline import split_layers
+        from .planning.pipeline import split_layers, tensor_parallel_estimate
         from .planning.placement import serving_pass_tokens
         from .planning.plan import Workload
 
@@ -345,6 +345,13 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
         print(f"  against one GPU: {one.step_seconds * 1e3:.1f} ms a step ({args.batch / one.step_seconds:.2f} tok/s): "
               f"{one.step_seconds / split.step_seconds:.2f}x predicted (the ranks run one after another; more GPUs "
               f"keep more layers resident, so fewer bytes cross the links)")
+        try:
+            tp = tensor_parallel_estimate(spec, budget, gpus, workload, args.depth, profile)
+            print(f"  tensor parallel over {gpus} GPUs (not implemented; a prediction with assumed join costs): "
+                  f"{tp.step_seconds * 1e3:.1f} ms a step, {tp.speedup_vs_pipeline:.2f}x the pipeline (every link "
+                  f"copies its share of each layer at once)")
+        except OverspillError as exc:
+            print(f"  tensor parallel over {gpus} GPUs: {exc}")
     return code
 
 

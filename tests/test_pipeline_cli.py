@@ -79,6 +79,6 @@ def test_plan_shows_the_split_over_gpus(capsys) -> None:
     assert cli.main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "pipeline over 2 ranks" in out and "rank 1: layers 40-79" in out
-    assert "against one GPU" in out and "x predicted" in out
+    assert "against one GPU" in out and "x predicted" in out and "tensor parallel over 2 GPUs (not implemented" in out
     assert cli.main(["plan", "llama-3-70b", "--gpus", "2", "--json"]) == 1
     assert "--gpus with --json is not supported yet" in capsys.readouterr().err

@@ -119,3 +119,20 @@ def test_split_is_data() -> None:
 def test_pipeline_planner_imports_no_torch() -> None:
     code = "import overspill.planning.pipeline, sys; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tensor_parallel_prediction_divides_the_link_where_the_pipeline_cannot() -> None:
+    # A prediction (assumed join costs), not a measurement: at batch 1 and 24 GiB per GPU the pipeline's ranks
+    # take turns on their links while tensor-parallel shards copy at once, so TP is well over the pipeline.
+    from overspill.planning.pipeline import tensor_parallel_estimate
+
+    one = split_layers(SPEC, [24 * GiB], Workload(4096, 1), profile=H100).step_seconds
+    for gpus in (2, 4):
+        tp = tensor_parallel_estimate(SPEC, 24 * GiB, gpus, Workload(4096, 1), profile=H100)
+        assert tp.speedup_vs_pipeline > 1.5 and one / tp.step_seconds > gpus  # N links and N budgets
+        assert tp.join_seconds < 0.02 * tp.step_seconds  # 160 small all-reduces: ~3 ms against 0.2-0.9 s
+    wide = tensor_parallel_estimate(SPEC, 24 * GiB, 2, Workload(512, 32), profile=H100)
+    narrow = tensor_parallel_estimate(SPEC, 24 * GiB, 2, Workload(512, 1), profile=H100)
+    assert wide.join_seconds > narrow.join_seconds  # joins carry batch x hidden
+    with pytest.raises(OverspillError, match="8 KV heads do not split over 3 GPUs"):
+        tensor_parallel_estimate(SPEC, 24 * GiB, 3)

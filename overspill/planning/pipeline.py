@@ -228,3 +228,62 @@ def global_plan(plan: Plan, span: RankSpan, num_layers: int) -> Plan:
         plan, layer_tiers=tiers, kv_host_layers=tuple(i + before for i in plan.kv_host_layers),
         embed_tier=plan.embed_tier if span.ends else Tier.DEVICE, notes=plan.notes + (note,),
     )
+
+
+# --- Tensor parallel over GPUs: a prediction only (not implemented; reasoning from the cost model) ---
+#
+# Each of N GPUs would hold 1/N of every layer (KV-head groups and MLP columns, as the CPU rank splits
+# a layer: `runtime/split_layer.py`) and of the LM head (vocabulary rows), and stream its 1/N of each
+# streamed layer over its own link, all N links at once. A layer then costs two joins (all-reduce of
+# [batch x tokens, hidden] after attention and after the MLP). So per step:
+#     t = max(link / N-way, gpu / N-way, host) + 2 x layers x join(batch)
+# The link term is what a pipeline cannot divide: at batch 1 the ranks of a pipeline take turns on
+# their links, those of tensor parallelism copy at once.
+JOIN_LATENCY_S = 20e-6  # ASSUMED per all-reduce (NCCL, small messages, NVLink); not measured here
+JOIN_BYTES_S = 100e9  # ASSUMED all-reduce bus bandwidth for large messages (NVLink); PCIe-only hosts: ~20e9
+
+
+@dataclass(frozen=True)
+class TensorParallelEstimate:
+    """Predicted decode step of tensor parallelism over `gpus` GPUs, beside the pipeline's (a prediction
+    from assumed join costs; nothing here is measured)."""
+
+    gpus: int
+    streamed_bytes_per_gpu: int
+    step_seconds: float
+    join_seconds: float
+    pipeline_step_seconds: float
+
+    @property
+    def speedup_vs_pipeline(self) -> float:
+        return self.pipeline_step_seconds / self.step_seconds
+
+
+def shard_spec(spec: ModelSpec, gpus: int) -> ModelSpec:
+    """One GPU's 1/`gpus` of every layer, of the embedding and of the head (byte counts divided)."""
+    layers = tuple(replace(layer, attention_bytes=layer.attention_bytes // gpus, mlp_bytes=layer.mlp_bytes // gpus,
+                           expert_bytes=layer.expert_bytes // gpus, router_bytes=layer.router_bytes,
+                           kv_bytes_per_token=layer.kv_bytes_per_token // gpus, padding_bytes=0)
+                   for layer in spec.layers)
+    return replace(spec, layers=layers, embed_bytes=spec.embed_bytes // gpus, head_bytes=spec.head_bytes // gpus,
+                   num_attention_heads=max(spec.num_attention_heads // gpus, 1),
+                   num_kv_heads=max(spec.num_kv_heads // gpus, 1))
+
+
+def tensor_parallel_estimate(spec: ModelSpec, budget: int | None, gpus: int, workload: Workload = Workload(),
+                             depth: int = DEFAULT_DEPTH, profile: Profile | None = None,
+                             join_latency_s: float = JOIN_LATENCY_S, join_bytes_s: float = JOIN_BYTES_S,
+                             ) -> TensorParallelEstimate:
+    """Predicted decode step of `gpus`-way tensor parallelism, every GPU under `budget`, against the
+    pipeline over the same GPUs (`split_layers`). Raises OverspillError where the shard does not fit."""
+    machine = profile or REFERENCE_PROFILES[REFERENCE]
+    if spec.num_kv_heads % gpus:
+        raise OverspillError(f"{spec.num_kv_heads} KV heads do not split over {gpus} GPUs")
+    shard = shard_spec(spec, gpus)
+    plan = place(footprint_from_spec(shard), budget, workload, depth)
+    compute = _seconds(shard, plan, 0, len(shard.layers), True, machine)
+    message = workload.batch * spec.hidden_size * spec.dtype_bytes  # one decode token per sequence
+    joins = 2 * len(spec.layers) * (join_latency_s + message / join_bytes_s) if gpus > 1 else 0.0
+    pipeline = split_layers(spec, [budget] * gpus, workload, depth, profile)
+    return TensorParallelEstimate(gpus, plan.streamed_bytes_per_step + plan.kv_host_bytes, compute + joins, joins,
+                                  pipeline.step_seconds)
