@@ -5,7 +5,7 @@ position ids, rotary embeddings and cache lengths are computed alike everywhere 
 What a rank does not own holds no weights:
 
 - decoder layers of other ranks are `PipelineLayer`s without a block: hidden states pass through
-  untouched, and each writes zero-width KV into the cache, so the cache's lengths (which positions
+  untouched, and each writes one-element-wide KV into the cache, so the cache's lengths (which positions
   and masks are computed from) stay those of one process;
 - on ranks other than 0 the input embedding is a `ZeroEmbedding` and the LM head a `RemoteHead`.
 
@@ -88,13 +88,15 @@ class PipelineLayer(nn.Module):
         return hidden_states
 
     def _count_tokens(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
-        """Zero-width KV for this layer, so the cache's lengths and masks match one process's."""
+        """One-element-wide KV for this layer, so the cache's lengths and masks match one process's: one
+        head of width 1 per token (transformers 5.17 counts a cache layer holding no elements as empty,
+        whatever its shape, and then sizes masks without the padding of earlier tokens)."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None or not kwargs.get("use_cache", True):
             return
         batch, tokens = hidden_states.shape[:2]
-        empty = hidden_states.new_empty(batch, 1, tokens, 0)
-        cache.update(empty, empty, self.index)
+        marks = hidden_states.new_zeros(batch, 1, tokens, 1)
+        cache.update(marks, marks, self.index)
 
     def __getattr__(self, name: str) -> Any:
         try:
