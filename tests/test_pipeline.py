@@ -154,3 +154,15 @@ def test_a_single_rank_pipeline_is_the_plain_model(deep_checkpoint, monkeypatch)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_host_tier_kv_and_host_embedding_on_ranks(deep_checkpoint) -> None:
+    # --kv-gpu-memory applies to each rank's own KV: every layer's KV of a span in pinned host memory, read with
+    # its layer; rank 0's budget also moves the (untied) input embedding to the host
+    path = deep_checkpoint("llama")
+    ids, mask = prompt()
+    want = one_process(path, ids, mask, gpu_memory=None)
+    results = pipeline(path, 2, ids, mask, gpu_memory=900_000, depth=1, kv_gpu_memory=40_000)
+    assert all(r["tokens"] == want for r in results)
+    assert f"in pinned host memory (layers {results[1]['start']}-15" in results[1]["summary"]
+    assert "embeddings: host" in results[0]["summary"]
