@@ -1,7 +1,7 @@
 """A pipeline over layers on 1, 2 or 4 GPUs (issue 18): greedy decode of one random-weight shape with
 each GPU's budget capped so layers stream, at batch 1 and batch 32.
 
-Per GPU count, `overspill.launch.spawn` starts that many ranks (NCCL, NCCL_NVLS_ENABLE=0); each loads
+Per GPU count, `overspill.runtime.launch.spawn` starts that many ranks (NCCL, NCCL_NVLS_ENABLE=0); each loads
 its span with `overspill.load(pipeline=True, gpu_memory=BUDGET)` (the same per-GPU budget whatever the
 count) and decodes every batch alike; rank 0 times it. Recorded per GPU count: every rank's span,
 resident and streamed layers, bytes over its own link per step, planned and peak GPU memory, hidden-state
@@ -62,7 +62,7 @@ def bench_rank(load_kwargs: dict, batches: list[int], prompt_tokens: int, new_to
     from dataclasses import asdict
 
     import overspill
-    from overspill.launch import model_stage
+    from overspill.runtime.launch import model_stage
     from overspill.runtime.loader import placement_of
 
     t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
 
-    from overspill.launch import spawn
+    from overspill.runtime.launch import spawn
     from overspill.runtime.hardware import machine_facts
 
     out_dir = Path(args.out)

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from . import commands, launch
+from . import commands
 from .errors import OverspillError
 from .planning.configs import shipped_names
 from .planning.moe import MOE_STREAMING
@@ -16,6 +16,7 @@ from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
 from .planning.spec import DEFAULT_DTYPE
 from .planning.speculation import ASSUMED_ACCEPTANCE, SOURCES
 from .planning.units import format_bytes
+from .runtime import launch
 from .serving.defaults import (
     DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, DEFAULT_MAX_CHAIN, DEFAULT_MAX_NEW_TOKENS_LIMIT,
     DEFAULT_MAX_QUEUE, DEFAULT_PORT,
@@ -68,6 +69,81 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     _add_cpu_compute_arg(p)
     _add_moe_streaming_arg(p)
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
+
+
+def _run_main(args: argparse.Namespace) -> int:
+    """`overspill run` with `--gpus N` / `--ranks N` (this process starts the ranks) or under torchrun
+    (this process is one); otherwise the one-process `run`."""
+    for flag in ("gpus", "ranks"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise OverspillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
+    if launch.world_size() > 1:  # torchrun started this process as one rank
+        _run_rank(args)
+        return 0
+    if ranks == 1:
+        return commands.run_main(args)
+    if getattr(args, "gpus", None):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OverspillError(f"--gpus {ranks} needs CUDA GPUs and none is available: on the CPU, --ranks {ranks} "
+                                 f"runs the same pipeline in gloo processes")
+        launch.spawn(_run_rank, ranks, (args,), backend_name="nccl")
+    else:
+        launch.spawn(_run_rank, ranks, (args,), backend_name="gloo")
+    return 0
+
+
+def _run_rank(args: argparse.Namespace) -> None:
+    """One rank of `overspill run`: load its span (`load(pipeline=True)`), generate like every rank;
+    rank 0 prints the split, its placement, the answer and the speed."""
+    import torch
+    import torch.distributed as dist
+
+    from .api import load
+    from .run import TimingStreamer, _prompt_ids, timed_generate
+    from .runtime.loader import placement_of
+    from .runtime.pipeline import rank_summary
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(
+        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
+        depth=args.depth, context=args.context, device=args.device, seed=args.seed,
+        kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
+        streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
+        stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
+        moe_streaming=getattr(args, "moe_streaming", "auto"), pipeline=True, progress=False,
+    )
+    stage, placement = launch.model_stage(model), placement_of(model)
+    summaries: list = [None] * stage.world
+    dist.all_gather_object(summaries, rank_summary(stage, placement))
+    lead = stage.rank == 0
+    if lead:
+        print(stage.split.summary())
+        print("\n\n".join(summaries))
+    if args.max_new_tokens < 1:
+        return
+    vocab = model.config.get_text_config().vocab_size
+    ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
+    if lead:
+        print(f"\n> {args.prompt}")
+    streamer = TimingStreamer(tokenizer, echo=lead)
+    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
+    streamed: list = [None] * stage.world
+    dist.all_gather_object(streamed, placement.plan.streamed_bytes_per_step)
+    if not lead:
+        return
+    if tokenizer is None:
+        print(streamer.tokens)
+    link = sum(streamed)
+    line = (f"\n{timing.new_tokens} tokens; prefill {timing.prefill_seconds * 1e3:.0f} ms; decode "
+            f"{timing.decode_tokens_per_second:.2f} tok/s over {stage.world} ranks ({placement.device.type})")
+    if link:
+        line += (f"; {format_bytes(link)} over {stage.world} links per token = "
+                 f"{link * timing.decode_tokens_per_second / 1e9:.1f} GB/s in all")
+    print(line, flush=True)
 
 
 def _add_rank_args(p: argparse.ArgumentParser) -> None:
@@ -155,7 +231,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      "small model with the same tokenizer) or 'auto' (ngram where the plan streams, else off). "
                      "Greedy output stays plain greedy's. Default: off.")
     _add_rank_args(run)
-    run.set_defaults(func=launch.run_main)
+    run.set_defaults(func=_run_main)
     _add_probe_parser(sub)
     _add_plan_parser(sub)
     _add_serve_parser(sub)
@@ -321,7 +397,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan_with_gpus(args: argparse.Namespace) -> int:
-    """`plan`, then with --gpus N > 1 the pipeline split (`planning.pipeline.split_layers`) for the same
+    """`plan`, then with --gpus N > 1 the pipeline split (`planning.pipeline.comparison_lines`) for the same
     workload, every GPU with the same budget and the profile's link."""
     gpus = args.gpus or 1
     if gpus < 1:
@@ -330,7 +406,7 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
         raise OverspillError("--gpus with --json is not supported yet: drop one of them")
     code = commands.plan_main(args)
     if gpus > 1:
-        from .planning.pipeline import split_layers, tensor_parallel_estimate
+        from .planning.pipeline import comparison_lines
         from .planning.placement import serving_pass_tokens
         from .planning.plan import Workload
 
@@ -338,20 +414,8 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
         profile, _ = commands._plan_profile(args.profile)
         budget = commands._plan_budget(args.gpu_memory, profile)
         workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
-        split = split_layers(spec, [budget] * gpus, workload, args.depth, profile)
-        one = split_layers(spec, [budget], workload, args.depth, profile)
         print()
-        print(split.summary())
-        print(f"  against one GPU: {one.step_seconds * 1e3:.1f} ms a step ({args.batch / one.step_seconds:.2f} tok/s): "
-              f"{one.step_seconds / split.step_seconds:.2f}x predicted (the ranks run one after another; more GPUs "
-              f"keep more layers resident, so fewer bytes cross the links)")
-        try:
-            tp = tensor_parallel_estimate(spec, budget, gpus, workload, args.depth, profile)
-            print(f"  tensor parallel over {gpus} GPUs (not implemented; a prediction with assumed join costs): "
-                  f"{tp.step_seconds * 1e3:.1f} ms a step, {tp.speedup_vs_pipeline:.2f}x the pipeline (every link "
-                  f"copies its share of each layer at once)")
-        except OverspillError as exc:
-            print(f"  tensor parallel over {gpus} GPUs: {exc}")
+        print("\n".join(comparison_lines(spec, budget, gpus, workload, args.depth, profile)))
     return code
 
 

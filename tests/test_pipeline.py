@@ -1,6 +1,6 @@
 """A pipeline over layers (issue 18) on the CPU: 2 and 4 gloo ranks in processes give one process's tokens.
 
-Each rank is a process started by `overspill.launch.spawn` with torchrun's variables; it loads the
+Each rank is a process started by `overspill.runtime.launch.spawn` with torchrun's variables; it loads the
 same checkpoint with `overspill.load(pipeline=True)` under its own budget, places its own span of
 decoder layers (streaming some of them through its own ring), and runs `generate` like the others.
 The checkpoints are 16-layer versions of conftest's tiny architectures, so that 4 ranks of 4 layers
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import overspill
-from overspill.launch import _free_port, generate_rank, spawn
+from overspill.runtime.launch import _free_port, spawn
+from pipeline_ranks import generate_rank
 from overspill.runtime.loader import placement_of
 
 from conftest import TINY_CONFIGS, VOCAB

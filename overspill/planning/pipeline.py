@@ -287,3 +287,23 @@ def tensor_parallel_estimate(spec: ModelSpec, budget: int | None, gpus: int, wor
     pipeline = split_layers(spec, [budget] * gpus, workload, depth, profile)
     return TensorParallelEstimate(gpus, plan.streamed_bytes_per_step + plan.kv_host_bytes, compute + joins, joins,
                                   pipeline.step_seconds)
+
+
+def comparison_lines(spec: ModelSpec, budget: int | None, gpus: int, workload: Workload = Workload(),
+                     depth: int = DEFAULT_DEPTH, profile: Profile | None = None) -> list[str]:
+    """`overspill plan --gpus N`: the pipeline's split over N GPUs of `budget` each, its predicted ratio to one
+    GPU, and tensor parallelism's prediction beside it (labelled: not implemented)."""
+    split = split_layers(spec, [budget] * gpus, workload, depth, profile)
+    one = split_layers(spec, [budget], workload, depth, profile)
+    lines = split.summary().splitlines()
+    lines.append(f"  against one GPU: {one.step_seconds * 1e3:.1f} ms a step ({workload.batch / one.step_seconds:.2f} "
+                 f"tok/s): {one.step_seconds / split.step_seconds:.2f}x predicted (the ranks run one after another; "
+                 f"more GPUs keep more layers resident, so fewer bytes cross the links)")
+    try:
+        tp = tensor_parallel_estimate(spec, budget, gpus, workload, depth, profile)
+        lines.append(f"  tensor parallel over {gpus} GPUs (not implemented; a prediction with assumed join costs): "
+                     f"{tp.step_seconds * 1e3:.1f} ms a step, {tp.speedup_vs_pipeline:.2f}x the pipeline (every link "
+                     f"copies its share of each layer at once)")
+    except OverspillError as exc:
+        lines.append(f"  tensor parallel over {gpus} GPUs: {exc}")
+    return lines

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import OverspillError, one_line
+from ..errors import OverspillError, one_line
 
 # NVLink multicast (NVLS) stays off: the lent multi-GPU machines hang or fail with it on (KINDS.md).
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0"}
@@ -156,34 +156,6 @@ def _error(out: str, rank: int) -> bool:
         return False
 
 
-def generate_rank(load_kwargs: dict, input_ids: list[list[int]], generate_kwargs: dict, seed: int = 0,
-                  attention_mask: list[list[int]] | None = None) -> dict:
-    """One rank of a pipeline: `overspill.load(pipeline=True, **load_kwargs)`, then `generate` on `input_ids`
-    (every rank alike; `attention_mask` for left-padded rows). Returns this rank's tokens, span, plan facts
-    and hidden-state bytes sent."""
-    import torch
-
-    from .api import load
-    from .runtime.loader import placement_of
-    from .runtime.pipeline import rank_summary
-
-    torch.manual_seed(seed)  # sampling draws alike on every rank
-    model, _ = load(pipeline=True, progress=False, **load_kwargs)
-    placement = placement_of(model)
-    ids = torch.tensor(input_ids, dtype=torch.long, device=placement.device)
-    with torch.inference_mode():
-        mask = torch.ones_like(ids) if attention_mask is None else torch.tensor(attention_mask, device=ids.device)
-        out = model.generate(ids, attention_mask=mask, **generate_kwargs)
-    import torch.distributed as dist
-
-    stage = model_stage(model)
-    span = stage.span
-    return {"rank": dist.get_rank(), "tokens": out.tolist(), "start": span.start, "stop": span.stop,
-            "streamed_layers": list(placement.plan.streamed_layers), "resident_layers": span.resident_layers,
-            "sent_bytes": stage.links.sent, "messages": stage.links.messages, "summary": rank_summary(stage, placement),
-            "split": stage.split.summary()}
-
-
 def model_stage(model):
     """The `runtime.pipeline.PipelineStage` a model was loaded as (`load(pipeline=True)`)."""
     stage = getattr(model, "pipeline_stage", None)
@@ -191,80 +163,3 @@ def model_stage(model):
         raise OverspillError("this model was not loaded with pipeline=True")
     return stage
 
-
-def run_main(args) -> int:
-    """`overspill run` with `--gpus N` / `--ranks N` (this process starts the ranks) or under torchrun
-    (this process is one); otherwise the one-process `run`."""
-    from .commands import run_main as run_one
-
-    for flag in ("gpus", "ranks"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            raise OverspillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
-    if world_size() > 1:  # torchrun started this process as one rank
-        run_rank(args)
-        return 0
-    if ranks == 1:
-        return run_one(args)
-    if getattr(args, "gpus", None):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise OverspillError(f"--gpus {ranks} needs CUDA GPUs and none is available: on the CPU, --ranks {ranks} "
-                                 f"runs the same pipeline in gloo processes")
-        spawn(run_rank, ranks, (args,), backend_name="nccl")
-    else:
-        spawn(run_rank, ranks, (args,), backend_name="gloo")
-    return 0
-
-
-def run_rank(args) -> None:
-    """One rank of `overspill run`: load its span (`load(pipeline=True)`), generate like every rank;
-    rank 0 prints the split, its placement, the answer and the speed."""
-    import torch
-    import torch.distributed as dist
-
-    from .api import load
-    from .planning.units import format_bytes
-    from .run import TimingStreamer, _prompt_ids, timed_generate
-    from .runtime.loader import placement_of
-    from .runtime.pipeline import rank_summary
-
-    torch.manual_seed(args.seed)
-    model, tokenizer = load(
-        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
-        depth=args.depth, context=args.context, device=args.device, seed=args.seed,
-        kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
-        streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
-        stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
-        moe_streaming=getattr(args, "moe_streaming", "auto"), pipeline=True, progress=False,
-    )
-    stage, placement = model_stage(model), placement_of(model)
-    summaries: list = [None] * stage.world
-    dist.all_gather_object(summaries, rank_summary(stage, placement))
-    lead = stage.rank == 0
-    if lead:
-        print(stage.split.summary())
-        print("\n\n".join(summaries))
-    if args.max_new_tokens < 1:
-        return
-    vocab = model.config.get_text_config().vocab_size
-    ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
-    if lead:
-        print(f"\n> {args.prompt}")
-    streamer = TimingStreamer(tokenizer, echo=lead)
-    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
-    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
-    streamed: list = [None] * stage.world
-    dist.all_gather_object(streamed, placement.plan.streamed_bytes_per_step)
-    if not lead:
-        return
-    if tokenizer is None:
-        print(streamer.tokens)
-    link = sum(streamed)
-    line = (f"\n{timing.new_tokens} tokens; prefill {timing.prefill_seconds * 1e3:.0f} ms; decode "
-            f"{timing.decode_tokens_per_second:.2f} tok/s over {stage.world} ranks ({placement.device.type})")
-    if link:
-        line += (f"; {format_bytes(link)} over {stage.world} links per token = "
-                 f"{link * timing.decode_tokens_per_second / 1e9:.1f} GB/s in all")
-    print(line, flush=True)

@@ -227,7 +227,7 @@ def join(device: str | torch.device | None, plan: Plan | None, cuda_graphs: bool
     own GPU (cuda:LOCAL_RANK) or the CPU; refuses what does not run in a pipeline yet."""
     import os
 
-    from ..launch import init_process_group
+    from .launch import init_process_group
 
     for what, bad in (("a caller's plan", plan is not None), ("cuda_graphs", cuda_graphs),
                       ("speculate", speculate is not None), ("cpu_compute", cpu_compute not in ("off", 0, 0.0)),
