@@ -79,7 +79,9 @@ class PipelineSplit:
 
     @property
     def slowest_seconds(self) -> float:
-        """The slowest rank: a step's time once micro-batches keep every rank busy."""
+        """The slowest rank's part of a step. Micro-batches would bring a step down to it only where ranks
+        are compute-bound; a link-bound rank streams its layers again for every micro-batch, so there the
+        step stays about `step_seconds` (module docstring)."""
         return max(s.seconds for s in self.spans)
 
     @property
