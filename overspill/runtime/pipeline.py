@@ -236,6 +236,8 @@ def join(device: str | torch.device | None, plan: Plan | None, cuda_graphs: bool
         if bad:
             raise OverspillError(f"a pipeline over GPUs does not combine with {what} yet: drop it or run on one GPU")
     rank, world = init_process_group()
+    if device is not None and world > 1 and torch.device(device).type == "cuda":
+        raise OverspillError(f"a pipeline of {world} ranks puts rank r on cuda:LOCAL_RANK: drop --device {device}")
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and os.environ.get("OVERSPILL_BACKEND", "") != "gloo"
