@@ -138,7 +138,8 @@ def test_int4_error_is_half_a_step_per_group(dtype: torch.dtype) -> None:
     # half a step, plus the bf16 rounding of the stored scale and zero and of the expanded value
     slack = (g.abs().amax(dim=-1, keepdim=True) + g.abs()) * 2**-7
     assert ((got - g).abs() <= step / 2 + slack).all()
-    assert (got - g).abs().mean() < (step / 4).mean()  # codes are rounded, not truncated
+    # codes are rounded, not truncated: rounding errs by step / 4 on average (as likely to miss it as not), truncating by step / 2
+    assert (got - g).abs().mean() < (step / 3).mean()
 
 
 def test_lossy_formats_keep_vectors_and_odd_shapes_raw() -> None:
