@@ -149,13 +149,7 @@ class ModelDrafter:
             logits = self.model(input_ids=feed, **{self._kwarg: self._cache}, use_cache=True).logits[:, -1].float()
             self._ids = torch.cat([self._ids.to(device), feed], dim=1)
             logits = _fit_vocab(logits, self.vocab_size)
-            processed = scores(seq, logits) if scores is not None else logits
-            if sample:
-                p = torch.softmax(processed, dim=-1)
-                token = torch.multinomial(p, 1)
-                probs.append(p[0])
-            else:
-                token = processed.argmax(dim=-1, keepdim=True)
+            token = draft_token(scores(seq, logits) if scores is not None else logits, sample, probs)
             tokens.append(token[0])
             seq = torch.cat([seq, token], dim=1)
             feed = token
@@ -221,6 +215,16 @@ class ModelDrafter:
         drop_last(self._cache, len(fed))  # back to the sequence itself
         self.seconds += time.perf_counter() - start
         return DraftTree(torch.tensor(tokens, dtype=torch.long, device=ids.device), parents)
+
+
+def draft_token(processed: torch.Tensor, sample: bool, probs: list[torch.Tensor]) -> torch.Tensor:
+    """The next drafted token from processed logits [1, vocab]: sampled (its distribution appended to
+    `probs`, which the acceptance rule needs) or greedy."""
+    if not sample:
+        return processed.argmax(dim=-1, keepdim=True)
+    p = torch.softmax(processed, dim=-1)
+    probs.append(p[0])
+    return torch.multinomial(p, 1)
 
 
 def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

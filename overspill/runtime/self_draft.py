@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import OverspillError
 from ..planning.self_draft import INT4_GROUP
-from .drafts import Draft, Scores, drop_last
+from .drafts import Draft, Scores, draft_token, drop_last
 from .executor import StreamedLayer
 from .kv import cache_kwarg
 
@@ -325,13 +325,7 @@ class SelfDrafter:
             self.fed += feed.shape[1]
             self._ids = torch.cat([self._ids, feed], dim=1)
             logits = out.logits[:, -1, : self.vocab_size].float()
-            processed = scores(seq, logits) if scores is not None else logits
-            if sample:
-                p = torch.softmax(processed, dim=-1)
-                token = torch.multinomial(p, 1)
-                probs.append(p[0])
-            else:
-                token = processed.argmax(dim=-1, keepdim=True)
+            token = draft_token(scores(seq, logits) if scores is not None else logits, sample, probs)
             tokens.append(token[0])
             seq = torch.cat([seq, token], dim=1)
             feed = token
