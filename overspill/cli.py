@@ -193,6 +193,14 @@ def _add_cpu_compute_arg(p: argparse.ArgumentParser) -> None:
         "(default). Dense llama/mistral/qwen2/qwen3/phi3/gemma2, bf16 copies, eager decode; serve and batch "
         "run it off (their engine reorders KV rows). `plan --cpu-compute auto` shows the fraction per batch.",
     )
+    p.add_argument(
+        "--cpu-compute-format", default="bf16", choices=["bf16", "int8"],
+        help="how the host keeps and multiplies its share with --cpu-compute: bf16 (default: as loaded, "
+        "GPU-only streaming's arithmetic) or int8 (a byte a weight and a scale per output row, in place of the "
+        "share: about half its host memory and, where `overspill probe` measured it, a faster host GEMV, so "
+        "the planner gives the host a larger share; lossy). Separate from --stream-format, which stays bf16 "
+        "under the CPU rank; serve and batch refuse int8 (they run the CPU rank off).",
+    )
 
 
 def _add_moe_streaming_arg(p: argparse.ArgumentParser) -> None:
