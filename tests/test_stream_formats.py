@@ -123,10 +123,22 @@ def test_fp8_error_is_e4m3_rounding(dtype: torch.dtype) -> None:
     w[3, 5] = 0.5
     got = _layer("fp8", w).float().view(64, 2, 128)
     g = w.float().view(64, 2, 128)
-    scale = g.abs().amax(dim=-1, keepdim=True) / 448  # the group's scale
+    scale = 2 * g.abs().amax(dim=-1, keepdim=True) / 448  # the largest scale a group may choose
     # e4m3: 3 mantissa bits, half a unit = 2^-4 relative; below 2^-6 (subnormal) half a unit = 2^-10 absolute
     bound = g.abs() * 2**-4 + scale * 2**-10 + got.abs() * torch.finfo(dtype).eps
     assert ((got - g).abs() <= bound + 1e-12).all()
+
+
+def test_fp8_scales_are_chosen_for_least_error() -> None:
+    """Each group's scale errs no more than mapping its largest magnitude to 448 (the first scale tried),
+    and over many groups clearly less (~0.79 of the squared error on N(0, 0.02) weights)."""
+    w = torch.randn(64, 1024) * 0.02
+    g = w.view(64, 8, 128)
+    plain = g.abs().amax(dim=-1, keepdim=True) / 448
+    plain_error = ((g / plain).to(torch.float8_e4m3fn).float() * plain - g).square().sum(dim=-1)
+    error = (_layer("fp8", w).view(64, 8, 128) - g).square().sum(dim=-1)
+    assert (error <= plain_error * (1 + 1e-5)).all()
+    assert error.sum() < 0.88 * plain_error.sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
