@@ -209,8 +209,8 @@ def load(
             expands into the compute dtype in its GPU slot, overlapped with compute, and resident
             layers are unchanged. "bf16" (as they are), "lossless" (byte planes with the high plane
             entropy-coded: nvCOMP ANS on a GPU, `pip install 'overspill[compress]'`, zlib on the CPU;
-            identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a scale per output
-            channel), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
+            identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a float32 scale per
+            group of 128 inputs), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
             where nvCOMP is installed and decodes faster than the link, else bf16 with a note.
         moe_streaming: how streamed mixture-of-experts layers move (`overspill.planning.moe`): "experts"
             (the ring carries attention, router, norms and shared experts; only the routed experts the

@@ -177,7 +177,7 @@ def _add_stream_format_arg(p: argparse.ArgumentParser) -> None:
         help="how streamed layers travel over the link; each expands into the compute dtype in its GPU slot and "
         "resident layers are unchanged: bf16 (as they are), lossless (byte planes, the exponent plane entropy-"
         "coded: ~0.68 of the bytes, identical tokens; pip install 'overspill[compress]'), int8 or fp8 (1 byte a "
-        "weight + a scale per output channel; lossy), int4 (0.53 bytes a weight, groups of 128 with zero points; "
+        "weight + a float32 scale per group of 128 inputs; lossy), int4 (0.53 bytes a weight, groups of 128 with zero points; "
         "lossy). auto (default): lossless where the codec is installed and decodes faster than the link, else "
         "bf16; lossy formats only when asked.",
     )
