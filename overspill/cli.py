@@ -102,19 +102,12 @@ def _run_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .api import load
-    from .run import TimingStreamer, _prompt_ids, timed_generate
+    from .run import TimingStreamer, _prompt_ids, load_options, timed_generate
     from .runtime.loader import placement_of
     from .runtime.pipeline import rank_summary
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load(
-        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
-        depth=args.depth, context=args.context, device=args.device, seed=args.seed,
-        kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
-        streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
-        stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
-        moe_streaming=getattr(args, "moe_streaming", "auto"), pipeline=True, progress=False,
-    )
+    model, tokenizer = load(args.model, **load_options(args), pipeline=True, progress=False)
     stage, placement = launch.model_stage(model), placement_of(model)
     summaries: list = [None] * stage.world
     dist.all_gather_object(summaries, rank_summary(stage, placement))

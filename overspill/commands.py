@@ -259,7 +259,7 @@ def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
 
 def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile: Profile):
     """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank`)."""
-    from .planning.cpu_rank import SPLIT_ARCHS, check_format, check_mode, with_cpu_rank
+    from .planning.cpu_rank import SPLIT_ARCHS, checked_options, with_cpu_rank
 
     blocker = None
     if spec.model_type not in SPLIT_ARCHS:
@@ -268,14 +268,7 @@ def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile:
         blocker = f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
     mode = getattr(args, "cpu_compute", "off")
     host_format = getattr(args, "cpu_compute_format", "bf16")
-    try:
-        mode = check_mode(mode)
-    except ValueError as exc:
-        raise OverspillError(f"{exc} (--cpu-compute)") from None
-    try:
-        check_format(host_format, mode)
-    except ValueError as exc:
-        raise OverspillError(str(exc)) from None
+    mode = checked_options(mode, host_format)
     if blocker is not None and mode not in ("auto", "off") and plan.streamed_layers:
         raise OverspillError(f"--cpu-compute {mode}: {blocker}; use --cpu-compute off or auto")
     return with_cpu_rank(fp, plan, profile, mode, blocker, host_format)

@@ -73,20 +73,24 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool, vocab: int) -> torch.Tensor:
     return ids
 
 
+def load_options(args: argparse.Namespace) -> dict:
+    """`load`'s keywords from `run`'s flags, one place for the single process and each pipeline rank."""
+    return dict(
+        gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights, depth=args.depth,
+        context=args.context, device=args.device, seed=args.seed, kv_gpu_memory=args.kv_gpu_memory,
+        cuda_graphs=getattr(args, "cuda_graphs", False), streaming=getattr(args, "streaming", "auto"),
+        speculate=getattr(args, "speculate", None), stream_format=getattr(args, "stream_format", "auto"),
+        cpu_compute=getattr(args, "cpu_compute", "off"), moe_streaming=getattr(args, "moe_streaming", "auto"),
+        cpu_compute_format=getattr(args, "cpu_compute_format", "bf16"),
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     from .api import load, placement_of
 
     if not torch.cuda.is_available():
         print("no CUDA device found: running on the CPU (the same streaming ring, with host copies)")
-    model, tokenizer = load(
-        args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
-        depth=args.depth, context=args.context, device=args.device, seed=args.seed,
-        kv_gpu_memory=args.kv_gpu_memory, cuda_graphs=getattr(args, "cuda_graphs", False),
-        streaming=getattr(args, "streaming", "auto"), speculate=getattr(args, "speculate", None),
-        stream_format=getattr(args, "stream_format", "auto"), cpu_compute=getattr(args, "cpu_compute", "off"),
-        moe_streaming=getattr(args, "moe_streaming", "auto"),
-        cpu_compute_format=getattr(args, "cpu_compute_format", "bf16"),
-    )
+    model, tokenizer = load(args.model, **load_options(args))
     placement = placement_of(model)
     print(placement.summary())
     if args.max_new_tokens < 1:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..errors import OverspillError
 from .costmodel import predict
 from .plan import Footprint, Plan
 from .profile import Profile
@@ -165,6 +166,20 @@ def check_format(host_format: str, mode: str | float = "auto") -> str:
                          f"is off: pass cpu_compute='auto', 'on' or a fraction (--cpu-compute), or leave the "
                          f"format at bf16")
     return host_format
+
+
+def checked_options(mode: str | float, host_format: str) -> str | float:
+    """`--cpu-compute` and `--cpu-compute-format` checked together, as `load` and `plan` take them:
+    the mode, or a one-line OverspillError saying what to pass."""
+    try:
+        mode = check_mode(mode)
+    except ValueError as exc:
+        raise OverspillError(f"{exc} (--cpu-compute)") from None
+    try:
+        check_format(host_format, mode)
+    except ValueError as exc:
+        raise OverspillError(str(exc)) from None
+    return mode
 
 
 def _format_note(fp: Footprint, plan: Plan, profile: Profile | None, fraction: float, host_format: str) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import OverspillError
-from ..planning.cpu_rank import HOST_FORMATS, check_format, check_mode, with_cpu_rank
+from ..planning.cpu_rank import HOST_FORMATS, checked_options, with_cpu_rank
 from ..planning.formats import NATIVE
 from ..planning.plan import Footprint, Plan
 from ..planning.profile import Profile
@@ -230,14 +230,7 @@ def plan_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str 
     """`load(cpu_compute=..., cpu_compute_format=...)`: the plan with its CPU fraction and host format
     (`planning.cpu_rank.with_cpu_rank`); an explicit "on" or fraction that this load cannot honour is
     refused, "auto" notes why it is off."""
-    try:
-        mode = check_mode(mode)
-    except ValueError as exc:
-        raise OverspillError(f"{exc} (--cpu-compute)") from None
-    try:
-        check_format(host_format, mode)
-    except ValueError as exc:
-        raise OverspillError(str(exc)) from None
+    mode = checked_options(mode, host_format)
     why = blocker(plan, config, cuda_graphs, speculate) if plan.streamed_layers and mode != "off" else None
     if why is not None and mode != "auto":
         raise OverspillError(f"--cpu-compute {mode}: {why}; use --cpu-compute off or auto")
