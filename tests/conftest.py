@@ -56,6 +56,20 @@ def hf_config(arch: str):
         return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
+def gpu_memory_before() -> int:
+    """CUDA bytes allocated before a measurement, with earlier tests' models collected and the peak
+    reset: their placed models sit in reference cycles until the next collection, so an absolute
+    peak would count them against this test's budget."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def overspill_cache(tmp_path_factory) -> Path:
     """Point OVERSPILL_CACHE at a session directory, so the embedded-model conversion never touches

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS
+from conftest import ARCHS, gpu_memory_before
 from test_stream_formats import _layer, special_values, tiny_plan
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,11 +51,15 @@ def test_nvcomp_lossless_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
 def test_lossy_expansion_on_cuda_matches_the_cpu(kind: str) -> None:
-    w = (torch.randn(256, 1024) * 0.02).to(torch.bfloat16)
-    cpu = _layer(kind, w)
-    gpu = _cuda_layer(kind, w)
-    # the same codes; the expanded values may differ by the last bit of bf16 arithmetic
-    torch.testing.assert_close(gpu.float(), cpu.float(), rtol=2**-7, atol=1e-6)
+    w = (torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    cpu = _layer(kind, w).float()
+    gpu = _cuda_layer(kind, w).float()
+    # CUDA's division and rounding may put a value at a half step on the other side, or (fp8) pick
+    # another of two near-equal scales for a group: nearly every value equal, the error no larger
+    same = torch.isclose(gpu, cpu, rtol=2**-7, atol=1e-6).float().mean()
+    assert same >= 0.99
+    err = lambda x: float(((x - w.float()) ** 2).sum())  # noqa: E731
+    assert err(gpu) <= 1.01 * err(cpu)
 
 
 def _cuda_layer(kind: str, weight: torch.Tensor) -> torch.Tensor:
@@ -104,8 +108,7 @@ def test_llama3_8b_shape_at_6gib_in_each_format(fmt: str) -> None:
 
     if fmt == "lossless":
         nvcomp_or_skip()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    before = gpu_memory_before()
     ids = torch.randint(0, 128256, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
     model, _ = overspill.load("llama-3-8b", gpu_memory="6GiB", random_weights=True, progress=False, context=256,
                               stream_format=fmt)
@@ -113,7 +116,7 @@ def test_llama3_8b_shape_at_6gib_in_each_format(fmt: str) -> None:
     plan = placement.plan
     assert plan.streamed_layers and plan.stream_format == fmt
     got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert torch.cuda.max_memory_allocated() <= 6 * 2**30
+    assert torch.cuda.max_memory_allocated() - before <= 6 * 2**30
     assert placement.ring.restarts == 1
     if fmt != "bf16":
         assert plan.streamed_bytes_per_step < 0.9 * sum(layer.layout.nbytes for layer in placement.ring.layers)
