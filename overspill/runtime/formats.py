@@ -131,8 +131,12 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
                     expander: "Expander") -> tuple[LosslessLayer, torch.Tensor]:
     """Split `raw` into planes: the low plane(s) into `staging`, the high plane coded.
 
+    Each coded chunk moves to host memory as soon as it is made, so the device holds one chunk's
+    code beyond the plan's staging and scratch at a time (a layer's whole coded plane on the device,
+    twice over, took the 8B shape at 6 GiB past its budget on an H100).
+
     Returns:
-        (the layer's layout, the coded high plane on `raw`'s device).
+        (the layer's layout, the coded high plane in host memory).
     """
     size = itemsize_of(layout)
     n = layout.nbytes // size
@@ -143,13 +147,13 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
         high = expander.scratch[:n]
         high.copy_(planes[:, size - 1])
         codec = expander.codec()
-        pieces = [codec.encode(high[start : start + CODE_CHUNK]) for start in range(0, n, CODE_CHUNK)]
+        pieces = [codec.encode(high[start : start + CODE_CHUNK]).cpu() for start in range(0, n, CODE_CHUNK)]
     chunks, offset = [], _align(low.nbytes)
     for piece in pieces:
         chunks.append(quant.Part(offset, (piece.numel(),), torch.uint8))
         offset = _align(offset + piece.numel())
     layer = LosslessLayer(n, size, low, tuple(chunks))
-    coded = torch.zeros(layer.high.nbytes, dtype=torch.uint8, device=raw.device)  # the chunks with their padding
+    coded = torch.zeros(layer.high.nbytes, dtype=torch.uint8)  # the chunks with their padding
     for chunk, piece in zip(chunks, pieces):
         coded[chunk.offset - layer.high.offset :][: piece.numel()].copy_(piece)
     return layer, coded

@@ -165,7 +165,11 @@ def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor) -> None:
     else:
         packed, scale, zero = parts
         pairs = dst.view(rows, cols // 2, 2)
-        torch.bitwise_right_shift(packed, 4, out=pairs[..., 0])
-        torch.bitwise_and(packed, 15, out=pairs[..., 1])
+        high, low = pairs[..., 0], pairs[..., 1]
+        # nibbles by float arithmetic in the slot itself: CUDA has no integer shift into a bf16 `out`,
+        # and 0..255 and /16 are exact in bf16, fp16 and fp32, so no temporary is needed
+        low.copy_(packed)
+        high.copy_(low).div_(16).floor_()
+        low.add_(high, alpha=-16)
         groups = dst.view(rows, scale.shape[1], -1)
         groups.sub_(8).mul_(scale).add_(zero)
