@@ -9,12 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-common=(--only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d .whl)
+binary=(--only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}")
+common=("${binary[@]}" -d .whl)
 # the server stack with its dependency closure (versions tested on CPU with this code)
 python3 -m pip download -q "${common[@]}" fastapi==0.165.0 uvicorn==0.54.0 pydantic==2.14.4
 # RMM for CUDA 13 (torch 2.11+cu130 there); its cuda-bindings and numpy needs are met by the image
 python3 -m pip download -q --no-deps "${common[@]}" rmm-cu13==26.10.0 librmm-cu13==26.10.0 rapids-logger==0.3.0
-# nvCOMP for CUDA 13 (overspill[compress]: --stream-format lossless), about 34 MB
-python3 -m pip download -q --no-deps "${common[@]}" nvidia-nvcomp-cu13==6.0.0.12 nvidia-libnvcomp-cu13==6.0.0.12
-ls .whl
-du -sh .whl
+# nvCOMP for CUDA 13 (overspill[compress]: --stream-format lossless), about 34 MB, in a folder of its own: with it
+# installed, stream_format="auto" picks lossless, so only the steps that mean to test it carry .whl-nvcomp
+python3 -m pip download -q --no-deps "${binary[@]}" -d .whl-nvcomp nvidia-nvcomp-cu13==6.0.0.12 nvidia-libnvcomp-cu13==6.0.0.12
+# the embedded SmolLM2's config and tokenizer (not its weights) for the GPU tests that need a tokenizer: .smol
+HF_HUB_OFFLINE=1 OVERSPILL_CACHE=/tmp/overspill-smol .venv/bin/python -c "import overspill; overspill.load(progress=False)" >/dev/null
+mkdir -p .smol && find /tmp/overspill-smol/gguf -maxdepth 2 -type f ! -name '*.safetensors' -exec cp {} .smol/ \;
+ls .whl .whl-nvcomp .smol
+du -sh .whl .whl-nvcomp .smol

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
-#                                              | compile | serve-managed | truth-128k | tests-serve | speculative)
+#                                              | compile | serve-managed | truth-128k | tests-a | tests-b
+#                                              | serve-ab | formats | cpu-rank | moe | speculative)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
-# machine first: bench/fetch_gpu_wheels.sh (carry .whl), the SmolLM2 tokenizer files in .smol (carry
-# .smol), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse HEAD): the tree travels without .git.
+# machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
+# carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
+# without .git. Device time left after a cold start (~1.5-3.5 min) decides how many steps fit a session.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 : "${OUT:?run this on the device machine, where OUT is set}"
@@ -66,20 +68,44 @@ case "${1:-}" in
     timeout 560 python3 bench/plan_truth.py --model llama-3-70b --context 131136 --prompt-tokens 131072 \
       --entries generate --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
-  tests-serve)  # every GPU test, then serving 8B at 6 GiB here and in the tree named by BEFORE (a checkout of an
-                # earlier commit, with its COMMIT file), for the before/after ratio
-    timeout 240 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tail -40 | tee -a "$OUT/log"
-    if [ -d .whl-nvcomp ]; then  # the stream formats' GPU tests again with nvCOMP (overspill[compress]) installed
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/nvc .whl-nvcomp/*.whl
-      PYTHONPATH=/tmp/nvc:$PYTHONPATH timeout 100 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider \
-        tests/test_gpu_formats.py 2>&1 | tail -25 | tee -a "$OUT/log"
-    fi
+  tests-a)  # the GPU tests of the core, the budget, the CPU rank and the engine (~5 min on an H100); SIGINT at the
+            # limit makes pytest print what failed so far; the whole log is $OUT/pytest-a.log
+    timeout -s INT 500 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu.py \
+      tests/test_gpu_budget.py tests/test_gpu_cpu_rank.py tests/test_gpu_engine.py > "$OUT/pytest-a.log" 2>&1
+    tail -30 "$OUT/pytest-a.log" | tee -a "$OUT/log"
+    ;;
+  tests-b)  # the rest: stream formats (with nvCOMP from .whl-nvcomp when carried), graphs, managed, MoE, unified, self draft
+    [ -d .whl-nvcomp ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl-nvcomp/*.whl
+    timeout -s INT 540 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_formats.py \
+      tests/test_gpu_moe.py tests/test_gpu_graphs.py tests/test_gpu_managed.py tests/test_gpu_unified.py \
+      tests/test_self_draft.py > "$OUT/pytest-b.log" 2>&1
+    tail -30 "$OUT/pytest-b.log" | tee -a "$OUT/log"
+    ;;
+  serve-ab)  # serving 8B at 6 GiB in the tree named by BEFORE (a folder under the repository root holding an earlier
+             # commit's tree and its COMMIT file), then here: the before/after ratio. Make it on the CPU machine with
+             # mkdir .gpuold && git archive REV | tar -x -C .gpuold && git rev-parse REV > .gpuold/COMMIT; then carry
+             # .gpuold and pass BEFORE=.gpuold
     for tree in ${BEFORE:-} $PWD; do
       (cd "$tree" && PYTHONPATH=/tmp/site:$PWD OVERSPILL_GIT_COMMIT=$(cat COMMIT 2>/dev/null || echo "$OVERSPILL_GIT_COMMIT") \
-        timeout 100 python3 bench/serve.py --budget 6GiB --clients 1 8 32 --max-tokens 32 --requests-per-client 1 \
+        timeout 120 python3 bench/serve.py --budget 6GiB --clients 1 8 32 --max-tokens 32 --requests-per-client 1 \
         --phase-timeout 40 --out "$OUT/serve-$(basename "$tree")" 2>&1 | grep -E "clients|loaded|wrote|Error|FAIL|Traceback" \
         | tee -a "$OUT/log")
     done
+    ;;
+  formats)  # issue 15: decode per stream format, 8B at 6 GiB (carry .whl-nvcomp for lossless)
+    [ -d .whl-nvcomp ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl-nvcomp/*.whl
+    timeout 540 python3 bench/compressed.py --model llama-3-8b --budget 6GiB --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  cpu-rank)  # issue 16: the host CPU as a second rank, 8B at 6 GiB, bf16 then int8 host weights
+    for fmt in bf16 int8; do
+      timeout 260 python3 bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format $fmt --out "$OUT" 2>&1 \
+        | tee -a "$OUT/log"
+    done
+    ;;
+  moe)  # issue 17: expert-aware against dense streaming, Mixtral-8x7B shape at 24 GiB
+    timeout 560 python3 bench/moe.py --model mixtral-8x7b --budget 24GiB --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   speculative)  # 70B at 80 GiB: pass cost, oracle points against plain (serial verify); then 8B at 6 GiB with self
     timeout 400 python3 bench/speculative.py --model llama-3-70b --budget 80GiB --new-tokens 40 --repeats 1 \
@@ -88,7 +114,7 @@ case "${1:-}" in
       --pass-k 1 8 --points 0.8:8 0.9:16 --self-draft --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-serve|speculative" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-a|tests-b|serve-ab|formats|cpu-rank|moe|speculative" >&2
     exit 2
     ;;
 esac
