@@ -13,6 +13,7 @@ import torch
 from .errors import OverspillError, one_line
 from .planning import moe
 from .planning.formats import NATIVE, check_format, choose, resolve_auto, with_format
+from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 from .planning.plan import (
     DEFAULT_CONTEXT,
@@ -29,6 +30,7 @@ from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
 from .runtime.cpu_rank import enable_planned, plan_cpu_rank
+from .runtime.hardware import host_available_bytes
 from .runtime.loader import (
     Placement,
     build_skeleton,
@@ -319,6 +321,8 @@ def load(
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate, cpu_compute_format)
+    host = profile.host_available_bytes if profile is not None else host_available_bytes()
+    check_host(fp, plan, host, on_cpu=dev.type != "cuda")  # before minutes of loading; as `overspill plan`
     if stage is not None:
         plan = stage.global_plan(plan)
     if random_weights:

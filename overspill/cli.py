@@ -353,6 +353,12 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "host memory and stream it with their layer. Default: KV stays on the GPU unless even streaming "
         "every layer leaves no room for it.",
     )
+    plan.add_argument(
+        "--host-memory", default=None, metavar="SIZE",
+        help="host memory to plan for, e.g. 256GiB: streamed layers, host KV and host embeddings live in pinned "
+        "host memory, and a plan that does not fit it is refused, as `load` refuses it. Default: the profile's "
+        "(this machine's available memory when probed).",
+    )
     plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                       help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
     plan.add_argument(

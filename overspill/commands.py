@@ -65,6 +65,7 @@ def probe_main(args: argparse.Namespace) -> int:
 def plan_main(args: argparse.Namespace) -> int:
     from .planning import planview
     from .planning.formats import FORMATS, choose, with_format
+    from .planning.hostmem import check_host
     from .planning.placement import plan_for, serving_pass_tokens
     from .planning.plan import Workload, footprint_from_spec
     from .planning.moe import MoeLayers, forecasts
@@ -78,6 +79,8 @@ def plan_main(args: argparse.Namespace) -> int:
     _check_speculation_args(args)
     spec = _plan_spec(args.model, args.dtype)
     profile, note = _plan_profile(args.profile)
+    if getattr(args, "host_memory", None) is not None:
+        profile = dataclasses.replace(profile, host_available_bytes=parse_bytes(args.host_memory))
     budget = _plan_budget(args.gpu_memory, profile)
     fp = footprint_from_spec(spec)
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
@@ -106,6 +109,7 @@ def plan_main(args: argparse.Namespace) -> int:
     if format_note and plan.streamed_layers:  # as `load` notes its choice
         plan = dataclasses.replace(plan, notes=plan.notes + (format_note,))
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
+    check_host(with_format(fp, choose(fp, plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
     speculation = _plan_speculation(args, plan, spec, profile)
     if args.json:
         if note:

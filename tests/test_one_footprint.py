@@ -35,7 +35,8 @@ from overspill.runtime.loader import Placement, build_skeleton, decoder_layers, 
 
 from test_spec import TINY
 
-PROFILE = REFERENCE_PROFILES["h100-pcie5"]
+# the reference H100 with a host of 512 GiB: every shipped config fits some budget (Scout's bf16 is 203 GiB)
+PROFILE = replace(REFERENCE_PROFILES["h100-pcie5"], host_available_bytes=512 * 2**30)
 _SKELETONS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
 
 
@@ -119,7 +120,8 @@ def pretend_gpu(monkeypatch) -> PretendGpu:
 
 def plan_command(capsys, name: str, budget: str, context: int, batch: int, serve: bool) -> dict | str:
     """`overspill plan --json`'s plan, or its one-line error."""
-    args = ["plan", name, "--profile", "h100-pcie5", "--context", str(context), "--batch", str(batch), "--json"]
+    args = ["plan", name, "--profile", "h100-pcie5", "--context", str(context), "--batch", str(batch), "--json",
+            "--host-memory", str(PROFILE.host_available_bytes)]
     args += ["--gpu-memory", budget] if budget != "auto" else []
     args += ["--serve"] if serve else []
     code = cli.main(args)

@@ -12,6 +12,8 @@ from itertools import groupby
 from typing import Any
 
 from .costmodel import PREFILL_TOKENS
+from .formats import choose, with_format
+from .hostmem import HOST_MARGIN_BYTES, host_bytes
 from .plan import _ranges, Footprint, Plan, Tier
 from .profile import Profile
 from .spec import ModelSpec
@@ -129,6 +131,15 @@ def _prediction_lines(plan: Plan, profile: Profile) -> list[str]:
     return lines
 
 
+def _host_line(plan: Plan, fp: Footprint, profile: Profile) -> str:
+    """Pinned host memory the plan needs against what the profile's host has (`load` refuses beyond it)."""
+    need = host_bytes(with_format(fp, choose(fp, plan.stream_format)), plan).total
+    room = profile.host_available_bytes - HOST_MARGIN_BYTES
+    verdict = "fits" if need <= room else "does NOT fit: `load` will refuse it"
+    return (f"host memory: {format_bytes(need)} pinned, of {format_bytes(profile.host_available_bytes)} available "
+            f"less a {format_bytes(HOST_MARGIN_BYTES)} margin ({verdict})")
+
+
 def render(plan: Plan, fp: Footprint, spec: ModelSpec, profile: Profile, model: str | None = None) -> str:
     """The plan as a table plus prediction lines, for `overspill plan`.
 
@@ -147,7 +158,8 @@ def render(plan: Plan, fp: Footprint, spec: ModelSpec, profile: Profile, model: 
         f"profile: {profile.name} (host->GPU {profile.h2d_bytes_s / 1e9:.1f} GB/s, "
         f"{format_bytes(profile.gpu_free_bytes)} GPU memory free)",
     ]
-    lines = [*head, "", _table(_rows(plan, fp, spec)), "", *_prediction_lines(plan, profile)]
+    lines = [*head, "", _table(_rows(plan, fp, spec)), _host_line(plan, fp, profile), "",
+             *_prediction_lines(plan, profile)]
     lines.extend(f"note: {n}" for n in plan.notes)
     if spec.approximate:
         lines.append(f"note: overspill has no byte layout for model_type {spec.model_type!r}: sizes assume the Llama "
