@@ -4,6 +4,7 @@ SmolLM2's tensors, greedy tokens of every tiny architecture); int8, fp8 and int4
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -307,3 +308,22 @@ def test_the_cache_is_not_written_where_the_disk_lacks_room(tmp_path, monkeypatc
     roomy = EncodedCache(tmp_path / "encoded" / "m-int8-x", "int8", total_bytes=layer.nbytes)
     roomy.write(0, layout, layer, buffer)
     assert roomy.writes == 1 and roomy.read(0, layout, lambda n: torch.empty(n, dtype=torch.uint8))[0] == layer
+
+
+def test_staging_grown_past_the_budget_is_noted(tiny_checkpoint) -> None:
+    """Lossless is planned at a prior ratio; layers that code worse grow their staging after load, and
+    the placed plan says by how much it then exceeds the budget (its device total is the measured one)."""
+    from types import SimpleNamespace
+
+    from overspill.runtime.loader import _measured_format
+
+    plan = tiny_plan(tiny_checkpoint("llama"), torch.float32)
+    layers = [SimpleNamespace(host=torch.empty(1000, dtype=torch.uint8), layout=SimpleNamespace(nbytes=1200))]
+    expander = SimpleNamespace(nbytes=0, grow_staging=lambda n: None, codec=lambda: SimpleNamespace(name="zlib"))
+    ring = SimpleNamespace(layers=layers, expander=expander)
+    fits = _measured_format(replace(plan, stream_format="lossless", budget_bytes=plan.device_bytes), ring, None)
+    assert fits.streamed_bytes_per_step == 1000 and not any("more than the budget" in n for n in fits.notes)
+    expander.nbytes = plan.expand_bytes + 3 * 2**20
+    over = _measured_format(replace(plan, stream_format="lossless", budget_bytes=plan.device_bytes), ring, None)
+    assert over.device_bytes == plan.device_bytes + 3 * 2**20
+    assert any("3 MiB more than the budget" in n and "--stream-format bf16" in n for n in over.notes)

@@ -19,6 +19,7 @@ from ..errors import OverspillError, one_line
 from ..planning.formats import LOSSY, NATIVE
 from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier, footprint_from_spec
 from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_windows
+from ..planning.units import format_bytes
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .expert_loader import expert_cache, expert_params, expert_ring_bytes, stream_expert_layer
@@ -437,7 +438,13 @@ def _measured_format(plan: Plan, ring: LayerRing, cache: EncodedCache | None) ->
                   f"({ring.expander.codec().name})",)
     if cache is not None and cache.hits:
         notes += (f"{cache.hits} {plan.stream_format} layers read from the encoded cache {cache.folder}",)
-    return replace(plan, streamed_bytes_per_step=sent, expand_bytes=ring.expander.nbytes, notes=notes)
+    measured = replace(plan, streamed_bytes_per_step=sent, expand_bytes=ring.expander.nbytes, notes=notes)
+    over = measured.device_bytes - (plan.budget_bytes or measured.device_bytes)
+    if over > 0:  # layers coded worse than the planned ratio: their staging outgrew the plan
+        measured = replace(measured, notes=measured.notes + (
+            f"the coded layers' staging takes {format_bytes(over)} more than the budget "
+            f"{format_bytes(plan.budget_bytes)}: use --stream-format bf16 to stay inside it",))
+    return measured
 
 
 def _is_tied(model: nn.Module) -> bool:
