@@ -50,6 +50,23 @@ def word_tokenizer(vocab_size: int):
                                    eos_token=word(1, letters)), letters
 
 
+def _predicted_ttft(args, plan, prompt: int) -> float | None:
+    """The cost model's time to first token for this run's prompts (`placement.ttft_seconds`), on this
+    machine's probe; None for the smoke model or without a GPU."""
+    import torch
+
+    if args.smoke or not torch.cuda.is_available():
+        return None
+    from overspill.planning.configs import shipped_config
+    from overspill.planning.placement import ttft_seconds
+    from overspill.planning.plan import footprint_from_spec
+    from overspill.planning.spec import spec_from_config
+    from overspill.runtime.hardware import probe
+
+    fp = footprint_from_spec(spec_from_config(shipped_config(args.model)))
+    return ttft_seconds(fp, plan, probe(), prompt, args.batch)
+
+
 def _memory() -> dict:
     import torch
 
@@ -152,12 +169,14 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, model.config.vocab_size, (args.batch, prompt), generator=gen).to(placement_of(model).device)
     predicted = plan.prediction.decode_tok_s if plan.prediction else None
+    predicted_ttft = _predicted_ttft(args, plan, prompt)
     record = {
         **provenance.header("plan_truth", stamp, machine_facts()),
         "model": args.model, "budget": args.budget, "context": args.context, "batch": args.batch,
         "prompt_tokens": prompt, "new_tokens": args.new_tokens, "load_s": load_s,
         "plan": json.loads(plan.to_json()), "plan_device_bytes": plan.device_bytes,
-        "plan_budget_bytes": plan.budget_bytes, "predicted_decode_tok_s": predicted, "entries": {},
+        "plan_budget_bytes": plan.budget_bytes, "predicted_decode_tok_s": predicted,
+        "predicted_ttft_s": predicted_ttft, "entries": {},
     }
     for name in args.entries:
         _reset_peak()
@@ -170,6 +189,8 @@ def main() -> None:
             result["peak_over_plan"] = result["peak_allocated_bytes"] / plan.device_bytes
             if plan.budget_bytes:
                 result["peak_within_budget"] = result["peak_allocated_bytes"] <= plan.budget_bytes
+        if predicted_ttft and result.get("ttft_s"):
+            result["ttft_over_predicted"] = result["ttft_s"] / predicted_ttft
         if predicted and result.get("decode_tok_s"):
             result["decode_fraction_of_predicted"] = result["decode_tok_s"] / predicted
         record["entries"][name] = result

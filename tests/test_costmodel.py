@@ -173,3 +173,48 @@ def test_moe_resident_layers_read_only_routed_experts() -> None:
 def test_planning_modules_import_without_torch() -> None:
     code = "import overspill.planning.plan, overspill.planning.costmodel, overspill.planning.profile, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_ttft_of_a_resident_prompt_is_matmuls_plus_causal_attention() -> None:
+    from overspill.planning.costmodel import ATTENTION_PREFILL_FRACTION
+    from overspill.planning.placement import ttft_seconds
+
+    plan = plan_for(FP, H100, Workload(4096, 1), 40 * GiB)
+    assert not plan.streamed_layers
+    # two chunks of 2048: matmuls 2 x 7.37 G layer params x 4096 tokens at 780 TFLOP/s; attention
+    # 4 x 4096 (query width) x 32 layers x 2048 x (1024.5 + 3072.5) tokens at 0.14 x 780 TFLOP/s
+    params = N * LAYER // 2
+    matmul = 2 * params * 4096 / 780e12
+    attention = 4 * 4096 * N * 2048 * (1024.5 + 3072.5) / (ATTENTION_PREFILL_FRACTION * 780e12)
+    head = 2 * (HEAD // 2) / 780e12
+    assert ttft_seconds(FP, plan, H100, 4096) == pytest.approx(matmul + attention + head, rel=1e-9)
+
+
+def test_ttft_of_a_short_streamed_prompt_is_one_link_pass_per_chunk() -> None:
+    from overspill.planning.placement import ttft_seconds
+
+    plan = plan_for(FP, H100, Workload(4096, 1), 6 * GiB)
+    link = plan.streamed_bytes_per_step / H100.h2d_bytes_s
+    assert ttft_seconds(FP, plan, H100, 4096) == pytest.approx(2 * link, rel=0.01)  # link-bound chunks
+    assert ttft_seconds(FP, plan, H100, 8192) > ttft_seconds(FP, plan, H100, 4096)
+
+
+@pytest.mark.parametrize("name, budget, prompt, measured", [
+    ("llama-3-70b", None, 131072, 238.9),  # plan-truth-llama-3-70b-20261205-161655.json (H100)
+    ("llama-3-8b", 40 * GiB, 131064, 42.7),  # plan-truth-llama-3-8b-20261204-163825.json (H200)
+])
+def test_ttft_fit_holds_for_the_measured_128k_prompts(name: str, budget, prompt: int, measured: float) -> None:
+    """The attention rate was fitted to these two runs: the prediction stays within 5% of each."""
+    from overspill.planning.placement import ttft_seconds
+
+    fp = footprint_from_spec(spec_from_config(shipped_config(name)))
+    plan = plan_for(fp, H100, Workload(prompt + 64, 1), budget)
+    assert ttft_seconds(fp, plan, H100, prompt) == pytest.approx(measured, rel=0.05)
+
+
+def test_plan_shows_the_ttft_of_a_long_prompt(capsys) -> None:
+    from overspill import cli
+
+    assert cli.main(["plan", "llama-3-70b", "--profile", "h100-pcie5", "--context", "131072"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("predicted prefill"))
+    assert "a prompt of 131072 tokens: first token in ~" in line

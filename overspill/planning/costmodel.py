@@ -34,6 +34,11 @@ from dataclasses import dataclass
 from .profile import Profile
 
 PREFILL_TOKENS = 2048
+PREFILL_CHUNK = 2048  # `generate` prefills in chunks of this many tokens (`plan.PREFILL_CHUNK_TOKENS`)
+# Prefill attention against a long cache runs at this fraction of the profile's dense matmul rate: SDPA with
+# the chunk's boolean mask leaves the flash kernel. Fitted to 131072-token prompts (plan_truth, Dec 2026):
+# 70B shape on an H100 104 TFLOP/s (TTFT 238.9 s), 8B resident on an H200 112 TFLOP/s (42.7 s), of ~780.
+ATTENTION_PREFILL_FRACTION = 0.14
 
 
 @dataclass(frozen=True)
@@ -104,3 +109,37 @@ def predict(
         cpu_only_tok_s=1 / (active_params / profile.cpu_gemv_params_s + host),
         expand_s=expand_s,
     )
+
+
+def prefill_seconds(
+    layer_active_bytes: tuple[int, ...],
+    head_bytes: int,
+    dtype_bytes: int,
+    query_width: int,
+    streamed_bytes: int,
+    profile: Profile,
+    prompt_tokens: int,
+    kv_host_bytes_per_token: float = 0.0,
+    batch: int = 1,
+    chunk: int = PREFILL_CHUNK,
+) -> float:
+    """Predicted time to first token of `batch` prompts of `prompt_tokens` each, prefilled together in
+    chunks of `chunk` tokens a sequence (`kv_host_bytes_per_token`: per token of the batch): each chunk is one
+    pass that streams every streamed layer (and the host-tier KV written so far) and computes its matmuls
+    plus causal attention against all earlier tokens (`query_width` = heads x head_dim per layer; sliding
+    windows are not credited, so windowed models are over-predicted), whichever is slower, or the host's
+    dispatch."""
+    n = len(layer_active_bytes)
+    params = sum(layer_active_bytes) / dtype_bytes
+    h2d = profile.h2d_bytes_s if profile.h2d_bytes_s > 0 else float("inf")
+    host = profile.step_overhead_s + n * profile.layer_overhead_s
+    attention_rate = ATTENTION_PREFILL_FRACTION * profile.matmul_flops_s
+    total = 0.0
+    for start in range(0, prompt_tokens, chunk):
+        c = min(chunk, prompt_tokens - start)
+        matmul = 2 * params * c * batch / profile.matmul_flops_s
+        attention = 4 * query_width * n * c * (start + (c + 1) / 2) * batch / attention_rate
+        link = (streamed_bytes + kv_host_bytes_per_token * (start + c) * batch) / h2d
+        total += max(link, matmul + attention, host)
+    head = 2 * (head_bytes / dtype_bytes) * batch / profile.matmul_flops_s  # logits of the last positions only
+    return total + head

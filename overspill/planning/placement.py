@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import OverspillError
-from .costmodel import predict
+from .costmodel import predict, prefill_seconds
 from .formats import plan_expand_seconds
 from .plan import (
     DEFAULT_DEPTH,
@@ -324,6 +324,17 @@ def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
             f"tok/s predicted): the link is too slow for the bytes streamed per token"
         )
     return replace(plan, prediction=pred, max_batch=max_batch(fp, plan), notes=tuple(notes))
+
+
+def ttft_seconds(fp: Footprint, plan: Plan, profile: Profile, prompt_tokens: int, batch: int = 1) -> float:
+    """Predicted time to first token of `batch` prompts of `prompt_tokens` tokens each under `plan`
+    (`costmodel.prefill_seconds`); the query width per layer comes from the KV width and the GQA group."""
+    n = len(fp.layer_bytes)
+    kv_width = fp.kv_bytes_per_token / (2 * fp.dtype_bytes * n) if n else 0
+    kv_host = plan.kv_host_bytes / (plan.workload.context * plan.workload.batch) if plan.kv_host_bytes else 0.0
+    return prefill_seconds(fp.layer_active_bytes or fp.layer_bytes, fp.embed_bytes if fp.tied_embeddings
+                           else fp.head_bytes, fp.dtype_bytes, int(kv_width * fp.gqa_group),
+                           plan.streamed_bytes_per_step, profile, prompt_tokens, kv_host, batch)
 
 
 def plan_for(

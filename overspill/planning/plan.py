@@ -12,14 +12,14 @@ import enum
 import json
 from dataclasses import asdict, dataclass, field
 
-from .costmodel import Prediction
+from .costmodel import PREFILL_CHUNK, Prediction
 from .spec import LayerSpec, ModelSpec
 from .units import format_bytes
 
 DEFAULT_DEPTH = 2
 DEFAULT_CONTEXT = 4096
 ACTIVATION_FLOOR_BYTES = 128 * 2**20
-PREFILL_CHUNK_TOKENS = 2048  # prompts are prefilled in chunks of this many tokens (activations sized for it)
+PREFILL_CHUNK_TOKENS = PREFILL_CHUNK  # prompts are prefilled in chunks of this many tokens (activations sized for it)
 
 
 class Tier(str, enum.Enum):

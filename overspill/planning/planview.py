@@ -14,6 +14,7 @@ from typing import Any
 from .costmodel import PREFILL_TOKENS
 from .formats import choose, with_format
 from .hostmem import HOST_MARGIN_BYTES, host_bytes
+from .placement import ttft_seconds
 from .plan import _ranges, Footprint, Plan, Tier
 from .profile import Profile
 from .spec import ModelSpec
@@ -109,7 +110,7 @@ def _rows(plan: Plan, fp: Footprint, spec: ModelSpec) -> list[tuple[str, ...]]:
     return rows
 
 
-def _prediction_lines(plan: Plan, profile: Profile) -> list[str]:
+def _prediction_lines(plan: Plan, profile: Profile, fp: Footprint | None = None) -> list[str]:
     p = plan.prediction
     if p is None:
         return ["predicted decode: n/a (plan has no prediction)"]
@@ -123,12 +124,24 @@ def _prediction_lines(plan: Plan, profile: Profile) -> list[str]:
         f"predicted decode: {p.decode_tok_s:.2f} tok/s at batch {b}; {floor}",
         f"bottleneck: {p.bottleneck} (per step: link {p.link_s * 1e3:.1f} ms, GPU {p.gpu_s * 1e3:.1f} ms "
         f"of which KV {p.kv_s * 1e3:.1f} ms, host dispatch {p.host_s * 1e3:.1f} ms)",
-        f"predicted prefill: ~{p.prefill_tok_s:.0f} tok/s ({PREFILL_TOKENS}-token prompt, batch 1)",
+        f"predicted prefill: ~{p.prefill_tok_s:.0f} tok/s ({PREFILL_TOKENS}-token prompt, batch 1)"
+        + _ttft_clause(plan, profile, fp),
         f"CPU alone: ~{p.cpu_only_tok_s:.2f} tok/s (host GEMV {profile.cpu_gemv_params_s / 1e9:.0f} G params/s)",
     ]
     if plan.max_batch is not None:
         lines.append(f"largest batch at {plan.workload.context} tokens of context: {plan.max_batch}")
     return lines
+
+
+def _ttft_clause(plan: Plan, profile: Profile, fp: Footprint | None) -> str:
+    """The predicted time to first token of prompts filling the planned context, where it is long."""
+    w = plan.workload
+    if fp is None or w.context <= PREFILL_TOKENS:
+        return ""
+    seconds = ttft_seconds(fp, plan, profile, w.context, w.batch)
+    prompts = "a prompt" if w.batch == 1 else f"{w.batch} prompts"
+    shown = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.2g}"
+    return f"; {prompts} of {w.context} tokens: first token in ~{shown} s"
 
 
 def _host_line(plan: Plan, fp: Footprint, profile: Profile) -> str:
@@ -159,7 +172,7 @@ def render(plan: Plan, fp: Footprint, spec: ModelSpec, profile: Profile, model: 
         f"{format_bytes(profile.gpu_free_bytes)} GPU memory free)",
     ]
     lines = [*head, "", _table(_rows(plan, fp, spec)), _host_line(plan, fp, profile), "",
-             *_prediction_lines(plan, profile)]
+             *_prediction_lines(plan, profile, fp)]
     lines.extend(f"note: {n}" for n in plan.notes)
     if spec.approximate:
         lines.append(f"note: overspill has no byte layout for model_type {spec.model_type!r}: sizes assume the Llama "
