@@ -32,6 +32,10 @@ class HostBytes:
     def total(self) -> int:
         return self.streamed + self.kv + self.embeddings + self.device
 
+    def fits(self, available: int) -> bool:
+        """Whether these bytes and the process's margin fit `available` host bytes."""
+        return self.total + HOST_MARGIN_BYTES <= available
+
 
 def host_bytes(fp: Footprint, plan: Plan, on_cpu: bool = False) -> HostBytes:
     """Host bytes of `plan` for the model of `fp`; `on_cpu`: the device is the host itself."""
@@ -49,7 +53,7 @@ def host_bytes(fp: Footprint, plan: Plan, on_cpu: bool = False) -> HostBytes:
 def check_host(fp: Footprint, plan: Plan, available: int, on_cpu: bool = False) -> HostBytes:
     """`host_bytes`, or a one-line OverspillError when they and the margin exceed `available` bytes."""
     need = host_bytes(fp, plan, on_cpu)
-    if need.total + HOST_MARGIN_BYTES <= available:
+    if need.fits(available):
         return need
     parts = [f"{name} {format_bytes(n)}" for name, n in (
         ("streamed layers", need.streamed), ("host KV", need.kv), ("embeddings", need.embeddings),

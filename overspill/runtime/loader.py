@@ -439,8 +439,8 @@ def _measured_format(plan: Plan, ring: LayerRing, cache: EncodedCache | None) ->
     if cache is not None and cache.hits:
         notes += (f"{cache.hits} {plan.stream_format} layers read from the encoded cache {cache.folder}",)
     measured = replace(plan, streamed_bytes_per_step=sent, expand_bytes=ring.expander.nbytes, notes=notes)
-    over = measured.device_bytes - (plan.budget_bytes or measured.device_bytes)
-    if over > 0:  # layers coded worse than the planned ratio: their staging outgrew the plan
+    if plan.budget_bytes and measured.device_bytes > plan.budget_bytes:  # layers coded worse than planned
+        over = measured.device_bytes - plan.budget_bytes
         measured = replace(measured, notes=measured.notes + (
             f"the coded layers' staging takes {format_bytes(over)} more than the budget "
             f"{format_bytes(plan.budget_bytes)}: use --stream-format bf16 to stay inside it",))
