@@ -2,7 +2,7 @@
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
-#                                              | serve-ab | formats | cpu-rank | moe | speculative)
+#                                              | serve-ab | formats | cpu-rank | moe | speculative | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -81,6 +81,20 @@ case "${1:-}" in
       tests/test_gpu_moe.py tests/test_gpu_graphs.py tests/test_gpu_managed.py tests/test_gpu_unified.py \
       tests/test_self_draft.py > "$OUT/pytest-b.log" 2>&1
     tail -30 "$OUT/pytest-b.log" | tee -a "$OUT/log"
+    ;;
+  recheck)  # where the load's and generate's peaks go (bench/memory_peak.py), then tests that failed on an H100
+            # at 90f8bd9 (nvCOMP carried: auto must stay bf16 under graphs and managed memory)
+    [ -d .whl-nvcomp ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl-nvcomp/*.whl
+    for fmt in int4 lossless; do
+      timeout 120 python3 bench/memory_peak.py --stream-format $fmt --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    done
+    timeout -s INT 400 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider -s tests/test_gpu_graphs.py \
+      tests/test_gpu_managed.py "tests/test_gpu_formats.py::test_llama3_8b_shape_at_6gib_in_each_format" \
+      tests/test_gpu_moe.py::test_mixtral_shape_at_24gib \
+      tests/test_gpu_cpu_rank.py::test_llama3_8b_at_6gib_with_the_cpu_rank_matches_gpu_only_streaming \
+      > "$OUT/pytest-recheck.log" 2>&1
+    grep -E "cpu rank vs|passed|failed|FAILED|Error" "$OUT/pytest-recheck.log" | tail -30 | tee -a "$OUT/log"
     ;;
   serve-ab)  # serving 8B at 6 GiB in the tree named by BEFORE (a folder under the repository root holding an earlier
              # commit's tree and its COMMIT file), then here: the before/after ratio. Make it on the CPU machine with

@@ -290,7 +290,7 @@ def load(
         from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
-    fmt, fmt_note = _stream_format(stream_format, dev, profile, speculate)
+    fmt, fmt_note = _stream_format(stream_format, dev, profile, _format_blocker(streaming, cuda_graphs, speculate))
     if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense":
         fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
     fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
@@ -309,8 +309,9 @@ def load(
     else:  # a caller's plan: the loader sizes its slots for the format
         plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16")
     managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
-    if streaming == "auto":
-        streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" else streaming
+    if streaming == "auto":  # expert streaming and encoded layers arrive by pinned copies
+        streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" or \
+            plan.stream_format != NATIVE else streaming
     plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
     blocker = _moe_blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
@@ -361,11 +362,21 @@ def load(
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 
+def _format_blocker(streaming: str, cuda_graphs: bool, speculate: str | None) -> str | None:
+    """What this load asked for that streams only uncompressed layers (see `_check_format_plan`), or None:
+    the self draft quantizes the streamed layers from their bf16 host buffers."""
+    if speculate == "self":
+        return "speculate='self'"
+    if streaming in MANAGED_MODES:
+        return f"streaming={streaming!r}"
+    return "CUDA graphs" if cuda_graphs else None
+
+
 def _stream_format(name: str, dev: torch.device, profile: Profile | None,
-                   speculate: str | None = None) -> tuple[str, str | None]:
+                   blocker: str | None = None) -> tuple[str, str | None]:
     """(format, note) for `load(stream_format=...)`: "auto" picks lossless on a GPU where nvCOMP is
-    installed and decodes faster than the probed link, else bf16 (`planning.formats.resolve_auto`);
-    bf16 beside the self draft, which quantizes the streamed layers from their bf16 host buffers."""
+    installed and decodes faster than the probed link, else bf16 (`planning.formats.resolve_auto`),
+    and bf16 where `blocker` rules encoded layers out."""
     from .runtime.lossless_codec import codec_installed
 
     try:
@@ -373,9 +384,9 @@ def _stream_format(name: str, dev: torch.device, profile: Profile | None,
     except ValueError as exc:
         raise OverspillError(f"{exc} (--stream-format)") from None
     if name == "auto":
-        if dev.type != "cuda" or speculate == "self":
+        if dev.type != "cuda":
             return NATIVE, None
-        return resolve_auto(codec_installed(), profile.h2d_bytes_s if profile is not None else 0.0)
+        return resolve_auto(codec_installed(), profile.h2d_bytes_s if profile is not None else 0.0, blocker=blocker)
     if name == "lossless" and dev.type == "cuda" and not codec_installed():
         raise OverspillError("stream format lossless needs nvCOMP on a GPU: pip install 'overspill[compress]', "
                              "or use --stream-format bf16")

@@ -88,6 +88,8 @@ def test_auto_is_lossless_only_where_the_codec_outruns_the_link() -> None:
     assert fmt == "bf16" and "overspill[compress]" in note
     fmt, note = resolve_auto(True, 400e9)  # GH200's link beats the codec's 137 GB/s decode
     assert fmt == "bf16" and "no faster" in note
+    fmt, note = resolve_auto(True, 54e9, blocker="CUDA graphs")  # asked-for graphs stream bf16 only: no refusal
+    assert fmt == "bf16" and "CUDA graphs" in note
     with pytest.raises(ValueError, match="use one of"):
         formats.check_format("int5")
 

@@ -48,7 +48,7 @@ def test_managed_streaming_refused_beyond_half_of_free_memory_on_pcie():
     if coherent_platform(0):
         pytest.skip("coherent platform: managed memory may exceed GPU memory")
     with pytest.raises(OverspillError, match="refusing"):
-        overspill.load("llama-3-70b", gpu_memory="8GiB", random_weights=True, progress=False, streaming="managed")
+        overspill.load("llama-3-70b", gpu_memory="12GiB", random_weights=True, progress=False, streaming="managed")
 
 
 def test_mapped_streaming_decodes_through_graphs(tmp_path_factory):

@@ -327,3 +327,14 @@ def test_staging_grown_past_the_budget_is_noted(tiny_checkpoint) -> None:
     over = _measured_format(replace(plan, stream_format="lossless", budget_bytes=plan.device_bytes), ring, None)
     assert over.device_bytes == plan.device_bytes + 3 * 2**20
     assert any("3 MiB more than the budget" in n and "--stream-format bf16" in n for n in over.notes)
+
+
+def test_auto_format_stays_bf16_where_the_load_streams_only_uncompressed_layers() -> None:
+    """What a load asks for that cannot stream encoded layers makes "auto" pick bf16 instead of a refusal."""
+    from overspill.api import _format_blocker
+
+    assert _format_blocker("auto", False, None) is None
+    assert _format_blocker("auto", True, None) == "CUDA graphs"
+    assert _format_blocker("managed", False, None) == "streaming='managed'"
+    assert _format_blocker("mapped", True, None) == "streaming='mapped'"
+    assert _format_blocker("copy", True, "self") == "speculate='self'"

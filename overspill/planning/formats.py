@@ -61,9 +61,13 @@ def check_format(name: str) -> str:
 
 
 def resolve_auto(codec_available: bool, link_bytes_s: float,
-                 decode_bytes_s: float = ANS_DECODE_BYTES_S) -> tuple[str, str | None]:
+                 decode_bytes_s: float = ANS_DECODE_BYTES_S, blocker: str | None = None) -> tuple[str, str | None]:
     """(format, note) for "auto": lossless where the codec is installed and decodes faster than the link
-    brings bytes (tokens stay identical), else bf16 with a note saying why. Lossy formats only when asked."""
+    brings bytes (tokens stay identical), else bf16 with a note saying why. Lossy formats only when asked.
+    `blocker` names what the load asked for that streams only uncompressed layers (CUDA graphs, managed
+    memory, the self draft): "auto" then stays bf16 instead of refusing a choice the user never made."""
+    if blocker is not None:
+        return NATIVE, f"stream format auto: bf16 ({blocker} streams uncompressed layers)"
     if not codec_available:
         return NATIVE, ("stream format auto: bf16 (pip install 'overspill[compress]' to stream lossless-compressed "
                         "layers, ~0.68 of the bytes with identical tokens)")

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import OverspillError, one_line
 
-CHUNK_ELEMENTS = 1 << 26  # random-weight scratch: 256 MB of float32 at most
+CHUNK_ELEMENTS = 1 << 24  # random-weight scratch: 64 MiB of float32 at most, inside the workspace a plan keeps free
 INDEX_FILE = "model.safetensors.index.json"
 
 

@@ -157,18 +157,31 @@ class RoutedExperts(nn.Module):
         experts, tokens = _selection(torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts))
         slots = self.cache.fetch(self.layer, experts, tokens, self.host)
         impl = getattr(getattr(inner, "config", None), "_experts_implementation", None) or "eager"
-        if any(name in impl for name in GROUPED):  # also overspill's graph routers over them
-            weights = self.cache.tensors
-            lookup = torch.zeros(self.num_experts, dtype=torch.long)
-            lookup[experts] = torch.tensor(slots)
-            count = self.cache.slots
-        else:  # the eager loop sums experts in index order: give it the selected ones in that order
-            order = torch.tensor(slots, device=self.cache.device)
-            weights = [t.index_select(0, order) for t in self.cache.tensors]
-            lookup = torch.zeros(self.num_experts, dtype=torch.long)
-            lookup[experts] = torch.arange(len(experts))
-            count = len(experts)
+        if not any(name in impl for name in GROUPED):
+            return self._expert_by_expert(hidden_states, top_k_index, top_k_weights, experts, slots)
+        lookup = torch.zeros(self.num_experts, dtype=torch.long)  # also overspill's graph routers over them
+        lookup[experts] = torch.tensor(slots)
         index = lookup.to(top_k_index.device, non_blocking=True)[top_k_index]
+        return self._run(self.cache.tensors, self.cache.slots, hidden_states, index, top_k_weights)
+
+    def _expert_by_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                          experts: list[int], slots: list[int]) -> torch.Tensor:
+        """The eager loop's sum, bit for bit, without copying a cached expert: transformers adds each
+        expert's rows into zeros in expert-index order, so run the module on one expert at a time (its
+        slot's views, its own tokens in the loop's order) and add in that order. Copying the selected
+        experts into index order instead took their bytes again (Mixtral at prefill: all 8, 2.8 GB)."""
+        final = torch.zeros_like(hidden_states)
+        for expert, slot in zip(experts, slots):
+            top_k_pos, token_idx = torch.where((top_k_index == expert).transpose(0, 1))  # as the loop's mask
+            out = self._run([t[slot : slot + 1] for t in self.cache.tensors], 1, hidden_states[token_idx],
+                            torch.zeros_like(token_idx).unsqueeze(1), top_k_weights[token_idx, top_k_pos, None])
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+    def _run(self, weights: list[torch.Tensor], count: int, hidden_states: torch.Tensor, index: torch.Tensor,
+             top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The transformers module over `count` experts whose parameters are `weights` (then the host buffers again)."""
+        inner = self.experts
         for name, tensor in zip(self.names, weights):
             inner._parameters[name].data = tensor
         inner.num_experts = count
