@@ -96,7 +96,7 @@ def main() -> None:
         "load_peak_over_plan": round(load_peak / plan.device_bytes, 4),
         "generate_peak_over_plan": round(gen_peak / plan.device_bytes, 4),
         "traced_peak_bytes": traced_peak,
-        "live_at_peak": [{"bytes": b, "where": w} for b, w in blocks],
+        "live_at_peak": [{"bytes": b, "where": w} for w, b in blocks],
         "wall_s": round(time.time() - t0, 1),
     }
     result = {**provenance.header("memory_peak", time.strftime("%Y%m%d-%H%M%S"),
@@ -104,7 +104,7 @@ def main() -> None:
     print(f"{args.model} {plan.stream_format} at {args.gpu_memory}: plan {plan.device_bytes / GIB:.3f} GiB, "
           f"load peak {load_peak / GIB:.3f} GiB, generate peak {gen_peak / GIB:.3f} GiB, "
           f"budget {plan.budget_bytes / GIB:.3f} GiB")
-    for b, w in blocks:
+    for w, b in blocks:
         print(f"  {b / 2**20:9.1f} MiB  {w}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import torch
 
 from .errors import OverspillError, one_line
 from .planning import moe
-from .planning.formats import NATIVE, check_format, choose, resolve_auto, with_format
+from .planning.formats import NATIVE, check_format, choose, format_blocker, resolve_auto, with_format
 from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 from .planning.plan import (
@@ -290,7 +290,7 @@ def load(
         from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
-    fmt, fmt_note = _stream_format(stream_format, dev, profile, _format_blocker(streaming, cuda_graphs, speculate))
+    fmt, fmt_note = _stream_format(stream_format, dev, profile, format_blocker(streaming, cuda_graphs, speculate, cpu_compute))
     if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense":
         fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
     fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
@@ -360,16 +360,6 @@ def load(
         else:
             enable(skeleton, speculate)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
-
-
-def _format_blocker(streaming: str, cuda_graphs: bool, speculate: str | None) -> str | None:
-    """What this load asked for that streams only uncompressed layers (see `_check_format_plan`), or None:
-    the self draft quantizes the streamed layers from their bf16 host buffers."""
-    if speculate == "self":
-        return "speculate='self'"
-    if streaming in MANAGED_MODES:
-        return f"streaming={streaming!r}"
-    return "CUDA graphs" if cuda_graphs else None
 
 
 def _stream_format(name: str, dev: torch.device, profile: Profile | None,

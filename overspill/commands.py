@@ -64,7 +64,7 @@ def probe_main(args: argparse.Namespace) -> int:
 
 def plan_main(args: argparse.Namespace) -> int:
     from .planning import planview
-    from .planning.formats import FORMATS, choose, with_format
+    from .planning.formats import FORMATS, choose, format_blocker, with_format
     from .planning.hostmem import check_host
     from .planning.placement import plan_for, serving_pass_tokens
     from .planning.plan import Workload, footprint_from_spec
@@ -86,7 +86,9 @@ def plan_main(args: argparse.Namespace) -> int:
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
-    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile.h2d_bytes_s)
+    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile.h2d_bytes_s,
+                                          format_blocker(speculate=getattr(args, "speculate", None),
+                                                         cpu_compute=getattr(args, "cpu_compute", "off")))
     moe_layers = MoeLayers.from_spec(spec)
     moe_mode = getattr(args, "moe_streaming", "auto")
     if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense":
@@ -154,14 +156,14 @@ def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int
     return moe.predict(fp, plan, moe_layers, profile)
 
 
-def _plan_format(name: str, link_bytes_s: float) -> tuple[str, str | None]:
+def _plan_format(name: str, link_bytes_s: float, blocker: str | None = None) -> tuple[str, str | None]:
     """`plan --stream-format`: (format, note); "auto" chooses as `load` does (`formats.resolve_auto`)."""
     from .planning.formats import CHOICES, resolve_auto
     from .runtime.lossless_codec import codec_installed
 
     if name not in CHOICES:
         raise OverspillError(f"--stream-format must be one of {', '.join(CHOICES)}, got {name!r}")
-    return resolve_auto(codec_installed(), link_bytes_s) if name == "auto" else (name, None)
+    return resolve_auto(codec_installed(), link_bytes_s, blocker=blocker) if name == "auto" else (name, None)
 
 
 def _check_speculation_args(args: argparse.Namespace) -> None:

@@ -70,7 +70,7 @@ def test_llama3_8b_at_6gib_with_the_cpu_rank_matches_gpu_only_streaming() -> Non
 
     before = gpu_memory_before()
     ids = torch.randint(0, 128256, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
-    model, _ = overspill.load("llama-3-8b", gpu_memory="6GiB", random_weights=True, progress=False)
+    model, _ = overspill.load("llama-3-8b", gpu_memory="6GiB", random_weights=True, progress=False, stream_format="bf16")
     plan = placement_of(model).plan
     want, want_logits = _generate(model, ids)
     cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, 0.5), max_tokens=16)

@@ -52,7 +52,7 @@ def test_mixtral_shape_at_24gib() -> None:
         ids = torch.randint(2, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                              do_sample=False, pad_token_id=0)
-        assert torch.cuda.max_memory_allocated() - before <= plan.budget_bytes
+        assert torch.cuda.max_memory_allocated() - before <= plan.budget_bytes, mode
         results[mode] = out.tolist(), plan.streamed_bytes_per_step
         del model
     assert results["experts"][0] == results["dense"][0]

@@ -331,10 +331,12 @@ def test_staging_grown_past_the_budget_is_noted(tiny_checkpoint) -> None:
 
 def test_auto_format_stays_bf16_where_the_load_streams_only_uncompressed_layers() -> None:
     """What a load asks for that cannot stream encoded layers makes "auto" pick bf16 instead of a refusal."""
-    from overspill.api import _format_blocker
+    from overspill.planning.formats import format_blocker
 
-    assert _format_blocker("auto", False, None) is None
-    assert _format_blocker("auto", True, None) == "CUDA graphs"
-    assert _format_blocker("managed", False, None) == "streaming='managed'"
-    assert _format_blocker("mapped", True, None) == "streaming='mapped'"
-    assert _format_blocker("copy", True, "self") == "speculate='self'"
+    assert format_blocker("auto", False, None) is None
+    assert format_blocker("auto", True, None) == "CUDA graphs"
+    assert format_blocker("managed", False, None) == "streaming='managed'"
+    assert format_blocker("mapped", True, None) == "streaming='mapped'"
+    assert format_blocker("copy", True, "self") == "speculate='self'"
+    assert format_blocker(cpu_compute=0.5) == format_blocker(cpu_compute="on") == "the CPU rank"
+    assert format_blocker(cpu_compute="auto") is None  # the CPU rank's auto turns itself off beside lossless

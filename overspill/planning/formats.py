@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .plan import Footprint
+from .plan import MANAGED_MODES, Footprint
 
 INT4_GROUP = 128  # inputs per scale/zero pair, as the self draft's int4 layers (`planning.self_draft.INT4_GROUP`)
 
@@ -58,6 +58,20 @@ def check_format(name: str) -> str:
     if name not in CHOICES:
         raise ValueError(f"unknown stream format {name!r}: use one of {', '.join(CHOICES)}")
     return name
+
+
+def format_blocker(streaming: str = "auto", cuda_graphs: bool = False, speculate: str | None = None,
+                   cpu_compute: str | float = "off") -> str | None:
+    """What a load asked for that streams only uncompressed layers, or None: CUDA graphs and managed memory
+    replay or map bf16 layers, the self draft quantizes the streamed layers from their bf16 host buffers,
+    and a CPU rank the user turned on splits bf16 layers ("auto" turns itself off instead)."""
+    if speculate == "self":
+        return "speculate='self'"
+    if streaming in MANAGED_MODES:
+        return f"streaming={streaming!r}"
+    if cpu_compute not in ("off", "auto"):
+        return "the CPU rank"
+    return "CUDA graphs" if cuda_graphs else None
 
 
 def resolve_auto(codec_available: bool, link_bytes_s: float,
