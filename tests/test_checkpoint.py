@@ -37,6 +37,25 @@ def test_random_weights_same_for_any_destination_and_chunked(monkeypatch) -> Non
     assert torch.equal(norm, torch.ones(8)) and torch.equal(bias, torch.zeros(8))
 
 
+def test_random_expert_weights_draw_at_most_one_chunk_at_a_time(monkeypatch) -> None:
+    """A [experts, rows, cols] tensor is drawn in chunks of rows of its last dimension: drawing a whole
+    expert at once took one of Mixtral's 470 MB of float32 scratch on a full GPU."""
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 64)
+    drawn = []
+    randn = torch.randn
+
+    def counted(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        drawn.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "randn", counted)
+    experts = torch.empty(2, 16, 32)  # one expert is 512 elements, eight chunks
+    RandomWeights(seed=1, device=torch.device("cpu")).fill("model.layers.0.mlp.experts.gate_up_proj", experts)
+    assert max(drawn) <= 64 and sum(drawn) == experts.numel()
+    assert 0.015 < experts.std().item() < 0.025
+
+
 # --- safetensors checkpoints: names through transformers' conversion mapping, broken files as one line --
 
 

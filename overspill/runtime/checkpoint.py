@@ -267,10 +267,12 @@ class RandomWeights:
         if leaf == "bias":
             out.zero_()
             return
-        # Drawn in chunks of rows with one seed each: bounded scratch memory (a 128k-vocab head
-        # would otherwise need a 4 GB float32 temporary) and the same values wherever `out` lives.
+        # Drawn in chunks of rows of the last dimension with one seed each: bounded scratch memory (a
+        # 128k-vocab head would otherwise need a 4 GB float32 temporary; one of Mixtral's experts, a row
+        # of [experts, rows, cols], 470 MB on a GPU whose budget is full) and the same values wherever
+        # `out` lives.
         base = self.seed * 1_000_003 + zlib.crc32(name.encode())
-        flat = out.view(out.shape[0], -1) if out.dim() > 1 else out.view(1, -1)
+        flat = out.view(-1, out.shape[-1]) if out.dim() > 1 else out.view(1, -1)
         rows = max(1, CHUNK_ELEMENTS // max(flat.shape[1], 1))
         for i, start in enumerate(range(0, flat.shape[0], rows)):
             chunk = flat[start : start + rows]
