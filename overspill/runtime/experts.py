@@ -10,7 +10,8 @@ experts with the cache as their weights. The math is transformers' own:
   DeepSeek-V3) run their own dispatched forward (grouped_mm, batched_mm, ...) with the cache tensors
   as weights and the router's indices mapped to cache slots: each (token, expert) pair meets the
   same weights, and the weighted sum runs over each token's top-k in the router's order. The eager
-  loop sums experts in index order, so for it the selected experts are gathered in that order.
+  loop sums experts in index order, so for it the module runs once per selected expert, in that
+  order, on the expert's slot (no expert is copied).
 - Llama 4's `Llama4TextMoe` multiplies every token by every expert (unselected ones get a routing
   score of 0, so they add exact zeros). `Llama4RoutedMoe` computes only the experts some token
   selected, puts their outputs in the same [experts, tokens, hidden] sum, and adds the shared expert
