@@ -2,7 +2,7 @@
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
-#                                              | serve-ab | formats | cpu-rank | moe | speculative | recheck)
+#                                              | serve-ab | formats | cpu-rank | moe | moe-cpu | speculative | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -116,6 +116,11 @@ case "${1:-}" in
     ;;
   moe)  # issue 17: expert-aware against dense streaming, Mixtral-8x7B shape at 24 GiB
     timeout 560 python3 bench/moe.py --model mixtral-8x7b --budget 24GiB --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  moe-cpu)  # issue 17 item 3: the host computing a share of the missing experts (--cpu-experts auto) against copying
+            # them all, Mixtral-8x7B shape at 24 GiB, batches 1 and 8 (two loads, ~2.5 min each)
+    timeout 560 python3 bench/moe.py --model mixtral-8x7b --budget 24GiB --modes experts experts+cpu --out "$OUT" 2>&1 \
+      | tee -a "$OUT/log"
     ;;
   speculative)  # 70B at 80 GiB: pass cost, oracle points against plain (serial verify); then 8B at 6 GiB with self
     timeout 400 python3 bench/speculative.py --model llama-3-70b --budget 80GiB --new-tokens 40 --repeats 1 \

@@ -37,6 +37,8 @@ TARGETS = {"mixtral-8x7b": 2.2, "llama-4-scout-109b": 4.0}  # speedup over dense
 SMOKE_CONFIG = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=6,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
                     num_local_experts=8, num_experts_per_tok=2, initializer_range=0.1)
+MODES = {"dense": dict(moe_streaming="dense"), "experts": dict(moe_streaming="experts"),
+         "experts+cpu": dict(moe_streaming="experts", cpu_experts="auto")}
 HOST_MARGIN = 12 * 2**30  # host memory kept free beside the pinned streamed layers (process, page cache)
 
 
@@ -47,12 +49,12 @@ class DecodeMeter:
     def __init__(self, cache):
         self.cache = cache
         self.times: list[float] = []
-        self.at_first: tuple[int, int, int] | None = None
+        self.at_first: tuple[int, int, int, int] | None = None
         self._prompt = True
 
-    def counters(self) -> tuple[int, int, int]:
+    def counters(self) -> tuple[int, int, int, int]:
         c = self.cache
-        return (c.hits, c.misses, c.bytes_copied) if c is not None else (0, 0, 0)
+        return (c.hits, c.misses, c.bytes_copied, c.host_computed) if c is not None else (0, 0, 0, 0)
 
     def put(self, value) -> None:
         if self._prompt:
@@ -86,11 +88,11 @@ def decode(model, ids, new_tokens: int) -> dict:
     sync()
     steps = len(meter.times) - 1
     elapsed = meter.times[-1] - meter.times[0] if steps > 0 else 0.0
-    hits, misses, copied = (a - b for a, b in zip(meter.counters(), meter.at_first or (0, 0, 0)))
+    hits, misses, copied, on_host = (a - b for a, b in zip(meter.counters(), meter.at_first or (0, 0, 0, 0)))
     return {"tokens": out[:, ids.shape[1]:].tolist(), "steps": steps,
             "decode_tok_s": ids.shape[0] * steps / elapsed if elapsed else None,
             "step_s": elapsed / steps if steps else None,
-            "hits": hits, "misses": misses, "expert_bytes": copied}
+            "hits": hits, "misses": misses, "expert_bytes": copied, "experts_computed_on_host": on_host}
 
 
 def smoke_checkpoint(out_dir: Path) -> Path:
@@ -171,7 +173,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mixtral-8x7b", help="shipped config name (random weights)")
     p.add_argument("--budget", default="24GiB", help="gpu_memory for overspill.load ('auto': free memory - margin)")
-    p.add_argument("--modes", nargs="+", default=["dense", "experts"], choices=["dense", "experts"])
+    p.add_argument("--modes", nargs="+", default=["dense", "experts"], choices=list(MODES),
+                   help="dense, experts, experts+cpu (expert streaming with --cpu-experts auto)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -217,7 +220,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch,
-                                      random_weights=random_weights, progress=False, moe_streaming=mode)
+                                      random_weights=random_weights, progress=False, **MODES[mode])
         except Exception as exc:  # record it and go on to the next mode
             record["runs"].append({"mode": mode, "error": repr(exc)[:500]})
             print(f"{mode}: {exc!r}", flush=True)
@@ -258,19 +261,27 @@ def main() -> None:
         dense = dict(zip(args.batches, args.dense_tok_s))
         record["dense_tok_s_from"] = "--dense-tok-s"
     for run in record["runs"]:
-        if run.get("mode") == "experts" and run.get("decode_tok_s") and dense.get(run["batch"]):
+        if run.get("mode", "dense") != "dense" and run.get("decode_tok_s") and dense.get(run["batch"]):
             run["speedup_vs_dense"] = run["decode_tok_s"] / dense[run["batch"]]
             if ("dense", run["batch"]) in tokens:
-                run["tokens_identical_to_dense"] = tokens["experts", run["batch"]] == tokens["dense", run["batch"]]
+                run["tokens_identical_to_dense"] = tokens[run["mode"], run["batch"]] == tokens["dense", run["batch"]]
             if run["batch"] == 1 and args.model in TARGETS and not args.smoke:
                 run["target_speedup"] = TARGETS[args.model]
+    experts = {r["batch"]: r["decode_tok_s"] for r in record["runs"] if r.get("mode") == "experts" and r.get("decode_tok_s")}
+    for run in record["runs"]:  # the host's share of the misses against copying them all
+        if run.get("mode") == "experts+cpu" and run.get("decode_tok_s") and experts.get(run["batch"]):
+            run["speedup_vs_experts"] = run["decode_tok_s"] / experts[run["batch"]]
+            if ("experts", run["batch"]) in tokens:
+                a, b = tokens["experts+cpu", run["batch"]], tokens["experts", run["batch"]]
+                same = [x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+                run["token_agreement_with_experts"] = sum(same) / len(same) if same else None
     path.write_text(json.dumps(record, indent=2))
     plot(record, path.with_suffix(".png"))
     for run in record["runs"]:
         if "speedup_vs_dense" in run:
-            print(f"experts batch {run['batch']}: {run['speedup_vs_dense']:.2f}x dense, "
+            print(f"{run['mode']} batch {run['batch']}: {run['speedup_vs_dense']:.2f}x dense, "
                   f"{run['fraction_of_floor'] or 0:.2f} of its floor" if link else
-                  f"experts batch {run['batch']}: {run['speedup_vs_dense']:.2f}x dense")
+                  f"{run['mode']} batch {run['batch']}: {run['speedup_vs_dense']:.2f}x dense")
     print(f"wrote {path}")
 
 

@@ -13,6 +13,8 @@ import torch
 from .errors import OverspillError, one_line
 from .planning import moe
 from .planning.formats import NATIVE, check_format, choose, format_blocker, resolve_auto, with_format
+from .planning.host_experts import check_mode as check_cpu_experts
+from .planning.host_experts import supported as host_experts_supported
 from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 from .planning.plan import (
@@ -30,6 +32,7 @@ from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
 from .runtime.cpu_rank import enable_planned, plan_cpu_rank
+from .runtime.experts import enable_host_experts
 from .runtime.hardware import host_available_bytes
 from .runtime.loader import (
     Placement,
@@ -161,6 +164,7 @@ def load(
     cpu_compute: str | float = "off",
     moe_streaming: str = "auto",
     cpu_compute_format: str = "bf16",
+    cpu_experts: str = "off",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -220,6 +224,13 @@ def load(
             "dense" (whole layers), or "auto" (default): experts where the plan predicts it faster
             (fewer bytes per step without a probe). Expert streaming needs bf16 pinned copies and
             eager decode; "auto" stream format then stays bf16 for MoE models.
+        cpu_experts: under expert streaming, routed experts missing from the GPU cache that the host
+            computes from its pinned copy instead of copying them (`overspill.planning.host_experts`, as
+            llama.cpp's --n-cpu-moe does): "off" (default until its GPU runs have measured the gain),
+            "on" (every miss: nothing routed crosses the link), or "auto" (per layer, the misses routed
+            to the fewest tokens while that shortens the layer at the probed link and host rates). The
+            host's arithmetic rounds differently, so logits move within bf16 noise. Mixtral, Qwen2/3-MoE
+            and DeepSeek-V3 experts; Llama 4's not yet.
         cpu_compute: the host CPU as a second tensor-parallel rank of every streamed layer
             (`overspill.planning.cpu_rank`, issue 16): a fraction of each streamed layer (KV-head groups
             and MLP columns) stays in host memory and the host computes it while the GPU computes the
@@ -256,6 +267,10 @@ def load(
         device, moe_streaming = stage.device, "dense"
     dev = _parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
+    try:
+        check_cpu_experts(cpu_experts)
+    except ValueError as exc:
+        raise OverspillError(f"{exc} (--cpu-experts)") from None
     if speculate is not None and speculate != "self":
         from .runtime.drafts import check_source
 
@@ -315,10 +330,14 @@ def load(
     plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
     blocker = _moe_blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
+    if cpu_experts == "on" and not (plan.moe_streaming == "experts" and plan.streamed_layers):
+        raise OverspillError("cpu_experts='on': no layer streams its experts (expert streaming is off); "
+                             "use cpu_experts='off' (or moe_streaming='experts')")
     if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
         raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
     if profile is not None:
-        plan = moe.predict(fp, plan, moe_layers, profile)
+        plan = moe.predict(fp, plan, moe_layers, profile,
+                           cpu_experts if host_experts_supported(getattr(config.get_text_config(), "model_type", "")) else "off")
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate, cpu_compute_format)
@@ -340,6 +359,11 @@ def load(
     if stage is not None:
         stage.install(skeleton)
     enable_planned(skeleton, profile.cpu_threads if profile is not None and profile.cpu_threads else None)
+    experts_note = enable_host_experts(skeleton, placement.experts, cpu_experts,
+                                       profile.h2d_bytes_s if profile is not None else 0.0,
+                                       profile.cpu_gemv_params_s if profile is not None else 0.0)
+    if experts_note:
+        placement.plan = replace(placement.plan, notes=placement.plan.notes + (experts_note,))
     if speculate == "auto":
         speculate = auto_source(plan, cuda_graphs)
     if cuda_graphs:

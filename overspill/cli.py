@@ -10,6 +10,7 @@ import sys
 from . import commands
 from .errors import OverspillError
 from .planning.configs import shipped_names
+from .planning.host_experts import CPU_EXPERTS
 from .planning.moe import MOE_STREAMING
 from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK
 from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
@@ -68,6 +69,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     _add_stream_format_arg(p)
     _add_cpu_compute_arg(p)
     _add_moe_streaming_arg(p)
+    _add_cpu_experts_arg(p)
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda:0 if present, else cpu).")
 
 
@@ -193,6 +195,17 @@ def _add_cpu_compute_arg(p: argparse.ArgumentParser) -> None:
         "share: about half its host memory and, where `overspill probe` measured it, a faster host GEMV, so "
         "the planner gives the host a larger share; lossy). Separate from --stream-format, which stays bf16 "
         "under the CPU rank; serve and batch refuse int8 (they run the CPU rank off).",
+    )
+
+
+def _add_cpu_experts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-experts", default="off", choices=list(CPU_EXPERTS),
+        help="under expert streaming, routed experts missing from the GPU cache that the host computes from "
+        "its pinned copy instead of copying them (as llama.cpp's --n-cpu-moe): on (every miss; nothing "
+        "routed crosses the link), auto (per layer, the misses routed to the fewest tokens while that "
+        "shortens the layer at the probed link and host rates), off (default until GPU runs measure it). "
+        "Logits move within bf16 noise (the host rounds differently).",
     )
 
 
@@ -393,6 +406,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
                       help=f"longest drafted chain the --speculate forecast considers (default {DEFAULT_MAX_CHAIN}).")
     _add_stream_format_arg(plan)
     _add_moe_streaming_arg(plan)
+    _add_cpu_experts_arg(plan)
     _add_cpu_compute_arg(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object (model, profile, spec totals, plan, "
                       "and with --speculate its forecast) instead of the table.")

@@ -68,6 +68,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.hostmem import check_host
     from .planning.placement import plan_for, serving_pass_tokens
     from .planning.plan import Workload, footprint_from_spec
+    from .planning.host_experts import supported as host_experts_supported
     from .planning.moe import MoeLayers, forecasts
     from .planning.planview import moe_lines
     from .planning.units import parse_bytes
@@ -99,8 +100,9 @@ def plan_main(args: argparse.Namespace) -> int:
 
     plan = plan_in(requested)
     if moe_layers.is_moe:
+        cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
         plan = _moe_plan(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
-                         args.depth, kv, args.serve)
+                         args.depth, kv, args.serve, cpu_experts)
     formats = {}
     for name in FORMATS:  # the others side by side; one whose bigger slots do not fit is left out
         try:
@@ -122,7 +124,8 @@ def plan_main(args: argparse.Namespace) -> int:
     if moe_layers.is_moe:
         print()
         print("\n".join(moe_lines(forecasts(fp, moe_layers, plan.budget_bytes, workload, args.depth, profile,
-                                               (1, max(args.batch, 8))), moe_layers)))
+                                               (1, max(args.batch, 8)), host_experts_supported(spec.model_type)),
+                                     moe_layers)))
     if streams:
         print()
         print("\n".join(planview.format_lines(formats, {"lossless"})))
@@ -140,7 +143,7 @@ def plan_main(args: argparse.Namespace) -> int:
 
 
 def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,
-              kv: int | None, serve: bool):
+              kv: int | None, serve: bool, cpu_experts: str = "off"):
     """`plan` for a MoE model as `load` places it: the greedy plan, then expert streaming where
     `moe.choose` takes it (streaming copies then), then the prediction."""
     from .planning import moe
@@ -153,7 +156,7 @@ def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int
         plan = dataclasses.replace(plan, notes=plan.notes + (note,))
     if plan.moe_streaming != "experts":
         plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
-    return moe.predict(fp, plan, moe_layers, profile)
+    return moe.predict(fp, plan, moe_layers, profile, cpu_experts)
 
 
 def _plan_format(name: str, link_bytes_s: float, blocker: str | None = None) -> tuple[str, str | None]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
 from .costmodel import Prediction
+from .host_experts import layer_split
 from .placement import max_batch, place, streaming_plan, with_prediction
 from .plan import Footprint, Plan, Workload
 from .profile import Profile
@@ -150,10 +151,37 @@ def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
     expert_bytes = expert_bytes_per_step(moe, streamed, plan.expert_slots, plan.workload.batch)
     expert_link = expert_bytes / h2d_bytes_s if h2d_bytes_s else 0.0
-    serial = pred.gpu_s + expert_link + len(streamed) * SYNC_S
-    step = max(pred.link_s, serial, pred.host_s)
-    bottleneck = "expert fetch" if step == serial and serial > max(pred.link_s, pred.host_s) else pred.bottleneck
-    return replace(pred, decode_step_s=step, decode_tok_s=plan.workload.batch / step, bottleneck=bottleneck)
+    return _with_expert_wait(pred, plan, expert_link, len(streamed), pred.link_s)
+
+
+def _with_expert_wait(pred: Prediction, plan: Plan, wait_s: float, layers: int, link_s: float) -> Prediction:
+    serial = pred.gpu_s + wait_s + layers * SYNC_S
+    step = max(link_s, serial, pred.host_s)
+    bottleneck = "expert fetch" if step == serial and serial > max(link_s, pred.host_s) else pred.bottleneck
+    return replace(pred, decode_step_s=step, decode_tok_s=plan.workload.batch / step, bottleneck=bottleneck,
+                   link_s=link_s)
+
+
+def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str) -> Plan:
+    """An expert-aware plan whose host computes a share of each streamed MoE layer's expected misses
+    (`planning.host_experts`): fewer bytes cross per step, and each layer waits for the slower of the
+    host's share and the link's. Each miss is assumed routed to batch x active / distinct tokens."""
+    if mode == "off" or plan.prediction is None or plan.moe_streaming != "experts":
+        return plan
+    streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
+    batch, miss = plan.workload.batch, 1.0 - hit_fraction(moe, streamed, plan.expert_slots)
+    wait, saved = 0.0, 0
+    for i in streamed:
+        distinct = expected_distinct(moe.num_experts[i], moe.active[i], batch)
+        k, seconds = layer_split(distinct * miss, batch * moe.active[i] / distinct, moe.expert_bytes[i],
+                                 moe.expert_bytes[i] // 2, profile.h2d_bytes_s, profile.cpu_gemv_params_s, mode)  # bf16
+        wait += seconds
+        saved += k * moe.expert_bytes[i]
+    pred = plan.prediction
+    link_s = max(0.0, pred.link_s - saved / profile.h2d_bytes_s)
+    pred = replace(_with_expert_wait(pred, plan, wait, len(streamed), link_s),
+                   link_floor_tok_s=batch / link_s if link_s > 0 else pred.link_floor_tok_s)
+    return replace(plan, streamed_bytes_per_step=max(0, plan.streamed_bytes_per_step - saved), prediction=pred)
 
 
 def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, requested: str, depth: int,
@@ -189,16 +217,18 @@ def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, reque
     return candidate, None
 
 
-def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile) -> Plan:
-    """`placement.with_prediction`, with the serial expert fetch for an expert-aware plan."""
+def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile, cpu_experts: str = "off") -> Plan:
+    """`placement.with_prediction`, with the serial expert fetch for an expert-aware plan (the host's
+    share of it with `cpu_experts`)."""
     plan = with_prediction(fp, plan, profile)
     if plan.moe_streaming != "experts" or plan.prediction is None:
         return plan
     # the hot-expert slots take what the workload leaves; a larger batch would take them back
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
     least = replace(plan, expert_slots=min_cache_slots(moe, streamed))
-    return replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s),
-                   max_batch=max_batch(fp, least))
+    placed = replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s),
+                     max_batch=max_batch(fp, least))
+    return with_host_experts(placed, moe, profile, cpu_experts)
 
 
 @dataclass(frozen=True)
@@ -217,8 +247,9 @@ class Forecast:
 
 
 def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
-              profile: Profile, batches: tuple[int, ...] = (1, 8)) -> list[Forecast]:
-    """Dense and expert-aware streaming side by side at each batch (each planned for that batch)."""
+              profile: Profile, batches: tuple[int, ...] = (1, 8), host_experts: bool = False) -> list[Forecast]:
+    """Dense and expert-aware streaming side by side at each batch (each planned for that batch), and
+    with `host_experts` the host computing a share of the misses (--cpu-experts auto)."""
     out = []
     for batch in batches:
         w = replace(workload, batch=batch)
@@ -230,6 +261,8 @@ def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workl
         experts = experts_plan(fp, moe, budget, w, depth, len(dense.kv_host_layers))
         if experts is not None:
             plans.append(("experts", predict(fp, experts, moe, profile)))
+            if host_experts and profile.cpu_gemv_params_s > 0:  # --cpu-experts auto: the host's share of misses
+                plans.append(("experts+cpu", predict(fp, experts, moe, profile, "auto")))
         for mode, plan in plans:
             p = plan.prediction
             out.append(Forecast(mode, batch, plan.streamed_bytes_per_step + plan.kv_host_bytes, p.decode_tok_s,

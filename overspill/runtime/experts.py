@@ -16,6 +16,11 @@ experts with the cache as their weights. The math is transformers' own:
   score of 0, so they add exact zeros). `Llama4RoutedMoe` computes only the experts some token
   selected, puts their outputs in the same [experts, tokens, hidden] sum, and adds the shared expert
   as transformers does, so the result is the same sum.
+
+With `HostExperts` (`load(cpu_experts=...)`, `planning.host_experts`) some missing experts are not
+copied: the host computes them from their pinned buffers while the link brings the others, and their
+rows are added to the GPU's sum (in which their routing weights are zeroed). The host rounds
+differently, so those layers match the resident model within float noise, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +30,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..planning.host_experts import host_count
 from .streams import new_stream
 
 GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
+
+
+class HostExperts:
+    """Which of a layer's missing experts the host computes (`planning.host_experts`): all of them ("on"),
+    or the ones routed to the fewest tokens while that shortens the layer at the probed rates ("auto")."""
+
+    def __init__(self, mode: str, expert_bytes: int, expert_params: int, link_bytes_s: float = 0.0,
+                 host_params_s: float = 0.0):
+        self.mode = mode
+        self.expert_bytes, self.expert_params = expert_bytes, expert_params
+        self.link_bytes_s, self.host_params_s = link_bytes_s, host_params_s
+
+    def pick(self, missing: list[int], tokens: list[int]) -> set[int]:
+        if self.mode == "on":
+            return set(missing)
+        order = sorted(zip(tokens, missing))
+        k = host_count([n for n, _ in order], self.expert_bytes, self.expert_params, self.link_bytes_s,
+                       self.host_params_s)
+        return {e for _, e in order[:k]}
 
 
 class ExpertCache:
@@ -54,8 +79,9 @@ class ExpertCache:
         self.routed: dict[tuple[int, int], int] = {}  # tokens routed to each (layer, expert) so far
         self.last_use = [0] * slots
         self.calls = 0
-        self.hits = self.misses = self.bytes_copied = 0
+        self.hits = self.misses = self.bytes_copied = self.host_computed = 0
         self.expert_nbytes = sum(t[0].numel() * t.element_size() for t in self.tensors)
+        self.host_policy: HostExperts | None = None  # `enable_host_experts`: misses the host computes
 
     def fetch(self, layer: int, experts: list[int], tokens: list[int], host: list[torch.Tensor]) -> list[int]:
         """Slots holding `experts` of `layer` (copied from `host`, per parameter [experts, ...], on a miss);
@@ -126,7 +152,7 @@ class ExpertCache:
         return self.hits / looked if looked else 0.0
 
     def reset_stats(self) -> None:
-        self.hits = self.misses = self.bytes_copied = 0
+        self.hits = self.misses = self.bytes_copied = self.host_computed = 0
 
 
 def _selection(counts: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -156,14 +182,53 @@ class RoutedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         inner = self.experts
         experts, tokens = _selection(torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts))
+        on_host = self._host_share(experts, tokens)
+        if on_host:  # the GPU's copies go first, so the link works while the host computes its share
+            kept = [(e, n) for e, n in zip(experts, tokens) if e not in on_host]
+            experts, tokens = [e for e, _ in kept], [n for _, n in kept]
+            rows = hidden_states.cpu(), top_k_index.cpu(), top_k_weights.cpu()
         slots = self.cache.fetch(self.layer, experts, tokens, self.host)
+        host_out = self._on_host(*rows, sorted(on_host)).to(hidden_states.device) if on_host else None
+        if not experts:  # every selected expert computed on the host (or no token routed here)
+            return host_out if host_out is not None else torch.zeros_like(hidden_states)
         impl = getattr(getattr(inner, "config", None), "_experts_implementation", None) or "eager"
         if not any(name in impl for name in GROUPED):
-            return self._expert_by_expert(hidden_states, top_k_index, top_k_weights, experts, slots)
+            out = self._expert_by_expert(hidden_states, top_k_index, top_k_weights, experts, slots)
+            return out if host_out is None else out + host_out
         lookup = torch.zeros(self.num_experts, dtype=torch.long)  # also overspill's graph routers over them
         lookup[experts] = torch.tensor(slots)
+        if on_host:  # a slot this call filled: an unfilled one may hold NaN bits, which times 0 stay NaN
+            lookup[sorted(on_host)] = slots[0]
         index = lookup.to(top_k_index.device, non_blocking=True)[top_k_index]
-        return self._run(self.cache.tensors, self.cache.slots, hidden_states, index, top_k_weights)
+        if host_out is None:
+            return self._run(self.cache.tensors, self.cache.slots, hidden_states, index, top_k_weights)
+        host_rows = torch.isin(top_k_index, torch.tensor(sorted(on_host), device=top_k_index.device))
+        out = self._run(self.cache.tensors, self.cache.slots, hidden_states, index,
+                        top_k_weights.masked_fill(host_rows, 0))  # the host's experts add exact zeros here
+        return out + host_out
+
+    def _host_share(self, experts: list[int], tokens: list[int]) -> set[int]:
+        """The selected experts the host computes (`HostExperts.pick` over this layer's misses)."""
+        policy = self.cache.host_policy
+        if policy is None:
+            return set()
+        missing = [(e, n) for e, n in zip(experts, tokens) if (self.layer, e) not in self.cache.slot_of]
+        return policy.pick([e for e, _ in missing], [n for _, n in missing])
+
+    def _on_host(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 experts: list[int]) -> torch.Tensor:
+        """The host's experts' weighted sum over their tokens, as transformers' eager loop computes one
+        expert (gate_up, the module's gate, down, the routing weight), from the pinned host buffers."""
+        inner = self.experts
+        gate_up_w, down_w = self.host
+        final = torch.zeros_like(hidden_states)
+        for expert in experts:
+            top_k_pos, token_idx = torch.where((top_k_index == expert).transpose(0, 1))
+            gated = inner._apply_gate(nn.functional.linear(hidden_states[token_idx], gate_up_w[expert]))
+            out = nn.functional.linear(gated, down_w[expert]) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        self.cache.host_computed += len(experts)
+        return final
 
     def _expert_by_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                           experts: list[int], slots: list[int]) -> torch.Tensor:
@@ -269,4 +334,44 @@ def stats(cache: ExpertCache | None) -> dict[str, Any]:
     if cache is None:
         return {}
     return {"expert_slots": cache.slots, "hits": cache.hits, "misses": cache.misses, "hit_rate": cache.hit_rate,
-            "expert_bytes_copied": cache.bytes_copied}
+            "expert_bytes_copied": cache.bytes_copied, "experts_computed_on_host": cache.host_computed}
+
+
+HOST_SUPPORTED = ["gate_up_proj", "down_proj"]
+
+
+def enable_host_experts(model: nn.Module, cache: ExpertCache | None, mode: str, link_bytes_s: float,
+                        host_params_s: float) -> str | None:
+    """Let the host compute missing experts (`planning.host_experts`) in every expert-streamed layer;
+    returns a plan note, or raises OverspillError where "on" cannot apply. "auto" without probed rates
+    (no GPU, no probe) computes nothing on the host."""
+    from ..errors import OverspillError
+
+    if mode == "off":
+        return None
+    wrapped = [m for m in model.modules() if isinstance(m, (RoutedExperts, Llama4RoutedMoe))]
+    unsupported = sorted({type(m.moe if isinstance(m, Llama4RoutedMoe) else m.experts).__name__ for m in wrapped
+                          if not _host_computable(m)})
+    if cache is None or not wrapped or unsupported:
+        why = ("no layer streams its experts (expert streaming is off)" if cache is None or not wrapped else
+               f"{', '.join(unsupported)} experts are not computed on the host yet")
+        if mode == "on":
+            raise OverspillError(f"cpu_experts='on': {why}; use cpu_experts='off' (or moe_streaming='experts')")
+        return f"cpu experts auto: off ({why})"
+    params = cache.expert_nbytes // cache.tensors[0].element_size()
+    cache.host_policy = HostExperts(mode, cache.expert_nbytes, params, link_bytes_s, host_params_s)
+    if mode == "auto" and (link_bytes_s <= 0 or host_params_s <= 0):
+        return "cpu experts auto: off (no probed link and host rates)"
+    return f"cpu experts {mode}: the host computes {'every' if mode == 'on' else 'a share of the'} missing expert" + \
+        ("" if mode == "on" else "s where that shortens the layer")
+
+
+def _host_computable(module: nn.Module) -> bool:
+    """A transformers experts module whose expert is gate_up (concatenated or the module's own gate), then
+    down, without biases, post-expert norms or transposed weights: what `RoutedExperts._on_host` computes."""
+    if not isinstance(module, RoutedExperts):
+        return False
+    inner = module.experts
+    return (module.names == HOST_SUPPORTED and getattr(inner, "has_gate", False) and hasattr(inner, "_apply_gate")
+            and not getattr(inner, "has_bias", False) and not getattr(inner, "is_transposed", False)
+            and not getattr(inner, "has_post_expert_norm", False))

@@ -124,6 +124,7 @@ def load_for_serving(args) -> tuple:
         kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
         streaming=args.streaming, cuda_graphs=getattr(args, "cuda_graphs", False),
         stream_format=getattr(args, "stream_format", "auto"), moe_streaming=getattr(args, "moe_streaming", "auto"),
+        cpu_experts=getattr(args, "cpu_experts", "off"),
     )
     plan = placement_of(model).plan
     print(plan.summary())

@@ -1,0 +1,66 @@
+"""Which missing routed experts the host computes instead of copying them over the link. Pure Python.
+
+Under expert streaming (`planning.moe`) a routed expert missing from the GPU cache crosses the link
+(Mixtral-8x7B: 352 MB, 6.5 ms at 54 GB/s). The host already holds it in pinned memory and multiplies bf16
+weights at 35-38 G params/s while the link copies at full speed (measured on the lent H200), so one token
+through a Mixtral expert (176 M params) takes it ~4.9 ms. As llama.cpp's `--n-cpu-moe` and KTransformers
+do, the host can compute some experts while the link brings the others, and the layer waits for the
+slower of the two instead of the sum of the copies.
+
+Modes (`load(cpu_experts=...)`, `--cpu-experts`):
+- "off": every missing expert is copied (the default until GPU runs have measured the gain);
+- "on": every missing expert is computed on the host, nothing routed crosses the link;
+- "auto": per layer, the misses routed to the fewest tokens go to the host while that shortens the layer:
+  k of n misses cost max(host time of those k, link time of the other n - k); `host_count` picks the
+  k with the least cost. Host time counts each token as one matrix-vector pass over the expert
+  (the host's GEMV rate), an upper bound for several tokens, which batch into a GEMM.
+"""
+
+from __future__ import annotations
+
+CPU_EXPERTS = ("off", "auto", "on")
+HOST_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")  # Llama 4's experts not yet
+
+
+def supported(model_type: str) -> bool:
+    """Whether the host computes this architecture's routed experts (`runtime.experts.enable_host_experts`)."""
+    return model_type in HOST_MODEL_TYPES
+
+
+def check_mode(mode: str) -> str:
+    """The mode, or ValueError naming the choices."""
+    if mode not in CPU_EXPERTS:
+        raise ValueError(f"cpu_experts must be one of {', '.join(CPU_EXPERTS)}, got {mode!r}")
+    return mode
+
+
+def host_count(tokens: list[int], expert_bytes: int, expert_params: int, link_bytes_s: float,
+               host_params_s: float) -> int:
+    """How many of the missing experts (routed `tokens` each, ascending) the host computes: the first k,
+    for the k that minimises max(host seconds of the first k, link seconds of the rest). 0 without rates."""
+    if not tokens or link_bytes_s <= 0 or host_params_s <= 0:
+        return 0
+    link = expert_bytes / link_bytes_s
+    best, best_cost, host = 0, len(tokens) * link, 0.0
+    for k, n in enumerate(tokens, start=1):
+        host += n * expert_params / host_params_s
+        cost = max(host, (len(tokens) - k) * link)
+        if cost < best_cost:
+            best, best_cost = k, cost
+    return best
+
+
+def layer_split(misses: float, tokens_per_miss: float, expert_bytes: int, expert_params: int,
+                link_bytes_s: float, host_params_s: float, mode: str = "auto") -> tuple[int, float]:
+    """(experts the host computes, seconds the layer waits) for a streamed MoE layer's `misses` missing
+    experts (rounded to a count), each routed to `tokens_per_miss` tokens: all copied ("off"), all
+    computed on the host ("on"), or the split `host_count` picks ("auto")."""
+    n = round(misses)
+    if n <= 0 or link_bytes_s <= 0:
+        return 0, 0.0
+    link = expert_bytes / link_bytes_s
+    host = tokens_per_miss * expert_params / host_params_s if host_params_s > 0 else float("inf")
+    k = {"off": 0, "on": n}.get(mode)
+    if k is None:
+        k = host_count([max(1, round(tokens_per_miss))] * n, expert_bytes, expert_params, link_bytes_s, host_params_s)
+    return k, max(k * host, (n - k) * link)
