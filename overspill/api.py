@@ -14,6 +14,7 @@ from .errors import OverspillError, one_line
 from .planning import moe
 from .planning.formats import NATIVE, check_format, choose, format_blocker, resolve_auto, with_format
 from .planning.host_experts import check_mode as check_cpu_experts
+from .planning.host_experts import refusal as host_experts_refusal
 from .planning.host_experts import supported as host_experts_supported
 from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
@@ -227,10 +228,10 @@ def load(
         cpu_experts: under expert streaming, routed experts missing from the GPU cache that the host
             computes from its pinned copy instead of copying them (`overspill.planning.host_experts`, as
             llama.cpp's --n-cpu-moe does): "off" (default until its GPU runs have measured the gain),
-            "on" (every miss: nothing routed crosses the link), or "auto" (per layer, the misses routed
+            "on" (every miss once the cache's free slots are filled), or "auto" (per layer, the misses routed
             to the fewest tokens while that shortens the layer at the probed link and host rates). The
-            host's arithmetic rounds differently, so logits move within bf16 noise. Mixtral, Qwen2/3-MoE
-            and DeepSeek-V3 experts; Llama 4's not yet.
+            host's arithmetic rounds differently, so logits move within bf16 noise. Mixtral, Qwen2/3-MoE,
+            DeepSeek-V3 and Llama 4 experts.
         cpu_compute: the host CPU as a second tensor-parallel rank of every streamed layer
             (`overspill.planning.cpu_rank`, issue 16): a fraction of each streamed layer (KV-head groups
             and MLP columns) stays in host memory and the host computes it while the GPU computes the
@@ -330,9 +331,11 @@ def load(
     plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
     blocker = _moe_blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
-    if cpu_experts == "on" and not (plan.moe_streaming == "experts" and plan.streamed_layers):
-        raise OverspillError("cpu_experts='on': no layer streams its experts (expert streaming is off); "
-                             "use cpu_experts='off' (or moe_streaming='experts')")
+    host_refusal = host_experts_refusal(
+        cpu_experts, getattr(config.get_text_config(), "model_type", ""), moe_layers.is_moe,
+        plan.moe_streaming == "experts" and bool(plan.streamed_layers), _why_dense(plan, stage, moe_streaming))
+    if host_refusal:  # before minutes of loading
+        raise OverspillError(host_refusal)
     if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
         raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
     if profile is not None:
@@ -384,6 +387,15 @@ def load(
         else:
             enable(skeleton, speculate)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
+
+
+def _why_dense(plan: Plan, stage: Any, moe_streaming: str) -> str | None:
+    """Why a MoE model's layers stream whole under this load, for a refusal that names it (None if unknown)."""
+    if stage is not None:
+        return "pipeline ranks stream MoE layers whole"
+    if moe_streaming == "dense":
+        return "moe_streaming='dense' streams MoE layers whole"
+    return next((n for n in plan.notes if n.startswith("MoE layers stream whole")), None)
 
 
 def _stream_format(name: str, dev: torch.device, profile: Profile | None,

@@ -202,8 +202,8 @@ def _add_cpu_experts_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-experts", default="off", choices=list(CPU_EXPERTS),
         help="under expert streaming, routed experts missing from the GPU cache that the host computes from "
-        "its pinned copy instead of copying them (as llama.cpp's --n-cpu-moe): on (every miss; nothing "
-        "routed crosses the link), auto (per layer, the misses routed to the fewest tokens while that "
+        "its pinned copy instead of copying them (as llama.cpp's --n-cpu-moe): on (every miss once the "
+        "cache's free slots are filled), auto (per layer, the misses routed to the fewest tokens while that "
         "shortens the layer at the probed link and host rates), off (default until GPU runs measure it). "
         "Logits move within bf16 noise (the host rounds differently).",
     )

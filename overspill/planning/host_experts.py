@@ -9,7 +9,8 @@ slower of the two instead of the sum of the copies.
 
 Modes (`load(cpu_experts=...)`, `--cpu-experts`):
 - "off": every missing expert is copied (the default until GPU runs have measured the gain);
-- "on": every missing expert is computed on the host, nothing routed crosses the link;
+- "on": every missing expert is computed on the host once the cache's free slots are filled (the first
+  misses still fill them, so the cache holds what it can; later no routed expert crosses the link);
 - "auto": per layer, the misses routed to the fewest tokens go to the host while that shortens the layer:
   k of n misses cost max(host time of those k, link time of the other n - k); `host_count` picks the
   k with the least cost. Host time counts each token as one matrix-vector pass over the expert
@@ -18,8 +19,10 @@ Modes (`load(cpu_experts=...)`, `--cpu-experts`):
 
 from __future__ import annotations
 
+import math
+
 CPU_EXPERTS = ("off", "auto", "on")
-HOST_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")  # Llama 4's experts not yet
+HOST_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "llama4", "llama4_text")
 
 
 def supported(model_type: str) -> bool:
@@ -51,16 +54,36 @@ def host_count(tokens: list[int], expert_bytes: int, expert_params: int, link_by
 
 
 def layer_split(misses: float, tokens_per_miss: float, expert_bytes: int, expert_params: int,
-                link_bytes_s: float, host_params_s: float, mode: str = "auto") -> tuple[int, float]:
-    """(experts the host computes, seconds the layer waits) for a streamed MoE layer's `misses` missing
-    experts (rounded to a count), each routed to `tokens_per_miss` tokens: all copied ("off"), all
-    computed on the host ("on"), or the split `host_count` picks ("auto")."""
-    n = round(misses)
-    if n <= 0 or link_bytes_s <= 0:
-        return 0, 0.0
+                link_bytes_s: float, host_params_s: float, mode: str = "auto") -> tuple[float, float]:
+    """(experts the host computes, seconds the layer waits), expected, for a streamed MoE layer's `misses`
+    expected missing experts, each routed to `tokens_per_miss` tokens: all copied ("off"), all computed on
+    the host ("on"), or the split `host_count` picks ("auto"). A fractional expectation is priced as the
+    split of its ceiling scaled down, so neither the host's share nor the wait exceeds what is expected;
+    without a host rate everything is copied."""
+    if misses <= 0 or link_bytes_s <= 0:
+        return 0.0, 0.0
+    n = math.ceil(misses)
     link = expert_bytes / link_bytes_s
-    host = tokens_per_miss * expert_params / host_params_s if host_params_s > 0 else float("inf")
-    k = {"off": 0, "on": n}.get(mode)
-    if k is None:
-        k = host_count([max(1, round(tokens_per_miss))] * n, expert_bytes, expert_params, link_bytes_s, host_params_s)
-    return k, max(k * host, (n - k) * link)
+    if host_params_s <= 0 or mode == "off":
+        return 0.0, misses * link
+    host = tokens_per_miss * expert_params / host_params_s
+    k = n if mode == "on" else host_count([max(1, round(tokens_per_miss))] * n, expert_bytes, expert_params,
+                                          link_bytes_s, host_params_s)
+    scale = misses / n
+    return k * scale, max(k * host, (n - k) * link) * scale
+
+
+def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, why_dense: str | None) -> str | None:
+    """Why `cpu_experts=mode` cannot apply to this plan, as one line (None where it can, or mode is not "on";
+    "auto" turns itself off instead). `why_dense` says why MoE layers stream whole, where they do."""
+    if mode != "on":
+        return None
+    if not is_moe:
+        why = "the model has no routed experts"
+    elif not supported(model_type):
+        why = f"{model_type}'s experts are not computed on the host yet"
+    elif not experts_streamed:
+        why = why_dense or "no layer streams its experts (every MoE layer is resident)"
+    else:
+        return None
+    return f"cpu_experts='on': {why}; use cpu_experts='off' or 'auto'"

@@ -162,7 +162,7 @@ def _with_expert_wait(pred: Prediction, plan: Plan, wait_s: float, layers: int, 
                    link_s=link_s)
 
 
-def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str) -> Plan:
+def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str, dtype_bytes: int = 2) -> Plan:
     """An expert-aware plan whose host computes a share of each streamed MoE layer's expected misses
     (`planning.host_experts`): fewer bytes cross per step, and each layer waits for the slower of the
     host's share and the link's. Each miss is assumed routed to batch x active / distinct tokens."""
@@ -170,18 +170,19 @@ def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str) -
         return plan
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
     batch, miss = plan.workload.batch, 1.0 - hit_fraction(moe, streamed, plan.expert_slots)
-    wait, saved = 0.0, 0
+    wait, saved = 0.0, 0.0
     for i in streamed:
         distinct = expected_distinct(moe.num_experts[i], moe.active[i], batch)
         k, seconds = layer_split(distinct * miss, batch * moe.active[i] / distinct, moe.expert_bytes[i],
-                                 moe.expert_bytes[i] // 2, profile.h2d_bytes_s, profile.cpu_gemv_params_s, mode)  # bf16
+                                 moe.expert_bytes[i] // dtype_bytes, profile.h2d_bytes_s, profile.cpu_gemv_params_s,
+                                 mode)
         wait += seconds
         saved += k * moe.expert_bytes[i]
     pred = plan.prediction
     link_s = max(0.0, pred.link_s - saved / profile.h2d_bytes_s)
     pred = replace(_with_expert_wait(pred, plan, wait, len(streamed), link_s),
                    link_floor_tok_s=batch / link_s if link_s > 0 else pred.link_floor_tok_s)
-    return replace(plan, streamed_bytes_per_step=max(0, plan.streamed_bytes_per_step - saved), prediction=pred)
+    return replace(plan, streamed_bytes_per_step=max(0, round(plan.streamed_bytes_per_step - saved)), prediction=pred)
 
 
 def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, requested: str, depth: int,
@@ -228,7 +229,7 @@ def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile, cpu_exp
     least = replace(plan, expert_slots=min_cache_slots(moe, streamed))
     placed = replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s),
                      max_batch=max_batch(fp, least))
-    return with_host_experts(placed, moe, profile, cpu_experts)
+    return with_host_experts(placed, moe, profile, cpu_experts, fp.dtype_bytes)
 
 
 @dataclass(frozen=True)

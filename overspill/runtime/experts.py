@@ -46,10 +46,12 @@ class HostExperts:
         self.expert_bytes, self.expert_params = expert_bytes, expert_params
         self.link_bytes_s, self.host_params_s = link_bytes_s, host_params_s
 
-    def pick(self, missing: list[int], tokens: list[int]) -> set[int]:
-        if self.mode == "on":
-            return set(missing)
+    def pick(self, missing: list[int], tokens: list[int], free_slots: int = 0) -> set[int]:
+        """The misses the host computes. "on" copies into the cache's `free_slots` first (the misses routed
+        to most tokens), so the cache still holds what it can; once it is full every miss stays on the host."""
         order = sorted(zip(tokens, missing))
+        if self.mode == "on":
+            return {e for _, e in order[: max(0, len(order) - free_slots)]}
         k = host_count([n for n, _ in order], self.expert_bytes, self.expert_params, self.link_bytes_s,
                        self.host_params_s)
         return {e for _, e in order[:k]}
@@ -162,6 +164,19 @@ def _selection(counts: torch.Tensor) -> tuple[list[int], list[int]]:
     return experts, [counts[e] for e in experts]
 
 
+def host_share(cache: ExpertCache, layer: int, experts: list[int], tokens: list[int]) -> set[int]:
+    """The selected experts of `layer` the host computes (`HostExperts.pick` over the cache's misses)."""
+    if cache.host_policy is None:
+        return set()
+    missing = [(e, n) for e, n in zip(experts, tokens) if (layer, e) not in cache.slot_of]
+    free = sum(1 for owner in cache.owner if owner is None)
+    picked = cache.host_policy.pick([e for e, _ in missing], [n for _, n in missing], free)
+    for e, n in missing:  # routed counts drive eviction: the host's experts count as used too
+        if e in picked:
+            cache.routed[layer, e] = cache.routed.get((layer, e), 0) + n
+    return picked
+
+
 class RoutedExperts(nn.Module):
     """Stands in for a transformers experts module (`forward(hidden, top_k_index, top_k_weights)`),
     computing with the selected experts from the `ExpertCache`.
@@ -208,12 +223,7 @@ class RoutedExperts(nn.Module):
         return out + host_out
 
     def _host_share(self, experts: list[int], tokens: list[int]) -> set[int]:
-        """The selected experts the host computes (`HostExperts.pick` over this layer's misses)."""
-        policy = self.cache.host_policy
-        if policy is None:
-            return set()
-        missing = [(e, n) for e, n in zip(experts, tokens) if (self.layer, e) not in self.cache.slot_of]
-        return policy.pick([e for e, _ in missing], [n for _, n in missing])
+        return host_share(self.cache, self.layer, experts, tokens)
 
     def _on_host(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  experts: list[int]) -> torch.Tensor:
@@ -279,11 +289,18 @@ class Llama4RoutedMoe(nn.Module):
         routed_in = hidden_states.repeat(num_experts, 1)
         routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
         experts, tokens = _selection((router_scores != 0).sum(dim=0))
-        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
         per_expert = routed_in.view(num_experts, -1, moe.hidden_dim)  # [E, T, H]
+        on_host = sorted(host_share(self.cache, self.layer, experts, tokens))
+        if on_host:  # their inputs to the host first; then the GPU's copies, which run while the host computes
+            kept = [(e, n) for e, n in zip(experts, tokens) if e not in on_host]
+            experts, tokens = [e for e, _ in kept], [n for _, n in kept]
+            host_in, host_scores = per_expert[on_host].cpu(), router_scores[:, on_host].cpu()
+        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
         routed_out = torch.zeros_like(per_expert)
-        gate_up_w, down_w = self.cache.tensors
         act = moe.experts.act_fn
+        if on_host:
+            routed_out[on_host] = self._on_host(host_in, host_scores, on_host, act).to(routed_out.device)
+        gate_up_w, down_w = self.cache.tensors
         for e, slot in zip(experts, slots):  # unselected experts' inputs are zero: their outputs too
             gate_up = torch.bmm(per_expert[e : e + 1], gate_up_w[slot : slot + 1])
             gate, up = gate_up.chunk(2, dim=-1)
@@ -291,6 +308,19 @@ class Llama4RoutedMoe(nn.Module):
         out = moe.shared_expert(hidden_states)
         out.add_(routed_out.sum(dim=0))
         return out, router_logits
+
+    def _on_host(self, host_in: torch.Tensor, scores: torch.Tensor, experts: list[int], act) -> torch.Tensor:
+        """The host's experts over their routed tokens' rows of `host_in` ([experts, tokens, hidden]), as the
+        GPU loop computes them, from the pinned buffers ([E, H, 2I] and [E, I, H]). Unrouted rows are zero
+        inputs, whose outputs are exact zeros (silu(0) * 0), so they are not multiplied."""
+        gate_up_w, down_w = self.host
+        out = torch.zeros_like(host_in)
+        for i, e in enumerate(experts):
+            rows = scores[:, i].nonzero().squeeze(1)
+            gate, up = torch.mm(host_in[i, rows], gate_up_w[e]).chunk(2, dim=-1)
+            out[i, rows] = torch.mm(up * act(gate), down_w[e])
+        self.cache.host_computed += len(experts)
+        return out
 
 
 def expert_params(layer: nn.Module) -> list[tuple[str, list[str], nn.Module]]:
@@ -367,8 +397,11 @@ def enable_host_experts(model: nn.Module, cache: ExpertCache | None, mode: str, 
 
 
 def _host_computable(module: nn.Module) -> bool:
-    """A transformers experts module whose expert is gate_up (concatenated or the module's own gate), then
-    down, without biases, post-expert norms or transposed weights: what `RoutedExperts._on_host` computes."""
+    """Llama 4's MoE, or a transformers experts module whose expert is gate_up (concatenated or the module's
+    own gate), then down, without biases, post-expert norms or transposed weights: what the `_on_host`
+    methods compute."""
+    if isinstance(module, Llama4RoutedMoe):
+        return True
     if not isinstance(module, RoutedExperts):
         return False
     inner = module.experts
