@@ -16,6 +16,7 @@ from .planning.formats import NATIVE, check_format, choose, format_blocker, reso
 from .planning.host_experts import check_mode as check_cpu_experts
 from .planning.host_experts import refusal as host_experts_refusal
 from .planning.host_experts import supported as host_experts_supported
+from .planning.host_experts import why_dense
 from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 from .planning.plan import (
@@ -331,16 +332,16 @@ def load(
     plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
     blocker = _moe_blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
+    model_type = getattr(config.get_text_config(), "model_type", "")
     host_refusal = host_experts_refusal(
-        cpu_experts, getattr(config.get_text_config(), "model_type", ""), moe_layers.is_moe,
-        plan.moe_streaming == "experts" and bool(plan.streamed_layers), _why_dense(plan, stage, moe_streaming))
+        cpu_experts, model_type, moe_layers.is_moe, plan.moe_streaming == "experts" and bool(plan.streamed_layers),
+        why_dense(plan.notes, moe_streaming, pipeline=stage is not None))
     if host_refusal:  # before minutes of loading
         raise OverspillError(host_refusal)
     if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
         raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
     if profile is not None:
-        plan = moe.predict(fp, plan, moe_layers, profile,
-                           cpu_experts if host_experts_supported(getattr(config.get_text_config(), "model_type", "")) else "off")
+        plan = moe.predict(fp, plan, moe_layers, profile, cpu_experts if host_experts_supported(model_type) else "off")
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate, cpu_compute_format)
@@ -387,15 +388,6 @@ def load(
         else:
             enable(skeleton, speculate)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
-
-
-def _why_dense(plan: Plan, stage: Any, moe_streaming: str) -> str | None:
-    """Why a MoE model's layers stream whole under this load, for a refusal that names it (None if unknown)."""
-    if stage is not None:
-        return "pipeline ranks stream MoE layers whole"
-    if moe_streaming == "dense":
-        return "moe_streaming='dense' streams MoE layers whole"
-    return next((n for n in plan.notes if n.startswith("MoE layers stream whole")), None)
 
 
 def _stream_format(name: str, dev: torch.device, profile: Profile | None,

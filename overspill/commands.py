@@ -70,6 +70,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.plan import Workload, footprint_from_spec
     from .planning.host_experts import refusal as host_experts_refusal
     from .planning.host_experts import supported as host_experts_supported
+    from .planning.host_experts import why_dense
     from .planning.moe import MoeLayers, forecasts
     from .planning.planview import moe_lines
     from .planning.units import parse_bytes
@@ -104,10 +105,9 @@ def plan_main(args: argparse.Namespace) -> int:
         cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
         plan = _moe_plan(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
                          args.depth, kv, args.serve, cpu_experts)
-    why_dense = "--moe-streaming dense streams MoE layers whole" if moe_mode == "dense" else next(
-        (n for n in plan.notes if n.startswith("MoE layers stream whole")), None)
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
-                                   plan.moe_streaming == "experts" and bool(plan.streamed_layers), why_dense)
+                                   plan.moe_streaming == "experts" and bool(plan.streamed_layers),
+                                   why_dense(plan.notes, moe_mode, dense_option="--moe-streaming dense"))
     if refused:  # as `load` refuses it
         raise OverspillError(refused)
     formats = {}

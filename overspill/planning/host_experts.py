@@ -73,6 +73,20 @@ def layer_split(misses: float, tokens_per_miss: float, expert_bytes: int, expert
     return k * scale, max(k * host, (n - k) * link) * scale
 
 
+DENSE_NOTE = "MoE layers stream whole"  # how `moe.choose` begins each note saying why
+
+
+def why_dense(notes: tuple[str, ...], moe_streaming: str, pipeline: bool = False,
+              dense_option: str = "moe_streaming='dense'") -> str | None:
+    """Why a MoE model's layers stream whole under this plan (a pipeline rank, the `dense_option` the user
+    passed, or the planner's note), for a refusal that names it; None if no reason is known."""
+    if pipeline:
+        return "pipeline ranks stream MoE layers whole"
+    if moe_streaming == "dense":
+        return f"{dense_option} streams MoE layers whole"
+    return next((n for n in notes if n.startswith(DENSE_NOTE)), None)
+
+
 def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, why_dense: str | None) -> str | None:
     """Why `cpu_experts=mode` cannot apply to this plan, as one line (None where it can, or mode is not "on";
     "auto" turns itself off instead). `why_dense` says why MoE layers stream whole, where they do."""
@@ -86,4 +100,9 @@ def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, wh
         why = why_dense or "no layer streams its experts (every MoE layer is resident)"
     else:
         return None
+    return refused(why)
+
+
+def refused(why: str) -> str:
+    """The one-line refusal of cpu_experts='on' for `why`."""
     return f"cpu_experts='on': {why}; use cpu_experts='off' or 'auto'"

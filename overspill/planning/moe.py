@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
 from .costmodel import Prediction
-from .host_experts import layer_split
+from .host_experts import DENSE_NOTE, layer_split
 from .placement import max_batch, place, streaming_plan, with_prediction
 from .plan import Footprint, Plan, Workload
 from .profile import Profile
@@ -202,19 +202,19 @@ def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, reque
     if blocker is not None:
         if requested == "experts":
             raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
-        return dense, f"MoE layers stream whole (dense): expert streaming does not combine with {blocker} yet"
+        return dense, f"{DENSE_NOTE} (dense): expert streaming does not combine with {blocker} yet"
     candidate = experts_plan(fp, moe, budget, dense.workload, depth, len(dense.kv_host_layers))
     if candidate is None:
         if requested == "experts":
             raise OverspillError("no expert-aware plan fits this budget (it needs one layer's experts as a GPU cache)")
-        return dense, "MoE layers stream whole (dense): no expert-aware plan fits the budget"
+        return dense, f"{DENSE_NOTE} (dense): no expert-aware plan fits the budget"
     if profile is not None:
         expert_tok_s = predict(fp, candidate, moe, profile).prediction.decode_tok_s
         gain = expert_tok_s > with_prediction(fp, dense, profile).prediction.decode_tok_s
     else:
         gain = candidate.streamed_bytes_per_step < dense.streamed_bytes_per_step
     if requested == "auto" and not gain:
-        return dense, "MoE layers stream whole (dense): expert streaming is not predicted faster here"
+        return dense, f"{DENSE_NOTE} (dense): expert streaming is not predicted faster here"
     return candidate, None
 
 

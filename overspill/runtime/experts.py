@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..planning.host_experts import host_count
+from ..planning.host_experts import host_count, refused
 from .streams import new_stream
 
 GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
@@ -197,7 +197,7 @@ class RoutedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         inner = self.experts
         experts, tokens = _selection(torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts))
-        on_host = self._host_share(experts, tokens)
+        on_host = host_share(self.cache, self.layer, experts, tokens)
         if on_host:  # the GPU's copies go first, so the link works while the host computes its share
             kept = [(e, n) for e, n in zip(experts, tokens) if e not in on_host]
             experts, tokens = [e for e, _ in kept], [n for _, n in kept]
@@ -221,9 +221,6 @@ class RoutedExperts(nn.Module):
         out = self._run(self.cache.tensors, self.cache.slots, hidden_states, index,
                         top_k_weights.masked_fill(host_rows, 0))  # the host's experts add exact zeros here
         return out + host_out
-
-    def _host_share(self, experts: list[int], tokens: list[int]) -> set[int]:
-        return host_share(self.cache, self.layer, experts, tokens)
 
     def _on_host(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  experts: list[int]) -> torch.Tensor:
@@ -386,7 +383,7 @@ def enable_host_experts(model: nn.Module, cache: ExpertCache | None, mode: str, 
         why = ("no layer streams its experts (expert streaming is off)" if cache is None or not wrapped else
                f"{', '.join(unsupported)} experts are not computed on the host yet")
         if mode == "on":
-            raise OverspillError(f"cpu_experts='on': {why}; use cpu_experts='off' (or moe_streaming='experts')")
+            raise OverspillError(refused(why))
         return f"cpu experts auto: off ({why})"
     params = cache.expert_nbytes // cache.tensors[0].element_size()
     cache.host_policy = HostExperts(mode, cache.expert_nbytes, params, link_bytes_s, host_params_s)
