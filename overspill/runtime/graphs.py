@@ -88,6 +88,9 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(b, heads, q_len, value.shape[-1]).transpose(1, 2), None
 
 
+ROUTER_PREFIX = "overspill_graphed_or_"
+
+
 def route_decode_kernels(model: torch.nn.Module) -> None:
     """Point the model's attention (and experts) implementation at routers, once: graphed steps get
     `decode_attention` (and `batched_mm` experts), every other call the kernels the model had."""
@@ -98,9 +101,26 @@ def route_decode_kernels(model: torch.nn.Module) -> None:
         config._experts_implementation = _experts_router(experts)
 
 
+def keep_grouped_experts(model: torch.nn.Module) -> None:
+    """Eager passes run the experts kernel the model was built with, decode steps included.
+
+    On a GPU transformers' `generate` renames "grouped_mm" to "batched_mm" while it decodes, and
+    batched_mm gathers the weights of every routed (token, expert) pair: Mixtral at batch 1 copies two
+    experts (672 MiB) per MoE layer call, 32 sequences 21 GB, none of it in any plan (an H100 run of
+    Mixtral-8x7B at 24 GiB peaked 0.54 GiB past its plan in those copies). grouped_mm copies no weight.
+    Naming the experts router (`_experts_router`) instead of "grouped_mm" leaves that switch nothing to
+    switch; graphed steps still take batched_mm through the same router."""
+    configs = [model.config] + [getattr(model.config, key, None) for key in getattr(model.config, "sub_configs", {})]
+    for config in configs:
+        if getattr(config, "_experts_implementation", None) == "grouped_mm":
+            config._experts_implementation = _experts_router("grouped_mm")
+
+
 def _attention_router(own: str) -> str:
     """The registered name of "`decode_attention` in graphed steps, else `own`" (sdpa or eager)."""
-    name = f"overspill_graphed_or_{own}"
+    if own.startswith(ROUTER_PREFIX):
+        return own
+    name = f"{ROUTER_PREFIX}{own}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"] if own == "sdpa" else None
 
@@ -123,7 +143,9 @@ def _experts_router(own: str) -> str:
     on the H100: batched_mm is graph-safe."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-    name = f"overspill_graphed_or_{own}"
+    if own.startswith(ROUTER_PREFIX):  # `keep_grouped_experts` named it at load
+        return own
+    name = f"{ROUTER_PREFIX}{own}"
     if name not in ALL_EXPERTS_FUNCTIONS:
         def experts(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
             if _GRAPHED_STEP.get():
