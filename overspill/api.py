@@ -294,7 +294,7 @@ def load(
         skeleton = build_skeleton(config, torch_dtype)
     _attach_generation_config(skeleton, source)  # before the weights: a broken file fails fast
     _, layers = decoder_layers(skeleton)
-    workload = Workload(context, batch, pass_tokens=pass_tokens)
+    workload = Workload(context, batch, pass_tokens=pass_tokens, graphs=cuda_graphs)
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
     spec = measured_spec(skeleton, layers, torch_dtype)

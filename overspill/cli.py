@@ -404,6 +404,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("--max-chain", type=int, default=DEFAULT_MAX_CHAIN, metavar="K",
                       help=f"longest drafted chain the --speculate forecast considers (default {DEFAULT_MAX_CHAIN}).")
+    plan.add_argument("--cuda-graphs", action="store_true",
+                      help="plan as a load with --cuda-graphs does: graphed decode steps run transformers' batched_mm "
+                      "experts, which copy each sequence's routed experts' weights, so MoE models reserve that "
+                      "workspace per sequence. Default: off (eager decoding).")
     _add_stream_format_arg(plan)
     _add_moe_streaming_arg(plan)
     _add_cpu_experts_arg(plan)
@@ -434,7 +438,8 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
         spec = commands._plan_spec(args.model, args.dtype)
         profile, _ = commands._plan_profile(args.profile)
         budget = commands._plan_budget(args.gpu_memory, profile)
-        workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
+        workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
+                            graphs=args.cuda_graphs)
         print()
         print("\n".join(comparison_lines(spec, budget, gpus, workload, args.depth, profile)))
     return code

@@ -88,13 +88,16 @@ def plan_main(args: argparse.Namespace) -> int:
     fp = footprint_from_spec(spec)
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
-    workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0)
+    workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
+                        graphs=getattr(args, "cuda_graphs", False))
     requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile.h2d_bytes_s,
-                                          format_blocker(speculate=getattr(args, "speculate", None),
+                                          format_blocker(cuda_graphs=workload.graphs,
+                                                         speculate=getattr(args, "speculate", None),
                                                          cpu_compute=getattr(args, "cpu_compute", "off")))
     moe_layers = MoeLayers.from_spec(spec)
     moe_mode = getattr(args, "moe_streaming", "auto")
-    if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense":
+    if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense" \
+            and not workload.graphs:
         requested, format_note = "bf16", None  # as `load`: routed experts cross per expert, in bf16
     def plan_in(name: str):
         return plan_for(with_format(fp, choose(fp, name)), profile, workload, budget, args.depth,
@@ -158,7 +161,8 @@ def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int
 
     if budget is None:  # "auto", as `plan_for` resolves it
         budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
-    plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, None, profile)
+    blocker = "CUDA graphs" if workload.graphs else None  # as `load`'s `_moe_blocker`
+    plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, blocker, profile)
     if note:
         plan = dataclasses.replace(plan, notes=plan.notes + (note,))
     if plan.moe_streaming != "experts":

@@ -136,3 +136,35 @@ def test_plan_command_shows_dense_against_experts(capsys, name: str, budget: str
     assert cli.main(["plan", name, "--profile", "h100-pcie5", "--gpu-memory", budget, "--moe-streaming", "dense",
                      "--json", *big_host]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["moe_streaming"] == "dense"
+
+
+def test_graphed_decode_reserves_the_experts_batched_mm_gathers() -> None:
+    """Graphed decode steps run transformers' batched_mm experts, which copy each row's routed experts
+    (on an H100 the eager decode's batched_mm peaked 672 MiB past a Mixtral plan at batch 1, two experts
+    of 336 MiB). A graphed workload reserves batch x active experts per MoE layer; eager ones do not."""
+    fp, layers = shape("mixtral-8x7b")
+    assert fp.gathered_expert_bytes_per_token == 2 * layers.expert_bytes[0]
+    assert footprint_from_spec(spec_from_config(shipped_config("llama-3-8b"))).gathered_expert_bytes_per_token == 0
+    for batch in (1, 8):
+        eager = place(fp, 40 * GiB, Workload(4096, batch))
+        graphed = place(fp, 40 * GiB, Workload(4096, batch, graphs=True))
+        assert graphed.workspace_bytes - eager.workspace_bytes == batch * fp.gathered_expert_bytes_per_token
+        assert graphed.device_bytes <= 40 * GiB
+    assert with_prediction(fp, place(fp, 40 * GiB, Workload(4096, 1, graphs=True)), H100).max_batch < \
+        with_prediction(fp, place(fp, 40 * GiB, Workload(4096, 1)), H100).max_batch
+
+
+def test_plan_command_with_cuda_graphs_plans_as_a_graphed_load(capsys) -> None:
+    """`overspill plan --cuda-graphs` streams MoE layers whole (expert streaming does not combine with
+    graphs, as `load` says) and reserves the gathered experts of every sequence."""
+    args = ["plan", "mixtral-8x7b", "--profile", "h100-pcie5", "--gpu-memory", "24GiB", "--batch", "8", "--json"]
+    assert cli.main(args) == 0
+    eager = json.loads(capsys.readouterr().out)["plan"]
+    assert cli.main([*args, "--cuda-graphs"]) == 0
+    graphed = json.loads(capsys.readouterr().out)["plan"]
+    assert eager["moe_streaming"] == "experts" and graphed["moe_streaming"] == "dense"
+    assert graphed["workload"]["graphs"] and not eager["workload"]["graphs"]
+    fp, _ = shape("mixtral-8x7b")
+    assert cli.main([*args, "--moe-streaming", "dense"]) == 0
+    dense = json.loads(capsys.readouterr().out)["plan"]
+    assert graphed["workspace_bytes"] - dense["workspace_bytes"] == 8 * fp.gathered_expert_bytes_per_token

@@ -89,6 +89,8 @@ def workspace_bytes(fp: Footprint, workload: Workload, kv_host: int = 0, depth: 
     # The slack: on the H200 a 1024-hidden, 16-layer shape at 16k tokens peaked 19.4 MiB past the previous
     # count, which lacked the boolean mask (16 MiB there); 32 MiB also covers a cuBLAS workspace for a new stream.
     slack = RUNTIME_SLACK_BYTES if workload.activation_floor else 0  # a GPU's; the CPU path only emulates a budget
+    if workload.graphs:  # graphed decode steps: one token per sequence, each gathering its experts' weights
+        act += fp.gathered_expert_bytes_per_token * workload.batch
     transient = act + attention_transient_bytes(fp, workload) + slack
     return kv + max(transient, workload.activation_floor)
 
@@ -292,6 +294,8 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
     n = max(len(fp.layer_bytes), 1)
     # every sequence: its KV, and its share of one layer's attention transient (repeat_kv)
     per_seq = fp.kv_bytes_per_token * w.context + fp.gqa_group * fp.kv_bytes_per_token * w.context // n
+    if w.graphs:  # each sequence's graphed decode row gathers its routed experts' weights
+        per_seq += fp.gathered_expert_bytes_per_token
     if w.pass_tokens:  # serving: one bounded pass in flight, whatever the batch; each row is sampled
         free -= fp.activation_bytes_per_token * w.pass_tokens
         per_seq += SAMPLING_BYTES_PER_LOGIT * fp.vocab_size

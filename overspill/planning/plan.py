@@ -52,6 +52,9 @@ class Footprint:
     stream_format: str = "bf16"
     encoded_layer_bytes: tuple[int, ...] | None = None
     expand_scratch_bytes: int = 0
+    # What transformers' batched_mm experts (the graph-safe kernel graphed decode steps run) gather per
+    # token in one MoE layer: its routed experts' weights, copied for every (token, expert) pair.
+    gathered_expert_bytes_per_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Workload:
     batch: int = 1
     activation_floor: int = ACTIVATION_FLOOR_BYTES
     pass_tokens: int = 0  # most tokens one forward pass holds; 0: what `generate` needs (see `placement.pass_tokens`)
+    graphs: bool = False  # decode steps replayed as CUDA graphs (MoE experts there gather their weights per row)
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ def footprint_from_spec(spec: ModelSpec) -> Footprint:
         gqa_group=max(spec.num_attention_heads // max(spec.num_kv_heads, 1), 1),
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
+        gathered_expert_bytes_per_token=0 if at_once else max(
+            (layer.active_experts * layer.expert_bytes for layer in spec.layers if layer.num_experts), default=0),
     )
 
 

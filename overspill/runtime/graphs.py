@@ -25,6 +25,8 @@ Side effects on the model, all installed once by `enable_graphs`:
   `generate` calls the model's forward for every step, and PyTorch has no hook that can skip a
   forward and return another output, so replaying a graph in its place needs the replacement.
   The serving engine calls the original forward (`GraphedDecode.original`).
+`load` names the experts router for every MoE model, graphs or not (`keep_grouped_experts`), and
+plans graphed steps' batched_mm gathers in the workspace (`Workload.graphs`).
 """
 
 from __future__ import annotations
