@@ -212,14 +212,17 @@ class RoutedExperts(nn.Module):
             return out if host_out is None else out + host_out
         lookup = torch.zeros(self.num_experts, dtype=torch.long)  # also overspill's graph routers over them
         lookup[experts] = torch.tensor(slots)
-        if on_host:  # a slot this call filled: an unfilled one may hold NaN bits, which times 0 stay NaN
+        sentinels = bool(on_host) and "grouped_mm" in impl
+        if sentinels:  # past the last slot: grouped_mm's sentinel rows, sorted last, skipped and zeroed
+            lookup[sorted(on_host)] = self.cache.slots
+        elif on_host:  # batched_mm computes every row: a slot this call filled (an unfilled one may hold NaN bits)
             lookup[sorted(on_host)] = slots[0]
         index = lookup.to(top_k_index.device, non_blocking=True)[top_k_index]
         if host_out is None:
             return self._run(self.cache.tensors, self.cache.slots, hidden_states, index, top_k_weights)
         host_rows = torch.isin(top_k_index, torch.tensor(sorted(on_host), device=top_k_index.device))
         out = self._run(self.cache.tensors, self.cache.slots, hidden_states, index,
-                        top_k_weights.masked_fill(host_rows, 0))  # the host's experts add exact zeros here
+                        top_k_weights.masked_fill(host_rows, 0), sentinels)  # host experts add exact zeros
         return out + host_out
 
     def _on_host(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -252,15 +255,24 @@ class RoutedExperts(nn.Module):
         return final
 
     def _run(self, weights: list[torch.Tensor], count: int, hidden_states: torch.Tensor, index: torch.Tensor,
-             top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The transformers module over `count` experts whose parameters are `weights` (then the host buffers again)."""
+             top_k_weights: torch.Tensor, sentinels: bool = False) -> torch.Tensor:
+        """The transformers module over `count` experts whose parameters are `weights` (then the host buffers again).
+
+        `sentinels`: rows whose index is `count` belong to no slot (the host computes them). transformers'
+        grouped_mm skips such rows and zeroes their output: always in 5.17, under `_is_expert_parallel` in
+        later releases, so that flag is raised for the call. Their routing weights are zero too."""
         inner = self.experts
         for name, tensor in zip(self.names, weights):
             inner._parameters[name].data = tensor
         inner.num_experts = count
+        parallel = getattr(inner, "_is_expert_parallel", None)
+        if sentinels:
+            inner._is_expert_parallel = True
         try:
             return inner(hidden_states, index, top_k_weights)
         finally:
+            if sentinels:
+                inner._is_expert_parallel = parallel
             inner.num_experts = self.num_experts
             for name, tensor in zip(self.names, self.host):
                 inner._parameters[name].data = tensor
