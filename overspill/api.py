@@ -319,7 +319,7 @@ def load(
             self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, _machine(profile))
         else:
             plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
-                                           _moe_blocker(fp.stream_format, streaming, cuda_graphs, speculate), profile)
+                                           moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate), profile)
             if moe_note:
                 plan = replace(plan, notes=plan.notes + (moe_note,))
     elif len(plan.layer_tiers) != len(layers):
@@ -332,7 +332,7 @@ def load(
             plan.stream_format != NATIVE else streaming
     plan = _with_streaming(plan, streaming, dev, managed_wins)
     _check_format_plan(plan, cuda_graphs, speculate)
-    blocker = _moe_blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
+    blocker = moe.blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
     model_type = getattr(config.get_text_config(), "model_type", "")
     host_refusal = host_experts_refusal(
         cpu_experts, model_type, moe_layers.is_moe, plan.moe_streaming == "experts" and bool(plan.streamed_layers),
@@ -429,19 +429,6 @@ def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> 
     if plan.stream_format != NATIVE and cuda_graphs:
         raise OverspillError(f"stream format {plan.stream_format} decodes eagerly (not in CUDA graphs yet): "
                              f"drop --cuda-graphs or use --stream-format bf16")
-
-
-def _moe_blocker(stream_format: str, streaming: str, cuda_graphs: bool, speculate: str | None) -> str | None:
-    """What rules expert streaming out for this load (`moe.choose` then keeps whole layers), or None."""
-    if stream_format != NATIVE:
-        return f"stream format {stream_format}"
-    if streaming in MANAGED_MODES:
-        return f"streaming={streaming!r}"
-    if cuda_graphs:
-        return "CUDA graphs"
-    if speculate not in (None, "auto"):  # auto drafts nothing beside expert streaming (`auto_source`)
-        return "speculative decoding"
-    return None
 
 
 def _machine(profile: Profile | None) -> Machine:

@@ -157,11 +157,12 @@ def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int
     """`plan` for a MoE model as `load` places it: the greedy plan, then expert streaming where
     `moe.choose` takes it (streaming copies then), then the prediction."""
     from .planning import moe
+    from .planning.formats import NATIVE
     from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 
     if budget is None:  # "auto", as `plan_for` resolves it
         budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
-    blocker = "CUDA graphs" if workload.graphs else None  # as `load`'s `_moe_blocker`
+    blocker = moe.blocker(NATIVE, "auto", workload.graphs, None)  # as `load`'s, for graphs
     plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, blocker, profile)
     if note:
         plan = dataclasses.replace(plan, notes=plan.notes + (note,))

@@ -30,9 +30,10 @@ from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
 from .costmodel import Prediction
+from .formats import NATIVE
 from .host_experts import DENSE_NOTE, layer_split
 from .placement import max_batch, place, streaming_plan, with_prediction
-from .plan import Footprint, Plan, Workload
+from .plan import MANAGED_MODES, Footprint, Plan, Workload
 from .profile import Profile
 from .spec import ModelSpec
 
@@ -183,6 +184,20 @@ def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str, d
     pred = replace(_with_expert_wait(pred, plan, wait, len(streamed), link_s),
                    link_floor_tok_s=batch / link_s if link_s > 0 else pred.link_floor_tok_s)
     return replace(plan, streamed_bytes_per_step=max(0, round(plan.streamed_bytes_per_step - saved)), prediction=pred)
+
+
+def blocker(stream_format: str, streaming: str, cuda_graphs: bool, speculate: str | None) -> str | None:
+    """What rules expert streaming out for a load (`choose` then keeps whole layers), or None; `overspill plan`
+    asks the same."""
+    if stream_format != NATIVE:
+        return f"stream format {stream_format}"
+    if streaming in MANAGED_MODES:
+        return f"streaming={streaming!r}"
+    if cuda_graphs:
+        return "CUDA graphs"
+    if speculate not in (None, "auto"):  # auto drafts nothing beside expert streaming (`auto_source`)
+        return "speculative decoding"
+    return None
 
 
 def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, requested: str, depth: int,
