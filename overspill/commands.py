@@ -96,8 +96,7 @@ def plan_main(args: argparse.Namespace) -> int:
                                                          cpu_compute=getattr(args, "cpu_compute", "off")))
     moe_layers = MoeLayers.from_spec(spec)
     moe_mode = getattr(args, "moe_streaming", "auto")
-    if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense" \
-            and not workload.graphs:
+    if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense":
         requested, format_note = "bf16", None  # as `load`: routed experts cross per expert, in bf16
     def plan_in(name: str):
         return plan_for(with_format(fp, choose(fp, name)), profile, workload, budget, args.depth,
@@ -157,12 +156,11 @@ def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int
     """`plan` for a MoE model as `load` places it: the greedy plan, then expert streaming where
     `moe.choose` takes it (streaming copies then), then the prediction."""
     from .planning import moe
-    from .planning.formats import NATIVE
     from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 
     if budget is None:  # "auto", as `plan_for` resolves it
         budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
-    blocker = moe.blocker(NATIVE, "auto", workload.graphs, None)  # as `load`'s, for graphs
+    blocker = moe.blocker(fp.stream_format, "auto", workload.graphs, None)  # as `load` asks it
     plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, blocker, profile)
     if note:
         plan = dataclasses.replace(plan, notes=plan.notes + (note,))

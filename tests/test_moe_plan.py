@@ -168,3 +168,12 @@ def test_plan_command_with_cuda_graphs_plans_as_a_graphed_load(capsys) -> None:
     assert cli.main([*args, "--moe-streaming", "dense"]) == 0
     dense = json.loads(capsys.readouterr().out)["plan"]
     assert graphed["workspace_bytes"] - dense["workspace_bytes"] == 8 * fp.gathered_expert_bytes_per_token
+
+
+def test_plan_command_refuses_expert_streaming_beside_a_lossy_format_as_load_does(capsys) -> None:
+    """`overspill plan --stream-format int8 --moe-streaming experts` said no expert-aware plan fits the budget;
+    `load` says why: expert streaming does not combine with that format yet."""
+    assert cli.main(["plan", "mixtral-8x7b", "--profile", "h100-pcie5", "--gpu-memory", "24GiB", "--stream-format",
+                     "int8", "--moe-streaming", "experts"]) == 1
+    assert capsys.readouterr().err.strip() == ("overspill: error: expert streaming does not combine with stream "
+                                               "format int8 yet: use moe_streaming='dense'")
