@@ -265,8 +265,8 @@ class RoutedExperts(nn.Module):
         for name, tensor in zip(self.names, weights):
             inner._parameters[name].data = tensor
         inner.num_experts = count
-        parallel = getattr(inner, "_is_expert_parallel", None)
         if sentinels:
+            parallel = getattr(inner, "_is_expert_parallel", None)
             inner._is_expert_parallel = True
         try:
             return inner(hidden_states, index, top_k_weights)
