@@ -180,3 +180,24 @@ def test_graphed_steps_pick_their_kernels_without_touching_the_config(tiny_check
     steps = graphed.eager_steps  # the 4 decode steps after the prefill, through the fixed-buffer body
     assert steps == 4
     assert seen["attention"] == seen["experts"] == [names] * steps * N_LAYERS
+
+
+def test_routers_reach_sub_configs() -> None:
+    """A multimodal config (Llama 4) keeps its text model's kernels in `text_config`: the routers and
+    `keep_grouped_experts` name them there too, and a sub-config with no kernel set stays unset."""
+    from transformers import Llama4Config
+
+    import overspill.runtime.graphs as graphs
+
+    config = Llama4Config()
+    config.text_config._attn_implementation = "sdpa"
+    config.text_config._experts_implementation = "grouped_mm"
+    model = torch.nn.Module()
+    model.config = config
+    graphs.keep_grouped_experts(model)
+    assert config.text_config._experts_implementation == "overspill_graphed_or_grouped_mm"
+    graphs.route_decode_kernels(model)
+    graphs.route_decode_kernels(model)  # idempotent
+    assert config.text_config._attn_implementation == "overspill_graphed_or_sdpa"
+    assert config.text_config._experts_implementation == "overspill_graphed_or_grouped_mm"
+    assert config.vision_config._attn_implementation is None

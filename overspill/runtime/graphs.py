@@ -96,11 +96,13 @@ ROUTER_PREFIX = "overspill_graphed_or_"
 def route_decode_kernels(model: torch.nn.Module) -> None:
     """Point the model's attention (and experts) implementation at routers, once: graphed steps get
     `decode_attention` (and `batched_mm` experts), every other call the kernels the model had."""
-    config = model.config
-    config._attn_implementation = _attention_router(config._attn_implementation)
-    experts = getattr(config, "_experts_implementation", None)
-    if experts is not None:
-        config._experts_implementation = _experts_router(experts)
+    for config in _configs(model):
+        own = getattr(config, "_attn_implementation", None)
+        if own is not None:
+            config._attn_implementation = _attention_router(own)
+        experts = getattr(config, "_experts_implementation", None)
+        if experts is not None:
+            config._experts_implementation = _experts_router(experts)
 
 
 def keep_grouped_experts(model: torch.nn.Module) -> None:
@@ -112,10 +114,16 @@ def keep_grouped_experts(model: torch.nn.Module) -> None:
     Mixtral-8x7B at 24 GiB peaked 0.54 GiB past its plan in those copies). grouped_mm copies no weight.
     Naming the experts router (`_experts_router`) instead of "grouped_mm" leaves that switch nothing to
     switch; graphed steps still take batched_mm through the same router."""
-    configs = [model.config] + [getattr(model.config, key, None) for key in getattr(model.config, "sub_configs", {})]
-    for config in configs:
+    for config in _configs(model):
         if getattr(config, "_experts_implementation", None) == "grouped_mm":
             config._experts_implementation = _experts_router("grouped_mm")
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """The model's config and its sub-configs (a multimodal model's text config carries the kernels too)."""
+    config = model.config
+    subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+    return [config] + [sub for sub in subs if sub is not None]
 
 
 def _attention_router(own: str) -> str:
