@@ -2,7 +2,8 @@
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
-#                                              | serve-ab | formats | cpu-rank | moe | moe-cpu | speculative | recheck)
+#                                              | serve-ab | formats | cpu-rank | moe | moe-cpu | moe-scout-dense | moe-scout
+#                                              | speculative | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -121,6 +122,16 @@ case "${1:-}" in
             # them all, Mixtral-8x7B shape at 24 GiB, batches 1 and 8 (two loads, ~2.5 min each)
     timeout 560 python3 bench/moe.py --model mixtral-8x7b --budget 24GiB --modes experts experts+cpu --out "$OUT" 2>&1 \
       | tee -a "$OUT/log"
+    ;;
+  moe-scout-dense)  # issue 17 on the H200 (needs_h200: 203 GiB of bf16 do not fit an H100 machine's GPU and host):
+                    # Llama-4-Scout shape at the largest budget, dense-layer streaming, batches 1 and 8 (one load)
+    timeout 560 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes dense --batches 1 8 \
+      --new-tokens 8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  moe-scout)  # the same shape expert-aware, against the dense run's JSON committed from moe-scout-dense:
+              # DENSE=bench/results/moe-llama-4-scout-109b-auto-....json (same GPU; refused otherwise)
+    timeout 560 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --batches 1 8 \
+      --new-tokens 8 --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   speculative)  # 70B at 80 GiB: pass cost, oracle points against plain (serial verify); then 8B at 6 GiB with self
     timeout 400 python3 bench/speculative.py --model llama-3-70b --budget 80GiB --new-tokens 40 --repeats 1 \

@@ -12,8 +12,8 @@ case; real checkpoints route unevenly. Issue 17's targets at batch 1: Scout >= 4
 each >= 85% of its own floor.
 
     python bench/moe.py --model mixtral-8x7b --budget 24GiB
-    python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts          # H200: host share fits
-    python bench/moe.py --model llama-4-scout-109b --budget auto --modes dense --batches 1
+    python bench/moe.py --model llama-4-scout-109b --budget auto --modes dense --batches 1 8   # H200: host share fits
+    python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --dense-json DENSE.json
     python bench/moe.py --smoke     # tiny Mixtral on the CPU: checks the script only
 """
 
@@ -93,6 +93,24 @@ def decode(model, ids, new_tokens: int) -> dict:
             "decode_tok_s": ids.shape[0] * steps / elapsed if elapsed else None,
             "step_s": elapsed / steps if steps else None,
             "hits": hits, "misses": misses, "expert_bytes": copied, "experts_computed_on_host": on_host}
+
+
+def earlier_dense(path: Path, record: dict, tokens: dict) -> dict[int, float]:
+    """Dense tok/s per batch from an earlier run's JSON, whose tokens join `tokens` for the comparison.
+    Refuses a run of another model, budget or GPU: its speed would not be this one's."""
+    earlier = json.loads(path.read_text())
+    where = (earlier.get("model"), earlier.get("budget"), earlier.get("machine", {}).get("gpu"))
+    if where != (record["model"], record["budget"], record["machine"].get("gpu")):
+        raise SystemExit(f"{path}: model {where[0]} at {where[1]} on {where[2]}, not {record['model']} at "
+                         f"{record['budget']} on {record['machine'].get('gpu')}: pass a dense run of this shape "
+                         "and budget on this GPU")
+    runs = [r for r in earlier.get("runs", []) if r.get("mode") == "dense" and r.get("decode_tok_s")]
+    for run in runs:
+        if run.get("tokens") is not None:
+            tokens["dense", run["batch"]] = run["tokens"]
+    record["dense_from"] = {"path": path.name, "git_commit": earlier.get("git_commit"),
+                            "gpu": earlier.get("machine", {}).get("gpu")}
+    return {r["batch"]: r["decode_tok_s"] for r in runs}
 
 
 def smoke_checkpoint(out_dir: Path) -> Path:
@@ -178,9 +196,10 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--dense-tok-s", type=float, nargs="*", default=None, metavar="TOK_S",
-                   help="dense tok/s per --batches from an earlier run on the same machine, for speedup_vs_dense "
-                        "when dense is not among --modes (two loads of a large shape may not fit one call)")
+    p.add_argument("--dense-json", default=None, metavar="PATH",
+                   help="an earlier run's JSON (same model, budget and machine) whose dense runs give "
+                        "speedup_vs_dense and tokens_identical_to_dense when dense is not among --modes "
+                        "(two loads of a large shape may not fit one call)")
     p.add_argument("--smoke", action="store_true", help="tiny Mixtral on the CPU, every layer streamed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -212,6 +231,7 @@ def main() -> None:
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "pinned_h2d_bytes_s": link,
               "routing": "random weights: about uniform over experts", "runs": []}
     tokens: dict[tuple[str, int], list] = {}
+    earlier = earlier_dense(Path(args.dense_json), record, tokens) if args.dense_json and "dense" not in args.modes else {}
     for mode in args.modes:
         gc.collect()
         if torch.cuda.is_available():
@@ -233,7 +253,7 @@ def main() -> None:
         for b in args.batches:
             ids = torch.randint(2, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
             got = decode(model, ids.to(placement.device), args.new_tokens)
-            tokens[mode, b] = got.pop("tokens")
+            tokens[mode, b] = got["tokens"]
             per_step = ring + (got["expert_bytes"] / got["steps"] if got["steps"] else 0)
             tok_s = got["decode_tok_s"]
             floor = b * link / per_step if link and per_step else None
@@ -253,13 +273,11 @@ def main() -> None:
             }
             record["runs"].append(run)
             print(f"{mode} b={b}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
-                                               for k, v in run.items() if k != "notes"), flush=True)
+                                               for k, v in run.items() if k not in ("notes", "tokens")), flush=True)
             path.write_text(json.dumps(record, indent=2))
         del model, placement
     dense = {r["batch"]: r["decode_tok_s"] for r in record["runs"] if r.get("mode") == "dense" and r.get("decode_tok_s")}
-    if not dense and args.dense_tok_s:
-        dense = dict(zip(args.batches, args.dense_tok_s))
-        record["dense_tok_s_from"] = "--dense-tok-s"
+    dense = dense or earlier
     for run in record["runs"]:
         if run.get("mode", "dense") != "dense" and run.get("decode_tok_s") and dense.get(run["batch"]):
             run["speedup_vs_dense"] = run["decode_tok_s"] / dense[run["batch"]]

@@ -31,3 +31,32 @@ def test_smoke_records_dense_and_experts(tmp_path: Path) -> None:
     assert runs["experts", 8]["expert_bytes"] / runs["experts", 8]["steps"] > \
         runs["experts", 1]["expert_bytes"] / runs["experts", 1]["steps"]
     assert record["command"].startswith("bench/moe.py --smoke") and "uniform" in record["routing"]
+
+
+def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "moe.py"), "--smoke", "--new-tokens", "4",
+                           "--batches", "1", "2", "--out", str(out), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_dense_from_an_earlier_run(tmp_path: Path) -> None:
+    """A shape whose two loads do not fit one device call: dense in one run, experts in the next with
+    --dense-json, which gives speedup_vs_dense and compares tokens with the earlier run's (recorded)."""
+    first = run_bench(tmp_path / "dense", "--modes", "dense")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (dense_path,) = (tmp_path / "dense").glob("moe-smoke-*.json")
+    dense = {r["batch"]: r for r in json.loads(dense_path.read_text())["runs"]}
+    assert all(len(r["tokens"]) == b and len(r["tokens"][0]) == 4 for b, r in dense.items())
+    second = run_bench(tmp_path / "experts", "--modes", "experts", "--dense-json", str(dense_path))
+    assert second.returncode == 0, second.stderr[-2000:]
+    (record_path,) = (tmp_path / "experts").glob("moe-smoke-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["dense_from"]["path"] == dense_path.name
+    for run in record["runs"]:
+        assert run["tokens_identical_to_dense"] is True
+        assert run["speedup_vs_dense"] == run["decode_tok_s"] / dense[run["batch"]]["decode_tok_s"]
+    other = json.loads(dense_path.read_text())
+    other["model"] = "mixtral-8x7b"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = run_bench(tmp_path / "refused", "--modes", "experts", "--dense-json", str(tmp_path / "other.json"))
+    assert refused.returncode != 0 and "pass a dense run of this shape and budget on this GPU" in refused.stderr
