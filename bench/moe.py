@@ -231,7 +231,9 @@ def main() -> None:
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "pinned_h2d_bytes_s": link,
               "routing": "random weights: about uniform over experts", "runs": []}
     tokens: dict[tuple[str, int], list] = {}
-    earlier = earlier_dense(Path(args.dense_json), record, tokens) if args.dense_json and "dense" not in args.modes else {}
+    earlier = {}  # dense tok/s per batch from --dense-json, read before loading so a wrong file costs nothing
+    if args.dense_json and "dense" not in args.modes:
+        earlier = earlier_dense(Path(args.dense_json), record, tokens)
     for mode in args.modes:
         gc.collect()
         if torch.cuda.is_available():
