@@ -10,7 +10,7 @@ int4 >= 3x, each >= 90% of its own floor.
 
     python bench/compressed.py --model llama-3-8b --budget 6GiB
     python bench/compressed.py --model llama-3-70b --budget 80GiB --formats bf16 int4 --new-tokens 8
-    python bench/compressed.py --model llama-3-70b --budget 80GiB --formats lossless int8 --bf16-tok-s 0.69
+    python bench/compressed.py --model llama-3-70b --budget 80GiB --formats lossless int8 --bf16-json BF16.json
     python bench/compressed.py --smoke     # tiny model on the CPU: checks the script only
 """
 
@@ -106,9 +106,10 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["bf16", "lossless", "int8", "fp8", "int4"])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--bf16-tok-s", type=float, default=None,
-                   help="bf16 streaming's tok/s from an earlier run on the same machine, for speedup_vs_bf16 when "
-                        "bf16 is not among --formats (a 70B load per format may not fit one call)")
+    p.add_argument("--bf16-json", default=None, metavar="PATH",
+                   help="an earlier run's JSON (same model, budget and GPU) whose bf16 run gives speedup_vs_bf16 "
+                        "and tokens_identical_to_bf16 when bf16 is not among --formats (a 70B load per format "
+                        "may not fit one call)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, every layer streamed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -139,6 +140,14 @@ def main() -> None:
               "runs": []}
     ids = None
     tokens: dict[str, list[int]] = {}
+    earlier = None  # bf16's run from --bf16-json, read before loading so a wrong file costs nothing
+    if args.bf16_json and "bf16" not in args.formats:
+        runs = provenance.baseline_runs(Path(args.bf16_json), record)
+        earlier = next((r for r in runs if r.get("format") == "bf16" and r.get("decode_tok_s")), None)
+        if earlier is None:
+            raise SystemExit(f"{args.bf16_json}: no bf16 run with a decode speed in it")
+        if earlier.get("tokens") is not None:
+            tokens["bf16"] = earlier["tokens"]
     for fmt in args.formats:
         gc.collect()
         if torch.cuda.is_available():
@@ -163,7 +172,7 @@ def main() -> None:
         sent = pl.streamed_bytes_per_step
         floor = link / sent if link and sent else None
         run = {
-            "format": fmt, "load_s": round(load_s, 1), "decode_tok_s": tok_s,
+            "format": fmt, "load_s": round(load_s, 1), "decode_tok_s": tok_s, "tokens": got,
             "streamed_layers": len(pl.streamed_layers), "streamed_bytes_per_step": sent,
             "layer_bytes": placement.ring.layers[0].layout.nbytes if placement.ring else None,
             "link_bytes_s": sent * tok_s if tok_s else None, "format_floor_tok_s": floor,
@@ -177,12 +186,11 @@ def main() -> None:
             run["tokens_identical_to_bf16"] = got == tokens["bf16"]
         record["runs"].append(run)
         print(f"{fmt}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in run.items()
-                                     if k != "notes"), flush=True)
+                                     if k not in ("notes", "tokens")), flush=True)
         path.write_text(json.dumps(record, indent=2))
         del model, placement
     measured = next((r["decode_tok_s"] for r in record["runs"] if r["format"] == "bf16" and r.get("decode_tok_s")), None)
-    base = measured if measured is not None else args.bf16_tok_s
-    record["bf16_tok_s_from"] = "this run" if measured is not None else "--bf16-tok-s" if base else None
+    base = measured if measured is not None else earlier["decode_tok_s"] if earlier else None
     for run in record["runs"]:
         if base and run.get("decode_tok_s"):
             run["speedup_vs_bf16"] = run["decode_tok_s"] / base

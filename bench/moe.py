@@ -96,20 +96,12 @@ def decode(model, ids, new_tokens: int) -> dict:
 
 
 def earlier_dense(path: Path, record: dict, tokens: dict) -> dict[int, float]:
-    """Dense tok/s per batch from an earlier run's JSON, whose tokens join `tokens` for the comparison.
-    Refuses a run of another model, budget or GPU: its speed would not be this one's."""
-    earlier = json.loads(path.read_text())
-    where = (earlier.get("model"), earlier.get("budget"), earlier.get("machine", {}).get("gpu"))
-    if where != (record["model"], record["budget"], record["machine"].get("gpu")):
-        raise SystemExit(f"{path}: model {where[0]} at {where[1]} on {where[2]}, not {record['model']} at "
-                         f"{record['budget']} on {record['machine'].get('gpu')}: pass a dense run of this shape "
-                         "and budget on this GPU")
-    runs = [r for r in earlier.get("runs", []) if r.get("mode") == "dense" and r.get("decode_tok_s")]
+    """Dense tok/s per batch from an earlier run's JSON (`provenance.baseline_runs`), whose tokens join
+    `tokens` for the comparison."""
+    runs = [r for r in provenance.baseline_runs(path, record) if r.get("mode") == "dense" and r.get("decode_tok_s")]
     for run in runs:
         if run.get("tokens") is not None:
             tokens["dense", run["batch"]] = run["tokens"]
-    record["dense_from"] = {"path": path.name, "git_commit": earlier.get("git_commit"),
-                            "gpu": earlier.get("machine", {}).get("gpu")}
     return {r["batch"]: r["decode_tok_s"] for r in runs}
 
 

@@ -51,7 +51,7 @@ def test_dense_from_an_earlier_run(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-2000:]
     (record_path,) = (tmp_path / "experts").glob("moe-smoke-*.json")
     record = json.loads(record_path.read_text())
-    assert record["dense_from"]["path"] == dense_path.name
+    assert record["baseline_from"]["path"] == dense_path.name
     for run in record["runs"]:
         assert run["tokens_identical_to_dense"] is True
         assert run["speedup_vs_dense"] == run["decode_tok_s"] / dense[run["batch"]]["decode_tok_s"]
@@ -59,4 +59,4 @@ def test_dense_from_an_earlier_run(tmp_path: Path) -> None:
     other["model"] = "mixtral-8x7b"
     (tmp_path / "other.json").write_text(json.dumps(other))
     refused = run_bench(tmp_path / "refused", "--modes", "experts", "--dense-json", str(tmp_path / "other.json"))
-    assert refused.returncode != 0 and "pass a dense run of this shape and budget on this GPU" in refused.stderr
+    assert refused.returncode != 0 and "pass a baseline run of this shape and budget on this GPU" in refused.stderr
