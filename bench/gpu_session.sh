@@ -2,8 +2,8 @@
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
-#                                              | serve-ab | formats | cpu-rank | moe | moe-cpu | moe-scout-dense | moe-scout
-#                                              | speculative | recheck)
+#                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-70b | moe | moe-cpu
+#                                              | moe-scout-dense | moe-scout | speculative | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -114,6 +114,19 @@ case "${1:-}" in
       timeout 260 python3 bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format $fmt --out "$OUT" 2>&1 \
         | tee -a "$OUT/log"
     done
+    ;;
+  formats-70b)  # issue 15 at the 70B shape, two formats per call (a load each, ~3 min): FORMATS="bf16 int4" first, then
+                # FORMATS="lossless int8" BF16=<the first call's JSON, committed>; BUDGET=80GiB (the H200; on an
+                # H100 pass a budget below its free memory, e.g. 72GiB, for both calls)
+    [ -d .whl-nvcomp ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl-nvcomp/*.whl
+    timeout 560 python3 bench/compressed.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --formats ${FORMATS:-bf16 int4} \
+      --new-tokens 8 ${BF16:+--bf16-json "$BF16"} --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  cpu-rank-70b)  # issue 16 at the 70B shape: one load, plain streaming then the CPU rank; HOST_FORMAT=bf16|int8
+                 # (one call each), BUDGET as for formats-70b
+    timeout 560 python3 bench/cpu_rank.py --model llama-3-70b --budget "${BUDGET:-80GiB}" \
+      --host-format "${HOST_FORMAT:-bf16}" --new-tokens 8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   moe)  # issue 17: expert-aware against dense streaming, Mixtral-8x7B shape at 24 GiB
     timeout 560 python3 bench/moe.py --model mixtral-8x7b --budget 24GiB --out "$OUT" 2>&1 | tee -a "$OUT/log"
