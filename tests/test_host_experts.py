@@ -44,19 +44,18 @@ def test_experts_computed_on_the_host_match_resident(arch: str, checkpoint) -> N
                               progress=False, cpu_experts="on")
     cache = model.overspill.experts
     assert any("cpu experts on" in n for n in model.overspill.plan.notes)
-    planned = arch != "deepseek_v3"  # MLA: transformers' dynamic cache (see test_moe.generate)
     single, batch, mask = prompts()
     for ids, m in ((single, None), (batch, mask)):
         want, want_logits = generate(reference, ids, m)
         cache.reset_stats()
-        got, got_logits = generate(model, ids, m, planned)
+        got, got_logits = generate(model, ids, m)
         assert torch.equal(got, want), arch
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
         assert cache.host_computed > 0
     # the first misses filled the cache's free slots; from then on every miss stays on the host
     assert all(owner is not None for owner in cache.owner)
     cache.reset_stats()
-    generate(model, single, planned_cache=planned)
+    generate(model, single)
     assert cache.host_computed > 0 and cache.misses == 0 and cache.bytes_copied == 0
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import overspill
 from overspill.errors import OverspillError
-from overspill.runtime.kv import HostKVLayer, TieredCache, cache_kwargs
+from overspill.runtime.kv import HostKVLayer, KVRing, TieredCache, cache_kwargs
 
 from conftest import N_LAYERS, VOCAB
 
@@ -87,6 +87,24 @@ def test_capacity_overflow_is_a_clear_error(reference) -> None:
     cache = TieredCache(model.config, {0}, capacity=40, block_tokens=BLOCK)
     with torch.no_grad(), pytest.raises(OverspillError, match="capacity"):
         model.generate(ids, attention_mask=mask, max_new_tokens=30, **cache_kwargs(model, cache), **GEN)
+
+
+def test_presized_layer_holds_keys_and_values_of_their_own_widths() -> None:
+    """DeepSeek-V3's MLA caches a latent as "keys" and its rotary key as "values", one head each and of
+    different widths: the presized layer keeps each in its own buffer (it sized both like the keys, so
+    plain `generate` failed on every DeepSeek model), and the host tier refuses them in one line."""
+    from overspill.runtime.kv import PresizedLayer
+
+    layer = PresizedLayer(capacity=8)
+    parts = [(torch.randn(2, 1, n, 16), torch.randn(2, 1, n, 4)) for n in (3, 1, 1)]
+    for k, v in parts:
+        keys, values = layer.update(k, v)
+    assert torch.equal(keys, torch.cat([k for k, _ in parts], dim=2))
+    assert torch.equal(values, torch.cat([v for _, v in parts], dim=2))
+    assert layer._k.shape == (2, 1, 8, 16) and layer._v.shape == (2, 1, 8, 4)
+    host = HostKVLayer(KVRing(), capacity=8)
+    with pytest.raises(OverspillError, match="different shapes"):
+        host.update(*parts[0])
 
 
 def test_unsupported_operations_say_so(reference) -> None:

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import overspill
 from overspill.errors import OverspillError
@@ -102,15 +102,13 @@ def prompts():
     return single, batch, mask
 
 
-def generate(model, ids, mask=None, planned_cache: bool = True):
-    """Greedy tokens and every step's logits. DeepSeek-V3's MLA keys and values differ in width, which
-    overspill's planned KV cache does not hold: it gets transformers' dynamic cache."""
-    kwargs = {} if planned_cache else {"past_key_values": DynamicCache(config=model.config)}
-    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **GEN, **kwargs)
+def generate(model, ids, mask=None):
+    """Greedy tokens and every step's logits, each model with the cache its `generate` makes (an
+    overspill model: the plan's presized cache, DeepSeek-V3's MLA latents included)."""
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **GEN)
     return out.sequences, torch.stack(out.logits)
 
 
-@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")  # DeepSeek-V3's cache, passed as 5.17 takes it
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("resident", [0, LAYERS // 2])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -122,12 +120,11 @@ def test_expert_streaming_matches_resident(arch: str, resident: int, warm: bool,
     assert placed.plan.moe_streaming == "experts" and placed.experts.slots == plan.expert_slots
     wrapped = [m for m in model.modules() if isinstance(m, (RoutedExperts, Llama4RoutedMoe))]
     assert len(wrapped) == sum(1 for i in plan.streamed_layers if shapes(arch)[1].num_experts[i])
-    planned = arch != "deepseek_v3"
     single, batch, mask = prompts()
     for ids, m in ((single, None), (batch, mask)):
         want, want_logits = generate(reference, ids, m)
         placed.experts.reset_stats()
-        got, got_logits = generate(model, ids, m, planned)
+        got, got_logits = generate(model, ids, m)
         assert torch.equal(got, want), (arch, resident, warm)
         # One sequence: bit-identical. A batch: an expert's rows can meet its weights in another order
         # (transformers' grouped_mm sorts (token, expert) pairs with an unstable sort, and the cache slot
@@ -136,7 +133,7 @@ def test_expert_streaming_matches_resident(arch: str, resident: int, warm: bool,
         torch.testing.assert_close(got_logits, want_logits, rtol=tol, atol=tol)
         assert placed.experts.misses > 0 or warm  # experts crossed the link (a warm cache may hold them all)
     placed.experts.reset_stats()
-    generate(model, single, planned_cache=planned)
+    generate(model, single)
     if warm:  # every streamed expert has a slot and has been fetched by now: nothing crosses again
         assert placed.experts.misses == 0 and placed.experts.hits > 0
     elif sum(1 for i in plan.streamed_layers if shapes(arch)[1].num_experts[i]) > 1:

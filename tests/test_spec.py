@@ -83,7 +83,26 @@ TINY: dict[str, dict] = {
         "no_rope_layer_interval": 2,
         "attention_chunk_size": 16,
     },
+    # MLA attention (query and key-value latents), the first layer dense, shared experts, a float32 router
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        **SMALL,
+        "num_hidden_layers": 3,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 3,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+    },
 }
+FP32_ROUTER = {"deepseek_v3"}  # transformers keeps the router weight in float32 (_keep_in_fp32_modules_strict)
 
 # Parameter counts of the shipped configs as built by transformers 5.x
 # (AutoModelForCausalLM.from_config on the meta device).
@@ -164,15 +183,19 @@ def test_bytes_match_transformers(name: str) -> None:
     assert spec.head_bytes == (0 if tied else model.lm_head.weight.numel() * 2)
     assert spec.final_norm_bytes == model.model.norm.weight.numel() * 2
     assert len(spec.layers) == len(model.model.layers)
+    router_size = 4 if d["model_type"] in FP32_ROUTER else 2
+    routers = 0
     for layer, hf_layer in zip(spec.layers, model.model.layers):
         got = categorize(hf_layer)
         assert layer.attention_bytes == got["attention"] * 2, layer.index
         assert layer.mlp_bytes == got["mlp"] * 2, layer.index
-        assert layer.router_bytes == got["router"] * 2, layer.index
+        assert layer.router_bytes == got["router"] * router_size, layer.index
         assert layer.num_experts * layer.expert_bytes == got["experts"] * 2, layer.index
         assert layer.norm_bytes == got["norm"] * 2, layer.index
-        assert layer.total_bytes == sum(got.values()) * 2, layer.index
-    assert spec.num_params == sum(p.numel() for p in model.parameters())
+        assert layer.total_bytes == sum(got.values()) * 2 + got["router"] * (router_size - 2), layer.index
+        routers += got["router"]
+    # num_params is bytes over the compute dtype's size: a float32 router counts twice
+    assert spec.num_params == sum(p.numel() for p in model.parameters()) + routers * (router_size - 2) // 2
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -25,6 +25,7 @@ __all__ = [
     "LayerSpec",
     "ModelSpec",
     "dtype_name",
+    "kv_bytes_per_token",
     "kv_windows",
     "spec_from_config",
 ]
@@ -50,7 +51,7 @@ DTYPE_ALIASES: dict[str, str] = {
 DEFAULT_DTYPE = "bfloat16"  # what `load` computes in on a GPU ("auto") and what `plan` sizes by default
 
 _DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"})
-_MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "llama4_text"})
+_MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "deepseek_v3"})
 SUPPORTED_MODEL_TYPES: frozenset[str] = _DENSE | _MOE
 
 _BASE_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -64,7 +65,12 @@ _ARCH_REQUIRED: dict[str, tuple[str, ...]] = {
     ),
     "qwen3_moe": ("moe_intermediate_size", "num_experts", "num_experts_per_tok"),
     "llama4_text": ("intermediate_size", "num_local_experts", "num_experts_per_tok"),
+    "deepseek_v3": ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
+                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
 }
+# Parameters transformers keeps in float32 whatever the model's dtype (`_keep_in_fp32_modules_strict`):
+# DeepSeek-V3's router weight. Its `e_score_correction_bias` is a float32 buffer (`_buffer_bytes`).
+_FP32_ROUTER = frozenset({"deepseek_v3"})
 _TIED_BY_DEFAULT = frozenset({"gemma2"})
 _SCALED_EMBEDDING = frozenset({"gemma2"})  # the embedding module scales its rows: not a plain table
 
@@ -213,21 +219,24 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
     num_layers = int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(_get(cfg, "num_key_value_heads", heads))
-    head_dim = int(_get(cfg, "head_dim", hidden // heads))
+    # MLA's head_dim (transformers' config attribute) is its rotary width; config.json files omit it
+    default_head_dim = int(cfg["qk_rope_head_dim"]) if model_type == "deepseek_v3" else hidden // heads
+    head_dim = int(_get(cfg, "head_dim", default_head_dim))
     vocab = int(cfg["vocab_size"])
 
     attention = _attention_params(cfg, model_type, hidden, heads, kv_heads, head_dim)
-    norms = _norm_params(model_type, hidden, head_dim)
+    norms = _norm_params(model_type, hidden, head_dim, cfg)
     ffns = _ffn_params(cfg, model_type, hidden, num_layers)
     windows = kv_windows(cfg, num_layers)
-    kv_per_token = 2 * kv_heads * head_dim * nbytes
+    kv_per_token = kv_bytes_per_token(cfg, nbytes)
+    router_bytes = 4 if model_type in _FP32_ROUTER else nbytes
 
     layers = tuple(
         LayerSpec(
             index=i,
             attention_bytes=attention * nbytes,
             mlp_bytes=ffn.mlp * nbytes,
-            router_bytes=ffn.router * nbytes,
+            router_bytes=ffn.router * router_bytes,
             expert_bytes=ffn.expert * nbytes,
             num_experts=ffn.num_experts,
             active_experts=ffn.active_experts,
@@ -254,7 +263,7 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
         final_norm_bytes=hidden * nbytes,
         tied_embeddings=tied,
         approximate=approximate,
-        buffer_bytes=_buffer_bytes(cfg, model_type, head_dim, nbytes),
+        buffer_bytes=_buffer_bytes(cfg, model_type, head_dim, nbytes, ffns),
         plain_embedding=model_type not in _SCALED_EMBEDDING,
     )
 
@@ -268,6 +277,21 @@ class _Ffn:
     expert: int = 0
     num_experts: int = 0
     active_experts: int = 0
+
+
+def kv_bytes_per_token(cfg: Mapping[str, Any], nbytes: int) -> int:
+    """Bytes one token adds to one full-attention layer's KV cache, as transformers caches it.
+
+    Multi-head latent attention (DeepSeek-V3: `kv_lora_rank`) caches its compressed latent and its
+    rotary key, one head each (transformers 5.17 and 5.25 alike), not per-head keys and values:
+    (512 + 64) x 2 B for DeepSeek-V3 where heads x (keys + values) would be 80 KiB.
+    """
+    if cfg.get("kv_lora_rank") is not None and cfg.get("qk_rope_head_dim") is not None:
+        return (int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"])) * nbytes
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(_get(cfg, "num_key_value_heads", heads))
+    head_dim = int(_get(cfg, "head_dim", int(cfg["hidden_size"]) // heads))
+    return 2 * kv_heads * head_dim * nbytes
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -307,16 +331,19 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def _buffer_bytes(cfg: Mapping[str, Any], model_type: str, head_dim: int, nbytes: int) -> int:
+def _buffer_bytes(cfg: Mapping[str, Any], model_type: str, head_dim: int, nbytes: int, ffns: list[_Ffn]) -> int:
     """Buffers transformers 5 builds beside the weights: the rotary embedding's `inv_freq` and
-    `original_inv_freq` (float32, one per pair of rotated dimensions) and gemma2's scalar
-    embedding scale in the model dtype."""
+    `original_inv_freq` (float32, one per pair of rotated dimensions), gemma2's scalar
+    embedding scale in the model dtype, and DeepSeek-V3's float32 `e_score_correction_bias`
+    (one per routed expert of each MoE layer)."""
     rope = cfg.get("rope_parameters")  # transformers 5 moved the rope settings here
     rope_partial = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
     rotated = int(head_dim * float(_get(cfg, "partial_rotary_factor", rope_partial or 1.0)))
     total = 2 * ((rotated + 1) // 2) * 4
     if model_type in _SCALED_EMBEDDING:
         total += nbytes
+    if model_type == "deepseek_v3":
+        total += sum(ffn.num_experts for ffn in ffns) * 4
     return total
 
 
@@ -324,6 +351,8 @@ def _attention_params(
     cfg: Mapping[str, Any], model_type: str, hidden: int, heads: int, kv_heads: int, head_dim: int
 ) -> int:
     """q, k, v, o projections (phi3's fused qkv_proj has the same size)."""
+    if model_type == "deepseek_v3":
+        return _mla_params(cfg, hidden, heads)
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
     elif model_type == "qwen2_moe":
@@ -341,7 +370,23 @@ def _attention_params(
     return params
 
 
-def _norm_params(model_type: str, hidden: int, head_dim: int) -> int:
+def _mla_params(cfg: Mapping[str, Any], hidden: int, heads: int) -> int:
+    """DeepSeek-V3's multi-head latent attention: queries through an optional low-rank pair, keys and
+    values from one shared latent (`kv_a_proj_with_mqa`) expanded per head (`kv_b_proj`), and o_proj.
+    Its two latent norms count as norms (`_norm_params`)."""
+    q_rank = cfg.get("q_lora_rank")
+    kv_rank, rope = int(cfg["kv_lora_rank"]), int(cfg["qk_rope_head_dim"])
+    nope, v_dim = int(cfg["qk_nope_head_dim"]), int(cfg["v_head_dim"])
+    bias = bool(_get(cfg, "attention_bias", False))
+    q_out = heads * (nope + rope)
+    q = hidden * q_out if q_rank is None else hidden * int(q_rank) + int(bias) * int(q_rank) + int(q_rank) * q_out
+    kv = hidden * (kv_rank + rope) + int(bias) * (kv_rank + rope) + kv_rank * heads * (nope + v_dim)
+    return q + kv + heads * v_dim * hidden + int(bias) * hidden
+
+
+def _norm_params(model_type: str, hidden: int, head_dim: int, cfg: Mapping[str, Any] | None = None) -> int:
+    if model_type == "deepseek_v3" and cfg is not None:
+        return 2 * hidden + int(_get(cfg, "q_lora_rank", 0)) + int(cfg["kv_lora_rank"])
     if model_type == "gemma2":
         return 4 * hidden
     if model_type in ("qwen3", "qwen3_moe"):
@@ -407,6 +452,20 @@ def _ffn_params(cfg: Mapping[str, Any], model_type: str, hidden: int, num_layers
             _require(cfg, model_type, ("intermediate_size_mlp",))
         dense = _Ffn(mlp=_gated_mlp(hidden, int(_get(cfg, "intermediate_size_mlp", 0))))
         return [routed if i in moe_layers else dense for i in range(num_layers)]
+
+    if model_type == "deepseek_v3":
+        experts = int(cfg["n_routed_experts"])
+        moe_inter = int(cfg["moe_intermediate_size"])
+        routed = _Ffn(
+            mlp=_gated_mlp(hidden, moe_inter * int(_get(cfg, "n_shared_experts", 1))),  # the shared experts
+            router=experts * hidden,
+            expert=_gated_mlp(hidden, moe_inter),
+            num_experts=experts,
+            active_experts=int(cfg["num_experts_per_tok"]),
+        )
+        dense = _Ffn(mlp=_gated_mlp(hidden, int(cfg["intermediate_size"])))
+        first_moe = int(_get(cfg, "first_k_dense_replace", 0))
+        return [routed if i >= first_moe else dense for i in range(num_layers)]
 
     honors_mlp_bias = model_type == "llama" or model_type not in SUPPORTED_MODEL_TYPES
     mlp_bias = honors_mlp_bias and bool(_get(cfg, "mlp_bias", False))

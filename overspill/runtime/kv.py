@@ -107,6 +107,10 @@ class HostKVLayer(DynamicLayer):
         return self.blocks.num_tokens(self.seq_id) if self.is_initialized else 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[:2] + key_states.shape[3:] != value_states.shape[:2] + value_states.shape[3:]:
+            raise OverspillError(
+                "this model caches keys and values of different shapes (DeepSeek's MLA latents), which host-tier "
+                "KV does not hold yet; keep KV on the GPU (no kv_gpu_memory / --kv-gpu-memory): MLA's KV is small")
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
         shape = (self.capacity, batch, heads, head_dim)
@@ -214,7 +218,9 @@ class HostKVLayer(DynamicLayer):
 
 
 class PresizedLayer(DynamicLayer):
-    """A full-attention layer's KV in one `[batch, heads, capacity, head_dim]` buffer per K and V.
+    """A full-attention layer's KV in one `[batch, heads, capacity, dim]` buffer per K and V, each of
+    its own shape (DeepSeek's MLA caches a 512-wide latent as "keys" and its 64-wide rotary key as
+    "values", one head each).
 
     `keys`/`values` stay views of the first `length` tokens, so every `DynamicLayer` method that
     reads them (lengths, masks, crop) works unchanged. The buffer is allocated at the first update,
@@ -233,27 +239,30 @@ class PresizedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
         total = length + key_states.shape[-2]
-        self._reserve(key_states, length, total)
+        self._reserve(key_states, value_states, length, total)
         self._k[:, :, length:total].copy_(key_states)
         self._v[:, :, length:total].copy_(value_states)
         self.keys, self.values = self._k[:, :, :total], self._v[:, :, :total]
         return self.keys, self.values
 
-    def _reserve(self, key_states: torch.Tensor, length: int, total: int) -> None:
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, total: int) -> None:
         """Make `_k`/`_v` hold `total` tokens with the current `length` tokens in place."""
-        k = self._k
-        batch, heads, _, dim = key_states.shape
-        fits = (k is not None and k.shape[0] == batch and k.shape[1] == heads and k.shape[3] == dim
-                and k.dtype == key_states.dtype and k.device == key_states.device and k.shape[2] >= total)
+        k, v = self._k, self._v
+
+        def fits(buffer: torch.Tensor | None, states: torch.Tensor) -> bool:
+            return (buffer is not None and buffer.shape[:2] == states.shape[:2] and buffer.shape[3] == states.shape[3]
+                    and buffer.dtype == states.dtype and buffer.device == states.device and buffer.shape[2] >= total)
+
+        both_fit = fits(k, key_states) and fits(v, value_states)
         in_place = length == 0 or (k is not None and self.keys.data_ptr() == k.data_ptr()
                                    and self.keys.stride() == k.stride())
-        if fits and in_place:
+        if both_fit and in_place:
             return
         old_k, old_v = self.keys, self.values
-        if not fits:
-            shape = (batch, heads, max(self.capacity, total), dim)
-            self._k = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
-            self._v = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+        if not both_fit:
+            tokens = max(self.capacity, total)
+            self._k = key_states.new_empty((*key_states.shape[:2], tokens, key_states.shape[3]))
+            self._v = value_states.new_empty((*value_states.shape[:2], tokens, value_states.shape[3]))
         if length:
             self._k[:, :, :length].copy_(old_k)
             self._v[:, :, :length].copy_(old_v)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import OverspillError, one_line
 from ..planning.formats import LOSSY, NATIVE
 from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier, footprint_from_spec
-from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_windows
+from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_bytes_per_token, kv_windows
 from ..planning.units import format_bytes
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
@@ -168,8 +168,9 @@ def measured_spec(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -
     _, kv_heads, head_dim = kv_dims(model.config)
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
     active = getattr(cfg, "num_experts_per_tok", None) or 0
-    windows = kv_windows(cfg.to_dict(), len(layers))
-    kv_per_token = 2 * kv_heads * head_dim * itemsize
+    cfg_dict = cfg.to_dict()
+    windows = kv_windows(cfg_dict, len(layers))
+    kv_per_token = kv_bytes_per_token(cfg_dict, itemsize)
     specs = tuple(
         _layer_spec(i, layer, cfg.hidden_size, experts, active, kv_per_token, windows[i])
         for i, layer in enumerate(layers)
