@@ -602,3 +602,38 @@ def test_engine_outlives_a_failure_while_clearing_its_batch(tiny_checkpoint, mon
     finally:
         hook.remove()
         engine.close()
+
+
+
+def test_runner_counts_latent_attention_kv_as_cached(tmp_path):
+    """The engine admits by KV bytes per token: for DeepSeek's MLA that is the latent and rotary key it
+    caches (the spec's one formula), not heads x head_dim keys and values (2.7x more for this tiny
+    config, 28x for DeepSeek-V3); a batch of DeepSeek requests decodes as transformers' generate."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    import overspill
+
+    from test_spec import TINY, hf_config
+
+    cfg = TINY["deepseek_v3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32).eval()
+    reference.save_pretrained(str(tmp_path))
+    reference.generation_config.eos_token_id = None  # as `_engine` does for the served model
+    model, _ = overspill.load(str(tmp_path), dtype="float32", context=64, batch=4, progress=False)
+    engine = _engine(model, max_batch=4)
+    try:
+        latent = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4 * cfg["num_hidden_layers"]
+        assert engine.runner.token_bytes == (latent, 0)
+        prompts = [tuple(3 + t % 120 for t in p) for p in PROMPTS]  # in the tiny vocabulary (128), no pad id 0
+        outputs = _outputs(engine, [GenerationRequest(p, n) for p, n in zip(prompts, NEW)], together=True)
+    finally:
+        engine.close()
+    for prompt, new, text in zip(prompts, NEW, outputs):
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0)
+        assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())

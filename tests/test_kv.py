@@ -208,6 +208,16 @@ def test_prefix_cache_refuses_sliding_window_models(reference, arch) -> None:
         PrefixCache(reference(arch).config, capacity_tokens=1024)
 
 
+def test_prefix_cache_refuses_latent_attention() -> None:
+    """DeepSeek's MLA caches one latent head, not the per-head keys and values the pool is shaped for."""
+    from overspill.runtime.prefix import PrefixCache
+
+    from test_spec import TINY, hf_config
+
+    with pytest.raises(OverspillError, match="latent attention"):
+        PrefixCache(hf_config(TINY["deepseek_v3"]), capacity_tokens=1024)
+
+
 def test_load_with_kv_budget_uses_tiered_cache_in_generate_and_pipeline(tiny_checkpoint, reference) -> None:
     # A KV budget for 3 layers' KV: 5 of 8 layers keep KV in host memory (3 slots of staging + 3 layers
     # would need more), and plain generate()/pipeline() build the TieredCache by themselves.

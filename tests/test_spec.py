@@ -87,6 +87,7 @@ TINY: dict[str, dict] = {
     "deepseek_v3": {
         "model_type": "deepseek_v3",
         **SMALL,
+        "num_key_value_heads": 4,  # transformers' MLA expands keys to every head: grouping would not match
         "num_hidden_layers": 3,
         "moe_intermediate_size": 32,
         "n_routed_experts": 8,

@@ -53,6 +53,9 @@ class PrefixCache:
         # decided from the cache transformers builds: some configs (Mistral, Phi-3) set a window without layer_types
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers):
             raise OverspillError("prefix reuse needs full-attention layers; this model has sliding-window layers")
+        if getattr(config.get_text_config(), "kv_lora_rank", None):  # MLA: the pool's per-head K/V shape is not its cache
+            raise OverspillError("prefix reuse does not hold multi-head latent attention's KV (DeepSeek) yet; "
+                                 "leave the prefix cache off")
         self.layers, self.kv_heads, self.head_dim = kv_dims(config)
         self.block_tokens, self.dtype, self.device = block_tokens, dtype, torch.device(device)
         blocks = capacity_tokens // block_tokens

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from ..planning.kvblocks import KVBlockManager
+from ..planning.spec import kv_bytes_per_token
 from ..runtime.kv import TieredCache, cache_kwarg, kv_dims
 from ..runtime.prefix import Lease, PrefixCache
 from ..runtime.speculative import _croppable
@@ -178,7 +179,7 @@ class Runner:
 
     def _kv_bytes_per_token(self, dtype_bytes: int) -> tuple[int, int]:
         """KV bytes per token of the device-tier and host-tier layers."""
-        layers, kv_heads, head_dim = kv_dims(self.model.config)
-        per_layer = 2 * kv_heads * head_dim * dtype_bytes
+        layers = kv_dims(self.model.config)[0]
+        per_layer = kv_bytes_per_token(self.model.config.get_text_config().to_dict(), dtype_bytes)
         host = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
         return per_layer * (layers - host), per_layer * host
