@@ -79,6 +79,9 @@ def _run_main(args: argparse.Namespace) -> int:
     for flag in ("gpus", "ranks"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise OverspillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.max_new_tokens < 0:  # before minutes of loading; 0 is the placement-only run
+        raise OverspillError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}: pass the number of "
+                             "tokens to generate, or 0 to load the model and print its placement only")
     ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
     if launch.world_size() > 1:  # torchrun started this process as one rank
         _run_rank(args)
@@ -233,7 +236,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(run)
     run.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default: {DEFAULT_PROMPT!r}).")
-    run.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64).")
+    run.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens to generate (default 64; 0 loads the model and prints its placement without generating).")
     run.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text, without the chat template.")
     run.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0).")
     run.add_argument("--cuda-graphs", action="store_true",

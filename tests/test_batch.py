@@ -353,6 +353,21 @@ def test_cli_bad_paths_give_one_line_errors(capsys, tmp_path):
     one_line_error(capsys, ["batch", str(inp), str(tmp_path / "out.jsonl"), "--max-batch", "0"], "--max-batch")
 
 
+def test_cli_bad_files_are_refused_before_loading(capsys, tmp_path, monkeypatch):
+    # A 70B model takes minutes to load: a file the run would refuse must be found first.
+    from overspill.serving import batch
+
+    monkeypatch.setattr(batch, "load_for_serving", lambda args: pytest.fail("loaded the model before checking the files"))
+    good = write_jsonl(tmp_path / "in.jsonl", [completion("a", "Hi")])
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"custom_id": "caf\xe9"}\n')
+    one_line_error(capsys, ["batch", str(latin1), str(tmp_path / "out.jsonl")], "latin1.jsonl", "not UTF-8")
+    out = tmp_path / "notes.jsonl"
+    out.write_text("my notes\n")
+    one_line_error(capsys, ["batch", str(good), str(out)], "line 1 of existing output", "notes.jsonl")
+    assert out.read_text() == "my notes\n"  # checked, not rewritten
+
+
 def test_cli_batch_and_serve_document_every_flag(capsys):
     parser = cli._build_parser()
     choices = next(a for a in parser._subparsers._group_actions).choices

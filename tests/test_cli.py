@@ -63,6 +63,7 @@ ERROR_CASES = [
     ("unknown-path", ["/nonexistent/dir"], ["/nonexistent/dir", "not found"]),
     ("unknown-hub-id", ["nobody/nothing"], ["nobody/nothing", "local Hugging Face cache"]),
     ("missing-gguf", ["{tmp}/x.gguf"], ["x.gguf", "does not exist"]),
+    ("not-a-gguf", ["{tmp}/garbage.gguf"], ["garbage.gguf", "truncated or not a GGUF file", "download it again"]),
     ("shipped-config-without-random-weights", ["llama-3-8b"], ["llama-3-8b", "--random-weights"]),
     ("bad-dtype", ["--dtype", "int3"], ["int3", "bfloat16"]),
     ("cpu-experts-on-a-dense-model", ["--cpu-experts", "on"], ["cpu_experts='on'", "no routed experts"]),
@@ -114,6 +115,7 @@ def scratch(tmp_path_factory, tiny_checkpoint) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     corrupt_checkpoints(tmp, tiny_checkpoint("llama"))
     (tmp / "empty").mkdir()
+    (tmp / "garbage.gguf").write_bytes(bytes(range(256)) * 4)  # a wrong file saved under a .gguf name
     (tmp / "t5").mkdir()  # an encoder-decoder: transformers has no causal LM for it
     (tmp / "t5" / "config.json").write_text(
         json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 64, "vocab_size": 100})
@@ -161,6 +163,15 @@ def test_bad_input_gives_one_line_error(
 def test_bad_input_in_a_real_process(default_model_dir, args: list[str], words: list[str]) -> None:
     out = run_cli("run", *args)
     check_one_line_error(out.returncode, out.stdout, out.stderr, words)
+
+
+def test_negative_max_new_tokens_is_refused_before_loading(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli.commands, "run_main", lambda args: pytest.fail("loaded before checking --max-new-tokens"))
+    code = cli.main(["run", "--max-new-tokens=-3"])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, ["--max-new-tokens", "-3", "0 to load the model"])
+    help_text = " ".join(cli._build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())
+    assert "0 loads the model and prints its placement" in help_text
 
 
 def test_argparse_errors_have_no_traceback() -> None:

@@ -69,3 +69,27 @@ def test_load_refuses_before_reading_weights_when_the_host_is_short(tiny_checkpo
     with pytest.raises(OverspillError, match="in host memory"):
         overspill.load(str(tiny_checkpoint("llama")), progress=False)
     assert not read
+
+
+FP_8B = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
+
+
+def test_a_plan_that_pins_nothing_is_not_refused() -> None:
+    # Everything resident: no host bytes, so the process's margin alone is no reason to refuse.
+    plan = _plan(FP_8B, context=1024)
+    assert host_bytes(FP_8B, plan).total == 0
+    assert check_host(FP_8B, plan, 1 * GiB).total == 0
+
+
+@pytest.mark.parametrize(("fp", "budget", "on_cpu", "available", "lead"), [
+    (FP, 78 * GiB, False, 20 * GiB, "this plan keeps"),  # streamed layers: several kinds of advice
+    (FP_8B, 6 * GiB, False, 1 * GiB, "only 1 GiB of host memory is available, less than the 2 GiB"),
+    (FP_8B, 78 * GiB, True, 4 * GiB, "this plan keeps"),  # the model on a CPU device: one piece of advice
+], ids=["streamed", "below-the-margin", "cpu-device"])
+def test_refusals_are_one_sentence_for_run_and_plan(fp, budget, on_cpu, available, lead) -> None:
+    with pytest.raises(OverspillError) as err:
+        check_host(fp, _plan(fp, budget, context=1024), available, on_cpu=on_cpu)
+    msg = str(err.value)
+    assert msg.startswith(lead) and "\n" not in msg
+    assert "()" not in msg and ": or " not in msg  # every part named, advice never starts with "or"
+    assert "free host memory, or use a bigger host (`overspill plan MODEL --host-memory SIZE`" in msg

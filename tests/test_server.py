@@ -6,6 +6,7 @@ the real `openai` client and with raw `httpx` for the bad-input cases.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -249,6 +250,29 @@ def test_bad_inputs_get_openai_errors(http, server):
     # the server is still up and answers
     ok = post("/v1/chat/completions", json={**chat, "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    # RFC 7235: auth schemes are case-insensitive; the key itself is not.
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert httpx.get(f"{server.base}/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(f"{server.base}/v1/models", headers={"Authorization": f"bearer {KEY.upper()}"}).status_code == 401
+    assert httpx.get(f"{server.base}/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+
+
+@pytest.mark.parametrize("key", ["", "   "], ids=["empty", "blank"])
+def test_serve_refuses_an_empty_api_key_before_loading(capsys, monkeypatch, key: str):
+    # No client can send an empty Bearer token: such a server would answer every /v1 request 401.
+    from overspill import cli
+    from overspill.serving import server as server_module
+
+    monkeypatch.setattr(server_module, "load_for_serving", lambda args: pytest.fail("loaded before checking --api-key"))
+    with socket.socket() as sock:  # a free port, so only the key can stop the command
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert cli.main(["serve", "--api-key", key, "--port", str(port)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("overspill: error: --api-key is empty"), err
 
 
 def test_full_queue_answers_429(server, http):

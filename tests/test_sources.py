@@ -10,7 +10,7 @@ import pytest
 
 from overspill.errors import OverspillError
 from overspill.planning.configs import shipped_config
-from overspill.runtime.sources import ENCODER_MODEL_TYPES, check_architecture, resolve
+from overspill.runtime.sources import ENCODER_MODEL_TYPES, check_architecture, default_gguf_path, resolve
 
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
 
@@ -113,3 +113,31 @@ def test_a_gguf_is_planned_only_once_converted(tmp_path) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(OverspillError, match="overspill run .*m.gguf"):
         resolve(str(tmp_path / "m.gguf"), config_only=True)  # converting would import torch
+
+
+def _damaged_gguf(kind: str) -> bytes:
+    """A .gguf as a cut-short download or a wrong file leaves it."""
+    if kind == "empty":
+        return b""
+    if kind == "not-gguf":
+        return bytes(range(256)) * 4
+    try:
+        good = default_gguf_path()
+    except OverspillError:
+        pytest.skip("the embedded GGUF is not installed")
+    with open(good, "rb") as f:
+        return f.read(3_000_000)  # the header whole, the tensor data cut short
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not-gguf", "empty"])
+def test_a_damaged_gguf_is_one_line_and_leaves_no_cache(tmp_path, monkeypatch, kind: str) -> None:
+    # The gguf library's ValueError/IndexError become the message a truncated safetensors gets.
+    monkeypatch.setenv("OVERSPILL_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_damaged_gguf(kind))
+    with pytest.raises(OverspillError) as info:
+        resolve(str(path))
+    msg = str(info.value)
+    assert "\n" not in msg and f"{path} is truncated or not a GGUF file (" in msg and "download it again" in msg
+    left = tmp_path / "cache" / "gguf"
+    assert not left.exists() or not any(left.iterdir())  # no half-written conversion

@@ -33,8 +33,10 @@ class HostBytes:
         return self.streamed + self.kv + self.embeddings + self.device
 
     def fits(self, available: int) -> bool:
-        """Whether these bytes and the process's margin fit `available` host bytes."""
-        return self.total + HOST_MARGIN_BYTES <= available
+        """Whether these bytes and the process's margin fit `available` host bytes. A plan that pins
+        nothing fits whatever is available: the margin is room kept beside pinned memory, and no choice
+        of placement could lower a plan's need below nothing."""
+        return self.total == 0 or self.total + HOST_MARGIN_BYTES <= available
 
 
 def host_bytes(fp: Footprint, plan: Plan, on_cpu: bool = False) -> HostBytes:
@@ -67,8 +69,19 @@ def check_host(fp: Footprint, plan: Plan, available: int, on_cpu: bool = False) 
                       f"or ~1/4)")
     if need.streamed and not on_cpu:
         advice.append("raise --gpu-memory if the GPU has room")
-    advice.append("or free host memory (`overspill plan --host-memory SIZE` plans for a bigger host)")
-    raise OverspillError(
-        f"this plan keeps {format_bytes(need.total)} in host memory ({', '.join(parts)}) plus a "
-        f"{format_bytes(HOST_MARGIN_BYTES)} margin, but {format_bytes(available)} is available: "
-        + ", ".join(advice))
+    advice.append("free host memory, or use a bigger host (`overspill plan MODEL --host-memory SIZE` shows what "
+                  "fits one)")
+    kept = f"{format_bytes(need.total)} ({', '.join(parts)})"
+    margin, avail = format_bytes(HOST_MARGIN_BYTES), format_bytes(available)
+    if available < HOST_MARGIN_BYTES:
+        short = (f"only {avail} of host memory is available, less than the {margin} the process itself needs "
+                 f"before the {kept} this plan keeps there")
+    else:
+        short = f"this plan keeps {kept} in host memory plus a {margin} margin for the process, but {avail} is available"
+    raise OverspillError(f"{short}: {_any_of(advice)}")
+
+
+def _any_of(options: list[str]) -> str:
+    """`a`, `a; or b`, `a; b; or c`: the advice as one clause, however many options apply (semicolons,
+    since an option may hold commas or an "or" of its own)."""
+    return options[0] if len(options) == 1 else f"{'; '.join(options[:-1])}; or {options[-1]}"

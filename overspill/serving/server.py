@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hmac
 import json
 import logging
 import socket
@@ -82,7 +83,8 @@ class _Gate:
     instead of re-raising it (uvicorn would log an ASGI traceback and reset the connection)."""
 
     def __init__(self, app, metrics: Metrics, api_key: str | None, max_body: int):
-        self.app, self.metrics, self.api_key, self.max_body = app, metrics, api_key, max_body
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+        self.api_key = None if api_key is None else api_key.strip().encode()  # as a client can send it
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -133,7 +135,9 @@ class _Gate:
         return counted
 
     def _authorized(self, headers: dict) -> bool:
-        return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.api_key}"
+        """`Authorization: Bearer <key>`, the scheme in any case (RFC 7235), the key compared in constant time."""
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
 def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = None) -> FastAPI:
@@ -144,6 +148,7 @@ def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = N
 
     if tokenizer is None:
         raise OverspillError("serve needs a tokenizer, and this model has none (a config-only model?)")
+    check_api_key(config.api_key)
     engine_ref: list[Engine] = []
     plan = placement_of(model).plan
     link = plan.streamed_bytes_per_step / plan.prediction.link_s if plan.prediction and plan.prediction.link_s else None
@@ -355,6 +360,7 @@ def serve_main(args) -> int:
 
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
+    check_api_key(args.api_key)
     check_speculate(getattr(args, "speculate", None))
     max_body = parse_bytes(args.max_body_bytes) if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
     if max_body < 1:
@@ -372,6 +378,14 @@ def serve_main(args) -> int:
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def check_api_key(api_key: str | None) -> None:
+    """Refuse an empty or blank key, which no client can send (HTTP trims a header value's spaces), so
+    the server would answer every /v1 request 401."""
+    if api_key is not None and not api_key.strip():
+        raise OverspillError("--api-key is empty, and no client can send an empty key: pass a key, or leave out "
+                             "--api-key to serve without one")
 
 
 def check_address(host: str, port: int) -> None:
