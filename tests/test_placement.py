@@ -353,3 +353,16 @@ def test_held_out_architecture_streams_and_matches_transformers(arch: str, resid
         got, got_logits = generate_with_logits(model, single)
     assert torch.equal(got, want)
     close(got_logits, want_logits)
+
+
+@pytest.mark.parametrize("arch", sorted(HELD_OUT))
+def test_held_out_architecture_speculates_as_plain_greedy(arch: str, held_out_checkpoint) -> None:
+    """Speculation verifies drafts one token at a time inside each block (`token_serial`), which must
+    find the mask by name: GPT-2 passes it positionally, and every drafted pass raised a TypeError."""
+    path = held_out_checkpoint(arch)
+    model, _ = overspill.load(str(path), dtype="float32", context=64, speculate="ngram", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7, 8] * 3])  # repeats, so the n-gram draft proposes tokens
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **gen), ref.generate(ids, **gen))

@@ -228,7 +228,7 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
     norms = _norm_params(model_type, hidden, head_dim, cfg)
     ffns = _ffn_params(cfg, model_type, hidden, num_layers)
     windows = kv_windows(cfg, num_layers)
-    kv_per_token = kv_bytes_per_token(cfg, nbytes)
+    kv_per_token = kv_bytes_per_token(cfg, nbytes, kv_heads, head_dim)
     router_bytes = 4 if model_type in _FP32_ROUTER else nbytes
 
     layers = tuple(
@@ -279,18 +279,17 @@ class _Ffn:
     active_experts: int = 0
 
 
-def kv_bytes_per_token(cfg: Mapping[str, Any], nbytes: int) -> int:
-    """Bytes one token adds to one full-attention layer's KV cache, as transformers caches it.
+def kv_bytes_per_token(cfg: Mapping[str, Any], nbytes: int, kv_heads: int, head_dim: int) -> int:
+    """Bytes one token adds to one full-attention layer's KV cache, as transformers caches it: keys and
+    values of `kv_heads` heads of `head_dim` (the caller reads those, as its config names them).
 
     Multi-head latent attention (DeepSeek-V3: `kv_lora_rank`) caches its compressed latent and its
     rotary key, one head each (transformers 5.17 and 5.25 alike), not per-head keys and values:
     (512 + 64) x 2 B for DeepSeek-V3 where heads x (keys + values) would be 80 KiB.
     """
-    if cfg.get("kv_lora_rank") is not None and cfg.get("qk_rope_head_dim") is not None:
-        return (int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"])) * nbytes
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(_get(cfg, "num_key_value_heads", heads))
-    head_dim = int(_get(cfg, "head_dim", int(cfg["hidden_size"]) // heads))
+    latent, rope = cfg.get("kv_lora_rank"), cfg.get("qk_rope_head_dim")
+    if latent is not None and rope is not None:
+        return (int(latent) + int(rope)) * nbytes
     return 2 * kv_heads * head_dim * nbytes
 
 

@@ -170,7 +170,7 @@ def measured_spec(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -
     active = getattr(cfg, "num_experts_per_tok", None) or 0
     cfg_dict = cfg.to_dict()
     windows = kv_windows(cfg_dict, len(layers))
-    kv_per_token = kv_bytes_per_token(cfg_dict, itemsize)
+    kv_per_token = kv_bytes_per_token(cfg_dict, itemsize, kv_heads, head_dim)
     specs = tuple(
         _layer_spec(i, layer, cfg.hidden_size, experts, active, kv_per_token, windows[i])
         for i, layer in enumerate(layers)

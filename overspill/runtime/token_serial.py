@@ -17,6 +17,7 @@ mode for the duration of a `with` block. It is offered only where a one-token st
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Iterator
 
 import torch
@@ -41,18 +42,33 @@ BeforeToken = Callable[[int, int], None]
 the token's ancestors when the tokens form a draft tree (`trees.py`)."""
 
 
+def _named(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A decoder block's call arguments after `hidden_states`, all by name: some models pass the mask
+    positionally (GPT-2's `block(hidden, past, cache_position, mask, ...)`), which `_slice_kwargs`
+    must find by name to drop it."""
+    if not args:
+        return kwargs
+    params = list(inspect.signature(type(layer).forward).parameters.values())[2:]  # after self, hidden_states
+    names = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    if len(args) > len(names):
+        raise TypeError(f"{type(layer).__name__}.forward takes {len(names)} positional arguments after the "
+                        f"hidden states, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _per_token_layer(layer: nn.Module, index: int, before: BeforeToken | None):
     forward = layer.forward
 
-    def step(hidden_states: torch.Tensor, j: int, args: tuple, kwargs: dict[str, Any]):
+    def step(hidden_states: torch.Tensor, j: int, kwargs: dict[str, Any]):
         if before is not None:
             before(index, j)
-        return forward(hidden_states[:, j : j + 1], *args, **_slice_kwargs(kwargs, j))
+        return forward(hidden_states[:, j : j + 1], **_slice_kwargs(kwargs, j))
 
     def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if hidden_states.shape[1] == 1:
             return forward(hidden_states, *args, **kwargs)
-        outs = [step(hidden_states, j, args, kwargs) for j in range(hidden_states.shape[1])]
+        named = _named(layer, args, kwargs)
+        outs = [step(hidden_states, j, named) for j in range(hidden_states.shape[1])]
         if isinstance(outs[0], tuple):
             return (torch.cat([o[0] for o in outs], dim=1), *outs[-1][1:])
         return torch.cat(outs, dim=1)

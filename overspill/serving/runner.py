@@ -179,7 +179,7 @@ class Runner:
 
     def _kv_bytes_per_token(self, dtype_bytes: int) -> tuple[int, int]:
         """KV bytes per token of the device-tier and host-tier layers."""
-        layers = kv_dims(self.model.config)[0]
-        per_layer = kv_bytes_per_token(self.model.config.get_text_config().to_dict(), dtype_bytes)
+        layers, kv_heads, head_dim = kv_dims(self.model.config)
+        per_layer = kv_bytes_per_token(self.model.config.get_text_config().to_dict(), dtype_bytes, kv_heads, head_dim)
         host = len(self.placement.plan.kv_host_layers) if self.placement is not None else 0
         return per_layer * (layers - host), per_layer * host
