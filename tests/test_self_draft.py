@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import overspill
 from overspill.planning.plan import Footprint, Workload
@@ -99,6 +99,24 @@ def test_only_kernel_shapes_are_quantized() -> None:
     assert quantizable((64, 96), 128)  # 96 inputs: groups of 32
     assert not quantizable((4, 64), 128)  # a 4-expert router: 4 outputs, not a multiple of 8
     assert not quantizable((64, 48), 128)  # 48 inputs: no group size of 32 or more divides it
+    # 24 outputs (one KV head group of 24): the CUDA packer takes multiples of 8, the CPU's of 16 only
+    assert quantizable((24, 96), 32, "cuda") and not quantizable((24, 96), 32, "cpu")
+
+
+def test_a_cpu_draft_keeps_rows_its_packer_refuses(tmp_path) -> None:
+    """A k_proj of 24 rows stays in the compute dtype in a CPU draft (the CPU int4 packer raised a raw
+    RuntimeError for it), and the drafted model decodes as plain greedy."""
+    config = AutoConfig.for_model("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, intermediate_size=128, vocab_size=256,
+                                  max_position_embeddings=128)
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    reference.save_pretrained(str(tmp_path))
+    model, _ = overspill.load(str(tmp_path), dtype="float32", context=64, speculate="self", progress=False)
+    ids = torch.tensor([[5, 6, 7, 8] * 3])
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **gen), reference.generate(ids, **gen))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -42,10 +42,12 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-def quantizable(weight_shape: tuple[int, ...], group: int = INT4_GROUP) -> bool:
-    """Whether a [out, in] weight fits the int4 kernels: `in` a multiple of 32, `out` of 8."""
+def quantizable(weight_shape: tuple[int, ...], group: int = INT4_GROUP, device_type: str = "cuda") -> bool:
+    """Whether a [out, in] weight fits the int4 kernels: `in` a multiple of 32, `out` of 8 on CUDA and of
+    16 on the CPU (its packer refuses 24 rows, e.g. a k_proj of one 24-wide KV head group)."""
     out_features, in_features = weight_shape
-    return out_features % 8 == 0 and _group_for(in_features, group) is not None
+    rows = 8 if device_type == "cuda" else 16
+    return out_features % rows == 0 and _group_for(in_features, group) is not None
 
 
 SCALE_DTYPE = torch.bfloat16
@@ -180,7 +182,7 @@ def _quantize_layer(block: nn.Module, tensors: dict[str, torch.Tensor], group: i
     for name, module in list(block.named_modules()):
         prefix = f"{name}." if name else ""
         owner_name, _, leaf = name.rpartition(".")
-        if isinstance(module, nn.Linear) and quantizable(tuple(module.weight.shape), group):
+        if isinstance(module, nn.Linear) and quantizable(tuple(module.weight.shape), group, device.type):
             bias = tensors.get(prefix + "bias") if module.bias is not None else None
             new: nn.Module = Int4Linear(tensors[prefix + "weight"], bias, group, device, compute)
         elif any(isinstance(module._parameters.get(t), torch.Tensor) and module._parameters[t].dim() == 3
