@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> None:
         return
     vocab = model.config.get_text_config().vocab_size
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
+    context = placement.plan.workload.context
+    if ids.shape[-1] + args.max_new_tokens > context:  # past it, KV outgrows what the plan reserved
+        raise OverspillError(f"the prompt ({ids.shape[-1]} tokens) plus --max-new-tokens {args.max_new_tokens} is "
+                             f"more than the {context}-token context the plan reserved KV for: pass a larger "
+                             "--context, or fewer tokens")
     if tokenizer is None:
         print("(no tokenizer for this model: the prompt is sent as byte ids and token ids are printed)")
     print(f"\n> {args.prompt}")

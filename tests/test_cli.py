@@ -174,6 +174,13 @@ def test_negative_max_new_tokens_is_refused_before_loading(capsys, monkeypatch) 
     assert "0 loads the model and prints its placement" in help_text
 
 
+def test_run_refuses_more_tokens_than_its_context(default_model_dir) -> None:
+    """`run` plans KV for --context tokens; a prompt and --max-new-tokens past it would outgrow that
+    reservation, so it refuses as serve does (it generated past it before)."""
+    out = run_cli("run", "--context", "8", "--max-new-tokens", "40", "--gpu-memory", "400MiB")
+    check_one_line_error(out.returncode, out.stdout, out.stderr, ["--max-new-tokens 40", "8-token context", "--context"])
+
+
 def test_argparse_errors_have_no_traceback() -> None:
     out = run_cli("run", "--max-new-tokens", "many")
     assert out.returncode == 2
