@@ -102,11 +102,9 @@ def plan_main(args: argparse.Namespace) -> int:
         return plan_for(with_format(fp, choose(fp, name)), profile, workload, budget, args.depth,
                         kv_device_bytes=kv, fit_batch=args.serve)
 
-    plan = plan_in(requested)
-    if moe_layers.is_moe:
-        cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
-        plan = _moe_plan(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
-                         args.depth, kv, args.serve, cpu_experts)
+    cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
+    plan = _placed(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
+                   args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
                                    plan.moe_streaming == "experts" and bool(plan.streamed_layers),
                                    why_dense(plan.notes, moe_mode, dense_option="--moe-streaming dense"))
@@ -151,21 +149,25 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _moe_plan(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,
-              kv: int | None, serve: bool, cpu_experts: str = "off"):
-    """`plan` for a MoE model as `load` places it: the greedy plan, then expert streaming where
-    `moe.choose` takes it (streaming copies then), then the prediction."""
+def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,
+            kv: int | None, serve: bool, cpu_experts: str = "off", speculate: str | None = None):
+    """The plan `load` places for these arguments, chosen by the function `load` calls (`moe.place_moe`:
+    whole layers or expert streaming, or the refusal quoting the least budget), for every model; then
+    its streaming mode as `load` picks it and the prediction. No whole-layer plan is placed first: below
+    its minimum, an expert-aware plan may still fit."""
     from .planning import moe
+    from .planning.formats import NATIVE
     from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
 
     if budget is None:  # "auto", as `plan_for` resolves it
         budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
-    blocker = moe.blocker(fp.stream_format, "auto", workload.graphs, None)  # as `load` asks it
+    blocker = moe.blocker(fp.stream_format, "auto", workload.graphs, speculate)  # as `load` asks it
     plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, blocker, profile)
     if note:
         plan = dataclasses.replace(plan, notes=plan.notes + (note,))
-    if plan.moe_streaming != "experts":
-        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
+    if plan.moe_streaming != "experts" and plan.stream_format == NATIVE:  # the others arrive by pinned copies
+        managed_wins = profile.managed_bytes_s > profile.h2d_bytes_s
+        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", managed_wins))
     return moe.predict(fp, plan, moe_layers, profile, cpu_experts)
 
 

@@ -6,6 +6,7 @@ Pure Python: shipped configs and the reference H100 profile, no weights, no torc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -13,10 +14,11 @@ from overspill import cli
 from overspill.errors import OverspillError
 from overspill.planning import moe
 from overspill.planning.configs import shipped_config
-from overspill.planning.placement import place, with_prediction
+from overspill.planning.placement import at_least, kv_layer_bytes, least_plan, place, with_prediction
 from overspill.planning.plan import Plan, Workload, footprint_from_spec
 from overspill.planning.profile import REFERENCE_PROFILES
 from overspill.planning.spec import spec_from_config
+from overspill.planning.units import parse_bytes
 
 GiB = 2**30
 H100 = REFERENCE_PROFILES["h100-pcie5"]
@@ -177,3 +179,51 @@ def test_plan_command_refuses_expert_streaming_beside_a_lossy_format_as_load_doe
                      "int8", "--moe-streaming", "experts"]) == 1
     assert capsys.readouterr().err.strip() == ("overspill: error: expert streaming does not combine with stream "
                                                "format int8 yet: use moe_streaming='dense'")
+
+
+def test_below_the_dense_minimum_the_expert_plan_is_searched_as_place_searches() -> None:
+    """Below the whole-layer minimum `place_moe` searches expert-aware plans as `place` searches whole-layer
+    ones: the fewest layers' KV in host memory (as `kv_device_bytes` allows), and for `fit_batch` the largest
+    batch whose KV stays on the GPU."""
+    fp, layers = shape("mixtral-8x7b")
+    w = Workload(4096, 64)
+    budget = 6 * GiB  # the whole-layer minimum at batch 1 is 8.74 GiB
+    with pytest.raises(OverspillError, match="minimum working set"):
+        place(fp, budget, w, fit_batch=True)
+    served, note = moe.place_moe(fp, layers, budget, w, 2, None, True, "auto", profile=H100)
+    assert served.moe_streaming == "experts" and "only its smaller ring slots" in note
+    assert 1 < served.workload.batch < 64 and not served.kv_host_layers and served.device_bytes <= budget
+    assert moe.experts_plan(fp, layers, budget, replace(w, batch=served.workload.batch + 1), 2) is None
+    cap, per_layer = 256 * 2**20, kv_layer_bytes(fp, Workload(4096, 1))  # 16 MiB a layer, 3 staging slots
+    capped, _ = moe.place_moe(fp, layers, budget, Workload(4096, 1), 2, cap, False, "experts")
+    host = len(capped.kv_host_layers)
+    assert capped.kv_host_layers == tuple(range(host))
+    assert per_layer * (32 - host + 3) <= cap < per_layer * (32 - host + 4)  # the fewest the cap allows
+
+
+def test_expert_plan_does_not_inherit_the_dense_plans_host_kv() -> None:
+    """Just above the whole-layer minimum the dense plan holds every layer's KV in host memory; the expert-aware
+    plan's smaller ring slots leave room for it on the GPU, as they do one byte below that minimum."""
+    fp, layers = shape("mixtral-8x7b")
+    w = Workload(1024, 1)
+    least = least_plan(fp, w).device_bytes
+    assert place(fp, least, w).kv_host_layers == tuple(range(32))
+    for budget in (least - 1, least):
+        plan, _ = moe.place_moe(fp, layers, budget, w, 2, None, False, "auto", profile=H100)
+        assert plan.moe_streaming == "experts" and not plan.kv_host_layers, budget
+
+
+def test_plan_command_table_shows_experts_below_the_dense_minimum(capsys) -> None:
+    assert cli.main(["plan", "mixtral-8x7b", "--profile", "h100-pcie5", "--gpu-memory", "6GiB"]) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.split("|")[:2]) for line in out.splitlines()
+            if line.startswith(("dense ", "experts "))}
+    assert ("experts", "1") in rows and not any(mode == "dense" for mode, _ in rows)
+
+
+@pytest.mark.parametrize("need", [1000, 1024, 3_520_324_096, 9_157_468_672, 10 * GiB - 1, 99 * GiB + 1,
+                                  1023 * 2**20 + 1, 5 * 2**40 + 7])
+def test_quoted_budget_is_rounded_up(need: int) -> None:
+    """The refusal's "raise --gpu-memory to at least X" is enough: X is rounded up, within 1%."""
+    quoted = parse_bytes(at_least(need))
+    assert need <= quoted <= need * 1.01

@@ -4,7 +4,9 @@
 (`loader.measured_spec`); both go through `footprint_from_spec` and `placement.place`. Two checks:
 the two specs agree byte for byte (tiny configs per architecture, every shipped config), and for
 every shipped config `plan --json` and `load()` give the same plan (tiers, ring, workspace, device
-total, prediction) at several budgets, contexts and batches, for `generate` and for `serve`.
+total, prediction) at several budgets, contexts and batches, for `generate` and for `serve`. For MoE
+configs that includes budgets below the whole-layer minimum, where only expert streaming fits, and the
+refusals below every plan's minimum, whose quoted budget then loads.
 
 `load` runs on a pretend GPU, the reference H100 profile: the device is cuda:0, its free memory
 and probe are the profile's, and `materialize` only records the plan it is given, so nothing is
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from unittest import mock
@@ -27,9 +30,12 @@ import overspill
 from overspill import api, cli
 from overspill.errors import OverspillError
 from overspill.planning.configs import shipped_config, shipped_names
-from overspill.planning.plan import Plan, footprint_from_spec
+from overspill.planning.moe import MoeLayers, least_experts_plan
+from overspill.planning.placement import at_least, least_plan
+from overspill.planning.plan import DEFAULT_DEPTH, Plan, Workload, footprint_from_spec
 from overspill.planning.profile import REFERENCE_PROFILES
 from overspill.planning.spec import spec_from_config
+from overspill.planning.units import format_bytes, parse_bytes
 from overspill.runtime import hardware
 from overspill.runtime.loader import Placement, build_skeleton, decoder_layers, measured_spec
 
@@ -118,10 +124,11 @@ def pretend_gpu(monkeypatch) -> PretendGpu:
     return gpu
 
 
-def plan_command(capsys, name: str, budget: str, context: int, batch: int, serve: bool) -> dict | str:
+def plan_command(capsys, name: str, budget: str, context: int, batch: int, serve: bool,
+                 moe_streaming: str = "auto") -> dict | str:
     """`overspill plan --json`'s plan, or its one-line error."""
     args = ["plan", name, "--profile", "h100-pcie5", "--context", str(context), "--batch", str(batch), "--json",
-            "--host-memory", str(PROFILE.host_available_bytes)]
+            "--host-memory", str(PROFILE.host_available_bytes), "--moe-streaming", moe_streaming]
     args += ["--gpu-memory", budget] if budget != "auto" else []
     args += ["--serve"] if serve else []
     code = cli.main(args)
@@ -129,18 +136,20 @@ def plan_command(capsys, name: str, budget: str, context: int, batch: int, serve
     return json.loads(out.out)["plan"] if code == 0 else out.err.strip()
 
 
-def loaded(capsys, name: str, budget: str, context: int, batch: int, serve: bool) -> Plan | str:
+def loaded(capsys, name: str, budget: str, context: int, batch: int, serve: bool,
+           moe_streaming: str = "auto") -> Plan | str:
     """The plan `load` places (through `serve`'s own loading for `serve`), or its one-line error."""
     try:
         if serve:
             from overspill.serving.openai_protocol import load_for_serving
 
             args = cli._build_parser().parse_args(["serve", name, "--random-weights", "--gpu-memory", budget,
-                                                   "--context", str(context), "--max-batch", str(batch)])
+                                                   "--context", str(context), "--max-batch", str(batch),
+                                                   "--moe-streaming", moe_streaming])
             model, _ = load_for_serving(args)
         else:
             model, _ = overspill.load(name, gpu_memory=budget, random_weights=True, context=context, batch=batch,
-                                      progress=False)
+                                      progress=False, moe_streaming=moe_streaming)
     except OverspillError as exc:
         return f"overspill: error: {exc}"
     finally:
@@ -164,6 +173,82 @@ def test_plan_command_shows_what_load_places(capsys, pretend_gpu: PretendGpu, na
             assert Plan.from_json(json.dumps(shown)).device_bytes == placed.device_bytes, case
             assert shown == json.loads(placed.to_json()), case
     assert any(p.streamed_layers for p in pretend_gpu.placed)  # some budgets stream
+
+
+MOE_NAMES = [name for name in shipped_names() if MoeLayers.from_spec(spec_from_config(shipped_config(name))).is_moe]
+
+
+def least_budgets(name: str, context: int, batch: int) -> tuple[int, int]:
+    """(whole-layer, expert-aware) minimum working sets of a shipped config for `generate`'s workload."""
+    spec = spec_from_config(shipped_config(name))
+    fp, layers, w = footprint_from_spec(spec), MoeLayers.from_spec(spec), Workload(context, batch)
+    return least_plan(fp, w).device_bytes, least_experts_plan(fp, layers, w, DEFAULT_DEPTH).device_bytes
+
+
+def quoted_budget(error: str) -> int:
+    """The budget a below-the-minimum refusal asks for."""
+    match = re.search(r"raise --gpu-memory to at least ([0-9.]+ \w+) ", error)
+    assert match, error
+    return parse_bytes(match.group(1))
+
+
+def test_every_shipped_moe_config_is_checked() -> None:
+    assert {"mixtral-8x7b", "llama-4-scout-109b", "qwen3-30b-a3b"} <= set(MOE_NAMES)
+
+
+def test_plan_command_streams_experts_below_the_dense_minimum_as_load_does(capsys, pretend_gpu: PretendGpu) -> None:
+    """The tester's case: `plan` refused Mixtral at 8 GiB (the whole-layer minimum is 8.53 GiB) while `load`
+    streamed experts (31 layers streamed, 13 expert slots, 7.74 GiB)."""
+    shown = plan_command(capsys, "mixtral-8x7b", "8GiB", 1024, 1, False)
+    placed = loaded(capsys, "mixtral-8x7b", "8GiB", 1024, 1, False)
+    assert not isinstance(placed, str) and placed.moe_streaming == "experts", placed
+    assert len(placed.streamed_layers) == 31 and placed.expert_slots == 13
+    assert shown == json.loads(placed.to_json())
+    for mode in ("experts", "dense"):  # --moe-streaming experts plans the same; dense is refused by both
+        assert plan_command(capsys, "mixtral-8x7b", "8GiB", 1024, 1, False, mode) == \
+            (shown if mode == "experts" else loaded(capsys, "mixtral-8x7b", "8GiB", 1024, 1, False, mode))
+
+
+@pytest.mark.parametrize("serve", [False, True], ids=["generate", "serve"])
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_plan_command_shows_what_load_places_below_the_dense_minimum(capsys, pretend_gpu: PretendGpu, name: str,
+                                                                     serve: bool) -> None:
+    """Between the expert-aware and the whole-layer minimum only expert streaming fits: `plan` shows that plan."""
+    for context, batch in ((1024, 1), (4096, 8)):
+        dense, experts = least_budgets(name, context, batch)
+        assert experts < dense
+        for budget in (experts, (experts + dense) // 2, dense - 1):
+            case = (name, budget, context, batch, "serve" if serve else "generate")
+            shown = plan_command(capsys, name, str(budget), context, batch, serve)
+            placed = loaded(capsys, name, str(budget), context, batch, serve)  # serve's bounded pass needs less
+            assert not isinstance(placed, str), case
+            assert placed.moe_streaming == "experts" and placed.device_bytes <= budget, case
+            assert shown == json.loads(placed.to_json()), case
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_refusal_quotes_the_least_budget_at_which_load_succeeds(capsys, pretend_gpu: PretendGpu, name: str) -> None:
+    """A MoE model's refusal quotes the expert-aware minimum (the whole-layer one is higher), rounded up:
+    `load` and `plan` succeed at the quoted budget and at the exact minimum, and refuse one byte less."""
+    for context, batch in ((1024, 1), (32768, 8)):
+        dense, experts = least_budgets(name, context, batch)
+        refused = plan_command(capsys, name, "1GiB", context, batch, False)
+        assert isinstance(refused, str) and refused == loaded(capsys, name, "1GiB", context, batch, False)
+        assert f"minimum working set of {format_bytes(experts)} with expert streaming" in refused
+        quoted = quoted_budget(refused)
+        assert experts <= quoted < experts * 1.01
+        for budget in (quoted, experts):
+            placed = loaded(capsys, name, str(budget), context, batch, False)
+            assert not isinstance(placed, str) and placed.moe_streaming == "experts", (name, budget, placed)
+            assert plan_command(capsys, name, str(budget), context, batch, False) == json.loads(placed.to_json())
+        below = loaded(capsys, name, str(experts - 1), context, batch, False)
+        assert below == plan_command(capsys, name, str(experts - 1), context, batch, False)
+        assert isinstance(below, str) and f"at least {at_least(experts)}" in below
+        # whole layers only: the whole-layer minimum, which then loads
+        refused = loaded(capsys, name, str(dense - 1), context, batch, False, "dense")
+        assert refused == plan_command(capsys, name, str(dense - 1), context, batch, False, "dense")
+        assert isinstance(refused, str) and quoted_budget(refused) >= dense
+        assert not isinstance(loaded(capsys, name, str(dense), context, batch, False, "dense"), str)
 
 
 def test_load_switches_cudnn_attention_off_unless_asked(pretend_gpu: PretendGpu) -> None:

@@ -32,7 +32,8 @@ from ..errors import OverspillError
 from .costmodel import Prediction
 from .formats import NATIVE
 from .host_experts import DENSE_NOTE, layer_split
-from .placement import max_batch, place, streaming_plan, with_prediction
+from .placement import (below_minimum, kv_host_choices, largest_batch, least_plan, max_batch, place,
+                        streaming_plan, with_prediction)
 from .plan import MANAGED_MODES, Footprint, Plan, Workload
 from .profile import Profile
 from .spec import ModelSpec
@@ -106,23 +107,30 @@ def ring_bytes(moe: MoeLayers, fp: Footprint, layer: int) -> int:
     return moe.ring_bytes[layer] if moe.num_experts[layer] else fp.layer_bytes[layer]
 
 
+def _least_cache(plan: Plan, fp: Footprint, moe: MoeLayers) -> Plan | None:
+    """The expert-aware form of a plan's tiers with the least expert cache (one layer's experts): ring
+    slots sized for the streamed layers without their experts. None where no streamed layer is MoE or
+    the streamed layers are not bf16."""
+    streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
+    if not streamed or plan.stream_format != "bf16":
+        return None
+    return replace(plan, slot_bytes=max(ring_bytes(moe, fp, i) for i in plan.streamed_layers),
+                   expert_slots=min_cache_slots(moe, streamed),
+                   expert_slot_bytes=max(moe.expert_bytes[i] for i in streamed), moe_streaming="experts")
+
+
 def to_experts(plan: Plan, fp: Footprint, moe: MoeLayers, budget: int | None) -> Plan | None:
     """The expert-aware form of a plan's tiers: ring slots sized for the streamed layers without their
     experts, an expert cache of at least one layer's experts plus whatever budget is left over (hot
     experts), and the expected bytes per step at the plan's batch. None when it does not fit `budget`
     or no streamed layer is MoE."""
+    base = _least_cache(plan, fp, moe)
+    if base is None or budget is not None and base.device_bytes > budget:
+        return None
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
-    if not streamed or plan.stream_format != "bf16":
-        return None
-    slot = max(ring_bytes(moe, fp, i) for i in plan.streamed_layers)
-    expert = max(moe.expert_bytes[i] for i in streamed)
-    base = replace(plan, slot_bytes=slot, expert_slots=min_cache_slots(moe, streamed), expert_slot_bytes=expert,
-                   moe_streaming="experts")
-    if budget is not None and base.device_bytes > budget:
-        return None
     extra = streamed_experts(moe, streamed) - base.expert_slots
     if budget is not None:
-        extra = min(extra, (budget - base.device_bytes) // expert)
+        extra = min(extra, (budget - base.device_bytes) // base.expert_slot_bytes)
     slots = base.expert_slots + extra
     ring = sum(ring_bytes(moe, fp, i) for i in plan.streamed_layers)
     sent = ring + expert_bytes_per_step(moe, streamed, slots, plan.workload.batch)
@@ -143,6 +151,47 @@ def experts_plan(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Wo
         if candidate is not None:
             return candidate
     return None
+
+
+def least_experts_plan(fp: Footprint, moe: MoeLayers, workload: Workload, depth: int) -> Plan | None:
+    """The smallest expert-aware plan `experts_plan` can find for `workload`: every layer's KV in host
+    memory, the least expert cache, and the number of leading layers streamed that needs the fewest GPU
+    bytes. None where no layer can stream its experts."""
+    n = len(fp.layer_bytes)
+    plans = (_least_cache(streaming_plan(fp, workload, s, depth, None, n), fp, moe) for s in range(1, n + 1))
+    return min((p for p in plans if p is not None), key=lambda p: p.device_bytes, default=None)
+
+
+def _experts_search(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
+                    kv_device_bytes: int | None) -> Plan | None:
+    """The expert-aware plan found as `placement.greedy_plan` searches: the fewest leading layers' KV in
+    host memory first (`kv_host_choices`), then the most layers resident; None when none fits. A whole-layer
+    plan's host KV is not inherited: smaller ring slots may leave room for all of it on the GPU."""
+    for kv_host in kv_host_choices(fp, workload, kv_device_bytes, depth):
+        plan = experts_plan(fp, moe, budget, workload, depth, kv_host)
+        if plan is not None:
+            return plan
+    return None
+
+
+def _experts_only(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
+                  kv_device_bytes: int | None, fit_batch: bool) -> Plan:
+    """The expert-aware plan where no whole-layer plan fits `budget`, searched as `placement.place` searches
+    (the fewest layers' KV in host memory first; with `fit_batch`, the largest batch whose KV stays on
+    the GPU).
+
+    Raises:
+        OverspillError: quoting the smallest budget at which some plan, expert-aware or whole-layer, fits.
+    """
+    if fit_batch and kv_device_bytes is None:
+        workload = largest_batch(workload, lambda w: experts_plan(fp, moe, budget, w, depth) is not None)
+    plan = _experts_search(fp, moe, budget, workload, depth, kv_device_bytes)
+    if plan is not None:
+        return plan
+    dense, experts = least_plan(fp, workload, depth), least_experts_plan(fp, moe, workload, depth)
+    if experts is None or dense.device_bytes <= experts.device_bytes:
+        raise below_minimum(fp, budget, dense)
+    raise below_minimum(fp, budget, experts, " with expert streaming")
 
 
 def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s: float) -> Prediction:
@@ -200,25 +249,31 @@ def blocker(stream_format: str, streaming: str, cuda_graphs: bool, speculate: st
     return None
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MOE_STREAMING:
+        raise OverspillError(f"moe_streaming must be one of {', '.join(MOE_STREAMING)}, got {mode!r}")
+
+
 def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, requested: str, depth: int,
-           blocker: str | None = None, profile: Profile | None = None) -> tuple[Plan, str | None]:
+           blocker: str | None = None, profile: Profile | None = None,
+           kv_device_bytes: int | None = None) -> tuple[Plan, str | None]:
     """(plan, note) for `load(moe_streaming=...)` and `overspill plan`: "experts" takes the expert-aware
     plan, "auto" takes it where it is predicted faster than `dense` (with a profile; else where it moves
     fewer bytes per step), "dense" keeps `dense`. `blocker` names what rules expert streaming out
     (a stream format, managed memory, CUDA graphs), refused for "experts" and noted for "auto".
+    `kv_device_bytes` caps the expert-aware plan's device KV as it capped `dense`'s.
 
     Raises:
         OverspillError: for an unknown mode, or "experts" where it cannot apply.
     """
-    if requested not in MOE_STREAMING:
-        raise OverspillError(f"moe_streaming must be one of {', '.join(MOE_STREAMING)}, got {requested!r}")
+    _check_mode(requested)
     if requested == "dense" or not moe.is_moe or not any(moe.num_experts[i] for i in dense.streamed_layers):
         return dense, None
     if blocker is not None:
         if requested == "experts":
             raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
         return dense, f"{DENSE_NOTE} (dense): expert streaming does not combine with {blocker} yet"
-    candidate = experts_plan(fp, moe, budget, dense.workload, depth, len(dense.kv_host_layers))
+    candidate = _experts_search(fp, moe, budget, dense.workload, depth, kv_device_bytes)
     if candidate is None:
         if requested == "experts":
             raise OverspillError("no expert-aware plan fits this budget (it needs one layer's experts as a GPU cache)")
@@ -269,12 +324,16 @@ def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workl
     out = []
     for batch in batches:
         w = replace(workload, batch=batch)
+        plans: list[tuple[str, Plan]] = []
         try:
-            dense = predict(fp, place(fp, budget, w, depth), moe, profile)
-        except OverspillError:
-            continue
-        plans = [("dense", dense)]
-        experts = experts_plan(fp, moe, budget, w, depth, len(dense.kv_host_layers))
+            dense = place(fp, budget, w, depth)
+            plans.append(("dense", predict(fp, dense, moe, profile)))
+            experts = _experts_search(fp, moe, budget, w, depth, None)
+        except OverspillError:  # below the whole-layer minimum, where expert streaming may still fit
+            try:
+                experts = _experts_only(fp, moe, budget, w, depth, None, False)
+            except OverspillError:
+                continue
         if experts is not None:
             plans.append(("experts", predict(fp, experts, moe, profile)))
             if host_experts and profile.cpu_gemv_params_s > 0:  # --cpu-experts auto: the host's share of misses
@@ -290,15 +349,22 @@ def place_moe(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workl
               kv_device_bytes: int | None, fit_batch: bool, mode: str, blocker: str | None = None,
               profile: Profile | None = None) -> tuple[Plan, str | None]:
     """`placement.place`, then `choose` between it and expert streaming: what `load` places and
-    `overspill plan` shows. Where even streaming every whole layer does not fit, the expert-aware
-    plan (smaller ring slots) may still fit, unless `mode` is "dense" or something rules it out."""
+    `overspill plan` shows, both through this one function. Where even streaming every whole layer
+    does not fit, the expert-aware plan (smaller ring slots) may still fit, unless `mode` is "dense"
+    or something rules it out.
+
+    Raises:
+        OverspillError: for an unknown mode, or where no plan fits `budget`, quoting the smallest
+            budget at which one fits (expert streaming included where it may apply).
+    """
+    _check_mode(mode)
+    if depth < 1:  # as `greedy_plan` refuses it, before the expert-aware search could take it
+        raise OverspillError(f"prefetch depth must be at least 1, got {depth}")
     try:
         dense = place(fp, budget, workload, depth, kv_device_bytes, fit_batch)
     except OverspillError:
         if mode == "dense" or blocker is not None or not moe.is_moe:
             raise
-        fallback = experts_plan(fp, moe, budget, workload, depth)
-        if fallback is None:
-            raise
+        fallback = _experts_only(fp, moe, budget, workload, depth, kv_device_bytes, fit_batch)
         return fallback, "expert streaming: only its smaller ring slots fit the budget"
-    return choose(dense, fp, moe, budget, mode, depth, blocker, profile)
+    return choose(dense, fp, moe, budget, mode, depth, blocker, profile, kv_device_bytes)

@@ -18,6 +18,8 @@ The rule here is greedy and simple; it is written so the cost-model planner can 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import OverspillError
@@ -33,7 +35,7 @@ from .plan import (
     Workload,
 )
 from .profile import Profile
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 
 def kv_layer_bytes(fp: Footprint, workload: Workload) -> int:
@@ -148,6 +150,53 @@ def streaming_plan(
     return _make_plan(fp, tiers, embed_tier, depth, budget, workload, kv_host)
 
 
+def kv_host_choices(fp: Footprint, workload: Workload, kv_device_bytes: int | None, depth: int) -> list[int]:
+    """The counts of leading layers whose KV goes to host memory, in the order a plan tries them: the fewest
+    that `kv_device_bytes` allows, then (if nothing fits) more. Counts up to `depth + 1` save nothing (their
+    staging slots weigh as much), so the search goes on from `depth + 2`."""
+    first = _kv_host_needed(fp, workload, kv_device_bytes, depth)
+    return [first] + list(range(max(first, depth + 2), len(fp.layer_bytes) + 1))
+
+
+def least_plan(fp: Footprint, workload: Workload, depth: int = DEFAULT_DEPTH, budget: int | None = None) -> Plan:
+    """The smallest whole-layer plan: every layer streamed, every layer's KV in host memory."""
+    n = len(fp.layer_bytes)
+    return streaming_plan(fp, workload, n, depth, budget, n)
+
+
+def at_least(need: int) -> str:
+    """`need` as `format_bytes` writes it, rounded up, so that a budget of that size holds `need` bytes."""
+    if need < 2**10:
+        return format_bytes(need)
+    scale = next(s for s in (2**40, 2**30, 2**20, 2**10) if need >= s)
+    value = need / scale
+    step = 0.01 if value < 10 else 0.1 if value < 100 else 1
+    steps = math.ceil(value / step)
+    text = format_bytes(steps * step * scale)
+    if parse_bytes(text) < need:  # float rounding of a size that lies on a step
+        text = format_bytes((steps + 1) * step * scale)
+    return text
+
+
+def below_minimum(fp: Footprint, budget_bytes: int | None, minimum: Plan, how: str = "") -> OverspillError:
+    """The refusal of `budget_bytes` where `minimum` is the smallest plan that fits (`how` names how it
+    streams): what it holds and a budget to ask for, rounded up so that asking for it is enough."""
+    w = minimum.workload
+    parts = [f"{label} {format_bytes(b)}"
+             for label, b in (("lm_head", fp.head_bytes), ("embeddings", fp.embed_bytes if _embed_on_device(fp) else 0))
+             if b]
+    parts.append(f"{minimum.slots} ring slots x {format_bytes(minimum.slot_bytes)}")
+    if minimum.expert_slots:
+        parts.append(f"an expert cache of {minimum.expert_slots} x {format_bytes(minimum.expert_slot_bytes)}")
+    need = minimum.device_bytes
+    return OverspillError(
+        f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
+        f"{format_bytes(need)}{how} ({', '.join(parts)}, workspace {format_bytes(minimum.workspace_bytes)} for "
+        f"{w.context} tokens x batch {w.batch}); raise --gpu-memory to at least {at_least(need)} or lower --context"
+        + (" (this already counts every layer's KV in host memory)" if minimum.kv_host_layers else "")
+    )
+
+
 def _kv_host_needed(fp: Footprint, workload: Workload, kv_device_bytes: int | None, depth: int) -> int:
     """Fewest layers whose KV must live in host memory for the rest (and staging) to fit `kv_device_bytes`."""
     n = len(fp.layer_bytes)
@@ -184,8 +233,7 @@ def greedy_plan(
         raise OverspillError(f"prefetch depth must be at least 1, got {depth}")
     n = len(fp.layer_bytes)
     all_device = [Tier.DEVICE] * n
-    first_kv = _kv_host_needed(fp, workload, kv_device_bytes, depth)
-    for kv_host in [first_kv] + list(range(max(first_kv, depth + 2), n + 1)):
+    for kv_host in kv_host_choices(fp, workload, kv_device_bytes, depth):
         full = _make_plan(fp, all_device, Tier.DEVICE, depth, budget_bytes, workload, kv_host)
         if budget_bytes is None or full.device_bytes <= budget_bytes:
             return full
@@ -198,20 +246,7 @@ def greedy_plan(
             candidate = streaming_plan(fp, workload, streamed, depth, budget_bytes, kv_host)
             if candidate.device_bytes <= budget_bytes:
                 return candidate
-    minimum = streaming_plan(fp, workload, n, depth, budget_bytes, n)
-    parts = ", ".join(
-        f"{label} {format_bytes(b)}"
-        for label, b in (("lm_head", fp.head_bytes), ("embeddings", fp.embed_bytes if _embed_on_device(fp) else 0))
-        if b
-    )
-    need = minimum.device_bytes
-    raise OverspillError(
-        f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
-        f"{format_bytes(need)} ({parts}, {minimum.slots} ring slots x {format_bytes(minimum.slot_bytes)}, "
-        f"workspace {format_bytes(minimum.workspace_bytes)} for {workload.context} tokens x batch {workload.batch}); "
-        f"raise --gpu-memory to at least {format_bytes(need)} or lower --context"
-        + (" (this already counts every layer's KV in host memory)" if minimum.kv_host_layers else "")
-    )
+    raise below_minimum(fp, budget_bytes, least_plan(fp, workload, depth, budget_bytes))
 
 
 def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Workload,
@@ -227,20 +262,26 @@ def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Worklo
     if budget_bytes is None:
         return workload
 
-    def device_only(batch: int) -> bool:
+    def device_only(w: Workload) -> bool:
         try:
-            return not greedy_plan(fp, budget_bytes, replace(workload, batch=batch), depth).kv_host_layers
+            return not greedy_plan(fp, budget_bytes, w, depth).kv_host_layers
         except OverspillError:
             return False
 
-    if device_only(workload.batch):
+    return largest_batch(workload, device_only)
+
+
+def largest_batch(workload: Workload, fits: Callable[[Workload], bool]) -> Workload:
+    """`workload` with the largest batch, at most its own, that `fits`; batch 1 when none does.
+    More sequences never fit better, so a bisection finds it."""
+    if fits(workload):
         return workload
-    if not device_only(1):
+    if not fits(replace(workload, batch=1)):
         return replace(workload, batch=1)
-    low, high = 1, workload.batch  # device_only(low) holds, device_only(high) does not: more KV never fits better
+    low, high = 1, workload.batch  # fits at low, not at high
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (mid, high) if device_only(mid) else (low, mid)
+        low, high = (mid, high) if fits(replace(workload, batch=mid)) else (low, mid)
     return replace(workload, batch=low)
 
 
