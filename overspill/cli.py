@@ -428,7 +428,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def _plan_with_gpus(args: argparse.Namespace) -> int:
     """`plan`, then with --gpus N > 1 the pipeline split (`planning.pipeline.comparison_lines`) for the same
     workload, every GPU with the same budget and the profile's link."""
-    gpus = args.gpus or 1
+    gpus = 1 if args.gpus is None else args.gpus  # not `or`: 0 is refused, not read as 1
     if gpus < 1:
         raise OverspillError(f"--gpus must be at least 1, got {gpus}")
     if gpus > 1 and args.json:

@@ -93,3 +93,12 @@ def test_refusals_are_one_sentence_for_run_and_plan(fp, budget, on_cpu, availabl
     assert msg.startswith(lead) and "\n" not in msg
     assert "()" not in msg and ": or " not in msg  # every part named, advice never starts with "or"
     assert "free host memory, or use a bigger host (`overspill plan MODEL --host-memory SIZE`" in msg
+
+
+def test_plan_says_nothing_is_pinned_when_nothing_is(capsys) -> None:
+    """A plan that pins nothing fits any host: the plan table says so, not '0 B pinned ... (fits)' beside a
+    margin larger than the host."""
+    from overspill import cli
+
+    assert cli.main(["plan", "llama-3-8b", "--host-memory", "1GiB", "--gpu-memory", "60GiB"]) == 0
+    assert "host memory: none pinned" in capsys.readouterr().out

@@ -51,6 +51,8 @@ def test_gpus_without_cuda_and_bad_counts_are_one_line_errors(capsys) -> None:
         assert "--ranks 2 runs the same pipeline in gloo processes" in capsys.readouterr().err
     assert cli.main(["run", "--ranks", "0"]) == 1
     assert capsys.readouterr().err.strip() == "overspill: error: --ranks must be at least 1, got 0"
+    assert cli.main(["plan", "llama-3-8b", "--gpus", "0"]) == 1  # `args.gpus or 1` took 0 for 1
+    assert capsys.readouterr().err.strip() == "overspill: error: --gpus must be at least 1, got 0"
 
 
 def test_run_help_documents_the_rank_flags() -> None:

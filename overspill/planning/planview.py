@@ -147,6 +147,8 @@ def _ttft_clause(plan: Plan, profile: Profile, fp: Footprint | None) -> str:
 def _host_line(plan: Plan, fp: Footprint, profile: Profile) -> str:
     """Pinned host memory the plan needs against what the profile's host has (`load` refuses beyond it)."""
     need = host_bytes(with_format(fp, choose(fp, plan.stream_format)), plan)
+    if not need.total:
+        return "host memory: none pinned"
     verdict = "fits" if need.fits(profile.host_available_bytes) else "does NOT fit: `load` will refuse it"
     return (f"host memory: {format_bytes(need.total)} pinned, of {format_bytes(profile.host_available_bytes)} available "
             f"less a {format_bytes(HOST_MARGIN_BYTES)} margin ({verdict})")
