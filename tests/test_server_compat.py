@@ -128,6 +128,19 @@ def test_context_overflow_is_a_400_as_at_openai(http):
     assert err["code"] == "context_length_exceeded"
 
 
+def test_asking_for_more_tokens_than_the_context_holds_is_a_400_as_at_openai(http):
+    """A prompt that fits, with max_tokens that would run past the context: OpenAI and vLLM answer 400
+    (it was served, cut short with finish_reason 'length')."""
+    words = "hello " * (CONTEXT - 40)  # a prompt that fits, leaving fewer than 60 tokens
+    text = {**TEXT, "prompt": words}
+    chat = {**CHAT, "messages": [{"role": "user", "content": words}]}
+    for path, body, key in (("/v1/completions", text, "max_tokens"), ("/v1/chat/completions", chat, "max_tokens"),
+                            ("/v1/chat/completions", chat, "max_completion_tokens")):
+        err = openai_error(http.post(path, json={**body, key: 60}), 400, key)
+        assert err["code"] == "context_length_exceeded" and "in the completion" in err["message"]
+        assert http.post(path, json={**body, key: 2}).status_code == 200
+
+
 def test_retrieve_model(http):
     r = http.get(f"/v1/models/{NAME}")
     assert r.status_code == 200 and r.json() == {"id": NAME, "object": "model", "created": 0, "owned_by": "overspill"}

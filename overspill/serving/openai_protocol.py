@@ -166,6 +166,12 @@ def generation_request(body: ChatCompletionRequest | CompletionRequest, tokenize
     if not ids:
         raise ApiError(400, f"the prompt is empty: {param} holds no text", param=param)
     _check_fits(len(ids), config.context, param)
+    asked = body.max_tokens is not None or (chat and body.max_completion_tokens is not None)
+    if asked and len(ids) + max_tokens > config.context:  # OpenAI and vLLM refuse, not cut, what was asked for
+        raise ApiError(400, f"This model's maximum context length is {config.context} tokens. However, you requested "
+                       f"{len(ids) + max_tokens} tokens ({len(ids)} in the {param}, {max_tokens} in the completion). "
+                       f"Please reduce the length of the {param} or {limit_param}.",
+                       param=limit_param, code="context_length_exceeded")
     wanted = max_tokens if max_tokens is not None else config.max_new_tokens_limit
     return GenerationRequest(
         prompt_ids=tuple(ids), max_new_tokens=min(wanted, config.context - len(ids)),
