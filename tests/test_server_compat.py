@@ -141,6 +141,16 @@ def test_asking_for_more_tokens_than_the_context_holds_is_a_400_as_at_openai(htt
         assert http.post(path, json={**body, key: 2}).status_code == 200
 
 
+def test_wrong_types_and_empty_user_messages_are_400(http):
+    """As at OpenAI: a string or boolean where a number or flag goes is refused, not coerced ("5" was 5 tokens,
+    true was 1, "yes" streamed), and so is a user message without content; an int still passes for a float."""
+    for field, value in (("max_tokens", "5"), ("max_tokens", True), ("stream", "yes"), ("temperature", "0")):
+        assert http.post("/v1/completions", json={**TEXT, field: value}).status_code == 400, (field, value)
+    for message in ({"role": "user", "content": None}, {"role": "user"}):
+        assert http.post("/v1/chat/completions", json={**CHAT, "messages": [message]}).status_code == 400, message
+    assert http.post("/v1/completions", json={**TEXT, "temperature": 0, "top_p": 1}).status_code == 200
+
+
 def test_retrieve_model(http):
     r = http.get(f"/v1/models/{NAME}")
     assert r.status_code == 200 and r.json() == {"id": NAME, "object": "model", "created": 0, "owned_by": "overspill"}

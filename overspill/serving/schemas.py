@@ -93,7 +93,9 @@ def _no_op(value: Any, info: ValidationInfo) -> Any:
 class _Sampling(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: "5" or true is not a max_tokens, nor "yes" a stream flag (OpenAI answers them 400; ints still
+    # pass for floats)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -135,7 +137,7 @@ class _Sampling(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -157,6 +159,14 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"content part {i} is of type {kind!r}: this server reads only "
                                  "{\"type\": \"text\", \"text\": ...} parts")
         return content
+
+    @model_validator(mode="after")
+    def _user_says_something(self) -> "ChatMessage":
+        """A user message without content is a client's mistake, answered 400 as at OpenAI (an assistant
+        turn may carry only a refusal or tool calls)."""
+        if self.role == "user" and self.content is None:
+            raise ValueError("a user message needs its content")
+        return self
 
     def text(self) -> str:
         """The message's text (of its text parts, when a list)."""
