@@ -225,18 +225,18 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
     vocab = int(cfg["vocab_size"])
 
     attention = _attention_params(cfg, model_type, hidden, heads, kv_heads, head_dim)
-    norms = _norm_params(model_type, hidden, head_dim, cfg)
+    norms = _norm_params(cfg, model_type, hidden, head_dim)
     ffns = _ffn_params(cfg, model_type, hidden, num_layers)
     windows = kv_windows(cfg, num_layers)
     kv_per_token = kv_bytes_per_token(cfg, nbytes, kv_heads, head_dim)
-    router_bytes = 4 if model_type in _FP32_ROUTER else nbytes
+    router_size = 4 if model_type in _FP32_ROUTER else nbytes
 
     layers = tuple(
         LayerSpec(
             index=i,
             attention_bytes=attention * nbytes,
             mlp_bytes=ffn.mlp * nbytes,
-            router_bytes=ffn.router * router_bytes,
+            router_bytes=ffn.router * router_size,
             expert_bytes=ffn.expert * nbytes,
             num_experts=ffn.num_experts,
             active_experts=ffn.active_experts,
@@ -383,8 +383,8 @@ def _mla_params(cfg: Mapping[str, Any], hidden: int, heads: int) -> int:
     return q + kv + heads * v_dim * hidden + int(bias) * hidden
 
 
-def _norm_params(model_type: str, hidden: int, head_dim: int, cfg: Mapping[str, Any] | None = None) -> int:
-    if model_type == "deepseek_v3" and cfg is not None:
+def _norm_params(cfg: Mapping[str, Any], model_type: str, hidden: int, head_dim: int) -> int:
+    if model_type == "deepseek_v3":
         return 2 * hidden + int(_get(cfg, "q_lora_rank", 0)) + int(cfg["kv_lora_rank"])
     if model_type == "gemma2":
         return 4 * hidden
