@@ -216,15 +216,42 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
 def _plan_spec(model: str, dtype: str) -> ModelSpec:
     """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
     from .errors import one_line
-    from .planning.spec import spec_from_config
+    from .planning.spec import SUPPORTED_MODEL_TYPES, spec_from_config
     from .runtime.sources import check_architecture, resolve
 
     config = resolve(model, config_only=True).config()
     check_architecture(config, model)
     try:
-        return spec_from_config(config, dtype)
+        spec = spec_from_config(config, dtype)
     except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # a missing, mistyped or zero size
-        raise OverspillError(f"cannot plan {model}: {one_line(exc)}; check its config.json") from None
+        spec, why = None, one_line(exc)
+    model_type = (config.get("text_config") or config).get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:  # no formula here (it names its sizes its own way): as `load` does
+        measured = _measured_spec(config, dtype)
+        if measured is not None:
+            return measured
+    if spec is None:
+        raise OverspillError(f"cannot plan {model}: {why}; check its config.json")
+    return spec
+
+
+def _measured_spec(config: dict, dtype: str) -> ModelSpec | None:
+    """The spec `load` measures from the model transformers builds on the meta device (no weights): exact for
+    architectures without a config formula (gpt2, opt, falcon, ...), whose configs name their sizes their own
+    way. None when transformers cannot build it (then the formula's approximation or its error stands)."""
+    try:
+        from transformers import AutoConfig
+
+        from .api import DTYPES
+        from .planning.spec import DEFAULT_DTYPE, dtype_name
+        from .runtime.loader import build_skeleton, decoder_layers, measured_spec
+
+        d = dict(config)
+        torch_dtype = DTYPES[dtype_name(dtype or d.get("dtype") or d.get("torch_dtype") or DEFAULT_DTYPE)]
+        skeleton = build_skeleton(AutoConfig.for_model(d.pop("model_type"), **d), torch_dtype)
+        return measured_spec(skeleton, decoder_layers(skeleton)[1], torch_dtype)
+    except Exception:  # noqa: BLE001 - any failure leaves the config formula's answer
+        return None
 
 
 def _plan_profile(name: str | None) -> tuple[Profile, str | None]:

@@ -366,3 +366,17 @@ def test_held_out_architecture_speculates_as_plain_greedy(arch: str, held_out_ch
     gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **gen), ref.generate(ids, **gen))
+
+
+@pytest.mark.parametrize("arch", sorted(HELD_OUT))
+def test_plan_sizes_held_out_architectures_as_load_measures_them(arch: str, held_out_checkpoint) -> None:
+    """`overspill plan` on a checkpoint without a config formula here (GPT-2 names its sizes n_embd, n_head:
+    it was refused as 'missing required keys') measures the meta model as `load` does, so both see one spec."""
+    from overspill import commands
+    from overspill.runtime.loader import measured_spec
+
+    path = held_out_checkpoint(arch)
+    spec = commands._plan_spec(str(path), "float32")
+    skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
+    assert spec == measured_spec(skeleton, decoder_layers(skeleton)[1], torch.float32)
+    assert not spec.approximate
