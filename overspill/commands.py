@@ -242,12 +242,12 @@ def _measured_spec(config: dict, dtype: str) -> ModelSpec | None:
     try:
         from transformers import AutoConfig
 
-        from .api import DTYPES
-        from .planning.spec import DEFAULT_DTYPE, dtype_name
+        from .api import parse_dtype
+        from .planning.spec import DEFAULT_DTYPE
         from .runtime.loader import build_skeleton, decoder_layers, measured_spec
 
         d = dict(config)
-        torch_dtype = DTYPES[dtype_name(dtype or d.get("dtype") or d.get("torch_dtype") or DEFAULT_DTYPE)]
+        torch_dtype = parse_dtype(dtype or d.get("dtype") or d.get("torch_dtype") or DEFAULT_DTYPE)
         skeleton = build_skeleton(AutoConfig.for_model(d.pop("model_type"), **d), torch_dtype)
         return measured_spec(skeleton, decoder_layers(skeleton)[1], torch_dtype)
     except Exception:  # noqa: BLE001 - any failure leaves the config formula's answer
