@@ -14,7 +14,10 @@ counts, compares each way of computing the selected experts with the module's ow
 - `bmmN` (N in 2, 4, 8, 16): per selected expert, bmm over N batch entries, the expert's input in entry 0
   and zeros elsewhere, its weights expanded (stride 0) to N entries;
 - `entry`: the experts' bmm over all 16 experts, taking only the selected entries (equal to the module by
-  construction: checks the harness).
+  construction: checks the harness);
+- `window`: the selected experts copied (GPU to GPU) into a zeroed [16, ...] window at their own indices, then
+  one bmm over all 16 as the module runs it: the same kernel by construction; its time is the price of
+  identity this way (16 experts' reads per call plus the copies).
 
 Each, with bf16 reduced-precision reductions allowed (torch's default) and forbidden (both sides), gives
 `identical` (torch.equal on the block's output), `max_abs_diff` and the time of one call (CUDA events).
@@ -94,6 +97,25 @@ def per_expert(moe, x, compute):
     routed_out = torch.zeros_like(per)
     for e in (scores != 0).sum(dim=0).nonzero().flatten().tolist():
         routed_out[e : e + 1] = compute(per, e)
+    out = moe.shared_expert(x)
+    out.add_(routed_out.sum(dim=0))
+    return out
+
+
+def windowed(moe, x, window):
+    """The block's output with one bmm over a [16, ...] window holding the selected experts at their indices
+    (`window`: zeroed tensors shaped like the experts' parameters; other entries keep what they held)."""
+    import torch
+
+    scores, _ = moe.router(x)
+    num_experts = scores.shape[1]
+    per = (x.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)).view(num_experts, -1, x.shape[-1])
+    gu, down = window
+    for e in (scores != 0).sum(dim=0).nonzero().flatten().tolist():
+        gu[e].copy_(moe.experts.gate_up_proj[e])
+        down[e].copy_(moe.experts.down_proj[e])
+    gate, up = torch.bmm(per, gu).chunk(2, dim=-1)
+    routed_out = torch.bmm(up * moe.experts.act_fn(gate), down)
     out = moe.shared_expert(x)
     out.add_(routed_out.sum(dim=0))
     return out
@@ -204,6 +226,7 @@ def main() -> None:
     moe, config = build(args.smoke, device.type)
     routed = routed_module(moe, device)
     ways = variants(moe)
+    window = [torch.zeros_like(moe.experts.gate_up_proj), torch.zeros_like(moe.experts.down_proj)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {**provenance.header("llama4_identity", stamp, machine_facts()),
               "sizes": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_local_experts")},
@@ -218,7 +241,8 @@ def main() -> None:
                 x = torch.randn((tokens, config.hidden_size), generator=gen).to(device, torch.bfloat16)
                 want, _ = moe(x)
                 calls = {"module": lambda: moe(x)[0], "routed": lambda: routed(x)[0],
-                         **{name: (lambda f=f: per_expert(moe, x, f)) for name, f in ways.items()}}
+                         **{name: (lambda f=f: per_expert(moe, x, f)) for name, f in ways.items()},
+                         "window": lambda: windowed(moe, x, window)}
                 for name, call in calls.items():
                     got = call()
                     row = {"reduced_precision_reduction": reduced, "tokens": tokens, "way": name,
@@ -229,7 +253,7 @@ def main() -> None:
                     print(f"reduced={reduced!s:5} tokens={tokens:4} {name:7} identical={row['identical']!s:5} "
                           f"max_abs_diff={row['max_abs_diff']:.3g} call={row['call_s'] * 1e3:.3f} ms", flush=True)
     matmul.allow_bf16_reduced_precision_reduction = default_reduction
-    del moe, routed
+    del moe, routed, window
     if args.whole_layers:
         record["whole"] = whole(args.whole_layers, "12MiB" if args.smoke else args.whole_budget, args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)

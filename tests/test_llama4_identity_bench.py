@@ -19,7 +19,7 @@ def test_smoke_records_every_way_and_the_whole_model(tmp_path: Path) -> None:
     (path,) = tmp_path.glob("llama4-identity-*.json")
     record = json.loads(path.read_text())
     ways = {(r["reduced_precision_reduction"], r["tokens"], r["way"]) for r in record["results"]}
-    names = {"module", "routed", "bmm1", "mm", "bmm2", "bmm4", "bmm8", "bmm16", "entry"}
+    names = {"module", "routed", "bmm1", "mm", "bmm2", "bmm4", "bmm8", "bmm16", "entry", "window"}
     assert ways == {(reduced, t, w) for reduced in (True, False) for t in (1, 8) for w in names}
     assert all(r["identical"] and r["max_abs_diff"] == 0 and r["call_s"] > 0 for r in record["results"])
     whole = {(r["way"], r["batch"]): r for r in record["whole"]}
