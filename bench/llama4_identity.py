@@ -86,16 +86,23 @@ def routed_module(moe, device):
     return Llama4RoutedMoe(host, 0, cache)
 
 
+def routed_inputs(moe, x):
+    """Each expert's inputs as transformers forms them ([E, T, H]: the tokens times their routing scores, zero
+    where unselected) and the experts some token selected."""
+    scores, _ = moe.router(x)
+    num_experts = scores.shape[1]
+    per = (x.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)).view(num_experts, -1, x.shape[-1])
+    return per, (scores != 0).sum(dim=0).nonzero().flatten().tolist()
+
+
 def per_expert(moe, x, compute):
     """The block's output with each selected expert's [1, T, H] output from `compute(inputs, e)`, summed as
     transformers does."""
     import torch
 
-    scores, _ = moe.router(x)
-    num_experts = scores.shape[1]
-    per = (x.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)).view(num_experts, -1, x.shape[-1])
+    per, selected = routed_inputs(moe, x)
     routed_out = torch.zeros_like(per)
-    for e in (scores != 0).sum(dim=0).nonzero().flatten().tolist():
+    for e in selected:
         routed_out[e : e + 1] = compute(per, e)
     out = moe.shared_expert(x)
     out.add_(routed_out.sum(dim=0))
@@ -107,11 +114,9 @@ def windowed(moe, x, window):
     (`window`: zeroed tensors shaped like the experts' parameters; other entries keep what they held)."""
     import torch
 
-    scores, _ = moe.router(x)
-    num_experts = scores.shape[1]
-    per = (x.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)).view(num_experts, -1, x.shape[-1])
+    per, selected = routed_inputs(moe, x)
     gu, down = window
-    for e in (scores != 0).sum(dim=0).nonzero().flatten().tolist():
+    for e in selected:
         gu[e].copy_(moe.experts.gate_up_proj[e])
         down[e].copy_(moe.experts.down_proj[e])
     gate, up = torch.bmm(per, gu).chunk(2, dim=-1)
