@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
 #                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-70b | moe | moe-cpu
-#                                              | moe-scout-dense | moe-scout | llama4-identity | speculative | recheck)
+#                                              | moe-scout-dense | moe-scout | moe-scout-depth | llama4-identity | speculative | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -146,6 +146,12 @@ case "${1:-}" in
     timeout 560 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --batches 1 8 \
       --new-tokens 8 --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
+  moe-scout-depth)  # the same with a deeper ring (DEPTH, default 6: 7 slots of ~0.38 GB): at depth 2 Scout's batch 1 reached
+                    # 0.83 of its floor, the link idle while the 31 resident layers run after the 17 streamed ones
+    timeout 560 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --batches 1 8 \
+      --new-tokens 8 --depth "${DEPTH:-6}" --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 \
+      | tee -a "$OUT/log"
+    ;;
   llama4-identity)  # issue 17: which per-expert kernel reproduces transformers' Llama 4 MoE bit for bit (one Scout-sized
                     # block, ~1 min), then resident vs dense vs expert-aware tokens on a Scout cut to 6 layers (~2 min)
     timeout 400 python3 bench/llama4_identity.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
@@ -157,7 +163,7 @@ case "${1:-}" in
       --pass-k 1 8 --points 0.8:8 0.9:16 --self-draft --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-a|tests-b|serve-ab|formats|cpu-rank|moe|moe-cpu|moe-scout-dense|moe-scout|llama4-identity|speculative" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-a|tests-b|serve-ab|formats|cpu-rank|moe|moe-cpu|moe-scout-dense|moe-scout|moe-scout-depth|llama4-identity|speculative" >&2
     exit 2
     ;;
 esac

@@ -14,6 +14,7 @@ each >= 85% of its own floor.
     python bench/moe.py --model mixtral-8x7b --budget 24GiB
     python bench/moe.py --model llama-4-scout-109b --budget auto --modes dense --batches 1 8   # H200: host share fits
     python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --dense-json DENSE.json
+    python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --depth 6 --dense-json DENSE.json
     python bench/moe.py --smoke     # tiny Mixtral on the CPU: checks the script only
 """
 
@@ -118,19 +119,20 @@ def smoke_checkpoint(out_dir: Path) -> Path:
     return path
 
 
-def smoke_budget(path: Path, context: int, batch: int) -> int:
+def smoke_budget(path: Path, context: int, batch: int, depth: int | None) -> int:
     """The budget under which dense streaming streams every layer of the smoke model (expert streaming
     then keeps a few resident and caches experts with the rest)."""
     import torch
     from transformers import AutoConfig
 
-    from overspill.planning.placement import streaming_plan
+    from overspill.planning.placement import DEFAULT_DEPTH, streaming_plan
     from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
     fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
-    return streaming_plan(fp, Workload(context, batch, activation_floor=0), len(fp.layer_bytes)).device_bytes
+    workload = Workload(context, batch, activation_floor=0)
+    return streaming_plan(fp, workload, len(fp.layer_bytes), DEFAULT_DEPTH if depth is None else depth).device_bytes
 
 
 def host_share_check(model: str, budget: str) -> None:
@@ -192,6 +194,9 @@ def main() -> None:
                    help="an earlier run's JSON (same model, budget and machine) whose dense runs give "
                         "speedup_vs_dense and tokens_identical_to_dense when dense is not among --modes "
                         "(two loads of a large shape may not fit one call)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="layers the ring copies ahead (ring slots = depth + 1; default: load's). Expert streaming's "
+                        "slots are small, so a deeper ring may keep the link busy through a long run of resident layers")
     p.add_argument("--smoke", action="store_true", help="tiny Mixtral on the CPU, every layer streamed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -210,7 +215,7 @@ def main() -> None:
     batch = max(args.batches)
     if args.smoke:
         source = smoke_checkpoint(out_dir)
-        random_weights, budget = False, smoke_budget(source, context, batch)
+        random_weights, budget = False, smoke_budget(source, context, batch, args.depth)
     else:
         host_share_check(args.model, args.budget)
         source, random_weights, budget = args.model, True, args.budget
@@ -220,7 +225,8 @@ def main() -> None:
 
         link = probe().h2d_bytes_s
     record = {**provenance.header("moe", stamp, machine_facts()), "model": name, "budget": args.budget,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "pinned_h2d_bytes_s": link,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "depth": args.depth,
+              "pinned_h2d_bytes_s": link,
               "routing": "random weights: about uniform over experts", "runs": []}
     tokens: dict[tuple[str, int], list] = {}
     earlier = {}  # dense tok/s per batch from --dense-json, read before loading so a wrong file costs nothing
@@ -233,8 +239,9 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
+            depth = {} if args.depth is None else {"depth": args.depth}
             model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch,
-                                      random_weights=random_weights, progress=False, **MODES[mode])
+                                      random_weights=random_weights, progress=False, **depth, **MODES[mode])
         except Exception as exc:  # record it and go on to the next mode
             record["runs"].append({"mode": mode, "error": repr(exc)[:500]})
             print(f"{mode}: {exc!r}", flush=True)
@@ -254,7 +261,7 @@ def main() -> None:
             looked = got["hits"] + got["misses"]
             run = {
                 "mode": mode, "batch": b, "load_s": round(load_s, 1), **got,
-                "moe_streaming": plan.moe_streaming, "streamed_layers": len(plan.streamed_layers),
+                "moe_streaming": plan.moe_streaming, "streamed_layers": len(plan.streamed_layers), "ring_slots": plan.slots,
                 "expert_slots": plan.expert_slots, "expert_slot_bytes": plan.expert_slot_bytes,
                 "ring_bytes_per_step": ring, "link_bytes_per_step": per_step, "link_bytes_per_token": per_step / b,
                 "hit_rate": got["hits"] / looked if looked else None,

@@ -60,3 +60,14 @@ def test_dense_from_an_earlier_run(tmp_path: Path) -> None:
     (tmp_path / "other.json").write_text(json.dumps(other))
     refused = run_bench(tmp_path / "refused", "--modes", "experts", "--dense-json", str(tmp_path / "other.json"))
     assert refused.returncode != 0 and "pass a baseline run of this shape and budget on this GPU" in refused.stderr
+
+
+def test_depth_sets_the_ring(tmp_path: Path) -> None:
+    """--depth reaches load: dense streaming of the smoke model (every layer streamed) has depth + 1 ring slots,
+    and the record says which depth ran."""
+    out = run_bench(tmp_path, "--modes", "dense", "--depth", "4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record_path,) = tmp_path.glob("moe-smoke-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["depth"] == 4
+    assert {r["ring_slots"] for r in record["runs"]} == {5}
