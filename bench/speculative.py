@@ -227,10 +227,19 @@ def main() -> None:
             "predicted_tokens_per_pass": predicted.tokens_per_pass,
         }
         run["measured_over_predicted"] = run["decode_tok_s"] / run["predicted_tok_s"] if run["decode_tok_s"] else None
+        # the two factors of that ratio apart: a speculative step's time (draft + verify; decode time over the
+        # passes after the first token) against the model at the chain really drafted, and tokens per pass
+        # against expected_tokens (acceptance noise over few passes)
+        decode_s = (args.new_tokens - 1) / timing["decode_tok_s"] if timing["decode_tok_s"] else None
+        run["step_s"] = decode_s / stats.passes if decode_s and stats.passes else None
+        run["fit_step_s"] = fits[verify].step_seconds(mean_chain)
+        run["tokens_per_pass_over_predicted"] = stats.tokens_per_pass / predicted.tokens_per_pass
         if planner is not None and verify == "serial":  # what `overspill plan --speculate` says before any run
             planned = forecast(planner, acceptance, round(mean_chain) if chain is None else chain)
             run["planner_tok_s"] = planned.tok_s
             run["measured_over_planner"] = run["decode_tok_s"] / planned.tok_s if run["decode_tok_s"] else None
+            run["planner_step_s"] = planner.step_seconds(mean_chain)
+            run["step_over_planner"] = run["step_s"] / run["planner_step_s"] if run["step_s"] else None
         record["runs"].append(run)
         path.write_text(json.dumps(record, indent=2))
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items()}
