@@ -8,11 +8,12 @@ slot. If cuBLAS picks its kernel by batch count, the two round differently. This
 `Llama4TextMoe` at the shipped Scout config's sizes (bf16, seeded random weights) and, for several token
 counts, compares each way of computing the selected experts with the module's own output:
 
-- `routed`: the shipped `Llama4RoutedMoe` over an `ExpertCache` (experts copied from pinned host memory);
+- `routed`: the shipped `Llama4RoutedMoe` over an `ExpertCache` (experts copied from pinned host memory; timed on
+  cache hits, after the first call);
 - `bmm1`: per selected expert, bmm on batch 1 (what `routed` does, without the cache);
 - `mm`: per selected expert, a 2-D mm;
 - `bmmN` (N in 2, 4, 8, 16): per selected expert, bmm over N batch entries, the expert's input in entry 0
-  and zeros elsewhere, its weights expanded (stride 0) to N entries;
+  and zeros elsewhere, its weights expanded (batch stride 0, unlike the module's) to N entries;
 - `entry`: the experts' bmm over all 16 experts, taking only the selected entries (equal to the module by
   construction: checks the harness);
 - `window`: the selected experts copied (GPU to GPU) into a zeroed [16, ...] window at their own indices, then
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import sys
 import time
@@ -174,8 +176,10 @@ def timed(fn, device, repeats: int) -> float:
     return start.elapsed_time(end) / 1000 / repeats
 
 
-def whole(layers: int, budget: str, smoke: bool, new_tokens: int = 8) -> list[dict]:
-    """Greedy tokens of a Scout cut to `layers` layers: resident, dense-layer and expert-aware streaming."""
+def whole(layers: int, budget: str, smoke: bool, rows: list[dict], new_tokens: int = 8) -> None:
+    """Greedy tokens of a Scout cut to `layers` layers, resident, with dense-layer and with expert-aware
+    streaming, appended to `rows` as they come (a load that fails is recorded and the next one runs)."""
+    import gc
     import tempfile
 
     import torch
@@ -187,30 +191,37 @@ def whole(layers: int, budget: str, smoke: bool, new_tokens: int = 8) -> list[di
     config["moe_layers"] = list(range(layers))
     config["no_rope_layers"] = config["no_rope_layers"][:layers]
     if smoke:
-        config.update(SMOKE_SIZES, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config.update(SMOKE_SIZES, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
     folder = Path(tempfile.mkdtemp(prefix="scout-cut-"))
     (folder / "config.json").write_text(json.dumps(config))
     prompts = {b: torch.randint(2, config["vocab_size"], (b, 32), generator=torch.Generator().manual_seed(b))
                for b in (1, 8)}
     ways = {"resident": dict(gpu_memory=None), "dense": dict(gpu_memory=budget, moe_streaming="dense"),
             "experts": dict(gpu_memory=budget, moe_streaming="experts")}
-    tokens, rows = {}, []
+    tokens = {}
     for way, kwargs in ways.items():
-        model, _ = overspill.load(str(folder), random_weights=True, context=64, batch=8, progress=False, **kwargs)
+        try:
+            model, _ = overspill.load(str(folder), random_weights=True, context=64, batch=8, progress=False, **kwargs)
+        except Exception as exc:
+            rows.append({"way": way, "error": repr(exc)[:500]})
+            print(f"whole {layers} layers: {way}: {exc!r}", flush=True)
+            continue
         plan = model.overspill.plan
         for b, ids in prompts.items():
             out = model.generate(ids.to(model.overspill.device), max_new_tokens=new_tokens, do_sample=False)
             tokens[way, b] = out[:, ids.shape[1]:].tolist()
+            reference = tokens.get(("resident", b))
             row = {"way": way, "batch": b, "streamed_layers": len(plan.streamed_layers),
                    "moe_streaming": plan.moe_streaming, "tokens": tokens[way, b],
-                   "identical_to_resident": tokens[way, b] == tokens["resident", b]}
+                   "identical_to_resident": None if reference is None else tokens[way, b] == reference}
             rows.append(row)
             print(f"whole {layers} layers: {way:8} b={b} streamed={row['streamed_layers']} "
                   f"identical_to_resident={row['identical_to_resident']}", flush=True)
-        del model
+        del model, plan
+        gc.collect()  # the placed model holds reference cycles: free its GPU memory before the next load
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return rows
 
 
 def compare_block(smoke: bool, device, token_counts: list[int], repeats: int) -> dict:
@@ -270,15 +281,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"llama4-identity-{stamp}.json"
     path.write_text(json.dumps(record, indent=1))  # kept if the whole-model check fails
+    gc.collect()  # compare_block's frames sit in reference cycles (transformers' import): free the block's tensors
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the block's weights, its copies and the window went with compare_block
+        torch.cuda.empty_cache()
     if args.whole_layers:
+        record["whole"] = []
         try:
-            record["whole"] = whole(args.whole_layers, "12MiB" if args.smoke else args.whole_budget, args.smoke)
-        except Exception as exc:  # recorded: the block's rows above still stand
-            record["whole_error"] = repr(exc)[:500]
-            print(f"whole: {exc!r}", flush=True)
-        path.write_text(json.dumps(record, indent=1))
+            whole(args.whole_layers, "12MiB" if args.smoke else args.whole_budget, args.smoke, record["whole"])
+        finally:
+            path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
 
 

@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import provenance  # noqa: E402 - after the path
 from smoke import sync  # noqa: E402
 
+from overspill.planning.placement import DEFAULT_DEPTH  # noqa: E402
+
 TARGETS = {"mixtral-8x7b": 2.2, "llama-4-scout-109b": 4.0}  # speedup over dense streaming at batch 1
 SMOKE_CONFIG = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=6,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
@@ -119,23 +121,23 @@ def smoke_checkpoint(out_dir: Path) -> Path:
     return path
 
 
-def smoke_budget(path: Path, context: int, batch: int, depth: int | None) -> int:
+def smoke_budget(path: Path, context: int, batch: int, depth: int) -> int:
     """The budget under which dense streaming streams every layer of the smoke model (expert streaming
     then keeps a few resident and caches experts with the rest)."""
     import torch
     from transformers import AutoConfig
 
-    from overspill.planning.placement import DEFAULT_DEPTH, streaming_plan
+    from overspill.planning.placement import streaming_plan
     from overspill.planning.plan import Workload
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
     skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
     fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
     workload = Workload(context, batch, activation_floor=0)
-    return streaming_plan(fp, workload, len(fp.layer_bytes), DEFAULT_DEPTH if depth is None else depth).device_bytes
+    return streaming_plan(fp, workload, len(fp.layer_bytes), depth).device_bytes
 
 
-def host_share_check(model: str, budget: str) -> None:
+def host_share_check(model: str, budget: str, depth: int) -> None:
     """Refuse before loading when the host could not hold the streamed share of the model (the loader
     would pin it all): streamed bytes from the planner at this budget against available host memory."""
     import psutil
@@ -151,7 +153,7 @@ def host_share_check(model: str, budget: str) -> None:
     value = parse_budget(budget)
     if value == "auto":
         value = torch.cuda.mem_get_info()[0] - AUTO_MARGIN_BYTES if torch.cuda.is_available() else None
-    plan = place(fp, value, Workload(4096, 1))
+    plan = place(fp, value, Workload(4096, 1), depth)
     host = sum(fp.layer_bytes[i] for i in plan.streamed_layers) + (fp.embed_bytes if plan.embed_tier.value == "host" else 0)
     available = psutil.virtual_memory().available
     if host + HOST_MARGIN > available:
@@ -194,8 +196,8 @@ def main() -> None:
                    help="an earlier run's JSON (same model, budget and machine) whose dense runs give "
                         "speedup_vs_dense and tokens_identical_to_dense when dense is not among --modes "
                         "(two loads of a large shape may not fit one call)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="layers the ring copies ahead (ring slots = depth + 1; default: load's). Expert streaming's "
+    p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
+                   help=f"layers the ring copies ahead (ring slots = depth + 1; default {DEFAULT_DEPTH}). Expert streaming's "
                         "slots are small, so a deeper ring may keep the link busy through a long run of resident layers")
     p.add_argument("--smoke", action="store_true", help="tiny Mixtral on the CPU, every layer streamed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -217,7 +219,7 @@ def main() -> None:
         source = smoke_checkpoint(out_dir)
         random_weights, budget = False, smoke_budget(source, context, batch, args.depth)
     else:
-        host_share_check(args.model, args.budget)
+        host_share_check(args.model, args.budget, args.depth)
         source, random_weights, budget = args.model, True, args.budget
     link = None
     if torch.cuda.is_available():
@@ -239,9 +241,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
-            depth = {} if args.depth is None else {"depth": args.depth}
-            model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch,
-                                      random_weights=random_weights, progress=False, **depth, **MODES[mode])
+            model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch, depth=args.depth,
+                                      random_weights=random_weights, progress=False, **MODES[mode])
         except Exception as exc:  # record it and go on to the next mode
             record["runs"].append({"mode": mode, "error": repr(exc)[:500]})
             print(f"{mode}: {exc!r}", flush=True)
@@ -261,7 +262,7 @@ def main() -> None:
             looked = got["hits"] + got["misses"]
             run = {
                 "mode": mode, "batch": b, "load_s": round(load_s, 1), **got,
-                "moe_streaming": plan.moe_streaming, "streamed_layers": len(plan.streamed_layers), "ring_slots": plan.slots,
+                "moe_streaming": plan.moe_streaming, "streamed_layers": len(plan.streamed_layers), "depth": plan.depth, "ring_slots": plan.slots,
                 "expert_slots": plan.expert_slots, "expert_slot_bytes": plan.expert_slot_bytes,
                 "ring_bytes_per_step": ring, "link_bytes_per_step": per_step, "link_bytes_per_token": per_step / b,
                 "hit_rate": got["hits"] / looked if looked else None,

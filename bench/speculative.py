@@ -215,8 +215,9 @@ def main() -> None:
             speculative.enable(model, None)
         stats = model.speculation_stats
         mean_chain = sum(stats.chains) / len(stats.chains) if stats.chains else 0
-        # the prediction uses the chains the run really drafted (the last ones are cut by max_new_tokens)
-        predicted = forecast(fits[verify], acceptance, round(mean_chain) if chain is None else chain)
+        # an adaptive chain ("auto") is forecast at the mean chain the run drafted; a fixed one at its length
+        drafted = round(mean_chain) if chain is None else chain
+        predicted = forecast(fits[verify], acceptance, drafted)
         run = {
             "verify": verify, "serial": stats.serial, "acceptance": acceptance, "chain": chain, "identical": tokens == plain_tokens,
             "first_difference": next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None),
@@ -228,17 +229,19 @@ def main() -> None:
         }
         run["measured_over_predicted"] = run["decode_tok_s"] / run["predicted_tok_s"] if run["decode_tok_s"] else None
         # the two factors of that ratio apart: a speculative step's time (draft + verify; decode time over the
-        # passes after the first token) against the model at the chain really drafted, and tokens per pass
-        # against expected_tokens (acceptance noise over few passes)
+        # passes after the first token) against the model at the forecast's chain (step_over_fit), and tokens
+        # per pass against expected_tokens (acceptance noise over few passes)
         decode_s = (args.new_tokens - 1) / timing["decode_tok_s"] if timing["decode_tok_s"] else None
         run["step_s"] = decode_s / stats.passes if decode_s and stats.passes else None
-        run["fit_step_s"] = fits[verify].step_seconds(mean_chain)
-        run["tokens_per_pass_over_predicted"] = stats.tokens_per_pass / predicted.tokens_per_pass
+        run["fit_step_s"] = fits[verify].step_seconds(drafted)
+        run["step_over_fit"] = run["step_s"] / run["fit_step_s"] if run["step_s"] else None
+        run["tokens_per_pass_over_predicted"] = (stats.tokens_per_pass / predicted.tokens_per_pass
+                                                 if stats.passes else None)
         if planner is not None and verify == "serial":  # what `overspill plan --speculate` says before any run
-            planned = forecast(planner, acceptance, round(mean_chain) if chain is None else chain)
+            planned = forecast(planner, acceptance, drafted)
             run["planner_tok_s"] = planned.tok_s
             run["measured_over_planner"] = run["decode_tok_s"] / planned.tok_s if run["decode_tok_s"] else None
-            run["planner_step_s"] = planner.step_seconds(mean_chain)
+            run["planner_step_s"] = planner.step_seconds(drafted)
             run["step_over_planner"] = run["step_s"] / run["planner_step_s"] if run["step_s"] else None
         record["runs"].append(run)
         path.write_text(json.dumps(record, indent=2))
