@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
 #                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-70b | moe | moe-cpu
-#                                              | moe-scout-dense | moe-scout | moe-scout-depth | llama4-identity | speculative | speculative-8b | recheck)
+#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | speculative | speculative-8b | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -152,6 +152,11 @@ case "${1:-}" in
       --new-tokens 8 --depth "${DEPTH:-6}" --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 \
       | tee -a "$OUT/log"
     ;;
+  moe-scout-spread)  # the same plan loaded twice: streamed layers first (as planned), then spread evenly among the
+                     # resident ones (--spread), so the ring's copies run between resident layers (~6 min, the H200)
+    timeout 590 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --spread --batches 1 8 \
+      --new-tokens 8 --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
   llama4-identity)  # issue 17: which per-expert kernel reproduces transformers' Llama 4 MoE bit for bit (one Scout-sized
                     # block, ~1 min), then resident vs dense vs expert-aware tokens on a Scout cut to 6 layers (~2 min)
     timeout 400 python3 bench/llama4_identity.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
@@ -166,7 +171,7 @@ case "${1:-}" in
       --pass-k 1 8 --points 0.8:8 0.9:16 0.6:8 --self-draft --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-a|tests-b|recheck|serve-ab|formats|formats-70b|cpu-rank|cpu-rank-70b|moe|moe-cpu|moe-scout-dense|moe-scout|moe-scout-depth|llama4-identity|speculative|speculative-8b" >&2
+    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-a|tests-b|recheck|serve-ab|formats|formats-70b|cpu-rank|cpu-rank-70b|moe|moe-cpu|moe-scout-dense|moe-scout|moe-scout-depth|moe-scout-spread|llama4-identity|speculative|speculative-8b" >&2
     exit 2
     ;;
 esac

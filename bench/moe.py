@@ -15,6 +15,7 @@ each >= 85% of its own floor.
     python bench/moe.py --model llama-4-scout-109b --budget auto --modes dense --batches 1 8   # H200: host share fits
     python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --dense-json DENSE.json
     python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --depth 6 --dense-json DENSE.json
+    python bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --spread --dense-json DENSE.json
     python bench/moe.py --smoke     # tiny Mixtral on the CPU: checks the script only
 """
 
@@ -137,6 +138,29 @@ def smoke_budget(path: Path, context: int, batch: int, depth: int) -> int:
     return streaming_plan(fp, workload, len(fp.layer_bytes), depth).device_bytes
 
 
+def spread_layers(plan, layer_sizes: list[int]):
+    """`plan` with its streamed layers spread evenly among the resident ones (layer (i * N) // n streams), or
+    None where that would change its bytes (layers of different sizes), some KV lives in host memory or nothing
+    streams. Streaming the first n layers leaves the resident ones as one run at the end of each step, which
+    the ring's few queued copies may not cover when its slots are small (expert streaming)."""
+    from dataclasses import replace
+
+    from overspill.planning.plan import Tier
+
+    n, total = len(plan.streamed_layers), len(plan.layer_tiers)
+    if len(set(layer_sizes)) != 1 or plan.kv_host_layers or n == 0:
+        return None
+    chosen = {(i * total) // n for i in range(n)}
+    return replace(plan, layer_tiers=tuple(Tier.PINNED if i in chosen else Tier.DEVICE for i in range(total)), notes=())
+
+
+def layer_sizes(model) -> list[int]:
+    """Parameters per decoder layer of a loaded model."""
+    from overspill.runtime.loader import decoder_layers
+
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)[1]]
+
+
 def host_share_check(model: str, budget: str, depth: int) -> None:
     """Refuse before loading when the host could not hold the streamed share of the model (the loader
     would pin it all): streamed bytes from the planner at this budget against available host memory."""
@@ -199,6 +223,9 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
                    help=f"layers the ring copies ahead (ring slots = depth + 1; default {DEFAULT_DEPTH}). Expert streaming's "
                         "slots are small, so a deeper ring may keep the link busy through a long run of resident layers")
+    p.add_argument("--spread", action="store_true",
+                   help="after each mode's load, load its plan again with the streamed layers spread evenly among the "
+                        "resident ones (runs labelled MODE@spread; layers of one size only)")
     p.add_argument("--smoke", action="store_true", help="tiny Mixtral on the CPU, every layer streamed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -235,49 +262,61 @@ def main() -> None:
     if args.dense_json and "dense" not in args.modes:
         earlier = earlier_dense(Path(args.dense_json), record, tokens)
     for mode in args.modes:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        try:
-            model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch, depth=args.depth,
-                                      random_weights=random_weights, progress=False, **MODES[mode])
-        except Exception as exc:  # record it and go on to the next mode
-            record["runs"].append({"mode": mode, "error": repr(exc)[:500]})
-            print(f"{mode}: {exc!r}", flush=True)
-            continue
-        load_s = time.perf_counter() - t0
-        placement = model.overspill
-        plan = placement.plan
-        ring = ring_bytes_per_step(placement)
-        vocab = model.config.get_text_config().vocab_size
-        for b in args.batches:
-            ids = torch.randint(2, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
-            got = decode(model, ids.to(placement.device), args.new_tokens)
-            tokens[mode, b] = got["tokens"]
-            per_step = ring + (got["expert_bytes"] / got["steps"] if got["steps"] else 0)
-            tok_s = got["decode_tok_s"]
-            floor = b * link / per_step if link and per_step else None
-            looked = got["hits"] + got["misses"]
-            run = {
-                "mode": mode, "batch": b, "load_s": round(load_s, 1), **got,
-                "moe_streaming": plan.moe_streaming, "streamed_layers": len(plan.streamed_layers), "depth": plan.depth, "ring_slots": plan.slots,
-                "expert_slots": plan.expert_slots, "expert_slot_bytes": plan.expert_slot_bytes,
-                "ring_bytes_per_step": ring, "link_bytes_per_step": per_step, "link_bytes_per_token": per_step / b,
-                "hit_rate": got["hits"] / looked if looked else None,
-                "link_bytes_s": per_step * tok_s / b if tok_s else None,
-                "floor_tok_s": floor, "fraction_of_floor": tok_s / floor if floor and tok_s else None,
-                "planned_bytes_per_step": plan.streamed_bytes_per_step,
-                "predicted_tok_s": plan.prediction.decode_tok_s if plan.prediction and b == batch else None,
-                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-                "planned_device_bytes": plan.device_bytes, "notes": list(plan.notes),
-            }
-            record["runs"].append(run)
-            print(f"{mode} b={b}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
-                                               for k, v in run.items() if k not in ("notes", "tokens")), flush=True)
-            path.write_text(json.dumps(record, indent=2))
-        del model, placement
+        spread_from = None  # the mode's plan, to load again with its streamed layers spread (--spread)
+        for layout in ("prefix", "spread") if args.spread else ("prefix",):
+            label = mode if layout == "prefix" else f"{mode}@spread"
+            if layout == "spread" and spread_from is None:
+                record["runs"].append({"mode": label, "error": "no spread plan: the prefix load failed, layers differ "
+                                                               "in size, KV lives in host memory or nothing streams"})
+                continue
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            given = {} if layout == "prefix" else {"plan": spread_from}
+            try:
+                model, _ = overspill.load(str(source), gpu_memory=budget, context=context, batch=batch, depth=args.depth,
+                                          random_weights=random_weights, progress=False, **MODES[mode], **given)
+            except Exception as exc:  # record it and go on to the next mode
+                record["runs"].append({"mode": label, "error": repr(exc)[:500]})
+                print(f"{label}: {exc!r}", flush=True)
+                continue
+            load_s = time.perf_counter() - t0
+            placement = model.overspill
+            plan = placement.plan
+            if layout == "prefix" and args.spread:
+                spread_from = spread_layers(plan, layer_sizes(model))
+            ring = ring_bytes_per_step(placement)
+            vocab = model.config.get_text_config().vocab_size
+            for b in args.batches:
+                ids = torch.randint(2, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
+                got = decode(model, ids.to(placement.device), args.new_tokens)
+                tokens[label, b] = got["tokens"]
+                per_step = ring + (got["expert_bytes"] / got["steps"] if got["steps"] else 0)
+                tok_s = got["decode_tok_s"]
+                floor = b * link / per_step if link and per_step else None
+                looked = got["hits"] + got["misses"]
+                run = {
+                    "mode": label, "batch": b, "load_s": round(load_s, 1), **got,
+                    "moe_streaming": plan.moe_streaming, "layout": layout, "streamed": list(plan.streamed_layers),
+                    "streamed_layers": len(plan.streamed_layers), "depth": plan.depth, "ring_slots": plan.slots,
+                    "expert_slots": plan.expert_slots, "expert_slot_bytes": plan.expert_slot_bytes,
+                    "ring_bytes_per_step": ring, "link_bytes_per_step": per_step, "link_bytes_per_token": per_step / b,
+                    "hit_rate": got["hits"] / looked if looked else None,
+                    "link_bytes_s": per_step * tok_s / b if tok_s else None,
+                    "floor_tok_s": floor, "fraction_of_floor": tok_s / floor if floor and tok_s else None,
+                    "planned_bytes_per_step": plan.streamed_bytes_per_step,
+                    "predicted_tok_s": plan.prediction.decode_tok_s if plan.prediction and b == batch else None,
+                    "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                    "planned_device_bytes": plan.device_bytes, "notes": list(plan.notes),
+                }
+                record["runs"].append(run)
+                print(f"{label} b={b}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
+                                                    for k, v in run.items() if k not in ("notes", "tokens", "streamed")),
+                      flush=True)
+                path.write_text(json.dumps(record, indent=2))
+            del model, placement
     dense = {r["batch"]: r["decode_tok_s"] for r in record["runs"] if r.get("mode") == "dense" and r.get("decode_tok_s")}
     dense = dense or earlier
     for run in record["runs"]:

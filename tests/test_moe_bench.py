@@ -71,3 +71,39 @@ def test_depth_sets_the_ring(tmp_path: Path) -> None:
     record = json.loads(record_path.read_text())
     assert record["depth"] == 4
     assert {r["ring_slots"] for r in record["runs"]} == {5}
+
+
+def test_spread_layers_interleaves_the_streamed_ones() -> None:
+    """--spread's plan streams layer (i * N) // n of N for each of the n streamed layers, keeps every byte count,
+    and is refused where layers differ in size or KV lives in host memory."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from moe import spread_layers
+
+    from overspill.planning.placement import streaming_plan
+    from overspill.planning.plan import Footprint, Workload
+
+    fp = Footprint(layer_bytes=(100,) * 12, embed_bytes=10, head_bytes=10, other_bytes=0, tied_embeddings=False,
+                   kv_bytes_per_token=1, activation_bytes_per_token=1)
+    plan = streaming_plan(fp, Workload(64, 1, activation_floor=0), 4)
+    assert plan.streamed_layers == (0, 1, 2, 3)
+    spread = spread_layers(plan, [100] * 12)
+    assert spread.streamed_layers == (0, 3, 6, 9)
+    assert (spread.device_bytes, spread.streamed_bytes_per_step, spread.slots) == \
+        (plan.device_bytes, plan.streamed_bytes_per_step, plan.slots)
+    assert spread_layers(plan, [100] * 11 + [50]) is None
+    host_kv = streaming_plan(fp, Workload(64, 1, activation_floor=0), 4, kv_host=4)
+    assert spread_layers(host_kv, [100] * 12) is None
+
+
+def test_spread_runs_load_the_plan_again(tmp_path: Path) -> None:
+    """--spread loads each mode's plan a second time (as a caller's plan) and labels those runs MODE@spread; their
+    tokens equal dense streaming's."""
+    out = run_bench(tmp_path, "--modes", "dense", "experts", "--spread")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record_path,) = tmp_path.glob("moe-smoke-*.json")
+    runs = {(r["mode"], r["batch"]): r for r in json.loads(record_path.read_text())["runs"]}
+    for b in (1, 2):
+        spread = runs["experts@spread", b]
+        assert spread["layout"] == "spread" and spread["moe_streaming"] == "experts"
+        assert spread["streamed_layers"] == runs["experts", b]["streamed_layers"]
+        assert spread["tokens_identical_to_dense"] is True
