@@ -66,7 +66,8 @@ def expand_seconds(placement, repeats: int = 10) -> float | None:
         if buf.is_cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            layer.encoded.expand(staging, out, ring.expander)
+            with ring.expander.on_stream():  # where the ring expands (nvCOMP decodes there), ordered around `begin`/`end`
+                layer.encoded.expand(staging, out, ring.expander)
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end) / 1e3)
@@ -162,33 +163,38 @@ def main() -> None:
             print(f"{fmt}: {exc!r}", flush=True)
             continue
         load_s = time.perf_counter() - t0
-        placement = placement_of(model)
-        pl = placement.plan
-        if ids is None:
-            vocab = model.config.get_text_config().vocab_size
-            ids = torch.randint(2, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-        got, tok_s = timed_generate(model, ids.to(placement.device), args.new_tokens)
-        tokens[fmt] = got
-        sent = pl.streamed_bytes_per_step
-        floor = link / sent if link and sent else None
-        run = {
-            "format": fmt, "load_s": round(load_s, 1), "decode_tok_s": tok_s, "tokens": got,
-            "streamed_layers": len(pl.streamed_layers), "streamed_bytes_per_step": sent,
-            "layer_bytes": placement.ring.layers[0].layout.nbytes if placement.ring else None,
-            "link_bytes_s": sent * tok_s if tok_s else None, "format_floor_tok_s": floor,
-            "fraction_of_format_floor": tok_s / floor if floor and tok_s else None,
-            "predicted_tok_s": pl.prediction.decode_tok_s if pl.prediction else None,
-            "expand_s_per_layer": expand_seconds(placement),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            "notes": list(pl.notes),
-        }
-        if fmt != "bf16" and "bf16" in tokens:
-            run["tokens_identical_to_bf16"] = got == tokens["bf16"]
-        record["runs"].append(run)
-        print(f"{fmt}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in run.items()
-                                     if k not in ("notes", "tokens")), flush=True)
-        path.write_text(json.dumps(record, indent=2))
-        del model, placement
+        try:  # a failure while measuring one format is recorded; the next format still runs
+            placement = placement_of(model)
+            pl = placement.plan
+            if ids is None:
+                vocab = model.config.get_text_config().vocab_size
+                ids = torch.randint(2, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+            got, tok_s = timed_generate(model, ids.to(placement.device), args.new_tokens)
+            tokens[fmt] = got
+            sent = pl.streamed_bytes_per_step
+            floor = link / sent if link and sent else None
+            run = {
+                "format": fmt, "load_s": round(load_s, 1), "decode_tok_s": tok_s, "tokens": got,
+                "streamed_layers": len(pl.streamed_layers), "streamed_bytes_per_step": sent,
+                "layer_bytes": placement.ring.layers[0].layout.nbytes if placement.ring else None,
+                "link_bytes_s": sent * tok_s if tok_s else None, "format_floor_tok_s": floor,
+                "fraction_of_format_floor": tok_s / floor if floor and tok_s else None,
+                "predicted_tok_s": pl.prediction.decode_tok_s if pl.prediction else None,
+                "expand_s_per_layer": expand_seconds(placement),
+                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "notes": list(pl.notes),
+            }
+            if fmt != "bf16" and "bf16" in tokens:
+                run["tokens_identical_to_bf16"] = got == tokens["bf16"]
+            record["runs"].append(run)
+            print(f"{fmt}: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in run.items()
+                                         if k not in ("notes", "tokens")), flush=True)
+            path.write_text(json.dumps(record, indent=2))
+        except Exception as exc:
+            record["runs"].append({"format": fmt, "error": repr(exc)[:500]})
+            print(f"{fmt}: {exc!r}", flush=True)
+            path.write_text(json.dumps(record, indent=2))
+        model = placement = None  # freed before the next format's load
     measured = next((r["decode_tok_s"] for r in record["runs"] if r["format"] == "bf16" and r.get("decode_tok_s")), None)
     base = measured if measured is not None else earlier["decode_tok_s"] if earlier else None
     for run in record["runs"]:

@@ -131,7 +131,7 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.cpu_rank import max_tokens, split_at
+    from overspill.planning.cpu_rank import max_tokens, off_batch, split_at
     from overspill.runtime import cpu_rank
     from overspill.runtime.hardware import machine_facts
     from overspill.runtime.loader import decoder_layers, footprint
@@ -161,8 +161,10 @@ def main() -> None:
     else:
         source, random_weights, budget, dtype = args.model, True, args.budget, "auto"
     t0 = time.perf_counter()
+    # bf16 copies, whatever `auto` would pick (lossless once nvCOMP is installed): the CPU rank splits those
     model, _ = overspill.load(source, gpu_memory=budget, dtype=dtype, context=context, random_weights=random_weights,
-                              progress=False, plan=_smoke_plan(source, context) if args.smoke else None)
+                              progress=False, plan=_smoke_plan(source, context) if args.smoke else None,
+                              stream_format="bf16", streaming="copy")
     record["load_s"] = round(time.perf_counter() - t0, 1)
     placement = placement_of(model)
     plan = placement.plan
@@ -183,7 +185,14 @@ def main() -> None:
     fp = footprint(model, decoder_layers(model)[1], next(model.parameters()).dtype)
     planned = split_at(fp, plan, profile, 1, args.fraction, args.host_format) if profile else None
     fraction = args.fraction if args.fraction is not None else planned.fraction if planned else 0.5
-    widest = max_tokens(fp, profile) if profile else 64
+    widest = max_tokens(fp, profile, args.host_format) if profile else 64
+    record["off_batch"] = off_batch(fp, plan, profile, args.host_format) if profile else None  # where `auto` stops
+    print(f"the planner turns the CPU share off from batch {record['off_batch']}", flush=True)
+    if not fraction:
+        record["runs"].append({"name": f"CPU rank ({args.host_format})", "error": "the planned CPU share is 0"})
+        path.write_text(json.dumps(record, indent=2))
+        print("CPU rank: the planned CPU share is 0; nothing to split", flush=True)
+        return
     rank = cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, fraction), threads, widest, args.host_format)
     layer = placement.ring.layers[0]
     split_tokens, split_tok_s, split_logits = decode(model, ids, args.new_tokens)

@@ -161,9 +161,9 @@ case "${1:-}" in
                     # block, ~1 min), then resident vs dense vs expert-aware tokens on a Scout cut to 6 layers (~2 min)
     timeout 400 python3 bench/llama4_identity.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
-  speculative)  # 70B at 80 GiB (the H200: the plan needs ~78.7 GiB): pass cost, oracle points against plain (serial
+  speculative)  # 70B at BUDGET=80GiB (the H200: the plan needs ~78.7 GiB): pass cost, oracle points against plain (serial
                 # verify), 64 new tokens so acceptance noise stays well under the 15% gate (~5 min)
-    timeout 560 python3 bench/speculative.py --model llama-3-70b --budget 80GiB --new-tokens 64 --repeats 1 \
+    timeout 560 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 64 --repeats 1 \
       --pass-k 1 8 64 --points 0.8:8 0.9:16 0.6:8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   speculative-8b)  # 8B at 6 GiB: the same points with 96 new tokens, then speculate='self' end to end (~3 min)
