@@ -60,16 +60,17 @@ def pass_costs(model, ids, ks: list[int], repeats: int, serial: bool = False) ->
 
 
 def fit(costs: dict[int, float]):
-    """A pass over n tokens as `base + per_token * n`: least squares over the measured points (the
-    slope is floored at 0: on a link-bound pass noise can make it negative)."""
+    """A pass over n tokens as `base + per_token * n`: the least-squares line through the measured pass over
+    the fewest tokens (the plain step the forecast compares against), its slope floored at 0 (on a link-bound
+    pass noise can make it negative). A free intercept went to 0 or below on steep serial costs, and the
+    forecast divided by it."""
     from overspill.planning.speculation import PassCost
 
-    ns = sorted(costs)
-    mean_n = sum(ns) / len(ns)
-    mean_t = sum(costs[n] for n in ns) / len(ns)
-    var = sum((n - mean_n) ** 2 for n in ns)
-    slope = max(0.0, sum((n - mean_n) * (costs[n] - mean_t) for n in ns) / var) if var else 0.0
-    return PassCost(base_s=mean_t - slope * mean_n, per_token_s=slope)
+    n0 = min(costs)
+    t0 = costs[n0]
+    var = sum((n - n0) ** 2 for n in costs)
+    slope = max(0.0, sum((n - n0) * (costs[n] - t0) for n in costs) / var) if var else 0.0
+    return PassCost(base_s=t0 - slope * n0, per_token_s=slope)
 
 
 def timed_generate(model, ids, new_tokens: int) -> tuple[list[int], dict]:
