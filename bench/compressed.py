@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-from smoke import smoke_model, sync as _sync  # noqa: E402
+from smoke import smoke_model, streamed_plan, sync as _sync  # noqa: E402
 
 TARGETS = {"lossless": 1.35, "int8": 1.8, "int4": 3.0}  # speedup over bf16 streaming
 
@@ -128,7 +128,8 @@ def main() -> None:
     path = out_dir / f"compressed-{name}-{args.budget}-{stamp}.json"
     context = args.prompt_tokens + args.new_tokens + 8
     if args.smoke:
-        source, random_weights, budget, plan = str(smoke_model(out_dir)), False, None, smoke_plan(out_dir, context)
+        source, random_weights, budget = str(smoke_model(out_dir)), False, None
+        plan = streamed_plan(source, context)
     else:
         source, random_weights, budget, plan = args.model, True, args.budget, None
     link = None
@@ -208,20 +209,6 @@ def main() -> None:
         if "speedup_vs_bf16" in run:
             print(f"{run['format']:9s} {run['speedup_vs_bf16']:.2f}x bf16")
     print(f"wrote {path}")
-
-
-def smoke_plan(out_dir: Path, context: int):
-    """Every layer of the smoke model streamed (formats change streamed layers only)."""
-    import torch
-    from transformers import AutoConfig
-
-    from overspill.planning.placement import streaming_plan
-    from overspill.planning.plan import Workload
-    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
-
-    skeleton = build_skeleton(AutoConfig.from_pretrained(str(out_dir / "smoke-model")), torch.float32)
-    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
-    return streaming_plan(fp, Workload(context, 1, activation_floor=0), len(fp.layer_bytes))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-from smoke import smoke_model, sync as _sync  # noqa: E402
+from smoke import smoke_model, streamed_plan, sync as _sync  # noqa: E402
 
 
 def decode(model, ids, new_tokens: int):
@@ -163,7 +163,7 @@ def main() -> None:
     t0 = time.perf_counter()
     # bf16 copies, whatever `auto` would pick (lossless once nvCOMP is installed): the CPU rank splits those
     model, _ = overspill.load(source, gpu_memory=budget, dtype=dtype, context=context, random_weights=random_weights,
-                              progress=False, plan=_smoke_plan(source, context) if args.smoke else None,
+                              progress=False, plan=streamed_plan(source, context) if args.smoke else None,
                               stream_format="bf16", streaming="copy")
     record["load_s"] = round(time.perf_counter() - t0, 1)
     placement = placement_of(model)
@@ -210,20 +210,6 @@ def main() -> None:
     path.write_text(json.dumps(record, indent=2))
     plot(record, path.with_suffix(".png"))
     print(f"wrote {path}")
-
-
-def _smoke_plan(source: str, context: int):
-    """Every layer of the smoke model streamed."""
-    import torch
-    from transformers import AutoConfig
-
-    from overspill.planning.placement import streaming_plan
-    from overspill.planning.plan import Workload
-    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
-
-    skeleton = build_skeleton(AutoConfig.from_pretrained(source), torch.float32)
-    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
-    return streaming_plan(fp, Workload(context, 1, activation_floor=0), len(fp.layer_bytes))
 
 
 if __name__ == "__main__":

@@ -24,18 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import decode
 import provenance
-
-
-def _events_ms(fn, iters: int) -> float:
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+from smoke import seconds_per_call
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
                     "capture_on": graphed.capture}
     if graphed.graphs and placement.ring is None:
         graph = next(iter(graphed.graphs.values()))[0]
-        record["replay_gpu_ms"] = _events_ms(graph.replay, 50)
+        record["replay_gpu_ms"] = seconds_per_call(graph.replay, 50) * 1e3
         t0 = time.perf_counter()
         for _ in range(50):
             graph.replay()

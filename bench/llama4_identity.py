@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
+from smoke import seconds_per_call  # noqa: E402
 
 SMOKE_SIZES = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=16)
 
@@ -157,23 +158,10 @@ def variants(moe):
     return {"bmm1": bmm1, "mm": mm, **{f"bmm{n}": bmm_n(n) for n in (2, 4, 8, 16)}, "entry": entry}
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Seconds per call (CUDA events on the GPU, wall clock on the CPU), after one warm-up call."""
-    import torch
-
+def timed(fn, repeats: int) -> float:
+    """Seconds per call after one warm-up call."""
     fn()
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - t0) / repeats
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / repeats
+    return seconds_per_call(fn, repeats)
 
 
 def whole(layers: int, budget: str, smoke: bool, rows: list[dict], new_tokens: int = 8) -> None:
@@ -251,7 +239,7 @@ def compare_block(smoke: bool, device, token_counts: list[int], repeats: int) ->
                     row = {"reduced_precision_reduction": reduced, "tokens": tokens, "way": name,
                            "identical": bool(torch.equal(got, want)),
                            "max_abs_diff": float((got.float() - want.float()).abs().max()),
-                           "call_s": timed(call, device, repeats)}
+                           "call_s": timed(call, repeats)}
                     rows.append(row)
                     print(f"reduced={reduced!s:5} tokens={tokens:4} {name:7} identical={row['identical']!s:5} "
                           f"max_abs_diff={row['max_abs_diff']:.3g} call={row['call_s'] * 1e3:.3f} ms", flush=True)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-from smoke import sync  # noqa: E402
+from smoke import streamed_plan, sync  # noqa: E402
 
 from overspill.planning.placement import DEFAULT_DEPTH  # noqa: E402
 
@@ -120,22 +120,6 @@ def smoke_checkpoint(out_dir: Path) -> Path:
     path = out_dir / "smoke-moe"
     model.save_pretrained(path)
     return path
-
-
-def smoke_budget(path: Path, context: int, batch: int, depth: int) -> int:
-    """The budget under which dense streaming streams every layer of the smoke model (expert streaming
-    then keeps a few resident and caches experts with the rest)."""
-    import torch
-    from transformers import AutoConfig
-
-    from overspill.planning.placement import streaming_plan
-    from overspill.planning.plan import Workload
-    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
-
-    skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
-    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
-    workload = Workload(context, batch, activation_floor=0)
-    return streaming_plan(fp, workload, len(fp.layer_bytes), depth).device_bytes
 
 
 def spread_layers(plan, layer_sizes: list[int]):
@@ -244,7 +228,7 @@ def main() -> None:
     batch = max(args.batches)
     if args.smoke:
         source = smoke_checkpoint(out_dir)
-        random_weights, budget = False, smoke_budget(source, context, batch, args.depth)
+        random_weights, budget = False, streamed_plan(source, context, batch, args.depth).device_bytes
     else:
         host_share_check(args.model, args.budget, args.depth)
         source, random_weights, budget = args.model, True, args.budget

@@ -28,3 +28,40 @@ def smoke_model(out_dir: Path) -> Path:
     path = Path(out_dir) / "smoke-model"
     model.save_pretrained(path)
     return path
+
+
+def streamed_plan(path: Path, context: int, batch: int = 1, depth: int | None = None):
+    """The plan that streams every layer of the saved smoke model at `path` (float32, as the CPU loads it), for
+    `context` tokens x `batch`: the smoke runs time streamed layers, which the CPU budget alone would not make."""
+    import torch
+    from transformers import AutoConfig
+
+    from overspill.planning.placement import DEFAULT_DEPTH, streaming_plan
+    from overspill.planning.plan import Workload
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
+
+    skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
+    workload = Workload(context, batch, activation_floor=0)
+    return streaming_plan(fp, workload, len(fp.layer_bytes), DEFAULT_DEPTH if depth is None else depth)
+
+
+def seconds_per_call(fn, calls: int) -> float:
+    """Mean seconds of `fn()` over `calls` back-to-back calls: CUDA events around them all on a GPU (no sync
+    between calls), the wall clock on the CPU."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
