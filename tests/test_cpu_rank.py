@@ -217,6 +217,26 @@ def test_splitting_a_model_that_has_already_decoded(tiny_checkpoint) -> None:
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
 
 
+def test_splitting_frees_each_whole_layer_before_packing_the_next(tiny_checkpoint, monkeypatch) -> None:
+    # The host peak while splitting is one whole layer over the split ones, not every streamed layer twice
+    # (at the 70B shape the streamed bytes alone are ~60 GB of a 128 GiB host).
+    import gc
+    import weakref
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=0)
+    hosts = [weakref.ref(layer.host) for layer in placement_of(model).ring.layers]
+    alive_at_each_split = []
+
+    def counting(streamed, *args, **kwargs):
+        gc.collect()
+        alive_at_each_split.append(sum(ref() is not None for ref in hosts))
+        return SplitLayer(streamed, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_rank, "SplitLayer", counting)
+    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.5), threads=1)
+    assert alive_at_each_split == [N_LAYERS - i for i in range(N_LAYERS)]
+
+
 def test_smollm2_split_gives_plain_streamings_tokens(default_model_dir) -> None:
     # The embedded SmolLM2-135M (9 heads in 3 KV groups, 1536 MLP columns), float32 on the CPU: its
     # streamed layers split at 0.5 (2 of 3 KV groups to the CPU) answer with plain streaming's tokens.

@@ -4,7 +4,9 @@ distribution; the planner's arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -262,6 +264,34 @@ def test_expected_tokens_and_best_chain() -> None:
     assert best_chain(costly, 0.5, 16) < best_chain(costly, 0.9, 16)
     f = forecast(flat, 0.8, 8)
     assert f.speedup == pytest.approx(expected_tokens(0.8, 8))
+
+
+def test_adaptive_chain_starts_from_the_plans_verify_pass_and_refits_on_measured_passes(
+        reference, tiny_checkpoint, monkeypatch) -> None:
+    # generate and the server choose chain lengths from one cost: the plan's predicted verify pass
+    # (serial: a decode step's GPU compute per extra token), then the passes this call measured.
+    from test_placement import load_tiny
+
+    from overspill.api import placement_of
+    from overspill.planning.speculation import verify_pass_cost
+
+    ids = _prompt(5)
+    want = reference("llama").generate(ids, **GEN)
+    model = load_tiny(tiny_checkpoint("llama"), resident=2)
+    placement = placement_of(model)
+    assert speculative.prior_pass_cost(model, serial=True) == PassCost(1.0)  # no probed machine, no prediction
+    prediction = SimpleNamespace(decode_step_s=0.2, gpu_s=0.004, host_s=0.02)  # 8B at 6 GiB on the H200
+    monkeypatch.setattr(placement, "plan", dataclasses.replace(placement.plan, prediction=prediction))
+    prior = speculative.prior_pass_cost(model, serial=True)
+    assert prior == verify_pass_cost(0.2, 0.004, 0.02, 0.0, True) and prior.dispatch_per_token_s == 0.02
+    assert speculative.prior_pass_cost(torch.nn.Linear(1, 1), serial=True) == PassCost(1.0)
+    seen = []
+    monkeypatch.setattr(speculative, "best_chain", lambda cost, rate, top: seen.append(cost) or 4)
+    speculative.enable(model, OracleDrafter(want[0, ids.shape[1]:], ids.shape[1], 0.75, VOCAB))
+    assert torch.equal(model.generate(ids, **GEN), want)
+    assert seen[0] == prior
+    passes = model.speculation_stats.passes
+    assert len(seen) == passes and seen[-1] != prior and seen[-1].draft_per_token_s > 0
 
 
 def test_acceptance_tracker_counts_only_offered_tokens() -> None:

@@ -188,9 +188,9 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
     rank = CpuRank(placement.device, threads, placement.plan.workload.context)
     ring.reset()  # copies already issued into the slots hold whole layers: the next pass refills them split
     layers = model.get_submodule(placement.layers_path)
-    for pos, streamed in enumerate(list(ring.layers)):
-        fraction = fractions.get(streamed.index, 0.0)
-        share = tp_share(dims, fraction)
+    for pos in range(len(ring.layers)):  # by index: a copied list would keep every replaced layer's host bytes alive
+        streamed = ring.layers[pos]
+        share = tp_share(dims, fractions.get(streamed.index, 0.0))
         if share is None:
             continue
         split = SplitLayer(streamed, dims, share, rank, max_tokens, host_format)
@@ -198,6 +198,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
         layers[streamed.index] = split
         placement.host_bytes -= streamed.host.numel() - split.host.numel()
         rank.host_weight_bytes += split.cpu_share.host.numel()
+        del streamed  # the whole layer's host buffer goes now, before the next layer's split is packed
     placement.cpu_rank = rank
     return rank
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..planning.speculation import AcceptanceTracker, PassCost, best_chain
+from ..planning.speculation import AcceptanceTracker, PassCost, PassCostFit, best_chain, verify_pass_cost
 from ..planning.trees import RankAcceptance
 from .drafts import Drafter, drop_last, make_drafter, propose_tree
 from .kv import cache_kwarg
@@ -34,9 +34,6 @@ from .token_serial import serial_tokens, supports_serial
 from .trees import DraftTree, keep_path, verify_tree
 
 DEFAULT_MAX_CHAIN = 16
-# A pass over n tokens: measured on the H200, 8B shape at 6 GiB: 192.8 ms for 1 token, 199.5 ms for 256,
-# i.e. ~0.013% of a pass per extra token; drafting cost is measured per call.
-PASS_SLOPE = (199.5 - 192.8) / 192.8 / 255
 
 
 @dataclass
@@ -157,6 +154,7 @@ def speculative_decode(
     stats = SpeculationStats(serial=serial, tree=tree)
     model.speculation_stats = stats
     tracker = AcceptanceTracker()
+    fit = PassCostFit(prior_pass_cost(model, serial))
     ids = input_ids
     start = time.perf_counter()
     if cache.get_seq_length() >= ids.shape[1]:  # a cache the caller passed back in may hold it all
@@ -180,7 +178,7 @@ def speculative_decode(
             if finished:
                 break
             continue
-        k = chain if chain is not None else best_chain(_pass_cost(stats), tracker.rate, max_chain)
+        k = chain if chain is not None else best_chain(fit.cost(), tracker.rate, max_chain)
         k = max(0, min(k, limit - ids.shape[1])) if limit else k  # never past the planned KV
         t0 = time.perf_counter()
         draft = drafter.propose(ids, k, logits_processor, sample) if k else None
@@ -212,8 +210,10 @@ def speculative_decode(
         stats.emitted += accepted
         stats.chains.append(m)
         tracker.update(m, accepted)
+        t2 = time.perf_counter()
+        fit.add(m + 1, t2 - t1, m, t1 - t0)
         stats.draft_seconds += t1 - t0
-        stats.verify_seconds += time.perf_counter() - t1
+        stats.verify_seconds += t2 - t1
         if finished:
             break
     if streamer is not None:
@@ -299,11 +299,14 @@ def _emit(ids: torch.Tensor, token: torch.Tensor, stopping_criteria, streamer) -
     return bool(stopping_criteria(ids, None).all())
 
 
-def _pass_cost(stats: SpeculationStats) -> PassCost:
-    """Relative pass cost (1 per pass, the measured slope per token) and the drafting cost seen so far."""
-    draft = stats.draft_seconds / max(stats.drafted, 1)
-    verify = stats.verify_seconds / max(stats.passes, 1) if stats.passes else 1.0
-    return PassCost(base_s=1.0, per_token_s=PASS_SLOPE, draft_per_token_s=draft / verify if stats.passes else 0.0)
+def prior_pass_cost(model: torch.nn.Module, serial: bool) -> PassCost:
+    """The verify pass the plan predicts for `model` (`planning.speculation.verify_pass_cost`), the
+    prior the chain length adapts from until passes are measured; flat without a plan."""
+    placement = getattr(model, "overspill", None)
+    prediction = getattr(getattr(placement, "plan", None), "prediction", None)
+    if prediction is None:
+        return PassCost(1.0)
+    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial)
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..planning.speculation import AcceptanceTracker, PassCost, PassCostFit, best_chain, verify_pass_cost
+from ..planning.speculation import AcceptanceTracker, PassCostFit, best_chain
 from ..runtime.drafts import Drafter, make_drafter
-from ..runtime.speculative import _accept, _residual
+from ..runtime.speculative import _accept, _residual, prior_pass_cost
 from ..runtime.token_serial import supports_serial
 from .requests import SPECULATE_OFF, GenerationRequest, InvalidRequest, SpeculationUsage, check_speculate
 from .runner import Runner
@@ -69,7 +69,7 @@ class Speculator:
             raise ValueError(f"max_chain must be at least 1, got {max_chain}")
         self.model, self.default, self.max_chain = model, default, max_chain
         self.serial = supports_serial(model)
-        self.fit = PassCostFit(_prior(model))
+        self.fit = PassCostFit(prior_pass_cost(model, self.serial))
         self._drafters: dict[str, Drafter] = {}
         self._progress: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> _Progress
         if default is not None and self.serial:
@@ -171,12 +171,3 @@ def sampling_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     outside = probs.cumsum(-1) - probs > min(params.top_p, 1.0)  # keep the smallest prefix reaching top_p
     ordered = ordered.masked_fill(outside, float("-inf"))
     return torch.empty_like(ordered).scatter_(-1, order, ordered)
-
-
-def _prior(model) -> PassCost:
-    """The plan's predicted verify pass (serial: a decode step's GPU compute per token), else a flat one."""
-    placement = getattr(model, "overspill", None)
-    prediction = getattr(getattr(placement, "plan", None), "prediction", None)
-    if prediction is None:
-        return PassCost(1.0)
-    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial=True)
