@@ -125,10 +125,12 @@ def test_plan_round_trips_through_json() -> None:
 
 
 # Scout's budget holds batch 8's activations: transformers' Llama-4 MoE multiplies every token by every expert
-@pytest.mark.parametrize("name, budget", [("mixtral-8x7b", "24GiB"), ("llama-4-scout-109b", "70GiB"),
-                                          ("qwen3-30b-a3b", "24GiB")])
-def test_plan_command_shows_dense_against_experts(capsys, name: str, budget: str) -> None:
-    big_host = ["--host-memory", "256GiB"]  # Scout's 203 GiB of bf16 leave more than 120 GiB on the host
+@pytest.mark.parametrize("name, budget, host", [("mixtral-8x7b", "24GiB", "256GiB"),
+                                                ("llama-4-scout-109b", "70GiB", "256GiB"),
+                                                ("qwen3-30b-a3b", "24GiB", "256GiB"),
+                                                ("deepseek-v3", "77GiB", "1.5TiB")])
+def test_plan_command_shows_dense_against_experts(capsys, name: str, budget: str, host: str) -> None:
+    big_host = ["--host-memory", host]  # Scout's 203 GiB of bf16 leave more than 120 GiB on the host, DeepSeek's 1.2 TiB
     assert cli.main(["plan", name, "--profile", "h100-pcie5", "--gpu-memory", budget, *big_host]) == 0
     out = capsys.readouterr().out
     assert "expert cache" in out and "moe streaming" in out

@@ -41,8 +41,8 @@ from overspill.runtime.loader import Placement, build_skeleton, decoder_layers, 
 
 from test_spec import TINY
 
-# the reference H100 with a host of 512 GiB: every shipped config fits some budget (Scout's bf16 is 203 GiB)
-PROFILE = replace(REFERENCE_PROFILES["h100-pcie5"], host_available_bytes=512 * 2**30)
+# the reference H100 with a host of 2 TiB: every shipped config fits some budget (DeepSeek-V3's bf16 is 1.22 TiB)
+PROFILE = replace(REFERENCE_PROFILES["h100-pcie5"], host_available_bytes=2 * 2**40)
 _SKELETONS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
 
 
@@ -193,7 +193,7 @@ def quoted_budget(error: str) -> int:
 
 
 def test_every_shipped_moe_config_is_checked() -> None:
-    assert {"mixtral-8x7b", "llama-4-scout-109b", "qwen3-30b-a3b"} <= set(MOE_NAMES)
+    assert {"mixtral-8x7b", "llama-4-scout-109b", "qwen3-30b-a3b", "deepseek-v3"} <= set(MOE_NAMES)
 
 
 def test_plan_command_streams_experts_below_the_dense_minimum_as_load_does(capsys, pretend_gpu: PretendGpu) -> None:

@@ -16,6 +16,7 @@ SHIPPED: dict[str, str] = {
     "qwen2.5-7b": "qwen2.5-7b.json",
     "llama-4-scout-109b": "llama-4-scout-109b.json",
     "qwen3-30b-a3b": "qwen3-30b-a3b.json",
+    "deepseek-v3": "deepseek-v3.json",
 }
 
 
