@@ -8,6 +8,8 @@ of Independence, bench/data/declaration.txt), the case prompt lookup is for.
     python bench/speculative_acceptance.py                       # ngram: chains 4, 8, 16, auto; trees 32, 64
     python bench/speculative_acceptance.py --sources ngram draft:embedded --trees 32 64
     python bench/speculative_acceptance.py --dtype bfloat16
+    python bench/speculative_acceptance.py --sources ngram self --chains 4 8 16 32 64 --trees 32 64
+                                                                 # trees against chains of equal budget
 
 A source is any `make_drafter` string; `draft:embedded` drafts with the embedded model itself
 (the only real model here, so its drafts are the target's own greedy choices up to rounding).
@@ -96,8 +98,24 @@ def main() -> None:
                 print(f"  {source} {mode} {size}: {run['tokens_per_pass']:.2f} tokens/pass, "
                       f"{stats.accepted}/{stats.drafted} drafted accepted, identical={run['identical']}", flush=True)
         speculative.enable(model, None)
+    record["tree_gain_over_chain"] = tree_gains(record["runs"])
     out.write_text(json.dumps(record, indent=2))
+    print("tree over chain at equal drafted tokens a pass:", record["tree_gain_over_chain"])
     print(f"wrote {out}")
+
+
+def tree_gains(runs: list[dict]) -> list[dict]:
+    """Tokens per pass of a tree over a chain drafting as many tokens a pass (the issue's equal budget),
+    per prompt and source, wherever both ran."""
+    chains = {(r["prompt"], r["source"], r["size"]): r for r in runs if r["mode"] == "chain"}
+    gains = []
+    for r in runs:
+        chain = chains.get((r["prompt"], r["source"], r["size"])) if r["mode"] == "tree" else None
+        if chain and chain["tokens_per_pass"]:
+            gains.append({"prompt": r["prompt"], "source": r["source"], "budget": int(r["size"]),
+                          "tree_tokens_per_pass": r["tokens_per_pass"], "chain_tokens_per_pass": chain["tokens_per_pass"],
+                          "tree_over_chain": r["tokens_per_pass"] / chain["tokens_per_pass"]})
+    return gains
 
 
 if __name__ == "__main__":

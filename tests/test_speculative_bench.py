@@ -23,3 +23,16 @@ def test_fit_goes_through_the_one_token_pass_on_steep_serial_costs() -> None:
 def test_fit_floors_a_negative_slope() -> None:
     cost = fit({1: 0.200, 8: 0.199, 64: 0.198})
     assert cost.per_token_s == 0 and cost.pass_seconds(64) == pytest.approx(0.200)
+
+
+def test_tree_gains_pair_each_tree_with_the_chain_of_its_budget() -> None:
+    from speculative_acceptance import tree_gains
+
+    def run(mode, size, tpp, prompt="summarize", source="ngram"):
+        return {"prompt": prompt, "source": source, "mode": mode, "size": size, "tokens_per_pass": tpp}
+
+    runs = [run("chain", "8", 1.3), run("chain", "32", 1.4), run("tree", "32", 1.6), run("tree", "64", 1.7),
+            run("chain", "32", 2.0, source="self"), run("tree", "32", 3.0, source="self")]
+    gains = tree_gains(runs)
+    assert [(g["source"], g["budget"]) for g in gains] == [("ngram", 32), ("self", 32)]  # tree 64 has no chain 64
+    assert gains[0]["tree_over_chain"] == pytest.approx(1.6 / 1.4) and gains[1]["tree_over_chain"] == 1.5
