@@ -20,6 +20,7 @@ the old probe's choices under-measured it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -131,7 +132,7 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.cpu_rank import max_tokens, off_batch, split_at
+    from overspill.planning.cpu_rank import batch_table, max_tokens, off_batch, split_at, table_lines
     from overspill.runtime import cpu_rank
     from overspill.runtime.hardware import machine_facts
     from overspill.runtime.loader import decoder_layers, footprint
@@ -187,7 +188,12 @@ def main() -> None:
     fraction = args.fraction if args.fraction is not None else planned.fraction if planned else 0.5
     widest = max_tokens(fp, profile, args.host_format) if profile else 64
     record["off_batch"] = off_batch(fp, plan, profile, args.host_format) if profile else None  # where `auto` stops
-    print(f"the planner turns the CPU share off from batch {record['off_batch']}", flush=True)
+    if profile:  # and why: the planner's fraction, link and host time per batch, as `overspill plan` shows them
+        record["planner_batches"] = [{**dataclasses.asdict(s), "gain": s.gain}
+                                     for s in batch_table(fp, plan, profile, args.host_format)]
+        record["off_batch_why"] = table_lines(fp, plan, profile, args.host_format)[-1]
+    print(f"the planner turns the CPU share off from batch {record['off_batch']}: {record.get('off_batch_why')}",
+          flush=True)
     if not fraction:
         record["runs"].append({"name": f"CPU rank ({args.host_format})", "error": "the planned CPU share is 0"})
         path.write_text(json.dumps(record, indent=2))
