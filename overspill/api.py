@@ -29,7 +29,7 @@ from .planning.plan import (
 )
 from .planning.profile import Profile
 from .planning.self_draft import Machine, plan_self_draft
-from .planning.speculation import auto_source
+from .planning.speculation import auto_source, with_draft_model
 from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -47,7 +47,7 @@ from .runtime.loader import (
     placement_of,  # re-exported: `overspill.api.placement_of` is public
     use_planned_cache,
 )
-from .runtime.sources import ModelSource, check_architecture, resolve
+from .runtime.sources import ModelSource, check_architecture, draft_bytes, resolve
 
 # The dtypes `load` computes in, by their names in the planner's table (`overspill.planning.spec.DTYPE_BYTES`).
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in ("bfloat16", "float16", "float32")}
@@ -312,7 +312,13 @@ def load(
     if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense":
         fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
     fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
-    self_draft = None
+    self_draft = draft_note = None
+    if plan is None and speculate is not None and speculate.startswith("draft:"):
+        path = speculate[len("draft:"):]
+        try:
+            budget, draft_note = with_draft_model(budget, path, draft_bytes(path, dtype_name(torch_dtype), context))
+        except ValueError as exc:
+            raise OverspillError(str(exc)) from None
     if plan is None:
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
         if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
@@ -322,6 +328,8 @@ def load(
                                            moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate), profile)
             if moe_note:
                 plan = replace(plan, notes=plan.notes + (moe_note,))
+        if draft_note:
+            plan = replace(plan, notes=plan.notes + (draft_note,))
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     else:  # a caller's plan: the loader sizes its slots for the format

@@ -85,6 +85,7 @@ def plan_main(args: argparse.Namespace) -> int:
     if getattr(args, "host_memory", None) is not None:
         profile = dataclasses.replace(profile, host_available_bytes=parse_bytes(args.host_memory))
     budget = _plan_budget(args.gpu_memory, profile)
+    budget, draft_note = _draft_budget(args, budget, profile, spec.dtype)
     fp = footprint_from_spec(spec)
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
@@ -119,6 +120,8 @@ def plan_main(args: argparse.Namespace) -> int:
     streams = bool(plan.streamed_layers)
     if format_note and plan.streamed_layers:  # as `load` notes its choice
         plan = dataclasses.replace(plan, notes=plan.notes + (format_note,))
+    if draft_note:
+        plan = dataclasses.replace(plan, notes=plan.notes + (draft_note,))
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choose(fp, plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
     speculation = _plan_speculation(args, plan, spec, profile)
@@ -147,6 +150,25 @@ def plan_main(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _draft_budget(args: argparse.Namespace, budget: int | None, profile: Profile,
+                  dtype: str) -> tuple[int | None, str | None]:
+    """`plan --speculate draft:PATH`: the budget left to the model beside the resident draft, as `load` counts it."""
+    from .planning.placement import AUTO_MARGIN_BYTES
+    from .planning.speculation import with_draft_model
+    from .runtime.sources import draft_bytes
+
+    speculate = getattr(args, "speculate", None)
+    if not speculate or not speculate.startswith("draft:"):
+        return budget, None
+    if budget is None:  # "auto", as `plan_for` resolves it
+        budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
+    path = speculate[len("draft:"):]
+    try:
+        return with_draft_model(budget, path, draft_bytes(path, dtype, args.context))
+    except ValueError as exc:
+        raise OverspillError(str(exc)) from None
 
 
 def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,

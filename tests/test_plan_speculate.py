@@ -163,3 +163,25 @@ def test_cli_defaults_come_from_one_torch_free_module():
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_plan_counts_a_draft_models_bytes_as_load_does(capsys, tiny_checkpoint):
+    # `plan --speculate draft:PATH` places the model under the budget less the draft's weights and KV, and
+    # says so; a draft that does not fit is one line.
+    from overspill.planning.spec import spec_from_config
+    from overspill.planning.speculation import draft_model_bytes
+    from overspill.runtime.sources import resolve
+
+    path = str(tiny_checkpoint("llama"))
+    args = ["llama-3-8b", "--profile", "h100-pcie5", "--gpu-memory", "6GiB", "--context", "4096", "--json"]
+    code, out, _ = plan(capsys, *args)
+    alone = json.loads(out)["plan"]
+    code, out, _ = plan(capsys, *args, "--speculate", f"draft:{path}")
+    with_draft = json.loads(out)["plan"]
+    draft = draft_model_bytes(spec_from_config(resolve(path, config_only=True).config(), "bfloat16"), 4096)
+    assert code == 0 and with_draft["budget_bytes"] == alone["budget_bytes"] - draft
+    assert any(n.startswith(f"draft model {path}: ") for n in with_draft["notes"])
+    one_line_error(*plan(capsys, "llama-3-8b", "--profile", "h100-pcie5", "--gpu-memory", "100KiB",
+                         "--speculate", f"draft:{path}"), "draft model", "more than the")
+    one_line_error(*plan(capsys, "llama-3-8b", "--profile", "h100-pcie5", "--speculate", "draft:/nonexistent/draft"),
+                   "/nonexistent/draft", "draft model")

@@ -294,6 +294,33 @@ def test_adaptive_chain_starts_from_the_plans_verify_pass_and_refits_on_measured
     assert len(seen) == passes and seen[-1] != prior and seen[-1].draft_per_token_s > 0
 
 
+def test_a_draft_models_bytes_come_out_of_the_targets_budget(reference, tiny_checkpoint) -> None:
+    # issue 14: a draft:PATH model is resident beside the target, so the planner counts it: the target is
+    # placed under the budget less the draft's weights and KV, and the plan says so in a note.
+    from test_placement import CONTEXT, load_tiny, resident_budget
+
+    from overspill.api import placement_of
+    from overspill.planning.spec import spec_from_config
+    from overspill.planning.speculation import draft_model_bytes
+    from overspill.runtime.sources import resolve
+
+    path = tiny_checkpoint("llama")
+    draft = draft_model_bytes(spec_from_config(resolve(str(path), config_only=True).config(), "float32"), CONTEXT)
+    budget = draft + resident_budget(path, 4, torch.float32, 2)  # the draft, and room for 4 of the target's layers
+    load = dict(gpu_memory=budget, context=CONTEXT, progress=False, dtype=torch.float32, moe_streaming="dense")
+    alone = placement_of(overspill.load(path, **load)[0]).plan
+    assert len(alone.resident_layers) > 4 and not any("draft model" in n for n in alone.notes)
+    model, _ = overspill.load(path, speculate=f"draft:{path}", **load)
+    plan = placement_of(model).plan
+    assert plan.layer_tiers == placement_of(load_tiny(path, resident=4)).plan.layer_tiers
+    assert any(n.startswith(f"draft model {path}: ") for n in plan.notes)
+    ids = _prompt(2)
+    assert torch.equal(model.generate(ids, **GEN), reference("llama").generate(ids, **GEN))
+    with pytest.raises(overspill.OverspillError, match="needs .* on the device, more than the"):
+        overspill.load(path, gpu_memory=draft, context=CONTEXT, progress=False, speculate=f"draft:{path}",
+                       dtype=torch.float32)
+
+
 def test_acceptance_tracker_counts_only_offered_tokens() -> None:
     t = AcceptanceTracker(prior=0.5, weight=1.0)
     t.update(drafted=8, accepted=3)  # 3 hits, then 1 miss; the 4 after it were never offered

@@ -40,6 +40,8 @@ from typing import Iterable
 
 from .costmodel import Prediction
 from .plan import Plan
+from .spec import ModelSpec
+from .units import format_bytes
 
 SOURCES = "'ngram' or 'draft:PATH'"
 ASSUMED_ACCEPTANCE = 0.7  # per-token acceptance `plan --speculate` assumes unless told (ngram on quoting text)
@@ -53,6 +55,27 @@ def check_source(source: str) -> None:
     """
     if source != "ngram" and not (source.startswith("draft:") and len(source) > len("draft:")):
         raise ValueError(f"unknown speculate source {source!r}; use {SOURCES}")
+
+
+def draft_model_bytes(spec: ModelSpec, context: int) -> int:
+    """Device bytes a `draft:PATH` model keeps resident beside the target: its weights and the KV of one
+    sequence of `context` tokens (it drafts for batch-1 calls). They come out of the target's budget."""
+    return spec.total_bytes + spec.kv_bytes(context)
+
+
+def with_draft_model(budget: int | None, path: str, draft_bytes: int) -> tuple[int | None, str | None]:
+    """The budget left to the target beside a resident draft model of `draft_bytes`, and the plan's note.
+
+    Raises:
+        ValueError: the draft alone takes the whole budget.
+    """
+    if budget is None:
+        return None, None
+    if draft_bytes >= budget:
+        raise ValueError(f"the draft model {path!r} needs {format_bytes(draft_bytes)} on the device, more than the "
+                         f"{format_bytes(budget)} budget; use a smaller draft, 'ngram', or a bigger --gpu-memory")
+    return budget - draft_bytes, (f"draft model {path}: {format_bytes(draft_bytes)} resident (weights and one "
+                                  f"sequence's KV), out of the {format_bytes(budget)} budget")
 
 
 def expected_tokens(acceptance: float, chain: int) -> float:

@@ -248,3 +248,22 @@ def _hub_snapshot(repo_id: str, config_only: bool) -> Path:
             f"fetch it first (`hf download {repo_id}{files}`) or pass a local directory"
         )
     return Path(found).parent
+
+
+def draft_bytes(path: str, dtype: str, context: int) -> int:
+    """What a `draft:PATH` model keeps on the device beside the target (`speculation.draft_model_bytes`),
+    sized from its config alone in the target's `dtype`, as `drafts.make_drafter` loads it.
+
+    Raises:
+        OverspillError: the draft's config cannot be found or read.
+    """
+    from ..planning.spec import spec_from_config
+    from ..planning.speculation import draft_model_bytes
+
+    try:
+        spec = spec_from_config(resolve(path, config_only=True).config(), dtype)
+    except (OverspillError, ValueError, TypeError, KeyError, ArithmeticError) as exc:
+        raise OverspillError(f"cannot load the draft model {path!r} ({one_line(exc)}); pass a local model "
+                             f"directory") from None
+    return draft_model_bytes(spec, context)
+
