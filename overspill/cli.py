@@ -396,7 +396,8 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument(
         "--speculate", default=None, metavar="SOURCE",
-        help=f"also forecast speculative decoding with SOURCE ({SOURCES}) at batch 1: predicted tok/s against "
+        help=f"also forecast speculative decoding with SOURCE ({SOURCES}, or 'self': the model placed beside "
+        "its int4 draft as `load` places it) at batch 1: predicted tok/s against "
         "the drafted chain length, from the plan's predicted pass cost (serial verification adds a decode "
         "step's compute per token), and the best chain. Default: off.",
     )

@@ -104,8 +104,13 @@ def plan_main(args: argparse.Namespace) -> int:
                         kv_device_bytes=kv, fit_batch=args.serve)
 
     cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
-    plan = _placed(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
-                   args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
+    self_draft = None
+    if getattr(args, "speculate", None) == "self":  # the int4 draft's bytes come out of the budget, as in `load`
+        self_draft, plan = _placed_with_self_draft(with_format(fp, choose(fp, requested)), moe_layers, profile,
+                                                   workload, budget, args.depth, kv, args.serve)
+    else:
+        plan = _placed(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
+                       args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
                                    plan.moe_streaming == "experts" and bool(plan.streamed_layers),
                                    why_dense(plan.notes, moe_mode, dense_option="--moe-streaming dense"))
@@ -124,7 +129,7 @@ def plan_main(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, notes=plan.notes + (draft_note,))
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choose(fp, plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
-    speculation = _plan_speculation(args, plan, spec, profile)
+    speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft)
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)
@@ -210,7 +215,8 @@ def _check_speculation_args(args: argparse.Namespace) -> None:
     if getattr(args, "speculate", None) is None:
         return
     try:
-        check_source(args.speculate)
+        if args.speculate != "self":  # the self draft is placed with the model (`planning.self_draft`)
+            check_source(args.speculate)
     except ValueError as exc:
         raise OverspillError(f"--speculate: {exc}") from None
     if not 0.0 <= args.acceptance <= 1.0:
@@ -222,17 +228,45 @@ def _check_speculation_args(args: argparse.Namespace) -> None:
                              f"runs); drop --batch {args.batch}")
 
 
-def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: Profile):
+def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: Profile, fp=None, self_draft=None):
     """The `--speculate` forecast of a batch-1 plan (None without the flag). Verification is serial where
-    every layer attends fully, as the runtime chooses: greedy tokens then match plain decoding's."""
+    every layer attends fully, as the runtime chooses: greedy tokens then match plain decoding's. The
+    self draft's tokens cost its int4 layers' reads and dispatch (`self_draft.draft_token_seconds`)."""
+    from .planning.self_draft import draft_token_seconds
     from .planning.speculation import plan_speculation
 
     if getattr(args, "speculate", None) is None or plan.prediction is None:
         return None
     serial = all(layer.sliding_window is None for layer in spec.layers)
     active_params = spec.active_bytes / spec.dtype_bytes
+    draft_s = 0.0 if self_draft is None else draft_token_seconds(fp, self_draft.weight_bytes, len(self_draft.layers),
+                                                                 _self_draft_machine(profile))
     return plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
-                            args.acceptance, serial, args.max_chain)
+                            args.acceptance, serial, args.max_chain, draft_s)
+
+
+def _self_draft_machine(profile: Profile):
+    """What the self draft's planner weighs on this profile (as `load` builds it from the probe)."""
+    from .planning.self_draft import Machine
+
+    return Machine(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s)
+
+
+def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: int | None, depth: int,
+                            kv: int | None, serve: bool):
+    """`plan --speculate self`: the draft `load` chooses and the model placed beside it
+    (`self_draft.plan_self_draft`), with its streaming mode and prediction as `_placed` gives them."""
+    from .planning import moe
+    from .planning.formats import NATIVE
+    from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
+    from .planning.self_draft import plan_self_draft
+
+    if budget is None:  # "auto", as `plan_for` resolves it
+        budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
+    draft, plan = plan_self_draft(fp, budget, workload, depth, kv, serve, _self_draft_machine(profile))
+    if plan.stream_format == NATIVE:
+        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
+    return draft, moe.predict(fp, plan, moe_layers, profile)
 
 
 def _plan_spec(model: str, dtype: str) -> ModelSpec:

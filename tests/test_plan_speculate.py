@@ -185,3 +185,27 @@ def test_plan_counts_a_draft_models_bytes_as_load_does(capsys, tiny_checkpoint):
                          "--speculate", f"draft:{path}"), "draft model", "more than the")
     one_line_error(*plan(capsys, "llama-3-8b", "--profile", "h100-pcie5", "--speculate", "draft:/nonexistent/draft"),
                    "/nonexistent/draft", "draft model")
+
+
+def test_plan_speculate_self_places_the_draft_as_load_does(capsys):
+    # `plan --speculate self` places the model beside the int4 draft `plan_self_draft` chooses (as `load`
+    # does) and forecasts with the draft's token cost; serve's sources stay 'ngram' and 'draft:PATH'.
+    from overspill.planning.plan import Workload, footprint_from_spec
+    from overspill.planning.profile import REFERENCE_PROFILES
+    from overspill.planning.self_draft import Machine, plan_self_draft
+    from overspill.planning.configs import shipped_config
+    from overspill.planning.spec import spec_from_config
+
+    code, out, _ = plan(capsys, "llama-3-8b", "--gpu-memory", "12GiB", "--profile", "h100-pcie5", "--context", "4096",
+                        "--speculate", "self", "--json")
+    assert code == 0
+    shown = json.loads(out)
+    profile = REFERENCE_PROFILES["h100-pcie5"]
+    fp = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
+    draft, placed = plan_self_draft(fp, 12 * 2**30, Workload(4096, 1), 2, None, False,
+                                    Machine(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s))
+    assert shown["plan"]["layer_tiers"] == [t.value for t in placed.layer_tiers]
+    assert any(n.startswith("self draft: ") for n in shown["plan"]["notes"])
+    assert shown["speculation"]["source"] == "self" and shown["speculation"]["pass_cost"]["draft_per_token_s"] > 0
+    code, out, _ = plan(capsys, "llama-3-8b", "--gpu-memory", "12GiB", "--profile", "h100-pcie5", "--speculate", "self")
+    assert code == 0 and "speculative decoding (self)" in out and "best chain" in out

@@ -261,7 +261,8 @@ def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_
     Raises:
         ValueError: an unknown source, an acceptance outside [0, 1] or a max_chain below 1.
     """
-    check_source(source)
+    if source != "self":  # the self draft is the model's own layers (`planning.self_draft`)
+        check_source(source)
     if max_chain < 1:
         raise ValueError(f"max chain must be at least 1, got {max_chain}")
     expected_tokens(acceptance, 0)  # checks the range
