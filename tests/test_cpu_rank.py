@@ -237,6 +237,23 @@ def test_splitting_frees_each_whole_layer_before_packing_the_next(tiny_checkpoin
     assert alive_at_each_split == [N_LAYERS - i for i in range(N_LAYERS)]
 
 
+def test_generate_under_inference_mode_then_no_grad(tiny_checkpoint) -> None:
+    # A wide pass (the prompt, wider than max_tokens) writes the CPU heads' KV from the caller's thread; under
+    # torch.inference_mode that made inference tensors the worker (not in inference mode) could not update:
+    # "Inplace update to inference tensor outside InferenceMode". Found by bench/cpu_rank_agreement.py.
+    path = tiny_checkpoint("llama")
+    model = _split_model(path, max_tokens=4)
+    ref = _reference(path)
+    single, _, _ = prompts()
+    with torch.inference_mode():
+        first = _generate(model, single)[0]
+        again = _generate(model, single)[0]
+    with torch.no_grad():
+        plain = _generate(model, single)[0]
+        want = _generate(ref, single)[0]
+    assert torch.equal(first, want) and torch.equal(again, want) and torch.equal(plain, want)
+
+
 def test_smollm2_split_gives_plain_streamings_tokens(default_model_dir) -> None:
     # The embedded SmolLM2-135M (9 heads in 3 KV groups, 1536 MLP columns), float32 on the CPU: its
     # streamed layers split at 0.5 (2 of 3 KV groups to the CPU) answer with plain streaming's tokens.

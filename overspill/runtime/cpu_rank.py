@@ -151,9 +151,12 @@ class HostKV:
     def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
         """Append this pass's KV (computed on the device in a wide pass: copied here, and the layer's
         states handed back there) and return the states attention reads."""
-        if key.device.type == "cpu":
-            return self.layer.update(key, value)
-        keys, values = self.layer.update(key.cpu(), value.cpu())
+        # Buffers are normal tensors whatever the caller's mode: one allocated under inference_mode (the
+        # caller's thread, in a wide pass) could not be written by the worker, whose mode is its own.
+        with torch.inference_mode(False), torch.no_grad():
+            if key.device.type == "cpu":
+                return self.layer.update(key, value)
+            keys, values = self.layer.update(key.cpu(), value.cpu())
         return keys.to(key.device), values.to(key.device)
 
 
