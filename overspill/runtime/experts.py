@@ -15,7 +15,10 @@ experts with the cache as their weights. The math is transformers' own:
 - Llama 4's `Llama4TextMoe` multiplies every token by every expert (unselected ones get a routing
   score of 0, so they add exact zeros). `Llama4RoutedMoe` computes only the experts some token
   selected, puts their outputs in the same [experts, tokens, hidden] sum, and adds the shared expert
-  as transformers does, so the result is the same sum.
+  as transformers does, so the result is the same sum. Each expert runs as a bmm over two entries
+  (its input and zeros, its weights expanded): cuBLAS rounds a one-entry bmm (and mm) differently from
+  transformers' 16-entry one below 256 tokens, while 2, 4, 8 and 16 entries agree bit for bit (H100,
+  torch 2.11: bench/results/llama4-identity-20261206-233527.json), for +0.09 ms a layer at 1 token.
 
 With `HostExperts` (`load(cpu_experts=...)`, `planning.host_experts`) some missing experts are not
 copied: the host computes them from their pinned buffers while the link brings the others, and their
@@ -310,10 +313,12 @@ class Llama4RoutedMoe(nn.Module):
         if on_host:
             routed_out[on_host] = self._on_host(host_in, host_scores, on_host, act).to(routed_out.device)
         gate_up_w, down_w = self.cache.tensors
+        pair = torch.zeros((2, *per_expert.shape[1:]), dtype=per_expert.dtype, device=per_expert.device)
         for e, slot in zip(experts, slots):  # unselected experts' inputs are zero: their outputs too
-            gate_up = torch.bmm(per_expert[e : e + 1], gate_up_w[slot : slot + 1])
+            pair[0] = per_expert[e]  # entry 1 stays zero: two entries round as transformers' sixteen do
+            gate_up = torch.bmm(pair, gate_up_w[slot : slot + 1].expand(2, -1, -1))
             gate, up = gate_up.chunk(2, dim=-1)
-            routed_out[e : e + 1] = torch.bmm(up * act(gate), down_w[slot : slot + 1])
+            routed_out[e : e + 1] = torch.bmm(up * act(gate), down_w[slot : slot + 1].expand(2, -1, -1))[:1]
         out = moe.shared_expert(hidden_states)
         out.add_(routed_out.sum(dim=0))
         return out, router_logits
