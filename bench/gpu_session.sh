@@ -109,9 +109,10 @@ case "${1:-}" in
       .whl-nvcomp/*.whl
     timeout 540 python3 bench/compressed.py --model llama-3-8b --budget 6GiB --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
-  cpu-rank)  # issue 16: the host CPU as a second rank, 8B at 6 GiB, bf16 then int8 host weights
+  cpu-rank)  # issue 16: the host CPU as a second rank, 8B at 6 GiB, bf16 then int8 host weights (int8 died of a
+            # segfault on the H100 at 5b57da5 after plain streaming: faulthandler prints where)
     for fmt in bf16 int8; do
-      timeout 260 python3 bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format $fmt --out "$OUT" 2>&1 \
+      timeout 260 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format $fmt --out "$OUT" 2>&1 \
         | tee -a "$OUT/log"
     done
     ;;
@@ -125,7 +126,7 @@ case "${1:-}" in
     ;;
   cpu-rank-70b)  # issue 16 at the 70B shape: one load, plain streaming then the CPU rank; HOST_FORMAT=bf16|int8
                  # (one call each), BUDGET as for formats-70b
-    timeout 560 python3 bench/cpu_rank.py --model llama-3-70b --budget "${BUDGET:-80GiB}" \
+    timeout 560 python3 -X faulthandler bench/cpu_rank.py --model llama-3-70b --budget "${BUDGET:-80GiB}" \
       --host-format "${HOST_FORMAT:-bf16}" --new-tokens 8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   moe)  # issue 17: expert-aware against dense streaming, Mixtral-8x7B shape at 24 GiB
