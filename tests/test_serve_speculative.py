@@ -260,3 +260,32 @@ def test_cli_refuses_a_bad_speculate_source_before_loading(capsys, command):
     assert cli.main([*command, "--speculate", "medusa"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("overspill: error: --speculate:") and "medusa" in err[0]
+
+
+def test_serve_counts_its_draft_model_in_the_plan_and_drafts_with_that_one(tiny_checkpoint, monkeypatch, capsys):
+    # `serve --speculate draft:PATH` places the model under the budget less the draft (as generate's load does)
+    # and the engine drafts with the model load keeps, instead of loading a second copy.
+    from overspill import cli
+    from overspill.api import placement_of
+    from overspill.runtime import drafts, speculative
+    from overspill.serving import speculate
+    from overspill.serving.openai_protocol import load_for_serving
+
+    path = str(tiny_checkpoint("llama"))
+    args = cli._build_parser().parse_args(["serve", path, "--gpu-memory", "4MiB", "--context", "64", "--max-batch", "1",
+                                           "--dtype", "float32", "--speculate", f"draft:{path}"])
+    loads = []
+    real = drafts.make_drafter
+    monkeypatch.setattr(drafts, "make_drafter", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(speculate, "make_drafter", drafts.make_drafter)
+    monkeypatch.setattr(speculative, "make_drafter", drafts.make_drafter)
+    model, _ = load_for_serving(args)
+    capsys.readouterr()
+    assert any(n.startswith(f"draft model {path}: ") for n in placement_of(model).plan.notes)
+    engine = _engine(model, speculate=f"draft:{path}")
+    try:
+        [(_, usage)] = _run(engine, [GenerationRequest(PROMPTS[0], 10)])
+        assert usage is not None and usage.passes
+    finally:
+        engine.close()
+    assert loads == [f"draft:{path}"]  # once, by load

@@ -71,6 +71,8 @@ class Speculator:
         self.serial = supports_serial(model)
         self.fit = PassCostFit(prior_pass_cost(model, self.serial))
         self._drafters: dict[str, Drafter] = {}
+        if default is not None and getattr(model, "speculation_source", None) == default:
+            self._drafters[default] = model.speculation_drafter  # the draft model `load` counted and keeps
         self._progress: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> _Progress
         if default is not None and self.serial:
             self._drafter(default)  # a draft model loads now: a bad path fails before serving, not per request
