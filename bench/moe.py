@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-from smoke import streamed_plan, sync  # noqa: E402
+from smoke import layer_sizes, spread_layers, streamed_plan, sync  # noqa: E402
 
 from overspill.planning.placement import DEFAULT_DEPTH  # noqa: E402
 
@@ -120,29 +120,6 @@ def smoke_checkpoint(out_dir: Path) -> Path:
     path = out_dir / "smoke-moe"
     model.save_pretrained(path)
     return path
-
-
-def spread_layers(plan, layer_sizes: list[int]):
-    """`plan` with its streamed layers spread evenly among the resident ones (layer (i * N) // n streams), or
-    None where that would change its bytes (layers of different sizes), some KV lives in host memory or nothing
-    streams. Streaming the first n layers leaves the resident ones as one run at the end of each step, which
-    the ring's few queued copies may not cover when its slots are small (expert streaming)."""
-    from dataclasses import replace
-
-    from overspill.planning.plan import Tier
-
-    n, total = len(plan.streamed_layers), len(plan.layer_tiers)
-    if len(set(layer_sizes)) != 1 or plan.kv_host_layers or n == 0:
-        return None
-    chosen = {(i * total) // n for i in range(n)}
-    return replace(plan, layer_tiers=tuple(Tier.PINNED if i in chosen else Tier.DEVICE for i in range(total)), notes=())
-
-
-def layer_sizes(model) -> list[int]:
-    """Parameters per decoder layer of a loaded model."""
-    from overspill.runtime.loader import decoder_layers
-
-    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)[1]]
 
 
 def host_share_check(model: str, budget: str, depth: int) -> None:

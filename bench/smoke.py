@@ -30,9 +30,10 @@ def smoke_model(out_dir: Path) -> Path:
     return path
 
 
-def streamed_plan(path: Path, context: int, batch: int = 1, depth: int | None = None):
-    """The plan that streams every layer of the saved smoke model at `path` (float32, as the CPU loads it), for
-    `context` tokens x `batch`: the smoke runs time streamed layers, which the CPU budget alone would not make."""
+def streamed_plan(path: Path, context: int, batch: int = 1, depth: int | None = None, streamed: int | None = None):
+    """The plan that streams the first `streamed` (default: every) layers of the saved smoke model at `path`
+    (float32, as the CPU loads it), for `context` tokens x `batch`: the smoke runs time streamed layers, which
+    the CPU budget alone would not make."""
     import torch
     from transformers import AutoConfig
 
@@ -43,7 +44,8 @@ def streamed_plan(path: Path, context: int, batch: int = 1, depth: int | None = 
     skeleton = build_skeleton(AutoConfig.from_pretrained(str(path)), torch.float32)
     fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.float32)
     workload = Workload(context, batch, activation_floor=0)
-    return streaming_plan(fp, workload, len(fp.layer_bytes), DEFAULT_DEPTH if depth is None else depth)
+    count = len(fp.layer_bytes) if streamed is None else streamed
+    return streaming_plan(fp, workload, count, DEFAULT_DEPTH if depth is None else depth)
 
 
 def seconds_per_call(fn, calls: int) -> float:
@@ -65,3 +67,26 @@ def seconds_per_call(fn, calls: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / calls
+
+
+def spread_layers(plan, layer_sizes: list[int]):
+    """`plan` with its streamed layers spread evenly among the resident ones (layer (i * N) // n streams), or
+    None where that would change its bytes (layers of different sizes), some KV lives in host memory or nothing
+    streams. Streaming the first n layers leaves the resident ones as one run at the end of each step, which
+    the ring's few queued copies may not cover when its slots are small (expert streaming)."""
+    from dataclasses import replace
+
+    from overspill.planning.plan import Tier
+
+    n, total = len(plan.streamed_layers), len(plan.layer_tiers)
+    if len(set(layer_sizes)) != 1 or plan.kv_host_layers or n == 0:
+        return None
+    chosen = {(i * total) // n for i in range(n)}
+    return replace(plan, layer_tiers=tuple(Tier.PINNED if i in chosen else Tier.DEVICE for i in range(total)), notes=())
+
+
+def layer_sizes(model) -> list[int]:
+    """Parameters per decoder layer of a loaded model."""
+    from overspill.runtime.loader import decoder_layers
+
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)[1]]

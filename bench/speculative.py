@@ -14,6 +14,7 @@ random weights (speed is honest, acceptance is set by the oracle, not by the mod
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance  # noqa: E402 - after the path
-from smoke import smoke_model, sync as _sync  # noqa: E402
+from smoke import SMOKE_CONFIG, layer_sizes, smoke_model, spread_layers, streamed_plan, sync as _sync  # noqa: E402
 
 def pass_costs(model, ids, ks: list[int], repeats: int, serial: bool = False) -> dict[int, float]:
     """Seconds of one forward over k new tokens after the prompt's cache, median of `repeats`;
@@ -141,6 +142,9 @@ def main() -> None:
                    help="then load again with speculate='self' (the planner sizes the int4 draft inside the "
                         "budget) and time it against plain decoding of that same plan (random weights: its "
                         "acceptance is meaningless, reported as measured)")
+    p.add_argument("--spread", action="store_true",
+                   help="then load the same plan with its streamed layers spread evenly among the resident ones and "
+                        "run plain decoding, the serial pass sweep and the oracle points again (serial verify only)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -149,9 +153,6 @@ def main() -> None:
 
     import overspill
     from overspill.api import placement_of
-    from overspill.planning.speculation import forecast
-    from overspill.runtime import speculative
-    from overspill.runtime.drafts import OracleDrafter
     from overspill.runtime.hardware import machine_facts
 
     out_dir = Path(args.out)
@@ -159,15 +160,17 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = "smoke" if args.smoke else args.model
     path = out_dir / f"speculative-{name}-{args.budget}-{stamp}.json"
-    if args.smoke:
+    context = args.prompt_tokens + args.new_tokens + max(args.pass_k) + 32
+    given = {}
+    if args.smoke:  # half the layers streamed, so the ring (and --spread) runs
         source, random_weights, budget = str(smoke_model(out_dir)), False, None
+        given["plan"] = streamed_plan(Path(source), context, streamed=SMOKE_CONFIG["num_hidden_layers"] // 2)
     else:
         source, random_weights, budget = args.model, True, args.budget
-    context = args.prompt_tokens + args.new_tokens + max(args.pass_k) + 32
     t0 = time.perf_counter()
     # bf16 copies, whatever `auto` would pick (lossless once nvCOMP is installed): the pass costs are bf16 streaming's
     model, _ = overspill.load(source, gpu_memory=budget, context=context, random_weights=random_weights,
-                              progress=False, stream_format="bf16", streaming="copy")
+                              progress=False, stream_format="bf16", streaming="copy", **given)
     load_s = time.perf_counter() - t0
     plan = placement_of(model).plan
     print(plan.summary(), flush=True)
@@ -203,7 +206,36 @@ def main() -> None:
     record["plain"] = plain
     print(f"plain: {plain}", flush=True)
     record["runs"] = []
-    for verify, point in [(v, pt) for v in args.verify for pt in args.points]:
+    oracle_runs(model, ids, plain_tokens, plain, args, args.verify, fits, planner, vocab, record, path, record["runs"])
+    if args.spread:
+        spread = spread_layers(plan, layer_sizes(model))
+        del model  # before the same plan loads again
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model = None
+        record["spread"] = spread_run(spread, source, context, random_weights, ids, plain_tokens, args, planner, vocab,
+                                      record, path)
+        path.write_text(json.dumps(record, indent=2))
+    if args.self_draft:
+        del model
+        record["self_draft"] = self_draft_run(source, budget, context, random_weights, ids.cpu(), args.new_tokens)
+        path.write_text(json.dumps(record, indent=2))
+    plot(record, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+def oracle_runs(model, ids, plain_tokens: list[int], plain: dict, args, verifies: list[str], fits: dict, planner,
+                vocab: int, record: dict, path: Path, runs: list, label: str = "") -> None:
+    """One run per (verify, ACCEPTANCE:CHAIN) point with the oracle draft, against `plain`'s tokens and speed,
+    appended to `runs` (a list inside `record`) and written to `path` as each comes."""
+    import torch
+
+    from overspill.planning.speculation import forecast
+    from overspill.runtime import speculative
+    from overspill.runtime.drafts import OracleDrafter
+
+    for verify, point in [(v, pt) for v in verifies for pt in args.points]:
         acc_s, chain_s = point.split(":")
         acceptance, chain = float(acc_s), None if chain_s == "auto" else int(chain_s)
         drafter = OracleDrafter(torch.tensor(plain_tokens), args.prompt_tokens, acceptance, vocab, seed=1)
@@ -211,8 +243,8 @@ def main() -> None:
         try:
             tokens, timing = timed_generate(model, ids, args.new_tokens)
         except Exception as exc:  # record it and go on: one load serves every point
-            record["runs"].append({"verify": verify, "acceptance": acceptance, "chain": chain, "error": repr(exc)[:500]})
-            print(f"oracle {verify} {point}: {exc!r}", flush=True)
+            runs.append({"verify": verify, "acceptance": acceptance, "chain": chain, "error": repr(exc)[:500]})
+            print(f"oracle {label}{verify} {point}: {exc!r}", flush=True)
             continue
         finally:
             speculative.enable(model, None)
@@ -246,16 +278,38 @@ def main() -> None:
             run["measured_over_planner"] = run["decode_tok_s"] / planned.tok_s if run["decode_tok_s"] else None
             run["planner_step_s"] = planner.step_seconds(drafted)
             run["step_over_planner"] = run["step_s"] / run["planner_step_s"] if run["step_s"] else None
-        record["runs"].append(run)
+        runs.append(run)
         path.write_text(json.dumps(record, indent=2))
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items()}
-        print(f"oracle {verify} {point}: {shown}", flush=True)
-    if args.self_draft:
-        del model
-        record["self_draft"] = self_draft_run(source, budget, context, random_weights, ids.cpu(), args.new_tokens)
-        path.write_text(json.dumps(record, indent=2))
-    plot(record, path.with_suffix(".png"))
-    print(f"wrote {path}")
+        print(f"oracle {label}{verify} {point}: {shown}", flush=True)
+
+
+def spread_run(spread, source, context: int, random_weights: bool, ids, plain_tokens: list[int], args, planner,
+               vocab: int, record: dict, path: Path) -> dict:
+    """The plan loaded again as `spread` (its streamed layers spread evenly among the resident ones:
+    `smoke.spread_layers`, None where it cannot). A serial verify pass adds each resident layer's compute per
+    token, which the link hides only where copies run beside it; streaming the first layers leaves the
+    resident ones as one run the ring's few slots do not cover. Plain decoding, the serial pass sweep and the
+    oracle points (serial verify) again; the planner's figures are the prefix plan's."""
+    import overspill
+
+    if spread is None:
+        return {"error": "layers differ in size, KV lives in host memory or nothing streams: no spread plan"}
+    model, _ = overspill.load(source, plan=spread, context=context, random_weights=random_weights, progress=False,
+                              stream_format="bf16", streaming="copy")
+    out = {"streamed_layers": list(spread.streamed_layers), "runs": []}
+    record["spread"] = out
+    plain_tokens_spread, plain = timed_generate(model, ids, args.new_tokens)
+    out["plain"] = plain
+    out["plain_identical_to_prefix"] = plain_tokens_spread == plain_tokens
+    print(f"spread plain: {plain} (identical to prefix: {out['plain_identical_to_prefix']})", flush=True)
+    serial_costs = pass_costs(model, ids, args.serial_k, args.repeats, serial=True)
+    out["serial_pass_seconds"] = {str(k): v for k, v in serial_costs.items()}
+    print("spread serial pass seconds:", {k: round(v * 1e3, 1) for k, v in serial_costs.items()}, flush=True)
+    oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], {"serial": fit(serial_costs)}, planner, vocab,
+                record, path, out["runs"], "spread ")
+    path.write_text(json.dumps(record, indent=2))
+    return out
 
 
 def planner_pass_cost(model, plan):

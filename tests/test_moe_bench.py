@@ -77,7 +77,7 @@ def test_spread_layers_interleaves_the_streamed_ones() -> None:
     """--spread's plan streams layer (i * N) // n of N for each of the n streamed layers, keeps every byte count,
     and is refused where layers differ in size or KV lives in host memory."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from moe import spread_layers
+    from smoke import spread_layers
 
     from overspill.planning.placement import streaming_plan
     from overspill.planning.plan import Footprint, Workload

@@ -36,3 +36,19 @@ def test_tree_gains_pair_each_tree_with_the_chain_of_its_budget() -> None:
     gains = tree_gains(runs)
     assert [(g["source"], g["budget"]) for g in gains] == [("ngram", 32), ("self", 32)]  # tree 64 has no chain 64
     assert gains[0]["tree_over_chain"] == pytest.approx(1.6 / 1.4) and gains[1]["tree_over_chain"] == 1.5
+
+
+def test_smoke_with_spread_loads_the_plan_again_and_records_its_runs(tmp_path) -> None:
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "speculative.py"), "--smoke", "--spread", "--points",
+                          "0.8:4", "--new-tokens", "10", "--pass-k", "1", "4", "--serial-k", "1", "5", "--repeats", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [path] = tmp_path.glob("speculative-smoke-*.json")
+    record = json.loads(path.read_text())
+    spread = record["spread"]
+    assert spread["streamed_layers"] == [0, 2] and spread["plain_identical_to_prefix"]  # prefix streamed 0-1
+    assert [(r["acceptance"], r["chain"], r["identical"]) for r in spread["runs"]] == [(0.8, 4, True)]
+    assert set(spread["serial_pass_seconds"]) == {"1", "5"} and record["runs"][0]["identical"]
