@@ -155,6 +155,30 @@ def test_int4_error_is_half_a_step_per_group(dtype: torch.dtype) -> None:
     assert (got - g).abs().mean() < (step / 3).mean()
 
 
+def test_int4_expands_in_chunks_through_the_planned_scratch_in_one_rounding(monkeypatch) -> None:
+    # Each chunk of rows unpacks its codes into the scratch `expand_scratch_bytes` plans, then one fused
+    # multiply-add in float32 writes the slot: the value is (q - 8) * scale + zero rounded once, whatever
+    # the chunking, and a planned scratch means no allocation.
+    from overspill.planning.formats import expand_scratch_bytes, int4_scratch_bytes
+
+    w = (torch.randn(48, 640) * 0.02).to(torch.bfloat16)
+    parts = [torch.empty(shape, dtype=dtype) for shape, dtype in quant.part_shapes("int4", tuple(w.shape))]
+    quant.encode("int4", w.clone(), parts)
+    packed, scale, zero = parts
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).view(48, 5, 128).float()
+    want = ((q - 8) * scale.float() + zero.float()).view(48, 640).to(torch.bfloat16)
+    whole = torch.empty_like(w)
+    quant.expand("int4", parts, whole)
+    assert torch.equal(whole, want)
+    monkeypatch.setattr(quant, "INT4_CHUNK_CODES", 7 * 640)  # 7 rows a chunk: 7 chunks, the last of 6 rows
+    scratch = torch.empty(int4_scratch_bytes(7 * 640), dtype=torch.uint8)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("allocated beside the planned scratch"))
+    chunked = torch.zeros_like(w)
+    quant.expand("int4", parts, chunked, scratch)
+    assert torch.equal(chunked, want)
+    assert expand_scratch_bytes("int4", 48 * 640 * 2, 2) == int4_scratch_bytes(48 * 640)  # a layer under a chunk
+
+
 def test_lossy_formats_keep_vectors_and_odd_shapes_raw() -> None:
     layout = LayerLayout.of([("w", (8, 64), torch.bfloat16), ("odd", (8, 66), torch.bfloat16),
                              ("norm", (66,), torch.bfloat16)])

@@ -47,10 +47,10 @@ SCALED_GROUP = 128  # int8 / fp8: inputs per scale (issue 15: chosen by SmolLM2 
 SCALE_BYTES = 4  # int8 / fp8: float32 scale per group of `SCALED_GROUP` inputs
 GROUP_PAIR_BYTES = 4  # int4: bf16 scale + bf16 zero per group
 # HBM bytes moved per expanded output byte: read the codes and scales, write the compute dtype once
-# (int8: one fused multiply; fp8: a cast then a multiply; int4: two nibble writes, then subtract,
-# scale and shift; lossless: one interleave of the planes). The groups' scales (4/128 B a weight for
-# int8, fp8 and int4) are left out: a few percent of the traffic, read once per group.
-EXPAND_TRAFFIC = {"int8": 1.5, "fp8": 3.5, "int4": 7.5, "lossless": 2.0}
+# (int8: one fused multiply; fp8: a cast then a multiply; int4: the packed bytes read twice into a byte
+# a code in scratch, then one fused scale-and-shift; lossless: one interleave of the planes). The
+# groups' scales (4/128 B a weight for int8, fp8 and int4) are left out: a few percent of the traffic.
+EXPAND_TRAFFIC = {"int8": 1.5, "fp8": 3.5, "int4": 2.5, "lossless": 2.0}
 
 
 def check_format(name: str) -> str:
@@ -114,9 +114,23 @@ def encoded_bytes(fmt: str, layer_bytes: int, dtype_bytes: int,
 STAGING_BUFFERS = 2  # encoded bytes in flight: one being copied into, one being expanded from
 
 
+INT4_CHUNK_CODES = 16 * 2**20  # int4 codes unpacked at a time, a byte each, before one fused scale-and-shift
+
+
 def expand_scratch_bytes(fmt: str, layer_bytes: int, dtype_bytes: int) -> int:
-    """GPU scratch one expansion needs besides its staging: lossless decodes the high plane there first."""
-    return layer_bytes // dtype_bytes if fmt == "lossless" else 0
+    """GPU scratch one expansion needs besides its staging: lossless decodes the high plane there first;
+    int4 unpacks up to `INT4_CHUNK_CODES` codes (and their groups' float32 shifts) there at a time."""
+    if fmt == "lossless":
+        return layer_bytes // dtype_bytes
+    if fmt == "int4":
+        return int4_scratch_bytes(min(layer_bytes // dtype_bytes, INT4_CHUNK_CODES))
+    return 0
+
+
+def int4_scratch_bytes(codes: int) -> int:
+    """Scratch to unpack `codes` int4 codes: a byte each (aligned), then a float32 shift per group of the
+    smallest group a weight may fall back to (32 inputs)."""
+    return -(-codes // 256) * 256 + 4 * -(-codes // 32)
 
 
 def expand_seconds(fmt: str, layer_bytes: int, dtype_bytes: int, hbm_bytes_s: float) -> float:

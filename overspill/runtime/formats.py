@@ -80,7 +80,7 @@ class LossyLayer:
             if t.kind == "raw":
                 out.copy_(parts[0])
             else:
-                quant.expand(t.kind, parts, out)
+                quant.expand(t.kind, parts, out, expander.scratch)
 
 
 CODE_CHUNK = 64 * 2**20  # high-plane bytes coded as one stream: bounds the codec's buffers at load

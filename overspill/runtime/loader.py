@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import OverspillError, one_line
-from ..planning.formats import LOSSY, NATIVE
+from ..planning.formats import LOSSY, NATIVE, expand_scratch_bytes
 from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier, footprint_from_spec
 from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_bytes_per_token, kv_windows
 from ..planning.units import format_bytes
@@ -319,8 +319,7 @@ def _expander(model_layers: nn.ModuleList, plan: Plan, device: torch.device) -> 
     for i in plan.streamed_layers:
         layout = _layout(model_layers[i])
         staging = max(staging, staging_bytes_at_load(plan.stream_format, layout))
-        if plan.stream_format == "lossless":
-            scratch = max(scratch, layout.nbytes // itemsize_of(layout))
+        scratch = max(scratch, expand_scratch_bytes(plan.stream_format, layout.nbytes, itemsize_of(layout)))
     return Expander(device, staging, scratch)
 
 
