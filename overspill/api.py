@@ -29,7 +29,7 @@ from .planning.plan import (
 )
 from .planning.profile import Profile
 from .planning.self_draft import Machine, plan_self_draft
-from .planning.speculation import auto_source, with_draft_model
+from .planning.speculation import auto_source
 from .planning.spec import DEFAULT_DTYPE, dtype_name
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -47,7 +47,7 @@ from .runtime.loader import (
     placement_of,  # re-exported: `overspill.api.placement_of` is public
     use_planned_cache,
 )
-from .runtime.sources import ModelSource, check_architecture, draft_bytes, resolve
+from .runtime.sources import ModelSource, budget_beside_draft, check_architecture, resolve
 
 # The dtypes `load` computes in, by their names in the planner's table (`overspill.planning.spec.DTYPE_BYTES`).
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in ("bfloat16", "float16", "float32")}
@@ -313,16 +313,11 @@ def load(
         fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
     fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
     self_draft = draft_note = None
-    if plan is None and speculate is not None and speculate.startswith("draft:"):
-        path = speculate[len("draft:"):]
-        try:
-            budget, draft_note = with_draft_model(budget, path, draft_bytes(path, dtype_name(torch_dtype), context))
-        except ValueError as exc:
-            raise OverspillError(str(exc)) from None
     if plan is None:
+        budget, draft_note = budget_beside_draft(speculate, budget, dtype_name(torch_dtype), context)
         kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
         if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
-            self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, _machine(profile))
+            self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, Machine.of(profile))
         else:
             plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
                                            moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate), profile)
@@ -437,13 +432,6 @@ def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> 
     if plan.stream_format != NATIVE and cuda_graphs:
         raise OverspillError(f"stream format {plan.stream_format} decodes eagerly (not in CUDA graphs yet): "
                              f"drop --cuda-graphs or use --stream-format bf16")
-
-
-def _machine(profile: Profile | None) -> Machine:
-    """What the self draft's planner weighs: the probed machine, else the reference H100's figures."""
-    if profile is None:
-        return Machine()
-    return Machine(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s)
 
 
 def _expandable_segments() -> None:

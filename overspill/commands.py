@@ -85,7 +85,12 @@ def plan_main(args: argparse.Namespace) -> int:
     if getattr(args, "host_memory", None) is not None:
         profile = dataclasses.replace(profile, host_available_bytes=parse_bytes(args.host_memory))
     budget = _plan_budget(args.gpu_memory, profile)
-    budget, draft_note = _draft_budget(args, budget, profile, spec.dtype)
+    draft_note = None
+    if (getattr(args, "speculate", None) or "").startswith("draft:"):  # as `load` counts the draft model
+        from .runtime.sources import budget_beside_draft
+
+        budget, draft_note = budget_beside_draft(args.speculate, _auto_budget(budget, profile), spec.dtype,
+                                                 args.context)
     fp = footprint_from_spec(spec)
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
@@ -157,23 +162,11 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draft_budget(args: argparse.Namespace, budget: int | None, profile: Profile,
-                  dtype: str) -> tuple[int | None, str | None]:
-    """`plan --speculate draft:PATH`: the budget left to the model beside the resident draft, as `load` counts it."""
+def _auto_budget(budget: int | None, profile: Profile) -> int:
+    """An explicit budget, or "auto" (None) as `plan_for` resolves it: free memory less its margin."""
     from .planning.placement import AUTO_MARGIN_BYTES
-    from .planning.speculation import with_draft_model
-    from .runtime.sources import draft_bytes
 
-    speculate = getattr(args, "speculate", None)
-    if not speculate or not speculate.startswith("draft:"):
-        return budget, None
-    if budget is None:  # "auto", as `plan_for` resolves it
-        budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
-    path = speculate[len("draft:"):]
-    try:
-        return with_draft_model(budget, path, draft_bytes(path, dtype, args.context))
-    except ValueError as exc:
-        raise OverspillError(str(exc)) from None
+    return max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0) if budget is None else budget
 
 
 def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,
@@ -184,10 +177,9 @@ def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int |
     its minimum, an expert-aware plan may still fit."""
     from .planning import moe
     from .planning.formats import NATIVE
-    from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
+    from .planning.placement import choose_streaming
 
-    if budget is None:  # "auto", as `plan_for` resolves it
-        budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
+    budget = _auto_budget(budget, profile)
     blocker = moe.blocker(fp.stream_format, "auto", workload.graphs, speculate)  # as `load` asks it
     plan, note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv, serve, mode, blocker, profile)
     if note:
@@ -232,7 +224,7 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
     """The `--speculate` forecast of a batch-1 plan (None without the flag). Verification is serial where
     every layer attends fully, as the runtime chooses: greedy tokens then match plain decoding's. The
     self draft's tokens cost its int4 layers' reads and dispatch (`self_draft.draft_token_seconds`)."""
-    from .planning.self_draft import draft_token_seconds
+    from .planning.self_draft import Machine, draft_token_seconds
     from .planning.speculation import plan_speculation
 
     if getattr(args, "speculate", None) is None or plan.prediction is None:
@@ -240,16 +232,9 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
     serial = all(layer.sliding_window is None for layer in spec.layers)
     active_params = spec.active_bytes / spec.dtype_bytes
     draft_s = 0.0 if self_draft is None else draft_token_seconds(fp, self_draft.weight_bytes, len(self_draft.layers),
-                                                                 _self_draft_machine(profile))
+                                                                 Machine.of(profile))
     return plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
                             args.acceptance, serial, args.max_chain, draft_s)
-
-
-def _self_draft_machine(profile: Profile):
-    """What the self draft's planner weighs on this profile (as `load` builds it from the probe)."""
-    from .planning.self_draft import Machine
-
-    return Machine(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s)
 
 
 def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: int | None, depth: int,
@@ -258,12 +243,10 @@ def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: 
     (`self_draft.plan_self_draft`), with its streaming mode and prediction as `_placed` gives them."""
     from .planning import moe
     from .planning.formats import NATIVE
-    from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
-    from .planning.self_draft import plan_self_draft
+    from .planning.placement import choose_streaming
+    from .planning.self_draft import Machine, plan_self_draft
 
-    if budget is None:  # "auto", as `plan_for` resolves it
-        budget = max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0)
-    draft, plan = plan_self_draft(fp, budget, workload, depth, kv, serve, _self_draft_machine(profile))
+    draft, plan = plan_self_draft(fp, _auto_budget(budget, profile), workload, depth, kv, serve, Machine.of(profile))
     if plan.stream_format == NATIVE:
         plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
     return draft, moe.predict(fp, plan, moe_layers, profile)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from ..errors import OverspillError
 from .placement import place
 from .plan import DEFAULT_DEPTH, Footprint, Plan, Workload
+from .profile import Profile
 from .speculation import PassCost, best_chain, forecast
 from .units import format_bytes
 
@@ -110,6 +111,13 @@ class Machine:
     link_bytes_s: float = DEFAULT_LINK_BYTES_S
     device_bytes_s: float = DEFAULT_DEVICE_BYTES_S
     layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S
+
+    @classmethod
+    def of(cls, profile: Profile | None) -> "Machine":
+        """The probed machine's figures, else the reference H100's."""
+        if profile is None:
+            return cls()
+        return cls(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s)
 
 
 def pass_seconds(fp: Footprint, plan: Plan, machine: Machine) -> float:

@@ -267,3 +267,21 @@ def draft_bytes(path: str, dtype: str, context: int) -> int:
                              f"directory") from None
     return draft_model_bytes(spec, context)
 
+
+def budget_beside_draft(speculate: str | None, budget: int | None, dtype: str, context: int) -> tuple[int | None, str | None]:
+    """The budget left to the model beside a `draft:PATH` source's resident draft, and the plan's note
+    (`speculation.with_draft_model`); other sources cost no device memory: (budget, None).
+
+    Raises:
+        OverspillError: the draft's config cannot be read, or the draft takes the whole budget.
+    """
+    from ..planning.speculation import with_draft_model
+
+    if speculate is None or not speculate.startswith("draft:"):
+        return budget, None
+    path = speculate[len("draft:"):]
+    try:
+        return with_draft_model(budget, path, draft_bytes(path, dtype, context))
+    except ValueError as exc:
+        raise OverspillError(str(exc)) from None
+
