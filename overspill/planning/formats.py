@@ -117,11 +117,15 @@ STAGING_BUFFERS = 2  # encoded bytes in flight: one being copied into, one being
 INT4_CHUNK_CODES = 16 * 2**20  # int4 codes unpacked at a time, a byte each, before one fused scale-and-shift
 
 
+LOSSLESS_CHUNK = 64 * 2**20  # high-plane bytes coded as one stream, decoded (and interleaved) one at a time
+
+
 def expand_scratch_bytes(fmt: str, layer_bytes: int, dtype_bytes: int) -> int:
-    """GPU scratch one expansion needs besides its staging: lossless decodes the high plane there first;
-    int4 unpacks up to `INT4_CHUNK_CODES` codes (and their groups' float32 shifts) there at a time."""
+    """GPU scratch one expansion needs besides its staging: lossless decodes the high plane there, one
+    coded chunk at a time; int4 unpacks up to `INT4_CHUNK_CODES` codes (and their groups' float32 shifts)
+    there at a time."""
     if fmt == "lossless":
-        return layer_bytes // dtype_bytes
+        return min(layer_bytes // dtype_bytes, LOSSLESS_CHUNK)
     if fmt == "int4":
         return int4_scratch_bytes(min(layer_bytes // dtype_bytes, INT4_CHUNK_CODES))
     return 0

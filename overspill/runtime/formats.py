@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OverspillError
-from ..planning.formats import LOSSY, NATIVE, STAGING_BUFFERS
+from ..planning.formats import LOSSLESS_CHUNK, LOSSY, NATIVE, STAGING_BUFFERS
 from . import quant
 from .layout import ALIGN, LayerLayout, TensorEntry
 from .lossless_codec import plane_codec
@@ -83,7 +83,7 @@ class LossyLayer:
                 quant.expand(t.kind, parts, out, expander.scratch)
 
 
-CODE_CHUNK = 64 * 2**20  # high-plane bytes coded as one stream: bounds the codec's buffers at load
+CODE_CHUNK = LOSSLESS_CHUNK  # high-plane bytes coded as one stream: bounds the codec's buffers and the scratch
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,16 @@ class LosslessLayer:
         return layout.nbytes - layout.nbytes // itemsize_of(layout)
 
     def expand(self, staging: torch.Tensor, slot: torch.Tensor, expander: "Expander") -> None:
-        high = expander.scratch[: self.elements]
+        """Each coded chunk decoded into the scratch, then interleaved with its rows of the low planes into
+        the slot: the scratch holds one chunk, not the layer's whole high plane."""
         codec = expander.codec()
-        for k, chunk in enumerate(self.chunks):
-            codec.decode(chunk.view(staging), high[k * CODE_CHUNK : (k + 1) * CODE_CHUNK])
+        low = self.low.view(staging)
         out = slot[: self.elements * self.itemsize].view(self.elements, self.itemsize)
-        torch.cat([self.low.view(staging), high.view(self.elements, 1)], dim=1, out=out)
+        for k, chunk in enumerate(self.chunks):
+            start, end = k * CODE_CHUNK, min(self.elements, (k + 1) * CODE_CHUNK)
+            high = expander.scratch[: end - start]
+            codec.decode(chunk.view(staging), high)
+            torch.cat([low[start:end], high.view(-1, 1)], dim=1, out=out[start:end])
 
 
 def itemsize_of(layout: LayerLayout) -> int:
@@ -144,10 +148,12 @@ def encode_lossless(layout: LayerLayout, raw: torch.Tensor, staging: torch.Tenso
     low = quant.Part(0, (n, size - 1), torch.uint8)
     with expander.on_stream():
         low.view(staging).copy_(planes[:, : size - 1])
-        high = expander.scratch[:n]
-        high.copy_(planes[:, size - 1])
         codec = expander.codec()
-        pieces = [codec.encode(high[start : start + CODE_CHUNK]).cpu() for start in range(0, n, CODE_CHUNK)]
+        pieces = []
+        for start in range(0, n, CODE_CHUNK):  # a chunk of the high plane at a time through the scratch
+            high = expander.scratch[: min(n - start, CODE_CHUNK)]
+            high.copy_(planes[start : start + high.numel(), size - 1])
+            pieces.append(codec.encode(high).cpu())
     chunks, offset = [], _align(low.nbytes)
     for piece in pieces:
         chunks.append(quant.Part(offset, (piece.numel(),), torch.uint8))
