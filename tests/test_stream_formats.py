@@ -364,3 +364,17 @@ def test_auto_format_stays_bf16_where_the_load_streams_only_uncompressed_layers(
     assert format_blocker("copy", True, "self") == "speculate='self'"
     assert format_blocker(cpu_compute=0.5) == format_blocker(cpu_compute="on") == "the CPU rank"
     assert format_blocker(cpu_compute="auto") is None  # the CPU rank's auto turns itself off beside lossless
+
+
+def test_lossless_without_nvcomp_on_a_gpu_is_one_clear_error_and_auto_falls_back(monkeypatch) -> None:
+    # issue 15: without the codec `lossless` is a one-line error saying what to install; `auto` streams bf16 with a note
+    from overspill import api
+    from overspill.runtime import lossless_codec
+
+    monkeypatch.setattr(lossless_codec, "codec_installed", lambda: False)
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(OverspillError, match=r"lossless needs nvCOMP on a GPU: pip install 'overspill\[compress\]'"):
+        api._stream_format("lossless", cuda, None)
+    fmt, note = api._stream_format("auto", cuda, None)
+    assert fmt == "bf16" and "pip install 'overspill[compress]'" in note
+    assert api._stream_format("lossless", torch.device("cpu"), None) == ("lossless", None)  # zlib on the CPU
