@@ -409,7 +409,9 @@ def _stream_format(name: str, dev: torch.device, profile: Profile | None,
     if name == "auto":
         if dev.type != "cuda":
             return NATIVE, None
-        return resolve_auto(codec_installed(), profile.h2d_bytes_s if profile is not None else 0.0, blocker=blocker)
+        if profile is None:
+            return resolve_auto(codec_installed(), 0.0, blocker=blocker)
+        return resolve_auto(codec_installed(), profile.h2d_bytes_s, profile.decode_bytes_s, blocker=blocker)
     if name == "lossless" and dev.type == "cuda" and not codec_installed():
         raise OverspillError("stream format lossless needs nvCOMP on a GPU: pip install 'overspill[compress]', "
                              "or use --stream-format bf16")

@@ -96,7 +96,7 @@ def plan_main(args: argparse.Namespace) -> int:
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
                         graphs=getattr(args, "cuda_graphs", False))
-    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile.h2d_bytes_s,
+    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile,
                                           format_blocker(cuda_graphs=workload.graphs,
                                                          speculate=getattr(args, "speculate", None),
                                                          cpu_compute=getattr(args, "cpu_compute", "off")))
@@ -190,14 +190,16 @@ def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int |
     return moe.predict(fp, plan, moe_layers, profile, cpu_experts)
 
 
-def _plan_format(name: str, link_bytes_s: float, blocker: str | None = None) -> tuple[str, str | None]:
+def _plan_format(name: str, profile: Profile, blocker: str | None = None) -> tuple[str, str | None]:
     """`plan --stream-format`: (format, note); "auto" chooses as `load` does (`formats.resolve_auto`)."""
     from .planning.formats import CHOICES, resolve_auto
     from .runtime.lossless_codec import codec_installed
 
     if name not in CHOICES:
         raise OverspillError(f"--stream-format must be one of {', '.join(CHOICES)}, got {name!r}")
-    return resolve_auto(codec_installed(), link_bytes_s, blocker=blocker) if name == "auto" else (name, None)
+    if name != "auto":
+        return name, None
+    return resolve_auto(codec_installed(), profile.h2d_bytes_s, profile.decode_bytes_s, blocker=blocker)
 
 
 def _check_speculation_args(args: argparse.Namespace) -> None:

@@ -378,3 +378,30 @@ def test_lossless_without_nvcomp_on_a_gpu_is_one_clear_error_and_auto_falls_back
     fmt, note = api._stream_format("auto", cuda, None)
     assert fmt == "bf16" and "pip install 'overspill[compress]'" in note
     assert api._stream_format("lossless", torch.device("cpu"), None) == ("lossless", None)  # zlib on the CPU
+
+
+def test_the_probed_decode_rate_replaces_the_prior(monkeypatch) -> None:
+    # issue 15: the probe measures the codec on this GPU; auto, the expansion time and `plan` use it
+    from overspill import api
+    from overspill.planning import formats as plan_formats
+    from overspill.planning.formats import choose, with_format
+    from overspill.planning.placement import plan_for
+    from overspill.planning.profile import REFERENCE_PROFILES, Profile
+    from overspill.runtime import lossless_codec
+
+    from test_formats_plan import LLAMA3_8B, PARAMS, GiB
+
+    H100 = REFERENCE_PROFILES["h100-pcie5"]
+
+    assert H100.lossless_decode_bytes_s == 0 and H100.decode_bytes_s == plan_formats.ANS_DECODE_BYTES_S
+    slow = replace(H100, lossless_decode_bytes_s=40e9)  # slower than the 54 GB/s link
+    assert Profile.from_json(slow.to_json()) == slow and "lossless decode" in slow.summary()
+    monkeypatch.setattr(lossless_codec, "codec_installed", lambda: True)
+    assert api._stream_format("auto", torch.device("cuda", 0), H100) == ("lossless", None)
+    fmt, note = api._stream_format("auto", torch.device("cuda", 0), slow)
+    assert fmt == "bf16" and "decodes at 40 GB/s, no faster than the 54 GB/s link" in note
+    lossless = with_format(LLAMA3_8B, choose(LLAMA3_8B, "lossless"))
+    fast_plan, slow_plan = (plan_for(lossless, p, Workload(), 6 * GiB) for p in (H100, slow))
+    layers = len(fast_plan.streamed_layers)
+    extra = layers * (PARAMS / 40e9 - PARAMS / plan_formats.ANS_DECODE_BYTES_S)  # the high plane at the slower rate
+    assert slow_plan.prediction.expand_s == pytest.approx(fast_plan.prediction.expand_s + extra)

@@ -137,13 +137,15 @@ def int4_scratch_bytes(codes: int) -> int:
     return -(-codes // 256) * 256 + 4 * -(-codes // 32)
 
 
-def expand_seconds(fmt: str, layer_bytes: int, dtype_bytes: int, hbm_bytes_s: float) -> float:
-    """Predicted GPU time to expand one layer of `layer_bytes` (compute dtype) from `fmt`."""
+def expand_seconds(fmt: str, layer_bytes: int, dtype_bytes: int, hbm_bytes_s: float,
+                   decode_bytes_s: float = ANS_DECODE_BYTES_S) -> float:
+    """Predicted GPU time to expand one layer of `layer_bytes` (compute dtype) from `fmt`; lossless decodes
+    its high plane at `decode_bytes_s` (the probe's measurement where there is one)."""
     if fmt == NATIVE or hbm_bytes_s <= 0:
         return 0.0
     seconds = EXPAND_TRAFFIC[fmt] * layer_bytes / hbm_bytes_s
     if fmt == "lossless":
-        seconds += (layer_bytes // dtype_bytes) / ANS_DECODE_BYTES_S
+        seconds += (layer_bytes // dtype_bytes) / decode_bytes_s
     return seconds
 
 
@@ -177,6 +179,7 @@ def with_format(fp: Footprint, choice: FormatChoice) -> Footprint:
                    expand_scratch_bytes=choice.scratch_bytes)
 
 
-def plan_expand_seconds(fp: Footprint, fmt: str, streamed: tuple[int, ...], hbm_bytes_s: float) -> float:
+def plan_expand_seconds(fp: Footprint, fmt: str, streamed: tuple[int, ...], hbm_bytes_s: float,
+                        decode_bytes_s: float = ANS_DECODE_BYTES_S) -> float:
     """GPU time per step spent expanding the `streamed` layers from `fmt`."""
-    return sum(expand_seconds(fmt, fp.layer_bytes[i], fp.dtype_bytes, hbm_bytes_s) for i in streamed)
+    return sum(expand_seconds(fmt, fp.layer_bytes[i], fp.dtype_bytes, hbm_bytes_s, decode_bytes_s) for i in streamed)

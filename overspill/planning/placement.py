@@ -360,7 +360,8 @@ def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
         profile=profile,
         batch=plan.workload.batch,
         context=plan.workload.context,
-        expand_s=plan_expand_seconds(fp, plan.stream_format, plan.streamed_layers, profile.hbm_bytes_s),
+        expand_s=plan_expand_seconds(fp, plan.stream_format, plan.streamed_layers, profile.hbm_bytes_s,
+                                     profile.decode_bytes_s),
     )
     notes = list(plan.notes)
     if plan.streamed_bytes_per_step and pred.decode_tok_s <= pred.cpu_only_tok_s:

@@ -39,6 +39,15 @@ class Profile:
     host_read_bytes_s: float = 0.0
     cpu_join_s: float = 0.0  # one join's fixed cost (activation out, partial back)
     cpu_int8_gemv_params_s: float = 0.0  # int8 host weights (`runtime.host_int8`)
+    lossless_decode_bytes_s: float = 0.0  # nvCOMP ANS decode of a bf16 high byte plane, output bytes/s (0: not measured)
+
+    @property
+    def decode_bytes_s(self) -> float:
+        """The lossless codec's decode rate the plan uses: this machine's where the probe measured it, else
+        the H200's (`planning.formats.ANS_DECODE_BYTES_S`)."""
+        from .formats import ANS_DECODE_BYTES_S
+
+        return self.lossless_decode_bytes_s or ANS_DECODE_BYTES_S
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -67,6 +76,8 @@ class Profile:
                 f"join {self.cpu_join_s * 1e6:.0f} us" if self.cpu_threads else ""),
             f"host dispatch at decode: {self.layer_overhead_s * 1e3:.2f} ms per layer + "
             f"{self.step_overhead_s * 1e3:.2f} ms per step",
+            f"lossless decode (nvCOMP ANS, bf16 high plane): "
+            f"{gbs(self.lossless_decode_bytes_s) if self.lossless_decode_bytes_s else 'not measured'}",
         ])
 
 

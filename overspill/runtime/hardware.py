@@ -280,7 +280,33 @@ def fit_dispatch(points: list[tuple[int, float]]) -> tuple[float, float]:
     return slope, max(mean_y - slope * mean_x, 0.0)
 
 
-PROBE_VERSION = 4  # bump when a measurement changes: cached profiles of older probes are re-measured
+PROBE_VERSION = 5  # bump when a measurement changes: cached profiles of older probes are re-measured
+
+
+def measure_lossless_decode(dev: torch.device, elements: int = 64 << 20, iters: int = 5) -> float:
+    """nvCOMP ANS decoding the high byte plane of N(0, 0.02) bf16 weights (one coded chunk, as the lossless
+    stream format codes them), output bytes/s; 0 where nvCOMP is not installed or the measurement fails,
+    which leaves the plan on the H200's prior (`planning.formats.ANS_DECODE_BYTES_S`)."""
+    from .lossless_codec import codec_installed, plane_codec
+
+    if not codec_installed():
+        return 0.0
+    try:
+        weights = (torch.randn(elements, device=dev) * 0.02).to(torch.bfloat16)
+        high = weights.view(torch.uint8).view(elements, 2)[:, 1].contiguous()  # little-endian: byte 1 is the top
+        del weights
+        codec = plane_codec(dev)
+        coded = codec.encode(high)
+        codec.decode(coded, high)  # warm-up; decodes the same bytes back
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            codec.decode(coded, high)
+        end.record()
+        end.synchronize()
+        return elements * iters / (start.elapsed_time(end) / 1e3)
+    except Exception:  # a probe must not fail a load: the prior stands in
+        return 0.0
 
 
 def profile_key(device: torch.device) -> str:
@@ -335,6 +361,7 @@ def probe(refresh: bool = False, device: str | torch.device = "cuda:0", cache: b
         coherent=coherent_platform(dev.index or 0),
         key=key,
         managed_bytes_s=measure_mapped(dev),
+        lossless_decode_bytes_s=measure_lossless_decode(dev),
     )
     torch.cuda.empty_cache()
     if cache:
