@@ -73,6 +73,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.host_experts import why_dense
     from .planning.moe import MoeLayers, forecasts
     from .planning.planview import moe_lines
+    from .planning.speculation import draft_path
     from .planning.units import parse_bytes
 
     if args.context < 1 or args.batch < 1:
@@ -86,7 +87,7 @@ def plan_main(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, host_available_bytes=parse_bytes(args.host_memory))
     budget = _plan_budget(args.gpu_memory, profile)
     draft_note = None
-    if (getattr(args, "speculate", None) or "").startswith("draft:"):  # as `load` counts the draft model
+    if draft_path(getattr(args, "speculate", None)) is not None:  # as `load` counts the draft model
         from .runtime.sources import budget_beside_draft
 
         budget, draft_note = budget_beside_draft(args.speculate, _auto_budget(budget, profile), spec.dtype,

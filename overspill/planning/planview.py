@@ -18,7 +18,7 @@ from .placement import ttft_seconds
 from .plan import _ranges, Footprint, Plan, Tier
 from .profile import Profile
 from .spec import ModelSpec
-from .speculation import PlanSpeculation
+from .speculation import PlanSpeculation, draft_path
 from .units import format_bytes
 
 TIER_LABELS = {
@@ -249,7 +249,7 @@ def speculation_lines(s: PlanSpeculation) -> list[str]:
         f"best chain: {s.best.chain} -> {s.best.tok_s:.2f} tok/s, {s.best.speedup:.2f}x plain "
         f"({s.best.plain_tok_s:.2f} tok/s)",
     ]
-    if s.source.startswith("draft:"):
+    if draft_path(s.source) is not None:
         lines.append("note: the draft model's own time and memory are not counted (measure them with `run --speculate`)")
     return lines
 

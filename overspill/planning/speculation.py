@@ -57,6 +57,11 @@ def check_source(source: str) -> None:
         raise ValueError(f"unknown speculate source {source!r}; use {SOURCES}")
 
 
+def draft_path(source: str | None) -> str | None:
+    """The model path of a `draft:PATH` source; None for any other source, or none."""
+    return source[len("draft:"):] if source is not None and source.startswith("draft:") else None
+
+
 def draft_model_bytes(spec: ModelSpec, context: int) -> int:
     """Device bytes a `draft:PATH` model keeps resident beside the target: its weights and the KV of one
     sequence of `context` tokens (it drafts for batch-1 calls). They come out of the target's budget."""

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import OverspillError
+from ..planning.speculation import draft_path
 from .trees import DraftTree
 
 Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -281,7 +282,7 @@ def make_drafter(source: str, target: torch.nn.Module) -> Drafter:
         return make_self_drafter(target)
     from transformers import AutoModelForCausalLM
 
-    path = source.split(":", 1)[1]
+    path = draft_path(source)
     device = next(target.parameters()).device
     try:
         draft = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype).to(device).eval()

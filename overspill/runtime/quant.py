@@ -179,11 +179,11 @@ def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     step = max(1, min(rows, INT4_CHUNK_CODES // cols))
     if scratch is None or scratch.numel() < int4_scratch_bytes(step * cols):  # unplanned: a temporary
         scratch = torch.empty(int4_scratch_bytes(step * cols), dtype=torch.uint8, device=dst.device)
-    codes_at, shift_at = 0, -(-step * cols // 256) * 256
+    shift_at = -(-step * cols // 256) * 256  # the codes first, the shifts after them (aligned)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         n = r1 - r0
-        q = scratch[codes_at : codes_at + n * cols].view(n, cols // 2, 2)
+        q = scratch[: n * cols].view(n, cols // 2, 2)
         torch.bitwise_right_shift(packed[r0:r1], 4, out=q[..., 0])
         torch.bitwise_and(packed[r0:r1], 15, out=q[..., 1])
         shift = scratch[shift_at : shift_at + 4 * n * groups].view(torch.float32).view(n, groups, 1)

@@ -275,11 +275,11 @@ def budget_beside_draft(speculate: str | None, budget: int | None, dtype: str, c
     Raises:
         OverspillError: the draft's config cannot be read, or the draft takes the whole budget.
     """
-    from ..planning.speculation import with_draft_model
+    from ..planning.speculation import draft_path, with_draft_model
 
-    if speculate is None or not speculate.startswith("draft:"):
+    path = draft_path(speculate)
+    if path is None:
         return budget, None
-    path = speculate[len("draft:"):]
     try:
         return with_draft_model(budget, path, draft_bytes(path, dtype, context))
     except ValueError as exc:

@@ -135,8 +135,10 @@ def load_for_serving(args) -> tuple:
 def _draft_model(args) -> str | None:
     """`--speculate draft:PATH`: the plan counts the draft model in the budget as `load` does for `generate`,
     and the engine drafts with the model `load` keeps (`Speculator`); other sources cost no memory."""
+    from ..planning.speculation import draft_path
+
     source = getattr(args, "speculate", None)
-    return source if source is not None and source.startswith("draft:") else None
+    return source if draft_path(source) is not None else None
 
 
 def served_name(model: str | None) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..planning.speculation import AcceptanceTracker, PassCostFit, best_chain
+from ..planning.speculation import AcceptanceTracker, PassCostFit, best_chain, draft_path
 from ..runtime.drafts import Drafter, make_drafter
 from ..runtime.speculative import _accept, _residual, prior_pass_cost
 from ..runtime.token_serial import supports_serial
@@ -88,7 +88,7 @@ class Speculator:
     def check(self, request: GenerationRequest) -> None:
         """Refuse a draft model other than the engine's own (a request must not make the server load one)."""
         source = request.speculate
-        if source is not None and source.startswith("draft:") and source != self.default:
+        if draft_path(source) is not None and source != self.default:
             allowed = ", ".join(repr(s) for s in ("ngram", self.default, SPECULATE_OFF) if s)
             raise InvalidRequest("speculate", f"speculate={source!r}: this server drafts with {allowed} only")
 
