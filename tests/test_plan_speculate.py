@@ -178,6 +178,8 @@ def test_plan_counts_a_draft_models_bytes_as_load_does(capsys, tiny_checkpoint):
     alone = json.loads(out)["plan"]
     code, out, _ = plan(capsys, *args, "--speculate", f"draft:{path}")
     with_draft = json.loads(out)["plan"]
+    code, table, _ = plan(capsys, *args[:-1], "--speculate", f"draft:{path}")
+    assert code == 0 and "its memory comes out of the budget above" in table
     draft = draft_model_bytes(spec_from_config(resolve(path, config_only=True).config(), "bfloat16"), 4096)
     assert code == 0 and with_draft["budget_bytes"] == alone["budget_bytes"] - draft
     assert any(n.startswith(f"draft model {path}: ") for n in with_draft["notes"])

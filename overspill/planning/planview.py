@@ -250,7 +250,8 @@ def speculation_lines(s: PlanSpeculation) -> list[str]:
         f"({s.best.plain_tok_s:.2f} tok/s)",
     ]
     if draft_path(s.source) is not None:
-        lines.append("note: the draft model's own time and memory are not counted (measure them with `run --speculate`)")
+        lines.append("note: the draft model's own time is not counted (measure it with `run --speculate`); its "
+                     "memory comes out of the budget above")
     return lines
 
 
