@@ -136,3 +136,62 @@ def test_auto_picks_lossless_where_nvcomp_is_installed(tiny_checkpoint) -> None:
     path = tiny_checkpoint("llama")
     model, _ = overspill.load(path, dtype="bfloat16", plan=tiny_plan(path, torch.bfloat16), progress=False)
     assert placement_of(model).plan.stream_format == "lossless"
+
+
+def _int4_parts(shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    """int4 parts of N(0, 0.02) weights whose rows span 2^-10 to 2^10 of that (rounding at every magnitude)."""
+    from overspill.runtime import quant
+
+    gen = torch.Generator("cuda").manual_seed(seed)
+    w = torch.randn(shape, generator=gen, device="cuda") * 0.02
+    w *= 2.0 ** torch.randint(-10, 11, (*shape[:-1], 1), generator=gen, device="cuda")
+    parts = [torch.empty(s, dtype=d, device="cuda") for s, d in quant.part_shapes("int4", shape)]
+    quant.encode("int4", w.to(torch.bfloat16), parts)
+    return parts
+
+
+def _counting_launches(monkeypatch) -> list:
+    from overspill.runtime import int4_kernel
+
+    pytest.importorskip("triton")
+    calls, launch = [], int4_kernel.launch
+    monkeypatch.setattr(int4_kernel, "launch", lambda *a: calls.append(a[-1].shape) or launch(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1024, 4096), (8, 2048, 1024), (4097, 1024),
+                                   (1023, 192), (333, 96)])  # the last two: groups of 64 and 32
+def test_int4_triton_expansion_equals_the_torch_path_bit_for_bit(shape, dtype, monkeypatch) -> None:
+    from overspill.runtime import int4_kernel, quant
+
+    calls = _counting_launches(monkeypatch)
+    parts = _int4_parts(shape)
+    rows, cols = quant.rows_cols(shape)
+    want = torch.full((rows, cols), float("nan"), dtype=dtype, device="cuda")
+    quant._expand_int4_torch(*parts, want, None)
+    out = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    quant.expand("int4", parts, out)  # as the ring does: on CUDA the Triton kernel, one launch
+    assert calls == [(rows, cols)] and int4_kernel._kernel not in (None, False)
+    assert torch.equal(out.view(rows, cols), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_triton_expansion_of_any_codes_and_scales_equals_the_torch_path(group, dtype, monkeypatch) -> None:
+    # every byte, scales from 2^-54 to 2^14 and zeros around them: ties, fp16 subnormals, underflow to 0 and
+    # overflow to inf all round as torch rounds them
+    from overspill.runtime import quant
+
+    calls = _counting_launches(monkeypatch)
+    gen = torch.Generator("cuda").manual_seed(group)
+    rows, cols = 517, 4 * group
+    packed = torch.randint(0, 256, (rows, cols // 2), generator=gen, dtype=torch.uint8, device="cuda")
+    e = torch.randint(-30, 14, (rows, cols // group, 1), generator=gen, device="cuda").float()
+    scale = (torch.rand(e.shape, generator=gen, device="cuda") * 2**e).to(torch.bfloat16)
+    zero = (torch.randn(e.shape, generator=gen, device="cuda") * 2 ** (e + 2)).to(torch.bfloat16)
+    want = torch.empty(rows, cols, dtype=dtype, device="cuda")
+    quant._expand_int4_torch(packed, scale, zero, want, None)
+    out = torch.empty(rows, cols, dtype=dtype, device="cuda")
+    quant.expand("int4", [packed, scale, zero], out)
+    assert len(calls) == 1 and torch.equal(out, want)

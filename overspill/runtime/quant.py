@@ -2,8 +2,8 @@
 
 Each weight is treated as [rows, cols] (rows = every leading dim, so fused expert tensors work
 too) and quantized along its last dim. Encoding runs once at load, on the GPU when there is one;
-expansion runs every step, into the compute dtype in a ring slot, with plain torch ops that write
-the slot directly (no full-size temporaries):
+expansion runs every step, into the compute dtype in a ring slot, with plain torch ops (int4 on CUDA:
+one Triton kernel) that write the slot directly (no full-size temporaries):
 - int8: symmetric, a float32 scale per group of `SCALED_GROUP` inputs (absmax / 127); one fused
   multiply `q * scale` of [rows, groups, group] codes by [rows, groups, 1] scales into the slot.
 - fp8: e4m3 codes, a float32 scale per group of `SCALED_GROUP` inputs; a cast into the slot (e4m3 is
@@ -14,10 +14,15 @@ the slot directly (no full-size temporaries):
   An int8 / fp8 weight whose inputs no group size of 32 or more divides gets one scale per row.
 - int4: asymmetric groups of `group` inputs with a bf16 scale and zero each, `w ~ (q - 8) * scale + zero`
   with q in 0..15 (the convention of torch's int4 kernels and of `runtime.self_draft`); two codes a
-  byte, the even column in the high nibble. Expansion unpacks the nibbles into a byte a code in the
-  expander's scratch, a chunk of rows at a time, then writes `q * scale + (zero - 8 * scale)` into the
-  slot in one fused pass (float32 arithmetic, one rounding; the H100 spent 3.6 ms a layer of the 8B
-  shape on the earlier five in-place passes over the slot, beside 2.1 ms of link).
+  byte, the even column in the high nibble. Expansion writes `q * scale + (zero - 8 * scale)` into the
+  slot (float32 arithmetic, one rounding into the compute dtype). On CUDA that is one Triton launch per
+  weight (`runtime.int4_kernel`: each program reads a tile of packed bytes once and writes both codes'
+  values), bit for bit the torch path's; the torch path (the nibbles unpacked into a byte a code in the
+  expander's scratch, a chunk of rows at a time, then one fused multiply-add into the slot, about 100
+  launches a layer of the 8B shape) stays as the CPU's and as the fallback where Triton is missing or
+  fails. The H100 spent 3.6 ms a layer of the 8B shape expanding with torch ops beside 2.1 ms of link
+  (int4 at 0.54 of its link floor); the Triton kernel's time is not yet measured on a GPU
+  (`bench/int4_expand.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..planning.formats import INT4_CHUNK_CODES, INT4_GROUP, SCALED_GROUP, int4_scratch_bytes
+from . import int4_kernel
 from .self_draft import QUANT_ROWS, _group_for
 
 FP8 = torch.float8_e4m3fn
@@ -154,7 +160,8 @@ def _encode_int4(w: torch.Tensor, group: int, parts: list[torch.Tensor]) -> None
 
 def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
     """Write the weight `parts` encode into `out` (its compute dtype and shape), on the current stream.
-    int4 unpacks its codes in `scratch` (uint8, `planning.formats.expand_scratch_bytes`; None: temporaries)."""
+    int4's torch path (the CPU's, and CUDA's without Triton) unpacks its codes in `scratch` (uint8,
+    `planning.formats.expand_scratch_bytes`; None: temporaries)."""
     rows, cols = rows_cols(tuple(out.shape))
     dst = out.view(rows, cols)
     if kind in ("int8", "fp8"):
@@ -171,9 +178,19 @@ def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor, scratch: tor
 
 def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor,
                  scratch: torch.Tensor | None) -> None:
-    """`dst` [rows, cols] = q * scale + (zero - 8 * scale) by groups, a chunk of rows at a time: the codes
-    q unpacked from `packed` [rows, cols // 2] into `scratch` (a byte each), the groups' shifts in float32
-    after them, then one fused multiply-add into `dst`."""
+    """`dst` [rows, cols] = q * scale + (zero - 8 * scale) by groups. On CUDA one Triton launch
+    (`runtime.int4_kernel.expand_int4`, the same bits) writes it and `scratch` goes unused: the plan still
+    keeps the torch path's scratch (`planning.formats.expand_scratch_bytes`), conservative, as the fallback
+    needs it. Otherwise (the CPU, or Triton missing or failing) torch ops, a chunk of rows at a time: the
+    codes q unpacked from `packed` [rows, cols // 2] into `scratch` (a byte each), the groups' shifts in
+    float32 after them, then one fused multiply-add into `dst`."""
+    if not (dst.is_cuda and int4_kernel.expand_int4(packed, scale, zero, dst)):
+        _expand_int4_torch(packed, scale, zero, dst, scratch)
+
+
+def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor,
+                       scratch: torch.Tensor | None) -> None:
+    """`_expand_int4` in torch ops on any device (the CPU's path, CUDA's fallback, the kernel's reference)."""
     rows, cols = dst.shape
     groups = scale.shape[1]
     step = max(1, min(rows, INT4_CHUNK_CODES // cols))
