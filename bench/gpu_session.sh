@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
 #                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-70b | moe | moe-cpu
-#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | speculative | speculative-spread | speculative-8b | recheck)
+#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -161,6 +161,17 @@ case "${1:-}" in
   llama4-identity)  # issue 17: which per-expert kernel reproduces transformers' Llama 4 MoE bit for bit (one Scout-sized
                     # block, ~1 min), then resident vs dense vs expert-aware tokens on a Scout cut to 6 layers (~2 min)
     timeout 400 python3 bench/llama4_identity.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  int4-expand)  # issue 15: the int4 Triton expansion against the torch path, 8B layer (~1 min), then its GPU tests
+    timeout 120 python3 bench/int4_expand.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    timeout 120 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_formats.py -k int4 2>&1 \
+      | tail -8 | tee -a "$OUT/log"
+    ;;
+  expert-fetch)  # issue 17 item 1: copy after sync vs zero-copy vs prefetch for one MoE layer's experts, SHAPES (default
+                 # "scout mixtral"), batches 1 and 8 (~1 min a shape; 8 GiB of pinned host memory)
+    for shape in ${SHAPES:-scout mixtral}; do
+      timeout 200 python3 bench/expert_fetch.py --shape "$shape" --batches 1 8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    done
     ;;
   speculative)  # 70B at BUDGET=80GiB (the H200: the plan needs ~78.7 GiB): pass cost, oracle points against plain (serial
                 # verify), 64 new tokens so acceptance noise stays well under the 15% gate (~5 min)
