@@ -19,6 +19,7 @@ from .planning.host_experts import supported as host_experts_supported
 from .planning.host_experts import why_dense
 from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming
+from .planning.prequantized import Prequantized, scheme_of, stream_format_for
 from .planning.plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
@@ -47,6 +48,7 @@ from .runtime.loader import (
     placement_of,  # re-exported: `overspill.api.placement_of` is public
     use_planned_cache,
 )
+from .runtime.prequantized import QuantizedReader
 from .runtime.sources import ModelSource, budget_beside_draft, check_architecture, resolve
 
 # The dtypes `load` computes in, by their names in the planner's table (`overspill.planning.spec.DTYPE_BYTES`).
@@ -117,6 +119,22 @@ def _load_config(source: ModelSource) -> Any:
         raise OverspillError(f"{where} is invalid ({one_line(exc)}): fix it or download the model again") from None
     check_architecture(config.to_dict(), str(source.config_dir or source.name))
     return config
+
+
+def _prequantized(config: Any, source: ModelSource, random_weights: bool) -> Prequantized | None:
+    """How the checkpoint arrives quantized (`planning.prequantized`), or None; its `quantization_config` is
+    dropped from `config` either way, so transformers builds the plain architecture (random weights too)."""
+    try:
+        scheme = scheme_of(config.to_dict())
+    except ValueError as exc:
+        if random_weights:
+            scheme = None
+        else:
+            raise OverspillError(f"{source.config_dir or source.name}: {exc}") from None
+    for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+        if getattr(cfg, "quantization_config", None) is not None:
+            del cfg.quantization_config
+    return None if random_weights else scheme
 
 
 def _load_tokenizer(source: ModelSource, vocab_size: int | None):
@@ -220,7 +238,10 @@ def load(
             entropy-coded: nvCOMP ANS on a GPU, `pip install 'overspill[compress]'`, zlib on the CPU;
             identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a float32 scale per
             group of 128 inputs), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
-            where nvCOMP is installed and decodes faster than the link, else bf16 with a note.
+            where nvCOMP is installed and decodes faster than the link, else bf16 with a note. A checkpoint
+            that arrives quantized (GPTQ / AWQ int4, FP8: `overspill.planning.prequantized`) streams its own
+            codes under "auto" and its own format's name, expanded to its reference dequantization bit for
+            bit; any other format starts from the dequantized weights.
         moe_streaming: how streamed mixture-of-experts layers move (`overspill.planning.moe`): "experts"
             (the ring carries attention, router, norms and shared experts; only the routed experts the
             batch selects cross the link, into a GPU cache of hot experts sized from the budget),
@@ -289,11 +310,12 @@ def load(
         _expandable_segments()
     source = resolve(model, random_weights=random_weights)
     config = _load_config(source)
+    scheme = _prequantized(config, source, random_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         skeleton = build_skeleton(config, torch_dtype)
     _attach_generation_config(skeleton, source)  # before the weights: a broken file fails fast
-    _, layers = decoder_layers(skeleton)
+    layers_path, layers = decoder_layers(skeleton)
     workload = Workload(context, batch, pass_tokens=pass_tokens, graphs=cuda_graphs)
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
@@ -308,10 +330,23 @@ def load(
         from .runtime.hardware import probe as probe_machine
 
         profile = probe_machine(device=dev)
-    fmt, fmt_note = _stream_format(stream_format, dev, profile, format_blocker(streaming, cuda_graphs, speculate, cpu_compute))
+    fmt_blocker = format_blocker(streaming, cuda_graphs, speculate, cpu_compute)
+    fmt, fmt_note = _stream_format(stream_format, dev, profile, fmt_blocker)
+    if scheme is not None:  # its own format keeps the checkpoint's codes; any other dequantizes them at load
+        fmt, fmt_note = stream_format_for(scheme, stream_format, fmt_blocker or ("the pipeline" if stage else None))
     if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense":
         fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
-    fp = with_format(fp, choose(fp, fmt, exact=encoded_layer_bytes(layers, fmt)))
+        if scheme is not None:
+            fmt_note = stream_format_for(scheme, "auto", "expert streaming")[1]
+    exact = encoded_layer_bytes(layers, fmt)
+    if scheme is not None and fmt == scheme.stream_format:  # which weights it stores quantized: from its files
+        reader = QuantizedReader(source.weights_dir, scheme)
+        try:
+            reader.bind(skeleton)
+            exact = encoded_layer_bytes(layers, fmt, reader, layers_path)
+        finally:
+            reader.close()
+    fp = with_format(fp, choose(fp, fmt, exact=exact))
     self_draft = draft_note = None
     if plan is None:
         budget, draft_note = budget_beside_draft(speculate, budget, dtype_name(torch_dtype), context)
@@ -355,6 +390,8 @@ def load(
         plan = stage.global_plan(plan)
     if random_weights:
         weights: CheckpointReader | RandomWeights = RandomWeights(seed, getattr(config, "initializer_range", 0.02))
+    elif scheme is not None:
+        weights = QuantizedReader(source.weights_dir, scheme)
     else:
         weights = CheckpointReader(source.weights_dir)
     try:

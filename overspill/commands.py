@@ -73,6 +73,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.host_experts import why_dense
     from .planning.moe import MoeLayers, forecasts
     from .planning.planview import moe_lines
+    from .planning.prequantized import stream_format_for
     from .planning.speculation import draft_path
     from .planning.units import parse_bytes
 
@@ -97,25 +98,35 @@ def plan_main(args: argparse.Namespace) -> int:
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
                         graphs=getattr(args, "cuda_graphs", False))
-    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile,
-                                          format_blocker(cuda_graphs=workload.graphs,
-                                                         speculate=getattr(args, "speculate", None),
-                                                         cpu_compute=getattr(args, "cpu_compute", "off")))
+    fmt_blocker = format_blocker(cuda_graphs=workload.graphs, speculate=getattr(args, "speculate", None),
+                                 cpu_compute=getattr(args, "cpu_compute", "off"))
+    requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile, fmt_blocker)
+    scheme = _plan_prequantized(args.model)
+    if scheme is not None:  # as `load`: its own format keeps the checkpoint's codes, any other dequantizes them
+        requested, format_note = stream_format_for(scheme, getattr(args, "stream_format", "auto"), fmt_blocker)
     moe_layers = MoeLayers.from_spec(spec)
     moe_mode = getattr(args, "moe_streaming", "auto")
     if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense":
         requested, format_note = "bf16", None  # as `load`: routed experts cross per expert, in bf16
+        if scheme is not None:
+            format_note = stream_format_for(scheme, "auto", "expert streaming")[1]
+
+    def choice(name: str):  # a pre-quantized checkpoint's own format sends its codes with their float32 scales
+        own = scheme is not None and name == scheme.stream_format
+        return choose(fp, name, exact=tuple(scheme.stream_bytes(b, fp.dtype_bytes) for b in fp.layer_bytes)
+                      if own else None)
+
     def plan_in(name: str):
-        return plan_for(with_format(fp, choose(fp, name)), profile, workload, budget, args.depth,
+        return plan_for(with_format(fp, choice(name)), profile, workload, budget, args.depth,
                         kv_device_bytes=kv, fit_batch=args.serve)
 
     cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
     self_draft = None
     if getattr(args, "speculate", None) == "self":  # the int4 draft's bytes come out of the budget, as in `load`
-        self_draft, plan = _placed_with_self_draft(with_format(fp, choose(fp, requested)), moe_layers, profile,
+        self_draft, plan = _placed_with_self_draft(with_format(fp, choice(requested)), moe_layers, profile,
                                                    workload, budget, args.depth, kv, args.serve)
     else:
-        plan = _placed(with_format(fp, choose(fp, requested)), moe_layers, moe_mode, profile, workload, budget,
+        plan = _placed(with_format(fp, choice(requested)), moe_layers, moe_mode, profile, workload, budget,
                        args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
                                    plan.moe_streaming == "experts" and bool(plan.streamed_layers),
@@ -134,7 +145,7 @@ def plan_main(args: argparse.Namespace) -> int:
     if draft_note:
         plan = dataclasses.replace(plan, notes=plan.notes + (draft_note,))
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
-    check_host(with_format(fp, choose(fp, plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
+    check_host(with_format(fp, choice(plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
     speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft)
     if args.json:
         if note:
@@ -149,7 +160,7 @@ def plan_main(args: argparse.Namespace) -> int:
                                      moe_layers)))
     if streams:
         print()
-        print("\n".join(planview.format_lines(formats, {"lossless"})))
+        print("\n".join(planview.format_lines(formats, {"lossless"}, scheme.stream_format if scheme else None)))
     if speculation is not None:
         print()
         print("\n".join(planview.speculation_lines(speculation)))
@@ -253,6 +264,17 @@ def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: 
     if plan.stream_format == NATIVE:
         plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
     return draft, moe.predict(fp, plan, moe_layers, profile)
+
+
+def _plan_prequantized(model: str):
+    """How MODEL's checkpoint arrives quantized (`planning.prequantized.scheme_of`), from its config alone."""
+    from .planning.prequantized import scheme_of
+    from .runtime.sources import resolve
+
+    try:
+        return scheme_of(resolve(model, config_only=True).config())
+    except ValueError as exc:
+        raise OverspillError(f"{model}: {exc}") from None
 
 
 def _plan_spec(model: str, dtype: str) -> ModelSpec:

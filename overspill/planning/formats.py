@@ -97,15 +97,18 @@ def lossless_ratio(dtype_bytes: int, high_plane_ratio: float = LOSSLESS_HIGH_PLA
 
 
 def encoded_bytes(fmt: str, layer_bytes: int, dtype_bytes: int,
-                  high_plane_ratio: float = LOSSLESS_HIGH_PLANE_PRIOR) -> int:
-    """Bytes a layer of `layer_bytes` (in the compute dtype) sends per trip in `fmt`."""
+                  high_plane_ratio: float = LOSSLESS_HIGH_PLANE_PRIOR, group: int = 0, store_bytes: int = 0) -> int:
+    """Bytes a layer of `layer_bytes` (in the compute dtype) sends per trip in `fmt`. `group` and
+    `store_bytes`: a pre-quantized checkpoint's inputs per scale (-1: one a row, whose scales are left out
+    here) and bytes of each stored scale (int4: and of each zero) (`planning.prequantized`); 0: the format's own."""
     params = layer_bytes // dtype_bytes
+    groups = 0 if group == -1 else params // (group or (INT4_GROUP if fmt == "int4" else SCALED_GROUP))
     if fmt == NATIVE:
         return layer_bytes
     if fmt in ("int8", "fp8"):
-        return params + SCALE_BYTES * (params // SCALED_GROUP)
+        return params + (store_bytes or SCALE_BYTES) * groups
     if fmt == "int4":
-        return params // 2 + GROUP_PAIR_BYTES * (params // INT4_GROUP)
+        return params // 2 + (2 * store_bytes if store_bytes else GROUP_PAIR_BYTES) * groups
     if fmt == "lossless":
         return int(layer_bytes * lossless_ratio(dtype_bytes, high_plane_ratio))
     raise ValueError(f"unknown stream format {fmt!r}")

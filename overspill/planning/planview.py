@@ -202,10 +202,11 @@ def spec_totals(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def format_lines(plans: dict[str, Plan], assumed: set[str]) -> list[str]:
+def format_lines(plans: dict[str, Plan], assumed: set[str], checkpoint_format: str | None = None) -> list[str]:
     """Predicted decode per stream format, side by side: bytes over the link per step, streamed layers,
     tok/s, link floor and speed against bf16 (`plans` maps a format to its plan; `assumed` names
-    formats whose bytes rest on a prior, not a measurement)."""
+    formats whose bytes rest on a prior, not a measurement; `checkpoint_format`, a pre-quantized
+    checkpoint's own, whose codes stream as they are while the others start from its dequantized weights)."""
     base = plans.get("bf16")
     base_tok_s = base.prediction.decode_tok_s if base is not None and base.prediction else None
     rows = [("format", "bytes/step", "streamed", "tok/s", "link floor", "x bf16", "")]
@@ -216,6 +217,7 @@ def format_lines(plans: dict[str, Plan], assumed: set[str]) -> list[str]:
         floor = f"{p.link_floor_tok_s:.2f}" if p.link_floor_tok_s else "-"
         speedup = f"{p.decode_tok_s / base_tok_s:.2f}" if base_tok_s else "-"
         note = "ratio ASSUMED (0.68 of bf16) until a load measures it" if name in assumed else (
+            "the checkpoint's own codes" if name == checkpoint_format else
             "lossy" if name in ("int8", "fp8", "int4") else "identical bits" if name == "lossless" else "")
         rows.append((name, format_bytes(plan.streamed_bytes_per_step), str(len(plan.streamed_layers)),
                      f"{p.decode_tok_s:.2f}", floor, speedup, note))

@@ -92,7 +92,7 @@ class CheckpointReader:
         experts (what `from_pretrained` would do), and tied parameters, either of which may be stored."""
         conversion = _Conversion.of(model)
         experts: dict[str, dict[str, dict[int, str]]] = {}  # fused name -> source pattern -> expert -> key
-        for key in self.key_to_file:
+        for key in self._bind_keys():
             name, pattern = conversion.rename(key)
             if pattern is not None:
                 experts.setdefault(name, {}).setdefault(pattern, {})[conversion.expert_index(key, pattern)] = key
@@ -102,6 +102,10 @@ class CheckpointReader:
         for name, shared in tied_parameters(model).items():
             self.aliases.setdefault(name, shared)
             self.aliases.setdefault(shared, name)
+
+    def _bind_keys(self):
+        """The keys `bind` maps onto the model's names (a quantized checkpoint adds its weights' own names)."""
+        return self.key_to_file
 
     def _candidates(self, name: str) -> list[str]:
         return [name] + ([self.aliases[name]] if name in self.aliases else [])

@@ -19,6 +19,7 @@ one), so loading needs no host copy of the model beyond the encoded host buffers
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,16 @@ from .lossless_codec import plane_codec
 
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+# (kind, entry) -> (the entry's kind, the (shape, dtype) of each of its parts): "raw" keeps it as it is
+PartsOf = Callable[[str, TensorEntry], tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]]
+
+
+def _own_parts(kind: str, entry: TensorEntry) -> tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]:
+    if quant.encodable(kind, entry.shape, entry.dtype):
+        return kind, quant.part_shapes(kind, entry.shape)
+    return "raw", [(entry.shape, entry.dtype)]
 
 
 @dataclass(frozen=True)
@@ -49,13 +60,12 @@ class LossyLayer:
     nbytes: int
 
     @classmethod
-    def of(cls, kind: str, layout: LayerLayout) -> "LossyLayer":
+    def of(cls, kind: str, layout: LayerLayout, parts_of: PartsOf | None = None) -> "LossyLayer":
+        """The layer's tensors quantized by `kind` where `quant.encodable`, raw otherwise; or, with `parts_of`
+        (a pre-quantized checkpoint's: `runtime.prequantized`), what it says for each entry."""
         tensors, offset = [], 0
         for entry in layout.entries:
-            if quant.encodable(kind, entry.shape, entry.dtype):
-                shapes, k = quant.part_shapes(kind, entry.shape), kind
-            else:
-                shapes, k = [(entry.shape, entry.dtype)], "raw"
+            k, shapes = (parts_of or _own_parts)(kind, entry)
             parts = []
             for shape, dtype in shapes:
                 part = quant.Part(offset, tuple(shape), dtype)

@@ -76,15 +76,16 @@ def build():
 def launch(kernel, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor) -> bool:
     """Run `kernel` (from `build`) once to write `dst` [rows, cols] from `packed` [rows, cols // 2] and
     `scale`, `zero` [rows, groups(, 1)] on the current stream. False, writing nothing, where the kernel
-    does not take these tensors: another dtype, a group that is not a power of two, columns not
-    contiguous, or `dst` not aligned to the word its byte pairs fill."""
+    does not take these tensors: another dtype (of `dst`; or scales and zeros not bf16, the only ones
+    checked on a GPU), a group that is not a power of two, columns not contiguous, or `dst` not aligned
+    to the word its byte pairs fill."""
     import triton
 
     rows, cols = dst.shape
     groups = scale.shape[1]
     half = cols // 2
-    if dst.dtype not in WORDS or cols % 2 or half % groups:
-        return False
+    if dst.dtype not in WORDS or cols % 2 or half % groups or scale.dtype != torch.bfloat16 or zero.dtype != scale.dtype:
+        return False  # a pre-quantized checkpoint's float32 scales and zeros take the torch path
     half_group = half // groups
     if half_group & (half_group - 1) or packed.stride(-1) != 1 or scale.stride(1) != 1 or zero.stride(1) != 1:
         return False

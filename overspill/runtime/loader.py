@@ -24,9 +24,10 @@ from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .expert_loader import expert_cache, expert_params, expert_ring_bytes, stream_expert_layer
 from .encoded_cache import EncodedCache, cache_folder
-from .formats import Expander, encode_lossless, itemsize_of, lossy_layout, staging_bytes_at_load
+from .formats import Expander, LossyLayer, encode_lossless, itemsize_of, lossy_layout, staging_bytes_at_load
 from .kv import cache_kwarg, kv_dims
 from .layout import LayerLayout, host_bytes
+from .prequantized import QuantizedReader
 from .streams import CudaCopier, HostCopier, ManagedCopier, MappedCopier, new_stream
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,34 @@ def _stream_encoded(layer: nn.Module, prefix: str, index: int, source, ring: Lay
     return StreamedLayer(layer, index, host, layout, ring, encoded), encoded.nbytes
 
 
+def _stream_passed(layer: nn.Module, prefix: str, index: int, source: QuantizedReader, ring: LayerRing, pinned: bool,
+                   encoded: LossyLayer) -> tuple[StreamedLayer, int]:
+    """Fill a streamed layer of a pre-quantized checkpoint in its own stream format: the quantized weights'
+    codes repacked straight into the host buffer (`QuantizedReader.fill_parts`), the rest raw; nothing
+    passes through a slot or is encoded."""
+    layout = _layout(layer)
+    host = host_bytes(encoded.nbytes, pinned)
+    for t in encoded.tensors:
+        parts = [p.view(host) for p in t.parts]
+        if t.kind == "raw":
+            source.fill(prefix + t.entry.name, parts[0])
+        else:
+            source.fill_parts(prefix + t.entry.name, parts)
+    for entry, view in zip(layout.entries, ring.views(layout, 0)):
+        _set_param(layer, entry.name, view)
+    return StreamedLayer(layer, index, host, layout, ring, encoded), encoded.nbytes
+
+
+def passes_through(source, fmt: str) -> bool:
+    """Whether `source` is a pre-quantized checkpoint whose codes stream as `fmt` (its own format)."""
+    return isinstance(source, QuantizedReader) and source.scheme.stream_format == fmt
+
+
+def _lossy(layer: nn.Module, prefix: str, fmt: str, source) -> LossyLayer:
+    """A streamed layer's encoded layout: a pre-quantized checkpoint's parts where it passes through, else `fmt`'s."""
+    return LossyLayer.of(fmt, _layout(layer), source.parts_of(prefix) if passes_through(source, fmt) else None)
+
+
 def _encode(layout: LayerLayout, prefix: str, source, ring: LayerRing, pinned: bool, fmt: str):
     """(encoded layout, host buffer of its bytes) of one layer read from `source` and encoded on the ring's device."""
     raw, staging = ring.slot_buffers[0][: layout.nbytes], ring.expander.staging[0]
@@ -304,21 +333,24 @@ def _encoded_cache(source, plan: Plan, layers: nn.ModuleList, device: torch.devi
                         plan.streamed_bytes_per_step)
 
 
-def encoded_layer_bytes(layers: nn.ModuleList, fmt: str) -> tuple[int, ...] | None:
-    """Exact bytes each layer sends per trip in a lossy format, from its (meta) tensors' shapes; None
-    for bf16 and lossless (whose size is known once coded)."""
+def encoded_layer_bytes(layers: nn.ModuleList, fmt: str, source=None, layers_path: str = "") -> tuple[int, ...] | None:
+    """Exact bytes each layer sends per trip in a lossy format, from its (meta) tensors' shapes (and, for a
+    pre-quantized checkpoint's own format, which of them `source` stores quantized, the decoder layers at
+    `layers_path`); None for bf16 and lossless (whose size is known once coded)."""
     if fmt not in LOSSY:
         return None
-    return tuple(lossy_layout(fmt, _layout(layer)).nbytes for layer in layers)
+    return tuple(_lossy(layer, f"{layers_path}.{i}.", fmt, source).nbytes for i, layer in enumerate(layers))
 
 
-def _expander(model_layers: nn.ModuleList, plan: Plan, device: torch.device) -> Expander:
+def _expander(model_layers: nn.ModuleList, plan: Plan, device: torch.device,
+              passed: dict[int, LossyLayer]) -> Expander:
     """Staging buffers and scratch to encode `plan`'s streamed layers at load and expand them later,
-    sized from the layers themselves (a caller's plan may be bf16's; lossless staging grows once coded)."""
+    sized from the layers themselves (a caller's plan may be bf16's; lossless staging grows once coded;
+    `passed`: the layouts of layers whose pre-quantized codes pass through)."""
     staging = scratch = 0
     for i in plan.streamed_layers:
         layout = _layout(model_layers[i])
-        staging = max(staging, staging_bytes_at_load(plan.stream_format, layout))
+        staging = max(staging, passed[i].nbytes if i in passed else staging_bytes_at_load(plan.stream_format, layout))
         scratch = max(scratch, expand_scratch_bytes(plan.stream_format, layout.nbytes, itemsize_of(layout)))
     return Expander(device, staging, scratch)
 
@@ -356,6 +388,9 @@ def materialize(
         source.bind(model)  # before any tensor is placed: it reads the meta model's names and ties
 
     ring = memory = None
+    passed = {}  # streamed layer -> its layout, where a pre-quantized checkpoint's codes pass through
+    if plan.streamed_layers and passes_through(source, plan.stream_format):
+        passed = {i: _lossy(layers[i], f"{layers_path}.{i}.", plan.stream_format, source) for i in plan.streamed_layers}
     if plan.streamed_layers and plan.streaming in MANAGED_MODES:
         if not on_cuda:
             raise OverspillError("managed weights need a CUDA device; stream with streaming='copy' on the CPU")
@@ -372,10 +407,10 @@ def materialize(
         copier = CudaCopier(device, plan.slots) if on_cuda else HostCopier()
         ring = LayerRing(slot_buffers, copier)
         if plan.stream_format != NATIVE:
-            ring.expander = _expander(layers, plan, device)
+            ring.expander = _expander(layers, plan, device, passed)
             if on_cuda:  # expansions run where the expander's codec is bound
                 copier.expand_stream = ring.expander.stream
-    cache = _encoded_cache(source, plan, layers, device)
+    cache = None if passed else _encoded_cache(source, plan, layers, device)  # repacking is cheap: not cached
     experts = expert_cache(plan, layers, device)
 
     bar = tqdm(total=len(layers) + 2, desc="placing weights", unit="part", disable=not progress)
@@ -391,7 +426,11 @@ def materialize(
     host_total = 0
     for i, layer in enumerate(layers):
         prefix = f"{layers_path}.{i}."
-        if plan.layer_tiers[i] is Tier.PINNED and ring.expander is not None:
+        if i in passed:
+            wrapped, nbytes = _stream_passed(layer, prefix, i, source, ring, on_cuda, passed[i])
+            layers[i] = wrapped
+            host_total += nbytes
+        elif plan.layer_tiers[i] is Tier.PINNED and ring.expander is not None:
             wrapped, nbytes = _stream_encoded(layer, prefix, i, source, ring, on_cuda, plan.stream_format, cache)
             layers[i] = wrapped
             host_total += nbytes

@@ -12,7 +12,8 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   `FP8_SCALE_TRIES` of them across one octave above it and keeps, per group, the one with the least
   squared error (a fifth less than the largest-to-448 scale alone on N(0, 0.02) groups of 128).
   An int8 / fp8 weight whose inputs no group size of 32 or more divides gets one scale per row.
-- int4: asymmetric groups of `group` inputs with a bf16 scale and zero each, `w ~ (q - 8) * scale + zero`
+- int4: asymmetric groups of `group` inputs with a bf16 scale and zero each (float32 where a GPTQ / AWQ
+  checkpoint's codes pass through: `runtime.prequantized`), `w ~ (q - 8) * scale + zero`
   with q in 0..15 (the convention of torch's int4 kernels and of `runtime.self_draft`); two codes a
   byte, the even column in the high nibble. Expansion writes `q * scale + (zero - 8 * scale)` into the
   slot (float32 arithmetic, one rounding into the compute dtype). On CUDA that is one Triton launch per
@@ -83,15 +84,18 @@ def scaled_group(shape: tuple[int, ...]) -> int:
     return _group_for(shape[-1], SCALED_GROUP) or shape[-1]
 
 
-def part_shapes(kind: str, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The (shape, dtype) of each part `kind` encodes a weight of `shape` into."""
+def part_shapes(kind: str, shape: tuple[int, ...], group: int | None = None,
+                store: torch.dtype = INT4_STORE) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of each part `kind` encodes a weight of `shape` into: groups of `group` inputs
+    (None: the format's own choice) and, for int4, scales and zeros in `store` (a pre-quantized checkpoint's
+    codes pass through in float32 ones: `runtime.prequantized`)."""
     rows, cols = rows_cols(shape)
     if kind in ("int8", "fp8"):
-        groups = cols // scaled_group(shape)
+        groups = cols // (group or scaled_group(shape))
         return [((rows, cols), torch.int8 if kind == "int8" else FP8), ((rows, groups, 1), torch.float32)]
     if kind == "int4":
-        groups = cols // int4_group(shape)
-        return [((rows, cols // 2), torch.uint8), ((rows, groups, 1), INT4_STORE), ((rows, groups, 1), INT4_STORE)]
+        groups = cols // (group or int4_group(shape))
+        return [((rows, cols // 2), torch.uint8), ((rows, groups, 1), store), ((rows, groups, 1), store)]
     raise ValueError(f"unknown lossy kind {kind!r}")
 
 
@@ -204,6 +208,7 @@ def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
         torch.bitwise_right_shift(packed[r0:r1], 4, out=q[..., 0])
         torch.bitwise_and(packed[r0:r1], 15, out=q[..., 1])
         shift = scratch[shift_at : shift_at + 4 * n * groups].view(torch.float32).view(n, groups, 1)
-        shift.copy_(zero[r0:r1]).add_(scale[r0:r1], alpha=-8)  # exact: float32 holds zero - 8 * scale of bf16s
+        # exact: float32 holds zero - 8 * scale of bf16s, and of a pass-through's float32 zero = scale * (8 - z)
+        shift.copy_(zero[r0:r1]).add_(scale[r0:r1], alpha=-8)
         # float32 arithmetic (q * scale is exact there), one rounding into the compute dtype
         torch.addcmul(shift, q.view(n, groups, -1), scale[r0:r1], out=dst[r0:r1].view(n, groups, -1))

@@ -1,0 +1,366 @@
+"""Checkpoints that arrive quantized (GPTQ, AWQ, FP8): the streamed layers keep the checkpoint's codes and
+expand to the reference dequantization bit for bit; the model decodes as the same model built resident
+from the dequantized weights; the link carries the quantized bytes; unsupported configs are one-line errors.
+
+The checkpoints are built here from a tiny random llama: its decoder matrices quantized by a reference
+quantizer of our own and packed as each format lays them out (GPTQ: 8 codes an int32 along the inputs,
+low nibble first, v1 storing zero - 1; AWQ: 8 codes an int32 along the outputs in the order
+0 2 4 6 1 3 5 7; FP8: e4m3 codes with float32 per-tensor, per-channel or [128, 128] block scales), beside
+a plain checkpoint of the same model holding the reference dequantization in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import overspill
+from overspill import cli
+from overspill.api import placement_of
+from overspill.errors import OverspillError
+from overspill.planning.prequantized import scheme_of
+from overspill.runtime import quant
+from overspill.runtime.formats import Expander, LossyLayer
+from overspill.runtime.layout import LayerLayout
+from overspill.runtime.prequantized import QuantizedReader
+
+from conftest import SPECIAL
+
+LAYERS = 6
+CONFIG = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 256, "max_position_embeddings": 256,
+          "initializer_range": 0.1, **SPECIAL}
+MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+GEN = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+# name -> (quantization_config, how the test packs it)
+SCHEMES = {
+    "gptq-sym": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                  "checkpoint_format": "gptq"}, "gptq"),
+    "gptq-asym-v1": ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+                      "checkpoint_format": "gptq"}, "gptq"),
+    "gptq-asym-v2": ({"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": False, "sym": False,
+                      "checkpoint_format": "gptq_v2"}, "gptq"),
+    "awq": ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}, "awq"),
+    "fp8-tensor": ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": None}, "tensor"),
+    "fp8-block": ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "block"),
+    "ct-fp8-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}},
+        "ignore": ["lm_head"]}, "channel"),
+}
+
+
+# --- a reference quantizer and the checkpoints' packings -----------------------------------------------
+
+def pack(x: torch.Tensor, order=tuple(range(8)), dim: int = 0) -> torch.Tensor:
+    """Integers 0..15 of `x` packed eight an int32 along `dim`: nibble k (bits 4k..4k+3) holds the element
+    8c + order[k] of pack c."""
+    a = x.numpy().astype(np.uint32)
+    a = a if dim == 0 else a.T
+    out = np.zeros((a.shape[0] // 8, a.shape[1]), dtype=np.uint32)
+    for k, j in enumerate(order):
+        out |= a[j::8] << np.uint32(4 * k)
+    out = out if dim == 0 else out.T
+    return torch.from_numpy(np.ascontiguousarray(out).view(np.int32))
+
+
+def quantize_int4(w: torch.Tensor, group: int, sym: bool, v1: bool):
+    """(codes [out, in] 0..15, zeros [out, groups] integers, fp16 scales [out, groups]) of `w` [out, in]:
+    GPTQ's min/max grid (symmetric: zero 8). v1 zeros stay >= 1 (auto-gptq stores zero - 1)."""
+    out_f, in_f = w.shape
+    group = in_f if group == -1 else group
+    g = w.view(out_f, in_f // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    if sym:
+        scale = torch.maximum(-lo, hi) * 2 / 15
+        zero = torch.full_like(scale, 8)
+    else:
+        scale = (hi - lo) / 15
+        zero = (-lo / scale).round().clamp(1 if v1 else 0, 15)
+    scale = scale.clamp(min=1e-4).half()
+    q = (g / scale.float()[..., None]).round() + zero[..., None]
+    return q.clamp(0, 15).to(torch.int32).view(out_f, in_f), zero.to(torch.int32), scale
+
+
+def dequantize_int4(q, zero, scale) -> torch.Tensor:
+    """The reference: scale * (q - zero) in float32 (exact), by groups."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    w = (q.view(out_f, groups, -1) - zero[..., None]).float() * scale.float()[..., None]
+    return w.view(out_f, in_f)
+
+
+def gptq_tensors(q, zero, scale, v1: bool, group: int) -> dict[str, torch.Tensor]:
+    in_f = q.shape[1]
+    return {"qweight": pack(q.t()), "qzeros": pack((zero - int(v1)).t() & 15, dim=1),
+            "scales": scale.t().contiguous(), "g_idx": torch.arange(in_f, dtype=torch.int32) // (in_f if group == -1 else group)}
+
+
+def awq_tensors(q, zero, scale) -> dict[str, torch.Tensor]:
+    return {"qweight": pack(q.t(), AWQ_ORDER, dim=1), "qzeros": pack(zero.t(), AWQ_ORDER, dim=1),
+            "scales": scale.t().contiguous()}
+
+
+def quantize_fp8(w: torch.Tensor, how: str):
+    """(e4m3 codes, stored scale, the scale of each weight) of `w` [out, in] per tensor, channel or 128x128 block."""
+    out_f, in_f = w.shape
+    if how == "tensor":
+        stored = (w.abs().amax() / 448).reshape(1)
+        full = stored.expand(out_f, in_f)
+    elif how == "channel":
+        stored = (w.abs().amax(1, keepdim=True) / 448).to(torch.bfloat16)  # compressed-tensors keeps the model's dtype
+        full = stored.float().expand(out_f, in_f)
+    else:
+        b = w.new_zeros(-(-out_f // 128), -(-in_f // 128))
+        for r in range(b.shape[0]):
+            for c in range(b.shape[1]):
+                b[r, c] = w[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128].abs().amax() / 448
+        stored = b
+        full = b.repeat_interleave(128, 0)[:out_f].repeat_interleave(128, 1)[:, :in_f]  # as transformers expands them
+    codes = (w / full.float()).to(torch.float8_e4m3fn)
+    return codes, stored, full.float()
+
+
+def build(root: Path, name: str) -> tuple[Path, Path]:
+    """(the quantized checkpoint, the plain one holding its reference dequantization) for scheme `name`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qconfig, how = SCHEMES[name]
+    d = dict(CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.for_model(d.pop("model_type"), **d)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    storage = torch.float16 if how in ("gptq", "awq") else torch.bfloat16
+    quantized, plain = {}, {}
+    for key, t in model.state_dict().items():
+        base = key[: -len(".weight")]
+        if not any(base.endswith(m) for m in MATRICES) or ".layers." not in key:
+            quantized[key] = plain[key] = t.to(storage).contiguous()
+            continue
+        if how in ("gptq", "awq"):
+            group, v1 = qconfig["group_size"], qconfig.get("checkpoint_format") == "gptq"
+            q, zero, scale = quantize_int4(t, group, qconfig.get("sym", False), v1)
+            parts = gptq_tensors(q, zero, scale, v1, group) if how == "gptq" else awq_tensors(q, zero, scale)
+            quantized.update({f"{base}.{k}": v for k, v in parts.items()})
+            plain[key] = dequantize_int4(q, zero, scale)
+        else:
+            codes, stored, full = quantize_fp8(t, how)
+            quantized[key] = codes
+            quantized[f"{base}.weight_scale" + ("_inv" if qconfig["quant_method"] == "fp8" else "")] = stored
+            plain[key] = codes.float() * full
+    paths = []
+    for kind, tensors, extra in (("q", quantized, {"quantization_config": qconfig}), ("ref", plain, {})):
+        path = root / f"{name}-{kind}"
+        path.mkdir()
+        save_file(tensors, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": str(storage)[6:], **extra}))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prequantized")
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def make(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            built[name] = build(root, name)
+        return built[name]
+
+    return make
+
+
+def prompt() -> torch.Tensor:
+    return torch.randint(3, CONFIG["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(7))
+
+
+# --- (a) repacking: the expanded weight is the reference dequantization, bit for bit ---------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: torch.dtype, checkpoints) -> None:
+    qdir, ref = checkpoints(name)
+    scheme = scheme_of(json.loads((qdir / "config.json").read_text()))
+    from safetensors import safe_open
+
+    reader = QuantizedReader(qdir, scheme)
+    try:
+        with safe_open(str(ref / "model.safetensors"), "pt") as want:
+            for layer in (0, LAYERS - 1):
+                prefix = f"model.layers.{layer}."
+                names = [f"{m}.weight" for m in MATRICES] + ["input_layernorm.weight"]
+                layout = LayerLayout.of([(n, tuple(want.get_tensor(prefix + n).shape), dtype) for n in names])
+                encoded = LossyLayer.of(scheme.stream_format, layout, reader.parts_of(prefix))
+                assert [t.kind for t in encoded.tensors] == [scheme.stream_format] * len(MATRICES) + ["raw"]
+                host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
+                for t in encoded.tensors:
+                    parts = [p.view(host) for p in t.parts]
+                    if t.kind == "raw":
+                        reader.fill(prefix + t.entry.name, parts[0])
+                    else:
+                        reader.fill_parts(prefix + t.entry.name, parts)
+                slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8)
+                encoded.expand(host, slot, Expander(torch.device("cpu"), 0, 0))
+                for n, got in zip(names, layout.views(slot)):
+                    reference = want.get_tensor(prefix + n).float().to(dtype)  # exact in float32, rounded once
+                    assert torch.equal(got.view(torch.int8), reference.view(torch.int8)), (name, n)
+                    resident = torch.empty_like(reference)
+                    reader.fill(prefix + n, resident)  # what a resident layer gets
+                    assert torch.equal(resident.view(torch.int8), reference.view(torch.int8)), (name, n)
+    finally:
+        reader.close()
+
+
+def test_int4_parts_are_the_checkpoints_4_bit_codes(checkpoints) -> None:
+    """GPTQ's codes repacked: [out, in] two a byte (even input high), float32 scale and zero = scale * (8 - z)."""
+    qdir, _ = checkpoints("gptq-asym-v1")
+    reader = QuantizedReader(qdir, scheme_of(json.loads((qdir / "config.json").read_text())))
+    try:
+        name = "model.layers.2.mlp.down_proj.weight"  # [128, 256], groups of 32
+        from overspill.runtime.layout import TensorEntry
+
+        kind, shapes = reader.parts_of("model.layers.2.")("int4", TensorEntry("mlp.down_proj.weight", 0, (128, 256),
+                                                                             torch.bfloat16))
+        assert kind == "int4" and shapes == [((128, 128), torch.uint8), ((128, 8, 1), torch.float32),
+                                             ((128, 8, 1), torch.float32)]
+        parts = [torch.empty(s, dtype=d) for s, d in shapes]
+        reader.fill_parts(name, parts)
+        qweight, qzeros, scales = (reader.raw(f"model.layers.2.mlp.down_proj.{k}") for k in ("qweight", "qzeros", "scales"))
+        i, o = 77, 5  # input 77 is nibble 5 of qweight row 9; an odd input: the low nibble of byte 38
+        q = (int(qweight[77 // 8, o]) >> (4 * (77 % 8))) & 15
+        assert int(parts[0][o, 38]) & 15 == q
+        z = ((int(qzeros[77 // 32, o // 8]) >> (4 * (o % 8))) & 15) + 1
+        assert parts[1][o, 77 // 32, 0] == scales[77 // 32, o].float()
+        assert parts[2][o, 77 // 32, 0] == scales[77 // 32, o].float() * (8 - z)
+    finally:
+        reader.close()
+
+
+# --- (b) loading: streamed quantized layers decode as the resident dequantized model -------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_streamed_checkpoint_decodes_as_the_dequantized_model_resident(name: str, dtype: str, checkpoints) -> None:
+    qdir, ref = checkpoints(name)
+    want, _ = overspill.load(ref, dtype=dtype, gpu_memory=None, progress=False)
+    budget = {"float32": "3.4MiB", "bfloat16": "2MiB"}[dtype]  # one or two of the six layers stay resident
+    model, _ = overspill.load(qdir, dtype=dtype, gpu_memory=budget, context=64, progress=False)
+    plan = placement_of(model).plan
+    fmt = SCHEMES[name][0]["quant_method"]
+    assert plan.stream_format == ("int4" if fmt in ("gptq", "awq") else "fp8")
+    assert 0 < len(plan.streamed_layers) < LAYERS and not placement_of(want).plan.streamed_layers
+    assert any("checkpoint: streamed layers keep its codes" in n for n in plan.notes)
+    with torch.no_grad():
+        a = want.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
+        b = model.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(torch.stack(a.logits), torch.stack(b.logits))
+
+
+# --- (c) the link carries the quantized bytes ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gptq-sym", "fp8-block"])
+def test_streamed_host_bytes_are_the_quantized_bytes(name: str, checkpoints) -> None:
+    qdir, _ = checkpoints(name)
+    model, _ = overspill.load(qdir, dtype="bfloat16", gpu_memory="1.8MiB", context=64, progress=False)
+    placement = placement_of(model)
+    fmt = placement.plan.stream_format
+    params = sum(128 * n for n in (128, 64, 64, 128, 256, 256)) + 256 * 128  # one layer's matrices
+    scales = params // (128 if fmt == "int4" else 128) * (8 if fmt == "int4" else 4)  # float32 per group of 128
+    codes = params // 2 if fmt == "int4" else params
+    norms = 2 * 128 * 2  # two bf16 norms, raw
+    for layer in placement.ring.layers:
+        assert layer.host.numel() == layer.encoded.nbytes
+        assert codes + scales + norms <= layer.host.numel() <= codes + scales + norms + 256 * 10  # + alignment
+        assert layer.host.numel() < (0.3 if fmt == "int4" else 0.55) * layer.layout.nbytes  # bf16 would be 1.0
+    assert placement.host_bytes == placement.plan.streamed_bytes_per_step == sum(
+        layer.host.numel() for layer in placement.ring.layers)
+
+
+def test_other_stream_formats_dequantize_then_encode(checkpoints) -> None:
+    qdir, ref = checkpoints("gptq-sym")
+    want, _ = overspill.load(ref, dtype="float32", gpu_memory=None, progress=False)
+    model, _ = overspill.load(qdir, dtype="float32", gpu_memory="3.4MiB", context=64, progress=False,
+                              stream_format="bf16")
+    plan = placement_of(model).plan
+    assert plan.stream_format == "bf16" and plan.streamed_layers
+    assert any("streamed layers dequantized to the compute dtype" in n for n in plan.notes)
+    with torch.no_grad():
+        assert torch.equal(want(prompt()).logits, model(prompt()).logits)
+    int8, _ = overspill.load(qdir, dtype="float32", gpu_memory="3.4MiB", context=64, progress=False, stream_format="int8")
+    assert placement_of(int8).plan.stream_format == "int8"
+    assert any("then encoded as int8" in n for n in placement_of(int8).plan.notes)
+
+
+def test_plan_shows_the_checkpoints_int4_bytes(checkpoints, capsys) -> None:
+    qdir, ref = checkpoints("gptq-sym")
+    assert cli.main(["plan", str(qdir), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16",
+                     "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert cli.main(["plan", str(ref), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16",
+                     "--stream-format", "int4", "--json"]) == 0
+    own_int4 = json.loads(capsys.readouterr().out)
+    assert got["plan"]["stream_format"] == "int4"
+    streamed = got["plan"]["layer_tiers"].count("pinned")
+    layer = 2 * (sum(128 * n for n in (128, 64, 64, 128, 256, 256)) + 256 * 128 + 2 * 128)  # bf16 bytes
+    params = layer // 2
+    assert got["plan"]["streamed_bytes_per_step"] == streamed * (params // 2 + 8 * params // 128)
+    # the format's own int4 keeps bf16 scales and zeros (4 bytes a group): the checkpoint's float32 ones 8
+    assert own_int4["plan"]["streamed_bytes_per_step"] == own_int4["plan"]["layer_tiers"].count("pinned") * (
+        params // 2 + 4 * params // 128)
+    assert cli.main(["plan", str(qdir), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16"]) == 0
+    table = capsys.readouterr().out
+    assert "GPTQ int4 (groups of 128) checkpoint: streamed layers keep its codes (int4)" in table
+    assert re.search(r"^int4 .*the checkpoint's own codes$", table, re.M)
+
+
+# --- (d) what is not supported says so in one line -------------------------------------------------------
+
+@pytest.mark.parametrize("change,words", [
+    ({"desc_act": True}, "desc_act"),
+    ({"bits": 3}, "3 bits"),
+    ({"bits": 8}, "8 bits"),
+    ({"checkpoint_format": "marlin"}, "'marlin'"),
+    ({"group_size": 16}, "group_size 16"),
+    ({"quant_method": "awq", "version": "gemv"}, "'gemv'"),
+    ({"quant_method": "bitsandbytes"}, "'bitsandbytes'"),
+])
+def test_unsupported_quantizations_are_one_line_errors(change: dict, words: str, checkpoints, tmp_path) -> None:
+    qdir, _ = checkpoints("gptq-sym")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((qdir / "config.json").read_text())
+    config["quantization_config"] = {**config["quantization_config"], **change}
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "model.safetensors").symlink_to(qdir / "model.safetensors")
+    with pytest.raises(OverspillError, match="not supported") as err:
+        overspill.load(bad, dtype="float32", progress=False)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert "GPTQ and AWQ (gemm) int4" in str(err.value) or "groups of 32" in str(err.value)
+
+
+def test_act_order_g_idx_is_refused_at_load(checkpoints, tmp_path) -> None:
+    """A g_idx that reorders the inputs is act-order whatever desc_act says."""
+    from safetensors.torch import load_file
+
+    qdir, _ = checkpoints("gptq-sym")
+    bad = tmp_path / "shuffled"
+    bad.mkdir()
+    tensors = load_file(str(qdir / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.g_idx"  # 256 inputs in two groups
+    tensors[key] = tensors[key].flip(0).contiguous()
+    save_file(tensors, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((qdir / "config.json").read_text())
+    with pytest.raises(OverspillError, match="act-order"):
+        overspill.load(bad, dtype="float32", gpu_memory=None, progress=False)
