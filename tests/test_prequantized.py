@@ -364,3 +364,80 @@ def test_act_order_g_idx_is_refused_at_load(checkpoints, tmp_path) -> None:
     (bad / "config.json").write_text((qdir / "config.json").read_text())
     with pytest.raises(OverspillError, match="act-order"):
         overspill.load(bad, dtype="float32", gpu_memory=None, progress=False)
+
+
+# --- GGUF Q8_0: a converted GGUF keeps its decoder Q8_0 codes --------------------------------------------
+
+GGUF_LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def q8_0_gguf(tmp_path_factory, overspill_cache) -> Path:
+    """SmolLM2's GGUF (its tokenizer and config) cut to 6 layers whose Q4_1 matrices are requantized as
+    Q8_0 by the gguf package (llama.cpp's reference rounding); the embedding stays Q8_0, norms F32."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    from overspill.runtime.sources import default_gguf_path
+
+    reader = GGUFReader(default_gguf_path())
+    arch = reader.fields["general.architecture"].contents()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf"
+    writer = GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        value = GGUF_LAYERS if field.name == f"{arch}.block_count" else field.contents()
+        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= GGUF_LAYERS:
+            continue
+        data = t.data
+        if t.tensor_type == GGMLQuantizationType.Q4_1:
+            data, kind = quants.quantize(quants.dequantize(t.data, t.tensor_type), GGMLQuantizationType.Q8_0), \
+                GGMLQuantizationType.Q8_0
+        else:
+            kind = t.tensor_type
+        writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_q8_0_decoder_weights_stream_as_codes(q8_0_gguf) -> None:
+    from gguf import GGUFReader, quants
+    from safetensors import safe_open
+
+    from overspill.runtime.sources import convert_gguf
+
+    converted = convert_gguf(q8_0_gguf)
+    config = json.loads((converted / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "gguf", "types": ["q8_0"]}
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "model.layers.0.mlp.down_proj.q8_0_codes" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
+        assert f.get_tensor("model.layers.0.mlp.down_proj.q8_0_codes").dtype == torch.int8
+        assert "model.embed_tokens.weight" in keys  # outside the decoder layers: dequantized as before
+    # the GGUF's own dequantization (gguf.quants, as transformers reads it) of a weight transformers does not permute
+    gguf_down = next(t for t in GGUFReader(q8_0_gguf).tensors if t.name == "blk.3.ffn_down.weight")
+    reference = torch.from_numpy(quants.dequantize(gguf_down.data, gguf_down.tensor_type))  # float32 [out, in]
+
+    want, _ = overspill.load(q8_0_gguf, dtype="float32", gpu_memory=None, progress=False)
+    model, tok = overspill.load(q8_0_gguf, dtype="float32", gpu_memory="187MiB", context=64, progress=False)
+    placement = placement_of(model)
+    plan = placement.plan
+    assert plan.stream_format == "int8" and 0 < len(plan.streamed_layers) < GGUF_LAYERS
+    assert any("GGUF Q8_0 checkpoint: streamed layers keep its codes (int8)" in n for n in plan.notes)
+    assert torch.equal(want.model.layers[3].mlp.down_proj.weight, reference)  # resident: d * q exactly
+    for layer in placement.ring.layers:  # one byte a weight and a float32 scale per 32 over the link
+        kinds = {t.entry.name: t.kind for t in layer.encoded.tensors}
+        assert kinds["mlp.down_proj.weight"] == "int8" and kinds["input_layernorm.weight"] == "raw"
+        down = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.down_proj.weight")
+        assert [p.dtype for p in down.parts] == [torch.int8, torch.float32] and down.parts[1].shape[1] == 1536 // 32
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+        b = model.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(torch.stack(a.logits), torch.stack(b.logits))

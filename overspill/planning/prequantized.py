@@ -12,6 +12,7 @@ dequantized weights in the compute dtype. The expanded weight equals the referen
 | awq (gemm, bits 4, zero_point) | qweight int32 [in, out/8] (nibbles in order 0 2 4 6 1 3 5 7), qzeros, scales | int4 | float32 scale and zero per group |
 | fp8 (transformers' FineGrainedFP8) | weight e4m3 [out, in], weight_scale_inv float32 per tensor or per block | fp8 | float32 per group of inputs |
 | compressed-tensors, float-quantized 8-bit | weight e4m3, weight_scale per tensor, channel, group or block | fp8 | float32 per group of inputs |
+| gguf (a converted GGUF's Q8_0 decoder weights, `runtime.gguf_blocks`) | q8_0_codes int8 [out, in], q8_0_scales fp16 [out, in/32] | int8 | float32 per group of 32 |
 
 int4 keeps float32 scales and zeros (8 bytes a group against bf16's 4 of the format's own encoder): the
 expansion computes `q * scale + (zero - 8 * scale)` in float32 with `zero = scale * (8 - z)`, which is
@@ -35,16 +36,17 @@ from .formats import NATIVE, encoded_bytes
 INT4_STORE_BYTES = 4  # float32 scale and float32 zero per group (see above)
 FP8_SCALE_BYTES = 4  # float32, as the fp8 format's own
 SUPPORTED = ("GPTQ and AWQ (gemm) int4 with desc_act false, FP8 (quant_method fp8, or compressed-tensors "
-             "float-quantized 8-bit)")
+             "float-quantized 8-bit), GGUF Q8_0")
+GGUF_Q8_0_GROUP = 32  # weights per Q8_0 block (and fp16 scale)
 
 
 @dataclass(frozen=True)
 class Prequantized:
     """How a checkpoint arrives quantized (from its config.json alone)."""
 
-    method: str  # "gptq", "awq", "fp8", "compressed-tensors"
-    stream_format: str  # the stream format its codes keep: "int4" or "fp8"
-    group: int  # int4: inputs per scale and zero, -1 one per row; fp8: 0 (the scales' shape says)
+    method: str  # "gptq", "awq", "fp8", "compressed-tensors", "gguf"
+    stream_format: str  # the stream format its codes keep: "int4", "fp8" or "int8"
+    group: int  # inputs per scale (int4: and zero), -1 one per row; fp8: 0 (the scales' shape says)
     zero_offset: int = 0  # added to stored zeros: 1 for auto-gptq's v1 format (zero - 1 stored)
     block: tuple[int, int] | None = None  # fp8: [rows, inputs] a stored scale covers, when the config says
 
@@ -53,14 +55,14 @@ class Prequantized:
         if self.stream_format == "int4":
             per = "per row" if self.group == -1 else f"groups of {self.group}"
             return f"{self.method.upper()} int4 ({per})"
-        return f"{self.method} e4m3"
+        return "GGUF Q8_0" if self.method == "gguf" else f"{self.method} e4m3"
 
     def stream_bytes(self, layer_bytes: int, dtype_bytes: int) -> int:
         """Bytes a layer of `layer_bytes` (compute dtype) sends per trip in its own format, as `overspill plan`
         estimates it from the config (every parameter counted as quantized; the load counts exactly)."""
         if self.stream_format == "int4":
             return encoded_bytes("int4", layer_bytes, dtype_bytes, group=self.group, store_bytes=INT4_STORE_BYTES)
-        return encoded_bytes(self.stream_format, layer_bytes, dtype_bytes)
+        return encoded_bytes(self.stream_format, layer_bytes, dtype_bytes, group=self.group)
 
 
 def scheme_of(config: Mapping[str, Any]) -> Prequantized | None:
@@ -85,6 +87,8 @@ def scheme_of(config: Mapping[str, Any]) -> Prequantized | None:
         return Prequantized("fp8", "fp8", 0, block=tuple(block) if block else None)
     if method == "compressed-tensors":
         return _compressed_tensors(q)
+    if method == "gguf" and list(q.get("types") or ()) == ["q8_0"]:
+        return Prequantized("gguf", "int8", GGUF_Q8_0_GROUP)
     raise ValueError(f"quant_method {method or '(none)'!r} is not supported: overspill streams {SUPPORTED}")
 
 

@@ -12,6 +12,8 @@ layout, so the link carries the checkpoint's codes and the slot expands them to 
   exactly in float32 (every product has at most 15 significant bits).
 - fp8: the e4m3 codes as they are; the stored per-tensor, per-channel, per-group or block scales repeated
   into the format's float32 scale per group of inputs (each group lies in one stored block).
+- int8 (a converted GGUF's Q8_0 weights, `gguf_blocks`): the int8 codes as they are, the fp16 scale of each
+  block of 32 as the format's float32 scale of a group of 32.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch
 
 from ..errors import OverspillError
 from ..planning.prequantized import Prequantized
+from . import gguf_blocks
 from .checkpoint import CheckpointReader
 from .layout import TensorEntry
-from .quant import ENCODE_ELEMENTS, FP8, part_shapes, rows_cols, scaled_group
+from .quant import ENCODE_ELEMENTS, part_shapes, rows_cols, scaled_group
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ int32 holds, low nibble first
 AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # the nibble that holds each output column of its eight
@@ -79,6 +82,13 @@ class QuantizedReader(CheckpointReader):
                 shape = (packed[1], packed[0] * 8) if self.scheme.method == "gptq" else (packed[1] * 8, packed[0])
                 g_idx = base + ".g_idx" if base + ".g_idx" in keys else None
                 found[base + ".weight"] = Quantized(key, base + ".scales", shape, base + ".qzeros", g_idx)
+            elif self.scheme.stream_format == "int8" and key.endswith(gguf_blocks.CODES):
+                base = key[: -len(gguf_blocks.CODES)]
+                if base + gguf_blocks.SCALES not in keys:
+                    raise OverspillError(f"{key} in {self.directory} has no {base + gguf_blocks.SCALES}: delete this "
+                                         f"converted copy so that the GGUF is converted again")
+                shape = self._shape(key)
+                found[base + ".weight"] = Quantized(key, base + gguf_blocks.SCALES, (shape[0], shape[1]))
             elif self.scheme.stream_format == "fp8" and key.endswith(".weight"):
                 scale = next((key + s for s in ("_scale_inv", "_scale") if key + s in keys), None)
                 if scale is None:
@@ -139,8 +149,8 @@ class QuantizedReader(CheckpointReader):
         q = self.quantized[key]
         rows, cols = q.shape
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
-        if self.scheme.stream_format == "fp8":
-            codes, scale = self.raw(q.weight), self._fp8_scales(key)  # scale [out, groups]
+        if self.scheme.stream_format in ("fp8", "int8"):
+            codes, scale = self.raw(q.weight), self._scales(key)  # scale [out, groups]
             for r0 in range(0, rows, step):
                 c = codes[r0 : r0 + step].to(out.device).float()
                 s = scale[r0 : r0 + step].to(out.device)
@@ -211,6 +221,12 @@ class QuantizedReader(CheckpointReader):
                                      f"streams GPTQ with desc_act false")
         return group
 
+    def _scales(self, key: str) -> torch.Tensor:
+        """The float32 scale of each group of inputs of an fp8 or int8 weight, [out, groups]."""
+        if self.scheme.stream_format == "int8":
+            return self.raw(self.quantized[key].scale).float()  # a Q8_0 block's d, exact in float32
+        return self._fp8_scales(key)
+
     def _fp8_scales(self, key: str) -> torch.Tensor:
         """The float32 scale of each group of `quant.scaled_group` inputs of an fp8 weight, [out, groups]:
         the stored per-tensor, per-channel, per-group or block scale it lies in."""
@@ -256,6 +272,8 @@ class QuantizedReader(CheckpointReader):
                 raise self._mismatch(key, q.shape, tuple(entry.shape))
             if fmt == "int4":
                 return fmt, part_shapes("int4", q.shape, group=self._group(q), store=torch.float32)
+            if fmt == "int8":
+                return fmt, part_shapes("int8", q.shape, group=self.scheme.group)
             self._fp8_scales(key)  # refuses stored blocks the format's groups do not fit
             return fmt, part_shapes("fp8", q.shape)
 
@@ -266,9 +284,9 @@ class QuantizedReader(CheckpointReader):
         key = self._key(name)
         q = self.quantized[key]
         rows, cols = rows_cols(q.shape)
-        if self.scheme.stream_format == "fp8":
-            parts[0].copy_(self.raw(q.weight).view(FP8))
-            parts[1].copy_(self._fp8_scales(key)[..., None])
+        if self.scheme.stream_format in ("fp8", "int8"):
+            parts[0].copy_(self.raw(q.weight))
+            parts[1].copy_(self._scales(key)[..., None])
             return
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
         for r0 in range(0, rows, step):

@@ -110,14 +110,19 @@ def default_gguf_path() -> Path:
     return path
 
 
+GGUF_CONVERSION = 2  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes)
+
+
 def _gguf_cache_path(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    stamp = f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}:{GGUF_CONVERSION}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF once into a bf16 safetensors directory (config, tokenizer, weights).
+    """Dequantise a GGUF once into a bf16 safetensors directory (config, tokenizer, weights); decoder
+    weights stored as Q8_0 keep their codes instead (`gguf_blocks`), so they stream as they are.
 
     transformers' GGUF reader takes ~20 s for a 135M model on these CPUs; loading the converted
     copy takes a couple of seconds. The copy is written to a temporary directory and renamed, so an
@@ -136,11 +141,20 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        from . import gguf_blocks
+        from .loader import decoder_layers
+
+        kept = gguf_blocks.q8_0_weights(gguf, model, decoder_layers(model)[0])
         config = model.config.to_dict()
         config.pop("quantization_config", None)
+        if kept:
+            config["quantization_config"] = gguf_blocks.MARK
         config["dtype"] = "bfloat16"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))
+        if kept:
+            gguf_blocks.save(model, kept, tmp / "model.safetensors")
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         if (target / "config.json").exists():  # another process finished first: keep its copy
