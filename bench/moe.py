@@ -195,6 +195,7 @@ def main() -> None:
 
     import overspill
     from overspill.runtime.hardware import machine_facts
+    from overspill.runtime.routing import measured_moe_plan
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,6 +259,7 @@ def main() -> None:
                 tok_s = got["decode_tok_s"]
                 floor = b * link / per_step if link and per_step else None
                 looked = got["hits"] + got["misses"]
+                again = measured_moe_plan(model, batch=b) if placement.experts is not None else None  # measured routing
                 run = {
                     "mode": label, "batch": b, "load_s": round(load_s, 1), **got,
                     "moe_streaming": plan.moe_streaming, "layout": layout, "streamed": list(plan.streamed_layers),
@@ -269,6 +271,10 @@ def main() -> None:
                     "floor_tok_s": floor, "fraction_of_floor": tok_s / floor if floor and tok_s else None,
                     "planned_bytes_per_step": plan.streamed_bytes_per_step,
                     "predicted_tok_s": plan.prediction.decode_tok_s if plan.prediction and b == batch else None,
+                    "predicted_tok_s_measured_routing": again.prediction.decode_tok_s
+                    if again and again.prediction else None,
+                    "predicted_link_bytes_per_token_measured_routing": again.streamed_bytes_per_step / b
+                    if again else None,
                     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                     "planned_device_bytes": plan.device_bytes, "notes": list(plan.notes),
                 }

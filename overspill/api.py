@@ -29,6 +29,7 @@ from .planning.plan import (
     footprint_from_spec,
 )
 from .planning.profile import Profile
+from .planning.routing import MoeBasis
 from .planning.self_draft import Machine, plan_self_draft
 from .planning.speculation import auto_source
 from .planning.spec import DEFAULT_DTYPE, dtype_name
@@ -379,8 +380,9 @@ def load(
         raise OverspillError(host_refusal)
     if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
         raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
+    moe_cpu = cpu_experts if host_experts_supported(model_type) else "off"
     if profile is not None:
-        plan = moe.predict(fp, plan, moe_layers, profile, cpu_experts if host_experts_supported(model_type) else "off")
+        plan = moe.predict(fp, plan, moe_layers, profile, moe_cpu)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate, cpu_compute_format)
@@ -400,6 +402,8 @@ def load(
         if isinstance(weights, CheckpointReader):
             weights.close()
     skeleton.overspill = placement
+    if placement.experts is not None:  # to re-predict the plan from measured routing (`runtime.routing`)
+        skeleton.overspill_moe = MoeBasis(fp, moe_layers, profile, moe_cpu)
     use_planned_cache(skeleton, placement)
     keep_grouped_experts(skeleton)
     if stage is not None:

@@ -16,9 +16,11 @@ from .planning.units import format_bytes
 class TimingStreamer(BaseStreamer):
     """Records when each generated token arrives and optionally prints the text as it grows."""
 
-    def __init__(self, tokenizer=None, echo: bool = True):
+    def __init__(self, tokenizer=None, echo: bool = True, at_first=None):
         self.tokenizer = tokenizer
         self.echo = echo and tokenizer is not None
+        self.at_first = at_first  # called as the first token arrives: counters that then cover decode only
+        self.first = None  # what it returned
         self.times: list[float] = []
         self.tokens: list[int] = []
         self._printed = 0
@@ -28,6 +30,8 @@ class TimingStreamer(BaseStreamer):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        if not self.times and self.at_first is not None:
+            self.first = self.at_first()
         self.times.append(time.perf_counter())
         self.tokens.extend(value.reshape(-1).tolist())
         if self.echo:
@@ -105,7 +109,9 @@ def run(args: argparse.Namespace) -> None:
     if tokenizer is None:
         print("(no tokenizer for this model: the prompt is sent as byte ids and token ids are printed)")
     print(f"\n> {args.prompt}")
-    streamer = TimingStreamer(tokenizer)
+    from .runtime.routing import ExpertCounters
+
+    streamer = TimingStreamer(tokenizer, at_first=lambda: ExpertCounters.of(model))
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
     timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
     if tokenizer is None:
@@ -118,7 +124,23 @@ def run(args: argparse.Namespace) -> None:
     if link:
         line += f"; {format_bytes(link)} over the link per token = {link * timing.decode_tokens_per_second / 1e9:.1f} GB/s"
     print(line)
+    if streamer.first is not None:
+        experts_line(model, streamer.first, timing.new_tokens - 1)
     stats = getattr(model, "speculation_stats", None)
     if stats is not None and stats.passes:
         print(f"speculation ({getattr(args, 'speculate', None)}): {stats.tokens_per_pass:.2f} tokens per verify pass, "
               f"{stats.accepted}/{stats.drafted} drafted tokens accepted, drafting {stats.draft_share:.0%} of decode time")
+
+
+def experts_line(model, start, steps: int) -> None:
+    """One line after decoding an expert-streamed model: the cache's hit rate and link bytes per token,
+    measured against the plan's uniform routing prior and the same plan re-predicted from measured routing."""
+    from .runtime.routing import decode_traffic
+
+    t = decode_traffic(model, start, steps)
+    if t is None:
+        return
+    tok_s = f" ({t.predicted_tok_s:.2f} tok/s)" if t.predicted_tok_s else ""
+    print(f"expert routing: {t.hit_rate:.0%} cache hits in decode; link bytes per token "
+          f"{format_bytes(t.measured)} measured, {format_bytes(t.planned)} planned (uniform routing), {format_bytes(t.predicted)}{tok_s} re-predicted "
+          "from measured routing")

@@ -27,6 +27,10 @@ def test_smoke_records_dense_and_experts(tmp_path: Path) -> None:
         assert experts["link_bytes_per_step"] < dense["link_bytes_per_step"]
         assert experts["hits"] + experts["misses"] > 0 and 0 <= experts["hit_rate"] <= 1
         assert dense["expert_bytes"] == 0
+        # re-predicted from measured routing: bytes for expert streaming; no tok/s without a GPU probe
+        assert experts["predicted_link_bytes_per_token_measured_routing"] > 0
+        assert dense["predicted_link_bytes_per_token_measured_routing"] is None
+        assert experts["predicted_tok_s_measured_routing"] is None
     # a batch of 8 selects more experts per layer than one sequence
     assert runs["experts", 8]["expert_bytes"] / runs["experts", 8]["steps"] > \
         runs["experts", 1]["expert_bytes"] / runs["experts", 1]["steps"]

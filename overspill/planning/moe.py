@@ -15,7 +15,11 @@ a frequently routed expert, so under the uniform prior a fraction h = extra / (s
 of the selections hit, and a step moves
     ring bytes + sum over streamed MoE layers of D(b) * (1 - h) * expert bytes.
 Random weights route about uniformly; real models route unevenly, so a frequency-aware cache hits
-more than h there (measured online: `ExpertCache.hit_rate`).
+more than h there. Measured routing (`planning.routing.RoutingStats`, counted online by
+`ExpertCache`) replaces the prior where a caller passes `stats`: per-expert selection probabilities,
+shrunk toward k/E while few tokens are seen, give each layer's distinct experts and which experts the
+hot slots keep (`routing.traffic`); `runtime.routing.measured_moe_plan` re-predicts a loaded plan so.
+Plans are still placed under the prior (nothing is measured before the first load).
 
 Time per step: the copies of a layer's experts start only once its router has run (the host reads
 the selected experts: one sync per layer) and its experts compute only once they land, so expert
@@ -36,6 +40,7 @@ from .placement import (below_minimum, kv_host_choices, largest_batch, least_pla
                         streaming_plan, with_prediction)
 from .plan import MANAGED_MODES, Footprint, Plan, Workload
 from .profile import Profile
+from .routing import RoutingStats, traffic
 from .spec import ModelSpec
 
 MOE_STREAMING = ("auto", "dense", "experts")
@@ -95,11 +100,27 @@ def hit_fraction(moe: MoeLayers, streamed: tuple[int, ...], slots: int) -> float
     return min(1.0, max(slots - min_cache_slots(moe, streamed), 0) / total)
 
 
-def expert_bytes_per_step(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int) -> int:
-    """Expected routed-expert bytes copied per decode step of `batch` sequences (uniform prior)."""
+def expert_bytes_per_step(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int,
+                          stats: RoutingStats | None = None) -> int:
+    """Expected routed-expert bytes copied per decode step of `batch` sequences: under the uniform prior,
+    or under measured routing `stats` (`routing.traffic`; the same number for `RoutingStats.uniform`)."""
+    if stats is not None:
+        extra = slots - min_cache_slots(moe, streamed)
+        return round(sum(t.misses * moe.expert_bytes[t.layer] for t in traffic(moe, streamed, extra, batch, stats)))
     miss = 1.0 - hit_fraction(moe, streamed, slots)
     return round(sum(expected_distinct(moe.num_experts[i], moe.active[i], batch) * miss * moe.expert_bytes[i]
                      for i in streamed))
+
+
+def expected_hit_rate(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int,
+                      stats: RoutingStats | None = None) -> float:
+    """Expected share of selected experts found in the cache (`ExpertCache.hit_rate` at decode): the
+    uniform prior's `hit_fraction`, or under measured routing `stats` higher where routing is uneven."""
+    if stats is None:
+        return hit_fraction(moe, streamed, slots)
+    layers = traffic(moe, streamed, slots - min_cache_slots(moe, streamed), batch, stats)
+    distinct = sum(t.distinct for t in layers)
+    return 1.0 - sum(t.misses for t in layers) / distinct if distinct else 0.0
 
 
 def ring_bytes(moe: MoeLayers, fp: Footprint, layer: int) -> int:
@@ -194,12 +215,13 @@ def _experts_only(fp: Footprint, moe: MoeLayers, budget: int | None, workload: W
     raise below_minimum(fp, budget, experts, " with expert streaming")
 
 
-def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s: float) -> Prediction:
+def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s: float,
+                       stats: RoutingStats | None = None) -> Prediction:
     """`costmodel.predict`'s prediction for an expert-aware plan with the serial expert fetch added
     (module docstring): each streamed MoE layer's expert copies wait for its router and hold up its
-    experts' compute, plus one sync."""
+    experts' compute, plus one sync. `stats`: measured routing instead of the uniform prior."""
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
-    expert_bytes = expert_bytes_per_step(moe, streamed, plan.expert_slots, plan.workload.batch)
+    expert_bytes = expert_bytes_per_step(moe, streamed, plan.expert_slots, plan.workload.batch, stats)
     expert_link = expert_bytes / h2d_bytes_s if h2d_bytes_s else 0.0
     return _with_expert_wait(pred, plan, expert_link, len(streamed), pred.link_s)
 
@@ -212,18 +234,31 @@ def _with_expert_wait(pred: Prediction, plan: Plan, wait_s: float, layers: int, 
                    link_s=link_s)
 
 
-def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str, dtype_bytes: int = 2) -> Plan:
+def _layer_traffic(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int,
+                   stats: RoutingStats | None) -> list[tuple[int, float, float]]:
+    """(layer, expected distinct experts, expected misses) per streamed MoE layer: uniform prior or `stats`."""
+    if stats is not None:
+        extra = slots - min_cache_slots(moe, streamed)
+        return [(t.layer, t.distinct, t.misses) for t in traffic(moe, streamed, extra, batch, stats)]
+    miss = 1.0 - hit_fraction(moe, streamed, slots)
+    return [(i, d, d * miss) for i in streamed for d in (expected_distinct(moe.num_experts[i], moe.active[i], batch),)]
+
+
+def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str, dtype_bytes: int = 2,
+                      stats: RoutingStats | None = None) -> Plan:
     """An expert-aware plan whose host computes a share of each streamed MoE layer's expected misses
     (`planning.host_experts`): fewer bytes cross per step, and each layer waits for the slower of the
-    host's share and the link's. Each miss is assumed routed to batch x active / distinct tokens."""
+    host's share and the link's. Each miss is assumed routed to batch x active / distinct tokens.
+    `stats`: measured routing instead of the uniform prior."""
     if mode == "off" or plan.prediction is None or plan.moe_streaming != "experts":
         return plan
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
-    batch, miss = plan.workload.batch, 1.0 - hit_fraction(moe, streamed, plan.expert_slots)
+    batch = plan.workload.batch
     wait, saved = 0.0, 0.0
-    for i in streamed:
-        distinct = expected_distinct(moe.num_experts[i], moe.active[i], batch)
-        k, seconds = layer_split(distinct * miss, batch * moe.active[i] / distinct, moe.expert_bytes[i],
+    for i, distinct, misses in _layer_traffic(moe, streamed, plan.expert_slots, batch, stats):
+        if distinct <= 0:
+            continue
+        k, seconds = layer_split(misses, batch * moe.active[i] / distinct, moe.expert_bytes[i],
                                  moe.expert_bytes[i] // dtype_bytes, profile.h2d_bytes_s, profile.cpu_gemv_params_s,
                                  mode)
         wait += seconds
@@ -288,18 +323,32 @@ def choose(dense: Plan, fp: Footprint, moe: MoeLayers, budget: int | None, reque
     return candidate, None
 
 
-def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile, cpu_experts: str = "off") -> Plan:
+def predict(fp: Footprint, plan: Plan, moe: MoeLayers, profile: Profile, cpu_experts: str = "off",
+            stats: RoutingStats | None = None) -> Plan:
     """`placement.with_prediction`, with the serial expert fetch for an expert-aware plan (the host's
-    share of it with `cpu_experts`)."""
+    share of it with `cpu_experts`). With measured routing `stats` an expert-aware plan's bytes per step
+    are recomputed first (ring bytes + `expert_bytes_per_step` under `stats`), so a loaded plan can be
+    re-predicted from what its router did."""
+    if stats is not None and plan.moe_streaming == "experts":
+        plan = replace(plan, streamed_bytes_per_step=moe_bytes_per_step(fp, plan, moe, stats))
     plan = with_prediction(fp, plan, profile)
     if plan.moe_streaming != "experts" or plan.prediction is None:
         return plan
     # the hot-expert slots take what the workload leaves; a larger batch would take them back
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
     least = replace(plan, expert_slots=min_cache_slots(moe, streamed))
-    placed = replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s),
+    placed = replace(plan, prediction=experts_prediction(plan.prediction, plan, moe, profile.h2d_bytes_s, stats),
                      max_batch=max_batch(fp, least))
-    return with_host_experts(placed, moe, profile, cpu_experts, fp.dtype_bytes)
+    return with_host_experts(placed, moe, profile, cpu_experts, fp.dtype_bytes, stats)
+
+
+def moe_bytes_per_step(fp: Footprint, plan: Plan, moe: MoeLayers, stats: RoutingStats | None = None,
+                       batch: int | None = None) -> int:
+    """Link bytes per decode step of an expert-aware plan at `batch` (default: the plan's): its ring bytes
+    plus the expected expert copies, under the uniform prior or measured routing `stats`. No host experts."""
+    streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
+    ring = sum(ring_bytes(moe, fp, i) for i in plan.streamed_layers)
+    return ring + expert_bytes_per_step(moe, streamed, plan.expert_slots, batch or plan.workload.batch, stats)
 
 
 @dataclass(frozen=True)
@@ -318,9 +367,11 @@ class Forecast:
 
 
 def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
-              profile: Profile, batches: tuple[int, ...] = (1, 8), host_experts: bool = False) -> list[Forecast]:
+              profile: Profile, batches: tuple[int, ...] = (1, 8), host_experts: bool = False,
+              stats: RoutingStats | None = None) -> list[Forecast]:
     """Dense and expert-aware streaming side by side at each batch (each planned for that batch), and
-    with `host_experts` the host computing a share of the misses (--cpu-experts auto)."""
+    with `host_experts` the host computing a share of the misses (--cpu-experts auto). `stats`: predict
+    the expert-aware plans under measured routing (they are still placed under the uniform prior)."""
     out = []
     for batch in batches:
         w = replace(workload, batch=batch)
@@ -335,9 +386,9 @@ def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workl
             except OverspillError:
                 continue
         if experts is not None:
-            plans.append(("experts", predict(fp, experts, moe, profile)))
+            plans.append(("experts", predict(fp, experts, moe, profile, stats=stats)))
             if host_experts and profile.cpu_gemv_params_s > 0:  # --cpu-experts auto: the host's share of misses
-                plans.append(("experts+cpu", predict(fp, experts, moe, profile, "auto")))
+                plans.append(("experts+cpu", predict(fp, experts, moe, profile, "auto", stats)))
         for mode, plan in plans:
             p = plan.prediction
             out.append(Forecast(mode, batch, plan.streamed_bytes_per_step + plan.kv_host_bytes, p.decode_tok_s,

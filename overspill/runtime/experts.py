@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..planning.host_experts import host_count, refused
+from ..planning.routing import RoutingStats
 from .streams import new_stream
 
 GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
@@ -82,6 +83,8 @@ class ExpertCache:
         self.slot_of: dict[tuple[int, int], int] = {}
         self.owner: list[tuple[int, int] | None] = [None] * slots
         self.routed: dict[tuple[int, int], int] = {}  # tokens routed to each (layer, expert) so far
+        self.seen: dict[int, int] = {}  # tokens each layer's router saw so far (with `routed`: `routing_stats`)
+        self.experts_of: dict[int, int] = {}  # experts of each layer the cache serves (`serve`)
         self.last_use = [0] * slots
         self.calls = 0
         self.hits = self.misses = self.bytes_copied = self.host_computed = 0
@@ -151,6 +154,20 @@ class ExpertCache:
                     dst[slot].copy_(src[e], non_blocking=True)
         current.wait_stream(self.stream)
 
+    def serve(self, layer: int, experts: int) -> None:
+        """Register a streamed MoE layer of `experts` experts (its `routing_stats` row exists before it runs)."""
+        self.experts_of[layer] = experts
+        self.seen.setdefault(layer, 0)
+
+    def routing_stats(self) -> RoutingStats:
+        """Tokens seen and routed per expert of every layer served, since load (not reset by `reset_stats`:
+        the counts that drive eviction are the ones the planner's measured routing needs)."""
+        routed, seen = self.routed.copy(), self.seen.copy()  # copies are atomic: a metrics thread may read mid-step
+        layers = tuple(sorted(self.experts_of))
+        return RoutingStats(layers, tuple(float(seen.get(i, 0)) for i in layers),
+                            tuple(tuple(float(routed.get((i, e), 0)) for e in range(self.experts_of[i]))
+                                  for i in layers))
+
     @property
     def hit_rate(self) -> float:
         looked = self.hits + self.misses
@@ -196,9 +213,12 @@ class RoutedExperts(nn.Module):
         self.host = [experts._parameters[n].data for n in names]
         self.num_experts = self.host[0].shape[0]
         object.__setattr__(self, "cache", cache)
+        cache.serve(layer, self.num_experts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         inner = self.experts
+        rows = top_k_index.numel() // max(top_k_index.shape[-1], 1)  # [tokens, k]: the tokens the router saw
+        self.cache.seen[self.layer] = self.cache.seen.get(self.layer, 0) + rows
         experts, tokens = _selection(torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts))
         on_host = host_share(self.cache, self.layer, experts, tokens)
         if on_host:  # the GPU's copies go first, so the link works while the host computes its share
@@ -292,12 +312,14 @@ class Llama4RoutedMoe(nn.Module):
         experts = moe.experts
         self.host = [experts.gate_up_proj.data, experts.down_proj.data]  # [E, H, 2I], [E, I, H]
         object.__setattr__(self, "cache", cache)
+        cache.serve(layer, self.host[0].shape[0])
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.moe
         hidden_states = hidden_states.reshape(-1, moe.hidden_dim)
         router_scores, router_logits = moe.router(hidden_states)  # [T, E]: sigmoid(top-k logits), 0 elsewhere
         num_experts = router_scores.shape[1]
+        self.cache.seen[self.layer] = self.cache.seen.get(self.layer, 0) + router_scores.shape[0]
         routed_in = hidden_states.repeat(num_experts, 1)
         routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
         experts, tokens = _selection((router_scores != 0).sum(dim=0))

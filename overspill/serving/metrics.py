@@ -1,5 +1,5 @@
-"""Prometheus metrics of the server: HTTP traffic, the engine's steps, the link, the KV cache and
-speculative decoding (counters, and gauges of their ratios since the start)."""
+"""Prometheus metrics of the server: HTTP traffic, the engine's steps, the link, the KV cache,
+speculative decoding (counters, and gauges of their ratios since the start) and expert streaming."""
 
 from __future__ import annotations
 
@@ -69,6 +69,26 @@ class Metrics:
               registry=r).set_function(lambda: self.spec_total.acceptance)
         Gauge("overspill_speculative_draft_time_share", "share of speculative steps' time spent drafting, "
               "since the start", registry=r).set_function(lambda: self.spec_total.draft_share)
+
+    def watch_experts(self, model) -> None:
+        """Gauges of a model whose MoE layers stream their experts (`runtime.routing`), read at each scrape
+        from the counters the engine thread updates."""
+        from ..runtime.loader import placement_of
+        from ..runtime.routing import measured_moe_plan
+
+        cache = placement_of(model).experts
+
+        def tok_s() -> float:
+            pred = measured_moe_plan(model).prediction
+            return pred.decode_tok_s if pred is not None else 0.0
+
+        self.expert_hit_rate = Gauge("overspill_expert_cache_hit_rate", "expert cache hits / lookups since the "
+                                     "start, prefill included", registry=self.registry)
+        self.expert_hit_rate.set_function(lambda: cache.hit_rate)
+        self.measured_routing_tok_s = Gauge("overspill_predicted_tokens_per_second_measured_routing", "decode tok/s "
+                                            "at the plan's batch, re-predicted from the router's measured expert "
+                                            "choices (0: nothing probed)", registry=self.registry)
+        self.measured_routing_tok_s.set_function(tok_s)
 
     # the engine's observer interface (called on the engine thread)
     def first_token(self, seconds: float) -> None:

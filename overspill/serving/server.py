@@ -153,6 +153,8 @@ def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = N
     plan = placement_of(model).plan
     link = plan.streamed_bytes_per_step / plan.prediction.link_s if plan.prediction and plan.prediction.link_s else None
     metrics = Metrics(engine_ref, plan.streamed_bytes_per_step, link)
+    if placement_of(model).experts is not None:
+        metrics.watch_experts(model)
     tok_lock = threading.Lock()
     prefix = PrefixCache.for_model(model, config.prefix_cache_bytes) if config.prefix_cache_bytes else None
     engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock, max_batch=config.max_batch,
