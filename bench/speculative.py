@@ -145,6 +145,10 @@ def main() -> None:
     p.add_argument("--spread", action="store_true",
                    help="then load the same plan with its streamed layers spread evenly among the resident ones and "
                         "run plain decoding, the serial pass sweep and the oracle points again (serial verify only)")
+    p.add_argument("--graphs", action="store_true",
+                   help="after the eager runs, turn CUDA graphs on for the same model (plain steps and verify passes "
+                        "graphed: GraphedDecode.verify) and run plain, the graphed verify pass sweep and the oracle "
+                        "points again (each point twice: the first captures its graphs; the second is recorded)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -207,6 +211,9 @@ def main() -> None:
     print(f"plain: {plain}", flush=True)
     record["runs"] = []
     oracle_runs(model, ids, plain_tokens, plain, args, args.verify, fits, planner, vocab, record, path, record["runs"])
+    if args.graphs:
+        record["graphed"] = graphed_run(model, ids, plain_tokens, plain, args, planner, vocab, record, path)
+        path.write_text(json.dumps(record, indent=2))
     if args.spread:
         spread = spread_layers(plan, layer_sizes(model))
         del model  # before the same plan loads again
@@ -309,6 +316,64 @@ def spread_run(spread, source, context: int, random_weights: bool, ids, plain_to
     oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], {"serial": fit(serial_costs)}, planner, vocab,
                 record, path, out["runs"], "spread ")
     path.write_text(json.dumps(record, indent=2))
+    return out
+
+
+def graphed_run(model, ids, plain_tokens: list[int], eager_plain: dict, args, planner, vocab: int, record: dict,
+                path: Path) -> dict:
+    """The same model with CUDA graphs on (capture only on CUDA; the CPU runs the fixed-buffer steps
+    eagerly): plain graphed decoding, graphed verify passes over `--serial-k` tokens, and the oracle
+    points, each run twice so the second replays the graphs the first captured."""
+    import torch
+
+    from overspill.runtime.graphs import enable_graphs
+
+    graphed = enable_graphs(model, capture=torch.cuda.is_available())
+    if graphed is None:
+        return {"error": "this plan cannot be graphed (the log says why)"}
+    out: dict = {"runs": [], "warmup_runs": []}
+    timed_generate(model, ids, args.new_tokens)  # captures the plain steps' graphs
+    tokens, plain = timed_generate(model, ids, args.new_tokens)
+    out["plain"] = plain
+    out["plain_identical_to_eager"] = tokens == plain_tokens
+    out["plain_speedup_vs_eager"] = (plain["decode_tok_s"] / eager_plain["decode_tok_s"]
+                                     if plain["decode_tok_s"] and eager_plain["decode_tok_s"] else None)
+    print(f"graphed plain: {plain} (identical to eager: {out['plain_identical_to_eager']})", flush=True)
+    costs = graphed_pass_costs(model, graphed, ids, args.serial_k)
+    out["verify_pass_seconds"] = {str(k): v for k, v in costs.items()}
+    print("graphed verify pass seconds:", {k: round(v * 1e3, 1) for k, v in costs.items()}, flush=True)
+    fits = {"serial": fit(costs)}
+    oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], fits, planner, vocab, record, path,
+                out["warmup_runs"], "graphed (capturing) ")
+    oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], fits, planner, vocab, record, path, out["runs"],
+                "graphed ")
+    for run in out["runs"]:
+        if run.get("decode_tok_s") and eager_plain.get("decode_tok_s"):
+            run["speedup_vs_eager_plain"] = run["decode_tok_s"] / eager_plain["decode_tok_s"]
+    out["replays"], out["eager_steps"], out["graphs"] = graphed.replays, graphed.eager_steps, len(graphed.graphs)
+    return out
+
+
+def graphed_pass_costs(model, graphed, ids, ks: list[int], repeats: int = 6) -> dict[int, float]:
+    """Seconds of one graphed verify pass over k tokens after the prompt's cache: the median of the
+    last half of `repeats` passes (the first of each ring phase captures)."""
+    import torch
+
+    cache = graphed.fresh_cache(1)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **{graphed.key: cache})
+        out = {}
+        for k in ks:
+            step = ids[:, -k:] if k <= ids.shape[1] else ids[:, :1].repeat(1, k)
+            times = []
+            for _ in range(repeats):
+                _sync()
+                t0 = time.perf_counter()
+                graphed.verify(step)
+                _sync()
+                times.append(time.perf_counter() - t0)
+                cache.crop(-k)
+            out[k] = statistics.median(times[repeats // 2 :])
     return out
 
 

@@ -84,3 +84,37 @@ def test_pipeline_decodes_through_graphs(monkeypatch, tmp_path):
     assert graphed.capture and graphed.replays > 0
     graphed.capture = False
     assert pipe(chat, max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]["content"] == answer
+
+
+@pytest.mark.parametrize("chain", [8, None])
+@pytest.mark.parametrize("resident", [0, 4])
+def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_checkpoint, resident, chain):
+    """Verify passes captured as graphs (`GraphedDecode.verify`): greedy tokens are plain graphed greedy's
+    bit for bit in bf16, with streamed layers, chains fixed and adaptive, the static cache reused."""
+    import overspill
+    from overspill.api import placement_of
+    from overspill.planning.placement import budget_for
+    from overspill.planning.plan import Workload
+    from overspill.runtime import speculative
+    from overspill.runtime.drafts import OracleDrafter
+    from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
+
+    path, config = graphable_checkpoint
+    skeleton = build_skeleton(config, torch.bfloat16)
+    fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
+    model, _ = overspill.load(path, gpu_memory=budget_for(fp, Workload(128, 1), resident), context=128,
+                              progress=False, cuda_graphs=True)
+    graphed = placement_of(model).graphs
+    ids = torch.randint(3, config.vocab_size, (1, 20), device="cuda")
+    want = model.generate(ids, **GEN)
+    speculative.enable(model, OracleDrafter(want[0, 20:].cpu(), 20, 0.8, config.vocab_size, seed=1), chain=chain)
+    try:
+        got = model.generate(ids, **GEN)
+        again = model.generate(ids, **GEN)
+        stats = model.speculation_stats
+    finally:
+        speculative.enable(model, None)
+    assert graphed.capture, "capture fell back to eager"
+    assert any(key[0] == ("verify", n) for key in graphed.graphs for n in speculative.GRAPHED_PASSES)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert stats.passes < GEN["max_new_tokens"] - 1

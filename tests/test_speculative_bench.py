@@ -52,3 +52,18 @@ def test_smoke_with_spread_loads_the_plan_again_and_records_its_runs(tmp_path) -
     assert spread["streamed_layers"] == [0, 2] and spread["plain_identical_to_prefix"]  # prefix streamed 0-1
     assert [(r["acceptance"], r["chain"], r["identical"]) for r in spread["runs"]] == [(0.8, 4, True)]
     assert set(spread["serial_pass_seconds"]) == {"1", "5"} and record["runs"][0]["identical"]
+
+
+def test_smoke_with_graphs_runs_graphed_verify_passes_and_oracle_points(tmp_path) -> None:
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "speculative.py"), "--smoke", "--graphs", "--points",
+                          "0.8:4", "--new-tokens", "10", "--pass-k", "1", "--serial-k", "1", "5", "--repeats", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [path] = tmp_path.glob("speculative-smoke-*.json")
+    graphed = json.loads(path.read_text())["graphed"]
+    assert graphed["plain_identical_to_eager"] and set(graphed["verify_pass_seconds"]) == {"1", "5"}
+    assert [(r["acceptance"], r["chain"], r["identical"]) for r in graphed["runs"]] == [(0.8, 4, True)]
+    assert graphed["graphs"] == 0 and graphed["eager_steps"] > 0  # the CPU runs the fixed-buffer steps eagerly

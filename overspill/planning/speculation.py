@@ -279,15 +279,16 @@ def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_
 
 def auto_source(plan: Plan, cuda_graphs: bool = False) -> str | None:
     """What `speculate="auto"` drafts with: prompt lookup (`ngram`) where a decode pass crosses the link
-    (streamed layers or host-tier KV), nothing on a resident plan or with CUDA graphs.
+    (streamed layers or host-tier KV), nothing on a resident plan.
 
     `ngram` costs no GPU memory and no assumed acceptance: where the text does not repeat it proposes
     nothing and the pass is a plain step, and the chain adapts to the acceptance measured per call.
     `self` takes budget from the bf16 layers and its acceptance on a model is unknown until measured,
     so it is chosen only when asked. A resident pass is compute-bound, where a verify pass of k
-    tokens costs k steps (serial verification), and graphed steps do not verify drafts. Expert-streamed
-    MoE layers do not verify drafts yet, and they already cut the bytes a step moves.
+    tokens costs k steps (serial verification). With CUDA graphs a verify pass is graphed too
+    (`graphs.GraphedDecode.verify`). Expert-streamed MoE layers do not verify drafts yet, and they
+    already cut the bytes a step moves. `cuda_graphs` no longer changes the choice (kept for callers).
     """
-    if cuda_graphs or plan.moe_streaming == "experts":
+    if plan.moe_streaming == "experts":
         return None
     return "ngram" if plan.streamed_layers or plan.kv_host_layers else None

@@ -172,12 +172,32 @@ class GraphCache(StaticCache):
     """A static KV cache reused across `generate` calls, so graphs captured over it stay valid.
 
     Not compileable on purpose: transformers would otherwise `torch.compile` the forward itself
-    when it sees a static cache on CUDA.
+    when it sees a static cache on CUDA. Croppable, for speculative decoding: a crop moves the
+    layers' device counters back (graphs read them, and masks hide what lies past them) and tells
+    `on_crop`, the host's count of cached tokens.
     """
+
+    on_crop: Callable[[int], None] | None = None
+    croppable = True  # whatever transformers' StaticLayer says of itself
 
     @property
     def is_compileable(self) -> bool:
         return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (positive: keep that many), as transformers' caches do."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return
+        length = int(layers[0].cumulative_length)
+        keep = min(tokens_to_remove, length) if tokens_to_remove > 0 else max(length + tokens_to_remove, 0)
+        if keep == length:
+            return
+        with torch.inference_mode():  # counters made under inference mode may be cropped outside it
+            for layer in layers:
+                layer.cumulative_length.sub_(length - keep)
+        if self.on_crop is not None:
+            self.on_crop(length - keep)
 
 
 def graphs_supported(model: torch.nn.Module, placement) -> str | None:
@@ -316,6 +336,7 @@ class GraphedDecode(StepGraphs):
         self.cache: GraphCache | None = None
         self.length = 0  # tokens in the cache, counted on the host (reading the device counter would sync)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._verify: dict[int, torch.Tensor] = {}  # verify passes' embedding buffers by token count
 
     def install(self) -> None:
         """Route `model(...)` through `step`, and give `generate` the static cache."""
@@ -330,15 +351,21 @@ class GraphedDecode(StepGraphs):
         """The static cache of the plan's context, emptied in place (its graphs stay valid), or a new one
         for a new batch size; `tokens` (what this generate call needs) is checked as steps run."""
         if self.cache is not None and self._buffers.get("embeds") is not None and self._buffers["embeds"].shape[0] == batch:
-            for layer in self.cache.layers:
-                if layer.is_initialized:
-                    layer.cumulative_length.zero_()
+            with torch.inference_mode():  # counters made under inference mode may be reset outside it
+                for layer in self.cache.layers:
+                    if layer.is_initialized:
+                        layer.cumulative_length.zero_()
         else:
             self.cache = GraphCache(config=self.model.config, max_cache_len=self.context)
+            self.cache.on_crop = self._cropped
             self.graphs.clear()
             self._buffers.clear()
+            self._verify.clear()
         self.length = 0
         return self.cache
+
+    def _cropped(self, removed: int) -> None:
+        self.length -= removed
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get(self.key)
@@ -361,15 +388,52 @@ class GraphedDecode(StepGraphs):
         self.length += 1
         return CausalLMOutputWithPast(logits=logits, past_key_values=self.cache)
 
-    def _load_inputs(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+    def verify(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [tokens, vocab] of a speculative verify pass over `ids` ([1, tokens], one unpadded
+        sequence) after the cached tokens, graphed like a decode step: each layer runs the tokens one
+        at a time while its weights sit in their slot (`token_serial`), with the kernels, shapes and
+        mask rows a graphed decode step gives each token, so the logits are plain graphed decoding's
+        bit for bit and the weights cross the link once. One graph per token count (and ring phase);
+        the output is the graph's buffer, valid until the next step."""
+        tokens = ids.shape[1]
+        if self.length + tokens > self.context:
+            raise OverspillError(f"{self.length + tokens} tokens exceed the static KV cache of {self.context}; "
+                                 "load with a larger context")
         embeds = self.model.get_input_embeddings()(ids)
+        self._ensure_buffers(embeds)
+        buffer = self._verify.get(tokens)
+        if buffer is None:
+            buffer = self._verify[tokens] = torch.empty_like(embeds)
+        buffer.copy_(embeds)
+        self._buffers["pad"].fill_(True)
+        logits = self.run(functools.partial(self._verify_body, buffer), ("verify", tokens))
+        self.length += tokens
+        return logits[0]
+
+    def _verify_body(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A verify pass over the fixed buffers: token j attends up to the cached tokens and itself."""
+        from .token_serial import serial_tokens
+
+        b = self._buffers
+        tokens = embeds.shape[1]
+        seen = self.cache.layers[0].cumulative_length + b["arange"][:tokens]  # each token's position
+        mask = (b["pad"][:, None, :] & (b["arange"][None, None, :] <= seen[None, :, None]))[:, None]
+        with serial_tokens(self.model, mask_rows=True):
+            return decode_forward(self.original, self.key, self.cache, embeds, mask, seen[None])
+
+    def _ensure_buffers(self, embeds: torch.Tensor) -> None:
         b = self._buffers
         if not b:
-            batch, device = ids.shape[0], embeds.device
-            b["embeds"] = torch.empty_like(embeds)
+            batch, device = embeds.shape[0], embeds.device
+            b["embeds"] = torch.empty_like(embeds[:, :1])
             b["positions"] = torch.empty((batch, 1), dtype=torch.long, device=device)
             b["pad"] = torch.ones((batch, self.context), dtype=torch.bool, device=device)
             b["arange"] = torch.arange(self.context, device=device)
+
+    def _load_inputs(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        embeds = self.model.get_input_embeddings()(ids)
+        self._ensure_buffers(embeds)
+        b = self._buffers
         b["embeds"].copy_(embeds)
         if mask is None:
             b["pad"].fill_(True)

@@ -15,6 +15,12 @@ With `tree=budget` the drafter proposes a tree of alternatives (`trees.py`) veri
 the walk down it draws each token from the target exactly as plain decoding would (argmax, or a
 sample) and follows the drafted child holding that token, so greedy is plain greedy and sampling is
 plain sampling for any tree; the cache keeps the accepted path only.
+
+With CUDA graphs (`load(cuda_graphs=True)`) a verify pass is graphed as decode steps are
+(`graphs.GraphedDecode.verify`): serial, each token with the kernels and mask row a graphed decode
+step gives it, so greedy stays plain graphed greedy, and the host launches a pass with one replay
+instead of a layer's kernels per token. Passes come in a few sizes (`GRAPHED_PASSES`, so few graphs
+are captured): a shorter draft is filled with guesses, verified like any drafted token. Chains only.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ def _eligible(input_ids: torch.Tensor, generation_config, model_kwargs: dict) ->
 
 def _croppable(cache) -> bool:
     """Every layer can drop rejected tokens (sliding-window layers only where past recording exists)."""
+    if getattr(cache, "croppable", False):  # a graphed decode's static cache crops itself
+        return True
     layers = getattr(cache, "layers", [])
     if any(getattr(layer, "is_sliding", False) for layer in layers) and not hasattr(cache, "activate_past_recording"):
         return False
@@ -103,6 +111,25 @@ def _forward(model, ids: torch.Tensor, cache, kwarg: str, keep: int) -> torch.Te
     """Logits [len, vocab] of the last `keep` positions of a pass over `ids` ([1, len]) after `cache`."""
     out = model(input_ids=ids, **{kwarg: cache}, use_cache=True, logits_to_keep=keep)
     return out.logits[0, -keep:].float()
+
+
+GRAPHED_PASSES = (2, 3, 5, 9, 17, 33, 65)  # tokens a graphed verify pass holds: few graphs to capture
+
+
+def _graphed(model, cache):
+    """The model's graphed decode (`graphs.GraphedDecode`) when `cache` is its static cache, else None."""
+    placement = getattr(model, "overspill", None)
+    graphs = getattr(placement, "graphs", None)
+    return graphs if graphs is not None and getattr(graphs, "cache", None) is cache else None
+
+
+def _graphed_pass(tokens: int, room: int | None = None) -> int:
+    """Tokens of the graphed pass for `tokens`: the smallest of `GRAPHED_PASSES` that holds them (larger
+    chains: their own size), or the largest that fits in `room` tokens of planned KV."""
+    size = next((n for n in GRAPHED_PASSES if n >= tokens), tokens)
+    if room is not None and size > room:
+        size = max((n for n in GRAPHED_PASSES if n <= room), default=1)
+    return size
 
 
 def _prefill(model, ids: torch.Tensor, cache, kwarg: str, chunk: int | None) -> torch.Tensor:
@@ -150,16 +177,19 @@ def speculative_decode(
         return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     sample = bool(generation_config.do_sample)
-    serial = supports_serial(model) if serial is None else serial
+    graphs = _graphed(model, cache)
+    if graphs is not None and tree:  # graphed passes verify chains only
+        tree = None
+    serial = graphs is not None or (supports_serial(model) if serial is None else serial)
     stats = SpeculationStats(serial=serial, tree=tree)
     model.speculation_stats = stats
     tracker = AcceptanceTracker()
     fit = PassCostFit(prior_pass_cost(model, serial))
     ids = input_ids
     start = time.perf_counter()
-    if cache.get_seq_length() >= ids.shape[1]:  # a cache the caller passed back in may hold it all
-        drop_last(cache, cache.get_seq_length() - ids.shape[1] + 1)
-    done = cache.get_seq_length()
+    if int(cache.get_seq_length()) >= ids.shape[1]:  # a cache the caller passed back in may hold it all
+        drop_last(cache, int(cache.get_seq_length()) - ids.shape[1] + 1)
+    done = int(cache.get_seq_length())
     logits = _prefill(model, ids[:, done:], cache, kwarg, getattr(generation_config, "prefill_chunk_size", None))
     _record_past(cache, max(max_chain, tree or 0) + 1)
     stats.verify_seconds += time.perf_counter() - start
@@ -184,11 +214,19 @@ def speculative_decode(
         draft = drafter.propose(ids, k, logits_processor, sample) if k else None
         t1 = time.perf_counter()
         proposed = draft.tokens.to(ids.device)[:k] if draft is not None else ids[0, :0]
+        drafted = int(proposed.shape[0])  # what the drafter proposed (a graphed pass may verify more)
+        if graphs is not None and drafted:  # fill the graphed pass: extra guesses are verified like any draft
+            size = _graphed_pass(drafted + 1, limit - ids.shape[1] + 1 if limit else None)
+            proposed = torch.cat([proposed, proposed[-1:].expand(max(size - 1 - drafted, 0))])[: size - 1]
+            drafted = min(drafted, size - 1)
         m = int(proposed.shape[0])
         verify = torch.cat([ids[:, -1:], proposed.view(1, m)], dim=1)
-        past = cache.get_seq_length()
-        with serial_tokens(model) if serial and m else contextlib.nullcontext():
-            target = _forward(model, verify, cache, kwarg, keep=m + 1)  # [m + 1, vocab]
+        past = int(cache.get_seq_length())
+        if graphs is not None and m:
+            target = graphs.verify(verify).float().clone()  # the graph's buffer is rewritten by the next step
+        else:
+            with serial_tokens(model) if serial and m else contextlib.nullcontext():
+                target = _forward(model, verify, cache, kwarg, keep=m + 1)  # [m + 1, vocab]
         accepted, chosen, finished = 0, None, False
         pending = target[m : m + 1]
         for i in range(m):
@@ -203,15 +241,15 @@ def speculative_decode(
             if _emit(ids, proposed[i].view(1), stopping_criteria, streamer):
                 finished = True
                 break
-        drop_last(cache, cache.get_seq_length() - (past + 1 + accepted))  # keep the last token and accepted drafts
+        drop_last(cache, int(cache.get_seq_length()) - (past + 1 + accepted))  # keep the last token and accepted drafts
         stats.passes += 1
-        stats.drafted += m
-        stats.accepted += accepted
+        stats.drafted += drafted
+        stats.accepted += min(accepted, drafted)
         stats.emitted += accepted
-        stats.chains.append(m)
-        tracker.update(m, accepted)
+        stats.chains.append(drafted)
+        tracker.update(drafted, min(accepted, drafted))
         t2 = time.perf_counter()
-        fit.add(m + 1, t2 - t1, m, t1 - t0)
+        fit.add(m + 1, t2 - t1, drafted, t1 - t0)
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
         if finished:

@@ -24,9 +24,13 @@ import torch
 from torch import nn
 
 
-def _slice_kwargs(kwargs: dict[str, Any], j: int) -> dict[str, Any]:
+def _slice_kwargs(kwargs: dict[str, Any], j: int, mask_rows: bool = False) -> dict[str, Any]:
     out = dict(kwargs)
-    out["attention_mask"] = None  # a one-token step over an unpadded sequence attends to all its past
+    mask = kwargs.get("attention_mask")
+    if mask_rows and isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] > 1:
+        out["attention_mask"] = mask[..., j : j + 1, :]  # the row a one-token graphed step passes
+    else:
+        out["attention_mask"] = None  # a one-token step over an unpadded sequence attends to all its past
     cos_sin = kwargs.get("position_embeddings")
     if cos_sin is not None:
         out["position_embeddings"] = tuple(t[:, j : j + 1] for t in cos_sin)
@@ -56,13 +60,13 @@ def _named(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, A
     return {**dict(zip(names, args)), **kwargs}
 
 
-def _per_token_layer(layer: nn.Module, index: int, before: BeforeToken | None):
+def _per_token_layer(layer: nn.Module, index: int, before: BeforeToken | None, mask_rows: bool):
     forward = layer.forward
 
     def step(hidden_states: torch.Tensor, j: int, kwargs: dict[str, Any]):
         if before is not None:
             before(index, j)
-        return forward(hidden_states[:, j : j + 1], **_slice_kwargs(kwargs, j))
+        return forward(hidden_states[:, j : j + 1], **_slice_kwargs(kwargs, j, mask_rows))
 
     def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if hidden_states.shape[1] == 1:
@@ -113,13 +117,16 @@ def _final_norm(model: nn.Module) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def serial_tokens(model: nn.Module, before: BeforeToken | None = None) -> Iterator[None]:
+def serial_tokens(model: nn.Module, before: BeforeToken | None = None, mask_rows: bool = False) -> Iterator[None]:
     """Within the block, every multi-token forward of `model` runs its layers one token at a time,
-    calling `before(layer index, token index)` ahead of each token (None: tokens form a chain)."""
+    calling `before(layer index, token index)` ahead of each token (None: tokens form a chain).
+    `mask_rows`: each token gets its row of a 4D attention mask (a graphed step's mask, which its
+    attention needs) instead of none."""
     from .loader import decoder_layers
 
     _, layers = decoder_layers(model)
-    targets = [(_inner(layer), lambda m, i=i: _per_token_layer(m, i, before)) for i, layer in enumerate(layers)]
+    targets = [(_inner(layer), lambda m, i=i: _per_token_layer(m, i, before, mask_rows))
+               for i, layer in enumerate(layers)]
     targets += [(_final_norm(model), _per_token_module), (model.get_output_embeddings(), _per_token_module)]
     patched: list[tuple[nn.Module, Any]] = []
     try:
