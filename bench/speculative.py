@@ -99,21 +99,33 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    ks = sorted(int(k) for k in record["pass_seconds"])
-    a.plot(ks, [record["pass_seconds"][str(k)] * 1e3 for k in ks], "o-", label="batched")
-    serial = record.get("serial_pass_seconds")
-    if serial:
-        sk = sorted(int(k) for k in serial)
-        a.plot(sk, [serial[str(k)] * 1e3 for k in sk], "s-", label="serial")
+    graphed = record.get("graphed") or {}
+    for key, label, style in (("pass_seconds", "batched", "o-"), ("serial_pass_seconds", "serial", "s-")):
+        series = record.get(key)
+        if series:
+            ks = sorted(int(k) for k in series)
+            a.plot(ks, [series[str(k)] * 1e3 for k in ks], style, label=label)
+    if graphed.get("verify_pass_seconds"):
+        series = graphed["verify_pass_seconds"]
+        ks = sorted(int(k) for k in series)
+        a.plot(ks, [series[str(k)] * 1e3 for k in ks], "^-", label="serial, graphed")
     a.legend()
     a.set_xscale("log", base=2)
     a.set_xlabel("tokens in one pass")
     a.set_ylabel("ms per pass")
     a.set_title(f"{record['model']} at {record['budget']}: pass cost")
-    runs = [r for r in record["runs"] if "error" not in r]
-    labels = ["plain"] + [f"{r['verify']} a={r['acceptance']} k={r['chain'] or 'auto'}" for r in runs]
-    measured = [record["plain"]["decode_tok_s"]] + [r["decode_tok_s"] for r in runs]
-    predicted = [None] + [r["predicted_tok_s"] for r in runs]
+    labels, measured, predicted = [], [], []
+    for tag, plain, runs in (("", record.get("plain"), record.get("runs") or []),
+                             ("graphed ", graphed.get("plain"), graphed.get("runs") or [])):
+        if plain:
+            labels.append(f"{tag}plain")
+            measured.append(plain["decode_tok_s"])
+            predicted.append(None)
+        for r in runs:
+            if "error" not in r:
+                labels.append(f"{tag}{r['verify']} a={r['acceptance']} k={r['chain'] or 'auto'}")
+                measured.append(r["decode_tok_s"])
+                predicted.append(r["predicted_tok_s"])
     x = range(len(labels))
     b.bar(x, measured, label="measured")
     b.scatter([i for i in x if predicted[i]], [p for p in predicted if p], color="k", zorder=3, label="predicted")
@@ -149,6 +161,9 @@ def main() -> None:
                    help="after the eager runs, turn CUDA graphs on for the same model (plain steps and verify passes "
                         "graphed: GraphedDecode.verify) and run plain, the graphed verify pass sweep and the oracle "
                         "points again (each point twice: the first captures its graphs; the second is recorded)")
+    p.add_argument("--graphs-only", action="store_true",
+                   help="--graphs without the eager runs before it (one load of a large model fits a device call); "
+                        "the oracle follows graphed plain decoding's tokens")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -173,6 +188,8 @@ def main() -> None:
         source, random_weights, budget = args.model, True, args.budget
     t0 = time.perf_counter()
     # bf16 copies, whatever `auto` would pick (lossless once nvCOMP is installed): the pass costs are bf16 streaming's
+    if args.graphs_only and torch.cuda.is_available():  # the plan then holds the graphs' workspace
+        given["cuda_graphs"] = True
     model, _ = overspill.load(source, gpu_memory=budget, context=context, random_weights=random_weights,
                               progress=False, stream_format="bf16", streaming="copy", **given)
     load_s = time.perf_counter() - t0
@@ -188,6 +205,17 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "plan_summary": plan.summary(), "predicted_plain_tok_s": plan.prediction.decode_tok_s if plan.prediction else None,
     }
+    planner = planner_pass_cost(model, plan)
+    if planner is not None:
+        record["planner_pass_cost"] = {"base_s": planner.base_s, "per_token_s": planner.per_token_s,
+                                       "dispatch_per_token_s": planner.dispatch_per_token_s}
+    if args.graphs_only:
+        record["runs"] = []
+        record["graphed"] = graphed_run(model, ids, None, None, args, planner, vocab, record, path)
+        path.write_text(json.dumps(record, indent=2))
+        plot(record, path.with_suffix(".png"))
+        print(f"wrote {path}")
+        return
     costs = pass_costs(model, ids, args.pass_k, args.repeats)
     record["pass_seconds"] = {str(k): v for k, v in costs.items()}
     print("pass seconds:", {k: round(v * 1e3, 1) for k, v in costs.items()}, flush=True)
@@ -202,10 +230,6 @@ def main() -> None:
         costs[max(args.pass_k)] / costs[min(args.pass_k)]
     path.write_text(json.dumps(record, indent=2))
 
-    planner = planner_pass_cost(model, plan)
-    if planner is not None:
-        record["planner_pass_cost"] = {"base_s": planner.base_s, "per_token_s": planner.per_token_s,
-                                       "dispatch_per_token_s": planner.dispatch_per_token_s}
     plain_tokens, plain = timed_generate(model, ids, args.new_tokens)
     record["plain"] = plain
     print(f"plain: {plain}", flush=True)
@@ -319,25 +343,30 @@ def spread_run(spread, source, context: int, random_weights: bool, ids, plain_to
     return out
 
 
-def graphed_run(model, ids, plain_tokens: list[int], eager_plain: dict, args, planner, vocab: int, record: dict,
-                path: Path) -> dict:
+def graphed_run(model, ids, plain_tokens: list[int] | None, eager_plain: dict | None, args, planner, vocab: int,
+                record: dict, path: Path) -> dict:
     """The same model with CUDA graphs on (capture only on CUDA; the CPU runs the fixed-buffer steps
     eagerly): plain graphed decoding, graphed verify passes over `--serial-k` tokens, and the oracle
-    points, each run twice so the second replays the graphs the first captured."""
+    points, each run twice so the second replays the graphs the first captured. Without eager runs
+    (`plain_tokens` None) graphed plain decoding's tokens are the reference."""
     import torch
 
     from overspill.runtime.graphs import enable_graphs
 
-    graphed = enable_graphs(model, capture=torch.cuda.is_available())
+    from overspill.api import placement_of
+
+    graphed = placement_of(model).graphs or enable_graphs(model, capture=torch.cuda.is_available())
     if graphed is None:
         return {"error": "this plan cannot be graphed (the log says why)"}
     out: dict = {"runs": [], "warmup_runs": []}
     timed_generate(model, ids, args.new_tokens)  # captures the plain steps' graphs
     tokens, plain = timed_generate(model, ids, args.new_tokens)
     out["plain"] = plain
-    out["plain_identical_to_eager"] = tokens == plain_tokens
+    out["plain_identical_to_eager"] = tokens == plain_tokens if plain_tokens is not None else None
+    plain_tokens = tokens if plain_tokens is None else plain_tokens
+    eager_plain = eager_plain or {}
     out["plain_speedup_vs_eager"] = (plain["decode_tok_s"] / eager_plain["decode_tok_s"]
-                                     if plain["decode_tok_s"] and eager_plain["decode_tok_s"] else None)
+                                     if plain["decode_tok_s"] and eager_plain.get("decode_tok_s") else None)
     print(f"graphed plain: {plain} (identical to eager: {out['plain_identical_to_eager']})", flush=True)
     costs = graphed_pass_costs(model, graphed, ids, args.serial_k)
     out["verify_pass_seconds"] = {str(k): v for k, v in costs.items()}

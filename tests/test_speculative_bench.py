@@ -67,3 +67,19 @@ def test_smoke_with_graphs_runs_graphed_verify_passes_and_oracle_points(tmp_path
     assert graphed["plain_identical_to_eager"] and set(graphed["verify_pass_seconds"]) == {"1", "5"}
     assert [(r["acceptance"], r["chain"], r["identical"]) for r in graphed["runs"]] == [(0.8, 4, True)]
     assert graphed["graphs"] == 0 and graphed["eager_steps"] > 0  # the CPU runs the fixed-buffer steps eagerly
+
+
+def test_smoke_graphs_only_skips_the_eager_runs(tmp_path) -> None:
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "speculative.py"), "--smoke", "--graphs-only", "--points",
+                          "0.9:4", "--new-tokens", "10", "--serial-k", "1", "5", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [path] = tmp_path.glob("speculative-smoke-*.json")
+    record = json.loads(path.read_text())
+    assert "pass_seconds" not in record and record["runs"] == []
+    graphed = record["graphed"]
+    assert graphed["plain_identical_to_eager"] is None and graphed["runs"][0]["identical"]
+    assert path.with_suffix(".png").exists()
