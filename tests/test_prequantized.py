@@ -187,13 +187,13 @@ def prompt() -> torch.Tensor:
 
 # --- (a) repacking: the expanded weight is the reference dequantization, bit for bit ---------------------
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("name", sorted(SCHEMES))
-def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: torch.dtype, checkpoints) -> None:
-    qdir, ref = checkpoints(name)
-    scheme = scheme_of(json.loads((qdir / "config.json").read_text()))
+def check_round_trip(qdir: Path, ref: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Two layers' weights through `parts_of` and `fill_parts` (host buffers, as the loader fills them), then
+    expanded on `device` as the ring does: bit for bit the reference dequantization rounded once to `dtype`,
+    as is the resident fill."""
     from safetensors import safe_open
 
+    scheme = scheme_of(json.loads((qdir / "config.json").read_text()))
     reader = QuantizedReader(qdir, scheme)
     try:
         with safe_open(str(ref / "model.safetensors"), "pt") as want:
@@ -210,16 +210,22 @@ def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: to
                         reader.fill(prefix + t.entry.name, parts[0])
                     else:
                         reader.fill_parts(prefix + t.entry.name, parts)
-                slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8)
-                encoded.expand(host, slot, Expander(torch.device("cpu"), 0, 0))
+                slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)
+                encoded.expand(host.to(device), slot, Expander(device, 0, 0))
                 for n, got in zip(names, layout.views(slot)):
                     reference = want.get_tensor(prefix + n).float().to(dtype)  # exact in float32, rounded once
-                    assert torch.equal(got.view(torch.int8), reference.view(torch.int8)), (name, n)
-                    resident = torch.empty_like(reference)
+                    assert torch.equal(got.cpu().view(torch.int8), reference.view(torch.int8)), (n, dtype)
+                    resident = torch.empty(reference.shape, dtype=dtype, device=device)
                     reader.fill(prefix + n, resident)  # what a resident layer gets
-                    assert torch.equal(resident.view(torch.int8), reference.view(torch.int8)), (name, n)
+                    assert torch.equal(resident.cpu().view(torch.int8), reference.view(torch.int8)), (n, dtype)
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: torch.dtype, checkpoints) -> None:
+    check_round_trip(*checkpoints(name), dtype, torch.device("cpu"))
 
 
 def test_int4_parts_are_the_checkpoints_4_bit_codes(checkpoints) -> None:
@@ -441,3 +447,66 @@ def test_gguf_q8_0_decoder_weights_stream_as_codes(q8_0_gguf) -> None:
         a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
         b = model.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(torch.stack(a.logits), torch.stack(b.logits))
+
+
+# --- on a GPU (`pytest -m gpu tests/test_prequantized.py` on the GPU machine) ------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gpu_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: torch.dtype, checkpoints) -> None:
+    check_round_trip(*checkpoints(name), dtype, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gpu_streamed_checkpoint_decodes_as_the_dequantized_model_resident(name: str, checkpoints) -> None:
+    from test_stream_formats import tiny_plan
+
+    qdir, ref = checkpoints(name)
+    plan = tiny_plan(ref, torch.bfloat16, streamed=4)  # the first 4 of 6 layers stream
+    want, _ = overspill.load(ref, dtype="bfloat16", gpu_memory=None, device="cuda", probe=False, progress=False)
+    model, _ = overspill.load(qdir, dtype="bfloat16", plan=plan, device="cuda", probe=False, progress=False)
+    placed = placement_of(model)
+    assert placed.plan.stream_format in ("int4", "fp8") and len(placed.plan.streamed_layers) == 4
+    assert all(layer.host.is_pinned() for layer in placed.ring.layers)
+    ids = prompt().cuda()
+    with torch.no_grad():
+        a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+        b = model.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(torch.stack(a.logits), torch.stack(b.logits))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("shape,group", [((4096, 4096), 128), ((14336, 4096), 128), ((4096, 14336), 128),
+                                         ((1024, 4096), 4096), ((512, 4096), 32)])
+def test_gpu_int4_kernel_on_float32_scales_matches_the_torch_path(shape, group: int, monkeypatch) -> None:
+    """Whether the Triton int4 kernel may take a pass-through's float32 scales and zeros (`STORES` lists
+    only bf16 until this passes on a GPU): GPTQ-like parts, fp16 scales as float32, zero = scale * (8 - z)."""
+    from overspill.runtime import int4_kernel
+
+    pytest.importorskip("triton")
+    rows, cols = shape
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8).cuda()
+    scale = (torch.rand(rows, cols // group, 1, generator=g) * 0.02 + 1e-3).half().float().cuda()
+    z = torch.randint(0, 16, scale.shape, generator=g).float().cuda()
+    zero = scale * (8 - z)
+    monkeypatch.setattr(int4_kernel, "STORES", (torch.bfloat16, torch.float32))
+    kernel = int4_kernel.build()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        want = torch.empty(shape, dtype=dtype, device="cuda")
+        quant._expand_int4_torch(packed, scale, zero, want, None)
+        got = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+        assert int4_kernel.launch(kernel, packed, scale, zero, got)
+        assert torch.equal(got.view(torch.int8), want.view(torch.int8)), dtype
+        q = torch.stack([packed >> 4, packed & 15], -1).view(rows, cols // group, group).float()
+        reference = (scale * (q - z)).view(shape).to(dtype)  # the checkpoint's dequantization
+        assert torch.equal(want.view(torch.int8), reference.view(torch.int8)), dtype

@@ -31,6 +31,7 @@ BLOCK_BYTES = 256  # packed bytes of each row a program reads (512 outputs): 4 K
 NUM_WARPS = 4
 # The word two outputs of a byte share, and the kernel's code for the destination dtype
 WORDS = {torch.bfloat16: (torch.int32, 0), torch.float16: (torch.int32, 1), torch.float32: (torch.int64, 2)}
+STORES = (torch.bfloat16,)  # the scale and zero dtypes the kernel takes: those checked on a GPU
 
 _kernel = None  # the built Triton function; False once building, compiling or a launch failed here
 
@@ -84,8 +85,8 @@ def launch(kernel, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     rows, cols = dst.shape
     groups = scale.shape[1]
     half = cols // 2
-    if dst.dtype not in WORDS or cols % 2 or half % groups or scale.dtype != torch.bfloat16 or zero.dtype != scale.dtype:
-        return False  # a pre-quantized checkpoint's float32 scales and zeros take the torch path
+    if dst.dtype not in WORDS or cols % 2 or half % groups or scale.dtype not in STORES or zero.dtype != scale.dtype:
+        return False  # e.g. a pre-quantized checkpoint's float32 scales and zeros: the torch path
     half_group = half // groups
     if half_group & (half_group - 1) or packed.stride(-1) != 1 or scale.stride(1) != 1 or zero.stride(1) != 1:
         return False
