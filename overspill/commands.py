@@ -248,7 +248,7 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
     draft_s = 0.0 if self_draft is None else draft_token_seconds(fp, self_draft.weight_bytes, len(self_draft.layers),
                                                                  Machine.of(profile))
     return plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
-                            args.acceptance, serial, args.max_chain, draft_s)
+                            args.acceptance, serial, args.max_chain, draft_s, getattr(args, "cuda_graphs", False))
 
 
 def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: int | None, depth: int,

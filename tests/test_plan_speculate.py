@@ -43,6 +43,17 @@ def test_serial_pass_adds_a_decode_steps_gpu_compute_per_token():
     assert batched.pass_seconds(9) == pytest.approx(0.2 + 8e-5) and batched.dispatch_per_token_s == 0
 
 
+def test_a_graphed_serial_pass_costs_no_dispatch_per_token():
+    """A graphed verify pass is one replay: only the GPU's compute grows with its tokens."""
+    eager = verify_pass_cost(0.2, gpu_token_s=0.004, host_token_s=0.02, marginal_token_s=1e-5, serial=True)
+    graphed = verify_pass_cost(0.2, 0.004, 0.02, 1e-5, serial=True, graphed=True)
+    assert graphed.dispatch_per_token_s == 0 and graphed.pass_seconds(20) == pytest.approx(0.2 + 19 * 0.004)
+    assert graphed.pass_seconds(20) < eager.pass_seconds(20)
+    fast = plan_speculation(H200_8B, 7.5e9, 780e12, "ngram", 0.9, serial=True, graphed=True)
+    slow = plan_speculation(H200_8B, 7.5e9, 780e12, "ngram", 0.9, serial=True)
+    assert fast.best.tok_s > slow.best.tok_s and fast.best.chain >= slow.best.chain
+
+
 @pytest.mark.parametrize("tokens_per_pass, chain, measured", MEASURED)
 def test_serial_forecast_is_within_15_percent_of_the_measured_h200_runs(tokens_per_pass, chain, measured):
     """With the measured tokens per pass (acceptance noise aside), the pass cost alone predicts the speed."""

@@ -115,7 +115,7 @@ class PassCost:
 
 
 def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: float, marginal_token_s: float,
-                     serial: bool, draft_per_token_s: float = 0.0) -> PassCost:
+                     serial: bool, draft_per_token_s: float = 0.0, graphed: bool = False) -> PassCost:
     """The pass cost of verifying drafts on a placed model, from its predicted plain decode step.
 
     Args:
@@ -125,18 +125,19 @@ def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: flo
         marginal_token_s: what one more token adds to a batched pass (its matmul FLOPs).
         serial: verification runs each layer once per token (see the module docstring).
         draft_per_token_s: proposing one token.
+        graphed: the pass replays as a CUDA graph (one launch), so the host dispatches no token's kernels.
     """
     per_token = gpu_token_s if serial else marginal_token_s
     return PassCost(max(decode_step_s - per_token, 0.0), per_token, draft_per_token_s,
-                    host_token_s if serial else 0.0)
+                    host_token_s if serial and not graphed else 0.0)
 
 
 def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s: float, serial: bool,
-                   draft_per_token_s: float = 0.0) -> PassCost:
+                   draft_per_token_s: float = 0.0, graphed: bool = False) -> PassCost:
     """`verify_pass_cost` from a batch-1 `costmodel.Prediction` and the model's active parameters per token."""
     marginal = 2.0 * active_params / matmul_flops_s if matmul_flops_s > 0 else 0.0
     return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, marginal, serial,
-                            draft_per_token_s)
+                            draft_per_token_s, graphed)
 
 
 def fit_pass_cost(points: Iterable[tuple[float, float]], prior: PassCost | None = None) -> PassCost:
@@ -260,7 +261,7 @@ class PlanSpeculation:
 
 def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_s: float, source: str,
                      acceptance: float, serial: bool, max_chain: int = 16,
-                     draft_per_token_s: float = 0.0) -> PlanSpeculation:
+                     draft_per_token_s: float = 0.0, graphed: bool = False) -> PlanSpeculation:
     """Forecast every chain length up to `max_chain` from a batch-1 plan's predicted pass cost.
 
     Raises:
@@ -271,7 +272,7 @@ def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_
     if max_chain < 1:
         raise ValueError(f"max chain must be at least 1, got {max_chain}")
     expected_tokens(acceptance, 0)  # checks the range
-    cost = plan_pass_cost(prediction, active_params, matmul_flops_s, serial, draft_per_token_s)
+    cost = plan_pass_cost(prediction, active_params, matmul_flops_s, serial, draft_per_token_s, graphed)
     forecasts = tuple(forecast(cost, acceptance, k) for k in range(max_chain + 1))
     best = forecasts[best_chain(cost, acceptance, max_chain)]
     return PlanSpeculation(source, acceptance, serial, cost, forecasts, best)

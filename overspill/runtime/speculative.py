@@ -184,7 +184,7 @@ def speculative_decode(
     stats = SpeculationStats(serial=serial, tree=tree)
     model.speculation_stats = stats
     tracker = AcceptanceTracker()
-    fit = PassCostFit(prior_pass_cost(model, serial))
+    fit = PassCostFit(prior_pass_cost(model, serial, graphed=graphs is not None))
     ids = input_ids
     start = time.perf_counter()
     if int(cache.get_seq_length()) >= ids.shape[1]:  # a cache the caller passed back in may hold it all
@@ -337,14 +337,15 @@ def _emit(ids: torch.Tensor, token: torch.Tensor, stopping_criteria, streamer) -
     return bool(stopping_criteria(ids, None).all())
 
 
-def prior_pass_cost(model: torch.nn.Module, serial: bool) -> PassCost:
+def prior_pass_cost(model: torch.nn.Module, serial: bool, graphed: bool = False) -> PassCost:
     """The verify pass the plan predicts for `model` (`planning.speculation.verify_pass_cost`), the
     prior the chain length adapts from until passes are measured; flat without a plan."""
     placement = getattr(model, "overspill", None)
     prediction = getattr(getattr(placement, "plan", None), "prediction", None)
     if prediction is None:
         return PassCost(1.0)
-    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial)
+    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial,
+                            graphed=graphed)
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
