@@ -210,6 +210,8 @@ def main() -> None:
            "speedup_vs_plain": split_tok_s / plain_tok_s if split_tok_s and plain_tok_s else None,
            "fraction_of_link_floor": split_tok_s / floor if floor and split_tok_s else None,
            "worker_busy_s_per_step": rank.busy_s / steps, "join_wait_s_per_step": rank.waited_s / steps,
+           "worker_input_wait_s_per_step": rank.input_wait_s / steps, "worker_queued_s_per_step": rank.queued_s / steps,
+           "worker_compute_s_per_step": {k: v / steps for k, v in rank.computed_s.items()},
            "joins": rank.joins, "logits_vs_plain": compare_logits(plain_logits, split_logits, plain_tokens, split_tokens)}
     record["runs"].append(run)
     print("CPU rank: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in run.items()), flush=True)

@@ -52,8 +52,10 @@ class CpuRank:
         self.threads = threads or default_threads()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
-        # where a step's time goes (bench/cpu_rank.py): the worker computing, the Python thread waiting at joins
-        self.busy_s = self.waited_s = 0.0
+        # where a step's time goes (bench/cpu_rank.py): the worker computing (by share: `computed_s`), waiting for
+        # its input's copy, and queued behind earlier shares; the Python thread waiting at joins
+        self.busy_s = self.waited_s = self.input_wait_s = self.queued_s = 0.0
+        self.computed_s: dict[str, float] = {}
         self.joins = 0
         self.host_weight_bytes = 0  # the CPU shares the host keeps (int8 host weights: about half of bf16)
 
@@ -89,11 +91,12 @@ class CpuRank:
         return HostKV(self.context)
 
     def submit(self, fn, *args: Any) -> Future:
-        return self.pool.submit(self._run, fn, args)
+        return self.pool.submit(self._run, fn, args, time.perf_counter())
 
-    def _run(self, fn, args: tuple) -> torch.Tensor:
+    def _run(self, fn, args: tuple, submitted: float) -> torch.Tensor:
         """On the worker: wait for the inputs' copies, then compute with autograd off (thread-local)
         and leave the result in pinned memory, so its copy to the device does not block."""
+        begin = time.perf_counter()
         for event in args[-1]:
             if event is not None:
                 event.synchronize()
@@ -102,7 +105,12 @@ class CpuRank:
             out = fn(*args[:-1])
         if self.device.type == "cuda":
             out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out)
-        self.busy_s += time.perf_counter() - start
+        end = time.perf_counter()
+        self.queued_s += begin - submitted
+        self.input_wait_s += start - begin
+        self.busy_s += end - start
+        name = getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
+        self.computed_s[name] = self.computed_s.get(name, 0.0) + end - start
         return out
 
     def join(self, future: Future) -> torch.Tensor:
