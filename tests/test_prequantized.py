@@ -204,12 +204,7 @@ def check_round_trip(qdir: Path, ref: Path, dtype: torch.dtype, device: torch.de
                 encoded = LossyLayer.of(scheme.stream_format, layout, reader.parts_of(prefix))
                 assert [t.kind for t in encoded.tensors] == [scheme.stream_format] * len(MATRICES) + ["raw"]
                 host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
-                for t in encoded.tensors:
-                    parts = [p.view(host) for p in t.parts]
-                    if t.kind == "raw":
-                        reader.fill(prefix + t.entry.name, parts[0])
-                    else:
-                        reader.fill_parts(prefix + t.entry.name, parts)
+                reader.fill_layer(prefix, encoded, host)
                 slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)
                 encoded.expand(host.to(device), slot, Expander(device, 0, 0))
                 for n, got in zip(names, layout.views(slot)):

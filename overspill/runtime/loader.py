@@ -284,12 +284,7 @@ def _stream_passed(layer: nn.Module, prefix: str, index: int, source: QuantizedR
     passes through a slot or is encoded."""
     layout = _layout(layer)
     host = host_bytes(encoded.nbytes, pinned)
-    for t in encoded.tensors:
-        parts = [p.view(host) for p in t.parts]
-        if t.kind == "raw":
-            source.fill(prefix + t.entry.name, parts[0])
-        else:
-            source.fill_parts(prefix + t.entry.name, parts)
+    source.fill_layer(prefix, encoded, host)
     for entry, view in zip(layout.entries, ring.views(layout, 0)):
         _set_param(layer, entry.name, view)
     return StreamedLayer(layer, index, host, layout, ring, encoded), encoded.nbytes

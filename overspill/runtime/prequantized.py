@@ -279,6 +279,16 @@ class QuantizedReader(CheckpointReader):
 
         return parts
 
+    def fill_layer(self, prefix: str, encoded, host: torch.Tensor) -> None:
+        """Write a streamed layer's host buffer `host` in the layout `encoded` (a `formats.LossyLayer` of
+        `parts_of(prefix)`): quantized weights as their parts, the rest raw."""
+        for t in encoded.tensors:
+            parts = [p.view(host) for p in t.parts]
+            if t.kind == "raw":
+                self.fill(prefix + t.entry.name, parts[0])
+            else:
+                self.fill_parts(prefix + t.entry.name, parts)
+
     def fill_parts(self, name: str, parts: list[torch.Tensor]) -> None:
         """Write model weight `name`'s parts (host views shaped as `parts_of` says) from the checkpoint."""
         key = self._key(name)
