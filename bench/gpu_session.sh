@@ -199,7 +199,7 @@ case "${1:-}" in
       --pass-k 1 8 --points 0.8:8 0.9:16 0.6:8 --self-draft --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|profile|graphs|graphs-budgets|managed-decode|engine-graphs|compile|serve-managed|truth-128k|tests-a|tests-b|recheck|serve-ab|formats|formats-70b|cpu-rank|cpu-rank-70b|moe|moe-cpu|moe-scout-dense|moe-scout|moe-scout-depth|moe-scout-spread|llama4-identity|speculative|speculative-spread|speculative-8b" >&2
+    echo "usage: bash bench/gpu_session.sh STEP (the steps are listed at the top of this file)" >&2
     exit 2
     ;;
 esac
