@@ -12,7 +12,7 @@ from .errors import OverspillError
 from .planning.configs import shipped_names
 from .planning.host_experts import CPU_EXPERTS
 from .planning.moe import MOE_STREAMING
-from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK
+from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK, LAYOUTS
 from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
 from .planning.spec import DEFAULT_DTYPE
 from .planning.speculation import ASSUMED_ACCEPTANCE, SOURCES
@@ -24,6 +24,10 @@ from .serving.defaults import (
 )
 
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
+
+
+LAYOUT_HELP = ("which layers stream: prefix (default: the first ones) or spread (evenly among the resident ones, "
+               "so the ring's copies run beside resident layers; host-tier KV keeps the prefix).")
 
 
 def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> None:
@@ -49,6 +53,8 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     )
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
                    help=f"how many layers ahead the copy stream prefetches (default {DEFAULT_DEPTH}).")
+    p.add_argument("--layout", default="prefix", choices=list(LAYOUTS),
+                   help=LAYOUT_HELP)
     p.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT,
         help=f"longest sequence (prompt + new tokens) to reserve KV-cache room for in the GPU budget (default {DEFAULT_CONTEXT}).",
@@ -378,6 +384,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                       help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
+    plan.add_argument("--layout", default="prefix", choices=list(LAYOUTS), help=LAYOUT_HELP)
     plan.add_argument(
         "--dtype", default=DEFAULT_DTYPE, metavar="D",
         help=f"weight dtype to size the model in: {DEFAULT_DTYPE} (default, what `run` loads on a GPU), float16, "

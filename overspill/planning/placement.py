@@ -137,7 +137,8 @@ def streaming_plan(
     fp: Footprint, workload: Workload, streamed: int, depth: int = DEFAULT_DEPTH, budget: int | None = None,
     kv_host: int = 0,
 ) -> Plan:
-    """The plan that streams exactly the first `streamed` layers and keeps the rest resident.
+    """The plan that streams exactly `streamed` layers (`streamed_tiers`: the first ones, or spread
+    among the resident ones with `workload.spread`) and keeps the rest resident.
 
     `greedy_plan` picks among these; benchmarks use it directly to time a given number of streamed
     layers (also counts the greedy rule never picks, such as fewer layers than ring slots).
@@ -145,9 +146,28 @@ def streaming_plan(
     n = len(fp.layer_bytes)
     if not 0 <= streamed <= n:
         raise OverspillError(f"cannot stream {streamed} of {n} layers")
-    tiers = [Tier.PINNED] * streamed + [Tier.DEVICE] * (n - streamed)
+    tiers = streamed_tiers(n, streamed, workload.spread and not kv_host)
     embed_tier = Tier.DEVICE if streamed == 0 or _embed_on_device(fp) else Tier.HOST
     return _make_plan(fp, tiers, embed_tier, depth, budget, workload, kv_host)
+
+
+LAYOUTS = ("prefix", "spread")  # load(layout=...), --layout: which layers stream
+
+
+def streamed_tiers(n: int, streamed: int, spread: bool) -> list[Tier]:
+    """Tiers of `n` layers of which `streamed` stream: the first ones, or with `spread` layer (i * n) // streamed
+    for each i, evenly among the resident ones.
+
+    Why spread: a step copies streamed layers while the GPU computes, and the ring queues only `depth`
+    copies ahead; streaming the first layers leaves the resident ones as one run at the end of each step
+    with the link idle once those few copies are done. Where resident layers cost time the link does not
+    cover (a serial verify pass runs each resident layer once per drafted token; expert-streamed MoE layers
+    wait for their experts) spreading lets the copies run beside them. Host-tier KV keeps the prefix: its
+    layers are the leading ones (`kv_host_choices`)."""
+    if not spread or streamed in (0, n):
+        return [Tier.PINNED] * streamed + [Tier.DEVICE] * (n - streamed)
+    chosen = {(i * n) // streamed for i in range(streamed)}
+    return [Tier.PINNED if i in chosen else Tier.DEVICE for i in range(n)]
 
 
 def kv_host_choices(fp: Footprint, workload: Workload, kv_device_bytes: int | None, depth: int) -> list[int]:

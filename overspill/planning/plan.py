@@ -70,6 +70,8 @@ class Workload:
     activation_floor: int = ACTIVATION_FLOOR_BYTES
     pass_tokens: int = 0  # most tokens one forward pass holds; 0: what `generate` needs (see `placement.pass_tokens`)
     graphs: bool = False  # decode steps replayed as CUDA graphs (MoE experts there gather their weights per row)
+    # streamed layers spread evenly among the resident ones instead of the first ones (`placement.streamed_tiers`)
+    spread: bool = False
 
 
 @dataclass(frozen=True)
