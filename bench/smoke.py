@@ -76,13 +76,12 @@ def spread_layers(plan, layer_sizes: list[int]):
     the ring's few queued copies may not cover when its slots are small (expert streaming)."""
     from dataclasses import replace
 
-    from overspill.planning.plan import Tier
+    from overspill.planning.placement import streamed_tiers
 
     n, total = len(plan.streamed_layers), len(plan.layer_tiers)
     if len(set(layer_sizes)) != 1 or plan.kv_host_layers or n == 0:
         return None
-    chosen = {(i * total) // n for i in range(n)}
-    return replace(plan, layer_tiers=tuple(Tier.PINNED if i in chosen else Tier.DEVICE for i in range(total)), notes=())
+    return replace(plan, layer_tiers=tuple(streamed_tiers(total, n, spread=True)), notes=())
 
 
 def layer_sizes(model) -> list[int]:
