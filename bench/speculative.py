@@ -421,6 +421,27 @@ def planner_pass_cost(model, plan):
     return plan_pass_cost(plan.prediction, spec.active_bytes / spec.dtype_bytes, probe().matmul_flops_s, serial=True)
 
 
+def self_draft_pass_cost(model, plan, draft):
+    """The serial verify pass and draft cost `overspill plan --speculate self` charges this plan (None without
+    a prediction, a draft or a GPU)."""
+    import torch
+
+    from overspill.planning.self_draft import Machine, draft_token_seconds
+    from overspill.planning.speculation import plan_pass_cost
+    from overspill.runtime.hardware import probe
+    from overspill.runtime.loader import decoder_layers, footprint, measured_spec
+
+    if plan.prediction is None or draft is None or not torch.cuda.is_available():
+        return None
+    layers = decoder_layers(model)[1]
+    profile = probe()
+    spec = measured_spec(model, layers, model.dtype)
+    draft_s = draft_token_seconds(footprint(model, layers, model.dtype), draft.weight_bytes, len(draft.layers),
+                                  Machine.of(profile))
+    return plan_pass_cost(plan.prediction, spec.active_bytes / spec.dtype_bytes, profile.matmul_flops_s, serial=True,
+                          draft_per_token_s=draft_s)
+
+
 def self_draft_run(source, budget, context: int, random_weights: bool, ids, new_tokens: int) -> dict:
     """`speculate='self'` end to end: the planner's draft, then plain decoding of that same plan (the
     draft's bytes push bf16 layers onto the link) against speculative decoding with the draft."""
@@ -451,6 +472,7 @@ def self_draft_run(source, budget, context: int, random_weights: bool, ids, new_
            "plain_same_plan": plain, "runs": []}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    planner = self_draft_pass_cost(model, plan, draft)
     for chain in (4, 8):
         speculative.enable(model, drafter, chain=chain)
         tokens, timing = timed_generate(model, ids, new_tokens)
@@ -460,6 +482,15 @@ def self_draft_run(source, budget, context: int, random_weights: bool, ids, new_
                "tokens_per_pass": stats.tokens_per_pass, "draft_share": stats.draft_share,
                "speedup_vs_plain_same_plan": timing["decode_tok_s"] / plain["decode_tok_s"]
                if timing["decode_tok_s"] and plain["decode_tok_s"] else None}
+        if planner is not None and stats.passes:
+            # the planner at the acceptance this run measured (random weights: meaningless as a forecast of a
+            # real model's acceptance, but it checks the pass and draft cost the planner charges)
+            from overspill.planning.speculation import forecast
+
+            planned = forecast(planner, stats.acceptance, chain)
+            run["planner_tok_s_at_measured_acceptance"] = planned.tok_s
+            run["measured_over_planner"] = timing["decode_tok_s"] / planned.tok_s if timing["decode_tok_s"] else None
+            run["planner_draft_s_per_token"] = planner.draft_per_token_s
         out["runs"].append(run)
         print(f"self chain {chain}: {run}", flush=True)
     if torch.cuda.is_available():
