@@ -224,7 +224,7 @@ def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: to
 
 
 def test_int4_parts_are_the_checkpoints_4_bit_codes(checkpoints) -> None:
-    """GPTQ's codes repacked: [out, in] two a byte (even input high), float32 scale and zero = scale * (8 - z)."""
+    """GPTQ's codes repacked: [out, in] two a byte (even input high), float32 scale and shift = -z * scale."""
     qdir, _ = checkpoints("gptq-asym-v1")
     reader = QuantizedReader(qdir, scheme_of(json.loads((qdir / "config.json").read_text())))
     try:
@@ -243,7 +243,7 @@ def test_int4_parts_are_the_checkpoints_4_bit_codes(checkpoints) -> None:
         assert int(parts[0][o, 38]) & 15 == q
         z = ((int(qzeros[77 // 32, o // 8]) >> (4 * (o % 8))) & 15) + 1
         assert parts[1][o, 77 // 32, 0] == scales[77 // 32, o].float()
-        assert parts[2][o, 77 // 32, 0] == scales[77 // 32, o].float() * (8 - z)
+        assert parts[2][o, 77 // 32, 0] == -z * scales[77 // 32, o].float()
     finally:
         reader.close()
 
@@ -415,7 +415,9 @@ def test_gguf_q8_0_decoder_weights_stream_as_codes(q8_0_gguf) -> None:
 
     converted = convert_gguf(q8_0_gguf)
     config = json.loads((converted / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "gguf", "types": ["q8_0"]}
+    assert config["quantization_config"]["types"] == ["q8_0"]
+    assert config["quantization_config"]["quant_method"] == "gguf"
+    assert 0.9 < config["quantization_config"]["shares"]["q8_0"] < 1  # every decoder matrix, not the norms
     with safe_open(str(converted / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert "model.layers.0.mlp.down_proj.q8_0_codes" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
@@ -483,8 +485,12 @@ def test_gpu_streamed_checkpoint_decodes_as_the_dequantized_model_resident(name:
 @pytest.mark.parametrize("shape,group", [((4096, 4096), 128), ((14336, 4096), 128), ((4096, 14336), 128),
                                          ((1024, 4096), 4096), ((512, 4096), 32)])
 def test_gpu_int4_kernel_on_float32_scales_matches_the_torch_path(shape, group: int, monkeypatch) -> None:
-    """Whether the Triton int4 kernel may take a pass-through's float32 scales and zeros (`STORES` lists
-    only bf16 until this passes on a GPU): GPTQ-like parts, fp16 scales as float32, zero = scale * (8 - z)."""
+    """Whether the Triton int4 kernel's arithmetic holds for a pass-through's float32 scales (`STORES` lists
+    only bf16 until this passes on a GPU): GPTQ-like parts, fp16 scales as float32. The pass-through stores the
+    shift -z * scale, which the torch path adds as it is (`quant._expand_int4` sends float32 stores there);
+    the kernel takes a zero, here scale * (8 - z), whose zero - 8 * scale is that shift exactly. Taking
+    float32 stores on the GPU then also needs the kernel to add a shift as it is (Q4_K's need not be
+    zero - 8 * scale of any float32 zero)."""
     from overspill.runtime import int4_kernel
 
     pytest.importorskip("triton")
@@ -493,12 +499,12 @@ def test_gpu_int4_kernel_on_float32_scales_matches_the_torch_path(shape, group: 
     packed = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8).cuda()
     scale = (torch.rand(rows, cols // group, 1, generator=g) * 0.02 + 1e-3).half().float().cuda()
     z = torch.randint(0, 16, scale.shape, generator=g).float().cuda()
-    zero = scale * (8 - z)
+    zero, shift = scale * (8 - z), -z * scale
     monkeypatch.setattr(int4_kernel, "STORES", (torch.bfloat16, torch.float32))
     kernel = int4_kernel.build()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         want = torch.empty(shape, dtype=dtype, device="cuda")
-        quant._expand_int4_torch(packed, scale, zero, want, None)
+        quant._expand_int4_torch(packed, scale, shift, want, None)
         got = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
         assert int4_kernel.launch(kernel, packed, scale, zero, got)
         assert torch.equal(got.view(torch.int8), want.view(torch.int8)), dtype

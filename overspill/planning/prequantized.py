@@ -13,12 +13,17 @@ dequantized weights in the compute dtype. The expanded weight equals the referen
 | fp8 (transformers' FineGrainedFP8) | weight e4m3 [out, in], weight_scale_inv float32 per tensor or per block | fp8 | float32 per group of inputs |
 | compressed-tensors, float-quantized 8-bit | weight e4m3, weight_scale per tensor, channel, group or block | fp8 | float32 per group of inputs |
 | gguf (a converted GGUF's Q8_0 decoder weights, `runtime.gguf_blocks`) | q8_0_codes int8 [out, in], q8_0_scales fp16 [out, in/32] | int8 | float32 per group of 32 |
+| gguf, Q6_K | q6_k_codes int8 [out, in] (q - 32), q6_k_scales float32 [out, in/16] (d * scale) | int8 | float32 per group of 16 |
+| gguf, Q4_K | q4_k_codes uint8 [out, in/2] (int4's packing), q4_k_scales and q4_k_shifts float32 [out, in/32] | int4 | float32 scale and shift per group of 32 |
 
-int4 keeps float32 scales and zeros (8 bytes a group against bf16's 4 of the format's own encoder): the
-expansion computes `q * scale + (zero - 8 * scale)` in float32 with `zero = scale * (8 - z)`, which is
-`scale * (q - z)` exactly only where scale and zero are stored exactly; an fp16 scale times (8 - z) needs
-up to 15 significant bits, more than bf16's 8 or fp16's 11. fp8's per-tensor, per-channel and block scales
-repeat into its groups of inputs (a block's scale once per row of the block).
+int4 keeps a float32 scale and a float32 shift per group (8 bytes a group against the 4 of the format's own
+bf16 scale and zero): the expansion computes `q * scale + shift` in float32 (`quant.part_shapes`: float32
+stores hold the shift itself), with shift = -z * scale for GPTQ / AWQ (exact: an fp16 scale times an
+integer up to 16, 15 significant bits), so `scale * (q - z)` exactly, and shift = -dmin * m for GGUF Q4_K
+(`q * d * sc - dmin * m`, products exact, one float32 rounding of the sum: llama.cpp's and gguf's own
+arithmetic). A GGUF's types stream per matrix: Q4_K as int4, Q6_K and Q8_0 as int8 (a scale per group of
+16 or 32), in one layer. fp8's per-tensor, per-channel and block scales repeat into its groups of inputs
+(a block's scale once per row of the block).
 
 Activation scales (static FP8 `input_scale`) are not used: activations stay in the compute dtype.
 Not supported (a one-line error says what is): act-order GPTQ (desc_act), GPTQ/AWQ of other bit widths,
@@ -33,11 +38,19 @@ from typing import Any
 
 from .formats import NATIVE, encoded_bytes
 
-INT4_STORE_BYTES = 4  # float32 scale and float32 zero per group (see above)
+INT4_STORE_BYTES = 4  # float32 scale and float32 shift per group (see above)
 FP8_SCALE_BYTES = 4  # float32, as the fp8 format's own
 SUPPORTED = ("GPTQ and AWQ (gemm) int4 with desc_act false, FP8 (quant_method fp8, or compressed-tensors "
-             "float-quantized 8-bit), GGUF Q8_0")
-GGUF_Q8_0_GROUP = 32  # weights per Q8_0 block (and fp16 scale)
+             "float-quantized 8-bit), GGUF Q8_0, Q6_K and Q4_K")
+# GGUF block types kept as codes: (stream format, weights per float32 scale). Q4_K: d * sc_j and -dmin * m_j
+# per sub-block of 32; Q6_K: d * scale_j per sub-block of 16; Q8_0: an fp16 d per 32
+GGUF_TYPES = {"q4_k": ("int4", 32), "q6_k": ("int8", 16), "q8_0": ("int8", 32)}
+
+
+def gguf_bytes_per_weight(kind: str) -> float:
+    """Bytes a weight of GGUF type `kind` sends in its stream format: codes and float32 scales (and shifts)."""
+    fmt, group = GGUF_TYPES[kind]
+    return 1 + 4 / group if fmt == "int8" else 0.5 + 2 * INT4_STORE_BYTES / group
 
 
 @dataclass(frozen=True)
@@ -46,20 +59,38 @@ class Prequantized:
 
     method: str  # "gptq", "awq", "fp8", "compressed-tensors", "gguf"
     stream_format: str  # the stream format its codes keep: "int4", "fp8" or "int8"
-    group: int  # inputs per scale (int4: and zero), -1 one per row; fp8: 0 (the scales' shape says)
+    group: int  # inputs per scale (int4: and zero), -1 one per row; fp8 and gguf: 0 (per weight: its scales' shape)
     zero_offset: int = 0  # added to stored zeros: 1 for auto-gptq's v1 format (zero - 1 stored)
     block: tuple[int, int] | None = None  # fp8: [rows, inputs] a stored scale covers, when the config says
+    # gguf: (block type, share of the decoder layers' parameters kept in it) per type kept as codes
+    gguf: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
+        if self.method == "gguf":
+            return "GGUF " + "+".join(kind.upper() for kind, _ in self.gguf)
         if self.stream_format == "int4":
             per = "per row" if self.group == -1 else f"groups of {self.group}"
             return f"{self.method.upper()} int4 ({per})"
-        return "GGUF Q8_0" if self.method == "gguf" else f"{self.method} e4m3"
+        return f"{self.method} e4m3"
+
+    @property
+    def codes_as(self) -> str:
+        """What its codes stream as: the format, or per GGUF type where they differ ("Q4_K as int4, Q6_K as int8")."""
+        formats = {GGUF_TYPES[kind][0] for kind, _ in self.gguf}
+        if len(formats) <= 1:
+            return self.stream_format
+        return ", ".join(f"{kind.upper()} as {GGUF_TYPES[kind][0]}" for kind, _ in self.gguf)
 
     def stream_bytes(self, layer_bytes: int, dtype_bytes: int) -> int:
         """Bytes a layer of `layer_bytes` (compute dtype) sends per trip in its own format, as `overspill plan`
-        estimates it from the config (every parameter counted as quantized; the load counts exactly)."""
+        estimates it from the config (every parameter counted as quantized, a GGUF's by its types' shares,
+        the rest in the compute dtype; the load counts exactly)."""
+        if self.method == "gguf":
+            params = layer_bytes // dtype_bytes
+            quantized = sum(share for _, share in self.gguf)
+            return int(params * sum(share * gguf_bytes_per_weight(kind) for kind, share in self.gguf)
+                       + layer_bytes * max(0.0, 1 - quantized))
         if self.stream_format == "int4":
             return encoded_bytes("int4", layer_bytes, dtype_bytes, group=self.group, store_bytes=INT4_STORE_BYTES)
         return encoded_bytes(self.stream_format, layer_bytes, dtype_bytes, group=self.group)
@@ -87,9 +118,21 @@ def scheme_of(config: Mapping[str, Any]) -> Prequantized | None:
         return Prequantized("fp8", "fp8", 0, block=tuple(block) if block else None)
     if method == "compressed-tensors":
         return _compressed_tensors(q)
-    if method == "gguf" and list(q.get("types") or ()) == ["q8_0"]:
-        return Prequantized("gguf", "int8", GGUF_Q8_0_GROUP)
+    if method == "gguf":
+        return _gguf(q)
     raise ValueError(f"quant_method {method or '(none)'!r} is not supported: overspill streams {SUPPORTED}")
+
+
+def _gguf(q: Mapping[str, Any]) -> Prequantized:
+    """A converted GGUF's mark (`runtime.gguf_blocks.mark`): the block types kept as codes and their shares."""
+    types = [str(t).lower() for t in q.get("types") or ()]
+    unknown = [t for t in types if t not in GGUF_TYPES]
+    if not types or unknown:
+        raise ValueError(f"GGUF types {unknown or '(none)'} are not supported: overspill streams {SUPPORTED}")
+    shares = q.get("shares") if isinstance(q.get("shares"), Mapping) else {}
+    kept = tuple((t, float(shares.get(t, 1 / len(types)))) for t in sorted(types, key=list(GGUF_TYPES).index))
+    fmt = "int4" if any(GGUF_TYPES[t][0] == "int4" for t in types) else "int8"  # int4's scratch is planned then
+    return Prequantized("gguf", fmt, 0, gguf=kept)
 
 
 def _int4(method: str, q: Mapping[str, Any]) -> Prequantized:
@@ -137,7 +180,7 @@ def stream_format_for(scheme: Prequantized, requested: str, blocker: str | None 
     "auto" then streams the dequantized weights."""
     own = scheme.stream_format
     if requested in ("auto", own) and not (requested == "auto" and blocker):
-        return own, f"{scheme.label} checkpoint: streamed layers keep its codes ({own})"
+        return own, f"{scheme.label} checkpoint: streamed layers keep its codes ({scheme.codes_as})"
     why = f" ({blocker} streams uncompressed layers)" if requested == "auto" else ""
     fmt = NATIVE if requested == "auto" else requested
     then = "" if fmt == NATIVE else f", then encoded as {fmt}"

@@ -1,34 +1,103 @@
-"""GGUF Q8_0 decoder weights kept as codes when a GGUF is converted (`sources.convert_gguf`).
+"""GGUF blocks kept as codes when a GGUF is converted (`sources.convert_gguf`): Q8_0, Q6_K and Q4_K.
 
-A Q8_0 block is 32 weights of one row: an fp16 scale d and 32 int8 codes q, w = d * q. transformers
-dequantizes every tensor of a GGUF (into bf16 here); for the decoder layers' Q8_0 matrices the conversion
-keeps the codes instead, as `X.q8_0_codes` (int8 [out, in]) and `X.q8_0_scales` (fp16 [out, in / 32]) in
-place of `X.weight`, and marks the config (`quantization_config` {"quant_method": "gguf", "types": ["q8_0"]},
-`planning.prequantized`), so streamed layers carry one byte a weight over the link (the int8 stream format
-with groups of 32 and float32 scales) and expand on the GPU to d * q in float32 rounded once: the value
-transformers' conversion gives, which each kept weight is checked against (a weight whose GGUF-to-HF name
-map or row permutation did not reproduce it stays as transformers wrote it).
+transformers dequantizes every tensor of a GGUF (into bf16 here). The decoder layers' matrices stored in one
+of these types keep their codes instead, laid out as the stream format they map onto exactly
+(`planning.prequantized.GGUF_TYPES`), in place of `X.weight`:
+- Q8_0 (blocks of 32 weights of a row: fp16 d, int8 q; w = d * q): `X.q8_0_codes` int8 [out, in] and
+  `X.q8_0_scales` fp16 [out, in / 32]; int8 with groups of 32.
+- Q6_K (super-blocks of 256: 6-bit q as 4 low bits `ql` and 2 high bits `qh`, 16 int8 sub-scales, fp16 d;
+  w = d * scale_j * (q - 32) over sub-blocks of 16): `X.q6_k_codes` int8 [out, in] (q - 32, in -32..31) and
+  `X.q6_k_scales` float32 [out, in / 16] (d * scale_j, exact: 11 x 8 significant bits); int8 with groups of
+  16, whose expansion `code * scale` is exact in float32 (at most 24 significant bits), one rounding.
+- Q4_K (super-blocks of 256: fp16 d and dmin, 6-bit sc_j and m_j packed in 12 bytes, 4-bit q; w = d * sc_j * q
+  - dmin * m_j over sub-blocks of 32): `X.q4_k_codes` uint8 [out, in / 2] (the int4 format's packing: the even
+  column in the high nibble), `X.q4_k_scales` float32 (d * sc_j) and `X.q4_k_shifts` float32 (-dmin * m_j)
+  [out, in / 32], both exact; int4 with float32 stores, expanded as q * scale + shift: the product exact,
+  one float32 rounding of the sum (gguf's and llama.cpp's own arithmetic), then one into the compute dtype.
+The config gets `quantization_config` {"quant_method": "gguf", "types": [...], "shares": {type: share of the
+decoder layers' parameters}} (`mark`, read by `planning.prequantized`). Each kept weight is checked against
+transformers' conversion (its dequantization rounded to the model's dtype equals what transformers wrote): a
+weight whose GGUF-to-HF name map or row permutation did not reproduce it stays as transformers wrote it.
 
-Q4_0 / Q4_1 / Q4_K / Q6_K and the others stay dequantized: not supported yet.
+Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q5_K / Q2_K / Q3_K and the rest stay dequantized: not supported yet.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CODES, SCALES = ".q8_0_codes", ".q8_0_scales"  # the kept weight's keys, after its name without ".weight"
-Q8_0_BLOCK = 32
-MARK = {"quant_method": "gguf", "types": ["q8_0"]}
+from ..planning.prequantized import GGUF_TYPES
+
+QK_K = 256  # weights per K-quant super-block
+PARTS = {"q8_0": ("codes", "scales"), "q6_k": ("codes", "scales"), "q4_k": ("codes", "scales", "shifts")}
 
 
-def q8_0_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{parameter name: (int8 codes [out, in], fp16 scales [out, in / 32])} of the decoder-layer matrices
-    (under `layers_path`) that `gguf` stores as Q8_0 and transformers placed in `model` (dequantized) as
-    exactly d * q rounded once."""
-    from gguf import GGMLQuantizationType, GGUFReader
+def keys(kind: str) -> tuple[str, ...]:
+    """The suffixes, after the weight's name without ".weight", of a kept weight's tensors (codes first)."""
+    return tuple(f".{kind}_{part}" for part in PARTS[kind])
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One weight kept as codes: its GGUF type and tensors (`keys(kind)` order), rows as the model's."""
+
+    kind: str
+    tensors: tuple[torch.Tensor, ...]
+
+    @property
+    def numel(self) -> int:
+        return self.tensors[0].numel() * (2 if self.kind == "q4_k" else 1)
+
+
+def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A GGUF matrix's raw blocks (uint8 [out, blocks * block bytes]) as `keys(kind)`'s arrays."""
+    out = raw.shape[0]
+    if kind == "q8_0":
+        b = raw.reshape(out, -1, 34)  # [out, in / 32, d q..]
+        return (np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(out, -1),
+                np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0])
+    b = raw.reshape(out, -1, 210 if kind == "q6_k" else 144)  # [out, in / 256, block]
+    if kind == "q6_k":  # ql[128] qh[64] scales[16] d: weight 128h + 64s + l has low bits ql[64h + l] >> 4s,
+        ql, qh = b[..., :128].reshape(out, -1, 2, 1, 64), b[..., 128:192].reshape(out, -1, 2, 1, 32)
+        low = (ql >> np.array([0, 4], np.uint8)[:, None]) & 15  # [out, n, 2, 2, 64]
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # weight 128h + 32k + l: qh[32h + l] >> 2k
+        q = (low.reshape(out, -1, QK_K) | high.reshape(out, -1, QK_K) << 4).astype(np.int8) - np.int8(32)
+        d = np.ascontiguousarray(b[..., 208:210]).view(np.float16).astype(np.float32)  # [out, n, 1]
+        scales = d * np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)  # exact
+        return q.reshape(out, -1), scales.reshape(out, -1)
+    # q4_k: d dmin scales[12] qs[128]; sub-block 2i holds the low nibbles of qs[32i:32i + 32], 2i + 1 the high
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).astype(np.float32)  # [out, n, 1]
+    dmin = np.ascontiguousarray(b[..., 2:4]).view(np.float16).astype(np.float32)
+    s = b[..., 4:16]
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]  # sc_j, m_j: 6 bits of bytes j, j + 4 (j < 4); else
+    sc = np.concatenate([lo & 63, (hi & 15) | (lo >> 6) << 4], axis=-1)  # 4 bits of byte j + 4 and the top 2
+    m = np.concatenate([mid & 63, (hi >> 4) | (mid >> 6) << 4], axis=-1)  # of bytes j - 4 (sc) and j (m)
+    qs = b[..., 16:144].reshape(out, -1, 4, 1, 32)
+    q = ((qs >> np.array([0, 4], np.uint8)[:, None]) & 15).reshape(out, -1)  # [out, in], 0..15
+    scales = (d * sc.astype(np.float32)).reshape(out, -1)  # exact: 11 x 6 significant bits
+    shifts = -(dmin * m.astype(np.float32)).reshape(out, -1)
+    return (q[:, ::2] << 4 | q[:, 1::2]).astype(np.uint8), scales, shifts
+
+
+def dequantize(kind: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The reference dequantization in float32, [out, in]: code * scale (exact) for Q8_0 and Q6_K;
+    q * scale + shift for Q4_K (the product exact, the sum rounded once, as gguf computes d * sc * q - dmin * m)."""
+    codes, scales = tensors[0], tensors[1].float()
+    out = codes.shape[0]
+    if kind != "q4_k":
+        return (codes.float().view(out, scales.shape[1], -1) * scales[..., None]).view(out, -1)
+    q = torch.stack([codes >> 4, codes & 15], dim=-1).view(out, scales.shape[1], -1).float()
+    return (q * scales[..., None] + tensors[2][..., None]).view(out, -1)
+
+
+def kept_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[str, Kept]:
+    """{parameter name: its codes} of the decoder-layer matrices (under `layers_path`) that `gguf` stores in a
+    type of `GGUF_TYPES` and transformers placed in `model` (dequantized) as exactly `dequantize` of them."""
+    from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -38,7 +107,7 @@ def q8_0_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[s
     )
 
     reader = GGUFReader(gguf)
-    blocks = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q8_0 and len(t.shape) == 2]
+    blocks = [t for t in reader.tensors if t.tensor_type.name.lower() in GGUF_TYPES and len(t.shape) == 2]
     if not blocks:
         return {}
     architecture = read_field(reader, "general.architecture")[0]
@@ -48,32 +117,39 @@ def q8_0_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[s
     params = dict(model.named_parameters())
     kept = {}
     for tensor in blocks:
-        raw = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, 2 + Q8_0_BLOCK)  # [out, in / 32, d q..]
-        scales = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]  # [out, in / 32]
-        codes = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)  # [out, in]
-        try:  # the row permutation transformers applies (llama's q and k), to codes and scales alike
-            done = processor.process(weights=codes, name=tensor.name)
-            codes, scales = done.weights, processor.process(weights=scales, name=tensor.name).weights
+        kind = tensor.tensor_type.name.lower()
+        raw = np.asarray(tensor.data)
+        try:  # the row permutation transformers applies (llama's q and k), to every array alike
+            arrays = unpack(kind, raw.reshape(raw.shape[0], -1))
+            done = [processor.process(weights=a, name=tensor.name) for a in arrays]
         except Exception:  # noqa: BLE001 - a processor that needs more than a row permutation: left dequantized
             continue
-        name = names.get(done.name)
+        name = names.get(done[0].name)
         param = params.get(name) if name is not None else None
         if param is None or not name.startswith(f"{layers_path}.") or param.dim() != 2:
             continue
-        codes, scales = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(scales))
-        if tuple(codes.shape) != tuple(param.shape) or not torch.equal(dequantize(codes, scales).to(param.dtype), param):
+        tensors = tuple(torch.from_numpy(np.ascontiguousarray(d.weights)) for d in done)
+        weight = Kept(kind, tensors)
+        if weight.numel != param.numel() or tensors[0].shape[0] != param.shape[0]:
             continue
-        kept[name] = (codes, scales)
+        if not torch.equal(dequantize(kind, tensors).to(param.dtype), param):
+            continue
+        kept[name] = weight
     return kept
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """d * q in float32 (exact: 8 + 11 significant bits), [out, in]."""
-    out, cols = codes.shape
-    return (codes.float().view(out, -1, Q8_0_BLOCK) * scales.float()[..., None]).view(out, cols)
+def mark(model: torch.nn.Module, kept: dict[str, Kept], layers_path: str) -> dict:
+    """The converted config's `quantization_config`: the types kept and each one's share of the decoder
+    layers' parameters (what `overspill plan` counts their streamed bytes by)."""
+    total = sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"{layers_path}."))
+    counts: dict[str, int] = {}
+    for weight in kept.values():
+        counts[weight.kind] = counts.get(weight.kind, 0) + weight.numel
+    types = [kind for kind in GGUF_TYPES if kind in counts]
+    return {"quant_method": "gguf", "types": types, "shares": {k: round(counts[k] / total, 6) for k in types}}
 
 
-def save(model: torch.nn.Module, kept: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+def save(model: torch.nn.Module, kept: dict[str, Kept], path: Path) -> None:
     """The model's tensors into one safetensors file, each kept weight as its codes and scales instead
     (tensors sharing storage, tied embeddings, written once: the reader maps tied names onto each other)."""
     from safetensors.torch import save_file
@@ -85,7 +161,7 @@ def save(model: torch.nn.Module, kept: dict[str, tuple[torch.Tensor, torch.Tenso
             continue
         seen.add(where)
         tensors[name] = t.contiguous()
-    for name, (codes, scales) in kept.items():
+    for name, weight in kept.items():
         base = name[: -len(".weight")]
-        tensors[base + CODES], tensors[base + SCALES] = codes, scales
+        tensors.update({base + key: t for key, t in zip(keys(weight.kind), weight.tensors)})
     save_file(tensors, str(path), metadata={"format": "pt"})

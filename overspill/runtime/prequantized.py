@@ -8,12 +8,14 @@ destination dtype), on the destination's device; `parts_of` and `fill_parts` giv
 quantized weights as the stream format's parts (`quant.part_shapes`), repacked once from the checkpoint's
 layout, so the link carries the checkpoint's codes and the slot expands them to the same bits as `fill`:
 - int4 (GPTQ, AWQ): codes [out, in] two a byte, the even column in the high nibble; per group a float32
-  scale and zero = scale * (8 - z), so the expansion's q * scale + (zero - 8 * scale) is scale * (q - z)
-  exactly in float32 (every product has at most 15 significant bits).
+  scale and shift = -z * scale (float32 stores hold the shift: `quant.part_shapes`), so the expansion's
+  q * scale + shift is scale * (q - z) exactly in float32 (every product has at most 15 significant bits).
 - fp8: the e4m3 codes as they are; the stored per-tensor, per-channel, per-group or block scales repeated
   into the format's float32 scale per group of inputs (each group lies in one stored block).
-- int8 (a converted GGUF's Q8_0 weights, `gguf_blocks`): the int8 codes as they are, the fp16 scale of each
-  block of 32 as the format's float32 scale of a group of 32.
+- a converted GGUF's weights (`gguf_blocks`), each in its type's format within one layer: Q8_0 and Q6_K as
+  int8, the codes as they are with the fp16 d of each block of 32 (Q8_0) or the float32 d * scale_j of each
+  sub-block of 16 (Q6_K) as the format's float32 scale of a group; Q4_K as int4, its packed codes, float32
+  scales and shifts as they are (q * scale + shift, the product exact, the sum rounded once in float32).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OverspillError
-from ..planning.prequantized import Prequantized
+from ..planning.prequantized import GGUF_TYPES, Prequantized
 from . import gguf_blocks
 from .checkpoint import CheckpointReader
 from .layout import TensorEntry
@@ -43,8 +45,14 @@ class Quantized:
     weight: str  # GPTQ / AWQ: qweight; fp8: the e4m3 weight
     scale: str  # scales, weight_scale_inv or weight_scale
     shape: tuple[int, int]  # [out, in], as the model's parameter
-    zeros: str | None = None  # GPTQ / AWQ: qzeros
+    zeros: str | None = None  # GPTQ / AWQ: qzeros; GGUF Q4_K: the float32 shifts
     g_idx: str | None = None  # GPTQ: the group of each input (checked to be in order)
+    gguf: str | None = None  # a converted GGUF's block type ("q4_k", "q6_k", "q8_0")
+
+    @property
+    def group(self) -> int:
+        """A GGUF weight's inputs per scale (GPTQ / AWQ: `QuantizedReader._group`)."""
+        return GGUF_TYPES[self.gguf][1]
 
 
 class QuantizedReader(CheckpointReader):
@@ -82,13 +90,20 @@ class QuantizedReader(CheckpointReader):
                 shape = (packed[1], packed[0] * 8) if self.scheme.method == "gptq" else (packed[1] * 8, packed[0])
                 g_idx = base + ".g_idx" if base + ".g_idx" in keys else None
                 found[base + ".weight"] = Quantized(key, base + ".scales", shape, base + ".qzeros", g_idx)
-            elif self.scheme.stream_format == "int8" and key.endswith(gguf_blocks.CODES):
-                base = key[: -len(gguf_blocks.CODES)]
-                if base + gguf_blocks.SCALES not in keys:
-                    raise OverspillError(f"{key} in {self.directory} has no {base + gguf_blocks.SCALES}: delete this "
+            elif self.scheme.method == "gguf" and key.endswith("_codes"):
+                kind = next((k for k, _ in self.scheme.gguf if key.endswith(gguf_blocks.keys(k)[0])), None)
+                if kind is None:
+                    continue
+                base = key[: -len(gguf_blocks.keys(kind)[0])]
+                parts = [base + k for k in gguf_blocks.keys(kind)]
+                missing = [k for k in parts[1:] if k not in keys]
+                if missing:
+                    raise OverspillError(f"{key} in {self.directory} has no {', '.join(missing)}: delete this "
                                          f"converted copy so that the GGUF is converted again")
-                shape = self._shape(key)
-                found[base + ".weight"] = Quantized(key, base + gguf_blocks.SCALES, (shape[0], shape[1]))
+                rows, cols = self._shape(key)
+                shape = (rows, cols * 2 if GGUF_TYPES[kind][0] == "int4" else cols)
+                found[base + ".weight"] = Quantized(key, parts[1], shape, parts[2] if len(parts) > 2 else None,
+                                                    gguf=kind)
             elif self.scheme.stream_format == "fp8" and key.endswith(".weight"):
                 scale = next((key + s for s in ("_scale_inv", "_scale") if key + s in keys), None)
                 if scale is None:
@@ -143,18 +158,31 @@ class QuantizedReader(CheckpointReader):
 
     # -- dequantization and repacking ------------------------------------------------------------------
 
+    def kind(self, q: Quantized) -> str:
+        """The stream format weight `q`'s parts take: the scheme's, or its GGUF type's."""
+        return GGUF_TYPES[q.gguf][0] if q.gguf else self.scheme.stream_format
+
     def _dequantize(self, key: str, out: torch.Tensor) -> None:
         """The reference dequantization of weight `key` into `out` ([out, in], any dtype and device): float32
         arithmetic, one rounding; computed on `out`'s device a slice of output rows at a time."""
         q = self.quantized[key]
         rows, cols = q.shape
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
-        if self.scheme.stream_format in ("fp8", "int8"):
+        if self.kind(q) in ("fp8", "int8"):
             codes, scale = self.raw(q.weight), self._scales(key)  # scale [out, groups]
             for r0 in range(0, rows, step):
                 c = codes[r0 : r0 + step].to(out.device).float()
                 s = scale[r0 : r0 + step].to(out.device)
                 out[r0 : r0 + step].copy_(c.view(c.shape[0], s.shape[1], -1).mul_(s[..., None]).view(c.shape))
+            return
+        if q.gguf:  # Q4_K: q * scale + shift, the product exact, the sum rounded once (as gguf computes it)
+            packed = self.raw(q.weight)  # [out, in / 2]
+            scale, shift = self.raw(q.scale), self.raw(q.zeros)  # [out, groups]
+            for r0 in range(0, rows, step):
+                p = packed[r0 : r0 + step].to(out.device)
+                w = torch.stack([p >> 4, p & 15], dim=-1).view(p.shape[0], scale.shape[1], -1).float()
+                w.mul_(scale[r0 : r0 + step, :, None].to(out.device))
+                out[r0 : r0 + step].copy_(w.add_(shift[r0 : r0 + step, :, None].to(out.device)).view(p.shape[0], cols))
             return
         for r0 in range(0, rows, step):
             codes, scale, zero = self._int4(q, r0, min(rows, r0 + step), out.device)  # [n, in], [n, groups] x2
@@ -204,6 +232,8 @@ class QuantizedReader(CheckpointReader):
 
     def _group(self, q: Quantized) -> int:
         """Inputs per scale of an int4 weight; the GPTQ g_idx checked to be in order (no act-order)."""
+        if q.gguf:
+            return q.group
         if q.weight not in self._groups:
             self._groups[q.weight] = self._checked_group(q)
         return self._groups[q.weight]
@@ -223,8 +253,8 @@ class QuantizedReader(CheckpointReader):
 
     def _scales(self, key: str) -> torch.Tensor:
         """The float32 scale of each group of inputs of an fp8 or int8 weight, [out, groups]."""
-        if self.scheme.stream_format == "int8":
-            return self.raw(self.quantized[key].scale).float()  # a Q8_0 block's d, exact in float32
+        if self.quantized[key].gguf:  # a Q8_0 block's fp16 d, a Q6_K sub-block's float32 d * scale_j: exact
+            return self.raw(self.quantized[key].scale).float()
         return self._fp8_scales(key)
 
     def _fp8_scales(self, key: str) -> torch.Tensor:
@@ -261,19 +291,18 @@ class QuantizedReader(CheckpointReader):
     def parts_of(self, prefix: str):
         """`formats.PartsOf` of the layer at `prefix` (e.g. "model.layers.3."): its quantized weights as the
         scheme's stream format's parts, everything else raw."""
-        fmt = self.scheme.stream_format
-
         def parts(kind: str, entry: TensorEntry) -> tuple[str, Parts]:
             key = self._key(prefix + entry.name)
-            if kind != fmt or key is None:
+            if kind != self.scheme.stream_format or key is None:
                 return "raw", [(entry.shape, entry.dtype)]
             q = self.quantized[key]
+            fmt = self.kind(q)  # a GGUF layer may mix int4 (Q4_K) and int8 (Q6_K, Q8_0) weights
             if tuple(entry.shape) != q.shape:
                 raise self._mismatch(key, q.shape, tuple(entry.shape))
             if fmt == "int4":
                 return fmt, part_shapes("int4", q.shape, group=self._group(q), store=torch.float32)
             if fmt == "int8":
-                return fmt, part_shapes("int8", q.shape, group=self.scheme.group)
+                return fmt, part_shapes("int8", q.shape, group=q.group)
             self._fp8_scales(key)  # refuses stored blocks the format's groups do not fit
             return fmt, part_shapes("fp8", q.shape)
 
@@ -294,9 +323,13 @@ class QuantizedReader(CheckpointReader):
         key = self._key(name)
         q = self.quantized[key]
         rows, cols = rows_cols(q.shape)
-        if self.scheme.stream_format in ("fp8", "int8"):
+        if self.kind(q) in ("fp8", "int8"):
             parts[0].copy_(self.raw(q.weight))
             parts[1].copy_(self._scales(key)[..., None])
+            return
+        if q.gguf:  # Q4_K: stored as the int4 parts already
+            for part, stored in zip(parts, (q.weight, q.scale, q.zeros)):
+                part.copy_(self.raw(stored).view(part.shape))
             return
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
         for r0 in range(0, rows, step):
@@ -304,4 +337,4 @@ class QuantizedReader(CheckpointReader):
             codes, scale, zero = self._int4(q, r0, r1, torch.device("cpu"))
             parts[0][r0:r1].copy_(codes[:, ::2] << 4 | codes[:, 1::2])
             parts[1][r0:r1].copy_(scale[..., None])
-            parts[2][r0:r1].copy_((8 - zero).mul_(scale)[..., None])  # zero - 8 * scale = -z * scale, exactly
+            parts[2][r0:r1].copy_(zero.neg_().mul_(scale)[..., None])  # the shift -z * scale, exact

@@ -12,12 +12,14 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   `FP8_SCALE_TRIES` of them across one octave above it and keeps, per group, the one with the least
   squared error (a fifth less than the largest-to-448 scale alone on N(0, 0.02) groups of 128).
   An int8 / fp8 weight whose inputs no group size of 32 or more divides gets one scale per row.
-- int4: asymmetric groups of `group` inputs with a bf16 scale and zero each (float32 where a GPTQ / AWQ
-  checkpoint's codes pass through: `runtime.prequantized`), `w ~ (q - 8) * scale + zero`
+- int4: asymmetric groups of `group` inputs with a bf16 scale and zero each, `w ~ (q - 8) * scale + zero`
   with q in 0..15 (the convention of torch's int4 kernels and of `runtime.self_draft`); two codes a
   byte, the even column in the high nibble. Expansion writes `q * scale + (zero - 8 * scale)` into the
-  slot (float32 arithmetic, one rounding into the compute dtype). On CUDA that is one Triton launch per
-  weight (`runtime.int4_kernel`: each program reads a tile of packed bytes once and writes both codes'
+  slot (float32 arithmetic, one rounding into the compute dtype). Where a checkpoint's codes pass through
+  (GPTQ, AWQ, GGUF Q4_K: `runtime.prequantized`) the scale and the third part are float32 and that part is
+  the shift itself, `w = q * scale + shift`: its shift (-z * scale, -dmin * m) is exact in float32 where
+  zero = shift + 8 * scale need not be, and adding it as it is keeps the checkpoint's arithmetic. On CUDA
+  bf16 stores take one Triton launch per weight (`runtime.int4_kernel`: each program reads a tile of packed bytes once and writes both codes'
   values), bit for bit the torch path's; the torch path (the nibbles unpacked into a byte a code in the
   expander's scratch, a chunk of rows at a time, then one fused multiply-add into the slot, about 100
   launches a layer of the 8B shape) stays as the CPU's and as the fallback where Triton is missing or
@@ -87,8 +89,9 @@ def scaled_group(shape: tuple[int, ...]) -> int:
 def part_shapes(kind: str, shape: tuple[int, ...], group: int | None = None,
                 store: torch.dtype = INT4_STORE) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) of each part `kind` encodes a weight of `shape` into: groups of `group` inputs
-    (None: the format's own choice) and, for int4, scales and zeros in `store` (a pre-quantized checkpoint's
-    codes pass through in float32 ones: `runtime.prequantized`)."""
+    (None: the format's own choice) and, for int4, packed codes, then scales and zeros in `store`, bf16 (the
+    format's own encoder); a pre-quantized checkpoint's codes pass through with float32 `store`, where the
+    third part holds the shift (zero - 8 * scale) itself (`runtime.prequantized`)."""
     rows, cols = rows_cols(shape)
     if kind in ("int8", "fp8"):
         groups = cols // (group or scaled_group(shape))
@@ -182,13 +185,15 @@ def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor, scratch: tor
 
 def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor,
                  scratch: torch.Tensor | None) -> None:
-    """`dst` [rows, cols] = q * scale + (zero - 8 * scale) by groups. On CUDA one Triton launch
-    (`runtime.int4_kernel.expand_int4`, the same bits) writes it and `scratch` goes unused: the plan still
-    keeps the torch path's scratch (`planning.formats.expand_scratch_bytes`), conservative, as the fallback
-    needs it. Otherwise (the CPU, or Triton missing or failing) torch ops, a chunk of rows at a time: the
-    codes q unpacked from `packed` [rows, cols // 2] into `scratch` (a byte each), the groups' shifts in
-    float32 after them, then one fused multiply-add into `dst`."""
-    if not (dst.is_cuda and int4_kernel.expand_int4(packed, scale, zero, dst)):
+    """`dst` [rows, cols] = q * scale + (zero - 8 * scale) by groups (float32 stores: q * scale + zero, the
+    third part being the shift). On CUDA bf16 stores take one Triton launch (`runtime.int4_kernel.expand_int4`,
+    the same bits) and `scratch` goes unused: the plan still keeps the torch path's scratch
+    (`planning.formats.expand_scratch_bytes`), conservative, as the fallback needs it. Otherwise (the CPU,
+    float32 stores, whose shifts the kernel does not take, or Triton missing or failing) torch ops, a chunk of
+    rows at a time: the codes q unpacked from `packed` [rows, cols // 2] into `scratch` (a byte each), bf16
+    stores' shifts in float32 after them, then one fused multiply-add into `dst`."""
+    shifts = zero.dtype == torch.float32
+    if not (dst.is_cuda and not shifts and int4_kernel.expand_int4(packed, scale, zero, dst)):
         _expand_int4_torch(packed, scale, zero, dst, scratch)
 
 
@@ -207,8 +212,11 @@ def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
         q = scratch[: n * cols].view(n, cols // 2, 2)
         torch.bitwise_right_shift(packed[r0:r1], 4, out=q[..., 0])
         torch.bitwise_and(packed[r0:r1], 15, out=q[..., 1])
-        shift = scratch[shift_at : shift_at + 4 * n * groups].view(torch.float32).view(n, groups, 1)
-        # exact: float32 holds zero - 8 * scale of bf16s, and of a pass-through's float32 zero = scale * (8 - z)
-        shift.copy_(zero[r0:r1]).add_(scale[r0:r1], alpha=-8)
-        # float32 arithmetic (q * scale is exact there), one rounding into the compute dtype
+        if zero.dtype == torch.float32:  # a pass-through's shift, added as it is
+            shift = zero[r0:r1]
+        else:  # exact: float32 holds zero - 8 * scale of bf16s
+            shift = scratch[shift_at : shift_at + 4 * n * groups].view(torch.float32).view(n, groups, 1)
+            shift.copy_(zero[r0:r1]).add_(scale[r0:r1], alpha=-8)
+        # float32 arithmetic (q * scale is exact there, so one float32 rounding of the sum, none where it is
+        # exact), then one rounding into the compute dtype
         torch.addcmul(shift, q.view(n, groups, -1), scale[r0:r1], out=dst[r0:r1].view(n, groups, -1))

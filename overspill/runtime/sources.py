@@ -110,7 +110,8 @@ def default_gguf_path() -> Path:
     return path
 
 
-GGUF_CONVERSION = 2  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes)
+GGUF_CONVERSION = 3  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes;
+# 3: Q6_K and Q4_K too, and the types' shares in the mark)
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
@@ -122,7 +123,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF once into a bf16 safetensors directory (config, tokenizer, weights); decoder
-    weights stored as Q8_0 keep their codes instead (`gguf_blocks`), so they stream as they are.
+    weights stored as Q8_0, Q6_K or Q4_K keep their codes instead (`gguf_blocks`), so they stream as they are.
 
     transformers' GGUF reader takes ~20 s for a 135M model on these CPUs; loading the converted
     copy takes a couple of seconds. The copy is written to a temporary directory and renamed, so an
@@ -140,15 +141,17 @@ def convert_gguf(gguf: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                     **_dense_gguf())
         from . import gguf_blocks
         from .loader import decoder_layers
 
-        kept = gguf_blocks.q8_0_weights(gguf, model, decoder_layers(model)[0])
+        layers_path = decoder_layers(model)[0]
+        kept = gguf_blocks.kept_weights(gguf, model, layers_path)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         if kept:
-            config["quantization_config"] = gguf_blocks.MARK
+            config["quantization_config"] = gguf_blocks.mark(model, kept, layers_path)
         config["dtype"] = "bfloat16"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if kept:
@@ -169,6 +172,16 @@ def convert_gguf(gguf: Path) -> Path:
             raise OverspillError(f"{gguf} is truncated or not a GGUF file ({damage}): download it again") from None
         raise
     return target
+
+
+def _dense_gguf() -> dict:
+    """from_pretrained's argument asking for plain dense weights: transformers versions with a GGUF quantizer
+    keep the blocks packed in their own modules where the `kernels` package is installed; none: older ones."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _gguf_damage(gguf: Path) -> str | None:

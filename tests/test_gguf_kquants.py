@@ -1,0 +1,342 @@
+"""GGUF Q4_K and Q6_K decoder weights stream as their own codes (`runtime.gguf_blocks`): Q6_K as int8 with
+groups of 16 (codes q - 32, float32 scales d * scale_j), Q4_K as int4 with float32 scales d * sc_j and shifts
+-dmin * m_j per group of 32, Q8_0 beside them as int8 with groups of 32, mixed in one layer.
+
+The reference is gguf's own dequantization (`gguf.quants.dequantize`, float32: Q6_K's d * scale * q exact,
+Q4_K's d * sc * q - dmin * m with exact products and one rounding of the sum, as llama.cpp computes it), and
+that is also float64's exact value rounded once to float32 (float64 holds every such sum exactly).
+The blocks are random bytes with chosen fp16 d and dmin: the gguf package (0.19) cannot quantize K-quants,
+and only decoding matters. The tiny GGUF keeps SmolLM2's tokenizer and llama metadata with a hidden size
+of 256 (K-quant super-blocks are 256 weights of a row).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import overspill
+from overspill.api import placement_of
+from overspill.planning.prequantized import GGUF_TYPES, Prequantized, scheme_of, stream_format_for
+from overspill.runtime import gguf_blocks
+from overspill.runtime.formats import Expander, LossyLayer
+from overspill.runtime.layout import ALIGN, LayerLayout
+from overspill.runtime.prequantized import QuantizedReader
+
+BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q8_0": 34}
+BLOCK_WEIGHTS = {"q4_k": 256, "q6_k": 256, "q8_0": 32}
+GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, exponents=(-16, -12)) -> np.ndarray:
+    """Raw GGUF blocks (uint8 [rows, blocks * bytes]) of random codes and sub-scales, fp16 d (and dmin) of
+    random magnitude 2^e, e drawn from `exponents` (fp16 subnormals below -14)."""
+    raw = rng.integers(0, 256, (rows, cols // BLOCK_WEIGHTS[kind], BLOCK_BYTES[kind]), dtype=np.uint8)
+
+    def halves(n: int) -> np.ndarray:  # fp16 d values, a few negative
+        e = rng.integers(exponents[0], exponents[1] + 1, (rows, raw.shape[1], n))
+        sign = np.where(rng.random(e.shape) < 0.05, -1.0, 1.0)
+        return (sign * rng.uniform(1, 2, e.shape) * 2.0**e).astype(np.float16).view(np.uint8)
+
+    at = {"q4_k": [0, 2], "q6_k": [208], "q8_0": [0]}[kind]  # where the fp16 d (and dmin) of a block sit
+    for start in at:
+        raw[..., start : start + 2] = halves(1)
+    return raw.reshape(rows, -1)
+
+
+def gguf_reference(kind: str, raw: np.ndarray) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind.upper()]))  # float32 [rows, cols]
+
+
+def exact(kind: str, raw: np.ndarray) -> torch.Tensor:
+    """The exact value of every weight, in float64 (spelled out from the block layout, independently of
+    `gguf_blocks.unpack`): float64 holds each product and Q4_K's sum exactly."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, -1, BLOCK_BYTES[kind]).astype(np.int64)
+    blocks = raw.reshape(rows, -1, BLOCK_BYTES[kind])
+
+    def f16(at: int) -> np.ndarray:  # the fp16 at byte `at` of each block
+        return blocks[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+
+    if kind == "q6_k":
+        d, scales = f16(208), b[..., 192:208].astype(np.int8).astype(np.float64)
+        out = np.empty((rows, b.shape[1], 256))
+        for i in range(256):
+            h, r = divmod(i, 128)
+            low = (b[..., 64 * h + r % 64] >> (4 * (r // 64))) & 15
+            high = (b[..., 128 + 32 * h + r % 32] >> (2 * (r // 32))) & 3
+            out[..., i] = d * scales[..., i // 16] * ((low | high << 4) - 32)
+        return torch.from_numpy(out.reshape(rows, -1))
+    d, dmin, s = f16(0), f16(2), b[..., 4:16]
+    out = np.empty((rows, b.shape[1], 256))
+    for j in range(8):
+        if j < 4:
+            sc, m = s[..., j] & 63, s[..., j + 4] & 63
+        else:
+            sc = (s[..., j + 4] & 15) | (s[..., j - 4] >> 6) << 4
+            m = (s[..., j + 4] >> 4) | (s[..., j] >> 6) << 4
+        for r in range(32):
+            q = (b[..., 16 + 32 * (j // 2) + r] >> (4 * (j % 2))) & 15
+            out[..., 32 * j + r] = d * sc * q - dmin * m
+    return torch.from_numpy(out.reshape(rows, -1))
+
+
+# --- (a) the blocks: unpacked as gguf decodes them, the parts expand to that bit for bit -------------------
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q8_0"])
+def test_unpacked_blocks_are_ggufs_dequantization_bit_for_bit(kind: str) -> None:
+    # d from fp16 subnormals (2^-24) to 2^6: Q4_K's weights reach far past 1, where the float32 sum rounds
+    raw = random_blocks(kind, 64, 1024, np.random.default_rng(0), exponents=(-24, 6))
+    arrays = gguf_blocks.unpack(kind, raw)
+    tensors = tuple(torch.from_numpy(a) for a in arrays)
+    got = gguf_blocks.dequantize(kind, tensors)
+    want = gguf_reference(kind, raw)
+    assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    if kind != "q8_0":
+        truth = exact(kind, raw)
+        assert torch.equal(got, truth.float())  # gguf's float32 arithmetic: exact, or one rounding of the sum
+        if kind == "q6_k":
+            assert torch.equal(got.double(), truth)  # products exact in float32
+            assert int(tensors[0].min()) >= -32 and int(tensors[0].max()) <= 31 and tensors[0].dtype == torch.int8
+        else:
+            assert (got.double() != truth).any()  # some sums do round (weights above 1)
+            small = truth.abs() < 1
+            assert torch.equal(got.double()[small], truth[small])  # below 1 (every real weight): exact
+            assert tensors[0].dtype == torch.uint8 and tensors[0].shape == (64, 512)
+
+
+def reader_for(tmp_path: Path, layer: dict[str, tuple[str, np.ndarray]]) -> QuantizedReader:
+    """A converted-GGUF-like checkpoint holding one layer's weights as `gguf_blocks.save` writes them."""
+    tensors, counts = {}, {}
+    for name, (kind, raw) in layer.items():
+        base = f"model.layers.0.{name}"[: -len(".weight")]
+        for key, a in zip(gguf_blocks.keys(kind), gguf_blocks.unpack(kind, raw)):
+            tensors[base + key] = torch.from_numpy(np.ascontiguousarray(a))
+        counts[kind] = counts.get(kind, 0) + 1
+    tensors["model.layers.0.input_layernorm.weight"] = torch.ones(256)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    types = [k for k in GGUF_TYPES if k in counts]
+    return QuantizedReader(tmp_path, scheme_of({"quantization_config": {"quant_method": "gguf", "types": types}}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, tmp_path) -> None:
+    # one layer mixing the three types (as a Q4_K_M file mixes Q4_K and Q6_K), d and dmin from 2^-24 to 2^6
+    rng = np.random.default_rng(1)
+    layer = {"self_attn.q_proj.weight": ("q4_k", random_blocks("q4_k", 48, 512, rng, (-24, 6))),
+             "self_attn.v_proj.weight": ("q6_k", random_blocks("q6_k", 40, 768, rng, (-24, 6))),
+             "mlp.down_proj.weight": ("q8_0", random_blocks("q8_0", 24, 512, rng, (-24, 6)))}
+    reader = reader_for(tmp_path, layer)
+    try:
+        assert reader.scheme.stream_format == "int4"  # int4's scratch is planned; int8 weights need none
+        names = [*layer, "input_layernorm.weight"]
+        shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
+        layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
+        encoded = LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
+        assert [t.kind for t in encoded.tensors] == ["int4", "int8", "int8", "raw"]
+        assert [tuple(p.shape) for p in encoded.tensors[1].parts] == [(40, 768), (40, 48, 1)]  # groups of 16
+        assert [p.dtype for p in encoded.tensors[0].parts] == [torch.uint8, torch.float32, torch.float32]
+        host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
+        reader.fill_layer("model.layers.0.", encoded, host)
+        slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8)
+        encoded.expand(host, slot, Expander(torch.device("cpu"), 0, 0))
+        for (name, (kind, raw)), got in zip(layer.items(), layout.views(slot)):
+            reference = gguf_reference(kind, raw).to(dtype)  # gguf's float32, rounded once into dtype
+            assert torch.equal(got.view(torch.int8), reference.view(torch.int8)), (name, dtype)
+            resident = torch.empty(reference.shape, dtype=dtype)
+            reader.fill("model.layers.0." + name, resident)  # what a resident layer gets
+            assert torch.equal(resident.view(torch.int8), reference.view(torch.int8)), (name, dtype)
+    finally:
+        reader.close()
+
+
+# --- the scheme: types, formats, bytes -------------------------------------------------------------------
+
+def test_gguf_marks_name_their_types_formats_and_bytes() -> None:
+    mixed = scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q6_k", "q4_k"],
+                                               "shares": {"q4_k": 0.75, "q6_k": 0.25}}})
+    assert mixed.stream_format == "int4" and mixed.label == "GGUF Q4_K+Q6_K"
+    assert stream_format_for(mixed, "auto") == ("int4", "GGUF Q4_K+Q6_K checkpoint: streamed layers keep its codes "
+                                                         "(Q4_K as int4, Q6_K as int8)")
+    # per weight: Q4_K 0.5 + 8 / 32 = 0.75 bytes, Q6_K 1 + 4 / 16 = 1.25 (bf16: 2)
+    assert mixed.stream_bytes(2 * 1024, 2) == int(1024 * (0.75 * 0.75 + 0.25 * 1.25))
+    q6 = scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q6_k"], "shares": {"q6_k": 0.5}}})
+    assert q6.stream_format == "int8" and stream_format_for(q6, "auto")[1].endswith("keep its codes (int8)")
+    assert q6.stream_bytes(2 * 1024, 2) == 640 + 1024  # half Q6_K, half left in the compute dtype
+    assert scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q8_0"]}}) == Prequantized(
+        "gguf", "int8", 0, gguf=(("q8_0", 1.0),))
+    with pytest.raises(ValueError, match="not supported") as err:
+        scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q4_1"]}})
+    assert "GGUF Q8_0, Q6_K and Q4_K" in str(err.value) and "\n" not in str(err.value)
+
+
+# --- (b), (c) a tiny K-quant GGUF converted, loaded and streamed -----------------------------------------
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 4
+# (name, [out, in], type): Q4_K_M-like, Q6_K for attn_v and ffn_down, one Q8_0 ffn_down
+MATRICES = [("attn_q", (HIDDEN, HIDDEN), "q4_k"), ("attn_k", (128, HIDDEN), "q4_k"), ("attn_v", (128, HIDDEN), "q6_k"),
+            ("attn_output", (HIDDEN, HIDDEN), "q4_k"), ("ffn_gate", (FFN, HIDDEN), "q4_k"),
+            ("ffn_up", (FFN, HIDDEN), "q4_k"), ("ffn_down", (HIDDEN, FFN), "q6_k")]
+
+
+def tensor_type(name: str, kind: str, layer: int) -> str:
+    return "q8_0" if name == "ffn_down" and layer == LAYERS - 1 else kind
+
+
+@pytest.fixture(scope="module")
+def kquant_gguf(tmp_path_factory, overspill_cache) -> Path:
+    """SmolLM2's GGUF metadata (tokenizer, llama) with hidden 256, 4 heads (2 KV), 4 layers; decoder
+    matrices random Q4_K / Q6_K / Q8_0 blocks (weights of a few hundredths), the rest random F16 / F32."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+    from overspill.runtime.sources import default_gguf_path
+
+    source = GGUFReader(default_gguf_path())
+    arch = source.fields["general.architecture"].contents()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-kquants.gguf"
+    writer = GGUFWriter(str(path), arch)
+    sizes = {"block_count": LAYERS, "embedding_length": HIDDEN, "feed_forward_length": FFN,
+             "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS,
+             "rope.dimension_count": HIDDEN // HEADS}
+    for field in source.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        value = field.contents()
+        if field.name.startswith(f"{arch}."):
+            value = sizes.get(field.name[len(arch) + 1 :], value)
+        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    rng = np.random.default_rng(0)
+    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    for i in range(LAYERS):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        for name, (rows, cols), kind in MATRICES:
+            kind = tensor_type(name, kind, i)
+            # |w| up to about 945 d (Q4_K), 4096 d (Q6_K), 128 d (Q8_0): a few hundredths
+            e = {"q4_k": (-16, -15), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
+            writer.add_tensor(f"blk.{i}.{name}.weight", random_blocks(kind, rows, cols, rng, e),
+                              raw_dtype=GGMLQuantizationType[kind.upper()])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output":
+      "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def test_converted_gguf_keeps_k_quant_codes(kquant_gguf) -> None:
+    from safetensors import safe_open
+
+    from overspill.runtime.sources import convert_gguf
+
+    converted = convert_gguf(kquant_gguf)
+    mark = json.loads((converted / "config.json").read_text())["quantization_config"]
+    assert mark["quant_method"] == "gguf" and mark["types"] == ["q4_k", "q6_k", "q8_0"]
+    params = HIDDEN * (2 * HIDDEN + 2 * 128 + 3 * FFN) + 2 * HIDDEN  # a decoder layer's
+    q6 = (128 * HIDDEN * LAYERS + HIDDEN * FFN * (LAYERS - 1)) / (params * LAYERS)
+    assert mark["shares"]["q6_k"] == pytest.approx(q6, abs=1e-6)
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for i in range(LAYERS):  # every decoder matrix kept (each checked against transformers' conversion)
+            for name, _, kind in MATRICES:
+                base = f"model.layers.{i}.{HF[name]}"
+                assert {base + k for k in gguf_blocks.keys(tensor_type(name, kind, i))} <= keys
+                assert base + ".weight" not in keys
+        assert f.get_tensor("model.layers.0.mlp.down_proj.q6_k_scales").dtype == torch.float32
+        assert f.get_tensor("model.layers.0.mlp.up_proj.q4_k_codes").shape == (FFN, HIDDEN // 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_k_quants_decode_as_the_dequantized_model_resident(dtype: str, kquant_gguf) -> None:
+    from gguf import GGUFReader
+    from test_stream_formats import tiny_plan
+
+    from overspill.runtime.sources import convert_gguf
+
+    plan = tiny_plan(convert_gguf(kquant_gguf), getattr(torch, dtype), streamed=3)  # layers 0-2 stream
+    want, tok = overspill.load(kquant_gguf, dtype=dtype, gpu_memory=None, progress=False)
+    model, _ = overspill.load(kquant_gguf, dtype=dtype, plan=plan, progress=False)
+    placement = placement_of(model)
+    assert placement.plan.stream_format == "int4" and len(placement.plan.streamed_layers) == 3
+    assert not placement_of(want).plan.streamed_layers
+    assert any("GGUF Q4_K+Q6_K+Q8_0 checkpoint: streamed layers keep its codes (Q4_K as int4, Q6_K as int8, "
+               "Q8_0 as int8)" in n for n in placement.plan.notes)
+    if dtype == "float32":  # resident weights are gguf's own dequantization, bit for bit
+        tensors = {t.name: t for t in GGUFReader(kquant_gguf).tensors}
+        for i, name in ((3, "ffn_down"), (3, "attn_v"), (1, "ffn_up"), (2, "ffn_down")):
+            t = tensors[f"blk.{i}.{name}.weight"]
+            got = want.get_submodule(f"model.layers.{i}.{HF[name]}").weight
+            assert torch.equal(got, gguf_reference(t.tensor_type.name.lower(), np.asarray(t.data)))
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+        b = model.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+    logits = torch.stack(a.logits)
+    assert torch.isfinite(logits).all() and not torch.equal(logits[0], logits[-1])  # a random model: some signal
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(logits, torch.stack(b.logits))
+
+
+def test_streamed_host_bytes_are_the_k_quant_bytes(kquant_gguf) -> None:
+    from test_stream_formats import tiny_plan
+
+    from overspill.runtime.sources import convert_gguf
+
+    converted = convert_gguf(kquant_gguf)
+    plan = tiny_plan(converted, torch.bfloat16, streamed=LAYERS)
+    model, _ = overspill.load(kquant_gguf, dtype="bfloat16", plan=plan, progress=False)
+    placement = placement_of(model)
+    scheme = scheme_of(json.loads((converted / "config.json").read_text()))
+    per_weight = {"q4_k": 0.5 + 8 / 32, "q6_k": 1 + 4 / 16, "q8_0": 1 + 4 / 32}  # codes + float32 scales (shifts)
+    for i, layer in enumerate(placement.ring.layers):
+        kinds = {t.entry.name: t.kind for t in layer.encoded.tensors}
+        assert kinds["mlp.up_proj.weight"] == "int4" and kinds["self_attn.v_proj.weight"] == "int8"
+        assert kinds["input_layernorm.weight"] == "raw"
+        want = sum(rows * cols * per_weight[tensor_type(name, kind, i)] for name, (rows, cols), kind in MATRICES)
+        norms = 2 * HIDDEN * 2  # two bf16 norms, raw
+        assert layer.host.numel() == layer.encoded.nbytes
+        assert want + norms <= layer.host.numel() <= want + norms + ALIGN * (3 * len(MATRICES) + 2)  # + alignment
+        assert layer.host.numel() < 0.55 * layer.layout.nbytes  # bf16 would be 1.0
+        up = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.up_proj.weight")
+        reader = QuantizedReader(converted, scheme)
+        try:  # the link carries the GGUF's 4-bit codes as the conversion kept them
+            stored = reader.raw(f"model.layers.{i}.mlp.up_proj.q4_k_codes")
+            assert torch.equal(up.parts[0].view(layer.host), stored)
+        finally:
+            reader.close()
+    assert placement.host_bytes == placement.plan.streamed_bytes_per_step
+    # `overspill plan`'s estimate from the config (the mark's shares) is within alignment of the load's count
+    layer_bytes = placement.ring.layers[0].layout.nbytes
+    estimate = LAYERS * scheme.stream_bytes(layer_bytes, 2)
+    assert abs(estimate - placement.host_bytes) < 0.02 * placement.host_bytes
+
+
+def test_plan_counts_the_k_quant_bytes(kquant_gguf, capsys) -> None:
+    from overspill import cli
+    from overspill.runtime.sources import convert_gguf
+
+    converted = convert_gguf(kquant_gguf)  # `plan` reads a GGUF's converted config
+    scheme = scheme_of(json.loads((converted / "config.json").read_text()))
+    capsys.readouterr()  # the conversion's line
+    args = ["plan", str(kquant_gguf), "--gpu-memory", "156MiB", "--depth", "1", "--context", "64",
+            "--dtype", "bfloat16"]
+    assert cli.main([*args, "--json"]) == 0  # 2 ring slots cost less than 4 resident layers: all 4 stream
+    got = json.loads(capsys.readouterr().out)["plan"]
+    streamed = got["layer_tiers"].count("pinned")
+    layer = 2 * (HIDDEN * (2 * HIDDEN + 2 * 128 + 3 * FFN) + 2 * HIDDEN)  # bf16 bytes
+    assert got["stream_format"] == "int4" and streamed
+    assert got["streamed_bytes_per_step"] == streamed * scheme.stream_bytes(layer, 2)
+    assert cli.main(args) == 0
+    assert "streamed layers keep its codes (Q4_K as int4, Q6_K as int8, Q8_0 as int8)" in capsys.readouterr().out
