@@ -372,6 +372,10 @@ def graphed_run(model, ids, plain_tokens: list[int] | None, eager_plain: dict | 
     out["verify_pass_seconds"] = {str(k): v for k, v in costs.items()}
     print("graphed verify pass seconds:", {k: round(v * 1e3, 1) for k, v in costs.items()}, flush=True)
     fits = {"serial": fit(costs)}
+    planner = planner_pass_cost(model, placement_of(model).plan, graphed=True) if planner is not None else None
+    if planner is not None:
+        out["planner_pass_cost"] = {"base_s": planner.base_s, "per_token_s": planner.per_token_s,
+                                    "dispatch_per_token_s": planner.dispatch_per_token_s}
     oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], fits, planner, vocab, record, path,
                 out["warmup_runs"], "graphed (capturing) ")
     oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], fits, planner, vocab, record, path, out["runs"],
@@ -406,9 +410,10 @@ def graphed_pass_costs(model, graphed, ids, ks: list[int], repeats: int = 6) -> 
     return out
 
 
-def planner_pass_cost(model, plan):
+def planner_pass_cost(model, plan, graphed: bool = False, draft_per_token_s: float = 0.0):
     """The serial verify pass cost the planner derives from the plan's prediction and the probed
-    machine (`planning.speculation.plan_pass_cost`), or None without a prediction or a GPU."""
+    machine (`planning.speculation.plan_pass_cost`; `graphed`: passes replayed as CUDA graphs), or None
+    without a prediction or a GPU."""
     import torch
 
     from overspill.planning.speculation import plan_pass_cost
@@ -418,7 +423,8 @@ def planner_pass_cost(model, plan):
     if plan.prediction is None or not torch.cuda.is_available():
         return None
     spec = measured_spec(model, decoder_layers(model)[1], model.dtype)
-    return plan_pass_cost(plan.prediction, spec.active_bytes / spec.dtype_bytes, probe().matmul_flops_s, serial=True)
+    return plan_pass_cost(plan.prediction, spec.active_bytes / spec.dtype_bytes, probe().matmul_flops_s, serial=True,
+                          draft_per_token_s=draft_per_token_s, graphed=graphed)
 
 
 def self_draft_pass_cost(model, plan, draft):
@@ -427,19 +433,15 @@ def self_draft_pass_cost(model, plan, draft):
     import torch
 
     from overspill.planning.self_draft import Machine, draft_token_seconds
-    from overspill.planning.speculation import plan_pass_cost
     from overspill.runtime.hardware import probe
-    from overspill.runtime.loader import decoder_layers, footprint, measured_spec
+    from overspill.runtime.loader import decoder_layers, footprint
 
-    if plan.prediction is None or draft is None or not torch.cuda.is_available():
+    if draft is None or not torch.cuda.is_available():
         return None
     layers = decoder_layers(model)[1]
-    profile = probe()
-    spec = measured_spec(model, layers, model.dtype)
     draft_s = draft_token_seconds(footprint(model, layers, model.dtype), draft.weight_bytes, len(draft.layers),
-                                  Machine.of(profile))
-    return plan_pass_cost(plan.prediction, spec.active_bytes / spec.dtype_bytes, profile.matmul_flops_s, serial=True,
-                          draft_per_token_s=draft_s)
+                                  Machine.of(probe()))
+    return planner_pass_cost(model, plan, draft_per_token_s=draft_s)
 
 
 def self_draft_run(source, budget, context: int, random_weights: bool, ids, new_tokens: int) -> dict:

@@ -421,7 +421,7 @@ def load(
     if experts_note:
         placement.plan = replace(placement.plan, notes=placement.plan.notes + (experts_note,))
     if speculate == "auto":
-        speculate = auto_source(plan, cuda_graphs)
+        speculate = auto_source(plan)
     if cuda_graphs:
         if dev.type != "cuda":
             raise OverspillError("cuda_graphs needs a CUDA device; leave it off on the CPU")

@@ -95,6 +95,7 @@ def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_check
     from overspill.api import placement_of
     from overspill.planning.placement import budget_for
     from overspill.planning.plan import Workload
+    from overspill.planning.speculation import GRAPHED_PASSES
     from overspill.runtime import speculative
     from overspill.runtime.drafts import OracleDrafter
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
@@ -115,6 +116,6 @@ def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_check
     finally:
         speculative.enable(model, None)
     assert graphed.capture, "capture fell back to eager"
-    assert any(key[0] == ("verify", n) for key in graphed.graphs for n in speculative.GRAPHED_PASSES)
+    assert any(key[0] == ("verify", n) for key in graphed.graphs for n in GRAPHED_PASSES)
     assert torch.equal(got, want) and torch.equal(again, want)
     assert stats.passes < GEN["max_new_tokens"] - 1

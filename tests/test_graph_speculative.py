@@ -14,6 +14,7 @@ from test_placement import load_tiny
 from test_speculative import GEN, NEW, _prompt, reference  # noqa: F401 - fixture
 
 from overspill.api import placement_of
+from overspill.planning.speculation import GRAPHED_PASSES
 from overspill.runtime import speculative
 from overspill.runtime.drafts import NgramDrafter, OracleDrafter
 from overspill.runtime.graphs import enable_graphs
@@ -45,7 +46,7 @@ def test_graphed_verify_gives_plain_graphed_greedy(arch, resident, chain, refere
         speculative.enable(model, None)
     assert torch.equal(got, want)
     assert stats.emitted == NEW and stats.passes < NEW and stats.serial
-    assert calls and all(n in speculative.GRAPHED_PASSES for n in calls)  # few pass sizes: few graphs
+    assert calls and all(n in GRAPHED_PASSES for n in calls)  # few pass sizes: few graphs
     assert graphed.length == int(graphed.cache.get_seq_length())  # crops kept the host's count in step
     again = model.generate(ids, **GEN)  # the static cache is reused: the crops left nothing behind
     assert torch.equal(again, want)

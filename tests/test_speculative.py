@@ -384,5 +384,5 @@ def test_auto_source_follows_the_link() -> None:
     resident = Plan(layer_tiers=(Tier.DEVICE, Tier.DEVICE), **base)
     kv_host = Plan(layer_tiers=(Tier.DEVICE,), kv_host_layers=(0,), **base)
     assert auto_source(streamed) == "ngram" and auto_source(kv_host) == "ngram"
-    assert auto_source(resident) is None and auto_source(streamed, cuda_graphs=True) == "ngram"
+    assert auto_source(resident) is None
     assert auto_source(replace(streamed, moe_streaming="experts")) is None

@@ -278,7 +278,7 @@ def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_
     return PlanSpeculation(source, acceptance, serial, cost, forecasts, best)
 
 
-def auto_source(plan: Plan, cuda_graphs: bool = False) -> str | None:
+def auto_source(plan: Plan) -> str | None:
     """What `speculate="auto"` drafts with: prompt lookup (`ngram`) where a decode pass crosses the link
     (streamed layers or host-tier KV), nothing on a resident plan.
 
@@ -288,8 +288,21 @@ def auto_source(plan: Plan, cuda_graphs: bool = False) -> str | None:
     so it is chosen only when asked. A resident pass is compute-bound, where a verify pass of k
     tokens costs k steps (serial verification). With CUDA graphs a verify pass is graphed too
     (`graphs.GraphedDecode.verify`). Expert-streamed MoE layers do not verify drafts yet, and they
-    already cut the bytes a step moves. `cuda_graphs` no longer changes the choice (kept for callers).
+    already cut the bytes a step moves.
     """
     if plan.moe_streaming == "experts":
         return None
     return "ngram" if plan.streamed_layers or plan.kv_host_layers else None
+
+
+GRAPHED_PASSES = (2, 3, 5, 9, 17, 33, 65)  # tokens a graphed verify pass holds: few graphs to capture
+
+
+def graphed_pass(tokens: int, room: int | None = None) -> int:
+    """Tokens of the graphed verify pass (`runtime.graphs.GraphedDecode.verify`) for `tokens`: the smallest of
+    `GRAPHED_PASSES` that holds them (larger chains: their own size), or the largest that fits in `room`
+    tokens of planned KV (at least 1). Each size is a graph to capture per ring phase, so few sizes."""
+    size = next((n for n in GRAPHED_PASSES if n >= tokens), tokens)
+    if room is not None and size > room:
+        size = max((n for n in GRAPHED_PASSES if n <= room), default=1)
+    return size

@@ -242,8 +242,9 @@ class StepGraphs:
     `run(body, key)` runs `body()` (a step over fixed buffers that returns its output tensor): the
     first time for a key and phase eagerly on the capture stream (its warm-up), then captured;
     later as a replay of that graph. Streamed layers' copies are captured with it: their ring slots
-    repeat every slots / gcd(layers, slots) steps, hence one graph per phase. A capture failure
-    turns capture off for good, said once; `capture=False` runs every step eagerly (the CPU path).
+    repeat every slots / gcd(layers, slots) steps, hence one graph per phase. A capture failure turns
+    capture off for good, said once (a verify pass's: for that pass size only); `capture=False` runs
+    every step eagerly (the CPU path).
     """
 
     def __init__(self, placement, capture: bool):
@@ -252,12 +253,13 @@ class StepGraphs:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
         self.replays = 0
         self.eager_steps = 0
+        self.eager_keys: set[tuple] = set()  # step kinds whose capture failed (verify passes only)
         self.stream = new_stream(placement.device) if capture else None
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool: steps replay one at a time
 
     def run(self, body, key: tuple = ()) -> torch.Tensor:
         phase = 0 if self.ring is None else self.ring.step_phase()
-        if not self.capture or phase is None:
+        if not self.capture or phase is None or key in self.eager_keys:
             self.eager_steps += 1
             return body()
         if (key, phase) in self.graphs:
@@ -305,14 +307,18 @@ class StepGraphs:
             if ring is not None:
                 events = ring.copier.captured_events
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, said once
-            self.capture = False
-            log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
+            if key[0][:1] == ("verify",):  # a verify pass that cannot be captured runs eagerly; decode steps stay graphed
+                self.eager_keys.add(key[0])
+                log.warning("verify passes of %d tokens run eagerly (%s: %s)", key[0][1], type(err).__name__, err)
+            else:
+                self.capture = False
+                log.warning("CUDA graphs off for this model (%s: %s); decoding eagerly", type(err).__name__, err)
         finally:
             gc.enable()
             if ring is not None:
                 ring.copier.capturing = False
                 ring.restore(after)
-        if self.capture:
+        if self.capture and key[0] not in self.eager_keys:
             self.graphs[key] = (graph, out, events)
         return result
 
@@ -373,9 +379,7 @@ class GraphedDecode(StepGraphs):
             return self.original(*args, **kwargs)
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         new = (ids if ids is not None else embeds).shape[1]
-        if self.length + new > self.context:
-            raise OverspillError(f"{self.length + new} tokens exceed the static KV cache of {self.context}; "
-                                 "load with a larger context")
+        self._check_room(new)
         decode = (not args and ids is not None and new == 1 and set(kwargs) <= _STEP_KEYS
                   and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
                   and (kwargs.get("attention_mask") is None or kwargs["attention_mask"].dim() == 2))
@@ -396,9 +400,7 @@ class GraphedDecode(StepGraphs):
         bit for bit and the weights cross the link once. One graph per token count (and ring phase);
         the output is the graph's buffer, valid until the next step."""
         tokens = ids.shape[1]
-        if self.length + tokens > self.context:
-            raise OverspillError(f"{self.length + tokens} tokens exceed the static KV cache of {self.context}; "
-                                 "load with a larger context")
+        self._check_room(tokens)
         embeds = self.model.get_input_embeddings()(ids)
         self._ensure_buffers(embeds)
         buffer = self._verify.get(tokens)
@@ -409,6 +411,11 @@ class GraphedDecode(StepGraphs):
         logits = self.run(functools.partial(self._verify_body, buffer), ("verify", tokens))
         self.length += tokens
         return logits[0]
+
+    def _check_room(self, tokens: int) -> None:
+        if self.length + tokens > self.context:
+            raise OverspillError(f"{self.length + tokens} tokens exceed the static KV cache of {self.context}; "
+                                 "load with a larger context")
 
     def _verify_body(self, embeds: torch.Tensor) -> torch.Tensor:
         """A verify pass over the fixed buffers: token j attends up to the cached tokens and itself."""

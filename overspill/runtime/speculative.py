@@ -19,8 +19,10 @@ plain sampling for any tree; the cache keeps the accepted path only.
 With CUDA graphs (`load(cuda_graphs=True)`) a verify pass is graphed as decode steps are
 (`graphs.GraphedDecode.verify`): serial, each token with the kernels and mask row a graphed decode
 step gives it, so greedy stays plain graphed greedy, and the host launches a pass with one replay
-instead of a layer's kernels per token. Passes come in a few sizes (`GRAPHED_PASSES`, so few graphs
-are captured): a shorter draft is filled with guesses, verified like any drafted token. Chains only.
+instead of a layer's kernels per token. Passes come in a few sizes (`planning.speculation.GRAPHED_PASSES`,
+so few graphs are captured): the drafter is asked for the whole pass, and a shorter draft is filled with
+guesses, verified like any drafted token (a point mass when sampling). Chains only, and only where
+verification can be serial (`token_serial.supports_serial`); elsewhere passes run eagerly.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..planning.speculation import AcceptanceTracker, PassCost, PassCostFit, best_chain, verify_pass_cost
+from ..planning.speculation import (AcceptanceTracker, PassCost, PassCostFit, best_chain, graphed_pass,
+                                   verify_pass_cost)
 from ..planning.trees import RankAcceptance
 from .drafts import Drafter, drop_last, make_drafter, propose_tree
 from .kv import cache_kwarg
@@ -113,23 +116,11 @@ def _forward(model, ids: torch.Tensor, cache, kwarg: str, keep: int) -> torch.Te
     return out.logits[0, -keep:].float()
 
 
-GRAPHED_PASSES = (2, 3, 5, 9, 17, 33, 65)  # tokens a graphed verify pass holds: few graphs to capture
-
-
 def _graphed(model, cache):
     """The model's graphed decode (`graphs.GraphedDecode`) when `cache` is its static cache, else None."""
     placement = getattr(model, "overspill", None)
     graphs = getattr(placement, "graphs", None)
     return graphs if graphs is not None and getattr(graphs, "cache", None) is cache else None
-
-
-def _graphed_pass(tokens: int, room: int | None = None) -> int:
-    """Tokens of the graphed pass for `tokens`: the smallest of `GRAPHED_PASSES` that holds them (larger
-    chains: their own size), or the largest that fits in `room` tokens of planned KV."""
-    size = next((n for n in GRAPHED_PASSES if n >= tokens), tokens)
-    if room is not None and size > room:
-        size = max((n for n in GRAPHED_PASSES if n <= room), default=1)
-    return size
 
 
 def _prefill(model, ids: torch.Tensor, cache, kwarg: str, chunk: int | None) -> torch.Tensor:
@@ -178,6 +169,8 @@ def speculative_decode(
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     sample = bool(generation_config.do_sample)
     graphs = _graphed(model, cache)
+    if graphs is not None and not supports_serial(model):  # graphed passes are serial: else verify eagerly
+        graphs = None
     if graphs is not None and tree:  # graphed passes verify chains only
         tree = None
     serial = graphs is not None or (supports_serial(model) if serial is None else serial)
@@ -210,27 +203,27 @@ def speculative_decode(
             continue
         k = chain if chain is not None else best_chain(fit.cost(), tracker.rate, max_chain)
         k = max(0, min(k, limit - ids.shape[1])) if limit else k  # never past the planned KV
+        if graphs is not None and k:  # a graphed pass's size: ask the drafter for all of it
+            k = graphed_pass(k + 1, limit - ids.shape[1] + 1 if limit else None) - 1
         t0 = time.perf_counter()
         draft = drafter.propose(ids, k, logits_processor, sample) if k else None
         t1 = time.perf_counter()
         proposed = draft.tokens.to(ids.device)[:k] if draft is not None else ids[0, :0]
         drafted = int(proposed.shape[0])  # what the drafter proposed (a graphed pass may verify more)
-        if graphs is not None and drafted:  # fill the graphed pass: extra guesses are verified like any draft
-            size = _graphed_pass(drafted + 1, limit - ids.shape[1] + 1 if limit else None)
-            proposed = torch.cat([proposed, proposed[-1:].expand(max(size - 1 - drafted, 0))])[: size - 1]
-            drafted = min(drafted, size - 1)
+        if graphs is not None and 0 < drafted < k:  # fill the graphed pass: extra guesses, verified like any draft
+            proposed = torch.cat([proposed, proposed[-1:].expand(k - drafted)])
         m = int(proposed.shape[0])
         verify = torch.cat([ids[:, -1:], proposed.view(1, m)], dim=1)
         past = int(cache.get_seq_length())
-        if graphs is not None and m:
-            target = graphs.verify(verify).float().clone()  # the graph's buffer is rewritten by the next step
+        if graphs is not None and m:  # a copy: the graph's buffer is rewritten by the next step
+            target = graphs.verify(verify).to(torch.float32, copy=True)
         else:
             with serial_tokens(model) if serial and m else contextlib.nullcontext():
                 target = _forward(model, verify, cache, kwarg, keep=m + 1)  # [m + 1, vocab]
         accepted, chosen, finished = 0, None, False
         pending = target[m : m + 1]
         for i in range(m):
-            q = None if draft.probs is None else draft.probs[i]
+            q = draft.probs[i] if draft.probs is not None and i < drafted else None  # a filler: a point mass
             scores = logits_processor(ids, target[i : i + 1])
             if not _accept(scores, proposed[i], q, sample):
                 pending = target[i : i + 1]
