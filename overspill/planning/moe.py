@@ -104,12 +104,7 @@ def expert_bytes_per_step(moe: MoeLayers, streamed: tuple[int, ...], slots: int,
                           stats: RoutingStats | None = None) -> int:
     """Expected routed-expert bytes copied per decode step of `batch` sequences: under the uniform prior,
     or under measured routing `stats` (`routing.traffic`; the same number for `RoutingStats.uniform`)."""
-    if stats is not None:
-        extra = slots - min_cache_slots(moe, streamed)
-        return round(sum(t.misses * moe.expert_bytes[t.layer] for t in traffic(moe, streamed, extra, batch, stats)))
-    miss = 1.0 - hit_fraction(moe, streamed, slots)
-    return round(sum(expected_distinct(moe.num_experts[i], moe.active[i], batch) * miss * moe.expert_bytes[i]
-                     for i in streamed))
+    return round(sum(misses * moe.expert_bytes[i] for i, _, misses in _layer_traffic(moe, streamed, slots, batch, stats)))
 
 
 def expected_hit_rate(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int,
@@ -118,9 +113,9 @@ def expected_hit_rate(moe: MoeLayers, streamed: tuple[int, ...], slots: int, bat
     uniform prior's `hit_fraction`, or under measured routing `stats` higher where routing is uneven."""
     if stats is None:
         return hit_fraction(moe, streamed, slots)
-    layers = traffic(moe, streamed, slots - min_cache_slots(moe, streamed), batch, stats)
-    distinct = sum(t.distinct for t in layers)
-    return 1.0 - sum(t.misses for t in layers) / distinct if distinct else 0.0
+    layers = _layer_traffic(moe, streamed, slots, batch, stats)
+    distinct = sum(d for _, d, _ in layers)
+    return 1.0 - sum(m for _, _, m in layers) / distinct if distinct else 0.0
 
 
 def ring_bytes(moe: MoeLayers, fp: Footprint, layer: int) -> int:
