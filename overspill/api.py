@@ -19,7 +19,7 @@ from .planning.host_experts import supported as host_experts_supported
 from .planning.host_experts import why_dense
 from .planning.hostmem import check_host
 from .planning.placement import AUTO_MARGIN_BYTES, LAYOUTS, choose_streaming
-from .planning.prequantized import Prequantized, scheme_of, stream_format_for
+from .planning.prequantized import Prequantized, scheme_of, settle_format
 from .planning.plan import (
     DEFAULT_CONTEXT,
     DEFAULT_DEPTH,
@@ -244,9 +244,10 @@ def load(
             identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a float32 scale per
             group of 128 inputs), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
             where nvCOMP is installed and decodes faster than the link, else bf16 with a note. A checkpoint
-            that arrives quantized (GPTQ / AWQ int4, FP8: `overspill.planning.prequantized`) streams its own
-            codes under "auto" and its own format's name, expanded to its reference dequantization bit for
-            bit; any other format starts from the dequantized weights.
+            that arrives quantized (GPTQ / AWQ int4, FP8, GGUF Q8_0 / Q6_K / Q4_K:
+            `overspill.planning.prequantized`) streams its own codes under "auto" and its own format's name,
+            expanded to its reference dequantization bit for bit; any other format starts from the
+            dequantized weights.
         moe_streaming: how streamed mixture-of-experts layers move (`overspill.planning.moe`): "experts"
             (the ring carries attention, router, norms and shared experts; only the routed experts the
             batch selects cross the link, into a GPU cache of hot experts sized from the budget),
@@ -339,12 +340,8 @@ def load(
         profile = probe_machine(device=dev)
     fmt_blocker = format_blocker(streaming, cuda_graphs, speculate, cpu_compute)
     fmt, fmt_note = _stream_format(stream_format, dev, profile, fmt_blocker)
-    if scheme is not None:  # its own format keeps the checkpoint's codes; any other dequantizes them at load
-        fmt, fmt_note = stream_format_for(scheme, stream_format, fmt_blocker or ("the pipeline" if stage else None))
-    if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense":
-        fmt, fmt_note = NATIVE, None  # routed experts cross per expert, in bf16
-        if scheme is not None:
-            fmt_note = stream_format_for(scheme, "auto", "expert streaming")[1]
+    fmt, fmt_note = settle_format(fmt, fmt_note, stream_format, scheme, fmt_blocker or ("the pipeline" if stage else None),
+                                  moe_layers.is_moe and moe_streaming != "dense")
     exact = encoded_layer_bytes(layers, fmt)
     if scheme is not None and fmt == scheme.stream_format:  # which weights it stores quantized: from its files
         reader = QuantizedReader(source.weights_dir, scheme)

@@ -73,7 +73,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.host_experts import why_dense
     from .planning.moe import MoeLayers, forecasts
     from .planning.planview import moe_lines
-    from .planning.prequantized import stream_format_for
+    from .planning.prequantized import settle_format
     from .planning.speculation import draft_path
     from .planning.units import parse_bytes
 
@@ -102,14 +102,10 @@ def plan_main(args: argparse.Namespace) -> int:
                                  cpu_compute=getattr(args, "cpu_compute", "off"))
     requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile, fmt_blocker)
     scheme = _plan_prequantized(args.model)
-    if scheme is not None:  # as `load`: its own format keeps the checkpoint's codes, any other dequantizes them
-        requested, format_note = stream_format_for(scheme, getattr(args, "stream_format", "auto"), fmt_blocker)
     moe_layers = MoeLayers.from_spec(spec)
     moe_mode = getattr(args, "moe_streaming", "auto")
-    if getattr(args, "stream_format", "auto") == "auto" and moe_layers.is_moe and moe_mode != "dense":
-        requested, format_note = "bf16", None  # as `load`: routed experts cross per expert, in bf16
-        if scheme is not None:
-            format_note = stream_format_for(scheme, "auto", "expert streaming")[1]
+    requested, format_note = settle_format(requested, format_note, getattr(args, "stream_format", "auto"), scheme,
+                                           fmt_blocker, moe_layers.is_moe and moe_mode != "dense")  # as `load`
 
     def choice(name: str):  # a pre-quantized checkpoint's own format sends its codes with their float32 scales
         own = scheme is not None and name == scheme.stream_format

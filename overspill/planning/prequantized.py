@@ -185,3 +185,17 @@ def stream_format_for(scheme: Prequantized, requested: str, blocker: str | None 
     fmt = NATIVE if requested == "auto" else requested
     then = "" if fmt == NATIVE else f", then encoded as {fmt}"
     return fmt, f"{scheme.label} checkpoint: streamed layers dequantized to the compute dtype{then}{why}"
+
+
+def settle_format(fmt: str, note: str | None, requested: str, scheme: Prequantized | None, blocker: str | None,
+                  expert_streaming: bool) -> tuple[str, str | None]:
+    """The stream format `load` and `overspill plan` use once the checkpoint's own codes (`stream_format_for`)
+    and expert streaming have their say: with `requested` "auto", routed experts cross per expert in the
+    compute dtype, so an expert-streamed MoE model streams bf16 (a pre-quantized one saying why)."""
+    if scheme is not None:
+        fmt, note = stream_format_for(scheme, requested, blocker)
+    if requested == "auto" and expert_streaming:
+        fmt, note = NATIVE, None
+        if scheme is not None:
+            note = stream_format_for(scheme, "auto", "expert streaming")[1]
+    return fmt, note
