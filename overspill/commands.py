@@ -243,8 +243,10 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
     active_params = spec.active_bytes / spec.dtype_bytes
     draft_s = 0.0 if self_draft is None else draft_token_seconds(fp, self_draft.weight_bytes, len(self_draft.layers),
                                                                  Machine.of(profile))
+    # graphed passes where `load` would graph them: serial verification, no host-tier KV (graphs.graphs_supported)
+    graphed = getattr(args, "cuda_graphs", False) and serial and not plan.kv_host_layers
     return plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
-                            args.acceptance, serial, args.max_chain, draft_s, getattr(args, "cuda_graphs", False))
+                            args.acceptance, serial, args.max_chain, draft_s, graphed)
 
 
 def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: int | None, depth: int,

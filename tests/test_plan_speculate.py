@@ -222,3 +222,19 @@ def test_plan_speculate_self_places_the_draft_as_load_does(capsys):
     assert shown["speculation"]["source"] == "self" and shown["speculation"]["pass_cost"]["draft_per_token_s"] > 0
     code, out, _ = plan(capsys, "llama-3-8b", "--gpu-memory", "12GiB", "--profile", "h100-pcie5", "--speculate", "self")
     assert code == 0 and "speculative decoding (self)" in out and "best chain" in out
+
+
+def test_plan_speculate_with_cuda_graphs_forecasts_graphed_passes_only_where_load_graphs(capsys):
+    """`--cuda-graphs`: a graphed verify pass has no per-token dispatch, so more chain pays; a plan with
+    host-tier KV is not graphed by `load`, so its forecast is the eager one."""
+    base = ("llama-3-8b", "--gpu-memory", "6GiB", "--profile", "h100-pcie5", "--speculate", "ngram",
+            "--acceptance", "0.8", "--json")
+
+    def best(*extra: str) -> float:
+        code, out, _ = plan(capsys, *base, *extra)
+        assert code == 0
+        return json.loads(out)["speculation"]["best_tok_s"]
+
+    assert best("--cuda-graphs") > best()
+    host_kv = ("--kv-gpu-memory", "256MiB", "--context", "4096")
+    assert best(*host_kv, "--cuda-graphs") == best(*host_kv)
