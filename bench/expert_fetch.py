@@ -246,6 +246,27 @@ class SyncWatch:
         self.stop()
 
 
+def chain(ctx: Ctx, step):
+    """Run the `ctx.n` layers: each one's router (the bias forcing `ctx.force[i]`), then `step(i, x, dense, sel)`
+    brings its experts and returns (weights for `combine`, experts read), then its output feeds the next layer.
+    Returns per-layer times (from one layer boundary to the next), outputs, experts read and the host syncs of
+    the warm-up layers."""
+    x, outs, read, clock = ctx.x0, [], [], Clock(ctx.cuda)
+    with SyncWatch(ctx.cuda) as syncs:
+        for i in range(ctx.n):
+            if i == ctx.warmup:
+                syncs.stop()
+            clock.mark()
+            dense, sel = route(x, ctx.layers[i % 2].router, ctx.force[i], ctx.s.top_k)
+            weights, n = step(i, x, dense, sel)
+            out = combine(x, weights)
+            x = next_input(x, out)
+            outs.append(out)
+            read.append(n)
+        clock.mark()
+    return clock.intervals_ms(), outs, read, syncs.count
+
+
 def run_copy(ctx: Ctx, mapped=None):
     """Strategy `copy` (or `mapped_synced`, when `mapped` gives each layer's aliased buffer): one sync, then copies
     on the side stream into slots and compute after them (or compute reading the aliases in place)."""
@@ -255,31 +276,21 @@ def run_copy(ctx: Ctx, mapped=None):
     stacks = None if mapped is None else [views(alias, s.experts, s) for alias in mapped]
     slots = views(ctx.slots(ctx.cap), ctx.cap, s) if mapped is None else None
     stream = torch.cuda.Stream(priority=-1) if ctx.cuda and mapped is None else None
-    x, outs, read, clock = ctx.x0, [], [], Clock(ctx.cuda)
-    with SyncWatch(ctx.cuda) as syncs:
-        for i in range(ctx.n):
-            if i == ctx.warmup:
-                syncs.stop()
-            layer = ctx.layers[i % 2]
-            clock.mark()
-            dense, sel = route(x, layer.router, ctx.force[i], s.top_k)
-            experts = [e for e, on in enumerate(flags(sel)) if on]
-            if mapped is None:
-                if stream is not None:
-                    stream.wait_stream(torch.cuda.current_stream())
-                ready = copy_experts(stream, slots, layer, s, list(zip(experts, range(len(experts)))))
-                if ready is not None:
-                    torch.cuda.current_stream().wait_event(ready)
-                weights = [(slots[0][j], slots[1][j], dense[:, e: e + 1]) for j, e in enumerate(experts)]
-            else:
-                gu, dn = stacks[i % 2]
-                weights = [(gu[e], dn[e], dense[:, e: e + 1]) for e in experts]
-            out = combine(x, weights)
-            x = next_input(x, out)
-            outs.append(out)
-            read.append(len(experts))
-        clock.mark()
-    return clock.intervals_ms(), outs, read, {"host_syncs": syncs.count}
+
+    def step(i, x, dense, sel):
+        experts = [e for e, on in enumerate(flags(sel)) if on]
+        if mapped is None:
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())
+            ready = copy_experts(stream, slots, ctx.layers[i % 2], s, list(zip(experts, range(len(experts)))))
+            if ready is not None:
+                torch.cuda.current_stream().wait_event(ready)
+            return [(slots[0][j], slots[1][j], dense[:, e: e + 1]) for j, e in enumerate(experts)], len(experts)
+        gu, dn = stacks[i % 2]
+        return [(gu[e], dn[e], dense[:, e: e + 1]) for e in experts], len(experts)
+
+    times, outs, read, syncs = chain(ctx, step)
+    return times, outs, read, {"host_syncs": syncs}
 
 
 def run_gather(ctx: Ctx, mapped, gather=None):
@@ -293,29 +304,22 @@ def run_gather(ctx: Ctx, mapped, gather=None):
     dtype = torch.int32 if gather else torch.int64
     dst = words(temp, ctx.cap, s, dtype)
     srcs = [words(alias, s.experts, s, dtype) for alias in mapped]
-    x, outs, read, clock = ctx.x0, [], [], Clock(ctx.cuda)
-    with SyncWatch(ctx.cuda) as syncs:
-        for i in range(ctx.n):
-            if i == ctx.warmup:
-                syncs.stop()
-            layer = ctx.layers[i % 2]
-            clock.mark()
-            dense, sel = route(x, layer.router, ctx.force[i], s.top_k)
-            # the selected experts first, ascending, then unselected ones up to `cap`
-            order = torch.where(sel, ctx.arange, ctx.arange + s.experts).argsort()[: ctx.cap]
-            count = sel.sum() if gather else None
-            for src, out in zip(srcs[i % 2], dst):
-                if gather is None:
-                    torch.index_select(src, 0, order, out=out)
-                else:
-                    gather(src, out, order, count)
-            weights = dense.index_select(1, order)  # [T, cap]: zero for padding, so it adds zeros
-            out = combine(x, [(gu[j], dn[j], weights[:, j: j + 1]) for j in range(ctx.cap)])
-            x = next_input(x, out)
-            outs.append(out)
-            read.append(len(ctx.union(i)) if gather else ctx.cap)
-        clock.mark()
-    return clock.intervals_ms(), outs, read, {"host_syncs": syncs.count}
+
+    def step(i, x, dense, sel):
+        # the selected experts first, ascending, then unselected ones up to `cap`
+        order = torch.where(sel, ctx.arange, ctx.arange + s.experts).argsort()[: ctx.cap]
+        count = sel.sum() if gather else None
+        for src, out in zip(srcs[i % 2], dst):
+            if gather is None:
+                torch.index_select(src, 0, order, out=out)
+            else:
+                gather(src, out, order, count)
+        weights = dense.index_select(1, order)  # [T, cap]: zero for padding, so it adds zeros
+        return ([(gu[j], dn[j], weights[:, j: j + 1]) for j in range(ctx.cap)],
+                len(ctx.union(i)) if gather else ctx.cap)
+
+    times, outs, read, syncs = chain(ctx, step)
+    return times, outs, read, {"host_syncs": syncs}
 
 
 def run_prefetch(ctx: Ctx, predict_sets):
@@ -328,42 +332,38 @@ def run_prefetch(ctx: Ctx, predict_sets):
     predict = ctx.bias(predict_sets)
     groups = [views(ctx.slots(ctx.cap), ctx.cap, s) for _ in range(2)]
     stream = torch.cuda.Stream(priority=-1) if ctx.cuda else None
-    x, outs, read, clock = ctx.x0, [], [], Clock(ctx.cuda)
     placed: dict[int, int] = {}  # expert -> slot, prefetched for the layer about to run
     counts = {"hits": [], "misses": [], "wasted": []}
-    with SyncWatch(ctx.cuda) as syncs:
-        for i in range(ctx.n):
-            if i == ctx.warmup:
-                syncs.stop()
-            layer, nxt, group = ctx.layers[i % 2], ctx.layers[(i + 1) % 2], groups[i % 2]
-            clock.mark()
-            dense, sel = route(x, layer.router, ctx.force[i], s.top_k)
-            last = i + 1 == ctx.n
-            both = flags(sel if last else torch.cat([sel, route(x, nxt.router, predict[i + 1], s.top_k)[1]]))
-            experts = [e for e in range(s.experts) if both[e]]
-            predicted = [] if last else [e for e in range(s.experts) if both[s.experts + e]]
-            hits = [e for e in experts if e in placed]
-            free = [slot for slot in range(ctx.cap) if slot not in {placed[e] for e in hits}]
-            misses = list(zip([e for e in experts if e not in placed], free))
-            slot_of = {**{e: placed[e] for e in hits}, **dict(misses)}
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream())  # the sync above: the last readers are done
-            ready = copy_experts(stream, group, layer, s, misses)  # FIFO: after the prefetch for this layer
-            ahead = list(zip(predicted, range(len(predicted))))
-            copy_experts(stream, groups[(i + 1) % 2], nxt, s, ahead)  # overlaps this layer's compute
-            if ready is not None:
-                torch.cuda.current_stream().wait_event(ready)
-            out = combine(x, [(group[0][slot_of[e]], group[1][slot_of[e]], dense[:, e: e + 1]) for e in experts])
-            x = next_input(x, out)
-            outs.append(out)
-            read.append(len(placed) + len(misses))  # prefetched for this layer (used or not) + copied after its sync
-            counts["hits"].append(len(hits))
-            counts["misses"].append(len(misses))
-            counts["wasted"].append(len(placed) - len(hits))
-            placed = dict(ahead)
-        clock.mark()
+
+    def step(i, x, dense, sel):
+        nonlocal placed
+        layer, nxt, group = ctx.layers[i % 2], ctx.layers[(i + 1) % 2], groups[i % 2]
+        last = i + 1 == ctx.n
+        both = flags(sel if last else torch.cat([sel, route(x, nxt.router, predict[i + 1], s.top_k)[1]]))
+        experts = [e for e in range(s.experts) if both[e]]
+        predicted = [] if last else [e for e in range(s.experts) if both[s.experts + e]]
+        hits = [e for e in experts if e in placed]
+        free = [slot for slot in range(ctx.cap) if slot not in {placed[e] for e in hits}]
+        misses = list(zip([e for e in experts if e not in placed], free))
+        slot_of = {**{e: placed[e] for e in hits}, **dict(misses)}
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # the sync above: the last readers are done
+        ready = copy_experts(stream, group, layer, s, misses)  # FIFO: after the prefetch for this layer
+        ahead = list(zip(predicted, range(len(predicted))))
+        copy_experts(stream, groups[(i + 1) % 2], nxt, s, ahead)  # overlaps this layer's compute
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
+        weights = [(group[0][slot_of[e]], group[1][slot_of[e]], dense[:, e: e + 1]) for e in experts]
+        n = len(placed) + len(misses)  # prefetched for this layer (used or not) + copied after its sync
+        counts["hits"].append(len(hits))
+        counts["misses"].append(len(misses))
+        counts["wasted"].append(len(placed) - len(hits))
+        placed = dict(ahead)
+        return weights, n
+
+    times, outs, read, syncs = chain(ctx, step)
     timed = slice(ctx.warmup, None)
-    return clock.intervals_ms(), outs, read, {"host_syncs": syncs.count, **{
+    return times, outs, read, {"host_syncs": syncs, **{
         f"{k}_per_layer": statistics.mean(v[timed]) for k, v in counts.items()}}
 
 
