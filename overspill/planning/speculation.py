@@ -47,14 +47,16 @@ SOURCES = "'ngram' or 'draft:PATH'"
 ASSUMED_ACCEPTANCE = 0.7  # per-token acceptance `plan --speculate` assumes unless told (ngram on quoting text)
 
 
-def check_source(source: str) -> None:
-    """Refuse an unknown draft source in one line, before anything is loaded (torch-free, for the CLI).
+def check_source(source: str, named: tuple[str, ...] = ("ngram",)) -> None:
+    """Refuse an unknown draft source in one line, before anything is loaded (torch-free, for the CLI):
+    one of `named` or `draft:PATH` (`load` also takes "auto" and "self", which `plan` and the server do not).
 
     Raises:
         ValueError: naming the source and the ones accepted.
     """
-    if source != "ngram" and not (source.startswith("draft:") and len(source) > len("draft:")):
-        raise ValueError(f"unknown speculate source {source!r}; use {SOURCES}")
+    if source not in named and not (source.startswith("draft:") and len(source) > len("draft:")):
+        names = [repr(n) for n in named]
+        raise ValueError(f"unknown speculate source {source!r}; use {', '.join(names)} or 'draft:PATH'")
 
 
 def draft_path(source: str | None) -> str | None:

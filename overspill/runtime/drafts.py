@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import OverspillError
+from ..planning.speculation import check_source as planned_check
 from ..planning.speculation import draft_path
 from .trees import DraftTree
 
@@ -262,9 +263,11 @@ class OracleDrafter:
 
 
 def check_source(source: str) -> None:
-    """Refuse an unknown draft source before anything is loaded."""
-    if source not in ("auto", "ngram", "self") and not (source.startswith("draft:") and len(source) > len("draft:")):
-        raise OverspillError(f"unknown speculate source {source!r}; use 'auto', 'ngram', 'self' or 'draft:PATH'")
+    """Refuse an unknown `load` draft source before anything is loaded (`planning.speculation.check_source`)."""
+    try:
+        planned_check(source, ("auto", "ngram", "self"))
+    except ValueError as exc:
+        raise OverspillError(str(exc)) from None
 
 
 def make_drafter(source: str, target: torch.nn.Module) -> Drafter:
@@ -282,11 +285,13 @@ def make_drafter(source: str, target: torch.nn.Module) -> Drafter:
         return make_self_drafter(target)
     from transformers import AutoModelForCausalLM
 
+    from .sources import cannot_load_draft
+
     path = draft_path(source)
     device = next(target.parameters()).device
     try:
         draft = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype).to(device).eval()
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OverspillError(f"cannot load the draft model {path!r} ({first}); pass a local model directory") from None
+        raise cannot_load_draft(path, first) from None
     return ModelDrafter(draft, vocab)

@@ -290,9 +290,14 @@ def draft_bytes(path: str, dtype: str, context: int) -> int:
     try:
         spec = spec_from_config(resolve(path, config_only=True).config(), dtype)
     except (OverspillError, ValueError, TypeError, KeyError, ArithmeticError) as exc:
-        raise OverspillError(f"cannot load the draft model {path!r} ({one_line(exc)}); pass a local model "
-                             f"directory") from None
+        raise cannot_load_draft(path, one_line(exc)) from None
     return draft_model_bytes(spec, context)
+
+
+def cannot_load_draft(path: str, detail: str) -> OverspillError:
+    """The one-line refusal of a `draft:PATH` model that cannot be read (its config here, its weights at
+    `drafts.make_drafter`), `detail` quoting why."""
+    return OverspillError(f"cannot load the draft model {path!r} ({detail}); pass a local model directory")
 
 
 def budget_beside_draft(speculate: str | None, budget: int | None, dtype: str, context: int) -> tuple[int | None, str | None]:
