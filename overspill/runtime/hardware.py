@@ -297,14 +297,7 @@ def measure_lossless_decode(dev: torch.device, elements: int = 64 << 20, iters: 
         del weights
         codec = plane_codec(dev)
         coded = codec.encode(high)
-        codec.decode(coded, high)  # warm-up; decodes the same bytes back
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            codec.decode(coded, high)
-        end.record()
-        end.synchronize()
-        return elements * iters / (start.elapsed_time(end) / 1e3)
+        return elements / _time_cuda(lambda: codec.decode(coded, high), iters, warmup=1)  # decodes the same bytes back
     except Exception:  # a probe must not fail a load: the prior stands in
         return 0.0
 
