@@ -368,7 +368,7 @@ def load(
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     else:  # a caller's plan: the loader sizes its slots for the format
         plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16")
-    managed_wins = profile is not None and profile.managed_bytes_s > profile.h2d_bytes_s
+    managed_wins = profile is not None and profile.managed_wins
     if streaming == "auto":  # expert streaming and encoded layers arrive by pinned copies
         streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" or \
             plan.stream_format != NATIVE else streaming

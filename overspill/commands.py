@@ -174,7 +174,7 @@ def _auto_budget(budget: int | None, profile: Profile) -> int:
     """An explicit budget, or "auto" (None) as `plan_for` resolves it: free memory less its margin."""
     from .planning.placement import AUTO_MARGIN_BYTES
 
-    return max(profile.gpu_free_bytes - AUTO_MARGIN_BYTES, 0) if budget is None else budget
+    return profile.auto_budget(AUTO_MARGIN_BYTES) if budget is None else budget
 
 
 def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int | None, depth: int,
@@ -193,8 +193,7 @@ def _placed(fp, moe_layers, mode: str, profile: Profile, workload, budget: int |
     if note:
         plan = dataclasses.replace(plan, notes=plan.notes + (note,))
     if plan.moe_streaming != "experts" and plan.stream_format == NATIVE:  # the others arrive by pinned copies
-        managed_wins = profile.managed_bytes_s > profile.h2d_bytes_s
-        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", managed_wins))
+        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_wins))
     return moe.predict(fp, plan, moe_layers, profile, cpu_experts)
 
 
@@ -260,7 +259,7 @@ def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: 
 
     draft, plan = plan_self_draft(fp, _auto_budget(budget, profile), workload, depth, kv, serve, Machine.of(profile))
     if plan.stream_format == NATIVE:
-        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_bytes_s > profile.h2d_bytes_s))
+        plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_wins))
     return draft, moe.predict(fp, plan, moe_layers, profile)
 
 

@@ -427,9 +427,9 @@ def plan_for(
         OverspillError: when the budget is below the minimum working set (the message gives it).
     """
     if budget_bytes is None:
-        budget_bytes = max(profile.gpu_free_bytes - margin_bytes, 0)
+        budget_bytes = profile.auto_budget(margin_bytes)
     plan = place(fp, budget_bytes, workload, depth, kv_device_bytes, fit_batch)
-    plan = replace(plan, streaming=choose_streaming(streaming, profile.managed_bytes_s > profile.h2d_bytes_s))
+    plan = replace(plan, streaming=choose_streaming(streaming, profile.managed_wins))
     return with_prediction(fp, plan, profile)
 
 

@@ -42,6 +42,15 @@ class Profile:
     lossless_decode_bytes_s: float = 0.0  # nvCOMP ANS decode of a bf16 high byte plane, output bytes/s (0: not measured)
 
     @property
+    def managed_wins(self) -> bool:
+        """Managed memory read in place measured faster than pinned copies (`placement.choose_streaming`)."""
+        return self.managed_bytes_s > self.h2d_bytes_s
+
+    def auto_budget(self, margin_bytes: int) -> int:
+        """The "auto" GPU budget on this machine: free memory less `margin_bytes` (`placement.AUTO_MARGIN_BYTES`)."""
+        return max(self.gpu_free_bytes - margin_bytes, 0)
+
+    @property
     def decode_bytes_s(self) -> float:
         """The lossless codec's decode rate the plan uses: this machine's where the probe measured it, else
         the H200's (`planning.formats.ANS_DECODE_BYTES_S`)."""
