@@ -33,6 +33,7 @@ from .planning.routing import MoeBasis
 from .planning.self_draft import Machine, plan_self_draft
 from .planning.speculation import auto_source
 from .planning.spec import DEFAULT_DTYPE, dtype_name
+from .planning.trees import check_tree
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
 from .runtime.cpu_rank import enable_planned, plan_cpu_rank
@@ -182,6 +183,7 @@ def load(
     pass_tokens: int = 0,
     streaming: str = "auto",
     speculate: str | None = None,
+    speculate_tree: int | None = None,
     stream_format: str = "auto",
     cpu_compute: str | float = "off",
     moe_streaming: str = "auto",
@@ -237,6 +239,12 @@ def load(
             pass costs the same for 1 or 64 tokens, so each accepted draft token is speed; drafts
             are verified one token at a time inside each layer, so greedy output is plain greedy's.
             None (default): plain decoding. `overspill.runtime.speculative.enable` switches it later.
+        speculate_tree: with `speculate`, draft trees of up to this many tokens a pass (at least 2)
+            instead of chains: where the draft's first choice is wrong its second often is not, and
+            one verify pass holds every branch (`overspill.runtime.trees`; greedy stays plain greedy).
+            Each pass's budget adapts between 2 and this to the acceptance measured in the request
+            (`planning.trees.tree_budget`), as chain length does. Under `cuda_graphs` verify passes are
+            graphed chains, so trees run as chains there (the plan says so in a note). None: chains.
         stream_format: how streamed layers travel over the link (`overspill.planning.formats`); each
             expands into the compute dtype in its GPU slot, overlapped with compute, and resident
             layers are unchanged. "bf16" (as they are), "lossless" (byte planes with the high plane
@@ -305,6 +313,10 @@ def load(
         from .runtime.drafts import check_source
 
         check_source(speculate)
+    try:
+        check_tree(speculate_tree, speculate)
+    except ValueError as exc:
+        raise OverspillError(f"speculate_tree (--speculate-tree): {exc}") from None
     if context < 1 or batch < 1:
         raise OverspillError(f"context and batch must be positive, got context={context} batch={batch}")
     budget = resolve_budget(gpu_memory, dev)
@@ -427,15 +439,20 @@ def load(
         enable_graphs(skeleton)
     if speculate is not None:
         from .runtime.speculative import enable
+        from .runtime.token_serial import supports_serial
 
+        if speculate_tree and getattr(placement, "graphs", None) is not None and supports_serial(skeleton):
+            placement.plan = replace(placement.plan, notes=placement.plan.notes + (
+                f"draft trees (speculate_tree={speculate_tree}) run as chains under CUDA graphs: graphed "
+                "verify passes hold chains only; drop cuda_graphs for trees",))
         if speculate == "self":
             from .runtime.self_draft import make_self_drafter
 
             skeleton.self_draft = self_draft  # None under a caller's plan: every layer, not counted in it
-            enable(skeleton, make_self_drafter(skeleton))
+            enable(skeleton, make_self_drafter(skeleton), tree=speculate_tree, adapt_tree=True)
             skeleton.speculation_source = "self"
         else:
-            enable(skeleton, speculate)
+            enable(skeleton, speculate, tree=speculate_tree, adapt_tree=True)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 

@@ -254,6 +254,11 @@ def _build_parser() -> argparse.ArgumentParser:
                      "'self' (the model's own layers in int4, resident, counted in the budget), 'draft:PATH' (a "
                      "small model with the same tokenizer) or 'auto' (ngram where the plan streams, else off). "
                      "Greedy output stays plain greedy's. Default: off.")
+    run.add_argument("--speculate-tree", type=int, default=None, metavar="N",
+                     help="with --speculate, draft trees of up to N tokens a pass (N >= 2) instead of chains: one "
+                     "verify pass holds the draft's alternatives where its first choice may be wrong; the budget "
+                     "adapts between 2 and N to the acceptance measured. Greedy output stays plain greedy's. "
+                     "Under --cuda-graphs trees run as chains (the plan notes it). Default: chains.")
     _add_rank_args(run)
     run.set_defaults(func=_run_main)
     _add_probe_parser(sub)
@@ -283,6 +288,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "this SOURCE, or \"off\". Greedy output stays the plain server's. Full-attention models, "
                    f"eager decoding (not --cuda-graphs); chains of up to {DEFAULT_MAX_CHAIN} tokens, adapted to "
                    "the acceptance measured per request. Default: off.")
+    p.add_argument("--speculate-tree", type=int, default=None, metavar="N",
+                   help="with --speculate, draft trees of up to N tokens a pass (N >= 2) instead of chains, for "
+                   "every request that drafts: one verify pass holds the draft's alternatives where its first "
+                   "choice may be wrong; the budget adapts between 2 and N to the acceptance measured per "
+                   "request. Greedy output stays the plain server's. Default: chains.")
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:

@@ -83,7 +83,8 @@ def load_options(args: argparse.Namespace) -> dict:
         gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights, depth=args.depth,
         context=args.context, device=args.device, seed=args.seed, kv_gpu_memory=args.kv_gpu_memory,
         cuda_graphs=getattr(args, "cuda_graphs", False), streaming=getattr(args, "streaming", "auto"),
-        speculate=getattr(args, "speculate", None), stream_format=getattr(args, "stream_format", "auto"),
+        speculate=getattr(args, "speculate", None), speculate_tree=getattr(args, "speculate_tree", None),
+        stream_format=getattr(args, "stream_format", "auto"),
         cpu_compute=getattr(args, "cpu_compute", "off"), moe_streaming=getattr(args, "moe_streaming", "auto"),
         cpu_compute_format=getattr(args, "cpu_compute_format", "bf16"), cpu_experts=getattr(args, "cpu_experts", "off"),
         layout=getattr(args, "layout", "prefix"),
@@ -129,8 +130,10 @@ def run(args: argparse.Namespace) -> None:
         experts_line(model, streamer.first, timing.new_tokens - 1)
     stats = getattr(model, "speculation_stats", None)
     if stats is not None and stats.passes:
-        print(f"speculation ({getattr(args, 'speculate', None)}): {stats.tokens_per_pass:.2f} tokens per verify pass, "
-              f"{stats.accepted}/{stats.drafted} drafted tokens accepted, drafting {stats.draft_share:.0%} of decode time")
+        shape = f"trees of up to {stats.tree} tokens, last budget {stats.budgets[-1]}; " if stats.budgets else ""
+        print(f"speculation ({getattr(args, 'speculate', None)}): {shape}{stats.tokens_per_pass:.2f} tokens per verify "
+              f"pass, {stats.accepted}/{stats.drafted} drafted tokens accepted, drafting {stats.draft_share:.0%} of "
+              "decode time")
 
 
 def experts_line(model, start, steps: int) -> None:

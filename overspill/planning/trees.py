@@ -13,12 +13,34 @@ r1, r2, ..., rd from the root is accepted with probability prod(rank_acceptance[
 than its parent, taking nodes best-first by that probability gives the tree of `budget` nodes with
 the largest E: that is how drafters grow trees, and what `best_tree` predicts. A chain is the tree
 that only ever uses rank 0, so `best_tree([a], k)` is the chain's E(k). Pure Python: no torch.
+
+The budget adapts as a chain's length does (`speculation.best_chain`): `tree_budget` picks the budget
+with the most tokens a second, E / the pass's cost, from the rank acceptance measured so far.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from itertools import accumulate
+
+from .speculation import PassCost
+
+MIN_TREE = 2  # the smallest budget with room for an alternative: a 1-token tree is a 1-token chain
+
+
+def check_tree(budget: int | None, source: str | None) -> None:
+    """A tree budget the surfaces accept: None (chains), or at least `MIN_TREE` with a draft source.
+
+    Raises:
+        ValueError: saying what to pass instead."""
+    if budget is None:
+        return
+    if budget < MIN_TREE:
+        raise ValueError(f"a draft tree needs a budget of at least {MIN_TREE} tokens, got {budget}: pass "
+                         f"{MIN_TREE} or more, or leave it out to draft chains")
+    if source is None:
+        raise ValueError("a draft tree grows from a draft source: turn speculation on as well (e.g. speculate ngram)")
 
 
 def _check_parents(parents: list[int]) -> None:
@@ -100,6 +122,28 @@ def best_tree(rank_acceptance: list[float], budget: int) -> TreeForecast:
                 heapq.heappush(heap, (neg * a, counter, node, r))
                 counter += 1
     return TreeForecast(tuple(parents), tuple(ranks), total)
+
+
+def tree_budget(cost: PassCost, rank_acceptance: list[float], floor: int, budget: int) -> int:
+    """The budget in [floor, budget] whose best tree yields the most tokens a second (ties: the smaller).
+
+    A speculative step over b nodes costs `cost.step_seconds(b)` (draft b, verify b + 1) and yields
+    E(best_tree(rank_acceptance, b)) tokens. The best trees grow best-first, so the best tree of b
+    nodes is the first b nodes of the best tree of `budget`: one tree gives E for every b. Where the
+    draft is rarely right, extra nodes add little E but their full cost, so the budget falls to
+    `floor` (which still measures acceptance); where it is often right it climbs to `budget`.
+    """
+    tree = best_tree(rank_acceptance, budget)
+    reach: list[float] = []
+    for parent, rank in zip(tree.parents, tree.ranks):
+        reach.append(rank_acceptance[rank] * (1.0 if parent < 0 else reach[parent]))
+    expected = list(accumulate(reach, initial=1.0))  # expected[b]: E of the first b nodes
+    best, best_rate = floor, -1.0
+    for b in range(floor, budget + 1):
+        rate = expected[min(b, len(reach))] / cost.step_seconds(b)
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = b, rate
+    return best
 
 
 class RankAcceptance:

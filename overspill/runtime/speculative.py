@@ -14,7 +14,9 @@ the output distribution is plain sampling's. Rejected tokens' KV is cropped from
 With `tree=budget` the drafter proposes a tree of alternatives (`trees.py`) verified in one pass;
 the walk down it draws each token from the target exactly as plain decoding would (argmax, or a
 sample) and follows the drafted child holding that token, so greedy is plain greedy and sampling is
-plain sampling for any tree; the cache keeps the accepted path only.
+plain sampling for any tree; the cache keeps the accepted path only. With `adapt_tree` each pass's
+budget is re-picked between `MIN_TREE` and `tree` from the rank acceptance measured so far
+(`planning.trees.tree_budget`), as the chain length adapts from measured acceptance.
 
 With CUDA graphs (`load(cuda_graphs=True)`) a verify pass is graphed as decode steps are
 (`graphs.GraphedDecode.verify`): serial, each token with the kernels and mask row a graphed decode
@@ -36,7 +38,7 @@ import torch
 
 from ..planning.speculation import (AcceptanceTracker, PassCost, PassCostFit, best_chain, graphed_pass,
                                    verify_pass_cost)
-from ..planning.trees import RankAcceptance
+from ..planning.trees import MIN_TREE, RankAcceptance, tree_budget
 from .drafts import Drafter, drop_last, make_drafter, propose_tree
 from .kv import cache_kwarg
 from .token_serial import serial_tokens, supports_serial
@@ -58,6 +60,7 @@ class SpeculationStats:
     chains: list[int] = field(default_factory=list)  # tokens drafted per pass (a tree's nodes)
     serial: bool = False
     tree: int | None = None  # the tree budget, None: chains
+    budgets: list[int] = field(default_factory=list)  # trees: the budget each pass drafted for
     ranks: RankAcceptance = field(default_factory=RankAcceptance)  # trees: which sibling the target chose
 
     @property
@@ -146,6 +149,7 @@ def speculative_decode(
     stream_to=None,
     serial: bool | None = None,
     tree: int | None = None,
+    adapt_tree: bool = False,
     **model_kwargs,
 ) -> torch.LongTensor:
     """transformers `custom_generate` loop: draft up to `chain` tokens, verify them in one pass.
@@ -154,7 +158,8 @@ def speculative_decode(
     fixes it. `stream_to` is `generate`'s streamer (transformers passes a callable loop only the
     arguments `_sample` lacks). `serial` verifies one token at a time inside each layer, plain
     decoding's own arithmetic (`token_serial`); None: wherever the model allows it. `tree`: draft
-    trees of up to that many tokens instead of chains (`chain` is then unused). Calls the loop
+    trees of up to that many tokens instead of chains (`chain` is then unused); `adapt_tree` picks each
+    pass's budget in [MIN_TREE, tree] from the measured acceptance (`tree_budget`). Calls the loop
     cannot serve exactly (batch > 1, padding, beams, dict outputs, a cache
     that cannot crop) run transformers' own sampling loop instead.
     """
@@ -196,8 +201,10 @@ def speculative_decode(
         if _emit(ids, token.view(1), stopping_criteria, streamer):
             break
         if tree:
-            ids, chosen, finished = _tree_step(model, ids, cache, kwarg, drafter, tree, limit, logits_processor,
-                                               sample, serial, stopping_criteria, streamer, stats)
+            measured = adapt_tree and stats.ranks.visits  # until a walk has measured acceptance: the user's budget
+            budget = tree_budget(fit.cost(), stats.ranks.rates, MIN_TREE, tree) if measured else tree
+            ids, chosen, finished = _tree_step(model, ids, cache, kwarg, drafter, budget, limit, logits_processor,
+                                               sample, serial, stopping_criteria, streamer, stats, fit)
             if finished:
                 break
             continue
@@ -254,7 +261,7 @@ def speculative_decode(
 
 def _tree_step(model, ids: torch.Tensor, cache, kwarg: str, drafter: Drafter, budget: int, limit: int | None,
                logits_processor, sample: bool, serial: bool, stopping_criteria, streamer,
-               stats: SpeculationStats) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+               stats: SpeculationStats, fit: PassCostFit) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Draft a tree, verify it in one pass, walk it: returns the sequence with the accepted path,
     the target's own next token (None when stopped) and whether a stopping criterion fired."""
     room = limit - ids.shape[1] if limit else budget  # never past the planned KV
@@ -290,9 +297,12 @@ def _tree_step(model, ids: torch.Tensor, cache, kwarg: str, drafter: Drafter, bu
     stats.accepted += len(path)
     stats.emitted += len(path)
     stats.chains.append(len(tree))
+    stats.budgets.append(budget)
     stats.ranks.update(chosen_ranks)
+    t2 = time.perf_counter()
+    fit.add(len(tree) + 1, t2 - t1, len(tree), t1 - t0)
     stats.draft_seconds += t1 - t0
-    stats.verify_seconds += time.perf_counter() - t1
+    stats.verify_seconds += t2 - t1
     return ids, own, finished
 
 
@@ -342,10 +352,11 @@ def prior_pass_cost(model: torch.nn.Module, serial: bool, graphed: bool = False)
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
-           serial: bool | None = None, tree: int | None = None) -> torch.nn.Module:
+           serial: bool | None = None, tree: int | None = None, adapt_tree: bool = False) -> torch.nn.Module:
     """Make `model.generate` (and so `pipeline` and `run`) decode speculatively with `source`
     ('ngram', 'draft:PATH' or a `Drafter`); None turns it off. `tree=budget` drafts trees of up to
-    that many tokens per pass instead of chains. Calls that pass their own `custom_generate` or
+    that many tokens per pass instead of chains, each pass's budget adapted to the measured
+    acceptance with `adapt_tree`. Calls that pass their own `custom_generate` or
     `assistant_model`, or use beams, run as before."""
     if "generate" in model.__dict__:
         del model.generate
@@ -362,7 +373,7 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
         if "custom_generate" in kwargs or kwargs.get("assistant_model") is not None or beams > 1:
             return plain(*args, **kwargs)
         loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, serial=serial, tree=tree,
-                                 stream_to=kwargs.get("streamer"))
+                                 adapt_tree=adapt_tree, stream_to=kwargs.get("streamer"))
         return plain(*args, custom_generate=loop, **kwargs)
 
     model.generate = generate

@@ -373,7 +373,7 @@ def batch_main(args) -> int:
 
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
-    check_speculate(getattr(args, "speculate", None))
+    check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     check_files(args.input, args.output)
     prefix_bytes = parse_bytes(args.prefix_cache)
     model, tokenizer = load_for_serving(args)
@@ -384,7 +384,7 @@ def batch_main(args) -> int:
     config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
     prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None
     engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch, prefix_cache=prefix,
-                    speculate=getattr(args, "speculate", None))
+                    speculate=getattr(args, "speculate", None), speculate_tree=getattr(args, "speculate_tree", None))
     if engine.speculator.note:
         print(engine.speculator.note)
     print(f"running {args.input} as model {name!r} -> {args.output}", flush=True)

@@ -67,6 +67,7 @@ class Engine:
         speculate: the draft source ('ngram', 'draft:PATH') a request running alone decodes with unless
             it asks otherwise (`GenerationRequest.speculate`); None: only requests that ask draft.
         max_chain: the longest chain of drafted tokens one pass verifies.
+        speculate_tree: draft trees of up to this many tokens a pass instead of chains (`Speculator`); None: chains.
 
     A request is admitted when a batch place is free and the shared cache, every row padded to the
     longest reservation (prompt + `max_new_tokens`), still fits the KV capacity, so a running request
@@ -79,7 +80,7 @@ class Engine:
                  prefill_chunk: int = ENGINE_PREFILL_CHUNK, kv_block_tokens: int | None = None,
                  kv_capacity_tokens: int | None = None, prefix_cache: PrefixCache | None = None,
                  stall_seconds: float = 600.0, speculate: str | None = None,
-                 max_chain: int = DEFAULT_MAX_CHAIN):
+                 max_chain: int = DEFAULT_MAX_CHAIN, speculate_tree: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.metrics = metrics or NullMetrics()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
@@ -90,7 +91,7 @@ class Engine:
                                                             self.runner.batching_note)
         self.prefill_chunk, self.prefix, self.stall_seconds = prefill_chunk, prefix_cache, stall_seconds
         self.vocab_size = self.runner.vocab_size
-        self.speculator = Speculator(model, speculate, max_chain)
+        self.speculator = Speculator(model, speculate, max_chain, speculate_tree)
         blocks = _block_manager(prefix_cache, kv_block_tokens)
         if kv_capacity_tokens is None:  # whole blocks per sequence, so a full-context request always fits
             total = (self.runner.planned_rows or self.max_batch) * -(-self.context // blocks.block_tokens)

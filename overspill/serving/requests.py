@@ -112,19 +112,24 @@ def _check_speculate(source: object) -> None:
         raise InvalidRequest("speculate", f"{exc}, or {SPECULATE_OFF!r}") from None
 
 
-def check_speculate(source: str | None) -> None:
-    """A bad `--speculate` of `serve` or `batch` fails in one line, before the model loads.
+def check_speculate(source: str | None, tree: int | None = None) -> None:
+    """A bad `--speculate` or `--speculate-tree` of `serve` or `batch` fails in one line, before the model loads.
 
     Raises:
-        OverspillError: naming the source and the ones accepted."""
+        OverspillError: naming the source and the ones accepted, or what the tree budget needs."""
     from ..errors import OverspillError
     from ..planning.speculation import check_source
+    from ..planning.trees import check_tree
 
     if source is not None:
         try:
             check_source(source)
         except ValueError as exc:
             raise OverspillError(f"--speculate: {exc}") from None
+    try:
+        check_tree(tree, source)
+    except ValueError as exc:
+        raise OverspillError(f"--speculate-tree: {exc}") from None
 
 
 def _check_int(request: GenerationRequest, field: str, low: int | None, high: int | None) -> None:

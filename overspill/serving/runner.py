@@ -23,6 +23,7 @@ from ..runtime.kv import TieredCache, cache_kwarg, kv_dims
 from ..runtime.prefix import Lease, PrefixCache
 from ..runtime.speculative import _croppable
 from ..runtime.token_serial import serial_tokens
+from ..runtime.trees import DraftTree, TreePass, keep_path, verify_tree
 from .batching import Batch, DecodeBatch, mergeable
 from .graph_batch import GraphedBatch
 from .scheduler import Sequence
@@ -120,6 +121,20 @@ class Runner:
         with serial_tokens(self.model) if serial and len(tokens) > 1 else contextlib.nullcontext():
             out = self.model(use_cache=True, **{self._cache_key: self.batch.cache}, **inputs)
         return out.logits[0, -len(tokens):].float()
+
+    @torch.inference_mode()
+    def verify_tree(self, root: int, tree: DraftTree, serial: bool) -> TreePass:
+        """One pass over the only row's last token `root` and a draft tree in `preorder`
+        (`runtime.trees.verify_tree`); the row must hold no padding, which the tree mask does not hide."""
+        root_ids = torch.tensor([root], device=self.device)
+        return verify_tree(self.model, self.batch.cache, self._cache_key, root_ids, tree, serial)
+
+    @torch.inference_mode()
+    def keep_path(self, tree_pass: TreePass, path: list[int]) -> None:
+        """Leave the batch's cache holding what it held before `tree_pass`, its root and `path`'s nodes."""
+        keep_path(self.batch.cache, tree_pass, path)
+        valid = self.batch.valid
+        self.batch.valid = torch.cat([valid, valid.new_ones((1, 1 + len(path)))], 1)
 
     @torch.inference_mode()
     def prefill_group(self, prompts: list[tuple[int, ...]], width: int) -> Prefilled:

@@ -140,10 +140,12 @@ class _Gate:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
-def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = None) -> FastAPI:
+def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = None,
+               speculate_tree: int | None = None) -> FastAPI:
     """The FastAPI app. Its lifespan starts the engine thread and stops it at shutdown; the engine is
     at `app.state.engine` (tests use its `live_requests()` and `hold()`). `speculate`: the draft source
-    of a request running alone unless its body's `speculate` says otherwise (see `Engine`)."""
+    of a request running alone unless its body's `speculate` says otherwise; `speculate_tree`: draft
+    trees of up to that many tokens instead of chains (see `Engine`)."""
     from ..api import placement_of
 
     if tokenizer is None:
@@ -158,7 +160,7 @@ def create_app(model, tokenizer, config: ServerConfig, speculate: str | None = N
     tok_lock = threading.Lock()
     prefix = PrefixCache.for_model(model, config.prefix_cache_bytes) if config.prefix_cache_bytes else None
     engine = Engine(model, tokenizer, config.max_queue, metrics, tok_lock, max_batch=config.max_batch,
-                    prefix_cache=prefix, speculate=speculate)
+                    prefix_cache=prefix, speculate=speculate, speculate_tree=speculate_tree)
     engine_ref.append(engine)
     texts = TokenTexts(tokenizer, tok_lock)
     bound = PromptBound(tokenizer)
@@ -363,7 +365,7 @@ def serve_main(args) -> int:
     if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
     check_api_key(args.api_key)
-    check_speculate(getattr(args, "speculate", None))
+    check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     max_body = parse_bytes(args.max_body_bytes) if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
     if max_body < 1:
         raise OverspillError("--max-body-bytes must be at least 1 byte, e.g. 4MiB")
@@ -373,7 +375,7 @@ def serve_main(args) -> int:
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
                           args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes, max_body)
-    app = create_app(model, tokenizer, config, getattr(args, "speculate", None))
+    app = create_app(model, tokenizer, config, getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     for note in (app.state.engine.batching_note, app.state.engine.speculator.note):
         if note:
             print(note)

@@ -12,6 +12,12 @@ models whose layers all attend fully (`token_serial.supports_serial`).
 
 The chain length adapts per request (`best_chain` over the acceptance measured for it and the pass
 cost measured on this engine, starting from the plan's prediction).
+
+With a tree budget the engine drafts trees (`runtime.trees`) instead: one serial pass verifies every
+branch, and the walk down the tree picks each token exactly as a plain step would (`_pick`: the
+argmax, or a sample from the request's own generator) and follows the drafted child holding it, so
+greedy and seeded sampled requests alike get the plain server's tokens. The budget adapts per
+request between `MIN_TREE` and the engine's (`planning.trees.tree_budget` over the ranks measured).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..planning.speculation import AcceptanceTracker, PassCostFit, best_chain, draft_path
-from ..runtime.drafts import Drafter, make_drafter
+from ..planning.trees import MIN_TREE, RankAcceptance, tree_budget
+from ..runtime.drafts import Drafter, make_drafter, propose_tree
 from ..runtime.speculative import _accept, _residual, prior_pass_cost
 from ..runtime.token_serial import supports_serial
 from .requests import SPECULATE_OFF, GenerationRequest, InvalidRequest, SpeculationUsage, check_speculate
@@ -36,6 +43,7 @@ class _Progress:
     """One request's speculation so far."""
 
     tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+    ranks: RankAcceptance = field(default_factory=RankAcceptance)  # trees: which sibling the target chose
     usage: SpeculationUsage = field(default_factory=SpeculationUsage)
 
 
@@ -58,16 +66,17 @@ class Speculator:
         model: the placed model (from `overspill.load`).
         default: the source requests get unless they say otherwise ('ngram', 'draft:PATH' or None: off).
         max_chain: the longest chain drafted.
+        tree: draft trees of up to this many tokens instead of chains (None: chains).
 
     Raises:
-        OverspillError: an unknown source, or a draft model that does not load.
+        OverspillError: an unknown source, a bad tree budget, or a draft model that does not load.
     """
 
-    def __init__(self, model, default: str | None, max_chain: int):
-        check_speculate(default)
+    def __init__(self, model, default: str | None, max_chain: int, tree: int | None = None):
+        check_speculate(default, tree)
         if max_chain < 1:
             raise ValueError(f"max_chain must be at least 1, got {max_chain}")
-        self.model, self.default, self.max_chain = model, default, max_chain
+        self.model, self.default, self.max_chain, self.tree = model, default, max_chain, tree
         self.serial = supports_serial(model)
         self.fit = PassCostFit(prior_pass_cost(model, self.serial))
         self._drafters: dict[str, Drafter] = {}
@@ -110,9 +119,11 @@ class Speculator:
         request = seq.request
         sample = _sampled(request)
         ids = [*request.prompt_ids, *seq.text.ids]
+        scores = (lambda _, logits: sampling_scores(logits, request)) if sample else None
+        if self.tree and bool(runner.batch.valid.all()):  # the tree mask assumes a row without padding
+            return self._tree_step(seq, runner, self._drafter(source), ids, limit, scores, sample, progress)
         k = min(best_chain(self.fit.cost(), progress.tracker.rate, self.max_chain), limit)
         t0 = time.perf_counter()
-        scores = (lambda _, logits: sampling_scores(logits, request)) if sample else None
         draft = self._drafter(source).propose(torch.tensor([ids], device=runner.device), k, scores, sample)
         proposed = draft.tokens[:k].tolist()
         t1 = time.perf_counter()
@@ -125,6 +136,38 @@ class Speculator:
         self.fit.add(len(proposed) + 1, t2 - t1, len(proposed), t1 - t0)
         progress.usage.add(len(proposed), accepted, len(tokens), t1 - t0, t2 - t1)
         return Verified(tokens, logits[: len(tokens)], len(proposed), t1 - t0, t2 - t1)
+
+    def _tree_step(self, seq, runner: Runner, drafter: Drafter, ids: list[int], limit: int, scores, sample: bool,
+                   progress: _Progress) -> Verified:
+        """Draft a tree no deeper than `limit`, verify it in one pass and walk it; the cache keeps the
+        root and the accepted path (the last yielded token is fed next step, as in a chain step)."""
+        budget = tree_budget(self.fit.cost(), progress.ranks.rates, MIN_TREE, self.tree) \
+            if progress.ranks.visits else self.tree  # until a walk has measured acceptance: the engine's budget
+        t0 = time.perf_counter()
+        drafted = propose_tree(drafter, torch.tensor([ids], device=runner.device), budget, scores, sample)
+        drafted = drafted.prune(budget, limit)
+        ranks = drafted.ranks()
+        tree, order = drafted.preorder()
+        t1 = time.perf_counter()
+        tree_pass = runner.verify_tree(ids[-1], tree, self.serial)
+        kids, drafted_tokens = tree.children(), tree.tokens.tolist()
+        node, path, rows, tokens, chosen = -1, [], [], [], []
+        while True:
+            rows.append(node + 1)
+            tokens.append(_pick(runner, seq, tree_pass.logits[node + 1 : node + 2]))
+            nxt = next((c for c in kids[node] if drafted_tokens[c] == tokens[-1]), None)
+            if kids[node]:
+                chosen.append(None if nxt is None else ranks[order[nxt]])
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        runner.keep_path(tree_pass, path)
+        t2 = time.perf_counter()
+        progress.ranks.update(chosen)
+        self.fit.add(len(tree) + 1, t2 - t1, len(tree), t1 - t0)
+        progress.usage.add(len(tree), len(path), len(tokens), t1 - t0, t2 - t1)
+        return Verified(tokens, tree_pass.logits[rows], len(tree), t1 - t0, t2 - t1)
 
     def _choose(self, seq, runner: Runner, logits: torch.Tensor, proposed: list[int], probs: torch.Tensor | None,
                 sample: bool) -> list[int]:

@@ -1,0 +1,177 @@
+"""Draft trees on every surface (issue 14): `load(speculate_tree=N)` and so `generate` and `pipeline`,
+`overspill run --speculate-tree N`, and the engine behind `serve` and `batch`. Greedy stays plain greedy
+token for token with streamed layers; the budget adapts to the acceptance measured; bad input is one line."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+import overspill
+from overspill import cli
+from overspill.planning.speculation import PassCost
+from overspill.planning.trees import MIN_TREE, check_tree, tree_budget
+from overspill.runtime import speculative
+from overspill.runtime.drafts import OracleDrafter
+from overspill.serving.engine import GenerationRequest
+
+from conftest import VOCAB
+from test_engine import IdsTokenizer
+from test_placement import load_tiny
+from test_serve_speculative import NEW as ENGINE_NEW
+from test_serve_speculative import PROMPTS, _engine, _run
+from test_speculative import GEN, NEW, _prompt, reference  # noqa: F401 - `reference` is a fixture
+
+COST = PassCost(1.0, 0.02)  # a pass of n tokens costs 1 + 0.02 n: extra nodes are cheap, not free
+
+
+def test_tree_budget_grows_with_acceptance() -> None:
+    # E(b) / (pass(b + 1)): nothing accepted -> the floor; a coin-flip draft -> 4; a good one -> the whole budget
+    assert tree_budget(COST, [0.0], MIN_TREE, 8) == MIN_TREE
+    assert tree_budget(COST, [0.5], MIN_TREE, 8) == 4  # 1.94 / 1.10 at 4 beats 1.97 / 1.12 at 5
+    assert tree_budget(COST, [0.9], MIN_TREE, 8) == 8
+    # a draft whose second choice is often right is worth more nodes than its first choice alone
+    assert tree_budget(COST, [0.5, 0.3], MIN_TREE, 16) > tree_budget(COST, [0.5], MIN_TREE, 16)
+    assert tree_budget(PassCost(1.0), [0.0], MIN_TREE, 8) == MIN_TREE  # ties go to the smaller budget
+
+
+def test_check_tree_says_what_to_do() -> None:
+    check_tree(None, None)
+    check_tree(MIN_TREE, "ngram")
+    with pytest.raises(ValueError, match="at least 2 tokens, got 1: pass 2 or more"):
+        check_tree(1, "ngram")
+    with pytest.raises(ValueError, match="turn speculation on"):
+        check_tree(8, None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_load_speculate_tree_is_plain_greedy_with_streamed_layers(arch, reference, tiny_checkpoint) -> None:
+    from overspill.api import placement_of
+
+    ids = _prompt(3)
+    want = reference(arch).generate(ids, **GEN)
+    model = load_tiny(tiny_checkpoint(arch), resident=3, speculate="ngram", speculate_tree=8)
+    assert placement_of(model).plan.streamed_layers
+    assert torch.equal(model.generate(ids, **GEN), want)
+    stats = model.speculation_stats
+    assert stats.tree == 8 and stats.budgets[0] == 8 and all(MIN_TREE <= b <= 8 for b in stats.budgets)
+    assert stats.accepted > 0 and stats.passes < NEW  # the prompt's repeat was drafted and taken
+
+
+def test_load_speculate_tree_through_pipeline_on_smollm2(default_model_dir) -> None:
+    # The real model and tokenizer: transformers' pipeline over `load(speculate_tree=...)` answers what the
+    # same model answers with speculation off, and the quoted sentence is drafted and accepted through trees.
+    from pathlib import Path
+
+    from transformers import pipeline
+
+    text = (Path(__file__).resolve().parents[1] / "bench" / "data" / "declaration.txt").read_text()
+    chat = [{"role": "user", "content": f"Copy the first sentence of this text exactly:\n\n{text}"}]
+    model, tok = overspill.load(default_model_dir, gpu_memory=None, dtype="float32", progress=False,
+                                speculate="ngram", speculate_tree=16)
+    got = pipeline("text-generation", model=model, tokenizer=tok)(chat, max_new_tokens=40, do_sample=False)
+    stats = model.speculation_stats
+    speculative.enable(model, None)
+    want = pipeline("text-generation", model=model, tokenizer=tok)(chat, max_new_tokens=40, do_sample=False)
+    assert got[0]["generated_text"][-1] == want[0]["generated_text"][-1]
+    assert stats.tree == 16 and stats.accepted > 10 and stats.tokens_per_pass > 1.5, stats
+
+
+def test_adaptive_budget_follows_acceptance_and_keeps_the_tokens(reference, tiny_checkpoint, monkeypatch) -> None:
+    # The pass cost is fixed so the rule alone decides: a draft that is always right keeps the whole
+    # budget; one that is never right falls to the floor after the first pass measured it. Tokens are
+    # plain greedy's either way.
+    monkeypatch.setattr(speculative.PassCostFit, "cost", lambda self: COST)
+    ids = _prompt(4)
+    want = reference("llama").generate(ids, **GEN)
+    model = load_tiny(tiny_checkpoint("llama"), resident=3)
+    budgets = {}
+    for acceptance in (1.0, 0.0):
+        drafter = OracleDrafter(want[0, ids.shape[1]:], ids.shape[1], acceptance, VOCAB)
+        speculative.enable(model, drafter, tree=8, adapt_tree=True)
+        assert torch.equal(model.generate(ids, **GEN), want), acceptance
+        budgets[acceptance] = model.speculation_stats.budgets
+    assert set(budgets[1.0]) == {8}
+    assert budgets[0.0][0] == 8 and set(budgets[0.0][1:]) == {MIN_TREE} and len(budgets[0.0]) > 2
+
+
+def test_bad_tree_input_is_one_line_before_loading(tiny_checkpoint, capsys) -> None:
+    path = str(tiny_checkpoint("llama"))
+    with pytest.raises(overspill.OverspillError, match=r"--speculate-tree.*at least 2"):
+        overspill.load(path, speculate="ngram", speculate_tree=1, progress=False)
+    with pytest.raises(overspill.OverspillError, match=r"--speculate-tree.*draft source"):
+        overspill.load(path, speculate_tree=8, progress=False)
+    for argv, words in ((["run", path, "--speculate", "ngram", "--speculate-tree", "0"], "at least 2"),
+                        (["serve", "--speculate-tree", "8"], "draft source"),
+                        (["batch", "in.jsonl", "out.jsonl", "--speculate", "ngram", "--speculate-tree", "1"],
+                         "at least 2")):
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("overspill: error: ") and "--speculate-tree" in err[0], err
+        assert words in err[0]
+
+
+def test_run_flag_reaches_the_runtime(tiny_checkpoint, capsys) -> None:
+    path = str(tiny_checkpoint("llama"))
+    code = cli.main(["run", path, "--dtype", "float32", "--context", "256", "--max-new-tokens", "16",
+                     "--speculate", "ngram", "--speculate-tree", "6"])
+    assert code == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("speculation (ngram):"))
+    assert "trees of up to 6 tokens, last budget " in line, line
+
+
+def test_engine_trees_give_the_plain_engines_tokens_greedy_and_seeded(tiny_checkpoint, monkeypatch) -> None:
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    plain, tree = _engine(model), _engine(model, speculate="ngram", speculate_tree=6)
+    monkeypatch.setattr(tree.runner, "verify", lambda *a: pytest.fail("a chain was verified instead of a tree"))
+    try:
+        assert tree.speculator.tree == 6
+        greedy = [GenerationRequest(p, n) for p, n in zip(PROMPTS, ENGINE_NEW)]
+        seeded = [GenerationRequest(PROMPTS[1], 12, temperature=0.8, top_k=40, top_p=0.9, seed=7)]
+        want, got = _run(plain, greedy + seeded), _run(tree, greedy + seeded)
+        assert [t for t, _ in got] == [t for t, _ in want]  # a tree walk draws as plain steps draw
+        usages = [u for _, u in got]
+        assert all(u is not None and u.passes for u in usages) and sum(u.accepted for u in usages) > 0
+        assert max(d for d, _, _ in tree.metrics.passes) > 1  # trees were drafted, not only empty passes
+        assert tree.live_requests() == 0 and tree.kv_stats().used_blocks == 0
+    finally:
+        plain.close()
+        tree.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Loaded(Exception):
+    """Stops a command once it handed the engine its options."""
+
+
+@pytest.mark.parametrize("command", ["serve", "batch"])
+def test_serve_and_batch_hand_the_tree_budget_to_the_engine(command, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from overspill.serving import batch, server
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    seen = []
+
+    def engine_built(engine, *args, **kwargs):
+        seen.append(engine.speculator)
+        raise _Loaded
+
+    monkeypatch.setattr(server, "load_for_serving", lambda args: (model, IdsTokenizer()))
+    monkeypatch.setattr(batch, "load_for_serving", lambda args: (model, IdsTokenizer()))
+    monkeypatch.setattr(batch, "run_batch", engine_built)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: engine_built(app.state.engine))
+    (tmp_path / "in.jsonl").write_text("")
+    where = (["--port", str(_free_port()), "--host", "127.0.0.1"] if command == "serve"
+             else [str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")])
+    args = cli._build_parser().parse_args([command, *where, "--speculate", "ngram", "--speculate-tree", "5"])
+    with pytest.raises(_Loaded):
+        args.func(args)
+    assert seen[0].default == "ngram" and seen[0].tree == 5
