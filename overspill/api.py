@@ -252,7 +252,7 @@ def load(
             identical bits, ~0.68 of the bytes), "int8" / "fp8" (1 byte a weight and a float32 scale per
             group of 128 inputs), "int4" (groups of 128 with zero points), all lossy; or "auto": lossless on a GPU
             where nvCOMP is installed and decodes faster than the link, else bf16 with a note. A checkpoint
-            that arrives quantized (GPTQ / AWQ int4, FP8, GGUF Q8_0 / Q6_K / Q4_K:
+            that arrives quantized (GPTQ / AWQ int4, FP8, GGUF Q8_0 / Q6_K / Q5_x / Q4_x:
             `overspill.planning.prequantized`) streams its own codes under "auto" and its own format's name,
             expanded to its reference dequantization bit for bit; any other format starts from the
             dequantized weights.

@@ -1,9 +1,10 @@
-"""GGUF Q4_K and Q6_K decoder weights stream as their own codes (`runtime.gguf_blocks`): Q6_K as int8 with
-groups of 16 (codes q - 32, float32 scales d * scale_j), Q4_K as int4 with float32 scales d * sc_j and shifts
--dmin * m_j per group of 32, Q8_0 beside them as int8 with groups of 32, mixed in one layer.
+"""GGUF Q4_K, Q5_K and Q6_K decoder weights stream as their own codes (`runtime.gguf_blocks`): Q6_K as int8
+with groups of 16 (codes q - 32, float32 scales d * scale_j), Q4_K as int4 and Q5_K as int8 (codes q) with
+float32 scales d * sc_j and shifts -dmin * m_j per group of 32, Q8_0 beside them as int8 with groups of 32,
+mixed in one layer. (Q4_0, Q4_1, Q5_0 and Q5_1: `test_gguf_legacy_quants.py`.)
 
 The reference is gguf's own dequantization (`gguf.quants.dequantize`, float32: Q6_K's d * scale * q exact,
-Q4_K's d * sc * q - dmin * m with exact products and one rounding of the sum, as llama.cpp computes it), and
+Q4_K's and Q5_K's d * sc * q - dmin * m with exact products and one rounding of the sum, as llama.cpp computes it), and
 that is also float64's exact value rounded once to float32 (float64 holds every such sum exactly).
 The blocks are random bytes with chosen fp16 d and dmin: the gguf package (0.19) cannot quantize K-quants,
 and only decoding matters. The tiny GGUF keeps SmolLM2's tokenizer and llama metadata with a hidden size
@@ -28,8 +29,8 @@ from overspill.runtime.formats import Expander, LossyLayer
 from overspill.runtime.layout import ALIGN, LayerLayout
 from overspill.runtime.prequantized import QuantizedReader
 
-BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q8_0": 34}
-BLOCK_WEIGHTS = {"q4_k": 256, "q6_k": 256, "q8_0": 32}
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 34}
+BLOCK_WEIGHTS = {"q4_k": 256, "q5_k": 256, "q6_k": 256, "q8_0": 32}
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
 
 
@@ -43,7 +44,7 @@ def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, exp
         sign = np.where(rng.random(e.shape) < 0.05, -1.0, 1.0)
         return (sign * rng.uniform(1, 2, e.shape) * 2.0**e).astype(np.float16).view(np.uint8)
 
-    at = {"q4_k": [0, 2], "q6_k": [208], "q8_0": [0]}[kind]  # where the fp16 d (and dmin) of a block sit
+    at = {"q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "q8_0": [0]}[kind]  # where the fp16 d (and dmin) sit
     for start in at:
         raw[..., start : start + 2] = halves(1)
     return raw.reshape(rows, -1)
@@ -57,7 +58,7 @@ def gguf_reference(kind: str, raw: np.ndarray) -> torch.Tensor:
 
 def exact(kind: str, raw: np.ndarray) -> torch.Tensor:
     """The exact value of every weight, in float64 (spelled out from the block layout, independently of
-    `gguf_blocks.unpack`): float64 holds each product and Q4_K's sum exactly."""
+    `gguf_blocks.unpack`): float64 holds each product and Q4_K's and Q5_K's sums exactly."""
     rows = raw.shape[0]
     b = raw.reshape(rows, -1, BLOCK_BYTES[kind]).astype(np.int64)
     blocks = raw.reshape(rows, -1, BLOCK_BYTES[kind])
@@ -83,16 +84,18 @@ def exact(kind: str, raw: np.ndarray) -> torch.Tensor:
             sc = (s[..., j + 4] & 15) | (s[..., j - 4] >> 6) << 4
             m = (s[..., j + 4] >> 4) | (s[..., j] >> 6) << 4
         for r in range(32):
-            q = (b[..., 16 + 32 * (j // 2) + r] >> (4 * (j % 2))) & 15
+            q = (b[..., -128 + 32 * (j // 2) + r] >> (4 * (j % 2))) & 15
+            if kind == "q5_k":  # the fifth bit: bit j of qh[r], the 32 bytes after the scales
+                q = q | ((b[..., 16 + r] >> j) & 1) << 4
             out[..., 32 * j + r] = d * sc * q - dmin * m
     return torch.from_numpy(out.reshape(rows, -1))
 
 
 # --- (a) the blocks: unpacked as gguf decodes them, the parts expand to that bit for bit -------------------
 
-@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k", "q8_0"])
 def test_unpacked_blocks_are_ggufs_dequantization_bit_for_bit(kind: str) -> None:
-    # d from fp16 subnormals (2^-24) to 2^6: Q4_K's weights reach far past 1, where the float32 sum rounds
+    # d from fp16 subnormals (2^-24) to 2^6: Q4_K's and Q5_K's weights reach far past 1, where the sum rounds
     raw = random_blocks(kind, 64, 1024, np.random.default_rng(0), exponents=(-24, 6))
     arrays = gguf_blocks.unpack(kind, raw)
     tensors = tuple(torch.from_numpy(a) for a in arrays)
@@ -109,7 +112,10 @@ def test_unpacked_blocks_are_ggufs_dequantization_bit_for_bit(kind: str) -> None
             assert (got.double() != truth).any()  # some sums do round (weights above 1)
             small = truth.abs() < 1
             assert torch.equal(got.double()[small], truth[small])  # below 1 (every real weight): exact
-            assert tensors[0].dtype == torch.uint8 and tensors[0].shape == (64, 512)
+            packed = kind == "q4_k"  # int4's two codes a byte; Q5_K's one a byte, 0..31
+            assert tensors[0].dtype == (torch.uint8 if packed else torch.int8)
+            assert tensors[0].shape == (64, 512 if packed else 1024) and 0 <= int(tensors[0].min())
+            assert int(tensors[0].max()) == (255 if packed else 31) and len(tensors) == 3
 
 
 def reader_for(tmp_path: Path, layer: dict[str, tuple[str, np.ndarray]]) -> QuantizedReader:
@@ -128,10 +134,11 @@ def reader_for(tmp_path: Path, layer: dict[str, tuple[str, np.ndarray]]) -> Quan
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, tmp_path) -> None:
-    # one layer mixing the three types (as a Q4_K_M file mixes Q4_K and Q6_K), d and dmin from 2^-24 to 2^6
+    # one layer mixing the four types (as a Q4_K_M file mixes Q4_K and Q6_K), d and dmin from 2^-24 to 2^6
     rng = np.random.default_rng(1)
     layer = {"self_attn.q_proj.weight": ("q4_k", random_blocks("q4_k", 48, 512, rng, (-24, 6))),
              "self_attn.v_proj.weight": ("q6_k", random_blocks("q6_k", 40, 768, rng, (-24, 6))),
+             "mlp.up_proj.weight": ("q5_k", random_blocks("q5_k", 32, 512, rng, (-24, 6))),
              "mlp.down_proj.weight": ("q8_0", random_blocks("q8_0", 24, 512, rng, (-24, 6)))}
     reader = reader_for(tmp_path, layer)
     try:
@@ -140,8 +147,9 @@ def test_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, 
         shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
         layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
         encoded = LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
-        assert [t.kind for t in encoded.tensors] == ["int4", "int8", "int8", "raw"]
+        assert [t.kind for t in encoded.tensors] == ["int4", "int8", "int8", "int8", "raw"]
         assert [tuple(p.shape) for p in encoded.tensors[1].parts] == [(40, 768), (40, 48, 1)]  # groups of 16
+        assert [tuple(p.shape) for p in encoded.tensors[2].parts] == [(32, 512), (32, 16, 1), (32, 16, 1)]  # shifts
         assert [p.dtype for p in encoded.tensors[0].parts] == [torch.uint8, torch.float32, torch.float32]
         host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
         reader.fill_layer("model.layers.0.", encoded, host)
@@ -173,8 +181,8 @@ def test_gguf_marks_name_their_types_formats_and_bytes() -> None:
     assert scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q8_0"]}}) == Prequantized(
         "gguf", "int8", 0, gguf=(("q8_0", 1.0),))
     with pytest.raises(ValueError, match="not supported") as err:
-        scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q4_1"]}})
-    assert "GGUF Q8_0, Q6_K and Q4_K" in str(err.value) and "\n" not in str(err.value)
+        scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q3_k"]}})
+    assert "GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 and Q4_0" in str(err.value) and "\n" not in str(err.value)
 
 
 # --- (b), (c) a tiny K-quant GGUF converted, loaded and streamed -----------------------------------------

@@ -1,4 +1,5 @@
-"""GGUF blocks kept as codes when a GGUF is converted (`sources.convert_gguf`): Q8_0, Q6_K and Q4_K.
+"""GGUF blocks kept as codes when a GGUF is converted (`sources.convert_gguf`): Q8_0, Q6_K, Q5_K, Q5_1, Q5_0,
+Q4_K, Q4_1 and Q4_0.
 
 transformers dequantizes every tensor of a GGUF (into bf16 here). The decoder layers' matrices stored in one
 of these types keep their codes instead, laid out as the stream format they map onto exactly
@@ -14,12 +15,22 @@ of these types keep their codes instead, laid out as the stream format they map 
   column in the high nibble), `X.q4_k_scales` float32 (d * sc_j) and `X.q4_k_shifts` float32 (-dmin * m_j)
   [out, in / 32], both exact; int4 with float32 stores, expanded as q * scale + shift: the product exact,
   one float32 rounding of the sum (gguf's and llama.cpp's own arithmetic), then one into the compute dtype.
+- Q5_K (Q4_K's layout with a fifth bit of each q in 32 bytes `qh`: bit j of qh[r] for weight 32j + r): as
+  Q4_K but `X.q5_k_codes` int8 [out, in] (q, 0..31), int8 with a float32 shift per group of 32.
+- Q4_0 / Q4_1 (blocks of 32: fp16 d (Q4_1: and m), 16 bytes of q, weight r < 16 in the low nibble of byte r
+  and weight 16 + r in its high nibble; w = d * (q - 8), w = d * q + m): Q4_1 as Q4_K (float32 scales d,
+  shifts m: gguf's own sum); Q4_0's codes q - 8 as two's-complement nibbles (`X.q4_0_codes` int8, int4's
+  packing), scales d and shifts -0.0, so (q - 8) * d + -0.0 is gguf's product to the sign of each zero
+  (q * d - 8d, unsigned codes, gives +0.0 where gguf gives -0.0: q = 8 with d < 0); int4.
+- Q5_0 / Q5_1 (Q4_0 / Q4_1 with a fifth bit of each q in a little-endian uint32 `qh` after d (and m), bit r
+  for weight r; w = d * (q - 16), w = d * q + m): Q5_0 as Q8_0 (`X.q5_0_codes` int8 q - 16, fp16 d), Q5_1 as
+  Q5_K (int8 q, float32 d and m); int8.
 The config gets `quantization_config` {"quant_method": "gguf", "types": [...], "shares": {type: share of the
 decoder layers' parameters}} (`mark`, read by `planning.prequantized`). Each kept weight is checked against
 transformers' conversion (its dequantization rounded to the model's dtype equals what transformers wrote): a
 weight whose GGUF-to-HF name map or row permutation did not reproduce it stays as transformers wrote it.
 
-Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q5_K / Q2_K / Q3_K and the rest stay dequantized: not supported yet.
+Q2_K / Q3_K / IQ* and the rest stay dequantized: not supported yet.
 """
 
 from __future__ import annotations
@@ -31,9 +42,11 @@ import numpy as np
 import torch
 
 from ..planning.prequantized import GGUF_TYPES
+from .quant import int4_codes
 
 QK_K = 256  # weights per K-quant super-block
-PARTS = {"q8_0": ("codes", "scales"), "q6_k": ("codes", "scales"), "q4_k": ("codes", "scales", "shifts")}
+PARTS = {kind: ("codes", "scales", "shifts")[: 1 + stores] for kind, (_, _, stores) in GGUF_TYPES.items()}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}  # blocks of 32 weights
 
 
 def keys(kind: str) -> tuple[str, ...]:
@@ -50,48 +63,76 @@ class Kept:
 
     @property
     def numel(self) -> int:
-        return self.tensors[0].numel() * (2 if self.kind == "q4_k" else 1)
+        return self.tensors[0].numel() * (2 if GGUF_TYPES[self.kind][0] == "int4" else 1)
+
+
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at byte `at` of each block of `b` [out, n, block bytes], as float32 [out, n, 1]."""
+    return np.ascontiguousarray(b[..., at : at + 2]).view(np.float16).astype(np.float32)
+
+
+def _int4(q: np.ndarray) -> np.ndarray:
+    """Codes 0..15 [out, in] in the int4 format's packing [out, in / 2]: the even column in the high nibble."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).astype(np.uint8)
 
 
 def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
     """A GGUF matrix's raw blocks (uint8 [out, blocks * block bytes]) as `keys(kind)`'s arrays."""
     out = raw.shape[0]
     if kind == "q8_0":
-        b = raw.reshape(out, -1, 34)  # [out, in / 32, d q..]
+        b = raw.reshape(out, -1, BLOCK_BYTES[kind])  # [out, in / 32, d q..]
         return (np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(out, -1),
                 np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0])
-    b = raw.reshape(out, -1, 210 if kind == "q6_k" else 144)  # [out, in / 256, block]
+    if kind in BLOCK_BYTES:  # q4_0 d qs[16]; q4_1 d m qs; q5_0 d qh[4] qs; q5_1 d m qh qs
+        b = raw.reshape(out, -1, BLOCK_BYTES[kind])  # [out, in / 32, block]
+        qs = b[..., -16:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1)  # [out, n, 32]: weight r < 16 low, 16 + r high
+        d = _f16(b, 0)
+        if kind.startswith("q5"):  # bit r of the little-endian uint32 before qs: weight r's fifth bit
+            qh = np.unpackbits(b[..., -20:-16], axis=-1, bitorder="little")
+            q = q | qh << 4
+        if kind == "q5_0":
+            return (q.astype(np.int8) - np.int8(16)).reshape(out, -1), d[..., 0].astype(np.float16)
+        q = q.reshape(out, -1)
+        if kind == "q4_0":  # (q - 8) & 15 = q ^ 8: the nibble of q - 8
+            return _int4(q ^ 8).view(np.int8), d[..., 0], np.full_like(d[..., 0], -0.0)
+        codes = _int4(q) if kind == "q4_1" else q.astype(np.int8)
+        return codes, d[..., 0], _f16(b, 2)[..., 0]
+    b = raw.reshape(out, -1, {"q6_k": 210, "q5_k": 176, "q4_k": 144}[kind])  # [out, in / 256, block]
     if kind == "q6_k":  # ql[128] qh[64] scales[16] d: weight 128h + 64s + l has low bits ql[64h + l] >> 4s,
         ql, qh = b[..., :128].reshape(out, -1, 2, 1, 64), b[..., 128:192].reshape(out, -1, 2, 1, 32)
         low = (ql >> np.array([0, 4], np.uint8)[:, None]) & 15  # [out, n, 2, 2, 64]
         high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # weight 128h + 32k + l: qh[32h + l] >> 2k
         q = (low.reshape(out, -1, QK_K) | high.reshape(out, -1, QK_K) << 4).astype(np.int8) - np.int8(32)
-        d = np.ascontiguousarray(b[..., 208:210]).view(np.float16).astype(np.float32)  # [out, n, 1]
-        scales = d * np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)  # exact
+        scales = _f16(b, 208) * np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)  # exact
         return q.reshape(out, -1), scales.reshape(out, -1)
-    # q4_k: d dmin scales[12] qs[128]; sub-block 2i holds the low nibbles of qs[32i:32i + 32], 2i + 1 the high
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).astype(np.float32)  # [out, n, 1]
-    dmin = np.ascontiguousarray(b[..., 2:4]).view(np.float16).astype(np.float32)
+    # q4_k: d dmin scales[12] qs[128]; q5_k: d dmin scales[12] qh[32] qs[128]. Sub-block 2i holds the low
+    # nibbles of qs[32i:32i + 32], 2i + 1 the high; Q5_K's sub-block j takes bit j of qh[r] as weight r's fifth
+    d, dmin = _f16(b, 0), _f16(b, 2)  # [out, n, 1]
     s = b[..., 4:16]
     lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]  # sc_j, m_j: 6 bits of bytes j, j + 4 (j < 4); else
     sc = np.concatenate([lo & 63, (hi & 15) | (lo >> 6) << 4], axis=-1)  # 4 bits of byte j + 4 and the top 2
     m = np.concatenate([mid & 63, (hi >> 4) | (mid >> 6) << 4], axis=-1)  # of bytes j - 4 (sc) and j (m)
-    qs = b[..., 16:144].reshape(out, -1, 4, 1, 32)
+    qs = b[..., -128:].reshape(out, -1, 4, 1, 32)
     q = ((qs >> np.array([0, 4], np.uint8)[:, None]) & 15).reshape(out, -1)  # [out, in], 0..15
     scales = (d * sc.astype(np.float32)).reshape(out, -1)  # exact: 11 x 6 significant bits
     shifts = -(dmin * m.astype(np.float32)).reshape(out, -1)
-    return (q[:, ::2] << 4 | q[:, 1::2]).astype(np.uint8), scales, shifts
+    if kind == "q4_k":
+        return _int4(q), scales, shifts
+    qh = b[..., 16:48].reshape(out, -1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None] & 1  # [out, n, 8, 32]
+    return (q | qh.reshape(out, -1) << 4).astype(np.int8), scales, shifts
 
 
 def dequantize(kind: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The reference dequantization in float32, [out, in]: code * scale (exact) for Q8_0 and Q6_K;
-    q * scale + shift for Q4_K (the product exact, the sum rounded once, as gguf computes d * sc * q - dmin * m)."""
+    """The reference dequantization in float32, [out, in]: code * scale (exact) for Q8_0, Q6_K and Q5_0;
+    code * scale + shift for the rest (the product exact, the sum rounded once, as gguf computes d * sc * q -
+    dmin * m and d * q + m; Q4_0's (q - 8) * d + -0.0 is its product)."""
     codes, scales = tensors[0], tensors[1].float()
     out = codes.shape[0]
-    if kind != "q4_k":
-        return (codes.float().view(out, scales.shape[1], -1) * scales[..., None]).view(out, -1)
-    q = torch.stack([codes >> 4, codes & 15], dim=-1).view(out, scales.shape[1], -1).float()
-    return (q * scales[..., None] + tensors[2][..., None]).view(out, -1)
+    if GGUF_TYPES[kind][0] == "int4":
+        codes = int4_codes(codes)
+    w = codes.view(out, scales.shape[1], -1).float() * scales[..., None]
+    return (w + tensors[2][..., None] if len(tensors) > 2 else w).view(out, -1)
 
 
 def kept_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[str, Kept]:

@@ -5,7 +5,9 @@ too) and quantized along its last dim. Encoding runs once at load, on the GPU wh
 expansion runs every step, into the compute dtype in a ring slot, with plain torch ops (int4 on CUDA:
 one Triton kernel) that write the slot directly (no full-size temporaries):
 - int8: symmetric, a float32 scale per group of `SCALED_GROUP` inputs (absmax / 127); one fused
-  multiply `q * scale` of [rows, groups, group] codes by [rows, groups, 1] scales into the slot.
+  multiply `q * scale` of [rows, groups, group] codes by [rows, groups, 1] scales into the slot. A GGUF's
+  Q5_1 / Q5_K codes (0..31) pass through with a third part, a float32 shift per group: one fused
+  `q * scale + shift` (the product exact, the sum rounded once in float32, as gguf computes it).
 - fp8: e4m3 codes, a float32 scale per group of `SCALED_GROUP` inputs; a cast into the slot (e4m3 is
   exact in bf16) then a multiply by the groups' scales. e4m3's grid repeats at every power of two, so
   mapping the group's largest magnitude to 448 is only one of many equally valid scales: encoding tries
@@ -16,9 +18,11 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   with q in 0..15 (the convention of torch's int4 kernels and of `runtime.self_draft`); two codes a
   byte, the even column in the high nibble. Expansion writes `q * scale + (zero - 8 * scale)` into the
   slot (float32 arithmetic, one rounding into the compute dtype). Where a checkpoint's codes pass through
-  (GPTQ, AWQ, GGUF Q4_K: `runtime.prequantized`) the scale and the third part are float32 and that part is
-  the shift itself, `w = q * scale + shift`: its shift (-z * scale, -dmin * m) is exact in float32 where
-  zero = shift + 8 * scale need not be, and adding it as it is keeps the checkpoint's arithmetic. On CUDA
+  (GPTQ, AWQ, GGUF Q4_0 / Q4_1 / Q4_K: `runtime.prequantized`) the scale and the third part are float32 and
+  that part is the shift itself, `w = q * scale + shift`: its shift (-z * scale, -dmin * m, m) is exact in
+  float32 where zero = shift + 8 * scale need not be, and adding it as it is keeps the checkpoint's arithmetic.
+  int8 packed codes are two's-complement nibbles, -8..7: GGUF Q4_0's q - 8 with a shift of -0.0, so that
+  `(q - 8) * d + -0.0` is gguf's `(q - 8) * d` bit for bit (`q * d - 8d` would turn its -0.0s into +0.0). On CUDA
   bf16 stores take one Triton launch per weight (`runtime.int4_kernel`: each program reads a tile of packed bytes once and writes both codes'
   values), bit for bit the torch path's; the torch path (the nibbles unpacked into a byte a code in the
   expander's scratch, a chunk of rows at a time, then one fused multiply-add into the slot, about 100
@@ -86,16 +90,18 @@ def scaled_group(shape: tuple[int, ...]) -> int:
     return _group_for(shape[-1], SCALED_GROUP) or shape[-1]
 
 
-def part_shapes(kind: str, shape: tuple[int, ...], group: int | None = None,
-                store: torch.dtype = INT4_STORE) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def part_shapes(kind: str, shape: tuple[int, ...], group: int | None = None, store: torch.dtype = INT4_STORE,
+                shifts: bool = False) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) of each part `kind` encodes a weight of `shape` into: groups of `group` inputs
     (None: the format's own choice) and, for int4, packed codes, then scales and zeros in `store`, bf16 (the
     format's own encoder); a pre-quantized checkpoint's codes pass through with float32 `store`, where the
-    third part holds the shift (zero - 8 * scale) itself (`runtime.prequantized`)."""
+    third part holds the shift (zero - 8 * scale) itself (`runtime.prequantized`). int8 with `shifts`: a
+    float32 shift per group after the scales (a GGUF's Q5_1 / Q5_K codes passing through)."""
     rows, cols = rows_cols(shape)
     if kind in ("int8", "fp8"):
         groups = cols // (group or scaled_group(shape))
-        return [((rows, cols), torch.int8 if kind == "int8" else FP8), ((rows, groups, 1), torch.float32)]
+        stores = [((rows, groups, 1), torch.float32)] * (2 if shifts and kind == "int8" else 1)
+        return [((rows, cols), torch.int8 if kind == "int8" else FP8), *stores]
     if kind == "int4":
         groups = cols // (group or int4_group(shape))
         return [((rows, cols // 2), torch.uint8), ((rows, groups, 1), store), ((rows, groups, 1), store)]
@@ -172,15 +178,24 @@ def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor, scratch: tor
     rows, cols = rows_cols(tuple(out.shape))
     dst = out.view(rows, cols)
     if kind in ("int8", "fp8"):
-        codes, scale = parts
+        codes, scale = parts[:2]
         groups = dst.view(rows, scale.shape[1], -1)  # [rows, groups, group], scale [rows, groups, 1]
-        if kind == "int8":
+        if kind == "int8" and len(parts) > 2:  # a pass-through's shift [rows, groups, 1]: q * scale + shift
+            torch.addcmul(parts[2], codes.view(groups.shape), scale, out=groups)
+        elif kind == "int8":
             torch.mul(codes.view(groups.shape), scale, out=groups)
         else:
             dst.copy_(codes)  # float8 takes no part in type promotion: cast first, then scale in place
             groups.mul_(scale)
     else:
         _expand_int4(*parts, dst, scratch)
+
+
+def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The codes [rows, cols] of int4's packing `packed` [rows, cols / 2] (the even column in the high nibble):
+    0..15 from uint8, -8..7 from int8 (two's-complement nibbles)."""
+    low = packed << 4 >> 4 if packed.dtype == torch.int8 else packed & 15
+    return torch.stack([packed >> 4, low], dim=-1).view(packed.shape[0], -1)
 
 
 def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor,
@@ -202,6 +217,7 @@ def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     """`_expand_int4` in torch ops on any device (the CPU's path, CUDA's fallback, the kernel's reference)."""
     rows, cols = dst.shape
     groups = scale.shape[1]
+    signed = packed.dtype == torch.int8
     step = max(1, min(rows, INT4_CHUNK_CODES // cols))
     if scratch is None or scratch.numel() < int4_scratch_bytes(step * cols):  # unplanned: a temporary
         scratch = torch.empty(int4_scratch_bytes(step * cols), dtype=torch.uint8, device=dst.device)
@@ -209,9 +225,12 @@ def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         n = r1 - r0
-        q = scratch[: n * cols].view(n, cols // 2, 2)
-        torch.bitwise_right_shift(packed[r0:r1], 4, out=q[..., 0])
-        torch.bitwise_and(packed[r0:r1], 15, out=q[..., 1])
+        q = scratch[: n * cols].view(torch.int8 if signed else torch.uint8).view(n, cols // 2, 2)
+        torch.bitwise_right_shift(packed[r0:r1], 4, out=q[..., 0])  # int8: sign-extending
+        if signed:
+            torch.bitwise_left_shift(packed[r0:r1], 4, out=q[..., 1]).bitwise_right_shift_(4)
+        else:
+            torch.bitwise_and(packed[r0:r1], 15, out=q[..., 1])
         if zero.dtype == torch.float32:  # a pass-through's shift, added as it is
             shift = zero[r0:r1]
         else:  # exact: float32 holds zero - 8 * scale of bf16s

@@ -1,0 +1,284 @@
+"""GGUF Q4_0, Q4_1, Q5_0 and Q5_1 decoder weights stream as their own codes (`runtime.gguf_blocks`): Q4_1 as
+int4 with float32 scales d and shifts m per group of 32 (d * q + m: the product exact, one rounding of the sum,
+gguf's own arithmetic), Q4_0 as int4 of signed codes q - 8 with scales d and shifts -0.0, Q5_0 as int8 (codes
+q - 16, scales d), Q5_1 as int8 (codes q) with float32 scales d and shifts m.
+
+The reference is gguf's own dequantization (`gguf.quants.dequantize`, float32), compared as bits: Q4_0's
+(q - 8) * d gives -0.0 wherever q = 8 and d < 0, which `q * d - 8d` (unsigned codes, shift -8d) would turn
+into +0.0. The blocks are gguf's own quantization (`gguf.quants.quantize`, llama.cpp's reference rounding) of
+random weights whose blocks span fp16 subnormal to near-overflow scales, with blocks of all zeros, of one
+value and of one weight. The tiny GGUF (SmolLM2's tokenizer and llama metadata, hidden 256) mixes the four
+types with Q5_K, Q6_K and Q8_0, a Q3_K matrix (not kept: dequantized) and a Q6_K embedding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_gguf_kquants import GEN, gguf_reference, random_blocks, reader_for
+
+import overspill
+from overspill.api import placement_of
+from overspill.planning.prequantized import scheme_of, stream_format_for
+from overspill.runtime import gguf_blocks
+from overspill.runtime.formats import Expander, LossyLayer
+from overspill.runtime.layout import ALIGN, LayerLayout
+from overspill.runtime.prequantized import QuantizedReader
+
+LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+def weights(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 [rows, cols], N(0, 1) per block of 32 times 10^e, e in -8..4 (fp16 d from subnormal or zero
+    to thousands); the first row's blocks: all zeros, one value, one nonzero weight, then +-60000 (fp16 near
+    overflow)."""
+    w = rng.standard_normal((rows, cols // 32, 32)) * 10.0 ** rng.integers(-8, 5, (rows, cols // 32, 1))
+    w[0, 0], w[0, 1], w[0, 2] = 0, 0.37, 0
+    w[0, 2, 5] = -3e-3
+    w[0, 3] = np.where(rng.random(32) < 0.5, 6e4, -6e4)
+    return w.reshape(rows, cols).astype(np.float32)
+
+
+def quantized(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    return quants.quantize(weights(rows, cols, rng), GGMLQuantizationType[kind.upper()])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+# --- (a) the blocks: unpacked as gguf decodes them, the parts expand to that bit for bit -------------------
+
+@pytest.mark.parametrize("kind", LEGACY)
+def test_unpacked_blocks_are_ggufs_dequantization_bit_for_bit(kind: str) -> None:
+    raw = quantized(kind, 64, 1024, np.random.default_rng(0))
+    tensors = tuple(torch.from_numpy(a) for a in gguf_blocks.unpack(kind, raw))
+    want = gguf_reference(kind, raw)
+    got = gguf_blocks.dequantize(kind, tensors)
+    assert got.dtype == torch.float32 and torch.equal(bits(got), bits(want))
+    assert torch.equal(want[0, :32], torch.zeros(32)) and want[0, 96:128].abs().min() > 5e4  # the first row's blocks
+    scales = tensors[1].float()
+    assert (scales == 0).any() and ((scales != 0) & (scales.abs() < 2**-14)).any()  # fp16 d of zero, subnormal
+    codes = {"q4_0": (torch.int8, 512), "q4_1": (torch.uint8, 512), "q5_0": (torch.int8, 1024),
+             "q5_1": (torch.int8, 1024)}[kind]
+    assert (tensors[0].dtype, tensors[0].shape[1]) == codes and len(tensors) == (2 if kind == "q5_0" else 3)
+    if kind == "q5_0":
+        assert int(tensors[0].min()) == -16 and int(tensors[0].max()) == 15  # q - 16
+    if kind == "q5_1":
+        assert int(tensors[0].min()) == 0 and int(tensors[0].max()) == 31
+    if kind == "q4_0":  # why its codes are signed: d * (q - 8) is -0.0 at q = 8 under a negative d
+        negative_zero = bits(want) == bits(torch.tensor(-0.0))
+        assert negative_zero.any() and torch.equal(bits(tensors[2]), bits(torch.full_like(tensors[2], -0.0)))
+        unsigned = torch.stack([tensors[0] >> 4, tensors[0] << 4 >> 4], -1).view(64, 32, 32).float() + 8
+        d = tensors[1][..., None]
+        naive = (unsigned * d + -8 * d).view(64, -1)  # q * d - 8d: the same values, +0.0 for those -0.0s
+        assert torch.equal(naive, want) and torch.equal(bits(naive) != bits(want), negative_zero)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, tmp_path) -> None:
+    check_layer(dtype, torch.device("cpu"), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, tmp_path) -> None:
+    check_layer(dtype, torch.device("cuda"), tmp_path)  # CUDA's shifts, addcmul and signed unpacking
+
+
+def check_layer(dtype: torch.dtype, device: torch.device, tmp_path: Path) -> None:
+    """One layer of the four types (int4 with int8 (signed) and uint8 codes, int8 with and without shifts)
+    filled from a converted-GGUF-like checkpoint and expanded on `device`: gguf's reference, bit for bit."""
+    rng = np.random.default_rng(1)
+    layer = {"self_attn.q_proj.weight": ("q4_0", quantized("q4_0", 48, 512, rng)),
+             "self_attn.k_proj.weight": ("q4_1", quantized("q4_1", 40, 768, rng)),
+             "self_attn.v_proj.weight": ("q5_0", quantized("q5_0", 24, 512, rng)),
+             "mlp.down_proj.weight": ("q5_1", quantized("q5_1", 32, 256, rng))}
+    reader = reader_for(tmp_path, layer)
+    try:
+        assert reader.scheme.stream_format == "int4" and reader.scheme.label == "GGUF Q4_0+Q4_1+Q5_0+Q5_1"
+        names = [*layer, "input_layernorm.weight"]
+        shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
+        layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
+        encoded = LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
+        assert [t.kind for t in encoded.tensors] == ["int4", "int4", "int8", "int8", "raw"]
+        f32 = torch.float32
+        assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[0].parts] == [
+            ((48, 256), torch.int8), ((48, 16, 1), f32), ((48, 16, 1), f32)]  # Q4_0: two's-complement nibbles
+        assert encoded.tensors[1].parts[0].dtype == torch.uint8
+        assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[2].parts] == [((24, 512), torch.int8), ((24, 16, 1), f32)]
+        assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[3].parts] == [
+            ((32, 256), torch.int8), ((32, 8, 1), f32), ((32, 8, 1), f32)]  # Q5_1: a shift per group
+        host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
+        reader.fill_layer("model.layers.0.", encoded, host)
+        slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)
+        encoded.expand(host.to(device), slot, Expander(device, 0, 0))
+        for (name, (kind, raw)), got in zip(layer.items(), layout.views(slot)):
+            reference = gguf_reference(kind, raw).to(dtype)  # gguf's float32, rounded once into dtype
+            assert torch.equal(bits(got.cpu()), bits(reference)), (name, dtype)
+            resident = torch.empty(reference.shape, dtype=dtype, device=device)
+            reader.fill("model.layers.0." + name, resident)  # what a resident layer gets
+            assert torch.equal(bits(resident.cpu()), bits(reference)), (name, dtype)
+    finally:
+        reader.close()
+
+
+def test_gguf_marks_name_the_new_types_formats_and_bytes() -> None:
+    q4_0 = scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q4_0"], "shares": {"q4_0": 1.0}}})
+    assert q4_0.stream_format == "int4" and stream_format_for(q4_0, "auto")[1].endswith("keep its codes (int4)")
+    assert q4_0.stream_bytes(2 * 1024, 2) == 768  # 0.5 + 8 / 32 bytes a weight
+    q5 = scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q5_1", "q5_0"],
+                                            "shares": {"q5_0": 0.5, "q5_1": 0.5}}})
+    assert q5.stream_format == "int8" and q5.label == "GGUF Q5_0+Q5_1"
+    assert q5.stream_bytes(2 * 1024, 2) == 512 * (1 + 4 / 32) + 512 * (1 + 8 / 32)  # Q5_1: a scale and a shift
+    mixed = scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q6_k", "q4_0"]}})
+    assert stream_format_for(mixed, "auto")[1].endswith("keep its codes (Q4_0 as int4, Q6_K as int8)")
+
+
+# --- (b) a tiny GGUF of the four types (with Q5_K, Q6_K, Q8_0 and a Q3_K left dequantized) -------------
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 4
+SHAPES = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (128, HIDDEN), "attn_v": (128, HIDDEN),
+          "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
+# layers 0-1 a Q4_0 model, 2-3 a Q4_1 one; attn_v and ffn_down in the other types; one Q3_K matrix
+OTHERS = {0: ("q5_0", "q5_k"), 1: ("q5_1", "q5_1"), 2: ("q5_k", "q5_0"), 3: ("q6_k", "q8_0")}
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output":
+      "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+PER_WEIGHT = {"q4_0": 0.75, "q4_1": 0.75, "q5_0": 1.125, "q5_1": 1.25, "q5_k": 1.25, "q3_k": 2}  # streamed bf16 bytes
+
+
+def tensor_type(name: str, layer: int) -> str:
+    if name == "attn_output" and layer == 1:
+        return "q3_k"
+    if name in ("attn_v", "ffn_down"):
+        return OTHERS[layer][name == "ffn_down"]
+    return "q4_0" if layer < 2 else "q4_1"
+
+
+@pytest.fixture(scope="module")
+def legacy_gguf(tmp_path_factory, overspill_cache) -> Path:
+    """SmolLM2's GGUF metadata (tokenizer, llama) with hidden 256, 4 heads (2 KV), 4 layers; decoder matrices
+    as `tensor_type` says (Q4_0 / Q4_1 / Q5_0 / Q5_1 quantized by gguf from weights of a few hundredths, the
+    K-quants random blocks of that size), a Q6_K embedding, F32 norms."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    from overspill.runtime.sources import default_gguf_path
+
+    source = GGUFReader(default_gguf_path())
+    arch = source.fields["general.architecture"].contents()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-legacy.gguf"
+    writer = GGUFWriter(str(path), arch)
+    sizes = {"block_count": LAYERS, "embedding_length": HIDDEN, "feed_forward_length": FFN,
+             "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS,
+             "rope.dimension_count": HIDDEN // HEADS}
+    for field in source.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        value = field.contents()
+        if field.name.startswith(f"{arch}."):
+            value = sizes.get(field.name[len(arch) + 1 :], value)
+        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    rng = np.random.default_rng(0)
+    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+    writer.add_tensor("token_embd.weight", random_blocks("q6_k", vocab, HIDDEN, rng, (-14, -13)),
+                      raw_dtype=GGMLQuantizationType.Q6_K)
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    for i in range(LAYERS):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        for name, (rows, cols) in SHAPES.items():
+            kind = tensor_type(name, i)
+            if kind in LEGACY:
+                data = quants.quantize((0.05 * rng.standard_normal((rows, cols))).astype(np.float32),
+                                       GGMLQuantizationType[kind.upper()])
+            elif kind == "q3_k":  # hmask[32] qs[64] scales[12] d: |w| up to 128 d
+                data = rng.integers(0, 256, (rows, cols // 256, 110), dtype=np.uint8)
+                data[..., 108:] = np.full(data.shape[:2], 2.0**-12, np.float16)[..., None].view(np.uint8)
+                data = data.reshape(rows, -1)
+            else:  # |w| up to about 2000 d (Q5_K), 4096 d (Q6_K), 128 d (Q8_0)
+                e = {"q5_k": (-17, -16), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
+                data = random_blocks(kind, rows, cols, rng, e)
+            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=GGMLQuantizationType[kind.upper()])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_converted_gguf_keeps_the_codes_of_every_kept_type(legacy_gguf) -> None:
+    from safetensors import safe_open
+
+    from overspill.runtime.sources import convert_gguf
+
+    converted = convert_gguf(legacy_gguf)
+    mark = json.loads((converted / "config.json").read_text())["quantization_config"]
+    assert mark["types"] == ["q4_0", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]  # not q3_k
+    params = sum(r * c for r, c in SHAPES.values())
+    kept = (LAYERS * params - HIDDEN * HIDDEN) / (LAYERS * (params + 2 * HIDDEN))  # all but the Q3_K and the norms
+    assert sum(mark["shares"].values()) == pytest.approx(kept, abs=1e-5)
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for i in range(LAYERS):
+            for name in SHAPES:
+                base, kind = f"model.layers.{i}.{HF[name]}", tensor_type(name, i)
+                if kind == "q3_k":  # not kept: transformers' dequantization, as before
+                    assert base + ".weight" in keys and f.get_tensor(base + ".weight").dtype == torch.bfloat16
+                else:
+                    assert {base + k for k in gguf_blocks.keys(kind)} <= keys and base + ".weight" not in keys
+        assert f.get_tensor("model.layers.0.mlp.up_proj.q4_0_codes").dtype == torch.int8
+        assert f.get_tensor("model.layers.1.mlp.down_proj.q5_1_shifts").shape == (HIDDEN, FFN // 32)
+        assert "model.embed_tokens.weight" in keys  # the Q6_K embedding, outside the decoder: dequantized
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_legacy_quants_decode_as_the_dequantized_model_resident(dtype: str, legacy_gguf) -> None:
+    from gguf import GGUFReader
+    from test_stream_formats import tiny_plan
+
+    from overspill.runtime.sources import convert_gguf
+
+    converted = convert_gguf(legacy_gguf)
+    plan = tiny_plan(converted, getattr(torch, dtype), streamed=3)  # layers 0-2 stream: every new type
+    want, tok = overspill.load(legacy_gguf, dtype=dtype, gpu_memory=None, progress=False)
+    model, _ = overspill.load(legacy_gguf, dtype=dtype, plan=plan, progress=False)
+    placement = placement_of(model)
+    assert placement.plan.stream_format == "int4" and len(placement.plan.streamed_layers) == 3
+    assert any("streamed layers keep its codes (Q4_0 as int4, Q4_1 as int4, Q5_0 as int8, Q5_1 as int8, Q5_K as "
+               "int8, Q6_K as int8, Q8_0 as int8)" in n for n in placement.plan.notes)
+    if dtype == "float32":  # resident weights are gguf's own dequantization, bit for bit (zeros' signs too)
+        tensors = {t.name: t for t in GGUFReader(legacy_gguf).tensors}
+        for i, name in ((0, "ffn_up"), (2, "attn_output"), (0, "attn_v"), (1, "ffn_down"), (0, "ffn_down")):
+            t = tensors[f"blk.{i}.{name}.weight"]
+            got = want.get_submodule(f"model.layers.{i}.{HF[name]}").weight
+            assert torch.equal(bits(got), bits(gguf_reference(t.tensor_type.name.lower(), np.asarray(t.data))))
+    else:  # the link carries each layer's codes, as many bytes as the types say
+        scheme = scheme_of(json.loads((converted / "config.json").read_text()))
+        reader = QuantizedReader(converted, scheme)
+        try:
+            for i, layer in enumerate(placement.ring.layers):
+                want_bytes = sum(r * c * PER_WEIGHT[tensor_type(n, i)] for n, (r, c) in SHAPES.items()) + 2 * HIDDEN * 2
+                assert want_bytes <= layer.host.numel() <= want_bytes + ALIGN * (3 * len(SHAPES) + 2)
+                up = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.up_proj.weight")
+                stored = reader.raw(f"model.layers.{i}.mlp.up_proj.{tensor_type('ffn_up', i)}_codes")
+                assert torch.equal(up.parts[0].view(layer.host), stored)
+        finally:
+            reader.close()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+        b = model.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
+    logits = torch.stack(a.logits)
+    assert torch.isfinite(logits).all() and not torch.equal(logits[0], logits[-1])  # a random model: some signal
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(logits, torch.stack(b.logits))
