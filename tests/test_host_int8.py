@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from overspill.api import placement_of
 from overspill.errors import OverspillError
 from overspill.runtime import cpu_rank
-from overspill.runtime.host_int8 import Int8Linear
+from overspill.runtime.host_int8 import K_ALIGN, Int8Linear
+from overspill.runtime.tp_split import Dims
 from overspill.runtime.split_layer import SplitLayer
 
 from conftest import N_LAYERS
@@ -35,6 +36,27 @@ def test_int8_linear_is_the_dequantized_product(dtype: torch.dtype) -> None:
     want = F.linear(x.float(), dequant) + b.float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(lin(x).float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("width", [19, 4100, 5734])
+def test_int8_linear_of_any_input_width_is_the_dequantized_product(width: int) -> None:
+    """torch's CPU int8 kernel reads inputs in blocks of 16; at other widths it gave garbage or segfaulted
+    (5734: an 8B down projection's CPU share), so Int8Linear pads them."""
+    g = torch.Generator().manual_seed(width)
+    w = (torch.randn(64, width, generator=g) * 0.05).to(torch.bfloat16)
+    lin = Int8Linear(w, None)
+    assert lin.weight_q.shape[1] % K_ALIGN == 0 and lin.weight_q[:, width:].eq(0).all()
+    dequant = lin.weight_q[:, :width].float() * lin.scales.float()[:, None]
+    for tokens in (1, 7):
+        x = torch.randn(tokens, width, generator=g).to(torch.bfloat16)
+        torch.testing.assert_close(lin(x).float(), F.linear(x.float(), dequant), rtol=3e-2, atol=3e-2)
+
+
+def test_int8_shares_take_mlp_columns_in_the_kernels_blocks() -> None:
+    dims = Dims(heads=32, kv_heads=8, head_dim=128, intermediate=14336)
+    for fraction in (0.1, 0.37, 0.4, 0.6):
+        assert cpu_rank.tp_share(dims, fraction, "int8").mlp_cols % K_ALIGN == 0
+    assert cpu_rank.tp_share(dims, 0.4).mlp_cols == 5734  # bf16 shares keep the nearest column
 
 
 @pytest.mark.parametrize("arch", DENSE)

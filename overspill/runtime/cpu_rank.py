@@ -31,6 +31,7 @@ from ..planning.cpu_rank import HOST_FORMATS, checked_options, with_cpu_rank
 from ..planning.formats import NATIVE
 from ..planning.plan import Footprint, Plan
 from ..planning.profile import Profile
+from .host_int8 import K_ALIGN
 from .kv import PresizedLayer
 from .split_layer import SplitLayer
 from .tp_split import SUPPORTED, Dims, Share, check_supported, dims_of, share_of
@@ -193,7 +194,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
                              "--stream-format bf16 with --cpu-compute")
     dims = dims_of(model.config)
     host_kv = set(placement.plan.kv_host_layers)
-    splits = {i for i, f in fractions.items() if tp_share(dims, f) is not None}
+    splits = {i for i, f in fractions.items() if tp_share(dims, f, host_format) is not None}
     if not host_kv <= splits:  # a TieredCache stages every host-tier layer in slots of one KV shape
         fractions = {i: f for i, f in fractions.items() if i not in host_kv}
     rank = CpuRank(placement.device, threads, placement.plan.workload.context)
@@ -201,7 +202,7 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
     layers = model.get_submodule(placement.layers_path)
     for pos in range(len(ring.layers)):  # by index: a copied list would keep every replaced layer's host bytes alive
         streamed = ring.layers[pos]
-        share = tp_share(dims, fractions.get(streamed.index, 0.0))
+        share = tp_share(dims, fractions.get(streamed.index, 0.0), host_format)
         if share is None:
             continue
         split = SplitLayer(streamed, dims, share, rank, max_tokens, host_format)
@@ -214,9 +215,10 @@ def enable(model: nn.Module, fractions: dict[int, float], threads: int | None = 
     return rank
 
 
-def tp_share(dims: Dims, fraction: float) -> Share | None:
-    """The share for `fraction`, or None where it rounds to nothing."""
-    share = share_of(dims, fraction)
+def tp_share(dims: Dims, fraction: float, host_format: str = "bf16") -> Share | None:
+    """The share for `fraction`, or None where it rounds to nothing; int8 host weights take MLP columns
+    in whole blocks of their kernel (`host_int8.K_ALIGN`: the down projection's input width)."""
+    share = share_of(dims, fraction, K_ALIGN if host_format == "int8" else 1)
     return None if share.kv_heads == 0 and share.mlp_cols == 0 else share
 
 

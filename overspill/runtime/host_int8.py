@@ -19,6 +19,10 @@ from torch import nn
 from .tp_split import twin
 
 SCALE = ".scale"  # suffix of a quantized weight's per-row scales in a packed int8 share
+# torch._weight_int8pack_mm on the CPU reads the input features in blocks of 16: at other widths it returned
+# garbage or segfaulted (torch 2.13 here: 4096 x 5734 at 7 tokens; the H100 run's int8 CPU rank died the same way,
+# its down_proj share being 5734 columns wide). `cpu_rank.enable` aligns int8 shares to it; Int8Linear pads the rest.
+K_ALIGN = 16
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +39,17 @@ class Int8Linear(nn.Module):
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         weight_q, scales = quantized if quantized is not None else quantize_rows(weight)
+        self.pad = -weight_q.shape[1] % K_ALIGN
+        if self.pad:  # zero columns (a copy: aligned shares never take this path), and zero inputs beside them
+            weight_q = nn.functional.pad(weight_q, (0, self.pad))
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        if self.pad:
+            rows = nn.functional.pad(rows, (0, self.pad))
         out = torch._weight_int8pack_mm(rows, self.weight_q, self.scales).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 

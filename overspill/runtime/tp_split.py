@@ -70,12 +70,13 @@ def dims_of(config) -> Dims:
     return Dims(heads, kv, head_dim, cfg.intermediate_size)
 
 
-def share_of(dims: Dims, fraction: float) -> Share:
+def share_of(dims: Dims, fraction: float, align: int = 1) -> Share:
     """The CPU's share for a wanted fraction of the layer's weights: KV-head groups and MLP columns
-    rounded to the nearest whole, the GPU keeping at least one of each."""
+    rounded to the nearest whole (columns: to a multiple of `align`, a kernel's block), the GPU keeping
+    at least one of each."""
     fraction = min(max(fraction, 0.0), 1.0)
     kv = min(round(fraction * dims.kv_heads), dims.kv_heads - 1)
-    cols = min(round(fraction * dims.intermediate), dims.intermediate - 1)
+    cols = min(round(fraction * dims.intermediate / align) * align, dims.intermediate - 1)
     return Share(max(kv, 0), max(cols, 0))
 
 
