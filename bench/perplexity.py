@@ -82,8 +82,8 @@ def main() -> None:
 
     # Its own format's name (int4 here) streams a quantized checkpoint's codes, so every format but "auto" starts
     # from a copy of the dequantized weights: the formats' own encoders, measured on the same values.
-    copy = tempfile.TemporaryDirectory()
-    resident, _ = overspill.load(model_dir, dtype=args.dtype, device="cpu", progress=False)
+    copy = tempfile.TemporaryDirectory()  # removed at exit
+    resident, _ = overspill.load(model_dir, dtype=args.dtype, device="cpu", progress=False)  # the host writes it
     resident.save_pretrained(copy.name)
     del resident
     rows = {}
@@ -94,7 +94,8 @@ def main() -> None:
         loaded = time.perf_counter() - start
         placement = placement_of(model)
         ppl, scored = perplexity(model, ids, args.window)
-        rows[fmt] = {"perplexity": ppl, "stream_format": placement.plan.stream_format, "tokens_scored": scored, "streamed_layers": len(placement.plan.streamed_layers),
+        rows[fmt] = {"perplexity": ppl, "stream_format": placement.plan.stream_format, "tokens_scored": scored,
+                     "streamed_layers": len(placement.plan.streamed_layers),
                      "streamed_bytes_per_step": placement.plan.streamed_bytes_per_step, "load_s": round(loaded, 2)}
         print(f"{fmt:9s} ppl {ppl:.4f}  {placement.plan.streamed_bytes_per_step / 2**20:.1f} MiB a step  "
               f"(load {loaded:.1f} s)", flush=True)
@@ -112,7 +113,8 @@ def main() -> None:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = provenance.header("perplexity", stamp, machine_facts())
-    record.update(model="SmolLM2-135M-Instruct (embedded Q4_1 GGUF; bf16: dequantized, auto: its own codes)", text=TEXT.name,
+    record.update(model="SmolLM2-135M-Instruct (embedded Q4_1 GGUF; bf16: dequantized, auto: its own codes)",
+                  text=TEXT.name,
                   text_tokens=int(ids.shape[1]), window=args.window, dtype=args.dtype, device=args.device,
                   results=rows)
     out = Path(args.out) / f"perplexity-smollm2-{args.dtype}-{stamp}.json"

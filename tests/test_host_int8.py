@@ -54,7 +54,7 @@ def test_int8_linear_of_any_input_width_is_the_dequantized_product(width: int) -
 
 def test_int8_shares_take_mlp_columns_in_the_kernels_blocks() -> None:
     dims = Dims(heads=32, kv_heads=8, head_dim=128, intermediate=14336)
-    for fraction in (0.1, 0.37, 0.4, 0.6):
+    for fraction in (0.1, 0.37, 0.4, 0.6, 0.9999):  # near 1 the GPU keeps a whole block, not one column
         assert cpu_rank.tp_share(dims, fraction, "int8").mlp_cols % K_ALIGN == 0
     assert cpu_rank.tp_share(dims, 0.4).mlp_cols == 5734  # bf16 shares keep the nearest column
 

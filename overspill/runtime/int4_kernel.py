@@ -85,8 +85,9 @@ def launch(kernel, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     rows, cols = dst.shape
     groups = scale.shape[1]
     half = cols // 2
-    if dst.dtype not in WORDS or cols % 2 or half % groups or scale.dtype not in STORES or zero.dtype != scale.dtype:
-        return False  # e.g. a pre-quantized checkpoint's float32 scales and zeros: the torch path
+    if (dst.dtype not in WORDS or packed.dtype != torch.uint8 or cols % 2 or half % groups or scale.dtype not in STORES
+            or zero.dtype != scale.dtype):
+        return False  # e.g. a pre-quantized checkpoint's float32 scales and zeros, or signed codes: the torch path
     half_group = half // groups
     if half_group & (half_group - 1) or packed.stride(-1) != 1 or scale.stride(1) != 1 or zero.stride(1) != 1:
         return False

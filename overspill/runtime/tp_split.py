@@ -76,7 +76,7 @@ def share_of(dims: Dims, fraction: float, align: int = 1) -> Share:
     at least one of each."""
     fraction = min(max(fraction, 0.0), 1.0)
     kv = min(round(fraction * dims.kv_heads), dims.kv_heads - 1)
-    cols = min(round(fraction * dims.intermediate / align) * align, dims.intermediate - 1)
+    cols = min(round(fraction * dims.intermediate / align) * align, (dims.intermediate - 1) // align * align)
     return Share(max(kv, 0), max(cols, 0))
 
 
