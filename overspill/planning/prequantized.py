@@ -16,7 +16,7 @@ dequantized weights in the compute dtype. The expanded weight equals the referen
 | gguf, Q6_K | q6_k_codes int8 [out, in] (q - 32), q6_k_scales float32 [out, in/16] (d * scale) | int8 | float32 per group of 16 |
 | gguf, Q4_K | q4_k_codes uint8 [out, in/2] (int4's packing), q4_k_scales and q4_k_shifts float32 [out, in/32] | int4 | float32 scale and shift per group of 32 |
 | gguf, Q4_1 | q4_1_codes as Q4_K's, q4_1_scales d and q4_1_shifts m float32 [out, in/32] | int4 | float32 scale and shift per group of 32 |
-| gguf, Q4_0 | q4_0_codes int8 [out, in/2] (q - 8 as two's-complement nibbles), scales d, shifts -0.0 float32 [out, in/32] | int4 | float32 scale and shift per group of 32 |
+| gguf, Q4_0 | q4_0_codes int8 [out, in/2] (q - 8 as two's-complement nibbles), q4_0_scales float32 [out, in/32] (d) | int4, signed | float32 scale per group of 32 |
 | gguf, Q5_0 | q5_0_codes int8 [out, in] (q - 16), q5_0_scales fp16 [out, in/32] (d) | int8 | float32 per group of 32 |
 | gguf, Q5_1 / Q5_K | q5_1_codes int8 [out, in] (q, 0..31), scales and shifts float32 [out, in/32] (d, m; d * sc_j, -dmin * m_j) | int8 | float32 scale and shift per group of 32 |
 
@@ -26,8 +26,9 @@ stores hold the shift itself), with shift = -z * scale for GPTQ / AWQ (exact: an
 integer up to 16, 15 significant bits), so `scale * (q - z)` exactly, and shift = -dmin * m for GGUF Q4_K
 (`q * d * sc - dmin * m`, products exact, one float32 rounding of the sum: llama.cpp's and gguf's own
 arithmetic); Q4_1's shift is m (`d * q + m`, gguf's own sum). Q4_0's codes are signed, q - 8 (int4 codes
-stored as int8 are two's-complement nibbles) with shift -0.0, so the expansion is gguf's `d * (q - 8)` bit for
-bit: unsigned codes with shift -8d give the same values but +0.0 where gguf has -0.0 (q = 8 under d < 0).
+stored as int8 are two's-complement nibbles), with a float32 scale d and no shift (4 bytes a group), so the
+expansion is gguf's `d * (q - 8)` bit for bit: unsigned codes with shift -8d give the same values but +0.0
+where gguf has -0.0 (q = 8 under d < 0).
 int8 streams codes times scales, with a third part, a float32 shift per group, where a type has one (Q5_1: m,
 Q5_K: -dmin * m_j; `q * scale + shift`, the product exact, the sum rounded once as gguf does). A GGUF's types
 stream per matrix: Q4_0, Q4_1 and Q4_K as int4, the rest as int8 (a scale per group of 16 or 32), in one layer.
@@ -47,14 +48,14 @@ from typing import Any
 
 from .formats import NATIVE, encoded_bytes
 
-INT4_STORE_BYTES = 4  # float32 scale and float32 shift per group (see above)
+INT4_STORE_BYTES = 4  # float32 scale and float32 shift per group (see above; GGUF Q4_0: `GGUF_TYPES`)
 FP8_SCALE_BYTES = 4  # float32, as the fp8 format's own
 SUPPORTED = ("GPTQ and AWQ (gemm) int4 with desc_act false, FP8 (quant_method fp8, or compressed-tensors "
              "float-quantized 8-bit), GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 and Q4_0")
 # GGUF block types kept as codes: (stream format, weights per float32 scale, float32 stores per group: a scale,
 # or a scale and a shift). Q4_K / Q5_K: d * sc_j and -dmin * m_j per sub-block of 32; Q6_K: d * scale_j per
-# sub-block of 16; Q4_1 / Q5_1: d and m per block of 32; Q4_0: d and -0.0 (codes q - 8); Q5_0 / Q8_0: d
-GGUF_TYPES = {"q4_0": ("int4", 32, 2), "q4_1": ("int4", 32, 2), "q4_k": ("int4", 32, 2), "q5_0": ("int8", 32, 1),
+# sub-block of 16; Q4_1 / Q5_1: d and m per block of 32; Q4_0 (signed codes q - 8), Q5_0 and Q8_0: d
+GGUF_TYPES = {"q4_0": ("int4", 32, 1), "q4_1": ("int4", 32, 2), "q4_k": ("int4", 32, 2), "q5_0": ("int8", 32, 1),
               "q5_1": ("int8", 32, 2), "q5_k": ("int8", 32, 2), "q6_k": ("int8", 16, 1), "q8_0": ("int8", 32, 1)}
 
 

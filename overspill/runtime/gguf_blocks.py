@@ -20,8 +20,8 @@ of these types keep their codes instead, laid out as the stream format they map 
 - Q4_0 / Q4_1 (blocks of 32: fp16 d (Q4_1: and m), 16 bytes of q, weight r < 16 in the low nibble of byte r
   and weight 16 + r in its high nibble; w = d * (q - 8), w = d * q + m): Q4_1 as Q4_K (float32 scales d,
   shifts m: gguf's own sum); Q4_0's codes q - 8 as two's-complement nibbles (`X.q4_0_codes` int8, int4's
-  packing), scales d and shifts -0.0, so (q - 8) * d + -0.0 is gguf's product to the sign of each zero
-  (q * d - 8d, unsigned codes, gives +0.0 where gguf gives -0.0: q = 8 with d < 0); int4.
+  packing) and float32 scales d, no shifts: (q - 8) * d is gguf's product to the sign of each zero (q * d - 8d,
+  unsigned codes, gives +0.0 where gguf gives -0.0: q = 8 with d < 0); signed int4.
 - Q5_0 / Q5_1 (Q4_0 / Q4_1 with a fifth bit of each q in a little-endian uint32 `qh` after d (and m), bit r
   for weight r; w = d * (q - 16), w = d * q + m): Q5_0 as Q8_0 (`X.q5_0_codes` int8 q - 16, fp16 d), Q5_1 as
   Q5_K (int8 q, float32 d and m); int8.
@@ -95,7 +95,7 @@ def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
             return (q.astype(np.int8) - np.int8(16)).reshape(out, -1), d[..., 0].astype(np.float16)
         q = q.reshape(out, -1)
         if kind == "q4_0":  # (q - 8) & 15 = q ^ 8: the nibble of q - 8
-            return _int4(q ^ 8).view(np.int8), d[..., 0], np.full_like(d[..., 0], -0.0)
+            return _int4(q ^ 8).view(np.int8), d[..., 0]
         codes = _int4(q) if kind == "q4_1" else q.astype(np.int8)
         return codes, d[..., 0], _f16(b, 2)[..., 0]
     b = raw.reshape(out, -1, {"q6_k": 210, "q5_k": 176, "q4_k": 144}[kind])  # [out, in / 256, block]
@@ -124,9 +124,10 @@ def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def dequantize(kind: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The reference dequantization in float32, [out, in]: code * scale (exact) for Q8_0, Q6_K and Q5_0;
-    code * scale + shift for the rest (the product exact, the sum rounded once, as gguf computes d * sc * q -
-    dmin * m and d * q + m; Q4_0's (q - 8) * d + -0.0 is its product)."""
+    """The reference dequantization in float32, [out, in], of `keys(kind)`'s tensors (any rows of them, on any
+    device): code * scale (exact) for Q8_0, Q6_K, Q5_0 and Q4_0 (its signed codes q - 8); code * scale + shift
+    for the rest (the product exact, the sum rounded once, as gguf computes d * sc * q - dmin * m and d * q + m).
+    `Kept` checks conversions against it, and `runtime.prequantized` fills resident weights with it."""
     codes, scales = tensors[0], tensors[1].float()
     out = codes.shape[0]
     if GGUF_TYPES[kind][0] == "int4":

@@ -15,8 +15,10 @@ layout, so the link carries the checkpoint's codes and the slot expands them to 
 - a converted GGUF's weights (`gguf_blocks`), each in its type's format within one layer: Q8_0, Q6_K and
   Q5_0 as int8, the codes as they are with the fp16 d of each block of 32 (Q8_0, Q5_0) or the float32
   d * scale_j of each sub-block of 16 (Q6_K) as the format's float32 scale of a group; Q5_1 and Q5_K as int8
-  with a float32 shift per group beside the scale, and Q4_0, Q4_1 and Q4_K as int4, their codes, float32
-  scales and shifts as they are (q * scale + shift, the product exact, the sum rounded once in float32).
+  with a float32 shift per group beside the scale, Q4_1 and Q4_K as int4, their codes, float32 scales and
+  shifts as they are (q * scale + shift, the product exact, the sum rounded once in float32), and Q4_0 as
+  signed int4, its codes q - 8 and float32 scales d (q * scale, exact). Resident weights take
+  `gguf_blocks.dequantize`, the one reference of every GGUF type.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..planning.prequantized import GGUF_TYPES, Prequantized
 from . import gguf_blocks
 from .checkpoint import CheckpointReader
 from .layout import TensorEntry
-from .quant import ENCODE_ELEMENTS, int4_codes, part_shapes, rows_cols, scaled_group
+from .quant import ENCODE_ELEMENTS, part_shapes, rows_cols, scaled_group
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ int32 holds, low nibble first
 AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # the nibble that holds each output column of its eight
@@ -46,7 +48,7 @@ class Quantized:
     weight: str  # GPTQ / AWQ: qweight; fp8: the e4m3 weight
     scale: str  # scales, weight_scale_inv or weight_scale
     shape: tuple[int, int]  # [out, in], as the model's parameter
-    zeros: str | None = None  # GPTQ / AWQ: qzeros; GGUF: the float32 shifts (Q4_0, Q4_1, Q4_K, Q5_1, Q5_K)
+    zeros: str | None = None  # GPTQ / AWQ: qzeros; GGUF: the float32 shifts (Q4_1, Q4_K, Q5_1, Q5_K)
     g_idx: str | None = None  # GPTQ: the group of each input (checked to be in order)
     gguf: str | None = None  # a converted GGUF's block type ("q4_k", "q6_k", "q8_0", ...: `GGUF_TYPES`)
 
@@ -169,25 +171,18 @@ class QuantizedReader(CheckpointReader):
         q = self.quantized[key]
         rows, cols = q.shape
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
-        if self.kind(q) in ("fp8", "int8"):
-            codes, scale = self.raw(q.weight), self._scales(key)  # scale [out, groups]
-            shift = self.raw(q.zeros) if q.gguf and q.zeros else None  # Q5_1, Q5_K: q * scale + shift, as below
+        if q.gguf:  # every GGUF type: `gguf_blocks.dequantize`, on a slice of rows of its stored tensors
+            stored = [self.raw(k) for k in (q.weight, q.scale, q.zeros) if k is not None]
+            for r0 in range(0, rows, step):
+                chunk = tuple(t[r0 : r0 + step].to(out.device) for t in stored)
+                out[r0 : r0 + step].copy_(gguf_blocks.dequantize(q.gguf, chunk))
+            return
+        if self.kind(q) == "fp8":
+            codes, scale = self.raw(q.weight), self._fp8_scales(key)  # scale [out, groups]
             for r0 in range(0, rows, step):
                 c = codes[r0 : r0 + step].to(out.device).float()
                 s = scale[r0 : r0 + step].to(out.device)
-                w = c.view(c.shape[0], s.shape[1], -1).mul_(s[..., None])
-                if shift is not None:
-                    w.add_(shift[r0 : r0 + step, :, None].to(out.device))
-                out[r0 : r0 + step].copy_(w.view(c.shape))
-            return
-        if q.gguf:  # Q4_0, Q4_1, Q4_K: q * scale + shift, the product exact, the sum rounded once (as gguf's)
-            packed = self.raw(q.weight)  # [out, in / 2]; Q4_0's int8: q - 8 (`quant.int4_codes`)
-            scale, shift = self.raw(q.scale), self.raw(q.zeros)  # [out, groups]
-            for r0 in range(0, rows, step):
-                p = packed[r0 : r0 + step].to(out.device)
-                w = int4_codes(p).view(p.shape[0], scale.shape[1], -1).float()
-                w.mul_(scale[r0 : r0 + step, :, None].to(out.device))
-                out[r0 : r0 + step].copy_(w.add_(shift[r0 : r0 + step, :, None].to(out.device)).view(p.shape[0], cols))
+                out[r0 : r0 + step].copy_(c.view(c.shape[0], s.shape[1], -1).mul_(s[..., None]).view(c.shape))
             return
         for r0 in range(0, rows, step):
             codes, scale, zero = self._int4(q, r0, min(rows, r0 + step), out.device)  # [n, in], [n, groups] x2
@@ -256,12 +251,6 @@ class QuantizedReader(CheckpointReader):
                                      f"streams GPTQ with desc_act false")
         return group
 
-    def _scales(self, key: str) -> torch.Tensor:
-        """The float32 scale of each group of inputs of an fp8 or int8 weight, [out, groups]."""
-        if self.quantized[key].gguf:  # a Q8_0 / Q5_0 block's fp16 d, a Q6_K sub-block's float32 d * scale_j: exact
-            return self.raw(self.quantized[key].scale).float()
-        return self._fp8_scales(key)
-
     def _fp8_scales(self, key: str) -> torch.Tensor:
         """The float32 scale of each group of `quant.scaled_group` inputs of an fp8 weight, [out, groups]:
         the stored per-tensor, per-channel, per-group or block scale it lies in."""
@@ -304,11 +293,9 @@ class QuantizedReader(CheckpointReader):
             fmt = self.kind(q)  # a GGUF layer may mix int4 (Q4_K) and int8 (Q6_K, Q8_0) weights
             if tuple(entry.shape) != q.shape:
                 raise self._mismatch(key, q.shape, tuple(entry.shape))
-            if fmt == "int4":
-                codes, *stores = part_shapes("int4", q.shape, group=self._group(q), store=torch.float32)
-                if q.gguf == "q4_0":  # two's-complement nibbles, q - 8 (`gguf_blocks`)
-                    codes = (codes[0], torch.int8)
-                return fmt, [codes, *stores]
+            if fmt == "int4":  # a GGUF int4 type without shifts (Q4_0) has signed codes, q - 8 (`gguf_blocks`)
+                signed = q.gguf is not None and q.zeros is None
+                return fmt, part_shapes("int4", q.shape, group=self._group(q), store=torch.float32, signed=signed)
             if fmt == "int8":
                 return fmt, part_shapes("int8", q.shape, group=q.group, shifts=q.zeros is not None)
             self._fp8_scales(key)  # refuses stored blocks the format's groups do not fit
@@ -331,15 +318,13 @@ class QuantizedReader(CheckpointReader):
         key = self._key(name)
         q = self.quantized[key]
         rows, cols = rows_cols(q.shape)
-        if self.kind(q) in ("fp8", "int8"):
-            parts[0].copy_(self.raw(q.weight))
-            parts[1].copy_(self._scales(key)[..., None])
-            if len(parts) > 2:  # Q5_1, Q5_K: their float32 shifts
-                parts[2].copy_(self.raw(q.zeros)[..., None])
-            return
-        if q.gguf:  # Q4_0, Q4_1, Q4_K: stored as the int4 parts already
+        if q.gguf:  # stored as its format's parts already (Q8_0 / Q5_0's fp16 d cast to float32: exact)
             for part, stored in zip(parts, (q.weight, q.scale, q.zeros)):
                 part.copy_(self.raw(stored).view(part.shape))
+            return
+        if self.kind(q) == "fp8":
+            parts[0].copy_(self.raw(q.weight))
+            parts[1].copy_(self._fp8_scales(key)[..., None])
             return
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
         for r0 in range(0, rows, step):

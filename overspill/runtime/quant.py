@@ -21,8 +21,9 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   (GPTQ, AWQ, GGUF Q4_0 / Q4_1 / Q4_K: `runtime.prequantized`) the scale and the third part are float32 and
   that part is the shift itself, `w = q * scale + shift`: its shift (-z * scale, -dmin * m, m) is exact in
   float32 where zero = shift + 8 * scale need not be, and adding it as it is keeps the checkpoint's arithmetic.
-  int8 packed codes are two's-complement nibbles, -8..7: GGUF Q4_0's q - 8 with a shift of -0.0, so that
-  `(q - 8) * d + -0.0` is gguf's `(q - 8) * d` bit for bit (`q * d - 8d` would turn its -0.0s into +0.0). On CUDA
+  Signed int4 (`part_shapes(signed=True)`: GGUF Q4_0's q - 8) has two parts, codes as two's-complement nibbles
+  (int8, -8..7) and a float32 scale, and expands with one multiply `q * scale`, gguf's `(q - 8) * d` bit for bit
+  (-0.0s included, which `q * d - 8d` on unsigned codes would turn into +0.0), as int8 without shifts. On CUDA
   bf16 stores take one Triton launch per weight (`runtime.int4_kernel`: each program reads a tile of packed bytes once and writes both codes'
   values), bit for bit the torch path's; the torch path (the nibbles unpacked into a byte a code in the
   expander's scratch, a chunk of rows at a time, then one fused multiply-add into the slot, about 100
@@ -91,12 +92,13 @@ def scaled_group(shape: tuple[int, ...]) -> int:
 
 
 def part_shapes(kind: str, shape: tuple[int, ...], group: int | None = None, store: torch.dtype = INT4_STORE,
-                shifts: bool = False) -> list[tuple[tuple[int, ...], torch.dtype]]:
+                shifts: bool = False, signed: bool = False) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) of each part `kind` encodes a weight of `shape` into: groups of `group` inputs
     (None: the format's own choice) and, for int4, packed codes, then scales and zeros in `store`, bf16 (the
     format's own encoder); a pre-quantized checkpoint's codes pass through with float32 `store`, where the
     third part holds the shift (zero - 8 * scale) itself (`runtime.prequantized`). int8 with `shifts`: a
-    float32 shift per group after the scales (a GGUF's Q5_1 / Q5_K codes passing through)."""
+    float32 shift per group after the scales (a GGUF's Q5_1 / Q5_K codes passing through). int4 `signed`:
+    two's-complement codes (int8) and scales in `store`, no third part (a GGUF's Q4_0 passing through)."""
     rows, cols = rows_cols(shape)
     if kind in ("int8", "fp8"):
         groups = cols // (group or scaled_group(shape))
@@ -104,6 +106,8 @@ def part_shapes(kind: str, shape: tuple[int, ...], group: int | None = None, sto
         return [((rows, cols), torch.int8 if kind == "int8" else FP8), *stores]
     if kind == "int4":
         groups = cols // (group or int4_group(shape))
+        if signed:
+            return [((rows, cols // 2), torch.int8), ((rows, groups, 1), store)]
         return [((rows, cols // 2), torch.uint8), ((rows, groups, 1), store), ((rows, groups, 1), store)]
     raise ValueError(f"unknown lossy kind {kind!r}")
 
@@ -188,36 +192,43 @@ def expand(kind: str, parts: list[torch.Tensor], out: torch.Tensor, scratch: tor
             dst.copy_(codes)  # float8 takes no part in type promotion: cast first, then scale in place
             groups.mul_(scale)
     else:
-        _expand_int4(*parts, dst, scratch)
+        _expand_int4(parts[0], parts[1], parts[2] if len(parts) > 2 else None, dst, scratch)
 
 
-def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+def int4_codes(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The codes [rows, cols] of int4's packing `packed` [rows, cols / 2] (the even column in the high nibble):
-    0..15 from uint8, -8..7 from int8 (two's-complement nibbles)."""
-    low = packed << 4 >> 4 if packed.dtype == torch.int8 else packed & 15
-    return torch.stack([packed >> 4, low], dim=-1).view(packed.shape[0], -1)
+    0..15 from uint8, -8..7 from int8 (two's-complement nibbles); written into `out` ([rows, cols] of
+    `packed`'s dtype, contiguous) where given, else a new tensor."""
+    if out is None:
+        out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=packed.dtype, device=packed.device)
+    q = out.view(packed.shape[0], -1, 2)
+    torch.bitwise_right_shift(packed, 4, out=q[..., 0])  # int8: sign-extending
+    if packed.dtype == torch.int8:
+        torch.bitwise_left_shift(packed, 4, out=q[..., 1]).bitwise_right_shift_(4)
+    else:
+        torch.bitwise_and(packed, 15, out=q[..., 1])
+    return out
 
 
-def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor,
+def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dst: torch.Tensor,
                  scratch: torch.Tensor | None) -> None:
     """`dst` [rows, cols] = q * scale + (zero - 8 * scale) by groups (float32 stores: q * scale + zero, the
-    third part being the shift). On CUDA bf16 stores take one Triton launch (`runtime.int4_kernel.expand_int4`,
-    the same bits) and `scratch` goes unused: the plan still keeps the torch path's scratch
-    (`planning.formats.expand_scratch_bytes`), conservative, as the fallback needs it. Otherwise (the CPU,
-    float32 stores, whose shifts the kernel does not take, or Triton missing or failing) torch ops, a chunk of
-    rows at a time: the codes q unpacked from `packed` [rows, cols // 2] into `scratch` (a byte each), bf16
-    stores' shifts in float32 after them, then one fused multiply-add into `dst`."""
-    shifts = zero.dtype == torch.float32
-    if not (dst.is_cuda and not shifts and int4_kernel.expand_int4(packed, scale, zero, dst)):
+    third part being the shift; `zero` None: signed codes, q * scale). On CUDA bf16 stores take one Triton
+    launch (`runtime.int4_kernel.expand_int4`, the same bits) and `scratch` goes unused: the plan still keeps
+    the torch path's scratch (`planning.formats.expand_scratch_bytes`), conservative, as the fallback needs it.
+    Otherwise (the CPU, float32 stores, whose shifts the kernel does not take, signed codes, or Triton missing
+    or failing) torch ops, a chunk of rows at a time: the codes q unpacked from `packed` [rows, cols // 2] into
+    `scratch` (a byte each), bf16 stores' shifts in float32 after them, then one fused multiply(-add) into `dst`."""
+    passthrough = zero is None or zero.dtype == torch.float32
+    if not (dst.is_cuda and not passthrough and int4_kernel.expand_int4(packed, scale, zero, dst)):
         _expand_int4_torch(packed, scale, zero, dst, scratch)
 
 
-def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dst: torch.Tensor,
+def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dst: torch.Tensor,
                        scratch: torch.Tensor | None) -> None:
     """`_expand_int4` in torch ops on any device (the CPU's path, CUDA's fallback, the kernel's reference)."""
     rows, cols = dst.shape
     groups = scale.shape[1]
-    signed = packed.dtype == torch.int8
     step = max(1, min(rows, INT4_CHUNK_CODES // cols))
     if scratch is None or scratch.numel() < int4_scratch_bytes(step * cols):  # unplanned: a temporary
         scratch = torch.empty(int4_scratch_bytes(step * cols), dtype=torch.uint8, device=dst.device)
@@ -225,12 +236,11 @@ def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         n = r1 - r0
-        q = scratch[: n * cols].view(torch.int8 if signed else torch.uint8).view(n, cols // 2, 2)
-        torch.bitwise_right_shift(packed[r0:r1], 4, out=q[..., 0])  # int8: sign-extending
-        if signed:
-            torch.bitwise_left_shift(packed[r0:r1], 4, out=q[..., 1]).bitwise_right_shift_(4)
-        else:
-            torch.bitwise_and(packed[r0:r1], 15, out=q[..., 1])
+        q = int4_codes(packed[r0:r1], out=scratch[: n * cols].view(packed.dtype).view(n, cols))
+        out = dst[r0:r1].view(n, groups, -1)
+        if zero is None:  # signed codes: q * scale, exact in float32, one rounding into the compute dtype
+            torch.mul(q.view(n, groups, -1), scale[r0:r1], out=out)
+            continue
         if zero.dtype == torch.float32:  # a pass-through's shift, added as it is
             shift = zero[r0:r1]
         else:  # exact: float32 holds zero - 8 * scale of bf16s
@@ -238,4 +248,4 @@ def _expand_int4_torch(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
             shift.copy_(zero[r0:r1]).add_(scale[r0:r1], alpha=-8)
         # float32 arithmetic (q * scale is exact there, so one float32 rounding of the sum, none where it is
         # exact), then one rounding into the compute dtype
-        torch.addcmul(shift, q.view(n, groups, -1), scale[r0:r1], out=dst[r0:r1].view(n, groups, -1))
+        torch.addcmul(shift, q.view(n, groups, -1), scale[r0:r1], out=out)

@@ -110,8 +110,9 @@ def default_gguf_path() -> Path:
     return path
 
 
-GGUF_CONVERSION = 4  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes;
-# 3: Q6_K and Q4_K too, and the types' shares in the mark; 4: Q4_0, Q4_1, Q5_0, Q5_1 and Q5_K too)
+GGUF_CONVERSION = 5  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes;
+# 3: Q6_K and Q4_K too, and the types' shares in the mark; 4: Q4_0, Q4_1, Q5_0, Q5_1 and Q5_K too; 5: Q4_0
+# without its -0.0 shifts)
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
