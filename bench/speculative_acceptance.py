@@ -79,7 +79,8 @@ def main() -> None:
         for source in args.sources:
             for mode, size in shapes:
                 chain = None if mode == "tree" or size == "auto" else int(size)
-                speculative.enable(model, drafters[source], chain=chain, tree=int(size) if mode == "tree" else None)
+                speculative.enable(model, drafters[source], chain=chain, tree=int(size) if mode == "tree" else None,
+                                   adapt_tree=False)  # trees against chains at equal, fixed budgets
                 t0 = time.perf_counter()
                 got = model.generate(ids, **gen)
                 seconds = time.perf_counter() - t0

@@ -244,7 +244,8 @@ def load(
             one verify pass holds every branch (`overspill.runtime.trees`; greedy stays plain greedy).
             Each pass's budget adapts between 2 and this to the acceptance measured in the request
             (`planning.trees.tree_budget`), as chain length does. Under `cuda_graphs` verify passes are
-            graphed chains, so trees run as chains there (the plan says so in a note). None: chains.
+            graphed chains, so trees run as chains there (the plan says so in a note), and where
+            `speculate="auto"` turns speculation off it is unused (a note too). None: chains.
         stream_format: how streamed layers travel over the link (`overspill.planning.formats`); each
             expands into the compute dtype in its GPU slot, overlapped with compute, and resident
             layers are unchanged. "bf16" (as they are), "lossless" (byte planes with the high plane
@@ -431,6 +432,10 @@ def load(
         placement.plan = replace(placement.plan, notes=placement.plan.notes + (experts_note,))
     if speculate == "auto":
         speculate = auto_source(plan)
+        if speculate is None and speculate_tree:
+            placement.plan = replace(placement.plan, notes=placement.plan.notes + (
+                f"speculate_tree={speculate_tree} is unused: speculate='auto' decodes plainly on this plan "
+                "(`planning.speculation.auto_source`); name a source (e.g. speculate='ngram') to draft trees",))
     if cuda_graphs:
         if dev.type != "cuda":
             raise OverspillError("cuda_graphs needs a CUDA device; leave it off on the CPU")
@@ -438,10 +443,9 @@ def load(
 
         enable_graphs(skeleton)
     if speculate is not None:
-        from .runtime.speculative import enable
-        from .runtime.token_serial import supports_serial
+        from .runtime.speculative import enable, graphed_verify
 
-        if speculate_tree and getattr(placement, "graphs", None) is not None and supports_serial(skeleton):
+        if speculate_tree and graphed_verify(skeleton):
             placement.plan = replace(placement.plan, notes=placement.plan.notes + (
                 f"draft trees (speculate_tree={speculate_tree}) run as chains under CUDA graphs: graphed "
                 "verify passes hold chains only; drop cuda_graphs for trees",))
@@ -449,10 +453,10 @@ def load(
             from .runtime.self_draft import make_self_drafter
 
             skeleton.self_draft = self_draft  # None under a caller's plan: every layer, not counted in it
-            enable(skeleton, make_self_drafter(skeleton), tree=speculate_tree, adapt_tree=True)
+            enable(skeleton, make_self_drafter(skeleton), tree=speculate_tree)
             skeleton.speculation_source = "self"
         else:
-            enable(skeleton, speculate, tree=speculate_tree, adapt_tree=True)
+            enable(skeleton, speculate, tree=speculate_tree)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from overspill.planning.trees import RankAcceptance, best_tree, depths, expected_tokens
+from overspill.planning.trees import Choice, RankAcceptance, best_tree, depths, expected_tokens
 from overspill.planning.speculation import expected_tokens as chain_tokens
 from overspill.runtime import speculative
 from overspill.runtime.drafts import ModelDrafter, NgramDrafter
@@ -171,7 +171,7 @@ def test_greedy_with_trees_equals_plain(arch, source, reference, tiny_checkpoint
     assert stats.tree == 8 and stats.emitted == NEW and stats.drafted > 0
     assert stats.serial == supports_serial(model)
     if arch == "llama" and source == "draft":  # the draft is the target itself: its first choices hold
-        assert stats.tokens_per_pass > 2 and stats.ranks.counts[0] > 0
+        assert stats.tokens_per_pass > 2 and stats.ranks.hazards[0].accepted > 0
 
 
 @pytest.mark.parametrize("kv_host", [False, True])
@@ -266,9 +266,33 @@ def test_expected_tokens_of_trees() -> None:
     assert wide.tokens_per_pass > chain_tokens(0.6, 8) and wide.depth < 8 and 1 in wide.ranks
     assert wide.tokens_per_pass == pytest.approx(
         expected_tokens(list(wide.parents), [[0.6, 0.25][r] for r in wide.ranks]))
+    assert wide.tokens_per_pass == pytest.approx(1 + sum(wide.reach)) and list(wide.reach) == sorted(wide.reach)[::-1]
 
 
-def test_rank_acceptance_counts_the_sibling_taken() -> None:
+def test_rank_acceptance_starts_at_the_prior_and_follows_the_sibling_taken() -> None:
+    # Each rank's hazard starts at AcceptanceTracker's prior; one miss at a single-child node moves rank 0
+    # by the tracker's weight, to 0.45, not to 0. Ranks never offered have no rate: the draft drew chains.
     ranks = RankAcceptance(ranks=3)
-    ranks.update([0, 0, 1, None])
-    assert ranks.rates == [0.5, 0.25, 0.0]
+    assert ranks.visits == 0 and [h.rate for h in ranks.hazards] == [0.5, 0.5, 0.5]
+    ranks.update([Choice(offered=1, rank=None)])
+    assert ranks.visits == 1 and ranks.rates == pytest.approx([0.45, 0.0, 0.0])
+    # Rank 1 taken at a node of two children: a miss for rank 0's hazard, a hit for rank 1's (from its prior).
+    ranks.update([Choice(offered=2, rank=1)])
+    assert [h.rate for h in ranks.hazards] == pytest.approx([0.405, 0.55, 0.5])
+    assert ranks.rates == pytest.approx([0.405, 0.595 * 0.55, 0.0])
+
+
+def test_single_child_nodes_do_not_bias_the_later_ranks() -> None:
+    # The target takes the draft's first choice at half the nodes and its second at the others; every other
+    # node offered one child only. Counting those against rank 1 (a visit without its hit) said 0.25 for
+    # it; counted where it was offered, rank 1's rate is the 0.5 it is.
+    ranks = RankAcceptance()
+    for i in range(200):
+        offered, taken = 1 + i % 2, (i // 2) % 2
+        ranks.update([Choice(offered, taken if taken < offered else None)])
+    assert ranks.rates[0] == pytest.approx(0.5, abs=0.06) and ranks.rates[1] == pytest.approx(0.5, abs=0.06)
+    assert sum(ranks.rates) <= 1.0
+    # single-child nodes alone leave rank 1's hazard where it was, however often the first choice misses
+    before = [h.rate for h in ranks.hazards]
+    ranks.update([Choice(offered=1, rank=None)] * 20)
+    assert [h.rate for h in ranks.hazards][1:] == before[1:] and ranks.hazards[0].rate < before[0]

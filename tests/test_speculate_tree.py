@@ -12,7 +12,7 @@ import torch
 import overspill
 from overspill import cli
 from overspill.planning.speculation import PassCost
-from overspill.planning.trees import MIN_TREE, check_tree, tree_budget
+from overspill.planning.trees import MIN_TREE, RankAcceptance, check_tree, tree_budget
 from overspill.runtime import speculative
 from overspill.runtime.drafts import OracleDrafter
 from overspill.serving.engine import GenerationRequest
@@ -27,14 +27,22 @@ from test_speculative import GEN, NEW, _prompt, reference  # noqa: F401 - `refer
 COST = PassCost(1.0, 0.02)  # a pass of n tokens costs 1 + 0.02 n: extra nodes are cheap, not free
 
 
+class _Measured:
+    """Rank acceptance as measured (`RankAcceptance`'s `visits` and `rates`), given outright."""
+
+    def __init__(self, *rates: float):
+        self.visits, self.rates = 1, list(rates)
+
+
 def test_tree_budget_grows_with_acceptance() -> None:
     # E(b) / (pass(b + 1)): nothing accepted -> the floor; a coin-flip draft -> 4; a good one -> the whole budget
-    assert tree_budget(COST, [0.0], MIN_TREE, 8) == MIN_TREE
-    assert tree_budget(COST, [0.5], MIN_TREE, 8) == 4  # 1.94 / 1.10 at 4 beats 1.97 / 1.12 at 5
-    assert tree_budget(COST, [0.9], MIN_TREE, 8) == 8
+    assert tree_budget(COST, _Measured(0.0), 8) == MIN_TREE
+    assert tree_budget(COST, _Measured(0.5), 8) == 4  # 1.94 / 1.10 at 4 beats 1.97 / 1.12 at 5
+    assert tree_budget(COST, _Measured(0.9), 8) == 8
     # a draft whose second choice is often right is worth more nodes than its first choice alone
-    assert tree_budget(COST, [0.5, 0.3], MIN_TREE, 16) > tree_budget(COST, [0.5], MIN_TREE, 16)
-    assert tree_budget(PassCost(1.0), [0.0], MIN_TREE, 8) == MIN_TREE  # ties go to the smaller budget
+    assert tree_budget(COST, _Measured(0.5, 0.3), 16) > tree_budget(COST, _Measured(0.5), 16)
+    assert tree_budget(PassCost(1.0), _Measured(0.0), 8) == MIN_TREE  # ties go to the smaller budget
+    assert tree_budget(COST, RankAcceptance(), 8) == 8  # nothing measured yet: the budget asked for
 
 
 def test_check_tree_says_what_to_do() -> None:
@@ -81,8 +89,8 @@ def test_load_speculate_tree_through_pipeline_on_smollm2(default_model_dir) -> N
 
 def test_adaptive_budget_follows_acceptance_and_keeps_the_tokens(reference, tiny_checkpoint, monkeypatch) -> None:
     # The pass cost is fixed so the rule alone decides: a draft that is always right keeps the whole
-    # budget; one that is never right falls to the floor after the first pass measured it. Tokens are
-    # plain greedy's either way.
+    # budget; one that is never right falls, pass by pass as its rate leaves the prior, to the floor.
+    # Adapting is `enable`'s default. Tokens are plain greedy's either way.
     monkeypatch.setattr(speculative.PassCostFit, "cost", lambda self: COST)
     ids = _prompt(4)
     want = reference("llama").generate(ids, **GEN)
@@ -90,11 +98,34 @@ def test_adaptive_budget_follows_acceptance_and_keeps_the_tokens(reference, tiny
     budgets = {}
     for acceptance in (1.0, 0.0):
         drafter = OracleDrafter(want[0, ids.shape[1]:], ids.shape[1], acceptance, VOCAB)
-        speculative.enable(model, drafter, tree=8, adapt_tree=True)
+        speculative.enable(model, drafter, tree=8)
         assert torch.equal(model.generate(ids, **GEN), want), acceptance
         budgets[acceptance] = model.speculation_stats.budgets
     assert set(budgets[1.0]) == {8}
-    assert budgets[0.0][0] == 8 and set(budgets[0.0][1:]) == {MIN_TREE} and len(budgets[0.0]) > 2
+    falling = budgets[0.0]
+    assert falling[0] == 8 and falling[1] > MIN_TREE  # one miss moves the rate from its prior, not to 0
+    assert falling == sorted(falling, reverse=True) and falling[-1] == MIN_TREE
+    # `adapt_tree=False` (the acceptance bench's equal-budget runs) drafts the budget asked for every pass
+    speculative.enable(model, OracleDrafter(want[0, ids.shape[1]:], ids.shape[1], 0.0, VOCAB), tree=8, adapt_tree=False)
+    assert torch.equal(model.generate(ids, **GEN), want)
+    assert set(model.speculation_stats.budgets) == {8}
+    speculative.enable(model, None)
+
+
+def test_load_speculate_tree_samples_reproducibly_with_adaptation(tiny_checkpoint) -> None:
+    # Sampled decoding through `load(speculate_tree=...)`: the walk draws from the global generator as plain
+    # sampling does, so a seed repeats the tokens, while the budget adapts within [MIN_TREE, 8].
+    model = load_tiny(tiny_checkpoint("llama"), resident=3, speculate="ngram", speculate_tree=8)
+    ids = _prompt(5)
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, top_k=3, temperature=0.7, pad_token_id=0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append((model.generate(ids, **gen), list(model.speculation_stats.budgets)))
+    (first, budgets), (again, budgets_again) = runs
+    assert torch.equal(first, again) and budgets == budgets_again
+    assert first.shape[1] == ids.shape[1] + NEW and model.speculation_stats.accepted > 0
+    assert budgets[0] == 8 and all(MIN_TREE <= b <= 8 for b in budgets) and len(budgets) > 1
 
 
 def test_bad_tree_input_is_one_line_before_loading(tiny_checkpoint, capsys) -> None:
@@ -104,7 +135,7 @@ def test_bad_tree_input_is_one_line_before_loading(tiny_checkpoint, capsys) -> N
     with pytest.raises(overspill.OverspillError, match=r"--speculate-tree.*draft source"):
         overspill.load(path, speculate_tree=8, progress=False)
     for argv, words in ((["run", path, "--speculate", "ngram", "--speculate-tree", "0"], "at least 2"),
-                        (["serve", "--speculate-tree", "8"], "draft source"),
+                        (["serve", "--speculate-tree", "1"], "at least 2"),
                         (["batch", "in.jsonl", "out.jsonl", "--speculate", "ngram", "--speculate-tree", "1"],
                          "at least 2")):
         assert cli.main(argv) == 1, argv
@@ -141,6 +172,44 @@ def test_engine_trees_give_the_plain_engines_tokens_greedy_and_seeded(tiny_check
         tree.close()
 
 
+def test_engine_tree_budget_adapts_per_request_and_is_reported(tiny_checkpoint, monkeypatch) -> None:
+    # No default source: the requests opt in through `speculate`. With the pass cost fixed, a draft that is
+    # always right keeps the engine's budget of 6 and one that is never right falls to MIN_TREE; each
+    # response's usage says which budgets its passes drafted, and its tokens are the plain engine's.
+    monkeypatch.setattr(speculative.PassCostFit, "cost", lambda self: COST)
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    plain, tree = _engine(model), _engine(model, speculate_tree=6)
+    try:
+        request = GenerationRequest(PROMPTS[0], 20, speculate="ngram")
+        [(want, _)] = _run(plain, [request])
+        continuation = torch.tensor([int(t) for t in want.split()])
+        budgets = {}
+        for acceptance in (1.0, 0.0):
+            tree.speculator._drafters["ngram"] = OracleDrafter(continuation, len(request.prompt_ids), acceptance, VOCAB)
+            [(got, usage)] = _run(tree, [request])
+            assert got == want, acceptance
+            assert len(usage.tree_budgets) == usage.passes
+            budgets[acceptance] = usage.tree_budgets
+        assert set(budgets[1.0]) == {6}
+        falling = budgets[0.0]
+        assert falling[0] == 6 and falling == sorted(falling, reverse=True) and falling[-1] == MIN_TREE
+        assert usage.as_dict()["tree_budgets"] == {str(b): falling.count(b) for b in set(falling)}
+    finally:
+        plain.close()
+        tree.close()
+
+
+def test_auto_speculation_off_says_the_tree_budget_is_unused(tiny_checkpoint) -> None:
+    # A resident plan: speculate="auto" decodes plainly, and the plan says the tree budget went unused.
+    from overspill.api import placement_of
+
+    model, _ = overspill.load(str(tiny_checkpoint("llama")), gpu_memory=None, dtype="float32", progress=False,
+                              speculate="auto", speculate_tree=4)
+    notes = placement_of(model).plan.notes
+    assert "generate" not in model.__dict__
+    assert any("speculate_tree=4 is unused" in note and "speculate='ngram'" in note for note in notes), notes
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -151,8 +220,11 @@ class _Loaded(Exception):
     """Stops a command once it handed the engine its options."""
 
 
+@pytest.mark.parametrize("default", [["--speculate", "ngram"], []])
 @pytest.mark.parametrize("command", ["serve", "batch"])
-def test_serve_and_batch_hand_the_tree_budget_to_the_engine(command, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+def test_serve_and_batch_hand_the_tree_budget_to_the_engine(command, default, tiny_checkpoint, tmp_path,
+                                                           monkeypatch) -> None:
+    # Without --speculate too: requests may name a source in their body, and then draft trees.
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
     from overspill.serving import batch, server
@@ -171,7 +243,7 @@ def test_serve_and_batch_hand_the_tree_budget_to_the_engine(command, tiny_checkp
     (tmp_path / "in.jsonl").write_text("")
     where = (["--port", str(_free_port()), "--host", "127.0.0.1"] if command == "serve"
              else [str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")])
-    args = cli._build_parser().parse_args([command, *where, "--speculate", "ngram", "--speculate-tree", "5"])
+    args = cli._build_parser().parse_args([command, *where, *default, "--speculate-tree", "5"])
     with pytest.raises(_Loaded):
         args.func(args)
-    assert seen[0].default == "ngram" and seen[0].tree == 5
+    assert seen[0].default == (default[1] if default else None) and seen[0].tree == 5

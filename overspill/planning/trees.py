@@ -15,7 +15,7 @@ the largest E: that is how drafters grow trees, and what `best_tree` predicts. A
 that only ever uses rank 0, so `best_tree([a], k)` is the chain's E(k). Pure Python: no torch.
 
 The budget adapts as a chain's length does (`speculation.best_chain`): `tree_budget` picks the budget
-with the most tokens a second, E / the pass's cost, from the rank acceptance measured so far.
+with the most tokens a second, E / the pass's cost, from the rank acceptance `RankAcceptance` measures.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Iterable
 
-from .speculation import PassCost
+from .speculation import AcceptanceTracker, PassCost
 
 MIN_TREE = 2  # the smallest budget with room for an alternative: a 1-token tree is a 1-token chain
 
 
-def check_tree(budget: int | None, source: str | None) -> None:
+def check_tree(budget: int | None, source: str | None, per_request: bool = False) -> None:
     """A tree budget the surfaces accept: None (chains), or at least `MIN_TREE` with a draft source.
+    `per_request`: requests may name a source of their own (serve, batch), so none is needed here.
 
     Raises:
         ValueError: saying what to pass instead."""
@@ -39,7 +41,7 @@ def check_tree(budget: int | None, source: str | None) -> None:
     if budget < MIN_TREE:
         raise ValueError(f"a draft tree needs a budget of at least {MIN_TREE} tokens, got {budget}: pass "
                          f"{MIN_TREE} or more, or leave it out to draft chains")
-    if source is None:
+    if source is None and not per_request:
         raise ValueError("a draft tree grows from a draft source: turn speculation on as well (e.g. speculate ngram)")
 
 
@@ -86,6 +88,7 @@ class TreeForecast:
     parents: tuple[int, ...]
     ranks: tuple[int, ...]  # which of its parent's children (0: the draft's first choice) each node is
     tokens_per_pass: float
+    reach: tuple[float, ...]  # P(the path to each node is accepted): non-increasing, summing to E - 1
 
     @property
     def depth(self) -> int:
@@ -106,7 +109,7 @@ def best_tree(rank_acceptance: list[float], budget: int) -> TreeForecast:
         raise ValueError(f"rank acceptances must be probabilities summing to at most 1, got {rank_acceptance}")
     parents: list[int] = []
     ranks: list[int] = []
-    total = 1.0
+    reach: list[float] = []
     # candidates: (-reach probability, tie-breaker, parent, rank); a node's children join once it is taken
     heap = [(-a, r, -1, r) for r, a in enumerate(rank_acceptance) if a > 0]
     heapq.heapify(heap)
@@ -116,51 +119,89 @@ def best_tree(rank_acceptance: list[float], budget: int) -> TreeForecast:
         node = len(parents)
         parents.append(parent)
         ranks.append(rank)
-        total += -neg
+        reach.append(-neg)
         for r, a in enumerate(rank_acceptance):
             if a > 0:
                 heapq.heappush(heap, (neg * a, counter, node, r))
                 counter += 1
-    return TreeForecast(tuple(parents), tuple(ranks), total)
+    return TreeForecast(tuple(parents), tuple(ranks), sum(reach, 1.0), tuple(reach))
 
 
-def tree_budget(cost: PassCost, rank_acceptance: list[float], floor: int, budget: int) -> int:
-    """The budget in [floor, budget] whose best tree yields the most tokens a second (ties: the smaller).
+def tree_budget(cost: PassCost, ranks: RankAcceptance, cap: int) -> int:
+    """The budget in [MIN_TREE, cap] whose best tree yields the most tokens a second (ties: the smaller);
+    `cap` itself while `ranks` has measured nothing (the first pass drafts what the user asked for).
 
     A speculative step over b nodes costs `cost.step_seconds(b)` (draft b, verify b + 1) and yields
-    E(best_tree(rank_acceptance, b)) tokens. The best trees grow best-first, so the best tree of b
-    nodes is the first b nodes of the best tree of `budget`: one tree gives E for every b. Where the
+    E(best_tree(ranks.rates, b)) tokens. The best trees grow best-first, so the best tree of b
+    nodes is the first b nodes of the best tree of `cap`: one tree gives E for every b. Where the
     draft is rarely right, extra nodes add little E but their full cost, so the budget falls to
-    `floor` (which still measures acceptance); where it is often right it climbs to `budget`.
+    `MIN_TREE` (which still measures acceptance); where it is often right it climbs to `cap`.
     """
-    tree = best_tree(rank_acceptance, budget)
-    reach: list[float] = []
-    for parent, rank in zip(tree.parents, tree.ranks):
-        reach.append(rank_acceptance[rank] * (1.0 if parent < 0 else reach[parent]))
+    if not ranks.visits:
+        return cap
+    floor = min(MIN_TREE, cap)
+    reach = best_tree(ranks.rates, cap).reach
     expected = list(accumulate(reach, initial=1.0))  # expected[b]: E of the first b nodes
     best, best_rate = floor, -1.0
-    for b in range(floor, budget + 1):
+    for b in range(floor, cap + 1):
         rate = expected[min(b, len(reach))] / cost.step_seconds(b)
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = b, rate
     return best
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What a tree walk saw at a node it stood on: how many drafted children the node `offered`, and the
+    `rank` of the one holding the target's token (None: none did)."""
+
+    offered: int
+    rank: int | None
+
+
 class RankAcceptance:
-    """Online estimate of `rank_acceptance` from tree verify passes: at every node the walk reached,
-    which of the drafted children (by the draft's order) the target chose, or none."""
+    """Online estimate of `best_tree`'s `rank_acceptance` from tree walks.
+
+    `rates[r]` means what `best_tree` multiplies a node's reach by: the probability that, at a node the
+    walk reached, the target's token is the draft's (r+1)-th choice there (ranks exclusive, summing to
+    at most 1). A walk sees rank r only where the node offered it (more than r drafted children) and the
+    target took none of ranks < r, so each rank's hazard
+
+        h[r] = P(the target takes rank r | it took none of ranks < r)
+
+    is counted there only, as `AcceptanceTracker` counts a chain's token offered only when everything
+    before it was accepted (a node with one child says nothing about rank 1), and
+
+        rates[r] = h[r] * prod over j < r of (1 - h[j]).
+
+    Each h[r] is an `AcceptanceTracker`: its prior and exponential average, so a rank's first walks
+    move it from 0.5 rather than set it to what they saw, and old walks fade. A rank the draft has never
+    offered has no rate (0): `best_tree` would otherwise plan siblings that a drafter of chains never
+    drafts. One offered once keeps its estimate while the budget leaves no room for it.
+    """
 
     def __init__(self, ranks: int = 4):
-        self.counts = [0] * ranks
-        self.visits = 0
+        self.hazards = [AcceptanceTracker() for _ in range(ranks)]
 
-    def update(self, chosen_ranks: list[int | None]) -> None:
-        """One entry per node the walk stood on that had drafted children: the rank taken, or None."""
-        for rank in chosen_ranks:
-            self.visits += 1
-            if rank is not None and rank < len(self.counts):
-                self.counts[rank] += 1
+    def update(self, choices: Iterable[Choice]) -> None:
+        """One `Choice` per node the walk stood on that had drafted children."""
+        for choice in choices:
+            for rank, hazard in enumerate(self.hazards[: choice.offered]):
+                taken = choice.rank == rank
+                hazard.update(1, int(taken))
+                if taken:
+                    break
+
+    @property
+    def visits(self) -> int:
+        """Nodes with drafted children measured so far."""
+        return self.hazards[0].offered if self.hazards else 0
 
     @property
     def rates(self) -> list[float]:
-        return [c / self.visits for c in self.counts] if self.visits else [0.0] * len(self.counts)
+        out, missed = [], 1.0
+        for hazard in self.hazards:
+            rate = hazard.rate if hazard.offered else 0.0
+            out.append(missed * rate)
+            missed *= 1.0 - rate
+        return out

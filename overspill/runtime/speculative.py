@@ -14,9 +14,9 @@ the output distribution is plain sampling's. Rejected tokens' KV is cropped from
 With `tree=budget` the drafter proposes a tree of alternatives (`trees.py`) verified in one pass;
 the walk down it draws each token from the target exactly as plain decoding would (argmax, or a
 sample) and follows the drafted child holding that token, so greedy is plain greedy and sampling is
-plain sampling for any tree; the cache keeps the accepted path only. With `adapt_tree` each pass's
-budget is re-picked between `MIN_TREE` and `tree` from the rank acceptance measured so far
-(`planning.trees.tree_budget`), as the chain length adapts from measured acceptance.
+plain sampling for any tree; the cache keeps the accepted path only. Each pass's budget is re-picked
+between `MIN_TREE` and `tree` from the rank acceptance measured so far (`planning.trees.tree_budget`),
+as the chain length adapts from measured acceptance (`adapt_tree=False` fixes it at `tree`).
 
 With CUDA graphs (`load(cuda_graphs=True)`) a verify pass is graphed as decode steps are
 (`graphs.GraphedDecode.verify`): serial, each token with the kernels and mask row a graphed decode
@@ -38,11 +38,11 @@ import torch
 
 from ..planning.speculation import (AcceptanceTracker, PassCost, PassCostFit, best_chain, graphed_pass,
                                    verify_pass_cost)
-from ..planning.trees import MIN_TREE, RankAcceptance, tree_budget
+from ..planning.trees import RankAcceptance, tree_budget
 from .drafts import Drafter, drop_last, make_drafter, propose_tree
 from .kv import cache_kwarg
 from .token_serial import serial_tokens, supports_serial
-from .trees import DraftTree, keep_path, verify_tree
+from .trees import DraftTree, TreePass, fit_pass, keep_path, verify_tree, walk_tree
 
 DEFAULT_MAX_CHAIN = 16
 
@@ -119,10 +119,16 @@ def _forward(model, ids: torch.Tensor, cache, kwarg: str, keep: int) -> torch.Te
     return out.logits[0, -keep:].float()
 
 
+def graphed_verify(model) -> bool:
+    """Verify passes replay as CUDA graphs: the model has a graphed decode (`load(cuda_graphs=True)`)
+    and can verify serially. Graphed passes hold chains only, so draft trees run as chains there."""
+    return getattr(getattr(model, "overspill", None), "graphs", None) is not None and supports_serial(model)
+
+
 def _graphed(model, cache):
-    """The model's graphed decode (`graphs.GraphedDecode`) when `cache` is its static cache, else None."""
-    placement = getattr(model, "overspill", None)
-    graphs = getattr(placement, "graphs", None)
+    """The model's graphed decode (`graphs.GraphedDecode`) when it verifies (`graphed_verify`) and
+    `cache` is its static cache, else None."""
+    graphs = model.overspill.graphs if graphed_verify(model) else None
     return graphs if graphs is not None and getattr(graphs, "cache", None) is cache else None
 
 
@@ -149,7 +155,7 @@ def speculative_decode(
     stream_to=None,
     serial: bool | None = None,
     tree: int | None = None,
-    adapt_tree: bool = False,
+    adapt_tree: bool = True,
     **model_kwargs,
 ) -> torch.LongTensor:
     """transformers `custom_generate` loop: draft up to `chain` tokens, verify them in one pass.
@@ -159,9 +165,9 @@ def speculative_decode(
     arguments `_sample` lacks). `serial` verifies one token at a time inside each layer, plain
     decoding's own arithmetic (`token_serial`); None: wherever the model allows it. `tree`: draft
     trees of up to that many tokens instead of chains (`chain` is then unused); `adapt_tree` picks each
-    pass's budget in [MIN_TREE, tree] from the measured acceptance (`tree_budget`). Calls the loop
-    cannot serve exactly (batch > 1, padding, beams, dict outputs, a cache
-    that cannot crop) run transformers' own sampling loop instead.
+    pass's budget in [MIN_TREE, tree] from the measured acceptance (`tree_budget`), else every pass
+    drafts `tree`. Calls the loop cannot serve exactly (batch > 1, padding, beams, dict outputs, a
+    cache that cannot crop) run transformers' own sampling loop instead.
     """
     streamer = streamer or stream_to
     kwarg = cache_kwarg(model)
@@ -174,8 +180,6 @@ def speculative_decode(
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     sample = bool(generation_config.do_sample)
     graphs = _graphed(model, cache)
-    if graphs is not None and not supports_serial(model):  # graphed passes are serial: else verify eagerly
-        graphs = None
     if graphs is not None and tree:  # graphed passes verify chains only
         tree = None
     serial = graphs is not None or (supports_serial(model) if serial is None else serial)
@@ -201,8 +205,7 @@ def speculative_decode(
         if _emit(ids, token.view(1), stopping_criteria, streamer):
             break
         if tree:
-            measured = adapt_tree and stats.ranks.visits  # until a walk has measured acceptance: the user's budget
-            budget = tree_budget(fit.cost(), stats.ranks.rates, MIN_TREE, tree) if measured else tree
+            budget = tree_budget(fit.cost(), stats.ranks, tree) if adapt_tree else tree
             ids, chosen, finished = _tree_step(model, ids, cache, kwarg, drafter, budget, limit, logits_processor,
                                                sample, serial, stopping_criteria, streamer, stats, fit)
             if finished:
@@ -267,43 +270,53 @@ def _tree_step(model, ids: torch.Tensor, cache, kwarg: str, drafter: Drafter, bu
     room = limit - ids.shape[1] if limit else budget  # never past the planned KV
     t0 = time.perf_counter()
     drafted = propose_tree(drafter, ids, budget, logits_processor, sample) if room > 0 else DraftTree.chain(ids[0, :0])
-    t1 = time.perf_counter()
-    # serial holds one branch at a time: only depth is bounded; a batched pass holds every node
-    drafted = drafted.prune(budget if serial else min(budget, room), max(room, 0))
+    drafted = fit_pass(drafted, budget, room, serial)
     ranks = drafted.ranks()
     tree, order = drafted.preorder()
+    t1 = time.perf_counter()
     tree_pass = verify_tree(model, cache, kwarg, ids[0, -1:], tree, serial)
-    kids = tree.children()
-    drafted_tokens = tree.tokens.tolist()  # one device read, not one per comparison
-    node, path, chosen_ranks, finished, own = -1, [], [], False, None
-    while True:
-        token = _choose(logits_processor(ids, tree_pass.logits[node + 1 : node + 2]), sample)
-        value = int(token)
-        nxt = next((c for c in kids[node] if drafted_tokens[c] == value), None)
-        if kids[node]:
-            chosen_ranks.append(None if nxt is None else ranks[order[nxt]])
-        if nxt is None:
-            own = token
-            break
-        path.append(nxt)
-        ids = torch.cat([ids, token.view(1, 1).to(ids.device)], dim=1)
-        node = nxt
-        if _emit(ids, token.view(1), stopping_criteria, streamer):
-            finished = True
-            break
-    keep_path(cache, tree_pass, path)
+    best = None if sample else _greedy_rows(tree_pass, ids, logits_processor)
+
+    def pick(row: int) -> int:  # a sample draws at each node visited, in order, as plain steps draw
+        if best is not None:
+            return best[row]
+        return int(_choose(logits_processor(ids, tree_pass.logits[row : row + 1]), sample))
+
+    def accepted(token: int) -> bool:
+        nonlocal ids
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        return _emit(ids, ids[0, -1:], stopping_criteria, streamer)
+
+    walk = walk_tree(tree_pass, ranks, order, pick, stop=accepted)
+    keep_path(cache, tree_pass, walk.path)
     stats.passes += 1
     stats.drafted += len(tree)
-    stats.accepted += len(path)
-    stats.emitted += len(path)
+    stats.accepted += len(walk.path)
+    stats.emitted += len(walk.path)
     stats.chains.append(len(tree))
     stats.budgets.append(budget)
-    stats.ranks.update(chosen_ranks)
+    stats.ranks.update(walk.choices)
     t2 = time.perf_counter()
     fit.add(len(tree) + 1, t2 - t1, len(tree), t1 - t0)
     stats.draft_seconds += t1 - t0
     stats.verify_seconds += t2 - t1
-    return ids, own, finished
+    own = None if walk.stopped else ids.new_tensor([walk.tokens[-1]])
+    return ids, own, walk.stopped
+
+
+def _greedy_rows(tree_pass: TreePass, ids: torch.Tensor, logits_processor) -> list[int]:
+    """Plain greedy's token after every position of a tree pass, read from the device once: a row's
+    scores are what a plain step scores there (the processors see the prefix and the node's path)."""
+    logits = tree_pass.logits
+    if logits_processor:  # e.g. a repetition penalty or a minimum length: they read the sequence
+        tree = tree_pass.tree
+        tokens = tree.tokens.to(ids.device)
+        rows = [logits_processor(ids, logits[:1])]
+        for node in range(len(tree)):
+            path = tokens[torch.tensor(tree.path(node), device=ids.device)]
+            rows.append(logits_processor(torch.cat([ids, path.view(1, -1)], dim=1), logits[node + 1 : node + 2]))
+        logits = torch.cat(rows)
+    return logits.argmax(dim=-1).tolist()
 
 
 def _choose(scores: torch.Tensor, sample: bool) -> torch.Tensor:
@@ -352,11 +365,12 @@ def prior_pass_cost(model: torch.nn.Module, serial: bool, graphed: bool = False)
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
-           serial: bool | None = None, tree: int | None = None, adapt_tree: bool = False) -> torch.nn.Module:
+           serial: bool | None = None, tree: int | None = None, adapt_tree: bool = True) -> torch.nn.Module:
     """Make `model.generate` (and so `pipeline` and `run`) decode speculatively with `source`
     ('ngram', 'draft:PATH' or a `Drafter`); None turns it off. `tree=budget` drafts trees of up to
     that many tokens per pass instead of chains, each pass's budget adapted to the measured
-    acceptance with `adapt_tree`. Calls that pass their own `custom_generate` or
+    acceptance (`adapt_tree=False`: every pass drafts `tree`, e.g. to measure one budget). Calls
+    that pass their own `custom_generate` or
     `assistant_model`, or use beams, run as before."""
     if "generate" in model.__dict__:
         del model.generate

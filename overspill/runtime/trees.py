@@ -18,17 +18,21 @@ is already what the cache holds (serial visits the draft's favourite branch last
 common case) and otherwise crops back to the root and writes the accepted nodes' captured KV.
 That works on any layer the cache holds — transformers' own, `PresizedLayer`, `HostKVLayer` —
 through their public `crop`/`update`, with no knowledge of where their bytes live.
+
+`walk_tree` is the walk down a verified tree that `runtime.speculative` and the serving engine share:
+the target's token at each node (as a plain step picks it), then the drafted child holding it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import OverspillError
+from ..planning.trees import Choice
 from ..planning.trees import depths as tree_depths
 from .token_serial import serial_tokens
 
@@ -105,6 +109,14 @@ class DraftTree:
             order.append(node)
             stack.extend(kids[node])
         return self.select(order), order
+
+
+def fit_pass(drafted: DraftTree, budget: int, room: int, serial: bool) -> DraftTree:
+    """`drafted` cut to what one verify pass may hold with `room` tokens of planned KV left: at most
+    `budget` nodes, none deeper than `room`; a batched pass writes every node's KV, so also at most
+    `room` nodes (a serial one holds one branch at a time)."""
+    room = max(room, 0)
+    return drafted.prune(budget if serial else min(budget, room), room)
 
 
 Captured = list[list[torch.Tensor]]
@@ -280,3 +292,46 @@ def keep_path(cache, tree_pass: TreePass, path: list[int]) -> None:
         _crop_to(layer, past + 1)
         if m:
             layer.update(k[:, :, index.to(k.device)], v[:, :, index.to(v.device)])
+
+
+@dataclass
+class Walk:
+    """Where the target's tokens led through a verified tree."""
+
+    path: list[int] = field(default_factory=list)  # accepted nodes of `TreePass.tree`, the root's child first
+    rows: list[int] = field(default_factory=list)  # the logits row each token came from (0: after the root)
+    tokens: list[int] = field(default_factory=list)  # the path's tokens, then the target's own (unless stopped)
+    choices: list[Choice] = field(default_factory=list)  # at each node with drafted children (`RankAcceptance`)
+    stopped: bool = False  # `stop` ended the walk on an accepted token: no token of the target's own follows
+
+
+def walk_tree(tree_pass: TreePass, ranks: list[int], order: list[int], pick: Callable[[int], int],
+              stop: Callable[[int], bool] | None = None) -> Walk:
+    """Walk a verified tree as plain decoding would go: from the root, the target's token for the node's
+    row, then the drafted child holding it, until no child does (that token is the target's own).
+
+    Args:
+        tree_pass: the verify pass over `DraftTree.preorder`'s tree.
+        ranks: `DraftTree.ranks` of the tree as drafted (0: the draft's first choice among siblings).
+        order: `preorder`'s original index of each node of `tree_pass.tree`.
+        pick: the target's token for a logits row, as a plain step picks it (the argmax, or one draw);
+            called once per node visited, root first.
+        stop: called with each accepted token; True ends the walk there (a stopping criterion fired).
+    """
+    tree = tree_pass.tree
+    kids, drafted = tree.children(), tree.tokens.tolist()  # one device read, not one per comparison
+    walk, node = Walk(), -1
+    while True:
+        walk.rows.append(node + 1)
+        token = pick(node + 1)
+        walk.tokens.append(token)
+        child = next((c for c in kids[node] if drafted[c] == token), None)
+        if kids[node]:
+            walk.choices.append(Choice(len(kids[node]), None if child is None else ranks[order[child]]))
+        if child is None:
+            return walk
+        walk.path.append(child)
+        node = child
+        if stop is not None and stop(token):
+            walk.stopped = True
+            return walk

@@ -67,7 +67,8 @@ class Engine:
         speculate: the draft source ('ngram', 'draft:PATH') a request running alone decodes with unless
             it asks otherwise (`GenerationRequest.speculate`); None: only requests that ask draft.
         max_chain: the longest chain of drafted tokens one pass verifies.
-        speculate_tree: draft trees of up to this many tokens a pass instead of chains (`Speculator`); None: chains.
+        speculate_tree: draft trees of up to this many tokens a pass instead of chains (`Speculator`), for
+            `speculate`'s requests and those whose body names a source; None: chains.
 
     A request is admitted when a batch place is free and the shared cache, every row padded to the
     longest reservation (prompt + `max_new_tokens`), still fits the KV capacity, so a running request

@@ -12,7 +12,7 @@ import numbers
 import operator
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ def _check_speculate(source: object) -> None:
 
 def check_speculate(source: str | None, tree: int | None = None) -> None:
     """A bad `--speculate` or `--speculate-tree` of `serve` or `batch` fails in one line, before the model loads.
+    A tree budget needs no `--speculate`: requests may name a source in their body.
 
     Raises:
         OverspillError: naming the source and the ones accepted, or what the tree budget needs."""
@@ -127,7 +128,7 @@ def check_speculate(source: str | None, tree: int | None = None) -> None:
         except ValueError as exc:
             raise OverspillError(f"--speculate: {exc}") from None
     try:
-        check_tree(tree, source)
+        check_tree(tree, source, per_request=True)
     except ValueError as exc:
         raise OverspillError(f"--speculate-tree: {exc}") from None
 
@@ -177,7 +178,8 @@ class Event:
 @dataclass
 class SpeculationUsage:
     """What speculative decoding did for one request: verify passes, drafted and accepted tokens, the
-    tokens those passes yielded (accepted drafts + the target's own) and where the time went."""
+    tokens those passes yielded (accepted drafts + the target's own), where the time went, and with
+    draft trees the budget each pass drafted for (it adapts to the acceptance measured)."""
 
     passes: int = 0
     drafted: int = 0
@@ -185,9 +187,14 @@ class SpeculationUsage:
     tokens: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    tree_budgets: list[int] = field(default_factory=list)  # per tree pass; empty for chains
 
-    def add(self, drafted: int, accepted: int, tokens: int, draft_seconds: float, verify_seconds: float) -> None:
-        """One verify pass over `drafted` drafts yielded `tokens` tokens, `accepted` of them drafted."""
+    def add(self, drafted: int, accepted: int, tokens: int, draft_seconds: float, verify_seconds: float,
+            budget: int | None = None) -> None:
+        """One verify pass over `drafted` drafts yielded `tokens` tokens, `accepted` of them drafted;
+        `budget`: the tree budget it drafted for (None: a chain)."""
+        if budget is not None:
+            self.tree_budgets.append(budget)
         self.passes += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -208,11 +215,15 @@ class SpeculationUsage:
         total = self.draft_seconds + self.verify_seconds
         return self.draft_seconds / total if total else 0.0
 
-    def as_dict(self) -> dict[str, float]:
-        """The response's `usage.speculation` object."""
-        return {"passes": self.passes, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
-                "tokens_per_pass": round(self.tokens_per_pass, 4), "acceptance_rate": round(self.acceptance, 4),
-                "draft_time_share": round(self.draft_share, 4)}
+    def as_dict(self) -> dict:
+        """The response's `usage.speculation` object; with trees, `tree_budgets` maps each budget drafted
+        for to its passes."""
+        out = {"passes": self.passes, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+               "tokens_per_pass": round(self.tokens_per_pass, 4), "acceptance_rate": round(self.acceptance, 4),
+               "draft_time_share": round(self.draft_share, 4)}
+        if self.tree_budgets:
+            out["tree_budgets"] = {str(b): self.tree_budgets.count(b) for b in sorted(set(self.tree_budgets))}
+        return out
 
 
 class Handle:

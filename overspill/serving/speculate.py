@@ -15,9 +15,10 @@ cost measured on this engine, starting from the plan's prediction).
 
 With a tree budget the engine drafts trees (`runtime.trees`) instead: one serial pass verifies every
 branch, and the walk down the tree picks each token exactly as a plain step would (`_pick`: the
-argmax, or a sample from the request's own generator) and follows the drafted child holding it, so
-greedy and seeded sampled requests alike get the plain server's tokens. The budget adapts per
-request between `MIN_TREE` and the engine's (`planning.trees.tree_budget` over the ranks measured).
+argmax, or a sample from the request's own generator) and follows the drafted child holding it
+(`runtime.trees.walk_tree`), so greedy and seeded sampled requests alike get the plain server's tokens.
+The budget adapts per request between `MIN_TREE` and the engine's (`planning.trees.tree_budget` over
+the ranks measured); the response's `usage.speculation` says which budgets its passes drafted.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..planning.speculation import AcceptanceTracker, PassCostFit, best_chain, draft_path
-from ..planning.trees import MIN_TREE, RankAcceptance, tree_budget
+from ..planning.trees import RankAcceptance, tree_budget
 from ..runtime.drafts import Drafter, make_drafter, propose_tree
 from ..runtime.speculative import _accept, _residual, prior_pass_cost
 from ..runtime.token_serial import supports_serial
+from ..runtime.trees import fit_pass, walk_tree
 from .requests import SPECULATE_OFF, GenerationRequest, InvalidRequest, SpeculationUsage, check_speculate
 from .runner import Runner
 from .sampling import MIN_TEMPERATURE, SamplingParams
@@ -66,14 +68,15 @@ class Speculator:
         model: the placed model (from `overspill.load`).
         default: the source requests get unless they say otherwise ('ngram', 'draft:PATH' or None: off).
         max_chain: the longest chain drafted.
-        tree: draft trees of up to this many tokens instead of chains (None: chains).
+        tree: draft trees of up to this many tokens instead of chains (None: chains), for `default`'s
+            requests and for those that name a source of their own.
 
     Raises:
         OverspillError: an unknown source, a bad tree budget, or a draft model that does not load.
     """
 
     def __init__(self, model, default: str | None, max_chain: int, tree: int | None = None):
-        check_speculate(default, tree)
+        check_speculate(default, tree)  # a tree needs no default: requests may ask for a source
         if max_chain < 1:
             raise ValueError(f"max_chain must be at least 1, got {max_chain}")
         self.model, self.default, self.max_chain, self.tree = model, default, max_chain, tree
@@ -141,33 +144,24 @@ class Speculator:
                    progress: _Progress) -> Verified:
         """Draft a tree no deeper than `limit`, verify it in one pass and walk it; the cache keeps the
         root and the accepted path (the last yielded token is fed next step, as in a chain step)."""
-        budget = tree_budget(self.fit.cost(), progress.ranks.rates, MIN_TREE, self.tree) \
-            if progress.ranks.visits else self.tree  # until a walk has measured acceptance: the engine's budget
+        budget = tree_budget(self.fit.cost(), progress.ranks, self.tree)
         t0 = time.perf_counter()
         drafted = propose_tree(drafter, torch.tensor([ids], device=runner.device), budget, scores, sample)
-        drafted = drafted.prune(budget, limit)
+        drafted = fit_pass(drafted, budget, limit, self.serial)
         ranks = drafted.ranks()
         tree, order = drafted.preorder()
         t1 = time.perf_counter()
         tree_pass = runner.verify_tree(ids[-1], tree, self.serial)
-        kids, drafted_tokens = tree.children(), tree.tokens.tolist()
-        node, path, rows, tokens, chosen = -1, [], [], [], []
-        while True:
-            rows.append(node + 1)
-            tokens.append(_pick(runner, seq, tree_pass.logits[node + 1 : node + 2]))
-            nxt = next((c for c in kids[node] if drafted_tokens[c] == tokens[-1]), None)
-            if kids[node]:
-                chosen.append(None if nxt is None else ranks[order[nxt]])
-            if nxt is None:
-                break
-            path.append(nxt)
-            node = nxt
-        runner.keep_path(tree_pass, path)
+        if sample:  # one draw from the request's generator per node visited, as plain steps draw
+            walk = walk_tree(tree_pass, ranks, order, lambda row: _pick(runner, seq, tree_pass.logits[row : row + 1]))
+        else:  # every row's argmax in one read of the device
+            walk = walk_tree(tree_pass, ranks, order, _picks(runner, seq, tree_pass.logits).__getitem__)
+        runner.keep_path(tree_pass, walk.path)
         t2 = time.perf_counter()
-        progress.ranks.update(chosen)
+        progress.ranks.update(walk.choices)
         self.fit.add(len(tree) + 1, t2 - t1, len(tree), t1 - t0)
-        progress.usage.add(len(tree), len(path), len(tokens), t1 - t0, t2 - t1)
-        return Verified(tokens, tree_pass.logits[rows], len(tree), t1 - t0, t2 - t1)
+        progress.usage.add(len(tree), len(walk.path), len(walk.tokens), t1 - t0, t2 - t1, budget=budget)
+        return Verified(walk.tokens, tree_pass.logits[walk.rows], len(tree), t1 - t0, t2 - t1)
 
     def _choose(self, seq, runner: Runner, logits: torch.Tensor, proposed: list[int], probs: torch.Tensor | None,
                 sample: bool) -> list[int]:
@@ -195,10 +189,17 @@ class Speculator:
 
 def _pick(runner: Runner, seq, row: torch.Tensor) -> int:
     """The target's own token from one logits row, as a plain decode step picks it."""
-    token = runner.sample([seq], row)[0]
-    if isinstance(token, Exception):
-        raise token
-    return token
+    return _picks(runner, seq, row)[0]
+
+
+def _picks(runner: Runner, seq, rows: torch.Tensor) -> list[int]:
+    """The target's own token from each logits row, as plain decode steps pick them (a sampled request
+    draws one number a row from its generator)."""
+    tokens = runner.sample([seq] * rows.shape[0], rows)
+    for token in tokens:
+        if isinstance(token, Exception):
+            raise token
+    return tokens
 
 
 def _sampled(params: SamplingParams) -> bool:
