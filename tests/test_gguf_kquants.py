@@ -202,13 +202,35 @@ def tensor_type(name: str, kind: str, layer: int) -> str:
 def kquant_gguf(tmp_path_factory, overspill_cache) -> Path:
     """SmolLM2's GGUF metadata (tokenizer, llama) with hidden 256, 4 heads (2 KV), 4 layers; decoder
     matrices random Q4_K / Q6_K / Q8_0 blocks (weights of a few hundredths), the rest random F16 / F32."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-kquants.gguf"
+    writer, vocab = tiny_gguf_writer(path)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    for i in range(LAYERS):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        for name, (rows, cols), kind in MATRICES:
+            kind = tensor_type(name, kind, i)
+            # |w| up to about 945 d (Q4_K), 4096 d (Q6_K), 128 d (Q8_0): a few hundredths
+            e = {"q4_k": (-16, -15), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
+            writer.add_tensor(f"blk.{i}.{name}.weight", random_blocks(kind, rows, cols, rng, e),
+                              raw_dtype=GGMLQuantizationType[kind.upper()])
+    finish_gguf(writer)
+    return path
+
+
+def tiny_gguf_writer(path: Path):
+    """(a GGUFWriter at `path` holding SmolLM2's GGUF metadata, tokenizer and llama, resized to HIDDEN, HEADS,
+    KV_HEADS, FFN and LAYERS; its vocabulary size): where each tiny GGUF of these tests starts."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     from overspill.runtime.sources import default_gguf_path
 
     source = GGUFReader(default_gguf_path())
     arch = source.fields["general.architecture"].contents()
-    path = tmp_path_factory.mktemp("gguf") / "tiny-kquants.gguf"
     writer = GGUFWriter(str(path), arch)
     sizes = {"block_count": LAYERS, "embedding_length": HIDDEN, "feed_forward_length": FFN,
              "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS,
@@ -221,24 +243,14 @@ def kquant_gguf(tmp_path_factory, overspill_cache) -> Path:
         if field.name.startswith(f"{arch}."):
             value = sizes.get(field.name[len(arch) + 1 :], value)
         writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
-    rng = np.random.default_rng(0)
-    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
-    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
-    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    for i in range(LAYERS):
-        for norm in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-        for name, (rows, cols), kind in MATRICES:
-            kind = tensor_type(name, kind, i)
-            # |w| up to about 945 d (Q4_K), 4096 d (Q6_K), 128 d (Q8_0): a few hundredths
-            e = {"q4_k": (-16, -15), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
-            writer.add_tensor(f"blk.{i}.{name}.weight", random_blocks(kind, rows, cols, rng, e),
-                              raw_dtype=GGMLQuantizationType[kind.upper()])
+    return writer, len(source.fields["tokenizer.ggml.tokens"].data)
+
+
+def finish_gguf(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output":

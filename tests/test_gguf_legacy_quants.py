@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import GEN, gguf_reference, random_blocks, reader_for
+from test_gguf_kquants import (FFN, GEN, HEADS, HF, HIDDEN, KV_HEADS, LAYERS, finish_gguf, gguf_reference,
+                              random_blocks, reader_for, tiny_gguf_writer)
 
 import overspill
 from overspill.api import placement_of
@@ -147,13 +148,10 @@ def test_gguf_marks_name_the_new_types_formats_and_bytes() -> None:
 
 # --- (b) a tiny GGUF of the four types (with Q5_K, Q6_K, Q8_0 and a Q3_K left dequantized) -------------
 
-HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 4
 SHAPES = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (128, HIDDEN), "attn_v": (128, HIDDEN),
           "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
 # layers 0-1 a Q4_0 model, 2-3 a Q4_1 one; attn_v and ffn_down in the other types; one Q3_K matrix
 OTHERS = {0: ("q5_0", "q5_k"), 1: ("q5_1", "q5_1"), 2: ("q5_k", "q5_0"), 3: ("q6_k", "q8_0")}
-HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output":
-      "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 PER_WEIGHT = {"q4_0": 0.625, "q4_1": 0.75, "q5_0": 1.125, "q5_1": 1.25, "q5_k": 1.25, "q3_k": 2}  # streamed bf16 bytes
 
 
@@ -170,27 +168,11 @@ def legacy_gguf(tmp_path_factory, overspill_cache) -> Path:
     """SmolLM2's GGUF metadata (tokenizer, llama) with hidden 256, 4 heads (2 KV), 4 layers; decoder matrices
     as `tensor_type` says (Q4_0 / Q4_1 / Q5_0 / Q5_1 quantized by gguf from weights of a few hundredths, the
     K-quants random blocks of that size), a Q6_K embedding, F32 norms."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+    from gguf import GGMLQuantizationType, quants
 
-    from overspill.runtime.sources import default_gguf_path
-
-    source = GGUFReader(default_gguf_path())
-    arch = source.fields["general.architecture"].contents()
     path = tmp_path_factory.mktemp("gguf") / "tiny-legacy.gguf"
-    writer = GGUFWriter(str(path), arch)
-    sizes = {"block_count": LAYERS, "embedding_length": HIDDEN, "feed_forward_length": FFN,
-             "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS,
-             "rope.dimension_count": HIDDEN // HEADS}
-    for field in source.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        value = field.contents()
-        if field.name.startswith(f"{arch}."):
-            value = sizes.get(field.name[len(arch) + 1 :], value)
-        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    writer, vocab = tiny_gguf_writer(path)
     rng = np.random.default_rng(0)
-    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
     writer.add_tensor("token_embd.weight", random_blocks("q6_k", vocab, HIDDEN, rng, (-14, -13)),
                       raw_dtype=GGMLQuantizationType.Q6_K)
     writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
@@ -210,10 +192,7 @@ def legacy_gguf(tmp_path_factory, overspill_cache) -> Path:
                 e = {"q5_k": (-17, -16), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
                 data = random_blocks(kind, rows, cols, rng, e)
             writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=GGMLQuantizationType[kind.upper()])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return path
 
 
