@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import (FFN, GEN, HEADS, HF, HIDDEN, KV_HEADS, LAYERS, finish_gguf, gguf_reference,
-                              random_blocks, reader_for, tiny_gguf_writer)
+from test_gguf_kquants import (FFN, GEN, HF, HIDDEN, LAYERS, finish_gguf, gguf_reference, random_blocks, reader_for,
+                              tiny_gguf_writer)
 
 import overspill
 from overspill.api import placement_of
