@@ -300,6 +300,11 @@ def test_streamed_k_quants_decode_as_the_dequantized_model_resident(dtype: str, 
             t = tensors[f"blk.{i}.{name}.weight"]
             got = want.get_submodule(f"model.layers.{i}.{HF[name]}").weight
             assert torch.equal(got, gguf_reference(t.tensor_type.name.lower(), np.asarray(t.data)))
+    assert_same_generation(want, model, tok)
+
+
+def assert_same_generation(want, model, tok) -> None:
+    """`model` generates `want`'s tokens and logits bit for bit, and the logits carry some signal."""
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
@@ -307,7 +312,6 @@ def test_streamed_k_quants_decode_as_the_dequantized_model_resident(dtype: str, 
     logits = torch.stack(a.logits)
     assert torch.isfinite(logits).all() and not torch.equal(logits[0], logits[-1])  # a random model: some signal
     assert torch.equal(a.sequences, b.sequences) and torch.equal(logits, torch.stack(b.logits))
-
 
 def test_streamed_host_bytes_are_the_k_quant_bytes(kquant_gguf) -> None:
     from test_stream_formats import tiny_plan

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import (FFN, GEN, HF, HIDDEN, LAYERS, finish_gguf, gguf_reference, random_blocks, reader_for,
-                              tiny_gguf_writer)
+from test_gguf_kquants import (FFN, HF, HIDDEN, LAYERS, assert_same_generation, finish_gguf, gguf_reference,
+                              random_blocks, reader_for, tiny_gguf_writer)
 
 import overspill
 from overspill.api import placement_of
@@ -254,10 +254,4 @@ def test_streamed_legacy_quants_decode_as_the_dequantized_model_resident(dtype: 
                 assert torch.equal(up.parts[0].view(layer.host), stored)
         finally:
             reader.close()
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        a = want.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
-        b = model.generate(ids, return_dict_in_generate=True, output_logits=True, **GEN)
-    logits = torch.stack(a.logits)
-    assert torch.isfinite(logits).all() and not torch.equal(logits[0], logits[-1])  # a random model: some signal
-    assert torch.equal(a.sequences, b.sequences) and torch.equal(logits, torch.stack(b.logits))
+    assert_same_generation(want, model, tok)
