@@ -24,8 +24,8 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   Signed int4 (`part_shapes(signed=True)`: GGUF Q4_0's q - 8) has two parts, codes as two's-complement nibbles
   (int8, -8..7) and a float32 scale, and expands with one multiply `q * scale`, gguf's `(q - 8) * d` bit for bit
   (-0.0s included, which `q * d - 8d` on unsigned codes would turn into +0.0), as int8 without shifts. On CUDA
-  bf16 stores take one Triton launch per weight (`runtime.int4_kernel`: each program reads a tile of packed bytes once and writes both codes'
-  values), bit for bit the torch path's; the torch path (the nibbles unpacked into a byte a code in the
+  bf16 stores take one Triton launch per weight (`runtime.int4_kernel`: each program reads a tile of packed
+  bytes once and writes both codes' values), bit for bit the torch path's; the torch path (the nibbles unpacked into a byte a code in the
   expander's scratch, a chunk of rows at a time, then one fused multiply-add into the slot, about 100
   launches a layer of the 8B shape) stays as the CPU's and as the fallback where Triton is missing or
   fails. The H100 spent 3.6 ms a layer of the 8B shape expanding with torch ops beside 2.1 ms of link
@@ -214,13 +214,13 @@ def _expand_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
                  scratch: torch.Tensor | None) -> None:
     """`dst` [rows, cols] = q * scale + (zero - 8 * scale) by groups (float32 stores: q * scale + zero, the
     third part being the shift; `zero` None: signed codes, q * scale). On CUDA bf16 stores take one Triton
-    launch (`runtime.int4_kernel.expand_int4`, the same bits) and `scratch` goes unused: the plan still keeps
-    the torch path's scratch (`planning.formats.expand_scratch_bytes`), conservative, as the fallback needs it.
-    Otherwise (the CPU, float32 stores, whose shifts the kernel does not take, signed codes, or Triton missing
-    or failing) torch ops, a chunk of rows at a time: the codes q unpacked from `packed` [rows, cols // 2] into
-    `scratch` (a byte each), bf16 stores' shifts in float32 after them, then one fused multiply(-add) into `dst`."""
-    passthrough = zero is None or zero.dtype == torch.float32
-    if not (dst.is_cuda and not passthrough and int4_kernel.expand_int4(packed, scale, zero, dst)):
+    launch (`runtime.int4_kernel.expand_int4`, the same bits; it declines float32 stores, whose shifts it does
+    not take) and `scratch` goes unused: the plan still keeps the torch path's scratch
+    (`planning.formats.expand_scratch_bytes`), conservative, as the fallback needs it. Otherwise (the CPU,
+    float32 stores, signed codes, or Triton missing or failing) torch ops, a chunk of rows at a time: the codes
+    q unpacked from `packed` [rows, cols // 2] into `scratch` (a byte each), bf16 stores' shifts in float32 after
+    them, then one fused multiply(-add) into `dst`."""
+    if not (dst.is_cuda and zero is not None and int4_kernel.expand_int4(packed, scale, zero, dst)):
         _expand_int4_torch(packed, scale, zero, dst, scratch)
 
 
