@@ -26,10 +26,11 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   (-0.0s included, which `q * d - 8d` on unsigned codes would turn into +0.0), as int8 without shifts. On CUDA
   bf16 stores take one Triton launch per weight (`runtime.int4_kernel`: each program reads a tile of packed
   bytes once and writes both codes' values), bit for bit the torch path's; the torch path (the nibbles
-  unpacked into a byte a code in the expander's scratch, a chunk of rows at a time, then one fused multiply-add into the slot, about 100
-  launches a layer of the 8B shape) stays as the CPU's and as the fallback where Triton is missing or
-  fails. The H100 spent 3.6 ms a layer of the 8B shape expanding with torch ops beside 2.1 ms of link
-  (int4 at 0.54 of its link floor); the Triton kernel's time is not yet measured on a GPU
+  unpacked into a byte a code in the expander's scratch, a chunk of rows at a time, then one fused
+  multiply-add into the slot, about 100 launches a layer of the 8B shape) stays as the CPU's and as the
+  fallback where Triton is missing or fails. The H100 spent 3.6 ms a layer of the 8B shape expanding with
+  torch ops beside 2.1 ms of link (int4 at 0.54 of its link floor); the Triton kernel's time is not yet
+  measured on a GPU
   (`bench/int4_expand.py`).
 """
 
