@@ -30,8 +30,7 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
   multiply-add into the slot, about 100 launches a layer of the 8B shape) stays as the CPU's and as the
   fallback where Triton is missing or fails. The H100 spent 3.6 ms a layer of the 8B shape expanding with
   torch ops beside 2.1 ms of link (int4 at 0.54 of its link floor); the Triton kernel's time is not yet
-  measured on a GPU
-  (`bench/int4_expand.py`).
+  measured on a GPU (`bench/int4_expand.py`).
 """
 
 from __future__ import annotations
