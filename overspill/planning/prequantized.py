@@ -12,6 +12,9 @@ dequantized weights in the compute dtype. The expanded weight equals the referen
 | awq (gemm, bits 4, zero_point) | qweight int32 [in, out/8] (nibbles in order 0 2 4 6 1 3 5 7), qzeros, scales | int4 | float32 scale and zero per group |
 | fp8 (transformers' FineGrainedFP8) | weight e4m3 [out, in], weight_scale_inv float32 per tensor or per block | fp8 | float32 per group of inputs |
 | compressed-tensors, float-quantized 8-bit | weight e4m3, weight_scale per tensor, channel, group or block | fp8 | float32 per group of inputs |
+| compressed-tensors, pack-quantized int 4-bit, symmetric | weight_packed int32 [out, in/8] (q + 8, low nibble first), weight_scale [out, groups] | int4, signed | float32 scale per group |
+| compressed-tensors, pack-quantized int 4-bit, asymmetric | as symmetric, and weight_zero_point int32 [out/8, groups] (z + 8, packed along the outputs) | int4 | float32 scale and shift per group |
+| compressed-tensors, pack-quantized int 8-bit | weight_packed int32 [out, in/4] (q + 128), weight_scale, weight_zero_point (asymmetric) | int8 | float32 scale (and shift) per group |
 | gguf (a converted GGUF's Q8_0 decoder weights, `runtime.gguf_blocks`) | q8_0_codes int8 [out, in], q8_0_scales fp16 [out, in/32] | int8 | float32 per group of 32 |
 | gguf, Q6_K | q6_k_codes int8 [out, in] (q - 32), q6_k_scales float32 [out, in/16] (d * scale) | int8 | float32 per group of 16 |
 | gguf, Q4_K | q4_k_codes uint8 [out, in/2] (int4's packing), q4_k_scales and q4_k_shifts float32 [out, in/32] | int4 | float32 scale and shift per group of 32 |
@@ -29,6 +32,16 @@ arithmetic); Q4_1's shift is m (`d * q + m`, gguf's own sum). Q4_0's codes are s
 stored as int8 are two's-complement nibbles), with a float32 scale d and no shift (4 bytes a group), so the
 expansion is gguf's `d * (q - 8)` bit for bit: unsigned codes with shift -8d give the same values but +0.0
 where gguf has -0.0 (q = 8 under d < 0).
+compressed-tensors' pack-quantized weights (llm-compressor's W4A16 / W8A16; `pack_to_int32` in its
+`compressors/pack_quantized/helpers.py`, formerly `compressors/quantized_compressors/pack_quantized.py`) store
+signed codes q as q + 2^(bits-1), 32 / bits an int32 along the inputs, low bits first; asymmetric zero points z
+the same way along the outputs (before 0.9.4: signed int8 [out, groups]); they dequantize as `(q - z) * scale` in
+the scale's dtype (bf16 or fp16: every product exact in float32, so float32 arithmetic and one rounding give the
+same bits; asymmetric weights with float32 scales are refused at load). Symmetric 4-bit (no zero points stored)
+streams as Q4_0 does, signed codes and a float32 scale (4 bytes a group), `q * scale`; asymmetric 4-bit as GPTQ
+does, the stored codes q + 8 with shift -(z + 8) * scale; 8-bit as int8, the codes q with a float32 shift
+-z * scale where zero points are stored. Strategies group and channel (one group a row); act-order "group" (a
+g_idx that reorders the inputs) is refused, "weight" keeps the inputs in order.
 int8 streams codes times scales, with a third part, a float32 shift per group, where a type has one (Q5_1: m,
 Q5_K: -dmin * m_j; `q * scale + shift`, the product exact, the sum rounded once as gguf does). A GGUF's types
 stream per matrix: Q4_0, Q4_1 and Q4_K as int4, the rest as int8 (a scale per group of 16 or 32), in one layer.
@@ -37,7 +50,8 @@ of the block).
 
 Activation scales (static FP8 `input_scale`) are not used: activations stay in the compute dtype.
 Not supported (a one-line error says what is): act-order GPTQ (desc_act), GPTQ/AWQ of other bit widths,
-AWQ's GEMV / Marlin / exllama layouts, compressed-tensors int formats.
+AWQ's GEMV / Marlin / exllama layouts, compressed-tensors int formats other than pack-quantized 4- and 8-bit
+weights by group (of 32 inputs or more) or channel, in one scheme for every config group.
 """
 
 from __future__ import annotations
@@ -48,10 +62,11 @@ from typing import Any
 
 from .formats import NATIVE, encoded_bytes
 
-INT4_STORE_BYTES = 4  # float32 scale and float32 shift per group (see above; GGUF Q4_0: `GGUF_TYPES`)
+INT4_STORE_BYTES = 4  # each float32 store of a group: a scale, and a shift where zero points are kept
 FP8_SCALE_BYTES = 4  # float32, as the fp8 format's own
 SUPPORTED = ("GPTQ and AWQ (gemm) int4 with desc_act false, FP8 (quant_method fp8, or compressed-tensors "
-             "float-quantized 8-bit), GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 and Q4_0")
+             "float-quantized 8-bit), compressed-tensors pack-quantized int 4- or 8-bit weights by group or channel "
+             "without act-order groups, GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 and Q4_0")
 # GGUF block types kept as codes: (stream format, weights per float32 scale, float32 stores per group: a scale,
 # or a scale and a shift). Q4_K / Q5_K: d * sc_j and -dmin * m_j per sub-block of 32; Q6_K: d * scale_j per
 # sub-block of 16; Q4_1 / Q5_1: d and m per block of 32; Q4_0 (signed codes q - 8), Q5_0 and Q8_0: d
@@ -74,6 +89,9 @@ class Prequantized:
     group: int  # inputs per scale (int4: and zero), -1 one per row; fp8 and gguf: 0 (per weight: its scales' shape)
     zero_offset: int = 0  # added to stored zeros: 1 for auto-gptq's v1 format (zero - 1 stored)
     block: tuple[int, int] | None = None  # fp8: [rows, inputs] a stored scale covers, when the config says
+    # int4 / int8 codes: whether zero points are stored (a float32 shift per group then streams beside the
+    # scale); False only for compressed-tensors' symmetric weights, whose signed codes need none
+    zero_points: bool = True
     # gguf: (block type, share of the decoder layers' parameters kept in it) per type kept as codes
     gguf: tuple[tuple[str, float], ...] = ()
 
@@ -81,8 +99,10 @@ class Prequantized:
     def label(self) -> str:
         if self.method == "gguf":
             return "GGUF " + "+".join(kind.upper() for kind, _ in self.gguf)
+        per = "per row" if self.group == -1 else f"groups of {self.group}"
+        if self.method == "compressed-tensors" and self.stream_format != "fp8":
+            return f"{self.method} {self.stream_format} {'asymmetric' if self.zero_points else 'symmetric'} ({per})"
         if self.stream_format == "int4":
-            per = "per row" if self.group == -1 else f"groups of {self.group}"
             return f"{self.method.upper()} int4 ({per})"
         return f"{self.method} e4m3"
 
@@ -103,8 +123,11 @@ class Prequantized:
             quantized = sum(share for _, share in self.gguf)
             return int(params * sum(share * gguf_bytes_per_weight(kind) for kind, share in self.gguf)
                        + layer_bytes * max(0.0, 1 - quantized))
-        if self.stream_format == "int4":
-            return encoded_bytes("int4", layer_bytes, dtype_bytes, group=self.group, store_bytes=INT4_STORE_BYTES)
+        if self.stream_format in ("int4", "int8"):  # codes, then a float32 scale (and shift) per group
+            params = layer_bytes // dtype_bytes
+            groups = 0 if self.group == -1 else params // self.group  # one a row: left out, as `encoded_bytes` does
+            codes = params // 2 if self.stream_format == "int4" else params
+            return codes + INT4_STORE_BYTES * (2 if self.zero_points else 1) * groups
         return encoded_bytes(self.stream_format, layer_bytes, dtype_bytes, group=self.group)
 
 
@@ -176,6 +199,8 @@ def _compressed_tensors(q: Mapping[str, Any]) -> Prequantized:
     fmt = str(q.get("format", "")).lower()
     groups = q.get("config_groups") or {}
     weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, Mapping)]
+    if fmt == "pack-quantized":
+        return _pack_quantized(weights)
     fp8 = weights and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights)
     if fmt not in ("float-quantized", "naive-quantized") or not fp8:
         raise ValueError(f"compressed-tensors format {fmt or '(none)'!r} with weights "
@@ -183,6 +208,46 @@ def _compressed_tensors(q: Mapping[str, Any]) -> Prequantized:
                          f"overspill streams {SUPPORTED}")
     blocks = {tuple(w["block_structure"]) for w in weights if w.get("block_structure")}
     return Prequantized("compressed-tensors", "fp8", 0, block=blocks.pop() if len(blocks) == 1 else None)
+
+
+def _pack_quantized(weights: list[Mapping[str, Any]]) -> Prequantized:
+    """compressed-tensors' pack-quantized int weights (see above), read as its `QuantizationArgs` reads them
+    (defaults int, 8 bits, symmetric; a missing strategy inferred from group_size); one scheme for every group."""
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"compressed-tensors pack-quantized {what} is not supported: overspill streams {SUPPORTED}")
+
+    kinds = {(str(w.get("type", "int")).lower(), w.get("num_bits", 8), w.get("symmetric", True) is not False,
+              _strategy(w), w.get("group_size"), _actorder(w.get("actorder"))) for w in weights}
+    if len(kinds) != 1:
+        raise refuse(f"with {len(kinds)} weight schemes in its config groups")
+    kind, bits, symmetric, strategy, group, actorder = kinds.pop()
+    if kind != "int" or bits not in (4, 8):
+        raise refuse(f"{kind} {bits}-bit weights")
+    if strategy not in ("group", "channel"):
+        raise refuse(f"strategy {strategy!r}")
+    if actorder == "group":
+        raise refuse("act-order 'group' (a g_idx that reorders the inputs)")
+    group = -1 if strategy == "channel" else int(group)
+    if group != -1 and group < 32:
+        raise ValueError(f"compressed-tensors group_size {group} is not supported: overspill streams groups of 32 "
+                         f"inputs or more, or strategy 'channel'")
+    return Prequantized("compressed-tensors", "int4" if bits == 4 else "int8", group, zero_points=not symmetric)
+
+
+def _strategy(weights: Mapping[str, Any]) -> str:
+    """A weights entry's strategy: as written, else compressed-tensors' inference from group_size."""
+    if weights.get("strategy"):
+        return str(weights["strategy"]).lower()
+    group = weights.get("group_size")
+    return "tensor" if group is None else "channel" if group == -1 else "group"
+
+
+def _actorder(value: Any) -> str | None:
+    """compressed-tensors' activation ordering, aliases resolved: True and "dynamic" are "group", "static" "weight"."""
+    if isinstance(value, bool):
+        return "group" if value else None
+    value = str(value).lower() if value is not None else None
+    return {"dynamic": "group", "static": "weight"}.get(value, value)
 
 
 def stream_format_for(scheme: Prequantized, requested: str, blocker: str | None = None) -> tuple[str, str]:

@@ -2,7 +2,8 @@
 repacked into a stream format's parts for streamed ones.
 
 `QuantizedReader` is a `CheckpointReader` whose model weights may be stored as a quantized group of
-tensors (GPTQ's qweight / qzeros / scales / g_idx, AWQ's, or an e4m3 weight and its scale). `fill` writes
+tensors (GPTQ's qweight / qzeros / scales / g_idx, AWQ's, compressed-tensors' weight_packed / weight_scale /
+weight_zero_point, or an e4m3 weight and its scale). `fill` writes
 the reference dequantization (float32 arithmetic on the stored integers and scales, one rounding into the
 destination dtype), on the destination's device; `parts_of` and `fill_parts` give a streamed layer's
 quantized weights as the stream format's parts (`quant.part_shapes`), repacked once from the checkpoint's
@@ -10,6 +11,11 @@ layout, so the link carries the checkpoint's codes and the slot expands them to 
 - int4 (GPTQ, AWQ): codes [out, in] two a byte, the even column in the high nibble; per group a float32
   scale and shift = -z * scale (float32 stores hold the shift: `quant.part_shapes`), so the expansion's
   q * scale + shift is scale * (q - z) exactly in float32 (every product has at most 15 significant bits).
+- compressed-tensors pack-quantized (`planning.prequantized`): its int32s unpacked (q + 2^(bits-1), low bits first)
+  and, 4-bit symmetric, repacked as signed int4 (q two's-complement nibbles, a float32 scale: `q * scale`, exact);
+  4-bit asymmetric as GPTQ's (codes q + 8, shift -(z + 8) * scale); 8-bit as int8 codes q with a float32 scale
+  and, asymmetric, shift -z * scale. Asymmetric weights need bf16 or fp16 scales, so that `q * scale + shift` is
+  `(q - z) * scale` exactly (every product exact in float32).
 - fp8: the e4m3 codes as they are; the stored per-tensor, per-channel, per-group or block scales repeated
   into the format's float32 scale per group of inputs (each group lies in one stored block).
 - a converted GGUF's weights (`gguf_blocks`), each in its type's format within one layer: Q8_0, Q6_K and
@@ -45,11 +51,13 @@ Parts = list[tuple[tuple[int, ...], torch.dtype]]
 class Quantized:
     """One model weight stored quantized: its checkpoint keys and logical [out, in] shape."""
 
-    weight: str  # GPTQ / AWQ: qweight; fp8: the e4m3 weight
+    weight: str  # GPTQ / AWQ: qweight; compressed-tensors int: weight_packed; fp8: the e4m3 weight
     scale: str  # scales, weight_scale_inv or weight_scale
     shape: tuple[int, int]  # [out, in], as the model's parameter
-    zeros: str | None = None  # GPTQ / AWQ: qzeros; GGUF: the float32 shifts (Q4_1, Q4_K, Q5_1, Q5_K)
-    g_idx: str | None = None  # GPTQ: the group of each input (checked to be in order)
+    # GPTQ / AWQ: qzeros; compressed-tensors: weight_zero_point (asymmetric only); GGUF: the float32 shifts (Q4_1,
+    # Q4_K, Q5_1, Q5_K). None for a non-GGUF int weight: signed codes without zero points
+    zeros: str | None = None
+    g_idx: str | None = None  # GPTQ: g_idx, compressed-tensors: weight_g_idx, the group of each input (in order)
     gguf: str | None = None  # a converted GGUF's block type ("q4_k", "q6_k", "q8_0", ...: `GGUF_TYPES`)
 
     @property
@@ -83,7 +91,10 @@ class QuantizedReader(CheckpointReader):
         found = {}
         keys = self.key_to_file
         for key in keys:
-            if self.scheme.stream_format == "int4" and key.endswith(".qweight"):
+            if self.scheme.method == "compressed-tensors" and key.endswith(".weight_packed"):
+                base = key[: -len(".weight_packed")]
+                found[base + ".weight"] = self._packed_entry(key, base)
+            elif self.scheme.stream_format == "int4" and key.endswith(".qweight"):
                 base = key[: -len(".qweight")]
                 missing = [k for k in (".qzeros", ".scales") if base + k not in keys]
                 if missing:
@@ -123,6 +134,33 @@ class QuantizedReader(CheckpointReader):
             raise OverspillError(f"config.json in {self.directory} says {self.scheme.label} but no weight is "
                                  f"stored quantized: check the checkpoint")
         return found
+
+    def _packed_entry(self, key: str, base: str) -> Quantized:
+        """A compressed-tensors pack-quantized weight's tensors, checked. Its zero points are used wherever stored,
+        as compressed-tensors' own decompression does (before 0.9.4 it stored them unpacked, int8, and dropped
+        an all-zero one)."""
+        keys, scale, zeros = self.key_to_file, base + ".weight_scale", base + ".weight_zero_point"
+        if scale not in keys:
+            raise OverspillError(f"{self.scheme.label} checkpoint in {self.directory} has {key} without {scale}: "
+                                 f"download it again")
+        packed = self._shape(key)
+        if self._dtype(key) != "I32" or len(packed) != 2:
+            raise OverspillError(f"{key} in {self.directory} is {self._dtype(key)} {packed}, not the int32 matrix "
+                                 f"of compressed-tensors' pack-quantized format")
+        shape = (packed[0], packed[1] * (32 // self._bits))
+        if base + ".weight_shape" in keys and tuple(self.raw(base + ".weight_shape").tolist()) != shape:
+            raise OverspillError(f"{key} in {self.directory} pads its inputs to {shape[1]}: overspill streams "
+                                 f"pack-quantized weights whose inputs fill their int32s")
+        if zeros in keys and self._dtype(scale) not in ("BF16", "F16"):
+            raise OverspillError(f"{scale} in {self.directory} is {self._dtype(scale)}: overspill streams "
+                                 f"asymmetric compressed-tensors weights with bf16 or fp16 scales")
+        g_idx = base + ".weight_g_idx" if base + ".weight_g_idx" in keys else None
+        return Quantized(key, scale, shape, zeros if zeros in keys else None, g_idx)
+
+    @property
+    def _bits(self) -> int:
+        """Bits of a compressed-tensors pack-quantized code: its stream format's."""
+        return 4 if self.scheme.stream_format == "int4" else 8
 
     # -- CheckpointReader: the model's names, and dequantized tensors where it reads one ----------------
 
@@ -195,7 +233,9 @@ class QuantizedReader(CheckpointReader):
 
     def _int4(self, q: Quantized, r0: int, r1: int, device: torch.device):
         """Output rows r0:r1 of a GPTQ / AWQ weight: (codes uint8 [n, in], float32 scales [n, groups],
-        integer zeros as float32 [n, groups]), computed on `device`."""
+        integer zeros as float32 [n, groups]), computed on `device`; a compressed-tensors one's `_unpacked`."""
+        if self.scheme.method == "compressed-tensors":
+            return self._unpacked(q, r0, r1, device)
         rows, cols = q.shape
         group = self._group(q)
         if self.scheme.method == "gptq":
@@ -214,6 +254,31 @@ class QuantizedReader(CheckpointReader):
             raise OverspillError(f"{q.scale} in {self.directory} has {scale.shape[0]} groups, not the "
                                  f"{cols // group} of {cols} inputs in groups of {group}: check the checkpoint")
         return codes.to(torch.uint8).contiguous(), scale.t(), (zeros + self.scheme.zero_offset).float().t()
+
+    def _unpacked(self, q: Quantized, r0: int, r1: int, device: torch.device):
+        """Output rows r0:r1 of a compressed-tensors pack-quantized weight, in its stream format's terms:
+        (codes [n, in], float32 scales [n, groups], integer zeros as float32 [n, groups]) with int4's codes and
+        zeros as stored, q + 8 and z + 8 (8 without zero points), int8's signed, q and z (0 without)."""
+        bits, n, cols = self._bits, r1 - r0, q.shape[1]
+        per, mask, offset = 32 // bits, (1 << bits) - 1, 1 << (bits - 1)
+        shifts = torch.arange(0, 32, bits, device=device, dtype=torch.int32)
+        packed = self.raw(q.weight)[r0:r1].to(device)  # [n, in / per]: input per * k + j in bits j * bits.. of k
+        codes = (packed[..., None] >> shifts).bitwise_and_(mask).view(n, cols)
+        scale = self.raw(q.scale)[r0:r1].to(device).float()  # [n, groups]; channel: [n, 1]
+        if q.zeros is None:
+            zeros = torch.full_like(scale, offset)
+        elif self._dtype(q.zeros) == "I32":  # packed along the outputs: [ceil(out / per), groups]
+            z = self.raw(q.zeros)[r0 // per : -(-r1 // per)].to(device)
+            z = (z[:, None, :] >> shifts[:, None]).bitwise_and_(mask).view(-1, z.shape[1])
+            zeros = z[r0 % per : r0 % per + n].float()
+        else:  # as compressed-tensors stored them before 0.9.4: signed int8 [out, groups]
+            zeros = self.raw(q.zeros)[r0:r1].to(device).float() + offset
+        if scale.dim() != 2 or scale.shape[1] != cols // self._group(q) or zeros.shape != scale.shape:
+            raise OverspillError(f"{q.scale} in {self.directory} has shape {tuple(scale.shape)} for rows {r0}:{r1}, "
+                                 f"not one scale a group of {self._group(q)} of {cols} inputs: check the checkpoint")
+        if bits == 8:
+            return (codes - offset).to(torch.int8), scale, zeros.sub_(offset)
+        return codes.to(torch.uint8), scale, zeros
 
     @staticmethod
     def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
@@ -248,7 +313,7 @@ class QuantizedReader(CheckpointReader):
             g_idx = self.raw(q.g_idx)
             if not torch.equal(g_idx.long(), torch.arange(cols) // group):
                 raise OverspillError(f"{q.g_idx} in {self.directory} reorders the inputs (act-order): overspill "
-                                     f"streams GPTQ with desc_act false")
+                                     f"streams weights whose groups keep the inputs in order")
         return group
 
     def _fp8_scales(self, key: str) -> torch.Tensor:
@@ -293,11 +358,11 @@ class QuantizedReader(CheckpointReader):
             fmt = self.kind(q)  # a GGUF layer may mix int4 (Q4_K) and int8 (Q6_K, Q8_0) weights
             if tuple(entry.shape) != q.shape:
                 raise self._mismatch(key, q.shape, tuple(entry.shape))
-            if fmt == "int4":  # a GGUF int4 type without shifts (Q4_0) has signed codes, q - 8 (`gguf_blocks`)
-                signed = q.gguf is not None and q.zeros is None
+            if fmt == "int4":  # without zeros or shifts (GGUF Q4_0, compressed-tensors symmetric): signed codes
+                signed = q.zeros is None
                 return fmt, part_shapes("int4", q.shape, group=self._group(q), store=torch.float32, signed=signed)
             if fmt == "int8":
-                return fmt, part_shapes("int8", q.shape, group=q.group, shifts=q.zeros is not None)
+                return fmt, part_shapes("int8", q.shape, group=self._group(q), shifts=q.zeros is not None)
             self._fp8_scales(key)  # refuses stored blocks the format's groups do not fit
             return fmt, part_shapes("fp8", q.shape)
 
@@ -330,6 +395,13 @@ class QuantizedReader(CheckpointReader):
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             codes, scale, zero = self._int4(q, r0, r1, torch.device("cpu"))
-            parts[0][r0:r1].copy_(codes[:, ::2] << 4 | codes[:, 1::2])
+            if self.kind(q) == "int8":  # compressed-tensors 8-bit: the signed codes as they are
+                parts[0][r0:r1].copy_(codes)
+            elif q.zeros is None:  # compressed-tensors 4-bit symmetric: q = (q + 8) ^ 8 as two's-complement nibbles
+                signed = codes ^ 8
+                parts[0][r0:r1].copy_((signed[:, ::2] << 4 | signed[:, 1::2]).view(torch.int8))
+            else:
+                parts[0][r0:r1].copy_(codes[:, ::2] << 4 | codes[:, 1::2])
             parts[1][r0:r1].copy_(scale[..., None])
-            parts[2][r0:r1].copy_(zero.neg_().mul_(scale)[..., None])  # the shift -z * scale, exact
+            if q.zeros is not None:
+                parts[2][r0:r1].copy_(zero.neg_().mul_(scale)[..., None])  # the shift -z * scale, exact
