@@ -16,6 +16,7 @@ from .planning.placement import AUTO_MARGIN_BYTES, ENGINE_PREFILL_CHUNK, LAYOUTS
 from .planning.plan import DEFAULT_CONTEXT, DEFAULT_DEPTH, STREAMING
 from .planning.spec import DEFAULT_DTYPE
 from .planning.speculation import ASSUMED_ACCEPTANCE, SOURCES
+from .planning.trees import ASSUMED_RANKS, ASSUMED_SIBLING_SHARE
 from .planning.units import format_bytes
 from .runtime import launch
 from .serving.defaults import (
@@ -419,13 +420,25 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "step's compute per token), and the best chain. Default: off.",
     )
     plan.add_argument(
-        "--acceptance", type=float, default=ASSUMED_ACCEPTANCE, metavar="A",
+        "--acceptance", type=float, default=None, metavar="A",
         help="per-token acceptance the --speculate forecast ASSUMES (the chance a drafted token is the "
         f"target's, given the ones before it were), in [0, 1] (default {ASSUMED_ACCEPTANCE}: ngram on text "
-        "that quotes its input; `overspill run --speculate` measures it).",
+        "that quotes its input, or --rank-acceptance's first value; `overspill run --speculate` measures it).",
     )
     plan.add_argument("--max-chain", type=int, default=DEFAULT_MAX_CHAIN, metavar="K",
                       help=f"longest drafted chain the --speculate forecast considers (default {DEFAULT_MAX_CHAIN}).")
+    plan.add_argument("--speculate-tree", type=int, default=None, metavar="N",
+                      help="with --speculate, also forecast draft trees of up to N tokens a pass (N >= 2), as `run "
+                      "--speculate-tree N` drafts them: one verify pass holds the draft's alternatives where its "
+                      "first choice may be wrong. Shows the budget between 2 and N the runtime would choose at the "
+                      "planned pass cost, its tokens per pass and tok/s beside a chain of as many tokens. Under "
+                      "--cuda-graphs trees run as chains (the forecast notes it). Default: chains only.")
+    plan.add_argument("--rank-acceptance", default=None, metavar="A0,A1,...",
+                      help="with --speculate-tree, the chance the target's token is the draft's 1st, 2nd, 3rd ... "
+                      "choice, which the tree forecast ASSUMES (each in [0, 1], summing to at most 1; the first is "
+                      "the chain's --acceptance too). Default: --acceptance for the 1st, and each further choice "
+                      f"catching {ASSUMED_SIBLING_SHARE * 100:g}%% of what the ones before it missed, over "
+                      f"{ASSUMED_RANKS} choices; `overspill run --speculate-tree` measures them.")
     plan.add_argument("--cuda-graphs", action="store_true",
                       help="plan as a load with --cuda-graphs does: graphed decode steps run transformers' batched_mm "
                       "experts, which copy each sequence's routed experts' weights, so MoE models reserve that "

@@ -210,9 +210,16 @@ def _plan_format(name: str, profile: Profile, blocker: str | None = None) -> tup
 
 
 def _check_speculation_args(args: argparse.Namespace) -> None:
-    """`plan --speculate`: a known source, an acceptance in [0, 1], a chain of at least 1, batch 1."""
+    """`plan --speculate`: a known source, an acceptance in [0, 1], a chain of at least 1, batch 1; with
+    `--speculate-tree` a budget `check_tree` accepts and rank acceptances `check_rank_acceptance` does."""
     from .planning.speculation import check_source
+    from .planning.trees import check_tree
 
+    try:
+        check_tree(getattr(args, "speculate_tree", None), getattr(args, "speculate", None))
+    except ValueError as exc:
+        raise OverspillError(f"--speculate-tree: {exc}") from None
+    acceptance, _, _ = _speculation_acceptance(args)
     if getattr(args, "speculate", None) is None:
         return
     try:
@@ -220,8 +227,8 @@ def _check_speculation_args(args: argparse.Namespace) -> None:
             check_source(args.speculate)
     except ValueError as exc:
         raise OverspillError(f"--speculate: {exc}") from None
-    if not 0.0 <= args.acceptance <= 1.0:
-        raise OverspillError(f"--acceptance must be in [0, 1], got {args.acceptance}")
+    if not 0.0 <= acceptance <= 1.0:
+        raise OverspillError(f"--acceptance must be in [0, 1], got {acceptance}")
     if args.max_chain < 1:
         raise OverspillError(f"--max-chain must be at least 1, got {args.max_chain}")
     if args.batch != 1:
@@ -229,12 +236,48 @@ def _check_speculation_args(args: argparse.Namespace) -> None:
                              f"runs); drop --batch {args.batch}")
 
 
+def _speculation_acceptance(args: argparse.Namespace) -> tuple[float, list[float] | None, bool]:
+    """`plan`'s assumed acceptance for chains, rank acceptance for trees (None without --speculate-tree), and
+    whether the ranks were derived from the chain's (`trees.assumed_rank_acceptance`) rather than given.
+    A chain drafts the draft's first choices, so `--rank-acceptance`'s first value is the chain's acceptance.
+
+    Raises:
+        OverspillError: unreadable or impossible rank acceptances, one that contradicts --acceptance, or
+            rank acceptances without a tree."""
+    from .planning.speculation import ASSUMED_ACCEPTANCE
+    from .planning.trees import assumed_rank_acceptance, check_rank_acceptance
+
+    given, tree = getattr(args, "rank_acceptance", None), getattr(args, "speculate_tree", None)
+    acceptance = getattr(args, "acceptance", None)
+    if given is None:
+        acceptance = ASSUMED_ACCEPTANCE if acceptance is None else acceptance
+        return acceptance, None if tree is None else assumed_rank_acceptance(acceptance), True
+    if tree is None:
+        raise OverspillError("--rank-acceptance describes a draft tree's choices: pass --speculate-tree N too")
+    try:
+        ranks = [float(a) for a in given.split(",")]
+    except ValueError:
+        raise OverspillError(f"--rank-acceptance takes probabilities separated by commas, e.g. 0.7,0.08,0.05; "
+                             f"got {given!r}") from None
+    try:
+        check_rank_acceptance(ranks)
+    except ValueError as exc:
+        raise OverspillError(f"--rank-acceptance: {exc}") from None
+    if acceptance is not None and acceptance != ranks[0]:
+        raise OverspillError(f"--rank-acceptance starts with the chain's acceptance ({ranks[0]:g}), but --acceptance "
+                             f"is {acceptance:g}: pass one of them, or the same value in both")
+    return ranks[0], ranks, False
+
+
 def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: Profile, fp=None, self_draft=None):
     """The `--speculate` forecast of a batch-1 plan (None without the flag). Verification is serial where
     every layer attends fully, as the runtime chooses: greedy tokens then match plain decoding's. The
-    self draft's tokens cost its int4 layers' reads and dispatch (`self_draft.draft_token_seconds`)."""
+    self draft's tokens cost its int4 layers' reads and dispatch (`self_draft.draft_token_seconds`). With
+    `--speculate-tree` the tree's forecast at the same pass cost, except where `load` would graph verify
+    passes: graphed passes hold chains only, so trees run as chains there."""
     from .planning.self_draft import Machine, draft_token_seconds
     from .planning.speculation import plan_speculation
+    from .planning.trees import plan_tree
 
     if getattr(args, "speculate", None) is None or plan.prediction is None:
         return None
@@ -244,8 +287,16 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
                                                                  Machine.of(profile))
     # graphed passes where `load` would graph them: serial verification, no host-tier KV (graphs.graphs_supported)
     graphed = getattr(args, "cuda_graphs", False) and serial and not plan.kv_host_layers
-    return plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
-                            args.acceptance, serial, args.max_chain, draft_s, graphed)
+    acceptance, ranks, derived = _speculation_acceptance(args)
+    s = plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
+                         acceptance, serial, args.max_chain, draft_s, graphed)
+    if ranks is None:
+        return s
+    if graphed:
+        return dataclasses.replace(s, notes=(
+            f"draft trees (--speculate-tree {args.speculate_tree}) run as chains under --cuda-graphs: graphed "
+            "verify passes hold chains only, so the chains above are the forecast; drop --cuda-graphs for trees",))
+    return dataclasses.replace(s, tree=plan_tree(s.cost, args.speculate_tree, ranks, derived))
 
 
 def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: int | None, depth: int,

@@ -238,6 +238,7 @@ def test_server_greedy_with_speculation_equals_without_and_reports_it(server):
             assert name in metrics, name
         rate = next(line for line in metrics.splitlines() if line.startswith("overspill_speculative_tokens_per_pass "))
         assert float(rate.split()[1]) > 1
+        assert "overspill_speculative_tree_budget_count 0.0" in metrics  # chains: no tree pass chose a budget
 
 
 def test_server_refuses_a_bad_source_in_one_line(server):

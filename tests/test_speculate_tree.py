@@ -175,7 +175,11 @@ def test_engine_trees_give_the_plain_engines_tokens_greedy_and_seeded(tiny_check
 def test_engine_tree_budget_adapts_per_request_and_is_reported(tiny_checkpoint, monkeypatch) -> None:
     # No default source: the requests opt in through `speculate`. With the pass cost fixed, a draft that is
     # always right keeps the engine's budget of 6 and one that is never right falls to MIN_TREE; each
-    # response's usage says which budgets its passes drafted, and its tokens are the plain engine's.
+    # response's usage says which budgets its passes drafted, and its tokens are the plain engine's. The
+    # server's `/metrics` (a `Metrics` over this engine, as `create_app` builds it) has every pass's budget.
+    pytest.importorskip("prometheus_client")
+    from overspill.serving.metrics import Metrics
+
     monkeypatch.setattr(speculative.PassCostFit, "cost", lambda self: COST)
     model = load_tiny(tiny_checkpoint("llama"), resident=4)
     plain, tree = _engine(model), _engine(model, speculate_tree=6)
@@ -194,6 +198,13 @@ def test_engine_tree_budget_adapts_per_request_and_is_reported(tiny_checkpoint, 
         falling = budgets[0.0]
         assert falling[0] == 6 and falling == sorted(falling, reverse=True) and falling[-1] == MIN_TREE
         assert usage.as_dict()["tree_budgets"] == {str(b): falling.count(b) for b in set(falling)}
+        every = budgets[1.0] + falling
+        metric = Metrics([tree], 0, None).registry.get_sample_value
+        assert metric("overspill_speculative_tree_budget_count") == len(every)
+        assert metric("overspill_speculative_tree_budget_sum") == sum(every)
+        for le in (2, 3, 4, 6, 8):
+            assert metric("overspill_speculative_tree_budget_bucket", {"le": f"{le}.0"}) == sum(b <= le for b in every)
+        assert metric("overspill_speculative_tree_budget_bucket", {"le": "+Inf"}) == len(every)
     finally:
         plain.close()
         tree.close()

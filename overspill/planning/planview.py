@@ -18,7 +18,8 @@ from .placement import ttft_seconds
 from .plan import _ranges, Footprint, Plan, Tier
 from .profile import Profile
 from .spec import ModelSpec
-from .speculation import PlanSpeculation, draft_path
+from .speculation import PassCost, PlanSpeculation, SpeculationForecast, draft_path
+from .trees import ASSUMED_SIBLING_SHARE, PlanTree
 from .units import format_bytes
 
 TIER_LABELS = {
@@ -254,7 +255,44 @@ def speculation_lines(s: PlanSpeculation) -> list[str]:
     if draft_path(s.source) is not None:
         lines.append("note: the draft model's own time is not counted (measure it with `run --speculate`); its "
                      "memory comes out of the budget above")
+    if s.tree is not None:
+        lines += tree_lines(s.tree, s.cost, s.best)
+    lines += [f"note: {note}" for note in s.notes]
     return lines
+
+
+def tree_lines(t: PlanTree, cost: PassCost, best_chain: SpeculationForecast) -> list[str]:
+    """The `--speculate-tree` forecast: the budget the runtime would choose at the planned pass cost, beside a
+    chain of as many tokens (the same verify pass) and the best chain."""
+    ranks = " / ".join(f"{a:.3g}" for a in t.rank_acceptance)
+    nth = " / ".join(_ordinal(r + 1) for r in range(len(t.rank_acceptance)))
+    source = (f"--acceptance {t.rank_acceptance[0]:.2f} split as assumed: each further choice catches "
+              f"{ASSUMED_SIBLING_SHARE:.0%} of what the ones before it missed; --rank-acceptance sets it"
+              if t.derived else "--rank-acceptance sets it")
+    shown = [("tree (chosen budget)", t.best)]
+    if t.cap != t.budget:
+        shown.append((f"tree (--speculate-tree {t.cap})", t.at_cap))
+    shown.append(("chain, as many tokens", t.chain))
+    if best_chain.chain != t.budget:
+        shown.append(("best chain", best_chain))
+    rows = [("draft", "tokens", "tokens/pass", "ms/step", "tok/s", "x plain")]
+    for name, f in shown:
+        rows.append((name, str(f.chain), f"{f.tokens_per_pass:.2f}", f"{cost.step_seconds(f.chain) * 1e3:.1f}",
+                     f"{f.tok_s:.2f}", f"{f.speedup:.2f}"))
+    return [
+        f"draft trees (--speculate-tree {t.cap}): rank acceptance {ranks} (the target's token is the draft's {nth} "
+        f"choice) is an ASSUMPTION ({source}; `overspill run --speculate-tree` measures it)",
+        _table(rows),
+        f"tree budget: {t.budget} of up to {t.cap} (depth {t.depth}) -> {t.best.tok_s:.2f} tok/s, "
+        f"{t.best.speedup:.2f}x plain, {t.best.tok_s / t.chain.tok_s:.2f}x the chain of {t.budget}, "
+        f"{t.best.tok_s / best_chain.tok_s:.2f}x the best chain ({best_chain.chain})"
+        + (" (this tree is a chain: no alternative is as likely as the next first choice)" if t.depth == t.budget
+           else ""),
+    ]
+
+
+def _ordinal(n: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")  # a draft's choices: rarely past the 4th
 
 
 def as_json(plan: Plan, spec: ModelSpec, profile: Profile, model: str,

@@ -36,12 +36,15 @@ Pure Python: no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .costmodel import Prediction
 from .plan import Plan
 from .spec import ModelSpec
 from .units import format_bytes
+
+if TYPE_CHECKING:  # trees builds on this module
+    from .trees import PlanTree
 
 SOURCES = "'ngram' or 'draft:PATH'"
 ASSUMED_ACCEPTANCE = 0.7  # per-token acceptance `plan --speculate` assumes unless told (ngram on quoting text)
@@ -239,7 +242,8 @@ class AcceptanceTracker:
 
 @dataclass(frozen=True)
 class PlanSpeculation:
-    """`overspill plan --speculate`: predicted speed against chain length at an assumed acceptance."""
+    """`overspill plan --speculate`: predicted speed against chain length at an assumed acceptance, and with
+    `--speculate-tree` the tree's (`trees.plan_tree`)."""
 
     source: str
     acceptance: float
@@ -247,9 +251,11 @@ class PlanSpeculation:
     cost: PassCost
     forecasts: tuple[SpeculationForecast, ...]  # chains 0 (plain decoding) .. max_chain
     best: SpeculationForecast
+    tree: PlanTree | None = None
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "source": self.source, "acceptance": self.acceptance, "acceptance_assumed": True,
             "verify": "serial" if self.serial else "batched",
             "pass_cost": {"base_s": self.cost.base_s, "per_token_s": self.cost.per_token_s,
@@ -259,6 +265,11 @@ class PlanSpeculation:
                         "speedup": f.speedup} for f in self.forecasts],
             "best_chain": self.best.chain, "best_tok_s": self.best.tok_s,
         }
+        if self.tree is not None:
+            out["tree"] = self.tree.to_dict()
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
 
 
 def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_s: float, source: str,

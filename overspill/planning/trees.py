@@ -16,6 +16,7 @@ that only ever uses rank 0, so `best_tree([a], k)` is the chain's E(k). Pure Pyt
 
 The budget adapts as a chain's length does (`speculation.best_chain`): `tree_budget` picks the budget
 with the most tokens a second, E / the pass's cost, from the rank acceptance `RankAcceptance` measures.
+`overspill plan --speculate-tree` forecasts the same choice (`plan_tree`) from an assumed rank acceptance.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from .speculation import AcceptanceTracker, PassCost
+from .speculation import AcceptanceTracker, PassCost, SpeculationForecast, forecast
 
 MIN_TREE = 2  # the smallest budget with room for an alternative: a 1-token tree is a 1-token chain
+# `plan --speculate-tree` without --rank-acceptance: each choice after the draft's first catches this share of
+# what the choices before it missed, over ASSUMED_RANKS choices. Not measured: a modest guess (later choices
+# are right less often than the first), labelled an assumption wherever it is printed.
+ASSUMED_SIBLING_SHARE = 0.25
+ASSUMED_RANKS = 3
 
 
 def check_tree(budget: int | None, source: str | None, per_request: bool = False) -> None:
@@ -105,8 +111,7 @@ def best_tree(rank_acceptance: list[float], budget: int) -> TreeForecast:
     """
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    if any(not 0.0 <= a <= 1.0 for a in rank_acceptance) or sum(rank_acceptance) > 1.0 + 1e-9:
-        raise ValueError(f"rank acceptances must be probabilities summing to at most 1, got {rank_acceptance}")
+    check_rank_acceptance(rank_acceptance)
     parents: list[int] = []
     ranks: list[int] = []
     reach: list[float] = []
@@ -127,20 +132,44 @@ def best_tree(rank_acceptance: list[float], budget: int) -> TreeForecast:
     return TreeForecast(tuple(parents), tuple(ranks), sum(reach, 1.0), tuple(reach))
 
 
-def tree_budget(cost: PassCost, ranks: RankAcceptance, cap: int) -> int:
-    """The budget in [MIN_TREE, cap] whose best tree yields the most tokens a second (ties: the smaller);
-    `cap` itself while `ranks` has measured nothing (the first pass drafts what the user asked for).
+def check_rank_acceptance(rank_acceptance: Sequence[float]) -> None:
+    """Rank acceptances are probabilities of exclusive events (the target's token is at most one of the
+    draft's choices), so each lies in [0, 1] and they sum to at most 1.
+
+    Raises:
+        ValueError: in one line, with the values given and an example to pass instead."""
+    if any(not 0.0 <= a <= 1.0 for a in rank_acceptance) or sum(rank_acceptance) > 1.0 + 1e-9:
+        given = ",".join(f"{a:g}" for a in rank_acceptance)
+        raise ValueError(f"rank acceptances must be probabilities summing to at most 1 (the target's token is at "
+                         f"most one of the draft's choices), got {given} (sum {sum(rank_acceptance):g}): pass e.g. "
+                         "0.7,0.08,0.05")
+
+
+def assumed_rank_acceptance(acceptance: float, ranks: int = ASSUMED_RANKS,
+                            share: float = ASSUMED_SIBLING_SHARE) -> list[float]:
+    """The rank acceptance `plan --speculate-tree` assumes from a chain's per-token `acceptance`: the draft's
+    first choice is right with `acceptance`, and each of the next `ranks - 1` catches `share` of what the
+    choices before it missed (0.7 -> 0.7, 0.075, 0.05625). A chain is the same draft's first choices, so
+    tree and chain forecasts compare at one acceptance."""
+    out, missed = [acceptance], 1.0 - acceptance
+    for _ in range(ranks - 1):
+        out.append(missed * share)
+        missed -= out[-1]
+    return out
+
+
+def best_budget(cost: PassCost, rank_acceptance: Sequence[float], cap: int) -> int:
+    """The budget in [MIN_TREE, cap] whose best tree under `rank_acceptance` yields the most tokens a second
+    (ties: the smaller).
 
     A speculative step over b nodes costs `cost.step_seconds(b)` (draft b, verify b + 1) and yields
-    E(best_tree(ranks.rates, b)) tokens. The best trees grow best-first, so the best tree of b
+    E(best_tree(rank_acceptance, b)) tokens. The best trees grow best-first, so the best tree of b
     nodes is the first b nodes of the best tree of `cap`: one tree gives E for every b. Where the
     draft is rarely right, extra nodes add little E but their full cost, so the budget falls to
     `MIN_TREE` (which still measures acceptance); where it is often right it climbs to `cap`.
     """
-    if not ranks.visits:
-        return cap
     floor = min(MIN_TREE, cap)
-    reach = best_tree(ranks.rates, cap).reach
+    reach = best_tree(list(rank_acceptance), cap).reach
     expected = list(accumulate(reach, initial=1.0))  # expected[b]: E of the first b nodes
     best, best_rate = floor, -1.0
     for b in range(floor, cap + 1):
@@ -148,6 +177,65 @@ def tree_budget(cost: PassCost, ranks: RankAcceptance, cap: int) -> int:
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = b, rate
     return best
+
+
+def tree_budget(cost: PassCost, ranks: RankAcceptance, cap: int) -> int:
+    """`best_budget` at the rank acceptance `ranks` measured; `cap` itself while it has measured nothing
+    (the first pass drafts what the user asked for)."""
+    return best_budget(cost, ranks.rates, cap) if ranks.visits else cap
+
+
+@dataclass(frozen=True)
+class PlanTree:
+    """`overspill plan --speculate-tree`: the budget the runtime would draft (`best_budget`) at the plan's
+    pass cost and an assumed rank acceptance, beside the chain of as many tokens: the same verify pass,
+    spent on the draft's first choices only. A tree's forecasts count its nodes where a chain's count
+    its length (`SpeculationForecast.chain`)."""
+
+    cap: int
+    rank_acceptance: tuple[float, ...]
+    derived: bool  # split from the chain's acceptance (`assumed_rank_acceptance`), not given
+    depth: int  # of the best tree of the chosen budget
+    best: SpeculationForecast  # the best tree of the chosen budget
+    at_cap: SpeculationForecast  # the best tree of `cap` nodes
+    chain: SpeculationForecast  # as many first choices as the chosen budget
+
+    @property
+    def budget(self) -> int:
+        return self.best.chain
+
+    def to_dict(self) -> dict:
+        return {
+            "cap": self.cap, "rank_acceptance": list(self.rank_acceptance), "rank_acceptance_assumed": True,
+            "rank_acceptance_derived": self.derived, "budget": self.budget, "depth": self.depth,
+            "tokens_per_pass": self.best.tokens_per_pass, "tok_s": self.best.tok_s, "speedup": self.best.speedup,
+            "cap_tokens_per_pass": self.at_cap.tokens_per_pass, "cap_tok_s": self.at_cap.tok_s,
+            "chain": {"chain": self.chain.chain, "tokens_per_pass": self.chain.tokens_per_pass,
+                      "tok_s": self.chain.tok_s, "speedup": self.chain.speedup},
+        }
+
+
+def tree_forecast(cost: PassCost, rank_acceptance: Sequence[float], budget: int) -> SpeculationForecast:
+    """Predicted decode speed drafting the best tree of `budget` nodes, as `speculation.forecast` gives a chain's."""
+    tokens = best_tree(list(rank_acceptance), budget).tokens_per_pass
+    return SpeculationForecast(budget, rank_acceptance[0], tokens, tokens / cost.step_seconds(budget),
+                               1.0 / cost.step_seconds(0))
+
+
+def plan_tree(cost: PassCost, cap: int, rank_acceptance: Sequence[float], derived: bool) -> PlanTree:
+    """The tree forecast of `plan --speculate-tree cap` at `rank_acceptance` (first choice first).
+
+    Raises:
+        ValueError: a cap below `MIN_TREE`, or rank acceptances that are not exclusive probabilities.
+    """
+    check_tree(cap, None, per_request=True)  # the caller checked the source
+    if not rank_acceptance:
+        raise ValueError("a tree forecast needs at least the draft's first choice's acceptance")
+    check_rank_acceptance(rank_acceptance)
+    budget = best_budget(cost, rank_acceptance, cap)
+    return PlanTree(cap, tuple(rank_acceptance), derived, best_tree(list(rank_acceptance), budget).depth,
+                    tree_forecast(cost, rank_acceptance, budget), tree_forecast(cost, rank_acceptance, cap),
+                    forecast(cost, rank_acceptance[0], budget))
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Prometheus metrics of the server: HTTP traffic, the engine's steps, the link, the KV cache,
-speculative decoding (counters, and gauges of their ratios since the start) and expert streaming."""
+speculative decoding (counters, gauges of their ratios since the start, and the draft trees' budgets)
+and expert streaming."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from .requests import SpeculationUsage
 
@@ -13,6 +16,28 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TREE_BUDGET_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class TreeBudgets:
+    """`overspill_speculative_tree_budget`: the budget each draft tree pass drafted for (`tree_budget` adapts it
+    between 2 and `--speculate-tree` to the acceptance measured per request), read at each scrape from the
+    counts the speculator keeps where it chooses the budget (`Speculator.tree_budget_passes`)."""
+
+    NAME = "overspill_speculative_tree_budget"
+    HELP = "tokens each draft tree pass drafted for (its budget, adapted per request)"
+
+    def __init__(self, engine_ref: list["Engine"]):
+        self.engine_ref = engine_ref
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts = list(self.engine_ref[0].speculator.tree_budget_passes) if self.engine_ref else []
+        buckets = [(floatToGoString(le), sum(counts[: le + 1])) for le in TREE_BUDGET_BUCKETS]
+        yield HistogramMetricFamily(self.NAME, self.HELP, buckets=[*buckets, ("+Inf", sum(counts))],
+                                    sum_value=sum(b * n for b, n in enumerate(counts)))
 
 
 class Metrics:
@@ -69,6 +94,7 @@ class Metrics:
               registry=r).set_function(lambda: self.spec_total.acceptance)
         Gauge("overspill_speculative_draft_time_share", "share of speculative steps' time spent drafting, "
               "since the start", registry=r).set_function(lambda: self.spec_total.draft_share)
+        r.register(TreeBudgets(engine_ref))
 
     def watch_experts(self, model) -> None:
         """Gauges of a model whose MoE layers stream their experts (`runtime.routing`), read at each scrape

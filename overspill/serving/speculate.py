@@ -18,7 +18,8 @@ branch, and the walk down the tree picks each token exactly as a plain step woul
 argmax, or a sample from the request's own generator) and follows the drafted child holding it
 (`runtime.trees.walk_tree`), so greedy and seeded sampled requests alike get the plain server's tokens.
 The budget adapts per request between `MIN_TREE` and the engine's (`planning.trees.tree_budget` over
-the ranks measured); the response's `usage.speculation` says which budgets its passes drafted.
+the ranks measured); the response's `usage.speculation` says which budgets its passes drafted, and
+`/metrics` all passes' (`overspill_speculative_tree_budget`, from `Speculator.tree_budget_passes`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class Speculator:
         if default is not None and getattr(model, "speculation_source", None) == default:
             self._drafters[default] = model.speculation_drafter  # the draft model `load` counted and keeps
         self._progress: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> _Progress
+        # [b]: tree passes drafted for a budget of b since the start, for `/metrics` (of fixed size: the
+        # scrape reads it on another thread while this one counts)
+        self.tree_budget_passes = [0] * ((tree or 0) + 1)
         if default is not None and self.serial:
             self._drafter(default)  # a draft model loads now: a bad path fails before serving, not per request
 
@@ -145,6 +149,7 @@ class Speculator:
         """Draft a tree no deeper than `limit`, verify it in one pass and walk it; the cache keeps the
         root and the accepted path (the last yielded token is fed next step, as in a chain step)."""
         budget = tree_budget(self.fit.cost(), progress.ranks, self.tree)
+        self.tree_budget_passes[budget] += 1
         t0 = time.perf_counter()
         drafted = propose_tree(drafter, torch.tensor([ids], device=runner.device), budget, scores, sample)
         drafted = fit_pass(drafted, budget, limit, self.serial)
