@@ -167,6 +167,15 @@ def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: to
     check_round_trip(*checkpoints(name), dtype, torch.device("cpu"))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gpu_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: torch.dtype, checkpoints) -> None:
+    """The same on CUDA: its unpacking shifts, signed int4 expansion and int8 shifts."""
+    check_round_trip(*checkpoints(name), dtype, torch.device("cuda"))
+
+
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_the_reference_is_compressed_tensors_own_arithmetic(name: str, checkpoints) -> None:
     """compressed-tensors dequantizes in the scale's dtype: `(q - z) * scale` there is the float32 reference
