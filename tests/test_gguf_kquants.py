@@ -1,7 +1,8 @@
 """GGUF Q4_K, Q5_K and Q6_K decoder weights stream as their own codes (`runtime.gguf_blocks`): Q6_K as int8
 with groups of 16 (codes q - 32, float32 scales d * scale_j), Q4_K as int4 and Q5_K as int8 (codes q) with
 float32 scales d * sc_j and shifts -dmin * m_j per group of 32, Q8_0 beside them as int8 with groups of 32,
-mixed in one layer. (Q4_0, Q4_1, Q5_0 and Q5_1: `test_gguf_legacy_quants.py`.)
+mixed in one layer. (Q4_0, Q4_1, Q5_0 and Q5_1: `test_gguf_legacy_quants.py`; Q2_K and Q3_K, whose blocks
+`random_blocks` and `exact` here also make and spell out: `test_gguf_low_kquants.py`.)
 
 The reference is gguf's own dequantization (`gguf.quants.dequantize`, float32: Q6_K's d * scale * q exact,
 Q4_K's and Q5_K's d * sc * q - dmin * m with exact products and one rounding of the sum, as llama.cpp computes it), and
@@ -29,8 +30,8 @@ from overspill.runtime.formats import Expander, LossyLayer
 from overspill.runtime.layout import ALIGN, LayerLayout
 from overspill.runtime.prequantized import QuantizedReader
 
-BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 34}
-BLOCK_WEIGHTS = {"q4_k": 256, "q5_k": 256, "q6_k": 256, "q8_0": 32}
+BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 34}
+BLOCK_WEIGHTS = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "q8_0": 32}
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
 
 
@@ -44,7 +45,7 @@ def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, exp
         sign = np.where(rng.random(e.shape) < 0.05, -1.0, 1.0)
         return (sign * rng.uniform(1, 2, e.shape) * 2.0**e).astype(np.float16).view(np.uint8)
 
-    at = {"q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "q8_0": [0]}[kind]  # where the fp16 d (and dmin) sit
+    at = {"q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "q8_0": [0]}[kind]  # d, dmin
     for start in at:
         raw[..., start : start + 2] = halves(1)
     return raw.reshape(rows, -1)
@@ -74,6 +75,19 @@ def exact(kind: str, raw: np.ndarray) -> torch.Tensor:
             low = (b[..., 64 * h + r % 64] >> (4 * (r // 64))) & 15
             high = (b[..., 128 + 32 * h + r % 32] >> (2 * (r // 32))) & 3
             out[..., i] = d * scales[..., i // 16] * ((low | high << 4) - 32)
+        return torch.from_numpy(out.reshape(rows, -1))
+    if kind in ("q2_k", "q3_k"):  # llama.cpp's dequantize_row_q2_K / _q3_K, weight by weight
+        out = np.empty((rows, b.shape[1], 256))
+        for i in range(256):
+            h, s, r = i // 128, i % 128 // 32, i % 32  # 2 bits of qs[32h + r] at 2s, sub-block i // 16
+            q = (b[..., (16 if kind == "q2_k" else 32) + 32 * h + r] >> (2 * s)) & 3
+            j = i // 16
+            if kind == "q2_k":  # scales[16] qs[64] d dmin: sc_j the low nibble of byte j, m_j the high
+                out[..., i] = f16(80) * (b[..., j] & 15) * q - f16(82) * (b[..., j] >> 4)
+            else:  # hmask[32] qs[64] scales[12] d; q - 4 where bit 4h + s of hmask[r] is clear
+                q = q - 4 * (1 - ((b[..., r] >> (4 * h + s)) & 1))
+                sc = (b[..., 96 + j % 8] >> (4 * (j // 8))) & 15 | ((b[..., 104 + j % 4] >> (2 * (j // 4))) & 3) << 4
+                out[..., i] = f16(108) * (sc - 32) * q
         return torch.from_numpy(out.reshape(rows, -1))
     d, dmin, s = f16(0), f16(2), b[..., 4:16]
     out = np.empty((rows, b.shape[1], 256))
@@ -181,8 +195,9 @@ def test_gguf_marks_name_their_types_formats_and_bytes() -> None:
     assert scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q8_0"]}}) == Prequantized(
         "gguf", "int8", 0, gguf=(("q8_0", 1.0),))
     with pytest.raises(ValueError, match="not supported") as err:
-        scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["q3_k"]}})
-    assert "GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 and Q4_0" in str(err.value) and "\n" not in str(err.value)
+        scheme_of({"quantization_config": {"quant_method": "gguf", "types": ["iq4_nl"]}})
+    assert "GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K and Q2_K" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 # --- (b), (c) a tiny K-quant GGUF converted, loaded and streamed -----------------------------------------

@@ -8,7 +8,7 @@ The reference is gguf's own dequantization (`gguf.quants.dequantize`, float32), 
 into +0.0. The blocks are gguf's own quantization (`gguf.quants.quantize`, llama.cpp's reference rounding) of
 random weights whose blocks span fp16 subnormal to near-overflow scales, with blocks of all zeros, of one
 value and of one weight. The tiny GGUF (SmolLM2's tokenizer and llama metadata, hidden 256) mixes the four
-types with Q5_K, Q6_K and Q8_0, a Q3_K matrix (not kept: dequantized) and a Q6_K embedding.
+types with Q5_K, Q6_K and Q8_0, an IQ4_NL matrix (not kept: dequantized) and a Q6_K embedding.
 """
 
 from __future__ import annotations
@@ -146,18 +146,18 @@ def test_gguf_marks_name_the_new_types_formats_and_bytes() -> None:
     assert stream_format_for(mixed, "auto")[1].endswith("keep its codes (Q4_0 as int4, Q6_K as int8)")
 
 
-# --- (b) a tiny GGUF of the four types (with Q5_K, Q6_K, Q8_0 and a Q3_K left dequantized) -------------
+# --- (b) a tiny GGUF of the four types (with Q5_K, Q6_K, Q8_0 and an IQ4_NL left dequantized) ---------
 
 SHAPES = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (128, HIDDEN), "attn_v": (128, HIDDEN),
           "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
-# layers 0-1 a Q4_0 model, 2-3 a Q4_1 one; attn_v and ffn_down in the other types; one Q3_K matrix
+# layers 0-1 a Q4_0 model, 2-3 a Q4_1 one; attn_v and ffn_down in the other types; one IQ4_NL matrix
 OTHERS = {0: ("q5_0", "q5_k"), 1: ("q5_1", "q5_1"), 2: ("q5_k", "q5_0"), 3: ("q6_k", "q8_0")}
-PER_WEIGHT = {"q4_0": 0.625, "q4_1": 0.75, "q5_0": 1.125, "q5_1": 1.25, "q5_k": 1.25, "q3_k": 2}  # streamed bf16 bytes
+PER_WEIGHT = {"q4_0": 0.625, "q4_1": 0.75, "q5_0": 1.125, "q5_1": 1.25, "q5_k": 1.25, "iq4_nl": 2}  # iq4_nl: bf16
 
 
 def tensor_type(name: str, layer: int) -> str:
     if name == "attn_output" and layer == 1:
-        return "q3_k"
+        return "iq4_nl"
     if name in ("attn_v", "ffn_down"):
         return OTHERS[layer][name == "ffn_down"]
     return "q4_0" if layer < 2 else "q4_1"
@@ -184,9 +184,9 @@ def legacy_gguf(tmp_path_factory, overspill_cache) -> Path:
             if kind in LEGACY:
                 data = quants.quantize((0.05 * rng.standard_normal((rows, cols))).astype(np.float32),
                                        GGMLQuantizationType[kind.upper()])
-            elif kind == "q3_k":  # hmask[32] qs[64] scales[12] d: |w| up to 128 d
-                data = rng.integers(0, 256, (rows, cols // 256, 110), dtype=np.uint8)
-                data[..., 108:] = np.full(data.shape[:2], 2.0**-12, np.float16)[..., None].view(np.uint8)
+            elif kind == "iq4_nl":  # d qs[16] (blocks of 32): |w| up to 127 d (gguf cannot quantize IQ types)
+                data = rng.integers(0, 256, (rows, cols // 32, 18), dtype=np.uint8)
+                data[..., :2] = np.full(data.shape[:2], 2.0**-12, np.float16)[..., None].view(np.uint8)
                 data = data.reshape(rows, -1)
             else:  # |w| up to about 2000 d (Q5_K), 4096 d (Q6_K), 128 d (Q8_0)
                 e = {"q5_k": (-17, -16), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
@@ -203,16 +203,16 @@ def test_converted_gguf_keeps_the_codes_of_every_kept_type(legacy_gguf) -> None:
 
     converted = convert_gguf(legacy_gguf)
     mark = json.loads((converted / "config.json").read_text())["quantization_config"]
-    assert mark["types"] == ["q4_0", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]  # not q3_k
+    assert mark["types"] == ["q4_0", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]  # not iq4_nl
     params = sum(r * c for r, c in SHAPES.values())
-    kept = (LAYERS * params - HIDDEN * HIDDEN) / (LAYERS * (params + 2 * HIDDEN))  # all but the Q3_K and the norms
+    kept = (LAYERS * params - HIDDEN * HIDDEN) / (LAYERS * (params + 2 * HIDDEN))  # all but the IQ4_NL and the norms
     assert sum(mark["shares"].values()) == pytest.approx(kept, abs=1e-5)
     with safe_open(str(converted / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         for i in range(LAYERS):
             for name in SHAPES:
                 base, kind = f"model.layers.{i}.{HF[name]}", tensor_type(name, i)
-                if kind == "q3_k":  # not kept: transformers' dequantization, as before
+                if kind == "iq4_nl":  # not kept: transformers' dequantization
                     assert base + ".weight" in keys and f.get_tensor(base + ".weight").dtype == torch.bfloat16
                 else:
                     assert {base + k for k in gguf_blocks.keys(kind)} <= keys and base + ".weight" not in keys

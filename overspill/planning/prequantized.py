@@ -22,6 +22,8 @@ dequantized weights in the compute dtype. The expanded weight equals the referen
 | gguf, Q4_0 | q4_0_codes int8 [out, in/2] (q - 8 as two's-complement nibbles), q4_0_scales float32 [out, in/32] (d) | int4, signed | float32 scale per group of 32 |
 | gguf, Q5_0 | q5_0_codes int8 [out, in] (q - 16), q5_0_scales fp16 [out, in/32] (d) | int8 | float32 per group of 32 |
 | gguf, Q5_1 / Q5_K | q5_1_codes int8 [out, in] (q, 0..31), scales and shifts float32 [out, in/32] (d, m; d * sc_j, -dmin * m_j) | int8 | float32 scale and shift per group of 32 |
+| gguf, Q3_K | q3_k_codes int8 [out, in/2] (q in -4..3 as two's-complement nibbles), q3_k_scales float32 [out, in/16] (d * (sc_j - 32)) | int4, signed | float32 scale per group of 16 |
+| gguf, Q2_K | q2_k_codes uint8 [out, in/2] (q, 0..3), q2_k_scales and q2_k_shifts float32 [out, in/16] (d * sc_j, -dmin * m_j) | int4 | float32 scale and shift per group of 16 |
 
 int4 keeps a float32 scale and a float32 shift per group (8 bytes a group against the 4 of the format's own
 bf16 scale and zero): the expansion computes `q * scale + shift` in float32 (`quant.part_shapes`: float32
@@ -31,7 +33,9 @@ integer up to 16, 15 significant bits), so `scale * (q - z)` exactly, and shift 
 arithmetic); Q4_1's shift is m (`d * q + m`, gguf's own sum). Q4_0's codes are signed, q - 8 (int4 codes
 stored as int8 are two's-complement nibbles), with a float32 scale d and no shift (4 bytes a group), so the
 expansion is gguf's `d * (q - 8)` bit for bit: unsigned codes with shift -8d give the same values but +0.0
-where gguf has -0.0 (q = 8 under d < 0).
+where gguf has -0.0 (q = 8 under d < 0). The 2- and 3-bit K-quants take int4 with groups of 16 (their
+sub-blocks): Q3_K's signed codes q in -4..3 with a float32 scale d * (sc_j - 32) (exact), gguf's `dl * q`
+exact too (0.75 bytes a weight); Q2_K's codes 0..3 with d * sc_j and -dmin * m_j as Q4_K's (1.0 bytes a weight).
 compressed-tensors' pack-quantized weights (llm-compressor's W4A16 / W8A16; `pack_to_int32` in its
 `compressors/pack_quantized/helpers.py`, formerly `compressors/quantized_compressors/pack_quantized.py`) store
 signed codes q as q + 2^(bits-1), 32 / bits an int32 along the inputs, low bits first; asymmetric zero points z
@@ -44,7 +48,8 @@ does, the stored codes q + 8 with shift -(z + 8) * scale; 8-bit as int8, the cod
 g_idx that reorders the inputs) is refused, "weight" keeps the inputs in order.
 int8 streams codes times scales, with a third part, a float32 shift per group, where a type has one (Q5_1: m,
 Q5_K: -dmin * m_j; `q * scale + shift`, the product exact, the sum rounded once as gguf does). A GGUF's types
-stream per matrix: Q4_0, Q4_1 and Q4_K as int4, the rest as int8 (a scale per group of 16 or 32), in one layer.
+stream per matrix: Q2_K, Q3_K, Q4_0, Q4_1 and Q4_K as int4, the rest as int8 (a scale per group of 16 or 32), in
+one layer.
 fp8's per-tensor, per-channel and block scales repeat into its groups of inputs (a block's scale once per row
 of the block).
 
@@ -66,12 +71,14 @@ INT4_STORE_BYTES = 4  # each float32 store of a group: a scale, and a shift wher
 FP8_SCALE_BYTES = 4  # float32, as the fp8 format's own
 SUPPORTED = ("GPTQ and AWQ (gemm) int4 with desc_act false, FP8 (quant_method fp8, or compressed-tensors "
              "float-quantized 8-bit), compressed-tensors pack-quantized int 4- or 8-bit weights by group or channel "
-             "without act-order groups, GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 and Q4_0")
+             "without act-order groups, GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K and Q2_K")
 # GGUF block types kept as codes: (stream format, weights per float32 scale, float32 stores per group: a scale,
 # or a scale and a shift). Q4_K / Q5_K: d * sc_j and -dmin * m_j per sub-block of 32; Q6_K: d * scale_j per
-# sub-block of 16; Q4_1 / Q5_1: d and m per block of 32; Q4_0 (signed codes q - 8), Q5_0 and Q8_0: d
-GGUF_TYPES = {"q4_0": ("int4", 32, 1), "q4_1": ("int4", 32, 2), "q4_k": ("int4", 32, 2), "q5_0": ("int8", 32, 1),
-              "q5_1": ("int8", 32, 2), "q5_k": ("int8", 32, 2), "q6_k": ("int8", 16, 1), "q8_0": ("int8", 32, 1)}
+# sub-block of 16; Q4_1 / Q5_1: d and m per block of 32; Q4_0 (signed codes q - 8), Q5_0 and Q8_0: d; Q2_K:
+# d * sc_j and -dmin * m_j per sub-block of 16; Q3_K (signed codes q in -4..3): d * (sc_j - 32) per sub-block of 16
+GGUF_TYPES = {"q2_k": ("int4", 16, 2), "q3_k": ("int4", 16, 1), "q4_0": ("int4", 32, 1), "q4_1": ("int4", 32, 2),
+              "q4_k": ("int4", 32, 2), "q5_0": ("int8", 32, 1), "q5_1": ("int8", 32, 2), "q5_k": ("int8", 32, 2),
+              "q6_k": ("int8", 16, 1), "q8_0": ("int8", 32, 1)}
 
 
 def gguf_bytes_per_weight(kind: str) -> float:

@@ -1,5 +1,5 @@
 """GGUF blocks kept as codes when a GGUF is converted (`sources.convert_gguf`): Q8_0, Q6_K, Q5_K, Q5_1, Q5_0,
-Q4_K, Q4_1 and Q4_0.
+Q4_K, Q4_1, Q4_0, Q3_K and Q2_K.
 
 transformers dequantizes every tensor of a GGUF (into bf16 here). The decoder layers' matrices stored in one
 of these types keep their codes instead, laid out as the stream format they map onto exactly
@@ -25,12 +25,21 @@ of these types keep their codes instead, laid out as the stream format they map 
 - Q5_0 / Q5_1 (Q4_0 / Q4_1 with a fifth bit of each q in a little-endian uint32 `qh` after d (and m), bit r
   for weight r; w = d * (q - 16), w = d * q + m): Q5_0 as Q8_0 (`X.q5_0_codes` int8 q - 16, fp16 d), Q5_1 as
   Q5_K (int8 q, float32 d and m); int8.
+- Q3_K (super-blocks of 256: 32 bytes hmask, 64 bytes of 2-bit ql, 16 6-bit sc_j packed in 12 bytes, fp16 d;
+  q = ql - 4 where the hmask bit is clear, in -4..3; w = d * (sc_j - 32) * q over sub-blocks of 16): as Q4_0,
+  `X.q3_k_codes` int8 [out, in / 2] (q as two's-complement nibbles) and `X.q3_k_scales` float32 [out, in / 16]
+  (d * (sc_j - 32), exact as gguf computes it: 11 x 6 significant bits), whose product with q is exact; signed
+  int4 with groups of 16 (unsigned q + 4 with a shift would cost a store a group and turn gguf's -0.0, q = 0
+  under a negative scale, into +0.0).
+- Q2_K (super-blocks of 256: 16 bytes of 4-bit sc_j (low) and m_j (high), 64 bytes of 2-bit q, fp16 d and dmin;
+  w = d * sc_j * q - dmin * m_j over sub-blocks of 16): as Q4_K with groups of 16, `X.q2_k_codes` uint8
+  [out, in / 2] (q, 0..3), `X.q2_k_scales` (d * sc_j) and `X.q2_k_shifts` (-dmin * m_j) float32 [out, in / 16].
 The config gets `quantization_config` {"quant_method": "gguf", "types": [...], "shares": {type: share of the
 decoder layers' parameters}} (`mark`, read by `planning.prequantized`). Each kept weight is checked against
 transformers' conversion (its dequantization rounded to the model's dtype equals what transformers wrote): a
 weight whose GGUF-to-HF name map or row permutation did not reproduce it stays as transformers wrote it.
 
-Q2_K / Q3_K / IQ* and the rest stay dequantized: not supported yet.
+IQ* and the rest (TQ*, MXFP4, ...) stay dequantized: not supported yet.
 """
 
 from __future__ import annotations
@@ -98,7 +107,24 @@ def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
             return _int4(q ^ 8).view(np.int8), d[..., 0]
         codes = _int4(q) if kind == "q4_1" else q.astype(np.int8)
         return codes, d[..., 0], _f16(b, 2)[..., 0]
-    b = raw.reshape(out, -1, {"q6_k": 210, "q5_k": 176, "q4_k": 144}[kind])  # [out, in / 256, block]
+    b = raw.reshape(out, -1, {"q6_k": 210, "q5_k": 176, "q4_k": 144, "q3_k": 110, "q2_k": 84}[kind])  # [out, n, ..]
+    if kind in ("q2_k", "q3_k"):  # q2_k: sc|m[16] qs[64] d dmin; q3_k: hmask[32] qs[64] scales[12] d. Weight
+        # 128h + 32s + l has 2 bits qs[32h + l] >> 2s, in sub-block (128h + 32s + l) // 16
+        qs = b[..., 16:80] if kind == "q2_k" else b[..., 32:96]
+        q = (qs.reshape(out, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None] & 3).reshape(out, -1)
+        if kind == "q2_k":
+            s = b[..., :16]
+            scales = _f16(b, 80) * (s & 15).astype(np.float32)  # d * sc_j, exact: 11 x 4 significant bits
+            shifts = -(_f16(b, 82) * (s >> 4).astype(np.float32))  # -dmin * m_j, exact
+            return _int4(q), scales.reshape(out, -1), shifts.reshape(out, -1)
+        # the hmask bit (weight 32k + l: bit k of hmask[l]) clear: q = ql - 4, the nibble ql + 12 (mod 16)
+        high = (b[..., :32].reshape(out, -1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None] & 1).reshape(out, -1)
+        q |= (high ^ 1) * np.uint8(12)
+        # sc_j: the low (j < 8) or high nibble of byte j % 8, its top 2 bits the (j // 4)-th pair of byte 8 + j % 4
+        low = b[..., 96:104].reshape(out, -1, 1, 8) >> np.array([0, 4], np.uint8)[:, None] & 15
+        top = b[..., 104:108].reshape(out, -1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8)[:, None] & 3
+        sc = (low.reshape(out, -1, 16) | top.reshape(out, -1, 16) << 4).astype(np.int8) - np.int8(32)
+        return _int4(q).view(np.int8), (_f16(b, 108) * sc.astype(np.float32)).reshape(out, -1)  # exact
     if kind == "q6_k":  # ql[128] qh[64] scales[16] d: weight 128h + 64s + l has low bits ql[64h + l] >> 4s,
         ql, qh = b[..., :128].reshape(out, -1, 2, 1, 64), b[..., 128:192].reshape(out, -1, 2, 1, 32)
         low = (ql >> np.array([0, 4], np.uint8)[:, None]) & 15  # [out, n, 2, 2, 64]
@@ -125,8 +151,9 @@ def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def dequantize(kind: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The reference dequantization in float32, [out, in], of `keys(kind)`'s tensors (any rows of them, on any
-    device): code * scale (exact) for Q8_0, Q6_K, Q5_0 and Q4_0 (its signed codes q - 8); code * scale + shift
-    for the rest (the product exact, the sum rounded once, as gguf computes d * sc * q - dmin * m and d * q + m).
+    device): code * scale (exact) for Q8_0, Q6_K, Q5_0, Q4_0 (its signed codes q - 8) and Q3_K (signed q);
+    code * scale + shift for the rest (the product exact, the sum rounded once, as gguf computes
+    d * sc * q - dmin * m and d * q + m).
     `Kept` checks conversions against it, and `runtime.prequantized` fills resident weights with it."""
     codes, scales = tensors[0], tensors[1].float()
     out = codes.shape[0]

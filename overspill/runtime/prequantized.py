@@ -22,8 +22,9 @@ layout, so the link carries the checkpoint's codes and the slot expands them to 
   Q5_0 as int8, the codes as they are with the fp16 d of each block of 32 (Q8_0, Q5_0) or the float32
   d * scale_j of each sub-block of 16 (Q6_K) as the format's float32 scale of a group; Q5_1 and Q5_K as int8
   with a float32 shift per group beside the scale, Q4_1 and Q4_K as int4, their codes, float32 scales and
-  shifts as they are (q * scale + shift, the product exact, the sum rounded once in float32), and Q4_0 as
-  signed int4, its codes q - 8 and float32 scales d (q * scale, exact). Resident weights take
+  shifts as they are (q * scale + shift, the product exact, the sum rounded once in float32), Q2_K likewise
+  with groups of 16, and Q4_0 and Q3_K as signed int4, their codes (q - 8; q in -4..3) and float32 scales (d;
+  d * (sc_j - 32) per group of 16) (q * scale, exact). Resident weights take
   `gguf_blocks.dequantize`, the one reference of every GGUF type.
 """
 
@@ -54,8 +55,8 @@ class Quantized:
     weight: str  # GPTQ / AWQ: qweight; compressed-tensors int: weight_packed; fp8: the e4m3 weight
     scale: str  # scales, weight_scale_inv or weight_scale
     shape: tuple[int, int]  # [out, in], as the model's parameter
-    # GPTQ / AWQ: qzeros; compressed-tensors: weight_zero_point (asymmetric only); GGUF: the float32 shifts (Q4_1,
-    # Q4_K, Q5_1, Q5_K). None for a non-GGUF int weight: signed codes without zero points
+    # GPTQ / AWQ: qzeros; compressed-tensors: weight_zero_point (asymmetric only); GGUF: the float32 shifts (Q2_K,
+    # Q4_1, Q4_K, Q5_1, Q5_K). None for a non-GGUF int weight: signed codes without zero points
     zeros: str | None = None
     g_idx: str | None = None  # GPTQ: g_idx, compressed-tensors: weight_g_idx, the group of each input (in order)
     gguf: str | None = None  # a converted GGUF's block type ("q4_k", "q6_k", "q8_0", ...: `GGUF_TYPES`)
@@ -358,7 +359,7 @@ class QuantizedReader(CheckpointReader):
             fmt = self.kind(q)  # a GGUF layer may mix int4 (Q4_K) and int8 (Q6_K, Q8_0) weights
             if tuple(entry.shape) != q.shape:
                 raise self._mismatch(key, q.shape, tuple(entry.shape))
-            if fmt == "int4":  # without zeros or shifts (GGUF Q4_0, compressed-tensors symmetric): signed codes
+            if fmt == "int4":  # without zeros or shifts (GGUF Q4_0 / Q3_K, compressed-tensors symmetric): signed codes
                 signed = q.zeros is None
                 return fmt, part_shapes("int4", q.shape, group=self._group(q), store=torch.float32, signed=signed)
             if fmt == "int8":
