@@ -15,6 +15,7 @@ from .planning import moe
 from .planning.formats import NATIVE, check_format, choose, format_blocker, resolve_auto, with_format
 from .planning.host_experts import check_mode as check_cpu_experts
 from .planning.host_experts import refusal as host_experts_refusal
+from .planning.host_experts import refused
 from .planning.host_experts import supported as host_experts_supported
 from .planning.host_experts import why_dense
 from .planning.hostmem import check_host
@@ -364,6 +365,9 @@ def load(
         finally:
             reader.close()
     fp = with_format(fp, choose(fp, fmt, exact=exact))
+    if stream_format == "auto" and moe_layers.is_moe and moe_streaming != "dense" and scheme is not None \
+            and scheme.experts:  # a converted GGUF's experts cross as their codes: their exact bytes, from its files
+        moe_layers = _coded_experts(moe_layers, source, scheme, skeleton, layers, layers_path, torch_dtype)
     self_draft = draft_note = None
     if plan is None:
         budget, draft_note = budget_beside_draft(speculate, budget, dtype_name(torch_dtype), context)
@@ -379,8 +383,9 @@ def load(
             plan = replace(plan, notes=plan.notes + (draft_note,))
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
-    else:  # a caller's plan: the loader sizes its slots for the format
-        plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16")
+    else:  # a caller's plan: the loader sizes its slots for the format (and sends coded experts where it can)
+        plan = replace(plan, stream_format=fmt if plan.streamed_layers else "bf16",
+                       expert_codes=moe_layers.coded and plan.moe_streaming == "experts")
     managed_wins = profile is not None and profile.managed_wins
     if streaming == "auto":  # expert streaming and encoded layers arrive by pinned copies
         streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" or \
@@ -394,6 +399,8 @@ def load(
         why_dense(plan.notes, moe_streaming, pipeline=stage is not None))
     if host_refusal:  # before minutes of loading
         raise OverspillError(host_refusal)
+    if cpu_experts == "on" and plan.expert_codes and plan.streamed_layers:
+        raise OverspillError(refused("experts that cross as a checkpoint's codes have no host copy to compute on"))
     if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
         raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
     moe_cpu = cpu_experts if host_experts_supported(model_type) else "off"
@@ -458,6 +465,21 @@ def load(
         else:
             enable(skeleton, speculate, tree=speculate_tree)
     return skeleton, _load_tokenizer(source, getattr(config.get_text_config(), "vocab_size", None))
+
+
+def _coded_experts(moe_layers: moe.MoeLayers, source: ModelSource, scheme: Prequantized, skeleton, layers,
+                   layers_path: str, dtype: torch.dtype) -> moe.MoeLayers:
+    """`moe_layers` with each routed expert's bytes over the link as the converted GGUF's codes
+    (`expert_loader.coded_expert_bytes`, exact), where its files keep any."""
+    from .runtime.expert_loader import coded_expert_bytes
+
+    reader = QuantizedReader(source.weights_dir, scheme)
+    try:
+        reader.bind(skeleton)
+        sizes = coded_expert_bytes(layers, reader, layers_path)
+    finally:
+        reader.close()
+    return moe_layers if sizes is None else moe.with_codes(moe_layers, sizes, dtype.itemsize)
 
 
 def _stream_format(name: str, dev: torch.device, profile: Profile | None,

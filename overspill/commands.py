@@ -71,7 +71,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.host_experts import refusal as host_experts_refusal
     from .planning.host_experts import supported as host_experts_supported
     from .planning.host_experts import why_dense
-    from .planning.moe import MoeLayers, forecasts
+    from .planning.moe import MoeLayers, forecasts, with_codes
     from .planning.planview import moe_lines
     from .planning.prequantized import settle_format
     from .planning.speculation import draft_path
@@ -104,6 +104,10 @@ def plan_main(args: argparse.Namespace) -> int:
     scheme = _plan_prequantized(args.model)
     moe_layers = MoeLayers.from_spec(spec)
     moe_mode = getattr(args, "moe_streaming", "auto")
+    if getattr(args, "stream_format", "auto") == "auto" and scheme is not None and scheme.experts \
+            and moe_layers.is_moe and moe_mode != "dense":  # as `load`: experts cross as the GGUF's codes
+        moe_layers = with_codes(moe_layers, tuple(scheme.expert_link_bytes(b, fp.dtype_bytes) if n else 0 for b, n in
+                                                  zip(moe_layers.expert_bytes, moe_layers.num_experts)), fp.dtype_bytes)
     requested, format_note = settle_format(requested, format_note, getattr(args, "stream_format", "auto"), scheme,
                                            fmt_blocker, moe_layers.is_moe and moe_mode != "dense")  # as `load`
 

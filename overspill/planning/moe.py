@@ -21,6 +21,11 @@ shrunk toward k/E while few tokens are seen, give each layer's distinct experts 
 hot slots keep (`routing.traffic`); `runtime.routing.measured_moe_plan` re-predicts a loaded plan so.
 Plans are still placed under the prior (nothing is measured before the first load).
 
+A checkpoint whose experts keep their codes (a converted GGUF's fused experts, `planning.prequantized`) sends
+those bytes per miss (`with_codes`: Q4_K's 0.75 bytes a weight where bf16 sends 2), and the GPU expands them
+into the slot, which still holds the expert in the compute dtype; the staging that expansion reads from is
+planned beside the ring's (`Plan.expand_bytes`).
+
 Time per step: the copies of a layer's experts start only once its router has run (the host reads
 the selected experts: one sync per layer) and its experts compute only once they land, so expert
 copies, the GPU's compute and one sync per streamed MoE layer add up, while the ring's copies
@@ -34,7 +39,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
 from .costmodel import Prediction
-from .formats import NATIVE
+from .formats import INT4_CHUNK_CODES, NATIVE, int4_scratch_bytes
 from .host_experts import DENSE_NOTE, layer_split
 from .placement import (below_minimum, kv_host_choices, largest_batch, least_plan, max_batch, place,
                         streaming_plan, with_prediction)
@@ -52,12 +57,17 @@ SYNC_S = 60e-6
 @dataclass(frozen=True)
 class MoeLayers:
     """Per decoder layer: bytes that ride the ring with expert-aware streaming (everything but the routed
-    experts), one routed expert's bytes, experts per layer and experts each token picks (0: a dense layer)."""
+    experts), one routed expert's bytes (in the compute dtype: its cache slot), experts per layer and experts
+    each token picks (0: a dense layer). Where the experts cross as a checkpoint's codes (`with_codes`),
+    `link_bytes` holds one expert's bytes over the link and `code_staging_bytes` the GPU buffers its copy
+    lands in and expands through."""
 
     ring_bytes: tuple[int, ...]
     expert_bytes: tuple[int, ...]
     num_experts: tuple[int, ...]
     active: tuple[int, ...]
+    link_bytes: tuple[int, ...] = ()
+    code_staging_bytes: int = 0
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "MoeLayers":
@@ -71,6 +81,23 @@ class MoeLayers:
     @property
     def is_moe(self) -> bool:
         return any(self.num_experts)
+
+    @property
+    def coded(self) -> bool:
+        """Whether routed experts cross as a checkpoint's codes (the host cannot compute them then)."""
+        return bool(self.link_bytes)
+
+    def sent(self, layer: int) -> int:
+        """Bytes one routed expert of `layer` sends over the link on a miss."""
+        return self.link_bytes[layer] if self.link_bytes else self.expert_bytes[layer]
+
+
+def with_codes(moe: MoeLayers, link_bytes: tuple[int, ...], dtype_bytes: int) -> MoeLayers:
+    """`moe` with its routed experts crossing as `link_bytes` each (a checkpoint's codes), staged on the GPU in
+    one buffer of the largest expert's codes plus the int4 expansion's scratch for one expert's weights."""
+    params = max(moe.expert_bytes, default=0) // dtype_bytes
+    staging = max(link_bytes, default=0) + int4_scratch_bytes(min(params, INT4_CHUNK_CODES))
+    return replace(moe, link_bytes=link_bytes, code_staging_bytes=staging)
 
 
 def expected_distinct(experts: int, active: int, tokens: int) -> float:
@@ -104,7 +131,7 @@ def expert_bytes_per_step(moe: MoeLayers, streamed: tuple[int, ...], slots: int,
                           stats: RoutingStats | None = None) -> int:
     """Expected routed-expert bytes copied per decode step of `batch` sequences: under the uniform prior,
     or under measured routing `stats` (`routing.traffic`; the same number for `RoutingStats.uniform`)."""
-    return round(sum(misses * moe.expert_bytes[i] for i, _, misses in _layer_traffic(moe, streamed, slots, batch, stats)))
+    return round(sum(misses * moe.sent(i) for i, _, misses in _layer_traffic(moe, streamed, slots, batch, stats)))
 
 
 def expected_hit_rate(moe: MoeLayers, streamed: tuple[int, ...], slots: int, batch: int,
@@ -132,7 +159,8 @@ def _least_cache(plan: Plan, fp: Footprint, moe: MoeLayers) -> Plan | None:
         return None
     return replace(plan, slot_bytes=max(ring_bytes(moe, fp, i) for i in plan.streamed_layers),
                    expert_slots=min_cache_slots(moe, streamed),
-                   expert_slot_bytes=max(moe.expert_bytes[i] for i in streamed), moe_streaming="experts")
+                   expert_slot_bytes=max(moe.expert_bytes[i] for i in streamed), moe_streaming="experts",
+                   expand_bytes=plan.expand_bytes + moe.code_staging_bytes, expert_codes=moe.coded)
 
 
 def to_experts(plan: Plan, fp: Footprint, moe: MoeLayers, budget: int | None) -> Plan | None:
@@ -245,7 +273,7 @@ def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str, d
     (`planning.host_experts`): fewer bytes cross per step, and each layer waits for the slower of the
     host's share and the link's. Each miss is assumed routed to batch x active / distinct tokens.
     `stats`: measured routing instead of the uniform prior."""
-    if mode == "off" or plan.prediction is None or plan.moe_streaming != "experts":
+    if mode == "off" or plan.prediction is None or plan.moe_streaming != "experts" or moe.coded:
         return plan
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
     batch = plan.workload.batch
@@ -382,7 +410,7 @@ def forecasts(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workl
                 continue
         if experts is not None:
             plans.append(("experts", predict(fp, experts, moe, profile, stats=stats)))
-            if host_experts and profile.cpu_gemv_params_s > 0:  # --cpu-experts auto: the host's share of misses
+            if host_experts and profile.cpu_gemv_params_s > 0 and not moe.coded:  # --cpu-experts auto's share
                 plans.append(("experts+cpu", predict(fp, experts, moe, profile, "auto", stats)))
         for mode, plan in plans:
             p = plan.prediction

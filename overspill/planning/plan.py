@@ -102,6 +102,8 @@ class Plan:
     moe_streaming: str = "dense"
     expert_slots: int = 0
     expert_slot_bytes: int = 0
+    # routed experts cross as the checkpoint's codes (a converted GGUF's) and expand into their cache slot
+    expert_codes: bool = False
     cpu_fraction: float = 0.0  # of each streamed layer computed by the host CPU (`planning.cpu_rank`); 0: off
     cpu_max_tokens: int = 0  # widest pass whose CPU share the host computes (wider ones: the GPU)
     cpu_format: str = "bf16"  # the CPU share in host memory: "bf16" (as loaded) or "int8" (`runtime.host_int8`)
@@ -163,7 +165,8 @@ class Plan:
             )
         if streamed and self.moe_streaming == "experts":
             lines.append(f"experts: routed experts stay in pinned host memory and cross as the router selects them, into "
-                         f"a GPU cache of {self.expert_slots} x {format_bytes(self.expert_slot_bytes)}")
+                         f"a GPU cache of {self.expert_slots} x {format_bytes(self.expert_slot_bytes)}"
+                         + (" (as the checkpoint's codes, expanded in their slot)" if self.expert_codes else ""))
         if self.kv_host_layers:
             lines.append(
                 f"KV cache: {n - len(self.kv_host_layers)} layers on the device, {len(self.kv_host_layers)} in pinned "

@@ -325,6 +325,12 @@ def moe_lines(forecasts: list, moe) -> list[str]:
         gain = f"{f.tok_s / dense[f.batch]:.2f}" if dense.get(f.batch) else "-"
         rows.append((f.mode, str(f.batch), format_bytes(f.bytes_per_step), format_bytes(int(f.bytes_per_token)),
                      f"{f.tok_s:.2f}", floor, gain))
-    return [f"mixture of experts ({e} routed experts a layer, {k} per token; --moe-streaming): expert-aware bytes assume "
-            "uniform routing (a batch of b tokens selects E(1-(1-k/E)^b) distinct experts a layer) and a cache that "
-            "keeps its slots beyond one layer's experts for the most routed ones", _table(rows)]
+    lines = [f"mixture of experts ({e} routed experts a layer, {k} per token; --moe-streaming): expert-aware bytes "
+             "assume uniform routing (a batch of b tokens selects E(1-(1-k/E)^b) distinct experts a layer) and a cache "
+             "that keeps its slots beyond one layer's experts for the most routed ones", _table(rows)]
+    if moe.coded:  # a converted GGUF's experts: its codes cross, the slots hold the compute dtype
+        coded = [(moe.sent(i), moe.expert_bytes[i]) for i, n in enumerate(moe.num_experts) if n]
+        sent, slot = max(coded)
+        lines.append(f"routed experts cross as the checkpoint's codes: {format_bytes(sent)} an expert over the link "
+                     f"({sent / slot:.2f} of its {format_bytes(slot)} in the compute dtype), expanded in its slot")
+    return lines

@@ -101,6 +101,8 @@ class Prequantized:
     zero_points: bool = True
     # gguf: (block type, share of the decoder layers' parameters kept in it) per type kept as codes
     gguf: tuple[tuple[str, float], ...] = ()
+    # gguf: (block type, share of the fused routed experts' parameters kept in it), where experts keep codes
+    experts: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
@@ -136,6 +138,15 @@ class Prequantized:
             codes = params // 2 if self.stream_format == "int4" else params
             return codes + INT4_STORE_BYTES * (2 if self.zero_points else 1) * groups
         return encoded_bytes(self.stream_format, layer_bytes, dtype_bytes, group=self.group)
+
+    def expert_link_bytes(self, expert_bytes: int, dtype_bytes: int) -> int:
+        """Bytes one routed expert of `expert_bytes` (compute dtype) sends under expert streaming, as `overspill
+        plan` estimates it from the mark's `experts` shares (its codes and float32 stores; the rest, if any, in
+        the compute dtype; the load counts exactly). `expert_bytes` where no expert keeps codes."""
+        coded = sum(share for _, share in self.experts)
+        params = expert_bytes // dtype_bytes
+        return int(params * sum(share * gguf_bytes_per_weight(kind) for kind, share in self.experts)
+                   + expert_bytes * max(0.0, 1 - coded))
 
 
 def scheme_of(config: Mapping[str, Any]) -> Prequantized | None:
@@ -174,7 +185,9 @@ def _gguf(q: Mapping[str, Any]) -> Prequantized:
     shares = q.get("shares") if isinstance(q.get("shares"), Mapping) else {}
     kept = tuple((t, float(shares.get(t, 1 / len(types)))) for t in sorted(types, key=list(GGUF_TYPES).index))
     fmt = "int4" if any(GGUF_TYPES[t][0] == "int4" for t in types) else "int8"  # int4's scratch is planned then
-    return Prequantized("gguf", fmt, 0, gguf=kept)
+    experts = q.get("expert_shares") if isinstance(q.get("expert_shares"), Mapping) else {}
+    coded = tuple((t, float(experts[t])) for t in GGUF_TYPES if t in experts)
+    return Prequantized("gguf", fmt, 0, gguf=kept, experts=coded)
 
 
 def _int4(method: str, q: Mapping[str, Any]) -> Prequantized:
@@ -275,11 +288,16 @@ def settle_format(fmt: str, note: str | None, requested: str, scheme: Prequantiz
                   expert_streaming: bool) -> tuple[str, str | None]:
     """The stream format `load` and `overspill plan` use once the checkpoint's own codes (`stream_format_for`)
     and expert streaming have their say: with `requested` "auto", routed experts cross per expert in the
-    compute dtype, so an expert-streamed MoE model streams bf16 (a pre-quantized one saying why)."""
+    compute dtype, so an expert-streamed MoE model streams bf16 (a pre-quantized one saying why); a converted
+    GGUF whose fused experts keep their codes sends those codes per expert (`runtime.expert_codes`), and its
+    ring part dequantized."""
     if scheme is not None:
         fmt, note = stream_format_for(scheme, requested, blocker)
     if requested == "auto" and expert_streaming:
         fmt, note = NATIVE, None
-        if scheme is not None:
+        if scheme is not None and scheme.experts:
+            note = (f"{scheme.label} checkpoint: routed experts cross as its codes and expand in their cache slot; "
+                    f"the rest of each streamed layer dequantized to the compute dtype (expert streaming)")
+        elif scheme is not None:
             note = stream_format_for(scheme, "auto", "expert streaming")[1]
     return fmt, note

@@ -210,6 +210,8 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
         raise TypeError(f"expected a config dict, got {type(config).__name__}")
     cfg = _text_config(dict(config))
     model_type = str(cfg.get("model_type") or "unknown")
+    if model_type in ("qwen2_moe", "qwen3_moe") and "num_experts" not in cfg and "num_local_experts" in cfg:
+        cfg = {**cfg, "num_experts": cfg["num_local_experts"]}  # transformers 5.25's to_dict name (a converted GGUF)
     approximate = model_type not in SUPPORTED_MODEL_TYPES
     _require(cfg, model_type, _BASE_REQUIRED + _ARCH_REQUIRED.get(model_type, ("intermediate_size",)))
 

@@ -3,7 +3,8 @@
 The layer's tensors are packed with the routed experts last, so the ring copies the prefix (attention,
 router, norms, shared expert) like any streamed layer while each expert is a contiguous slice
 ([experts, ...] per parameter) that `experts.ExpertCache` copies alone. Peak host memory is the
-layer's bytes, as for a dense streamed layer.
+layer's bytes, as for a dense streamed layer. Where the plan sends experts as the checkpoint's codes
+(`Plan.expert_codes`), the experts follow the ring part as one coded block per expert (`expert_codes`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from torch import nn
 
 from ..planning.plan import Plan
 from .executor import LayerRing, StreamedLayer
+from .expert_codes import ExpertCodes, expert_block_layout, fill_codes, placeholder_experts, staging_bytes
 from .experts import ExpertCache, expert_params, expert_shapes, wrap_experts
 from .layout import LayerLayout, host_bytes
 
-__all__ = ["expert_cache", "expert_params", "expert_ring_bytes", "stream_expert_layer"]
+__all__ = ["coded_expert_bytes", "expert_cache", "expert_params", "expert_ring_bytes", "stream_expert_layer"]
 
 
 def _split(layer: nn.Module) -> tuple[LayerLayout, LayerLayout]:
@@ -30,6 +32,20 @@ def _split(layer: nn.Module) -> tuple[LayerLayout, LayerLayout]:
 def expert_ring_bytes(layer: nn.Module) -> int:
     """Bytes a streamed layer sends through the ring under expert streaming (all of it when dense)."""
     return _split(layer)[0].nbytes
+
+
+def coded_expert_bytes(layers: nn.ModuleList, source, layers_path: str) -> tuple[int, ...] | None:
+    """Per decoder layer, the bytes one routed expert sends as `source`'s codes (its coded block; the compute
+    dtype's bytes where a MoE layer keeps no codes, 0 for a dense layer), or None where no layer keeps codes."""
+    sizes, coded = [], False
+    for i, layer in enumerate(layers):
+        ring, full = _split(layer)
+        experts = list(full.entries[len(ring.entries):])
+        encoded = expert_block_layout(source, f"{layers_path}.{i}.", experts) if experts else None
+        coded = coded or encoded is not None
+        sizes.append(encoded.nbytes if encoded is not None else
+                     sum(e.nbytes for e in experts) // experts[0].shape[0] if experts else 0)
+    return tuple(sizes) if coded else None
 
 
 def expert_cache(plan: Plan, layers: nn.ModuleList, device: torch.device) -> ExpertCache | None:
@@ -54,10 +70,15 @@ def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def stream_expert_layer(layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool,
-                        cache: ExpertCache) -> tuple[StreamedLayer, int]:
+                        cache: ExpertCache, codes: bool = False) -> tuple[StreamedLayer, int]:
     """Fill a MoE layer's pinned buffer (ring part first, experts after), bind the ring part to slot 0's
-    views and the experts to their host slices, and wrap the experts (`experts.wrap_experts`)."""
+    views and the experts to their host slices, and wrap the experts (`experts.wrap_experts`). `codes`: the
+    experts follow as coded blocks where `source` keeps their codes (`_stream_coded`)."""
     ring_layout, full = _split(layer)
+    experts = list(full.entries[len(ring_layout.entries):])
+    encoded = expert_block_layout(source, prefix, experts) if codes else None
+    if encoded is not None:
+        return _stream_coded(layer, prefix, index, source, ring, pinned, cache, encoded)
     host = host_bytes(full.nbytes, pinned)
     views = full.views(host)
     for entry, view in zip(full.entries, views):
@@ -69,3 +90,26 @@ def stream_expert_layer(layer: nn.Module, prefix: str, index: int, source, ring:
     streamed = StreamedLayer(layer, index, host[: ring_layout.nbytes], ring_layout, ring)  # holds the ring params
     wrap_experts(layer, index, cache)
     return streamed, full.nbytes
+
+
+def _stream_coded(layer: nn.Module, prefix: str, index: int, source, ring: LayerRing, pinned: bool,
+                  cache: ExpertCache, encoded) -> tuple[StreamedLayer, int]:
+    """`stream_expert_layer` with the experts as coded blocks: the ring part filled as always, then one block of
+    `encoded.nbytes` per expert; the expert parameters become placeholders and the cache reserves the staging
+    a miss expands through."""
+    ring_layout, full = _split(layer)
+    experts = list(full.entries[len(ring_layout.entries):])
+    count = experts[0].shape[0]
+    host = host_bytes(ring_layout.nbytes + count * encoded.nbytes, pinned)
+    for entry, view in zip(ring_layout.entries, ring_layout.views(host)):
+        source.fill(prefix + entry.name, view)
+    rows = host[ring_layout.nbytes :].view(count, encoded.nbytes)
+    fill_codes(source, prefix, experts, encoded, rows)
+    for entry, view in zip(ring_layout.entries, ring.views(ring_layout, 0)):
+        _set_param(layer, entry.name, view)
+    placeholder_experts(layer, experts, _set_param)
+    codes = ExpertCodes(rows, encoded)
+    cache.reserve_codes(*staging_bytes(codes, [(e.shape[1:], e.dtype) for e in experts]))
+    streamed = StreamedLayer(layer, index, host[: ring_layout.nbytes], ring_layout, ring)
+    wrap_experts(layer, index, cache, codes)
+    return streamed, host.numel()

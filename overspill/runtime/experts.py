@@ -24,6 +24,9 @@ With `HostExperts` (`load(cpu_experts=...)`, `planning.host_experts`) some missi
 copied: the host computes them from their pinned buffers while the link brings the others, and their
 rows are added to the GPU's sum (in which their routing weights are zeroed). The host rounds
 differently, so those layers match the resident model within float noise, not bit for bit.
+
+Experts that keep a checkpoint's codes (`expert_codes.ExpertCodes`, a converted GGUF's) cross as one block
+each into a staging buffer and expand into their slot; the host holds no compute-dtype copy of them to compute on.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from ..planning.host_experts import host_count, refused
 from ..planning.routing import RoutingStats
+from .expert_codes import ExpertCodes
 from .streams import new_stream
 
 GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
@@ -90,10 +94,22 @@ class ExpertCache:
         self.hits = self.misses = self.bytes_copied = self.host_computed = 0
         self.expert_nbytes = sum(t[0].numel() * t.element_size() for t in self.tensors)
         self.host_policy: HostExperts | None = None  # `enable_host_experts`: misses the host computes
+        self.staging: torch.Tensor | None = None  # a coded miss's block lands here (`reserve_codes`)
+        self.scratch: torch.Tensor | None = None  # and expands through this (int4's unpacked codes)
 
-    def fetch(self, layer: int, experts: list[int], tokens: list[int], host: list[torch.Tensor]) -> list[int]:
-        """Slots holding `experts` of `layer` (copied from `host`, per parameter [experts, ...], on a miss);
-        compute on the current stream is ordered after the copies. `tokens`: tokens routed to each."""
+    def reserve_codes(self, staging: int, scratch: int) -> None:
+        """Hold device buffers for coded experts' misses: a block of `staging` bytes and `scratch` bytes to
+        expand it through (grown to the largest layer's; misses expand one after another on one stream)."""
+        if self.staging is None or self.staging.numel() < staging:
+            self.staging = torch.empty(staging, dtype=torch.uint8, device=self.device)
+        if self.scratch is None or self.scratch.numel() < scratch:
+            self.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
+
+    def fetch(self, layer: int, experts: list[int], tokens: list[int],
+              host: list[torch.Tensor] | ExpertCodes) -> list[int]:
+        """Slots holding `experts` of `layer` (copied from `host`, per parameter [experts, ...], or expanded from
+        its coded blocks, on a miss); compute on the current stream is ordered after the copies. `tokens`:
+        tokens routed to each."""
         self.calls += 1
         needed = {(layer, e) for e in experts}
         out = []
@@ -128,10 +144,11 @@ class ExpertCache:
         taken.sort(key=lambda s: (self.routed[self.owner[s]], self.last_use[s]))
         return free + taken[: count - len(free)]
 
-    def _copy(self, layer: int, experts: list[int], slots: list[int], host: list[torch.Tensor]) -> None:
-        """Copy each expert's tensors into its slot. The router's result was read on the host, so every
-        compute enqueued before it (the last readers of these slots) has finished; the copy stream
-        still waits for the compute stream, which costs nothing then and keeps the order explicit."""
+    def _copy(self, layer: int, experts: list[int], slots: list[int], host: list[torch.Tensor] | ExpertCodes) -> None:
+        """Copy each expert's tensors into its slot (coded blocks: through the staging buffer, expanded). The
+        router's result was read on the host, so every compute enqueued before it (the last readers of these
+        slots) has finished; the copy stream still waits for the compute stream, which costs nothing then and
+        keeps the order explicit."""
         for e, slot in zip(experts, slots):
             old = self.owner[slot]
             if old is not None:
@@ -140,19 +157,29 @@ class ExpertCache:
             self.slot_of[layer, e] = slot
             self.last_use[slot] = self.calls
         self.misses += len(experts)
-        self.bytes_copied += len(experts) * self.expert_nbytes
+        coded = isinstance(host, ExpertCodes)
+        self.bytes_copied += len(experts) * (host.stride if coded else self.expert_nbytes)
         if self.stream is None:
-            for e, slot in zip(experts, slots):
-                for dst, src in zip(self.tensors, host):
-                    dst[slot].copy_(src[e])
+            self._fill(experts, slots, host, coded, non_blocking=False)
             return
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            for e, slot in zip(experts, slots):
-                for dst, src in zip(self.tensors, host):
-                    dst[slot].copy_(src[e], non_blocking=True)
+            self._fill(experts, slots, host, coded, non_blocking=True)
         current.wait_stream(self.stream)
+
+    def _fill(self, experts: list[int], slots: list[int], host: list[torch.Tensor] | ExpertCodes, coded: bool,
+              non_blocking: bool) -> None:
+        """The copies (and expansions) of `_copy`, on the current stream. A coded expert's block lands in the one
+        staging buffer and expands from it before the next block overwrites it (stream order)."""
+        for e, slot in zip(experts, slots):
+            if coded:
+                block = self.staging[: host.stride]
+                block.copy_(host.rows[e], non_blocking=non_blocking)
+                host.expand(block, [t[slot] for t in self.tensors], self.scratch)
+                continue
+            for dst, src in zip(self.tensors, host):
+                dst[slot].copy_(src[e], non_blocking=non_blocking)
 
     def serve(self, layer: int, experts: int) -> None:
         """Register a streamed MoE layer of `experts` experts (its `routing_stats` row exists before it runs)."""
@@ -202,16 +229,19 @@ class RoutedExperts(nn.Module):
     computing with the selected experts from the `ExpertCache`.
 
     `experts` keeps the module; its expert parameters point at the cache's tensors while it runs
-    and at their pinned host buffers ([experts, ...] each) otherwise.
+    and at their pinned host buffers ([experts, ...] each) otherwise (`codes`: at placeholders, the
+    experts' host copy being their coded blocks).
     """
 
-    def __init__(self, experts: nn.Module, layer: int, names: list[str], cache: ExpertCache):
+    def __init__(self, experts: nn.Module, layer: int, names: list[str], cache: ExpertCache,
+                 codes: ExpertCodes | None = None):
         super().__init__()
         self.experts = experts
         self.layer = layer
         self.names = names
         self.host = [experts._parameters[n].data for n in names]
         self.num_experts = self.host[0].shape[0]
+        self.codes = codes
         object.__setattr__(self, "cache", cache)
         cache.serve(layer, self.num_experts)
 
@@ -225,7 +255,7 @@ class RoutedExperts(nn.Module):
             kept = [(e, n) for e, n in zip(experts, tokens) if e not in on_host]
             experts, tokens = [e for e, _ in kept], [n for _, n in kept]
             rows = hidden_states.cpu(), top_k_index.cpu(), top_k_weights.cpu()
-        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
+        slots = self.cache.fetch(self.layer, experts, tokens, self.host if self.codes is None else self.codes)
         host_out = self._on_host(*rows, sorted(on_host)).to(hidden_states.device) if on_host else None
         if not experts:  # every selected expert computed on the host (or no token routed here)
             return host_out if host_out is not None else torch.zeros_like(hidden_states)
@@ -372,10 +402,21 @@ def expert_params(layer: nn.Module) -> list[tuple[str, list[str], nn.Module]]:
     return found
 
 
-def wrap_experts(layer: nn.Module, index: int, cache: ExpertCache) -> None:
+def wrap_experts(layer: nn.Module, index: int, cache: ExpertCache, codes: ExpertCodes | None = None) -> None:
     """Replace the routed-experts module of `layer` (or Llama 4's whole MoE block) by its expert-streamed
-    form; its expert parameters must already hold their pinned host buffers."""
-    for name, names, module in expert_params(layer):
+    form; its expert parameters must already hold their pinned host buffers, or `codes` their coded blocks
+    (one transformers experts module)."""
+    found = expert_params(layer)
+    if codes is not None:
+        if len(found) != 1 or not hasattr(found[0][2], "has_gate"):
+            raise NotImplementedError("coded experts stream for one transformers experts module a layer: "
+                                      "load with stream_format='bf16'")
+        name, names, module = found[0]
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(layer.get_submodule(parent_name) if parent_name else layer, leaf,
+                RoutedExperts(module, index, names, cache, codes))
+        return
+    for name, names, module in found:
         parent_name, _, leaf = name.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
         if type(parent).__name__ == "Llama4TextMoe":
@@ -418,8 +459,10 @@ def enable_host_experts(model: nn.Module, cache: ExpertCache | None, mode: str, 
     wrapped = [m for m in model.modules() if isinstance(m, (RoutedExperts, Llama4RoutedMoe))]
     unsupported = sorted({type(m.moe if isinstance(m, Llama4RoutedMoe) else m.experts).__name__ for m in wrapped
                           if not _host_computable(m)})
-    if cache is None or not wrapped or unsupported:
+    coded = any(getattr(m, "codes", None) is not None for m in wrapped)
+    if cache is None or not wrapped or unsupported or coded:
         why = ("no layer streams its experts (expert streaming is off)" if cache is None or not wrapped else
+               "experts that cross as a checkpoint's codes have no host copy to compute on" if coded else
                f"{', '.join(unsupported)} experts are not computed on the host yet")
         if mode == "on":
             raise OverspillError(refused(why))

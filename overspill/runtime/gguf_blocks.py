@@ -39,11 +39,21 @@ decoder layers' parameters}} (`mark`, read by `planning.prequantized`). Each kep
 transformers' conversion (its dequantization rounded to the model's dtype equals what transformers wrote): a
 weight whose GGUF-to-HF name map or row permutation did not reproduce it stays as transformers wrote it.
 
+Routed experts that transformers fuses into 3-D parameters (Qwen2-MoE, Qwen3-MoE: `mlp.experts.gate_up_proj`
+[experts, 2 * ffn, hidden] and `mlp.experts.down_proj` [experts, hidden, ffn]) keep their codes too, as
+`X.<type>_codes` etc. with the expert dimension leading ([experts, rows, ...]). GGUF stores them as
+`blk.N.ffn_{gate,up,down}_exps` [experts, rows, blocks]; transformers' `Qwen2MoeTensorProcessor` writes gate's
+rows then up's into each expert of gate_up_proj and down as it is, with no transpose or row permutation, so an
+expert's codes are gate's codes then up's (`_fused_experts`): kept where gate and up share one type, else left
+dequantized. The mark adds `expert_shares`, each type's share of the routed experts' parameters (what
+`overspill plan` counts an expert's bytes over the link by under expert streaming).
+
 IQ* and the rest (TQ*, MXFP4, ...) stay dequantized: not supported yet.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +66,8 @@ from .quant import int4_codes
 QK_K = 256  # weights per K-quant super-block
 PARTS = {kind: ("codes", "scales", "shifts")[: 1 + stores] for kind, (_, _, stores) in GGUF_TYPES.items()}
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}  # blocks of 32 weights
+EXPERTS = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")  # a GGUF's routed experts, [experts, rows, ..]
+FUSED_ORDER = ("gate", "up", "down")  # transformers' gate_up_proj: gate's rows, then up's, in each expert
 
 
 def keys(kind: str) -> tuple[str, ...]:
@@ -73,6 +85,12 @@ class Kept:
     @property
     def numel(self) -> int:
         return self.tensors[0].numel() * (2 if GGUF_TYPES[self.kind][0] == "int4" else 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape ([out, in], or [experts, out, in] for fused experts)."""
+        codes = self.tensors[0]
+        return (*codes.shape[:-1], self.numel // (codes.numel() // codes.shape[-1]))
 
 
 def _f16(b: np.ndarray, at: int) -> np.ndarray:
@@ -151,21 +169,24 @@ def unpack(kind: str, raw: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def dequantize(kind: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The reference dequantization in float32, [out, in], of `keys(kind)`'s tensors (any rows of them, on any
-    device): code * scale (exact) for Q8_0, Q6_K, Q5_0, Q4_0 (its signed codes q - 8) and Q3_K (signed q);
-    code * scale + shift for the rest (the product exact, the sum rounded once, as gguf computes
-    d * sc * q - dmin * m and d * q + m).
+    device; fused experts: [experts, out, in]): code * scale (exact) for Q8_0, Q6_K, Q5_0, Q4_0 (its signed
+    codes q - 8) and Q3_K (signed q); code * scale + shift for the rest (the product exact, the sum rounded
+    once, as gguf computes d * sc * q - dmin * m and d * q + m).
     `Kept` checks conversions against it, and `runtime.prequantized` fills resident weights with it."""
-    codes, scales = tensors[0], tensors[1].float()
+    lead = tuple(tensors[0].shape[:-1])  # fused experts: [experts, out], rows of one matrix each
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    codes, scales = flat[0], flat[1].float()
     out = codes.shape[0]
     if GGUF_TYPES[kind][0] == "int4":
         codes = int4_codes(codes)
     w = codes.view(out, scales.shape[1], -1).float() * scales[..., None]
-    return (w + tensors[2][..., None] if len(tensors) > 2 else w).view(out, -1)
+    return (w + flat[2][..., None] if len(flat) > 2 else w).view(*lead, -1)
 
 
 def kept_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[str, Kept]:
-    """{parameter name: its codes} of the decoder-layer matrices (under `layers_path`) that `gguf` stores in a
-    type of `GGUF_TYPES` and transformers placed in `model` (dequantized) as exactly `dequantize` of them."""
+    """{parameter name: its codes} of the decoder-layer matrices (under `layers_path`) and fused routed experts
+    that `gguf` stores in a type of `GGUF_TYPES` and transformers placed in `model` (dequantized) as exactly
+    `dequantize` of them."""
     from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -176,7 +197,8 @@ def kept_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[s
     )
 
     reader = GGUFReader(gguf)
-    blocks = [t for t in reader.tensors if t.tensor_type.name.lower() in GGUF_TYPES and len(t.shape) == 2]
+    blocks = [t for t in reader.tensors if t.tensor_type.name.lower() in GGUF_TYPES
+              and (len(t.shape) == 2 or EXPERTS.fullmatch(t.name) and len(t.shape) == 3)]
     if not blocks:
         return {}
     architecture = read_field(reader, "general.architecture")[0]
@@ -184,38 +206,84 @@ def kept_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[s
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
     names = get_gguf_hf_weights_map(model, processor)
     params = dict(model.named_parameters())
-    kept = {}
+    found: dict[str, list[tuple[str, Kept]]] = {}  # parameter name -> (GGUF part: gate / up / down / "", codes)
     for tensor in blocks:
-        kind = tensor.tensor_type.name.lower()
-        raw = np.asarray(tensor.data)
-        try:  # the row permutation transformers applies (llama's q and k), to every array alike
-            arrays = unpack(kind, raw.reshape(raw.shape[0], -1))
-            done = [processor.process(weights=a, name=tensor.name) for a in arrays]
-        except Exception:  # noqa: BLE001 - a processor that needs more than a row permutation: left dequantized
-            continue
-        name = names.get(done[0].name)
-        param = params.get(name) if name is not None else None
-        if param is None or not name.startswith(f"{layers_path}.") or param.dim() != 2:
-            continue
-        tensors = tuple(torch.from_numpy(np.ascontiguousarray(d.weights)) for d in done)
-        weight = Kept(kind, tensors)
-        if weight.numel != param.numel() or tensors[0].shape[0] != param.shape[0]:
-            continue
-        if not torch.equal(dequantize(kind, tensors).to(param.dtype), param):
-            continue
-        kept[name] = weight
+        unpacked = _unpacked(tensor, processor, names)
+        if unpacked is not None and unpacked[0].startswith(f"{layers_path}."):
+            found.setdefault(unpacked[0], []).append(unpacked[1:])
+    kept = {}
+    for name, parts in found.items():
+        weight, param = _fused_experts(parts), params.get(name)
+        if weight is not None and param is not None and _matches(weight, param):
+            kept[name] = weight
     return kept
+
+
+def _unpacked(tensor, processor, names: dict[str, str]) -> tuple[str, str, Kept] | None:
+    """(parameter name, GGUF expert part or "", codes) of one GGUF tensor, rows as transformers writes them:
+    a matrix through the tensor processor's row permutation (llama's q and k), to every array alike; a
+    fused-experts tensor as it is (transformers copies its rows unchanged). None where neither applies."""
+    kind = tensor.tensor_type.name.lower()
+    raw = np.asarray(tensor.data)
+    experts = EXPERTS.fullmatch(tensor.name)
+    try:
+        arrays = unpack(kind, raw.reshape(-1, raw.shape[-1]))
+        if experts:  # [experts, rows, ..]: the map names them without ".weight"
+            done = [a.reshape(*raw.shape[:-1], -1) for a in arrays]
+            name = names.get(tensor.name[: -len(".weight")])
+        else:
+            processed = [processor.process(weights=a, name=tensor.name) for a in arrays]
+            done, name = [d.weights for d in processed], names.get(processed[0].name)
+    except Exception:  # noqa: BLE001 - a processor that needs more than a row permutation: left dequantized
+        return None
+    if name is None:
+        return None
+    return name, experts[1] if experts else "", Kept(kind, tuple(torch.from_numpy(np.ascontiguousarray(d))
+                                                                 for d in done))
+
+
+def _fused_experts(parts: list[tuple[str, Kept]]) -> Kept | None:
+    """One parameter's codes from its GGUF tensors: a matrix's own, or fused experts' gate then up along the
+    rows of each expert (transformers' gate_up_proj), where they share a type; None otherwise."""
+    if len(parts) == 1:
+        return parts[0][1]
+    parts = sorted(parts, key=lambda p: FUSED_ORDER.index(p[0]) if p[0] in FUSED_ORDER else len(FUSED_ORDER))
+    kinds = {weight.kind for _, weight in parts}
+    if len(kinds) != 1 or [tag for tag, _ in parts] != ["gate", "up"]:
+        return None
+    tensors = zip(*(weight.tensors for _, weight in parts))
+    return Kept(kinds.pop(), tuple(torch.cat(pieces, dim=-2) for pieces in tensors))
+
+
+def _matches(weight: Kept, param: torch.Tensor) -> bool:
+    """Whether `weight` dequantizes (rounded to the parameter's dtype) to exactly what transformers wrote; a
+    fused-experts parameter is checked an expert at a time, so float32 temporaries stay one expert's size."""
+    if param.dim() not in (2, 3) or weight.shape != tuple(param.shape):
+        return False
+    if param.dim() == 2:
+        return torch.equal(dequantize(weight.kind, weight.tensors).to(param.dtype), param)
+    return all(torch.equal(dequantize(weight.kind, tuple(t[e] for t in weight.tensors)).to(param.dtype), param[e])
+               for e in range(param.shape[0]))
 
 
 def mark(model: torch.nn.Module, kept: dict[str, Kept], layers_path: str) -> dict:
     """The converted config's `quantization_config`: the types kept and each one's share of the decoder
-    layers' parameters (what `overspill plan` counts their streamed bytes by)."""
-    total = sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"{layers_path}."))
+    layers' parameters (what `overspill plan` counts their streamed bytes by) and, where fused routed experts
+    keep codes, each type's share of those experts' parameters (`expert_shares`: their bytes per expert)."""
+    decoder = {n: p for n, p in model.named_parameters() if n.startswith(f"{layers_path}.")}
+    total = sum(p.numel() for p in decoder.values())
+    experts = sum(p.numel() for p in decoder.values() if p.dim() == 3)
     counts: dict[str, int] = {}
-    for weight in kept.values():
+    expert_counts: dict[str, int] = {}
+    for name, weight in kept.items():
         counts[weight.kind] = counts.get(weight.kind, 0) + weight.numel
+        if decoder[name].dim() == 3:
+            expert_counts[weight.kind] = expert_counts.get(weight.kind, 0) + weight.numel
     types = [kind for kind in GGUF_TYPES if kind in counts]
-    return {"quant_method": "gguf", "types": types, "shares": {k: round(counts[k] / total, 6) for k in types}}
+    out = {"quant_method": "gguf", "types": types, "shares": {k: round(counts[k] / total, 6) for k in types}}
+    if expert_counts:
+        out["expert_shares"] = {k: round(expert_counts[k] / experts, 6) for k in GGUF_TYPES if k in expert_counts}
+    return out
 
 
 def save(model: torch.nn.Module, kept: dict[str, Kept], path: Path) -> None:
@@ -231,6 +299,6 @@ def save(model: torch.nn.Module, kept: dict[str, Kept], path: Path) -> None:
         seen.add(where)
         tensors[name] = t.contiguous()
     for name, weight in kept.items():
-        base = name[: -len(".weight")]
+        base = name.removesuffix(".weight")  # fused experts' parameters have no ".weight"
         tensors.update({base + key: t for key, t in zip(keys(weight.kind), weight.tensors)})
     save_file(tensors, str(path), metadata={"format": "pt"})

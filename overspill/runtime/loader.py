@@ -430,7 +430,7 @@ def materialize(
             layers[i] = wrapped
             host_total += nbytes
         elif plan.layer_tiers[i] is Tier.PINNED and experts is not None and expert_params(layer):
-            wrapped, nbytes = stream_expert_layer(layer, prefix, i, source, ring, on_cuda, experts)
+            wrapped, nbytes = stream_expert_layer(layer, prefix, i, source, ring, on_cuda, experts, plan.expert_codes)
             layers[i] = wrapped
             host_total += nbytes
         elif plan.layer_tiers[i] is Tier.PINNED:

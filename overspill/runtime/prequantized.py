@@ -54,7 +54,7 @@ class Quantized:
 
     weight: str  # GPTQ / AWQ: qweight; compressed-tensors int: weight_packed; fp8: the e4m3 weight
     scale: str  # scales, weight_scale_inv or weight_scale
-    shape: tuple[int, int]  # [out, in], as the model's parameter
+    shape: tuple[int, ...]  # [out, in], as the model's parameter (a GGUF's fused experts: [experts, out, in])
     # GPTQ / AWQ: qzeros; compressed-tensors: weight_zero_point (asymmetric only); GGUF: the float32 shifts (Q2_K,
     # Q4_1, Q4_K, Q5_1, Q5_K). None for a non-GGUF int weight: signed codes without zero points
     zeros: str | None = None
@@ -115,10 +115,10 @@ class QuantizedReader(CheckpointReader):
                 if missing:
                     raise OverspillError(f"{key} in {self.directory} has no {', '.join(missing)}: delete this "
                                          f"converted copy so that the GGUF is converted again")
-                rows, cols = self._shape(key)
-                shape = (rows, cols * 2 if GGUF_TYPES[kind][0] == "int4" else cols)
-                found[base + ".weight"] = Quantized(key, parts[1], shape, parts[2] if len(parts) > 2 else None,
-                                                    gguf=kind)
+                *rows, cols = self._shape(key)  # fused experts: [experts, out, ..], named without ".weight"
+                shape = (*rows, cols * 2 if GGUF_TYPES[kind][0] == "int4" else cols)
+                found[base if len(rows) == 2 else base + ".weight"] = Quantized(
+                    key, parts[1], shape, parts[2] if len(parts) > 2 else None, gguf=kind)
             elif self.scheme.stream_format == "fp8" and key.endswith(".weight"):
                 scale = next((key + s for s in ("_scale_inv", "_scale") if key + s in keys), None)
                 if scale is None:
@@ -208,13 +208,15 @@ class QuantizedReader(CheckpointReader):
         """The reference dequantization of weight `key` into `out` ([out, in], any dtype and device): float32
         arithmetic, one rounding; computed on `out`'s device a slice of output rows at a time."""
         q = self.quantized[key]
-        rows, cols = q.shape
+        rows, cols = rows_cols(q.shape)
         step = max(8, ENCODE_ELEMENTS // cols // 8 * 8)
         if q.gguf:  # every GGUF type: `gguf_blocks.dequantize`, on a slice of rows of its stored tensors
             stored = [self.raw(k) for k in (q.weight, q.scale, q.zeros) if k is not None]
+            stored = [t.reshape(rows, -1) for t in stored]  # fused experts' rows, expert after expert
+            flat = out.view(rows, cols)
             for r0 in range(0, rows, step):
                 chunk = tuple(t[r0 : r0 + step].to(out.device) for t in stored)
-                out[r0 : r0 + step].copy_(gguf_blocks.dequantize(q.gguf, chunk))
+                flat[r0 : r0 + step].copy_(gguf_blocks.dequantize(q.gguf, chunk))
             return
         if self.kind(q) == "fp8":
             codes, scale = self.raw(q.weight), self._fp8_scales(key)  # scale [out, groups]
@@ -368,6 +370,27 @@ class QuantizedReader(CheckpointReader):
             return fmt, part_shapes("fp8", q.shape)
 
         return parts
+
+    def expert_parts(self, name: str) -> tuple[str, Parts] | None:
+        """(stream format, parts) of one expert of fused-experts parameter `name` where the checkpoint keeps its
+        codes (a converted GGUF's), as `parts_of` gives a matrix's: its codes, float32 scales (and shifts) for one
+        expert's [out, in]; None where the parameter is stored in the compute dtype."""
+        key = self._key(name)
+        q = self.quantized.get(key) if key is not None else None
+        if q is None or not q.gguf or len(q.shape) != 3:
+            return None
+        fmt = self.kind(q)
+        one = q.shape[1:]
+        if fmt == "int4":
+            return fmt, part_shapes("int4", one, group=q.group, store=torch.float32, signed=q.zeros is None)
+        return fmt, part_shapes("int8", one, group=q.group, shifts=q.zeros is not None)
+
+    def fill_expert_parts(self, name: str, expert: int, parts: list[torch.Tensor]) -> None:
+        """Write expert `expert`'s parts (host views shaped as `expert_parts` says) of fused-experts parameter
+        `name`: its stored codes, scales (and shifts) as they are (Q8_0 / Q5_0's fp16 d cast to float32: exact)."""
+        q = self.quantized[self._key(name)]
+        for part, stored in zip(parts, (q.weight, q.scale, q.zeros)):  # a slice read: one expert's bytes
+            part.copy_(self._handle(self.key_to_file[stored]).get_slice(stored)[expert].view(part.shape))
 
     def fill_layer(self, prefix: str, encoded, host: torch.Tensor) -> None:
         """Write a streamed layer's host buffer `host` in the layout `encoded` (a `formats.LossyLayer` of
