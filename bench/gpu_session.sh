@@ -200,8 +200,7 @@ case "${1:-}" in
       --points 0.8:8 0.9:16 --graphs-only --out "$OUT" 2>&1 | tee -a "$OUT/log"
     timeout 150 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py \
       tests/test_gguf_legacy_quants.py tests/test_gguf_low_kquants.py tests/test_compressed_tensors_int4.py \
-      tests/test_gpu_formats.py \
-      -k "speculative or int4 or reference" 2>&1 \
+      tests/test_gguf_moe_experts.py tests/test_gpu_formats.py -k "speculative or int4 or reference or dequantization" 2>&1 \
       | tail -15 | tee -a "$OUT/log"
     timeout 100 python3 bench/int4_expand.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
