@@ -17,23 +17,19 @@ checkpoint holding that dequantization in float32 (exact there).
 
 from __future__ import annotations
 
+import functools
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import overspill
-from overspill import cli
-from overspill.api import placement_of
-from overspill.errors import OverspillError
 from overspill.planning.prequantized import scheme_of
 from overspill.runtime.layout import TensorEntry
-from overspill.runtime.prequantized import QuantizedReader
 
-from test_prequantized import CONFIG, GEN, LAYERS, MATRICES, check_round_trip, prompt
+from test_prequantized import (GEN, assert_same_decoding, build_pair, check_round_trip, load_streamed, plan_json,
+                               plan_table, prompt, reader_of, refusal, streamed_placement)
 
 # name -> (the config group's weights, the scales' (and the model's) dtype, how zero points are stored)
 SCHEMES = {
@@ -105,57 +101,26 @@ def dequantize(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, dtype: 
 
 def build(root: Path, name: str) -> tuple[Path, Path]:
     """(the pack-quantized checkpoint, the plain one holding its reference dequantization) for scheme `name`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     weights, storage, zero_points = SCHEMES[name]
     bits, group = weights["num_bits"], weights.get("group_size") or -1
-    d = dict(CONFIG)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = AutoConfig.for_model(d.pop("model_type"), **d)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    quantized, plain = {}, {}
-    for key, t in model.state_dict().items():
-        base = key[: -len(".weight")]
-        if not any(base.endswith(m) for m in MATRICES) or ".layers." not in key:
-            quantized[key] = plain[key] = t.to(storage).contiguous()
-            continue
+
+    def quantize_matrix(base: str, t: torch.Tensor):
         q, zero, scale = quantize(t, bits, group, weights["symmetric"], storage)
-        quantized[f"{base}.weight_packed"] = pack_to_int32(q, bits)
-        quantized[f"{base}.weight_scale"] = scale
-        quantized[f"{base}.weight_shape"] = torch.tensor(t.shape)
+        tensors = {f"{base}.weight_packed": pack_to_int32(q, bits), f"{base}.weight_scale": scale,
+                   f"{base}.weight_shape": torch.tensor(t.shape)}
         if zero_points == "packed":
-            quantized[f"{base}.weight_zero_point"] = pack_to_int32(zero, bits, dim=0)
+            tensors[f"{base}.weight_zero_point"] = pack_to_int32(zero, bits, dim=0)
         elif zero_points == "int8":
-            quantized[f"{base}.weight_zero_point"] = zero
-        plain[key] = dequantize(q, zero, scale)
-    paths = []
-    extra = {"quantization_config": quantization_config(weights)}
-    for kind, tensors, more in (("q", quantized, extra), ("ref", plain, {})):
-        path = root / f"{name}-{kind}"
-        path.mkdir()
-        save_file(tensors, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": str(storage)[6:], **more}))
-        paths.append(path)
-    return paths[0], paths[1]
+            tensors[f"{base}.weight_zero_point"] = zero
+        return tensors, dequantize(q, zero, scale)
+
+    return build_pair(root, name, storage, quantization_config(weights), quantize_matrix)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compressed-tensors")
-    built: dict[str, tuple[Path, Path]] = {}
-
-    def make(name: str) -> tuple[Path, Path]:
-        if name not in built:
-            built[name] = build(root, name)
-        return built[name]
-
-    return make
-
-
-def reader_of(qdir: Path) -> QuantizedReader:
-    return QuantizedReader(qdir, scheme_of(json.loads((qdir / "config.json").read_text())))
+    """`checkpoints(name)`: `build`'s pair for scheme `name`, built once."""
+    return functools.cache(functools.partial(build, tmp_path_factory.mktemp("compressed-tensors")))
 
 
 # --- (1) repacking: the expanded weight is the reference dequantization, bit for bit ---------------------------
@@ -258,19 +223,12 @@ def test_streamed_checkpoint_decodes_as_the_dequantized_model(name: str, dtype: 
 
     qdir, ref = checkpoints(name)
     plain = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype)).eval()
-    resident, _ = overspill.load(ref, dtype=dtype, gpu_memory=None, progress=False)
-    budget = {"float32": "3.4MiB", "bfloat16": "2MiB"}[dtype]  # one or two of the six layers stay resident
-    model, _ = overspill.load(qdir, dtype=dtype, gpu_memory=budget, context=64, progress=False)
-    plan = placement_of(model).plan
+    resident, model, plan = load_streamed(qdir, ref, dtype)  # one or two of the six layers stay resident
     assert plan.stream_format == f"int{SCHEMES[name][0]['num_bits']}"
-    assert 0 < len(plan.streamed_layers) < LAYERS
     assert any("compressed-tensors int" in n and "streamed layers keep its codes" in n for n in plan.notes)
     with torch.no_grad():
         a = plain.generate(prompt(), **GEN)
-        b = resident.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
-        c = model.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
-    assert torch.equal(a, c.sequences)
-    assert torch.equal(b.sequences, c.sequences) and torch.equal(torch.stack(b.logits), torch.stack(c.logits))
+    assert torch.equal(a, assert_same_decoding(resident, model))  # and the resident's tokens and logits
 
 
 # --- (3) what is not supported says so in one line -------------------------------------------------------------
@@ -299,14 +257,9 @@ def test_unsupported_variants_are_one_line_errors(change: dict, words: str, chec
         q["config_groups"]["group_1"] = {"targets": ["re:.*down_proj"], "weights": second}
     else:
         weights.update(change)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(config))
-    (bad / "model.safetensors").symlink_to(qdir / "model.safetensors")
-    with pytest.raises(OverspillError, match="not supported") as err:
-        overspill.load(bad, dtype="float32", progress=False)
-    assert words in str(err.value) and "\n" not in str(err.value)
-    assert "compressed-tensors pack-quantized int 4- or 8-bit" in str(err.value) or "groups of 32" in str(err.value)
+    error = refusal(qdir, tmp_path, "not supported", config=config)
+    assert words in error and "\n" not in error
+    assert "compressed-tensors pack-quantized int 4- or 8-bit" in error or "groups of 32" in error
 
 
 @pytest.mark.parametrize("damage,words", [
@@ -325,13 +278,8 @@ def test_unsupported_tensors_are_refused_at_load(damage: str, words: str, checkp
         tensors[f"{base}.weight_scale"] = tensors[f"{base}.weight_scale"].float()
     else:
         tensors[f"{base}.weight_shape"] = torch.tensor([128, 250])
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    save_file(tensors, str(bad / "model.safetensors"))
-    (bad / "config.json").write_text((qdir / "config.json").read_text())
-    with pytest.raises(OverspillError, match="not supported|overspill streams") as err:
-        overspill.load(bad, dtype="float32", gpu_memory=None, progress=False)
-    assert words in str(err.value) and "\n" not in str(err.value)
+    error = refusal(qdir, tmp_path, "not supported|overspill streams", tensors=tensors, gpu_memory=None)
+    assert words in error and "\n" not in error
 
 
 # --- (4) bytes: the plan and the link count the codes and their float32 stores --------------------------------
@@ -370,26 +318,20 @@ def test_planned_bytes_per_weight(name: str, checkpoints) -> None:
 @pytest.mark.parametrize("name", ["w4-sym-group", "w4-asym-channel-int8-zp", "w8-asym-group"])
 def test_streamed_host_bytes_are_the_codes_bytes(name: str, checkpoints) -> None:
     qdir, _ = checkpoints(name)
-    model, _ = overspill.load(qdir, dtype="bfloat16", gpu_memory="1.8MiB", context=64, progress=False)
-    placement = placement_of(model)
+    placement = streamed_placement(qdir)  # the plan's bytes a step, the host buffers'
     assert placement.ring.layers
     want = codes_bytes(name) + NORM_BYTES
     for layer in placement.ring.layers:
         assert want <= layer.host.numel() == layer.encoded.nbytes <= want + 256 * 10  # + alignment of each part
-    assert placement.host_bytes == placement.plan.streamed_bytes_per_step == sum(
-        layer.host.numel() for layer in placement.ring.layers)
 
 
 def test_plan_shows_the_checkpoints_int4_bytes(checkpoints, capsys) -> None:
     qdir, _ = checkpoints("w4-sym-group")
-    assert cli.main(["plan", str(qdir), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16",
-                     "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    got = plan_json(qdir, capsys)
     assert got["plan"]["stream_format"] == "int4"
     streamed = got["plan"]["layer_tiers"].count("pinned")
     params = LAYER_PARAMS + 2 * 128  # the plan counts every parameter as quantized, norms too
     assert streamed and got["plan"]["streamed_bytes_per_step"] == streamed * (params // 2 + 4 * params // 128)
-    assert cli.main(["plan", str(qdir), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16"]) == 0
-    table = capsys.readouterr().out
+    table = plan_table(qdir, capsys)
     note = "compressed-tensors int4 symmetric (groups of 128) checkpoint: streamed layers keep its codes (int4)"
     assert note in table

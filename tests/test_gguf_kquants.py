@@ -51,6 +51,10 @@ def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, exp
     return raw.reshape(rows, -1)
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 def gguf_reference(kind: str, raw: np.ndarray) -> torch.Tensor:
     from gguf import GGMLQuantizationType, quants
 
@@ -105,6 +109,13 @@ def exact(kind: str, raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out.reshape(rows, -1))
 
 
+def assert_sums_round_only_above_1(got: torch.Tensor, truth: torch.Tensor) -> None:
+    """`got` (gguf's float32 `d * sc * q - dmin * m`) against the exact `truth` (float64): one rounding of the sum."""
+    assert (got.double() != truth).any()  # some sums do round (weights above 1)
+    small = truth.abs() < 1
+    assert torch.equal(got.double()[small], truth[small])  # below 1 (every real weight): exact
+
+
 # --- (a) the blocks: unpacked as gguf decodes them, the parts expand to that bit for bit -------------------
 
 @pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k", "q8_0"])
@@ -123,9 +134,7 @@ def test_unpacked_blocks_are_ggufs_dequantization_bit_for_bit(kind: str) -> None
             assert torch.equal(got.double(), truth)  # products exact in float32
             assert int(tensors[0].min()) >= -32 and int(tensors[0].max()) <= 31 and tensors[0].dtype == torch.int8
         else:
-            assert (got.double() != truth).any()  # some sums do round (weights above 1)
-            small = truth.abs() < 1
-            assert torch.equal(got.double()[small], truth[small])  # below 1 (every real weight): exact
+            assert_sums_round_only_above_1(got, truth)
             packed = kind == "q4_k"  # int4's two codes a byte; Q5_K's one a byte, 0..31
             assert tensors[0].dtype == (torch.uint8 if packed else torch.int8)
             assert tensors[0].shape == (64, 512 if packed else 1024) and 0 <= int(tensors[0].min())
@@ -146,6 +155,31 @@ def reader_for(tmp_path: Path, layer: dict[str, tuple[str, np.ndarray]]) -> Quan
     return QuantizedReader(tmp_path, scheme_of({"quantization_config": {"quant_method": "gguf", "types": types}}))
 
 
+def encode_layer(reader: QuantizedReader, layer: dict[str, tuple[str, np.ndarray]], dtype: torch.dtype):
+    """(the layout of `reader_for`'s layer in `dtype`, its int4 stream encoding as `reader` hands the parts)."""
+    names = [*layer, "input_layernorm.weight"]
+    shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
+    layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
+    return layout, LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
+
+
+def assert_expands_to_the_reference(reader: QuantizedReader, layer: dict[str, tuple[str, np.ndarray]],
+                                    layout: LayerLayout, encoded: LossyLayer, dtype: torch.dtype,
+                                    device: torch.device) -> None:
+    """`encoded` filled into a host buffer as the loader fills it and expanded on `device` as the ring does, and
+    each weight's resident fill: gguf's float32 reference rounded once into `dtype`, bit for bit."""
+    host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
+    reader.fill_layer("model.layers.0.", encoded, host)
+    slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)
+    encoded.expand(host.to(device), slot, Expander(device, 0, 0))
+    for (name, (kind, raw)), got in zip(layer.items(), layout.views(slot)):
+        reference = gguf_reference(kind, raw).to(dtype)  # gguf's float32, rounded once into dtype
+        assert torch.equal(bits(got.cpu()), bits(reference)), (name, dtype)
+        resident = torch.empty(reference.shape, dtype=dtype, device=device)
+        reader.fill("model.layers.0." + name, resident)  # what a resident layer gets
+        assert torch.equal(bits(resident.cpu()), bits(reference)), (name, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, tmp_path) -> None:
     # one layer mixing the four types (as a Q4_K_M file mixes Q4_K and Q6_K), d and dmin from 2^-24 to 2^6
@@ -157,24 +191,12 @@ def test_streamed_parts_expand_to_the_reference_bit_for_bit(dtype: torch.dtype, 
     reader = reader_for(tmp_path, layer)
     try:
         assert reader.scheme.stream_format == "int4"  # int4's scratch is planned; int8 weights need none
-        names = [*layer, "input_layernorm.weight"]
-        shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
-        layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
-        encoded = LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
+        layout, encoded = encode_layer(reader, layer, dtype)
         assert [t.kind for t in encoded.tensors] == ["int4", "int8", "int8", "int8", "raw"]
         assert [tuple(p.shape) for p in encoded.tensors[1].parts] == [(40, 768), (40, 48, 1)]  # groups of 16
         assert [tuple(p.shape) for p in encoded.tensors[2].parts] == [(32, 512), (32, 16, 1), (32, 16, 1)]  # shifts
         assert [p.dtype for p in encoded.tensors[0].parts] == [torch.uint8, torch.float32, torch.float32]
-        host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
-        reader.fill_layer("model.layers.0.", encoded, host)
-        slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8)
-        encoded.expand(host, slot, Expander(torch.device("cpu"), 0, 0))
-        for (name, (kind, raw)), got in zip(layer.items(), layout.views(slot)):
-            reference = gguf_reference(kind, raw).to(dtype)  # gguf's float32, rounded once into dtype
-            assert torch.equal(got.view(torch.int8), reference.view(torch.int8)), (name, dtype)
-            resident = torch.empty(reference.shape, dtype=dtype)
-            reader.fill("model.layers.0." + name, resident)  # what a resident layer gets
-            assert torch.equal(resident.view(torch.int8), reference.view(torch.int8)), (name, dtype)
+        assert_expands_to_the_reference(reader, layer, layout, encoded, dtype, torch.device("cpu"))
     finally:
         reader.close()
 
@@ -207,6 +229,8 @@ HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 4
 MATRICES = [("attn_q", (HIDDEN, HIDDEN), "q4_k"), ("attn_k", (128, HIDDEN), "q4_k"), ("attn_v", (128, HIDDEN), "q6_k"),
             ("attn_output", (HIDDEN, HIDDEN), "q4_k"), ("ffn_gate", (FFN, HIDDEN), "q4_k"),
             ("ffn_up", (FFN, HIDDEN), "q4_k"), ("ffn_down", (HIDDEN, FFN), "q6_k")]
+SHAPES = {name: shape for name, shape, _ in MATRICES}  # a layer's matrices by GGUF name: every tiny GGUF's here
+LAYER_BYTES = 2 * (HIDDEN * (2 * HIDDEN + 2 * 128 + 3 * FFN) + 2 * HIDDEN)  # a decoder layer's bf16 bytes
 
 
 def tensor_type(name: str, kind: str, layer: int) -> str:
@@ -217,22 +241,38 @@ def tensor_type(name: str, kind: str, layer: int) -> str:
 def kquant_gguf(tmp_path_factory, overspill_cache) -> Path:
     """SmolLM2's GGUF metadata (tokenizer, llama) with hidden 256, 4 heads (2 KV), 4 layers; decoder
     matrices random Q4_K / Q6_K / Q8_0 blocks (weights of a few hundredths), the rest random F16 / F32."""
-    from gguf import GGMLQuantizationType
 
-    path = tmp_path_factory.mktemp("gguf") / "tiny-kquants.gguf"
-    writer, vocab = tiny_gguf_writer(path)
-    rng = np.random.default_rng(0)
-    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
-    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    for i in range(LAYERS):
-        for norm in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    def embedding(rng: np.random.Generator, vocab: int):
+        return (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16), None
+
+    def matrices(i: int, rng: np.random.Generator):
         for name, (rows, cols), kind in MATRICES:
             kind = tensor_type(name, kind, i)
             # |w| up to about 945 d (Q4_K), 4096 d (Q6_K), 128 d (Q8_0): a few hundredths
             e = {"q4_k": (-16, -15), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
-            writer.add_tensor(f"blk.{i}.{name}.weight", random_blocks(kind, rows, cols, rng, e),
-                              raw_dtype=GGMLQuantizationType[kind.upper()])
+            yield name, kind, random_blocks(kind, rows, cols, rng, e)
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-kquants.gguf", embedding, matrices)
+
+
+def write_tiny_gguf(path: Path, embedding, matrices) -> Path:
+    """A tiny GGUF at `path`, from `tiny_gguf_writer`: the token embedding as `embedding(rng, vocab)` gives it
+    (data, its GGML type's name, or None for an F16 / F32 array), F32 norms near 1, and layer i's decoder
+    matrices as `matrices(i, rng)` yields them, (GGUF name, GGML type's name, raw blocks); one rng (seed 0)
+    draws them all, in that order."""
+    from gguf import GGMLQuantizationType
+
+    writer, vocab = tiny_gguf_writer(path)
+    rng = np.random.default_rng(0)
+    data, kind = embedding(rng, vocab)
+    raw_dtype = None if kind is None else GGMLQuantizationType[kind.upper()]
+    writer.add_tensor("token_embd.weight", data, raw_dtype=raw_dtype)
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    for i in range(LAYERS):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        for name, kind, data in matrices(i, rng):
+            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=GGMLQuantizationType[kind.upper()])
     finish_gguf(writer)
     return path
 
@@ -296,26 +336,59 @@ def test_converted_gguf_keeps_k_quant_codes(kquant_gguf) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_k_quants_decode_as_the_dequantized_model_resident(dtype: str, kquant_gguf) -> None:
-    from gguf import GGUFReader
-    from test_stream_formats import tiny_plan
-
-    from overspill.runtime.sources import convert_gguf
-
-    plan = tiny_plan(convert_gguf(kquant_gguf), getattr(torch, dtype), streamed=3)  # layers 0-2 stream
-    want, tok = overspill.load(kquant_gguf, dtype=dtype, gpu_memory=None, progress=False)
-    model, _ = overspill.load(kquant_gguf, dtype=dtype, plan=plan, progress=False)
-    placement = placement_of(model)
-    assert placement.plan.stream_format == "int4" and len(placement.plan.streamed_layers) == 3
+    want, model, tok, placement = load_streamed(kquant_gguf, dtype, 3)  # layers 0-2 stream
     assert not placement_of(want).plan.streamed_layers
     assert any("GGUF Q4_K+Q6_K+Q8_0 checkpoint: streamed layers keep its codes (Q4_K as int4, Q6_K as int8, "
                "Q8_0 as int8)" in n for n in placement.plan.notes)
     if dtype == "float32":  # resident weights are gguf's own dequantization, bit for bit
-        tensors = {t.name: t for t in GGUFReader(kquant_gguf).tensors}
-        for i, name in ((3, "ffn_down"), (3, "attn_v"), (1, "ffn_up"), (2, "ffn_down")):
-            t = tensors[f"blk.{i}.{name}.weight"]
-            got = want.get_submodule(f"model.layers.{i}.{HF[name]}").weight
-            assert torch.equal(got, gguf_reference(t.tensor_type.name.lower(), np.asarray(t.data)))
+        for got, reference in resident_weights(want, kquant_gguf, ((3, "ffn_down"), (3, "attn_v"), (1, "ffn_up"),
+                                                                   (2, "ffn_down"))):
+            assert torch.equal(got, reference)
     assert_same_generation(want, model, tok)
+
+
+def load_streamed(gguf: Path, dtype: str, streamed: int):
+    """(the tiny GGUF loaded resident, loaded with its first `streamed` layers streaming (`tiny_plan`), its
+    tokenizer, the streaming one's placement): the codes stream in the int4 format, that many layers of them."""
+    from test_stream_formats import tiny_plan
+
+    from overspill.runtime.sources import convert_gguf
+
+    plan = tiny_plan(convert_gguf(gguf), getattr(torch, dtype), streamed=streamed)
+    want, tok = overspill.load(gguf, dtype=dtype, gpu_memory=None, progress=False)
+    model, _ = overspill.load(gguf, dtype=dtype, plan=plan, progress=False)
+    placement = placement_of(model)
+    assert placement.plan.stream_format == "int4" and len(placement.plan.streamed_layers) == streamed
+    return want, model, tok, placement
+
+
+def resident_weights(want, gguf: Path, which):
+    """(`want`'s weight, gguf's own dequantization of the GGUF's tensor) for each (layer, GGUF name) of `which`."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    for i, name in which:
+        t = tensors[f"blk.{i}.{name}.weight"]
+        yield want.get_submodule(f"model.layers.{i}.{HF[name]}").weight, gguf_reference(
+            t.tensor_type.name.lower(), np.asarray(t.data))
+
+
+def assert_link_carries_the_codes(converted: Path, placement, layer_types, per_weight: dict[str, float]) -> None:
+    """Each streamed layer's host buffer: its matrices' codes (`per_weight[t]` bytes a weight of type t, layer
+    i's types by GGUF name `layer_types(i)`) and two bf16 norms, up to each part's alignment; mlp.up_proj's
+    codes those the conversion stored."""
+    reader = QuantizedReader(converted, scheme_of(json.loads((converted / "config.json").read_text())))
+    try:
+        for i, layer in enumerate(placement.ring.layers):
+            types = layer_types(i)
+            norms = 2 * HIDDEN * 2  # two bf16 norms, raw
+            want = sum(rows * cols * per_weight[types[name]] for name, (rows, cols) in SHAPES.items()) + norms
+            assert want <= layer.host.numel() <= want + ALIGN * (3 * len(SHAPES) + 2)  # + alignment
+            up = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.up_proj.weight")
+            stored = reader.raw(f"model.layers.{i}.mlp.up_proj.{types['ffn_up']}_codes")
+            assert torch.equal(up.parts[0].view(layer.host), stored)
+    finally:
+        reader.close()
 
 
 def assert_same_generation(want, model, tok) -> None:
@@ -339,22 +412,18 @@ def test_streamed_host_bytes_are_the_k_quant_bytes(kquant_gguf) -> None:
     placement = placement_of(model)
     scheme = scheme_of(json.loads((converted / "config.json").read_text()))
     per_weight = {"q4_k": 0.5 + 8 / 32, "q6_k": 1 + 4 / 16, "q8_0": 1 + 4 / 32}  # codes + float32 scales (shifts)
-    for i, layer in enumerate(placement.ring.layers):
+    for layer in placement.ring.layers:
         kinds = {t.entry.name: t.kind for t in layer.encoded.tensors}
         assert kinds["mlp.up_proj.weight"] == "int4" and kinds["self_attn.v_proj.weight"] == "int8"
         assert kinds["input_layernorm.weight"] == "raw"
-        want = sum(rows * cols * per_weight[tensor_type(name, kind, i)] for name, (rows, cols), kind in MATRICES)
-        norms = 2 * HIDDEN * 2  # two bf16 norms, raw
         assert layer.host.numel() == layer.encoded.nbytes
-        assert want + norms <= layer.host.numel() <= want + norms + ALIGN * (3 * len(MATRICES) + 2)  # + alignment
         assert layer.host.numel() < 0.55 * layer.layout.nbytes  # bf16 would be 1.0
-        up = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.up_proj.weight")
-        reader = QuantizedReader(converted, scheme)
-        try:  # the link carries the GGUF's 4-bit codes as the conversion kept them
-            stored = reader.raw(f"model.layers.{i}.mlp.up_proj.q4_k_codes")
-            assert torch.equal(up.parts[0].view(layer.host), stored)
-        finally:
-            reader.close()
+
+    def layer_types(i: int) -> dict[str, str]:
+        return {name: tensor_type(name, kind, i) for name, _, kind in MATRICES}
+
+    # the bytes of the codes; the link carries the GGUF's 4-bit codes (Q4_K's up_proj) as the conversion kept them
+    assert_link_carries_the_codes(converted, placement, layer_types, per_weight)
     assert placement.host_bytes == placement.plan.streamed_bytes_per_step
     # `overspill plan`'s estimate from the config (the mark's shares) is within alignment of the load's count
     layer_bytes = placement.ring.layers[0].layout.nbytes
@@ -363,19 +432,24 @@ def test_streamed_host_bytes_are_the_k_quant_bytes(kquant_gguf) -> None:
 
 
 def test_plan_counts_the_k_quant_bytes(kquant_gguf, capsys) -> None:
+    _, table = planned(kquant_gguf, capsys)  # 2 ring slots cost less than 4 resident layers: all 4 stream
+    assert "streamed layers keep its codes (Q4_K as int4, Q6_K as int8, Q8_0 as int8)" in table
+
+
+def planned(gguf: Path, capsys):
+    """`overspill plan` of a tiny GGUF (156MiB, depth 1, context 64, bf16), as JSON and as the table: it streams
+    int4 layers, as many bytes a step as the converted config's mark says; (that scheme, the table's text)."""
     from overspill import cli
     from overspill.runtime.sources import convert_gguf
 
-    converted = convert_gguf(kquant_gguf)  # `plan` reads a GGUF's converted config
+    converted = convert_gguf(gguf)  # `plan` reads a GGUF's converted config
     scheme = scheme_of(json.loads((converted / "config.json").read_text()))
     capsys.readouterr()  # the conversion's line
-    args = ["plan", str(kquant_gguf), "--gpu-memory", "156MiB", "--depth", "1", "--context", "64",
-            "--dtype", "bfloat16"]
-    assert cli.main([*args, "--json"]) == 0  # 2 ring slots cost less than 4 resident layers: all 4 stream
+    args = ["plan", str(gguf), "--gpu-memory", "156MiB", "--depth", "1", "--context", "64", "--dtype", "bfloat16"]
+    assert cli.main([*args, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["plan"]
     streamed = got["layer_tiers"].count("pinned")
-    layer = 2 * (HIDDEN * (2 * HIDDEN + 2 * 128 + 3 * FFN) + 2 * HIDDEN)  # bf16 bytes
     assert got["stream_format"] == "int4" and streamed
-    assert got["streamed_bytes_per_step"] == streamed * scheme.stream_bytes(layer, 2)
+    assert got["streamed_bytes_per_step"] == streamed * scheme.stream_bytes(LAYER_BYTES, 2)
     assert cli.main(args) == 0
-    assert "streamed layers keep its codes (Q4_K as int4, Q6_K as int8, Q8_0 as int8)" in capsys.readouterr().out
+    return scheme, capsys.readouterr().out

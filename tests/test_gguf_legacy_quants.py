@@ -19,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import (FFN, HF, HIDDEN, LAYERS, assert_same_generation, finish_gguf, gguf_reference,
-                              random_blocks, reader_for, tiny_gguf_writer)
+from test_gguf_kquants import (FFN, HF, HIDDEN, LAYERS, SHAPES, assert_expands_to_the_reference,
+                              assert_link_carries_the_codes, assert_same_generation, bits, encode_layer,
+                              gguf_reference, load_streamed, random_blocks, reader_for, resident_weights,
+                              write_tiny_gguf)
 
-import overspill
-from overspill.api import placement_of
 from overspill.planning.prequantized import scheme_of, stream_format_for
 from overspill.runtime import gguf_blocks
-from overspill.runtime.formats import Expander, LossyLayer
-from overspill.runtime.layout import ALIGN, LayerLayout
-from overspill.runtime.prequantized import QuantizedReader
 
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1"]
 
@@ -48,10 +45,6 @@ def quantized(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
     from gguf import GGMLQuantizationType, quants
 
     return quants.quantize(weights(rows, cols, rng), GGMLQuantizationType[kind.upper()])
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 # --- (a) the blocks: unpacked as gguf decodes them, the parts expand to that bit for bit -------------------
@@ -108,10 +101,7 @@ def check_layer(dtype: torch.dtype, device: torch.device, tmp_path: Path) -> Non
     reader = reader_for(tmp_path, layer)
     try:
         assert reader.scheme.stream_format == "int4" and reader.scheme.label == "GGUF Q4_0+Q4_1+Q5_0+Q5_1"
-        names = [*layer, "input_layernorm.weight"]
-        shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
-        layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
-        encoded = LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
+        layout, encoded = encode_layer(reader, layer, dtype)
         assert [t.kind for t in encoded.tensors] == ["int4", "int4", "int8", "int8", "raw"]
         f32 = torch.float32
         assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[0].parts] == [
@@ -120,16 +110,7 @@ def check_layer(dtype: torch.dtype, device: torch.device, tmp_path: Path) -> Non
         assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[2].parts] == [((24, 512), torch.int8), ((24, 16, 1), f32)]
         assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[3].parts] == [
             ((32, 256), torch.int8), ((32, 8, 1), f32), ((32, 8, 1), f32)]  # Q5_1: a shift per group
-        host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
-        reader.fill_layer("model.layers.0.", encoded, host)
-        slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)
-        encoded.expand(host.to(device), slot, Expander(device, 0, 0))
-        for (name, (kind, raw)), got in zip(layer.items(), layout.views(slot)):
-            reference = gguf_reference(kind, raw).to(dtype)  # gguf's float32, rounded once into dtype
-            assert torch.equal(bits(got.cpu()), bits(reference)), (name, dtype)
-            resident = torch.empty(reference.shape, dtype=dtype, device=device)
-            reader.fill("model.layers.0." + name, resident)  # what a resident layer gets
-            assert torch.equal(bits(resident.cpu()), bits(reference)), (name, dtype)
+        assert_expands_to_the_reference(reader, layer, layout, encoded, dtype, device)
     finally:
         reader.close()
 
@@ -148,8 +129,6 @@ def test_gguf_marks_name_the_new_types_formats_and_bytes() -> None:
 
 # --- (b) a tiny GGUF of the four types (with Q5_K, Q6_K, Q8_0 and an IQ4_NL left dequantized) ---------
 
-SHAPES = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (128, HIDDEN), "attn_v": (128, HIDDEN),
-          "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
 # layers 0-1 a Q4_0 model, 2-3 a Q4_1 one; attn_v and ffn_down in the other types; one IQ4_NL matrix
 OTHERS = {0: ("q5_0", "q5_k"), 1: ("q5_1", "q5_1"), 2: ("q5_k", "q5_0"), 3: ("q6_k", "q8_0")}
 PER_WEIGHT = {"q4_0": 0.625, "q4_1": 0.75, "q5_0": 1.125, "q5_1": 1.25, "q5_k": 1.25, "iq4_nl": 2}  # iq4_nl: bf16
@@ -170,15 +149,10 @@ def legacy_gguf(tmp_path_factory, overspill_cache) -> Path:
     K-quants random blocks of that size), a Q6_K embedding, F32 norms."""
     from gguf import GGMLQuantizationType, quants
 
-    path = tmp_path_factory.mktemp("gguf") / "tiny-legacy.gguf"
-    writer, vocab = tiny_gguf_writer(path)
-    rng = np.random.default_rng(0)
-    writer.add_tensor("token_embd.weight", random_blocks("q6_k", vocab, HIDDEN, rng, (-14, -13)),
-                      raw_dtype=GGMLQuantizationType.Q6_K)
-    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    for i in range(LAYERS):
-        for norm in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    def embedding(rng: np.random.Generator, vocab: int):
+        return random_blocks("q6_k", vocab, HIDDEN, rng, (-14, -13)), "q6_k"
+
+    def matrices(i: int, rng: np.random.Generator):
         for name, (rows, cols) in SHAPES.items():
             kind = tensor_type(name, i)
             if kind in LEGACY:
@@ -191,9 +165,9 @@ def legacy_gguf(tmp_path_factory, overspill_cache) -> Path:
             else:  # |w| up to about 2000 d (Q5_K), 4096 d (Q6_K), 128 d (Q8_0)
                 e = {"q5_k": (-17, -16), "q6_k": (-18, -17), "q8_0": (-13, -12)}[kind]
                 data = random_blocks(kind, rows, cols, rng, e)
-            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=GGMLQuantizationType[kind.upper()])
-    finish_gguf(writer)
-    return path
+            yield name, kind, data
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-legacy.gguf", embedding, matrices)
 
 
 def test_converted_gguf_keeps_the_codes_of_every_kept_type(legacy_gguf) -> None:
@@ -223,35 +197,16 @@ def test_converted_gguf_keeps_the_codes_of_every_kept_type(legacy_gguf) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_legacy_quants_decode_as_the_dequantized_model_resident(dtype: str, legacy_gguf) -> None:
-    from gguf import GGUFReader
-    from test_stream_formats import tiny_plan
-
     from overspill.runtime.sources import convert_gguf
 
-    converted = convert_gguf(legacy_gguf)
-    plan = tiny_plan(converted, getattr(torch, dtype), streamed=3)  # layers 0-2 stream: every new type
-    want, tok = overspill.load(legacy_gguf, dtype=dtype, gpu_memory=None, progress=False)
-    model, _ = overspill.load(legacy_gguf, dtype=dtype, plan=plan, progress=False)
-    placement = placement_of(model)
-    assert placement.plan.stream_format == "int4" and len(placement.plan.streamed_layers) == 3
+    want, model, tok, placement = load_streamed(legacy_gguf, dtype, 3)  # layers 0-2 stream: every new type
     assert any("streamed layers keep its codes (Q4_0 as int4, Q4_1 as int4, Q5_0 as int8, Q5_1 as int8, Q5_K as "
                "int8, Q6_K as int8, Q8_0 as int8)" in n for n in placement.plan.notes)
     if dtype == "float32":  # resident weights are gguf's own dequantization, bit for bit (zeros' signs too)
-        tensors = {t.name: t for t in GGUFReader(legacy_gguf).tensors}
-        for i, name in ((0, "ffn_up"), (2, "attn_output"), (0, "attn_v"), (1, "ffn_down"), (0, "ffn_down")):
-            t = tensors[f"blk.{i}.{name}.weight"]
-            got = want.get_submodule(f"model.layers.{i}.{HF[name]}").weight
-            assert torch.equal(bits(got), bits(gguf_reference(t.tensor_type.name.lower(), np.asarray(t.data))))
+        for got, reference in resident_weights(want, legacy_gguf, ((0, "ffn_up"), (2, "attn_output"), (0, "attn_v"),
+                                                                   (1, "ffn_down"), (0, "ffn_down"))):
+            assert torch.equal(bits(got), bits(reference))
     else:  # the link carries each layer's codes, as many bytes as the types say
-        scheme = scheme_of(json.loads((converted / "config.json").read_text()))
-        reader = QuantizedReader(converted, scheme)
-        try:
-            for i, layer in enumerate(placement.ring.layers):
-                want_bytes = sum(r * c * PER_WEIGHT[tensor_type(n, i)] for n, (r, c) in SHAPES.items()) + 2 * HIDDEN * 2
-                assert want_bytes <= layer.host.numel() <= want_bytes + ALIGN * (3 * len(SHAPES) + 2)
-                up = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.up_proj.weight")
-                stored = reader.raw(f"model.layers.{i}.mlp.up_proj.{tensor_type('ffn_up', i)}_codes")
-                assert torch.equal(up.parts[0].view(layer.host), stored)
-        finally:
-            reader.close()
+        assert_link_carries_the_codes(convert_gguf(legacy_gguf), placement,
+                                      lambda i: {name: tensor_type(name, i) for name in SHAPES}, PER_WEIGHT)
     assert_same_generation(want, model, tok)

@@ -19,23 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import (FFN, HF, HIDDEN, LAYERS, assert_same_generation, exact, finish_gguf, gguf_reference,
-                               random_blocks, reader_for, tiny_gguf_writer)
+from test_gguf_kquants import (FFN, HF, HIDDEN, LAYER_BYTES, LAYERS, SHAPES, assert_expands_to_the_reference,
+                               assert_link_carries_the_codes, assert_same_generation, assert_sums_round_only_above_1,
+                               bits, encode_layer, exact, gguf_reference, load_streamed, planned, random_blocks,
+                               reader_for, resident_weights, write_tiny_gguf)
 
-import overspill
-from overspill.api import placement_of
 from overspill.planning.prequantized import scheme_of, stream_format_for
 from overspill.runtime import gguf_blocks
-from overspill.runtime.formats import Expander, LossyLayer
-from overspill.runtime.layout import ALIGN, LayerLayout
-from overspill.runtime.prequantized import QuantizedReader
 from overspill.runtime.quant import int4_codes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 # --- (a) the blocks: unpacked as gguf decodes them, the parts expand to that bit for bit -------------------
@@ -59,9 +52,7 @@ def test_unpacked_blocks_are_ggufs_dequantization_bit_for_bit(kind: str) -> None
         assert int(codes.min()) == -4 and int(codes.max()) == 3
         assert (bits(want) == bits(torch.tensor(-0.0))).any()  # q = 0 under a negative dl: kept as -0.0
     else:
-        assert (got.double() != truth).any()  # some sums do round (weights above 1)
-        small = truth.abs() < 1
-        assert torch.equal(got.double()[small], truth[small])  # below 1 (every real weight): exact
+        assert_sums_round_only_above_1(got, truth)
         assert tensors[0].dtype == torch.uint8 and len(tensors) == 3
         assert int(codes.min()) == 0 and int(codes.max()) == 3
 
@@ -89,10 +80,7 @@ def check_layer(dtype: torch.dtype, device: torch.device, tmp_path: Path) -> Non
     reader = reader_for(tmp_path, layer)
     try:
         assert reader.scheme.stream_format == "int4" and reader.scheme.label == "GGUF Q2_K+Q3_K+Q4_K+Q6_K"
-        names = [*layer, "input_layernorm.weight"]
-        shapes = [tuple(gguf_reference(kind, raw).shape) for kind, raw in layer.values()] + [(256,)]
-        layout = LayerLayout.of([(n, s, dtype) for n, s in zip(names, shapes)])
-        encoded = LossyLayer.of("int4", layout, reader.parts_of("model.layers.0."))
+        layout, encoded = encode_layer(reader, layer, dtype)
         assert [t.kind for t in encoded.tensors] == ["int4", "int4", "int4", "int8", "raw"]
         f32 = torch.float32
         assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[0].parts] == [
@@ -100,16 +88,7 @@ def check_layer(dtype: torch.dtype, device: torch.device, tmp_path: Path) -> Non
         assert [(tuple(p.shape), p.dtype) for p in encoded.tensors[1].parts] == [
             ((40, 384), torch.uint8), ((40, 48, 1), f32), ((40, 48, 1), f32)]  # Q2_K: a scale and shift per 16
         assert [tuple(p.shape) for p in encoded.tensors[2].parts] == [(24, 256), (24, 16, 1), (24, 16, 1)]
-        host = torch.zeros(encoded.nbytes, dtype=torch.uint8)
-        reader.fill_layer("model.layers.0.", encoded, host)
-        slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)
-        encoded.expand(host.to(device), slot, Expander(device, 0, 0))
-        for (name, (kind, raw)), got in zip(layer.items(), layout.views(slot)):
-            reference = gguf_reference(kind, raw).to(dtype)  # gguf's float32, rounded once into dtype
-            assert torch.equal(bits(got.cpu()), bits(reference)), (name, dtype)
-            resident = torch.empty(reference.shape, dtype=dtype, device=device)
-            reader.fill("model.layers.0." + name, resident)  # what a resident layer gets
-            assert torch.equal(bits(resident.cpu()), bits(reference)), (name, dtype)
+        assert_expands_to_the_reference(reader, layer, layout, encoded, dtype, device)
     finally:
         reader.close()
 
@@ -131,9 +110,6 @@ def test_gguf_marks_name_the_low_k_quants_formats_and_bytes() -> None:
 
 # --- (b), (c) a tiny Q3_K_M / Q2_K-like GGUF converted, loaded and streamed ------------------------------
 
-SHAPES = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (128, HIDDEN), "attn_v": (128, HIDDEN),
-          "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN),
-          "ffn_down": (HIDDEN, FFN)}
 # layers 0-1 as llama.cpp's Q3_K_M (Q3_K; attn_v Q5_K, attn_output and ffn_down Q4_K), 2-3 as its Q2_K
 # (Q2_K; attn_v Q3_K, ffn_down Q4_K, then Q6_K)
 MIXES = {0: {"attn_v": "q5_k", "attn_output": "q4_k", "ffn_down": "q4_k"}, 2: {"attn_v": "q3_k", "ffn_down": "q4_k"}}
@@ -150,23 +126,16 @@ def tensor_type(name: str, layer: int) -> str:
 def low_gguf(tmp_path_factory, overspill_cache) -> Path:
     """SmolLM2's GGUF metadata (tokenizer, llama) with hidden 256, 4 heads (2 KV), 4 layers; decoder matrices
     random K-quant blocks as `tensor_type` says (weights of a few hundredths), a Q3_K embedding, F32 norms."""
-    from gguf import GGMLQuantizationType
 
-    path = tmp_path_factory.mktemp("gguf") / "tiny-low-kquants.gguf"
-    writer, vocab = tiny_gguf_writer(path)
-    rng = np.random.default_rng(0)
-    writer.add_tensor("token_embd.weight", random_blocks("q3_k", vocab, HIDDEN, rng, (-10, -9)),
-                      raw_dtype=GGMLQuantizationType.Q3_K)
-    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    for i in range(LAYERS):
-        for norm in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    def embedding(rng: np.random.Generator, vocab: int):
+        return random_blocks("q3_k", vocab, HIDDEN, rng, (-10, -9)), "q3_k"
+
+    def matrices(i: int, rng: np.random.Generator):
         for name, (rows, cols) in SHAPES.items():
             kind = tensor_type(name, i)
-            writer.add_tensor(f"blk.{i}.{name}.weight", random_blocks(kind, rows, cols, rng, EXPONENTS[kind]),
-                              raw_dtype=GGMLQuantizationType[kind.upper()])
-    finish_gguf(writer)
-    return path
+            yield name, kind, random_blocks(kind, rows, cols, rng, EXPONENTS[kind])
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-low-kquants.gguf", embedding, matrices)
 
 
 def test_converted_gguf_keeps_the_low_k_quant_codes(low_gguf) -> None:
@@ -195,61 +164,30 @@ def test_converted_gguf_keeps_the_low_k_quant_codes(low_gguf) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_low_k_quants_decode_as_the_dequantized_model_resident(dtype: str, low_gguf) -> None:
-    from gguf import GGUFReader
-    from test_stream_formats import tiny_plan
-
     from overspill.runtime.sources import convert_gguf
 
-    converted = convert_gguf(low_gguf)
-    plan = tiny_plan(converted, getattr(torch, dtype), streamed=3)  # layers 0-2 stream: Q3_K, Q2_K and more
-    want, tok = overspill.load(low_gguf, dtype=dtype, gpu_memory=None, progress=False)
-    model, _ = overspill.load(low_gguf, dtype=dtype, plan=plan, progress=False)
-    placement = placement_of(model)
-    assert placement.plan.stream_format == "int4" and len(placement.plan.streamed_layers) == 3
+    want, model, tok, placement = load_streamed(low_gguf, dtype, 3)  # layers 0-2 stream: Q3_K, Q2_K and more
     assert any("GGUF Q2_K+Q3_K+Q4_K+Q5_K+Q6_K checkpoint: streamed layers keep its codes (Q2_K as int4, Q3_K as "
                "int4, Q4_K as int4, Q5_K as int8, Q6_K as int8)" in n for n in placement.plan.notes)
     if dtype == "float32":  # resident weights are gguf's own dequantization, bit for bit (zeros' signs too)
-        tensors = {t.name: t for t in GGUFReader(low_gguf).tensors}
-        for i, name in ((0, "ffn_up"), (3, "attn_v"), (3, "ffn_gate"), (3, "ffn_down")):
-            t = tensors[f"blk.{i}.{name}.weight"]
-            got = want.get_submodule(f"model.layers.{i}.{HF[name]}").weight
-            assert torch.equal(bits(got), bits(gguf_reference(t.tensor_type.name.lower(), np.asarray(t.data))))
+        for got, reference in resident_weights(want, low_gguf, ((0, "ffn_up"), (3, "attn_v"), (3, "ffn_gate"),
+                                                                (3, "ffn_down"))):
+            assert torch.equal(bits(got), bits(reference))
     else:  # the link carries each layer's codes, as many bytes as the types say
-        scheme = scheme_of(json.loads((converted / "config.json").read_text()))
-        reader = QuantizedReader(converted, scheme)
-        try:
-            for i, layer in enumerate(placement.ring.layers):
-                kinds = {t.entry.name: t.kind for t in layer.encoded.tensors}
-                assert kinds["mlp.up_proj.weight"] == "int4" and kinds["input_layernorm.weight"] == "raw"
-                norms = 2 * HIDDEN * 2  # two bf16 norms, raw
-                want_bytes = sum(r * c * PER_WEIGHT[tensor_type(n, i)] for n, (r, c) in SHAPES.items()) + norms
-                assert want_bytes <= layer.host.numel() <= want_bytes + ALIGN * (3 * len(SHAPES) + 2)
-                assert layer.host.numel() < 0.55 * layer.layout.nbytes  # bf16 would be 1.0
-                up = next(t for t in layer.encoded.tensors if t.entry.name == "mlp.up_proj.weight")
-                stored = reader.raw(f"model.layers.{i}.mlp.up_proj.{tensor_type('ffn_up', i)}_codes")
-                assert torch.equal(up.parts[0].view(layer.host), stored)  # the GGUF's 3- and 2-bit codes, in nibbles
-        finally:
-            reader.close()
+        for layer in placement.ring.layers:
+            kinds = {t.entry.name: t.kind for t in layer.encoded.tensors}
+            assert kinds["mlp.up_proj.weight"] == "int4" and kinds["input_layernorm.weight"] == "raw"
+            assert layer.host.numel() < 0.55 * layer.layout.nbytes  # bf16 would be 1.0
+        # up_proj: the GGUF's 3- and 2-bit codes, in nibbles
+        assert_link_carries_the_codes(convert_gguf(low_gguf), placement,
+                                      lambda i: {name: tensor_type(name, i) for name in SHAPES}, PER_WEIGHT)
     assert_same_generation(want, model, tok)
 
 
 def test_plan_counts_the_low_k_quant_bytes(low_gguf, capsys) -> None:
-    from overspill import cli
-    from overspill.runtime.sources import convert_gguf
-
-    converted = convert_gguf(low_gguf)  # `plan` reads a GGUF's converted config
-    scheme = scheme_of(json.loads((converted / "config.json").read_text()))
-    capsys.readouterr()  # the conversion's line
-    args = ["plan", str(low_gguf), "--gpu-memory", "156MiB", "--depth", "1", "--context", "64", "--dtype", "bfloat16"]
-    assert cli.main([*args, "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)["plan"]
-    streamed = got["layer_tiers"].count("pinned")
-    layer = 2 * (HIDDEN * (2 * HIDDEN + 2 * 128 + 3 * FFN) + 2 * HIDDEN)  # bf16 bytes
-    assert got["stream_format"] == "int4" and streamed
-    assert got["streamed_bytes_per_step"] == streamed * scheme.stream_bytes(layer, 2)
+    scheme, table = planned(low_gguf, capsys)
     # by the mark's shares: a layer's average of its matrices' bytes (Q3_K 0.75, Q2_K 1.0 a weight), bf16 norms
     matrices = sum(r * c * PER_WEIGHT[tensor_type(n, i)] for i in range(LAYERS) for n, (r, c) in SHAPES.items())
-    assert scheme.stream_bytes(layer, 2) == pytest.approx(matrices / LAYERS + 2 * HIDDEN * 2, rel=1e-4)
-    assert cli.main(args) == 0
+    assert scheme.stream_bytes(LAYER_BYTES, 2) == pytest.approx(matrices / LAYERS + 2 * HIDDEN * 2, rel=1e-4)
     assert "streamed layers keep its codes (Q2_K as int4, Q3_K as int4, Q4_K as int4, Q5_K as int8, Q6_K as int8)" in (
-        capsys.readouterr().out)
+        table)

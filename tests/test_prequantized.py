@@ -11,6 +11,7 @@ a plain checkpoint of the same model holding the reference dequantization in flo
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -131,33 +132,44 @@ def quantize_fp8(w: torch.Tensor, how: str):
 
 def build(root: Path, name: str) -> tuple[Path, Path]:
     """(the quantized checkpoint, the plain one holding its reference dequantization) for scheme `name`."""
+    qconfig, how = SCHEMES[name]
+
+    def quantize_matrix(base: str, t: torch.Tensor):
+        if how in ("gptq", "awq"):
+            group, v1 = qconfig["group_size"], qconfig.get("checkpoint_format") == "gptq"
+            q, zero, scale = quantize_int4(t, group, qconfig.get("sym", False), v1)
+            parts = gptq_tensors(q, zero, scale, v1, group) if how == "gptq" else awq_tensors(q, zero, scale)
+            return {f"{base}.{k}": v for k, v in parts.items()}, dequantize_int4(q, zero, scale)
+        codes, stored, full = quantize_fp8(t, how)
+        scale_key = f"{base}.weight_scale" + ("_inv" if qconfig["quant_method"] == "fp8" else "")
+        return {f"{base}.weight": codes, scale_key: stored}, codes.float() * full
+
+    storage = torch.float16 if how in ("gptq", "awq") else torch.bfloat16
+    return build_pair(root, name, storage, qconfig, quantize_matrix)
+
+
+def build_pair(root: Path, name: str, storage: torch.dtype, qconfig: dict, quantize_matrix) -> tuple[Path, Path]:
+    """(`root`/`name`-q, the quantized checkpoint, and `root`/`name`-ref, the plain one holding its reference
+    dequantization) of the tiny random llama (CONFIG, seed 0): each decoder matrix `base` [out, in] float32
+    through `quantize_matrix(base, w)` -> (the quantized checkpoint's tensors for it, its reference
+    dequantization), every other tensor in `storage` (the checkpoints' dtype) in both; `qconfig` the
+    quantized one's quantization_config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    qconfig, how = SCHEMES[name]
     d = dict(CONFIG)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = AutoConfig.for_model(d.pop("model_type"), **d)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    storage = torch.float16 if how in ("gptq", "awq") else torch.bfloat16
     quantized, plain = {}, {}
     for key, t in model.state_dict().items():
         base = key[: -len(".weight")]
         if not any(base.endswith(m) for m in MATRICES) or ".layers." not in key:
             quantized[key] = plain[key] = t.to(storage).contiguous()
             continue
-        if how in ("gptq", "awq"):
-            group, v1 = qconfig["group_size"], qconfig.get("checkpoint_format") == "gptq"
-            q, zero, scale = quantize_int4(t, group, qconfig.get("sym", False), v1)
-            parts = gptq_tensors(q, zero, scale, v1, group) if how == "gptq" else awq_tensors(q, zero, scale)
-            quantized.update({f"{base}.{k}": v for k, v in parts.items()})
-            plain[key] = dequantize_int4(q, zero, scale)
-        else:
-            codes, stored, full = quantize_fp8(t, how)
-            quantized[key] = codes
-            quantized[f"{base}.weight_scale" + ("_inv" if qconfig["quant_method"] == "fp8" else "")] = stored
-            plain[key] = codes.float() * full
+        tensors, plain[key] = quantize_matrix(base, t)
+        quantized.update(tensors)
     paths = []
     for kind, tensors, extra in (("q", quantized, {"quantization_config": qconfig}), ("ref", plain, {})):
         path = root / f"{name}-{kind}"
@@ -170,15 +182,12 @@ def build(root: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prequantized")
-    built: dict[str, tuple[Path, Path]] = {}
+    """`checkpoints(name)`: `build`'s pair for scheme `name`, built once."""
+    return functools.cache(functools.partial(build, tmp_path_factory.mktemp("prequantized")))
 
-    def make(name: str) -> tuple[Path, Path]:
-        if name not in built:
-            built[name] = build(root, name)
-        return built[name]
 
-    return make
+def reader_of(qdir: Path) -> QuantizedReader:
+    return QuantizedReader(qdir, scheme_of(json.loads((qdir / "config.json").read_text())))
 
 
 def prompt() -> torch.Tensor:
@@ -193,8 +202,8 @@ def check_round_trip(qdir: Path, ref: Path, dtype: torch.dtype, device: torch.de
     as is the resident fill."""
     from safetensors import safe_open
 
-    scheme = scheme_of(json.loads((qdir / "config.json").read_text()))
-    reader = QuantizedReader(qdir, scheme)
+    reader = reader_of(qdir)
+    scheme = reader.scheme
     try:
         with safe_open(str(ref / "model.safetensors"), "pt") as want:
             for layer in (0, LAYERS - 1):
@@ -226,7 +235,7 @@ def test_streamed_parts_expand_to_the_reference_bit_for_bit(name: str, dtype: to
 def test_int4_parts_are_the_checkpoints_4_bit_codes(checkpoints) -> None:
     """GPTQ's codes repacked: [out, in] two a byte (even input high), float32 scale and shift = -z * scale."""
     qdir, _ = checkpoints("gptq-asym-v1")
-    reader = QuantizedReader(qdir, scheme_of(json.loads((qdir / "config.json").read_text())))
+    reader = reader_of(qdir)
     try:
         name = "model.layers.2.mlp.down_proj.weight"  # [128, 256], groups of 32
         from overspill.runtime.layout import TensorEntry
@@ -253,20 +262,33 @@ def test_int4_parts_are_the_checkpoints_4_bit_codes(checkpoints) -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_streamed_checkpoint_decodes_as_the_dequantized_model_resident(name: str, dtype: str, checkpoints) -> None:
-    qdir, ref = checkpoints(name)
+    want, model, plan = load_streamed(*checkpoints(name), dtype)
+    fmt = SCHEMES[name][0]["quant_method"]
+    assert plan.stream_format == ("int4" if fmt in ("gptq", "awq") else "fp8")
+    assert not placement_of(want).plan.streamed_layers
+    assert any("checkpoint: streamed layers keep its codes" in n for n in plan.notes)
+    assert_same_decoding(want, model)
+
+
+def load_streamed(qdir: Path, ref: Path, dtype: str):
+    """(the reference `ref` loaded resident, the checkpoint `qdir` loaded with one or two of its six layers
+    resident and the rest streamed, the latter's plan)."""
     want, _ = overspill.load(ref, dtype=dtype, gpu_memory=None, progress=False)
     budget = {"float32": "3.4MiB", "bfloat16": "2MiB"}[dtype]  # one or two of the six layers stay resident
     model, _ = overspill.load(qdir, dtype=dtype, gpu_memory=budget, context=64, progress=False)
     plan = placement_of(model).plan
-    fmt = SCHEMES[name][0]["quant_method"]
-    assert plan.stream_format == ("int4" if fmt in ("gptq", "awq") else "fp8")
-    assert 0 < len(plan.streamed_layers) < LAYERS and not placement_of(want).plan.streamed_layers
-    assert any("checkpoint: streamed layers keep its codes" in n for n in plan.notes)
+    assert 0 < len(plan.streamed_layers) < LAYERS
+    return want, model, plan
+
+
+def assert_same_decoding(want, model) -> torch.Tensor:
+    """`model` decodes `prompt()` as `want` does, tokens and logits bit for bit; those tokens."""
     with torch.no_grad():
         a = want.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
         b = model.generate(prompt(), return_dict_in_generate=True, output_logits=True, **GEN)
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(torch.stack(a.logits), torch.stack(b.logits))
+    return b.sequences
 
 
 # --- (c) the link carries the quantized bytes ------------------------------------------------------------
@@ -274,8 +296,7 @@ def test_streamed_checkpoint_decodes_as_the_dequantized_model_resident(name: str
 @pytest.mark.parametrize("name", ["gptq-sym", "fp8-block"])
 def test_streamed_host_bytes_are_the_quantized_bytes(name: str, checkpoints) -> None:
     qdir, _ = checkpoints(name)
-    model, _ = overspill.load(qdir, dtype="bfloat16", gpu_memory="1.8MiB", context=64, progress=False)
-    placement = placement_of(model)
+    placement = streamed_placement(qdir)
     fmt = placement.plan.stream_format
     params = sum(128 * n for n in (128, 64, 64, 128, 256, 256)) + 256 * 128  # one layer's matrices
     scales = params // (128 if fmt == "int4" else 128) * (8 if fmt == "int4" else 4)  # float32 per group of 128
@@ -285,8 +306,16 @@ def test_streamed_host_bytes_are_the_quantized_bytes(name: str, checkpoints) -> 
         assert layer.host.numel() == layer.encoded.nbytes
         assert codes + scales + norms <= layer.host.numel() <= codes + scales + norms + 256 * 10  # + alignment
         assert layer.host.numel() < (0.3 if fmt == "int4" else 0.55) * layer.layout.nbytes  # bf16 would be 1.0
+
+
+def streamed_placement(qdir: Path):
+    """The placement of checkpoint `qdir` loaded in bf16 with 1.8MiB of GPU memory: some layers stream, and the
+    link carries their host buffers, the plan's bytes a step."""
+    model, _ = overspill.load(qdir, dtype="bfloat16", gpu_memory="1.8MiB", context=64, progress=False)
+    placement = placement_of(model)
     assert placement.host_bytes == placement.plan.streamed_bytes_per_step == sum(
         layer.host.numel() for layer in placement.ring.layers)
+    return placement
 
 
 def test_other_stream_formats_dequantize_then_encode(checkpoints) -> None:
@@ -306,12 +335,8 @@ def test_other_stream_formats_dequantize_then_encode(checkpoints) -> None:
 
 def test_plan_shows_the_checkpoints_int4_bytes(checkpoints, capsys) -> None:
     qdir, ref = checkpoints("gptq-sym")
-    assert cli.main(["plan", str(qdir), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16",
-                     "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
-    assert cli.main(["plan", str(ref), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16",
-                     "--stream-format", "int4", "--json"]) == 0
-    own_int4 = json.loads(capsys.readouterr().out)
+    got = plan_json(qdir, capsys)
+    own_int4 = plan_json(ref, capsys, "--stream-format", "int4")
     assert got["plan"]["stream_format"] == "int4"
     streamed = got["plan"]["layer_tiers"].count("pinned")
     layer = 2 * (sum(128 * n for n in (128, 64, 64, 128, 256, 256)) + 256 * 128 + 2 * 128)  # bf16 bytes
@@ -320,10 +345,24 @@ def test_plan_shows_the_checkpoints_int4_bytes(checkpoints, capsys) -> None:
     # the format's own int4 keeps bf16 scales and zeros (4 bytes a group): the checkpoint's float32 ones 8
     assert own_int4["plan"]["streamed_bytes_per_step"] == own_int4["plan"]["layer_tiers"].count("pinned") * (
         params // 2 + 4 * params // 128)
-    assert cli.main(["plan", str(qdir), "--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16"]) == 0
-    table = capsys.readouterr().out
+    table = plan_table(qdir, capsys)
     assert "GPTQ int4 (groups of 128) checkpoint: streamed layers keep its codes (int4)" in table
     assert re.search(r"^int4 .*the checkpoint's own codes$", table, re.M)
+
+
+PLAN_ARGS = ("--gpu-memory", "129.5MiB", "--context", "64", "--dtype", "bfloat16")
+
+
+def plan_json(path: Path, capsys, *more: str) -> dict:
+    """`overspill plan --json` of `path` at 129.5MiB, context 64, bf16 (and `more`): what it prints."""
+    assert cli.main(["plan", str(path), *PLAN_ARGS, *more, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def plan_table(path: Path, capsys) -> str:
+    """`overspill plan` of `path` at 129.5MiB, context 64, bf16: the table it prints."""
+    assert cli.main(["plan", str(path), *PLAN_ARGS]) == 0
+    return capsys.readouterr().out
 
 
 # --- (d) what is not supported says so in one line -------------------------------------------------------
@@ -339,16 +378,11 @@ def test_plan_shows_the_checkpoints_int4_bytes(checkpoints, capsys) -> None:
 ])
 def test_unsupported_quantizations_are_one_line_errors(change: dict, words: str, checkpoints, tmp_path) -> None:
     qdir, _ = checkpoints("gptq-sym")
-    bad = tmp_path / "bad"
-    bad.mkdir()
     config = json.loads((qdir / "config.json").read_text())
     config["quantization_config"] = {**config["quantization_config"], **change}
-    (bad / "config.json").write_text(json.dumps(config))
-    (bad / "model.safetensors").symlink_to(qdir / "model.safetensors")
-    with pytest.raises(OverspillError, match="not supported") as err:
-        overspill.load(bad, dtype="float32", progress=False)
-    assert words in str(err.value) and "\n" not in str(err.value)
-    assert "GPTQ and AWQ (gemm) int4" in str(err.value) or "groups of 32" in str(err.value)
+    error = refusal(qdir, tmp_path, "not supported", config=config)
+    assert words in error and "\n" not in error
+    assert "GPTQ and AWQ (gemm) int4" in error or "groups of 32" in error
 
 
 def test_act_order_g_idx_is_refused_at_load(checkpoints, tmp_path) -> None:
@@ -356,15 +390,26 @@ def test_act_order_g_idx_is_refused_at_load(checkpoints, tmp_path) -> None:
     from safetensors.torch import load_file
 
     qdir, _ = checkpoints("gptq-sym")
-    bad = tmp_path / "shuffled"
-    bad.mkdir()
     tensors = load_file(str(qdir / "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.g_idx"  # 256 inputs in two groups
     tensors[key] = tensors[key].flip(0).contiguous()
-    save_file(tensors, str(bad / "model.safetensors"))
-    (bad / "config.json").write_text((qdir / "config.json").read_text())
-    with pytest.raises(OverspillError, match="act-order"):
-        overspill.load(bad, dtype="float32", gpu_memory=None, progress=False)
+    refusal(qdir, tmp_path, "act-order", tensors=tensors, gpu_memory=None)
+
+
+def refusal(qdir: Path, tmp_path: Path, match: str, config: dict | None = None, tensors: dict | None = None,
+            **load) -> str:
+    """The OverspillError (matching `match`) of loading in float32 (with `load`'s other arguments) a copy of the
+    checkpoint `qdir` whose config.json is `config` or whose tensors are `tensors` (else `qdir`'s): its text."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(config) if config is not None else (qdir / "config.json").read_text())
+    if tensors is None:
+        (bad / "model.safetensors").symlink_to(qdir / "model.safetensors")
+    else:
+        save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(OverspillError, match=match) as err:
+        overspill.load(bad, dtype="float32", progress=False, **load)
+    return str(err.value)
 
 
 # --- GGUF Q8_0: a converted GGUF keeps its decoder Q8_0 codes --------------------------------------------
