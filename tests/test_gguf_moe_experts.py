@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import gguf_reference, random_blocks
+from test_gguf_kquants import gguf_reference, metadata_gguf, random_blocks
 
 import overspill
 from overspill import cli
@@ -62,10 +62,8 @@ def blocks(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nd
 def moe_gguf(tmp_path_factory, overspill_cache) -> Path:
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-    from overspill.runtime.sources import default_gguf_path
-
     path = tmp_path_factory.mktemp("gguf-moe") / "tiny-qwen3moe.gguf"
-    source = GGUFReader(default_gguf_path())
+    source = GGUFReader(metadata_gguf())
     writer = GGUFWriter(str(path), "qwen3moe")
     for field in source.fields.values():  # SmolLM2's tokenizer and general fields, not its llama sizes
         if field.name.startswith(("GGUF.", "llama.")) or field.name == "general.architecture":
