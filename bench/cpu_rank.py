@@ -97,7 +97,7 @@ def plot(record: dict, path: Path) -> None:
 
     runs = [r for r in record["runs"] if r.get("decode_tok_s")]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(range(len(runs)), [r["decode_tok_s"] for r in runs], color=["tab:gray", "tab:blue"][: len(runs)])
+    ax.bar(range(len(runs)), [r["decode_tok_s"] for r in runs], color=["tab:gray"] + ["tab:blue"] * (len(runs) - 1))
     ax.set_xticks(range(len(runs)), [r["name"] for r in runs])
     if record.get("link_floor_tok_s"):
         ax.axhline(record["link_floor_tok_s"], color="k", linestyle="--", label="link floor (plain)")
@@ -124,6 +124,11 @@ def main() -> None:
                         "16's target: >= 3x the bf16 link floor)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--also-threads", type=int, nargs="*", default=[],
+                   help="decode the split model again with each of these worker thread counts (same split)")
+    p.add_argument("--also-switch-interval", type=float, nargs="*", default=[],
+                   help="then once more with each sys.setswitchinterval(S): how long the worker waits for the GIL "
+                        "while the Python thread launches GPU work (Python's default interval: 0.005 s)")
     p.add_argument("--smoke", action="store_true", help="tiny float32 model on the CPU, every layer streamed, fraction 0.5")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -201,21 +206,37 @@ def main() -> None:
         return
     rank = cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, fraction), threads, widest, args.host_format)
     layer = placement.ring.layers[0]
-    split_tokens, split_tok_s, split_logits = decode(model, ids, args.new_tokens)
     steps = args.new_tokens + 1
-    run = {"name": f"CPU rank ({args.host_format})", "decode_tok_s": split_tok_s, "fraction": fraction,
-           "share": {"kv_heads": layer.share.kv_heads, "mlp_cols": layer.share.mlp_cols},
-           "gpu_share_bytes_per_step": sum(layer.host.numel() for layer in placement.ring.layers),
-           "predicted_tok_s": planned.tok_s if planned else None, "max_tokens": widest,
-           "speedup_vs_plain": split_tok_s / plain_tok_s if split_tok_s and plain_tok_s else None,
-           "fraction_of_link_floor": split_tok_s / floor if floor and split_tok_s else None,
-           "worker_busy_s_per_step": rank.busy_s / steps, "join_wait_s_per_step": rank.waited_s / steps,
-           "worker_input_wait_s_per_step": rank.input_wait_s / steps, "worker_queued_s_per_step": rank.queued_s / steps,
-           "worker_compute_s_per_step": {k: v / steps for k, v in rank.computed_s.items()},
-           "joins": rank.joins, "logits_vs_plain": compare_logits(plain_logits, split_logits, plain_tokens, split_tokens)}
-    record["runs"].append(run)
-    print("CPU rank: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in run.items()), flush=True)
-    path.write_text(json.dumps(record, indent=2))
+    variants = [(f"CPU rank ({args.host_format})", None, None)]
+    variants += [(f"CPU rank ({args.host_format}, {n} threads)", n, None) for n in args.also_threads]
+    variants += [(f"CPU rank ({args.host_format}, GIL switch {s:g} s)", None, s) for s in args.also_switch_interval]
+    for name, n, interval in variants:  # one split model; each run its own thread count or GIL switch interval
+        rank.set_threads(n or threads)
+        rank.reset_counters()
+        before = sys.getswitchinterval()
+        if interval:
+            sys.setswitchinterval(interval)
+        try:
+            split_tokens, split_tok_s, split_logits = decode(model, ids, args.new_tokens)
+        finally:
+            sys.setswitchinterval(before)
+        run = {"name": name, "decode_tok_s": split_tok_s, "fraction": fraction, "threads": rank.threads,
+               "switch_interval_s": interval or before,
+               "share": {"kv_heads": layer.share.kv_heads, "mlp_cols": layer.share.mlp_cols},
+               "gpu_share_bytes_per_step": sum(layer.host.numel() for layer in placement.ring.layers),
+               "predicted_tok_s": planned.tok_s if planned else None, "max_tokens": widest,
+               "speedup_vs_plain": split_tok_s / plain_tok_s if split_tok_s and plain_tok_s else None,
+               "fraction_of_link_floor": split_tok_s / floor if floor and split_tok_s else None,
+               "worker_busy_s_per_step": rank.busy_s / steps, "join_wait_s_per_step": rank.waited_s / steps,
+               "worker_input_wait_s_per_step": rank.input_wait_s / steps,
+               "worker_queued_s_per_step": rank.queued_s / steps,
+               "worker_compute_s_per_step": {k: v / steps for k, v in rank.computed_s.items()},
+               "joins": rank.joins,
+               "logits_vs_plain": compare_logits(plain_logits, split_logits, plain_tokens, split_tokens)}
+        record["runs"].append(run)
+        print("CPU rank: " + ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in run.items()),
+              flush=True)
+        path.write_text(json.dumps(record, indent=2))
     plot(record, path.with_suffix(".png"))
     print(f"wrote {path}")
 

@@ -2,7 +2,7 @@
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
-#                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-70b | moe | moe-cpu
+#                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-gil | cpu-rank-70b | moe | moe-cpu
 #                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | speculative-8b-graphs | speculative-graphs | quick | quick-graphs | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
@@ -115,6 +115,12 @@ case "${1:-}" in
       timeout 260 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format $fmt --out "$OUT" 2>&1 \
         | tee -a "$OUT/log"
     done
+    ;;
+  cpu-rank-gil)  # issue 16: why bf16 gave 1.009x at 5b57da5 (worker busy 137 ms a step where the plan said 86, joins
+                # ~1 ms each): the same split at other worker thread counts, then with shorter GIL switch intervals
+                # (the worker needs the GIL for every op while the Python thread launches the GPU's share)
+    timeout 300 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \
+      --also-threads 8 12 --also-switch-interval 0.0005 0.0001 0.00002 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   formats-70b)  # issue 15 at the 70B shape, two formats per call (a load each, ~3 min): FORMATS="bf16 int4" first, then
                 # FORMATS="lossless int8" BF16=<the first call's JSON, committed>; BUDGET=80GiB (the H200; on an

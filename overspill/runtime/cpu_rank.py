@@ -63,6 +63,18 @@ class CpuRank:
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
 
+    def set_threads(self, threads: int) -> None:
+        """Compute later shares on a fresh worker of `threads` torch threads (the old one finishes its queue)."""
+        self.pool.shutdown(wait=True)
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
+
+    def reset_counters(self) -> None:
+        """Zero where-the-time-goes counters, so a bench can read them per run."""
+        self.busy_s = self.waited_s = self.input_wait_s = self.queued_s = 0.0
+        self.computed_s = {}
+        self.joins = 0
+
     def send(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(host copy of `x`, the event it is complete at, or None): a non-blocking copy into pinned
         memory on the compute stream, so the GPU runs on while it lands."""
