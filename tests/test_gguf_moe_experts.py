@@ -1,8 +1,8 @@
 """A GGUF MoE's routed experts cross the link as their GGUF codes under expert streaming (`runtime.expert_codes`)
 and expand in the expert cache's slot to gguf's own dequantization, bit for bit.
 
-transformers (5.25 here) loads Qwen2-MoE and Qwen3-MoE GGUFs (Mixtral GGUFs, general.architecture "llama" with
-experts, and Llama 4 it does not load): `blk.N.ffn_{gate,up}_exps` [experts, ffn, hidden] become the rows of
+transformers (5.25 here) loads Qwen2-MoE and Qwen3-MoE GGUFs (not Mixtral's, general.architecture "llama" with
+experts, which `gguf_mixtral` loads: test_gguf_mixtral.py; nor Llama 4's): `blk.N.ffn_{gate,up}_exps` [experts, ffn, hidden] become the rows of
 `mlp.experts.gate_up_proj` [experts, 2 * ffn, hidden], gate's then up's, and `ffn_down_exps` [experts, hidden,
 ffn] is `mlp.experts.down_proj` as it is (`Qwen2MoeTensorProcessor`, no transpose or row permutation). The tiny
 GGUF here is a Qwen3-MoE (SmolLM2's tokenizer; hidden 256, 4 experts, 2 a token, expert ffn 768: transformers

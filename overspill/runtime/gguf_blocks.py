@@ -45,8 +45,9 @@ Routed experts that transformers fuses into 3-D parameters (Qwen2-MoE, Qwen3-MoE
 `blk.N.ffn_{gate,up,down}_exps` [experts, rows, blocks]; transformers' `Qwen2MoeTensorProcessor` writes gate's
 rows then up's into each expert of gate_up_proj and down as it is, with no transpose or row permutation, so an
 expert's codes are gate's codes then up's (`_fused_experts`): kept where gate and up share one type, else left
-dequantized. The mark adds `expert_shares`, each type's share of the routed experts' parameters (what
-`overspill plan` counts an expert's bytes over the link by under expert streaming).
+dequantized. Mixtral GGUFs (`gguf_mixtral`) fuse the same way. The mark adds `expert_shares`, each type's share
+of the routed experts' parameters (what `overspill plan` counts an expert's bytes over the link by under expert
+streaming).
 
 IQ* and the rest (TQ*, MXFP4, ...) stay dequantized: not supported yet.
 """
@@ -203,8 +204,13 @@ def kept_weights(gguf: Path, model: torch.nn.Module, layers_path: str) -> dict[s
         return {}
     architecture = read_field(reader, "general.architecture")[0]
     config = load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
-    names = get_gguf_hf_weights_map(model, processor)
+    if model.config.model_type == "mixtral":  # a llama GGUF with experts (`gguf_mixtral`)
+        from .gguf_mixtral import MixtralTensorProcessor, weights_map
+
+        processor, names = MixtralTensorProcessor(config=config), weights_map(model)
+    else:
+        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        names = get_gguf_hf_weights_map(model, processor)
     params = dict(model.named_parameters())
     found: dict[str, list[tuple[str, Kept]]] = {}  # parameter name -> (GGUF part: gate / up / down / "", codes)
     for tensor in blocks:

@@ -110,9 +110,10 @@ def default_gguf_path() -> Path:
     return path
 
 
-GGUF_CONVERSION = 7  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes;
+GGUF_CONVERSION = 8  # bump when a conversion's contents change (2: decoder Q8_0 weights kept as codes;
 # 3: Q6_K and Q4_K too, and the types' shares in the mark; 4: Q4_0, Q4_1, Q5_0, Q5_1 and Q5_K too; 5: Q4_0
-# without its -0.0 shifts; 6: Q3_K and Q2_K too; 7: fused routed experts too, and their expert_shares)
+# without its -0.0 shifts; 6: Q3_K and Q2_K too; 7: fused routed experts too, and their expert_shares;
+# 8: Mixtral GGUFs as MixtralForCausalLM, no longer a Llama without its experts)
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
@@ -125,7 +126,8 @@ def _gguf_cache_path(gguf: Path) -> Path:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF once into a bf16 safetensors directory (config, tokenizer, weights); decoder
     weights stored as Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K or Q2_K keep their codes instead
-    (`gguf_blocks`; fused routed experts too), so they stream as they are.
+    (`gguf_blocks`; fused routed experts too), so they stream as they are. Mixtral GGUFs (llama with experts)
+    load through `gguf_mixtral`, which transformers' GGUF loader cannot do.
 
     transformers' GGUF reader takes ~20 s for a 135M model on these CPUs; loading the converted
     copy takes a couple of seconds. The copy is written to a temporary directory and renamed, so an
@@ -142,10 +144,14 @@ def convert_gguf(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
-                                                     **_dense_gguf())
-        from . import gguf_blocks
+        from . import gguf_blocks, gguf_mixtral
+
+        if gguf_mixtral.is_mixtral(gguf):  # llama with experts: transformers would build a Llama without them
+            model = gguf_mixtral.load(gguf, torch.bfloat16)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                         **_dense_gguf())
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)  # after a refused model: no wait
         from .loader import decoder_layers
 
         layers_path = decoder_layers(model)[0]
