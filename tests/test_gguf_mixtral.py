@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_kquants import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, finish_gguf, gguf_reference, tiny_gguf_writer
-from test_gguf_moe_experts import CONTEXT, EXPERTS, blocks, experts_plan, generate, prompts
+from test_gguf_kquants import (FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, finish_gguf, gguf_reference, metadata_gguf,
+                               tiny_gguf_writer)
+from test_gguf_moe_experts import CONTEXT, EXPERTS, assert_expert_mark, blocks, experts_plan, generate, prompts
 
 import overspill
 from overspill.errors import OverspillError
@@ -45,9 +46,7 @@ def original():
     from gguf import GGUFReader
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from overspill.runtime.sources import default_gguf_path
-
-    fields = GGUFReader(default_gguf_path()).fields
+    fields = GGUFReader(metadata_gguf()).fields
     config = MixtralConfig(vocab_size=len(fields["tokenizer.ggml.tokens"].data), hidden_size=HIDDEN,
                            intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                            num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, num_local_experts=EXPERTS,
@@ -207,12 +206,7 @@ def test_quantized_conversion_keeps_attention_and_expert_codes(q_gguf) -> None:
     from safetensors import safe_open
 
     path = convert_gguf(q_gguf)
-    mark = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert mark["types"] == ["q4_0", "q4_1", "q4_k", "q6_k", "q8_0"]
-    expert = EXPERTS * 3 * FFN * HIDDEN  # a layer's routed-expert weights
-    kept = {"q8_0": expert + expert // 3, "q4_0": 2 * expert // 3, "q4_1": expert // 3, "q4_k": 2 * expert // 3,
-            "q6_k": expert // 3}  # layer 3's gate and up (Q8_0, Q4_0) stay dequantized
-    assert mark["expert_shares"] == {k: pytest.approx(kept[k] / (LAYERS * expert), abs=1e-6) for k in kept}
+    assert_expert_mark(path)
     want = gguf_values(q_gguf)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())

@@ -1,14 +1,14 @@
-"""A GGUF MoE's routed experts cross the link as their GGUF codes under expert streaming (`runtime.expert_codes`)
-and expand in the expert cache's slot to gguf's own dequantization, bit for bit.
+"""A GGUF MoE's routed experts cross the link as their GGUF codes under expert streaming (`runtime.expert_codes`) and
+expand in the expert cache's slot to gguf's own dequantization, bit for bit.
 
 transformers (5.25 here) loads Qwen2-MoE and Qwen3-MoE GGUFs (not Mixtral's, general.architecture "llama" with
-experts, which `gguf_mixtral` loads: test_gguf_mixtral.py; nor Llama 4's): `blk.N.ffn_{gate,up}_exps` [experts, ffn, hidden] become the rows of
-`mlp.experts.gate_up_proj` [experts, 2 * ffn, hidden], gate's then up's, and `ffn_down_exps` [experts, hidden,
-ffn] is `mlp.experts.down_proj` as it is (`Qwen2MoeTensorProcessor`, no transpose or row permutation). The tiny
-GGUF here is a Qwen3-MoE (SmolLM2's tokenizer; hidden 256, 4 experts, 2 a token, expert ffn 768: transformers
-reads no expert ffn size from a GGUF and takes its default 768) whose layers' experts are Q8_0, Q4_0 with a
-Q4_1 down (gguf's own quantizer), Q4_K with a Q6_K down (random valid blocks), and Q4_0 gate with a Q4_1 up
-(different types: gate_up stays dequantized, down keeps Q8_0 codes); attention is Q8_0.
+experts, which `gguf_mixtral` loads: test_gguf_mixtral.py; nor Llama 4's): `blk.N.ffn_{gate,up}_exps` [experts, ffn,
+hidden] become the rows of `mlp.experts.gate_up_proj` [experts, 2 * ffn, hidden], gate's then up's, and
+`ffn_down_exps` [experts, hidden, ffn] is `mlp.experts.down_proj` as it is (`Qwen2MoeTensorProcessor`, no transpose
+or row permutation). The tiny GGUF here is a Qwen3-MoE (SmolLM2's tokenizer; hidden 256, 4 experts, 2 a token,
+expert ffn 768: transformers reads no expert ffn size from a GGUF and takes its default 768) whose layers' experts
+are Q8_0, Q4_0 with a Q4_1 down (gguf's own quantizer), Q4_K with a Q6_K down (random valid blocks), and Q4_0 gate
+with a Q4_1 up (different types: gate_up stays dequantized, down keeps Q8_0 codes); attention is Q8_0.
 """
 
 from __future__ import annotations
@@ -134,16 +134,22 @@ def converted(gguf: Path) -> Path:
 
 # --- conversion: the experts keep their codes where transformers' fusion maps them exactly -----------------
 
-def test_conversion_keeps_fused_expert_codes(moe_gguf) -> None:
-    from safetensors import safe_open
-
-    path = converted(moe_gguf)
+def assert_expert_mark(path: Path) -> None:
+    """The converted checkpoint's mark: the five types, each one's share of the routed experts' weights (the
+    four layers' types as here and in test_gguf_mixtral: layer 3's gate and up, of two types, stay dequantized)."""
     mark = json.loads((path / "config.json").read_text())["quantization_config"]
     assert mark["types"] == ["q4_0", "q4_1", "q4_k", "q6_k", "q8_0"]
     expert = EXPERTS * 3 * FFN * HIDDEN  # a layer's routed-expert weights
     kept = {"q8_0": expert + expert // 3, "q4_0": 2 * expert // 3, "q4_1": expert // 3, "q4_k": 2 * expert // 3,
-            "q6_k": expert // 3}  # layer 3's gate and up (Q4_0, Q4_1) stay dequantized
+            "q6_k": expert // 3}
     assert mark["expert_shares"] == {k: pytest.approx(kept[k] / (LAYERS * expert), abs=1e-6) for k in kept}
+
+
+def test_conversion_keeps_fused_expert_codes(moe_gguf) -> None:
+    from safetensors import safe_open
+
+    path = converted(moe_gguf)
+    assert_expert_mark(path)
     want = references(moe_gguf)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
