@@ -283,10 +283,11 @@ def test_adaptive_chain_starts_from_the_plans_verify_pass_and_refits_on_measured
     model = load_tiny(tiny_checkpoint("llama"), resident=2)
     placement = placement_of(model)
     assert speculative.prior_pass_cost(model, serial=True) == PassCost(1.0)  # no probed machine, no prediction
-    prediction = SimpleNamespace(decode_step_s=0.2, gpu_s=0.004, host_s=0.02)  # 8B at 6 GiB on the H200
+    prediction = SimpleNamespace(decode_step_s=0.2, gpu_s=0.004, host_s=0.02, streamed_gpu_s=0.003)  # 8B, 6 GiB
     monkeypatch.setattr(placement, "plan", dataclasses.replace(placement.plan, prediction=prediction))
     prior = speculative.prior_pass_cost(model, serial=True)
-    assert prior == verify_pass_cost(0.2, 0.004, 0.02, 0.0, True) and prior.dispatch_per_token_s == 0.02
+    assert prior == verify_pass_cost(0.2, 0.004, 0.02, 0.0, True, hidden_token_s=0.003)
+    assert prior.dispatch_per_token_s == 0.02 and prior.per_token_s == pytest.approx(0.001)
     assert speculative.prior_pass_cost(torch.nn.Linear(1, 1), serial=True) == PassCost(1.0)
     seen = []
     monkeypatch.setattr(speculative, "best_chain", lambda cost, rate, top: seen.append(cost) or 4)

@@ -54,6 +54,8 @@ class Prediction:
     prefill_tok_s: float  # at a PREFILL_TOKENS-token prompt, batch 1
     cpu_only_tok_s: float
     expand_s: float = 0.0  # GPU time per step expanding encoded streamed layers (part of gpu_s)
+    streamed_gpu_s: float = 0.0  # GPU time of the streamed layers per step, their expansion included (part of
+    # gpu_s): what a link-bound serial verify pass computes while the copies behind it run (`speculation`)
 
 
 def predict(
@@ -67,8 +69,10 @@ def predict(
     batch: int,
     context: int,
     expand_s: float = 0.0,
+    streamed_layers: tuple[int, ...] = (),
 ) -> Prediction:
-    """Predicted step time of a placement. Byte counts as in `Plan` and `Footprint`."""
+    """Predicted step time of a placement. Byte counts as in `Plan` and `Footprint`; `streamed_layers` (the
+    plan's) only split the GPU's time into streamed and resident layers' (`Prediction.streamed_gpu_s`)."""
     n = len(layer_bytes)
     hbm = profile.hbm_bytes_s or float("inf")
     mm = profile.matmul_flops_s
@@ -76,9 +80,8 @@ def predict(
     weight_read = sum(layer_active_bytes) / hbm
     kv_read = n * kv_layer / hbm
     compute = sum(2 * (b / dtype_bytes) * batch / mm for b in layer_active_bytes)
-    per_layer = sum(
-        max((b + kv_layer) / hbm, 2 * (b / dtype_bytes) * batch / mm) for b in layer_active_bytes
-    )
+    layer_s = [max((b + kv_layer) / hbm, 2 * (b / dtype_bytes) * batch / mm) for b in layer_active_bytes]
+    per_layer = sum(layer_s)
     head = max(head_bytes / hbm, 2 * (head_bytes / dtype_bytes) * batch / mm)
     gpu = per_layer + head + expand_s
     if streamed_bytes and profile.h2d_bytes_s <= 0:
@@ -108,6 +111,7 @@ def predict(
         prefill_tok_s=PREFILL_TOKENS / prefill,
         cpu_only_tok_s=1 / (active_params / profile.cpu_gemv_params_s + host),
         expand_s=expand_s,
+        streamed_gpu_s=sum(layer_s[i] for i in streamed_layers) + expand_s if streamed_layers else 0.0,
     )
 
 

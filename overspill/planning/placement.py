@@ -382,6 +382,7 @@ def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:
         context=plan.workload.context,
         expand_s=plan_expand_seconds(fp, plan.stream_format, plan.streamed_layers, profile.hbm_bytes_s,
                                      profile.decode_bytes_s),
+        streamed_layers=plan.streamed_layers,
     )
     notes = list(plan.notes)
     if plan.streamed_bytes_per_step and pred.decode_tok_s <= pred.cpu_only_tok_s:

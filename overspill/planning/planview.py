@@ -232,10 +232,11 @@ SHOWN_CHAINS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 def speculation_lines(s: PlanSpeculation) -> list[str]:
     """The `--speculate` forecast: predicted tok/s against chain length, and the best chain."""
     c = s.cost
-    verify = ("serial verify: each layer runs once per token, so a token adds a decode step's GPU compute"
-              if s.serial else "batched verify: a token adds its matmul FLOPs")
+    verify = ("serial verify: each layer runs once per token, so a token adds the resident layers' GPU compute "
+              "(the copies hide the streamed layers')" if s.serial else "batched verify: a token adds its matmul FLOPs")
     bound = (f", at least {c.dispatch_per_token_s * 1e3:.1f} ms x n of host dispatch"
-             if c.dispatch_per_token_s else "")
+             if c.dispatch_per_token_s > c.compute_per_token_s else
+             f", at least {c.compute_per_token_s * 1e3:.1f} ms x n of GPU compute" if c.compute_per_token_s else "")
     draft = f"; drafting {c.draft_per_token_s * 1e3:.2f} ms x k" if c.draft_per_token_s else ""
     rows = [("chain k", "tokens/pass", "ms/step", "tok/s", "x plain")]
     last = s.forecasts[-1].chain

@@ -16,20 +16,24 @@ The pass cost is `base + per_token * n`, and what a token adds depends on how th
 - batched (all n tokens through each layer as one [n, hidden] matrix): an extra token costs its
   matmul FLOPs, 2 * active_params / matmul_rate (8B on the H200: ~0.03 ms against a 193 ms pass);
 - serial (`runtime.token_serial`: each layer runs once per token, plain decoding's arithmetic, so
-  greedy tokens stay bit-identical): an extra token costs a decode step's GPU compute
-  (`Prediction.gpu_s`). The link does not hide it: a streamed layer's ring slot is freed only after
-  its n tokens ran, so the copies behind it wait as long, and resident layers have no copy to
-  overlap with. The host dispatches every layer's kernels once per token, asynchronously: it
-  stays ahead of the GPU until n x its per-step dispatch (`Prediction.host_s`) exceeds the pass,
-  and from there the host bounds the pass.
+  greedy tokens stay bit-identical): an extra token costs the resident layers' and the head's GPU
+  compute (`Prediction.gpu_s - Prediction.streamed_gpu_s`). A streamed layer's n tokens run while the
+  link copies the layers behind it, so the link hides them as long as n x a layer's compute stays under a
+  layer's copy; the resident layers have no copy to overlap with. Measured with CUDA graphs on an H100
+  (bench/results/speculative-llama-3-70b-76GiB-20261207-114913.json), 70B at 76 GiB with 37 of 80 layers
+  streamed: pass(1, 9, 17) = 1145, 1338, 1588 ms, ~24-31 ms a token against a whole step's 46.6 ms of GPU time
+  and the resident 43 layers' ~25. However well hidden, a serial pass cannot beat n steps of the GPU's
+  whole compute. The host dispatches every layer's kernels once per token, asynchronously: it stays
+  ahead of the GPU until n x its per-step dispatch (`Prediction.host_s`) exceeds the pass, and from there
+  the host bounds the pass (not when graphed: a graphed pass is one replay).
 
 So, for a plain decode step of `step` seconds (one token),
 
-    pass(n) = max(step + (n - 1) * per_token, n * dispatch_per_token)
+    pass(n) = max(step + (n - 1) * per_token, n * dispatch_per_token, n * gpu)
 
-with dispatch_per_token = 0 for a batched pass (one dispatch whatever n). 8B shape at 6 GiB on the
-H200 (step 193.7 ms, GPU 3.9 ms, host 19.9 ms predicted): pass(8.85) = 224 ms against 222 measured
-at chain 8, where the forecast without the per-token term had said 194 and over-predicted by 26-37%.
+with dispatch_per_token = 0 for a batched pass (one dispatch whatever n) and the last term for serial
+passes only. 8B shape at 6 GiB on the H200, eager (step 193.7 ms, host 19.9 ms predicted): the dispatch
+term gives 222 ms at chain 8, as measured, where the forecast without a per-token term had said 194.
 Pure Python: no torch.
 """
 
@@ -101,18 +105,21 @@ def expected_tokens(acceptance: float, chain: int) -> float:
 
 @dataclass(frozen=True)
 class PassCost:
-    """A target pass over `n` tokens costs `max(base_s + per_token_s * n, dispatch_per_token_s * n)`
-    seconds (a streamed pass is nearly flat in n: the link time dominates; a serial one is bounded by
-    the host dispatching every token's kernels); drafting costs `draft_per_token_s` a token."""
+    """A target pass over `n` tokens costs `max(base_s + per_token_s * n, dispatch_per_token_s * n,
+    compute_per_token_s * n)` seconds (a streamed pass is nearly flat in n: the link time dominates; a
+    serial one is bounded by the host dispatching every token's kernels, and by the GPU computing every
+    layer once a token); drafting costs `draft_per_token_s` a token."""
 
     base_s: float
     per_token_s: float = 0.0
     draft_per_token_s: float = 0.0
     dispatch_per_token_s: float = 0.0
+    compute_per_token_s: float = 0.0
 
     def pass_seconds(self, tokens: float) -> float:
         """One target pass over `tokens` tokens."""
-        return max(self.base_s + self.per_token_s * tokens, self.dispatch_per_token_s * tokens)
+        return max(self.base_s + self.per_token_s * tokens, self.dispatch_per_token_s * tokens,
+                   self.compute_per_token_s * tokens)
 
     def step_seconds(self, chain: int) -> float:
         """One speculative step: draft `chain` tokens, then verify them (+ the last token) in one pass."""
@@ -120,7 +127,8 @@ class PassCost:
 
 
 def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: float, marginal_token_s: float,
-                     serial: bool, draft_per_token_s: float = 0.0, graphed: bool = False) -> PassCost:
+                     serial: bool, draft_per_token_s: float = 0.0, graphed: bool = False,
+                     hidden_token_s: float = 0.0) -> PassCost:
     """The pass cost of verifying drafts on a placed model, from its predicted plain decode step.
 
     Args:
@@ -131,10 +139,12 @@ def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: flo
         serial: verification runs each layer once per token (see the module docstring).
         draft_per_token_s: proposing one token.
         graphed: the pass replays as a CUDA graph (one launch), so the host dispatches no token's kernels.
+        hidden_token_s: the part of `gpu_token_s` the link's copies hide in a serial pass (the streamed
+            layers': `Prediction.streamed_gpu_s`).
     """
-    per_token = gpu_token_s if serial else marginal_token_s
+    per_token = max(gpu_token_s - hidden_token_s, 0.0) if serial else marginal_token_s
     return PassCost(max(decode_step_s - per_token, 0.0), per_token, draft_per_token_s,
-                    host_token_s if serial and not graphed else 0.0)
+                    host_token_s if serial and not graphed else 0.0, gpu_token_s if serial else 0.0)
 
 
 def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s: float, serial: bool,
@@ -142,7 +152,7 @@ def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s:
     """`verify_pass_cost` from a batch-1 `costmodel.Prediction` and the model's active parameters per token."""
     marginal = 2.0 * active_params / matmul_flops_s if matmul_flops_s > 0 else 0.0
     return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, marginal, serial,
-                            draft_per_token_s, graphed)
+                            draft_per_token_s, graphed, prediction.streamed_gpu_s)
 
 
 def fit_pass_cost(points: Iterable[tuple[float, float]], prior: PassCost | None = None) -> PassCost:
@@ -160,7 +170,7 @@ def fit_pass_cost(points: Iterable[tuple[float, float]], prior: PassCost | None 
         predicted = prior.pass_seconds(mean_n)
         scale = mean_t / predicted if predicted > 0 else 1.0
         return PassCost(prior.base_s * scale, prior.per_token_s * scale, prior.draft_per_token_s,
-                        prior.dispatch_per_token_s * scale)
+                        prior.dispatch_per_token_s * scale, prior.compute_per_token_s * scale)
     slope = max(0.0, sum((n - mean_n) * (t - mean_t) for n, t in points) / var)
     return PassCost(max(mean_t - slope * mean_n, 0.0), slope, prior.draft_per_token_s)
 
@@ -216,7 +226,8 @@ class PassCostFit:
     def cost(self) -> PassCost:
         fitted = fit_pass_cost(self.passes, self.prior)
         draft = self.draft_seconds / self.draft_tokens if self.draft_tokens else self.prior.draft_per_token_s
-        return PassCost(fitted.base_s, fitted.per_token_s, draft, fitted.dispatch_per_token_s)
+        return PassCost(fitted.base_s, fitted.per_token_s, draft, fitted.dispatch_per_token_s,
+                        fitted.compute_per_token_s)
 
 
 class AcceptanceTracker:
