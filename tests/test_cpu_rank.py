@@ -109,6 +109,51 @@ def test_split_layers_match_resident_batch_1_and_batched(arch: str, tiny_checkpo
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+def test_the_worker_joins_each_layer_on_the_host_as_the_device_does(arch: str, tiny_checkpoint, monkeypatch) -> None:
+    """The worker keeps its own copy of the residual stream (the next layer's input comes from it, not from the
+    device) and it equals the device's bit for bit; gemma2, which normalizes the joined sums, sends every input."""
+    model = _split_model(tiny_checkpoint(arch))
+    rank = placement_of(model).cpu_rank
+    carried = []  # per job: whether its input is the worker's own copy (no input sent)
+    submit = rank.submit
+    monkeypatch.setattr(rank, "submit", lambda fn, x, *args: carried.append(x is None) or submit(fn, x, *args))
+    single, _, _ = prompts()
+    with torch.no_grad():
+        _generate(model, single)
+    rank.pool.submit(lambda: None).result()  # the last job's host join has finished
+    assert torch.equal(rank.carry, rank.carry_for)
+    layers = len(model.get_submodule(placement_of(model).layers_path))
+    steps = GEN["max_new_tokens"]  # passes, the prompt's included (12 tokens: under max_tokens, so split too)
+    assert len(carried) == layers * steps
+    assert sum(carried) == (0 if arch == "gemma2" else (layers - 1) * steps)  # else all but each pass's first
+
+
+def test_a_failure_on_either_side_ends_the_pass_with_its_error(tiny_checkpoint, monkeypatch) -> None:
+    """The device side and the worker wait on each other within a layer: an error on one side must reach the
+    caller, not leave the other waiting forever; the model decodes again afterwards."""
+    import threading
+
+    model = _split_model(tiny_checkpoint("llama"))
+    layer = model.get_submodule(placement_of(model).layers_path)[1]
+    single, _, _ = prompts()
+    want = _generate(model, single)[0]
+    for side, name in (("worker", "cpu_mlp"), ("device", "gpu_mlp")):
+        module = getattr(layer, name) if side == "device" else layer.worker_modules[1]
+
+        def boom(*args, **kwargs):
+            raise RuntimeError(f"{side} failed")
+
+        monkeypatch.setattr(module, "forward", boom)
+        errors = []
+        run = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, _generate, model, single)))
+        run.start()
+        run.join(60)
+        assert not run.is_alive() and errors and f"{side} failed" in str(errors[0].value)
+        monkeypatch.undo()
+        assert torch.equal(_generate(model, single)[0], want)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
 def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, tiny_checkpoint) -> None:
     # max_tokens=1: prompts (12 tokens) and batched decode (2 tokens a pass) are wide, so the CPU

@@ -4,9 +4,12 @@ Streaming alone cannot beat streamed bytes / link bandwidth, but the host alread
 bytes and multiplies matrices by vectors about as fast as the link moves them (issue 16). So each
 streamed layer is split (`tp_split`): the GPU's share is what the ring copies into its slot; the
 CPU's share stays in host memory and a worker thread computes it, at the same time as the GPU
-computes its share of the same layer. The layer joins twice, after attention and after the MLP:
-the normalized activation goes to the host once (D2H), the CPU's partial sum comes back once
-(H2D) and is added to the GPU's. The CPU's KV heads keep their KV in host memory, in cache layers
+computes its share of the same layer. The layer joins twice, after attention and after the MLP, on
+both sides: each side's partial sum crosses to the other (8 KB each way for an 8B layer) and both add
+the same two sums in the same order, so the worker's copy of the residual stream stays the device's,
+bit for bit, and feeds the next layer without waiting for the Python thread to launch the device's
+side of the join (at 5b57da5 that wait cost ~1 ms a join, 46 joins a step on the 8B shape). The CPU's
+KV heads keep their KV in host memory, in cache layers
 of the same kind as the model's cache uses for that layer (full or sliding window), kept in step
 with it: a cache that restarts at zero restarts them, a crop crops them.
 
@@ -59,6 +62,9 @@ class CpuRank:
         self.computed_s: dict[str, float] = {}
         self.joins = 0
         self.host_weight_bytes = 0  # the CPU shares the host keeps (int8 host weights: about half of bf16)
+        # the worker's copy of the last split layer's output, and the device tensor it equals (`SplitLayer`)
+        self.carry: torch.Tensor | None = None
+        self.carry_for: torch.Tensor | None = None
 
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
@@ -116,8 +122,7 @@ class CpuRank:
         start = time.perf_counter()
         with torch.no_grad():
             out = fn(*args[:-1])
-        if self.device.type == "cuda":
-            out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out)
+        out = self.pinned(out)
         end = time.perf_counter()
         self.queued_s += begin - submitted
         self.input_wait_s += start - begin
@@ -125,6 +130,24 @@ class CpuRank:
         name = getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
         self.computed_s[name] = self.computed_s.get(name, 0.0) + end - start
         return out
+
+    def pinned(self, out: torch.Tensor | None) -> torch.Tensor | None:
+        """`out` where its copy to the device does not block: in pinned memory when the device is a GPU."""
+        if out is None or self.device.type != "cuda":
+            return out
+        return torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out)
+
+    def received(self, box: Future) -> torch.Tensor:
+        """On the worker: the device's partial sum that `box` hands over (`send`'s host copy and event), once
+        its copy has landed; the wait counts as input wait, not work."""
+        start = time.perf_counter()
+        tensor, event = box.result()
+        if event is not None:
+            event.synchronize()
+        waited = time.perf_counter() - start
+        self.input_wait_s += waited
+        self.busy_s -= waited  # inside a job `_run` times whole
+        return tensor
 
     def join(self, future: Future) -> torch.Tensor:
         """The CPU's partial sum on the device (the only host wait of a join: for the worker)."""

@@ -6,8 +6,9 @@ own arithmetic).
 
 from __future__ import annotations
 
+import copy
+from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -107,6 +108,10 @@ class SplitLayer(nn.Module):
             worker = (int8_twin(self.cpu_attn, "self_attn", packed), int8_twin(self.cpu_mlp, "mlp", packed))
         object.__setattr__(self, "worker_modules", worker)
         self.norms: Norms = norms_of(block)
+        # the worker's own norms, on the host copy of the GPU share: it joins each layer on the host as well
+        object.__setattr__(self, "host_norms", {n: _host_module(block, n, gpu.named_views()) for n in
+                                                (self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in,
+                                                 self.norms.mlp_out) if n})
         self.kv = rank.host_kv()
         self._params = [self._target(e.name) for e in gpu.layout.entries]
         self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
@@ -172,73 +177,137 @@ class SplitLayer(nn.Module):
         if wide:
             self._cpu_share_to_device(slot)
         try:
-            out = self._layer(hidden_states, kwargs, wide)
+            out = self._wide_layer(hidden_states, kwargs) if wide else self._split_step(hidden_states, kwargs)
         finally:
             if wide:
                 self._after_wide_pass()
         self.ring.exit(slot)
         return out
 
-    def _layer(self, hidden_states: torch.Tensor, kwargs: dict, wide: bool) -> torch.Tensor:
-        block = self.block
+    def _cpu_kv(self, kwargs: dict) -> dict:
+        """The cache keyword the CPU's attention takes (its heads' host KV, in step with the model's cache)."""
         cache_name = next((k for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         cache = kwargs.get(cache_name) if cache_name else None
         if cache is not None and self.share.kv_heads:
             self.kv.follow(cache, self.index)
-        cpu_kv = {cache_name: self.kv} if cache is not None else {}
+        return {cache_name: self.kv} if cache is not None else {}
 
+    def _wide_layer(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """A pass wider than `max_tokens`: the device computes both shares (the CPU's copied beside its own), in
+        the order the decode path adds them."""
+        block = self.block
         h = getattr(block, self.norms.attn_in)(hidden_states)
-        part = None
-        attn_cpu, mlp_cpu = (self.cpu_attn, self.cpu_mlp) if wide else self.worker_modules
-        if self.share.kv_heads:
-            part = self._start(partial(_attention, attn_cpu), wide, h, kwargs["position_embeddings"],
-                               kwargs.get("attention_mask"), cpu_kv)
+        part = _attention(self.cpu_attn, h, kwargs["position_embeddings"], kwargs.get("attention_mask"),
+                          self._cpu_kv(kwargs)) if self.share.kv_heads else None
         attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
         if part is not None:
-            attn = attn + self._finish(part, wide)
+            attn = attn + part
         if self.norms.attn_out:
             attn = getattr(block, self.norms.attn_out)(attn)
         hidden_states = hidden_states + attn
-
         h = getattr(block, self.norms.mlp_in)(hidden_states)
-        part = self._start(mlp_cpu, wide, h) if self.share.mlp_cols else None
         mlp = self.gpu_mlp(h)
-        if part is not None:
-            mlp = mlp + self._finish(part, wide)
+        if self.share.mlp_cols:
+            mlp = mlp + self.cpu_mlp(h)
         if self.norms.mlp_out:
             mlp = getattr(block, self.norms.mlp_out)(mlp)
         return hidden_states + mlp
 
-    def _start(self, fn, wide: bool, h: torch.Tensor, *shared: Any):
-        """Start the CPU share: on the worker (the activation sent once; the pass's mask and rotary
-        tables once per pass), or, for a wide pass, right here on the device."""
-        if wide:
-            return fn(h, *shared)
-        rank = self.rank
-        h_host, ready = rank.send(h)
-        events = [ready]
-        moved = []
-        for item in shared:
-            if isinstance(item, tuple):  # rotary (cos, sin)
-                sent = [rank.send_once(t) for t in item]
-                moved.append(tuple(t for t, _ in sent))
-                events += [e for _, e in sent]
-            elif isinstance(item, torch.Tensor) or item is None:
-                tensor, event = rank.send_once(item)
-                moved.append(tensor)
-                events.append(event)
-            else:
-                moved.append(item)
-        return rank.submit(fn, h_host, *moved, tuple(events))
+    def _split_step(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """A decode pass's layer: the worker runs the CPU's whole share of it as one job (`_host_layer`), joining
+        on the host too. Its input is its own copy of the last split layer's output where that is this layer's
+        input (the same device tensor), else the input sent from the device. The device hands the worker its two
+        partial sums as it computes them, so the worker never waits for this thread to launch the kernels of a
+        join; both sides add the same partial sums in the same order, so their residuals stay equal bit for bit
+        (gemma2 normalizes the sums themselves, where the two sides' reductions may differ: it sends every
+        layer's input)."""
+        block, rank, norms = self.block, self.rank, self.norms
+        cpu_kv = self._cpu_kv(kwargs)
+        carried = rank.carry_for is hidden_states and not (norms.attn_out or norms.mlp_out)
+        x, ready = (None, None) if carried else rank.send(hidden_states)
+        pos, pos_events = self._send_shared(kwargs["position_embeddings"])
+        mask, mask_events = self._send_shared(kwargs.get("attention_mask"))
+        attn_box, mlp_box, attn_part, mlp_part = Future(), Future(), Future(), Future()
+        rank.submit(self._host_layer, x, pos, mask, cpu_kv, attn_box, mlp_box, attn_part, mlp_part,
+                          (ready, *pos_events, *mask_events))
+        try:
+            h = getattr(block, norms.attn_in)(hidden_states)
+            attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
+            attn_box.set_result(rank.send(attn))
+            if self.share.kv_heads:
+                attn = attn + rank.join(attn_part)
+            if norms.attn_out:
+                attn = getattr(block, norms.attn_out)(attn)
+            hidden_states = hidden_states + attn
+            h = getattr(block, norms.mlp_in)(hidden_states)
+            mlp = self.gpu_mlp(h)
+            mlp_box.set_result(rank.send(mlp))
+            if self.share.mlp_cols:
+                mlp = mlp + rank.join(mlp_part)
+            if norms.mlp_out:
+                mlp = getattr(block, norms.mlp_out)(mlp)
+            out = hidden_states + mlp
+        except BaseException as exc:  # the worker waits on these: let it end the job instead of waiting forever
+            for box in (attn_box, mlp_box):
+                if not box.done():
+                    box.set_exception(exc)
+            raise
+        rank.carry_for = out  # the job finishes the host's join later; the next job finds its result in rank.carry
+        return out
 
-    def _finish(self, part, wide: bool) -> torch.Tensor:
-        return part if wide else self.rank.join(part)
+    def _send_shared(self, item: Any) -> tuple[Any, list]:
+        """A pass-wide input (rotary (cos, sin), the mask, or None) on the host, sent once a pass, and the
+        events its copies complete at."""
+        if isinstance(item, tuple):
+            sent = [self.rank.send_once(t) for t in item]
+            return tuple(t for t, _ in sent), [e for _, e in sent]
+        tensor, event = self.rank.send_once(item)
+        return tensor, [event]
+
+    def _host_layer(self, x: torch.Tensor | None, pos, mask, cpu_kv: dict, attn_box: Future, mlp_box: Future,
+                    attn_part: Future, mlp_part: Future) -> None:
+        """On the worker: the CPU's share of the layer and the layer's joins on the host (module docstring of
+        `_split_step`); hands its partial sums over through `attn_part` and `mlp_part` as soon as each is done."""
+        rank, norms, host = self.rank, self.norms, self.host_norms
+        attn_cpu, mlp_cpu = self.worker_modules
+        try:
+            if x is None:
+                x, rank.carry = rank.carry, None
+                if x is None:
+                    raise OverspillError("the CPU rank lost the previous layer's output (its host join failed)")
+            part = _attention(attn_cpu, host[norms.attn_in](x), pos, mask, cpu_kv) if self.share.kv_heads else None
+            attn_part.set_result(rank.pinned(part))
+            attn = rank.received(attn_box)
+            attn = attn + part if part is not None else attn
+            if norms.attn_out:
+                attn = host[norms.attn_out](attn)
+            hidden = x + attn
+            part = mlp_cpu(host[norms.mlp_in](hidden)) if self.share.mlp_cols else None
+            mlp_part.set_result(rank.pinned(part))
+            mlp = rank.received(mlp_box)
+            mlp = mlp + part if part is not None else mlp
+            if norms.mlp_out:
+                mlp = host[norms.mlp_out](mlp)
+            rank.carry = hidden + mlp
+        except BaseException as exc:
+            for box in (attn_part, mlp_part):
+                if not box.done():
+                    box.set_exception(exc)
+            raise
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+def _host_module(block: nn.Module, name: str, views: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `block`'s submodule `name` (a norm) whose parameters are the host copies in `views`."""
+    module = copy.copy(getattr(block, name))
+    module._parameters = {p: nn.Parameter(views[f"{name}.{p}"], requires_grad=False)
+                          for p in module._parameters}
+    return module
 
 
 def _attention(module: nn.Module, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
