@@ -86,6 +86,9 @@ def test_llama3_8b_at_6gib_with_the_cpu_rank_matches_gpu_only_streaming() -> Non
     print(f"cpu rank vs GPU-only, per step: cosine >= {cosine.min():.5f}, relative error <= {relative.max():.4f}")
     assert cosine.min() >= 0.99 and relative.max() <= 0.15
     assert agree >= 8
+    rank = placement_of(model).cpu_rank
+    rank.pool.submit(lambda: None).result()  # the last layer's host join has finished
+    assert torch.equal(rank.carry, rank.carry_for.cpu())  # the host's bf16 joins are the GPU's, bit for bit
 
 
 def _forced_steps(model, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
