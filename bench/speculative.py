@@ -164,6 +164,9 @@ def main() -> None:
     p.add_argument("--graphs-only", action="store_true",
                    help="--graphs without the eager runs before it (one load of a large model fits a device call); "
                         "the oracle follows graphed plain decoding's tokens")
+    p.add_argument("--warmup-tokens", type=int, default=16,
+                   help="new tokens of the runs that capture CUDA graphs before the timed ones (graphs are kept per "
+                        "pass size and ring phase, so a short run captures them: a 70B plain token is ~1.1 s)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -257,9 +260,12 @@ def main() -> None:
 
 
 def oracle_runs(model, ids, plain_tokens: list[int], plain: dict, args, verifies: list[str], fits: dict, planner,
-                vocab: int, record: dict, path: Path, runs: list, label: str = "") -> None:
+                vocab: int, record: dict, path: Path, runs: list, label: str = "",
+                new_tokens: int | None = None) -> None:
     """One run per (verify, ACCEPTANCE:CHAIN) point with the oracle draft, against `plain`'s tokens and speed,
-    appended to `runs` (a list inside `record`) and written to `path` as each comes."""
+    appended to `runs` (a list inside `record`) and written to `path` as each comes; `new_tokens` (default
+    --new-tokens) shortens warm-up runs."""
+    new_tokens = new_tokens or args.new_tokens
     import torch
 
     from overspill.planning.speculation import forecast
@@ -272,7 +278,7 @@ def oracle_runs(model, ids, plain_tokens: list[int], plain: dict, args, verifies
         drafter = OracleDrafter(torch.tensor(plain_tokens), args.prompt_tokens, acceptance, vocab, seed=1)
         speculative.enable(model, drafter, chain=chain, serial=verify == "serial")
         try:
-            tokens, timing = timed_generate(model, ids, args.new_tokens)
+            tokens, timing = timed_generate(model, ids, new_tokens)
         except Exception as exc:  # record it and go on: one load serves every point
             runs.append({"verify": verify, "acceptance": acceptance, "chain": chain, "error": repr(exc)[:500]})
             print(f"oracle {label}{verify} {point}: {exc!r}", flush=True)
@@ -285,7 +291,8 @@ def oracle_runs(model, ids, plain_tokens: list[int], plain: dict, args, verifies
         drafted = round(mean_chain) if chain is None else chain
         predicted = forecast(fits[verify], acceptance, drafted)
         run = {
-            "verify": verify, "serial": stats.serial, "acceptance": acceptance, "chain": chain, "identical": tokens == plain_tokens,
+            "verify": verify, "serial": stats.serial, "acceptance": acceptance, "chain": chain,
+            "identical": tokens == plain_tokens[:new_tokens],
             "first_difference": next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None),
             **timing, "passes": stats.passes, "tokens_per_pass": stats.tokens_per_pass,
             "mean_chain": mean_chain, "draft_share": stats.draft_share,
@@ -297,7 +304,7 @@ def oracle_runs(model, ids, plain_tokens: list[int], plain: dict, args, verifies
         # the two factors of that ratio apart: a speculative step's time (draft + verify; decode time over the
         # passes after the first token) against the model at the forecast's chain (step_over_fit), and tokens
         # per pass against expected_tokens (acceptance noise over few passes)
-        decode_s = (args.new_tokens - 1) / timing["decode_tok_s"] if timing["decode_tok_s"] else None
+        decode_s = (new_tokens - 1) / timing["decode_tok_s"] if timing["decode_tok_s"] else None
         run["step_s"] = decode_s / stats.passes if decode_s and stats.passes else None
         run["fit_step_s"] = fits[verify].step_seconds(drafted)
         run["step_over_fit"] = run["step_s"] / run["fit_step_s"] if run["step_s"] else None
@@ -358,8 +365,8 @@ def graphed_run(model, ids, plain_tokens: list[int] | None, eager_plain: dict | 
     graphed = placement_of(model).graphs or enable_graphs(model, capture=torch.cuda.is_available())
     if graphed is None:
         return {"error": "this plan cannot be graphed (the log says why)"}
-    out: dict = {"runs": [], "warmup_runs": []}
-    timed_generate(model, ids, args.new_tokens)  # captures the plain steps' graphs
+    out: dict = {"runs": [], "warmup_runs": [], "warmup_tokens": args.warmup_tokens}
+    timed_generate(model, ids, args.warmup_tokens)  # captures the plain steps' graphs (one per ring phase)
     tokens, plain = timed_generate(model, ids, args.new_tokens)
     out["plain"] = plain
     out["plain_identical_to_eager"] = tokens == plain_tokens if plain_tokens is not None else None
@@ -377,7 +384,7 @@ def graphed_run(model, ids, plain_tokens: list[int] | None, eager_plain: dict | 
         out["planner_pass_cost"] = {"base_s": planner.base_s, "per_token_s": planner.per_token_s,
                                     "dispatch_per_token_s": planner.dispatch_per_token_s}
     oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], fits, planner, vocab, record, path,
-                out["warmup_runs"], "graphed (capturing) ")
+                out["warmup_runs"], "graphed (capturing) ", args.warmup_tokens)
     oracle_runs(model, ids, plain_tokens, plain, args, ["serial"], fits, planner, vocab, record, path, out["runs"],
                 "graphed ")
     for run in out["runs"]:
