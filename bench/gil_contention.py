@@ -43,7 +43,6 @@ def modules(hidden: int, kv_heads: int, group: int, cols: int, cache_tokens: int
     torch.manual_seed(0)
     mlp = LlamaMLP(cfg).to(torch.bfloat16).eval()
     attn = LlamaAttention(cfg, layer_idx=0).to(torch.bfloat16).eval()
-    attn.o_proj = torch.nn.Linear(kv_heads * group * head_dim, hidden, bias=False).to(torch.bfloat16)
     rotary = LlamaRotaryEmbedding(cfg)
     x = torch.randn(1, 1, hidden, dtype=torch.bfloat16)
     cache = DynamicCache()
@@ -79,15 +78,19 @@ def worker_ms(fn, threads: int, busy: bool, interval: float, iters: int) -> floa
     stop = threading.Event()
     side = threading.Thread(target=launcher, args=(stop,), daemon=True)
     try:
-        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool, torch.no_grad():
+        def job():
+            with torch.no_grad():  # thread-local, as CpuRank's worker runs its jobs
+                return fn()
+
+        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             for _ in range(3):
-                pool.submit(fn).result()
+                pool.submit(job).result()
             if busy:
                 side.start()
             times = []
             for _ in range(iters):
                 start = time.perf_counter()
-                pool.submit(fn).result()
+                pool.submit(job).result()
                 times.append(time.perf_counter() - start)
     finally:
         stop.set()

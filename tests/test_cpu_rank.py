@@ -152,6 +152,26 @@ def test_a_failure_on_either_side_ends_the_pass_with_its_error(tiny_checkpoint, 
         assert not run.is_alive() and errors and f"{side} failed" in str(errors[0].value)
         monkeypatch.undo()
         assert torch.equal(_generate(model, single)[0], want)
+    rank = placement_of(model).cpu_rank
+    for where in ("before the job", "after its last hand-over"):
+        calls = []
+
+        def failing(*args, where=where, real_run=rank._run, real_received=rank.received):
+            calls.append(1)
+            if where == "before the job" and len(calls) == 3:  # as a failed copy event would
+                raise RuntimeError(f"failed {where}")
+            if where != "before the job" and len(calls) == 6:  # layer 2's wait for the device's MLP sum
+                raise RuntimeError(f"failed {where}")
+            return (real_run if where == "before the job" else real_received)(*args)
+
+        monkeypatch.setattr(rank, "_run" if where == "before the job" else "received", failing)
+        errors = []
+        run = threading.Thread(target=lambda: errors.append(pytest.raises(Exception, _generate, model, single)))
+        run.start()
+        run.join(60)
+        assert not run.is_alive() and errors, where  # no hang, and no tokens from a stale residual
+        monkeypatch.undo()
+        assert torch.equal(_generate(model, single)[0], want)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])

@@ -97,6 +97,8 @@ def test_a_serial_pass_costs_at_least_the_gpus_compute_per_token():
     cost = verify_pass_cost(0.1, gpu_token_s=0.05, host_token_s=0.0, marginal_token_s=0.0, serial=True,
                             graphed=True, hidden_token_s=0.04)
     assert cost.pass_seconds(2) == pytest.approx(0.11) and cost.pass_seconds(10) == pytest.approx(0.5)
+    expanding = verify_pass_cost(0.1, 0.05, 0.0, 0.0, serial=True, graphed=True, hidden_token_s=0.04, expand_s=0.03)
+    assert expanding.compute_per_token_s == pytest.approx(0.02)  # encoded layers expand once a pass, not a token
 
 
 def test_a_resident_model_gains_nothing_from_serial_verification():

@@ -75,7 +75,8 @@ def test_plan_json_carries_the_tree_forecast_at_the_planned_pass_cost(capsys):
     assert code == 0
     s = json.loads(out)["speculation"]
     tree, c = s["tree"], s["pass_cost"]
-    cost = PassCost(c["base_s"], c["per_token_s"], c["draft_per_token_s"], c["dispatch_per_token_s"])
+    cost = PassCost(c["base_s"], c["per_token_s"], c["draft_per_token_s"], c["dispatch_per_token_s"],
+                    c["compute_per_token_s"])
     assert tree["cap"] == 16 and tree["rank_acceptance"] == RANKS and tree["rank_acceptance_derived"] is False
     assert tree["rank_acceptance_assumed"] is True and s["acceptance"] == 0.6  # the first rank is the chain's
     assert tree["budget"] == best_budget(cost, RANKS, 16)

@@ -128,7 +128,7 @@ class PassCost:
 
 def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: float, marginal_token_s: float,
                      serial: bool, draft_per_token_s: float = 0.0, graphed: bool = False,
-                     hidden_token_s: float = 0.0) -> PassCost:
+                     hidden_token_s: float = 0.0, expand_s: float = 0.0) -> PassCost:
     """The pass cost of verifying drafts on a placed model, from its predicted plain decode step.
 
     Args:
@@ -141,10 +141,13 @@ def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: flo
         graphed: the pass replays as a CUDA graph (one launch), so the host dispatches no token's kernels.
         hidden_token_s: the part of `gpu_token_s` the link's copies hide in a serial pass (the streamed
             layers': `Prediction.streamed_gpu_s`).
+        expand_s: the part of `gpu_token_s` spent expanding encoded streamed layers, once a pass whatever its
+            tokens (`Prediction.expand_s`): out of the per-token floor.
     """
     per_token = max(gpu_token_s - hidden_token_s, 0.0) if serial else marginal_token_s
     return PassCost(max(decode_step_s - per_token, 0.0), per_token, draft_per_token_s,
-                    host_token_s if serial and not graphed else 0.0, gpu_token_s if serial else 0.0)
+                    host_token_s if serial and not graphed else 0.0,
+                    max(gpu_token_s - expand_s, 0.0) if serial else 0.0)
 
 
 def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s: float, serial: bool,
@@ -152,7 +155,7 @@ def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s:
     """`verify_pass_cost` from a batch-1 `costmodel.Prediction` and the model's active parameters per token."""
     marginal = 2.0 * active_params / matmul_flops_s if matmul_flops_s > 0 else 0.0
     return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, marginal, serial,
-                            draft_per_token_s, graphed, prediction.streamed_gpu_s)
+                            draft_per_token_s, graphed, prediction.streamed_gpu_s, prediction.expand_s)
 
 
 def fit_pass_cost(points: Iterable[tuple[float, float]], prior: PassCost | None = None) -> PassCost:
@@ -271,7 +274,8 @@ class PlanSpeculation:
             "verify": "serial" if self.serial else "batched",
             "pass_cost": {"base_s": self.cost.base_s, "per_token_s": self.cost.per_token_s,
                           "dispatch_per_token_s": self.cost.dispatch_per_token_s,
-                          "draft_per_token_s": self.cost.draft_per_token_s},
+                          "draft_per_token_s": self.cost.draft_per_token_s,
+                          "compute_per_token_s": self.cost.compute_per_token_s},
             "chains": [{"chain": f.chain, "tokens_per_pass": f.tokens_per_pass, "tok_s": f.tok_s,
                         "speedup": f.speedup} for f in self.forecasts],
             "best_chain": self.best.chain, "best_tok_s": self.best.tok_s,

@@ -56,9 +56,10 @@ class CpuRank:
         self.threads = threads or default_threads()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
-        # where a step's time goes (bench/cpu_rank.py): the worker computing (by share: `computed_s`), waiting for
-        # its input's copy, and queued behind earlier shares; the Python thread waiting at joins
+        # where a step's time goes (bench/cpu_rank.py): the worker computing (by job function: `computed_s`),
+        # waiting for its inputs' copies, and queued behind earlier jobs; the Python thread waiting at joins
         self.busy_s = self.waited_s = self.input_wait_s = self.queued_s = 0.0
+        self._job_wait_s = 0.0  # inside the running job: waits for the device's partial sums (`received`)
         self.computed_s: dict[str, float] = {}
         self.joins = 0
         self.host_weight_bytes = 0  # the CPU shares the host keeps (int8 host weights: about half of bf16)
@@ -112,24 +113,24 @@ class CpuRank:
     def submit(self, fn, *args: Any) -> Future:
         return self.pool.submit(self._run, fn, args, time.perf_counter())
 
-    def _run(self, fn, args: tuple, submitted: float) -> torch.Tensor:
-        """On the worker: wait for the inputs' copies, then compute with autograd off (thread-local)
-        and leave the result in pinned memory, so its copy to the device does not block."""
+    def _run(self, fn, args: tuple, submitted: float) -> None:
+        """On the worker: wait for the inputs' copies (the events last in `args`), then run the job with
+        autograd off (thread-local), timing its work apart from its waits."""
         begin = time.perf_counter()
         for event in args[-1]:
             if event is not None:
                 event.synchronize()
         start = time.perf_counter()
-        with torch.no_grad():
-            out = fn(*args[:-1])
-        out = self.pinned(out)
-        end = time.perf_counter()
-        self.queued_s += begin - submitted
-        self.input_wait_s += start - begin
-        self.busy_s += end - start
-        name = getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
-        self.computed_s[name] = self.computed_s.get(name, 0.0) + end - start
-        return out
+        self._job_wait_s = 0.0
+        try:
+            with torch.no_grad():
+                fn(*args[:-1])
+        finally:
+            work = time.perf_counter() - start - self._job_wait_s
+            self.queued_s += begin - submitted
+            self.input_wait_s += start - begin
+            self.busy_s += work
+            self.computed_s[fn.__name__] = self.computed_s.get(fn.__name__, 0.0) + work
 
     def pinned(self, out: torch.Tensor | None) -> torch.Tensor | None:
         """`out` where its copy to the device does not block: in pinned memory when the device is a GPU."""
@@ -146,7 +147,7 @@ class CpuRank:
             event.synchronize()
         waited = time.perf_counter() - start
         self.input_wait_s += waited
-        self.busy_s -= waited  # inside a job `_run` times whole
+        self._job_wait_s += waited  # not the job's work (`_run`)
         return tensor
 
     def join(self, future: Future) -> torch.Tensor:

@@ -59,7 +59,11 @@ def _mixtral_config(reader, llama: dict):
 
     config = {k: v for k, v in llama.items() if k != "model_type"}
     config["num_local_experts"] = _expert_count(reader)
-    config["num_experts_per_tok"] = int(read_field(reader, "llama.expert_used_count")[0])
+    used = read_field(reader, "llama.expert_used_count")
+    if not used:
+        raise OverspillError("this Mixtral GGUF has llama.expert_count but no llama.expert_used_count (experts a "
+                             "token uses): it is incomplete; convert it again with a current llama.cpp")
+    config["num_experts_per_tok"] = int(used[0])
     ffn = read_field(reader, "llama.expert_feed_forward_length")
     if ffn:
         config["intermediate_size"] = int(ffn[0])
@@ -140,5 +144,7 @@ def _put_experts(state: dict[str, torch.Tensor], name: str | None, part: str, we
         state[name] = source.to(dtype)
         return
     experts, rows, cols = source.shape
-    fused = state.setdefault(name, torch.empty(experts, 2 * rows, cols, dtype=dtype))
+    if name not in state:
+        state[name] = torch.empty(experts, 2 * rows, cols, dtype=dtype)
+    fused = state[name]
     fused[:, (0 if part == "gate" else rows) : (rows if part == "gate" else 2 * rows)].copy_(source)

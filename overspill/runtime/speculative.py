@@ -361,7 +361,8 @@ def prior_pass_cost(model: torch.nn.Module, serial: bool, graphed: bool = False)
     if prediction is None:
         return PassCost(1.0)
     return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial,
-                            graphed=graphed, hidden_token_s=prediction.streamed_gpu_s)
+                            graphed=graphed, hidden_token_s=prediction.streamed_gpu_s,
+                            expand_s=prediction.expand_s)
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,

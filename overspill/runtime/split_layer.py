@@ -6,9 +6,9 @@ own arithmetic).
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import OverspillError
 from .host_int8 import dequantize_into, int8_twin, linear_weights, quantize_share
 from .layout import LayerLayout, host_bytes
-from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor
+from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor, twin
 
 CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.25 names it cache, 5.17 past_key_values
 
@@ -109,9 +109,9 @@ class SplitLayer(nn.Module):
         object.__setattr__(self, "worker_modules", worker)
         self.norms: Norms = norms_of(block)
         # the worker's own norms, on the host copy of the GPU share: it joins each layer on the host as well
-        object.__setattr__(self, "host_norms", {n: _host_module(block, n, gpu.named_views()) for n in
-                                                (self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in,
-                                                 self.norms.mlp_out) if n})
+        gpu_views = gpu.named_views()
+        object.__setattr__(self, "host_norms", {n: _host_module(block, n, gpu_views) for n in (
+            self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in, self.norms.mlp_out) if n})
         self.kv = rank.host_kv()
         self._params = [self._target(e.name) for e in gpu.layout.entries]
         self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
@@ -220,7 +220,9 @@ class SplitLayer(nn.Module):
         partial sums as it computes them, so the worker never waits for this thread to launch the kernels of a
         join; both sides add the same partial sums in the same order, so their residuals stay equal bit for bit
         (gemma2 normalizes the sums themselves, where the two sides' reductions may differ: it sends every
-        layer's input)."""
+        layer's input). The CPU's shares read the host's own norms of that residual, whose rounding may differ
+        from the device's in the last bit: within the split's tolerance, as before, when the device's norm
+        crossed instead."""
         block, rank, norms = self.block, self.rank, self.norms
         cpu_kv = self._cpu_kv(kwargs)
         carried = rank.carry_for is hidden_states and not (norms.attn_out or norms.mlp_out)
@@ -228,8 +230,9 @@ class SplitLayer(nn.Module):
         pos, pos_events = self._send_shared(kwargs["position_embeddings"])
         mask, mask_events = self._send_shared(kwargs.get("attention_mask"))
         attn_box, mlp_box, attn_part, mlp_part = Future(), Future(), Future(), Future()
-        rank.submit(self._host_layer, x, pos, mask, cpu_kv, attn_box, mlp_box, attn_part, mlp_part,
+        job = rank.submit(self._host_layer, x, pos, mask, cpu_kv, attn_box, mlp_box, attn_part, mlp_part,
                           (ready, *pos_events, *mask_events))
+        job.add_done_callback(partial(_fail_unset, (attn_part, mlp_part)))  # it failed before handing them over
         try:
             h = getattr(block, norms.attn_in)(hidden_states)
             attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
@@ -257,22 +260,26 @@ class SplitLayer(nn.Module):
 
     def _send_shared(self, item: Any) -> tuple[Any, list]:
         """A pass-wide input (rotary (cos, sin), the mask, or None) on the host, sent once a pass, and the
-        events its copies complete at."""
+        events its copies complete at; anything else (a mask object) as it is."""
         if isinstance(item, tuple):
             sent = [self.rank.send_once(t) for t in item]
             return tuple(t for t, _ in sent), [e for _, e in sent]
+        if item is not None and not isinstance(item, torch.Tensor):
+            return item, []
         tensor, event = self.rank.send_once(item)
         return tensor, [event]
 
     def _host_layer(self, x: torch.Tensor | None, pos, mask, cpu_kv: dict, attn_box: Future, mlp_box: Future,
                     attn_part: Future, mlp_part: Future) -> None:
-        """On the worker: the CPU's share of the layer and the layer's joins on the host (module docstring of
-        `_split_step`); hands its partial sums over through `attn_part` and `mlp_part` as soon as each is done."""
+        """On the worker: the CPU's share of the layer and the layer's joins on the host (`_split_step`); hands
+        its partial sums over through `attn_part` and `mlp_part` as soon as each is done. The carry is cleared
+        first, so a job that fails leaves none for the next layer to take."""
         rank, norms, host = self.rank, self.norms, self.host_norms
         attn_cpu, mlp_cpu = self.worker_modules
         try:
+            carry, rank.carry = rank.carry, None
             if x is None:
-                x, rank.carry = rank.carry, None
+                x = carry
                 if x is None:
                     raise OverspillError("the CPU rank lost the previous layer's output (its host join failed)")
             part = _attention(attn_cpu, host[norms.attn_in](x), pos, mask, cpu_kv) if self.share.kv_heads else None
@@ -304,10 +311,18 @@ class SplitLayer(nn.Module):
 
 def _host_module(block: nn.Module, name: str, views: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of `block`'s submodule `name` (a norm) whose parameters are the host copies in `views`."""
-    module = copy.copy(getattr(block, name))
-    module._parameters = {p: nn.Parameter(views[f"{name}.{p}"], requires_grad=False)
-                          for p in module._parameters}
+    module = twin(getattr(block, name))
+    for p in module._parameters:
+        module._parameters[p] = nn.Parameter(views[f"{name}.{p}"], requires_grad=False)
     return module
+
+
+def _fail_unset(parts: tuple[Future, ...], job: Future) -> None:
+    """A finished job's error on whichever partial sums it never handed over (the device side waits on them)."""
+    error = job.exception()
+    for part in parts:
+        if error is not None and not part.done():
+            part.set_exception(error)
 
 
 def _attention(module: nn.Module, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
