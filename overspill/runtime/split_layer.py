@@ -234,22 +234,11 @@ class SplitLayer(nn.Module):
                           (ready, *pos_events, *mask_events))
         job.add_done_callback(partial(_fail_unset, (attn_part, mlp_part)))  # it failed before handing them over
         try:
-            h = getattr(block, norms.attn_in)(hidden_states)
-            attn = self.gpu_attn(hidden_states=h, **kwargs)[0]
-            attn_box.set_result(rank.send(attn))
-            if self.share.kv_heads:
-                attn = attn + rank.join(attn_part)
-            if norms.attn_out:
-                attn = getattr(block, norms.attn_out)(attn)
-            hidden_states = hidden_states + attn
-            h = getattr(block, norms.mlp_in)(hidden_states)
-            mlp = self.gpu_mlp(h)
-            mlp_box.set_result(rank.send(mlp))
-            if self.share.mlp_cols:
-                mlp = mlp + rank.join(mlp_part)
-            if norms.mlp_out:
-                mlp = getattr(block, norms.mlp_out)(mlp)
-            out = hidden_states + mlp
+            attn = self.gpu_attn(hidden_states=getattr(block, norms.attn_in)(hidden_states), **kwargs)[0]
+            hidden_states = hidden_states + self._device_join(attn, attn_box, attn_part, self.share.kv_heads,
+                                                              norms.attn_out)
+            mlp = self.gpu_mlp(getattr(block, norms.mlp_in)(hidden_states))
+            out = hidden_states + self._device_join(mlp, mlp_box, mlp_part, self.share.mlp_cols, norms.mlp_out)
         except BaseException as exc:  # the worker waits on these: let it end the job instead of waiting forever
             for box in (attn_box, mlp_box):
                 if not box.done():
@@ -257,6 +246,23 @@ class SplitLayer(nn.Module):
             raise
         rank.carry_for = out  # the job finishes the host's join later; the next job finds its result in rank.carry
         return out
+
+    def _device_join(self, mine: torch.Tensor, box: Future, theirs: Future, shared: int,
+                     norm: str | None) -> torch.Tensor:
+        """The device's side of a join: hand its partial sum to the worker, add the worker's (where the CPU
+        holds a share of this half), then the norm of the sum where the layer has one."""
+        box.set_result(self.rank.send(mine))
+        if shared:
+            mine = mine + self.rank.join(theirs)
+        return getattr(self.block, norm)(mine) if norm else mine
+
+    def _host_join(self, mine: torch.Tensor | None, box: Future, theirs: Future, norm: str | None) -> torch.Tensor:
+        """The worker's side of the same join: hand its partial sum over, add it to the device's as the device
+        adds them (device's + worker's), then the host's norm of the sum."""
+        theirs.set_result(self.rank.pinned(mine))
+        total = self.rank.received(box)
+        total = total + mine if mine is not None else total
+        return self.host_norms[norm](total) if norm else total
 
     def _send_shared(self, item: Any) -> tuple[Any, list]:
         """A pass-wide input (rotary (cos, sin), the mask, or None) on the host, sent once a pass, and the
@@ -283,19 +289,9 @@ class SplitLayer(nn.Module):
                 if x is None:
                     raise OverspillError("the CPU rank lost the previous layer's output (its host join failed)")
             part = _attention(attn_cpu, host[norms.attn_in](x), pos, mask, cpu_kv) if self.share.kv_heads else None
-            attn_part.set_result(rank.pinned(part))
-            attn = rank.received(attn_box)
-            attn = attn + part if part is not None else attn
-            if norms.attn_out:
-                attn = host[norms.attn_out](attn)
-            hidden = x + attn
+            hidden = x + self._host_join(part, attn_box, attn_part, norms.attn_out)
             part = mlp_cpu(host[norms.mlp_in](hidden)) if self.share.mlp_cols else None
-            mlp_part.set_result(rank.pinned(part))
-            mlp = rank.received(mlp_box)
-            mlp = mlp + part if part is not None else mlp
-            if norms.mlp_out:
-                mlp = host[norms.mlp_out](mlp)
-            rank.carry = hidden + mlp
+            rank.carry = hidden + self._host_join(part, mlp_box, mlp_part, norms.mlp_out)
         except BaseException as exc:
             for box in (attn_part, mlp_part):
                 if not box.done():
