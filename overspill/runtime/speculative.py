@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..planning.speculation import (AcceptanceTracker, PassCost, PassCostFit, best_chain, graphed_pass,
-                                   verify_pass_cost)
+                                   plan_pass_cost)
 from ..planning.trees import RankAcceptance, tree_budget
 from .drafts import Drafter, drop_last, make_drafter, propose_tree
 from .kv import cache_kwarg
@@ -354,15 +354,13 @@ def _emit(ids: torch.Tensor, token: torch.Tensor, stopping_criteria, streamer) -
 
 
 def prior_pass_cost(model: torch.nn.Module, serial: bool, graphed: bool = False) -> PassCost:
-    """The verify pass the plan predicts for `model` (`planning.speculation.verify_pass_cost`), the
+    """The verify pass the plan predicts for `model` (`planning.speculation.plan_pass_cost`), the
     prior the chain length adapts from until passes are measured; flat without a plan."""
     placement = getattr(model, "overspill", None)
     prediction = getattr(getattr(placement, "plan", None), "prediction", None)
     if prediction is None:
         return PassCost(1.0)
-    return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, 0.0, serial,
-                            graphed=graphed, hidden_token_s=prediction.streamed_gpu_s,
-                            expand_s=prediction.expand_s)
+    return plan_pass_cost(prediction, 0.0, 0.0, serial, graphed=graphed)  # no matmul rate: a token adds no FLOPs
 
 
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
