@@ -56,12 +56,8 @@ class CpuRank:
         self.threads = threads or default_threads()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
-        # where a step's time goes (bench/cpu_rank.py): the worker computing (by job function: `computed_s`),
-        # waiting for its inputs' copies, and queued behind earlier jobs; the Python thread waiting at joins
-        self.busy_s = self.waited_s = self.input_wait_s = self.queued_s = 0.0
+        self.reset_counters()
         self._job_wait_s = 0.0  # inside the running job: waits for the device's partial sums (`received`)
-        self.computed_s: dict[str, float] = {}
-        self.joins = 0
         self.host_weight_bytes = 0  # the CPU shares the host keeps (int8 host weights: about half of bf16)
         # the worker's copy of the last split layer's output, and the device tensor it equals (`SplitLayer`)
         self.carry: torch.Tensor | None = None
@@ -77,9 +73,11 @@ class CpuRank:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
 
     def reset_counters(self) -> None:
-        """Zero where-the-time-goes counters, so a bench can read them per run."""
+        """Zero where a step's time goes (bench/cpu_rank.py reads them per run): the worker computing (by job
+        function: `computed_s`), waiting for its inputs' copies, and queued behind earlier jobs; the Python
+        thread waiting at joins."""
         self.busy_s = self.waited_s = self.input_wait_s = self.queued_s = 0.0
-        self.computed_s = {}
+        self.computed_s: dict[str, float] = {}
         self.joins = 0
 
     def send(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:

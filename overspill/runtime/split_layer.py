@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import OverspillError
 from .host_int8 import dequantize_into, int8_twin, linear_weights, quantize_share
 from .layout import LayerLayout, host_bytes
-from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor, twin
+from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor
 
 CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.25 names it cache, 5.17 past_key_values
 
@@ -110,8 +110,9 @@ class SplitLayer(nn.Module):
         self.norms: Norms = norms_of(block)
         # the worker's own norms, on the host copy of the GPU share: it joins each layer on the host as well
         gpu_views = gpu.named_views()
-        object.__setattr__(self, "host_norms", {n: _host_module(block, n, gpu_views) for n in (
-            self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in, self.norms.mlp_out) if n})
+        object.__setattr__(self, "host_norms", {n: rank_twin(getattr(block, n), n, gpu_views, None, None, cpu_dev)
+                                                for n in (self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in,
+                                                          self.norms.mlp_out) if n})
         self.kv = rank.host_kv()
         self._params = [self._target(e.name) for e in gpu.layout.entries]
         self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
@@ -279,38 +280,25 @@ class SplitLayer(nn.Module):
                     attn_part: Future, mlp_part: Future) -> None:
         """On the worker: the CPU's share of the layer and the layer's joins on the host (`_split_step`); hands
         its partial sums over through `attn_part` and `mlp_part` as soon as each is done. The carry is cleared
-        first, so a job that fails leaves none for the next layer to take."""
+        first, so a job that fails leaves none for the next layer to take; its error reaches the partial sums it
+        never handed over through `_fail_unset`."""
         rank, norms, host = self.rank, self.norms, self.host_norms
         attn_cpu, mlp_cpu = self.worker_modules
-        try:
-            carry, rank.carry = rank.carry, None
+        carry, rank.carry = rank.carry, None
+        if x is None:
+            x = carry
             if x is None:
-                x = carry
-                if x is None:
-                    raise OverspillError("the CPU rank lost the previous layer's output (its host join failed)")
-            part = _attention(attn_cpu, host[norms.attn_in](x), pos, mask, cpu_kv) if self.share.kv_heads else None
-            hidden = x + self._host_join(part, attn_box, attn_part, norms.attn_out)
-            part = mlp_cpu(host[norms.mlp_in](hidden)) if self.share.mlp_cols else None
-            rank.carry = hidden + self._host_join(part, mlp_box, mlp_part, norms.mlp_out)
-        except BaseException as exc:
-            for box in (attn_part, mlp_part):
-                if not box.done():
-                    box.set_exception(exc)
-            raise
+                raise OverspillError("the CPU rank lost the previous layer's output (its host join failed)")
+        part = _attention(attn_cpu, host[norms.attn_in](x), pos, mask, cpu_kv) if self.share.kv_heads else None
+        hidden = x + self._host_join(part, attn_box, attn_part, norms.attn_out)
+        part = mlp_cpu(host[norms.mlp_in](hidden)) if self.share.mlp_cols else None
+        rank.carry = hidden + self._host_join(part, mlp_box, mlp_part, norms.mlp_out)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
-
-
-def _host_module(block: nn.Module, name: str, views: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of `block`'s submodule `name` (a norm) whose parameters are the host copies in `views`."""
-    module = twin(getattr(block, name))
-    for p in module._parameters:
-        module._parameters[p] = nn.Parameter(views[f"{name}.{p}"], requires_grad=False)
-    return module
 
 
 def _fail_unset(parts: tuple[Future, ...], job: Future) -> None:
