@@ -207,6 +207,12 @@ case "${1:-}" in
     timeout 580 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
       --points 0.8:8 0.9:16 --serial-k 1 9 17 --graphs-only --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
+  speculative-long-spread)  # issue 14: speculative-long with the streamed layers spread among the resident ones
+                            # (--layout spread): a serial verify pass's resident compute (~25 ms a token at 76 GiB
+                            # with the first 37 layers streamed) runs beside the copies instead of after them
+    timeout 580 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
+      --points 0.8:8 0.9:16 --serial-k 1 9 17 --graphs-only --layout spread --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
   quick)  # one short call (~6 min): 8B at 6 GiB loaded with CUDA graphs (graphed plain, verify sweep, oracle points),
           # the GPU tests of the graphed verify, int4 and GGUF pass-through expansion, then the int4 kernel's time
     timeout 250 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 64 \

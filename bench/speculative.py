@@ -157,6 +157,9 @@ def main() -> None:
     p.add_argument("--spread", action="store_true",
                    help="then load the same plan with its streamed layers spread evenly among the resident ones and "
                         "run plain decoding, the serial pass sweep and the oracle points again (serial verify only)")
+    p.add_argument("--layout", choices=["prefix", "spread"], default="prefix",
+                   help="which layers the first load streams (overspill.load's layout): spread hides a serial verify "
+                        "pass's resident-layer compute under the copies")
     p.add_argument("--graphs", action="store_true",
                    help="after the eager runs, turn CUDA graphs on for the same model (plain steps and verify passes "
                         "graphed: GraphedDecode.verify) and run plain, the graphed verify pass sweep and the oracle "
@@ -194,7 +197,7 @@ def main() -> None:
     if args.graphs_only and torch.cuda.is_available():  # the plan then holds the graphs' workspace
         given["cuda_graphs"] = True
     model, _ = overspill.load(source, gpu_memory=budget, context=context, random_weights=random_weights,
-                              progress=False, stream_format="bf16", streaming="copy", **given)
+                              progress=False, stream_format="bf16", streaming="copy", layout=args.layout, **given)
     load_s = time.perf_counter() - t0
     plan = placement_of(model).plan
     print(plan.summary(), flush=True)
@@ -204,7 +207,8 @@ def main() -> None:
     ids = torch.randint(2, vocab, (1, args.prompt_tokens), generator=gen).to(placement_of(model).device)
     record = {
         **provenance.header("speculative", stamp, machine_facts()),
-        "model": args.model if not args.smoke else "smoke", "budget": args.budget, "load_s": load_s,
+        "model": args.model if not args.smoke else "smoke", "budget": args.budget, "layout": args.layout,
+        "load_s": load_s,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "plan_summary": plan.summary(), "predicted_plain_tok_s": plan.prediction.decode_tok_s if plan.prediction else None,
     }

@@ -218,3 +218,18 @@ def test_plan_shows_the_ttft_of_a_long_prompt(capsys) -> None:
     assert cli.main(["plan", "llama-3-70b", "--profile", "h100-pcie5", "--context", "131072"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("predicted prefill"))
     assert "a prompt of 131072 tokens: first token in ~" in line
+
+
+def test_spread_streaming_overlaps_nearly_every_layers_compute_with_the_copies() -> None:
+    """A serial verify pass hides the compute of every layer up to the last streamed one under the copies
+    (`Prediction.overlapped_gpu_s`): streaming the first 12 layers leaves the 20 resident ones as a tail, spreading
+    them leaves at most one resident layer after the last copy."""
+    budget = 6 * GiB
+    prefix = plan_for(FP, H100, Workload(), budget)
+    spread = plan_for(FP, H100, Workload(spread=True), budget)
+    assert prefix.streamed_layers and len(spread.streamed_layers) == len(prefix.streamed_layers)
+    per_layer = prefix.prediction.overlapped_gpu_s / len(prefix.streamed_layers)  # layers of one size
+    assert prefix.prediction.gpu_s - prefix.prediction.overlapped_gpu_s > (N - len(prefix.streamed_layers)) * per_layer
+    tail = N - 1 - max(spread.streamed_layers)
+    assert tail <= 1
+    assert spread.prediction.overlapped_gpu_s == pytest.approx((N - tail) * per_layer, rel=0.05)

@@ -283,7 +283,7 @@ def test_adaptive_chain_starts_from_the_plans_verify_pass_and_refits_on_measured
     model = load_tiny(tiny_checkpoint("llama"), resident=2)
     placement = placement_of(model)
     assert speculative.prior_pass_cost(model, serial=True) == PassCost(1.0)  # no probed machine, no prediction
-    prediction = SimpleNamespace(decode_step_s=0.2, gpu_s=0.004, host_s=0.02, streamed_gpu_s=0.003,  # 8B, 6 GiB
+    prediction = SimpleNamespace(decode_step_s=0.2, gpu_s=0.004, host_s=0.02, overlapped_gpu_s=0.003,  # 8B, 6 GiB
                                  expand_s=0.0)
     monkeypatch.setattr(placement, "plan", dataclasses.replace(placement.plan, prediction=prediction))
     prior = speculative.prior_pass_cost(model, serial=True)

@@ -54,8 +54,9 @@ class Prediction:
     prefill_tok_s: float  # at a PREFILL_TOKENS-token prompt, batch 1
     cpu_only_tok_s: float
     expand_s: float = 0.0  # GPU time per step expanding encoded streamed layers (part of gpu_s)
-    streamed_gpu_s: float = 0.0  # GPU time of the streamed layers per step, their expansion included (part of
-    # gpu_s): what a link-bound serial verify pass computes while the copies behind it run (`speculation`)
+    overlapped_gpu_s: float = 0.0  # GPU time per step of every layer up to the last streamed one, expansion
+    # included (part of gpu_s): what a link-bound serial verify pass computes while copies still run beside it
+    # (`speculation`); with streamed layers spread among the resident ones nearly all of it
 
 
 def predict(
@@ -72,7 +73,8 @@ def predict(
     streamed_layers: tuple[int, ...] = (),
 ) -> Prediction:
     """Predicted step time of a placement. Byte counts as in `Plan` and `Footprint`; `streamed_layers` (the
-    plan's) only split the GPU's time into streamed and resident layers' (`Prediction.streamed_gpu_s`)."""
+    plan's) only split the GPU's time into what copies can run beside and the resident tail after the last
+    streamed layer (`Prediction.overlapped_gpu_s`)."""
     n = len(layer_bytes)
     hbm = profile.hbm_bytes_s or float("inf")
     mm = profile.matmul_flops_s
@@ -111,7 +113,7 @@ def predict(
         prefill_tok_s=PREFILL_TOKENS / prefill,
         cpu_only_tok_s=1 / (active_params / profile.cpu_gemv_params_s + host),
         expand_s=expand_s,
-        streamed_gpu_s=sum(layer_s[i] for i in streamed_layers) + expand_s if streamed_layers else 0.0,
+        overlapped_gpu_s=sum(layer_s[:max(streamed_layers) + 1]) + expand_s if streamed_layers else 0.0,
     )
 
 

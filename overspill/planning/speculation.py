@@ -16,16 +16,18 @@ The pass cost is `base + per_token * n`, and what a token adds depends on how th
 - batched (all n tokens through each layer as one [n, hidden] matrix): an extra token costs its
   matmul FLOPs, 2 * active_params / matmul_rate (8B on the H200: ~0.03 ms against a 193 ms pass);
 - serial (`runtime.token_serial`: each layer runs once per token, plain decoding's arithmetic, so
-  greedy tokens stay bit-identical): an extra token costs the resident layers' and the head's GPU
-  compute (`Prediction.gpu_s - Prediction.streamed_gpu_s`). A streamed layer's n tokens run while the
-  link copies the layers behind it, so the link hides them as long as n x a layer's compute stays under a
-  layer's copy; the resident layers have no copy to overlap with. Measured with CUDA graphs on an H100
-  (bench/results/speculative-llama-3-70b-76GiB-20261207-114913.json), 70B at 76 GiB with 37 of 80 layers
-  streamed: pass(1, 9, 17) = 1145, 1338, 1588 ms, ~24-31 ms a token against a whole step's 46.6 ms of GPU time
-  and the resident 43 layers' ~25. However well hidden, a serial pass cannot beat n steps of the GPU's
-  whole compute. The host dispatches every layer's kernels once per token, asynchronously: it stays
-  ahead of the GPU until n x its per-step dispatch (`Prediction.host_s`) exceeds the pass, and from there
-  the host bounds the pass (not when graphed: a graphed pass is one replay).
+  greedy tokens stay bit-identical): an extra token costs the GPU compute of the resident layers after the
+  last streamed one, and the head's (`Prediction.gpu_s - Prediction.overlapped_gpu_s`). A layer computed
+  while copies are still under way (a streamed one, or a resident one between streamed ones) runs its n
+  tokens while the link copies the layers behind it, so the link hides them as long as that compute stays
+  under the copies; the resident tail has no copy to overlap with. Measured with CUDA graphs on an H100
+  (bench/results/speculative-llama-3-70b-76GiB-20261207-114913.json), 70B at 76 GiB with the first 37 of 80
+  layers streamed: pass(1, 9, 17) = 1145, 1338, 1588 ms, ~24-31 ms a token against a whole step's 46.6 ms of
+  GPU time and the resident 43 layers' ~25 (hence `layout="spread"` for speculation: its tail is ~1 layer).
+  However well hidden, a serial pass cannot beat n steps of the GPU's whole compute. The host dispatches
+  every layer's kernels once per token, asynchronously: it stays ahead of the GPU until n x its per-step
+  dispatch (`Prediction.host_s`) exceeds the pass, and from there the host bounds the pass (not when
+  graphed: a graphed pass is one replay).
 
 So, for a plain decode step of `step` seconds (one token),
 
@@ -139,8 +141,8 @@ def verify_pass_cost(decode_step_s: float, gpu_token_s: float, host_token_s: flo
         serial: verification runs each layer once per token (see the module docstring).
         draft_per_token_s: proposing one token.
         graphed: the pass replays as a CUDA graph (one launch), so the host dispatches no token's kernels.
-        hidden_token_s: the part of `gpu_token_s` the link's copies hide in a serial pass (the streamed
-            layers': `Prediction.streamed_gpu_s`).
+        hidden_token_s: the part of `gpu_token_s` the link's copies hide in a serial pass (every layer's up to
+            the last streamed one: `Prediction.overlapped_gpu_s`).
         expand_s: the part of `gpu_token_s` spent expanding encoded streamed layers, once a pass whatever its
             tokens (`Prediction.expand_s`): out of the per-token floor.
     """
@@ -155,7 +157,7 @@ def plan_pass_cost(prediction: Prediction, active_params: float, matmul_flops_s:
     """`verify_pass_cost` from a batch-1 `costmodel.Prediction` and the model's active parameters per token."""
     marginal = 2.0 * active_params / matmul_flops_s if matmul_flops_s > 0 else 0.0
     return verify_pass_cost(prediction.decode_step_s, prediction.gpu_s, prediction.host_s, marginal, serial,
-                            draft_per_token_s, graphed, prediction.streamed_gpu_s, prediction.expand_s)
+                            draft_per_token_s, graphed, prediction.overlapped_gpu_s, prediction.expand_s)
 
 
 def fit_pass_cost(points: Iterable[tuple[float, float]], prior: PassCost | None = None) -> PassCost:
