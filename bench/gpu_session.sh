@@ -213,6 +213,12 @@ case "${1:-}" in
     timeout 580 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
       --points 0.8:8 0.9:16 --serial-k 1 9 17 --graphs-only --layout spread --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
+  speculative-self-70b)  # issue 14 (iii): speculate='self' end to end at the 70B shape, one load (the planner's int4
+                         # draft inside BUDGET): plain decoding of that plan, then chains 4 and 8 (random weights:
+                         # acceptance is meaningless, reported as measured) (~6 min)
+    timeout 570 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 16 \
+      --self-only --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    ;;
   quick)  # one short call (~6 min): 8B at 6 GiB loaded with CUDA graphs (graphed plain, verify sweep, oracle points),
           # the GPU tests of the graphed verify, int4 and GGUF pass-through expansion, then the int4 kernel's time
     timeout 250 python3 bench/speculative.py --model llama-3-8b --budget 6GiB --new-tokens 64 \

@@ -154,6 +154,8 @@ def main() -> None:
                    help="then load again with speculate='self' (the planner sizes the int4 draft inside the "
                         "budget) and time it against plain decoding of that same plan (random weights: its "
                         "acceptance is meaningless, reported as measured)")
+    p.add_argument("--self-only", action="store_true",
+                   help="only the --self-draft load (one load of a large model fits a device call)")
     p.add_argument("--spread", action="store_true",
                    help="then load the same plan with its streamed layers spread evenly among the resident ones and "
                         "run plain decoding, the serial pass sweep and the oracle points again (serial verify only)")
@@ -192,6 +194,9 @@ def main() -> None:
         given["plan"] = streamed_plan(Path(source), context, streamed=SMOKE_CONFIG["num_hidden_layers"] // 2)
     else:
         source, random_weights, budget = args.model, True, args.budget
+    if args.self_only:
+        self_only(source, budget, context, random_weights, args, path, stamp)
+        return
     t0 = time.perf_counter()
     # bf16 copies, whatever `auto` would pick (lossless once nvCOMP is installed): the pass costs are bf16 streaming's
     if args.graphs_only and torch.cuda.is_available():  # the plan then holds the graphs' workspace
@@ -453,6 +458,23 @@ def self_draft_pass_cost(model, plan, draft):
     draft_s = draft_token_seconds(footprint(model, layers, model.dtype), draft.weight_bytes, len(draft.layers),
                                   Machine.of(probe()))
     return planner_pass_cost(model, plan, draft_per_token_s=draft_s)
+
+
+def self_only(source, budget, context: int, random_weights: bool, args, path: Path, stamp: str) -> None:
+    """`--self-only`: `self_draft_run` on its own, the prompt drawn from the config's vocabulary."""
+    import torch
+
+    from overspill.planning.configs import shipped_config
+    from overspill.runtime.hardware import machine_facts
+
+    config = json.loads((Path(source) / "config.json").read_text()) if args.smoke else shipped_config(args.model)
+    vocab = config.get("text_config", config)["vocab_size"]
+    ids = torch.randint(2, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    record = {**provenance.header("speculative", stamp, machine_facts()), "model": args.model if not args.smoke
+              else "smoke", "budget": args.budget, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    record["self_draft"] = self_draft_run(source, budget, context, random_weights, ids, args.new_tokens)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")
 
 
 def self_draft_run(source, budget, context: int, random_weights: bool, ids, new_tokens: int) -> dict:
