@@ -119,6 +119,8 @@ case "${1:-}" in
   cpu-rank-gil)  # issue 16: why bf16 gave 1.009x at 5b57da5 (worker busy 137 ms a step where the plan said 86, joins
                 # ~1 ms each): the same split at other worker thread counts, then with shorter GIL switch intervals
                 # (the worker needs the GIL for every op while the Python thread launches the GPU's share)
+    timeout 90 python3 bench/host_threads.py --out "$OUT" 2>&1 | tee -a "$OUT/log"  # no GPU: the GEMV on the main
+    # thread against the worker (21.6 vs 39.7 G params/s at 5638238), under each OpenMP wait policy
     timeout 60 python3 bench/gil_contention.py --out "$OUT" 2>&1 | tee -a "$OUT/log"  # no GPU: the worker alone vs
     # while another thread launches (16 host cores: the share's ops are short, so a 5 ms GIL wait would weigh)
     timeout 300 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \

@@ -37,3 +37,14 @@ def test_smoke_with_int8_host_weights(tmp_path: Path) -> None:
     (record_path,) = tmp_path.glob("cpu-rank-smoke-*-int8-*.json")
     split = json.loads(record_path.read_text())["runs"][1]
     assert split["name"] == "CPU rank (int8)" and split["logits_vs_plain"]["min_cosine"] > 0.99
+
+
+def test_host_threads_smoke_times_main_and_worker_under_each_wait_policy(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "host_threads.py"), "--smoke", "--threads", "1", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record_path,) = tmp_path.glob("host-threads-smoke-*.json")
+    record = json.loads(record_path.read_text())
+    assert set(record["policies"]) == {"default", "PASSIVE", "ACTIVE"}
+    for points in record["policies"].values():
+        assert "1" in points and all(p["main_g"] > 0 and p["worker_g"] > 0 for p in points.values())
