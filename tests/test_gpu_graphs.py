@@ -86,11 +86,13 @@ def test_pipeline_decodes_through_graphs(monkeypatch, tmp_path):
     assert pipe(chat, max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]["content"] == answer
 
 
+@pytest.mark.parametrize("layout", ["prefix", "spread"])
 @pytest.mark.parametrize("chain", [8, None])
 @pytest.mark.parametrize("resident", [0, 4])
-def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_checkpoint, resident, chain):
+def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_checkpoint, resident, chain, layout):
     """Verify passes captured as graphs (`GraphedDecode.verify`): greedy tokens are plain graphed greedy's
-    bit for bit in bf16, with streamed layers, chains fixed and adaptive, the static cache reused."""
+    bit for bit in bf16, with streamed layers first or spread among the resident ones, chains fixed and
+    adaptive, the static cache reused."""
     import overspill
     from overspill.api import placement_of
     from overspill.planning.placement import budget_for
@@ -104,7 +106,7 @@ def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_check
     skeleton = build_skeleton(config, torch.bfloat16)
     fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)
     model, _ = overspill.load(path, gpu_memory=budget_for(fp, Workload(128, 1), resident), context=128,
-                              progress=False, cuda_graphs=True)
+                              progress=False, cuda_graphs=True, layout=layout)
     graphed = placement_of(model).graphs
     ids = torch.randint(3, config.vocab_size, (1, 20), device="cuda")
     want = model.generate(ids, **GEN)
