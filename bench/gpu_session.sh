@@ -212,7 +212,9 @@ case "${1:-}" in
   speculative-long-spread)  # issue 14: speculative-long with the streamed layers spread among the resident ones
                             # (--layout spread): a serial verify pass's resident compute (~25 ms a token at 76 GiB
                             # with the first 37 layers streamed) runs beside the copies instead of after them
-    timeout 580 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
+    timeout -s INT 80 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py \
+      -k speculative 2>&1 | tail -6 | tee -a "$OUT/log"  # spread and graphs together, on a small model first (~1 min)
+    timeout 570 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
       --points 0.8:8 0.9:16 --serial-k 1 9 17 --graphs-only --layout spread --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   speculative-self-70b)  # issue 14 (iii): speculate='self' end to end at the 70B shape, one load (the planner's int4
