@@ -19,7 +19,7 @@ from .planning.host_experts import refused
 from .planning.host_experts import supported as host_experts_supported
 from .planning.host_experts import why_dense
 from .planning.hostmem import check_host
-from .planning.placement import AUTO_MARGIN_BYTES, LAYOUTS, choose_streaming
+from .planning.placement import AUTO_MARGIN_BYTES, choose_streaming, spreads
 from .planning.prequantized import Prequantized, scheme_of, settle_format
 from .planning.plan import (
     DEFAULT_CONTEXT,
@@ -190,7 +190,7 @@ def load(
     moe_streaming: str = "auto",
     cpu_compute_format: str = "bf16",
     cpu_experts: str = "off",
-    layout: str = "prefix",
+    layout: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM with its layers split between GPU memory and pinned host memory.
 
@@ -214,9 +214,9 @@ def load(
         kv_gpu_memory: device bytes the KV cache may use ("2GiB"); layers whose KV does not fit keep
             it in pinned host memory (a `TieredCache`, built by `generate` automatically). By default
             KV stays on the device unless even streaming every layer leaves no room for it.
-        layout: which layers stream: "prefix" (the first ones) or "spread" (evenly among the resident ones,
+        layout: which layers stream: "prefix" (the first ones), "spread" (evenly among the resident ones,
             so the ring's copies run beside resident layers: `planning.placement.streamed_tiers` says when that
-            pays). Host-tier KV keeps the prefix.
+            pays) or "auto" (spread where `speculate` verifies drafts, else prefix). Host-tier KV keeps the prefix.
         fit_batch: plan for the largest batch up to `batch` whose KV stays on the GPU (serving:
             host-tier KV runs one sequence at a time); `model.overspill.plan.workload.batch` says
             what was planned. Ignored with `kv_gpu_memory`.
@@ -336,9 +336,11 @@ def load(
         skeleton = build_skeleton(config, torch_dtype)
     _attach_generation_config(skeleton, source)  # before the weights: a broken file fails fast
     layers_path, layers = decoder_layers(skeleton)
-    if layout not in LAYOUTS:
-        raise OverspillError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
-    workload = Workload(context, batch, pass_tokens=pass_tokens, graphs=cuda_graphs, spread=layout == "spread")
+    try:
+        spread = spreads(layout, speculate)
+    except ValueError as exc:
+        raise OverspillError(str(exc)) from None
+    workload = Workload(context, batch, pass_tokens=pass_tokens, graphs=cuda_graphs, spread=spread)
     if dev.type != "cuda":
         workload = replace(workload, activation_floor=0)
     spec = measured_spec(skeleton, layers, torch_dtype)

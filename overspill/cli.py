@@ -27,8 +27,9 @@ from .serving.defaults import (
 DEFAULT_PROMPT = "What is the highest mountain in the world?"
 
 
-LAYOUT_HELP = ("which layers stream: prefix (default: the first ones) or spread (evenly among the resident ones, "
-               "so the ring's copies run beside resident layers; host-tier KV keeps the prefix).")
+LAYOUT_HELP = ("which layers stream: prefix (the first ones), spread (evenly among the resident ones, so the ring's "
+               "copies run beside resident layers; host-tier KV keeps the prefix) or auto (default: spread with "
+               "--speculate, where a verify pass runs each resident layer once a drafted token; else prefix).")
 
 
 def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> None:
@@ -54,7 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     )
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
                    help=f"how many layers ahead the copy stream prefetches (default {DEFAULT_DEPTH}).")
-    p.add_argument("--layout", default="prefix", choices=list(LAYOUTS),
+    p.add_argument("--layout", default="auto", choices=list(LAYOUTS),
                    help=LAYOUT_HELP)
     p.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT,
@@ -395,7 +396,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                       help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
-    plan.add_argument("--layout", default="prefix", choices=list(LAYOUTS), help=LAYOUT_HELP)
+    plan.add_argument("--layout", default="auto", choices=list(LAYOUTS), help=LAYOUT_HELP)
     plan.add_argument(
         "--dtype", default=DEFAULT_DTYPE, metavar="D",
         help=f"weight dtype to size the model in: {DEFAULT_DTYPE} (default, what `run` loads on a GPU), float16, "

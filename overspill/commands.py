@@ -66,7 +66,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning import planview
     from .planning.formats import FORMATS, choose, format_blocker, with_format
     from .planning.hostmem import check_host
-    from .planning.placement import plan_for, serving_pass_tokens
+    from .planning.placement import plan_for, serving_pass_tokens, spreads
     from .planning.plan import Workload, footprint_from_spec
     from .planning.host_experts import refusal as host_experts_refusal
     from .planning.host_experts import supported as host_experts_supported
@@ -97,7 +97,8 @@ def plan_main(args: argparse.Namespace) -> int:
     kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
-                        graphs=getattr(args, "cuda_graphs", False), spread=getattr(args, "layout", "prefix") == "spread")
+                        graphs=getattr(args, "cuda_graphs", False),
+                        spread=spreads(getattr(args, "layout", "auto"), getattr(args, "speculate", None)))
     fmt_blocker = format_blocker(cuda_graphs=workload.graphs, speculate=getattr(args, "speculate", None),
                                  cpu_compute=getattr(args, "cpu_compute", "off"))
     requested, format_note = _plan_format(getattr(args, "stream_format", "auto"), profile, fmt_blocker)

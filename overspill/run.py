@@ -87,7 +87,7 @@ def load_options(args: argparse.Namespace) -> dict:
         stream_format=getattr(args, "stream_format", "auto"),
         cpu_compute=getattr(args, "cpu_compute", "off"), moe_streaming=getattr(args, "moe_streaming", "auto"),
         cpu_compute_format=getattr(args, "cpu_compute_format", "bf16"), cpu_experts=getattr(args, "cpu_experts", "off"),
-        layout=getattr(args, "layout", "prefix"),
+        layout=getattr(args, "layout", "auto"),
     )
 
 

@@ -252,7 +252,8 @@ def test_plan_speculate_self_places_the_draft_as_load_does(capsys):
     shown = json.loads(out)
     profile = REFERENCE_PROFILES["h100-pcie5"]
     fp = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
-    draft, placed = plan_self_draft(fp, 12 * 2**30, Workload(4096, 1), 2, None, False,
+    # layout auto spreads the streamed layers where drafts are verified, as `load` does
+    draft, placed = plan_self_draft(fp, 12 * 2**30, Workload(4096, 1, spread=True), 2, None, False,
                                     Machine(profile.h2d_bytes_s, profile.hbm_bytes_s, profile.layer_overhead_s))
     assert shown["plan"]["layer_tiers"] == [t.value for t in placed.layer_tiers]
     assert any(n.startswith("self draft: ") for n in shown["plan"]["notes"])

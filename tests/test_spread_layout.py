@@ -86,3 +86,12 @@ def test_plan_layout_spread_on_the_command_line() -> None:
                           "--profile", "h100-pcie5", "--layout", "spread", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert '"layer_tiers"' in out.stdout or "pinned" in out.stdout
+
+
+def test_auto_layout_spreads_only_where_drafts_are_verified():
+    from overspill.planning.placement import spreads
+
+    assert spreads("auto", "ngram") and spreads("auto", "self") and not spreads("auto", None)
+    assert spreads("spread", None) and not spreads("prefix", "ngram")
+    with pytest.raises(ValueError, match="unknown layout 'middle': choose one of auto, prefix, spread"):
+        spreads("middle", None)

@@ -125,7 +125,7 @@ def load_for_serving(args) -> tuple:
         streaming=args.streaming, cuda_graphs=getattr(args, "cuda_graphs", False),
         stream_format=getattr(args, "stream_format", "auto"), moe_streaming=getattr(args, "moe_streaming", "auto"),
         cpu_experts=getattr(args, "cpu_experts", "off"), speculate=_draft_model(args),
-        layout=getattr(args, "layout", "prefix"),
+        layout=getattr(args, "layout", "auto"),
     )
     plan = placement_of(model).plan
     print(plan.summary())
