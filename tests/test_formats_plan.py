@@ -45,19 +45,21 @@ def test_encoded_layers_need_two_staging_buffers_beside_the_slots() -> None:
     bf16 = greedy_plan(LLAMA3_8B, budget)
     int8 = greedy_plan(with_format(LLAMA3_8B, choose(LLAMA3_8B, "int8")), budget)
     enc = encoded_bytes("int8", LAYER, 2)
-    # slots hold the layer as it computes; its encoded bytes land in one of two staging buffers
-    assert bf16.slot_bytes == int8.slot_bytes == LAYER
+    # slots hold the layer as it computes; its encoded bytes land in one of two staging buffers, which hold the
+    # copies in flight, so at depth 2 two slots do (`placement.ring_slots`) where bf16 copies need three
+    assert bf16.slot_bytes == int8.slot_bytes == LAYER and (bf16.slots, int8.slots) == (3, 2)
     assert bf16.expand_bytes == 0 and int8.expand_bytes == 2 * enc
     assert int8.stream_format == "int8" and bf16.stream_format == "bf16"
-    # the staging costs a resident layer; every streamed layer sends its encoded bytes
-    assert len(int8.streamed_layers) == len(bf16.streamed_layers) + 1
+    # the staging (2 x 1.03 B a parameter) costs about the slot saved (2 B a parameter): as many layers stream;
+    # every streamed layer sends its encoded bytes
+    assert len(int8.streamed_layers) == len(bf16.streamed_layers)
     assert int8.streamed_bytes_per_step == enc * len(int8.streamed_layers)
     assert int8.device_bytes <= budget
     lossless = greedy_plan(with_format(LLAMA3_8B, choose(LLAMA3_8B, "lossless")), budget)
     staging = 2 * encoded_bytes("lossless", LAYER, 2)
     # plus one coded chunk of the high plane decoded at a time (64 MiB of the layer's 208 MiB)
     assert lossless.expand_bytes == staging + formats.LOSSLESS_CHUNK < staging + PARAMS
-    assert lossless.device_bytes == (lossless.device_weight_bytes + 3 * LAYER + staging + formats.LOSSLESS_CHUNK
+    assert lossless.device_bytes == (lossless.device_weight_bytes + 2 * LAYER + staging + formats.LOSSLESS_CHUNK
                                      + lossless.workspace_bytes)
 
 
@@ -126,3 +128,11 @@ def test_plan_command_refuses_an_unknown_format_in_one_line() -> None:
     out = _plan_cli("llama-3-8b", "--stream-format", "int5")
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "--stream-format must be one of" in out.stderr
+
+
+def test_encoded_rings_keep_depth_slots_and_at_least_two() -> None:
+    from overspill.planning.placement import ring_slots
+
+    assert [ring_slots(d, 30, encoded=False) for d in (1, 2, 4)] == [2, 3, 5]
+    assert [ring_slots(d, 30, encoded=True) for d in (1, 2, 4)] == [2, 2, 4]
+    assert ring_slots(2, 1, encoded=True) == ring_slots(2, 1, encoded=False) == 1  # never more than streamed layers

@@ -10,8 +10,8 @@ The rule here is greedy and simple; it is written so the cost-model planner can 
 1. Everything resident if it fits (embeddings included).
 2. Else the input embedding moves to host memory (a row lookup per token costs nothing on the
    link; its table can be ~1 GB for a 128k vocabulary) unless it is tied to the LM head.
-3. Else `depth + 1` ring slots are reserved (the layer computing plus `depth` being copied), and
-   as many decoder layers as fit stay resident: the *last* ones. Streaming the first layers means
+3. Else `depth + 1` ring slots are reserved (the layer computing plus `depth` being copied; `ring_slots`
+   says why encoded layers need one fewer), and as many decoder layers as fit stay resident: the *last* ones. Streaming the first layers means
    the copy engine prefetches the next step's first layers while the GPU runs the resident tail,
    the LM head and sampling, so the link never waits on the CPU between tokens.
 """
@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from ..errors import OverspillError
 from .costmodel import predict, prefill_seconds
-from .formats import plan_expand_seconds
+from .formats import NATIVE, plan_expand_seconds
 from .plan import (
     DEFAULT_DEPTH,
     PREFILL_CHUNK_TOKENS,
@@ -101,6 +101,18 @@ def _embed_on_device(fp: Footprint) -> bool:
     return fp.tied_embeddings or not fp.host_embedding_ok
 
 
+def ring_slots(depth: int, streamed: int, encoded: bool) -> int:
+    """Ring slots for `streamed` layers copied `depth` ahead: the layer computing plus `depth` copies, or for
+    encoded layers (a stream format other than the compute dtype) `depth` and at least two. Their copies land in
+    the `STAGING_BUFFERS` staging buffers, not in the slots, so the staging already holds the copies in flight:
+    with two slots one layer computes while the next expands, and two more copies still run behind them
+    (expansion takes ~1.5 ms of a 5.3 ms lossless copy of an 8B layer on the H100). The slot saved is a whole
+    layer in the compute dtype, which stays resident instead (8B at 6 GiB: 416 MiB, one layer fewer on the link)."""
+    if encoded:
+        return min(max(depth, 2), streamed)
+    return min(depth + 1, streamed)
+
+
 def _make_plan(
     fp: Footprint, tiers: list[Tier], embed_tier: Tier, depth: int, budget: int | None, workload: Workload,
     kv_host: int = 0,
@@ -110,7 +122,7 @@ def _make_plan(
     wire = fp.encoded_layer_bytes
     # Encoded layers send fewer bytes; they land in staging buffers beside the slots (`expand_bytes`).
     sent = streamed if wire is None else [w for w, t in zip(wire, tiers) if t is Tier.PINNED]
-    slots = min(depth + 1, len(streamed))
+    slots = ring_slots(depth, len(streamed), encoded=wire is not None and fp.stream_format != NATIVE)
     device_w = fp.head_bytes + fp.other_bytes + sum(b for b, t in zip(fp.layer_bytes, tiers) if t is Tier.DEVICE)
     if embed_tier is Tier.DEVICE:
         device_w += fp.embed_bytes
