@@ -157,7 +157,8 @@ def main() -> None:
     record = {**provenance.header("cpu_rank", stamp, machine_facts()), "model": name, "budget": args.budget,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": threads,
               "host_format": args.host_format,
-              "host_cores": len(os.sched_getaffinity(0)), "profile": profile.__dict__ if profile else None,
+              "host_cores": len(os.sched_getaffinity(0)), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "profile": profile.__dict__ if profile else None,
               "gemv_forms_params_s": probe_forms(threads), "runs": []}
     print("host bf16 GEMV forms (params/s):", {k: f"{v / 1e9:.1f} G" if v > 1000 else v
                                                 for k, v in record["gemv_forms_params_s"].items()}, flush=True)

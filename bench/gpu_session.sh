@@ -125,6 +125,10 @@ case "${1:-}" in
     # while another thread launches (16 host cores: the share's ops are short, so a 5 ms GIL wait would weigh)
     timeout 300 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \
       --also-threads 8 12 --also-switch-interval 0.0005 0.0001 0.00002 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    # at bd3e9cb OMP_WAIT_POLICY=PASSIVE gave the highest host GEMV rates at 15-16 threads (47-54 G params/s against
+    # 38-45 by default; noisy): the same split with worker pools that sleep between regions
+    OMP_WAIT_POLICY=PASSIVE timeout 200 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB \
+      --host-format bf16 --also-switch-interval 0.0005 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   formats-70b)  # issue 15 at the 70B shape, two formats per call (a load each, ~3 min): FORMATS="bf16 int4" first, then
                 # FORMATS="lossless int8" BF16=<the first call's JSON, committed>; BUDGET=80GiB (the H200; on an
