@@ -129,7 +129,8 @@ def main() -> None:
     p.add_argument("--also-switch-interval", type=float, nargs="*", default=[],
                    help="then once more with each sys.setswitchinterval(S): how long the worker waits for the GIL "
                         "while the Python thread launches GPU work (Python's default interval: 0.005 s)")
-    p.add_argument("--smoke", action="store_true", help="tiny float32 model on the CPU, every layer streamed, fraction 0.5")
+    p.add_argument("--smoke", action="store_true", help="tiny float32 model on the CPU, every layer streamed, fraction 0.8 (MLP columns "
+                        "first: the least that also gives the host a KV head)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
 
@@ -191,7 +192,7 @@ def main() -> None:
 
     fp = footprint(model, decoder_layers(model)[1], next(model.parameters()).dtype)
     planned = split_at(fp, plan, profile, 1, args.fraction, args.host_format) if profile else None
-    fraction = args.fraction if args.fraction is not None else planned.fraction if planned else 0.5
+    fraction = args.fraction if args.fraction is not None else planned.fraction if planned else 0.8
     widest = max_tokens(fp, profile, args.host_format) if profile else 64
     record["off_batch"] = off_batch(fp, plan, profile, args.host_format) if profile else None  # where `auto` stops
     if profile:  # and why: the planner's fraction, link and host time per batch, as `overspill plan` shows them

@@ -1,4 +1,4 @@
-"""bench/cpu_rank.py --smoke on the CPU: plain streaming, then the same placed model split at 0.5
+"""bench/cpu_rank.py --smoke on the CPU: plain streaming, then the same placed model split at 0.8
 of each streamed layer: identical greedy tokens and logits, only the GPU share in the ring, the
 worker's time recorded, the GEMV forms timed, and the chart written."""
 
@@ -20,7 +20,7 @@ def test_smoke_records_plain_and_split_runs(tmp_path: Path) -> None:
     assert record_path.with_suffix(".png").exists()
     record = json.loads(record_path.read_text())
     plain, split = record["runs"]
-    assert split["fraction"] == 0.5 and split["share"] == {"kv_heads": 1, "mlp_cols": 64}
+    assert split["fraction"] == 0.8 and split["share"] == {"kv_heads": 1, "mlp_cols": 127}  # MLP columns first
     assert split["gpu_share_bytes_per_step"] < record["streamed_bytes_per_step"]
     assert split["logits_vs_plain"]["greedy_agreement"] == 1.0 and split["logits_vs_plain"]["max_abs_diff"] < 1e-4
     assert split["joins"] == 2 * 4 * 6 and split["worker_busy_s_per_step"] > 0  # 2 joins x 4 layers x 6 passes

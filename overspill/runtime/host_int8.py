@@ -28,6 +28,8 @@ K_ALIGN = 16
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, scale per output row in the weight's dtype): symmetric, absmax / 127."""
     w = weight.float()
+    if w.shape[1] == 0:  # a share without KV heads: its o_proj has no input columns (and never runs)
+        return torch.zeros(w.shape, dtype=torch.int8), torch.ones(w.shape[0], dtype=weight.dtype)
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
     return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale.to(weight.dtype)
 
