@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
 #                                              | compile | serve-managed | truth-128k | tests-a | tests-b
 #                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-gil | cpu-rank-70b | moe | moe-cpu
-#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | speculative-8b-graphs | speculative-graphs | speculative-long | quick | quick-graphs | recheck)
+#                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | speculative-8b-graphs | speculative-graphs | speculative-long
+#                                              | speculative-long-spread | speculative-self-70b | quick | quick-graphs | recheck)
 # Each step fits one device call (< 10 min) and writes its logs and JSON under $OUT. Prepare on the CPU
 # machine first: bench/fetch_gpu_wheels.sh (makes .whl, .whl-nvcomp and .smol, the SmolLM2 tokenizer files;
 # carry what a step needs), and pass OVERSPILL_GIT_COMMIT=$(git rev-parse --short HEAD): the tree travels
@@ -119,8 +120,6 @@ case "${1:-}" in
   cpu-rank-gil)  # issue 16: why bf16 gave 1.009x at 5b57da5 (worker busy 137 ms a step where the plan said 86, joins
                 # ~1 ms each): the same split at other worker thread counts, then with shorter GIL switch intervals
                 # (the worker needs the GIL for every op while the Python thread launches the GPU's share)
-    timeout 90 python3 bench/host_threads.py --out "$OUT" 2>&1 | tee -a "$OUT/log"  # no GPU: the GEMV on the main
-    # thread against the worker (21.6 vs 39.7 G params/s at 5638238), under each OpenMP wait policy
     timeout 60 python3 bench/gil_contention.py --out "$OUT" 2>&1 | tee -a "$OUT/log"  # no GPU: the worker alone vs
     # while another thread launches (16 host cores: the share's ops are short, so a 5 ms GIL wait would weigh)
     timeout 300 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \
@@ -218,7 +217,7 @@ case "${1:-}" in
                             # with the first 37 layers streamed) runs beside the copies instead of after them
     timeout -s INT 80 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_graphs.py \
       -k speculative 2>&1 | tail -6 | tee -a "$OUT/log"  # spread and graphs together, on a small model first (~1 min)
-    timeout 570 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
+    timeout 505 python3 bench/speculative.py --model llama-3-70b --budget "${BUDGET:-80GiB}" --new-tokens 160 \
       --points 0.8:8 0.9:16 --serial-k 1 9 17 --graphs-only --layout spread --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   speculative-self-70b)  # issue 14 (iii): speculate='self' end to end at the 70B shape, one load (the planner's int4

@@ -161,7 +161,7 @@ def main() -> None:
                         "run plain decoding, the serial pass sweep and the oracle points again (serial verify only)")
     p.add_argument("--layout", choices=["prefix", "spread"], default="prefix",
                    help="which layers the first load streams (overspill.load's layout): spread hides a serial verify "
-                        "pass's resident-layer compute under the copies")
+                        "pass's resident-layer compute under the copies (--smoke places its own plan: ignored)")
     p.add_argument("--graphs", action="store_true",
                    help="after the eager runs, turn CUDA graphs on for the same model (plain steps and verify passes "
                         "graphed: GraphedDecode.verify) and run plain, the graphed verify pass sweep and the oracle "
@@ -464,10 +464,10 @@ def self_only(source, budget, context: int, random_weights: bool, args, path: Pa
     """`--self-only`: `self_draft_run` on its own, the prompt drawn from the config's vocabulary."""
     import torch
 
-    from overspill.planning.configs import shipped_config
     from overspill.runtime.hardware import machine_facts
+    from overspill.runtime.sources import resolve
 
-    config = json.loads((Path(source) / "config.json").read_text()) if args.smoke else shipped_config(args.model)
+    config = resolve(source, random_weights, config_only=True).config()
     vocab = config.get("text_config", config)["vocab_size"]
     ids = torch.randint(2, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     record = {**provenance.header("speculative", stamp, machine_facts()), "model": args.model if not args.smoke

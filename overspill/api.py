@@ -377,8 +377,14 @@ def load(
         if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
             self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, Machine.of(profile))
         else:
+            blocker = moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate)
             plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
-                                           moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate), profile)
+                                           blocker, profile)
+            if workload.spread and layout == "auto" and plan.moe_streaming == "experts":
+                # speculate='auto' drafts nothing for expert-streamed layers (`auto_source`): keep the prefix
+                workload = replace(workload, spread=False)
+                plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch,
+                                               moe_streaming, blocker, profile)
             if moe_note:
                 plan = replace(plan, notes=plan.notes + (moe_note,))
         if draft_note:

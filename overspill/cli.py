@@ -395,7 +395,8 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "(this machine's available memory when probed).",
     )
     plan.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
-                      help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots (default {DEFAULT_DEPTH}).")
+                      help=f"how many layers ahead the copy stream prefetches; the ring has depth+1 slots, or depth "
+                      f"(at least 2) for encoded stream formats, whose copies land in staging buffers (default {DEFAULT_DEPTH}).")
     plan.add_argument("--layout", default="auto", choices=list(LAYOUTS), help=LAYOUT_HELP)
     plan.add_argument(
         "--dtype", default=DEFAULT_DTYPE, metavar="D",

@@ -222,7 +222,7 @@ def test_plan_shows_the_ttft_of_a_long_prompt(capsys) -> None:
 
 def test_spread_streaming_overlaps_nearly_every_layers_compute_with_the_copies() -> None:
     """A serial verify pass hides the compute of every layer up to the last streamed one under the copies
-    (`Prediction.overlapped_gpu_s`): streaming the first 12 layers leaves the 20 resident ones as a tail, spreading
+    (`Prediction.overlapped_gpu_s`): streaming the first layers leaves the resident ones as a tail, spreading
     them leaves at most one resident layer after the last copy."""
     budget = 6 * GiB
     prefix = plan_for(FP, H100, Workload(), budget)
@@ -233,3 +233,11 @@ def test_spread_streaming_overlaps_nearly_every_layers_compute_with_the_copies()
     tail = N - 1 - max(spread.streamed_layers)
     assert tail <= 1
     assert spread.prediction.overlapped_gpu_s == pytest.approx((N - tail) * per_layer, rel=0.05)
+
+
+def test_a_plan_saved_before_the_rename_still_loads() -> None:
+    """Plans saved as JSON before 5bcabff name the overlapped GPU time `streamed_gpu_s` (the prefix layout's
+    value: the same number)."""
+    plan = plan_for(FP, H100, Workload(), 6 * GiB)
+    old = plan.to_json().replace('"overlapped_gpu_s"', '"streamed_gpu_s"')
+    assert '"streamed_gpu_s"' in old and type(plan).from_json(old) == plan

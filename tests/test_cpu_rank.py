@@ -174,14 +174,15 @@ def test_a_failure_on_either_side_ends_the_pass_with_its_error(tiny_checkpoint, 
         assert torch.equal(_generate(model, single)[0], want)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.8])  # MLP columns only; and a KV head
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
-def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, tiny_checkpoint) -> None:
+def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, fraction: float, tiny_checkpoint) -> None:
     # max_tokens=1: prompts (12 tokens) and batched decode (2 tokens a pass) are wide, so the CPU
     # share is copied beside the slot's share and computed there, its heads' KV written to the host
     # layers; batch-1 decode (1 token) goes back to the worker, reading that KV.
     path = tiny_checkpoint(arch)
     ref = _reference(path)
-    model = _split_model(path, max_tokens=1)
+    model = _split_model(path, fraction, max_tokens=1)
     single, batch, mask = prompts()
     with torch.no_grad():
         got, got_logits = _generate(model, single)
@@ -190,8 +191,8 @@ def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, tiny_checkpo
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(_generate(model, batch, mask)[0], _generate(ref, batch, mask)[0])
     layer = model.get_submodule(placement_of(model).layers_path)[0]
-    home = layer.cpu_share.named_views()["self_attn.o_proj.weight"]
-    assert layer.cpu_attn.o_proj.weight.data_ptr() == home.data_ptr()  # back on its host buffer after a wide pass
+    home = layer.cpu_share.named_views()["mlp.down_proj.weight"]
+    assert layer.cpu_mlp.down_proj.weight.data_ptr() == home.data_ptr()  # back on its host buffer after a wide pass
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
@@ -210,15 +211,16 @@ def test_the_cpu_share_is_what_the_cpu_computes(arch: str, tiny_checkpoint) -> N
     assert (before[0] - after[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.8])  # MLP columns only; and a KV head
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
-def test_split_layers_with_host_tier_kv(arch: str, tiny_checkpoint) -> None:
+def test_split_layers_with_host_tier_kv(arch: str, fraction: float, tiny_checkpoint) -> None:
     # The GPU heads' KV in the TieredCache's host tier (staged through its ring), the CPU heads' KV
     # in the rank's own host layers: greedy tokens as resident.
     path = tiny_checkpoint(arch)
     ref = _reference(path)
     dims = dims_of(hf_config(arch))
     kv_layer = 2 * dims.kv_heads * dims.head_dim * 4 * 64  # float32, the tests' 64-token context
-    model = _split_model(path, kv_gpu_memory=6 * kv_layer)  # 5 of 8 layers keep KV in host memory
+    model = _split_model(path, fraction, kv_gpu_memory=6 * kv_layer)  # 5 of 8 layers keep KV in host memory
     assert placement_of(model).plan.kv_host_layers
     single, batch, mask = prompts()
     with torch.no_grad():

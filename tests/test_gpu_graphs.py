@@ -102,6 +102,8 @@ def test_graphed_speculative_verify_equals_graphed_plain_in_bf16(graphable_check
     from overspill.runtime.drafts import OracleDrafter
     from overspill.runtime.loader import build_skeleton, decoder_layers, footprint
 
+    if layout == "spread" and resident == 0:
+        pytest.skip("every layer streams: spread is the prefix layout")
     path, config = graphable_checkpoint
     skeleton = build_skeleton(config, torch.bfloat16)
     fp = footprint(skeleton, decoder_layers(skeleton)[1], torch.bfloat16)

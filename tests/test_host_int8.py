@@ -59,12 +59,13 @@ def test_int8_shares_take_mlp_columns_in_the_kernels_blocks() -> None:
     assert cpu_rank.tp_share(dims, 0.4).mlp_cols == 7100  # bf16 shares keep the nearest column (MLP first)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.8])  # MLP columns only; and a KV head
 @pytest.mark.parametrize("arch", DENSE)
-def test_int8_host_share_stays_close_to_resident(arch: str, tiny_checkpoint) -> None:
+def test_int8_host_share_stays_close_to_resident(arch: str, fraction: float, tiny_checkpoint) -> None:
     path = tiny_checkpoint(arch)
     ref = _reference(path)
     model = load_tiny(path, resident=0)
-    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), 0.8), threads=1, host_format="int8")
+    cpu_rank.enable(model, dict.fromkeys(range(N_LAYERS), fraction), threads=1, host_format="int8")
     single, _, _ = prompts()
     with torch.no_grad():
         want = ref(single).logits[0]

@@ -19,10 +19,10 @@ from overspill.planning.speculation import (
 from test_plan_cli import one_line_error, plan
 
 
-def _prediction(step: float, link: float, gpu: float, host: float, streamed_gpu: float = 0.0) -> Prediction:
+def _prediction(step: float, link: float, gpu: float, host: float, overlapped_gpu: float = 0.0) -> Prediction:
     return Prediction(decode_step_s=step, decode_tok_s=1 / step, link_s=link, gpu_s=gpu, kv_s=0.0, host_s=host,
                       bottleneck="link", link_floor_tok_s=1 / link if link else None, prefill_tok_s=1e4,
-                      cpu_only_tok_s=1.0, overlapped_gpu_s=streamed_gpu)
+                      cpu_only_tok_s=1.0, overlapped_gpu_s=overlapped_gpu)
 
 
 # 8B shape at 6 GiB on the H200, as `bench/speculative.py` printed the plan (link 189.7 ms, GPU 3.9 ms,

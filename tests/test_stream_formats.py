@@ -273,6 +273,20 @@ def test_budget_plans_count_encoded_slots(tiny_checkpoint) -> None:
     assert b.slot_bytes == a.slot_bytes and b.expand_bytes > 0 and b.device_bytes <= 2**20
     assert b.streamed_bytes_per_step < a.streamed_bytes_per_step * len(b.streamed_layers) / len(a.streamed_layers) / 3
     assert len(b.streamed_layers) <= N_LAYERS
+    # encoded copies land in the two staging buffers, so their ring keeps one slot fewer (`placement.ring_slots`)
+    assert (a.slots, b.slots) == (3, 2) and placement_of(int8).ring.n_slots == 2
+
+
+def test_a_two_slot_encoded_ring_gives_bf16_streamings_tokens(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("llama")
+    out = {}
+    for fmt in ("bf16", "lossless"):
+        model, _ = overspill.load(path, gpu_memory="1MiB", dtype="float32", context=64, progress=False,
+                                  stream_format=fmt)
+        assert placement_of(model).ring.n_slots == (3 if fmt == "bf16" else 2)
+        with torch.no_grad():
+            out[fmt] = model.generate(prompt(), **GEN)
+    assert torch.equal(out["lossless"], out["bf16"])
 
 
 def test_stream_format_errors_say_what_to_do(tiny_checkpoint) -> None:

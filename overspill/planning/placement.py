@@ -104,10 +104,12 @@ def _embed_on_device(fp: Footprint) -> bool:
 def ring_slots(depth: int, streamed: int, encoded: bool) -> int:
     """Ring slots for `streamed` layers copied `depth` ahead: the layer computing plus `depth` copies, or for
     encoded layers (a stream format other than the compute dtype) `depth` and at least two. Their copies land in
-    the `STAGING_BUFFERS` staging buffers, not in the slots, so the staging already holds the copies in flight:
-    with two slots one layer computes while the next expands, and two more copies still run behind them
-    (expansion takes ~1.5 ms of a 5.3 ms lossless copy of an 8B layer on the H100). The slot saved is a whole
-    layer in the compute dtype, which stays resident instead (8B at 6 GiB: 416 MiB, one layer fewer on the link)."""
+    the `STAGING_BUFFERS` staging buffers, not in the slots, so the staging already bounds the copies in flight:
+    with two slots one layer computes while the next expands (~1.5 ms of a 5.3 ms lossless copy of an 8B layer
+    on the H100). The slot saved is a whole layer in the compute dtype, which stays resident instead (8B at
+    6 GiB: 416 MiB, one layer fewer on the link, ~4% of a lossless step). The cost: the ring issues copies
+    `slots - 1` layers ahead, so across a step boundary (the resident tail, sampling, the host's sync) two
+    encoded copies are queued instead of three (lossless 8B: 10.4 ms of link work); unmeasured on a GPU."""
     if encoded:
         return min(max(depth, 2), streamed)
     return min(depth + 1, streamed)

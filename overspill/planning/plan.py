@@ -140,7 +140,10 @@ class Plan:
         d["embed_tier"] = Tier(d["embed_tier"])
         d["head_tier"] = Tier(d["head_tier"])
         d["workload"] = Workload(**d["workload"])
-        d["prediction"] = Prediction(**d["prediction"]) if d.get("prediction") else None
+        prediction = d.get("prediction")
+        if prediction and "streamed_gpu_s" in prediction:  # its name before 5bcabff (the prefix layout's value)
+            prediction["overlapped_gpu_s"] = prediction.pop("streamed_gpu_s")
+        d["prediction"] = Prediction(**prediction) if prediction else None
         d["notes"] = tuple(d.get("notes", ()))
         d["kv_host_layers"] = tuple(d.get("kv_host_layers", ()))
         return cls(**d)

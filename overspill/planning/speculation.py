@@ -23,7 +23,7 @@ The pass cost is `base + per_token * n`, and what a token adds depends on how th
   under the copies; the resident tail has no copy to overlap with. Measured with CUDA graphs on an H100
   (bench/results/speculative-llama-3-70b-76GiB-20261207-114913.json), 70B at 76 GiB with the first 37 of 80
   layers streamed: pass(1, 9, 17) = 1145, 1338, 1588 ms, ~24-31 ms a token against a whole step's 46.6 ms of
-  GPU time and the resident 43 layers' ~25 (hence `layout="spread"` for speculation: its tail is ~1 layer).
+  GPU time and the resident 43 layers' ~25 (hence `layout="spread"` for speculation: its tail is 1-2 layers).
   However well hidden, a serial pass cannot beat n steps of the GPU's whole compute. The host dispatches
   every layer's kernels once per token, asynchronously: it stays ahead of the GPU until n x its per-step
   dispatch (`Prediction.host_s`) exceeds the pass, and from there the host bounds the pass (not when

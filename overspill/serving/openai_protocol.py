@@ -109,7 +109,7 @@ def load_for_serving(args) -> tuple:
     `--max-batch` whose KV stays on the GPU, activations for one engine pass) and print the plan."""
     from ..api import load, placement_of
     from ..errors import OverspillError
-    from ..planning.placement import serving_pass_tokens
+    from ..planning.placement import serving_pass_tokens, spreads
 
     if getattr(args, "cpu_compute", "off") not in ("off", "auto"):
         raise OverspillError(f"--cpu-compute {args.cpu_compute}: serve and batch do not run the CPU rank yet (the "
@@ -125,7 +125,8 @@ def load_for_serving(args) -> tuple:
         streaming=args.streaming, cuda_graphs=getattr(args, "cuda_graphs", False),
         stream_format=getattr(args, "stream_format", "auto"), moe_streaming=getattr(args, "moe_streaming", "auto"),
         cpu_experts=getattr(args, "cpu_experts", "off"), speculate=_draft_model(args),
-        layout=getattr(args, "layout", "auto"),
+        # requests draft with --speculate's source (ngram needs nothing at load): spread as `plan --serve` does
+        layout="spread" if spreads(getattr(args, "layout", "auto"), getattr(args, "speculate", None)) else "prefix",
     )
     plan = placement_of(model).plan
     print(plan.summary())
