@@ -245,3 +245,15 @@ def test_generate_decodes_with_grouped_mm_not_batched_mm(arch: str, checkpoint, 
     got, _ = generate(model, single)
     assert torch.equal(got, want)
     assert calls and set(calls) == {"grouped_mm"}
+
+
+def test_speculate_auto_keeps_the_prefix_where_experts_stream(checkpoint) -> None:
+    # speculate='auto' drafts nothing for expert-streamed layers (`auto_source`), so layout 'auto' does not spread
+    # them; speculate='ngram' with dense streaming does.
+    path, _ = checkpoint("mixtral")
+    budget = experts_plan("mixtral", 0, warm=False, batch=1).device_bytes * 2
+    kwargs = dict(gpu_memory=budget, dtype="float32", context=CONTEXT, progress=False)
+    plan = overspill.load(path, speculate="auto", moe_streaming="experts", **kwargs)[0].overspill.plan
+    first = list(range(len(plan.streamed_layers)))
+    assert plan.moe_streaming == "experts" and plan.streamed_layers and list(plan.streamed_layers) == first
+    assert not plan.workload.spread
