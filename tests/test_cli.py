@@ -192,9 +192,10 @@ def test_run_default_model_end_to_end(default_model_dir) -> None:
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     text = out.stdout
-    # The placement summary: 400 MiB (float32 on the CPU) forces streaming through a 3-slot ring.
+    # The placement summary: 400 MiB (float32 on the CPU) forces streaming; the checkpoint's own Q4_1 codes stream
+    # as int4 (encoded: a 2-slot ring at depth 2, `placement.ring_slots`).
     assert "streamed from pinned host memory" in text
-    assert "ring: 3 slots" in text
+    assert "ring: 2 slots" in text and "stream format: int4" in text
     assert "of 400 MiB" in text
     # The answer starts, and the speed line reports 8 tokens.
     assert "> What is the highest mountain in the world?" in text
