@@ -234,3 +234,15 @@ def test_plan_serve_plans_what_serve_loads_and_unmeasured_managed_is_not_chosen(
     assert "layers 0-31" in layers(generate) and "device (resident)" not in layers(generate)
     assert "device (resident)" in layers(serve)
     assert "pinned (streamed)" in table("--profile", "gh200") and "managed" not in generate
+
+
+def test_a_spread_plan_shows_one_row_per_tier(capsys):
+    # `plan --speculate` spreads the streamed layers (layout auto): the table lists them in one row, not one per run
+    code, out, _ = plan(capsys, "llama-3-70b", "--gpu-memory", "76GiB", "--profile", "h100-pcie5", "--speculate", "ngram")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith(("layer", "the other layers"))]
+    assert len(rows) == 2 and rows[0].startswith("layers 0, 2, 4, ...") and "(spread)" in rows[0]
+    assert rows[1].startswith("the other layers") and "device (resident)" in rows[1]
+    code, out, _ = plan(capsys, "llama-3-70b", "--gpu-memory", "76GiB", "--profile", "h100-pcie5")
+    assert [line.split("|")[0].strip() for line in out.splitlines() if line.startswith("layers")] == \
+        ["layers 0-37", "layers 38-79"]

@@ -43,13 +43,33 @@ def layer_groups(plan: Plan) -> list[tuple[int, int, Tier]]:
     return out
 
 
+SPREAD_ROWS = 6  # more runs of layers than this (a spread layout): one row per tier, its layers listed in short
+
+
+def _tier_runs(plan: Plan) -> list[tuple[str, list[int], Tier]]:
+    """(label, layers, tier) per row of the layer table: each run of consecutive layers on one tier, or where
+    streamed layers are spread among resident ones (`layout="spread"`) one row per tier."""
+    groups = layer_groups(plan)
+    if len(groups) <= SPREAD_ROWS:
+        return [(_span(first, last), list(range(first, last + 1)), tier) for first, last, tier in groups]
+    rows = []
+    for tier in dict.fromkeys(t for _, _, t in groups):
+        layers = [i for i, t in enumerate(plan.layer_tiers) if t is tier]
+        if tier is Tier.PINNED:
+            shown = ", ".join(map(str, layers[:3])) + (f", ..., {layers[-1]}" if len(layers) > 3 else "")
+            rows.append((f"layers {shown} (spread)", layers, tier))
+        else:
+            rows.append(("the other layers", layers, tier))
+    return rows
+
+
 def _layer_rows(plan: Plan, fp: Footprint) -> list[tuple[str, ...]]:
     active = fp.layer_active_bytes or fp.layer_bytes
     rows = []
-    for first, last, tier in layer_groups(plan):
-        stored = sum(fp.layer_bytes[first : last + 1])
-        read = sum(active[first : last + 1])
-        count = last - first + 1
+    for span, layers, tier in _tier_runs(plan):
+        stored = sum(fp.layer_bytes[i] for i in layers)
+        read = sum(active[i] for i in layers)
+        count = len(layers)
         if tier is Tier.PINNED and plan.moe_streaming == "experts":
             step = "ring part + the routed experts selected (expected: see bytes per step)"
         elif tier is Tier.PINNED:
@@ -60,7 +80,7 @@ def _layer_rows(plan: Plan, fp: Footprint) -> list[tuple[str, ...]]:
         label = {"managed": "managed (prefetched)", "mapped": "managed (read in place)"}.get(plan.streaming) \
             if tier is Tier.PINNED else None
         label = label or TIER_LABELS[tier]
-        rows.append((_span(first, last), label, f"{count} layer{'s' * (count != 1)}", format_bytes(stored), step))
+        rows.append((span, label, f"{count} layer{'s' * (count != 1)}", format_bytes(stored), step))
     return rows
 
 
