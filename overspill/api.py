@@ -380,8 +380,8 @@ def load(
             blocker = moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate)
             plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
                                            blocker, profile)
-            if workload.spread and layout == "auto" and plan.moe_streaming == "experts":
-                # speculate='auto' drafts nothing for expert-streamed layers (`auto_source`): keep the prefix
+            if workload.spread and layout == "auto" and speculate == "auto" and plan.streamed_layers \
+                    and auto_source(plan) is None:  # it will draft nothing on this plan: keep the prefix
                 workload = replace(workload, spread=False)
                 plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch,
                                                moe_streaming, blocker, profile)

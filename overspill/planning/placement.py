@@ -11,9 +11,10 @@ The rule here is greedy and simple; it is written so the cost-model planner can 
 2. Else the input embedding moves to host memory (a row lookup per token costs nothing on the
    link; its table can be ~1 GB for a 128k vocabulary) unless it is tied to the LM head.
 3. Else `depth + 1` ring slots are reserved (the layer computing plus `depth` being copied; `ring_slots`
-   says why encoded layers need one fewer), and as many decoder layers as fit stay resident: the *last* ones. Streaming the first layers means
-   the copy engine prefetches the next step's first layers while the GPU runs the resident tail,
-   the LM head and sampling, so the link never waits on the CPU between tokens.
+   says why encoded layers need one fewer), and as many decoder layers as fit stay resident: the *last*
+   ones. Streaming the first layers means the copy engine prefetches the next step's first layers while
+   the GPU runs the resident tail, the LM head and sampling, so the link never waits on the CPU between
+   tokens.
 """
 
 from __future__ import annotations
