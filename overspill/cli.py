@@ -92,7 +92,12 @@ def _run_main(args: argparse.Namespace) -> int:
                              "tokens to generate, or 0 to load the model and print its placement only")
     ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
     if launch.world_size() > 1:  # torchrun started this process as one rank
-        _run_rank(args)
+        ok = False
+        try:
+            _run_rank(args)
+            ok = True
+        finally:
+            launch.leave(ok)
         return 0
     if ranks == 1:
         return commands.run_main(args)

@@ -69,7 +69,6 @@ def _entry(rank: int, ranks: int, port: int, chosen: str, fn: Callable, args: tu
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OVERSPILL_BACKEND=chosen, **GPU_ENV)
     import torch
-    import torch.distributed as dist
 
     if chosen == "gloo":  # CPU ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
@@ -82,8 +81,17 @@ def _entry(rank: int, ranks: int, port: int, chosen: str, fn: Callable, args: tu
     except Exception as exc:  # noqa: BLE001 - reported by the parent with this rank's traceback
         result = {"error": one_line(exc), "traceback": traceback.format_exc()}
     Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    leave(ok="error" not in result)
+
+
+def leave(ok: bool = True) -> None:
+    """Leave the process group before this process exits: a rank that exits with gloo's threads still up
+    aborts ("terminate called without an active exception"), failing a run that had finished. `ok`: wait
+    for every rank first (a failed rank does not, as the others may never reach the barrier)."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
-        if "error" not in result:
+        if ok:
             dist.barrier()
         dist.destroy_process_group()
 
