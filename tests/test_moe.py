@@ -129,7 +129,11 @@ def test_expert_streaming_matches_resident(arch: str, resident: int, warm: bool,
     placed = model.overspill
     assert placed.plan.moe_streaming == "experts" and placed.experts.slots == plan.expert_slots
     wrapped = [m for m in model.modules() if isinstance(m, (RoutedExperts, Llama4RoutedMoe))]
-    assert len(wrapped) == sum(1 for i in plan.streamed_layers if layers.num_experts[i])
+    streamed = [m for m in wrapped if m.cache is not None]
+    assert len(streamed) == sum(1 for i in plan.streamed_layers if layers.num_experts[i])
+    resident_moe = sum(1 for i in range(LAYERS) if i not in plan.streamed_layers and layers.num_experts[i])
+    # resident Llama 4 MoE blocks compute only their selected experts too; other experts modules do already
+    assert len(wrapped) - len(streamed) == (resident_moe if arch == "llama4_text" else 0)
     placed.experts.reset_stats()
     for ids, m in ((single, None), (batch, mask)):
         want, want_logits = generate(reference, ids, m)
@@ -147,6 +151,33 @@ def test_expert_streaming_matches_resident(arch: str, resident: int, warm: bool,
         assert placed.experts.misses == 0 and placed.experts.hits > 0
     elif sum(1 for i in plan.streamed_layers if shapes(arch)[1].num_experts[i]) > 1:
         assert placed.experts.misses > 0  # one layer's worth of slots for several layers' experts: they churn
+
+
+def test_resident_llama4_moe_reads_only_selected_experts(checkpoint, monkeypatch) -> None:
+    """A resident Llama 4 MoE block under expert streaming gives transformers' sums bit for bit while
+    multiplying only the experts some token selected (transformers' module multiplies all of them)."""
+    from overspill.runtime.experts import route_resident
+
+    _, reference = checkpoint("llama4_text")
+    layer = next(layer for layer in reference.model.layers if type(layer.feed_forward).__name__ == "Llama4TextMoe")
+    moe_block = layer.feed_forward
+    wrapper = torch.nn.Module()
+    wrapper.feed_forward = moe_block
+    route_resident(wrapper, 0)
+    routed = wrapper.feed_forward
+    assert isinstance(routed, Llama4RoutedMoe) and routed.cache is None
+    experts = moe_block.num_experts
+    for tokens in (1, 3):
+        x = torch.randn(1, tokens, BASE["hidden_size"], generator=torch.Generator().manual_seed(tokens))
+        want, want_logits = moe_block(x)
+        scores, _ = moe_block.router(x.reshape(-1, BASE["hidden_size"]))
+        selected = int(((scores != 0).sum(dim=0) > 0).sum())
+        bmm, calls = torch.bmm, []
+        monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(b.shape) or bmm(a, b))
+        got, got_logits = routed(x)
+        monkeypatch.setattr(torch, "bmm", bmm)
+        assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
+        assert selected < experts and len(calls) == 2 * selected  # gate_up and down of each selected expert
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "llama4_text"])

@@ -333,38 +333,38 @@ class RoutedExperts(nn.Module):
 
 class Llama4RoutedMoe(nn.Module):
     """`Llama4TextMoe` computing only the selected experts (module docstring); keeps its router,
-    shared expert and experts module (whose weights are the pinned host buffers)."""
+    shared expert and experts module (whose weights are the pinned host buffers).
 
-    def __init__(self, moe: nn.Module, layer: int, cache: ExpertCache):
+    Without a cache the layer is resident and its experts' own GPU weights serve: transformers' module
+    multiplies every token by all 16 experts, reading 16x the weights one token needs at batch 1 (Scout:
+    4 GB a layer, ~30 ms a step over its resident layers, a step the link could not overlap)."""
+
+    def __init__(self, moe: nn.Module, layer: int, cache: ExpertCache | None):
         super().__init__()
         self.moe = moe
         self.layer = layer
         experts = moe.experts
         self.host = [experts.gate_up_proj.data, experts.down_proj.data]  # [E, H, 2I], [E, I, H]
         object.__setattr__(self, "cache", cache)
-        cache.serve(layer, self.host[0].shape[0])
+        if cache is not None:
+            cache.serve(layer, self.host[0].shape[0])
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.moe
         hidden_states = hidden_states.reshape(-1, moe.hidden_dim)
         router_scores, router_logits = moe.router(hidden_states)  # [T, E]: sigmoid(top-k logits), 0 elsewhere
         num_experts = router_scores.shape[1]
-        self.cache.seen[self.layer] = self.cache.seen.get(self.layer, 0) + router_scores.shape[0]
         routed_in = hidden_states.repeat(num_experts, 1)
         routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
         experts, tokens = _selection((router_scores != 0).sum(dim=0))
         per_expert = routed_in.view(num_experts, -1, moe.hidden_dim)  # [E, T, H]
-        on_host = sorted(host_share(self.cache, self.layer, experts, tokens))
-        if on_host:  # their inputs to the host first; then the GPU's copies, which run while the host computes
-            kept = [(e, n) for e, n in zip(experts, tokens) if e not in on_host]
-            experts, tokens = [e for e, _ in kept], [n for _, n in kept]
-            host_in, host_scores = per_expert[on_host].cpu(), router_scores[:, on_host].cpu()
-        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
         routed_out = torch.zeros_like(per_expert)
         act = moe.experts.act_fn
-        if on_host:
-            routed_out[on_host] = self._on_host(host_in, host_scores, on_host, act).to(routed_out.device)
-        gate_up_w, down_w = self.cache.tensors
+        if self.cache is None:  # resident: each selected expert's own weights
+            weights, slots = self.host, experts
+        else:
+            weights, experts, slots = self._fetch(per_expert, router_scores, experts, tokens, routed_out, act)
+        gate_up_w, down_w = weights
         pair = torch.zeros((2, *per_expert.shape[1:]), dtype=per_expert.dtype, device=per_expert.device)
         for e, slot in zip(experts, slots):  # unselected experts' inputs are zero: their outputs too
             pair[0] = per_expert[e]  # entry 1 stays zero: two entries round as transformers' sixteen do
@@ -374,6 +374,21 @@ class Llama4RoutedMoe(nn.Module):
         out = moe.shared_expert(hidden_states)
         out.add_(routed_out.sum(dim=0))
         return out, router_logits
+
+    def _fetch(self, per_expert: torch.Tensor, router_scores: torch.Tensor, experts: list[int], tokens: list[int],
+               routed_out: torch.Tensor, act) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """A streamed layer's experts: the host's share computed into `routed_out`, the rest fetched into
+        the cache; returns the cache's weights, the experts the GPU computes and their slots."""
+        self.cache.seen[self.layer] = self.cache.seen.get(self.layer, 0) + router_scores.shape[0]
+        on_host = sorted(host_share(self.cache, self.layer, experts, tokens))
+        if on_host:  # their inputs to the host first; then the GPU's copies, which run while the host computes
+            kept = [(e, n) for e, n in zip(experts, tokens) if e not in on_host]
+            experts, tokens = [e for e, _ in kept], [n for _, n in kept]
+            host_in, host_scores = per_expert[on_host].cpu(), router_scores[:, on_host].cpu()
+        slots = self.cache.fetch(self.layer, experts, tokens, self.host)
+        if on_host:
+            routed_out[on_host] = self._on_host(host_in, host_scores, on_host, act).to(routed_out.device)
+        return self.cache.tensors, experts, slots
 
     def _on_host(self, host_in: torch.Tensor, scores: torch.Tensor, experts: list[int], act) -> torch.Tensor:
         """The host's experts over their routed tokens' rows of `host_in` ([experts, tokens, hidden]), as the
@@ -420,14 +435,28 @@ def wrap_experts(layer: nn.Module, index: int, cache: ExpertCache, codes: Expert
         parent_name, _, leaf = name.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
         if type(parent).__name__ == "Llama4TextMoe":
-            owner_name, _, moe_leaf = parent_name.rpartition(".")
-            owner = layer.get_submodule(owner_name) if owner_name else layer
-            setattr(owner, moe_leaf, Llama4RoutedMoe(parent, index, cache))
+            _replace(layer, parent_name, Llama4RoutedMoe(parent, index, cache))
         elif hasattr(module, "has_gate"):  # transformers' `use_experts_implementation` experts
             setattr(parent, leaf, RoutedExperts(module, index, names, cache))
         else:
             raise NotImplementedError(f"expert streaming does not know {type(parent).__name__}.{leaf} "
                                       f"({type(module).__name__}): load with moe_streaming='dense'")
+
+
+def route_resident(layer: nn.Module, index: int) -> None:
+    """Llama 4's MoE block in a resident `layer` computing only its selected experts from their GPU weights, as
+    the expert-streamed layers do (`Llama4RoutedMoe` without a cache): the same sums. Other models' experts
+    modules compute only the routed experts already."""
+    for name, _, _ in expert_params(layer):
+        parent_name = name.rpartition(".")[0]
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        if type(parent).__name__ == "Llama4TextMoe":
+            _replace(layer, parent_name, Llama4RoutedMoe(parent, index, None))
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    setattr(layer.get_submodule(owner_name) if owner_name else layer, leaf, module)
 
 
 def expert_shapes(layer: nn.Module) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -456,7 +485,7 @@ def enable_host_experts(model: nn.Module, cache: ExpertCache | None, mode: str, 
 
     if mode == "off":
         return None
-    wrapped = [m for m in model.modules() if isinstance(m, (RoutedExperts, Llama4RoutedMoe))]
+    wrapped = [m for m in model.modules() if isinstance(m, (RoutedExperts, Llama4RoutedMoe)) and m.cache is not None]
     unsupported = sorted({type(m.moe if isinstance(m, Llama4RoutedMoe) else m.experts).__name__ for m in wrapped
                           if not _host_computable(m)})
     coded = any(getattr(m, "codes", None) is not None for m in wrapped)

@@ -23,6 +23,7 @@ from ..planning.units import format_bytes
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
 from .expert_loader import expert_cache, expert_params, expert_ring_bytes, stream_expert_layer
+from .experts import route_resident
 from .encoded_cache import EncodedCache, cache_folder
 from .formats import Expander, LossyLayer, encode_lossless, itemsize_of, lossy_layout, staging_bytes_at_load
 from .kv import cache_kwarg, kv_dims
@@ -439,6 +440,8 @@ def materialize(
             host_total += nbytes
         else:
             _fill_resident(layer, prefix, source, device)
+            if experts is not None:  # its experts computed as the streamed layers' are
+                route_resident(layer, i)
         bar.update(1)
 
     if head is not None and plan.embed_tier is not Tier.HOST and _is_tied(model):
