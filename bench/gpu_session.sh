@@ -156,7 +156,8 @@ case "${1:-}" in
       --new-tokens 8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   moe-scout)  # the same shape expert-aware, against the dense run's JSON committed from moe-scout-dense:
-              # DENSE=bench/results/moe-llama-4-scout-109b-auto-....json (same GPU; refused otherwise)
+              # DENSE=bench/results/moe-llama-4-scout-109b-auto-....json (same GPU; refused otherwise). Since 865a824
+              # the resident layers multiply only their selected expert (they read all 16 before: b1 at 0.83 of floor)
     timeout 560 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --batches 1 8 \
       --new-tokens 8 --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
