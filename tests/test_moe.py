@@ -155,8 +155,9 @@ def test_expert_streaming_matches_resident(arch: str, resident: int, warm: bool,
 
 def test_resident_llama4_moe_reads_only_selected_experts(checkpoint, monkeypatch) -> None:
     """A resident Llama 4 MoE block under expert streaming gives transformers' sums bit for bit while
-    multiplying only the experts some token selected (transformers' module multiplies all of them)."""
-    from overspill.runtime.experts import route_resident
+    multiplying only the experts some token selected (transformers' module multiplies all of them), up to
+    RESIDENT_ROUTED_PAIRS (token, expert) pairs; more run the module itself."""
+    from overspill.runtime.experts import RESIDENT_ROUTED_PAIRS, route_resident
 
     _, reference = checkpoint("llama4_text")
     layer = next(layer for layer in reference.model.layers if type(layer.feed_forward).__name__ == "Llama4TextMoe")
@@ -167,7 +168,7 @@ def test_resident_llama4_moe_reads_only_selected_experts(checkpoint, monkeypatch
     routed = wrapper.feed_forward
     assert isinstance(routed, Llama4RoutedMoe) and routed.cache is None
     experts = moe_block.num_experts
-    for tokens in (1, 3):
+    for tokens in (1, 3, RESIDENT_ROUTED_PAIRS + 1):
         x = torch.randn(1, tokens, BASE["hidden_size"], generator=torch.Generator().manual_seed(tokens))
         want, want_logits = moe_block(x)
         scores, _ = moe_block.router(x.reshape(-1, BASE["hidden_size"]))
@@ -177,7 +178,10 @@ def test_resident_llama4_moe_reads_only_selected_experts(checkpoint, monkeypatch
         got, got_logits = routed(x)
         monkeypatch.setattr(torch, "bmm", bmm)
         assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
-        assert selected < experts and len(calls) == 2 * selected  # gate_up and down of each selected expert
+        if tokens <= RESIDENT_ROUTED_PAIRS:
+            assert selected < experts and len(calls) == 2 * selected  # gate_up and down of each selected expert
+        else:  # transformers' own module: one bmm over every expert each
+            assert [shape[0] for shape in calls] == [experts, experts]
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "llama4_text"])

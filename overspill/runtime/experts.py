@@ -42,6 +42,10 @@ from .expert_codes import ExpertCodes
 from .streams import new_stream
 
 GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
+# A resident Llama 4 block computes expert by expert up to this many (token, expert) pairs: one Scout-sized block
+# took 0.95 ms that way against the module's 1.46 ms at 1 token, 1.62 against 1.49 at 8 (H100, a sync per call
+# included: bench/results/llama4-identity-20261206-233527.json, ways bmm2 and module)
+RESIDENT_ROUTED_PAIRS = 4
 
 
 class HostExperts:
@@ -337,7 +341,9 @@ class Llama4RoutedMoe(nn.Module):
 
     Without a cache the layer is resident and its experts' own GPU weights serve: transformers' module
     multiplies every token by all 16 experts, reading 16x the weights one token needs at batch 1 (Scout:
-    4 GB a layer, ~30 ms a step over its resident layers, a step the link could not overlap)."""
+    4 GB a layer, ~30 ms a step over its resident layers, a step the link could not overlap). Above
+    `RESIDENT_ROUTED_PAIRS` (token, expert) pairs the module runs as transformers wrote it: one bmm over all
+    experts beats a sync and a two-entry bmm per selected expert there."""
 
     def __init__(self, moe: nn.Module, layer: int, cache: ExpertCache | None):
         super().__init__()
@@ -352,6 +358,8 @@ class Llama4RoutedMoe(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.moe
         hidden_states = hidden_states.reshape(-1, moe.hidden_dim)
+        if self.cache is None and hidden_states.shape[0] * moe.top_k > RESIDENT_ROUTED_PAIRS:
+            return moe(hidden_states)
         router_scores, router_logits = moe.router(hidden_states)  # [T, E]: sigmoid(top-k logits), 0 elsewhere
         num_experts = router_scores.shape[1]
         routed_in = hidden_states.repeat(num_experts, 1)
