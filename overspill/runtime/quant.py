@@ -35,6 +35,7 @@ one Triton kernel) that write the slot directly (no full-size temporaries):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +62,7 @@ class Part:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
