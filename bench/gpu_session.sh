@@ -157,7 +157,8 @@ case "${1:-}" in
     ;;
   moe-scout)  # the same shape expert-aware, against the dense run's JSON committed from moe-scout-dense:
               # DENSE=bench/results/moe-llama-4-scout-109b-auto-....json (same GPU; refused otherwise). Since 865a824
-              # the resident layers multiply only their selected expert (they read all 16 before: b1 at 0.83 of floor)
+              # resident layers multiply only their selected expert at batch 1 (they read all 16 before: b1 at 0.83 of
+              # floor); from 5 (token, expert) pairs up, batch 8 here, they run transformers' all-expert bmm as before
     timeout 560 python3 bench/moe.py --model llama-4-scout-109b --budget auto --modes experts --batches 1 8 \
       --new-tokens 8 --dense-json "${DENSE:?pass DENSE=the moe-scout-dense JSON}" --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;

@@ -92,12 +92,15 @@ def _run_main(args: argparse.Namespace) -> int:
                              "tokens to generate, or 0 to load the model and print its placement only")
     ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
     if launch.world_size() > 1:  # torchrun started this process as one rank
-        ok = False
         try:
             _run_rank(args)
-            ok = True
-        finally:
-            launch.leave(ok)
+        except BaseException:
+            try:
+                launch.leave(ok=False)
+            except Exception:  # noqa: BLE001 - the rank's own error is the one to report
+                pass
+            raise
+        launch.leave()
         return 0
     if ranks == 1:
         return commands.run_main(args)

@@ -337,7 +337,7 @@ class RoutedExperts(nn.Module):
 
 class Llama4RoutedMoe(nn.Module):
     """`Llama4TextMoe` computing only the selected experts (module docstring); keeps its router,
-    shared expert and experts module (whose weights are the pinned host buffers).
+    shared expert and experts module (whose weights are the pinned host buffers, or the GPU's where resident).
 
     Without a cache the layer is resident and its experts' own GPU weights serve: transformers' module
     multiplies every token by all 16 experts, reading 16x the weights one token needs at batch 1 (Scout:
