@@ -290,3 +290,30 @@ def test_serve_counts_its_draft_model_in_the_plan_and_drafts_with_that_one(tiny_
     finally:
         engine.close()
     assert loads == [f"draft:{path}"]  # once, by load
+
+
+def test_serve_speculation_plans_whole_moe_layers_and_expert_streamed_plans_decode_plainly(tiny_checkpoint, capsys):
+    # `serve --speculate ngram` plans as `plan --serve --speculate ngram` shows (expert streaming does not verify
+    # drafts: whole layers stream); without it the plan streams experts, and a request naming a source of its
+    # own decodes plainly there
+    from overspill import cli
+    from overspill.api import placement_of
+    from overspill.serving.openai_protocol import load_for_serving
+
+    path = str(tiny_checkpoint("mixtral"))
+    base = ["serve", path, "--gpu-memory", "4MiB", "--context", "64", "--max-batch", "1", "--dtype", "float32"]
+    parse = cli._build_parser().parse_args
+    model, _ = load_for_serving(parse([*base, "--speculate", "ngram"]))
+    plan = placement_of(model).plan
+    assert plan.moe_streaming == "dense" and plan.streamed_layers
+    assert any("speculative decoding" in n for n in plan.notes)
+    model, _ = load_for_serving(parse(base))
+    capsys.readouterr()
+    assert placement_of(model).plan.moe_streaming == "experts"
+    engine = _engine(model)
+    try:
+        [(plain, _)] = _run(engine, [GenerationRequest(PROMPTS[0], 10)])
+        [(asked, usage)] = _run(engine, [GenerationRequest(PROMPTS[0], 10, speculate="ngram")])
+    finally:
+        engine.close()
+    assert usage is None and asked == plain

@@ -124,23 +124,15 @@ def load_for_serving(args) -> tuple:
         kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
         streaming=args.streaming, cuda_graphs=getattr(args, "cuda_graphs", False),
         stream_format=getattr(args, "stream_format", "auto"), moe_streaming=getattr(args, "moe_streaming", "auto"),
-        cpu_experts=getattr(args, "cpu_experts", "off"), speculate=_draft_model(args),
-        # requests draft with --speculate's source (ngram needs nothing at load): spread as `plan --serve` does
+        cpu_experts=getattr(args, "cpu_experts", "off"), speculate=getattr(args, "speculate", None),
+        # planned as `plan --serve --speculate` shows it: a draft model in the budget, whole MoE layers streamed
+        # (expert streaming does not verify drafts), the streamed layers spread
         layout="spread" if spreads(getattr(args, "layout", "auto"), getattr(args, "speculate", None)) else "prefix",
     )
     plan = placement_of(model).plan
     print(plan.summary())
     print(kv_sharing_note(plan.workload, args.max_batch))
     return model, tokenizer
-
-
-def _draft_model(args) -> str | None:
-    """`--speculate draft:PATH`: the plan counts the draft model in the budget as `load` does for `generate`,
-    and the engine drafts with the model `load` keeps (`Speculator`); other sources cost no memory."""
-    from ..planning.speculation import draft_path
-
-    source = getattr(args, "speculate", None)
-    return source if draft_path(source) is not None else None
 
 
 def served_name(model: str | None) -> str:

@@ -82,6 +82,10 @@ class Speculator:
             raise ValueError(f"max_chain must be at least 1, got {max_chain}")
         self.model, self.default, self.max_chain, self.tree = model, default, max_chain, tree
         self.serial = supports_serial(model)
+        plan = getattr(getattr(model, "overspill", None), "plan", None)
+        # expert-streamed layers do not verify drafts yet (`planning.moe.blocker`): `--speculate` plans whole
+        # layers instead, so only a request's own source meets such a plan, and it decodes plainly
+        self.experts_streamed = plan is not None and plan.moe_streaming == "experts" and bool(plan.streamed_layers)
         self.fit = PassCostFit(prior_pass_cost(model, self.serial))
         self._drafters: dict[str, Drafter] = {}
         if default is not None and getattr(model, "speculation_source", None) == default:
@@ -110,7 +114,7 @@ class Speculator:
 
     def source(self, request: GenerationRequest) -> str | None:
         """The source drafting for `request`, None when it decodes plainly."""
-        if not self.serial or request.speculate == SPECULATE_OFF:
+        if not self.serial or self.experts_streamed or request.speculate == SPECULATE_OFF:
             return None
         return request.speculate or self.default
 
