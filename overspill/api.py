@@ -219,7 +219,7 @@ def load(
             pays) or "auto" (spread where `speculate` verifies drafts, else prefix). Host-tier KV keeps the prefix.
         fit_batch: plan for the largest batch up to `batch` whose KV stays on the GPU (serving:
             host-tier KV runs one sequence at a time); `model.overspill.plan.workload.batch` says
-            what was planned. Ignored with `kv_gpu_memory`.
+            what was planned; with `kv_gpu_memory`, the KV kept on the GPU stays within it.
         pass_tokens: the most tokens one forward pass holds, for the activation reserve; 0 means
             what `generate` needs (batch x prompt, up to 2048 tokens each). The serving engine
             passes its bound (`placement.serving_pass_tokens`), so the budget keeps more layers resident.

@@ -282,6 +282,23 @@ def test_serving_batch_shrinks_until_the_kv_stays_on_the_gpu() -> None:
     assert greedy_plan(LLAMA3_8B, budget, Workload(65536, 1)).kv_host_layers
 
 
+def test_serving_batch_fits_a_kv_cap_too() -> None:
+    """`--kv-gpu-memory` on a server: the batch shrinks until every layer's KV fits the cap on the GPU, instead
+    of splitting the cap over 16 sequences and sending most layers' KV to host memory (one sequence at a time)."""
+    from overspill.planning.placement import device_kv_workload, place
+
+    cap = 2 * 2**30  # 16 sequences of 4096 tokens need 8 GiB of KV
+    want = Workload(4096, 16)
+    assert place(LLAMA3_8B, None, want, kv_device_bytes=cap).kv_host_layers  # the trap
+    for budget in (None, 24 * 2**30):
+        served = place(LLAMA3_8B, budget, want, kv_device_bytes=cap, fit_batch=True)
+        assert served.workload.batch == 4 and not served.kv_host_layers, budget  # 4 x 512 MiB fill 2 GiB
+        more = dataclasses.replace(served.workload, batch=5)
+        assert place(LLAMA3_8B, budget, more, kv_device_bytes=cap).kv_host_layers
+    # one sequence that needs host KV under the cap: planned for one
+    assert device_kv_workload(LLAMA3_8B, None, Workload(65536, 16), kv_device_bytes=cap) == Workload(65536, 1)
+
+
 def test_serving_pass_bound_keeps_layers_resident_that_a_batch_prefill_would_need() -> None:
     """The engine bounds every forward pass (a 512-token prefill chunk or one token per sequence);
     generate prefills the whole batch at once. On the 8B shape at 6 GiB, 64 sequences of 256

@@ -227,8 +227,9 @@ def _experts_only(fp: Footprint, moe: MoeLayers, budget: int | None, workload: W
     Raises:
         OverspillError: quoting the smallest budget at which some plan, expert-aware or whole-layer, fits.
     """
-    if fit_batch and kv_device_bytes is None:
-        workload = largest_batch(workload, lambda w: experts_plan(fp, moe, budget, w, depth) is not None)
+    if fit_batch:
+        workload = largest_batch(workload, lambda w: _device_kv(_experts_search(fp, moe, budget, w, depth,
+                                                                                kv_device_bytes)))
     plan = _experts_search(fp, moe, budget, workload, depth, kv_device_bytes)
     if plan is not None:
         return plan
@@ -236,6 +237,10 @@ def _experts_only(fp: Footprint, moe: MoeLayers, budget: int | None, workload: W
     if experts is None or dense.device_bytes <= experts.device_bytes:
         raise below_minimum(fp, budget, dense)
     raise below_minimum(fp, budget, experts, " with expert streaming")
+
+
+def _device_kv(plan: Plan | None) -> bool:
+    return plan is not None and not plan.kv_host_layers
 
 
 def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s: float,

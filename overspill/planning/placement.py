@@ -295,21 +295,21 @@ def greedy_plan(
 
 
 def device_kv_workload(fp: Footprint, budget_bytes: int | None, workload: Workload,
-                       depth: int = DEFAULT_DEPTH) -> Workload:
+                       depth: int = DEFAULT_DEPTH, kv_device_bytes: int | None = None) -> Workload:
     """`workload` with the largest batch (at most its own) whose greedy plan keeps every layer's KV on
-    the GPU; batch 1 when even one sequence needs host KV (host-tier KV serves one at a time);
-    unchanged without a budget.
+    the GPU (within `kv_device_bytes` where given); batch 1 when even one sequence needs host KV (host-tier
+    KV serves one at a time); unchanged without a budget or a KV cap.
 
     For serving: a batch of sequences shares one device cache, while host-tier KV (a `TieredCache`)
     serves one sequence at a time, so more planned sequences can mean less throughput. The batch
     found is what the engine's KV admission then shares among any number of shorter requests.
     """
-    if budget_bytes is None:
+    if budget_bytes is None and kv_device_bytes is None:
         return workload
 
     def device_only(w: Workload) -> bool:
         try:
-            return not greedy_plan(fp, budget_bytes, w, depth).kv_host_layers
+            return not greedy_plan(fp, budget_bytes, w, depth, kv_device_bytes).kv_host_layers
         except OverspillError:
             return False
 
@@ -341,14 +341,14 @@ def place(
     """The placement rule `load` carries out and `overspill plan` shows, so the two agree.
 
     Args:
-        fit_batch: plan for the largest batch up to `workload.batch` whose KV stays on the GPU
-            (`device_kv_workload`; serving), unless `kv_device_bytes` caps the device KV.
+        fit_batch: plan for the largest batch up to `workload.batch` whose KV stays on the GPU, within
+            `kv_device_bytes` where given (`device_kv_workload`; serving).
 
     Raises:
         OverspillError: if the budget is below the minimum working set.
     """
-    if fit_batch and kv_device_bytes is None:
-        workload = device_kv_workload(fp, budget_bytes, workload, depth)
+    if fit_batch:
+        workload = device_kv_workload(fp, budget_bytes, workload, depth, kv_device_bytes)
     return greedy_plan(fp, budget_bytes, workload, depth, kv_device_bytes)
 
 
