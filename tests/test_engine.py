@@ -530,6 +530,21 @@ def test_graphed_batch_decodes_as_the_dynamic_batch(tiny_checkpoint, arch):
         engine.close()
 
 
+def test_graphed_batch_holds_no_more_full_context_rows_than_the_kv_reserved(tiny_checkpoint):
+    """A graphed batch's static KV holds `context` tokens a row: with the plan's one row reserved and no KV
+    capacity given, --max-batch 4 decodes one request at a time (and says so) instead of allocating 4 rows."""
+    from overspill.runtime.graphs import enable_graphs
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    assert model.overspill.plan.workload.batch == 1
+    enable_graphs(model, capture=False)
+    engine = Engine(model, IdsTokenizer(), max_batch=4)
+    assert engine.max_batch == engine.runner.batch.max_rows == 1
+    assert "at most 1 request decode together" in engine.batching_note
+    wide = Engine(model, IdsTokenizer(), max_batch=4, kv_capacity_tokens=4 * engine.context)
+    assert wide.max_batch == wide.runner.batch.max_rows == 4 and wide.batching_note is None
+
+
 def test_graphed_batch_warm_up_captures_every_bucket_and_leaves_it_empty(tiny_checkpoint, monkeypatch):
     """Before serving, each batch bucket's step is captured once per ring phase (simulated on the CPU:
     a "capture" records its key and replays run the step eagerly); requests then decode as before."""

@@ -385,8 +385,9 @@ def batch_main(args) -> int:
     prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None
     engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch, prefix_cache=prefix,
                     speculate=getattr(args, "speculate", None), speculate_tree=getattr(args, "speculate_tree", None))
-    if engine.speculator.note:
-        print(engine.speculator.note)
+    for note in (engine.batching_note, engine.speculator.note):  # as `serve` prints them
+        if note:
+            print(note)
     print(f"running {args.input} as model {name!r} -> {args.output}", flush=True)
     engine.start()
     try:

@@ -87,7 +87,7 @@ class Engine:
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
-        self.runner = Runner(model, max_batch, prefix_cache)
+        self.runner = Runner(model, max_batch, prefix_cache, kv_capacity_tokens)
         self.context, self.max_batch, self.batching_note = (self.runner.context, self.runner.max_batch,
                                                             self.runner.batching_note)
         self.prefill_chunk, self.prefix, self.stall_seconds = prefill_chunk, prefix_cache, stall_seconds

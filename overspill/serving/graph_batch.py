@@ -153,13 +153,16 @@ class GraphedBatch(StepGraphs):
         return decode_forward(self.forward, self.key, cache, self._embeds[b], mask, positions)
 
     def _allocate(self, cache: Any) -> None:
-        rows = self.max_rows
+        """The static buffers, all or none: a failure part-way (no memory) leaves none, so the next join tries
+        again instead of decoding over some layers' buffers."""
+        rows, kv, lengths = self.max_rows, [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values
-            self._kv.append((torch.zeros((rows, k.shape[1], self.width, k.shape[3]), dtype=k.dtype, device=self.device),
-                             torch.zeros((rows, v.shape[1], self.width, v.shape[3]), dtype=v.dtype, device=self.device)))
-            self._lengths.append(torch.zeros((), dtype=torch.long, device=self.device))
+            kv.append((torch.zeros((rows, k.shape[1], self.width, k.shape[3]), dtype=k.dtype, device=self.device),
+                       torch.zeros((rows, v.shape[1], self.width, v.shape[3]), dtype=v.dtype, device=self.device)))
+            lengths.append(torch.zeros((), dtype=torch.long, device=self.device))
         self._valid = torch.zeros((rows, self.width), dtype=torch.bool, device=self.device)
+        self._kv, self._lengths = kv, lengths
 
     def _cache(self, b: int) -> GraphCache:
         """The static cache over the first `b` rows, its write counters set to `col`."""

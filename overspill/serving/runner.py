@@ -48,9 +48,12 @@ class Runner:
         model: the placed model.
         max_batch: sequences decoded together; None: the batch the plan reserved KV for.
         prefix: a pool of earlier prompts' KV to restore from and store into.
+        kv_capacity_tokens: the engine's KV capacity where it was given one (a graphed batch, whose static KV
+            holds full-context rows, is capped at the rows it holds; default: the plan's rows).
     """
 
-    def __init__(self, model, max_batch: int | None = None, prefix: PrefixCache | None = None):
+    def __init__(self, model, max_batch: int | None = None, prefix: PrefixCache | None = None,
+                 kv_capacity_tokens: int | None = None):
         self.model, self.prefix = model, prefix
         param = next(model.parameters())
         self.device = param.device
@@ -78,6 +81,13 @@ class Runner:
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         graphed = getattr(self.placement, "graphs", None)
         if graphed is not None and batchable:  # the model was loaded with cuda_graphs
+            rows = self.planned_rows if kv_capacity_tokens is None else max(1, kv_capacity_tokens // self.context)
+            if rows is not None and self.max_batch > rows:  # its static KV holds full-context rows
+                requests = f"{rows} request{'s' if rows > 1 else ''}"
+                self.batching_note = (f"CUDA graphs decode over a static KV cache of {self.context} tokens a row and "
+                                      f"the KV reserved holds {rows} such rows: at most {requests} decode together; "
+                                      f"drop --cuda-graphs to share that KV among {self.max_batch} shorter ones")
+                self.max_batch = rows
             self.batch: Batch = GraphedBatch(model, self.placement, graphed, self.max_batch, self.context)
         else:
             self.batch = DecodeBatch(self.device, self.forward)
