@@ -71,7 +71,7 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) ->
 
 def resolve_budget(gpu_memory: int | str | None, device: torch.device) -> int | None:
     """Bytes of device memory the plan may use; None means no limit."""
-    budget = parse_budget(gpu_memory)
+    budget = parse_budget(gpu_memory, "gpu_memory (--gpu-memory)")
     if budget == "auto":
         if device.type != "cuda":
             return None
@@ -319,9 +319,14 @@ def load(
         check_tree(speculate_tree, speculate)
     except ValueError as exc:
         raise OverspillError(f"speculate_tree (--speculate-tree): {exc}") from None
-    if context < 1 or batch < 1:
-        raise OverspillError(f"context and batch must be positive, got context={context} batch={batch}")
+    if context < 1:
+        raise OverspillError(f"context (--context) must be at least 1, got {context}")
+    if batch < 1:
+        raise OverspillError(f"batch (--batch, --max-batch) must be at least 1, got {batch}")
+    if cuda_graphs and dev.type != "cuda":  # before minutes of loading
+        raise OverspillError("cuda_graphs (--cuda-graphs) needs a CUDA device; leave it off on the CPU")
     budget = resolve_budget(gpu_memory, dev)
+    kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory, "kv_gpu_memory (--kv-gpu-memory)")
     if dev.type == "cuda" and not cudnn_sdpa:
         from .runtime.hardware import disable_cudnn_sdpa
 
@@ -373,7 +378,6 @@ def load(
     self_draft = draft_note = None
     if plan is None:
         budget, draft_note = budget_beside_draft(speculate, budget, dtype_name(torch_dtype), context)
-        kv_bytes = None if kv_gpu_memory is None else parse_bytes(kv_gpu_memory)
         if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
             self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, Machine.of(profile))
         else:
@@ -451,9 +455,7 @@ def load(
             placement.plan = replace(placement.plan, notes=placement.plan.notes + (
                 f"speculate_tree={speculate_tree} is unused: speculate='auto' decodes plainly on this plan "
                 "(`planning.speculation.auto_source`); name a source (e.g. speculate='ngram') to draft trees",))
-    if cuda_graphs:
-        if dev.type != "cuda":
-            raise OverspillError("cuda_graphs needs a CUDA device; leave it off on the CPU")
+    if cuda_graphs:  # on a CUDA device (checked before loading)
         from .runtime.graphs import enable_graphs
 
         enable_graphs(skeleton)

@@ -123,7 +123,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .api import load
-    from .run import TimingStreamer, _prompt_ids, load_options, timed_generate
+    from .run import TimingStreamer, _prompt_ids, check_context, load_options, timed_generate
     from .runtime.loader import placement_of
     from .runtime.pipeline import rank_summary
 
@@ -140,6 +140,7 @@ def _run_rank(args: argparse.Namespace) -> None:
         return
     vocab = model.config.get_text_config().vocab_size
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
+    check_context(ids.shape[-1], args.max_new_tokens, placement.plan.workload.context)
     if lead:
         print(f"\n> {args.prompt}")
     streamer = TimingStreamer(tokenizer, echo=lead)
@@ -160,7 +161,14 @@ def _run_rank(args: argparse.Namespace) -> None:
     print(line, flush=True)
 
 
-def _add_rank_args(p: argparse.ArgumentParser) -> None:
+def _add_rank_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
+    """--gpus/--ranks: `run` starts a pipeline over them; serve and batch take only 1 (`runs=False`), so that a
+    larger N is refused in one line that points at `run` rather than as an unknown flag."""
+    if not runs:
+        one = "only 1 for now: the engine batches on one device (a pipeline over GPUs runs with `overspill run`)"
+        p.add_argument("--gpus", type=int, default=None, metavar="N", help=f"GPUs to run on: {one}.")
+        p.add_argument("--ranks", type=int, default=None, metavar="N", help=f"CPU ranks to run as: {one}.")
+        return
     p.add_argument(
         "--gpus", type=int, default=None, metavar="N",
         help="run a pipeline over layers on N GPUs of this host (NCCL): each GPU holds a contiguous span of "
@@ -328,7 +336,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT, metavar="N",
                        help="largest max_tokens a request may ask for; chat requests without max_tokens may generate "
                        f"this many, completions without it 16, as at OpenAI (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}).")
-    _add_rank_args(batch)
+    _add_rank_args(batch, runs=False)
     batch.set_defaults(func=_single_rank(commands.batch_main, "batch"))
 
 
@@ -351,7 +359,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="largest request body, e.g. 4MiB; a larger one is answered 413 before it is read "
                        f"(default {DEFAULT_MAX_BODY}).")
     _add_engine_args(serve)
-    _add_rank_args(serve)
+    _add_rank_args(serve, runs=False)
     serve.set_defaults(func=_single_rank(commands.serve_main, "serve"))
 
 
@@ -408,8 +416,8 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--layout", default="auto", choices=list(LAYOUTS), help=LAYOUT_HELP)
     plan.add_argument(
         "--dtype", default=DEFAULT_DTYPE, metavar="D",
-        help=f"weight dtype to size the model in: {DEFAULT_DTYPE} (default, what `run` loads on a GPU), float16, "
-        "float32, or float8_e4m3fn/int8 to size a 1-byte checkpoint.",
+        help=f"weight dtype to size the model in: {DEFAULT_DTYPE} (default; auto means it too: what `run` loads on "
+        "a GPU), float16, float32, or float8_e4m3fn/int8 to size a 1-byte checkpoint.",
     )
     plan.add_argument(
         "--profile", default=None, choices=sorted(REFERENCE_PROFILES), metavar="NAME",

@@ -85,7 +85,7 @@ def plan_main(args: argparse.Namespace) -> int:
     spec = _plan_spec(args.model, args.dtype)
     profile, note = _plan_profile(args.profile)
     if getattr(args, "host_memory", None) is not None:
-        profile = dataclasses.replace(profile, host_available_bytes=parse_bytes(args.host_memory))
+        profile = dataclasses.replace(profile, host_available_bytes=parse_bytes(args.host_memory, "--host-memory"))
     budget = _plan_budget(args.gpu_memory, profile)
     draft_note = None
     if draft_path(getattr(args, "speculate", None)) is not None:  # as `load` counts the draft model
@@ -94,7 +94,7 @@ def plan_main(args: argparse.Namespace) -> int:
         budget, draft_note = budget_beside_draft(args.speculate, _auto_budget(budget, profile), spec.dtype,
                                                  args.context)
     fp = footprint_from_spec(spec)
-    kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory)
+    kv = None if args.kv_gpu_memory is None else parse_bytes(args.kv_gpu_memory, "--kv-gpu-memory")
     # --serve plans as `serve` loads: one engine pass of activations, the largest batch whose KV stays on the GPU
     workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
                         graphs=getattr(args, "cuda_graphs", False),
@@ -333,9 +333,15 @@ def _plan_prequantized(model: str):
 def _plan_spec(model: str, dtype: str) -> ModelSpec:
     """The `ModelSpec` of MODEL from its config alone; every bad input becomes a one-line OverspillError."""
     from .errors import one_line
-    from .planning.spec import SUPPORTED_MODEL_TYPES, spec_from_config
+    from .planning.spec import DEFAULT_DTYPE, SUPPORTED_MODEL_TYPES, dtype_name, spec_from_config
     from .runtime.sources import check_architecture, resolve
 
+    if dtype == "auto":  # what `run` loads on a GPU
+        dtype = DEFAULT_DTYPE
+    try:
+        dtype_name(dtype)
+    except ValueError as exc:  # the flag's fault, not the config's
+        raise OverspillError(f"--dtype: {exc}") from None
     config = resolve(model, config_only=True).config()
     check_architecture(config, model)
     try:
@@ -411,7 +417,7 @@ def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
     """Bytes from --gpu-memory; None ('auto' or absent) lets `plan_for` use free memory minus its margin."""
     from .planning.units import format_bytes, parse_budget
 
-    budget = parse_budget(gpu_memory)
+    budget = parse_budget(gpu_memory, "--gpu-memory")
     if budget is None or budget == "auto":
         return None
     if budget > profile.gpu_free_bytes:

@@ -91,9 +91,21 @@ def load_options(args: argparse.Namespace) -> dict:
     )
 
 
+def check_context(prompt: int, new_tokens: int, context: int) -> None:
+    """Refuse a prompt plus --max-new-tokens longer than the planned context: past it, KV outgrows what the
+    plan reserved."""
+    if prompt + new_tokens > context:
+        raise OverspillError(f"the prompt ({prompt} tokens) plus --max-new-tokens {new_tokens} is more than the "
+                             f"{context}-token context the plan reserved KV for: pass a larger --context, or "
+                             "fewer tokens")
+
+
 def run(args: argparse.Namespace) -> None:
     from .api import load, placement_of
 
+    if args.context is not None and 0 < args.context <= args.max_new_tokens:  # before minutes of loading
+        raise OverspillError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the "
+                             f"{args.context}-token context: pass a larger --context, or fewer tokens")
     if not torch.cuda.is_available():
         print("no CUDA device found: running on the CPU (the same streaming ring, with host copies)")
     model, tokenizer = load(args.model, **load_options(args))
@@ -103,11 +115,7 @@ def run(args: argparse.Namespace) -> None:
         return
     vocab = model.config.get_text_config().vocab_size
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
-    context = placement.plan.workload.context
-    if ids.shape[-1] + args.max_new_tokens > context:  # past it, KV outgrows what the plan reserved
-        raise OverspillError(f"the prompt ({ids.shape[-1]} tokens) plus --max-new-tokens {args.max_new_tokens} is "
-                             f"more than the {context}-token context the plan reserved KV for: pass a larger "
-                             "--context, or fewer tokens")
+    check_context(ids.shape[-1], args.max_new_tokens, placement.plan.workload.context)
     if tokenizer is None:
         print("(no tokenizer for this model: the prompt is sent as byte ids and token ids are printed)")
     print(f"\n> {args.prompt}")

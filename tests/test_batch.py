@@ -366,6 +366,20 @@ def test_cli_bad_files_are_refused_before_loading(capsys, tmp_path, monkeypatch)
     out.write_text("my notes\n")
     one_line_error(capsys, ["batch", str(good), str(out)], "line 1 of existing output", "notes.jsonl")
     assert out.read_text() == "my notes\n"  # checked, not rewritten
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    one_line_error(capsys, ["batch", str(empty), str(tmp_path / "out.jsonl")], "empty.jsonl", "has no requests")
+
+
+def test_cli_a_finished_batch_resumed_does_not_load_the_model(capsys, tmp_path, monkeypatch):
+    from overspill.serving import batch
+
+    monkeypatch.setattr(batch, "load_for_serving", lambda args: pytest.fail("loaded the model with nothing to run"))
+    good = write_jsonl(tmp_path / "in.jsonl", [completion("a", "Hi"), completion("b", "Ho")])
+    done = {"id": "batch_req_1", "error": None, "response": {"status_code": 200, "request_id": "r", "body": {}}}
+    out = write_jsonl(tmp_path / "out.jsonl", [{**done, "custom_id": "a"}, {**done, "custom_id": "b"}])
+    assert cli.main(["batch", str(good), str(out)]) == 0
+    assert "all 2 requests of" in capsys.readouterr().out and len(results(out)) == 2
 
 
 def test_cli_batch_and_serve_document_every_flag(capsys):

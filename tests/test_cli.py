@@ -181,6 +181,33 @@ def test_run_refuses_more_tokens_than_its_context(default_model_dir) -> None:
     check_one_line_error(out.returncode, out.stdout, out.stderr, ["--max-new-tokens 40", "8-token context", "--context"])
 
 
+def test_cheap_mistakes_are_refused_before_loading(capsys, monkeypatch) -> None:
+    """What a flag alone gets wrong is said before minutes of loading, naming the flag."""
+    import torch
+
+    from overspill import api
+
+    monkeypatch.setattr(api, "resolve", lambda *a, **k: pytest.fail("resolved the model before checking the flags"))
+    cases = [(["run", "--context", "8", "--max-new-tokens", "8"], ["--max-new-tokens 8", "8-token context"]),
+             (["run", "--kv-gpu-memory", "12XB"], ["--kv-gpu-memory", "'12XB'"]),
+             (["run", "--context", "0"], ["--context", "got 0"])]
+    if not torch.cuda.is_available():
+        cases.append((["run", "--cuda-graphs"], ["--cuda-graphs", "CUDA device"]))
+    for argv, words in cases:
+        code = cli.main(argv)
+        out = capsys.readouterr()
+        check_one_line_error(code, out.out, out.err, words)
+
+
+def test_plan_takes_dtype_auto_and_blames_a_bad_dtype_on_the_flag(capsys) -> None:
+    assert cli.main(["plan", "llama-3-8b", "--dtype", "auto", "--profile", "h100-pcie5"]) == 0
+    assert "(llama, bfloat16)" in capsys.readouterr().out
+    code = cli.main(["plan", "llama-3-8b", "--dtype", "bogus"])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, ["--dtype", "'bogus'"])
+    assert "config.json" not in out.err
+
+
 def test_argparse_errors_have_no_traceback() -> None:
     out = run_cli("run", "--max-new-tokens", "many")
     assert out.returncode == 2

@@ -149,3 +149,14 @@ def test_pinned_pages_stay_locked_while_any_view_lives(monkeypatch) -> None:
     del view
     gc.collect()
     assert calls == [("register", ptr), ("unregister", ptr)]
+
+
+def test_size_errors_name_their_option_and_offer_auto_only_where_taken() -> None:
+    from overspill.planning.units import parse_budget
+
+    with pytest.raises(OverspillError) as err:
+        parse_bytes("12XB", "--kv-gpu-memory")
+    assert str(err.value).startswith("--kv-gpu-memory: invalid memory size '12XB'") and "'auto'" not in str(err.value)
+    with pytest.raises(OverspillError) as err:
+        parse_budget("12XB", "--gpu-memory")
+    assert str(err.value).startswith("--gpu-memory: invalid memory size '12XB'") and "'auto'" in str(err.value)

@@ -16,34 +16,38 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_bytes(value: int | float | str) -> int:
+def parse_bytes(value: int | float | str, what: str | None = None, auto: bool = False) -> int:
     """Parse a size like accelerate's `max_memory` values: 6GiB, 6GB (10^9), 512MiB, or a byte count.
+
+    Args:
+        what: the option it came from (e.g. "--kv-gpu-memory"), named in the error.
+        auto: the option also takes "auto" (`parse_budget`), so the error lists it.
 
     Raises:
         OverspillError: for anything else, saying which forms are accepted.
     """
+    where = f"{what}: " if what else ""
+    forms = "'6GiB', '500MB', '80GB', 'auto'" if auto else "'6GiB', '500MB', '80GB'"
     if isinstance(value, bool):
-        raise OverspillError(f"invalid memory size {value!r}: use e.g. '6GiB', '500MB' or a byte count")
+        raise OverspillError(f"{where}invalid memory size {value!r}: use e.g. {forms} or a byte count")
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or value < 0:
-            raise OverspillError(f"invalid memory size {value!r}: it must be a finite, non-negative number")
+            raise OverspillError(f"{where}invalid memory size {value!r}: it must be a finite, non-negative number")
         return int(value)
     match = _PATTERN.match(str(value))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise OverspillError(
-            f"invalid memory size {value!r}: use e.g. '6GiB', '500MB', '80GB', 'auto' or a byte count"
-        )
+        raise OverspillError(f"{where}invalid memory size {value!r}: use e.g. {forms} or a byte count")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def parse_budget(value: int | float | str | None) -> int | str | None:
+def parse_budget(value: int | float | str | None, what: str | None = None) -> int | str | None:
     """A GPU budget: None (no limit given), the string 'auto', or bytes."""
     if value is None:
         return None
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    return parse_bytes(value)
+    return parse_bytes(value, what, auto=True)
 
 
 def format_bytes(n: float) -> str:

@@ -306,7 +306,7 @@ def enable_unified_memory(
             refused oversubscription; the message says what to do.
     """
     global _ENABLED
-    requested = None if pool_size is None else parse_bytes(pool_size)
+    requested = None if pool_size is None else parse_bytes(pool_size, "pool_size")
     key = (requested, bool(allow_oversubscription), int(device))
     if _ENABLED is not None:
         if _ENABLED[0] == key:

@@ -340,14 +340,18 @@ def _read_output(path: Path) -> _Output:
     return _Output(lines, kept, keys, bool(tail))
 
 
-def check_files(input_path: str | Path, output_path: str | Path) -> None:
+def check_files(input_path: str | Path, output_path: str | Path) -> tuple[int, int]:
     """Everything `run_batch` would refuse about its files, checked before minutes of loading: the
-    paths, the input as UTF-8 text, and every line of an existing output as a batch result. Reads
-    only: `run_batch` rewrites the output when it starts."""
+    paths, the input as UTF-8 text with at least one request, and every line of an existing output as a
+    batch result. Reads only: `run_batch` rewrites the output when it starts. Returns (input lines, lines
+    still to run)."""
     inp, out = check_paths(input_path, output_path)
-    _read_input(inp)
-    if out.exists():
-        _read_output(out)
+    lines = _read_input(inp)
+    if not lines:
+        raise OverspillError(f"batch input {inp} has no requests: one JSON object a line, "
+                             '{"custom_id", "method", "url", "body"}')
+    done = _read_output(out).keys if out.exists() else set()
+    return len(lines), sum(1 for line in lines if line.key not in done)
 
 
 def _result_key(raw: bytes, number: int, path: Path) -> tuple[tuple[str, str], int]:
@@ -374,8 +378,11 @@ def batch_main(args) -> int:
     if args.max_batch < 1 or args.max_new_tokens_limit < 1:
         raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
     check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
-    check_files(args.input, args.output)
-    prefix_bytes = parse_bytes(args.prefix_cache)
+    total, todo = check_files(args.input, args.output)
+    prefix_bytes = parse_bytes(args.prefix_cache, "--prefix-cache")
+    if not todo:  # a finished run resumed: nothing to load the model for
+        print(f"all {total} requests of {args.input} are already in {args.output}: nothing to run")
+        return 0
     model, tokenizer = load_for_serving(args)
     if tokenizer is None:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")

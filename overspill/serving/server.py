@@ -366,10 +366,10 @@ def serve_main(args) -> int:
         raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
     check_api_key(args.api_key)
     check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
-    max_body = parse_bytes(args.max_body_bytes) if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
+    max_body = parse_bytes(args.max_body_bytes, "--max-body-bytes") if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
     if max_body < 1:
         raise OverspillError("--max-body-bytes must be at least 1 byte, e.g. 4MiB")
-    prefix_bytes = parse_bytes(args.prefix_cache)
+    prefix_bytes = parse_bytes(args.prefix_cache, "--prefix-cache")
     check_address(args.host, args.port)
     model, tokenizer = load_for_serving(args)
     name = served_name(args.model)
