@@ -53,6 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         "--random-weights", action="store_true",
         help="build the model from its config with seeded random weights (benchmark full-size shapes without a checkpoint).",
     )
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0).")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
                    help=f"how many layers ahead the copy stream prefetches (default {DEFAULT_DEPTH}).")
     p.add_argument("--layout", default="auto", choices=list(LAYOUTS),
@@ -263,7 +264,6 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=64,
                      help="tokens to generate (default 64; 0 loads the model and prints its placement without generating).")
     run.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text, without the chat template.")
-    run.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0).")
     run.add_argument("--cuda-graphs", action="store_true",
                      help="replay each decode step as a CUDA graph over a static KV cache of --context tokens "
                      "(CUDA only; models with host-tier KV or sliding windows decode eagerly). Default: off.")

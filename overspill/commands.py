@@ -225,17 +225,16 @@ def _check_speculation_args(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise OverspillError(f"--speculate-tree: {exc}") from None
     acceptance, _, _ = _speculation_acceptance(args)
-    if getattr(args, "speculate", None) is None:
-        return
-    try:
-        if args.speculate != "self":  # the self draft is placed with the model (`planning.self_draft`)
-            check_source(args.speculate)
-    except ValueError as exc:
-        raise OverspillError(f"--speculate: {exc}") from None
-    if not 0.0 <= acceptance <= 1.0:
+    if not 0.0 <= acceptance <= 1.0:  # wrong with or without --speculate
         raise OverspillError(f"--acceptance must be in [0, 1], got {acceptance}")
     if args.max_chain < 1:
         raise OverspillError(f"--max-chain must be at least 1, got {args.max_chain}")
+    if getattr(args, "speculate", None) is None:
+        return
+    try:  # the self draft is placed with the model (`planning.self_draft`)
+        check_source(args.speculate, named=("ngram", "self"))
+    except ValueError as exc:
+        raise OverspillError(f"--speculate: {exc}") from None
     if args.batch != 1:
         raise OverspillError(f"--speculate forecasts batch-1 decoding (the engine drafts only while one request "
                              f"runs); drop --batch {args.batch}")

@@ -176,9 +176,11 @@ def test_plan_speculate_json_carries_the_forecast(capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--speculate", "medusa"], ["--speculate", "medusa", "'ngram' or 'draft:PATH'"]),
+    (["--speculate", "medusa"], ["--speculate", "medusa", "'ngram', 'self' or 'draft:PATH'"]),
     (["--speculate", "ngram", "--acceptance", "1.2"], ["--acceptance", "[0, 1]"]),
+    (["--acceptance", "5"], ["--acceptance", "[0, 1]"]),  # wrong without --speculate too
     (["--speculate", "ngram", "--max-chain", "0"], ["--max-chain"]),
+    (["--max-chain", "-3"], ["--max-chain"]),
     (["--speculate", "ngram", "--batch", "4"], ["batch-1", "--batch 4"]),
 ])
 def test_plan_speculate_refuses_bad_input_in_one_line(capsys, args, words):

@@ -105,4 +105,4 @@ def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, wh
 
 def refused(why: str) -> str:
     """The one-line refusal of cpu_experts='on' for `why`."""
-    return f"cpu_experts='on': {why}; use cpu_experts='off' or 'auto'"
+    return f"cpu_experts='on' (--cpu-experts on): {why}; use 'off' or 'auto'"

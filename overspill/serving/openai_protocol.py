@@ -120,6 +120,7 @@ def load_for_serving(args) -> tuple:
                              f"rank yet, so there are no host weights to quantize; drop --cpu-compute-format")
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
+        seed=getattr(args, "seed", 0),
         depth=args.depth, context=args.context, batch=args.max_batch, device=args.device,
         kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
         streaming=args.streaming, cuda_graphs=getattr(args, "cuda_graphs", False),
