@@ -33,7 +33,7 @@ from .planning.profile import Profile
 from .planning.routing import MoeBasis
 from .planning.self_draft import Machine, plan_self_draft
 from .planning.speculation import auto_source
-from .planning.spec import DEFAULT_DTYPE, dtype_name
+from .planning.spec import DEFAULT_DTYPE, dtype_name, missing_keys
 from .planning.trees import check_tree
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -121,6 +121,11 @@ def _load_config(source: ModelSource) -> Any:
         where = source.config_dir / "config.json" if source.config_dir is not None else f"the config of {source.name}"
         raise OverspillError(f"{where} is invalid ({one_line(exc)}): fix it or download the model again") from None
     check_architecture(config.to_dict(), str(source.config_dir or source.name))
+    missing = missing_keys(source.config())
+    if missing:  # transformers filled in its defaults: the shape of another model
+        where = source.config_dir / "config.json" if source.config_dir is not None else f"the config of {source.name}"
+        raise OverspillError(f"{where} is missing required keys: {', '.join(missing)}: fix it or download the "
+                             "model again")
     return config
 
 

@@ -79,6 +79,8 @@ ERROR_CASES = [
     ("config-not-json", ["{tmp}/config-not-json"], ["config.json", "JSON"]),
     ("config-bad-field", ["{tmp}/config-bad-field"], ["config.json", "hidden_size"]),
     ("config-zero-heads", ["{tmp}/config-zero-heads"], ["config.json", "zero"]),
+    # transformers would fill in a 7B llama's sizes: refused as `plan` refuses it
+    ("config-without-sizes", ["{tmp}/config-without-sizes"], ["config.json", "missing required keys", "hidden_size"]),
     ("encoder-with-random-weights", ["{tmp}/bert", "--random-weights"], ["bert", "decoder-only causal LM"]),
     ("corrupt-tokenizer", ["{tmp}/tokenizer-not-json"], ["tokenizer", "download"]),
     ("generation-config-not-json", ["{tmp}/generation-config-not-json"], ["generation_config.json", "fix or delete"]),
@@ -103,6 +105,8 @@ def corrupt_checkpoints(tmp: Path, good: Path) -> None:
     config = json.loads((good / "config.json").read_text())
     (tmp / "config-bad-field" / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
     (tmp / "config-zero-heads" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    (tmp / "config-without-sizes").mkdir()
+    (tmp / "config-without-sizes" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp / "bert").mkdir()  # an encoder: transformers builds a "causal LM" from it, but its attention looks ahead
     (tmp / "bert" / "config.json").write_text(
         json.dumps({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -208,12 +208,9 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"expected a config dict, got {type(config).__name__}")
-    cfg = _text_config(dict(config))
-    model_type = str(cfg.get("model_type") or "unknown")
-    if model_type in ("qwen2_moe", "qwen3_moe") and "num_experts" not in cfg and "num_local_experts" in cfg:
-        cfg = {**cfg, "num_experts": cfg["num_local_experts"]}  # transformers 5.25's to_dict name (a converted GGUF)
+    cfg, model_type = _normalized(config)
     approximate = model_type not in SUPPORTED_MODEL_TYPES
-    _require(cfg, model_type, _BASE_REQUIRED + _ARCH_REQUIRED.get(model_type, ("intermediate_size",)))
+    _require(cfg, model_type, _required(model_type))
 
     name = dtype_name(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or DEFAULT_DTYPE)
     nbytes = DTYPE_BYTES[name]
@@ -311,6 +308,29 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
     """``cfg[key]``, treating an explicit ``null`` as absent like transformers does."""
     value = cfg.get(key)
     return default if value is None else value
+
+
+def _normalized(config: Mapping[str, Any]) -> tuple[dict, str]:
+    """(the decoder's config, its model_type), with the names transformers may have written in their stead."""
+    cfg = _text_config(dict(config))
+    model_type = str(cfg.get("model_type") or "unknown")
+    if model_type in ("qwen2_moe", "qwen3_moe") and "num_experts" not in cfg and "num_local_experts" in cfg:
+        cfg = {**cfg, "num_experts": cfg["num_local_experts"]}  # transformers 5.25's to_dict name (a converted GGUF)
+    return cfg, model_type
+
+
+def _required(model_type: str) -> tuple[str, ...]:
+    return _BASE_REQUIRED + _ARCH_REQUIRED.get(model_type, ("intermediate_size",))
+
+
+def missing_keys(config: Mapping[str, Any]) -> list[str]:
+    """The sizes a config.json of an architecture this module has a formula for must give and does not:
+    transformers would fill in its own defaults there and build another model's shape (`load` refuses
+    such a config as `overspill plan` does). [] for other architectures."""
+    cfg, model_type = _normalized(config)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return []
+    return [key for key in _required(model_type) if cfg.get(key) is None]
 
 
 def _require(cfg: Mapping[str, Any], model_type: str, keys: tuple[str, ...]) -> None:
