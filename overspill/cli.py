@@ -385,10 +385,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "cost model's predicted decode/prefill speed, bottleneck and largest batch.",
     )
     plan.add_argument(
-        "model", metavar="MODEL",
+        "model", metavar="MODEL", nargs="?", default=None,
         help=f"shipped config name ({', '.join(shipped_names())}), a directory containing config.json, "
         "a config.json path, a .gguf file `run` has converted, or a Hugging Face id whose config.json is already "
-        "in the local cache (never downloaded).",
+        "in the local cache (never downloaded). Default: the embedded model `run` uses, once it has converted it.",
     )
     plan.add_argument(
         "--gpu-memory", default=None, metavar="SIZE",

@@ -76,6 +76,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.prequantized import settle_format
     from .planning.speculation import draft_path
     from .planning.units import parse_bytes
+    from .runtime.sources import DEFAULT_MODEL_NAME
 
     if args.context < 1 or args.batch < 1:
         raise OverspillError(f"--context and --batch must be positive, got context={args.context} batch={args.batch}")
@@ -153,7 +154,7 @@ def plan_main(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
         print(planview.as_json(plan, spec, profile, args.model, speculation, formats if streams else None))
         return 0
-    print(planview.render(plan, fp, spec, profile, args.model))
+    print(planview.render(plan, fp, spec, profile, args.model or DEFAULT_MODEL_NAME))
     if moe_layers.is_moe:
         print()
         print("\n".join(moe_lines(forecasts(fp, moe_layers, plan.budget_bytes, workload, args.depth, profile,

@@ -326,3 +326,9 @@ def test_python_dash_m_overspill_behaves_as_the_script(args: list[str]) -> None:
     want = subprocess.run([*as_script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert got.returncode == want.returncode, got.stderr
     assert (got.stdout, got.stderr) == (want.stdout, want.stderr)  # argparse's prog is "overspill" either way
+
+
+def test_plan_without_a_model_plans_the_embedded_one(default_model_dir, capsys) -> None:
+    """`run`, `serve` and `batch` default to the embedded model; `plan` does too, once it is converted."""
+    assert cli.main(["plan", "--profile", "h100-pcie5"]) == 0
+    assert capsys.readouterr().out.startswith("model: SmolLM2-135M-Instruct (llama, ")

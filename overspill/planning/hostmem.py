@@ -61,8 +61,9 @@ def check_host(fp: Footprint, plan: Plan, available: int, on_cpu: bool = False) 
         ("streamed layers", need.streamed), ("host KV", need.kv), ("embeddings", need.embeddings),
         ("the model on the CPU device", need.device)) if n]
     advice = []
-    if need.kv:
-        advice.append("lower --context (host KV; or --max-batch when serving)")
+    if need.kv or need.device:
+        what = "host KV" if need.kv else "the KV cache"
+        advice.append(f"lower --context ({what}; or --max-batch when serving)")
     if need.streamed and plan.stream_format in ("bf16", "lossless"):
         dense = "--moe-streaming dense " if plan.moe_streaming == "experts" else ""  # formats skip expert streaming
         advice.append(f"stream fewer bytes ({dense}--stream-format int8 or int4 stores the streamed layers in ~1/2 "
@@ -77,7 +78,9 @@ def check_host(fp: Footprint, plan: Plan, available: int, on_cpu: bool = False) 
         short = (f"only {avail} of host memory is available, less than the {margin} the process itself needs "
                  f"before the {kept} this plan keeps there")
     else:
-        short = f"this plan keeps {kept} in host memory plus a {margin} margin for the process, but {avail} is available"
+        over = format_bytes(need.total + HOST_MARGIN_BYTES - available)
+        short = (f"this plan keeps {kept} in host memory plus a {margin} margin for the process: {over} more than "
+                 f"the {avail} available")
     raise OverspillError(f"{short}: {_any_of(advice)}")
 
 

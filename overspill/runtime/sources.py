@@ -220,8 +220,13 @@ def resolve(model: str | os.PathLike | None, random_weights: bool = False, *, co
     """
     no_weights = random_weights or config_only
     if model is None:
-        if config_only:
-            raise OverspillError("name a model to plan: a directory, a config.json, a shipped config or a Hugging Face id")
+        if config_only:  # the embedded model, once `run` has converted it (planning imports no torch)
+            conv = _gguf_cache_path(default_gguf_path())
+            if not (conv / "config.json").exists():
+                raise OverspillError("the embedded default model is not converted yet: `overspill run` converts it "
+                                     "once; or name a model to plan (a directory, a config.json, a shipped config "
+                                     "or a Hugging Face id)")
+            return ModelSource(DEFAULT_MODEL_NAME, conv, None)
         path = convert_gguf(default_gguf_path())
         return ModelSource(DEFAULT_MODEL_NAME, path, None if no_weights else path)
     text = str(model)
