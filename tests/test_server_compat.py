@@ -205,3 +205,29 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(default_model_dir):
         generation_request(body, tok, threading.Lock(), ServerConfig(NAME, CONTEXT))
     err = caught.value
     assert (err.status, err.param) == (400, "messages") and "roles must alternate" in err.message
+
+
+def test_requests_sample_with_the_generation_configs_settings_unless_they_name_their_own(default_model_dir):
+    """As `generate` and `pipeline` (and vLLM's server) do: the model's generation_config.json sets the
+    temperature, top_p and top_k a request leaves out; OpenAI's 1, 1 and no top-k stand in where it sets none."""
+    import threading
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from overspill.serving.openai_protocol import ServerConfig, generation_request, sampling_defaults
+    from overspill.serving.schemas import ChatCompletionRequest
+
+    class Model:
+        generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9)
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    config = ServerConfig(NAME, CONTEXT, sampling=sampling_defaults(Model()))
+    assert config.sampling == {"temperature": 0.6, "top_p": 0.9}
+    unset = {k: v for k, v in CHAT.items() if k != "temperature"}
+    req = generation_request(ChatCompletionRequest.model_validate(unset), tok, threading.Lock(), config)
+    assert (req.temperature, req.top_p, req.top_k) == (0.6, 0.9, 0)
+    body = ChatCompletionRequest.model_validate({**CHAT, "temperature": 0, "top_p": 1, "top_k": 5})
+    req = generation_request(body, tok, threading.Lock(), config)
+    assert (req.temperature, req.top_p, req.top_k) == (0, 1, 5)
+    plain = generation_request(ChatCompletionRequest.model_validate(unset), tok, threading.Lock(), ServerConfig(NAME, CONTEXT))
+    assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 1.0, 0)

@@ -29,7 +29,8 @@ from pydantic import ValidationError
 from ..errors import OverspillError
 from .engine import Engine, Event, GenerationRequest, InvalidRequest, QueueFull
 from .openai_protocol import (
-    ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, served_name, validation_error,
+    ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, sampling_defaults, served_name,
+    validation_error,
 )
 from .requests import check_speculate
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -388,7 +389,8 @@ def batch_main(args) -> int:
         raise OverspillError("batch needs a tokenizer, and this model has none (a config-only model?)")
     placement = placement_of(model)
     name = served_name(args.model)
-    config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit)
+    config = ServerConfig(name, placement.plan.workload.context, 2 * args.max_batch, args.max_new_tokens_limit,
+                          sampling=sampling_defaults(model))
     prefix = PrefixCache.for_model(model, prefix_bytes) if prefix_bytes else None
     engine = Engine(model, tokenizer, config.max_queue, max_batch=args.max_batch, prefix_cache=prefix,
                     speculate=getattr(args, "speculate", None), speculate_tree=getattr(args, "speculate_tree", None))

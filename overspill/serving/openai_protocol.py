@@ -28,7 +28,8 @@ from .schemas import (
 @dataclass(frozen=True)
 class ServerConfig:
     """model_name: the id clients must send; context: longest prompt + completion in tokens;
-    max_body_bytes: longest request body read, answered 413 past it before it is read whole."""
+    max_body_bytes: longest request body read, answered 413 past it before it is read whole;
+    sampling: temperature, top_p and top_k a request gets where it names none (`sampling_defaults`)."""
 
     model_name: str
     context: int
@@ -38,6 +39,14 @@ class ServerConfig:
     max_batch: int = DEFAULT_MAX_BATCH  # sequences decoded together in one pass over the layers
     prefix_cache_bytes: int = 0  # pinned host memory for prompt-prefix KV reuse (0: off)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    sampling: dict = field(default_factory=dict)
+
+
+def sampling_defaults(model) -> dict:
+    """The temperature, top_p and top_k the model's generation_config.json sets (as `generate` and `pipeline`
+    sample with them, and vLLM serves with them); OpenAI's 1, 1 and no top-k stand for what it leaves out."""
+    given = model.generation_config.to_diff_dict()
+    return {key: given[key] for key in ("temperature", "top_p", "top_k") if given.get(key) is not None}
 
 
 class ApiError(Exception):
@@ -179,8 +188,9 @@ def generation_request(body: ChatCompletionRequest | CompletionRequest, tokenize
     wanted = max_tokens if max_tokens is not None else config.max_new_tokens_limit
     return GenerationRequest(
         prompt_ids=tuple(ids), max_new_tokens=min(wanted, config.context - len(ids)),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, stop=body.stop_list(),
+        temperature=config.sampling.get("temperature", 1.0) if body.temperature is None else body.temperature,
+        top_p=config.sampling.get("top_p", 1.0) if body.top_p is None else body.top_p,
+        top_k=config.sampling.get("top_k", 0) if body.top_k is None else body.top_k, stop=body.stop_list(),
         seed=body.seed, logprobs=body.logprobs_k(),
     )
 

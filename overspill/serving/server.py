@@ -36,7 +36,7 @@ from .engine import Engine, Event, GenerationRequest, Handle, InvalidRequest, Qu
 from .metrics import Metrics
 from .openai_protocol import (
     ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, load_for_serving, logprobs_body,
-    served_name, validation_error,
+    sampling_defaults, served_name, validation_error,
 )
 from .prompt_bound import PromptBound
 from .requests import check_speculate
@@ -374,7 +374,8 @@ def serve_main(args) -> int:
     model, tokenizer = load_for_serving(args)
     name = served_name(args.model)
     config = ServerConfig(name, placement_of(model).plan.workload.context, args.max_queue,
-                          args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes, max_body)
+                          args.max_new_tokens_limit, args.api_key, args.max_batch, prefix_bytes, max_body,
+                          sampling_defaults(model))
     app = create_app(model, tokenizer, config, getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     for note in (app.state.engine.batching_note, app.state.engine.speculator.note):
         if note:
