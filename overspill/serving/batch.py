@@ -376,8 +376,9 @@ def batch_main(args) -> int:
     from ..planning.units import parse_bytes
     from ..runtime.prefix import PrefixCache
 
-    if args.max_batch < 1 or args.max_new_tokens_limit < 1:
-        raise OverspillError("--max-batch and --max-new-tokens-limit must be at least 1")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-new-tokens-limit", args.max_new_tokens_limit)):
+        if value < 1:
+            raise OverspillError(f"{flag} must be at least 1, got {value}")
     check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     total, todo = check_files(args.input, args.output)
     prefix_bytes = parse_bytes(args.prefix_cache, "--prefix-cache")

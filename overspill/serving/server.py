@@ -362,8 +362,10 @@ def serve_main(args) -> int:
     from ..planning.units import parse_bytes
     from .defaults import DEFAULT_MAX_BODY_BYTES
 
-    if min(args.max_queue, args.max_new_tokens_limit, args.max_batch) < 1:
-        raise OverspillError("--max-queue, --max-new-tokens-limit and --max-batch must be at least 1")
+    for flag, value in (("--max-queue", args.max_queue), ("--max-new-tokens-limit", args.max_new_tokens_limit),
+                        ("--max-batch", args.max_batch)):
+        if value < 1:
+            raise OverspillError(f"{flag} must be at least 1, got {value}")
     check_api_key(args.api_key)
     check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     max_body = parse_bytes(args.max_body_bytes, "--max-body-bytes") if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
