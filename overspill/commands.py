@@ -152,7 +152,8 @@ def plan_main(args: argparse.Namespace) -> int:
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)
-        print(planview.as_json(plan, spec, profile, args.model, speculation, formats if streams else None))
+        print(planview.as_json(plan, spec, profile, args.model or DEFAULT_MODEL_NAME, speculation,
+                               formats if streams else None))
         return 0
     print(planview.render(plan, fp, spec, profile, args.model or DEFAULT_MODEL_NAME))
     if moe_layers.is_moe:
@@ -354,7 +355,7 @@ def _plan_spec(model: str, dtype: str) -> ModelSpec:
         if measured is not None:
             return measured
     if spec is None:
-        raise OverspillError(f"cannot plan {model}: {why}; check its config.json")
+        raise OverspillError(f"cannot plan {model or 'the embedded model'}: {why}; check its config.json")
     return spec
 
 

@@ -276,7 +276,7 @@ def command_args(command: str, model: str, tmp: Path) -> list[str]:
     if command == "serve":
         return ["serve", model, "--port", "0", "--max-batch", "1"]
     if command == "batch":
-        (tmp / "requests.jsonl").write_text("")
+        (tmp / "requests.jsonl").write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "Hi"}}\n')  # an empty input is refused before loading
         return ["batch", str(tmp / "requests.jsonl"), str(tmp / "results.jsonl"), "--model", model, "--max-batch", "1"]
     return [command, model]
 

@@ -317,3 +317,10 @@ def test_serve_speculation_plans_whole_moe_layers_and_expert_streamed_plans_deco
     finally:
         engine.close()
     assert usage is None and asked == plain
+    engine = _engine(model, speculate="ngram")  # the library's own default source on such a plan: said, not used
+    try:
+        assert "streams routed experts" in engine.speculator.note
+        [(_, usage)] = _run(engine, [GenerationRequest(PROMPTS[0], 10)])
+    finally:
+        engine.close()
+    assert usage is None

@@ -231,3 +231,15 @@ def test_requests_sample_with_the_generation_configs_settings_unless_they_name_t
     assert (req.temperature, req.top_p, req.top_k) == (0, 1, 5)
     plain = generation_request(ChatCompletionRequest.model_validate(unset), tok, threading.Lock(), ServerConfig(NAME, CONTEXT))
     assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 1.0, 0)
+
+
+def test_sampling_defaults_keep_only_values_a_request_could_ask_for():
+    from transformers import GenerationConfig
+
+    from overspill.serving.openai_protocol import sampling_defaults
+
+    class Model:
+        generation_config = GenerationConfig(temperature=0.7, top_p=0.0, top_k=20)
+
+    assert sampling_defaults(Model()) == {"temperature": 0.7, "top_k": 20}  # a top_p of 0 would refuse every request
+    assert sampling_defaults(object()) == {}

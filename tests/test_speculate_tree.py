@@ -251,7 +251,7 @@ def test_serve_and_batch_hand_the_tree_budget_to_the_engine(command, default, ti
     monkeypatch.setattr(batch, "load_for_serving", lambda args: (model, IdsTokenizer()))
     monkeypatch.setattr(batch, "run_batch", engine_built)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: engine_built(app.state.engine))
-    (tmp_path / "in.jsonl").write_text("")
+    (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "Hi"}}\n')  # one request: an empty input is refused before loading
     where = (["--port", str(_free_port()), "--host", "127.0.0.1"] if command == "serve"
              else [str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")])
     args = cli._build_parser().parse_args([command, *where, *default, "--speculate-tree", "5"])

@@ -228,8 +228,7 @@ def _experts_only(fp: Footprint, moe: MoeLayers, budget: int | None, workload: W
         OverspillError: quoting the smallest budget at which some plan, expert-aware or whole-layer, fits.
     """
     if fit_batch:
-        workload = largest_batch(workload, lambda w: _device_kv(_experts_search(fp, moe, budget, w, depth,
-                                                                                kv_device_bytes)))
+        workload = largest_batch(workload, lambda w: _device_kv(fp, moe, budget, w, depth, kv_device_bytes))
     plan = _experts_search(fp, moe, budget, workload, depth, kv_device_bytes)
     if plan is not None:
         return plan
@@ -239,8 +238,14 @@ def _experts_only(fp: Footprint, moe: MoeLayers, budget: int | None, workload: W
     raise below_minimum(fp, budget, experts, " with expert streaming")
 
 
-def _device_kv(plan: Plan | None) -> bool:
-    return plan is not None and not plan.kv_host_layers
+def _device_kv(fp: Footprint, moe: MoeLayers, budget: int | None, workload: Workload, depth: int,
+               kv_device_bytes: int | None) -> bool:
+    """Whether an expert-aware plan keeps every layer's KV on the GPU (within `kv_device_bytes`) at `workload`."""
+    try:
+        return kv_host_choices(fp, workload, kv_device_bytes, depth)[0] == 0 and \
+            experts_plan(fp, moe, budget, workload, depth) is not None
+    except OverspillError:  # the cap cannot even hold the staging KV at this batch
+        return False
 
 
 def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s: float,

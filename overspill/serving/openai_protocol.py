@@ -43,10 +43,14 @@ class ServerConfig:
 
 
 def sampling_defaults(model) -> dict:
-    """The temperature, top_p and top_k the model's generation_config.json sets (as `generate` and `pipeline`
-    sample with them, and vLLM serves with them); OpenAI's 1, 1 and no top-k stand for what it leaves out."""
-    given = model.generation_config.to_diff_dict()
-    return {key: given[key] for key in ("temperature", "top_p", "top_k") if given.get(key) is not None}
+    """The temperature, top_p and top_k the model's generation_config.json sets, as vLLM serves with them
+    (and `generate` samples with them where the file turns sampling on); OpenAI's 1, 1 and no top-k stand for
+    what it leaves out, and for values a request could not ask for (a top_p of 0 would refuse every request)."""
+    config = getattr(model, "generation_config", None)
+    given = config.to_diff_dict() if config is not None else {}
+    valid = {"temperature": lambda v: 0 <= v <= 2, "top_p": lambda v: 0 < v <= 1, "top_k": lambda v: v >= 0}
+    return {key: given[key] for key, ok in valid.items()
+            if isinstance(given.get(key), (int, float)) and not isinstance(given[key], bool) and ok(given[key])}
 
 
 class ApiError(Exception):

@@ -94,7 +94,7 @@ class Speculator:
         # [b]: tree passes drafted for a budget of b since the start, for `/metrics` (of fixed size: the
         # scrape reads it on another thread while this one counts)
         self.tree_budget_passes = [0] * ((tree or 0) + 1)
-        if default is not None and self.serial:
+        if default is not None and self.serial and not self.experts_streamed:
             self._drafter(default)  # a draft model loads now: a bad path fails before serving, not per request
 
     @property
@@ -103,6 +103,9 @@ class Speculator:
         if self.default is not None and not self.serial:
             return ("speculative decoding is off: this model has sliding-window or other non-full attention "
                     "layers, which serial verification cannot run exactly yet")
+        if self.default is not None and self.experts_streamed:
+            return ("speculative decoding is off: this plan streams routed experts, which verify passes do not "
+                    "combine with yet (load with speculate set, or moe_streaming='dense', to plan whole layers)")
         return None
 
     def check(self, request: GenerationRequest) -> None:
