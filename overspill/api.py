@@ -111,6 +111,7 @@ def _load_config(source: ModelSource) -> Any:
     """The transformers config, refused the way `overspill plan` refuses it (`check_architecture`)."""
     from transformers import AutoConfig
 
+    where = source.config_dir / "config.json" if source.config_dir is not None else f"the config of {source.name}"
     try:
         if source.config_dict is not None:
             d = dict(source.config_dict)
@@ -118,12 +119,10 @@ def _load_config(source: ModelSource) -> Any:
         else:
             config = AutoConfig.from_pretrained(str(source.config_dir))
     except Exception as exc:  # not JSON, no or unknown model_type, a field of the wrong type: a bad config.json
-        where = source.config_dir / "config.json" if source.config_dir is not None else f"the config of {source.name}"
         raise OverspillError(f"{where} is invalid ({one_line(exc)}): fix it or download the model again") from None
     check_architecture(config.to_dict(), str(source.config_dir or source.name))
     missing = missing_keys(source.config())
     if missing:  # transformers filled in its defaults: the shape of another model
-        where = source.config_dir / "config.json" if source.config_dir is not None else f"the config of {source.name}"
         raise OverspillError(f"{where} is missing required keys: {', '.join(missing)}: fix it or download the "
                              "model again")
     return config

@@ -149,13 +149,13 @@ def plan_main(args: argparse.Namespace) -> int:
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choice(plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
     speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft)
+    name = args.model or DEFAULT_MODEL_NAME
     if args.json:
         if note:
             print(f"note: {note}", file=sys.stderr)
-        print(planview.as_json(plan, spec, profile, args.model or DEFAULT_MODEL_NAME, speculation,
-                               formats if streams else None))
+        print(planview.as_json(plan, spec, profile, name, speculation, formats if streams else None))
         return 0
-    print(planview.render(plan, fp, spec, profile, args.model or DEFAULT_MODEL_NAME))
+    print(planview.render(plan, fp, spec, profile, name))
     if moe_layers.is_moe:
         print()
         print("\n".join(moe_lines(forecasts(fp, moe_layers, plan.budget_bytes, workload, args.depth, profile,

@@ -91,11 +91,12 @@ def load_options(args: argparse.Namespace) -> dict:
     )
 
 
-def check_context(prompt: int, new_tokens: int, context: int) -> None:
+def check_context(prompt: int | None, new_tokens: int, context: int) -> None:
     """Refuse a prompt plus --max-new-tokens longer than the planned context: past it, KV outgrows what the
-    plan reserved."""
-    if prompt + new_tokens > context:
-        raise OverspillError(f"the prompt ({prompt} tokens) plus --max-new-tokens {new_tokens} is more than the "
+    plan reserved. `prompt` None: not tokenized yet (before loading), so at least one token."""
+    if (prompt or 1) + new_tokens > context:
+        tokens = "at least 1 token" if prompt is None else f"{prompt} tokens"
+        raise OverspillError(f"the prompt ({tokens}) plus --max-new-tokens {new_tokens} is more than the "
                              f"{context}-token context the plan reserved KV for: pass a larger --context, or "
                              "fewer tokens")
 
@@ -103,9 +104,8 @@ def check_context(prompt: int, new_tokens: int, context: int) -> None:
 def run(args: argparse.Namespace) -> None:
     from .api import load, placement_of
 
-    if args.context is not None and 0 < args.context <= args.max_new_tokens:  # before minutes of loading
-        raise OverspillError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the "
-                             f"{args.context}-token context: pass a larger --context, or fewer tokens")
+    if args.context > 0:  # before minutes of loading (`load` refuses a context below 1)
+        check_context(None, args.max_new_tokens, args.context)
     if not torch.cuda.is_available():
         print("no CUDA device found: running on the CPU (the same streaming ring, with host copies)")
     model, tokenizer = load(args.model, **load_options(args))

@@ -122,7 +122,7 @@ def load_for_serving(args) -> tuple:
     `--max-batch` whose KV stays on the GPU, activations for one engine pass) and print the plan."""
     from ..api import load, placement_of
     from ..errors import OverspillError
-    from ..planning.placement import serving_pass_tokens, spreads
+    from ..planning.placement import serving_pass_tokens
 
     if getattr(args, "cpu_compute", "off") not in ("off", "auto"):
         raise OverspillError(f"--cpu-compute {args.cpu_compute}: serve and batch do not run the CPU rank yet (the "
@@ -138,10 +138,10 @@ def load_for_serving(args) -> tuple:
         kv_gpu_memory=args.kv_gpu_memory, fit_batch=True, pass_tokens=serving_pass_tokens(args.max_batch),
         streaming=args.streaming, cuda_graphs=getattr(args, "cuda_graphs", False),
         stream_format=getattr(args, "stream_format", "auto"), moe_streaming=getattr(args, "moe_streaming", "auto"),
-        cpu_experts=getattr(args, "cpu_experts", "off"), speculate=getattr(args, "speculate", None),
         # planned as `plan --serve --speculate` shows it: a draft model in the budget, whole MoE layers streamed
-        # (expert streaming does not verify drafts), the streamed layers spread
-        layout="spread" if spreads(getattr(args, "layout", "auto"), getattr(args, "speculate", None)) else "prefix",
+        # (expert streaming does not verify drafts), the streamed layers spread under layout "auto"
+        cpu_experts=getattr(args, "cpu_experts", "off"), speculate=getattr(args, "speculate", None),
+        layout=getattr(args, "layout", "auto"),
     )
     plan = placement_of(model).plan
     print(plan.summary())
