@@ -397,6 +397,7 @@ def load(
                 plan = replace(plan, notes=plan.notes + (moe_note,))
         if draft_note:
             plan = replace(plan, notes=plan.notes + (draft_note,))
+        plan = replace(plan, kv_device_bytes=kv_bytes)  # serving's KV admission reads the rows it reserved
     elif len(plan.layer_tiers) != len(layers):
         raise OverspillError(f"the plan places {len(plan.layer_tiers)} layers but the model has {len(layers)}")
     else:  # a caller's plan: the loader sizes its slots for the format (and sends coded experts where it can)

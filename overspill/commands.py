@@ -146,6 +146,7 @@ def plan_main(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, notes=plan.notes + (format_note,))
     if draft_note:
         plan = dataclasses.replace(plan, notes=plan.notes + (draft_note,))
+    plan = dataclasses.replace(plan, kv_device_bytes=kv)  # as `load` records the cap
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choice(plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
     speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft)

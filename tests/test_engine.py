@@ -545,6 +545,24 @@ def test_graphed_batch_holds_no_more_full_context_rows_than_the_kv_reserved(tiny
     assert wide.max_batch == wide.runner.batch.max_rows == 4 and wide.batching_note is None
 
 
+def test_kv_cap_without_a_gpu_budget_admits_the_rows_it_reserved(tiny_checkpoint):
+    """Serving with --kv-gpu-memory and no GPU budget: the plan fits the largest batch whose KV stays within the
+    cap, and the engine admits that many full-context rows' blocks, not --max-batch rows (which overran the cap)."""
+    from transformers import AutoConfig
+
+    import overspill
+
+    config = AutoConfig.from_pretrained(tiny_checkpoint("llama"))
+    row = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4 * 64 \
+        * config.num_hidden_layers
+    model, _ = overspill.load(tiny_checkpoint("llama"), gpu_memory=None, dtype="float32", context=64, batch=8,
+                              fit_batch=True, kv_gpu_memory=2 * row + row // 2, progress=False)
+    plan = model.overspill.plan
+    assert plan.budget_bytes is None and plan.workload.batch == 2 and not plan.kv_host_layers
+    engine = Engine(model, IdsTokenizer(), max_batch=8)
+    assert engine.scheduler.total_blocks * engine.blocks.block_tokens == 2 * 64
+
+
 def test_graphed_batch_warm_up_captures_every_bucket_and_leaves_it_empty(tiny_checkpoint, monkeypatch):
     """Before serving, each batch bucket's step is captured once per ring phase (simulated on the CPU:
     a "capture" records its key and replays run the step eagerly); requests then decode as before."""

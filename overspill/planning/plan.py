@@ -94,6 +94,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     kv_host_layers: tuple[int, ...] = ()  # layers whose KV lives in pinned host memory (a TieredCache)
     kv_host_bytes: int = 0  # their KV at full context: read over the link every decode step
+    kv_device_bytes: int | None = None  # the cap on the GPU's KV it was planned under (--kv-gpu-memory); None: none
     streaming: str = "copy"  # how streamed layers move: "copy" (pinned -> slots), "managed" (prefetch), "mapped" (in place)
     stream_format: str = "bf16"  # how streamed layers travel (`overspill.planning.formats`)
     expand_bytes: int = 0  # GPU bytes for encoded streamed layers: staging buffers + expansion scratch
