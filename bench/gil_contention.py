@@ -6,7 +6,8 @@ them, so it holds the GIL most of the time and, until it blocks at the join, han
 worker has waited a full switch interval (Python's default: 5 ms). At 5b57da5 on the H100 the worker was
 busy 137 ms a step where the plan said 86. This times one 8B-shaped layer share on the worker (HF's LlamaMLP
 with the share's columns, LlamaAttention with the share's heads over a 512-token cache), alone and while
-another thread launches tiny torch ops without pause, at several switch intervals. No GPU needed.
+another thread launches tiny torch ops without pause, at several switch intervals; and the MLP share as one
+TorchScript call (`mlp_script`), which holds the GIL only to start and finish. No GPU needed.
 
     python bench/gil_contention.py                 # 8B share at fraction ~0.53: 4 KV heads, 7558 MLP columns
     python bench/gil_contention.py --smoke         # small shapes, checks the script
@@ -31,7 +32,8 @@ import provenance  # noqa: E402 - after the path
 
 
 def modules(hidden: int, kv_heads: int, group: int, cols: int, cache_tokens: int):
-    """(mlp, attention) callables of one rank's share, as the worker runs them: transformers' modules."""
+    """(mlp, attention, scripted mlp) callables of one rank's share: as the worker runs them (transformers' modules),
+    and the MLP as one TorchScript call, which needs the GIL to start and finish rather than for every op."""
     import torch
     from transformers import DynamicCache, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
@@ -56,7 +58,13 @@ def modules(hidden: int, kv_heads: int, group: int, cols: int, cache_tokens: int
         cache.crop(-1)  # drop the token just added: the next call sees the same cache (5.17 and 5.25 agree)
         return out
 
-    return (lambda: mlp(x)), attention
+    def mlp_share(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(
+            torch.nn.functional.silu(torch.nn.functional.linear(h, gate)) * torch.nn.functional.linear(h, up), down)
+
+    scripted = torch.jit.script(mlp_share)  # one call: the interpreter runs its ops without handing back to Python
+    weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    return (lambda: mlp(x)), attention, (lambda: scripted(x, *weights))
 
 
 def launcher(stop: threading.Event) -> None:
@@ -116,11 +124,11 @@ def main() -> None:
     threads = args.threads or default_threads()
     shape = dict(hidden=256, kv_heads=1, group=2, cols=512, cache_tokens=32) if args.smoke else \
         dict(hidden=4096, kv_heads=4, group=4, cols=7558, cache_tokens=512)
-    mlp, attention = modules(**shape)
+    mlp, attention, mlp_script = modules(**shape)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {**provenance.header("gil_contention", stamp, machine_facts()), "threads": threads,
               "host_cores": len(os.sched_getaffinity(0)), "shape": shape, "runs": []}
-    for name, fn in (("mlp", mlp), ("attention", attention)):
+    for name, fn in (("mlp", mlp), ("mlp_script", mlp_script), ("attention", attention)):
         for interval in args.intervals:
             alone = worker_ms(fn, threads, False, interval, args.iters)
             busy = worker_ms(fn, threads, True, interval, args.iters)
