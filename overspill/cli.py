@@ -53,7 +53,8 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
         "--random-weights", action="store_true",
         help="build the model from its config with seeded random weights (benchmark full-size shapes without a checkpoint).",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0).")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --random-weights, and for run's sampling (--temperature above 0) (default 0).")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
                    help=f"how many layers ahead the copy stream prefetches (default {DEFAULT_DEPTH}).")
     p.add_argument("--layout", default="auto", choices=list(LAYOUTS),
@@ -91,6 +92,9 @@ def _run_main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:  # before minutes of loading; 0 is the placement-only run
         raise OverspillError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}: pass the number of "
                              "tokens to generate, or 0 to load the model and print its placement only")
+    from .run import check_sampling
+
+    check_sampling(args.temperature, args.top_p, args.top_k)  # before minutes of loading
     ranks = max(getattr(args, "gpus", None) or 1, getattr(args, "ranks", None) or 1)
     if launch.world_size() > 1:  # torchrun started this process as one rank
         try:
@@ -124,7 +128,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .api import load
-    from .run import TimingStreamer, _prompt_ids, check_context, load_options, timed_generate
+    from .run import TimingStreamer, _prompt_ids, check_context, load_options, sampling_options, timed_generate
     from .runtime.loader import placement_of
     from .runtime.pipeline import rank_summary
 
@@ -146,7 +150,9 @@ def _run_rank(args: argparse.Namespace) -> None:
         print(f"\n> {args.prompt}")
     streamer = TimingStreamer(tokenizer, echo=lead)
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
-    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
+    torch.manual_seed(args.seed)  # every rank samples the shared logits alike
+    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids),
+                            pad_token_id=pad, **sampling_options(args))
     streamed: list = [None] * stage.world
     dist.all_gather_object(streamed, placement.plan.streamed_bytes_per_step)
     if not lead:
@@ -264,6 +270,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=64,
                      help="tokens to generate (default 64; 0 loads the model and prints its placement without generating).")
     run.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text, without the chat template.")
+    run.add_argument("--temperature", type=float, default=0.0,
+                     help="sample at this temperature, seeded by --seed so a run repeats (default 0: greedy, the "
+                     "tokens speed runs compare).")
+    run.add_argument("--top-p", type=float, default=1.0,
+                     help="with --temperature, sample from the smallest set of tokens holding this probability "
+                     "(0 < P <= 1; default 1: all).")
+    run.add_argument("--top-k", type=int, default=0,
+                     help="with --temperature, sample from the K likeliest tokens (default 0: no limit).")
     run.add_argument("--cuda-graphs", action="store_true",
                      help="replay each decode step as a CUDA graph over a static KV cache of --context tokens "
                      "(CUDA only; models with host-tier KV or sliding windows decode eagerly). Default: off.")

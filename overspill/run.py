@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 
@@ -52,9 +53,11 @@ class Timing:
 
 
 def timed_generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer: TimingStreamer, **kwargs) -> Timing:
-    """Greedy generation with time-to-first-token and steady decode speed measured separately."""
+    """Generation (greedy unless `kwargs` sample: `sampling_options`) with time-to-first-token and steady decode
+    speed measured separately."""
+    kwargs.setdefault("do_sample", False)
     start = time.perf_counter()
-    model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, **kwargs)
+    model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
     times = streamer.times
     prefill = times[0] - start if times else float("nan")
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
@@ -91,6 +94,24 @@ def load_options(args: argparse.Namespace) -> dict:
     )
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """Refuse sampling flags `generate` could not honour, in one line naming the flag."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise OverspillError(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise OverspillError(f"--top-p must be above 0 and at most 1, got {top_p}")
+    if top_k < 0:
+        raise OverspillError(f"--top-k must be 0 (no limit) or more, got {top_k}")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """`generate`'s sampling keywords from `run`'s flags: greedy at --temperature 0, else sampled with --top-p and
+    --top-k as given (not the generation config's: a run says what it samples with)."""
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+
+
 def check_context(prompt: int | None, new_tokens: int, context: int) -> None:
     """Refuse a prompt plus --max-new-tokens longer than the planned context: past it, KV outgrows what the
     plan reserved. `prompt` None: not tokenized yet (before loading), so at least one token."""
@@ -123,7 +144,9 @@ def run(args: argparse.Namespace) -> None:
 
     streamer = TimingStreamer(tokenizer, at_first=lambda: ExpertCounters.of(model))
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
-    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids), pad_token_id=pad)
+    torch.manual_seed(args.seed)
+    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids),
+                            pad_token_id=pad, **sampling_options(args))
     if tokenizer is None:
         print(streamer.tokens)
     link = placement.plan.streamed_bytes_per_step

@@ -21,7 +21,7 @@ from overspill import cli
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FLAGS = [
     "--gpu-memory", "--dtype", "--random-weights", "--depth", "--context", "--device",
-    "--prompt", "--max-new-tokens", "--no-chat-template", "--seed",
+    "--prompt", "--max-new-tokens", "--no-chat-template", "--seed", "--temperature", "--top-p", "--top-k",
 ]
 
 
@@ -194,13 +194,48 @@ def test_cheap_mistakes_are_refused_before_loading(capsys, monkeypatch) -> None:
     monkeypatch.setattr(api, "resolve", lambda *a, **k: pytest.fail("resolved the model before checking the flags"))
     cases = [(["run", "--context", "8", "--max-new-tokens", "8"], ["--max-new-tokens 8", "8-token context"]),
              (["run", "--kv-gpu-memory", "12XB"], ["--kv-gpu-memory", "'12XB'"]),
-             (["run", "--context", "0"], ["--context", "got 0"])]
+             (["run", "--context", "0"], ["--context", "got 0"]),
+             (["run", "--temperature", "-0.5"], ["--temperature", "-0.5"]),
+             (["run", "--temperature", "nan"], ["--temperature", "nan"]),
+             (["run", "--temperature", "0.7", "--top-p", "0"], ["--top-p", "got 0"]),
+             (["run", "--top-k", "-2"], ["--top-k", "-2"])]
     if not torch.cuda.is_available():
         cases.append((["run", "--cuda-graphs"], ["--cuda-graphs", "CUDA device"]))
     for argv, words in cases:
         code = cli.main(argv)
         out = capsys.readouterr()
         check_one_line_error(code, out.out, out.err, words)
+
+
+def test_run_samples_as_generate_does_with_its_seed(tiny_checkpoint, capsys) -> None:
+    """`run --temperature T --top-p P --top-k K --seed S` prints the tokens transformers' sampled `generate` gives
+    with that seed on the same model (some layers streamed from host memory); the default stays greedy."""
+    import ast
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = "streamed"
+    ids = torch.tensor([[b % reference.config.vocab_size for b in prompt.encode()]])
+
+    def printed(*flags: str) -> list[int]:
+        assert cli.main(["run", str(path), "--prompt", prompt, "--max-new-tokens", "8", "--gpu-memory", "800KiB",
+                         "--context", "64", "--dtype", "float32", *flags]) == 0
+        out = capsys.readouterr().out
+        assert "streamed from pinned host memory" in out
+        return ast.literal_eval(next(line for line in out.splitlines() if line.startswith("[")))
+
+    def generated(**kwargs) -> list[int]:
+        torch.manual_seed(kwargs.pop("seed", 0))
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=0, **kwargs)
+        return out[0, ids.shape[1]:].tolist()
+
+    sampled = printed("--temperature", "1.5", "--top-p", "0.95", "--top-k", "40", "--seed", "11")
+    assert sampled == generated(do_sample=True, temperature=1.5, top_p=0.95, top_k=40, seed=11)
+    assert printed() == generated(do_sample=False)
+    assert sampled != generated(do_sample=False)  # it sampled (random weights: near-uniform next tokens)
 
 
 def test_plan_takes_dtype_auto_and_blames_a_bad_dtype_on_the_flag(capsys) -> None:

@@ -19,14 +19,17 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_run_with_two_ranks_answers_like_one_process(default_model_dir) -> None:
-    args = ("run", "--prompt", "Hi", "--max-new-tokens", "8")
+@pytest.mark.parametrize("sampling", [(), ("--temperature", "1.3", "--top-k", "20", "--seed", "4")],
+                         ids=["greedy", "sampled"])
+def test_run_with_two_ranks_answers_like_one_process(default_model_dir, sampling) -> None:
+    """Two ranks print one process's text: greedy, and sampled with a seed (every rank samples alike)."""
+    args = ("run", "--prompt", "Hi", "--max-new-tokens", "8", *sampling)
     one = run_cli(*args)
     two = run_cli(*args, "--ranks", "2")
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     answer = one.stdout.split("> Hi\n", 1)[1].splitlines()[0]
-    assert two.stdout.split("> Hi\n", 1)[1].splitlines()[0] == answer  # the same greedy text
+    assert two.stdout.split("> Hi\n", 1)[1].splitlines()[0] == answer  # the same text
     assert "pipeline over 2 ranks" in two.stdout
     assert "layers 0-14 on rank 0 (cpu): 15/15 resident" in two.stdout
     assert "layers 15-29 on rank 1 (cpu)" in two.stdout
