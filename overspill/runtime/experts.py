@@ -350,7 +350,7 @@ class Llama4RoutedMoe(nn.Module):
         self.moe = moe
         self.layer = layer
         experts = moe.experts
-        self.host = [experts.gate_up_proj.data, experts.down_proj.data]  # [E, H, 2I], [E, I, H]
+        self.host = [experts.gate_up_proj.data, experts.down_proj.data]  # [E, H, 2I], [E, I, H]; GPU tensors where resident
         object.__setattr__(self, "cache", cache)
         if cache is not None:
             cache.serve(layer, self.host[0].shape[0])
@@ -435,13 +435,10 @@ def wrap_experts(layer: nn.Module, index: int, cache: ExpertCache, codes: Expert
             raise NotImplementedError("coded experts stream for one transformers experts module a layer: "
                                       "load with stream_format='bf16'")
         name, names, module = found[0]
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(layer.get_submodule(parent_name) if parent_name else layer, leaf,
-                RoutedExperts(module, index, names, cache, codes))
+        _replace(layer, name, RoutedExperts(module, index, names, cache, codes))
         return
     for name, names, module in found:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = layer.get_submodule(parent_name) if parent_name else layer
+        parent_name, parent, leaf = _owner(layer, name)
         if type(parent).__name__ == "Llama4TextMoe":
             _replace(layer, parent_name, Llama4RoutedMoe(parent, index, cache))
         elif hasattr(module, "has_gate"):  # transformers' `use_experts_implementation` experts
@@ -456,15 +453,20 @@ def route_resident(layer: nn.Module, index: int) -> None:
     the expert-streamed layers do (`Llama4RoutedMoe` without a cache): the same sums. Other models' experts
     modules compute only the routed experts already."""
     for name, _, _ in expert_params(layer):
-        parent_name = name.rpartition(".")[0]
-        parent = layer.get_submodule(parent_name) if parent_name else layer
+        parent_name, parent, _ = _owner(layer, name)
         if type(parent).__name__ == "Llama4TextMoe":
             _replace(layer, parent_name, Llama4RoutedMoe(parent, index, None))
 
 
-def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+def _owner(layer: nn.Module, name: str) -> tuple[str, nn.Module, str]:
+    """(owner's name, owner, leaf) of the submodule or parameter `name` of `layer`."""
     owner_name, _, leaf = name.rpartition(".")
-    setattr(layer.get_submodule(owner_name) if owner_name else layer, leaf, module)
+    return owner_name, layer.get_submodule(owner_name) if owner_name else layer, leaf
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    _, owner, leaf = _owner(layer, name)
+    setattr(owner, leaf, module)
 
 
 def expert_shapes(layer: nn.Module) -> list[tuple[tuple[int, ...], torch.dtype]]:
