@@ -107,9 +107,11 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
 def sampling_options(args: argparse.Namespace) -> dict:
     """`generate`'s sampling keywords from `run`'s flags: greedy at --temperature 0, else sampled with --top-p and
     --top-k as given (not the generation config's: a run says what it samples with)."""
-    if args.temperature == 0:
+    temperature = getattr(args, "temperature", 0.0)
+    if temperature == 0:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return {"do_sample": True, "temperature": temperature, "top_p": getattr(args, "top_p", 1.0),
+            "top_k": getattr(args, "top_k", 0)}
 
 
 def check_context(prompt: int | None, new_tokens: int, context: int) -> None:
