@@ -128,7 +128,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .api import load
-    from .run import TimingStreamer, _prompt_ids, check_context, load_options, sampling_options, timed_generate
+    from .run import TimingStreamer, _prompt_ids, check_context, generate_as_flagged, load_options
     from .runtime.loader import placement_of
     from .runtime.pipeline import rank_summary
 
@@ -149,10 +149,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     if lead:
         print(f"\n> {args.prompt}")
     streamer = TimingStreamer(tokenizer, echo=lead)
-    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
-    torch.manual_seed(args.seed)  # every rank samples the shared logits alike
-    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids),
-                            pad_token_id=pad, **sampling_options(args))
+    timing = generate_as_flagged(model, tokenizer, ids, args, streamer)
     streamed: list = [None] * stage.world
     dist.all_gather_object(streamed, placement.plan.streamed_bytes_per_step)
     if not lead:

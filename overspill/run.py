@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 
@@ -95,11 +94,14 @@ def load_options(args: argparse.Namespace) -> dict:
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    """Refuse sampling flags `generate` could not honour, in one line naming the flag."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise OverspillError(f"--temperature must be 0 (greedy) or more, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise OverspillError(f"--top-p must be above 0 and at most 1, got {top_p}")
+    """Refuse sampling flags `generate` could not honour, in one line naming the flag (the ranges requests to
+    the server get: `serving.requests.sampling_fault`)."""
+    from .serving.requests import sampling_fault
+
+    fault = sampling_fault(temperature, top_p)
+    if fault is not None:
+        field, reason = fault
+        raise OverspillError(f"--{field.replace('_', '-')}: {reason}")
     if top_k < 0:
         raise OverspillError(f"--top-k must be 0 (no limit) or more, got {top_k}")
 
@@ -112,6 +114,16 @@ def sampling_options(args: argparse.Namespace) -> dict:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": temperature, "top_p": getattr(args, "top_p", 1.0),
             "top_k": getattr(args, "top_k", 0)}
+
+
+def generate_as_flagged(model, tokenizer, ids: torch.Tensor, args: argparse.Namespace,
+                        streamer: TimingStreamer) -> Timing:
+    """`run`'s generation, for the one process and each pipeline rank alike: the tokenizer's pad id, and the
+    flags' sampling seeded by --seed (so every rank samples the shared logits alike)."""
+    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    torch.manual_seed(args.seed)
+    return timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids),
+                          pad_token_id=pad, **sampling_options(args))
 
 
 def check_context(prompt: int | None, new_tokens: int, context: int) -> None:
@@ -145,10 +157,7 @@ def run(args: argparse.Namespace) -> None:
     from .runtime.routing import ExpertCounters
 
     streamer = TimingStreamer(tokenizer, at_first=lambda: ExpertCounters.of(model))
-    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
-    torch.manual_seed(args.seed)
-    timing = timed_generate(model, ids, args.max_new_tokens, streamer, attention_mask=torch.ones_like(ids),
-                            pad_token_id=pad, **sampling_options(args))
+    timing = generate_as_flagged(model, tokenizer, ids, args, streamer)
     if tokenizer is None:
         print(streamer.tokens)
     link = placement.plan.streamed_bytes_per_step

@@ -29,8 +29,8 @@ from pydantic import ValidationError
 from ..errors import OverspillError
 from .engine import Engine, Event, GenerationRequest, InvalidRequest, QueueFull
 from .openai_protocol import (
-    ApiError, Collected, ServerConfig, TokenTexts, generation_request, load_for_serving, sampling_defaults, served_name,
-    validation_error,
+    ApiError, Collected, ServerConfig, TokenTexts, check_at_least_one, generation_request, load_for_serving,
+    sampling_defaults, served_name, validation_error,
 )
 from .requests import check_speculate
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -376,9 +376,7 @@ def batch_main(args) -> int:
     from ..planning.units import parse_bytes
     from ..runtime.prefix import PrefixCache
 
-    for flag, value in (("--max-batch", args.max_batch), ("--max-new-tokens-limit", args.max_new_tokens_limit)):
-        if value < 1:
-            raise OverspillError(f"{flag} must be at least 1, got {value}")
+    check_at_least_one(("--max-batch", args.max_batch), ("--max-new-tokens-limit", args.max_new_tokens_limit))
     check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     total, todo = check_files(args.input, args.output)
     prefix_bytes = parse_bytes(args.prefix_cache, "--prefix-cache")

@@ -42,6 +42,15 @@ class ServerConfig:
     sampling: dict = field(default_factory=dict)
 
 
+def check_at_least_one(*flags: tuple[str, int]) -> None:
+    """Refuse the first of `serve`'s or `batch`'s (flag, value) counts below 1, naming the flag and its value."""
+    from ..errors import OverspillError
+
+    for flag, value in flags:
+        if value < 1:
+            raise OverspillError(f"{flag} must be at least 1, got {value}")
+
+
 def sampling_defaults(model) -> dict:
     """The temperature, top_p and top_k the model's generation_config.json sets, as vLLM serves with them
     (and `generate` samples with them where the file turns sampling on); OpenAI's 1, 1 and no top-k stand for

@@ -84,11 +84,9 @@ def check_request(request: GenerationRequest, vocab_size: int, context: int) -> 
     _check_int(request, "top_k", None, None)
     if request.logprobs is not None:
         _check_int(request, "logprobs", 0, MAX_LOGPROBS)
-    temperature, top_p = _real(request, "temperature"), _real(request, "top_p")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InvalidRequest("temperature", f"temperature must be finite and >= 0, got {temperature!r}")
-    if not 0 < top_p <= 1:  # NaN fails too
-        raise InvalidRequest("top_p", f"top_p must be in (0, 1], got {top_p!r}")
+    fault = sampling_fault(_real(request, "temperature"), _real(request, "top_p"))
+    if fault is not None:
+        raise InvalidRequest(*fault)
     if not isinstance(request.stop, (tuple, list)) or not all(isinstance(s, str) for s in request.stop):
         raise InvalidRequest("stop", f"stop must be a tuple of strings, got {request.stop!r}")
     _check_prompt(request.prompt_ids, vocab_size)
@@ -97,6 +95,16 @@ def check_request(request: GenerationRequest, vocab_size: int, context: int) -> 
         raise InvalidRequest("max_new_tokens", f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
                              f"({request.max_new_tokens}) exceeds the context of {context} tokens",
                              code="context_length_exceeded")
+
+
+def sampling_fault(temperature: float, top_p: float) -> tuple[str, str] | None:
+    """(field, one-line reason) for the first of `temperature` and `top_p` sampling cannot take, else None: one
+    rule for requests and for `overspill run`'s flags."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        return "temperature", f"temperature must be finite and >= 0, got {temperature!r}"
+    if not 0 < top_p <= 1:  # NaN fails too
+        return "top_p", f"top_p must be in (0, 1], got {top_p!r}"
+    return None
 
 
 def _check_speculate(source: object) -> None:

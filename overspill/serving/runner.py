@@ -58,11 +58,11 @@ class Runner:
         param = next(model.parameters())
         self.device = param.device
         self.placement = getattr(model, "overspill", None)
-        workload = self.placement.plan.workload if self.placement is not None else None
+        plan = self.placement.plan if self.placement is not None else None
+        workload = plan.workload if plan is not None else None
         text = model.config.get_text_config()
         self.context = workload.context if workload is not None else text.max_position_embeddings
         # full-context sequences the plan reserved KV for under a GPU budget or a KV cap (None: neither)
-        plan = self.placement.plan if self.placement is not None else None
         planned = plan is not None and (plan.budget_bytes is not None or plan.kv_device_bytes is not None)
         self.planned_rows = workload.batch if planned else None
         self.max_batch = max_batch or (workload.batch if workload is not None else 1)

@@ -35,8 +35,8 @@ from ..runtime.prefix import PrefixCache
 from .engine import Engine, Event, GenerationRequest, Handle, InvalidRequest, QueueFull
 from .metrics import Metrics
 from .openai_protocol import (
-    ApiError, Collected, ServerConfig, TokenTexts, failed, generation_request, load_for_serving, logprobs_body,
-    sampling_defaults, served_name, validation_error,
+    ApiError, Collected, ServerConfig, TokenTexts, check_at_least_one, failed, generation_request, load_for_serving,
+    logprobs_body, sampling_defaults, served_name, validation_error,
 )
 from .prompt_bound import PromptBound
 from .requests import check_speculate
@@ -362,10 +362,8 @@ def serve_main(args) -> int:
     from ..planning.units import parse_bytes
     from .defaults import DEFAULT_MAX_BODY_BYTES
 
-    for flag, value in (("--max-queue", args.max_queue), ("--max-new-tokens-limit", args.max_new_tokens_limit),
-                        ("--max-batch", args.max_batch)):
-        if value < 1:
-            raise OverspillError(f"{flag} must be at least 1, got {value}")
+    check_at_least_one(("--max-queue", args.max_queue), ("--max-new-tokens-limit", args.max_new_tokens_limit),
+                       ("--max-batch", args.max_batch))
     check_api_key(args.api_key)
     check_speculate(getattr(args, "speculate", None), getattr(args, "speculate_tree", None))
     max_body = parse_bytes(args.max_body_bytes, "--max-body-bytes") if getattr(args, "max_body_bytes", None) else DEFAULT_MAX_BODY_BYTES
