@@ -174,6 +174,100 @@ def test_a_failure_on_either_side_ends_the_pass_with_its_error(tiny_checkpoint, 
         assert torch.equal(_generate(model, single)[0], want)
 
 
+def _raises_within(seconds: float, fn, *args):
+    """The exception `fn(*args)` raises, run on a thread: a hang fails the test instead of blocking the run."""
+    import threading
+
+    caught = []
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+            caught.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} still running after {seconds} s"
+    assert caught, "no error reached the Python thread"
+    return caught[0]
+
+
+def test_a_worker_failure_reaches_the_python_thread_and_releases_every_join(tiny_checkpoint, monkeypatch) -> None:
+    """The device's side of a join no longer waits on a future of the job: a job that raises records its error
+    and releases the joins it promised (their sums NaN), and the Python thread raises that error at its next
+    join or submit. Either way no join stays unreleased, nothing stays recorded, and the model decodes again."""
+    model = _split_model(tiny_checkpoint("llama"))
+    rank = placement_of(model).cpu_rank
+    layers = model.get_submodule(placement_of(model).layers_path)
+    single, _, _ = prompts()
+    want = _generate(model, single)[0]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("worker attention failed")
+
+    monkeypatch.setattr(layers[2].worker_modules[0], "forward", boom)  # before its first hand-over: at a join
+    error = _raises_within(60, _generate, model, single)
+    assert isinstance(error, RuntimeError) and "worker attention failed" in str(error)
+    monkeypatch.undo()
+    handoff = rank.handoff
+    assert handoff.error is None and handoff.delivered == handoff.issued and handoff.counter.item() == handoff.issued
+    assert torch.equal(_generate(model, single)[0], want)
+
+    # after its last hand-over in the last layer: raised at that layer's join if the Python thread checks after the
+    # error is recorded, else at the next pass's first submit
+    calls, joins_per_pass = [], 2 * len(layers)
+
+    def late(box, real=rank.received):
+        calls.append(1)
+        if len(calls) == joins_per_pass:
+            raise RuntimeError("failed after the last hand-over")
+        return real(box)
+
+    monkeypatch.setattr(rank, "received", late)
+    submitted = []
+    submit = rank.submit
+    monkeypatch.setattr(rank, "submit", lambda *args: submitted.append(1) or submit(*args))
+    error = _raises_within(60, _generate, model, single)
+    assert "failed after the last hand-over" in str(error)
+    assert len(submitted) in (len(layers), len(layers) + 1)
+    monkeypatch.undo()
+    assert handoff.error is None and handoff.delivered == handoff.issued
+    recorded = RuntimeError("recorded by an earlier job")  # as a job of the last pass leaves it: the next submit raises
+    handoff.error = recorded
+    assert _raises_within(60, _generate, model, single) is recorded and handoff.error is None
+    assert torch.equal(_generate(model, single)[0], want)
+
+
+def test_handoff_delivers_in_order_and_a_failed_job_releases_its_joins_as_nan() -> None:
+    import threading
+
+    from overspill.runtime.cpu_rank import Handoff
+
+    handoff = Handoff(torch.device("cpu"))
+    like = torch.zeros(2, 3, dtype=torch.bfloat16)
+    first, second, third = (handoff.ticket(like) for _ in range(3))
+    assert [t.seq for t in (first, second, third)] == [1, 2, 3] and first.dst.dtype == torch.bfloat16
+    part = torch.randn(2, 3)
+    handoff.deliver(first, part)  # float32 in, the device partial's dtype out
+    assert torch.equal(handoff.collect(first), part.to(torch.bfloat16)) and handoff.counter.item() == 1
+    waiting = []
+    collector = threading.Thread(target=lambda: waiting.append(pytest.raises(RuntimeError, handoff.collect, third)))
+    collector.start()
+    collector.join(0.2)
+    assert collector.is_alive()  # on the CPU the Python thread waits for the worker's sum
+    handoff.fail(RuntimeError("job failed"), upto=3)
+    collector.join(10)
+    assert not collector.is_alive() and "job failed" in str(waiting[0].value)
+    assert second.dst.isnan().all() and third.dst.isnan().all() and handoff.counter.item() == 3
+    # the counter is the sequence number mod 2**32 as an int32, as cuStreamWaitValue32 compares it (cyclically)
+    handoff.error, handoff.issued, handoff.delivered = None, 2**32 - 1, 2**32 - 1
+    wrapped = handoff.ticket(like)
+    handoff.deliver(wrapped, part)
+    assert wrapped.seq == 2**32 and handoff.counter.item() == 0 and torch.equal(handoff.collect(wrapped), part.bfloat16())
+
+
 @pytest.mark.parametrize("fraction", [0.5, 0.8])  # MLP columns only; and a KV head
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
 def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, fraction: float, tiny_checkpoint) -> None:

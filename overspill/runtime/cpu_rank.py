@@ -8,10 +8,21 @@ computes its share of the same layer. The layer joins twice, after attention and
 both sides: each side's partial sum crosses to the other (8 KB each way for an 8B layer) and both add
 the same two sums in the same order, so the worker's copy of the residual stream stays the device's,
 bit for bit, and feeds the next layer without waiting for the Python thread to launch the device's
-side of the join (at 5b57da5 that wait cost ~1 ms a join, 46 joins a step on the 8B shape). The CPU's
-KV heads keep their KV in host memory, in cache layers
-of the same kind as the model's cache uses for that layer (full or sliding window), kept in step
-with it: a cache that restarts at zero restarts them, a crop crops them.
+side of the join (at 5b57da5 that wait cost ~1 ms a join, 46 joins a step on the 8B shape).
+
+Nor does the Python thread wait for the worker (`Handoff`): the device's side of a join is a stream
+wait (`cuStreamWaitValue32`) for a counter in pinned host memory that the worker raises once its
+partial sum is written, then that sum's copy, so the Python thread launches a whole step and every
+layer's job is queued at once. When it waited at each join instead, an 8B step on an H100 host (23
+split layers, 46 joins) took 152 ms where the link allows ~110: the Python thread waited 88 ms at
+joins, and the worker (busy 101 ms) sat idle ~47 ms, each job queued only once the Python thread got
+past the previous layer's join, the two threads fighting for the GIL. A job that fails still raises
+the counter (its sums read as NaN), so the GPU never waits forever; its error is raised on the Python
+thread at the next submit or join.
+
+The CPU's KV heads keep their KV in host memory, in cache layers of the same kind as the model's
+cache uses for that layer (full or sliding window), kept in step with it: a cache that restarts at
+zero restarts them, a crop crops them.
 
 The worker has its own torch thread count (`default_threads`: the cores less two, for the copy
 engine's driver thread and the Python thread that launches GPU work). On the CPU-only path the
@@ -20,10 +31,14 @@ same code runs with "device" tensors on the host, so the tests check the split e
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import wait as wait_for_futures
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +49,7 @@ from ..planning.cpu_rank import HOST_FORMATS, checked_options, with_cpu_rank
 from ..planning.formats import NATIVE
 from ..planning.plan import Footprint, Plan
 from ..planning.profile import Profile
+from . import cuda_driver
 from .host_int8 import K_ALIGN
 from .kv import PresizedLayer
 from .split_layer import SplitLayer
@@ -46,15 +62,110 @@ def default_threads() -> int:
     return max(len(os.sched_getaffinity(0)) - 2, 1)
 
 
+class Ticket(NamedTuple):
+    """One join's hand-over: the buffer the worker writes its partial sum into, and the counter value that says
+    it is written."""
+
+    dst: torch.Tensor
+    seq: int
+
+
+class Handoff:
+    """The worker's partial sums to the device's side of each join, in submission order, without the Python
+    thread waiting for the worker on CUDA.
+
+    The Python thread takes a `ticket` per join as it queues the layer's job (a buffer shaped as the device's
+    partial sum, pinned on CUDA, and the next sequence number); the worker `deliver`s: it writes the buffer,
+    then stores the number into `counter`. Jobs run in submission order, so the counter only rises.
+    `collect` on CUDA queues, on the current stream, a wait for the counter to reach the ticket's number and
+    the buffer's copy, and returns at once; on the CPU-only path it waits on a condition for the same counter.
+    A job that fails calls `fail`: the first error is kept for the Python thread, the buffers that job promised
+    are filled with NaN and the counter is raised past them, so neither a stream nor a thread waits forever.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.counter = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)  # the last seq delivered, mod 2**32
+        self._word = ctypes.c_int32.from_address(self.counter.data_ptr())  # a plain store, no dispatch
+        self.address: int | None = None  # the counter's device address: asked on the thread that launches the waits
+        self.issued = self.delivered = 0  # the last seq handed out (Python thread) and stored (worker); no wrap
+        self.error: BaseException | None = None
+        self._pending: deque[Ticket] = deque()  # handed out, not delivered
+        self._cond = threading.Condition()  # re-entrant (`fail` releases under it)
+
+    def ticket(self, like: torch.Tensor) -> Ticket:
+        """Python thread: a buffer for the worker's partial sum of the join whose device partial sum is shaped
+        and typed as `like`, and the next sequence number."""
+        with torch.inference_mode(False):  # a normal tensor whatever the caller's mode: the worker writes it
+            dst = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.cuda)
+        with self._cond:
+            self.issued += 1
+            ticket = Ticket(dst, self.issued)
+            self._pending.append(ticket)
+        return ticket
+
+    def deliver(self, ticket: Ticket, part: torch.Tensor) -> None:
+        """Worker: `part` into the ticket's buffer (converted to its dtype), then the counter to its seq."""
+        ticket.dst.copy_(part)
+        self._release(ticket.seq)
+
+    def _release(self, seq: int) -> None:
+        with self._cond:
+            while self._pending and self._pending[0].seq <= seq:
+                self._pending.popleft()
+            if seq > self.delivered:
+                self.delivered = seq
+                # a plain aligned store after the buffer's writes (this thread's, and the torch threads' its copy
+                # joined): x86 keeps stores in order, so a stream that reads the new value reads complete buffers
+                self._word.value = (seq + 2**31) % 2**32 - 2**31
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException, upto: int) -> None:
+        """Worker: a job ended without delivering; keep the first error, fill the buffers of seqs up to `upto`
+        that are still undelivered with NaN, and release them."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            try:
+                for ticket in self._pending:
+                    if ticket.seq <= upto:
+                        ticket.dst.fill_(float("nan"))
+            finally:  # nothing may keep the counter from moving on
+                self._release(upto)
+
+    def collect(self, ticket: Ticket) -> torch.Tensor:
+        """Python thread: the worker's partial sum for `ticket` on the device. On CUDA, queued on the current
+        stream behind a wait for the counter (no host wait); on the CPU, once the worker delivered it. Raises the
+        error of a job that failed since the last `CpuRank.settle`."""
+        if self.cuda:
+            self.raise_error()
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            if self.address is None:  # in the CUDA context this thread launches the pass in
+                self.address = cuda_driver.host_device_pointer(self.counter.data_ptr())
+            cuda_driver.stream_wait_value32(stream, self.address, ticket.seq)
+            return ticket.dst.to(self.device, non_blocking=True)
+        with self._cond:
+            self._cond.wait_for(lambda: self.delivered >= ticket.seq or self.error is not None)
+        self.raise_error()
+        return ticket.dst
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class CpuRank:
     """One worker thread that computes the CPU's shares, in submission order, with `threads` torch
-    threads; moves activations to it and partial sums back without syncing the GPU's stream."""
+    threads; moves activations to it and partial sums back (`handoff`) without syncing the GPU's stream
+    or waiting for the worker on CUDA."""
 
     def __init__(self, device: torch.device, threads: int | None = None, context: int = 0):
         self.device = device
         self.context = context  # tokens a sequence's host KV is allocated for at once (it grows past them)
         self.threads = threads or default_threads()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
+        self.handoff = Handoff(device)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
         self.reset_counters()
         self._job_wait_s = 0.0  # inside the running job: waits for the device's partial sums (`received`)
@@ -75,7 +186,8 @@ class CpuRank:
     def reset_counters(self) -> None:
         """Zero where a step's time goes (bench/cpu_rank.py reads them per run): the worker computing (by job
         function: `computed_s`), waiting for its inputs' copies, and queued behind earlier jobs; the Python
-        thread waiting at joins."""
+        thread's time in joins (`waited_s`: on the CPU its waits for the worker; on CUDA only queueing the
+        device's wait and copy) and the joins themselves."""
         self.busy_s = self.waited_s = self.input_wait_s = self.queued_s = 0.0
         self.computed_s: dict[str, float] = {}
         self.joins = 0
@@ -109,7 +221,45 @@ class CpuRank:
         return HostKV(self.context)
 
     def submit(self, fn, *args: Any) -> Future:
-        return self.pool.submit(self._run, fn, args, time.perf_counter())
+        """Queue `fn(*args[:-1])` on the worker, to start once the events in `args[-1]` complete. The joins it
+        promised are the tickets handed out so far: if it fails, `_guarded` releases them. Raises the error of a
+        job that failed since the last `settle` (once the worker has drained)."""
+        error = self.settle() if self.handoff.error is not None else None
+        if error is not None:
+            raise error
+        return self.pool.submit(self._guarded, self.handoff.issued, fn, args, time.perf_counter())
+
+    def _guarded(self, upto: int, fn, args: tuple, submitted: float) -> None:
+        """On the worker: `_run` the job unless an earlier one failed since the last `settle` (its input may be
+        stale). A job that fails or is skipped leaves no carry and releases every join up to seq `upto` through
+        `Handoff.fail`, which keeps the first error for the Python thread."""
+        if self.handoff.error is not None:
+            self.carry = None
+            self.handoff.fail(self.handoff.error, upto)
+            return
+        try:
+            self._run(fn, args, submitted)
+        except BaseException as exc:
+            self.carry = None  # the next job must not take an older layer's output for its input
+            self.handoff.fail(exc, upto)
+            raise
+
+    def settle(self) -> BaseException | None:
+        """Python thread, once a pass has failed (every box a queued job waits on is set by then): wait until the
+        worker has ended every queued job, then forget the failure, so the next pass starts clean. Returns the
+        first error a job raised, if one did."""
+        self.pool.submit(lambda: None).result()
+        error, self.handoff.error = self.handoff.error, None
+        return error
+
+    def finish(self, job: Future) -> None:
+        """Python thread: wait until `job` (a layer's job of an earlier pass) has ended, so this pass may touch
+        what it used (the layer's host KV and CPU twins). Waits only where a pass is launched before the device
+        has finished the last one (no sync between them); its error, if any, arrives through `handoff`."""
+        if not job.done():
+            start = time.perf_counter()
+            wait_for_futures([job])
+            self.waited_s += time.perf_counter() - start
 
     def _run(self, fn, args: tuple, submitted: float) -> None:
         """On the worker: wait for the inputs' copies (the events last in `args`), then run the job with
@@ -130,12 +280,6 @@ class CpuRank:
             self.busy_s += work
             self.computed_s[fn.__name__] = self.computed_s.get(fn.__name__, 0.0) + work
 
-    def pinned(self, out: torch.Tensor | None) -> torch.Tensor | None:
-        """`out` where its copy to the device does not block: in pinned memory when the device is a GPU."""
-        if out is None or self.device.type != "cuda":
-            return out
-        return torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out)
-
     def received(self, box: Future) -> torch.Tensor:
         """On the worker: the device's partial sum that `box` hands over (`send`'s host copy and event), once
         its copy has landed; the wait counts as input wait, not work."""
@@ -148,15 +292,13 @@ class CpuRank:
         self._job_wait_s += waited  # not the job's work (`_run`)
         return tensor
 
-    def join(self, future: Future) -> torch.Tensor:
-        """The CPU's partial sum on the device (the only host wait of a join: for the worker)."""
+    def collect(self, ticket: Ticket) -> torch.Tensor:
+        """The worker's partial sum of a join on the device (`Handoff.collect`: no host wait on CUDA)."""
         start = time.perf_counter()
-        part = future.result()
+        part = self.handoff.collect(ticket)
         self.waited_s += time.perf_counter() - start
         self.joins += 1
-        if self.device.type != "cuda":
-            return part
-        return part.to(self.device, non_blocking=True)
+        return part
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

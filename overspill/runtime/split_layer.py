@@ -1,14 +1,14 @@
 """One streamed decoder layer computed by two ranks (issue 16): the GPU's share visits a ring slot,
 the CPU's share computes on the `cpu_rank.CpuRank` worker, and the two join after attention and
 after the MLP (`tp_split` says which rows and columns each rank holds, and why that is the model's
-own arithmetic).
+own arithmetic). The device's side of a join waits for the worker on the device's stream, not on the
+Python thread (`cpu_rank.Handoff`), so a decode pass queues every layer's job as it launches.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -114,6 +114,7 @@ class SplitLayer(nn.Module):
                                                 for n in (self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in,
                                                           self.norms.mlp_out) if n})
         self.kv = rank.host_kv()
+        self._job: Future | None = None  # this layer's last job on the worker
         self._params = [self._target(e.name) for e in gpu.layout.entries]
         self._cpu_params = [self._cpu_target(e.name) for e in cpu.layout.entries]
         if host_format == "int8":  # the bf16 share is gone: the twins hold no memory until a wide pass binds them
@@ -172,6 +173,8 @@ class SplitLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise OverspillError("the CPU rank expects decoder layers called with keyword arguments")
+        if self._job is not None:  # the last pass's job owns the host KV and CPU twins until it ends
+            self.rank.finish(self._job)
         slot = self.ring.enter(self.position)
         self.bind(slot)
         wide = hidden_states.shape[:-1].numel() > self.max_tokens
@@ -219,7 +222,8 @@ class SplitLayer(nn.Module):
         on the host too. Its input is its own copy of the last split layer's output where that is this layer's
         input (the same device tensor), else the input sent from the device. The device hands the worker its two
         partial sums as it computes them, so the worker never waits for this thread to launch the kernels of a
-        join; both sides add the same partial sums in the same order, so their residuals stay equal bit for bit
+        join, and takes the worker's through `Handoff` tickets taken now, so on CUDA this thread never waits for
+        the worker (the stream does); both sides add the same partial sums in the same order, so their residuals stay equal bit for bit
         (gemma2 normalizes the sums themselves, where the two sides' reductions may differ: it sends every
         layer's input). The CPU's shares read the host's own norms of that residual, whose rounding may differ
         from the device's in the last bit: within the split's tolerance, as before, when the device's norm
@@ -230,37 +234,41 @@ class SplitLayer(nn.Module):
         x, ready = (None, None) if carried else rank.send(hidden_states)
         pos, pos_events = self._send_shared(kwargs["position_embeddings"])
         mask, mask_events = self._send_shared(kwargs.get("attention_mask"))
-        attn_box, mlp_box, attn_part, mlp_part = Future(), Future(), Future(), Future()
-        job = rank.submit(self._host_layer, x, pos, mask, cpu_kv, attn_box, mlp_box, attn_part, mlp_part,
-                          (ready, *pos_events, *mask_events))
-        job.add_done_callback(partial(_fail_unset, (attn_part, mlp_part)))  # it failed before handing them over
+        attn_box, mlp_box = Future(), Future()
+        # where the worker's partial sums will land: the device's side of each join queues its wait at launch
+        attn_part = rank.handoff.ticket(hidden_states) if self.share.kv_heads else None
+        mlp_part = rank.handoff.ticket(hidden_states) if self.share.mlp_cols else None
+        self._job = rank.submit(self._host_layer, x, pos, mask, cpu_kv, attn_box, mlp_box, attn_part, mlp_part,
+                                (ready, *pos_events, *mask_events))
         try:
             attn = self.gpu_attn(hidden_states=getattr(block, norms.attn_in)(hidden_states), **kwargs)[0]
-            hidden_states = hidden_states + self._device_join(attn, attn_box, attn_part, self.share.kv_heads,
-                                                              norms.attn_out)
+            hidden_states = hidden_states + self._device_join(attn, attn_box, attn_part, norms.attn_out)
             mlp = self.gpu_mlp(getattr(block, norms.mlp_in)(hidden_states))
-            out = hidden_states + self._device_join(mlp, mlp_box, mlp_part, self.share.mlp_cols, norms.mlp_out)
+            out = hidden_states + self._device_join(mlp, mlp_box, mlp_part, norms.mlp_out)
         except BaseException as exc:  # the worker waits on these: let it end the job instead of waiting forever
             for box in (attn_box, mlp_box):
                 if not box.done():
                     box.set_exception(exc)
+            rank.settle()  # every queued job ends; a worker's error is this one or caused it: none stays recorded
             raise
         rank.carry_for = out  # the job finishes the host's join later; the next job finds its result in rank.carry
         return out
 
-    def _device_join(self, mine: torch.Tensor, box: Future, theirs: Future, shared: int,
-                     norm: str | None) -> torch.Tensor:
-        """The device's side of a join: hand its partial sum to the worker, add the worker's (where the CPU
-        holds a share of this half), then the norm of the sum where the layer has one."""
+    def _device_join(self, mine: torch.Tensor, box: Future, theirs: Any, norm: str | None) -> torch.Tensor:
+        """The device's side of a join: hand its partial sum to the worker, add the worker's where the CPU holds a
+        share of this half (`theirs`, its `Handoff` ticket: queued on the stream, no host wait on CUDA), then the
+        norm of the sum where the layer has one."""
         box.set_result(self.rank.send(mine))
-        if shared:
-            mine = mine + self.rank.join(theirs)
+        if theirs is not None:
+            mine = mine + self.rank.collect(theirs)
         return getattr(self.block, norm)(mine) if norm else mine
 
-    def _host_join(self, mine: torch.Tensor | None, box: Future, theirs: Future, norm: str | None) -> torch.Tensor:
-        """The worker's side of the same join: hand its partial sum over, add it to the device's as the device
-        adds them (device's + worker's), then the host's norm of the sum."""
-        theirs.set_result(self.rank.pinned(mine))
+    def _host_join(self, mine: torch.Tensor | None, box: Future, theirs: Any, norm: str | None) -> torch.Tensor:
+        """The worker's side of the same join: hand its partial sum over (into `theirs`, the ticket the device's
+        side collects), add it to the device's as the device adds them (device's + worker's), then the host's
+        norm of the sum."""
+        if theirs is not None:
+            self.rank.handoff.deliver(theirs, mine)
         total = self.rank.received(box)
         total = total + mine if mine is not None else total
         return self.host_norms[norm](total) if norm else total
@@ -277,11 +285,11 @@ class SplitLayer(nn.Module):
         return tensor, [event]
 
     def _host_layer(self, x: torch.Tensor | None, pos, mask, cpu_kv: dict, attn_box: Future, mlp_box: Future,
-                    attn_part: Future, mlp_part: Future) -> None:
+                    attn_part: Any, mlp_part: Any) -> None:
         """On the worker: the CPU's share of the layer and the layer's joins on the host (`_split_step`); hands
-        its partial sums over through `attn_part` and `mlp_part` as soon as each is done. The carry is cleared
-        first, so a job that fails leaves none for the next layer to take; its error reaches the partial sums it
-        never handed over through `_fail_unset`."""
+        its partial sums over through the tickets `attn_part` and `mlp_part` (None: no share of that half) as soon
+        as each is done. The carry is cleared first, so a job that fails leaves none for the next layer to take;
+        the joins it never handed over are released with its error (`CpuRank._guarded`)."""
         rank, norms, host = self.rank, self.norms, self.host_norms
         attn_cpu, mlp_cpu = self.worker_modules
         carry, rank.carry = rank.carry, None
@@ -299,14 +307,6 @@ class SplitLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
-
-
-def _fail_unset(parts: tuple[Future, ...], job: Future) -> None:
-    """A finished job's error on whichever partial sums it never handed over (the device side waits on them)."""
-    error = job.exception()
-    for part in parts:
-        if error is not None and not part.done():
-            part.set_exception(error)
 
 
 def _attention(module: nn.Module, h, position_embeddings, mask, cache_kwargs) -> torch.Tensor:
