@@ -118,6 +118,7 @@ class Handoff:
                 self.delivered = seq
                 # a plain aligned store after the buffer's writes (this thread's, and the torch threads' its copy
                 # joined): x86 keeps stores in order, so a stream that reads the new value reads complete buffers
+                # (aarch64 hosts such as a GH200's may reorder them: untested there, it would need a release fence)
                 self._word.value = (seq + 2**31) % 2**32 - 2**31
             self._cond.notify_all()
 
