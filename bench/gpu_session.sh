@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One step of the GPU-machine runbook, run there by the device tool from the repository root:
 #   bash bench/gpu_session.sh STEP            (STEP: tests | profile | graphs | graphs-budgets | managed-decode | engine-graphs
-#                                              | compile | serve-managed | truth-128k | tests-a | tests-b
+#                                              | compile | serve-managed | truth-128k | tests-a | tests-b | tests-c
 #                                              | serve-ab | formats | formats-70b | cpu-rank | cpu-rank-gil | cpu-rank-joins | cpu-rank-70b | moe | moe-cpu
 #                                              | moe-scout-dense | moe-scout | moe-scout-depth | moe-scout-spread | llama4-identity | int4-expand | expert-fetch | speculative | speculative-spread | speculative-8b | speculative-8b-graphs | speculative-graphs | speculative-long
 #                                              | speculative-long-spread | speculative-self-70b | quick | quick-graphs | recheck)
@@ -70,18 +70,27 @@ case "${1:-}" in
     timeout 560 python3 bench/plan_truth.py --model llama-3-70b --context 131136 --prompt-tokens 131072 \
       --entries generate --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
-  tests-a)  # every GPU test file tests-b does not run (the core, the budget, the CPU rank, the engine, prequantized
-            # and GGUF checkpoints; ~2.5 min on the H200); SIGINT at the limit makes pytest print what failed so far;
-            # the whole log is $OUT/pytest-a.log
-    timeout -s INT 500 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py \
-      | grep -v -e test_gpu_formats -e test_gpu_moe -e test_gpu_graphs -e test_gpu_managed -e test_gpu_unified \
-      -e test_self_draft) > "$OUT/pytest-a.log" 2>&1
-    tail -30 "$OUT/pytest-a.log" | tee -a "$OUT/log"
+  tests-a)  # the GPU tests of the core, the budget, the CPU rank (its joins included) and the engine (48 tests took
+            # 139-227 s at eb8a8ea and before); -v names each test as it starts and faulthandler_timeout dumps every
+            # thread's stack when one runs past 150 s (at 7cdbfbb a tests-a that began with the tests-c files printed
+            # 25 dots and nothing more for ~8 min); SIGINT at the limit makes pytest print what failed so far
+    timeout -s INT 500 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=150 \
+      -p no:cacheprovider tests/test_gpu.py tests/test_gpu_budget.py tests/test_gpu_cpu_rank.py \
+      tests/test_gpu_cpu_rank_joins.py tests/test_gpu_engine.py > "$OUT/pytest-a.log" 2>&1
+    tail -40 "$OUT/pytest-a.log" | tee -a "$OUT/log"
+    ;;
+  tests-c)  # the GPU tests of quantized checkpoints (compressed-tensors, GGUF, prequantized), in no runbook step before
+            # 7cdbfbb; their time is unknown, so each test is named as it starts and a stuck one dumps its stacks
+    timeout -s INT 400 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 \
+      -p no:cacheprovider tests/test_compressed_tensors_int4.py tests/test_gguf_legacy_quants.py \
+      tests/test_gguf_low_kquants.py tests/test_gguf_moe_experts.py tests/test_prequantized.py > "$OUT/pytest-c.log" 2>&1
+    tail -40 "$OUT/pytest-c.log" | tee -a "$OUT/log"
     ;;
   tests-b)  # the rest: stream formats (with nvCOMP from .whl-nvcomp when carried), graphs, managed, MoE, unified, self draft
     [ -d .whl-nvcomp ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl-nvcomp/*.whl
-    timeout -s INT 540 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider tests/test_gpu_formats.py \
+    timeout -s INT 540 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=150 \
+      -p no:cacheprovider tests/test_gpu_formats.py \
       tests/test_gpu_moe.py tests/test_gpu_graphs.py tests/test_gpu_managed.py tests/test_gpu_unified.py \
       tests/test_self_draft.py > "$OUT/pytest-b.log" 2>&1
     tail -30 "$OUT/pytest-b.log" | tee -a "$OUT/log"
