@@ -165,7 +165,7 @@ class CpuRank:
         self.device = device
         self.context = context  # tokens a sequence's host KV is allocated for at once (it grows past them)
         self.threads = threads or default_threads()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
+        self.pool = self._new_pool()
         self.handoff = Handoff(device)
         self._sent: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, Any]]] = {}
         self.reset_counters()
@@ -175,6 +175,9 @@ class CpuRank:
         self.carry: torch.Tensor | None = None
         self.carry_for: torch.Tensor | None = None
 
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
+
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
 
@@ -182,7 +185,7 @@ class CpuRank:
         """Compute later shares on a fresh worker of `threads` torch threads (the old one finishes its queue)."""
         self.pool.shutdown(wait=True)
         self.threads = threads
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)
+        self.pool = self._new_pool()
 
     def reset_counters(self) -> None:
         """Zero where a step's time goes (bench/cpu_rank.py reads them per run): the worker computing (by job
@@ -225,9 +228,8 @@ class CpuRank:
         """Queue `fn(*args[:-1])` on the worker, to start once the events in `args[-1]` complete. The joins it
         promised are the tickets handed out so far: if it fails, `_guarded` releases them. Raises the error of a
         job that failed since the last `settle` (once the worker has drained)."""
-        error = self.settle() if self.handoff.error is not None else None
-        if error is not None:
-            raise error
+        if self.handoff.error is not None:
+            raise self.settle()  # the recorded error: only settle clears it
         return self.pool.submit(self._guarded, self.handoff.issued, fn, args, time.perf_counter())
 
     def _guarded(self, upto: int, fn, args: tuple, submitted: float) -> None:
