@@ -48,6 +48,28 @@ def test_ring_part_and_expert_bytes_from_the_config() -> None:
     assert scout.ring_bytes[0] > scout.expert_bytes[0]  # attention + shared expert > one routed expert
 
 
+def test_resident_llama4_layers_sync_at_small_batches_and_mixtrals_do_not() -> None:
+    """Under expert streaming a resident Llama 4 block reads its router's choice (a sync) up to
+    RESIDENT_ROUTED_PAIRS pairs a pass; Mixtral's resident experts modules never do."""
+    _, scout = shape("llama-4-scout-109b")
+    _, mixtral = shape("mixtral-8x7b")
+    streamed = (0, 1, 2)
+    layers = len(scout.num_experts)
+    assert scout.resident_routed and not mixtral.resident_routed
+    assert scout.synced_layers(streamed, 1) == layers  # 1 token x 1 expert: every layer syncs
+    assert scout.synced_layers(streamed, moe.RESIDENT_ROUTED_PAIRS) == layers
+    assert scout.synced_layers(streamed, moe.RESIDENT_ROUTED_PAIRS + 1) == len(streamed)
+    assert mixtral.synced_layers(streamed, 1) == len(streamed)
+    fp, _ = shape("llama-4-scout-109b")
+    plan = with_prediction(fp, moe.experts_plan(fp, scout, 70 * GiB, Workload(4096, 1), 2), H100)
+    serial = replace(plan.prediction, link_s=0.0, host_s=0.0)  # so the serial path is the step
+    synced = moe.experts_prediction(serial, plan, scout, H100.h2d_bytes_s)
+    unsynced = moe.experts_prediction(serial, plan, replace(scout, resident_routed=False), H100.h2d_bytes_s)
+    resident = layers - len(plan.streamed_layers)
+    assert resident > 0
+    assert synced.decode_step_s - unsynced.decode_step_s == pytest.approx(resident * moe.SYNC_S)
+
+
 @pytest.mark.parametrize("name, budget, least_gain", [("mixtral-8x7b", 24 * GiB, 2.2),
                                                        ("llama-4-scout-109b", 70 * GiB, 4.0)])
 def test_expert_plan_fits_and_moves_fewer_bytes(name: str, budget: int, least_gain: float) -> None:

@@ -28,9 +28,9 @@ planned beside the ring's (`Plan.expand_bytes`).
 
 Time per step: the copies of a layer's experts start only once its router has run (the host reads
 the selected experts: one sync per layer) and its experts compute only once they land, so expert
-copies, the GPU's compute and one sync per streamed MoE layer add up, while the ring's copies
-overlap them:
-    t_step = max(t_link(all bytes), t_gpu + t_link(expert bytes) + layers * SYNC_S, t_host)
+copies, the GPU's compute and one sync per streamed MoE layer add up (resident Llama 4 MoE layers sync too
+at small batches: `MoeLayers.synced_layers`), while the ring's copies overlap them:
+    t_step = max(t_link(all bytes), t_gpu + t_link(expert bytes) + synced layers * SYNC_S, t_host)
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ MOE_STREAMING = ("auto", "dense", "experts")
 # Host time per streamed MoE layer to read the router's choice (a device sync) and issue the expert
 # copies: ASSUMED until bench/moe.py measures it.
 SYNC_S = 60e-6
+# Under expert streaming a resident Llama 4 MoE block computes expert by expert (a sync to read its router's
+# choice) up to this many (token, expert) pairs a pass, as transformers' block does above it
+# (`runtime.experts.Llama4RoutedMoe`): one Scout-sized block took 0.95 ms that way against the module's 1.46 ms
+# at 1 token, 1.62 against 1.49 at 8 (H100, a sync per call included:
+# bench/results/llama4-identity-20261206-233527.json, ways bmm2 and module).
+RESIDENT_ROUTED_PAIRS = 4
+_RESIDENT_ROUTED = frozenset({"llama4_text"})  # model types whose resident MoE blocks are so replaced
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ class MoeLayers:
     experts), one routed expert's bytes (in the compute dtype: its cache slot), experts per layer and experts
     each token picks (0: a dense layer). Where the experts cross as a checkpoint's codes (`with_codes`),
     `link_bytes` holds one expert's bytes over the link and `code_staging_bytes` the GPU buffers its copy
-    lands in and expands through."""
+    lands in and expands through. `resident_routed`: whether resident MoE layers also sync on their router's
+    choice under expert streaming (Llama 4, up to `RESIDENT_ROUTED_PAIRS` pairs a pass)."""
 
     ring_bytes: tuple[int, ...]
     expert_bytes: tuple[int, ...]
@@ -68,6 +76,7 @@ class MoeLayers:
     active: tuple[int, ...]
     link_bytes: tuple[int, ...] = ()
     code_staging_bytes: int = 0
+    resident_routed: bool = False
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "MoeLayers":
@@ -76,6 +85,7 @@ class MoeLayers:
             expert_bytes=tuple(layer.expert_bytes for layer in spec.layers),
             num_experts=tuple(layer.num_experts for layer in spec.layers),
             active=tuple(layer.active_experts for layer in spec.layers),
+            resident_routed=spec.model_type in _RESIDENT_ROUTED,
         )
 
     @property
@@ -86,6 +96,16 @@ class MoeLayers:
     def coded(self) -> bool:
         """Whether routed experts cross as a checkpoint's codes (the host cannot compute them then)."""
         return bool(self.link_bytes)
+
+    def synced_layers(self, streamed: tuple[int, ...], batch: int) -> int:
+        """MoE layers whose pass waits on the host reading its router's choice at `batch` tokens: every streamed
+        one, and the resident ones where their blocks compute expert by expert (`resident_routed`)."""
+        layers = sum(1 for i in streamed if self.num_experts[i])
+        if self.resident_routed:
+            kept = set(streamed)
+            layers += sum(1 for i, n in enumerate(self.num_experts)
+                          if n and i not in kept and batch * self.active[i] <= RESIDENT_ROUTED_PAIRS)
+        return layers
 
     def sent(self, layer: int) -> int:
         """Bytes one routed expert of `layer` sends over the link on a miss."""
@@ -256,7 +276,7 @@ def experts_prediction(pred: Prediction, plan: Plan, moe: MoeLayers, h2d_bytes_s
     streamed = tuple(i for i in plan.streamed_layers if moe.num_experts[i])
     expert_bytes = expert_bytes_per_step(moe, streamed, plan.expert_slots, plan.workload.batch, stats)
     expert_link = expert_bytes / h2d_bytes_s if h2d_bytes_s else 0.0
-    return _with_expert_wait(pred, plan, expert_link, len(streamed), pred.link_s)
+    return _with_expert_wait(pred, plan, expert_link, moe.synced_layers(streamed, plan.workload.batch), pred.link_s)
 
 
 def _with_expert_wait(pred: Prediction, plan: Plan, wait_s: float, layers: int, link_s: float) -> Prediction:
@@ -298,7 +318,7 @@ def with_host_experts(plan: Plan, moe: MoeLayers, profile: Profile, mode: str, d
         saved += k * moe.expert_bytes[i]
     pred = plan.prediction
     link_s = max(0.0, pred.link_s - saved / profile.h2d_bytes_s)
-    pred = replace(_with_expert_wait(pred, plan, wait, len(streamed), link_s),
+    pred = replace(_with_expert_wait(pred, plan, wait, moe.synced_layers(streamed, batch), link_s),
                    link_floor_tok_s=batch / link_s if link_s > 0 else pred.link_floor_tok_s)
     return replace(plan, streamed_bytes_per_step=max(0, round(plan.streamed_bytes_per_step - saved)), prediction=pred)
 

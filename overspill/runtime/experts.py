@@ -37,15 +37,12 @@ import torch
 from torch import nn
 
 from ..planning.host_experts import host_count, refused
+from ..planning.moe import RESIDENT_ROUTED_PAIRS
 from ..planning.routing import RoutingStats
 from .expert_codes import ExpertCodes
 from .streams import new_stream
 
 GROUPED = frozenset({"grouped_mm", "batched_mm"})  # implementations that sum over top-k, not over expert index
-# A resident Llama 4 block computes expert by expert up to this many (token, expert) pairs: one Scout-sized block
-# took 0.95 ms that way against the module's 1.46 ms at 1 token, 1.62 against 1.49 at 8 (H100, a sync per call
-# included: bench/results/llama4-identity-20261206-233527.json, ways bmm2 and module)
-RESIDENT_ROUTED_PAIRS = 4
 
 
 class HostExperts:
