@@ -74,7 +74,7 @@ case "${1:-}" in
             # 139-227 s at eb8a8ea and before); -v names each test as it starts and faulthandler_timeout dumps every
             # thread's stack when one runs past 150 s (at 7cdbfbb a tests-a that began with the tests-c files printed
             # 25 dots and nothing more for ~8 min); SIGINT at the limit makes pytest print what failed so far
-    timeout -s INT 500 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=150 \
+    timeout -s INT 330 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 \
       -p no:cacheprovider tests/test_gpu.py tests/test_gpu_budget.py tests/test_gpu_cpu_rank.py \
       tests/test_gpu_cpu_rank_joins.py tests/test_gpu_engine.py > "$OUT/pytest-a.log" 2>&1
     tail -40 "$OUT/pytest-a.log" | tee -a "$OUT/log"
@@ -142,11 +142,15 @@ case "${1:-}" in
     ;;
   cpu-rank-joins)  # issue 16 after the device side of a join stopped waiting on the host (cuStreamWaitValue32 on a
                   # pinned counter): bf16 at the planner's fraction, again with a 0.5 ms GIL switch interval (1.19x at
-                  # 5638238, where the joins blocked), then int8 host weights
-    timeout 250 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \
+                  # 5638238, where the joins blocked); then bf16 and int8 host weights with worker pools that sleep
+                  # between parallel regions (OMP_WAIT_POLICY=PASSIVE: the highest host GEMV rates at bd3e9cb, 47-54 G
+                  # params/s at 15-16 threads against 38-45 by default, noisy), in the order the call's time allows
+    timeout 200 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \
       --also-switch-interval 0.0005 --out "$OUT" 2>&1 | tee -a "$OUT/log"
-    timeout 200 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format int8 \
-      --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    OMP_WAIT_POLICY=PASSIVE timeout 150 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB \
+      --host-format bf16 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+    OMP_WAIT_POLICY=PASSIVE timeout 150 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB \
+      --host-format int8 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     ;;
   formats-70b)  # issue 15 at the 70B shape, two formats per call (a load each, ~3 min): FORMATS="bf16 int4" first, then
                 # FORMATS="lossless int8" BF16=<the first call's JSON, committed>; BUDGET=80GiB (the H200; on an
