@@ -72,7 +72,7 @@ case "${1:-}" in
     ;;
   tests-a)  # the GPU tests of the core, the budget, the CPU rank (its joins included) and the engine (48 tests took
             # 139-227 s at eb8a8ea and before); -v names each test as it starts and faulthandler_timeout dumps every
-            # thread's stack when one runs past 150 s (at 7cdbfbb a tests-a that began with the tests-c files printed
+            # thread's stack when one runs past 120 s (at 7cdbfbb a tests-a that began with the tests-c files printed
             # 25 dots and nothing more for ~8 min); SIGINT at the limit makes pytest print what failed so far
     timeout -s INT 330 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 \
       -p no:cacheprovider tests/test_gpu.py tests/test_gpu_budget.py tests/test_gpu_cpu_rank.py \
