@@ -268,6 +268,25 @@ def test_handoff_delivers_in_order_and_a_failed_job_releases_its_joins_as_nan() 
     assert wrapped.seq == 2**32 and handoff.counter.item() == 0 and torch.equal(handoff.collect(wrapped), part.bfloat16())
 
 
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_join_counter_is_stored_in_order_on_each_host(machine: str, monkeypatch) -> None:
+    """x86 stores the counter plainly; other hosts through libatomic's store-release (present on this host too,
+    so its call is checked here), or refuse with what to install."""
+    from overspill.errors import OverspillError
+    from overspill.runtime import cpu_rank
+
+    counter = torch.zeros(1, dtype=torch.int32)
+    store = cpu_rank.counter_store(machine)
+    assert store is (cpu_rank.plain_store32 if machine == "x86_64" else cpu_rank.release_store32)
+    for value in (7, -(2**31), 2**31 - 1, -1):
+        store(counter.data_ptr(), value)
+        assert counter.item() == value
+    if machine != "x86_64":  # refused when the handoff is made, never in the worker
+        monkeypatch.setattr(cpu_rank, "_atomic_store32", lambda: None)
+        with pytest.raises(OverspillError, match="libatomic"):
+            cpu_rank.counter_store(machine)
+
+
 @pytest.mark.parametrize("fraction", [0.5, 0.8])  # MLP columns only; and a KV head
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
 def test_wide_passes_compute_the_cpu_share_on_the_device(arch: str, fraction: float, tiny_checkpoint) -> None:

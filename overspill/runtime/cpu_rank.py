@@ -32,13 +32,15 @@ same code runs with "device" tensors on the host, so the tests check the split e
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import platform
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -60,6 +62,43 @@ def default_threads() -> int:
     """Worker threads: the cores this process may use, less one for the Python thread and one for
     the CUDA driver thread that feeds the copy engine."""
     return max(len(os.sched_getaffinity(0)) - 2, 1)
+
+
+ORDERED_STORES = ("x86_64", "amd64", "i386", "i686")  # hosts whose stores become visible in program order (TSO)
+RELEASE = 3  # __ATOMIC_RELEASE
+
+
+@functools.cache
+def _atomic_store32():
+    """libatomic's `__atomic_store_4`: on aarch64 a store-release (stlr), which no earlier store passes."""
+    try:
+        store = ctypes.CDLL("libatomic.so.1").__atomic_store_4
+    except (OSError, AttributeError):
+        return None
+    store.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
+    store.restype = None
+    return store
+
+
+def plain_store32(address: int, value: int) -> None:
+    ctypes.c_int32.from_address(address).value = value
+
+
+def release_store32(address: int, value: int) -> None:
+    _atomic_store32()(address, value % 2**32, RELEASE)
+
+
+def counter_store(machine: str = platform.machine()) -> Callable[[int, int], None]:
+    """How the worker stores the join counter: so that its earlier stores (and those of the threads it joined, such
+    as a copy's torch threads) are visible first, as a stream waiting for the value then reads them. x86 keeps
+    stores in order, so a plain store does; elsewhere (a GH200's aarch64 host) libatomic's store-release does.
+    Refused at once where libatomic is missing, not in the worker, whose failure must still raise the counter."""
+    if machine.lower() in ORDERED_STORES:
+        return plain_store32
+    if _atomic_store32() is None:
+        raise OverspillError("the CPU rank's joins need libatomic.so.1 on this host (libatomic1 in Debian and "
+                             "Ubuntu) to order their stores; install it, or use cpu_compute='off'")
+    return release_store32
 
 
 class Ticket(NamedTuple):
@@ -87,7 +126,7 @@ class Handoff:
         self.device = device
         self.cuda = device.type == "cuda"
         self.counter = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)  # the last seq delivered, mod 2**32
-        self._word = ctypes.c_int32.from_address(self.counter.data_ptr())  # a plain store, no dispatch
+        self._store = counter_store() if self.cuda else plain_store32  # the CPU path orders by its condition
         self.address: int | None = None  # the counter's device address: asked on the thread that launches the waits
         self.issued = self.delivered = 0  # the last seq handed out (Python thread) and stored (worker); no wrap
         self.error: BaseException | None = None
@@ -116,10 +155,8 @@ class Handoff:
                 self._pending.popleft()
             if seq > self.delivered:
                 self.delivered = seq
-                # a plain aligned store after the buffer's writes (this thread's, and the torch threads' its copy
-                # joined): x86 keeps stores in order, so a stream that reads the new value reads complete buffers
-                # (aarch64 hosts such as a GH200's may reorder them: untested there, it would need a release fence)
-                self._word.value = (seq + 2**31) % 2**32 - 2**31
+                # after the buffer's writes, so a stream that reads the new value reads complete buffers
+                self._store(self.counter.data_ptr(), (seq + 2**31) % 2**32 - 2**31)
             self._cond.notify_all()
 
     def fail(self, error: BaseException, upto: int) -> None:
