@@ -431,17 +431,31 @@ def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
 
 
 def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile: Profile):
-    """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank`)."""
+    """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank`), ruled
+    out by what rules it out there (`runtime.cpu_rank.blocker`, which needs torch), and with `--serve` as
+    `serve` runs it: off."""
     from .planning.cpu_rank import SPLIT_ARCHS, checked_options, with_cpu_rank
+    from .serving.defaults import SERVING_CPU_RANK
 
-    blocker = None
-    if spec.model_type not in SPLIT_ARCHS:
-        blocker = f"model_type {spec.model_type!r} is not split (dense {', '.join(SPLIT_ARCHS)} only)"
-    elif plan.stream_format != "bf16":
-        blocker = f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
     mode = getattr(args, "cpu_compute", "off")
     host_format = getattr(args, "cpu_compute_format", "bf16")
+    if args.serve and host_format != "bf16":  # as `serve` refuses it
+        raise OverspillError(f"--cpu-compute-format {host_format}: {SERVING_CPU_RANK}, so there are no host weights "
+                             "to quantize; drop --cpu-compute-format")
     mode = checked_options(mode, host_format)
+    blocker = None
+    if args.serve:
+        blocker = SERVING_CPU_RANK
+    elif spec.model_type not in SPLIT_ARCHS:
+        blocker = f"model_type {spec.model_type!r} is not split (dense {', '.join(SPLIT_ARCHS)} only)"
+    elif plan.streaming != "copy":
+        blocker = f"streaming={plan.streaming!r} (the CPU rank splits layers copied from pinned memory)"
+    elif plan.stream_format != "bf16":
+        blocker = f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
+    elif getattr(args, "cuda_graphs", False):
+        blocker = "CUDA graphs cannot wait for the host's partial sums"
+    elif getattr(args, "speculate", None) is not None:
+        blocker = "speculative verification is not split yet"
     if blocker is not None and mode not in ("auto", "off") and plan.streamed_layers:
         raise OverspillError(f"--cpu-compute {mode}: {blocker}; use --cpu-compute off or auto")
     return with_cpu_rank(fp, plan, profile, mode, blocker, host_format)

@@ -13,3 +13,6 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_BODY = "4MiB"  # the same, as the CLI writes it
 DEFAULT_MAX_CHAIN = 16  # most drafted tokens one speculative pass verifies
+# Why `serve` and `batch` refuse --cpu-compute on or a fraction, and `plan --serve` predicts without it
+SERVING_CPU_RANK = ("serve and batch do not run the CPU rank yet (the engine selects and reorders KV rows, which "
+                    "the CPU heads' host KV does not follow)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .defaults import (  # noqa: F401 - DEFAULT_MAX_QUEUE and DEFAULT_MAX_BODY_BYTES are read from here too
     DEFAULT_COMPLETION_TOKENS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_NEW_TOKENS_LIMIT,
-    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_QUEUE, SERVING_CPU_RANK,
 )
 from .prompt_bound import PromptBound
 from .requests import Event, GenerationRequest
@@ -134,9 +134,7 @@ def load_for_serving(args) -> tuple:
     from ..planning.placement import serving_pass_tokens
 
     if getattr(args, "cpu_compute", "off") not in ("off", "auto"):
-        raise OverspillError(f"--cpu-compute {args.cpu_compute}: serve and batch do not run the CPU rank yet (the "
-                             f"engine selects and reorders KV rows, which the CPU heads' host KV does not follow); "
-                             f"use --cpu-compute off")
+        raise OverspillError(f"--cpu-compute {args.cpu_compute}: {SERVING_CPU_RANK}; use --cpu-compute off")
     if getattr(args, "cpu_compute_format", "bf16") != "bf16":
         raise OverspillError(f"--cpu-compute-format {args.cpu_compute_format}: serve and batch do not run the CPU "
                              f"rank yet, so there are no host weights to quantize; drop --cpu-compute-format")
