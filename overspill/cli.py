@@ -443,8 +443,9 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument(
         "--speculate", default=None, metavar="SOURCE",
-        help=f"also forecast speculative decoding with SOURCE ({SOURCES}, or 'self': the model placed beside "
-        "its int4 draft as `load` places it) at batch 1: predicted tok/s against "
+        help=f"also forecast speculative decoding with SOURCE ({SOURCES}; 'self': the model placed beside "
+        "its int4 draft as `load` places it; or 'auto': ngram where the plan streams over the link, else plain "
+        "decoding, as `run --speculate auto` chooses) at batch 1: predicted tok/s against "
         "the drafted chain length, from the plan's predicted pass cost (serial verification adds a decode "
         "step's compute per token), and the best chain. Default: off.",
     )

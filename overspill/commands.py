@@ -74,7 +74,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.moe import MoeLayers, forecasts, with_codes
     from .planning.planview import moe_lines
     from .planning.prequantized import settle_format
-    from .planning.speculation import draft_path
+    from .planning.speculation import auto_source, draft_path
     from .planning.units import parse_bytes
     from .runtime.sources import DEFAULT_MODEL_NAME
 
@@ -130,6 +130,11 @@ def plan_main(args: argparse.Namespace) -> int:
     else:
         plan = _placed(with_format(fp, choice(requested)), moe_layers, moe_mode, profile, workload, budget,
                        args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
+        if getattr(args, "speculate", None) == "auto" and getattr(args, "layout", "auto") == "auto" \
+                and plan.streamed_layers and auto_source(plan) is None:  # as `load`: it drafts nothing, keep the prefix
+            workload = dataclasses.replace(workload, spread=False)
+            plan = _placed(with_format(fp, choice(requested)), moe_layers, moe_mode, profile, workload, budget,
+                           args.depth, kv, args.serve, cpu_experts, "auto")
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
                                    plan.moe_streaming == "experts" and bool(plan.streamed_layers),
                                    why_dense(plan.notes, moe_mode, dense_option="--moe-streaming dense"))
@@ -149,7 +154,8 @@ def plan_main(args: argparse.Namespace) -> int:
     plan = dataclasses.replace(plan, kv_device_bytes=kv)  # as `load` records the cap
     plan = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choice(plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
-    speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft)
+    plan, source = _speculation_source(args, plan)
+    speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft, source)
     name = args.model or DEFAULT_MODEL_NAME
     if args.json:
         if note:
@@ -235,7 +241,7 @@ def _check_speculation_args(args: argparse.Namespace) -> None:
     if getattr(args, "speculate", None) is None:
         return
     try:  # the self draft is placed with the model (`planning.self_draft`)
-        check_source(args.speculate, named=("ngram", "self"))
+        check_source(args.speculate, named=("auto", "ngram", "self"))  # as `load` names them
     except ValueError as exc:
         raise OverspillError(f"--speculate: {exc}") from None
     if args.batch != 1:
@@ -276,17 +282,34 @@ def _speculation_acceptance(args: argparse.Namespace) -> tuple[float, list[float
     return ranks[0], ranks, False
 
 
-def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: Profile, fp=None, self_draft=None):
-    """The `--speculate` forecast of a batch-1 plan (None without the flag). Verification is serial where
-    every layer attends fully, as the runtime chooses: greedy tokens then match plain decoding's. The
-    self draft's tokens cost its int4 layers' reads and dispatch (`self_draft.draft_token_seconds`). With
-    `--speculate-tree` the tree's forecast at the same pass cost, except where `load` would graph verify
-    passes: graphed passes hold chains only, so trees run as chains there."""
+def _speculation_source(args: argparse.Namespace, plan):
+    """(plan, source): what `--speculate` drafts with on this plan, "auto" resolved as `load` resolves it
+    (`speculation.auto_source`: ngram where a pass crosses the link), with a note saying what it chose."""
+    from .planning.speculation import auto_source
+
+    source = getattr(args, "speculate", None)
+    if source != "auto":
+        return plan, source
+    source = auto_source(plan)
+    chose = (f"{source}, as a pass crosses the link" if source else
+             "plain decoding, as expert streaming drafts nothing" if plan.moe_streaming == "experts" else
+             "plain decoding, as nothing crosses the link")
+    return dataclasses.replace(plan, notes=plan.notes + (f"speculate auto: {chose}",)), source
+
+
+def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: Profile, fp=None, self_draft=None,
+                      source: str | None = None):
+    """The forecast of a batch-1 plan drafting with `source` (`--speculate`, "auto" resolved; None: no
+    forecast). Verification is serial where every layer attends fully, as the runtime chooses: greedy
+    tokens then match plain decoding's. The self draft's tokens cost its int4 layers' reads and dispatch
+    (`self_draft.draft_token_seconds`). With `--speculate-tree` the tree's forecast at the same pass cost,
+    except where `load` would graph verify passes: graphed passes hold chains only, so trees run as chains
+    there."""
     from .planning.self_draft import Machine, draft_token_seconds
     from .planning.speculation import plan_speculation
     from .planning.trees import plan_tree
 
-    if getattr(args, "speculate", None) is None or plan.prediction is None:
+    if source is None or plan.prediction is None:
         return None
     serial = all(layer.sliding_window is None for layer in spec.layers)
     active_params = spec.active_bytes / spec.dtype_bytes
@@ -295,7 +318,7 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
     # graphed passes where `load` would graph them: serial verification, no host-tier KV (graphs.graphs_supported)
     graphed = getattr(args, "cuda_graphs", False) and serial and not plan.kv_host_layers
     acceptance, ranks, derived = _speculation_acceptance(args)
-    s = plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, args.speculate,
+    s = plan_speculation(plan.prediction, active_params, profile.matmul_flops_s, source,
                          acceptance, serial, args.max_chain, draft_s, graphed)
     if ranks is None:
         return s

@@ -137,3 +137,25 @@ def test_plan_and_load_refuse_a_split_beside_speculation_in_the_same_words(tiny_
     out = capsys.readouterr()
     check_one_line_error(code, out.out, out.err, [])
     assert out.err.strip() == f"overspill: error: {refused.value}"
+
+
+def _plan_json(capsys, *flags: str) -> dict:
+    assert cli.main(["plan", *flags, "--profile", "h100-pcie5", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("model", "budget", "drafts"), [("llama-3-8b", "6GiB", "ngram"), ("llama-3-8b", "40GiB", None),
+                                                        ("mixtral-8x7b", "24GiB", None)])
+def test_plan_speculate_auto_chooses_as_load_does(capsys, model: str, budget: str, drafts: str | None) -> None:
+    """`run --speculate auto` (`load(speculate="auto")`) drafts with ngram where a pass crosses the link and not on a
+    resident plan or beside expert streaming, keeping the prefix there (tests/test_speculative.py, test_moe.py);
+    `plan --speculate auto` refused the value. It now places and forecasts as that choice does."""
+    auto = _plan_json(capsys, model, "--gpu-memory", budget, "--speculate", "auto")
+    same = _plan_json(capsys, model, "--gpu-memory", budget, *(["--speculate", drafts] if drafts else []))
+    assert auto["plan"]["layer_tiers"] == same["plan"]["layer_tiers"]
+    assert auto["plan"]["moe_streaming"] == same["plan"]["moe_streaming"]
+    assert any(n.startswith(f"speculate auto: {drafts or 'plain decoding'}") for n in auto["plan"]["notes"])
+    if drafts:
+        assert auto["speculation"] == same["speculation"] and auto["speculation"]["source"] == drafts
+    else:
+        assert auto.get("speculation") is None
