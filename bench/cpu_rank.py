@@ -129,6 +129,9 @@ def main() -> None:
     p.add_argument("--also-switch-interval", type=float, nargs="*", default=[],
                    help="then once more with each sys.setswitchinterval(S): how long the worker waits for the GIL "
                         "while the Python thread launches GPU work (Python's default interval: 0.005 s)")
+    p.add_argument("--also-eager", action="store_true",
+                   help="then once more with the worker's norm and MLP share run op by op, not as one traced call "
+                        "(runtime.host_call: each eager op takes the GIL back while the Python thread launches)")
     p.add_argument("--smoke", action="store_true", help="tiny float32 model on the CPU, every layer streamed, fraction 0.8 (MLP columns "
                         "first: the least that also gives the host a KV head)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -209,12 +212,15 @@ def main() -> None:
     rank = cpu_rank.enable(model, dict.fromkeys(plan.streamed_layers, fraction), threads, widest, args.host_format)
     layer = placement.ring.layers[0]
     steps = args.new_tokens + 1
-    variants = [(f"CPU rank ({args.host_format})", None, None)]
-    variants += [(f"CPU rank ({args.host_format}, {n} threads)", n, None) for n in args.also_threads]
-    variants += [(f"CPU rank ({args.host_format}, GIL switch {s:g} s)", None, s) for s in args.also_switch_interval]
-    for name, n, interval in variants:  # one split model; each run its own thread count or GIL switch interval
+    variants = [(f"CPU rank ({args.host_format})", None, None, True)]
+    variants += [(f"CPU rank ({args.host_format}, {n} threads)", n, None, True) for n in args.also_threads]
+    variants += [(f"CPU rank ({args.host_format}, GIL switch {s:g} s)", None, s, True)
+                 for s in args.also_switch_interval]
+    variants += [(f"CPU rank ({args.host_format}, eager host calls)", None, None, False)] if args.also_eager else []
+    for name, n, interval, traced in variants:  # one split model; each run its own threads, GIL interval or calls
         rank.set_threads(n or threads)
         rank.reset_counters()
+        rank.traced = traced
         before = sys.getswitchinterval()
         if interval:
             sys.setswitchinterval(interval)
@@ -223,6 +229,7 @@ def main() -> None:
         finally:
             sys.setswitchinterval(before)
         run = {"name": name, "decode_tok_s": split_tok_s, "fraction": fraction, "threads": rank.threads,
+               "traced_host_calls": traced,
                "switch_interval_s": interval or before,
                "share": {"kv_heads": layer.share.kv_heads, "mlp_cols": layer.share.mlp_cols},
                "gpu_share_bytes_per_step": sum(layer.host.numel() for layer in placement.ring.layers),

@@ -142,11 +142,12 @@ case "${1:-}" in
     ;;
   cpu-rank-joins)  # issue 16 after the device side of a join stopped waiting on the host (cuStreamWaitValue32 on a
                   # pinned counter): bf16 at the planner's fraction, again with a 0.5 ms GIL switch interval (1.19x at
-                  # 5638238, where the joins blocked); then bf16 and int8 host weights with worker pools that sleep
+                  # 5638238, where the joins blocked) and with the worker's norm and MLP share op by op instead of one
+                  # traced call (runtime.host_call, unmeasured on a GPU host); then bf16 and int8 host weights with worker pools that sleep
                   # between parallel regions (OMP_WAIT_POLICY=PASSIVE: the highest host GEMV rates at bd3e9cb, 47-54 G
                   # params/s at 15-16 threads against 38-45 by default, noisy), in the order the call's time allows
     timeout 200 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB --host-format bf16 \
-      --also-switch-interval 0.0005 --out "$OUT" 2>&1 | tee -a "$OUT/log"
+      --also-switch-interval 0.0005 --also-eager --out "$OUT" 2>&1 | tee -a "$OUT/log"
     OMP_WAIT_POLICY=PASSIVE timeout 150 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB \
       --host-format bf16 --out "$OUT" 2>&1 | tee -a "$OUT/log"
     OMP_WAIT_POLICY=PASSIVE timeout 150 python3 -X faulthandler bench/cpu_rank.py --model llama-3-8b --budget 6GiB \

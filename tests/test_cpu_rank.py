@@ -138,13 +138,14 @@ def test_a_failure_on_either_side_ends_the_pass_with_its_error(tiny_checkpoint, 
     layer = model.get_submodule(placement_of(model).layers_path)[1]
     single, _, _ = prompts()
     want = _generate(model, single)[0]
-    for side, name in (("worker", "cpu_mlp"), ("device", "gpu_mlp")):
-        module = getattr(layer, name) if side == "device" else layer.worker_modules[1]
-
+    for side in ("worker", "device"):
         def boom(*args, **kwargs):
             raise RuntimeError(f"{side} failed")
 
-        monkeypatch.setattr(module, "forward", boom)
+        if side == "device":
+            monkeypatch.setattr(layer.gpu_mlp, "forward", boom)
+        else:  # the worker's norm and MLP share: one traced call since the first pass
+            monkeypatch.setattr(layer, "mlp_call", boom)
         errors = []
         run = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, _generate, model, single)))
         run.start()

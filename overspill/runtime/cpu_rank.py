@@ -211,6 +211,7 @@ class CpuRank:
         # the worker's copy of the last split layer's output, and the device tensor it equals (`SplitLayer`)
         self.carry: torch.Tensor | None = None
         self.carry_for: torch.Tensor | None = None
+        self.traced = True  # the worker runs each layer's norm and MLP share as one TorchScript call (`host_call`)
 
     def _new_pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(1, thread_name_prefix="overspill-cpu-rank", initializer=self._init)

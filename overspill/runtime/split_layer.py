@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import OverspillError
+from .host_call import HostCall
 from .host_int8 import dequantize_into, int8_twin, linear_weights, quantize_share
 from .layout import LayerLayout, host_bytes
 from .tp_split import Dims, Norms, Share, norms_of, rank_twin, split_tensor
@@ -113,6 +114,10 @@ class SplitLayer(nn.Module):
         object.__setattr__(self, "host_norms", {n: rank_twin(getattr(block, n), n, gpu_views, None, None, cpu_dev)
                                                 for n in (self.norms.attn_in, self.norms.attn_out, self.norms.mlp_in,
                                                           self.norms.mlp_out) if n})
+        # the worker's norm and MLP share as one call that takes the GIL once (`host_call`)
+        object.__setattr__(self, "mlp_call", HostCall(self.host_norms[self.norms.mlp_in], worker[1]))
+        if share.mlp_cols:  # a decode pass of one sequence, traced now rather than in the first step
+            self.mlp_call.warm((1, 1, dims.hidden), self.host_norms[self.norms.mlp_in].weight.dtype)
         self.kv = rank.host_kv()
         self._job: Future | None = None  # this layer's last job on the worker
         self._params = [self._target(e.name) for e in gpu.layout.entries]
@@ -291,7 +296,7 @@ class SplitLayer(nn.Module):
         as each is done. The carry is cleared first, so a job that fails leaves none for the next layer to take;
         the joins it never handed over are released with its error (`CpuRank._guarded`)."""
         rank, norms, host = self.rank, self.norms, self.host_norms
-        attn_cpu, mlp_cpu = self.worker_modules
+        attn_cpu = self.worker_modules[0]
         carry, rank.carry = rank.carry, None
         if x is None:
             x = carry
@@ -299,7 +304,7 @@ class SplitLayer(nn.Module):
                 raise OverspillError("the CPU rank lost the previous layer's output (its host join failed)")
         part = _attention(attn_cpu, host[norms.attn_in](x), pos, mask, cpu_kv) if self.share.kv_heads else None
         hidden = x + self._host_join(part, attn_box, attn_part, norms.attn_out)
-        part = mlp_cpu(host[norms.mlp_in](hidden)) if self.share.mlp_cols else None
+        part = self.mlp_call(hidden, rank.traced) if self.share.mlp_cols else None
         rank.carry = hidden + self._host_join(part, mlp_box, mlp_part, norms.mlp_out)
 
     def __getattr__(self, name: str) -> Any:
