@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import OverspillError
 
 if TYPE_CHECKING:
+    from .planning.plan import Plan
     from .planning.profile import Profile
     from .planning.spec import ModelSpec
 
@@ -152,7 +153,7 @@ def plan_main(args: argparse.Namespace) -> int:
     if draft_note:
         plan = dataclasses.replace(plan, notes=plan.notes + (draft_note,))
     plan = dataclasses.replace(plan, kv_device_bytes=kv)  # as `load` records the cap
-    plan = _plan_cpu_rank(args, fp, spec, plan, profile)
+    plan, cpu_blocker = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choice(plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does
     plan, source = _speculation_source(args, plan)
     speculation = _plan_speculation(args, plan, spec, profile, fp, self_draft, source)
@@ -174,7 +175,7 @@ def plan_main(args: argparse.Namespace) -> int:
     if speculation is not None:
         print()
         print("\n".join(planview.speculation_lines(speculation)))
-    if plan.streamed_layers and getattr(args, "cpu_compute", "off") != "off":
+    if plan.streamed_layers and getattr(args, "cpu_compute", "off") != "off" and cpu_blocker is None:
         from .planning.cpu_rank import table_lines
 
         print()
@@ -453,11 +454,10 @@ def _plan_budget(gpu_memory: str | None, profile: Profile) -> int | None:
     return budget
 
 
-def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile: Profile):
-    """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank`), ruled
-    out by what rules it out there (`runtime.cpu_rank.blocker`, which needs torch), and with `--serve` as
-    `serve` runs it: off."""
-    from .planning.cpu_rank import SPLIT_ARCHS, checked_options, with_cpu_rank
+def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile: Profile) -> tuple[Plan, str | None]:
+    """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank.chosen`,
+    ruled out by the same `blocker`), and with `--serve` as `serve` runs it: off; and what rules it out."""
+    from .planning.cpu_rank import blocker, chosen
     from .serving.defaults import SERVING_CPU_RANK
 
     mode = getattr(args, "cpu_compute", "off")
@@ -465,20 +465,6 @@ def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile:
     if args.serve and host_format != "bf16":  # as `serve` refuses it
         raise OverspillError(f"--cpu-compute-format {host_format}: {SERVING_CPU_RANK}, so there are no host weights "
                              "to quantize; drop --cpu-compute-format")
-    mode = checked_options(mode, host_format)
-    blocker = None
-    if args.serve:
-        blocker = SERVING_CPU_RANK
-    elif spec.model_type not in SPLIT_ARCHS:
-        blocker = f"model_type {spec.model_type!r} is not split (dense {', '.join(SPLIT_ARCHS)} only)"
-    elif plan.streaming != "copy":
-        blocker = f"streaming={plan.streaming!r} (the CPU rank splits layers copied from pinned memory)"
-    elif plan.stream_format != "bf16":
-        blocker = f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
-    elif getattr(args, "cuda_graphs", False):
-        blocker = "CUDA graphs cannot wait for the host's partial sums"
-    elif getattr(args, "speculate", None) is not None:
-        blocker = "speculative verification is not split yet"
-    if blocker is not None and mode not in ("auto", "off") and plan.streamed_layers:
-        raise OverspillError(f"--cpu-compute {mode}: {blocker}; use --cpu-compute off or auto")
-    return with_cpu_rank(fp, plan, profile, mode, blocker, host_format)
+    why = SERVING_CPU_RANK if args.serve else blocker(plan, spec.model_type, getattr(args, "cuda_graphs", False),
+                                                      getattr(args, "speculate", None))
+    return chosen(fp, plan, profile, mode, why, host_format), why

@@ -115,6 +115,11 @@ def test_plan_keeps_the_cpu_rank_off_where_load_and_serve_do(capsys, flags: list
     assert cli.main([*base, "--cpu-compute", "auto", *flags]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["cpu_fraction"] == 0 and any(n.startswith(f"CPU rank off: {reason}") for n in plan["notes"])
+    text = [a for a in base if a != "--json"]
+    assert cli.main([*text, "--cpu-compute", "auto"]) == 0
+    assert "CPU rank (--cpu-compute" in capsys.readouterr().out  # the per-batch table
+    assert cli.main([*text, "--cpu-compute", "auto", *flags]) == 0
+    assert "CPU rank (--cpu-compute" not in capsys.readouterr().out  # no gains shown for a rank that will not run
     code = cli.main([*base, "--cpu-compute", "0.5", *flags])
     out = capsys.readouterr()
     check_one_line_error(code, out.out, out.err, ["--cpu-compute 0.5", reason, "--cpu-compute off"])

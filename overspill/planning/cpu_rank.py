@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
 from .costmodel import predict
+from .formats import NATIVE
 from .plan import Footprint, Plan
 from .profile import Profile
 from .units import format_bytes
@@ -245,6 +246,34 @@ def with_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str 
             + _format_note(fp, plan, profile, split.fraction, host_format))
     return replace(plan, prediction=pred, cpu_fraction=split.fraction, cpu_max_tokens=widest, cpu_format=host_format,
                    notes=plan.notes + (note,))
+
+
+def blocker(plan: Plan, model_type: str, cuda_graphs: bool, speculate: str | None) -> str | None:
+    """Why a load of `model_type` under `plan` cannot split its streamed layers, or None (`load` and
+    `overspill plan` both ask it)."""
+    if model_type not in SPLIT_ARCHS:
+        return f"model_type {model_type!r} is not split (dense {', '.join(SPLIT_ARCHS)} only)"
+    if plan.streaming != "copy":
+        return f"streaming={plan.streaming!r} (the CPU rank splits layers copied from pinned memory)"
+    if plan.stream_format != NATIVE:
+        return f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
+    if cuda_graphs:
+        return "CUDA graphs cannot wait for the host's partial sums"
+    if speculate is not None:
+        return "speculative verification is not split yet"
+    return None
+
+
+def chosen(fp: Footprint, plan: Plan, profile: Profile | None, mode: str | float, why: str | None,
+           host_format: str = "bf16") -> Plan:
+    """`load(cpu_compute=..., cpu_compute_format=...)`: the plan with its CPU fraction and host format
+    (`with_cpu_rank`), where `why` (`blocker`'s answer, or the caller's own) rules the split out; an explicit
+    "on" or fraction that cannot be honoured is refused, "auto" notes why it is off."""
+    mode = checked_options(mode, host_format)
+    why = why if plan.streamed_layers and mode != "off" else None
+    if why is not None and mode != "auto":
+        raise OverspillError(f"--cpu-compute {mode}: {why}; use --cpu-compute off or auto")
+    return with_cpu_rank(fp, plan, profile, mode, why, host_format)
 
 
 def batch_table(fp: Footprint, plan: Plan, profile: Profile, host_format: str = "bf16") -> list[CpuSplit]:

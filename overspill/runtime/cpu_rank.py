@@ -47,8 +47,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import OverspillError
-from ..planning.cpu_rank import HOST_FORMATS, checked_options, with_cpu_rank
-from ..planning.formats import NATIVE
+from ..planning.cpu_rank import HOST_FORMATS, blocker, chosen
 from ..planning.plan import Footprint, Plan
 from ..planning.profile import Profile
 from . import cuda_driver
@@ -439,33 +438,11 @@ def tp_share(dims: Dims, fraction: float, host_format: str = "bf16") -> Share | 
     return None if share.kv_heads == 0 and share.mlp_cols == 0 else share
 
 
-def blocker(plan: Plan, config, cuda_graphs: bool, speculate: str | None) -> str | None:
-    """Why this load cannot split its streamed layers, or None."""
-    try:
-        check_supported(config)
-    except OverspillError:
-        return f"model_type {config.get_text_config().model_type!r} is not split (dense {', '.join(SUPPORTED)} only)"
-    if plan.streaming != "copy":
-        return f"streaming={plan.streaming!r} (the CPU rank splits layers copied from pinned memory)"
-    if plan.stream_format != NATIVE:
-        return f"stream format {plan.stream_format} (the CPU rank splits bf16 layers)"
-    if cuda_graphs:
-        return "CUDA graphs cannot wait for the host's partial sums"
-    if speculate is not None:
-        return "speculative verification is not split yet"
-    return None
-
-
 def plan_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str | float, config,
                   cuda_graphs: bool = False, speculate: str | None = None, host_format: str = "bf16") -> Plan:
-    """`load(cpu_compute=..., cpu_compute_format=...)`: the plan with its CPU fraction and host format
-    (`planning.cpu_rank.with_cpu_rank`); an explicit "on" or fraction that this load cannot honour is
-    refused, "auto" notes why it is off."""
-    mode = checked_options(mode, host_format)
-    why = blocker(plan, config, cuda_graphs, speculate) if plan.streamed_layers and mode != "off" else None
-    if why is not None and mode != "auto":
-        raise OverspillError(f"--cpu-compute {mode}: {why}; use --cpu-compute off or auto")
-    return with_cpu_rank(fp, plan, profile, mode, why, host_format)
+    """`load(cpu_compute=..., cpu_compute_format=...)`: `planning.cpu_rank.chosen` for this model's config."""
+    why = blocker(plan, config.get_text_config().model_type, cuda_graphs, speculate)
+    return chosen(fp, plan, profile, mode, why, host_format)
 
 
 def enable_planned(model: nn.Module, threads: int | None = None) -> CpuRank | None:
