@@ -136,8 +136,8 @@ def load_for_serving(args) -> tuple:
     if getattr(args, "cpu_compute", "off") not in ("off", "auto"):
         raise OverspillError(f"--cpu-compute {args.cpu_compute}: {SERVING_CPU_RANK}; use --cpu-compute off")
     if getattr(args, "cpu_compute_format", "bf16") != "bf16":
-        raise OverspillError(f"--cpu-compute-format {args.cpu_compute_format}: serve and batch do not run the CPU "
-                             f"rank yet, so there are no host weights to quantize; drop --cpu-compute-format")
+        raise OverspillError(f"--cpu-compute-format {args.cpu_compute_format}: {SERVING_CPU_RANK}, so there are no "
+                             "host weights to quantize; drop --cpu-compute-format")
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         seed=getattr(args, "seed", 0),
