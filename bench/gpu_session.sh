@@ -19,6 +19,9 @@ else
   export PYTHONPATH=$PWD
 fi
 [ -d .smol ] && export OVERSPILL_TEST_SMOLLM2_DIR=$PWD/.smol
+# a GPU test still running after `stuck SECONDS` ends the pytest run with every thread's stack (pytest-timeout, in
+# the machine's image), so a hung test costs its step minutes, not the whole call; without the plugin, no limit
+stuck() { python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout $1 -o timeout_method=thread"; }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/log"
 
 case "${1:-}" in
@@ -74,14 +77,14 @@ case "${1:-}" in
             # 139-227 s at eb8a8ea and before); -v names each test as it starts and faulthandler_timeout dumps every
             # thread's stack when one runs past 120 s (at 7cdbfbb a tests-a that began with the tests-c files printed
             # 25 dots and nothing more for ~8 min); SIGINT at the limit makes pytest print what failed so far
-    timeout -s INT 330 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 \
+    timeout -s INT 330 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 $(stuck 240) \
       -p no:cacheprovider tests/test_gpu.py tests/test_gpu_budget.py tests/test_gpu_cpu_rank.py \
       tests/test_gpu_cpu_rank_joins.py tests/test_gpu_engine.py > "$OUT/pytest-a.log" 2>&1
     tail -40 "$OUT/pytest-a.log" | tee -a "$OUT/log"
     ;;
   tests-c)  # the GPU tests of quantized checkpoints (compressed-tensors, GGUF, prequantized), in no runbook step before
             # 7cdbfbb; their time is unknown, so each test is named as it starts and a stuck one dumps its stacks
-    timeout -s INT 400 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 \
+    timeout -s INT 400 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=120 $(stuck 240) \
       -p no:cacheprovider tests/test_compressed_tensors_int4.py tests/test_gguf_legacy_quants.py \
       tests/test_gguf_low_kquants.py tests/test_gguf_moe_experts.py tests/test_prequantized.py > "$OUT/pytest-c.log" 2>&1
     tail -40 "$OUT/pytest-c.log" | tee -a "$OUT/log"
@@ -89,7 +92,7 @@ case "${1:-}" in
   tests-b)  # the rest: stream formats (with nvCOMP from .whl-nvcomp when carried), graphs, managed, MoE, unified, self draft
     [ -d .whl-nvcomp ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl-nvcomp/*.whl
-    timeout -s INT 540 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=150 \
+    timeout -s INT 540 python3 -m pytest -m gpu -v -rfEs --tb=short --durations=15 -o faulthandler_timeout=150 $(stuck 420) \
       -p no:cacheprovider tests/test_gpu_formats.py \
       tests/test_gpu_moe.py tests/test_gpu_graphs.py tests/test_gpu_managed.py tests/test_gpu_unified.py \
       tests/test_self_draft.py > "$OUT/pytest-b.log" 2>&1
