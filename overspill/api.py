@@ -15,7 +15,6 @@ from .planning import moe
 from .planning.formats import NATIVE, check_format, choose, format_blocker, resolve_auto, with_format
 from .planning.host_experts import check_mode as check_cpu_experts
 from .planning.host_experts import refusal as host_experts_refusal
-from .planning.host_experts import refused
 from .planning.host_experts import supported as host_experts_supported
 from .planning.host_experts import why_dense
 from .planning.hostmem import check_host
@@ -413,11 +412,9 @@ def load(
     model_type = getattr(config.get_text_config(), "model_type", "")
     host_refusal = host_experts_refusal(
         cpu_experts, model_type, moe_layers.is_moe, plan.moe_streaming == "experts" and bool(plan.streamed_layers),
-        why_dense(plan.notes, moe_streaming, pipeline=stage is not None))
+        why_dense(plan.notes, moe_streaming, pipeline=stage is not None), coded=plan.expert_codes)
     if host_refusal:  # before minutes of loading
         raise OverspillError(host_refusal)
-    if cpu_experts == "on" and plan.expert_codes and plan.streamed_layers:
-        raise OverspillError(refused("experts that cross as a checkpoint's codes have no host copy to compute on"))
     if plan.moe_streaming == "experts" and plan.streamed_layers and blocker:  # a caller's plan
         raise OverspillError(f"expert streaming does not combine with {blocker} yet: use moe_streaming='dense'")
     moe_cpu = cpu_experts if host_experts_supported(model_type) else "off"

@@ -138,8 +138,9 @@ def plan_main(args: argparse.Namespace) -> int:
                            args.depth, kv, args.serve, cpu_experts, "auto")
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
                                    plan.moe_streaming == "experts" and bool(plan.streamed_layers),
-                                   why_dense(plan.notes, moe_mode, dense_option="--moe-streaming dense"))
-    if refused:  # as `load` refuses it
+                                   why_dense(plan.notes, moe_mode, dense_option="--moe-streaming dense"),
+                                   coded=plan.expert_codes)
+    if refused:  # as `load` refuses it (experts kept as a GGUF's codes included)
         raise OverspillError(refused)
     formats = {}
     for name in FORMATS:  # the others side by side; one whose bigger slots do not fit is left out

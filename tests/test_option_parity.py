@@ -18,6 +18,8 @@ from overspill import api, cli
 from overspill.errors import OverspillError
 
 from test_cli import check_one_line_error
+from test_gguf_moe_experts import CONTEXT as MOE_CONTEXT
+from test_gguf_moe_experts import moe_gguf  # noqa: F401 (a fixture: the tiny GGUF MoE whose experts keep their codes)
 from test_placement import load_tiny
 
 # load's keyword per flag of the four speed features (and the options they combine with)
@@ -164,3 +166,28 @@ def test_plan_speculate_auto_chooses_as_load_does(capsys, model: str, budget: st
         assert auto["speculation"] == same["speculation"] and auto["speculation"]["source"] == drafts
     else:
         assert auto.get("speculation") is None
+
+
+def test_plan_and_load_refuse_host_experts_for_a_ggufs_coded_experts_in_the_same_words(moe_gguf, capsys) -> None:
+    """A converted GGUF MoE's routed experts stream as their codes (`Plan.expert_codes`), which the host cannot
+    compute on: `load(cpu_experts="on")` refused it while `plan --cpu-experts on` placed it. Off, both stream experts as
+    codes (the CPU load keeps no activation floor, so it gets plan's budget less that floor); on, both refuse alike."""
+    from overspill.planning.plan import ACTIVATION_FLOOR_BYTES
+    from overspill.planning.units import parse_bytes
+
+    budget = "200MiB"
+    on_cpu = parse_bytes(budget, "budget") - ACTIVATION_FLOOR_BYTES  # load on the CPU keeps no activation floor
+    flags = ["--gpu-memory", budget, "--context", str(MOE_CONTEXT), "--dtype", "float32"]
+    model, _ = api.load(moe_gguf, gpu_memory=on_cpu, dtype="float32", context=MOE_CONTEXT, progress=False)
+    capsys.readouterr()  # the conversion's progress
+    plan = _plan_json(capsys, str(moe_gguf), *flags)["plan"]
+    placed = model.overspill.plan
+    assert placed.moe_streaming == plan["moe_streaming"] == "experts" and placed.expert_codes
+    assert plan["expert_codes"] and placed.streamed_layers and "pinned" in plan["layer_tiers"]
+    with pytest.raises(OverspillError) as refused:
+        api.load(moe_gguf, gpu_memory=on_cpu, dtype="float32", context=MOE_CONTEXT, progress=False, cpu_experts="on")
+    assert "checkpoint's codes" in str(refused.value)
+    code = cli.main(["plan", str(moe_gguf), *flags, "--profile", "h100-pcie5", "--cpu-experts", "on"])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, [])
+    assert out.err.strip() == f"overspill: error: {refused.value}"

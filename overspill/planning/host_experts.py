@@ -73,6 +73,7 @@ def layer_split(misses: float, tokens_per_miss: float, expert_bytes: int, expert
     return k * scale, max(k * host, (n - k) * link) * scale
 
 
+CODED = "experts that cross as a checkpoint's codes have no host copy to compute on"
 DENSE_NOTE = "MoE layers stream whole"  # how `moe.choose` begins each note saying why
 
 
@@ -87,9 +88,12 @@ def why_dense(notes: tuple[str, ...], moe_streaming: str, pipeline: bool = False
     return next((n for n in notes if n.startswith(DENSE_NOTE)), None)
 
 
-def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, why_dense: str | None) -> str | None:
+def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, why_dense: str | None,
+            coded: bool = False) -> str | None:
     """Why `cpu_experts=mode` cannot apply to this plan, as one line (None where it can, or mode is not "on";
-    "auto" turns itself off instead). `why_dense` says why MoE layers stream whole, where they do."""
+    "auto" turns itself off instead). `why_dense` says why MoE layers stream whole, where they do; `coded`: the
+    streamed experts cross as a checkpoint's codes (`Plan.expert_codes`), so the host holds no copy to compute on.
+    `load` and `overspill plan` both ask here, so they refuse the same plans in the same words."""
     if mode != "on":
         return None
     if not is_moe:
@@ -98,6 +102,8 @@ def refusal(mode: str, model_type: str, is_moe: bool, experts_streamed: bool, wh
         why = f"{model_type}'s experts are not computed on the host yet"
     elif not experts_streamed:
         why = why_dense or "no layer streams its experts (every MoE layer is resident)"
+    elif coded:
+        why = CODED
     else:
         return None
     return refused(why)
