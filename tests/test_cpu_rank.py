@@ -276,6 +276,8 @@ def test_the_join_counter_is_stored_in_order_on_each_host(machine: str, monkeypa
     from overspill.errors import OverspillError
     from overspill.runtime import cpu_rank
 
+    if machine != "x86_64" and cpu_rank._atomic_store32() is None:
+        pytest.skip("no libatomic.so.1 on this host")
     counter = torch.zeros(1, dtype=torch.int32)
     store = cpu_rank.counter_store(machine)
     assert store is (cpu_rank.plain_store32 if machine == "x86_64" else cpu_rank.release_store32)

@@ -154,14 +154,13 @@ def test_a_decode_pass_launches_without_waiting_for_the_worker(tiny_checkpoint, 
         step = want.logits[:, -1:].argmax(-1)
         want = ref(step, past_key_values=caches[1], use_cache=True).logits.float().cpu()
         torch.cuda.synchronize()
-        mlp = layers[0].worker_modules[1]
-        real = mlp.forward
+        real = layers[0].mlp_call  # the worker's norm and MLP share: one traced call
 
         def slow(*args, **kwargs):
             time.sleep(0.5)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(mlp, "forward", slow)
+        monkeypatch.setattr(layers[0], "mlp_call", slow)
         start = time.perf_counter()
         out = model(step, past_key_values=caches[0], use_cache=True)
         launched = time.perf_counter() - start

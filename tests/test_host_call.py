@@ -37,7 +37,7 @@ def test_a_traced_chain_gives_the_eager_bits_per_shape(int8: bool) -> None:
             want = call.chain(x)
             assert torch.equal(call(x), want) and torch.equal(call(x), want)  # first call traces, second runs it
             assert torch.equal(call(x, traced=False), want)
-    assert call.traced_shapes == 2  # [1, 1, 64] and [3, 1, 64]: a reshape's sizes may be fixed by the trace
+    assert call.traced_shapes == [(1, 1, 64), (3, 1, 64)]  # a reshape's sizes may be fixed by a trace: one each
 
 
 def test_a_chain_whose_trace_differs_runs_eagerly() -> None:
@@ -52,11 +52,11 @@ def test_a_chain_whose_trace_differs_runs_eagerly() -> None:
 
     counting = Counting()
     call = HostCall(counting)
-    x = torch.zeros(2)
+    x = torch.zeros(1, 1, 2)
     with torch.no_grad():
         outs = [call(x).tolist() for _ in range(3)]
     # the first call ran eagerly (1), the trace fixed the count it saw (2) and so differed: eager from then on
-    assert call.traced_shapes == 0 and outs[0] == [1.0, 1.0] and outs[-1] == [float(counting.calls)] * 2
+    assert call.traced_shapes == [] and outs[0] == [[[1.0, 1.0]]] and outs[-1] == [[[float(counting.calls)] * 2]]
 
 
 @pytest.mark.parametrize("arch", DENSE)
@@ -72,4 +72,20 @@ def test_split_layers_give_the_same_logits_traced_and_eager(arch: str, tiny_chec
         traced = [_generate(model, single), _generate(model, batch, mask)]
     for (tokens, logits), (want_tokens, want_logits) in zip(traced, eager):
         assert torch.equal(tokens, want_tokens) and torch.equal(logits, want_logits)
-    assert all(layer.mlp_call.traced_shapes >= 2 for layer in layers)  # batch 1 and batch 2 decode passes
+    hidden = layers[0].dims.hidden  # decode passes of batch 1 and 2; the prompts' passes ran eagerly
+    assert all(layer.mlp_call.traced_shapes == [(1, 1, hidden), (2, 1, hidden)] for layer in layers)
+
+
+def test_only_decode_passes_are_traced_and_only_so_many() -> None:
+    """A pass of several tokens a sequence runs eagerly, and past MOST_SHAPES shapes so do new ones: every trace
+    stays in torch's compilation unit for the process's life."""
+    from overspill.runtime import host_call
+
+    call = HostCall(nn.Linear(8, 8, bias=False))
+    with torch.no_grad():
+        call(torch.randn(1, 12, 8))
+        assert call.traced_shapes == []
+        for batch in range(1, host_call.MOST_SHAPES + 3):
+            x = torch.randn(batch, 1, 8)
+            assert torch.equal(call(x), call.chain(x))
+    assert call.traced_shapes == [(b, 1, 8) for b in range(1, host_call.MOST_SHAPES + 1)]

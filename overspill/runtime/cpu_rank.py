@@ -442,7 +442,10 @@ def plan_cpu_rank(fp: Footprint, plan: Plan, profile: Profile | None, mode: str 
                   cuda_graphs: bool = False, speculate: str | None = None, host_format: str = "bf16") -> Plan:
     """`load(cpu_compute=..., cpu_compute_format=...)`: `planning.cpu_rank.chosen` for this model's config."""
     why = blocker(plan, config.get_text_config().model_type, cuda_graphs, speculate)
-    return chosen(fp, plan, profile, mode, why, host_format)
+    planned = chosen(fp, plan, profile, mode, why, host_format)
+    if planned.cpu_fraction and torch.cuda.is_available():
+        counter_store()  # a host that cannot order the joins' stores is refused now, before minutes of loading
+    return planned
 
 
 def enable_planned(model: nn.Module, threads: int | None = None) -> CpuRank | None:

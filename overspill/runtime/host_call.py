@@ -21,21 +21,29 @@ import torch
 from torch import nn
 
 
+# torch 2.13 warns at every trace that TorchScript is deprecated (module docstring): said once here, not per trace
+DEPRECATED = r"`torch\.jit\.trace(_method)?` is deprecated"
+# traced shapes per chain: each trace keeps ~360 KB in torch's global compilation unit for the process's life
+MOST_SHAPES = 8
+
+
 class HostCall:
     """`modules` applied in order, traced once per input shape and dtype (a trace may fix shapes, such as a
-    reshape's, as constants) and checked against the eager chain on that first input. Traced calls run without
-    TorchScript's optimizing executor: it would profile the first calls and may fuse ops, which changes bits."""
+    reshape's, as constants) and checked against the eager chain on that first input. Only decode passes (one
+    token a sequence) are traced, at most `MOST_SHAPES` of them: the split computes wider passes on the host only
+    below `max_tokens`, rarely and at shapes that vary. Traced calls run without TorchScript's optimizing
+    executor: it would profile the first calls and may fuse ops, which changes bits."""
 
     def __init__(self, *modules: nn.Module):
         self.chain = nn.Sequential(*modules)
         self._calls: dict[tuple, object] = {}
 
     def __call__(self, x: torch.Tensor, traced: bool = True) -> torch.Tensor:
-        if not traced:
+        if not traced or x.dim() < 2 or x.shape[-2] != 1:
             return self.chain(x)
         call = self._calls.get((tuple(x.shape), x.dtype))
         if call is None:
-            return self._trace(x)
+            return self._trace(x) if len(self._calls) < MOST_SHAPES else self.chain(x)
         with torch.jit.optimized_execution(False):
             return call(x)
 
@@ -49,18 +57,18 @@ class HostCall:
         fails or gives other bits."""
         want = self.chain(x)
         call = self.chain
+        warnings.filterwarnings("ignore", message=DEPRECATED, category=DeprecationWarning)
         try:
-            with warnings.catch_warnings(), torch.jit.optimized_execution(False):
-                warnings.simplefilter("ignore")  # TracerWarnings: shapes fixed by the trace, keyed by shape here
+            with torch.jit.optimized_execution(False):
                 traced = torch.jit.trace(self.chain, (x,), check_trace=False)
                 if torch.equal(traced(x), want):
                     call = traced
-        except (RuntimeError, TypeError, ValueError, AttributeError):
-            pass  # not traceable, or a torch without TorchScript: eager
+        except Exception:  # noqa: BLE001 - whatever tracing raises, the eager chain serves
+            pass
         self._calls[(tuple(x.shape), x.dtype)] = call
         return want
 
     @property
-    def traced_shapes(self) -> int:
-        """Input shapes whose calls run traced (tests and benchmarks read it)."""
-        return sum(1 for call in self._calls.values() if call is not self.chain)
+    def traced_shapes(self) -> list[tuple[int, ...]]:
+        """Input shapes whose calls run traced (tests and benchmarks read them)."""
+        return [key[0] for key, call in self._calls.items() if call is not self.chain]

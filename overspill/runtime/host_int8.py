@@ -46,7 +46,7 @@ class Int8Linear(nn.Module):
             weight_q = nn.functional.pad(weight_q, (0, self.pad))
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("scales", scales)
-        self.bias = None if bias is None else bias.detach()
+        self.register_buffer("bias", None if bias is None else bias.detach())  # a buffer, not a trace's constant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
