@@ -31,7 +31,7 @@ from .planning.plan import (
 from .planning.profile import Profile
 from .planning.routing import MoeBasis
 from .planning.self_draft import Machine, plan_self_draft
-from .planning.speculation import auto_source
+from .planning.speculation import auto_source, prefix_instead
 from .planning.spec import DEFAULT_DTYPE, dtype_name, missing_keys
 from .planning.trees import check_tree
 from .planning.units import parse_budget, parse_bytes
@@ -387,8 +387,7 @@ def load(
             blocker = moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate)
             plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
                                            blocker, profile)
-            if workload.spread and layout == "auto" and speculate == "auto" and plan.streamed_layers \
-                    and auto_source(plan) is None:  # it will draft nothing on this plan: keep the prefix
+            if prefix_instead(plan, workload.spread, layout, speculate):  # it drafts nothing: keep the prefix
                 workload = replace(workload, spread=False)
                 plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch,
                                                moe_streaming, blocker, profile)

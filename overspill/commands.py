@@ -75,7 +75,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.moe import MoeLayers, forecasts, with_codes
     from .planning.planview import moe_lines
     from .planning.prequantized import settle_format
-    from .planning.speculation import auto_source, draft_path
+    from .planning.speculation import draft_path, prefix_instead
     from .planning.units import parse_bytes
     from .runtime.sources import DEFAULT_MODEL_NAME
 
@@ -131,9 +131,8 @@ def plan_main(args: argparse.Namespace) -> int:
     else:
         plan = _placed(with_format(fp, choice(requested)), moe_layers, moe_mode, profile, workload, budget,
                        args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
-        if getattr(args, "speculate", None) == "auto" and getattr(args, "layout", "auto") == "auto" \
-                and plan.streamed_layers and auto_source(plan) is None:  # as `load`: it drafts nothing, keep the prefix
-            workload = dataclasses.replace(workload, spread=False)
+        if prefix_instead(plan, workload.spread, getattr(args, "layout", "auto"), getattr(args, "speculate", None)):
+            workload = dataclasses.replace(workload, spread=False)  # as `load`: it drafts nothing, keep the prefix
             plan = _placed(with_format(fp, choice(requested)), moe_layers, moe_mode, profile, workload, budget,
                            args.depth, kv, args.serve, cpu_experts, "auto")
     refused = host_experts_refusal(getattr(args, "cpu_experts", "off"), spec.model_type, moe_layers.is_moe,
@@ -459,13 +458,12 @@ def _plan_cpu_rank(args: argparse.Namespace, fp, spec: ModelSpec, plan, profile:
     """`plan --cpu-compute`: the plan with the CPU rank as `load` would choose it (`planning.cpu_rank.chosen`,
     ruled out by the same `blocker`), and with `--serve` as `serve` runs it: off; and what rules it out."""
     from .planning.cpu_rank import blocker, chosen
-    from .serving.defaults import SERVING_CPU_RANK
+    from .serving.defaults import SERVING_CPU_RANK, host_format_refusal
 
     mode = getattr(args, "cpu_compute", "off")
     host_format = getattr(args, "cpu_compute_format", "bf16")
     if args.serve and host_format != "bf16":  # as `serve` refuses it
-        raise OverspillError(f"--cpu-compute-format {host_format}: {SERVING_CPU_RANK}, so there are no host weights "
-                             "to quantize; drop --cpu-compute-format")
+        raise OverspillError(host_format_refusal(host_format))
     why = SERVING_CPU_RANK if args.serve else blocker(plan, spec.model_type, getattr(args, "cuda_graphs", False),
                                                       getattr(args, "speculate", None))
     return chosen(fp, plan, profile, mode, why, host_format), why

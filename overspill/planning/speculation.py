@@ -308,6 +308,14 @@ def plan_speculation(prediction: Prediction, active_params: float, matmul_flops_
     return PlanSpeculation(source, acceptance, serial, cost, forecasts, best)
 
 
+def prefix_instead(plan: Plan, spread: bool, layout: str, speculate: str | None) -> bool:
+    """Whether a plan whose streamed layers were spread for `speculate="auto"` (layout "auto") should be placed
+    again with them first: auto drafts nothing on it (`auto_source`), so spreading buys no verify pass. `load`
+    and `overspill plan` both ask it."""
+    return spread and layout == "auto" and speculate == "auto" and bool(plan.streamed_layers) \
+        and auto_source(plan) is None
+
+
 def auto_source(plan: Plan) -> str | None:
     """What `speculate="auto"` drafts with: prompt lookup (`ngram`) where a decode pass crosses the link
     (streamed layers or host-tier KV), nothing on a resident plan.

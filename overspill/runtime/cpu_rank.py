@@ -54,7 +54,7 @@ from . import cuda_driver
 from .host_int8 import K_ALIGN
 from .kv import PresizedLayer
 from .split_layer import SplitLayer
-from .tp_split import SUPPORTED, Dims, Share, check_supported, dims_of, share_of
+from .tp_split import Dims, Share, check_supported, dims_of, share_of
 
 
 def default_threads() -> int:

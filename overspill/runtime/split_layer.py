@@ -230,9 +230,9 @@ class SplitLayer(nn.Module):
         join, and takes the worker's through `Handoff` tickets taken now, so on CUDA this thread never waits for
         the worker (the stream does); both sides add the same partial sums in the same order, so their residuals
         stay equal bit for bit (gemma2 normalizes the sums themselves, where the two sides' reductions may differ:
-        it sends every layer's input). The CPU's shares read the host's own norms of that residual, whose rounding may differ
-        from the device's in the last bit: within the split's tolerance, as before, when the device's norm
-        crossed instead."""
+        it sends every layer's input). The CPU's shares read the host's own norms of that residual, whose rounding
+        may differ from the device's in the last bit: within the split's tolerance, as before, when the device's
+        norm crossed instead."""
         block, rank, norms = self.block, self.rank, self.norms
         cpu_kv = self._cpu_kv(kwargs)
         carried = rank.carry_for is hidden_states and not (norms.attn_out or norms.mlp_out)

@@ -16,3 +16,9 @@ DEFAULT_MAX_CHAIN = 16  # most drafted tokens one speculative pass verifies
 # Why `serve` and `batch` refuse --cpu-compute on or a fraction, and `plan --serve` predicts without it
 SERVING_CPU_RANK = ("serve and batch do not run the CPU rank yet (the engine selects and reorders KV rows, which "
                     "the CPU heads' host KV does not follow)")
+
+
+def host_format_refusal(host_format: str) -> str:
+    """Why `serve`, `batch` and `plan --serve` refuse --cpu-compute-format other than bf16."""
+    return (f"--cpu-compute-format {host_format}: {SERVING_CPU_RANK}, so there are no host weights to quantize; "
+            "drop --cpu-compute-format")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .defaults import (  # noqa: F401 - DEFAULT_MAX_QUEUE and DEFAULT_MAX_BODY_BYTES are read from here too
     DEFAULT_COMPLETION_TOKENS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_NEW_TOKENS_LIMIT,
-    DEFAULT_MAX_QUEUE, SERVING_CPU_RANK,
+    DEFAULT_MAX_QUEUE, SERVING_CPU_RANK, host_format_refusal,
 )
 from .prompt_bound import PromptBound
 from .requests import Event, GenerationRequest
@@ -136,8 +136,7 @@ def load_for_serving(args) -> tuple:
     if getattr(args, "cpu_compute", "off") not in ("off", "auto"):
         raise OverspillError(f"--cpu-compute {args.cpu_compute}: {SERVING_CPU_RANK}; use --cpu-compute off")
     if getattr(args, "cpu_compute_format", "bf16") != "bf16":
-        raise OverspillError(f"--cpu-compute-format {args.cpu_compute_format}: {SERVING_CPU_RANK}, so there are no "
-                             "host weights to quantize; drop --cpu-compute-format")
+        raise OverspillError(host_format_refusal(args.cpu_compute_format))
     model, tokenizer = load(
         args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, random_weights=args.random_weights,
         seed=getattr(args, "seed", 0),
