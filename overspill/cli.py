@@ -128,7 +128,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .api import load
-    from .run import TimingStreamer, _prompt_ids, check_context, generate_as_flagged, load_options
+    from .run import TimingStreamer, _prompt_ids, check_context, check_positions, generate_as_flagged, load_options
     from .runtime.loader import placement_of
     from .runtime.pipeline import rank_summary
 
@@ -146,6 +146,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     vocab = model.config.get_text_config().vocab_size
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
     check_context(ids.shape[-1], args.max_new_tokens, placement.plan.workload.context)
+    check_positions(model, ids.shape[-1], args.max_new_tokens)
     if lead:
         print(f"\n> {args.prompt}")
     streamer = TimingStreamer(tokenizer, echo=lead)
@@ -181,7 +182,8 @@ def _add_rank_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
         "`torchrun --nproc-per-node N -m overspill run ...` works too. Default: one GPU.",
     )
     p.add_argument("--ranks", type=int, default=None, metavar="N",
-                   help="the same pipeline in N CPU processes over gloo (tests and the CPU; no GPU needed).")
+                   help="the same pipeline in N CPU processes over gloo (tests and the CPU; no GPU needed). "
+                   "Default: one process.")
 
 
 def _single_rank(func, command: str):
@@ -502,11 +504,19 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
 
         spec = commands._plan_spec(args.model, args.dtype)
         profile, _ = commands._plan_profile(args.profile)
-        budget = commands._plan_budget(args.gpu_memory, profile)
+        # each GPU's own budget: "auto" is its free memory less the margin, as each rank of `run --gpus` resolves it
+        budget = commands._auto_budget(commands._plan_budget(args.gpu_memory, profile), profile)
         workload = Workload(args.context, args.batch, pass_tokens=serving_pass_tokens(args.batch) if args.serve else 0,
                             graphs=args.cuda_graphs)
+        lines = comparison_lines(spec, budget, gpus, workload, args.depth, profile)
+        from .planning.moe import MoeLayers
+
+        if MoeLayers.from_spec(spec).is_moe and args.moe_streaming != "dense":  # `load(pipeline=True)` refuses experts
+            lines.append("  note: the ranks and 'one GPU' here stream whole MoE layers, as a pipeline does (it does "
+                         "not stream routed experts); the one-GPU plan above may stream experts instead: compare "
+                         "its predicted decode")
         print()
-        print("\n".join(comparison_lines(spec, budget, gpus, workload, args.depth, profile)))
+        print("\n".join(lines))
     return code
 
 
@@ -518,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone early shows here, not as a traceback ignored at exit
+        return code
     except OverspillError as exc:
         if args.traceback:
             raise
@@ -527,6 +539,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("overspill: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`overspill plan MODEL | head`): stop quietly, as `cat` does
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer the closed pipe stopped
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":

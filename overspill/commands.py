@@ -45,7 +45,14 @@ def batch_main(args: argparse.Namespace) -> int:
 
 def probe_main(args: argparse.Namespace) -> int:
     from .runtime.hardware import probe
+    from .runtime.sources import cache_dir
 
+    # seconds with nothing printed otherwise: 18-27 s on an H100, the host GEMV alone several on a CPU-only machine
+    if not _cuda_device_present():
+        print("measuring this machine's host CPU (no CUDA device; a few seconds)...", file=sys.stderr, flush=True)
+    elif args.refresh or not (cache_dir() / "profile.json").exists():
+        print("measuring this machine (about 10-30 s; later calls read the cached result)...", file=sys.stderr,
+              flush=True)
     profile = probe(refresh=args.refresh)
     cpu_only = profile.gpu_total_bytes == 0
     if args.json:
@@ -57,8 +64,6 @@ def probe_main(args: argparse.Namespace) -> int:
     if cpu_only:
         print("no CUDA device: this is the CPU-only profile (plan for a GPU with `overspill plan MODEL --profile NAME`)")
     else:
-        from .runtime.sources import cache_dir
-
         print(f"cached in {cache_dir() / 'profile.json'} (--refresh measures again)")
     return 0
 

@@ -136,6 +136,24 @@ def check_context(prompt: int | None, new_tokens: int, context: int) -> None:
                              "fewer tokens")
 
 
+def check_positions(model, prompt: int, new_tokens: int) -> None:
+    """Refuse a prompt plus --max-new-tokens past a learned position table (GPT-2, OPT: `max_position_embeddings`
+    rows), which generating past would fail inside torch's embedding lookup. Rotary models compute positions
+    past it (transformers warns there).
+
+    Raises:
+        OverspillError: a model with a learned position table and too many tokens for it."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int) or prompt + new_tokens <= limit:
+        return
+    inputs = model.get_input_embeddings()
+    if any(isinstance(m, torch.nn.Embedding) and m is not inputs and limit <= m.num_embeddings <= limit + 2
+           for m in model.modules()):  # a row per position (OPT keeps 2 more)
+        raise OverspillError(f"the prompt ({prompt} tokens) plus --max-new-tokens {new_tokens} is more than the "
+                             f"{limit} positions this model's position table has: pass a shorter --prompt or fewer "
+                             "--max-new-tokens")
+
+
 def run(args: argparse.Namespace) -> None:
     from .api import load, placement_of
 
@@ -151,6 +169,7 @@ def run(args: argparse.Namespace) -> None:
     vocab = model.config.get_text_config().vocab_size
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat_template, vocab).to(placement.device)
     check_context(ids.shape[-1], args.max_new_tokens, placement.plan.workload.context)
+    check_positions(model, ids.shape[-1], args.max_new_tokens)
     if tokenizer is None:
         print("(no tokenizer for this model: the prompt is sent as byte ids and token ids are printed)")
     print(f"\n> {args.prompt}")

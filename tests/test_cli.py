@@ -367,3 +367,44 @@ def test_plan_without_a_model_plans_the_embedded_one(default_model_dir, capsys) 
     """`run`, `serve` and `batch` default to the embedded model; `plan` does too, once it is converted."""
     assert cli.main(["plan", "--profile", "h100-pcie5"]) == 0
     assert capsys.readouterr().out.startswith("model: SmolLM2-135M-Instruct (llama, ")
+
+
+def test_a_reader_leaving_early_is_not_a_traceback() -> None:
+    """`overspill plan MODEL | head -3`: the pipe closes before plan prints; it stops quietly with 141 (SIGPIPE's
+    status) instead of a BrokenPipeError traceback."""
+    proc = subprocess.Popen(command("plan", "llama-3-8b", "--profile", "h100-pcie5"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # no reader left before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert not err, err
+
+
+def test_run_refuses_tokens_past_a_learned_position_table(tmp_path, capsys) -> None:
+    """GPT-2 looks positions up in a table of n_positions rows: generating past it raised IndexError from torch's
+    embedding (a traceback after loading). A rotary model computes positions past its limit and still runs."""
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
+                                                  "vocab_size": 300, "n_positions": 16}))
+    args = ["--random-weights", "--prompt", "twelve bytes", "--no-chat-template", "--max-new-tokens", "8"]
+    code = cli.main(["run", str(gpt2), *args])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, ["12 tokens", "--max-new-tokens 8", "16 positions", "--prompt"])
+    assert cli.main(["run", str(gpt2), *args[:-1], "4"]) == 0  # 16 tokens: within the table
+    capsys.readouterr()
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 2, "intermediate_size": 64,
+                                                   "vocab_size": 300, "max_position_embeddings": 16}))
+    assert cli.main(["run", str(llama), *args]) == 0
+
+
+def test_every_option_that_takes_a_value_states_its_default() -> None:
+    """`--help` for every flag: an option taking a value says what happens without it (run's --ranks did not)."""
+    sub = next(a for a in cli._build_parser()._subparsers._group_actions)
+    for name in ("run", "plan", "probe"):  # serve and batch take --gpus/--ranks "only 1 for now"
+        for action in sub.choices[name]._actions:
+            if action.option_strings and action.nargs != 0 and action.dest != "help":
+                assert "default" in action.help.lower(), (name, action.option_strings)

@@ -87,3 +87,18 @@ def test_plan_shows_the_split_over_gpus(capsys) -> None:
     assert "against one GPU" in out and "x predicted" in out and "tensor parallel over 2 GPUs (not implemented" in out
     assert cli.main(["plan", "llama-3-70b", "--gpus", "2", "--json"]) == 1
     assert "--gpus with --json is not supported yet" in capsys.readouterr().err
+
+
+def test_plan_gpus_gives_each_gpu_the_default_budget(capsys) -> None:
+    """Without --gpu-memory each rank has its GPU's free memory less the margin, as `run --gpus` resolves "auto";
+    the split was planned without any budget ("budget unlimited"), every layer of Scout resident, 0 B streamed."""
+    assert cli.main(["plan", "llama-4-scout-109b", "--gpus", "2", "--host-memory", "1TiB",
+                     "--profile", "h100-pcie5"]) == 0
+    out = capsys.readouterr().out
+    assert "budget unlimited" not in out and "0 B over its link" not in out
+    assert "rank 0: layers 0-23 (24, 14 resident), embeddings + lm_head; budget 77.5 GiB" in out
+    # the pipeline streams whole MoE layers while the one-GPU plan above streams experts: said, not left to contradict
+    assert "stream whole MoE layers, as a pipeline does" in out
+    assert cli.main(["plan", "llama-3-70b", "--gpus", "2", "--profile", "h100-pcie5"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 77.5 GiB" in out and "MoE" not in out

@@ -246,3 +246,49 @@ def test_a_spread_plan_shows_one_row_per_tier(capsys):
     code, out, _ = plan(capsys, "llama-3-70b", "--gpu-memory", "76GiB", "--profile", "h100-pcie5")
     assert [line.split("|")[0].strip() for line in out.splitlines() if line.startswith("layers")] == \
         ["layers 0-37", "layers 38-79"]
+
+
+def test_largest_batch_line_says_it_counts_kv_on_the_gpu(capsys) -> None:
+    """A batch-1 plan that keeps its KV in host memory was followed by "largest batch ...: 0": the count is of
+    sequences whose KV fits on the GPU, and the line says so."""
+    code, out, _ = plan(capsys, "qwen3-30b-a3b", "--gpu-memory", "6GiB", "--context", "131072",
+                        "--profile", "h100-pcie5")
+    assert code == 0 and "KV layers 0-45" in out
+    line = next(line for line in out.splitlines() if line.startswith("largest batch"))
+    assert line == ("largest batch with its KV on the GPU at 131072 tokens of context: 0 (this plan keeps KV in host "
+                    "memory instead)")
+    code, out, _ = plan(capsys, "llama-3-8b", "--gpu-memory", "6GiB", "--profile", "h100-pcie5")
+    assert code == 0 and "largest batch with its KV on the GPU at 4096 tokens of context: 1\n" in out
+
+
+def test_stream_format_bytes_per_step_count_host_kv_as_the_prediction_does(capsys) -> None:
+    """With host-tier KV the formats table showed only the layers' bytes (9.75 GiB) beside a link floor computed
+    from layers plus KV (102 GiB a step), and beside the MoE table's bytes/step, which counts the KV."""
+    code, out, _ = plan(capsys, "llama-3-8b", "--context", "131072", "--batch", "8", "--profile", "h100-pcie5")
+    assert code == 0 and "KV layers 0-22" in out
+    per_step = re.search(r"link floor [\d.]+ tok/s \(([\d.]+ \w+) per step", out).group(1)
+    assert per_step == "102 GiB"
+    assert re.search(rf"^bf16 +\| {per_step} +\|", out, re.M), out
+    assert "bytes/step counts the host-tier KV too" in out
+    code, out, _ = plan(capsys, "qwen3-30b-a3b", "--gpu-memory", "6GiB", "--context", "131072",
+                        "--profile", "h100-pcie5")
+    moe = re.search(r"^experts +\| 1 +\| ([\d.]+ \w+) +\|", out, re.M).group(1)
+    assert re.search(rf"^bf16 +\| {moe} +\|", out, re.M), out
+
+
+def test_probe_says_it_is_measuring_before_the_silent_seconds(capsys, monkeypatch) -> None:
+    from overspill.runtime import hardware
+
+    assert cli.main(["probe", "--json"]) == 0
+    out = capsys.readouterr()
+    json.loads(out.out)  # stdout stays one JSON object
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "measuring this machine's host CPU" in out.err
+    measured = REFERENCE_PROFILES["h100-pcie5"]
+    monkeypatch.setattr(commands, "_cuda_device_present", lambda: True)
+    monkeypatch.setattr(hardware, "probe", lambda refresh=False: measured)
+    assert cli.main(["probe", "--refresh"]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith("measuring this machine (about 10-30 s") and "H100" in out.out

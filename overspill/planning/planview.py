@@ -149,8 +149,10 @@ def _prediction_lines(plan: Plan, profile: Profile, fp: Footprint | None = None)
         + _ttft_clause(plan, profile, fp),
         f"CPU alone: ~{p.cpu_only_tok_s:.2f} tok/s (host GEMV {profile.cpu_gemv_params_s / 1e9:.0f} G params/s)",
     ]
-    if plan.max_batch is not None:
-        lines.append(f"largest batch at {plan.workload.context} tokens of context: {plan.max_batch}")
+    if plan.max_batch is not None:  # counts sequences whose KV fits on the GPU, not those host-tier KV serves
+        lines.append(f"largest batch with its KV on the GPU at {plan.workload.context} tokens of context: "
+                     f"{plan.max_batch}" + (" (this plan keeps KV in host memory instead)"
+                                            if plan.kv_host_layers and plan.max_batch < plan.workload.batch else ""))
     return lines
 
 
@@ -240,9 +242,11 @@ def format_lines(plans: dict[str, Plan], assumed: set[str], checkpoint_format: s
         note = "ratio ASSUMED (0.68 of bf16) until a load measures it" if name in assumed else (
             "the checkpoint's own codes" if name == checkpoint_format else
             "lossy" if name in ("int8", "fp8", "int4") else "identical bits" if name == "lossless" else "")
-        rows.append((name, format_bytes(plan.streamed_bytes_per_step), str(len(plan.streamed_layers)),
-                     f"{p.decode_tok_s:.2f}", floor, speedup, note))
-    return ["stream formats (--stream-format; streamed layers only, resident ones stay in the compute dtype):",
+        # over the link per step, as the prediction counts it: streamed layers plus host-tier KV
+        rows.append((name, format_bytes(plan.streamed_bytes_per_step + plan.kv_host_bytes),
+                     str(len(plan.streamed_layers)), f"{p.decode_tok_s:.2f}", floor, speedup, note))
+    kv = "; bytes/step counts the host-tier KV too" if any(p.kv_host_bytes for p in plans.values()) else ""
+    return [f"stream formats (--stream-format; streamed layers only, resident ones stay in the compute dtype{kv}):",
             _table(rows)]
 
 
