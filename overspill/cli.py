@@ -109,6 +109,7 @@ def _run_main(args: argparse.Namespace) -> int:
         return 0
     if ranks == 1:
         return commands.run_main(args)
+    _refuse_more_ranks_than_layers(args.model, ranks, "--gpus" if getattr(args, "gpus", None) else "--ranks")
     if getattr(args, "gpus", None):
         import torch
 
@@ -184,6 +185,21 @@ def _add_rank_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
     p.add_argument("--ranks", type=int, default=None, metavar="N",
                    help="the same pipeline in N CPU processes over gloo (tests and the CPU; no GPU needed). "
                    "Default: one process.")
+
+
+def _refuse_more_ranks_than_layers(model: str | None, ranks: int, flag: str) -> None:
+    """Before any rank starts (spawning 40 on a small host took minutes before the plan refused): each rank
+    needs at least one decoder layer. A config without the count is left to the ranks' own refusal."""
+    from .runtime.sources import resolve
+
+    try:
+        config = resolve(model, config_only=True).config()
+    except OverspillError:  # not readable without loading (the embedded model before its conversion): the ranks say
+        return
+    layers = (config.get("text_config") or config).get("num_hidden_layers") if isinstance(config, dict) else None
+    if isinstance(layers, int) and 0 < layers < ranks:
+        raise OverspillError(f"{flag} {ranks}: this model has {layers} decoder layers and each rank needs at least "
+                             f"one: use at most {layers}")
 
 
 def _single_rank(func, command: str):
@@ -496,6 +512,8 @@ def _plan_with_gpus(args: argparse.Namespace) -> int:
         raise OverspillError(f"--gpus must be at least 1, got {gpus}")
     if gpus > 1 and args.json:
         raise OverspillError("--gpus with --json is not supported yet: drop one of them")
+    if gpus > 1:  # before the one-GPU plan is printed
+        _refuse_more_ranks_than_layers(args.model, gpus, "--gpus")
     code = commands.plan_main(args)
     if gpus > 1:
         from .planning.pipeline import comparison_lines

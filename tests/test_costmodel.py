@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from overspill.planning.configs import shipped_config
-from overspill.planning.placement import greedy_plan, max_batch, plan_for, with_prediction
+from overspill.planning.placement import greedy_plan, place, plan_for, serving_pass_tokens, with_prediction, workspace_bytes
 from overspill.planning.plan import Workload, footprint_from_spec
 from overspill.planning.profile import REFERENCE_PROFILES
 from overspill.planning.spec import spec_from_config
@@ -133,13 +133,26 @@ def test_budget_none_uses_free_memory_minus_margin() -> None:
 
 def test_max_batch_grows_with_the_budget() -> None:
     batches = [plan_for(FP, H100, Workload(), b).max_batch for b in (20 * GiB, 40 * GiB, None)]
-    # Each sequence of 4096 tokens needs 512 MiB KV + 232 MiB activations + its share of one layer's
-    # attention transient, 4 x 512 MiB / 32 layers = 64 MiB: 808 MiB; at 77.5 GiB:
-    # (77.5 GiB - 14.96 GiB weights - 128 MiB floor) / 808 MiB = 79.1 -> 79.
     assert batches == sorted(batches) and batches[0] < batches[-1]
-    assert batches[-1] == 79
+    # Each sequence of 4096 tokens needs 512 MiB KV + 232 MiB activations (a 2048-token prefill chunk) + its
+    # mask (2048 x 4096 x 3 B = 24 MiB), beside one layer's grouped-KV transient (4 x 16 MiB a sequence) and
+    # 32 MiB of slack; at 77.5 GiB: (77.5 GiB - 14.96 GiB weights - 32 MiB) / 832 MiB = 76.9 -> 76.
+    assert batches[-1] == 76
+    # the largest batch is the one at which a plan's own reserve (its workspace) still fits beside the weights
     plan = plan_for(FP, H100)
-    assert max_batch(FP, plan) == (plan.budget_bytes - plan.device_weight_bytes - 128 * MiB) // (808 * MiB)
+    fixed = plan.device_bytes - plan.workspace_bytes
+    assert fixed + workspace_bytes(FP, Workload(batch=76)) <= plan.budget_bytes
+    assert fixed + workspace_bytes(FP, Workload(batch=77)) > plan.budget_bytes
+
+
+def test_a_served_plan_reports_at_least_its_own_batch() -> None:
+    """`plan --serve --batch 64` placed for 64 sequences must not say at most 61 fit (the old count subtracted
+    the activation floor on top of the pass's activations and charged each sequence an attention transient)."""
+    fp = footprint_from_spec(spec_from_config(shipped_config("llama-3-8b")))
+    workload = Workload(context=256, batch=64, pass_tokens=serving_pass_tokens(64))
+    plan = with_prediction(fp, place(fp, 6 * GiB, workload, fit_batch=True), H100)
+    assert plan.workload.batch == 64 and plan.device_bytes <= 6 * GiB
+    assert plan.max_batch >= 64
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ def least_budgets(name: str, context: int, batch: int) -> tuple[int, int]:
 
 def quoted_budget(error: str) -> int:
     """The budget a below-the-minimum refusal asks for."""
-    match = re.search(r"raise --gpu-memory to at least ([0-9.]+ \w+) ", error)
+    match = re.search(r"raise --gpu-memory to at least ([0-9.]+ \w+)", error)
     assert match, error
     return parse_bytes(match.group(1))
 
@@ -234,7 +234,7 @@ def test_refusal_quotes_the_least_budget_at_which_load_succeeds(capsys, pretend_
         dense, experts = least_budgets(name, context, batch)
         refused = plan_command(capsys, name, "1GiB", context, batch, False)
         assert isinstance(refused, str) and refused == loaded(capsys, name, "1GiB", context, batch, False)
-        assert f"minimum working set of {format_bytes(experts)} with expert streaming" in refused
+        assert f"minimum working set of {at_least(experts)} with expert streaming" in refused
         quoted = quoted_budget(refused)
         assert experts <= quoted < experts * 1.01
         for budget in (quoted, experts):

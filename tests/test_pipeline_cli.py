@@ -58,6 +58,20 @@ def test_gpus_without_cuda_and_bad_counts_are_one_line_errors(capsys) -> None:
     assert capsys.readouterr().err.strip() == "overspill: error: --gpus must be at least 1, got 0"
 
 
+def test_more_ranks_than_layers_are_refused_before_any_rank_starts(capsys, default_model_dir) -> None:
+    """`run --ranks 40` spawned 40 processes (minutes on a small host) before the plan refused, and `plan --gpus
+    100` printed the one-GPU plan first; both now refuse from the config's layer count alone."""
+    from unittest import mock
+
+    with mock.patch.object(cli.launch, "spawn", side_effect=AssertionError("spawned")):
+        assert cli.main(["run", "--ranks", "40"]) == 1
+    assert capsys.readouterr().err.strip() == ("overspill: error: --ranks 40: this model has 30 decoder layers and "
+                                               "each rank needs at least one: use at most 30")
+    assert cli.main(["plan", "llama-3-8b", "--gpus", "100"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "--gpus 100: this model has 32 decoder layers" in out.err
+
+
 def test_run_help_documents_the_rank_flags() -> None:
     parser = cli._build_parser()
     run = next(a for a in parser._subparsers._group_actions).choices["run"]

@@ -13,6 +13,7 @@ import pytest
 from overspill.errors import OverspillError
 from overspill.planning.placement import (
     RUNTIME_SLACK_BYTES,
+    at_least,
     budget_for,
     greedy_plan,
     streaming_plan,
@@ -156,8 +157,12 @@ def test_budget_below_minimum_names_the_minimum() -> None:
     with pytest.raises(OverspillError) as err:
         greedy_plan(LLAMA3_8B, minimum - 1, WORKLOAD)
     msg = str(err.value)
-    assert format_bytes(minimum) in msg and "minimum" in msg and "\n" not in msg
-    assert "--gpu-memory" in msg and "--context" in msg  # says what to do about it
+    assert f"minimum working set of {at_least(minimum)}" in msg and "\n" not in msg
+    assert f"--gpu-memory to at least {at_least(minimum)} or lower --context" in msg  # says what to do about it
+    # At one token of context lowering it cannot help: the message does not offer it, and says "1 token"
+    with pytest.raises(OverspillError) as err:
+        greedy_plan(LLAMA3_8B, EMBED, Workload(context=1, batch=1))
+    assert "--context" not in str(err.value) and "for 1 token x batch 1" in str(err.value)
     plan = greedy_plan(LLAMA3_8B, minimum, WORKLOAD)
     assert plan.resident_layers == () and plan.kv_host_layers == tuple(range(N)) and plan.device_bytes == minimum
     # With exactly the all-streamed budget the KV stays on the device.

@@ -288,6 +288,14 @@ def test_missing_keys_are_named() -> None:
     with pytest.raises(ValueError, match="mixtral.*num_local_experts"):
         spec_from_config(moe)
 
+
+@pytest.mark.parametrize(("key", "value"), [("num_hidden_layers", -2), ("num_hidden_layers", 0),
+                                            ("num_attention_heads", 0), ("vocab_size", 0)])
+def test_sizes_below_one_are_refused(key: str, value: int) -> None:
+    """A negative layer count planned "-2 layers" of nothing; zero heads divided by zero."""
+    with pytest.raises(ValueError, match=f"sizes below 1: {key} {value}$"):
+        spec_from_config({**TINY["llama"], key: value})
+
     dense_llama4 = {**TINY["llama4_text"], "intermediate_size_mlp": None}
     with pytest.raises(ValueError, match="intermediate_size_mlp"):
         spec_from_config(dense_llama4)

@@ -155,7 +155,7 @@ def split_layers(
     if world < 1:
         raise OverspillError("a pipeline needs at least one rank")
     if world > n:
-        raise OverspillError(f"{world} ranks cannot split {n} decoder layers: use at most {n} GPUs")
+        raise OverspillError(f"{world} ranks cannot split {n} decoder layers: use at most {n} ranks")
     machine = profile or REFERENCE_PROFILES[REFERENCE]
     memo: dict[tuple[int, int, int], tuple[float, Plan | None]] = {}
 

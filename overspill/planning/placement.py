@@ -62,6 +62,7 @@ def pass_tokens(workload: Workload) -> int:
 
 
 RUNTIME_SLACK_BYTES = 32 * 2**20  # small temporaries the tensor count below does not name (see workspace_bytes)
+MAX_BATCH_SEARCHED = 2**20  # `max_batch` stops doubling here (a tiny model on a large budget)
 
 
 def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
@@ -233,12 +234,14 @@ def below_minimum(fp: Footprint, budget_bytes: int | None, minimum: Plan, how: s
     parts.append(f"{minimum.slots} ring slots x {format_bytes(minimum.slot_bytes)}")
     if minimum.expert_slots:
         parts.append(f"an expert cache of {minimum.expert_slots} x {format_bytes(minimum.expert_slot_bytes)}")
-    need = minimum.device_bytes
+    need = at_least(minimum.device_bytes)  # one figure, rounded up, in both places: asking for it is enough
+    tokens = f"{w.context} token{'s' * (w.context != 1)}"
+    context = "" if w.context == 1 else " or lower --context" + (
+        " (this already counts every layer's KV in host memory)" if minimum.kv_host_layers else "")
     return OverspillError(
         f"GPU budget {format_bytes(budget_bytes)} is below this model's minimum working set of "
-        f"{format_bytes(need)}{how} ({', '.join(parts)}, workspace {format_bytes(minimum.workspace_bytes)} for "
-        f"{w.context} tokens x batch {w.batch}); raise --gpu-memory to at least {at_least(need)} or lower --context"
-        + (" (this already counts every layer's KV in host memory)" if minimum.kv_host_layers else "")
+        f"{need}{how} ({', '.join(parts)}, workspace {format_bytes(minimum.workspace_bytes)} for "
+        f"{tokens} x batch {w.batch}); raise --gpu-memory to at least {need}{context}"
     )
 
 
@@ -371,23 +374,26 @@ def budget_for(fp: Footprint, workload: Workload, resident: int, depth: int = DE
 
 
 def max_batch(fp: Footprint, plan: Plan) -> int:
-    """Sequences of `plan.workload.context` tokens whose KV and activations fit beside the placed weights."""
+    """Sequences of `plan.workload.context` tokens whose KV (all on the GPU) and workspace fit beside the placed
+    weights: the largest batch at which `workspace_bytes`, the reserve a plan for that batch would make, fits the
+    budget (so a `--serve --batch B` plan that fits reports at least B). 0 where not even one fits."""
     if plan.budget_bytes is None:
         return 0
-    w = plan.workload
-    free = (plan.budget_bytes - plan.device_weight_bytes - plan.slots * plan.slot_bytes - plan.expand_bytes
-            - plan.expert_slots * plan.expert_slot_bytes - w.activation_floor)
-    n = max(len(fp.layer_bytes), 1)
-    # every sequence: its KV, and its share of one layer's attention transient (repeat_kv)
-    per_seq = fp.kv_bytes_per_token * w.context + fp.gqa_group * fp.kv_bytes_per_token * w.context // n
-    if w.graphs:  # each sequence's graphed decode row gathers its routed experts' weights
-        per_seq += fp.gathered_expert_bytes_per_token
-    if w.pass_tokens:  # serving: one bounded pass in flight, whatever the batch; each row is sampled
-        free -= fp.activation_bytes_per_token * w.pass_tokens
-        per_seq += SAMPLING_BYTES_PER_LOGIT * fp.vocab_size
-    else:  # generate prefills every sequence's prompt at once
-        per_seq += fp.activation_bytes_per_token * min(w.context, PREFILL_CHUNK_TOKENS)
-    return max(free // per_seq, 0) if per_seq else 0
+    fixed = plan.device_bytes - plan.workspace_bytes
+
+    def fits(batch: int) -> bool:
+        return fixed + workspace_bytes(fp, replace(plan.workload, batch=batch)) <= plan.budget_bytes
+
+    if not fits(1):
+        return 0
+    low = 1
+    while fits(2 * low) and low < MAX_BATCH_SEARCHED:
+        low *= 2
+    high = 2 * low  # fits at low, not at high (or past the search's end)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:

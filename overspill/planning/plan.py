@@ -187,7 +187,8 @@ class Plan:
             f"(weights {format_bytes(self.device_weight_bytes)}, workspace {format_bytes(self.workspace_bytes)})"
         )
         if self.max_batch is not None:
-            lines.append(f"largest batch at {self.workload.context} tokens of context: {self.max_batch}")
+            lines.append(f"largest batch with its KV on the GPU at {self.workload.context} tokens of context: "
+                         f"{self.max_batch}")
         p = self.prediction
         if p is not None:
             floor = f", link floor {p.link_floor_tok_s:.2f} tok/s" if p.link_floor_tok_s else ""

@@ -211,6 +211,9 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
     cfg, model_type = _normalized(config)
     approximate = model_type not in SUPPORTED_MODEL_TYPES
     _require(cfg, model_type, _required(model_type))
+    small = [f"{key} {int(cfg[key])}" for key in _BASE_REQUIRED if int(cfg[key]) < 1]
+    if small:  # a plan of no layers, or a division by zero heads, would follow
+        raise ValueError(f"{model_type} config has sizes below 1: {', '.join(small)}")
 
     name = dtype_name(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or DEFAULT_DTYPE)
     nbytes = DTYPE_BYTES[name]
