@@ -407,3 +407,28 @@ def test_cli_batch_end_to_end(default_model_dir, tmp_path, capsys):
     assert rows["q"]["response"]["status_code"] == rows["p"]["response"]["status_code"] == 200
     assert rows["wrong-model"]["response"]["status_code"] == 404
     assert "2 ok, 1 failed of 3 requests (0 skipped" in text and "tok/s" in text
+
+
+def test_a_custom_id_with_a_lone_surrogate_escape_does_not_stop_the_batch(served, tmp_path):
+    """JSON allows a "\\ud800" escape, which json.loads turns into a str UTF-8 cannot encode: the
+    output line must still be written (as an escape), the rest of the file run, and a rerun skip it."""
+    lines = [completion("before", "One", max_tokens=2), completion("bad\ud800id", "Two", max_tokens=2),
+             completion("after", "Three", max_tokens=2)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))  # ensure_ascii: the escape as written
+    out = tmp_path / "out.jsonl"
+    summary = run(served, inp, out)
+    assert (summary.ok, summary.failed) == (3, 0)
+    assert sorted(r["custom_id"] for r in results(out)) == ["after", "bad\ud800id", "before"]
+    again = run(served, inp, out)
+    assert (again.skipped, again.ok, again.failed) == (3, 0, 0)
+
+
+def test_an_input_file_saved_with_a_utf8_bom_runs_every_line(served, tmp_path):
+    """Editors on Windows save UTF-8 with a byte-order mark; it is not part of the first request."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [completion("first", "One", max_tokens=2), completion("second", "Two", max_tokens=2)]
+    inp.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\r\n" for line in lines).encode())
+    summary = run(served, inp, out)
+    assert (summary.ok, summary.failed) == (2, 0)
+    assert sorted(by_id(out)) == ["first", "second"]

@@ -670,3 +670,35 @@ def test_runner_counts_latent_attention_kv_as_cached(tmp_path):
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                  pad_token_id=0)
         assert text == "".join(f" {i}" for i in out[0, len(prompt):].tolist())
+
+
+def test_time_to_first_token_counts_the_wait_in_the_queue(tiny_checkpoint):
+    """TTFT runs from submit, as its metric says: a request that waited in the queue (here: held 1 s)
+    reports that wait, so the histogram is about what its caller saw."""
+    import time
+
+    class FirstTokens(Steps):
+        def __init__(self):
+            super().__init__()
+            self.ttft: list[float] = []
+
+        def first_token(self, seconds):
+            self.ttft.append(seconds)
+
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    model.generation_config.eos_token_id = None
+    engine = Engine(model, IdsTokenizer(), metrics=FirstTokens(), max_batch=2, kv_capacity_tokens=128)
+    engine.start()
+    try:
+        engine.hold(True)
+        start = time.perf_counter()
+        events = iter(engine.submit(GenerationRequest((5, 6, 7), 2)))
+        time.sleep(1.0)
+        engine.hold(False)
+        next(events)
+        seen = time.perf_counter() - start  # what the caller waited for its first token
+        list(events)
+        [ttft] = engine.metrics.ttft
+        assert seen - 0.5 < ttft <= seen, (ttft, seen)
+    finally:
+        engine.close()

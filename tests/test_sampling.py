@@ -172,3 +172,29 @@ def test_text_stream_equals_full_decode_with_a_real_tokenizer(default_model_dir)
     s = TextStream(tok, threading.Lock(), (), len(ids) + 1)
     released = "".join(s.push(t, eos=False).text for t in ids)
     assert released == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_text_stream_holds_back_the_same_starts_of_stops_as_a_plain_search():
+    from overspill.serving.detok import _stable_prefix
+
+    def plain(text, stops):  # the longest end of `text` that begins some stop, held back
+        held = [k for stop in stops for k in range(1, min(len(stop) - 1, len(text)) + 1) if text.endswith(stop[:k])]
+        return len(text) - max(held, default=0)
+
+    cases = [("abcab", ["abcabd"]), ("aaaa", ["aab"]), ("xyz", ["zq", "yzq"]), ("hello", ["lo", "low"]),
+             ("", ["ab"]), ("ab", ["b"]), ("abab", ["ababab", "bx"]), ("é日本", ["本語", "日本語"]), ("x", [""])]
+    for text, stops in cases:
+        assert _stable_prefix(text, tuple(stops)) == plain(text, stops), (text, stops)
+
+
+def test_a_long_stop_string_does_not_slow_the_engine_thread():
+    """A stop string is client input (up to the body limit): checking it each token must not cost more
+    with its length, or one request slows every decode step of the batch it shares."""
+    import time
+
+    s = TextStream(type("Ascii", (), {"decode": lambda self, ids, skip_special_tokens=True: "".join(map(chr, ids))})(),
+                   threading.Lock(), ("b" * 10**6,) * 4, 10**6)
+    start = time.perf_counter()
+    for _ in range(2000):
+        assert s.push(ord("a"), eos=False).text == "a"
+    assert time.perf_counter() - start < 1.0

@@ -5,6 +5,7 @@ checks its address before it loads a model.
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -243,3 +244,96 @@ def test_sampling_defaults_keep_only_values_a_request_could_ask_for():
 
     assert sampling_defaults(Model()) == {"temperature": 0.7, "top_k": 20}  # a top_p of 0 would refuse every request
     assert sampling_defaults(object()) == {}
+
+
+def test_completion_text_offsets_count_characters_of_the_text(http):
+    """A token holding part of a UTF-8 character shows as "bytes:\\xNN...", but its text_offset counts
+    characters of the completion: offsets stay within the text, and a stream counts them as the answer does."""
+    body = {**TEXT, "prompt": "日本語で答えて: こんにちは", "max_tokens": 8, "logprobs": 1}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    assert any(t.startswith("bytes:") for t in lp["tokens"]), lp["tokens"]  # the case this test is about
+    offsets = lp["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(text), (offsets, text)
+    streamed = []
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])["choices"][0]
+                streamed += (chunk["logprobs"] or {}).get("text_offset", [])
+    assert streamed == offsets
+
+
+def test_text_offsets_of_split_characters():
+    from overspill.serving.schemas import TextOffsets, TokenInfo, completion_logprobs
+
+    def token(raw: bytes) -> TokenInfo:
+        return TokenInfo(raw.decode("utf-8", "replace"), list(raw), -1.0)
+
+    a, ne = "ア".encode(), "ネ".encode()
+    tokens = [token(b" x"), token(a[:2]), token(a[2:] + ne[:1]), token(ne[1:]), token(b"!")]
+    assert completion_logprobs(tokens)["text_offset"] == [0, 2, 2, 3, 4]  # " x" "ア" "ネ" "!"
+    offsets = TextOffsets()  # a stream's chunks count on from the earlier ones
+    assert [completion_logprobs([t], offsets)["text_offset"] for t in tokens] == [[0], [2], [2], [3], [4]]
+
+
+@pytest.mark.parametrize("headers,content,says", [
+    ({"Content-Type": "application/x-www-form-urlencoded"}, json.dumps(TEXT), "Content-Type: application/json"),
+    ({"Content-Type": "application/json"}, "[1, 2]", "JSON object"),
+    ({"Content-Type": "application/json"}, "", "empty"),
+], ids=["form", "array", "empty"])
+def test_a_body_that_is_not_a_json_object_says_what_to_send(http, headers, content, says):
+    err = openai_error(http.post("/v1/completions", content=content, headers=headers), 400)
+    assert says in err["message"], err
+
+
+def test_a_client_that_leaves_before_its_answer_is_not_counted_as_a_server_error(server):
+    """A non-streamed client that disconnects cancels its request; /metrics counts that 499 (as nginx
+    logs it), not a 503, which alerts on server errors would fire on."""
+    import time
+
+    engine, metrics = server.app.state.engine, server.app.state.metrics
+
+    def count(status: str) -> float:
+        return metrics.requests.labels("/v1/completions", status)._value.get()
+
+    server_errors, left = count("503"), count("499")
+    body = json.dumps({**TEXT, "max_tokens": 32}).encode()
+    engine.hold(True)  # it waits in the queue while its client leaves
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while engine.queue_depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while count("499") == left and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.hold(False)
+    assert (count("499"), count("503")) == (left + 1, server_errors)
+    assert engine.live_requests() == 0
+
+
+def test_a_developer_message_is_the_system_prompt(http):
+    """OpenAI's "developer" role replaces "system" (its newer clients send it); chat templates know only
+    "system", and SmolLM2's would put its default system prompt before a turn it does not know."""
+    def answer(role: str) -> dict:
+        messages = [{"role": role, "content": "Answer in French."}, {"role": "user", "content": "Say hi"}]
+        r = http.post("/v1/chat/completions", json={**CHAT, "messages": messages, "max_tokens": 6})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    developer, system = answer("developer"), answer("system")
+    assert developer["usage"] == system["usage"]
+    assert developer["choices"][0]["message"] == system["choices"][0]["message"]
+
+
+def test_a_wrong_url_or_method_says_what_this_server_answers(http):
+    err = openai_error(http.post("/v1/chat/completion", json=CHAT), 404)  # a typo of the endpoint
+    assert "/v1/chat/completions" in err["message"] and "/v1/chat/completion" in err["message"], err
+    err = openai_error(http.get("/v1/completions"), 405)
+    assert "GET" in err["message"] and "POST" in err["message"], err

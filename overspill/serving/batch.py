@@ -237,7 +237,13 @@ class _Run:
             "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
             "error": None,
         }
-        self.f.write(json.dumps(result, ensure_ascii=False) + "\n")
+        line = json.dumps(result, ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (a custom_id's "\ud800" escape): write it escaped again
+                line = json.dumps(result, ensure_ascii=True)
+        self.f.write(line + "\n")
         self.f.flush()
         if status == 200:
             self.ok += 1
@@ -257,7 +263,7 @@ def _body_param(field: str, chat: bool) -> str:
 def _read_input(path: Path) -> list[_Line]:
     """Every non-blank line, parsed; malformed and repeated lines carry the error their output will hold."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
     except UnicodeDecodeError as exc:
         raise OverspillError(f"batch input {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     lines: list[_Line] = []

@@ -19,8 +19,8 @@ from .prompt_bound import PromptBound
 from .requests import Event, GenerationRequest
 from .sampling import TokenLogprob
 from .schemas import (
-    ChatCompletionRequest, ChatMessage, CompletionRequest, TokenInfo, chat_logprobs, chat_response, completion_logprobs,
-    completion_response, error_body, new_id,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, TextOffsets, TokenInfo, chat_logprobs, chat_response,
+    completion_logprobs, completion_response, error_body, new_id,
 )
 
 
@@ -175,7 +175,9 @@ def generation_request(body: ChatCompletionRequest | CompletionRequest, tokenize
     limit_param = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
     if chat:
         max_tokens = body.max_completion_tokens or body.max_tokens
-        text, special = _chat_text(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        # "developer" is OpenAI's newer name for "system", which is the one chat templates know
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        text, special = _chat_text(tokenizer, messages)
     else:
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
         text, special = _single_prompt(body.prompt), True
@@ -302,11 +304,12 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return chars
 
 
-def logprobs_body(chat: bool, tokens: list[TokenInfo], text_offset: int = 0) -> dict | None:
-    """The response's `logprobs` object for these tokens (None when none were asked for)."""
+def logprobs_body(chat: bool, tokens: list[TokenInfo], offsets: TextOffsets | None = None) -> dict | None:
+    """The response's `logprobs` object for these tokens (None when none were asked for); `offsets`: a
+    stream's, which counts the text_offset of a completion's tokens across its chunks."""
     if not tokens:
         return None
-    return chat_logprobs(tokens) if chat else completion_logprobs(tokens, text_offset)
+    return chat_logprobs(tokens) if chat else completion_logprobs(tokens, offsets)
 
 
 @dataclass

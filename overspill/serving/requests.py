@@ -12,6 +12,7 @@ import numbers
 import operator
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -240,6 +241,7 @@ class Handle:
     def __init__(self, rid: int, request: GenerationRequest, sink: Callable[[Event], None] | None):
         self.id = rid
         self.request = request
+        self.submitted = time.perf_counter()  # time to first token counts from here, the queue's wait included
         self.cancelled = threading.Event()
         self._queue: queue.Queue[Event] | None = None if sink is not None else queue.Queue()
         self._sink = sink if sink is not None else self._queue.put  # type: ignore[union-attr]

@@ -57,7 +57,7 @@ class Sequence:
     handle: Handle
     text: TextStream
     generator: Any  # the request's random state (`sampling.new_generator`)
-    submitted: float
+    submitted: float  # when its request was submitted (`Handle.submitted`)
     need: int  # KV blocks of prompt + max_new_tokens
     cache: Any = None
     prefilled: int = 0  # prompt tokens already run through the model (or reused from the prefix cache)
@@ -213,7 +213,7 @@ class Scheduler:
                 if (len(self.running) + 1) * widest - gpu.used_blocks > gpu.available_blocks:
                     break
                 text = TextStream(self.tokenizer, self.tokenizer_lock, request.stop, request.max_new_tokens)
-                seq = Sequence(handle, text, new_generator(request.seed), time.perf_counter(), need)
+                seq = Sequence(handle, text, new_generator(request.seed), handle.submitted, need)
             except Exception as exc:  # e.g. a seed the generator refuses: this request fails, the queue goes on
                 self.pending.popleft()
                 handle.emit(Event(finish="error", error=f"{type(exc).__name__}: {exc}"))

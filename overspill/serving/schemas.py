@@ -13,6 +13,7 @@ reads them.
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
 import uuid
@@ -286,15 +287,30 @@ def chat_logprobs(tokens: list[TokenInfo]) -> dict:
     return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in tokens]}
 
 
-def completion_logprobs(tokens: list[TokenInfo], text_offset: int = 0) -> dict:
-    """Legacy completions `logprobs` object: parallel lists, offsets counted in characters of the text."""
-    offsets = []
-    for t in tokens:
-        offsets.append(text_offset)
-        text_offset += len(t.text)
+class TextOffsets:
+    """The completions API's `text_offset`s of a request's tokens, in order: where each token's text starts
+    in the completion, in characters. Counted from the tokens' bytes, not their shown text (a token holding
+    part of a UTF-8 character shows as "bytes:\\xNN"): such a token adds no character until one completes."""
+
+    def __init__(self):
+        self.chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def of(self, tokens: list[TokenInfo]) -> list[int]:
+        offsets = []
+        for t in tokens:
+            offsets.append(self.chars)
+            self.chars += len(self._decoder.decode(bytes(t.bytes)))
+        return offsets
+
+
+def completion_logprobs(tokens: list[TokenInfo], offsets: TextOffsets | None = None) -> dict:
+    """Legacy completions `logprobs` object: parallel lists, offsets counted in characters of the text
+    (`offsets`: of a stream's earlier chunks, else the tokens are the completion's first)."""
     return {
         "tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens], "text_offset": offsets,
+        "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens],
+        "text_offset": (offsets or TextOffsets()).of(tokens),
     }
 
 

@@ -40,7 +40,9 @@ from .openai_protocol import (
 )
 from .prompt_bound import PromptBound
 from .requests import check_speculate
-from .schemas import ChatCompletionRequest, CompletionRequest, chat_chunk, completion_chunk, new_id, usage
+from .schemas import (
+    ChatCompletionRequest, CompletionRequest, TextOffsets, chat_chunk, completion_chunk, new_id, usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return _error_response(validation_error(exc.errors()))
+        errors = exc.errors()
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no JSON object of fields at all
+            return _error_response(_not_an_object(request.headers.get("content-type"), errors))
+        return _error_response(validation_error(errors))
 
     @app.exception_handler(_BodyTooLarge)
     async def too_large(request: Request, exc: _BodyTooLarge):
@@ -239,8 +244,26 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type_))
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:  # as OpenAI words it, and the endpoints there are
+            return _error_response(ApiError(404, f"Invalid URL ({where}): this server answers "
+                                            f"{', '.join(_ENDPOINTS)}", "not_found_error"))
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "another method")
+            return _error_response(ApiError(405, f"{where}: this endpoint takes {allowed}", headers=exc.headers))
+        return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+
+def _not_an_object(content_type: str | None, errors: list[dict]) -> ApiError:
+    """The 400 for a body that is not a JSON object: sent as a form (curl -d without a Content-Type), empty, or
+    JSON of another kind; its message says what to send instead of pydantic's "a valid dictionary"."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media and not (media == "application/json" or media.endswith("+json")):
+        return ApiError(400, f"the request body was sent as {media!r}: send a JSON object with the header "
+                        "`Content-Type: application/json`", code="invalid_content_type")
+    what = "empty" if any(e.get("type") == "missing" for e in errors) else "not a JSON object"
+    return ApiError(400, f"the request body is {what}: send a JSON object of the request's fields, e.g. "
+                    '{"model": ..., "messages": [...]}', code="invalid_json")
 
 
 def _submit(engine: Engine, req: GenerationRequest) -> tuple[Handle, asyncio.Queue]:
@@ -294,6 +317,10 @@ async def _serve(engine: Engine, request: Request, body, req: GenerationRequest,
     finally:
         watcher.cancel()
         engine.cancel(handle)  # a no-op once finished; frees the engine's state if this handler was cancelled
+    if collected.last.finish == "cancelled" and watcher.done() and not watcher.cancelled():
+        # the client left: nobody reads this answer, and /metrics must not count it as a server error (503)
+        return _error_response(ApiError(499, "the client closed the connection before the answer",
+                                        code="client_closed_request"))
     status, payload = await run_in_threadpool(collected.response, model_name, texts)
     if status == 200 and collected.last.speculation is not None:
         payload["usage"]["speculation"] = _speculation(collected.last)
@@ -318,7 +345,7 @@ async def _stream(engine: Engine, handle: Handle, events: asyncio.Queue, rid: st
     With logprobs, each token's entry rides on the chunk of the event that reported it (its text may
     come in a later chunk when a possible stop string holds it back)."""
     created = int(time.time())
-    sent = 0  # characters of text sent: the completions API's text_offset
+    offsets = TextOffsets()  # the completions API's text_offset, counted across chunks
 
     def chunk(text: str | None, finish: str | None = None, logprobs: dict | None = None) -> dict:
         if chat:
@@ -340,9 +367,8 @@ async def _stream(engine: Engine, handle: Handle, events: asyncio.Queue, rid: st
                 yield _sse(failed(event).body())
                 break
             if event.text or event.logprobs:
-                logprobs = logprobs_body(chat, texts.describe(list(event.logprobs)), sent)
+                logprobs = logprobs_body(chat, texts.describe(list(event.logprobs)), offsets)
                 yield _sse(chunk(event.text, logprobs=logprobs))
-                sent += len(event.text)
             if event.finish is not None:
                 yield _sse(chunk(None, event.finish))
                 if include_usage:
