@@ -383,7 +383,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
                        help=f"requests that may wait for the engine; more are answered 429 (default {DEFAULT_MAX_QUEUE}).")
     serve.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT, metavar="N",
-                       help=f"largest max_tokens a request may ask for (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}).")
+                       help="largest max_tokens a request may ask for; chat requests without max_tokens may generate "
+                       f"this many, completions without it 16, as at OpenAI (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}).")
     serve.add_argument("--max-body-bytes", default=DEFAULT_MAX_BODY, metavar="SIZE",
                        help="largest request body, e.g. 4MiB; a larger one is answered 413 before it is read "
                        f"(default {DEFAULT_MAX_BODY}).")
