@@ -702,3 +702,27 @@ def test_time_to_first_token_counts_the_wait_in_the_queue(tiny_checkpoint):
         assert seen - 0.5 < ttft <= seen, (ttft, seen)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(1.0, 1.0, 0), (0.7, 0.9, 20), (1.3, 0.8, 0)])
+def test_a_seeded_request_samples_what_generate_samples_with_that_seed(tiny_checkpoint, temperature, top_p, top_k):
+    """The server's sampler draws as transformers' `generate` does after `torch.manual_seed(S)` (and so as `run
+    --seed S`), in a batch or alone: before, it drew one uniform a token from its own generator and parted
+    from `generate` at the first sampled token."""
+    model = load_tiny(tiny_checkpoint("llama"), resident=4)
+    prompt, new = PROMPTS[2], 16
+    model.generation_config.eos_token_id = None
+    torch.manual_seed(7)
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=new, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                         pad_token_id=0)
+    want = "".join(f" {i}" for i in out[0, len(prompt):].tolist())
+    engine = _engine(model, max_batch=3)
+    try:
+        request = GenerationRequest(prompt, new, temperature=temperature, top_p=top_p, top_k=top_k, seed=7)
+        alone = "".join(e.text for e in engine.submit(request))
+        neighbours = [GenerationRequest(p, n, temperature=0.9, seed=s) for s, (p, n) in enumerate(zip(PROMPTS, NEW))]
+        batched = _outputs(engine, [neighbours[0], request, neighbours[3]], together=True)[1]
+    finally:
+        engine.close()
+    assert alone == want and batched == want

@@ -70,7 +70,10 @@ def test_temperatures_below_the_floor_are_greedy_and_never_nan():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)) * 30
     params = [P(1e-300), P(1e-40), P(MIN_TEMPERATURE / 2), P(float("nan"))]
     assert sample_tokens(logits, params, _gens(4)).tolist() == logits.argmax(-1).tolist()
-    assert sampling.draw_uniforms(params, _gens(4)) == [None] * 4  # greedy rows draw nothing
+    gens = _gens(4)
+    before = [g.get_state() for g in gens]
+    sample_tokens(logits, params, gens)
+    assert all(torch.equal(g.get_state(), b) for g, b in zip(gens, before))  # greedy rows draw nothing
 
 
 def test_top_k_beyond_the_vocabulary_is_no_cut():
@@ -98,15 +101,15 @@ def test_sample_rows_fails_only_the_rows_that_fail_alone_with_the_same_draws(mon
     want = sample_tokens(logits, params, _gens(4)).tolist()
     pick = sampling.pick_tokens
 
-    def refuses_one_row(logits, params, uniforms):
+    def refuses_one_row(logits, params, generators):
         if any(p.top_p == 0.25 for p in params):
             raise RuntimeError("bad row")
-        return pick(logits, params, uniforms)
+        return pick(logits, params, generators)
 
     monkeypatch.setattr(sampling, "pick_tokens", refuses_one_row)
     got = sample_rows(logits, params, _gens(4))
     assert isinstance(got[1], RuntimeError)
-    assert [got[0], got[2], got[3]] == [want[0], want[2], want[3]]  # the seeded rows drew their own numbers once
+    assert [got[0], got[2], got[3]] == [want[0], want[2], want[3]]  # each seeded row drew from where it was
     scored = logprob_rows(logits, got, [P(logprobs=2)] * 4)
     assert isinstance(scored[1], Exception)
     assert [s.token_id for s in (scored[0], scored[2], scored[3])] == [want[0], want[2], want[3]]

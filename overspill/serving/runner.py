@@ -105,9 +105,9 @@ class Runner:
         cache = self.new_cache()
         return self.max_batch * cache.max_host_blocks(blocks.block_tokens) if isinstance(cache, TieredCache) else 0
 
-    @staticmethod
-    def new_generator(seed: int | None) -> torch.Generator:
-        return new_generator(seed)
+    def new_generator(self, seed: int | None) -> torch.Generator:
+        """A request's generator on the device its logits are sampled on, as `generate` samples."""
+        return new_generator(seed, self.device)
 
     def forward(self, input_ids: torch.Tensor, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
         """Last-position logits [batch, vocab] in float32 of one pass that extends `cache`."""

@@ -1,11 +1,12 @@
 """Next-token choice for every row of a decode batch at once: greedy, temperature, top-k, top-p, logprobs.
 
-All rows are handled by batched tensor ops on the logits' device, so a step costs one host sync
-(the final `.tolist()` of the caller), not one per row. Each request keeps its own CPU generator,
-so a seeded request draws the same tokens whatever batch it runs in: the generator gives one
-uniform number per row and step, and the token is where it falls in the row's cumulative
-distribution. A row whose parameters or logits are extreme still yields a token in range, so it
-cannot fail the other rows of its batch.
+A sampled row draws as transformers' `generate` does: its logits in float32 through transformers' own
+temperature, top-k and top-p warpers (`sampling_scores`), their softmax, and `torch.multinomial` with the
+request's own generator on the logits' device. So a request with seed S draws the tokens `generate` draws
+after `torch.manual_seed(S)` (and `overspill run --seed S`), and draws them whatever batch it runs in. The
+rows' picks stay on the device until the caller's one `.tolist()`: a step costs one host sync. A row whose
+logits are extreme still yields a token in range (its argmax; `multinomial` never sees an invalid row,
+which on CUDA would be a device-side assert), so it cannot fail the other rows of its batch.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ class TokenLogprob:
 MIN_TEMPERATURE = 1e-5
 
 
-def new_generator(seed: int | None) -> torch.Generator:
-    """A request's own CPU generator: seeded (any int of 64 bits, signed or not), else from the OS."""
-    gen = torch.Generator(device="cpu")
+def new_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A request's own generator on the device its logits are on (`torch.manual_seed(S)` seeds each device's
+    default generator to what this one starts at): seeded (any int of 64 bits, signed or not), else from the OS."""
+    gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:
@@ -54,10 +56,17 @@ def new_generator(seed: int | None) -> torch.Generator:
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator]) -> list[int | Exception]:
     """Each row's token id, picked for all rows at once (one host sync); if that raises, each row is
-    picked alone with the same random numbers, so only the rows that fail get their exception instead."""
-    uniforms = draw_uniforms(params, generators)
-    return _row_by_row(len(params), lambda rows: pick_tokens(
-        _take(logits, rows), [params[i] for i in rows], [uniforms[i] for i in rows]).tolist())
+    picked alone from its generator's state before the batched try, so only the rows that fail get their
+    exception instead, and a seeded row draws what it would have drawn in a batch that did not fail."""
+    states = [g.get_state() if _sampled(p) else None for p, g in zip(params, generators)]
+
+    def pick(rows: list[int]) -> list[int]:
+        for i in rows:
+            if states[i] is not None:
+                generators[i].set_state(states[i])
+        return pick_tokens(_take(logits, rows), [params[i] for i in rows], [generators[i] for i in rows]).tolist()
+
+    return _row_by_row(len(params), pick)
 
 
 def logprob_rows(logits: torch.Tensor, tokens: Sequence[int | Exception],
@@ -70,44 +79,51 @@ def logprob_rows(logits: torch.Tensor, tokens: Sequence[int | Exception],
 
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Token ids [rows] (on the logits' device) from last-position logits [rows, vocab] (float32)."""
-    return pick_tokens(logits, params, draw_uniforms(params, generators))
+    """Token ids [rows] (on the logits' device) from last-position logits [rows, vocab]."""
+    return pick_tokens(logits, params, generators)
 
 
-def draw_uniforms(params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[float | None]:
-    """One uniform number in [0, 1) per sampled row (None for a greedy row), from the row's own generator.
+def sampling_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits [rows, vocab] in float32 through transformers' warpers as `generate` applies them for these
+    parameters (temperature unless 1, top-k unless <= 0, top-p below 1): their softmax is the distribution a
+    sampled row draws from, -inf outside its cuts."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    Drawn apart from `pick_tokens`, so rows picked again one by one after a failed batched pick reuse
-    their numbers: a seeded request draws the same tokens whether or not a bad row shared its batch."""
-    return [torch.rand(1, generator=g).item() if _sampled(p) else None for p, g in zip(params, generators)]
+    scores = logits.float()
+    if params.temperature != 1.0:
+        scores = TemperatureLogitsWarper(float(params.temperature))(None, scores)
+    if params.top_k > 0:
+        scores = TopKLogitsWarper(min(int(params.top_k), scores.shape[-1]))(None, scores)
+    if params.top_p < 1.0:
+        scores = TopPLogitsWarper(float(params.top_p))(None, scores)
+    return scores
 
 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                uniforms: Sequence[float | None]) -> torch.Tensor:
-    """Token ids [rows] from logits [rows, vocab] and each sampled row's number from `draw_uniforms`.
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Token ids [rows] from logits [rows, vocab], each sampled row drawn by `torch.multinomial` from its
+    own generator (one draw a row, as `generate` draws for a batch of one).
 
     Never out of range, whatever the row holds: top_k is capped at the vocabulary, and a row whose
-    distribution is NaN (inf or NaN logits) picks within it rather than past its end."""
+    distribution is not one (inf or NaN logits) takes its argmax, still drawing once."""
     tokens = logits.argmax(-1)
-    rows = [i for i, p in enumerate(params) if _sampled(p)]
-    if not rows:
+    groups: dict[tuple, list[int]] = {}  # rows that sample alike share one pass of the warpers (row by row alike)
+    for i, p in enumerate(params):
+        if _sampled(p):
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    if not groups:
         return tokens
-    device, vocab = logits.device, logits.shape[-1]
-    index = torch.tensor(rows, device=device)
-    temperature = torch.tensor([params[i].temperature for i in rows], device=device)
-    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows], device=device)
-    top_p = torch.tensor([min(params[i].top_p, 1.0) for i in rows], device=device)
-    uniform = torch.tensor([uniforms[i] for i in rows], device=device)
-    ordered, order = torch.sort(logits.index_select(0, index) / temperature[:, None], dim=-1, descending=True)
-    rank = torch.arange(vocab, device=device)
-    ordered = ordered.masked_fill(rank >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(ordered, dim=-1)
-    outside = probs.cumsum(-1) - probs > top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
-    cdf = torch.softmax(ordered.masked_fill(outside, float("-inf")), dim=-1).cumsum(-1)
-    # scaled by the row's total, so rounding can never land past the last token with any mass;
-    # a NaN cdf sorts past every number, hence the clamp
-    pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:]).clamp_(max=vocab - 1)
-    return tokens.index_copy(0, index, order.gather(1, pick).squeeze(1))
+    rows, picked = [], []
+    for group in groups.values():
+        index = torch.tensor(group, device=logits.device)
+        probs = torch.softmax(sampling_scores(logits.index_select(0, index), params[group[0]]), dim=-1)
+        valid = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
+        argmax = torch.zeros_like(probs).scatter_(-1, tokens.index_select(0, index)[:, None], 1.0)
+        probs = torch.where(valid, probs, argmax)  # no host sync: the check stays on the device
+        for j, i in enumerate(group):
+            picked.append(torch.multinomial(probs[j : j + 1], 1, generator=generators[i]).view(1))
+        rows += group
+    return tokens.index_copy(0, torch.tensor(rows, device=logits.device), torch.cat(picked))
 
 
 def _sampled(p: SamplingParams) -> bool:

@@ -38,7 +38,7 @@ from ..runtime.token_serial import supports_serial
 from ..runtime.trees import fit_pass, walk_tree
 from .requests import SPECULATE_OFF, GenerationRequest, InvalidRequest, SpeculationUsage, check_speculate
 from .runner import Runner
-from .sampling import MIN_TEMPERATURE, SamplingParams
+from .sampling import MIN_TEMPERATURE, SamplingParams, sampling_scores
 
 
 @dataclass
@@ -180,7 +180,7 @@ class Speculator:
         """The accepted prefix of `proposed`, then the target's token where it stopped."""
         request = seq.request
         rows = logits.cpu() if sample else logits  # the acceptance draws run on the CPU's generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=seq.generator)) if sample else 0
+        seed = int(torch.randint(0, 2**62, (1,), generator=seq.generator, device=seq.generator.device)) if sample else 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the request's generator decides every draw: seeded runs repeat
             for i, token in enumerate(proposed):
@@ -216,16 +216,3 @@ def _picks(runner: Runner, seq, rows: torch.Tensor) -> list[int]:
 
 def _sampled(params: SamplingParams) -> bool:
     return params.temperature >= MIN_TEMPERATURE
-
-
-def sampling_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits [rows, vocab] whose softmax is the distribution `sampling.pick_tokens` draws from for a
-    sampled request: divided by the temperature, -inf outside its top-k and top-p cuts."""
-    vocab = logits.shape[-1]
-    top_k = params.top_k if 0 < params.top_k < vocab else vocab
-    ordered, order = torch.sort(logits.float() / params.temperature, dim=-1, descending=True)
-    ordered[..., top_k:] = float("-inf")
-    probs = torch.softmax(ordered, dim=-1)
-    outside = probs.cumsum(-1) - probs > min(params.top_p, 1.0)  # keep the smallest prefix reaching top_p
-    ordered = ordered.masked_fill(outside, float("-inf"))
-    return torch.empty_like(ordered).scatter_(-1, order, ordered)
