@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import operator
 import os
 import warnings
 from dataclasses import replace
@@ -314,6 +315,23 @@ def load(
         check_cpu_experts(cpu_experts)
     except ValueError as exc:
         raise OverspillError(f"{exc} (--cpu-experts)") from None
+    if speculate is not None and not isinstance(speculate, str):  # e.g. speculate=True
+        raise OverspillError(f"speculate (--speculate) names a draft source: 'auto', 'ngram', 'self' or "
+                             f"'draft:PATH' (None: plain decoding), got {speculate!r}")
+    whole = [("context (--context)", context), ("batch (--batch, --max-batch)", batch), ("depth (--depth)", depth),
+             ("pass_tokens", pass_tokens)]
+    if speculate_tree is not None:
+        whole.append(("speculate_tree (--speculate-tree)", speculate_tree))
+    for name, value in whole:  # before comparisons that would fail deep inside with a TypeError
+        try:
+            operator.index(value)
+        except TypeError:
+            raise OverspillError(f"{name} must be a whole number, got {value!r}") from None
+    if pass_tokens < 0:
+        raise OverspillError(f"pass_tokens must be 0 (what generate needs) or more, got {pass_tokens}")
+    if plan is not None and not isinstance(plan, Plan):
+        raise OverspillError(f"plan must be an overspill Plan (e.g. from "
+                             f"overspill.planning.placement.streaming_plan), got {type(plan).__name__}")
     if speculate is not None and speculate != "self":
         from .runtime.drafts import check_source
 

@@ -97,6 +97,8 @@ def provide_cache(model: nn.Module, make: Callable[[int, int], Any]) -> None:
         # (generation_mode, batch_size, max_cache_length): positional in transformers 5
         batch = args[1] if len(args) > 1 else kwargs["batch_size"]
         tokens = args[2] if len(args) > 2 else kwargs["max_cache_length"]
+        if model_kwargs.get("inputs_embeds") is not None:  # transformers' chunked prefill splits token ids
+            generation_config.prefill_chunk_size = None  # only: embeddings prefill whole (this call's config copy)
         if generation_config.use_cache is False:
             generation_config.prefill_chunk_size = None  # chunked prefill needs a cache (this call's config copy)
         elif model_kwargs.get(key) is None and getattr(generation_config, "cache_implementation", None) is None:

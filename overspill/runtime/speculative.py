@@ -9,7 +9,10 @@ decoding and hands them here, so `generate`, `pipeline` and `run` share it (`ena
 Exactness: greedy keeps a drafted token only when it is the target's argmax at that position (the
 same logits processors applied to the same prefix), so the output is plain greedy's; sampling uses
 the speculative sampling rule (accept with min(1, p/q), else sample the residual max(p - q, 0)), so
-the output distribution is plain sampling's. Rejected tokens' KV is cropped from the cache.
+the output distribution is plain sampling's. A deterministic draft (prompt lookup: q a point mass) is
+kept where the target's own draw, made as plain sampling makes it, is the drafted token (the same
+probability p), so a seeded call samples plain sampling's very tokens. Rejected tokens' KV is cropped
+from the cache.
 
 With `tree=budget` the drafter proposes a tree of alternatives (`trees.py`) verified in one pass;
 the walk down it draws each token from the target exactly as plain decoding would (argmax, or a
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -80,10 +84,16 @@ class SpeculationStats:
 
 
 def _eligible(input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> bool:
-    """Batch 1, no padding, one beam, tensors out: the cases the loop handles (others run plain)."""
+    """Batch 1, no padding, one beam, tensors out, token ids in: the cases the loop handles (others run
+    plain). Classifier-free guidance runs plain too: its logits processor keeps its own per-step state,
+    which assumes one call per position in order (verify passes and trees score positions out of order)."""
     if input_ids.shape[0] != 1 or generation_config.num_beams != 1:
         return False
     if generation_config.return_dict_in_generate:
+        return False
+    if model_kwargs.get("inputs_embeds") is not None:  # the prompt is embeddings: the loop feeds ids
+        return False
+    if generation_config.guidance_scale is not None and generation_config.guidance_scale != 1:
         return False
     mask = model_kwargs.get("attention_mask")
     return mask is None or bool(mask.all())
@@ -235,7 +245,12 @@ def speculative_decode(
         for i in range(m):
             q = draft.probs[i] if draft.probs is not None and i < drafted else None  # a filler: a point mass
             scores = logits_processor(ids, target[i : i + 1])
-            if not _accept(scores, proposed[i], q, sample):
+            if q is None:  # a point mass (greedy, or a deterministic draft): the target's own token, drawn as
+                own = _choose(scores, sample)  # plain decoding draws it, so a seeded sample is plain's sample
+                if bool(own != proposed[i]):  # accepted with probability p(token), as min(1, p/q) would
+                    pending, chosen = target[i : i + 1], own.view(1)
+                    break
+            elif not _accept(scores, proposed[i], q, sample):
                 pending = target[i : i + 1]
                 chosen = _residual(scores, proposed[i], q) if sample else None
                 break
@@ -363,6 +378,35 @@ def prior_pass_cost(model: torch.nn.Module, serial: bool, graphed: bool = False)
     return plan_pass_cost(prediction, 0.0, 0.0, serial, graphed=graphed)  # no matmul rate: a token adds no FLOPs
 
 
+def _speculable_call(model: torch.nn.Module, plain, args: tuple, kwargs: dict) -> dict | None:
+    """The arguments of a `generate` call (by name) when transformers would decode it greedily or by
+    sampling, which the speculative loop serves; None for any other mode (beams, contrastive search,
+    DoLa, an assistant model: a `custom_generate` loop would replace their own), for a call's own
+    `custom_generate`, for a call transformers refuses (plain `generate` then raises its own error), and
+    for `stop_strings` or `token_healing`: they need the call's tokenizer, which transformers 5 drops
+    for a callable `custom_generate` (`_extract_generation_mode_kwargs`), so it would refuse the call.
+    The mode is read from the call's whole configuration, as `generate` reads it: a `generation_config`
+    passed by position or keyword, then its keyword arguments, then the model's defaults."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    try:
+        given = inspect.signature(plain).bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    if given.get("custom_generate") is not None or given.get("assistant_model") is not None:
+        return None
+    extra = {k: v for k, v in given.get("kwargs", {}).items()
+             if k not in ("tokenizer", "assistant_tokenizer", "trust_remote_code")}  # `generate` pops these first
+    try:
+        config, _ = model._prepare_generation_config(given.get("generation_config"), **extra)
+        mode = config.get_generation_mode()
+    except Exception:  # noqa: BLE001 - transformers refuses the call: plain `generate` says why
+        return None
+    if config.stop_strings or config.token_healing:
+        return None
+    return given if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) else None
+
+
 def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | None = None,
            serial: bool | None = None, tree: int | None = None, adapt_tree: bool = True) -> torch.nn.Module:
     """Make `model.generate` (and so `pipeline` and `run`) decode speculatively with `source`
@@ -370,7 +414,8 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
     that many tokens per pass instead of chains, each pass's budget adapted to the measured
     acceptance (`adapt_tree=False`: every pass drafts `tree`, e.g. to measure one budget). Calls
     that pass their own `custom_generate` or
-    `assistant_model`, or use beams, run as before."""
+    `assistant_model`, or decode other than greedily or by sampling (beams, however the call asks for
+    them: `_speculable_call`), run as before."""
     if "generate" in model.__dict__:
         del model.generate
     model.__dict__.pop("speculation_drafter", None)
@@ -381,12 +426,11 @@ def enable(model: torch.nn.Module, source: str | Drafter | None, chain: int | No
 
     @functools.wraps(plain)
     def generate(*args, **kwargs):
-        config = kwargs.get("generation_config") or model.generation_config
-        beams = kwargs.get("num_beams", config.num_beams) or 1
-        if "custom_generate" in kwargs or kwargs.get("assistant_model") is not None or beams > 1:
+        given = _speculable_call(model, plain, args, kwargs)
+        if given is None:
             return plain(*args, **kwargs)
         loop = functools.partial(speculative_decode, drafter=drafter, chain=chain, serial=serial, tree=tree,
-                                 adapt_tree=adapt_tree, stream_to=kwargs.get("streamer"))
+                                 adapt_tree=adapt_tree, stream_to=given.get("streamer"))
         return plain(*args, custom_generate=loop, **kwargs)
 
     model.generate = generate
