@@ -33,7 +33,7 @@ from .planning.profile import Profile
 from .planning.routing import MoeBasis
 from .planning.self_draft import Machine, plan_self_draft
 from .planning.speculation import auto_source, prefix_instead
-from .planning.spec import DEFAULT_DTYPE, dtype_name, missing_keys
+from .planning.spec import DEFAULT_DTYPE, dtype_name, missing_keys, positions_note
 from .planning.trees import check_tree
 from .planning.units import parse_budget, parse_bytes
 from .runtime.checkpoint import CheckpointReader, RandomWeights
@@ -439,6 +439,9 @@ def load(
         plan = moe.predict(fp, plan, moe_layers, profile, moe_cpu)
     if fmt_note and plan.streamed_layers:  # as `overspill plan` notes it
         plan = replace(plan, notes=plan.notes + (fmt_note,))
+    past = positions_note(spec, plan.workload.context)
+    if past:  # as `overspill plan` notes it, after the format's note
+        plan = replace(plan, notes=plan.notes + (past,))
     plan = plan_cpu_rank(fp, plan, profile, cpu_compute, config, cuda_graphs, speculate, cpu_compute_format)
     host = profile.host_available_bytes if profile is not None else host_available_bytes()
     check_host(fp, plan, host, on_cpu=dev.type != "cuda")  # before minutes of loading; as `overspill plan`

@@ -80,6 +80,7 @@ def plan_main(args: argparse.Namespace) -> int:
     from .planning.moe import MoeLayers, forecasts, with_codes
     from .planning.planview import moe_lines
     from .planning.prequantized import settle_format
+    from .planning.spec import positions_note
     from .planning.speculation import draft_path, prefix_instead
     from .planning.units import parse_bytes
     from .runtime.sources import DEFAULT_MODEL_NAME
@@ -157,6 +158,9 @@ def plan_main(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, notes=plan.notes + (format_note,))
     if draft_note:
         plan = dataclasses.replace(plan, notes=plan.notes + (draft_note,))
+    past = positions_note(spec, plan.workload.context)
+    if past:
+        plan = dataclasses.replace(plan, notes=plan.notes + (past,))
     plan = dataclasses.replace(plan, kv_device_bytes=kv)  # as `load` records the cap
     plan, cpu_blocker = _plan_cpu_rank(args, fp, spec, plan, profile)
     check_host(with_format(fp, choice(plan.stream_format)), plan, profile.host_available_bytes)  # as `load` does

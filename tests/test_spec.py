@@ -364,3 +364,25 @@ bad = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]
 assert not bad, bad
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_context_past_the_trained_positions_is_noted_by_plan_and_load(capsys, tiny_checkpoint) -> None:
+    """llama-3-8b's config says 8192 positions: a 131072-token plan says so (as load notes it), one within
+    them says nothing."""
+    import overspill
+    from overspill import cli
+    from overspill.planning.spec import positions_note
+
+    spec = spec_from_config(shipped_config("llama-3-8b"))
+    assert spec.max_positions == 8192 and positions_note(spec, 8192) is None
+    note = positions_note(spec, 131072)
+    assert note.startswith("--context 131072 is past this model's 8192 positions")
+    assert cli.main(["plan", "llama-3-8b", "--context", "131072", "--json"]) == 0
+    assert note in json.loads(capsys.readouterr().out)["plan"]["notes"]
+    tiny = {**TINY["llama"], "max_position_embeddings": 64}
+    assert positions_note(spec_from_config(tiny), 65) is not None and positions_note(spec_from_config(tiny), 64) is None
+    assert spec_from_config({**TINY["llama"], "max_position_embeddings": None}).max_positions is None
+    for context, noted in ((256, False), (512, True)):  # the tiny checkpoints' config says 256
+        model, _ = overspill.load(tiny_checkpoint("llama"), context=context, dtype="float32", progress=False)
+        notes = overspill.api.placement_of(model).plan.notes
+        assert any("is past this model's 256 positions" in n for n in notes) == noted

@@ -14,7 +14,7 @@ become a `Footprint` through ``overspill.planning.plan.footprint_from_spec``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -150,6 +150,9 @@ class ModelSpec:
     approximate: bool = False
     buffer_bytes: int = 0  # non-parameter tensors kept on the device: rotary tables, an embedding scale
     plain_embedding: bool = True  # the input embedding is a plain lookup table (it can move to the host)
+    # max_position_embeddings, the positions it was trained for (None: unsaid); not a size: a config dict that leaves
+    # it out and the model transformers builds from it (which fills in its default) still describe one model
+    max_positions: int | None = field(default=None, compare=False)
 
     @property
     def layer_bytes(self) -> int:
@@ -267,7 +270,22 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
         approximate=approximate,
         buffer_bytes=_buffer_bytes(cfg, model_type, head_dim, nbytes, ffns),
         plain_embedding=model_type not in _SCALED_EMBEDDING,
+        max_positions=positive_int(cfg.get("max_position_embeddings")),
     )
+
+
+def positive_int(value: Any) -> int | None:
+    """`value` where it is a whole number above 0 (a config field's), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def positions_note(spec: ModelSpec, context: int) -> str | None:
+    """Why a context past the positions the model was trained for deserves a word (None: it is within them)."""
+    if spec.max_positions is None or context <= spec.max_positions:
+        return None
+    return (f"--context {context} is past this model's {spec.max_positions} positions (max_position_embeddings): "
+            "what it generates past them is untrained; plan with --context "
+            f"{spec.max_positions} or less, or use a long-context checkpoint")
 
 
 @dataclass(frozen=True)
