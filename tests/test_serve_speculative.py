@@ -169,6 +169,11 @@ def test_logprobs_and_seeded_sampling_with_speculation(llama):
         first, again = [t for t, _ in _run(spec, seeded)]
         assert first == again and len(first.split()) == 12  # the request's generator decides every draw
         assert spec.metrics.passes
+        # an ngram chain keeps a draft where the target's own draw is it: the plain server's very tokens
+        repeats = GenerationRequest((5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6), 16, temperature=0.7, seed=3)
+        [(drafted, usage)] = _run(spec, [repeats])
+        [(plain_tokens, _)] = _run(plain, [repeats])
+        assert usage is not None and usage.passes and drafted == plain_tokens
     finally:
         spec.close()
         plain.close()

@@ -6,7 +6,9 @@ cache; once two or more sequences share the pass, batching fills it already and 
 plainly. The acceptance rule is `runtime.speculative`'s (`_accept`, `_residual`): greedy keeps a
 drafted token only where it is the target's argmax, so the output is the plain server's token for
 token; sampling accepts with min(1, p/q) under the request's own temperature, top-k and top-p, so the
-output distribution is plain sampling's, and a seeded request draws the same tokens run after run.
+output distribution is plain sampling's, and a seeded request draws the same tokens run after run. A
+deterministic draft (ngram) keeps a token where the target's own pick is that token (probability p, as the
+rule gives), so greedy and seeded sampled requests alike get the plain server's tokens.
 Verification is serial (each layer once per token: plain decoding's arithmetic), so it is offered for
 models whose layers all attend fully (`token_serial.supports_serial`).
 
@@ -177,7 +179,16 @@ class Speculator:
 
     def _choose(self, seq, runner: Runner, logits: torch.Tensor, proposed: list[int], probs: torch.Tensor | None,
                 sample: bool) -> list[int]:
-        """The accepted prefix of `proposed`, then the target's token where it stopped."""
+        """The accepted prefix of `proposed`, then the target's token where it stopped. A deterministic draft
+        (`probs` None: prompt lookup, or greedy) keeps a token where the target's own pick, drawn as a plain
+        step draws it, is that token: accepted with probability p as min(1, p/q) would, and a seeded request
+        gets the plain server's tokens (its generator draws once a yielded token, as plain steps draw)."""
+        if probs is None:
+            for i, token in enumerate(proposed):
+                own = _pick(runner, seq, logits[i : i + 1])
+                if own != token:
+                    return [*proposed[:i], own]
+            return [*proposed, _pick(runner, seq, logits[len(proposed):])]
         request = seq.request
         rows = logits.cpu() if sample else logits  # the acceptance draws run on the CPU's generator
         seed = int(torch.randint(0, 2**62, (1,), generator=seq.generator, device=seq.generator.device)) if sample else 0
@@ -185,7 +196,7 @@ class Speculator:
             torch.manual_seed(seed)  # the request's generator decides every draw: seeded runs repeat
             for i, token in enumerate(proposed):
                 scores = sampling_scores(rows[i : i + 1], request) if sample else rows[i : i + 1]
-                q = None if probs is None else probs[i].cpu()
+                q = probs[i].cpu()
                 drafted = torch.tensor(token)
                 if not _accept(scores, drafted, q, sample):
                     if sample:
