@@ -172,6 +172,8 @@ def run(args: argparse.Namespace) -> None:
     check_positions(model, ids.shape[-1], args.max_new_tokens)
     if tokenizer is None:
         print("(no tokenizer for this model: the prompt is sent as byte ids and token ids are printed)")
+    if args.random_weights:  # the speed is the model's; the text is noise
+        print("(--random-weights: the weights are seeded random numbers, so the answer is meaningless text)")
     print(f"\n> {args.prompt}")
     from .runtime.routing import ExpertCounters
 

@@ -386,13 +386,14 @@ def test_run_refuses_tokens_past_a_learned_position_table(tmp_path, capsys) -> N
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
-                                                  "vocab_size": 300, "n_positions": 16}))
+                                                  "vocab_size": 300, "n_positions": 16,
+                                                  "bos_token_id": 0, "eos_token_id": 0}))  # in range: no warning
     args = ["--random-weights", "--prompt", "twelve bytes", "--no-chat-template", "--max-new-tokens", "8"]
     code = cli.main(["run", str(gpt2), *args])
     out = capsys.readouterr()
     check_one_line_error(code, out.out, out.err, ["12 tokens", "--max-new-tokens 8", "16 positions", "--prompt"])
     assert cli.main(["run", str(gpt2), *args[:-1], "4"]) == 0  # 16 tokens: within the table
-    capsys.readouterr()
+    assert "the answer is meaningless text" in capsys.readouterr().out  # --random-weights says what its text is
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,

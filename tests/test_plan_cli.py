@@ -292,3 +292,19 @@ def test_probe_says_it_is_measuring_before_the_silent_seconds(capsys, monkeypatc
     assert cli.main(["probe", "--refresh"]) == 0
     out = capsys.readouterr()
     assert out.err.startswith("measuring this machine (about 10-30 s") and "H100" in out.out
+
+
+def test_a_cpu_only_profile_describes_no_gpu() -> None:
+    """The CPU-only profile printed 'GPU memory 0.0 GiB', 'host->GPU 0.0 GB/s' and a placeholder 'bf16 matmul:
+    1 TFLOP/s' beside a measured GEMM, and said its GEMV ran 'while the link copies'."""
+    from dataclasses import replace
+
+    from overspill.planning.profile import REFERENCE_PROFILES
+
+    cpu = replace(REFERENCE_PROFILES["cpu"], cpu_threads=1, cpu_gemm_flops_s=0.19e12)
+    text = cpu.summary()
+    assert "no GPU; host memory available" in text and "on 1 thread," in text
+    for gpu_word in ("GPU memory", "host->GPU", "bf16 matmul", "while the link copies", "join"):
+        assert gpu_word not in text, gpu_word
+    gpu = replace(REFERENCE_PROFILES["h100-pcie5"], cpu_threads=15).summary()
+    assert all(word in gpu for word in ("GPU memory", "bf16 matmul", "while the link copies", "join"))

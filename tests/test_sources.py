@@ -91,13 +91,18 @@ def test_unknown_names_are_one_line(tmp_path, monkeypatch, config_only: bool) ->
     hub_cache(monkeypatch, tmp_path)
     cases = [("no-such-model", ["not found", "llama-3-8b", "owner/name"]),
              ("owner/absent", ["local Hugging Face cache", "hf download owner/absent"]),
-             (str(tmp_path), ["no config.json"])]
+             (str(tmp_path), ["no config.json"]),
+             ("Llama-3-8B", ["did you mean llama-3-8b?"]), ("llama3-70b", ["did you mean llama-3-70b?"]),
+             ("", ["the model name is empty"]), ("  ", ["the model name is empty"])]  # not the current directory
     for name, words in cases:
         with pytest.raises(OverspillError) as info:
             resolve(name, config_only=config_only)
         assert "\n" not in str(info.value)
         for word in words:
             assert word in str(info.value), (name, str(info.value))
+    with pytest.raises(OverspillError) as far:
+        resolve("xyz", config_only=config_only)
+    assert "did you mean" not in str(far.value)
 
 
 def test_config_problems_name_the_file(tmp_path) -> None:

@@ -230,6 +230,9 @@ def resolve(model: str | os.PathLike | None, random_weights: bool = False, *, co
         path = convert_gguf(default_gguf_path())
         return ModelSource(DEFAULT_MODEL_NAME, path, None if no_weights else path)
     text = str(model)
+    if not text.strip():  # Path("") is the current directory: "./ has no config.json" would mislead
+        raise OverspillError("the model name is empty: pass a checkpoint directory, a .gguf file, a shipped config "
+                             "or a Hugging Face id, or leave it out for the embedded default model")
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
@@ -270,10 +273,14 @@ def _hub_snapshot(repo_id: str, config_only: bool) -> Path:
     from ..planning.configs import shipped_names
 
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        import difflib
+
         kinds = "a config.json" if config_only else "a .gguf file"
+        near = difflib.get_close_matches(repo_id.lower(), shipped_names(), n=1, cutoff=0.8)
+        hint = f"; did you mean {near[0]}?" if near else ""
         raise OverspillError(
             f"model {repo_id!r} not found: it is not a directory, {kinds}, a shipped config "
-            f"({', '.join(shipped_names())}) or a Hugging Face id (owner/name)"
+            f"({', '.join(shipped_names())}) or a Hugging Face id (owner/name){hint}"
         )
     from huggingface_hub import try_to_load_from_cache
 
