@@ -44,8 +44,29 @@ def test_batched_greedy_equals_solo_on_cuda(tiny_checkpoint, arch):
         seeded = [GenerationRequest(p, 6, temperature=0.9, top_k=20, seed=i) for i, p in enumerate(PROMPTS)]
         assert _outputs(engine, seeded, together=True) == _outputs(engine, seeded, together=False)
         assert engine.live_requests() == 0 and engine.kv_stats().used_blocks == 0
+        assert engine.runner.new_generator(3).device.type == "cuda"  # drawn where the logits are, as generate draws
     finally:
         engine.close()
+
+
+def test_a_sampled_row_draws_what_generate_draws_on_cuda():
+    """A served row's draw (the exponential noise of torch's single-draw multinomial, filled from the request's
+    CUDA generator) is `torch.multinomial` after `torch.manual_seed(S)`, as `generate` draws, draw after draw
+    and in a batch of rows with other generators."""
+    from types import SimpleNamespace
+
+    from overspill.serving.sampling import new_generator, pick_tokens, sampling_scores
+
+    logits = torch.randn(3, 1000, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 3
+    p = SimpleNamespace(temperature=0.8, top_k=50, top_p=0.9, logprobs=None)
+    for seed in range(4):
+        gen = new_generator(seed, "cuda")
+        picked = [int(pick_tokens(logits[r : r + 1], [p], [gen])) for r in range(3)]
+        torch.manual_seed(seed)
+        want = [int(torch.multinomial(torch.softmax(sampling_scores(logits[r : r + 1], p), -1), 1)) for r in range(3)]
+        assert picked == want
+    together = pick_tokens(logits, [p] * 3, [new_generator(s, "cuda") for s in range(3)]).tolist()
+    assert together == [int(pick_tokens(logits[r : r + 1], [p], [new_generator(r, "cuda")])) for r in range(3)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])

@@ -102,9 +102,10 @@ def test_sample_rows_fails_only_the_rows_that_fail_alone_with_the_same_draws(mon
     pick = sampling.pick_tokens
 
     def refuses_one_row(logits, params, generators):
+        out = pick(logits, params, generators)  # it draws first: the retry row by row must restore the generators
         if any(p.top_p == 0.25 for p in params):
             raise RuntimeError("bad row")
-        return pick(logits, params, generators)
+        return out
 
     monkeypatch.setattr(sampling, "pick_tokens", refuses_one_row)
     got = sample_rows(logits, params, _gens(4))

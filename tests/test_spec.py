@@ -376,13 +376,20 @@ def test_a_context_past_the_trained_positions_is_noted_by_plan_and_load(capsys, 
     spec = spec_from_config(shipped_config("llama-3-8b"))
     assert spec.max_positions == 8192 and positions_note(spec, 8192) is None
     note = positions_note(spec, 131072)
-    assert note.startswith("--context 131072 is past this model's 8192 positions")
+    assert note.startswith("a context of 131072 tokens is past the 8192 positions this model was trained for")
     assert cli.main(["plan", "llama-3-8b", "--context", "131072", "--json"]) == 0
     assert note in json.loads(capsys.readouterr().out)["plan"]["notes"]
     tiny = {**TINY["llama"], "max_position_embeddings": 64}
     assert positions_note(spec_from_config(tiny), 65) is not None and positions_note(spec_from_config(tiny), 64) is None
     assert spec_from_config({**TINY["llama"], "max_position_embeddings": None}).max_positions is None
+    # rope scaling stretches the trained positions: Qwen2.5's YaRN (32768 x 4), Llama 3.1's (131072 already)
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}
+    assert spec_from_config({**TINY["llama"], "max_position_embeddings": 32768, "rope_scaling": yarn}).max_positions \
+        == 131072
+    llama31 = {"factor": 8.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    assert spec_from_config({**TINY["llama"], "max_position_embeddings": 131072, "rope_scaling": llama31}) \
+        .max_positions == 131072
     for context, noted in ((256, False), (512, True)):  # the tiny checkpoints' config says 256
         model, _ = overspill.load(tiny_checkpoint("llama"), context=context, dtype="float32", progress=False)
         notes = overspill.api.placement_of(model).plan.notes
-        assert any("is past this model's 256 positions" in n for n in notes) == noted
+        assert any("is past the 256 positions this model was trained for" in n for n in notes) == noted

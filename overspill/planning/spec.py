@@ -270,7 +270,7 @@ def spec_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Mod
         approximate=approximate,
         buffer_bytes=_buffer_bytes(cfg, model_type, head_dim, nbytes, ffns),
         plain_embedding=model_type not in _SCALED_EMBEDDING,
-        max_positions=positive_int(cfg.get("max_position_embeddings")),
+        max_positions=trained_positions(cfg),
     )
 
 
@@ -279,13 +279,26 @@ def positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def trained_positions(cfg: Mapping[str, Any]) -> int | None:
+    """The positions a config says its model was trained for: `max_position_embeddings`, or where a rope scaling
+    (linear, dynamic, YaRN, llama3) stretches them, the larger of it and `original_max_position_embeddings` (by
+    default it) times the scaling's factor (Qwen2.5's YaRN: 32768 x 4). None where the config does not say."""
+    base = positive_int(cfg.get("max_position_embeddings"))
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    factor = rope.get("factor") if isinstance(rope, Mapping) else None
+    if base is None or isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+        return base
+    original = positive_int(rope.get("original_max_position_embeddings")) or base
+    return max(base, int(original * factor))
+
+
 def positions_note(spec: ModelSpec, context: int) -> str | None:
     """Why a context past the positions the model was trained for deserves a word (None: it is within them)."""
     if spec.max_positions is None or context <= spec.max_positions:
         return None
-    return (f"--context {context} is past this model's {spec.max_positions} positions (max_position_embeddings): "
-            "what it generates past them is untrained; plan with --context "
-            f"{spec.max_positions} or less, or use a long-context checkpoint")
+    return (f"a context of {context} tokens is past the {spec.max_positions} positions this model was trained for "
+            "(max_position_embeddings, with any rope scaling): what it generates past them is untrained; plan a "
+            f"context of {spec.max_positions} or less, or use a long-context checkpoint")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import OverspillError, one_line
 from ..planning.formats import LOSSY, NATIVE, expand_scratch_bytes
 from ..planning.plan import MANAGED_MODES, PREFILL_CHUNK_TOKENS, Footprint, Plan, Tier, footprint_from_spec
-from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_bytes_per_token, kv_windows, positive_int
+from ..planning.spec import LayerSpec, ModelSpec, dtype_name, kv_bytes_per_token, kv_windows, trained_positions
 from ..planning.units import format_bytes
 from .checkpoint import CheckpointReader, RandomWeights, tied_parameters
 from .executor import HostEmbedding, LayerRing, StreamedLayer
@@ -200,7 +200,7 @@ def measured_spec(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -
         tied_embeddings=tied,
         buffer_bytes=_nbytes(model.buffers()),
         plain_embedding=type(embed) is nn.Embedding,
-        max_positions=positive_int(getattr(cfg, "max_position_embeddings", None)),
+        max_positions=trained_positions(cfg_dict),
     )
 
 

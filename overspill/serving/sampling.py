@@ -1,12 +1,13 @@
 """Next-token choice for every row of a decode batch at once: greedy, temperature, top-k, top-p, logprobs.
 
 A sampled row draws as transformers' `generate` does: its logits in float32 through transformers' own
-temperature, top-k and top-p warpers (`sampling_scores`), their softmax, and `torch.multinomial` with the
-request's own generator on the logits' device. So a request with seed S draws the tokens `generate` draws
-after `torch.manual_seed(S)` (and `overspill run --seed S`), and draws them whatever batch it runs in. The
-rows' picks stay on the device until the caller's one `.tolist()`: a step costs one host sync. A row whose
-logits are extreme still yields a token in range (its argmax; `multinomial` never sees an invalid row,
-which on CUDA would be a device-side assert), so it cannot fail the other rows of its batch.
+temperature, top-k and top-p warpers (`sampling_scores`), their softmax, and one draw as `torch.multinomial`
+makes it, from the request's own generator on the logits' device. So a request with seed S draws the tokens
+`generate` draws after `torch.manual_seed(S)` (and `overspill run --seed S`), whatever batch it runs in,
+where the model's generation config adds no other processor (a repetition penalty, min_p, ...: `generate`
+applies those, this sampler does not). The rows' picks stay on the device until the caller's one
+`.tolist()`: a step costs one host sync. A row whose logits are extreme still yields a token in range (its
+argmax; the draw never sees an invalid row), so it cannot fail the other rows of its batch.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def sampling_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     scores = logits.float()
     if params.temperature != 1.0:
         scores = TemperatureLogitsWarper(float(params.temperature))(None, scores)
-    if params.top_k > 0:
-        scores = TopKLogitsWarper(min(int(params.top_k), scores.shape[-1]))(None, scores)
+    if 0 < params.top_k < scores.shape[-1]:  # a cut at the vocabulary or past it removes nothing
+        scores = TopKLogitsWarper(int(params.top_k))(None, scores)
     if params.top_p < 1.0:
         scores = TopPLogitsWarper(float(params.top_p))(None, scores)
     return scores
@@ -101,8 +102,10 @@ def sampling_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Token ids [rows] from logits [rows, vocab], each sampled row drawn by `torch.multinomial` from its
-    own generator (one draw a row, as `generate` draws for a batch of one).
+    """Token ids [rows] from logits [rows, vocab], each sampled row drawn from its own generator as
+    `torch.multinomial` draws one sample (torch's own single-draw path: argmax of p / q, q ~ Exp(1) filled
+    from the generator), so a row draws what `generate` draws for a batch of one, with one kernel a row
+    rather than a `multinomial` call's several.
 
     Never out of range, whatever the row holds: top_k is capped at the vocabulary, and a row whose
     distribution is not one (inf or NaN logits) takes its argmax, still drawing once."""
@@ -118,10 +121,12 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
         index = torch.tensor(group, device=logits.device)
         probs = torch.softmax(sampling_scores(logits.index_select(0, index), params[group[0]]), dim=-1)
         valid = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
-        argmax = torch.zeros_like(probs).scatter_(-1, tokens.index_select(0, index)[:, None], 1.0)
-        probs = torch.where(valid, probs, argmax)  # no host sync: the check stays on the device
+        probs = torch.where(valid, probs, 0.0)  # not a distribution: all its mass on its argmax (no host sync)
+        probs.scatter_add_(-1, tokens.index_select(0, index)[:, None], (~valid).to(probs.dtype))
+        noise = torch.empty_like(probs)
         for j, i in enumerate(group):
-            picked.append(torch.multinomial(probs[j : j + 1], 1, generator=generators[i]).view(1))
+            noise[j].exponential_(generator=generators[i])
+        picked.append(torch.div(probs, noise, out=noise).argmax(-1))
         rows += group
     return tokens.index_copy(0, torch.tensor(rows, device=logits.device), torch.cat(picked))
 
