@@ -31,7 +31,7 @@ from .planning.plan import (
 )
 from .planning.profile import Profile
 from .planning.routing import MoeBasis
-from .planning.self_draft import Machine, plan_self_draft
+from .planning.self_draft import Machine, encoded_host_buffers, plan_self_draft
 from .planning.speculation import auto_source, prefix_instead
 from .planning.spec import DEFAULT_DTYPE, dtype_name, missing_keys, positions_note
 from .planning.trees import check_tree
@@ -399,18 +399,20 @@ def load(
     self_draft = draft_note = None
     if plan is None:
         budget, draft_note = budget_beside_draft(speculate, budget, dtype_name(torch_dtype), context)
+        blocker = moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate)
         if speculate == "self":  # the int4 draft's bytes come out of the budget the bf16 layers share
             self_draft, plan = plan_self_draft(fp, budget, workload, depth, kv_bytes, fit_batch, Machine.of(profile))
+            # whole MoE layers beside the draft, as for any draft: "experts" refused, "auto" noted (`moe.choose`)
+            plan, moe_note = moe.choose(plan, fp, moe_layers, budget, moe_streaming, depth, blocker)
         else:
-            blocker = moe.blocker(fp.stream_format, streaming, cuda_graphs, speculate)
             plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch, moe_streaming,
                                            blocker, profile)
             if prefix_instead(plan, workload.spread, layout, speculate):  # it drafts nothing: keep the prefix
                 workload = replace(workload, spread=False)
                 plan, moe_note = moe.place_moe(fp, moe_layers, budget, workload, depth, kv_bytes, fit_batch,
                                                moe_streaming, blocker, profile)
-            if moe_note:
-                plan = replace(plan, notes=plan.notes + (moe_note,))
+        if moe_note:
+            plan = replace(plan, notes=plan.notes + (moe_note,))
         if draft_note:
             plan = replace(plan, notes=plan.notes + (draft_note,))
         plan = replace(plan, kv_device_bytes=kv_bytes)  # serving's KV admission reads the rows it reserved
@@ -544,9 +546,8 @@ def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> 
     if plan.stream_format != NATIVE and plan.moe_streaming == "experts":
         raise OverspillError(f"stream format {plan.stream_format} does not yet combine with expert streaming: "
                              f"use --moe-streaming dense or --stream-format bf16")
-    if plan.stream_format != NATIVE and speculate == "self":
-        raise OverspillError(f"speculate='self' quantizes the streamed layers from their host buffers, which hold "
-                             f"{plan.stream_format} bytes: use --stream-format bf16 with it")
+    if plan.stream_format != NATIVE and speculate == "self":  # a caller's plan (`plan_self_draft` refuses its own)
+        raise OverspillError(encoded_host_buffers(plan.stream_format))
     if plan.stream_format != NATIVE and plan.streaming in MANAGED_MODES:
         raise OverspillError(f"stream format {plan.stream_format} needs pinned copies: use --streaming copy "
                              f"or --stream-format bf16")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
+from .formats import NATIVE
 from .placement import place
 from .plan import DEFAULT_DEPTH, Footprint, Plan, Workload
 from .profile import Profile
@@ -194,4 +195,12 @@ def plan_self_draft(
             f"set; raise --gpu-memory or use speculate='ngram'"
         )
     _, draft, plan = best
+    if plan.streamed_layers and fp.stream_format != NATIVE:  # `load` and `overspill plan` both place it here
+        raise OverspillError(encoded_host_buffers(fp.stream_format))
     return draft, with_self_draft(plan, draft, budget)
+
+
+def encoded_host_buffers(stream_format: str) -> str:
+    """Why the self draft refuses streamed layers encoded in `stream_format`, and what to pass instead."""
+    return (f"speculate='self' quantizes the streamed layers from their host buffers, which hold "
+            f"{stream_format} bytes: use --stream-format bf16 with it")

@@ -121,13 +121,16 @@ class Int4Linear(nn.Module):
 class Int4Experts(nn.Module):
     """A routed-experts block (transformers 5's fused `gate_up_proj`/`up_proj` and `down_proj`
     [experts, out, in] tensors, `[experts, in, out]` where `is_transposed`) with every expert int4.
-    Runs the experts each token was routed to, as transformers' eager experts do."""
+    Runs the experts each token was routed to, as transformers' eager experts do. Llama 4's
+    `Llama4TextExperts` ([experts, in, out]) takes no routing: its input is every expert's copy of the tokens
+    scaled by their router scores, zero where a token was not routed to it, and such rows stay zero."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], template: nn.Module, group: int, device: torch.device,
                  compute: torch.dtype):
         super().__init__()
         self.has_gate = "gate_up_proj" in tensors
-        transposed = bool(getattr(template, "is_transposed", False))
+        self.scaled_inputs = type(template).__name__ == "Llama4TextExperts"
+        transposed = bool(getattr(template, "is_transposed", False)) or self.scaled_inputs
         up_name = "gate_up_proj" if self.has_gate else "up_proj"
 
         def experts(name: str) -> nn.ModuleList:
@@ -145,7 +148,10 @@ class Int4Experts(nn.Module):
         gate = getattr(template, "_apply_gate", None)  # a variant's gating (limits, offsets), else act(gate) * up
         self._gate = gate if callable(gate) else None
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if top_k_index is None:  # Llama 4: [experts * tokens, hidden], already scaled by the router
+            return self._scaled(hidden_states)
         out = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
             if not 0 <= expert < len(self.up):  # an expert-parallel sentinel
@@ -162,6 +168,16 @@ class Int4Experts(nn.Module):
             h = self.down[expert](h) * top_k_weights[token, slot, None]
             out.index_add_(0, token, h.to(out.dtype))
         return out
+
+    def _scaled(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        per_expert = hidden_states.view(len(self.up), -1, hidden_states.shape[-1])
+        out = torch.zeros_like(per_expert)
+        for expert, rows in enumerate(per_expert):
+            token = rows.any(dim=-1).nonzero().squeeze(1)  # routed tokens; the rest are zero in and out
+            if token.numel():
+                gate, up = self.up[expert](rows[token]).chunk(2, dim=-1)
+                out[expert, token] = self.down[expert](up * self.act_fn(gate)).to(out.dtype)
+        return out.view(-1, hidden_states.shape[-1])
 
 
 _EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")

@@ -137,14 +137,16 @@ class TreePass:
 
 def tree_mask(tree: DraftTree, prefix: int, dtype: torch.dtype, device: torch.device,
               window: int | None = None, visible: int | None = None, columns: list[int] | None = None,
-              queries: list[int] | None = None) -> torch.Tensor:
+              queries: list[int] | None = None, chunk: int | None = None) -> torch.Tensor:
     """Additive attention mask [1, 1, queries, kv] for tree tokens after a cache of `prefix` tokens.
 
     Without `columns`, the pass is a target's verify pass: the queries, and the KV after the prefix,
     are [root, every node]. With `columns` (node indices in the order their KV follows the prefix,
     ending with `queries`), the prefix already ends with the root: a drafter growing a tree round by
     round. A query sees the prefix, its ancestors and itself; with a sliding `window` only what lies
-    within it, of which the layer keeps the last `visible` prefix tokens.
+    within it, of which the layer keeps the last `visible` prefix tokens; with a `chunk` (Llama 4's chunked
+    attention, whose layers transformers caches as sliding windows of that size) only what lies in its own
+    chunk of positions.
     """
     if columns is None:
         parents = [-1] + [p + 1 for p in tree.parents]  # node 0 is the root
@@ -160,11 +162,14 @@ def tree_mask(tree: DraftTree, prefix: int, dtype: torch.dtype, device: torch.de
             seen[row, node] = True
             node = parents[node]
     q_pos = torch.tensor([base + pos[i] for i in queries])
-    shown = prefix if window is None or visible is None else min(prefix, visible)
+    shown = prefix if (window is None and chunk is None) or visible is None else min(prefix, visible)
     see_prefix = torch.ones((len(queries), shown), dtype=torch.bool)
     if window is not None:
         see_prefix = (q_pos[:, None] - torch.arange(prefix - shown, prefix)[None, :]) < window
         seen &= (q_pos[:, None] - torch.tensor([base + p for p in pos])[None, :]) < window
+    if chunk is not None:
+        see_prefix &= (q_pos[:, None] // chunk) == (torch.arange(prefix - shown, prefix)[None, :] // chunk)
+        seen &= (q_pos[:, None] // chunk) == (torch.tensor([base + p for p in pos])[None, :] // chunk)
     cols = torch.cat([see_prefix, seen[:, columns]], dim=1)
     mask = torch.zeros(cols.shape, dtype=dtype)
     mask.masked_fill_(~cols, torch.finfo(dtype).min)
@@ -185,12 +190,30 @@ def _kept(layer: Any) -> int:
 
 
 def model_masks(cache, tree: DraftTree, prefix: int, dtype: torch.dtype, device: torch.device,
-                columns: list[int] | None = None, queries: list[int] | None = None):
+                columns: list[int] | None = None, queries: list[int] | None = None,
+                layer_types: list[str] | None = None):
     """The `attention_mask` argument for a tree pass: one 4D mask, or one per layer kind where
-    full-attention and sliding-window layers mix (models then read a dict keyed by layer type)."""
+    full-attention and sliding-window layers mix (models then read a dict keyed by layer type).
+    `layer_types` (the config's, one per cache layer) tells Llama 4's chunked-attention layers, which the
+    cache holds as sliding windows of the chunk's size, from sliding ones."""
     layers = list(getattr(cache, "layers", []))
-    sliding = [layer for layer in layers if _layer_window(layer) is not None]
     full = tree_mask(tree, prefix, dtype, device, columns=columns, queries=queries)
+    types = list(layer_types or [])
+    chunked = [layer for layer, kind in zip(layers, types) if kind == "chunked_attention"]
+    if chunked:
+        windows = {_layer_window(layer) for layer in chunked}
+        if len(windows) != 1 or None in windows or len(types) != len(layers):
+            raise OverspillError("draft trees over these chunked-attention layers are not supported: "
+                                 "leave speculate_tree unset (chains)")
+        if any(kind not in ("chunked_attention", "full_attention") for kind in types):
+            raise OverspillError("draft trees over chunked and sliding-window layers together are not supported: "
+                                 "leave speculate_tree unset (chains)")
+        chunk = windows.pop()
+        masks = {"full_attention": full,
+                 "chunked_attention": tree_mask(tree, prefix, dtype, device, visible=_kept(chunked[0]),
+                                                columns=columns, queries=queries, chunk=chunk)}
+        return {kind: masks[kind] for kind in set(types)}
+    sliding = [layer for layer in layers if _layer_window(layer) is not None]
     if not sliding:
         return full
     windows = {_layer_window(layer) for layer in sliding}
@@ -259,7 +282,8 @@ def verify_tree(model, cache, kwarg: str, root: torch.Tensor, tree: DraftTree, s
     depth = [0] + tree.depths()
     positions = torch.tensor([[past + d for d in depth]], device=root.device)
     dtype = next(model.parameters()).dtype
-    mask = model_masks(cache, tree, past, dtype, root.device)
+    mask = model_masks(cache, tree, past, dtype, root.device,
+                       layer_types=getattr(model.config.get_text_config(), "layer_types", None))
     before = None
     if serial:
         def before(layer_index: int, j: int) -> None:  # only the token's ancestors in this layer's KV
