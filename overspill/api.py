@@ -13,7 +13,7 @@ import torch
 
 from .errors import OverspillError, one_line
 from .planning import moe
-from .planning.formats import NATIVE, check_format, choose, format_blocker, resolve_auto, with_format
+from .planning.formats import NATIVE, check_format, check_format_plan, choose, format_blocker, resolve_auto, with_format
 from .planning.host_experts import check_mode as check_cpu_experts
 from .planning.host_experts import refusal as host_experts_refusal
 from .planning.host_experts import supported as host_experts_supported
@@ -31,7 +31,7 @@ from .planning.plan import (
 )
 from .planning.profile import Profile
 from .planning.routing import MoeBasis
-from .planning.self_draft import Machine, encoded_host_buffers, plan_self_draft
+from .planning.self_draft import Machine, plan_self_draft
 from .planning.speculation import auto_source, prefix_instead
 from .planning.spec import DEFAULT_DTYPE, dtype_name, missing_keys, positions_note
 from .planning.trees import check_tree
@@ -426,7 +426,7 @@ def load(
         streaming = plan.streaming if user_plan else "copy" if plan.moe_streaming == "experts" or \
             plan.stream_format != NATIVE else streaming
     plan = _with_streaming(plan, streaming, dev, managed_wins)
-    _check_format_plan(plan, cuda_graphs, speculate)
+    check_format_plan(plan, cuda_graphs, speculate)
     blocker = moe.blocker(plan.stream_format, plan.streaming, cuda_graphs, speculate)
     model_type = getattr(config.get_text_config(), "model_type", "")
     host_refusal = host_experts_refusal(
@@ -537,23 +537,6 @@ def _stream_format(name: str, dev: torch.device, profile: Profile | None,
         raise OverspillError("stream format lossless needs nvCOMP on a GPU: pip install 'overspill[compress]', "
                              "or use --stream-format bf16")
     return name, None
-
-
-def _check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> None:
-    """Refuse what encoded streamed layers do not support yet."""
-    if not plan.streamed_layers:
-        return
-    if plan.stream_format != NATIVE and plan.moe_streaming == "experts":
-        raise OverspillError(f"stream format {plan.stream_format} does not yet combine with expert streaming: "
-                             f"use --moe-streaming dense or --stream-format bf16")
-    if plan.stream_format != NATIVE and speculate == "self":  # a caller's plan (`plan_self_draft` refuses its own)
-        raise OverspillError(encoded_host_buffers(plan.stream_format))
-    if plan.stream_format != NATIVE and plan.streaming in MANAGED_MODES:
-        raise OverspillError(f"stream format {plan.stream_format} needs pinned copies: use --streaming copy "
-                             f"or --stream-format bf16")
-    if plan.stream_format != NATIVE and cuda_graphs:
-        raise OverspillError(f"stream format {plan.stream_format} decodes eagerly (not in CUDA graphs yet): "
-                             f"drop --cuda-graphs or use --stream-format bf16")
 
 
 def _expandable_segments() -> None:

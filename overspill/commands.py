@@ -70,7 +70,7 @@ def probe_main(args: argparse.Namespace) -> int:
 
 def plan_main(args: argparse.Namespace) -> int:
     from .planning import planview
-    from .planning.formats import FORMATS, choose, format_blocker, with_format
+    from .planning.formats import FORMATS, check_format_plan, choose, format_blocker, with_format
     from .planning.hostmem import check_host
     from .planning.placement import plan_for, serving_pass_tokens, spreads
     from .planning.plan import Workload, footprint_from_spec
@@ -132,8 +132,8 @@ def plan_main(args: argparse.Namespace) -> int:
     cpu_experts = getattr(args, "cpu_experts", "off") if host_experts_supported(spec.model_type) else "off"
     self_draft = None
     if getattr(args, "speculate", None) == "self":  # the int4 draft's bytes come out of the budget, as in `load`
-        self_draft, plan = _placed_with_self_draft(with_format(fp, choice(requested)), moe_layers, profile,
-                                                   workload, budget, args.depth, kv, args.serve)
+        self_draft, plan = _placed_with_self_draft(with_format(fp, choice(requested)), moe_layers, moe_mode,
+                                                   profile, workload, budget, args.depth, kv, args.serve)
     else:
         plan = _placed(with_format(fp, choice(requested)), moe_layers, moe_mode, profile, workload, budget,
                        args.depth, kv, args.serve, cpu_experts, getattr(args, "speculate", None))
@@ -147,6 +147,7 @@ def plan_main(args: argparse.Namespace) -> int:
                                    coded=plan.expert_codes)
     if refused:  # as `load` refuses it (experts kept as a GGUF's codes included)
         raise OverspillError(refused)
+    check_format_plan(plan, workload.graphs, getattr(args, "speculate", None))  # as `load` refuses it
     formats = {}
     for name in FORMATS:  # the others side by side; one whose bigger slots do not fit is left out
         try:
@@ -339,16 +340,22 @@ def _plan_speculation(args: argparse.Namespace, plan, spec: ModelSpec, profile: 
     return dataclasses.replace(s, tree=plan_tree(s.cost, args.speculate_tree, ranks, derived))
 
 
-def _placed_with_self_draft(fp, moe_layers, profile: Profile, workload, budget: int | None, depth: int,
-                            kv: int | None, serve: bool):
+def _placed_with_self_draft(fp, moe_layers, moe_mode: str, profile: Profile, workload, budget: int | None,
+                            depth: int, kv: int | None, serve: bool):
     """`plan --speculate self`: the draft `load` chooses and the model placed beside it
-    (`self_draft.plan_self_draft`), with its streaming mode and prediction as `_placed` gives them."""
+    (`self_draft.plan_self_draft`), whole MoE layers as for any draft (`moe.choose`: --moe-streaming experts
+    refused, auto noted, as `load` does), with its streaming mode and prediction as `_placed` gives them."""
     from .planning import moe
     from .planning.formats import NATIVE
     from .planning.placement import choose_streaming
     from .planning.self_draft import Machine, plan_self_draft
 
-    draft, plan = plan_self_draft(fp, _auto_budget(budget, profile), workload, depth, kv, serve, Machine.of(profile))
+    budget = _auto_budget(budget, profile)
+    draft, plan = plan_self_draft(fp, budget, workload, depth, kv, serve, Machine.of(profile))
+    plan, note = moe.choose(plan, fp, moe_layers, budget, moe_mode, depth,
+                            moe.blocker(fp.stream_format, "auto", workload.graphs, "self"))
+    if note:
+        plan = dataclasses.replace(plan, notes=plan.notes + (note,))
     if plan.stream_format == NATIVE:
         plan = dataclasses.replace(plan, streaming=choose_streaming("auto", profile.managed_wins))
     return draft, moe.predict(fp, plan, moe_layers, profile)

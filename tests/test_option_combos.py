@@ -128,3 +128,21 @@ def test_plan_refuses_a_self_draft_over_encoded_layers_as_load_does(fmt: str, ti
     out = capsys.readouterr()
     check_one_line_error(code, out.out, out.err, ["use --stream-format bf16"])
     assert out.err.strip() == f"overspill: error: {refused.value}"
+
+
+def test_plan_refuses_and_notes_a_self_draft_beside_expert_streaming_as_load_does(capsys) -> None:
+    """`plan --speculate self` placed expert streaming that `load` refuses (helper-64's fix 3 was load's only)."""
+    args = ["plan", "mixtral-8x7b", "--gpu-memory", "40GiB", "--speculate", "self", "--moe-streaming"]
+    code = cli.main([*args, "experts"])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, ["expert streaming does not combine with speculative decoding"])
+    assert cli.main([*args, "auto"]) == 0
+    assert "MoE layers stream whole (dense): expert streaming does not combine with speculative" in \
+        capsys.readouterr().out
+
+
+def test_plan_refuses_encoded_layers_under_cuda_graphs_as_load_does(capsys) -> None:
+    """`plan --cuda-graphs --stream-format int8` placed and forecast what `load` refuses (the check lived in api)."""
+    code = cli.main(["plan", "llama-3-8b", "--gpu-memory", "6GiB", "--cuda-graphs", "--stream-format", "int8"])
+    out = capsys.readouterr()
+    check_one_line_error(code, out.out, out.err, ["stream format int8 decodes eagerly", "drop --cuda-graphs"])

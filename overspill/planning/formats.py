@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .plan import MANAGED_MODES, Footprint
+from ..errors import OverspillError
+from .plan import MANAGED_MODES, Footprint, Plan
 
 INT4_GROUP = 128  # inputs per scale/zero pair, as the self draft's int4 layers (`planning.self_draft.INT4_GROUP`)
 
@@ -58,6 +59,33 @@ def check_format(name: str) -> str:
     if name not in CHOICES:
         raise ValueError(f"unknown stream format {name!r}: use one of {', '.join(CHOICES)}")
     return name
+
+
+def encoded_host_buffers(stream_format: str) -> str:
+    """Why the self draft refuses streamed layers encoded in `stream_format`, and what to pass instead."""
+    return (f"speculate='self' quantizes the streamed layers from their host buffers, which hold "
+            f"{stream_format} bytes: use --stream-format bf16 with it")
+
+
+def check_format_plan(plan: Plan, cuda_graphs: bool, speculate: str | None) -> None:
+    """Refuse a placed plan whose encoded streamed layers meet what they do not support yet (`load` and
+    `overspill plan` both ask, so the two refuse the same plans in the same words).
+
+    Raises:
+        OverspillError: naming the conflict and the option to change."""
+    if not plan.streamed_layers or plan.stream_format == NATIVE:
+        return
+    if plan.moe_streaming == "experts":
+        raise OverspillError(f"stream format {plan.stream_format} does not yet combine with expert streaming: "
+                             f"use --moe-streaming dense or --stream-format bf16")
+    if speculate == "self":  # a caller's plan (`plan_self_draft` refuses its own)
+        raise OverspillError(encoded_host_buffers(plan.stream_format))
+    if plan.streaming in MANAGED_MODES:
+        raise OverspillError(f"stream format {plan.stream_format} needs pinned copies: use --streaming copy "
+                             f"or --stream-format bf16")
+    if cuda_graphs:
+        raise OverspillError(f"stream format {plan.stream_format} decodes eagerly (not in CUDA graphs yet): "
+                             f"drop --cuda-graphs or use --stream-format bf16")
 
 
 def format_blocker(streaming: str = "auto", cuda_graphs: bool = False, speculate: str | None = None,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import OverspillError
-from .formats import NATIVE
+from .formats import NATIVE, encoded_host_buffers
 from .placement import place
 from .plan import DEFAULT_DEPTH, Footprint, Plan, Workload
 from .profile import Profile
@@ -199,8 +199,3 @@ def plan_self_draft(
         raise OverspillError(encoded_host_buffers(fp.stream_format))
     return draft, with_self_draft(plan, draft, budget)
 
-
-def encoded_host_buffers(stream_format: str) -> str:
-    """Why the self draft refuses streamed layers encoded in `stream_format`, and what to pass instead."""
-    return (f"speculate='self' quantizes the streamed layers from their host buffers, which hold "
-            f"{stream_format} bytes: use --stream-format bf16 with it")
