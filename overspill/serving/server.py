@@ -407,7 +407,10 @@ def serve_main(args) -> int:
         if note:
             print(note)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:  # a force quit (Ctrl+C twice) skips the app's shutdown: stop the engine thread before exiting
+        app.state.engine.close()
     return 0
 
 
