@@ -81,3 +81,15 @@ def test_force_quit_with_host_tier_kv_mid_generation_stops_the_engine_before_exi
     assert "terminate called" not in out, out[-2000:]
     assert proc.returncode == 0, (proc.returncode, out[-2000:])
     assert answers, "the client got no answer"
+
+
+def test_the_kv_line_says_requests_run_one_at_a_time_with_host_tier_kv() -> None:
+    """With --max-batch 4 and host-tier KV the plan's line said 'up to 4 requests share it' just before the
+    engine's 'requests run one at a time'."""
+    from overspill.planning.plan import Workload
+    from overspill.serving.openai_protocol import kv_sharing_note
+
+    line = kv_sharing_note(Workload(2048, 1), 4, host_kv=True)
+    assert line == ("KV reserved for 1 sequence of 2048 tokens, some layers' KV in host memory: requests run one at "
+                    "a time")
+    assert "up to 4 requests share it" in kv_sharing_note(Workload(2048, 2), 4)

@@ -117,8 +117,12 @@ def failed(event: Event) -> ApiError:
     return ApiError(500, f"generation failed: {event.error}", "server_error")
 
 
-def kv_sharing_note(workload, max_batch: int) -> str:
-    """One line on how the planned KV is shared: by `max_batch` full-context sequences, or fewer."""
+def kv_sharing_note(workload, max_batch: int, host_kv: bool = False) -> str:
+    """One line on how the planned KV is shared: by `max_batch` full-context sequences, or fewer; with some
+    layers' KV in host memory (`host_kv`) one request at a time, as the engine then runs them."""
+    if host_kv:
+        return (f"KV reserved for {workload.batch} sequence{'s' * (workload.batch != 1)} of {workload.context} "
+                "tokens, some layers' KV in host memory: requests run one at a time")
     if workload.batch >= max_batch:
         return f"KV reserved for {workload.batch} sequences of {workload.context} tokens"
     return (f"KV reserved for {workload.batch} sequences of {workload.context} tokens (more would push KV to "
@@ -151,7 +155,7 @@ def load_for_serving(args) -> tuple:
     )
     plan = placement_of(model).plan
     print(plan.summary())
-    print(kv_sharing_note(plan.workload, args.max_batch))
+    print(kv_sharing_note(plan.workload, args.max_batch, bool(plan.kv_host_layers)))
     return model, tokenizer
 
 
