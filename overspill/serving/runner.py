@@ -57,6 +57,9 @@ class Runner:
         self.model, self.prefix = model, prefix
         param = next(model.parameters())
         self.device = param.device
+        head = model.get_output_embeddings()  # where the logits are made: requests' generators draw there
+        weight = getattr(head, "weight", None)
+        self.logits_device = weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else self.device
         self.placement = getattr(model, "overspill", None)
         plan = self.placement.plan if self.placement is not None else None
         workload = plan.workload if plan is not None else None
@@ -107,7 +110,7 @@ class Runner:
 
     def new_generator(self, seed: int | None) -> torch.Generator:
         """A request's generator on the device its logits are sampled on, as `generate` samples."""
-        return new_generator(seed, self.device)
+        return new_generator(seed, self.logits_device)
 
     def forward(self, input_ids: torch.Tensor, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
         """Last-position logits [batch, vocab] in float32 of one pass that extends `cache`."""
