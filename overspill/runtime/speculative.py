@@ -250,9 +250,9 @@ def speculative_decode(
                 if bool(own != proposed[i]):  # accepted with probability p(token), as min(1, p/q) would
                     pending, chosen = target[i : i + 1], own.view(1)
                     break
-            elif not _accept(scores, proposed[i], q, sample):
+            elif not _accept(scores, proposed[i], q):  # a drafter's distribution: drafts it sampled
                 pending = target[i : i + 1]
-                chosen = _residual(scores, proposed[i], q) if sample else None
+                chosen = _residual(scores, proposed[i], q)
                 break
             accepted += 1
             ids = torch.cat([ids, proposed[i].view(1, 1)], dim=1)
@@ -340,22 +340,17 @@ def _choose(scores: torch.Tensor, sample: bool) -> torch.Tensor:
     return scores.argmax(dim=-1)
 
 
-def _accept(scores: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None, sample: bool) -> bool:
-    """Greedy: the draft is the target's argmax. Sampling: accept with probability min(1, p/q)."""
-    if not sample:
-        return bool(scores[0].argmax() == token)
+def _accept(scores: torch.Tensor, token: torch.Tensor, q: torch.Tensor) -> bool:
+    """A sampled draft with distribution `q` (a point mass is served by drawing the target's own token
+    instead): accept with probability min(1, p/q)."""
     p = torch.softmax(scores[0], dim=-1)
-    q_token = 1.0 if q is None else float(q[token])
-    return bool(torch.rand(()) < min(1.0, float(p[token]) / max(q_token, 1e-30)))
+    return bool(torch.rand(()) < min(1.0, float(p[token]) / max(float(q[token]), 1e-30)))
 
 
-def _residual(scores: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+def _residual(scores: torch.Tensor, token: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """After a rejected sample, draw from max(p - q, 0) normalised: with the acceptance rule this
     makes every emitted token distributed as the target's own sample."""
     p = torch.softmax(scores[0], dim=-1)
-    if q is None:
-        q = torch.zeros_like(p)
-        q[token] = 1.0
     rest = (p - q.to(p.dtype)).clamp_min(0)
     total = rest.sum()
     rest = p if float(total) <= 0 else rest / total

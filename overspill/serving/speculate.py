@@ -144,7 +144,7 @@ class Speculator:
         proposed = draft.tokens[:k].tolist()
         t1 = time.perf_counter()
         logits = runner.verify([ids[-1], *proposed], self.serial)  # [m + 1, vocab]
-        tokens = self._choose(seq, runner, logits, proposed, draft.probs, sample)
+        tokens = self._choose(seq, runner, logits, proposed, draft.probs)
         runner.batch.drop_last(len(proposed) + 1 - len(tokens))
         t2 = time.perf_counter()
         accepted = len(tokens) - 1
@@ -177,8 +177,8 @@ class Speculator:
         progress.usage.add(len(tree), len(walk.path), len(walk.tokens), t1 - t0, t2 - t1, budget=budget)
         return Verified(walk.tokens, tree_pass.logits[walk.rows], len(tree), t1 - t0, t2 - t1)
 
-    def _choose(self, seq, runner: Runner, logits: torch.Tensor, proposed: list[int], probs: torch.Tensor | None,
-                sample: bool) -> list[int]:
+    def _choose(self, seq, runner: Runner, logits: torch.Tensor, proposed: list[int],
+                probs: torch.Tensor | None) -> list[int]:
         """The accepted prefix of `proposed`, then the target's token where it stopped. A deterministic draft
         (`probs` None: prompt lookup, or greedy) keeps a token where the target's own pick, drawn as a plain
         step draws it, is that token: accepted with probability p as min(1, p/q) would, and a seeded request
@@ -189,19 +189,15 @@ class Speculator:
                 if own != token:
                     return [*proposed[:i], own]
             return [*proposed, _pick(runner, seq, logits[len(proposed):])]
-        request = seq.request
-        rows = logits.cpu() if sample else logits  # the acceptance draws run on the CPU's generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=seq.generator, device=seq.generator.device)) if sample else 0
+        rows = logits.cpu()  # a draft with probabilities was sampled: the acceptance draws run on the CPU
+        seed = int(torch.randint(0, 2**62, (1,), generator=seq.generator, device=seq.generator.device))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the request's generator decides every draw: seeded runs repeat
             for i, token in enumerate(proposed):
-                scores = sampling_scores(rows[i : i + 1], request) if sample else rows[i : i + 1]
-                q = probs[i].cpu()
-                drafted = torch.tensor(token)
-                if not _accept(scores, drafted, q, sample):
-                    if sample:
-                        return [*proposed[:i], int(_residual(scores, drafted, q))]
-                    return [*proposed[:i], _pick(runner, seq, logits[i : i + 1])]
+                scores = sampling_scores(rows[i : i + 1], seq.request)
+                q, drafted = probs[i].cpu(), torch.tensor(token)
+                if not _accept(scores, drafted, q):
+                    return [*proposed[:i], int(_residual(scores, drafted, q))]
         return [*proposed, _pick(runner, seq, logits[len(proposed):])]
 
     def _drafter(self, source: str) -> Drafter:
