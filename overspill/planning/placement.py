@@ -62,7 +62,7 @@ def pass_tokens(workload: Workload) -> int:
 
 
 RUNTIME_SLACK_BYTES = 32 * 2**20  # small temporaries the tensor count below does not name (see workspace_bytes)
-MAX_BATCH_SEARCHED = 2**20  # `max_batch` stops doubling here (a tiny model on a large budget)
+MAX_BATCH_SEARCHED = 2**20  # the most `max_batch` counts (a tiny model on a large budget)
 
 
 def attention_transient_bytes(fp: Footprint, workload: Workload) -> int:
@@ -381,19 +381,12 @@ def max_batch(fp: Footprint, plan: Plan) -> int:
         return 0
     fixed = plan.device_bytes - plan.workspace_bytes
 
-    def fits(batch: int) -> bool:
-        return fixed + workspace_bytes(fp, replace(plan.workload, batch=batch)) <= plan.budget_bytes
+    def fits(workload: Workload) -> bool:
+        return fixed + workspace_bytes(fp, workload) <= plan.budget_bytes
 
-    if not fits(1):
+    if not fits(replace(plan.workload, batch=1)):
         return 0
-    low = 1
-    while fits(2 * low) and low < MAX_BATCH_SEARCHED:
-        low *= 2
-    high = 2 * low  # fits at low, not at high (or past the search's end)
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return largest_batch(replace(plan.workload, batch=MAX_BATCH_SEARCHED), fits).batch
 
 
 def with_prediction(fp: Footprint, plan: Plan, profile: Profile) -> Plan:

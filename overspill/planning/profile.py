@@ -68,33 +68,42 @@ class Profile:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def summary(self) -> str:
-        def gbs(x: float | None) -> str:
-            return "n/a" if x is None else f"{x / 1e9:.1f} GB/s"
-
         gpu = [  # a CPU-only profile has no GPU to describe (its matmul rate is a placeholder, not a reading)
             f"GPU memory: {self.gpu_free_bytes / GiB:.1f} GiB free of {self.gpu_total_bytes / GiB:.1f} GiB",
             f"host memory available: {self.host_available_bytes / GiB:.1f} GiB",
-            f"host->GPU pinned: {gbs(self.h2d_bytes_s)}, GPU->host pinned: {gbs(self.d2h_bytes_s)}, "
-            f"zero-copy read: {gbs(self.zero_copy_bytes_s)}, managed read in place: "
-            f"{gbs(self.managed_bytes_s) if self.managed_bytes_s else 'not measured'}",
-            f"HBM copy: {gbs(self.hbm_bytes_s)}, bf16 matmul: {self.matmul_flops_s / 1e12:.0f} TFLOP/s",
+            f"host->GPU pinned: {_gbs(self.h2d_bytes_s)}, GPU->host pinned: {_gbs(self.d2h_bytes_s)}, "
+            f"zero-copy read: {_gbs(self.zero_copy_bytes_s)}, managed read in place: "
+            f"{_gbs(self.managed_bytes_s) if self.managed_bytes_s else 'not measured'}",
+            f"HBM copy: {_gbs(self.hbm_bytes_s)}, bf16 matmul: {self.matmul_flops_s / 1e12:.0f} TFLOP/s",
         ] if self.gpu_total_bytes else [f"no GPU; host memory available: {self.host_available_bytes / GiB:.1f} GiB"]
         return "\n".join([
             f"device: {self.name}{' (coherent host memory)' if self.coherent else ''}",
             *gpu,
-            f"host bf16 GEMV: {self.cpu_gemv_params_s / 1e9:.1f} G params/s" + (
-                f" on {self.cpu_threads} thread{'s' * (self.cpu_threads != 1)}"
-                + (f" while the link copies (alone {self.cpu_gemv_alone_params_s / 1e9:.1f})" if self.gpu_total_bytes
-                   else "")
-                + f", GEMM at 64 tokens {self.cpu_gemm_flops_s / 1e12:.2f} TFLOP/s, host reads "
-                f"{gbs(self.host_read_bytes_s)}"
-                + (f", join {self.cpu_join_s * 1e6:.0f} us" if self.gpu_total_bytes else "")
-                if self.cpu_threads else ""),
+            self._host_rank_line(),
             f"host dispatch at decode: {self.layer_overhead_s * 1e3:.2f} ms per layer + "
             f"{self.step_overhead_s * 1e3:.2f} ms per step",
             f"lossless decode (nvCOMP ANS, bf16 high plane): "
-            f"{gbs(self.lossless_decode_bytes_s) if self.lossless_decode_bytes_s else 'not measured'}",
+            f"{_gbs(self.lossless_decode_bytes_s) if self.lossless_decode_bytes_s else 'not measured'}",
         ])
+
+    def _host_rank_line(self) -> str:
+        """The host as a rank: its GEMV, and where it was probed as one, threads, GEMM and reads (beside a GPU,
+        while the link copies, and a join's cost)."""
+        line = f"host bf16 GEMV: {self.cpu_gemv_params_s / 1e9:.1f} G params/s"
+        if not self.cpu_threads:
+            return line
+        line += f" on {self.cpu_threads} thread{'s' * (self.cpu_threads != 1)}"
+        if self.gpu_total_bytes:
+            line += f" while the link copies (alone {self.cpu_gemv_alone_params_s / 1e9:.1f})"
+        line += (f", GEMM at 64 tokens {self.cpu_gemm_flops_s / 1e12:.2f} TFLOP/s, host reads "
+                 f"{_gbs(self.host_read_bytes_s)}")
+        if self.gpu_total_bytes:
+            line += f", join {self.cpu_join_s * 1e6:.0f} us"
+        return line
+
+
+def _gbs(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 1e9:.1f} GB/s"
 
 
 _H100_PCIE5 = Profile(

@@ -198,4 +198,3 @@ def plan_self_draft(
     if plan.streamed_layers and fp.stream_format != NATIVE:  # `load` and `overspill plan` both place it here
         raise OverspillError(encoded_host_buffers(fp.stream_format))
     return draft, with_self_draft(plan, draft, budget)
-

@@ -129,8 +129,8 @@ class Int4Experts(nn.Module):
                  compute: torch.dtype):
         super().__init__()
         self.has_gate = "gate_up_proj" in tensors
-        self.scaled_inputs = type(template).__name__ == "Llama4TextExperts"
-        transposed = bool(getattr(template, "is_transposed", False)) or self.scaled_inputs
+        scaled_inputs = type(template).__name__ == "Llama4TextExperts"  # its weights are [experts, in, out]
+        transposed = bool(getattr(template, "is_transposed", False)) or scaled_inputs
         up_name = "gate_up_proj" if self.has_gate else "up_proj"
 
         def experts(name: str) -> nn.ModuleList:
